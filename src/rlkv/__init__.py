@@ -1,0 +1,15 @@
+"""rlkv: per-head KV cache compression for reasoning LLMs.
+
+    model, tok = rlkv.load_model("Qwen/Qwen2.5-1.5B-Instruct")   # hub id, local dir or .gguf
+    heads = rlkv.HeadScores.load("heads.json")
+    with rlkv.compress(model, heads, sparsity=0.5, sink=16, recent=64) as c:
+        out = model.generate(**tok(prompts, return_tensors="pt", padding=True), max_new_tokens=512)
+    print(c.cache.nbytes())
+"""
+
+from rlkv.heads import HeadScores
+from rlkv.hf import HeadSplitCache, cache_nbytes, compress
+from rlkv.models import SUPPORTED_ARCHS, Layout, load_model
+
+__all__ = ["HeadScores", "HeadSplitCache", "Layout", "SUPPORTED_ARCHS", "cache_nbytes", "compress", "load_model"]
+__version__ = "0.1.0"

@@ -1,0 +1,1 @@
+"""Attention building blocks: the masked reference that every fast path is tested against."""

@@ -1,0 +1,72 @@
+"""The obviously-correct definition of per-head streaming attention.
+
+A kept ("full") KV head attends causally to every earlier token. A compressed head at query
+position t attends only to keys j with j < sink (attention sinks) or t - recent < j <= t
+(the recent window). Positions are a sequence's own token indices: left padding does not
+count, so a padded row behaves exactly like the same prompt alone.
+
+`keep_keys_mask` is that rule, written once; `masked_attention` applies any boolean mask to a
+full cache with a plain softmax. Every compressed runtime (the transformers cache in
+`rlkv.hf`, the engine) must reproduce `masked_attention(q, k, v, keep_keys_mask(...))`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def token_positions(attention_mask: torch.Tensor | None, batch: int, length: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(positions, valid) of every column of a 2-D padding mask (1 = token, 0 = padding).
+
+    Positions count only real tokens: the first real token of each row is position 0.
+    Padding columns get position -1 and valid False. Without a mask, all columns are tokens.
+    """
+    if attention_mask is None:
+        pos = torch.arange(length, device=device).expand(batch, length)
+        return pos, torch.ones(batch, length, dtype=torch.bool, device=device)
+    valid = attention_mask.to(device=device).bool()
+    pos = valid.long().cumsum(-1) - 1
+    return pos.masked_fill(~valid, -1), valid
+
+
+def keep_keys_mask(
+    q_pos: torch.Tensor,
+    k_pos: torch.Tensor,
+    full: torch.Tensor,
+    sink: int,
+    recent: int,
+    window: int | None = None,
+) -> torch.Tensor:
+    """Bool [batch, kv_heads, q, k]: which keys each query may attend to.
+
+    q_pos [batch, q] and k_pos [batch, k] are token positions (-1 marks padding, which is never
+    attended); `full` [kv_heads] says which heads keep every token. `window` is the model's own
+    sliding window, if it has one, applied to every head.
+    """
+    q = q_pos[:, None, :, None]
+    k = k_pos[:, None, None, :]
+    allowed = (k >= 0) & (k <= q)
+    if window is not None:
+        allowed &= k > q - window
+    streaming = (k < sink) | (k > q - recent)
+    return allowed & (full.to(q.device)[None, :, None, None] | streaming)
+
+
+def masked_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor, scaling: float
+) -> torch.Tensor:
+    """softmax(q k^T * scaling, masked) v with GQA; returns [batch, q, q_heads, head_dim].
+
+    query [b, q_heads, q, d]; key/value [b, kv_heads, k, d]; mask [b, kv_heads, q, k] (True =
+    attend). Query head i belongs to KV head i // (q_heads / kv_heads). Rows with nothing to
+    attend (padding queries) return zeros.
+    """
+    group = query.shape[1] // key.shape[1]
+    key = key.repeat_interleave(group, dim=1)
+    value = value.repeat_interleave(group, dim=1)
+    mask = mask.repeat_interleave(group, dim=1)
+    scores = torch.matmul(query.float(), key.float().transpose(-1, -2)) * scaling
+    scores = scores.masked_fill(~mask, float("-inf"))
+    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)
+    out = torch.matmul(probs, value.float()).to(query.dtype)
+    return out.transpose(1, 2).contiguous()

@@ -1,0 +1,205 @@
+"""Per-head scores and the keep-mask derived from them.
+
+A `HeadScores` is a (layers x kv_heads) float matrix: higher means "this head needs its full
+KV cache". RLKV's learned gates, DuoAttention's full-attention weights and random baselines
+are all HeadScores, so every method and both runtimes consume the same object. `keep_mask`
+turns scores into the one decision the runtimes act on: which KV heads keep a full cache.
+
+Files:
+- JSON (native): {"scores": [[...]], "model": ..., "layout": {...}, "method": ..., "provenance": {...}}
+- TSV (as published with RLKV `adapter_weights.tsv` and DuoAttention `full_attention_heads.tsv`):
+  one row per layer, one tab-separated value per KV head.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from rlkv.models import Layout
+
+
+@dataclass
+class HeadScores:
+    scores: torch.Tensor
+    model: str | None = None
+    layout: dict | None = None
+    method: str = "unknown"
+    provenance: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        scores = torch.as_tensor(self.scores, dtype=torch.float32).detach().cpu()
+        if scores.ndim != 2 or 0 in scores.shape:
+            raise ValueError(
+                f"head scores must be a non-empty 2-D (layers x kv_heads) matrix, got shape {tuple(scores.shape)}"
+            )
+        if not torch.isfinite(scores).all():
+            bad = torch.nonzero(~torch.isfinite(scores))[0].tolist()
+            raise ValueError(f"head scores must be finite numbers, found {scores[bad[0], bad[1]].item()} at layer {bad[0]}, head {bad[1]}")
+        self.scores = scores
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.scores.shape)
+
+    @property
+    def num_heads(self) -> int:
+        return self.scores.numel()
+
+    # ------------------------------------------------------------------ decisions
+    def keep_mask(self, sparsity: float | None = None, *, threshold: float | None = None) -> torch.Tensor:
+        """Bool (layers x kv_heads): True where the head keeps a full KV cache.
+
+        With `sparsity` s in [0, 1], exactly round((1 - s) * layers * kv_heads) heads are kept,
+        the highest-scoring ones over the whole model; ties go to the lower (layer, head) index.
+        With `threshold`, the heads with score >= threshold are kept.
+        """
+        if (sparsity is None) == (threshold is None):
+            raise ValueError("keep_mask needs exactly one of sparsity= or threshold=")
+        if threshold is not None:
+            return self.scores >= float(threshold)
+        n_keep = num_kept(sparsity, self.num_heads)
+        flat = self.scores.flatten()
+        order = torch.argsort(-flat, stable=True)  # stable: equal scores keep index order
+        keep = torch.zeros_like(flat, dtype=torch.bool)
+        keep[order[:n_keep]] = True
+        return keep.view(self.shape)
+
+    def check_layout(self, layout: Layout) -> None:
+        """Raise if these scores do not fit a model with `layout`."""
+        if self.shape != layout.shape:
+            src = f" (made for {self.model})" if self.model else ""
+            raise ValueError(
+                f"head scores are {self.shape[0]}x{self.shape[1]} (layers x kv_heads){src} but the model "
+                f"{layout.name or layout.arch} has {layout.num_layers}x{layout.num_kv_heads}"
+            )
+
+    # ------------------------------------------------------------------ constructors
+    @classmethod
+    def uniform(cls, layout: Layout, value: float = 1.0, method: str = "uniform") -> HeadScores:
+        return cls(torch.full(layout.shape, float(value)), model=layout.name, layout=layout.to_dict(), method=method)
+
+    @classmethod
+    def random(cls, layout: Layout, seed: int = 0) -> HeadScores:
+        """Random scores: the floor any learned head choice must clear."""
+        gen = torch.Generator().manual_seed(seed)
+        return cls(
+            torch.rand(layout.shape, generator=gen),
+            model=layout.name,
+            layout=layout.to_dict(),
+            method="random",
+            provenance={"seed": seed},
+        )
+
+    # ------------------------------------------------------------------ files
+    def to_dict(self) -> dict:
+        return {
+            "scores": self.scores.tolist(),
+            "model": self.model,
+            "layout": self.layout,
+            "method": self.method,
+            "provenance": self.provenance,
+        }
+
+    def save(self, path: str | Path) -> Path:
+        """Write JSON (or TSV if the path ends in .tsv)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.suffix == ".tsv":
+            text = "\n".join("\t".join(repr(float(v)) for v in row) for row in self.scores.tolist()) + "\n"
+        else:
+            text = json.dumps(self.to_dict(), indent=1)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(text)
+        tmp.replace(path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, method: str | None = None) -> HeadScores:
+        """Read a JSON file written by `save`, or a TSV of one row per layer."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"head scores file not found: {path} (expected a .json or .tsv file)")
+        text = path.read_text()
+        if path.suffix == ".json" or text.lstrip().startswith("{"):
+            try:
+                data = json.loads(text)
+                scores = data["scores"]
+            except (json.JSONDecodeError, KeyError, TypeError) as err:
+                raise ValueError(f"{path}: not a head scores JSON (expected an object with a 'scores' matrix): {err}") from None
+            return cls(
+                _matrix(scores, path),
+                model=data.get("model"),
+                layout=data.get("layout"),
+                method=method or data.get("method", "unknown"),
+                provenance=data.get("provenance", {}),
+            )
+        rows = []
+        for lineno, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append([float(v) for v in line.replace(",", "\t").split()])
+            except ValueError:
+                raise ValueError(f"{path}:{lineno}: expected tab-separated numbers (one per KV head), got {line[:60]!r}") from None
+        guess = "duo" if "full_attention" in path.name else "rlkv" if "adapter" in path.name else "unknown"
+        return cls(_matrix(rows, path), method=method or guess, provenance={"source": str(path)})
+
+    # ------------------------------------------------------------------ pictures
+    def plot(self, path: str | Path, sparsity: float | None = None, title: str | None = None) -> Path:
+        """Heat map of the scores, and of the kept heads at `sparsity` if given; writes a PNG."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        panels = 1 if sparsity is None else 2
+        L, H = self.shape
+        width = max(3.0, 0.45 * H + 1.8)
+        fig, axes = plt.subplots(1, panels, figsize=(width * panels, max(3.0, 0.22 * L + 1.2)), squeeze=False)
+        im = axes[0, 0].imshow(self.scores.numpy(), aspect="auto", cmap="viridis", interpolation="nearest")
+        axes[0, 0].set_title(f"{self.method} scores")
+        fig.colorbar(im, ax=axes[0, 0], fraction=0.08)
+        if sparsity is not None:
+            keep = self.keep_mask(sparsity)
+            axes[0, 1].imshow(keep.numpy(), aspect="auto", cmap="Greys", vmin=0, vmax=1, interpolation="nearest")
+            axes[0, 1].set_title(f"kept at sparsity {sparsity:g}: {int(keep.sum())}/{self.num_heads}")
+        for ax in axes[0]:
+            ax.set_xlabel("KV head")
+            ax.set_ylabel("layer")
+            ax.set_xticks(range(H))
+        fig.suptitle(title or (self.model or "head scores"), fontsize=9)
+        fig.tight_layout()
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        return path
+
+    def summary(self) -> str:
+        s = self.scores
+        return (
+            f"{self.method} head scores for {self.model or 'unknown model'}: {self.shape[0]} layers x "
+            f"{self.shape[1]} kv heads; min {s.min():.4f} mean {s.mean():.4f} max {s.max():.4f}; "
+            f"{int((s < 0.5).sum())} of {s.numel()} below 0.5"
+        )
+
+
+def num_kept(sparsity: float, num_heads: int) -> int:
+    """Heads that keep a full cache at `sparsity`: round((1 - s) * num_heads), halves rounded up."""
+    if not isinstance(sparsity, (int, float)) or math.isnan(sparsity) or not 0.0 <= sparsity <= 1.0:
+        raise ValueError(f"sparsity must be a number in [0, 1] (fraction of KV heads compressed), got {sparsity!r}")
+    return int(math.floor((1.0 - sparsity) * num_heads + 0.5))
+
+
+def _matrix(rows, path) -> torch.Tensor:
+    if not rows or not isinstance(rows, list) or not all(isinstance(r, list) for r in rows):
+        raise ValueError(f"{path}: expected a matrix with one row per layer")
+    widths = {len(r) for r in rows}
+    if len(widths) != 1:
+        raise ValueError(f"{path}: rows have different lengths {sorted(widths)}: expected one value per KV head in every layer")
+    return torch.tensor(rows, dtype=torch.float32)

@@ -1,0 +1,342 @@
+"""Per-head compressed KV cache for transformers (`model.generate` and plain forwards).
+
+Design, in the order a forward pass meets it:
+
+1. `compress(...)` switches the model to an attention implementation registered through
+   transformers' `AttentionInterface` ("rlkv_sdpa" for an sdpa model, "rlkv_eager" for an eager
+   one; the mask builder of the base implementation is registered under the same name), and
+   makes `generate` build a `HeadSplitCache` instead of a `DynamicCache`. Everything is undone
+   when the `with` block exits; nothing is patched globally.
+2. A forward pre-hook on the decoder reads the 2-D padding mask and works out each new
+   token's position in its own sequence (`StepPositions`): padding does not count, so a
+   left-padded row is compressed exactly like the same prompt alone.
+3. `HeadSplitLayer.update` appends the kept heads' K/V to an ordinary growing tensor (as
+   `DynamicLayer` does) and holds the compressed heads' new K/V aside.
+4. The attention function runs the base attention (sdpa/eager with transformers' own mask) on
+   the kept heads, and attends the compressed heads over their ring plus the new tokens with
+   the rule of `rlkv.attention.reference.keep_keys_mask`; then the new tokens are written into
+   the ring: the first `sink` tokens stay forever, the last `recent` cycle through
+   `recent` slots. Memory for a compressed head is constant in sequence length.
+
+With a cache that is not a `HeadSplitCache` (a `DynamicCache` the caller passed, or none), the
+attention function falls back to the masked reference on the full keys: same outputs, no
+savings. That path is what tests compare the cache against.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from rlkv.attention.reference import keep_keys_mask, masked_attention, token_positions
+from rlkv.heads import HeadScores
+from rlkv.models import Layout
+
+BASE_IMPLEMENTATIONS = ("sdpa", "eager")
+
+
+@dataclass
+class StepPositions:
+    """Positions of one forward's tokens: queries [b, q] and every key seen so far [b, past + q]."""
+
+    q_pos: torch.Tensor
+    k_pos: torch.Tensor
+
+
+class HeadSplitLayer(CacheLayerMixin):
+    """One layer's cache: full K/V for kept heads, a sink + recent ring for compressed heads."""
+
+    is_sliding = False
+
+    def __init__(self, keep: torch.Tensor, sink: int, recent: int):
+        super().__init__()
+        self.keep = keep.bool().cpu()
+        self.sink, self.recent = sink, recent
+        self.cumulative_length = 0
+        self.full_idx = torch.nonzero(self.keep).flatten()
+        self.comp_idx = torch.nonzero(~self.keep).flatten()
+        self.ring_keys = self.ring_values = self.ring_pos = None
+        self._pending: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    @property
+    def ring_size(self) -> int:
+        return self.sink + self.recent
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        b, _, _, d = key_states.shape
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.full_idx, self.comp_idx = self.full_idx.to(self.device), self.comp_idx.to(self.device)
+        nf, nc = len(self.full_idx), len(self.comp_idx)
+        self.keys = key_states.new_empty(b, nf, 0, d)
+        self.values = value_states.new_empty(b, nf, 0, value_states.shape[-1])
+        if nc:
+            self.ring_keys = key_states.new_zeros(b, nc, self.ring_size, d)
+            self.ring_values = value_states.new_zeros(b, nc, self.ring_size, value_states.shape[-1])
+            self.ring_pos = torch.full((b, self.ring_size), -1, dtype=torch.long, device=self.device)
+        self.is_initialized = True
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self.cumulative_length += key_states.shape[-2]
+        if len(self.full_idx):
+            self.keys = torch.cat([self.keys, key_states[:, self.full_idx]], dim=-2)
+            self.values = torch.cat([self.values, value_states[:, self.full_idx]], dim=-2)
+        if len(self.comp_idx):
+            self._pending = (key_states[:, self.comp_idx], value_states[:, self.comp_idx])
+        return self.keys, self.values
+
+    def attend_compressed(
+        self, query: torch.Tensor, q_pos: torch.Tensor, scaling: float, window: int | None
+    ) -> torch.Tensor:
+        """Attention of the compressed heads' queries [b, hq_c, q, d] over ring + new tokens; then store them."""
+        if self._pending is None:
+            raise RuntimeError("HeadSplitLayer.attend_compressed called before update() for this step")
+        new_k, new_v = self._pending
+        self._pending = None
+        keys = torch.cat([self.ring_keys, new_k], dim=-2)
+        values = torch.cat([self.ring_values, new_v], dim=-2)
+        k_pos = torch.cat([self.ring_pos, q_pos], dim=-1)
+        mask = keep_keys_mask(q_pos, k_pos, torch.zeros(1, dtype=torch.bool), self.sink, self.recent, window)
+        mask |= (q_pos < 0)[:, None, :, None]  # padding queries: any finite output will do
+        out = F.scaled_dot_product_attention(
+            query, keys, values, attn_mask=mask, scale=scaling, enable_gqa=query.shape[1] != keys.shape[1]
+        )
+        self._write_ring(new_k, new_v, q_pos)
+        return out.transpose(1, 2)
+
+    def _write_ring(self, new_k: torch.Tensor, new_v: torch.Tensor, q_pos: torch.Tensor) -> None:
+        """Store the tokens a compressed head must remember: positions < sink, and the last `recent`."""
+        last = q_pos.max(dim=-1, keepdim=True).values
+        keep = (q_pos >= 0) & ((q_pos < self.sink) | (q_pos > last - self.recent))
+        slot = torch.where(q_pos < self.sink, q_pos, self.sink + (q_pos - self.sink) % self.recent)
+        slot = torch.where(keep, slot, self.ring_size)  # dropped tokens go to a slot that is cut off
+        token = torch.arange(q_pos.shape[1], device=q_pos.device).expand_as(q_pos)
+        src = torch.full((q_pos.shape[0], self.ring_size + 1), -1, dtype=torch.long, device=q_pos.device)
+        src = src.scatter_reduce(1, slot, token, reduce="amax")[:, : self.ring_size]
+        hit = src >= 0
+        idx = src.clamp(min=0)
+        self.ring_pos = torch.where(hit, q_pos.gather(1, idx), self.ring_pos)
+        gather_idx = idx[:, None, :, None].expand(-1, new_k.shape[1], -1, new_k.shape[-1])
+        self.ring_keys = torch.where(hit[:, None, :, None], new_k.gather(2, gather_idx), self.ring_keys)
+        gather_idx = idx[:, None, :, None].expand(-1, new_v.shape[1], -1, new_v.shape[-1])
+        self.ring_values = torch.where(hit[:, None, :, None], new_v.gather(2, gather_idx), self.ring_values)
+
+    # ------------------------------------------------------------------ bookkeeping
+    def get_seq_length(self) -> int:
+        return self.cumulative_length
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.cumulative_length + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for t in (self.keys, self.values, self.ring_keys, self.ring_values, self.ring_pos) if t is not None]
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors())
+
+    def _map(self, fn) -> None:
+        for name in ("keys", "values", "ring_keys", "ring_values", "ring_pos"):
+            t = getattr(self, name)
+            if t is not None:
+                setattr(self, name, fn(t))
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        if self.is_initialized:
+            self._map(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.is_initialized:
+            self._map(lambda t: t[indices])
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.is_initialized:
+            self._map(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError(
+            "HeadSplitCache cannot be cropped: compressed heads have already dropped old tokens "
+            "(assisted/speculative decoding is not supported with rlkv.compress)"
+        )
+
+    def reset(self) -> None:
+        raise NotImplementedError("HeadSplitCache cannot be reset; create a new one per generation")
+
+
+class HeadSplitCache(Cache):
+    """A transformers Cache whose layers keep full K/V only for kept heads (see module docstring)."""
+
+    def __init__(self, keep: torch.Tensor, sink: int, recent: int):
+        super().__init__(layers=[HeadSplitLayer(keep[i], sink, recent) for i in range(keep.shape[0])])
+        self.keep, self.sink, self.recent = keep, sink, recent
+
+    def nbytes(self) -> int:
+        """Bytes of K/V (and ring positions) this cache holds right now."""
+        return sum(layer.nbytes() for layer in self.layers)
+
+
+def cache_nbytes(cache: Cache) -> int:
+    """Bytes held by any transformers cache (HeadSplitCache or DynamicCache ...)."""
+    if isinstance(cache, HeadSplitCache):
+        return cache.nbytes()
+    return sum(
+        t.numel() * t.element_size()
+        for layer in cache.layers
+        for t in (getattr(layer, "keys", None), getattr(layer, "values", None))
+        if t is not None
+    )
+
+
+class _Session:
+    """What the attention function needs for one `compress` block."""
+
+    def __init__(self, keep: torch.Tensor, sink: int, recent: int, base: str):
+        self.keep, self.sink, self.recent, self.base = keep, sink, recent, base
+        self.positions: StepPositions | None = None
+        self.cache: Cache | None = None
+        self._q_idx = {}
+
+    def q_heads(self, layer: int, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Query-head indices of the kept and of the compressed KV heads of `layer`."""
+        if layer not in self._q_idx:
+            q_keep = self.keep[layer].repeat_interleave(group)
+            self._q_idx[layer] = (torch.nonzero(q_keep).flatten(), torch.nonzero(~q_keep).flatten())
+        return self._q_idx[layer]
+
+    def before_forward(self, module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        embeds = kwargs.get("inputs_embeds")
+        ref = ids if ids is not None else embeds
+        batch, q_len = ref.shape[0], ref.shape[1]
+        cache = kwargs.get("past_key_values")
+        past = cache.get_seq_length() if cache is not None else 0
+        mask = kwargs.get("attention_mask")
+        if mask is not None and mask.ndim != 2:
+            raise ValueError(
+                f"rlkv.compress needs a 2-D padding attention_mask [batch, past + new tokens], got {mask.ndim}-D"
+            )
+        if mask is not None and mask.shape[1] != past + q_len:
+            raise ValueError(
+                f"attention_mask covers {mask.shape[1]} tokens but the cache holds {past} and {q_len} are new: "
+                "pass the padding mask of the whole sequence so far"
+            )
+        k_pos, _ = token_positions(mask, batch, past + q_len, ref.device)
+        self.positions = StepPositions(q_pos=k_pos[:, past:], k_pos=k_pos)
+        self.cache = cache
+
+
+def _attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    session: _Session | None = getattr(module, "_rlkv_session", None)
+    if session is None:
+        raise RuntimeError("rlkv attention was called outside an rlkv.compress(...) block")
+    base = ALL_ATTENTION_FUNCTIONS[session.base] if session.base != "eager" else _eager()
+    layer = module.layer_idx
+    keep = session.keep[layer]
+    scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
+    window = kwargs.get("sliding_window")
+    if bool(keep.all()):
+        return base(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+    positions = session.positions
+    if not isinstance(session.cache, HeadSplitCache):
+        mask = keep_keys_mask(positions.q_pos, positions.k_pos[:, -key.shape[2] :], keep, session.sink, session.recent, window)
+        return masked_attention(query, key, value, mask, scaling), None
+    q_full, q_comp = session.q_heads(layer, query.shape[1] // keep.numel())
+    out = query.new_empty(query.shape[0], query.shape[2], query.shape[1], query.shape[3])
+    if len(q_full):
+        out[:, :, q_full] = base(
+            module, query[:, q_full], key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
+        )[0]
+    cache_layer = session.cache.layers[layer]
+    out[:, :, q_comp] = cache_layer.attend_compressed(query[:, q_comp], positions.q_pos, scaling, window)
+    return out, None
+
+
+def _eager():
+    from transformers.models.llama.modeling_llama import eager_attention_forward
+
+    return eager_attention_forward
+
+
+def _register(base: str) -> str:
+    name = f"rlkv_{base}"
+    if name not in ALL_ATTENTION_FUNCTIONS:
+        AttentionInterface.register(name, _attention)
+        AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[base])
+    return name
+
+
+def resolve_keep(layout: Layout, heads, sparsity: float | None) -> torch.Tensor:
+    """The (layers x kv_heads) keep-mask from a HeadScores (or file path) and a sparsity, or a bool mask."""
+    if isinstance(heads, torch.Tensor) and heads.dtype == torch.bool:
+        if sparsity is not None:
+            raise ValueError("pass either a boolean keep-mask or head scores with a sparsity, not both")
+        keep = heads.cpu()
+        if tuple(keep.shape) != layout.shape:
+            raise ValueError(f"keep-mask is {tuple(keep.shape)} but the model has {layout.shape} (layers x kv_heads)")
+        return keep
+    if sparsity is None:
+        raise ValueError("compress needs sparsity= (fraction of KV heads compressed, in [0, 1])")
+    if heads is None:
+        if sparsity not in (0, 1):
+            raise ValueError(f"without head scores only sparsity 0 or 1 is defined, got {sparsity}")
+        heads = HeadScores.uniform(layout)
+    elif not isinstance(heads, HeadScores):
+        heads = HeadScores.load(heads)
+    heads.check_layout(layout)
+    return heads.keep_mask(sparsity)
+
+
+@contextmanager
+def compress(model, heads=None, sparsity: float | None = None, sink: int = 16, recent: int = 64):
+    """Make `model`'s KV cache per head inside a `with` block.
+
+    Kept heads (the top `1 - sparsity` fraction by `heads` scores) store every token; the
+    others store only the first `sink` and the last `recent` tokens. `heads` is a HeadScores,
+    a path to one, a boolean (layers x kv_heads) keep-mask, or None with sparsity 0 or 1.
+    Yields a handle whose `.cache` is the cache of the latest forward (`.cache.nbytes()`).
+    """
+    layout = Layout.of(model)
+    for name, value, low in (("sink", sink, 0), ("recent", recent, 1)):
+        if not isinstance(value, int) or value < low:
+            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+    keep = resolve_keep(layout, heads, sparsity)
+    base = model.config._attn_implementation
+    if base not in BASE_IMPLEMENTATIONS:
+        raise ValueError(
+            f"rlkv.compress works on models loaded with attn_implementation in {BASE_IMPLEMENTATIONS}, got {base!r}"
+        )
+    session = _Session(keep, sink, recent, base)
+    decoder = getattr(model, "model", model)
+    attn_modules = [m for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "o_proj")]
+    original_prepare = model._prepare_cache_for_generation
+
+    def prepare_cache(generation_config, model_kwargs, *args, **kwargs):
+        result = original_prepare(generation_config, model_kwargs, *args, **kwargs)
+        cache = model_kwargs.get("past_key_values")
+        if type(cache) is DynamicCache and not getattr(cache, "_is_user_defined", False):
+            model_kwargs["past_key_values"] = HeadSplitCache(keep, sink, recent)
+        return result
+
+    hook = decoder.register_forward_pre_hook(session.before_forward, with_kwargs=True)
+    for module in attn_modules:
+        module._rlkv_session = session
+    model._prepare_cache_for_generation = prepare_cache
+    model.set_attn_implementation(_register(base))
+    try:
+        yield session
+    finally:
+        model.set_attn_implementation(base)
+        del model._prepare_cache_for_generation
+        for module in attn_modules:
+            del module._rlkv_session
+        hook.remove()

@@ -1,0 +1,149 @@
+"""Loading a model and describing its attention layout.
+
+Everything in rlkv is decided per KV head, so the one fact the rest of the code needs about a
+model is its `Layout`: how many layers, query heads, KV heads, the head size and the dtype.
+`load_model` accepts what users have at hand (a Hugging Face hub id, a local directory saved
+with `save_pretrained`, or a single `.gguf` file) and returns the model with a tokenizer set up
+for batched generation (left padding, a pad token).
+
+Only decoder-only GQA architectures whose attention goes through transformers'
+`AttentionInterface` are supported; the list is `SUPPORTED_ARCHS`, and anything else is refused
+up front with a message naming them, before any weights are read.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+SUPPORTED_ARCHS = ("llama", "mistral", "qwen2", "qwen3")
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Attention layout of a model: decisions in rlkv are made per (layer, kv_head)."""
+
+    arch: str
+    num_layers: int
+    num_q_heads: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: str = "float32"
+    name: str | None = None
+
+    @property
+    def group_size(self) -> int:
+        """Query heads per KV head (GQA group)."""
+        return self.num_q_heads // self.num_kv_heads
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(layers, kv_heads): the shape of every per-head decision."""
+        return (self.num_layers, self.num_kv_heads)
+
+    def kv_bytes_per_token(self) -> int:
+        """Bytes of K and V one token costs across all layers and KV heads."""
+        itemsize = torch.empty((), dtype=getattr(torch, self.dtype)).element_size()
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * itemsize
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_config(cls, config, dtype: torch.dtype | str | None = None, name: str | None = None) -> Layout:
+        config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+        check_supported(config)
+        num_q = config.num_attention_heads
+        num_kv = getattr(config, "num_key_value_heads", None) or num_q
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // num_q
+        dtype = dtype if dtype is not None else getattr(config, "dtype", None) or torch.float32
+        dtype = str(dtype).removeprefix("torch.")
+        return cls(config.model_type, config.num_hidden_layers, num_q, num_kv, head_dim, dtype, name)
+
+    @classmethod
+    def of(cls, model) -> Layout:
+        name = getattr(model.config, "_name_or_path", None) or None
+        return cls.from_config(model.config, dtype=model.dtype, name=name)
+
+
+def check_supported(config) -> None:
+    """Refuse architectures rlkv does not know, naming the supported ones."""
+    arch = getattr(config, "model_type", None)
+    if arch not in SUPPORTED_ARCHS:
+        raise ValueError(
+            f"unsupported architecture {arch!r}: rlkv supports {', '.join(SUPPORTED_ARCHS)} "
+            "(decoder-only GQA models using transformers' attention interface)"
+        )
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _resolve(spec: str | Path) -> tuple[str, dict]:
+    """Turn a model spec into (path_or_id, extra from_pretrained kwargs)."""
+    path = Path(spec).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise FileNotFoundError(f"GGUF file not found: {path} (expected an existing .gguf file)")
+        return str(path.parent), {"gguf_file": path.name}
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(
+                f"{path} is a directory without config.json: expected a model saved with save_pretrained"
+            )
+        return str(path), {}
+    if path.exists():
+        raise ValueError(f"{path} is a file but not a .gguf: expected a hub id, a model directory or a .gguf file")
+    if str(spec).count("/") > 1 or str(spec).startswith((".", "/", "~")):
+        raise FileNotFoundError(f"model path not found: {spec} (expected a hub id, a model directory or a .gguf file)")
+    return str(spec), {}
+
+
+def load_model(
+    spec: str | Path,
+    dtype: torch.dtype | str | None = None,
+    device: torch.device | str | None = None,
+    attn_implementation: str = "sdpa",
+):
+    """Load a supported causal LM and its tokenizer.
+
+    `spec` is a hub id (needs a reachable hub), a local model directory, or a `.gguf` file.
+    `dtype` defaults to bfloat16 on a GPU and float32 on the CPU. The tokenizer pads on the
+    left (for batched generation) and has a pad token.
+    Returns `(model, tokenizer)`; `rlkv.Layout.of(model)` describes its heads.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    source, extra = _resolve(spec)
+    device = torch.device(device) if device is not None else default_device()
+    if dtype is None:
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    try:
+        config = AutoConfig.from_pretrained(source, **extra)
+    except OSError as err:
+        raise OSError(
+            f"could not load a model config from {spec!r}: a hub id needs a reachable Hugging Face hub; "
+            f"otherwise pass a local directory or .gguf file ({err.__class__.__name__})"
+        ) from None
+    check_supported(config.get_text_config(decoder=True))
+    model = AutoModelForCausalLM.from_pretrained(
+        source, dtype=dtype, attn_implementation=attn_implementation, **extra
+    ).to(device)
+    model.eval()
+    tokenizer = AutoTokenizer.from_pretrained(source, **extra)
+    configure_tokenizer(tokenizer, model)
+    return model, tokenizer
+
+
+def configure_tokenizer(tokenizer, model=None):
+    """Left padding and a pad token, as batched generation needs."""
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if model is not None and model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return tokenizer

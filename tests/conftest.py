@@ -1,0 +1,47 @@
+"""Shared fixtures: tiny random-config models of every supported architecture, built in-process."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+DATA_DIR = SHARED / "data"
+MODEL_CACHE = Path.home() / ".cache" / "rlkv-models"
+SMOLLM2 = MODEL_CACHE / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+ARCHS = {
+    "llama": LlamaConfig,
+    "qwen2": Qwen2Config,
+    "qwen3": Qwen3Config,
+    "mistral": MistralConfig,
+}
+
+
+def tiny_model(arch: str, layers: int = 3, q_heads: int = 4, kv_heads: int = 2, seed: int = 0, **extra):
+    """A random-weight model of `arch` small enough for exact fp32 tests on a CPU."""
+    config = ARCHS[arch](
+        vocab_size=96,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=layers,
+        num_attention_heads=q_heads,
+        num_key_value_heads=kv_heads,
+        head_dim=16,
+        max_position_embeddings=512,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        **extra,
+    )
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.float32)
+    model.generation_config.pad_token_id = 0
+    return model.eval()
+
+
+@pytest.fixture(params=list(ARCHS))
+def arch(request):
+    return request.param

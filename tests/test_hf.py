@@ -1,0 +1,149 @@
+"""compress(...) + generate against the masked reference, on tiny models of every architecture."""
+
+import pytest
+import torch
+from conftest import tiny_model
+from transformers import DynamicCache
+
+import rlkv
+from rlkv.attention.reference import keep_keys_mask, masked_attention
+
+SINK, RECENT = 2, 4  # sink + recent = 6: prompts of 4 and 20 tokens are shorter and longer
+
+
+def batch(lengths, total, seed=0):
+    """Left-padded random prompts of the given real lengths."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 96, (len(lengths), total), generator=gen)
+    mask = torch.zeros_like(ids)
+    for row, n in enumerate(lengths):
+        mask[row, total - n :] = 1
+    return ids.masked_fill(mask == 0, 0), mask
+
+
+def run(model, ids, mask, new=12, **kw):
+    return model.generate(
+        input_ids=ids, attention_mask=mask, max_new_tokens=new, do_sample=False,
+        output_logits=True, return_dict_in_generate=True, **kw,
+    )
+
+
+@pytest.mark.parametrize("sparsity", [0.0, 0.5, 1.0])
+@pytest.mark.parametrize("lengths", [(4, 3, 2), (20, 13, 7)], ids=["short", "long"])
+def test_generate_equals_masked_reference(arch, sparsity, lengths):
+    model = tiny_model(arch)
+    heads = rlkv.HeadScores.random(rlkv.Layout.of(model), seed=1)
+    ids, mask = batch(lengths, max(lengths))
+    with rlkv.compress(model, heads, sparsity=sparsity, sink=SINK, recent=RECENT) as handle:
+        fast = run(model, ids, mask)
+        assert isinstance(handle.cache, rlkv.HeadSplitCache)
+        ref = run(model, ids, mask, past_key_values=DynamicCache())  # full cache + mask
+    torch.testing.assert_close(torch.stack(fast.logits), torch.stack(ref.logits), rtol=1e-5, atol=1e-5)
+    assert torch.equal(fast.sequences, ref.sequences)
+
+
+def test_sparsity_zero_is_plain_generate(arch):
+    model = tiny_model(arch)
+    ids, mask = batch((20, 13, 7), 20)
+    plain = run(model, ids, mask, new=20)
+    with rlkv.compress(model, rlkv.HeadScores.random(rlkv.Layout.of(model)), sparsity=0.0):
+        fast = run(model, ids, mask, new=20)
+    assert torch.equal(fast.sequences, plain.sequences)
+    assert torch.equal(torch.stack(fast.logits), torch.stack(plain.logits))
+
+
+def test_cached_logits_equal_a_full_forward_with_the_reference_mask():
+    """Incremental decoding through the ring equals one masked pass over the whole sequence."""
+    model = tiny_model("llama", layers=2)
+    layout = rlkv.Layout.of(model)
+    keep = torch.tensor([[True, False], [False, False]])
+    ids, mask = batch((14, 9), 14)
+    with rlkv.compress(model, keep, sink=SINK, recent=RECENT):
+        out = run(model, ids, mask, new=10)
+    seq = out.sequences
+    full_mask = torch.cat([mask, torch.ones(2, 10, dtype=mask.dtype)], dim=1)
+    captured = []
+
+    def reference_attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
+        pos = (full_mask.cumsum(-1) - 1).masked_fill(full_mask == 0, -1)
+        m = keep_keys_mask(pos, pos, keep[module.layer_idx], SINK, RECENT)
+        captured.append(module.layer_idx)
+        return masked_attention(query, key, value, m, scaling), None
+
+    rlkv_attn = "reference_for_test"
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(rlkv_attn, reference_attention)
+    model.set_attn_implementation(rlkv_attn)
+    try:
+        logits = model(input_ids=seq, attention_mask=full_mask).logits
+    finally:
+        model.set_attn_implementation("sdpa")
+    assert captured == [0, 1]
+    gen_logits = torch.stack(out.logits, dim=1)  # [b, new, vocab]: predicted at positions 13..22
+    torch.testing.assert_close(gen_logits, logits[:, 13:23], rtol=1e-5, atol=1e-5)
+    assert layout.shape == (2, 2)
+
+
+def test_left_padding_does_not_change_a_row():
+    model = tiny_model("qwen2")
+    keep = torch.tensor([[True, False], [False, True], [False, False]])
+    ids, mask = batch((20, 8), 20)
+    with rlkv.compress(model, keep, sink=SINK, recent=RECENT):
+        both = run(model, ids, mask, new=15)
+        alone = run(model, ids[1:, -8:], mask[1:, -8:], new=15)
+    assert torch.equal(both.sequences[1, 12:], alone.sequences[0])
+
+
+def test_sampling_and_eos_run_and_context_restores_the_model():
+    model = tiny_model("mistral")
+    ids, mask = batch((10, 6), 10)
+    plain = run(model, ids, mask)
+    with rlkv.compress(model, None, sparsity=1.0, sink=SINK, recent=RECENT):
+        torch.manual_seed(0)
+        sampled = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=30, do_sample=True,
+                                 temperature=1.0, top_p=0.9, eos_token_id=[5, 7, 9, 11])
+    assert sampled.shape[0] == 2 and sampled.shape[1] <= 40
+    assert model.config._attn_implementation == "sdpa"
+    assert not hasattr(model, "_rlkv_session") and "_prepare_cache_for_generation" not in vars(model)
+    assert torch.equal(run(model, ids, mask).sequences, plain.sequences)
+
+
+def test_compressed_cache_holds_less_and_is_constant_in_length():
+    model = tiny_model("llama")
+    ids, mask = batch((30, 30), 30)
+    sizes = {}
+    for new in (40, 80):
+        plain = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, do_sample=False,
+                               return_dict_in_generate=True)
+        with rlkv.compress(model, None, sparsity=1.0, sink=SINK, recent=RECENT) as handle:
+            run(model, ids, mask, new=new)
+        sizes[new] = (rlkv.cache_nbytes(plain.past_key_values), handle.cache.nbytes())
+    assert sizes[40][1] == sizes[80][1]  # streaming heads: constant memory
+    assert sizes[80][0] > sizes[40][0]
+    assert sizes[80][1] < sizes[80][0] / 10
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(sparsity=1.5), "sparsity must be a number in \\[0, 1\\]"),
+        (dict(sparsity=0.5, sink=-1), "sink must be an integer >= 0"),
+        (dict(sparsity=0.5, recent=0), "recent must be an integer >= 1"),
+        (dict(), "needs sparsity="),
+    ],
+)
+def test_bad_arguments_are_refused(kwargs, message):
+    model = tiny_model("llama")
+    heads = rlkv.HeadScores.random(rlkv.Layout.of(model))
+    with pytest.raises(ValueError, match=message):
+        with rlkv.compress(model, heads, **kwargs):
+            pass
+
+
+def test_wrong_shape_heads_are_refused():
+    model = tiny_model("llama")
+    heads = rlkv.HeadScores(torch.rand(32, 8), model="big-model")
+    with pytest.raises(ValueError, match="32x8 .* has 3x2"):
+        with rlkv.compress(model, heads, sparsity=0.5):
+            pass
