@@ -134,6 +134,8 @@ def load_model(
         source, dtype=dtype, attn_implementation=attn_implementation, **extra
     ).to(device)
     model.eval()
+    if extra:  # a .gguf: name the model after its file, not the directory it sits in
+        model.config._name_or_path = str(Path(spec).expanduser())
     tokenizer = AutoTokenizer.from_pretrained(source, **extra)
     configure_tokenizer(tokenizer, model)
     return model, tokenizer

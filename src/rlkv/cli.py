@@ -1,0 +1,135 @@
+"""The `rlkv` command line: a thin layer over the Python API.
+
+    rlkv generate --model M --heads heads.json --sparsity 0.5 --prompt "..."
+    rlkv heads show heads.json
+    rlkv heads convert adapter_weights.tsv heads.json
+    rlkv heads plot heads.json -o heads.png --sparsity 0.5
+
+Errors the user can fix (bad paths, shapes, values) print one line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(help="Per-head KV cache compression for reasoning LLMs (RLKV).", no_args_is_help=True)
+heads_app = typer.Typer(help="Show, convert and plot head-score files (JSON or TSV).", no_args_is_help=True)
+app.add_typer(heads_app, name="heads")
+console = Console()
+
+USER_ERRORS = (ValueError, FileNotFoundError, OSError, KeyError)
+
+
+def fail(err: Exception) -> None:
+    console.print(f"[red]error:[/red] {err}", soft_wrap=True, highlight=False)
+    raise typer.Exit(2)
+
+
+@app.command()
+def generate(
+    model: str = typer.Option(..., help="hub id, local model directory or .gguf file"),
+    prompt: list[str] = typer.Option(..., help="a prompt; repeat for a batch"),
+    heads: Optional[Path] = typer.Option(None, help="head scores (.json/.tsv); omit for sparsity 0 or 1"),
+    sparsity: float = typer.Option(0.0, help="fraction of KV heads that keep only sink + recent tokens"),
+    sink: int = typer.Option(16, help="first tokens every compressed head keeps"),
+    recent: int = typer.Option(64, help="last tokens every compressed head keeps"),
+    max_new_tokens: int = typer.Option(256, min=1),
+    temperature: float = typer.Option(0.0, min=0.0, help="0 = greedy"),
+    top_p: float = typer.Option(1.0, min=0.0, max=1.0),
+    seed: int = typer.Option(0),
+    chat: bool = typer.Option(True, help="wrap prompts in the model's chat template"),
+):
+    """Generate with a per-head compressed KV cache and report the bytes it held."""
+    import torch
+
+    import rlkv
+
+    try:
+        lm, tok = rlkv.load_model(model)
+        texts = [
+            tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+            if chat and tok.chat_template
+            else p
+            for p in prompt
+        ]
+        enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=not chat).to(lm.device)
+        sampling = dict(do_sample=temperature > 0, temperature=temperature or None, top_p=top_p if temperature > 0 else None)
+        torch.manual_seed(seed)
+        start = time.perf_counter()
+        with rlkv.compress(lm, heads, sparsity=sparsity, sink=sink, recent=recent) as handle:
+            out = lm.generate(**enc, max_new_tokens=max_new_tokens, **sampling)
+        elapsed = time.perf_counter() - start
+    except USER_ERRORS as err:
+        fail(err)
+    new = out[:, enc.input_ids.shape[1] :]
+    for i, text in enumerate(tok.batch_decode(new, skip_special_tokens=True)):
+        console.rule(f"[bold]prompt {i}")
+        console.print(text, highlight=False)
+    layout = rlkv.Layout.of(lm)
+    full = layout.kv_bytes_per_token() * handle.cache.get_seq_length() * out.shape[0]
+    held = handle.cache.nbytes()
+    n_tokens = int((new != tok.pad_token_id).sum())
+    console.rule()
+    console.print(
+        f"KV held {held / 2**20:.2f} MiB vs {full / 2**20:.2f} MiB for a full cache ({held / full:.1%}); "
+        f"{n_tokens} tokens in {elapsed:.1f} s ({n_tokens / elapsed:.1f} tok/s)"
+    )
+
+
+@heads_app.command("show")
+def heads_show(path: Path, sparsity: Optional[float] = typer.Option(None, help="also show the keep-mask")):
+    """Print a head-score matrix (layers x kv_heads)."""
+    from rlkv import HeadScores
+
+    try:
+        scores = HeadScores.load(path)
+        keep = scores.keep_mask(sparsity) if sparsity is not None else None
+    except USER_ERRORS as err:
+        fail(err)
+    console.print(scores.summary(), soft_wrap=True, highlight=False)
+    table = Table()
+    table.add_column("layer", justify="right")
+    for h in range(scores.shape[1]):
+        table.add_column(f"h{h}", justify="right")
+    for layer, row in enumerate(scores.scores.tolist()):
+        cells = [
+            f"[bold]{v:.3f}[/bold]" if keep is not None and keep[layer, h] else f"{v:.3f}" for h, v in enumerate(row)
+        ]
+        table.add_row(str(layer), *cells)
+    console.print(table)
+    if keep is not None:
+        console.print(f"bold = kept at sparsity {sparsity:g} ({int(keep.sum())}/{keep.numel()} heads)")
+
+
+@heads_app.command("convert")
+def heads_convert(src: Path, dst: Path, method: Optional[str] = typer.Option(None, help="method name to record")):
+    """Convert between JSON and the published TSV formats (by file extension)."""
+    from rlkv import HeadScores
+
+    try:
+        HeadScores.load(src, method=method).save(dst)
+    except USER_ERRORS as err:
+        fail(err)
+    console.print(f"wrote {dst}")
+
+
+@heads_app.command("plot")
+def heads_plot(
+    path: Path,
+    output: Path = typer.Option(..., "-o", "--output", help="PNG to write"),
+    sparsity: Optional[float] = typer.Option(None, help="also draw the heads kept at this sparsity"),
+):
+    """Heat map of head scores (and kept heads) as a PNG."""
+    from rlkv import HeadScores
+
+    try:
+        written = HeadScores.load(path).plot(output, sparsity=sparsity)
+    except USER_ERRORS as err:
+        fail(err)
+    console.print(f"wrote {written}")

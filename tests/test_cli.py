@@ -1,0 +1,61 @@
+"""The CLI: head-file commands and clean one-line errors."""
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from rlkv import HeadScores
+from rlkv.cli import app
+
+runner = CliRunner()
+
+
+@pytest.fixture
+def heads_file(tmp_path):
+    return HeadScores(torch.arange(8.0).view(4, 2), model="tiny", method="rlkv").save(tmp_path / "h.json")
+
+
+def test_heads_show_marks_kept_heads(heads_file):
+    result = runner.invoke(app, ["heads", "show", str(heads_file), "--sparsity", "0.5"])
+    assert result.exit_code == 0, result.output
+    assert "4 layers x 2 kv heads" in result.output and "4/8 heads" in result.output
+
+
+def test_heads_convert_and_plot(heads_file, tmp_path):
+    tsv = tmp_path / "adapter_weights.tsv"
+    assert runner.invoke(app, ["heads", "convert", str(heads_file), str(tsv)]).exit_code == 0
+    assert torch.equal(HeadScores.load(tsv).scores, HeadScores.load(heads_file).scores)
+    png = tmp_path / "h.png"
+    result = runner.invoke(app, ["heads", "plot", str(tsv), "-o", str(png), "--sparsity", "0.25"])
+    assert result.exit_code == 0 and png.read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["heads", "show", "missing.json"], "head scores file not found"),
+        (["heads", "show", "{heads}", "--sparsity", "1.5"], "sparsity must be a number in [0, 1]"),
+        (["generate", "--model", "/nowhere/m.gguf", "--prompt", "hi"], "GGUF file not found"),
+    ],
+)
+def test_errors_are_one_line_with_exit_code_2(heads_file, args, message):
+    result = runner.invoke(app, [a.replace("{heads}", str(heads_file)) for a in args])
+    assert result.exit_code == 2
+    assert message in result.output
+    assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
+
+
+def test_generate_runs_on_a_saved_tiny_model(tmp_path):
+    from conftest import tiny_model
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tiny_model("llama").save_pretrained(tmp_path)
+    vocab = {w: i for i, w in enumerate(["<pad>", "<s>", "</s>"] + [f"w{i}" for i in range(93)])}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="</s>").save_pretrained(tmp_path)
+    result = runner.invoke(app, ["generate", "--model", str(tmp_path), "--prompt", "w1 w2 w3", "--prompt", "w4",
+                                 "--sparsity", "1", "--sink", "1", "--recent", "2", "--max-new-tokens", "8", "--no-chat"])
+    assert result.exit_code == 0, result.output
+    assert "KV held" in result.output and "prompt 1" in result.output

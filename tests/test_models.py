@@ -1,0 +1,94 @@
+"""Model loading, layouts and the real SmolLM2 weights."""
+
+import pytest
+import torch
+from conftest import SMOLLM2, tiny_model
+from transformers import GPT2Config
+
+import rlkv
+from rlkv.models import check_supported
+
+
+def test_layout_of_tiny_models(arch):
+    layout = rlkv.Layout.of(tiny_model(arch, layers=3, q_heads=4, kv_heads=2))
+    assert (layout.arch, layout.num_layers, layout.num_q_heads, layout.num_kv_heads, layout.head_dim) == (arch, 3, 4, 2, 16)
+    assert layout.group_size == 2 and layout.shape == (3, 2)
+    assert layout.kv_bytes_per_token() == 2 * 3 * 2 * 16 * 4
+
+
+def test_unsupported_arch_names_the_supported_ones():
+    with pytest.raises(ValueError, match="unsupported architecture 'gpt2': rlkv supports llama, mistral, qwen2, qwen3"):
+        check_supported(GPT2Config())
+
+
+def test_load_model_from_a_saved_directory(tmp_path):
+    from transformers import PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, models
+
+    model = tiny_model("qwen3")
+    model.save_pretrained(tmp_path)
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"<unk>": 0, "a": 1}, unk_token="<unk>")),
+                                  eos_token="<unk>")
+    tok.save_pretrained(tmp_path)
+    loaded, tokenizer = rlkv.load_model(tmp_path, device="cpu")
+    assert tokenizer.padding_side == "left" and tokenizer.pad_token is not None
+    assert rlkv.Layout.of(loaded).shape == (3, 2)
+    ids = torch.tensor([[1, 5, 7]])
+    torch.testing.assert_close(loaded(ids).logits, model(ids).logits)
+
+
+@pytest.mark.parametrize(
+    "spec, error, message",
+    [
+        ("/nonexistent/model.gguf", FileNotFoundError, "GGUF file not found"),
+        ("/nonexistent/dir/model", FileNotFoundError, "model path not found"),
+    ],
+)
+def test_bad_model_specs(spec, error, message):
+    with pytest.raises(error, match=message):
+        rlkv.load_model(spec)
+
+
+def test_unsupported_saved_model_is_refused_before_loading_weights(tmp_path):
+    GPT2Config(n_layer=1, n_embd=32, n_head=2).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="unsupported architecture 'gpt2'"):
+        rlkv.load_model(tmp_path, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    if not SMOLLM2.is_file():
+        pytest.skip(f"real weights absent: run ../shared/tools/get-model smollm2-135m-instruct (expected {SMOLLM2})")
+    return rlkv.load_model(SMOLLM2, device="cpu")
+
+
+@pytest.mark.real_model
+def test_smollm2_sparsity_zero_equals_plain_generate(smollm2):
+    model, tok = smollm2
+    msgs = [[{"role": "user", "content": q}] for q in ("What is 12 times 7? Think step by step.", "Name a prime.")]
+    enc = tok([tok.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for m in msgs],
+              return_tensors="pt", padding=True)
+    plain = model.generate(**enc, max_new_tokens=64, do_sample=False)
+    with rlkv.compress(model, rlkv.HeadScores.random(rlkv.Layout.of(model)), sparsity=0.0):
+        fast = model.generate(**enc, max_new_tokens=64, do_sample=False)
+    assert torch.equal(plain, fast)
+
+
+@pytest.mark.real_model
+def test_smollm2_kv_bytes_at_half_sparsity_after_512_tokens(smollm2):
+    model, tok = smollm2
+    layout = rlkv.Layout.of(model)
+    enc = tok(["Write a long story about a dragon who learns arithmetic."], return_tensors="pt")
+    new = 512 - enc.input_ids.shape[1]
+    kw = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False)
+    plain = model.generate(**enc, **kw, return_dict_in_generate=True)
+    full_bytes = rlkv.cache_nbytes(plain.past_key_values)
+    with rlkv.compress(model, rlkv.HeadScores.random(layout), sparsity=0.5, sink=16, recent=64) as handle:
+        out = model.generate(**enc, **kw)
+        held = handle.cache.nbytes()
+    assert out.shape[1] == 512 and plain.past_key_values.get_seq_length() == 511
+    assert full_bytes == 511 * layout.kv_bytes_per_token()
+    bound = 0.5 + 0.5 * 80 / 512
+    overhead = 64 * 1024  # ring positions: 30 layers x 80 slots x int64, well under 64 KiB
+    assert held <= bound * full_bytes + overhead, (held / full_bytes, bound)
+    assert held / full_bytes > 0.5
