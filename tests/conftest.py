@@ -1,5 +1,6 @@
 """Shared fixtures: tiny random-config models of every supported architecture, built in-process."""
 
+import os
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ SHARED = REPO.parent / "shared"
 DATA_DIR = SHARED / "data"
 MODEL_CACHE = Path.home() / ".cache" / "rlkv-models"
 SMOLLM2 = MODEL_CACHE / "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEVICE = torch.device(os.environ.get("RLKV_TEST_DEVICE", "cpu"))  # set to cuda to run the model tests on a GPU
 
 ARCHS = {
     "llama": LlamaConfig,
@@ -39,9 +41,32 @@ def tiny_model(arch: str, layers: int = 3, q_heads: int = 4, kv_heads: int = 2, 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.float32)
     model.generation_config.pad_token_id = 0
-    return model.eval()
+    return model.eval().to(DEVICE)
 
 
 @pytest.fixture(params=list(ARCHS))
 def arch(request):
     return request.param
+
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def tiny_tokenizer(vocab_size: int = 96, chat_template: str | None = CHAT_TEMPLATE):
+    """A character-level tokenizer (ids < vocab_size) with a small chat template, built in-process."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<s>", "</s>", "<unk>"]
+    chars = [chr(c) for c in range(32, 127)][: vocab_size - len(specials)]
+    vocab = {tok: i for i, tok in enumerate(specials + chars)}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                  unk_token="<unk>")
+    tok.chat_template = chat_template
+    tok.padding_side = "left"
+    return tok

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import DEVICE, tiny_model
 from transformers import DynamicCache
 
 import rlkv
@@ -18,7 +18,7 @@ def batch(lengths, total, seed=0):
     mask = torch.zeros_like(ids)
     for row, n in enumerate(lengths):
         mask[row, total - n :] = 1
-    return ids.masked_fill(mask == 0, 0), mask
+    return ids.masked_fill(mask == 0, 0).to(DEVICE), mask.to(DEVICE)
 
 
 def run(model, ids, mask, new=12, **kw):
@@ -61,7 +61,7 @@ def test_cached_logits_equal_a_full_forward_with_the_reference_mask():
     with rlkv.compress(model, keep, sink=SINK, recent=RECENT):
         out = run(model, ids, mask, new=10)
     seq = out.sequences
-    full_mask = torch.cat([mask, torch.ones(2, 10, dtype=mask.dtype)], dim=1)
+    full_mask = torch.cat([mask, torch.ones_like(mask[:, :10])], dim=1)
     captured = []
 
     def reference_attention(module, query, key, value, attention_mask, scaling=None, **kwargs):

@@ -7,9 +7,23 @@
     print(c.cache.nbytes())
 """
 
+from rlkv import methods, tasks
+from rlkv.eval import EvalConfig, evaluate
 from rlkv.heads import HeadScores
 from rlkv.hf import HeadSplitCache, cache_nbytes, compress
 from rlkv.models import SUPPORTED_ARCHS, Layout, load_model
 
-__all__ = ["HeadScores", "HeadSplitCache", "Layout", "SUPPORTED_ARCHS", "cache_nbytes", "compress", "load_model"]
+__all__ = [
+    "EvalConfig",
+    "HeadScores",
+    "HeadSplitCache",
+    "Layout",
+    "SUPPORTED_ARCHS",
+    "cache_nbytes",
+    "compress",
+    "evaluate",
+    "load_model",
+    "methods",
+    "tasks",
+]
 __version__ = "0.1.0"

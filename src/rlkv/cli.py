@@ -82,6 +82,82 @@ def generate(
     )
 
 
+def _floats(text: str, what: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"{what} must be comma-separated numbers, got {text!r}") from None
+
+
+@app.command("eval")
+def eval_(
+    model: str = typer.Option(..., help="hub id, local model directory or .gguf file"),
+    task: str = typer.Option(..., help="comma-separated task names (see `rlkv tasks`)"),
+    out: Path = typer.Option(..., help="run directory (resumes if it exists)"),
+    method: str = typer.Option("full", help="comma-separated methods: full, streaming, rlkv, duo, random"),
+    sparsity: str = typer.Option("0", help="comma-separated sparsities in [0, 1]"),
+    heads: Optional[Path] = typer.Option(None, help="head scores for rlkv/duo"),
+    limit: Optional[int] = typer.Option(None, min=1, help="first N examples of each task"),
+    max_new_tokens: Optional[int] = typer.Option(None, min=1, help="default: each task's own"),
+    batch_size: int = typer.Option(32, min=1),
+    temperature: float = typer.Option(0.0, min=0.0),
+    top_p: float = typer.Option(1.0, min=0.0, max=1.0),
+    seed: int = typer.Option(0),
+    sink: int = typer.Option(16, min=0),
+    recent: int = typer.Option(64, min=1),
+    data_dir: Optional[str] = typer.Option(None, help="task data directory (default $RLKV_DATA_DIR or ../shared/data)"),
+    report: bool = typer.Option(True, help="write report.md and plots when done"),
+):
+    """Evaluate methods x sparsities on tasks; results stream to OUT and resume after interruption."""
+    import rlkv
+    from rlkv.eval import report as write_report
+
+    try:
+        config = rlkv.EvalConfig(
+            tasks=[t.strip() for t in task.split(",") if t.strip()],
+            methods=[m.strip() for m in method.split(",") if m.strip()],
+            sparsities=_floats(sparsity, "--sparsity"),
+            heads=str(heads) if heads else None,
+            limit=limit, max_new_tokens=max_new_tokens, batch_size=batch_size, temperature=temperature,
+            top_p=top_p, seed=seed, sink=sink, recent=recent, data_dir=data_dir,
+        )
+        for name in config.tasks:
+            rlkv.tasks.get(name)
+        for name in config.methods:
+            if name not in rlkv.methods.names():
+                raise ValueError(f"unknown method {name!r}: expected one of {', '.join(rlkv.methods.names())}")
+        lm, tok = rlkv.load_model(model)
+        results = rlkv.evaluate(lm, tok, config, out)
+        path = write_report(out) if report else None
+    except USER_ERRORS as err:
+        fail(err)
+    console.print(results.table(), highlight=False)
+    if path:
+        console.print(f"report: {path}")
+
+
+@app.command("report")
+def report_(run_dir: Path):
+    """Write report.md (tables) and PNG plots for a run directory."""
+    from rlkv.eval import report as write_report
+
+    try:
+        path = write_report(run_dir)
+    except USER_ERRORS as err:
+        fail(err)
+    console.print(path.read_text().split("## Details")[0], highlight=False)
+    console.print(f"report: {path}")
+
+
+@app.command("tasks")
+def tasks_():
+    """List the registered tasks."""
+    from rlkv import tasks
+
+    for name in tasks.names():
+        console.print(f"{name}\t(default max new tokens {tasks.get(name).default_max_new_tokens})")
+
+
 @heads_app.command("show")
 def heads_show(path: Path, sparsity: Optional[float] = typer.Option(None, help="also show the keep-mask")):
     """Print a head-score matrix (layers x kv_heads)."""

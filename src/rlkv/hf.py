@@ -145,6 +145,14 @@ class HeadSplitLayer(CacheLayerMixin):
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors())
 
+    def sequence_nbytes(self, num_tokens: torch.Tensor) -> torch.Tensor:
+        """Bytes one sequence of `num_tokens` occupies here: kept heads per token, plus its ring slot."""
+        if not self.is_initialized:
+            return torch.zeros_like(num_tokens)
+        per_token = 2 * self.keys.shape[1] * self.keys.shape[3] * self.keys.element_size()
+        ring = sum(t[0].numel() * t.element_size() for t in (self.ring_keys, self.ring_values, self.ring_pos) if t is not None)
+        return num_tokens * per_token + ring
+
     def _map(self, fn) -> None:
         for name in ("keys", "values", "ring_keys", "ring_values", "ring_pos"):
             t = getattr(self, name)
@@ -184,6 +192,10 @@ class HeadSplitCache(Cache):
         """Bytes of K/V (and ring positions) this cache holds right now."""
         return sum(layer.nbytes() for layer in self.layers)
 
+    def sequence_nbytes(self, num_tokens: torch.Tensor) -> torch.Tensor:
+        """Bytes each sequence needs for its own `num_tokens` [batch] (padding of other rows excluded)."""
+        return sum(layer.sequence_nbytes(num_tokens) for layer in self.layers)
+
 
 def cache_nbytes(cache: Cache) -> int:
     """Bytes held by any transformers cache (HeadSplitCache or DynamicCache ...)."""
@@ -206,10 +218,10 @@ class _Session:
         self.cache: Cache | None = None
         self._q_idx = {}
 
-    def q_heads(self, layer: int, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def q_heads(self, layer: int, group: int, device) -> tuple[torch.Tensor, torch.Tensor]:
         """Query-head indices of the kept and of the compressed KV heads of `layer`."""
         if layer not in self._q_idx:
-            q_keep = self.keep[layer].repeat_interleave(group)
+            q_keep = self.keep[layer].repeat_interleave(group).to(device)
             self._q_idx[layer] = (torch.nonzero(q_keep).flatten(), torch.nonzero(~q_keep).flatten())
         return self._q_idx[layer]
 
@@ -250,7 +262,7 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
     if not isinstance(session.cache, HeadSplitCache):
         mask = keep_keys_mask(positions.q_pos, positions.k_pos[:, -key.shape[2] :], keep, session.sink, session.recent, window)
         return masked_attention(query, key, value, mask, scaling), None
-    q_full, q_comp = session.q_heads(layer, query.shape[1] // keep.numel())
+    q_full, q_comp = session.q_heads(layer, query.shape[1] // keep.numel(), query.device)
     out = query.new_empty(query.shape[0], query.shape[2], query.shape[1], query.shape[3])
     if len(q_full):
         out[:, :, q_full] = base(

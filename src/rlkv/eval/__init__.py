@@ -1,0 +1,11 @@
+"""Evaluation: generate and grade over (task x method x sparsity), then report.
+
+    results = rlkv.evaluate(model, tok, rlkv.EvalConfig(tasks=["gsm8k"], methods=["full", "rlkv"],
+                            sparsities=[0.2, 0.5], heads="heads.json", limit=200), out="runs/q05")
+    rlkv.eval.report("runs/q05")
+"""
+
+from rlkv.eval.report import report
+from rlkv.eval.run import EvalConfig, EvalResults, evaluate
+
+__all__ = ["EvalConfig", "EvalResults", "evaluate", "report"]

@@ -1,0 +1,291 @@
+"""The evaluation harness: (task x method x sparsity) -> graded samples on disk -> aggregates.
+
+A run lives in one directory:
+- config.json   what was run (model, head-file hash, method parameters, seed, versions, device);
+- samples.jsonl one line per graded sample, appended as batches finish: prompt id, completion,
+                tokens generated, finish reason (eos / length / repetition), score, KV bytes;
+- batches.jsonl wall time and tokens of every generated batch (for tokens/s);
+- summary.json  the aggregates, rewritten at the end.
+An interrupted run resumes: finished samples are read back and skipped. A directory holding a
+run of another configuration is refused rather than mixed.
+
+Everything that can be wrong with the inputs (task names, data files, head files, chat
+template) is checked before the directory is touched, so a bad call leaves nothing half-written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+from transformers import StoppingCriteria, StoppingCriteriaList
+
+from rlkv import methods as method_registry
+from rlkv import tasks as task_registry
+from rlkv.eval.summary import summarize
+from rlkv.models import Layout
+
+IDENTITY = ("model", "heads_sha256", "max_new_tokens", "temperature", "top_p", "seed", "sink", "recent")
+
+
+@dataclass
+class EvalConfig:
+    """What to evaluate; defaults follow the paper (sink 16 + recent 64, greedy)."""
+
+    tasks: list[str]
+    methods: list[str] = field(default_factory=lambda: ["full"])
+    sparsities: list[float] = field(default_factory=lambda: [0.0])
+    heads: str | None = None
+    limit: int | None = None
+    max_new_tokens: int | None = None  # None: each task's own default
+    batch_size: int = 32
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+    sink: int = 16
+    recent: int = 64
+    data_dir: str | None = None
+    repetition_window: int = 400  # 0 turns the degenerate-repetition stop off
+    repetition_min_distinct: int = 40
+
+
+@dataclass
+class EvalResults:
+    out: Path
+    rows: list[dict]
+    samples: list[dict]
+
+    def table(self) -> str:
+        from rlkv.eval.report import markdown_table
+
+        return markdown_table(self.rows)
+
+
+class RepetitionStop(StoppingCriteria):
+    """Every `window` new tokens, stop rows whose last `window` tokens hold < `min_distinct` ids."""
+
+    def __init__(self, prompt_len: int, window: int, min_distinct: int):
+        self.prompt_len, self.window, self.min_distinct = prompt_len, window, min_distinct
+        self.flagged: set[int] = set()
+
+    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
+        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        new = input_ids.shape[1] - self.prompt_len
+        if new == 0 or new % self.window:
+            return done
+        tail = input_ids[:, -self.window :].sort(dim=-1).values
+        distinct = 1 + (tail[:, 1:] != tail[:, :-1]).sum(-1)
+        done = distinct < self.min_distinct
+        self.flagged.update(torch.nonzero(done).flatten().tolist())
+        return done
+
+
+def _method_plan(config: EvalConfig, layout: Layout) -> list[tuple[str, float, object]]:
+    """(method name, sparsity, built method) for every group, built now so bad inputs fail early."""
+    plan, seen = [], set()
+    for name in config.methods:
+        for sparsity in config.sparsities:
+            method = method_registry.build(
+                name, layout, sparsity, heads=config.heads, sink=config.sink, recent=config.recent, seed=config.seed
+            )
+            key = (name, method.sparsity)
+            if key not in seen:
+                seen.add(key)
+                plan.append((name, method.sparsity, method))
+    return plan
+
+
+def _environment(model) -> dict:
+    import transformers
+
+    import rlkv
+
+    device = model.device
+    return {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()})",
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "rlkv": rlkv.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def _open_run(out: Path, record: dict) -> dict[tuple, dict]:
+    """Create or resume a run directory; return finished samples by (task, method, sparsity, id)."""
+    config_path = out / "config.json"
+    if config_path.is_file():
+        old = json.loads(config_path.read_text())
+        diff = [k for k in IDENTITY if old.get(k) != record.get(k)]
+        if diff:
+            changes = ", ".join(f"{k}: {old.get(k)!r} -> {record.get(k)!r}" for k in diff)
+            raise ValueError(f"{out} holds a run with a different configuration ({changes}); use a new --out")
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = config_path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record, indent=1))
+    tmp.replace(config_path)
+    for name in ("samples.jsonl", "batches.jsonl"):
+        _drop_torn_tail(out / name)
+    return {_key(s): s for s in read_jsonl(out / "samples.jsonl")}
+
+
+def _drop_torn_tail(path: Path) -> None:
+    """Cut a partial last line (left by a kill mid-write) so appends start on a fresh line."""
+    if not path.is_file():
+        return
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        with path.open("r+b") as f:
+            f.truncate(data.rfind(b"\n") + 1)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """Records of a results file; a torn last line (a run killed mid-write) is ignored."""
+    if not path.is_file():
+        return []
+    lines = path.read_text().splitlines()
+    records = []
+    for number, line in enumerate(lines, 1):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number != len(lines):
+                raise ValueError(f"{path}: line {number} is not valid JSON") from None
+    return records
+
+
+def _key(sample: dict) -> tuple:
+    return (sample["task"], sample["method"], float(sample["sparsity"]), str(sample["id"]))
+
+
+def _append(path: Path, records: list[dict]) -> None:
+    with path.open("a") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def evaluate(model, tokenizer, config: EvalConfig, out: str | Path, progress: bool = True) -> EvalResults:
+    """Generate, grade and record every (task, method, sparsity) group of `config` under `out`."""
+    out = Path(out)
+    layout = Layout.of(model)
+    tasks = {name: task_registry.get(name) for name in config.tasks}
+    examples = {name: task.load(config.data_dir, limit=config.limit) for name, task in tasks.items()}
+    for name, task in tasks.items():
+        if not examples[name]:
+            raise ValueError(f"task {name!r} has no examples (limit={config.limit})")
+        task.prompt(examples[name][0], tokenizer)  # refuses a tokenizer without a chat template
+    plan = _method_plan(config, layout)
+    heads_sha = next((m.params.get("heads_sha256") for _, _, m in plan if "heads_sha256" in m.params), None)
+    record = {
+        "model": getattr(model.config, "_name_or_path", None),
+        "layout": layout.to_dict(),
+        "heads_sha256": heads_sha,
+        **asdict(config),
+        "method_params": [m.describe() for _, _, m in plan],
+        "environment": _environment(model),
+    }
+    done = _open_run(out, record)
+    eos_ids = _eos_ids(model, tokenizer)
+
+    todo = [
+        (task_name, name, sparsity, method, [e for e in examples[task_name] if (task_name, name, sparsity, e.id) not in done])
+        for task_name in tasks
+        for name, sparsity, method in plan
+    ]
+    total = sum(len(pending) for *_, pending in todo)
+    bar = tqdm(total=total, desc="eval", disable=not progress, dynamic_ncols=True)
+    for task_name, name, sparsity, method, pending in todo:
+        task = tasks[task_name]
+        max_new = config.max_new_tokens or task.default_max_new_tokens
+        prompts = {e.id: task.prompt(e, tokenizer) for e in pending}
+        lengths = {i: len(tokenizer(p, add_special_tokens=False).input_ids) for i, p in prompts.items()}
+        pending = sorted(pending, key=lambda e: -lengths[e.id])  # similar lengths share a batch: less padding
+        scores = [s["score"] for s in done.values() if _key(s)[:3] == (task_name, name, sparsity)]
+        for start in range(0, len(pending), config.batch_size):
+            batch = pending[start : start + config.batch_size]
+            samples, timing = _generate_batch(
+                model, tokenizer, method, [prompts[e.id] for e in batch], max_new, eos_ids, config, layout
+            )
+            grades = task.grade_many(batch, [s["completion"] for s in samples])
+            for example, sample, score in zip(batch, samples, grades):
+                sample.update(task=task_name, method=name, sparsity=sparsity, id=example.id, score=float(score))
+            _append(out / "samples.jsonl", samples)
+            _append(out / "batches.jsonl", [{"task": task_name, "method": name, "sparsity": sparsity, **timing}])
+            scores += grades
+            bar.update(len(batch))
+            bar.set_postfix_str(f"{task_name}/{name}@{sparsity:g} acc {sum(scores) / len(scores):.3f}")
+    bar.close()
+    samples = read_jsonl(out / "samples.jsonl")
+    rows = summarize(samples, read_jsonl(out / "batches.jsonl"))
+    (out / "summary.json").write_text(json.dumps({"config": record, "rows": rows}, indent=1))
+    return EvalResults(out, rows, samples)
+
+
+def _eos_ids(model, tokenizer) -> list[int]:
+    ids = model.generation_config.eos_token_id
+    ids = [ids] if isinstance(ids, int) else list(ids or [])
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.append(tokenizer.eos_token_id)
+    if not ids:
+        raise ValueError("the model has no EOS token id (generation_config.eos_token_id) to stop generation on")
+    return ids
+
+
+def _generate_batch(model, tokenizer, method, prompts, max_new, eos_ids, config: EvalConfig, layout: Layout):
+    enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+    width = enc.input_ids.shape[1]
+    stops = StoppingCriteriaList()
+    repetition = None
+    if config.repetition_window:
+        repetition = RepetitionStop(width, config.repetition_window, config.repetition_min_distinct)
+        stops.append(repetition)
+    sampling = {"do_sample": False} if config.temperature == 0 else {
+        "do_sample": True, "temperature": config.temperature, "top_p": config.top_p}
+    torch.manual_seed(config.seed)
+    if model.device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    with method.apply(model) as handle:
+        sequences = model.generate(
+            **enc, max_new_tokens=max_new, eos_token_id=eos_ids, pad_token_id=tokenizer.pad_token_id,
+            stopping_criteria=stops, **sampling,
+        )
+    if model.device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    cache = handle.cache
+    generated = sequences[:, width:].cpu()
+    is_eos = torch.isin(generated, torch.tensor(eos_ids))
+    prompt_tokens = enc.attention_mask.sum(-1).cpu()
+    samples = []
+    for row in range(len(prompts)):
+        hits = torch.nonzero(is_eos[row]).flatten()
+        if len(hits):
+            n, finish = int(hits[0]) + 1, "eos"
+        else:
+            n = generated.shape[1]
+            finish = "repetition" if repetition is not None and row in repetition.flagged else "length"
+        samples.append({
+            "completion": tokenizer.decode(generated[row, :n], skip_special_tokens=True),
+            "tokens": n,
+            "prompt_tokens": int(prompt_tokens[row]),
+            "finish": finish,
+        })
+    lengths = torch.tensor([s["prompt_tokens"] + s["tokens"] for s in samples])
+    mids = torch.tensor([s["prompt_tokens"] + s["tokens"] / 2 for s in samples])
+    end_bytes = cache.sequence_nbytes(lengths.to(torch.float64))
+    mean_bytes = cache.sequence_nbytes(mids.to(torch.float64))
+    per_token = layout.kv_bytes_per_token()
+    for s, end, mean, length, mid in zip(samples, end_bytes.tolist(), mean_bytes.tolist(), lengths.tolist(), mids.tolist()):
+        s.update(kv_bytes=int(end), kv_bytes_full=int(length * per_token),
+                 kv_bytes_mean=float(mean), kv_bytes_full_mean=float(mid * per_token))
+    timing = {"seconds": seconds, "tokens": sum(s["tokens"] for s in samples), "batch": len(prompts)}
+    return samples, timing
+

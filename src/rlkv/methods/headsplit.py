@@ -1,0 +1,82 @@
+"""Head split: kept KV heads hold every token, the others only the first `sink` and last `recent`.
+
+The decision is a (layers x kv_heads) keep-mask. Where it comes from is what tells the
+methods apart:
+- full: every head kept (sparsity is ignored: no compression);
+- streaming (StreamingLLM, Xiao et al. 2023): no head kept, every head is sink + recent;
+- rlkv / duo: the top (1 - sparsity) heads by a HeadScores file (RLKV gates, DuoAttention weights);
+- random: the same count of heads, chosen by seeded random scores (the floor to beat).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from rlkv.heads import HeadScores
+from rlkv.hf import compress
+from rlkv.models import Layout
+
+
+@dataclass
+class HeadSplit:
+    """A head-split compression: `keep` [layers, kv_heads] heads store all tokens."""
+
+    keep: torch.Tensor
+    sink: int = 16
+    recent: int = 64
+    name: str = "headsplit"
+    sparsity: float = 0.0
+    params: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_scores(cls, heads: HeadScores | str | Path, sparsity: float, sink: int = 16, recent: int = 64) -> HeadSplit:
+        heads = heads if isinstance(heads, HeadScores) else HeadScores.load(heads)
+        return cls(heads.keep_mask(sparsity), sink, recent, name=heads.method, sparsity=sparsity)
+
+    def apply(self, model):
+        """Context manager: the model generates with this method's per-head cache."""
+        return compress(model, self.keep, sink=self.sink, recent=self.recent)
+
+    def describe(self) -> dict:
+        return {
+            "method": self.name,
+            "sparsity": self.sparsity,
+            "sink": self.sink,
+            "recent": self.recent,
+            "kept_heads": int(self.keep.sum()),
+            "heads": int(self.keep.numel()),
+            **self.params,
+        }
+
+
+def build_headsplit(
+    name: str,
+    layout: Layout,
+    sparsity: float,
+    heads: HeadScores | str | Path | None = None,
+    sink: int = 16,
+    recent: int = 64,
+    seed: int = 0,
+) -> HeadSplit:
+    params: dict = {}
+    if name == "full":
+        keep, sparsity = torch.ones(layout.shape, dtype=torch.bool), 0.0
+    elif name == "streaming":
+        keep, sparsity = torch.zeros(layout.shape, dtype=torch.bool), 1.0
+    elif name == "random":
+        keep = HeadScores.random(layout, seed=seed).keep_mask(sparsity)
+        params["seed"] = seed
+    else:
+        if heads is None:
+            raise ValueError(f"method {name!r} needs a head scores file (--heads)")
+        if not isinstance(heads, HeadScores):
+            path, heads = Path(heads), HeadScores.load(heads)
+            params["heads_file"] = str(path)
+            params["heads_sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
+        heads.check_layout(layout)
+        keep = heads.keep_mask(sparsity)
+    return HeadSplit(keep, sink, recent, name=name, sparsity=float(sparsity), params=params)

@@ -1,0 +1,135 @@
+"""The evaluation harness and report on a tiny random model (mechanics, not accuracy)."""
+
+import json
+
+import pytest
+import torch
+from conftest import DATA_DIR, tiny_model, tiny_tokenizer
+
+import rlkv
+from rlkv.eval import EvalConfig, evaluate, report
+from rlkv.eval.run import RepetitionStop, read_jsonl
+
+STABLE = ("task", "method", "sparsity", "n", "accuracy", "mean_tokens", "pct_length", "pct_repetition",
+          "kv_mean_ratio", "kv_peak_ratio")
+
+
+@pytest.fixture(scope="module")
+def lm():
+    model = tiny_model("llama", layers=2)
+    tok = tiny_tokenizer()
+    model.generation_config.eos_token_id = 2
+    return model, tok
+
+
+def config(**kw):
+    base = dict(tasks=["arith", "gsm8k"], methods=["full", "streaming", "random"], sparsities=[0.5], limit=5,
+                max_new_tokens=12, batch_size=3, sink=2, recent=4, data_dir=str(DATA_DIR))
+    return EvalConfig(**{**base, **kw})
+
+
+def test_run_records_every_sample_and_aggregates(lm, tmp_path):
+    res = evaluate(*lm, config(), tmp_path / "run", progress=False)
+    samples = read_jsonl(tmp_path / "run" / "samples.jsonl")
+    assert len(samples) == 2 * 3 * 5
+    s = samples[0]
+    assert {"id", "completion", "tokens", "finish", "score", "kv_bytes", "prompt_tokens"} <= set(s)
+    assert s["finish"] in ("eos", "length", "repetition") and 0 <= s["score"] <= 1
+    rows = {(r["task"], r["method"], r["sparsity"]): r for r in res.rows}
+    assert set(rows) == {(t, m, sp) for t in ("arith", "gsm8k") for m, sp in (("full", 0.0), ("streaming", 1.0), ("random", 0.5))}
+    for t in ("arith", "gsm8k"):
+        assert rows[(t, "full", 0.0)]["kv_peak_ratio"] == pytest.approx(1.0)
+        assert rows[(t, "streaming", 1.0)]["kv_peak_ratio"] < rows[(t, "random", 0.5)]["kv_peak_ratio"] < 1.0
+    cfg = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert cfg["environment"]["torch"] == torch.__version__ and cfg["layout"]["num_layers"] == 2
+    assert "| method | sparsity | arith | gsm8k |" in res.table()
+
+
+def test_resume_after_a_kill_gives_the_same_aggregates(lm, tmp_path, monkeypatch):
+    whole = evaluate(*lm, config(), tmp_path / "whole", progress=False)
+    import rlkv.eval.run as run
+
+    real, calls = run._append, {"n": 0}
+
+    def dying_append(path, records):
+        if path.name == "samples.jsonl":
+            calls["n"] += 1
+            if calls["n"] == 4:  # killed mid-write: half a line lands on disk
+                path.open("a").write(json.dumps(records[0])[:25])
+                raise KeyboardInterrupt
+        real(path, records)
+
+    monkeypatch.setattr(run, "_append", dying_append)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(*lm, config(), tmp_path / "resumed", progress=False)
+    monkeypatch.setattr(run, "_append", real)
+    partial = len(read_jsonl(tmp_path / "resumed" / "samples.jsonl"))
+    assert 0 < partial < 30
+    resumed = evaluate(*lm, config(), tmp_path / "resumed", progress=False)
+    assert len(resumed.samples) == 30
+    strip = lambda rows: [{k: r[k] for k in STABLE} for r in rows]  # noqa: E731
+    assert strip(resumed.rows) == strip(whole.rows)
+
+
+def test_report_renders_tables_and_plots(lm, tmp_path):
+    evaluate(*lm, config(), tmp_path / "run", progress=False)
+    path = report(tmp_path / "run")
+    text = path.read_text()
+    assert "| random | 0.5 |" in text and "(+" in text or "(-" in text or "(+0.0)" in text
+    for png in ("accuracy_vs_sparsity.png", "accuracy_vs_kv.png", "length_vs_sparsity.png"):
+        assert (tmp_path / "run" / png).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_run_with_another_config_is_refused(lm, tmp_path):
+    evaluate(*lm, config(tasks=["arith"], methods=["full"]), tmp_path / "run", progress=False)
+    with pytest.raises(ValueError, match="different configuration \\(max_new_tokens: 12 -> 13\\)"):
+        evaluate(*lm, config(tasks=["arith"], methods=["full"], max_new_tokens=13), tmp_path / "run", progress=False)
+
+
+@pytest.mark.parametrize(
+    "kw, error, message",
+    [
+        (dict(tasks=["nope"]), ValueError, "unknown task 'nope'"),
+        (dict(methods=["rlkv"]), ValueError, "needs a head scores file"),
+        (dict(data_dir="/nonexistent"), FileNotFoundError, "needs data file 'gsm8k_test.jsonl'"),
+    ],
+)
+def test_bad_inputs_leave_nothing_behind(lm, tmp_path, kw, error, message):
+    with pytest.raises(error, match=message):
+        evaluate(*lm, config(**kw), tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_tokenizer_without_chat_template_is_refused(tmp_path):
+    model = tiny_model("llama", layers=1)
+    with pytest.raises(ValueError, match="no chat template"):
+        evaluate(model, tiny_tokenizer(chat_template=None), config(tasks=["arith"]), tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()
+
+
+def test_repetition_stop_flags_degenerate_rows():
+    stop = RepetitionStop(prompt_len=2, window=8, min_distinct=4)
+    ids = torch.tensor([[9, 9] + [5, 6] * 4, [9, 9] + list(range(10, 18))])
+    assert stop(ids[:, :-1], None).tolist() == [False, False]  # not at a multiple of the window
+    assert stop(ids, None).tolist() == [True, False]
+    assert stop.flagged == {0}
+
+
+def test_cli_eval_and_report(lm, tmp_path):
+    from typer.testing import CliRunner
+
+    from rlkv.cli import app
+
+    model, tok = lm
+    model.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    result = CliRunner().invoke(app, ["eval", "--model", str(tmp_path / "m"), "--task", "arith", "--method", "full,random",
+                                      "--sparsity", "0.5", "--limit", "3", "--max-new-tokens", "6",
+                                      "--out", str(tmp_path / "run"), "--sink", "1", "--recent", "2"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "run" / "report.md").is_file()
+    result = CliRunner().invoke(app, ["report", str(tmp_path / "run")])
+    assert result.exit_code == 0 and "| random | 0.5 |" in result.output
+    bad = CliRunner().invoke(app, ["eval", "--model", str(tmp_path / "m"), "--task", "arith", "--method", "h2o",
+                                   "--out", str(tmp_path / "x")])
+    assert bad.exit_code == 2 and "unknown method 'h2o'" in bad.output
