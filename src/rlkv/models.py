@@ -134,8 +134,11 @@ def load_model(
         source, dtype=dtype, attn_implementation=attn_implementation, **extra
     ).to(device)
     model.eval()
-    if extra:  # a .gguf: name the model after its file, not the directory it sits in
+    if extra:  # a .gguf, de-quantized on load: name it after its file, and let save_pretrained work
         model.config._name_or_path = str(Path(spec).expanduser())
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
     tokenizer = AutoTokenizer.from_pretrained(source, **extra)
     configure_tokenizer(tokenizer, model)
     return model, tokenizer
