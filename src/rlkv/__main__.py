@@ -1,0 +1,3 @@
+from rlkv.cli import app
+
+app(prog_name="rlkv")
