@@ -41,7 +41,8 @@ def test_run_records_every_sample_and_aggregates(lm, tmp_path):
         assert rows[(t, "full", 0.0)]["kv_peak_ratio"] == pytest.approx(1.0)
         assert rows[(t, "streaming", 1.0)]["kv_peak_ratio"] < rows[(t, "random", 0.5)]["kv_peak_ratio"] < 1.0
     cfg = json.loads((tmp_path / "run" / "config.json").read_text())
-    assert cfg["environment"]["torch"] == torch.__version__ and cfg["layout"]["num_layers"] == 2
+    assert cfg["invocations"][0]["environment"]["torch"] == torch.__version__ and cfg["layout"]["num_layers"] == 2
+    assert cfg["invocations"][0]["tasks"] == ["arith", "gsm8k"] and "command" in cfg["invocations"][0]
     assert "| method | sparsity | arith | gsm8k |" in res.table()
 
 

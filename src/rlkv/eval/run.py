@@ -18,6 +18,8 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shlex
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -116,8 +118,12 @@ def _environment(model) -> dict:
     }
 
 
-def _open_run(out: Path, record: dict) -> dict[tuple, dict]:
-    """Create or resume a run directory; return finished samples by (task, method, sparsity, id)."""
+def _open_run(out: Path, record: dict, invocation: dict) -> dict[tuple, dict]:
+    """Create or resume a run directory; return finished samples by (task, method, sparsity, id).
+
+    config.json holds the run's identity once and every invocation (command, tasks, device) that
+    added to it, so results gathered by several commands stay traceable.
+    """
     config_path = out / "config.json"
     if config_path.is_file():
         old = json.loads(config_path.read_text())
@@ -125,6 +131,9 @@ def _open_run(out: Path, record: dict) -> dict[tuple, dict]:
         if diff:
             changes = ", ".join(f"{k}: {old.get(k)!r} -> {record.get(k)!r}" for k in diff)
             raise ValueError(f"{out} holds a run with a different configuration ({changes}); use a new --out")
+        record = {**record, "invocations": old.get("invocations", []) + [invocation]}
+    else:
+        record = {**record, "invocations": [invocation]}
     out.mkdir(parents=True, exist_ok=True)
     tmp = config_path.with_suffix(".tmp")
     tmp.write_text(json.dumps(record, indent=1))
@@ -183,15 +192,21 @@ def evaluate(model, tokenizer, config: EvalConfig, out: str | Path, progress: bo
         task.prompt(examples[name][0], tokenizer)  # refuses a tokenizer without a chat template
     plan = _method_plan(config, layout)
     heads_sha = next((m.params.get("heads_sha256") for _, _, m in plan if "heads_sha256" in m.params), None)
+    settings = asdict(config)
     record = {
         "model": getattr(model.config, "_name_or_path", None),
         "layout": layout.to_dict(),
         "heads_sha256": heads_sha,
-        **asdict(config),
+        **{k: settings[k] for k in IDENTITY if k in settings},
+    }
+    invocation = {
+        "command": " ".join(shlex.quote(a) for a in sys.argv),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        **settings,
         "method_params": [m.describe() for _, _, m in plan],
         "environment": _environment(model),
     }
-    done = _open_run(out, record)
+    done = _open_run(out, record, invocation)
     eos_ids = _eos_ids(model, tokenizer)
 
     todo = [
