@@ -147,3 +147,18 @@ def test_wrong_shape_heads_are_refused():
     with pytest.raises(ValueError, match="32x8 .* has 3x2"):
         with rlkv.compress(model, heads, sparsity=0.5):
             pass
+
+
+@pytest.mark.parametrize("sparsity", [0.0, 0.5, 1.0])
+def test_model_sliding_window_is_respected(sparsity):
+    """Mistral with a sliding window shorter than the sequence: every head also obeys the window."""
+    model = tiny_model("mistral", sliding_window=9)
+    heads = rlkv.HeadScores.random(rlkv.Layout.of(model), seed=3)
+    ids, mask = batch((20, 11), 20)
+    plain = run(model, ids, mask)
+    with rlkv.compress(model, heads, sparsity=sparsity, sink=SINK, recent=RECENT):
+        fast = run(model, ids, mask)
+        ref = run(model, ids, mask, past_key_values=DynamicCache(config=model.config))
+    torch.testing.assert_close(torch.stack(fast.logits), torch.stack(ref.logits), rtol=1e-5, atol=1e-5)
+    if sparsity == 0.0:
+        assert torch.equal(fast.sequences, plain.sequences)

@@ -44,10 +44,20 @@ BASE_IMPLEMENTATIONS = ("sdpa", "eager")
 
 @dataclass
 class StepPositions:
-    """Positions of one forward's tokens: queries [b, q] and every key seen so far [b, past + q]."""
+    """Positions of one forward's tokens: queries [b, q] and every key seen so far [b, past + q].
+
+    `decode_slot` [b, 1] is set when the step is one real token per row (plain decoding): the
+    ring slot it goes to, computed once per step for all layers.
+    """
 
     q_pos: torch.Tensor
     k_pos: torch.Tensor
+    decode_slot: torch.Tensor | None = None
+
+
+def ring_slot(pos: torch.Tensor, sink: int, recent: int) -> torch.Tensor:
+    """Ring slot of a token position: sinks have their own slots, the rest cycle through `recent`."""
+    return torch.where(pos < sink, pos, sink + (pos - sink).remainder(recent))
 
 
 class HeadSplitLayer(CacheLayerMixin):
@@ -87,28 +97,45 @@ class HeadSplitLayer(CacheLayerMixin):
             self.lazy_initialization(key_states, value_states)
         self.cumulative_length += key_states.shape[-2]
         if len(self.full_idx):
-            self.keys = torch.cat([self.keys, key_states[:, self.full_idx]], dim=-2)
-            self.values = torch.cat([self.values, value_states[:, self.full_idx]], dim=-2)
-        if len(self.comp_idx):
-            self._pending = (key_states[:, self.comp_idx], value_states[:, self.comp_idx])
+            if len(self.comp_idx):
+                key_states, value_states, new_k, new_v = (
+                    key_states[:, self.full_idx], value_states[:, self.full_idx],
+                    key_states[:, self.comp_idx], value_states[:, self.comp_idx],
+                )
+                self._pending = (new_k, new_v)
+            self.keys = torch.cat([self.keys, key_states], dim=-2)
+            self.values = torch.cat([self.values, value_states], dim=-2)
+        else:
+            self._pending = (key_states, value_states)
         return self.keys, self.values
 
     def attend_compressed(
-        self, query: torch.Tensor, q_pos: torch.Tensor, scaling: float, window: int | None
+        self, query: torch.Tensor, positions: StepPositions, scaling: float, window: int | None
     ) -> torch.Tensor:
         """Attention of the compressed heads' queries [b, hq_c, q, d] over ring + new tokens; then store them."""
         if self._pending is None:
             raise RuntimeError("HeadSplitLayer.attend_compressed called before update() for this step")
         new_k, new_v = self._pending
         self._pending = None
+        gqa = query.shape[1] != new_k.shape[1]
+        if positions.decode_slot is not None and window is None:
+            # Decoding: store the token first; the ring then holds exactly the keys it may attend.
+            slot = positions.decode_slot
+            for ring, new in ((self.ring_keys, new_k), (self.ring_values, new_v)):
+                ring.scatter_(2, slot[:, None, :, None].expand(-1, ring.shape[1], 1, ring.shape[3]), new)
+            self.ring_pos.scatter_(1, slot, positions.q_pos)
+            mask = (self.ring_pos >= 0)[:, None, None, :]
+            out = F.scaled_dot_product_attention(
+                query, self.ring_keys, self.ring_values, attn_mask=mask, scale=scaling, enable_gqa=gqa
+            )
+            return out.transpose(1, 2)
+        q_pos = positions.q_pos
         keys = torch.cat([self.ring_keys, new_k], dim=-2)
         values = torch.cat([self.ring_values, new_v], dim=-2)
         k_pos = torch.cat([self.ring_pos, q_pos], dim=-1)
         mask = keep_keys_mask(q_pos, k_pos, torch.zeros(1, dtype=torch.bool), self.sink, self.recent, window)
         mask |= (q_pos < 0)[:, None, :, None]  # padding queries: any finite output will do
-        out = F.scaled_dot_product_attention(
-            query, keys, values, attn_mask=mask, scale=scaling, enable_gqa=query.shape[1] != keys.shape[1]
-        )
+        out = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=scaling, enable_gqa=gqa)
         self._write_ring(new_k, new_v, q_pos)
         return out.transpose(1, 2)
 
@@ -116,8 +143,7 @@ class HeadSplitLayer(CacheLayerMixin):
         """Store the tokens a compressed head must remember: positions < sink, and the last `recent`."""
         last = q_pos.max(dim=-1, keepdim=True).values
         keep = (q_pos >= 0) & ((q_pos < self.sink) | (q_pos > last - self.recent))
-        slot = torch.where(q_pos < self.sink, q_pos, self.sink + (q_pos - self.sink) % self.recent)
-        slot = torch.where(keep, slot, self.ring_size)  # dropped tokens go to a slot that is cut off
+        slot = torch.where(keep, ring_slot(q_pos, self.sink, self.recent), self.ring_size)  # dropped tokens go to a slot that is cut off
         token = torch.arange(q_pos.shape[1], device=q_pos.device).expand_as(q_pos)
         src = torch.full((q_pos.shape[0], self.ring_size + 1), -1, dtype=torch.long, device=q_pos.device)
         src = src.scatter_reduce(1, slot, token, reduce="amax")[:, : self.ring_size]
@@ -214,6 +240,8 @@ class _Session:
 
     def __init__(self, keep: torch.Tensor, sink: int, recent: int, base: str):
         self.keep, self.sink, self.recent, self.base = keep, sink, recent, base
+        self.all_full = keep.all(dim=1).tolist()
+        self.none_full = (~keep).all(dim=1).tolist()
         self.positions: StepPositions | None = None
         self.cache: Cache | None = None
         self._q_idx = {}
@@ -243,7 +271,11 @@ class _Session:
                 "pass the padding mask of the whole sequence so far"
             )
         k_pos, _ = token_positions(mask, batch, past + q_len, ref.device)
-        self.positions = StepPositions(q_pos=k_pos[:, past:], k_pos=k_pos)
+        q_pos = k_pos[:, past:]
+        decode_slot = None
+        if q_len == 1 and isinstance(cache, HeadSplitCache) and bool((q_pos >= 0).all()):
+            decode_slot = ring_slot(q_pos, self.sink, self.recent)
+        self.positions = StepPositions(q_pos=q_pos, k_pos=k_pos, decode_slot=decode_slot)
         self.cache = cache
 
 
@@ -253,23 +285,27 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
         raise RuntimeError("rlkv attention was called outside an rlkv.compress(...) block")
     base = ALL_ATTENTION_FUNCTIONS[session.base] if session.base != "eager" else _eager()
     layer = module.layer_idx
-    keep = session.keep[layer]
     scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
     window = kwargs.get("sliding_window")
-    if bool(keep.all()):
+    if session.all_full[layer]:
         return base(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
     positions = session.positions
+    if window is not None and positions.k_pos.shape[1] <= window:
+        window = None  # no token is old enough to leave the model's sliding window yet
+    keep = session.keep[layer]
     if not isinstance(session.cache, HeadSplitCache):
         mask = keep_keys_mask(positions.q_pos, positions.k_pos[:, -key.shape[2] :], keep, session.sink, session.recent, window)
         return masked_attention(query, key, value, mask, scaling), None
+    cache_layer = session.cache.layers[layer]
+    if session.none_full[layer]:
+        return cache_layer.attend_compressed(query, positions, scaling, window), None
     q_full, q_comp = session.q_heads(layer, query.shape[1] // keep.numel(), query.device)
     out = query.new_empty(query.shape[0], query.shape[2], query.shape[1], query.shape[3])
     if len(q_full):
         out[:, :, q_full] = base(
             module, query[:, q_full], key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
         )[0]
-    cache_layer = session.cache.layers[layer]
-    out[:, :, q_comp] = cache_layer.attend_compressed(query[:, q_comp], positions.q_pos, scaling, window)
+    out[:, :, q_comp] = cache_layer.attend_compressed(query[:, q_comp], positions, scaling, window)
     return out, None
 
 
