@@ -54,7 +54,7 @@ def details_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _plot(rows: list[dict], x: str, y: str, xlabel: str, ylabel: str, path: Path, title: str) -> Path:
+def _plot(rows: list[dict], x: str, y: str, xlabel: str, ylabel: str, path: Path, title: str, xlim=(-0.03, 1.03)) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -63,6 +63,7 @@ def _plot(rows: list[dict], x: str, y: str, xlabel: str, ylabel: str, path: Path
     tasks = sorted({r["task"] for r in rows})
     fig, axes = plt.subplots(1, len(tasks), figsize=(4.6 * len(tasks), 3.8), squeeze=False)
     for ax, task in zip(axes[0], tasks):
+        top = 0.0
         by_method: dict[str, list[dict]] = defaultdict(list)
         for r in rows:
             if r["task"] == task:
@@ -71,11 +72,14 @@ def _plot(rows: list[dict], x: str, y: str, xlabel: str, ylabel: str, path: Path
             items.sort(key=lambda r: r[x])
             xs = [r[x] for r in items]
             ys = [100 * r[y] if y == "accuracy" else r[y] for r in items]
+            top = max(top, *ys)
             if method == "full" and x == "sparsity":
                 ax.axhline(ys[0], color="black", linestyle="--", linewidth=1, label="full")
             else:
                 ax.plot(xs, ys, marker="o", label=method)
         ax.set_title(task)
+        ax.set_xlim(*xlim)
+        ax.set_ylim(0, top * 1.15 or 1.0)
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
@@ -96,7 +100,7 @@ def report(run_dir: str | Path) -> Path:
     rows = summarize(samples, read_jsonl(run_dir / "batches.jsonl"))
     model = ""
     if (run_dir / "config.json").is_file():
-        model = json.loads((run_dir / "config.json").read_text()).get("model") or ""
+        model = Path(json.loads((run_dir / "config.json").read_text()).get("model") or "").name
     plots = [
         _plot(rows, "sparsity", "accuracy", "sparsity (fraction of KV heads compressed)", "accuracy (%)",
               run_dir / "accuracy_vs_sparsity.png", f"accuracy vs sparsity {model}"),
