@@ -33,7 +33,7 @@ from rlkv import tasks as task_registry
 from rlkv.eval.summary import summarize
 from rlkv.models import Layout
 
-IDENTITY = ("model", "heads_sha256", "max_new_tokens", "temperature", "top_p", "seed", "sink", "recent")
+IDENTITY = ("model", "heads_sha256", "max_new_tokens", "temperature", "top_p", "seed", "sink", "recent", "budget")
 
 
 @dataclass
@@ -52,6 +52,7 @@ class EvalConfig:
     seed: int = 0
     sink: int = 16
     recent: int = 64
+    budget: int | None = None  # tokens per KV head for h2o / snapkv / rkv
     data_dir: str | None = None
     repetition_window: int = 400  # 0 turns the degenerate-repetition stop off
     repetition_min_distinct: int = 40
@@ -94,7 +95,8 @@ def _method_plan(config: EvalConfig, layout: Layout) -> list[tuple[str, float, o
     for name in config.methods:
         for sparsity in config.sparsities:
             method = method_registry.build(
-                name, layout, sparsity, heads=config.heads, sink=config.sink, recent=config.recent, seed=config.seed
+                name, layout, sparsity, heads=config.heads, sink=config.sink, recent=config.recent, seed=config.seed,
+                budget=config.budget,
             )
             key = (name, method.sparsity)
             if key not in seen:

@@ -6,11 +6,16 @@
 
 Head-split methods (full, streaming, rlkv, duo, random) decide per KV head: keep every token or
 only sink + recent. They share `HeadSplit`; they differ only in where the head ranking comes from.
+Token-dropping methods (h2o, snapkv, rkv) keep a per-head budget of tokens chosen by attention
+scores; they share the `tokendrop` runtime and need `budget=`.
 """
 
 from __future__ import annotations
 
+from rlkv.methods.h2o import build_h2o
 from rlkv.methods.headsplit import HeadSplit, build_headsplit
+from rlkv.methods.rkv import build_rkv
+from rlkv.methods.snapkv import build_snapkv
 
 BUILDERS = {
     "full": build_headsplit,
@@ -18,6 +23,9 @@ BUILDERS = {
     "rlkv": build_headsplit,
     "duo": build_headsplit,
     "random": build_headsplit,
+    "h2o": build_h2o,
+    "snapkv": build_snapkv,
+    "rkv": build_rkv,
 }
 
 

@@ -61,7 +61,9 @@ def build_headsplit(
     sink: int = 16,
     recent: int = 64,
     seed: int = 0,
+    budget: int | None = None,
 ) -> HeadSplit:
+    """`budget` belongs to the token-dropping methods; head split is sized by sparsity, sink, recent."""
     params: dict = {}
     if name == "full":
         keep, sparsity = torch.ones(layout.shape, dtype=torch.bool), 0.0

@@ -1,0 +1,373 @@
+"""Token-dropping KV caches for transformers `generate`: the runtime shared by H2O, SnapKV and R-KV.
+
+Token-dropping baselines keep, per layer and per KV head, a bounded set of tokens chosen by
+attention statistics (H2O, Zhang et al. 2023, arXiv:2306.14048; SnapKV, Li et al. 2024,
+arXiv:2404.14469; R-KV, Cai et al. 2025, arXiv:2505.24133). They share everything here and
+differ only in a `Policy` (`h2o.py`, `snapkv.py`, `rkv.py`): which candidates to keep.
+
+Design, in the order a forward pass meets it:
+
+1. `token_drop(model, policy)` switches the model to the attention function "rlkv_tokendrop_<base>"
+   (registered through `AttentionInterface`, with the base implementation's mask builder), makes
+   `generate` build a `TokenDropCache` instead of a `DynamicCache`, and hooks the decoder to read
+   each new token's position from the 2-D padding mask (padding = -1; left padding does not
+   count). Everything is undone when the `with` block exits.
+2. `TokenDropLayer.update` only counts tokens: `get_seq_length()` is the LOGICAL length (tokens
+   seen), which transformers 5.x takes positions from; the new K/V go on to the attention function.
+3. `TokenDropLayer.attend` forms the candidates (stored slots + the new tokens, each with its
+   position), attends every query over them with an explicit softmax (chunks of `CHUNK` queries;
+   mask: valid, causal by position, the model's sliding window if any), and sums the
+   probabilities of the last `policy.observed(...)` queries per key (mean over the GQA group of
+   query heads: decisions are per KV head). The policy then returns a keep mask over the
+   candidates, and the layer compacts the kept ones (in chronological order) into at most
+   `policy.capacity` slots. Eviction therefore happens after each forward: within one forward
+   (the prefill) attention is exact causal attention over stored + new tokens.
+
+Storage per layer: keys/values [b, h_kv, width, d], positions [b, h_kv, width] (int32, -1 =
+empty) and, for scored policies, a float32 score per slot; width grows with the sequence up to
+`capacity` (= budget, plus the compression interval for R-KV). `nbytes()` counts every tensor
+allocated, `sequence_nbytes(n)` what one sequence of n tokens occupies: min(n, capacity) slots.
+Without a `TokenDropCache` (use_cache=False, or a cache the caller passed) attention is the base
+implementation's: exact, nothing dropped.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from rlkv.attention.reference import token_positions
+
+BASE_IMPLEMENTATIONS = ("sdpa", "eager")
+CHUNK = 256  # queries per explicit-softmax block: memory is O(CHUNK x keys) per head
+
+
+@dataclass
+class Candidates:
+    """What a policy chooses from: stored slots followed by the new tokens, per (batch, KV head).
+
+    keys/values [b, h, K, d]; pos [b, h, K] (-1 = empty or padding); score [b, h, K] the policy's
+    stored per-slot score (0 for new tokens; None for unscored policies); attn [b, h, K] summed
+    attention probabilities of the observed queries (None when the policy observed none);
+    first: the layer held nothing before this forward (the prefill); scaling: the model's softmax scale.
+    """
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    pos: torch.Tensor
+    score: torch.Tensor | None
+    attn: torch.Tensor | None
+    first: bool
+    scaling: float
+
+
+class Policy:
+    """Which tokens a token-dropping method keeps. Subclasses set `name`, `scored` and implement `select`."""
+
+    name = "policy"
+    scored = False  # stores a float score per slot (Candidates.score)
+
+    def __init__(self, budget: int, slack: int = 0):
+        if not isinstance(budget, int) or budget < 1:
+            raise ValueError(f"{self.name} needs an integer budget >= 1 (tokens per KV head), got {budget!r}")
+        self.budget, self.capacity = budget, budget + slack
+
+    def observed(self, first: bool, q_len: int) -> int:
+        """How many of the last queries of this forward must report their attention (Candidates.attn)."""
+        return 0
+
+    def select(self, layer: TokenDropLayer, c: Candidates, query: torch.Tensor, q_pos: torch.Tensor) -> torch.Tensor:
+        """Bool keep mask [b, h, K] with at most `capacity` True per row; scored policies set `c.score` first."""
+        raise NotImplementedError
+
+    def params(self) -> dict:
+        return {"budget": self.budget, "capacity": self.capacity}
+
+
+def top_k_mask(priority: torch.Tensor, k: int) -> torch.Tensor:
+    """Bool mask of the k highest finite-or-+inf entries per row (-inf never kept; ties keep the lower index)."""
+    k = min(k, priority.shape[-1])
+    order = torch.sort(priority, dim=-1, descending=True, stable=True).indices[..., :k]
+    keep = torch.zeros_like(priority, dtype=torch.bool).scatter_(-1, order, True)
+    return keep & (priority > float("-inf"))
+
+
+def pool_by_position(score: torch.Tensor, pos: torch.Tensor, kernel: int) -> torch.Tensor:
+    """Max-pool `score` [b, h, K] over neighbouring token positions (kernel odd); empty slots (pos -1) give 0."""
+    if kernel <= 1:
+        return score
+    order = torch.where(pos < 0, torch.iinfo(pos.dtype).max, pos).argsort(dim=-1)
+    sorted_score = score.masked_fill(pos < 0, 0.0).gather(-1, order)
+    b, h, k = score.shape
+    pooled = F.max_pool1d(sorted_score.reshape(b * h, 1, k), kernel, stride=1, padding=kernel // 2).reshape(b, h, k)
+    return torch.empty_like(pooled).scatter_(-1, order, pooled)
+
+
+def last_position(pos: torch.Tensor) -> torch.Tensor:
+    """[b, h, 1]: the newest token position among the candidates."""
+    return pos.amax(dim=-1, keepdim=True)
+
+
+def grouped_probs(query: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor, scaling: float) -> torch.Tensor:
+    """softmax(q k^T) [b, h_kv, group, q, K] in float32; query [b, hq, q, d], mask [b, h_kv, q, K]; empty rows -> 0."""
+    b, hq, q, d = query.shape
+    h = keys.shape[1]
+    qg = query.float().reshape(b, h, hq // h, q, d)
+    scores = torch.matmul(qg, keys.float()[:, :, None].transpose(-1, -2)) * scaling
+    scores = scores.masked_fill(~mask[:, :, None], float("-inf"))
+    return torch.softmax(scores, dim=-1).nan_to_num(0.0)
+
+
+class TokenDropLayer(CacheLayerMixin):
+    """One layer's cache: at most `policy.capacity` (token, position[, score]) slots per KV head."""
+
+    is_sliding = False
+
+    def __init__(self):
+        super().__init__()
+        self.cumulative_length = 0
+        self.pos = self.score = None
+        self.extra: dict[str, torch.Tensor] = {}  # policy state that must follow the batch (R-KV's query window)
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        """Count the new tokens; they are stored (or dropped) by `attend`, after attention."""
+        if self.keys is None:
+            self.lazy_initialization(key_states, value_states)
+        self.cumulative_length += key_states.shape[-2]
+        return key_states, value_states
+
+    def attend(self, query, key, value, q_pos, scaling: float, window: int | None, policy: Policy) -> torch.Tensor:
+        """Attention [b, q, hq, d] of the new queries over stored + new tokens; then keep what `policy` selects."""
+        b, h, q, _ = key.shape
+        new_pos = q_pos.to(torch.int32)[:, None, :].expand(b, h, q)
+        first = not self.is_initialized
+        if first:
+            keys, values, pos = key, value, new_pos
+            score = key.new_zeros(b, h, q, dtype=torch.float32) if policy.scored else None
+        else:
+            keys = torch.cat([self.keys, key], dim=-2)
+            values = torch.cat([self.values, value], dim=-2)
+            pos = torch.cat([self.pos, new_pos], dim=-1)
+            score = torch.cat([self.score, self.score.new_zeros(b, h, q)], dim=-1) if policy.scored else None
+        qp = q_pos[:, None, :, None]
+        kp = pos[:, :, None, :]
+        mask = (kp >= 0) & (kp <= qp)
+        if window is not None:
+            mask &= kp > qp - window
+        observe = min(policy.observed(first, q), q)
+        out = query.new_empty(b, q, query.shape[1], value.shape[-1])
+        attn = keys.new_zeros(b, h, keys.shape[2], dtype=torch.float32) if observe else None
+        for start in range(0, q, CHUNK):
+            stop = min(start + CHUNK, q)
+            probs = grouped_probs(query[:, :, start:stop], keys, mask[:, :, start:stop], scaling)
+            chunk = torch.matmul(probs, values.float()[:, :, None])  # [b, h, g, cq, d]
+            out[:, start:stop] = chunk.reshape(b, -1, stop - start, chunk.shape[-1]).transpose(1, 2).to(out.dtype)
+            if observe and stop > q - observe:
+                attn += probs[:, :, :, max(start, q - observe) - start :].sum(dim=-2).mean(dim=2)
+        c = Candidates(keys, values, pos, score, attn, first, scaling)
+        keep = policy.select(self, c, query, q_pos)
+        self._compact(c, keep, policy.capacity)
+        return out
+
+    def _compact(self, c: Candidates, keep: torch.Tensor, capacity: int) -> None:
+        """Store the kept candidates in the first slots, in candidate (= chronological) order."""
+        width = min(keep.shape[-1], capacity)
+        order = torch.sort(keep.to(torch.int8), dim=-1, descending=True, stable=True).indices[..., :width]
+        slot_kept = keep.gather(-1, order)
+        idx = order[..., None]
+        self.keys = c.keys.gather(2, idx.expand(-1, -1, -1, c.keys.shape[-1]))
+        self.values = c.values.gather(2, idx.expand(-1, -1, -1, c.values.shape[-1]))
+        self.pos = torch.where(slot_kept, c.pos.gather(-1, order), -1)
+        self.score = c.score.gather(-1, order) if c.score is not None else None
+        self.is_initialized = True
+
+    # ------------------------------------------------------------------ bookkeeping
+    def stored(self) -> torch.Tensor:
+        """[b, h]: tokens held per KV head."""
+        return (self.pos >= 0).sum(dim=-1)
+
+    def get_seq_length(self) -> int:
+        return self.cumulative_length
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.cumulative_length + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for t in (self.keys, self.values, self.pos, self.score, *self.extra.values()) if t is not None]
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors())
+
+    def sequence_nbytes(self, num_tokens: torch.Tensor, capacity: int) -> torch.Tensor:
+        """Bytes one sequence of `num_tokens` occupies: min(num_tokens, capacity) slots plus its policy state."""
+        if not self.is_initialized:
+            return torch.zeros_like(num_tokens)
+        per_slot = sum(t[0, :, 0].numel() * t.element_size() for t in (self.keys, self.values, self.pos, self.score) if t is not None)
+        state = sum(t[0].numel() * t.element_size() for t in self.extra.values())
+        return num_tokens.clamp(max=capacity) * per_slot + state
+
+    def _map(self, fn) -> None:
+        for name in ("keys", "values", "pos", "score"):
+            t = getattr(self, name)
+            if t is not None:
+                setattr(self, name, fn(t))
+        self.extra = {k: fn(t) for k, t in self.extra.items()}
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        if self.is_initialized:
+            self._map(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.is_initialized:
+            self._map(lambda t: t[indices])
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.is_initialized:
+            self._map(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError("TokenDropCache cannot be cropped: evicted tokens are gone (no assisted decoding)")
+
+    def reset(self) -> None:
+        raise NotImplementedError("TokenDropCache cannot be reset; create a new one per generation")
+
+
+class TokenDropCache(Cache):
+    """A transformers Cache holding at most `policy.capacity` tokens per layer and KV head."""
+
+    def __init__(self, policy: Policy, num_layers: int):
+        super().__init__(layers=[TokenDropLayer() for _ in range(num_layers)])
+        self.policy = policy
+
+    def nbytes(self) -> int:
+        """Bytes of every tensor this cache holds right now (K/V, positions, scores, policy state)."""
+        return sum(layer.nbytes() for layer in self.layers)
+
+    def sequence_nbytes(self, num_tokens: torch.Tensor) -> torch.Tensor:
+        """Bytes each sequence needs for its own `num_tokens` [batch] (padding of other rows excluded)."""
+        return sum(layer.sequence_nbytes(num_tokens, self.policy.capacity) for layer in self.layers)
+
+
+@dataclass
+class TokenDrop:
+    """A token-dropping method for the registry: `apply(model)` generates with `policy`'s cache."""
+
+    policy: Policy
+    name: str
+    sparsity: float = 0.0
+    params: dict = field(default_factory=dict)
+
+    def apply(self, model):
+        return token_drop(model, self.policy)
+
+    def describe(self) -> dict:
+        return {"method": self.name, "sparsity": self.sparsity, **self.policy.params(), **self.params}
+
+
+HARNESS_OPTIONS = ("heads", "sink", "recent", "seed")  # passed to every builder by rlkv.eval; token dropping ignores them
+
+
+def check_build(name: str, budget, options: dict) -> int:
+    """The budget of a builder call; refuses a missing budget and kwargs that are neither the method's nor the harness's."""
+    unknown = sorted(set(options) - set(HARNESS_OPTIONS))
+    if unknown:
+        raise ValueError(f"method {name!r} got unknown options {unknown}")
+    if not isinstance(budget, int) or budget < 1:
+        raise ValueError(f"method {name!r} needs budget= an integer >= 1 (tokens kept per layer and KV head), got {budget!r}")
+    return budget
+
+
+class _Session:
+    """Per `token_drop` block: the latest forward's cache and new-token positions."""
+
+    def __init__(self, policy: Policy, base: str):
+        self.policy, self.base = policy, base
+        self.cache: Cache | None = None
+        self.q_pos: torch.Tensor | None = None
+
+    def before_forward(self, module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        ref = ids if ids is not None else kwargs.get("inputs_embeds")
+        batch, q_len = ref.shape[0], ref.shape[1]
+        cache = kwargs.get("past_key_values")
+        past = cache.get_seq_length() if cache is not None else 0
+        mask = kwargs.get("attention_mask")
+        if mask is not None and (mask.ndim != 2 or mask.shape[1] != past + q_len):
+            raise ValueError(f"token dropping needs a 2-D padding attention_mask [batch, {past + q_len}], got {tuple(mask.shape)}")
+        k_pos, _ = token_positions(mask, batch, past + q_len, ref.device)
+        self.q_pos = k_pos[:, past:]
+        self.cache = cache
+
+
+def _attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    session: _Session | None = getattr(module, "_rlkv_tokendrop", None)
+    if session is None:
+        raise RuntimeError("rlkv token-drop attention was called outside a token_drop(...) block")
+    scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
+    if not isinstance(session.cache, TokenDropCache):
+        base = ALL_ATTENTION_FUNCTIONS[session.base] if session.base != "eager" else _eager()
+        return base(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+    layer = session.cache.layers[module.layer_idx]
+    out = layer.attend(query, key, value, session.q_pos, scaling, kwargs.get("sliding_window"), session.policy)
+    return out, None
+
+
+def _eager():
+    from transformers.models.llama.modeling_llama import eager_attention_forward
+
+    return eager_attention_forward
+
+
+def _register(base: str) -> str:
+    name = f"rlkv_tokendrop_{base}"
+    if name not in ALL_ATTENTION_FUNCTIONS:
+        AttentionInterface.register(name, _attention)
+        AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[base])
+    return name
+
+
+@contextmanager
+def token_drop(model, policy: Policy):
+    """Inside the block, `model.generate` uses a `TokenDropCache` run by `policy`; yields a handle with `.cache`."""
+    base = model.config._attn_implementation
+    if base not in BASE_IMPLEMENTATIONS:
+        raise ValueError(f"token dropping works on models loaded with attn_implementation in {BASE_IMPLEMENTATIONS}, got {base!r}")
+    session = _Session(policy, base)
+    num_layers = model.config.get_text_config().num_hidden_layers
+    decoder = getattr(model, "model", model)
+    attn_modules = [m for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "o_proj")]
+    original_prepare = model._prepare_cache_for_generation
+
+    def prepare_cache(generation_config, model_kwargs, *args, **kwargs):
+        result = original_prepare(generation_config, model_kwargs, *args, **kwargs)
+        cache = model_kwargs.get("past_key_values")
+        if type(cache) is DynamicCache and not getattr(cache, "_is_user_defined", False):
+            model_kwargs["past_key_values"] = TokenDropCache(policy, num_layers)
+        return result
+
+    hook = decoder.register_forward_pre_hook(session.before_forward, with_kwargs=True)
+    for module in attn_modules:
+        module._rlkv_tokendrop = session
+    model._prepare_cache_for_generation = prepare_cache
+    model.set_attn_implementation(_register(base))
+    try:
+        yield session
+    finally:
+        model.set_attn_implementation(base)
+        del model._prepare_cache_for_generation
+        for module in attn_modules:
+            del module._rlkv_tokendrop
+        hook.remove()
