@@ -131,6 +131,36 @@ def test_cli_eval_and_report(lm, tmp_path):
     assert (tmp_path / "run" / "report.md").is_file()
     result = CliRunner().invoke(app, ["report", str(tmp_path / "run")])
     assert result.exit_code == 0 and "| random | 0.5 |" in result.output
-    bad = CliRunner().invoke(app, ["eval", "--model", str(tmp_path / "m"), "--task", "arith", "--method", "h2o",
+    bad = CliRunner().invoke(app, ["eval", "--model", str(tmp_path / "m"), "--task", "arith", "--method", "nope",
                                    "--out", str(tmp_path / "x")])
-    assert bad.exit_code == 2 and "unknown method 'h2o'" in bad.output
+    assert bad.exit_code == 2 and "unknown method 'nope'" in bad.output
+
+
+def test_token_dropping_methods_run_in_the_harness_with_a_budget(lm, tmp_path):
+    res = evaluate(*lm, config(tasks=["arith"], methods=["h2o", "snapkv", "rkv"], budget=40, max_new_tokens=16),
+                   tmp_path / "run", progress=False)
+    rows = {r["method"]: r for r in res.rows}
+    assert set(rows) == {"h2o", "snapkv", "rkv"}
+    for r in rows.values():
+        assert 0 < r["kv_peak_ratio"] < 1.0
+    with pytest.raises(ValueError, match="budget"):
+        evaluate(*lm, config(tasks=["arith"], methods=["h2o"]), tmp_path / "nobudget", progress=False)
+
+
+def test_cli_identify_writes_heads(lm, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from rlkv.cli import app
+
+    arith = rlkv.tasks.get("arith")  # a random model solves nothing: alternate rewards so the pass band is met
+    monkeypatch.setattr(arith, "grade_many", lambda examples, completions: [float(i % 2) for i in range(len(examples))])
+    model, tok = lm
+    model.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    result = CliRunner().invoke(app, ["identify", "--model", str(tmp_path / "m"), "--task", "arith", "--out",
+                                      str(tmp_path / "id"), "--limit", "4", "--steps", "1", "--batch-problems", "2",
+                                      "--max-new-tokens", "4", "--samples-per-problem", "2", "--band", "0,1",
+                                      "--sink", "1", "--recent", "2"])
+    assert result.exit_code == 0, result.output
+    heads = rlkv.HeadScores.load(tmp_path / "id" / "heads.json")
+    assert heads.shape == (2, 2) and heads.method == "rlkv"

@@ -5,25 +5,31 @@
     with rlkv.compress(model, heads, sparsity=0.5, sink=16, recent=64) as c:
         out = model.generate(**tok(prompts, return_tensors="pt", padding=True), max_new_tokens=512)
     print(c.cache.nbytes())
+
+    heads = rlkv.identify(model, tok, rlkv.tasks.get("math_train"), problems, rlkv.IdentifyConfig(), "runs/id")
 """
 
 from rlkv import methods, tasks
 from rlkv.eval import EvalConfig, evaluate
 from rlkv.heads import HeadScores
 from rlkv.hf import HeadSplitCache, cache_nbytes, compress
+from rlkv.identify import IdentifyConfig, identify, select_problems
 from rlkv.models import SUPPORTED_ARCHS, Layout, load_model
 
 __all__ = [
     "EvalConfig",
     "HeadScores",
     "HeadSplitCache",
+    "IdentifyConfig",
     "Layout",
     "SUPPORTED_ARCHS",
     "cache_nbytes",
     "compress",
     "evaluate",
+    "identify",
     "load_model",
     "methods",
+    "select_problems",
     "tasks",
 ]
 __version__ = "0.1.0"

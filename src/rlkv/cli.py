@@ -4,6 +4,7 @@
     rlkv heads show heads.json
     rlkv heads convert adapter_weights.tsv heads.json
     rlkv heads plot heads.json -o heads.png --sparsity 0.5
+    rlkv identify --model M --task math_train --data-dir DIR --out DIR
 
 Errors the user can fix (bad paths, shapes, values) print one line and exit with status 2.
 """
@@ -94,7 +95,7 @@ def eval_(
     model: str = typer.Option(..., help="hub id, local model directory or .gguf file"),
     task: str = typer.Option(..., help="comma-separated task names (see `rlkv tasks`)"),
     out: Path = typer.Option(..., help="run directory (resumes if it exists)"),
-    method: str = typer.Option("full", help="comma-separated methods: full, streaming, rlkv, duo, random"),
+    method: str = typer.Option("full", help="comma-separated methods: full, streaming, rlkv, duo, random, h2o, snapkv, rkv"),
     sparsity: str = typer.Option("0", help="comma-separated sparsities in [0, 1]"),
     heads: Optional[Path] = typer.Option(None, help="head scores for rlkv/duo"),
     limit: Optional[int] = typer.Option(None, min=1, help="first N examples of each task"),
@@ -105,6 +106,7 @@ def eval_(
     seed: int = typer.Option(0),
     sink: int = typer.Option(16, min=0),
     recent: int = typer.Option(64, min=1),
+    budget: Optional[int] = typer.Option(None, min=1, help="tokens kept per KV head by h2o / snapkv / rkv"),
     data_dir: Optional[str] = typer.Option(None, help="task data directory (default $RLKV_DATA_DIR or ../shared/data)"),
     report: bool = typer.Option(True, help="write report.md and plots when done"),
 ):
@@ -119,7 +121,7 @@ def eval_(
             sparsities=_floats(sparsity, "--sparsity"),
             heads=str(heads) if heads else None,
             limit=limit, max_new_tokens=max_new_tokens, batch_size=batch_size, temperature=temperature,
-            top_p=top_p, seed=seed, sink=sink, recent=recent, data_dir=data_dir,
+            top_p=top_p, seed=seed, sink=sink, recent=recent, budget=budget, data_dir=data_dir,
         )
         for name in config.tasks:
             rlkv.tasks.get(name)
@@ -134,6 +136,55 @@ def eval_(
     console.print(results.table(), highlight=False)
     if path:
         console.print(f"report: {path}")
+
+
+@app.command()
+def identify(
+    model: str = typer.Option(..., help="hub id, local model directory or .gguf file"),
+    task: str = typer.Option("math_train", help="training task (see `rlkv tasks`)"),
+    out: Path = typer.Option(..., help="run directory: curriculum cache, log.jsonl, checkpoint.pt, heads.json (resumes)"),
+    data_dir: Optional[str] = typer.Option(None, help="task data directory (default $RLKV_DATA_DIR or ../shared/data)"),
+    limit: Optional[int] = typer.Option(None, min=1, help="first N training problems before the curriculum"),
+    steps: int = typer.Option(100, min=1),
+    batch_problems: int = typer.Option(32, min=1),
+    group: int = typer.Option(4, min=2, help="rollouts per problem"),
+    max_new_tokens: int = typer.Option(4096, min=1),
+    lr: float = typer.Option(1e-2, min=0.0),
+    beta: float = typer.Option(1e-3, min=0.0, help="L1 sparsity coefficient"),
+    tau: float = typer.Option(0.5, help="the penalty acts only above this mean reward"),
+    sink: int = typer.Option(128, min=0),
+    recent: int = typer.Option(256, min=1),
+    samples_per_problem: int = typer.Option(8, min=1, help="curriculum: full-model samples per problem"),
+    band: str = typer.Option("0,1", help="curriculum: keep problems with low < pass rate < high"),
+    rollout_batch_size: int = typer.Option(128, min=1),
+    train_batch_size: int = typer.Option(8, min=1),
+    checkpoint_every: int = typer.Option(10, min=1),
+    seed: int = typer.Option(0),
+):
+    """Learn which KV heads need a full cache (RLKV gates trained with GRPO); writes OUT/heads.json."""
+    import rlkv
+    from rlkv.identify import IdentifyConfig, select_problems
+
+    try:
+        config = IdentifyConfig(
+            sink=sink, recent=recent, group=group, lr=lr, beta=beta, tau=tau, batch_problems=batch_problems,
+            steps=steps, max_new_tokens=max_new_tokens, seed=seed, checkpoint_every=checkpoint_every,
+            rollout_batch_size=rollout_batch_size, train_batch_size=train_batch_size,
+            samples_per_problem=samples_per_problem, band=tuple(_floats(band, "--band")),
+        )
+        training = rlkv.tasks.get(task)
+        examples = training.load(data_dir=data_dir, limit=limit, seed=seed)
+        lm, tok = rlkv.load_model(model)
+        problems = select_problems(
+            lm, tok, training, examples, config.samples_per_problem, config.band, config.max_new_tokens,
+            cache_path=out / "curriculum.json", batch_size=config.rollout_batch_size, seed=seed,
+        )
+        console.print(f"curriculum: {len(problems)}/{len(examples)} problems in the pass band {config.band}")
+        heads = rlkv.identify(lm, tok, training, problems, config, out)
+    except USER_ERRORS as err:
+        fail(err)
+    console.print(heads.summary(), soft_wrap=True, highlight=False)
+    console.print(f"wrote {out / 'heads.json'}")
 
 
 @app.command("report")

@@ -1,0 +1,17 @@
+"""RLKV head identification: learn per-KV-head gates with GRPO (see `grpo` for the loop).
+
+    from rlkv.identify import IdentifyConfig, identify, select_problems
+    task = rlkv.tasks.get("math_train")
+    config = IdentifyConfig(steps=100)
+    problems = select_problems(model, tok, task, task.load(), config.samples_per_problem, config.band,
+                               config.max_new_tokens, cache_path="runs/id/curriculum.json")
+    heads = identify(model, tok, task, problems, config, out_dir="runs/id")   # -> HeadScores
+
+`gated(model, alpha, sink, recent)` is the mixed full/streaming attention the gates train through.
+"""
+
+from rlkv.identify.curriculum import select_problems
+from rlkv.identify.gated import gated, init_gates
+from rlkv.identify.grpo import IdentifyConfig, group_advantages, identify, penalty_weight
+
+__all__ = ["IdentifyConfig", "gated", "group_advantages", "identify", "init_gates", "penalty_weight", "select_problems"]

@@ -1,0 +1,145 @@
+"""Gated attention: every KV head mixes full and streaming attention with a learnable gate.
+
+RLKV learns one gate alpha[l, h] in [0, 1] per KV head (the query heads of a GQA group share
+it). Inside `with gated(model, alpha, sink, recent):` each query head's attention output is
+
+    alpha * full_attention + (1 - alpha) * streaming_attention
+
+where streaming attention sees only the first `sink` and the last `recent` keys (the rule of
+`rlkv.attention.reference.keep_keys_mask`). Both branches run through PyTorch SDPA: the full
+branch is transformers' own sdpa attention with transformers' own mask; the streaming branch
+uses one boolean [b, 1, q, k] mask shared by all heads, built once per forward from token
+positions (a forward pre-hook reads the 2-D padding mask, as in `rlkv.hf`). Autograd runs
+through both branches, so the gradient to alpha is exact. Nothing else is trainable here: the
+caller decides what requires grad.
+
+It works with or without a KV cache: under `model.generate` the ordinary `DynamicCache` holds
+every token and the streaming branch masks, so rollouts are sampled from the gated policy.
+When no key is old enough to fall out of the sink + recent window, both branches are the same
+attention and only the full one is computed (alpha then gets no gradient from that forward,
+which is its exact value: zero).
+
+The attention implementation is registered through `AttentionInterface` (and the sdpa mask
+builder through `AttentionMaskInterface`) under "rlkv_gated" and switched on with
+`model.set_attn_implementation`; the model's own implementation is restored on exit.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from rlkv.attention.reference import keep_keys_mask, token_positions
+from rlkv.models import Layout
+
+IMPLEMENTATION = "rlkv_gated"
+
+
+def init_gates(model, value: float = 1.0) -> torch.nn.Parameter:
+    """A (layers x kv_heads) float32 gate Parameter for `model`, every entry `value` (RLKV: 1)."""
+    layout = Layout.of(model)
+    device = next(model.parameters()).device
+    return torch.nn.Parameter(torch.full(layout.shape, float(value), dtype=torch.float32, device=device))
+
+
+class _Gates:
+    """What the attention function needs during one `gated` block."""
+
+    def __init__(self, alpha: torch.Tensor, group: int, sink: int, recent: int):
+        self.alpha, self.group, self.sink, self.recent = alpha, group, sink, recent
+        self.q_pos = self.k_pos = None
+        self.masks: dict[int | None, torch.Tensor] = {}
+
+    def before_forward(self, module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        ref = ids if ids is not None else kwargs.get("inputs_embeds")
+        batch, q_len = ref.shape[0], ref.shape[1]
+        cache = kwargs.get("past_key_values")
+        past = cache.get_seq_length() if cache is not None else 0
+        mask = kwargs.get("attention_mask")
+        if mask is not None and (mask.ndim != 2 or mask.shape[1] != past + q_len):
+            raise ValueError(
+                f"rlkv.identify.gated needs a 2-D padding attention_mask [batch, {past + q_len}] "
+                f"(past + new tokens), got shape {tuple(mask.shape)}"
+            )
+        self.k_pos, _ = token_positions(mask, batch, past + q_len, ref.device)
+        self.q_pos = self.k_pos[:, past:]
+        self.masks = {}
+
+    def streaming_mask(self, window: int | None) -> torch.Tensor | None:
+        """Bool [b, 1, q, k] for the streaming branch, or None if it would equal full attention."""
+        if window not in self.masks:
+            if window is None and int(self.q_pos.max()) < self.sink + self.recent:
+                self.masks[window] = None  # no key has left the sink + recent window yet
+            else:
+                full = torch.zeros(1, dtype=torch.bool)
+                mask = keep_keys_mask(self.q_pos, self.k_pos, full, self.sink, self.recent, window)
+                self.masks[window] = mask | (self.q_pos < 0)[:, None, :, None]  # padding queries: keep finite
+        return self.masks[window]
+
+
+def _attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    gates: _Gates | None = getattr(module, "_rlkv_gates", None)
+    if gates is None:
+        raise RuntimeError("rlkv_gated attention was called outside an rlkv.identify.gated(...) block")
+    scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
+    full, _ = ALL_ATTENTION_FUNCTIONS["sdpa"](
+        module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
+    )
+    window = kwargs.get("sliding_window")
+    if window is not None and gates.k_pos.shape[1] <= window:
+        window = None  # no token is old enough to leave the model's sliding window yet
+    mask = gates.streaming_mask(window)
+    if mask is None:
+        return full, None
+    mask = mask[..., -key.shape[2] :]
+    stream = F.scaled_dot_product_attention(
+        query, key, value, attn_mask=mask, scale=scaling, enable_gqa=query.shape[1] != key.shape[1]
+    ).transpose(1, 2)
+    a = gates.alpha[module.layer_idx].to(device=full.device, dtype=full.dtype)
+    a = a.repeat_interleave(gates.group)[None, None, :, None]  # per query head
+    return a * full + (1 - a) * stream, None
+
+
+def _register() -> str:
+    if IMPLEMENTATION not in ALL_ATTENTION_FUNCTIONS:
+        AttentionInterface.register(IMPLEMENTATION, _attention)
+        AttentionMaskInterface.register(IMPLEMENTATION, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+    return IMPLEMENTATION
+
+
+@contextmanager
+def gated(model, alpha: torch.Tensor, sink: int = 128, recent: int = 256):
+    """Run `model` with attention gated per KV head by `alpha` [layers, kv_heads] inside the block.
+
+    `alpha` is used as is (no clamping, no copy): make it a Parameter to train it. The model
+    must use sdpa or eager attention; its implementation is restored on exit.
+    """
+    layout = Layout.of(model)
+    if not isinstance(alpha, torch.Tensor) or tuple(alpha.shape) != layout.shape or not alpha.is_floating_point():
+        got = tuple(alpha.shape) if isinstance(alpha, torch.Tensor) else type(alpha).__name__
+        raise ValueError(f"alpha must be a float tensor of shape {layout.shape} (layers x kv_heads), got {got}")
+    for name, value, low in (("sink", sink, 0), ("recent", recent, 1)):
+        if not isinstance(value, int) or value < low:
+            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+    base = model.config._attn_implementation
+    if base not in ("sdpa", "eager"):
+        raise ValueError(f"rlkv.identify.gated needs a model with sdpa or eager attention, got {base!r}")
+    gates = _Gates(alpha, layout.group_size, sink, recent)
+    attn_modules = [m for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "o_proj")]
+    hook = getattr(model, "model", model).register_forward_pre_hook(gates.before_forward, with_kwargs=True)
+    for module in attn_modules:
+        module._rlkv_gates = gates
+    model.set_attn_implementation(_register())
+    try:
+        yield gates
+    finally:
+        model.set_attn_implementation(base)
+        for module in attn_modules:
+            del module._rlkv_gates
+        hook.remove()

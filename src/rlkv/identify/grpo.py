@@ -1,0 +1,275 @@
+"""RLKV head identification: train the per-KV-head gates with GRPO, everything else frozen.
+
+One step, as in the paper:
+
+1. Take the next `batch_problems` problems (a seeded permutation per epoch, so the data order is
+   a pure function of the step and a resumed run sees the same problems).
+2. Sample `group` completions per problem at `temperature` with `model.generate` inside
+   `gated(model, alpha)`: the rollouts come from the current gated policy.
+3. Grade them (reward 1 / 0) and normalise each problem's rewards within its group:
+   advantage = (r - mean) / (std + eps). No KL term, no reference model.
+4. Policy-gradient loss = -(sum over sampled completion tokens of advantage * log p) / (number
+   of completion tokens in the batch), log p under the gated model, computed in micro-batches
+   whose gradients accumulate (completions with advantage 0 contribute nothing and are skipped).
+5. Sparsity penalty: penalty_weight(mean reward) * mean(|alpha|), which only acts once the batch
+   is solved often enough (mean reward > tau) and grows with the reward.
+6. AdamW step on alpha, then clamp alpha to [0, 1].
+
+Each step appends a line to out_dir/log.jsonl. Every `checkpoint_every` steps (and at the end)
+alpha, the optimizer, the Python and torch RNG states and the step are saved atomically to
+out_dir/checkpoint.pt; a new call with the same out_dir resumes from there and continues exactly
+as the uninterrupted run would. The result is a HeadScores (method "rlkv") in out_dir/heads.json.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from rlkv.heads import HeadScores
+from rlkv.identify.gated import gated, init_gates
+from rlkv.models import Layout
+
+
+@dataclass
+class IdentifyConfig:
+    """Settings of one identification run (paper defaults unless noted)."""
+
+    sink: int = 128
+    recent: int = 256
+    group: int = 4  # rollouts per problem
+    temperature: float = 1.0
+    lr: float = 1e-2
+    beta: float = 1e-3  # L1 sparsity coefficient
+    tau: float = 0.5  # the penalty acts only when the batch's mean reward exceeds tau
+    batch_problems: int = 32
+    steps: int = 100  # ours, not from the paper
+    max_new_tokens: int = 4096  # ours, not from the paper
+    seed: int = 0
+    checkpoint_every: int = 10
+    weight_decay: float = 0.0  # AdamW decay on the gates (would act as an extra pull to 0)
+    eps: float = 1e-6  # in the advantage denominator
+    rollout_batch_size: int = 128  # sequences per generate call
+    train_batch_size: int = 8  # sequences per forward/backward micro-batch
+    samples_per_problem: int = 8  # curriculum: full-model samples per problem
+    band: tuple[float, float] = (0.0, 1.0)  # curriculum: keep problems with low < pass rate < high
+
+    def __post_init__(self):
+        self.band = tuple(self.band)
+        checks = {
+            "group": self.group >= 2, "batch_problems": self.batch_problems >= 1, "steps": self.steps >= 1,
+            "max_new_tokens": self.max_new_tokens >= 1, "checkpoint_every": self.checkpoint_every >= 1,
+            "temperature": self.temperature > 0, "lr": self.lr > 0, "beta": self.beta >= 0,
+            "rollout_batch_size": self.rollout_batch_size >= 1, "train_batch_size": self.train_batch_size >= 1,
+            "samples_per_problem": self.samples_per_problem >= 1,
+            "band": len(self.band) == 2 and 0 <= self.band[0] < self.band[1] <= 1,
+        }
+        for name, ok in checks.items():
+            if not ok:
+                raise ValueError(f"IdentifyConfig.{name} has an invalid value: {getattr(self, name)!r}")
+
+
+def penalty_weight(mean_reward: float, beta: float, tau: float) -> float:
+    """beta * (exp(mean_reward) - 1) when mean_reward > tau, else 0."""
+    return beta * (math.exp(mean_reward) - 1.0) if mean_reward > tau else 0.0
+
+
+def group_advantages(rewards: torch.Tensor, eps: float) -> torch.Tensor:
+    """GRPO advantages of rewards [problems, group]: normalised within each row."""
+    return (rewards - rewards.mean(dim=1, keepdim=True)) / (rewards.std(dim=1, keepdim=True) + eps)
+
+
+def eos_ids(model, tokenizer) -> list[int]:
+    ids = model.generation_config.eos_token_id
+    ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.append(tokenizer.eos_token_id)
+    if not ids:
+        raise ValueError("the model has no EOS token id (generation_config.eos_token_id) to stop generation on")
+    return ids
+
+
+@torch.no_grad()
+def sample(model, tokenizer, prompts: list[str], max_new_tokens: int, temperature: float, batch_size: int):
+    """Sample one completion per prompt: [(prompt ids, completion ids up to and with EOS, text)]."""
+    stop = eos_ids(model, tokenizer)
+    out = []
+    for start in range(0, len(prompts), batch_size):
+        enc = tokenizer(prompts[start : start + batch_size], return_tensors="pt", padding=True,
+                        add_special_tokens=False).to(model.device)
+        seqs = model.generate(
+            **enc, max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
+            eos_token_id=stop, pad_token_id=tokenizer.pad_token_id,
+        )
+        width = enc.input_ids.shape[1]
+        for row in range(seqs.shape[0]):
+            prompt = enc.input_ids[row][enc.attention_mask[row].bool()].tolist()
+            completion = seqs[row, width:].tolist()
+            ends = [i for i, t in enumerate(completion) if t in stop]
+            completion = completion[: ends[0] + 1] if ends else completion
+            out.append((prompt, completion, tokenizer.decode(completion, skip_special_tokens=True)))
+    return out
+
+
+def completion_logprobs(model, rollouts, temperature: float, pad_id: int):
+    """Log-probs [b, K] of the last K tokens of each (right-aligned) sequence, and which are completion tokens."""
+    seqs = [p + c for p, c, _ in rollouts]
+    width = max(map(len, seqs))
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    attn = torch.zeros_like(ids)
+    comp = torch.zeros_like(ids, dtype=torch.bool)
+    for row, ((prompt, completion, _), seq) in enumerate(zip(rollouts, seqs)):
+        ids[row, width - len(seq) :] = torch.tensor(seq)
+        attn[row, width - len(seq) :] = 1
+        comp[row, width - len(completion) :] = True
+    ids, attn, comp = ids.to(model.device), attn.to(model.device), comp.to(model.device)
+    keep = min(width, max(len(c) for _, c, _ in rollouts) + 1)  # rows are right-aligned: completions end last
+    logits = model(input_ids=ids, attention_mask=attn, logits_to_keep=keep).logits[:, :-1].float() / temperature
+    targets = ids[:, width - keep + 1 :]
+    logp = torch.log_softmax(logits, dim=-1).gather(-1, targets[..., None]).squeeze(-1)
+    return logp, comp[:, width - keep + 1 :]
+
+
+def _batch(examples, step: int, size: int, seed: int):
+    """The problems of `step`: consecutive slices of a seeded permutation of `examples`, per epoch."""
+    picked = []
+    for pos in range(step * size, (step + 1) * size):
+        epoch, i = divmod(pos, len(examples))
+        order = list(range(len(examples)))
+        random.Random(seed * 1_000_003 + epoch).shuffle(order)
+        picked.append(examples[order[i]])
+    return picked
+
+
+def _resumable(config: dict) -> dict:
+    """The settings a resumed run must share with the checkpoint (steps may grow, checkpoints may change)."""
+    return {k: v for k, v in config.items() if k not in ("steps", "checkpoint_every")}
+
+
+def _save(state: dict, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def identify(
+    model, tokenizer, task, examples, config: IdentifyConfig | None = None, out_dir: str | os.PathLike = "identify",
+    on_step: Callable[[dict], None] | None = None,
+) -> HeadScores:
+    """Learn per-KV-head gates for `model` on `examples` of `task`; returns (and writes) HeadScores.
+
+    `on_step(record)` is called after each step's log line and checkpoint (e.g. for live plots).
+    """
+    config = config or IdentifyConfig()
+    if not examples:
+        raise ValueError("identify needs at least one training example (did the curriculum keep none?)")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    layout = Layout.of(model)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    for p in trainable:  # frozen while training the gates; restored at the end
+        p.requires_grad_(False)
+    try:
+        return _train(model, tokenizer, task, examples, config, out_dir, layout, on_step)
+    finally:
+        for p in trainable:
+            p.requires_grad_(True)
+
+
+def _train(model, tokenizer, task, examples, config, out_dir, layout, on_step) -> HeadScores:
+    ckpt_path, log_path = out_dir / "checkpoint.pt", out_dir / "log.jsonl"
+    alpha = init_gates(model)
+    opt = torch.optim.AdamW([alpha], lr=config.lr, weight_decay=config.weight_decay)
+    step = 0
+    random.seed(config.seed)
+    torch.manual_seed(config.seed)
+    if ckpt_path.exists():
+        state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        if _resumable(state["config"]) != _resumable(asdict(config)):
+            raise ValueError(f"{ckpt_path} was written with another config; use a new out_dir or the same config")
+        with torch.no_grad():
+            alpha.copy_(state["alpha"])
+        opt.load_state_dict(state["optimizer"])
+        step = state["step"]
+        random.setstate(state["python_rng"])
+        torch.set_rng_state(state["torch_rng"])
+        if state.get("cuda_rng") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+    if log_path.exists():  # drop lines of steps the checkpoint does not cover (they will be redone)
+        lines = [line for line in log_path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        log_path.write_text("".join(line + "\n" for line in lines))
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids(model, tokenizer)[0]
+
+    bar = tqdm(total=config.steps, initial=step, desc="rlkv identify", dynamic_ncols=True)
+    while step < config.steps:
+        t0 = time.perf_counter()
+        problems = _batch(examples, step, config.batch_problems, config.seed)
+        prompts = [task.prompt(ex, tokenizer) for ex in problems for _ in range(config.group)]
+        with gated(model, alpha, config.sink, config.recent):
+            rollouts = sample(model, tokenizer, prompts, config.max_new_tokens, config.temperature,
+                              config.rollout_batch_size)
+        graded = [ex for ex in problems for _ in range(config.group)]
+        rewards = torch.tensor(task.grade_many(graded, [text for _, _, text in rollouts]), dtype=torch.float32)
+        t1 = time.perf_counter()
+
+        adv = group_advantages(rewards.view(-1, config.group), config.eps).flatten()
+        n_tokens = max(1, sum(len(c) for _, c, _ in rollouts))
+        mean_reward = float(rewards.mean())
+        weight = penalty_weight(mean_reward, config.beta, config.tau)
+        opt.zero_grad(set_to_none=True)
+        active = [i for i in range(len(rollouts)) if adv[i] != 0 and rollouts[i][1]]
+        pg_loss = 0.0
+        with gated(model, alpha, config.sink, config.recent):
+            for start in range(0, len(active), config.train_batch_size):
+                rows = active[start : start + config.train_batch_size]
+                logp, comp = completion_logprobs(model, [rollouts[i] for i in rows], config.temperature, pad_id)
+                a = adv[rows].to(logp.device)[:, None]
+                loss = -(a * logp * comp).sum() / n_tokens
+                loss.backward()
+                pg_loss += loss.detach().item()
+        penalty = weight * alpha.abs().mean()
+        if weight > 0:
+            penalty.backward()
+        opt.step()
+        with torch.no_grad():
+            alpha.clamp_(0.0, 1.0)
+        step += 1
+
+        a = alpha.detach()
+        record = {
+            "step": step, "mean_reward": mean_reward, "penalty_weight": weight, "loss": pg_loss + float(penalty.detach()),
+            "pg_loss": pg_loss, "alpha_mean": float(a.mean()), "alpha_min": float(a.min()),
+            "alpha_max": float(a.max()), "frac_alpha_below_half": float((a < 0.5).float().mean()),
+            "mean_response_tokens": sum(len(c) for _, c, _ in rollouts) / len(rollouts),
+            "rollout_s": t1 - t0, "update_s": time.perf_counter() - t1,
+        }
+        with log_path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if step % config.checkpoint_every == 0 or step == config.steps:
+            _save({
+                "alpha": a.cpu(), "optimizer": opt.state_dict(), "step": step, "data_position": step * config.batch_problems,
+                "python_rng": random.getstate(), "torch_rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+                "config": asdict(config),
+            }, ckpt_path)
+        bar.update(1)
+        bar.set_postfix(reward=f"{mean_reward:.2f}", alpha=f"{record['alpha_mean']:.3f}")
+        if on_step is not None:
+            on_step(record)
+    bar.close()
+
+    scores = HeadScores(
+        alpha.detach(), model=layout.name, layout=layout.to_dict(), method="rlkv",
+        provenance={"config": asdict(config), "steps": step, "task": task.name, "problems": len(examples)},
+    )
+    scores.save(out_dir / "heads.json")
+    return scores

@@ -1,0 +1,177 @@
+"""RLKV identification: gated attention against the plain and streaming references, exact
+gradients to the gates, the penalty schedule, resumable training and the curriculum cache."""
+
+import json
+import math
+
+import pytest
+import torch
+from conftest import DEVICE, tiny_model, tiny_tokenizer
+from transformers import DynamicCache
+
+import rlkv
+from rlkv.identify import IdentifyConfig, gated, identify, init_gates, penalty_weight, select_problems
+from rlkv.identify import grpo
+
+SINK, RECENT = 2, 4
+
+
+def batch(lengths, total, seed=0):
+    """Left-padded random prompts of the given real lengths."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 96, (len(lengths), total), generator=gen)
+    mask = torch.zeros_like(ids)
+    for row, n in enumerate(lengths):
+        mask[row, total - n :] = 1
+    return ids.masked_fill(mask == 0, 0).to(DEVICE), mask.to(DEVICE)
+
+
+def test_open_gates_equal_the_plain_model(arch):
+    model = tiny_model(arch)
+    ids, mask = batch((20, 13, 7), 20)
+    plain = model(input_ids=ids, attention_mask=mask).logits
+    with gated(model, init_gates(model), SINK, RECENT):
+        out = model(input_ids=ids, attention_mask=mask).logits
+    assert model.config._attn_implementation == "sdpa"  # restored
+    real = mask.bool()
+    torch.testing.assert_close(out[real], plain[real], rtol=0, atol=1e-6)
+
+
+def test_closed_gates_equal_the_streaming_reference(arch):
+    model = tiny_model(arch)
+    ids, mask = batch((20, 13, 7), 20)
+    with gated(model, init_gates(model, 0.0), SINK, RECENT):
+        out = model(input_ids=ids, attention_mask=mask).logits
+    with rlkv.compress(model, None, sparsity=1.0, sink=SINK, recent=RECENT):
+        ref = model(input_ids=ids, attention_mask=mask, past_key_values=DynamicCache()).logits
+    real = mask.bool()
+    torch.testing.assert_close(out[real], ref[real], rtol=1e-5, atol=1e-5)
+
+
+def test_gated_generate_with_cache_equals_a_full_forward():
+    """Decoding with a DynamicCache under the gates gives the logits of one gated pass."""
+    model = tiny_model("qwen2")
+    alpha = torch.rand(3, 2, generator=torch.Generator().manual_seed(3))
+    ids, mask = batch((14, 9), 14)
+    with gated(model, alpha, SINK, RECENT):
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False,
+                             output_logits=True, return_dict_in_generate=True)
+        full_mask = torch.cat([mask, torch.ones_like(mask[:, :6])], dim=1)
+        logits = model(input_ids=out.sequences, attention_mask=full_mask).logits[:, 13:-1]
+    torch.testing.assert_close(torch.stack(out.logits, dim=1), logits, rtol=1e-5, atol=1e-5)
+
+
+def test_gradient_to_alpha_matches_finite_differences():
+    model = tiny_model("llama").double()
+    ids, mask = batch((16, 11), 16)
+    alpha = torch.nn.Parameter(torch.rand(3, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * 0.8 + 0.1)
+    weights = torch.randn(2, 16, 96, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+
+    def loss(a):
+        with gated(model, a, SINK, RECENT):
+            return (model(input_ids=ids, attention_mask=mask).logits * weights * mask[..., None]).sum()
+
+    loss(alpha).backward()
+    eps = 1e-2  # RMSNorm computes in float32 even in a float64 model: smaller steps drown in its rounding
+
+    numeric = torch.zeros_like(alpha)
+    with torch.no_grad():
+        for idx in [(l, h) for l in range(3) for h in range(2)]:
+            plus, minus = alpha.detach().clone(), alpha.detach().clone()
+            plus[idx] += eps
+            minus[idx] -= eps
+            numeric[idx] = (loss(plus) - loss(minus)) / (2 * eps)
+    assert alpha.grad.abs().min() > 1e-6  # every gate matters here
+    torch.testing.assert_close(alpha.grad, numeric, rtol=1e-3, atol=1e-4)
+
+
+def test_bad_alpha_shape_is_refused():
+    model = tiny_model("llama")
+    with pytest.raises(ValueError, match=r"shape \(3, 2\)"):
+        with gated(model, torch.ones(2, 2), SINK, RECENT):
+            pass
+
+
+def test_penalty_weight():
+    assert penalty_weight(0.5, 1e-3, 0.5) == 0.0  # at tau: off
+    assert penalty_weight(0.2, 1e-3, 0.5) == 0.0
+    assert penalty_weight(0.75, 1e-3, 0.5) == pytest.approx(1e-3 * (math.exp(0.75) - 1))
+    assert penalty_weight(1.0, 2.0, 0.0) == pytest.approx(2.0 * (math.e - 1))
+
+
+def test_group_advantages_are_normalised_per_problem():
+    adv = grpo.group_advantages(torch.tensor([[1.0, 0.0, 0.0, 1.0], [1.0, 1.0, 1.0, 1.0]]), 1e-6)
+    assert torch.allclose(adv[0].mean(), torch.tensor(0.0)) and adv[0, 0] > 0 > adv[0, 1]
+    assert torch.equal(adv[1], torch.zeros(4))
+
+
+def _setup(**overrides):
+    model = tiny_model("qwen2", layers=2)
+    task = rlkv.tasks.get("arith")
+    examples = task.load(seed=0, limit=4, difficulty=1)
+    config = IdentifyConfig(sink=8, recent=16, batch_problems=2, group=2, steps=3, max_new_tokens=6,
+                            checkpoint_every=1, rollout_batch_size=4, train_batch_size=2, **overrides)
+    return model, tiny_tokenizer(), task, examples, config
+
+
+def _coin_rewards(monkeypatch, task):
+    """Random-looking but deterministic rewards (a tiny random model never solves arith)."""
+    monkeypatch.setattr(task, "grade_many", lambda exs, texts: [float(len(t) % 2) for t in texts])
+
+
+def test_resumed_run_ends_exactly_like_an_uninterrupted_one(tmp_path, monkeypatch):
+    model, tok, task, examples, config = _setup()
+    _coin_rewards(monkeypatch, task)
+    straight = identify(model, tok, task, examples, config, tmp_path / "a")
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_one(record):
+        if record["step"] == 1:
+            raise Stop
+
+    with pytest.raises(Stop):
+        identify(model, tok, task, examples, config, tmp_path / "b", on_step=stop_after_one)
+    torch.manual_seed(12345)  # the restart must not depend on the process's RNG state
+    resumed = identify(model, tok, task, examples, config, tmp_path / "b")
+    assert torch.equal(straight.scores, resumed.scores)
+    assert not torch.equal(straight.scores, torch.ones(2, 2))  # the gates did move
+    log = [json.loads(line) for line in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3]
+    assert rlkv.HeadScores.load(tmp_path / "b" / "heads.json").method == "rlkv"
+    assert all(p.requires_grad for p in model.parameters())  # restored after training
+
+
+def test_penalty_alone_closes_gates_when_every_rollout_is_rewarded(tmp_path, monkeypatch):
+    """All rewards 1: advantages are 0, so only the sparsity penalty acts and alpha must fall."""
+    model, tok, task, examples, config = _setup(beta=1.0)
+    monkeypatch.setattr(task, "grade_many", lambda exs, texts: [1.0] * len(texts))
+    heads = identify(model, tok, task, examples, config, tmp_path)
+    assert (heads.scores < 1).all() and heads.scores.min() >= 0
+    log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert log[0]["penalty_weight"] == pytest.approx(math.e - 1)
+    assert log[-1]["alpha_mean"] < log[0]["alpha_mean"] < 1
+
+
+def test_curriculum_cache_is_reused(tmp_path, monkeypatch):
+    model, tok, task, examples, _ = _setup()
+    calls = []
+    real_generate = model.generate
+    monkeypatch.setattr(model, "generate", lambda *a, **k: calls.append(1) or real_generate(*a, **k))
+    solved = dict(zip((ex.id for ex in examples), (1, 3, 0, 2)))  # correct samples out of 3 per problem
+
+    def grade_many(exs, texts):
+        seen = {}
+        for ex in exs:
+            seen[ex.id] = seen.get(ex.id, 0) + 1
+            yield float(seen[ex.id] <= solved[ex.id])
+
+    monkeypatch.setattr(task, "grade_many", lambda exs, texts: list(grade_many(exs, texts)))
+    args = dict(samples_per_problem=3, max_new_tokens=4, cache_path=tmp_path / "c.json", batch_size=6)
+    first = select_problems(model, tok, task, examples, **args)
+    assert calls and first == [examples[0], examples[3]]  # default band: some but not all correct
+    calls.clear()
+    assert select_problems(model, tok, task, examples, **args) == first
+    assert select_problems(model, tok, task, examples, band=(0.5, 1.0), **args) == [examples[3]]
+    assert calls == []  # both answered from the cache
