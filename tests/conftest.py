@@ -44,6 +44,16 @@ def tiny_model(arch: str, layers: int = 3, q_heads: int = 4, kv_heads: int = 2, 
     return model.eval().to(DEVICE)
 
 
+def left_padded_batch(lengths, total, seed=0):
+    """Left-padded random prompts (ids, mask) with the given real lengths, on DEVICE."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 96, (len(lengths), total), generator=gen)
+    mask = torch.zeros_like(ids)
+    for row, n in enumerate(lengths):
+        mask[row, total - n :] = 1
+    return ids.masked_fill(mask == 0, 0).to(DEVICE), mask.to(DEVICE)
+
+
 @pytest.fixture(params=list(ARCHS))
 def arch(request):
     return request.param

@@ -2,23 +2,13 @@
 
 import pytest
 import torch
-from conftest import DEVICE, tiny_model
+from conftest import DEVICE, left_padded_batch as batch, tiny_model
 from transformers import DynamicCache
 
 import rlkv
 from rlkv.attention.reference import keep_keys_mask, masked_attention
 
 SINK, RECENT = 2, 4  # sink + recent = 6: prompts of 4 and 20 tokens are shorter and longer
-
-
-def batch(lengths, total, seed=0):
-    """Left-padded random prompts of the given real lengths."""
-    gen = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, 96, (len(lengths), total), generator=gen)
-    mask = torch.zeros_like(ids)
-    for row, n in enumerate(lengths):
-        mask[row, total - n :] = 1
-    return ids.masked_fill(mask == 0, 0).to(DEVICE), mask.to(DEVICE)
 
 
 def run(model, ids, mask, new=12, **kw):
@@ -105,7 +95,8 @@ def test_sampling_and_eos_run_and_context_restores_the_model():
                                  temperature=1.0, top_p=0.9, eos_token_id=[5, 7, 9, 11])
     assert sampled.shape[0] == 2 and sampled.shape[1] <= 40
     assert model.config._attn_implementation == "sdpa"
-    assert not hasattr(model, "_rlkv_session") and "_prepare_cache_for_generation" not in vars(model)
+    assert not any(hasattr(m, "_rlkv_state") for m in model.modules())
+    assert "_prepare_cache_for_generation" not in vars(model)
     assert torch.equal(run(model, ids, mask).sequences, plain.sequences)
 
 

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from conftest import DEVICE, tiny_model, tiny_tokenizer
+from conftest import DEVICE, left_padded_batch as batch, tiny_model, tiny_tokenizer
 from transformers import DynamicCache
 
 import rlkv
@@ -14,16 +14,6 @@ from rlkv.identify import IdentifyConfig, gated, identify, init_gates, penalty_w
 from rlkv.identify import grpo
 
 SINK, RECENT = 2, 4
-
-
-def batch(lengths, total, seed=0):
-    """Left-padded random prompts of the given real lengths."""
-    gen = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, 96, (len(lengths), total), generator=gen)
-    mask = torch.zeros_like(ids)
-    for row, n in enumerate(lengths):
-        mask[row, total - n :] = 1
-    return ids.masked_fill(mask == 0, 0).to(DEVICE), mask.to(DEVICE)
 
 
 def test_open_gates_equal_the_plain_model(arch):

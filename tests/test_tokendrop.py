@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import DEVICE, tiny_model
+from conftest import DEVICE, left_padded_batch as batch, tiny_model
 from transformers import AttentionInterface
 
 import rlkv
@@ -117,15 +117,6 @@ def test_rkv_compresses_a_long_prompt_at_once():
 
 
 # ---------------------------------------------------------------- (2), (3) generate vs the masked reference, budgets
-def batch(lengths, total, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, 96, (len(lengths), total), generator=gen)
-    mask = torch.zeros_like(ids)
-    for row, n in enumerate(lengths):
-        mask[row, total - n :] = 1
-    return ids.masked_fill(mask == 0, 0).to(DEVICE), mask.to(DEVICE)
-
-
 def generate(model, ids, mask, new, **kw):
     return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=False,
                           output_logits=True, return_dict_in_generate=True, **kw)

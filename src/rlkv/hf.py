@@ -2,14 +2,14 @@
 
 Design, in the order a forward pass meets it:
 
-1. `compress(...)` switches the model to an attention implementation registered through
-   transformers' `AttentionInterface` ("rlkv_sdpa" for an sdpa model, "rlkv_eager" for an eager
-   one; the mask builder of the base implementation is registered under the same name), and
-   makes `generate` build a `HeadSplitCache` instead of a `DynamicCache`. Everything is undone
-   when the `with` block exits; nothing is patched globally.
-2. A forward pre-hook on the decoder reads the 2-D padding mask and works out each new
-   token's position in its own sequence (`StepPositions`): padding does not count, so a
-   left-padded row is compressed exactly like the same prompt alone.
+1. `compress(...)` switches the model to an attention function registered through
+   transformers' `AttentionInterface` ("rlkv_headsplit_sdpa" for an sdpa model), and makes
+   `generate` build a `HeadSplitCache` instead of a `DynamicCache` (`rlkv.attention.plumbing`).
+   Everything is undone when the `with` block exits; nothing is patched globally.
+2. Before every forward, each new token's position in its own sequence is read from the 2-D
+   padding mask (`plumbing.Step`): padding does not count, so a left-padded row is compressed
+   exactly like the same prompt alone. In plain decoding the ring slot of the new token is
+   worked out once per step for all layers.
 3. `HeadSplitLayer.update` appends the kept heads' K/V to an ordinary growing tensor (as
    `DynamicLayer` does) and holds the compressed heads' new K/V aside.
 4. The attention function runs the base attention (sdpa/eager with transformers' own mask) on
@@ -25,34 +25,14 @@ savings. That path is what tests compare the cache against.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
-from transformers import AttentionInterface
-from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache
-from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.cache_utils import Cache, CacheLayerMixin
 
-from rlkv.attention.reference import keep_keys_mask, masked_attention, token_positions
+from rlkv.attention.plumbing import CompressedLayer, Step, base_attention, patched, state_of
+from rlkv.attention.reference import keep_keys_mask, masked_attention
 from rlkv.heads import HeadScores
 from rlkv.models import Layout
-
-BASE_IMPLEMENTATIONS = ("sdpa", "eager")
-
-
-@dataclass
-class StepPositions:
-    """Positions of one forward's tokens: queries [b, q] and every key seen so far [b, past + q].
-
-    `decode_slot` [b, 1] is set when the step is one real token per row (plain decoding): the
-    ring slot it goes to, computed once per step for all layers.
-    """
-
-    q_pos: torch.Tensor
-    k_pos: torch.Tensor
-    decode_slot: torch.Tensor | None = None
 
 
 def ring_slot(pos: torch.Tensor, sink: int, recent: int) -> torch.Tensor:
@@ -60,7 +40,7 @@ def ring_slot(pos: torch.Tensor, sink: int, recent: int) -> torch.Tensor:
     return torch.where(pos < sink, pos, sink + (pos - sink).remainder(recent))
 
 
-class HeadSplitLayer(CacheLayerMixin):
+class HeadSplitLayer(CompressedLayer, CacheLayerMixin):
     """One layer's cache: full K/V for kept heads, a sink + recent ring for compressed heads."""
 
     is_sliding = False
@@ -110,7 +90,8 @@ class HeadSplitLayer(CacheLayerMixin):
         return self.keys, self.values
 
     def attend_compressed(
-        self, query: torch.Tensor, positions: StepPositions, scaling: float, window: int | None
+        self, query: torch.Tensor, q_pos: torch.Tensor, decode_slot: torch.Tensor | None, scaling: float,
+        window: int | None,
     ) -> torch.Tensor:
         """Attention of the compressed heads' queries [b, hq_c, q, d] over ring + new tokens; then store them."""
         if self._pending is None:
@@ -118,18 +99,17 @@ class HeadSplitLayer(CacheLayerMixin):
         new_k, new_v = self._pending
         self._pending = None
         gqa = query.shape[1] != new_k.shape[1]
-        if positions.decode_slot is not None and window is None:
+        if decode_slot is not None and window is None:
             # Decoding: store the token first; the ring then holds exactly the keys it may attend.
-            slot = positions.decode_slot
+            slot = decode_slot
             for ring, new in ((self.ring_keys, new_k), (self.ring_values, new_v)):
                 ring.scatter_(2, slot[:, None, :, None].expand(-1, ring.shape[1], 1, ring.shape[3]), new)
-            self.ring_pos.scatter_(1, slot, positions.q_pos)
+            self.ring_pos.scatter_(1, slot, q_pos)
             mask = (self.ring_pos >= 0)[:, None, None, :]
             out = F.scaled_dot_product_attention(
                 query, self.ring_keys, self.ring_values, attn_mask=mask, scale=scaling, enable_gqa=gqa
             )
             return out.transpose(1, 2)
-        q_pos = positions.q_pos
         keys = torch.cat([self.ring_keys, new_k], dim=-2)
         values = torch.cat([self.ring_values, new_v], dim=-2)
         k_pos = torch.cat([self.ring_pos, q_pos], dim=-1)
@@ -156,20 +136,8 @@ class HeadSplitLayer(CacheLayerMixin):
         self.ring_values = torch.where(hit[:, None, :, None], new_v.gather(2, gather_idx), self.ring_values)
 
     # ------------------------------------------------------------------ bookkeeping
-    def get_seq_length(self) -> int:
-        return self.cumulative_length
-
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.cumulative_length + query_length, 0
-
-    def get_max_length(self) -> int:
-        return -1
-
     def tensors(self) -> list[torch.Tensor]:
         return [t for t in (self.keys, self.values, self.ring_keys, self.ring_values, self.ring_pos) if t is not None]
-
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.tensors())
 
     def sequence_nbytes(self, num_tokens: torch.Tensor) -> torch.Tensor:
         """Bytes one sequence of `num_tokens` occupies here: kept heads per token, plus its ring slot."""
@@ -184,18 +152,6 @@ class HeadSplitLayer(CacheLayerMixin):
             t = getattr(self, name)
             if t is not None:
                 setattr(self, name, fn(t))
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        if self.is_initialized:
-            self._map(lambda t: t.index_select(0, beam_idx.to(t.device)))
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        if self.is_initialized:
-            self._map(lambda t: t[indices])
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        if self.is_initialized:
-            self._map(lambda t: t.repeat_interleave(repeats, dim=0))
 
     def crop(self, tokens_to_remove: int) -> None:
         raise NotImplementedError(
@@ -239,11 +195,13 @@ class _Session:
     """What the attention function needs for one `compress` block."""
 
     def __init__(self, keep: torch.Tensor, sink: int, recent: int, base: str):
-        self.keep, self.sink, self.recent, self.base = keep, sink, recent, base
+        self.keep, self.sink, self.recent = keep, sink, recent
+        self.base = base_attention(base)
         self.all_full = keep.all(dim=1).tolist()
         self.none_full = (~keep).all(dim=1).tolist()
-        self.positions: StepPositions | None = None
-        self.cache: Cache | None = None
+        self.step: Step | None = None
+        self.cache: Cache | None = None  # the cache of the latest forward
+        self.decode_slot: torch.Tensor | None = None
         self._q_idx = {}
 
     def q_heads(self, layer: int, group: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -253,74 +211,37 @@ class _Session:
             self._q_idx[layer] = (torch.nonzero(q_keep).flatten(), torch.nonzero(~q_keep).flatten())
         return self._q_idx[layer]
 
-    def before_forward(self, module, args, kwargs):
-        ids = kwargs.get("input_ids", args[0] if args else None)
-        embeds = kwargs.get("inputs_embeds")
-        ref = ids if ids is not None else embeds
-        batch, q_len = ref.shape[0], ref.shape[1]
-        cache = kwargs.get("past_key_values")
-        past = cache.get_seq_length() if cache is not None else 0
-        mask = kwargs.get("attention_mask")
-        if mask is not None and mask.ndim != 2:
-            raise ValueError(
-                f"rlkv.compress needs a 2-D padding attention_mask [batch, past + new tokens], got {mask.ndim}-D"
-            )
-        if mask is not None and mask.shape[1] != past + q_len:
-            raise ValueError(
-                f"attention_mask covers {mask.shape[1]} tokens but the cache holds {past} and {q_len} are new: "
-                "pass the padding mask of the whole sequence so far"
-            )
-        k_pos, _ = token_positions(mask, batch, past + q_len, ref.device)
-        q_pos = k_pos[:, past:]
-        decode_slot = None
-        if q_len == 1 and isinstance(cache, HeadSplitCache) and bool((q_pos >= 0).all()):
-            decode_slot = ring_slot(q_pos, self.sink, self.recent)
-        self.positions = StepPositions(q_pos=q_pos, k_pos=k_pos, decode_slot=decode_slot)
-        self.cache = cache
+    def before_forward(self, step: Step) -> None:
+        self.step, self.cache, self.decode_slot = step, step.cache, None
+        if step.q_pos.shape[1] == 1 and isinstance(step.cache, HeadSplitCache) and bool((step.q_pos >= 0).all()):
+            self.decode_slot = ring_slot(step.q_pos, self.sink, self.recent)  # one real token per row
 
 
 def _attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    session: _Session | None = getattr(module, "_rlkv_session", None)
-    if session is None:
-        raise RuntimeError("rlkv attention was called outside an rlkv.compress(...) block")
-    base = ALL_ATTENTION_FUNCTIONS[session.base] if session.base != "eager" else _eager()
+    session: _Session = state_of(module, "rlkv.compress")
     layer = module.layer_idx
     scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
     window = kwargs.get("sliding_window")
     if session.all_full[layer]:
-        return base(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
-    positions = session.positions
-    if window is not None and positions.k_pos.shape[1] <= window:
+        return session.base(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+    step = session.step
+    if window is not None and step.k_pos.shape[1] <= window:
         window = None  # no token is old enough to leave the model's sliding window yet
     keep = session.keep[layer]
     if not isinstance(session.cache, HeadSplitCache):
-        mask = keep_keys_mask(positions.q_pos, positions.k_pos[:, -key.shape[2] :], keep, session.sink, session.recent, window)
+        mask = keep_keys_mask(step.q_pos, step.k_pos[:, -key.shape[2] :], keep, session.sink, session.recent, window)
         return masked_attention(query, key, value, mask, scaling), None
     cache_layer = session.cache.layers[layer]
     if session.none_full[layer]:
-        return cache_layer.attend_compressed(query, positions, scaling, window), None
+        return cache_layer.attend_compressed(query, step.q_pos, session.decode_slot, scaling, window), None
     q_full, q_comp = session.q_heads(layer, query.shape[1] // keep.numel(), query.device)
     out = query.new_empty(query.shape[0], query.shape[2], query.shape[1], query.shape[3])
     if len(q_full):
-        out[:, :, q_full] = base(
+        out[:, :, q_full] = session.base(
             module, query[:, q_full], key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
         )[0]
-    out[:, :, q_comp] = cache_layer.attend_compressed(query[:, q_comp], positions, scaling, window)
+    out[:, :, q_comp] = cache_layer.attend_compressed(query[:, q_comp], step.q_pos, session.decode_slot, scaling, window)
     return out, None
-
-
-def _eager():
-    from transformers.models.llama.modeling_llama import eager_attention_forward
-
-    return eager_attention_forward
-
-
-def _register(base: str) -> str:
-    name = f"rlkv_{base}"
-    if name not in ALL_ATTENTION_FUNCTIONS:
-        AttentionInterface.register(name, _attention)
-        AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[base])
-    return name
 
 
 def resolve_keep(layout: Layout, heads, sparsity: float | None) -> torch.Tensor:
@@ -344,7 +265,6 @@ def resolve_keep(layout: Layout, heads, sparsity: float | None) -> torch.Tensor:
     return heads.keep_mask(sparsity)
 
 
-@contextmanager
 def compress(model, heads=None, sparsity: float | None = None, sink: int = 16, recent: int = 64):
     """Make `model`'s KV cache per head inside a `with` block.
 
@@ -358,33 +278,5 @@ def compress(model, heads=None, sparsity: float | None = None, sink: int = 16, r
         if not isinstance(value, int) or value < low:
             raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
     keep = resolve_keep(layout, heads, sparsity)
-    base = model.config._attn_implementation
-    if base not in BASE_IMPLEMENTATIONS:
-        raise ValueError(
-            f"rlkv.compress works on models loaded with attn_implementation in {BASE_IMPLEMENTATIONS}, got {base!r}"
-        )
-    session = _Session(keep, sink, recent, base)
-    decoder = getattr(model, "model", model)
-    attn_modules = [m for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "o_proj")]
-    original_prepare = model._prepare_cache_for_generation
-
-    def prepare_cache(generation_config, model_kwargs, *args, **kwargs):
-        result = original_prepare(generation_config, model_kwargs, *args, **kwargs)
-        cache = model_kwargs.get("past_key_values")
-        if type(cache) is DynamicCache and not getattr(cache, "_is_user_defined", False):
-            model_kwargs["past_key_values"] = HeadSplitCache(keep, sink, recent)
-        return result
-
-    hook = decoder.register_forward_pre_hook(session.before_forward, with_kwargs=True)
-    for module in attn_modules:
-        module._rlkv_session = session
-    model._prepare_cache_for_generation = prepare_cache
-    model.set_attn_implementation(_register(base))
-    try:
-        yield session
-    finally:
-        model.set_attn_implementation(base)
-        del model._prepare_cache_for_generation
-        for module in attn_modules:
-            del module._rlkv_session
-        hook.remove()
+    session = _Session(keep, sink, recent, model.config._attn_implementation)
+    return patched(model, "rlkv_headsplit", _attention, session, make_cache=lambda: HeadSplitCache(keep, sink, recent))

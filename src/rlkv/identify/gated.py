@@ -19,26 +19,19 @@ When no key is old enough to fall out of the sink + recent window, both branches
 attention and only the full one is computed (alpha then gets no gradient from that forward,
 which is its exact value: zero).
 
-The attention implementation is registered through `AttentionInterface` (and the sdpa mask
-builder through `AttentionMaskInterface`) under "rlkv_gated" and switched on with
-`model.set_attn_implementation`; the model's own implementation is restored on exit.
+The attention function is plugged in by `rlkv.attention.plumbing.patched` (registered through
+`AttentionInterface` as "rlkv_gated_<base>"); the model's own implementation is restored on exit.
 """
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-
 import torch
 import torch.nn.functional as F
-from transformers import AttentionInterface
-from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from rlkv.attention.reference import keep_keys_mask, token_positions
+from rlkv.attention.plumbing import Step, patched, state_of
+from rlkv.attention.reference import keep_keys_mask
 from rlkv.models import Layout
-
-IMPLEMENTATION = "rlkv_gated"
-
 
 def init_gates(model, value: float = 1.0) -> torch.nn.Parameter:
     """A (layers x kv_heads) float32 gate Parameter for `model`, every entry `value` (RLKV: 1)."""
@@ -55,21 +48,8 @@ class _Gates:
         self.q_pos = self.k_pos = None
         self.masks: dict[int | None, torch.Tensor] = {}
 
-    def before_forward(self, module, args, kwargs):
-        ids = kwargs.get("input_ids", args[0] if args else None)
-        ref = ids if ids is not None else kwargs.get("inputs_embeds")
-        batch, q_len = ref.shape[0], ref.shape[1]
-        cache = kwargs.get("past_key_values")
-        past = cache.get_seq_length() if cache is not None else 0
-        mask = kwargs.get("attention_mask")
-        if mask is not None and (mask.ndim != 2 or mask.shape[1] != past + q_len):
-            raise ValueError(
-                f"rlkv.identify.gated needs a 2-D padding attention_mask [batch, {past + q_len}] "
-                f"(past + new tokens), got shape {tuple(mask.shape)}"
-            )
-        self.k_pos, _ = token_positions(mask, batch, past + q_len, ref.device)
-        self.q_pos = self.k_pos[:, past:]
-        self.masks = {}
+    def before_forward(self, step: Step) -> None:
+        self.q_pos, self.k_pos, self.masks = step.q_pos, step.k_pos, {}
 
     def streaming_mask(self, window: int | None) -> torch.Tensor | None:
         """Bool [b, 1, q, k] for the streaming branch, or None if it would equal full attention."""
@@ -84,9 +64,7 @@ class _Gates:
 
 
 def _attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    gates: _Gates | None = getattr(module, "_rlkv_gates", None)
-    if gates is None:
-        raise RuntimeError("rlkv_gated attention was called outside an rlkv.identify.gated(...) block")
+    gates: _Gates = state_of(module, "rlkv.identify.gated")
     scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
     full, _ = ALL_ATTENTION_FUNCTIONS["sdpa"](
         module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
@@ -106,14 +84,6 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
     return a * full + (1 - a) * stream, None
 
 
-def _register() -> str:
-    if IMPLEMENTATION not in ALL_ATTENTION_FUNCTIONS:
-        AttentionInterface.register(IMPLEMENTATION, _attention)
-        AttentionMaskInterface.register(IMPLEMENTATION, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
-    return IMPLEMENTATION
-
-
-@contextmanager
 def gated(model, alpha: torch.Tensor, sink: int = 128, recent: int = 256):
     """Run `model` with attention gated per KV head by `alpha` [layers, kv_heads] inside the block.
 
@@ -127,19 +97,5 @@ def gated(model, alpha: torch.Tensor, sink: int = 128, recent: int = 256):
     for name, value, low in (("sink", sink, 0), ("recent", recent, 1)):
         if not isinstance(value, int) or value < low:
             raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-    base = model.config._attn_implementation
-    if base not in ("sdpa", "eager"):
-        raise ValueError(f"rlkv.identify.gated needs a model with sdpa or eager attention, got {base!r}")
     gates = _Gates(alpha, layout.group_size, sink, recent)
-    attn_modules = [m for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "o_proj")]
-    hook = getattr(model, "model", model).register_forward_pre_hook(gates.before_forward, with_kwargs=True)
-    for module in attn_modules:
-        module._rlkv_gates = gates
-    model.set_attn_implementation(_register())
-    try:
-        yield gates
-    finally:
-        model.set_attn_implementation(base)
-        for module in attn_modules:
-            del module._rlkv_gates
-        hook.remove()
+    return patched(model, "rlkv_gated", _attention, gates)

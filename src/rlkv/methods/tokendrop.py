@@ -33,19 +33,14 @@ implementation's: exact, nothing dropped.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from transformers import AttentionInterface
-from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache
-from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.cache_utils import Cache, CacheLayerMixin
 
-from rlkv.attention.reference import token_positions
+from rlkv.attention.plumbing import CompressedLayer, Step, base_attention, patched, state_of
 
-BASE_IMPLEMENTATIONS = ("sdpa", "eager")
 CHUNK = 256  # queries per explicit-softmax block: memory is O(CHUNK x keys) per head
 
 
@@ -125,7 +120,7 @@ def grouped_probs(query: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor, s
     return torch.softmax(scores, dim=-1).nan_to_num(0.0)
 
 
-class TokenDropLayer(CacheLayerMixin):
+class TokenDropLayer(CompressedLayer, CacheLayerMixin):
     """One layer's cache: at most `policy.capacity` (token, position[, score]) slots per KV head."""
 
     is_sliding = False
@@ -196,20 +191,8 @@ class TokenDropLayer(CacheLayerMixin):
         """[b, h]: tokens held per KV head."""
         return (self.pos >= 0).sum(dim=-1)
 
-    def get_seq_length(self) -> int:
-        return self.cumulative_length
-
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.cumulative_length + query_length, 0
-
-    def get_max_length(self) -> int:
-        return -1
-
     def tensors(self) -> list[torch.Tensor]:
         return [t for t in (self.keys, self.values, self.pos, self.score, *self.extra.values()) if t is not None]
-
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.tensors())
 
     def sequence_nbytes(self, num_tokens: torch.Tensor, capacity: int) -> torch.Tensor:
         """Bytes one sequence of `num_tokens` occupies: min(num_tokens, capacity) slots plus its policy state."""
@@ -225,18 +208,6 @@ class TokenDropLayer(CacheLayerMixin):
             if t is not None:
                 setattr(self, name, fn(t))
         self.extra = {k: fn(t) for k, t in self.extra.items()}
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        if self.is_initialized:
-            self._map(lambda t: t.index_select(0, beam_idx.to(t.device)))
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        if self.is_initialized:
-            self._map(lambda t: t[indices])
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        if self.is_initialized:
-            self._map(lambda t: t.repeat_interleave(repeats, dim=0))
 
     def crop(self, tokens_to_remove: int) -> None:
         raise NotImplementedError("TokenDropCache cannot be cropped: evicted tokens are gone (no assisted decoding)")
@@ -294,80 +265,26 @@ class _Session:
     """Per `token_drop` block: the latest forward's cache and new-token positions."""
 
     def __init__(self, policy: Policy, base: str):
-        self.policy, self.base = policy, base
+        self.policy, self.base = policy, base_attention(base)
         self.cache: Cache | None = None
         self.q_pos: torch.Tensor | None = None
 
-    def before_forward(self, module, args, kwargs):
-        ids = kwargs.get("input_ids", args[0] if args else None)
-        ref = ids if ids is not None else kwargs.get("inputs_embeds")
-        batch, q_len = ref.shape[0], ref.shape[1]
-        cache = kwargs.get("past_key_values")
-        past = cache.get_seq_length() if cache is not None else 0
-        mask = kwargs.get("attention_mask")
-        if mask is not None and (mask.ndim != 2 or mask.shape[1] != past + q_len):
-            raise ValueError(f"token dropping needs a 2-D padding attention_mask [batch, {past + q_len}], got {tuple(mask.shape)}")
-        k_pos, _ = token_positions(mask, batch, past + q_len, ref.device)
-        self.q_pos = k_pos[:, past:]
-        self.cache = cache
+    def before_forward(self, step: Step) -> None:
+        self.q_pos, self.cache = step.q_pos, step.cache
 
 
 def _attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    session: _Session | None = getattr(module, "_rlkv_tokendrop", None)
-    if session is None:
-        raise RuntimeError("rlkv token-drop attention was called outside a token_drop(...) block")
+    session: _Session = state_of(module, "rlkv token-drop")
     scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
     if not isinstance(session.cache, TokenDropCache):
-        base = ALL_ATTENTION_FUNCTIONS[session.base] if session.base != "eager" else _eager()
-        return base(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+        return session.base(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
     layer = session.cache.layers[module.layer_idx]
     out = layer.attend(query, key, value, session.q_pos, scaling, kwargs.get("sliding_window"), session.policy)
     return out, None
 
 
-def _eager():
-    from transformers.models.llama.modeling_llama import eager_attention_forward
-
-    return eager_attention_forward
-
-
-def _register(base: str) -> str:
-    name = f"rlkv_tokendrop_{base}"
-    if name not in ALL_ATTENTION_FUNCTIONS:
-        AttentionInterface.register(name, _attention)
-        AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[base])
-    return name
-
-
-@contextmanager
 def token_drop(model, policy: Policy):
     """Inside the block, `model.generate` uses a `TokenDropCache` run by `policy`; yields a handle with `.cache`."""
-    base = model.config._attn_implementation
-    if base not in BASE_IMPLEMENTATIONS:
-        raise ValueError(f"token dropping works on models loaded with attn_implementation in {BASE_IMPLEMENTATIONS}, got {base!r}")
-    session = _Session(policy, base)
+    session = _Session(policy, model.config._attn_implementation)
     num_layers = model.config.get_text_config().num_hidden_layers
-    decoder = getattr(model, "model", model)
-    attn_modules = [m for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "o_proj")]
-    original_prepare = model._prepare_cache_for_generation
-
-    def prepare_cache(generation_config, model_kwargs, *args, **kwargs):
-        result = original_prepare(generation_config, model_kwargs, *args, **kwargs)
-        cache = model_kwargs.get("past_key_values")
-        if type(cache) is DynamicCache and not getattr(cache, "_is_user_defined", False):
-            model_kwargs["past_key_values"] = TokenDropCache(policy, num_layers)
-        return result
-
-    hook = decoder.register_forward_pre_hook(session.before_forward, with_kwargs=True)
-    for module in attn_modules:
-        module._rlkv_tokendrop = session
-    model._prepare_cache_for_generation = prepare_cache
-    model.set_attn_implementation(_register(base))
-    try:
-        yield session
-    finally:
-        model.set_attn_implementation(base)
-        del model._prepare_cache_for_generation
-        for module in attn_modules:
-            del module._rlkv_tokendrop
-        hook.remove()
+    return patched(model, "rlkv_tokendrop", _attention, session, make_cache=lambda: TokenDropCache(policy, num_layers))
