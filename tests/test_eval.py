@@ -160,7 +160,12 @@ def test_cli_identify_writes_heads(lm, tmp_path, monkeypatch):
     result = CliRunner().invoke(app, ["identify", "--model", str(tmp_path / "m"), "--task", "arith", "--out",
                                       str(tmp_path / "id"), "--limit", "4", "--steps", "1", "--batch-problems", "2",
                                       "--max-new-tokens", "4", "--samples-per-problem", "2", "--band", "0,1",
-                                      "--sink", "1", "--recent", "2"])
+                                      "--sink", "1", "--recent", "2", "--check-limit", "3", "--check-max-new-tokens", "4"])
     assert result.exit_code == 0, result.output
     heads = rlkv.HeadScores.load(tmp_path / "id" / "heads.json")
     assert heads.shape == (2, 2) and heads.method == "rlkv"
+    assert "sanity check on 3 held-out problems" in result.output and "| rlkv | 0.8 |" in result.output
+    check = read_jsonl(tmp_path / "id" / "check" / "samples.jsonl")
+    assert len(check) == 3 * 5  # full + rlkv and random at two sparsities
+    trained = {e.id for e in rlkv.tasks.get("arith").load(seed=0)[:-3]}
+    assert not {s["id"] for s in check} & trained  # held out: never trained on

@@ -160,10 +160,16 @@ def identify(
     train_batch_size: int = typer.Option(8, min=1),
     checkpoint_every: int = typer.Option(10, min=1),
     seed: int = typer.Option(0),
+    check_limit: int = typer.Option(64, min=0, help="held-out problems for the sanity check after training (0: skip)"),
+    check_sparsities: str = typer.Option("0.5,0.8", help="sparsities of the sanity check"),
+    check_max_new_tokens: Optional[int] = typer.Option(None, min=1, help="default: the task's own"),
 ):
-    """Learn which KV heads need a full cache (RLKV gates trained with GRPO); writes OUT/heads.json."""
+    """Learn which KV heads need a full cache (RLKV gates trained with GRPO); writes OUT/heads.json.
+
+    Afterwards the top-k heads are checked against full and random heads on held-out problems.
+    """
     import rlkv
-    from rlkv.identify import IdentifyConfig, select_problems
+    from rlkv.identify import IdentifyConfig, sanity_check, select_problems
 
     try:
         config = IdentifyConfig(
@@ -173,7 +179,12 @@ def identify(
             samples_per_problem=samples_per_problem, band=tuple(_floats(band, "--band")),
         )
         training = rlkv.tasks.get(task)
-        examples = training.load(data_dir=data_dir, limit=limit, seed=seed)
+        pool = training.load(data_dir=data_dir, seed=seed)
+        if check_limit >= len(pool):
+            raise ValueError(f"--check-limit {check_limit} leaves no training problems (the task has {len(pool)})")
+        heldout = pool[len(pool) - check_limit :]
+        examples = pool[: len(pool) - check_limit][:limit]
+        sparsities = _floats(check_sparsities, "--check-sparsities")
         lm, tok = rlkv.load_model(model)
         problems = select_problems(
             lm, tok, training, examples, config.samples_per_problem, config.band, config.max_new_tokens,
@@ -181,10 +192,15 @@ def identify(
         )
         console.print(f"curriculum: {len(problems)}/{len(examples)} problems in the pass band {config.band}")
         heads = rlkv.identify(lm, tok, training, problems, config, out)
+        console.print(heads.summary(), soft_wrap=True, highlight=False)
+        console.print(f"wrote {out / 'heads.json'}")
+        if check_limit:
+            check = sanity_check(lm, tok, training, heldout, out / "heads.json", out, sparsities=tuple(sparsities),
+                                 max_new_tokens=check_max_new_tokens, batch_size=rollout_batch_size, seed=seed)
+            console.print(f"sanity check on {check_limit} held-out problems (rlkv should beat random):", highlight=False)
+            console.print(check.table(), highlight=False)
     except USER_ERRORS as err:
         fail(err)
-    console.print(heads.summary(), soft_wrap=True, highlight=False)
-    console.print(f"wrote {out / 'heads.json'}")
 
 
 @app.command("report")

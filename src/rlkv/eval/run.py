@@ -182,12 +182,21 @@ def _append(path: Path, records: list[dict]) -> None:
         os.fsync(f.fileno())
 
 
-def evaluate(model, tokenizer, config: EvalConfig, out: str | Path, progress: bool = True) -> EvalResults:
-    """Generate, grade and record every (task, method, sparsity) group of `config` under `out`."""
+def evaluate(
+    model, tokenizer, config: EvalConfig, out: str | Path, progress: bool = True, examples: dict | None = None
+) -> EvalResults:
+    """Generate, grade and record every (task, method, sparsity) group of `config` under `out`.
+
+    `examples` ({task name: [Example]}) replaces loading a task's data (e.g. a held-out slice).
+    """
     out = Path(out)
     layout = Layout.of(model)
     tasks = {name: task_registry.get(name) for name in config.tasks}
-    examples = {name: task.load(config.data_dir, limit=config.limit) for name, task in tasks.items()}
+    given = examples or {}
+    examples = {
+        name: given[name][: config.limit] if name in given else task.load(config.data_dir, limit=config.limit)
+        for name, task in tasks.items()
+    }
     for name, task in tasks.items():
         if not examples[name]:
             raise ValueError(f"task {name!r} has no examples (limit={config.limit})")

@@ -7,11 +7,14 @@
                                config.max_new_tokens, cache_path="runs/id/curriculum.json")
     heads = identify(model, tok, task, problems, config, out_dir="runs/id")   # -> HeadScores
 
-`gated(model, alpha, sink, recent)` is the mixed full/streaming attention the gates train through.
+`gated(model, alpha, sink, recent)` is the mixed full/streaming attention the gates train through;
+`sanity_check(...)` evaluates the learned heads against full and random heads on held-out problems.
 """
 
+from rlkv.identify.check import sanity_check
 from rlkv.identify.curriculum import select_problems
 from rlkv.identify.gated import gated, init_gates
 from rlkv.identify.grpo import IdentifyConfig, group_advantages, identify, penalty_weight
 
-__all__ = ["IdentifyConfig", "gated", "group_advantages", "identify", "init_gates", "penalty_weight", "select_problems"]
+__all__ = ["IdentifyConfig", "gated", "group_advantages", "identify", "init_gates", "penalty_weight", "sanity_check",
+           "select_problems"]
