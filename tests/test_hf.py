@@ -153,3 +153,17 @@ def test_model_sliding_window_is_respected(sparsity):
     torch.testing.assert_close(torch.stack(fast.logits), torch.stack(ref.logits), rtol=1e-5, atol=1e-5)
     if sparsity == 0.0:
         assert torch.equal(fast.sequences, plain.sequences)
+
+
+def test_headsplit_method_from_scores_applies_the_same_compression(tmp_path):
+    model = tiny_model("qwen3")
+    heads = rlkv.HeadScores.random(rlkv.Layout.of(model), seed=2)
+    method = rlkv.methods.HeadSplit.from_scores(heads.save(tmp_path / "h.json"), 0.5, sink=SINK, recent=RECENT)
+    assert method.describe()["kept_heads"] == 3 and method.sparsity == 0.5
+    ids, mask = batch((12, 7), 12)
+    with method.apply(model) as handle:
+        via_method = run(model, ids, mask)
+    with rlkv.compress(model, heads, sparsity=0.5, sink=SINK, recent=RECENT):
+        direct = run(model, ids, mask)
+    assert torch.equal(via_method.sequences, direct.sequences)
+    assert isinstance(handle.cache, rlkv.HeadSplitCache)
