@@ -169,3 +169,17 @@ def test_cli_identify_writes_heads(lm, tmp_path, monkeypatch):
     assert len(check) == 3 * 5  # full + rlkv and random at two sparsities
     trained = {e.id for e in rlkv.tasks.get("arith").load(seed=0)[:-3]}
     assert not {s["id"] for s in check} & trained  # held out: never trained on
+
+
+def test_kv_bytes_average_every_decoding_step_of_a_capped_cache():
+    from rlkv.eval.run import _record_kv_bytes
+
+    class Capped:  # a cache holding at most 5 tokens of 10 bytes
+        def sequence_nbytes(self, t):
+            return t.clamp(max=5) * 10
+
+    samples = [{"prompt_tokens": 2, "tokens": 6}]
+    _record_kv_bytes(samples, Capped(), full_per_token=10)
+    s = samples[0]  # lengths 3..8 -> held 30, 40, 50, 50, 50, 50
+    assert (s["kv_bytes"], s["kv_bytes_full"]) == (50, 80)
+    assert s["kv_bytes_mean"] == pytest.approx(45.0) and s["kv_bytes_full_mean"] == pytest.approx(55.0)

@@ -254,6 +254,19 @@ def evaluate(
     return EvalResults(out, rows, samples)
 
 
+def _record_kv_bytes(samples: list[dict], cache, full_per_token: int) -> None:
+    """KV bytes each sequence held at its end and on average over its decoding steps, and a full cache's.
+
+    The average is exact for any growth law: the cache's own `sequence_nbytes` is evaluated at
+    every length the sequence went through (prompt + 1 ... prompt + tokens).
+    """
+    steps = [torch.arange(s["prompt_tokens"] + 1, s["prompt_tokens"] + max(s["tokens"], 1) + 1) for s in samples]
+    held = cache.sequence_nbytes(torch.cat(steps).to(torch.float64)).split([len(t) for t in steps])
+    for s, t, b in zip(samples, steps, held):
+        s.update(kv_bytes=int(b[-1]), kv_bytes_full=int(t[-1]) * full_per_token,
+                 kv_bytes_mean=float(b.mean()), kv_bytes_full_mean=float(t.double().mean()) * full_per_token)
+
+
 def _eos_ids(model, tokenizer) -> list[int]:
     ids = model.generation_config.eos_token_id
     ids = [ids] if isinstance(ids, int) else list(ids or [])
@@ -304,14 +317,7 @@ def _generate_batch(model, tokenizer, method, prompts, max_new, eos_ids, config:
             "prompt_tokens": int(prompt_tokens[row]),
             "finish": finish,
         })
-    lengths = torch.tensor([s["prompt_tokens"] + s["tokens"] for s in samples])
-    mids = torch.tensor([s["prompt_tokens"] + s["tokens"] / 2 for s in samples])
-    end_bytes = cache.sequence_nbytes(lengths.to(torch.float64))
-    mean_bytes = cache.sequence_nbytes(mids.to(torch.float64))
-    per_token = layout.kv_bytes_per_token()
-    for s, end, mean, length, mid in zip(samples, end_bytes.tolist(), mean_bytes.tolist(), lengths.tolist(), mids.tolist()):
-        s.update(kv_bytes=int(end), kv_bytes_full=int(length * per_token),
-                 kv_bytes_mean=float(mean), kv_bytes_full_mean=float(mid * per_token))
+    _record_kv_bytes(samples, cache, layout.kv_bytes_per_token())
     timing = {"seconds": seconds, "tokens": sum(s["tokens"] for s in samples), "batch": len(prompts)}
     return samples, timing
 

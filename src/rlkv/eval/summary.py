@@ -1,8 +1,8 @@
 """Aggregates of graded samples, one row per (task, method, sparsity).
 
 KV ratios compare with a full cache for the same sequences: `kv_mean_ratio` averages over
-decoding (each sequence's bytes at its midpoint, where growth is linear), `kv_peak_ratio` is
-at the end of each sequence, where a cache that only grows peaks.
+each sequence's decoding steps, `kv_peak_ratio` is at the end of each sequence, where every
+cache of ours (growing, ring or capped) is at its largest.
 """
 
 from __future__ import annotations
