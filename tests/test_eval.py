@@ -183,3 +183,23 @@ def test_kv_bytes_average_every_decoding_step_of_a_capped_cache():
     s = samples[0]  # lengths 3..8 -> held 30, 40, 50, 50, 50, 50
     assert (s["kv_bytes"], s["kv_bytes_full"]) == (50, 80)
     assert s["kv_bytes_mean"] == pytest.approx(45.0) and s["kv_bytes_full_mean"] == pytest.approx(55.0)
+
+
+def test_match_bytes_gives_token_droppers_the_head_split_memory(lm, tmp_path):
+    from rlkv.methods.matching import mean_bytes
+
+    cfg = config(tasks=["arith"], methods=["h2o", "random", "snapkv"], sparsities=[0.5], match_bytes=True,
+                 max_new_tokens=16)
+    res = evaluate(*lm, cfg, tmp_path / "run", progress=False)
+    rows = {r["method"]: r for r in res.rows}
+    reference = [s for s in res.samples if s["method"] == "random"]
+    target = sum(s["kv_bytes_mean"] for s in reference)
+    layout = rlkv.Layout.of(lm[0])
+    for name in ("h2o", "snapkv"):
+        budget = rows[name]["budget"]
+        method = rlkv.methods.build(name, layout, 0.5, budget=budget)
+        predicted = mean_bytes(lambda t: method.policy.sequence_bytes(layout, t), reference)
+        assert abs(predicted / target - 1) < 0.02, (name, budget, predicted / target)
+        assert abs(rows[name]["kv_mean_ratio"] / rows["random"]["kv_mean_ratio"] - 1) < 0.1  # other outputs, other lengths
+    with pytest.raises(ValueError, match="needs a head-split method"):
+        evaluate(*lm, config(tasks=["arith"], methods=["h2o"], match_bytes=True), tmp_path / "bad", progress=False)

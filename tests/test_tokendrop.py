@@ -208,6 +208,9 @@ def test_cache_holds_less_than_a_dynamic_cache(name):
     assert handle.cache.get_seq_length() == 89  # logical length: every token seen (the last one is not fed back)
     per_row = handle.cache.sequence_nbytes(torch.tensor([90.0, 90.0]))
     assert float(per_row.sum()) == handle.cache.nbytes()
+    lengths = torch.tensor([5.0, 16.0, 17.0, 24.0, 90.0])  # the planning formula equals the live cache's accounting
+    layout = rlkv.Layout.of(model)
+    torch.testing.assert_close(handle.policy.sequence_bytes(layout, lengths), handle.cache.sequence_nbytes(lengths))
 
 
 # ---------------------------------------------------------------- parameters

@@ -107,6 +107,7 @@ def eval_(
     sink: int = typer.Option(16, min=0),
     recent: int = typer.Option(64, min=1),
     budget: Optional[int] = typer.Option(None, min=1, help="tokens kept per KV head by h2o / snapkv / rkv"),
+    match_bytes: bool = typer.Option(False, help="token-dropping budgets matched to the head-split methods' mean KV bytes"),
     data_dir: Optional[str] = typer.Option(None, help="task data directory (default $RLKV_DATA_DIR or ../shared/data)"),
     report: bool = typer.Option(True, help="write report.md and plots when done"),
 ):
@@ -121,7 +122,7 @@ def eval_(
             sparsities=_floats(sparsity, "--sparsity"),
             heads=str(heads) if heads else None,
             limit=limit, max_new_tokens=max_new_tokens, batch_size=batch_size, temperature=temperature,
-            top_p=top_p, seed=seed, sink=sink, recent=recent, budget=budget, data_dir=data_dir,
+            top_p=top_p, seed=seed, sink=sink, recent=recent, budget=budget, match_bytes=match_bytes, data_dir=data_dir,
         )
         for name in config.tasks:
             rlkv.tasks.get(name)

@@ -31,9 +31,11 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 from rlkv import methods as method_registry
 from rlkv import tasks as task_registry
 from rlkv.eval.summary import summarize
+from rlkv.methods.matching import match_budget
 from rlkv.models import Layout
 
-IDENTITY = ("model", "heads_sha256", "max_new_tokens", "temperature", "top_p", "seed", "sink", "recent", "budget")
+IDENTITY = ("model", "heads_sha256", "max_new_tokens", "temperature", "top_p", "seed", "sink", "recent", "budget",
+            "match_bytes")
 
 
 @dataclass
@@ -53,6 +55,7 @@ class EvalConfig:
     sink: int = 16
     recent: int = 64
     budget: int | None = None  # tokens per KV head for h2o / snapkv / rkv
+    match_bytes: bool = False  # instead: per task and sparsity, the budget matching a head-split method's mean bytes
     data_dir: str | None = None
     repetition_window: int = 400  # 0 turns the degenerate-repetition stop off
     repetition_min_distinct: int = 40
@@ -90,10 +93,19 @@ class RepetitionStop(StoppingCriteria):
 
 
 def _method_plan(config: EvalConfig, layout: Layout) -> list[tuple[str, float, object]]:
-    """(method name, sparsity, built method) for every group, built now so bad inputs fail early."""
+    """(method name, sparsity, built method) for every group, built now so bad inputs fail early.
+
+    With `match_bytes`, token-dropping methods come last and unbuilt (None): their budget is
+    matched to the head-split samples of the same task and sparsity once those exist.
+    """
+    if config.match_bytes and not set(config.methods) & set(method_registry.HEAD_RANKED):
+        raise ValueError(f"--match-bytes needs a head-split method to match ({', '.join(method_registry.HEAD_RANKED)})")
     plan, seen = [], set()
     for name in config.methods:
         for sparsity in config.sparsities:
+            if config.match_bytes and name in method_registry.TOKEN_DROPPING:
+                plan.append((name, float(sparsity), None))
+                continue
             method = method_registry.build(
                 name, layout, sparsity, heads=config.heads, sink=config.sink, recent=config.recent, seed=config.seed,
                 budget=config.budget,
@@ -102,7 +114,20 @@ def _method_plan(config: EvalConfig, layout: Layout) -> list[tuple[str, float, o
             if key not in seen:
                 seen.add(key)
                 plan.append((name, method.sparsity, method))
-    return plan
+    return sorted(plan, key=lambda p: p[2] is None)
+
+
+def _matched(name: str, task: str, sparsity: float, config: EvalConfig, layout: Layout, out: Path):
+    """The token-dropping method `name` with the budget that matches the head-split run's mean bytes."""
+    samples = read_jsonl(out / "samples.jsonl")
+    for ref in (m for m in config.methods if m in method_registry.HEAD_RANKED):
+        reference = [s for s in samples if (s["task"], s["method"], float(s["sparsity"])) == (task, ref, sparsity)]
+        if reference:
+            def build(budget: int):
+                return method_registry.build(name, layout, sparsity, budget=budget)
+
+            return build(match_budget(build, layout, reference))
+    raise ValueError(f"--match-bytes: no head-split samples of {task} at sparsity {sparsity:g} to match")
 
 
 def _environment(model) -> dict:
@@ -202,7 +227,7 @@ def evaluate(
             raise ValueError(f"task {name!r} has no examples (limit={config.limit})")
         task.prompt(examples[name][0], tokenizer)  # refuses a tokenizer without a chat template
     plan = _method_plan(config, layout)
-    heads_sha = next((m.params.get("heads_sha256") for _, _, m in plan if "heads_sha256" in m.params), None)
+    heads_sha = next((m.params.get("heads_sha256") for _, _, m in plan if m and "heads_sha256" in m.params), None)
     settings = asdict(config)
     record = {
         "model": getattr(model.config, "_name_or_path", None),
@@ -214,7 +239,7 @@ def evaluate(
         "command": " ".join(shlex.quote(a) for a in sys.argv),
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         **settings,
-        "method_params": [m.describe() for _, _, m in plan],
+        "method_params": [m.describe() if m else {"method": n, "sparsity": sp, "budget": "matched"} for n, sp, m in plan],
         "environment": _environment(model),
     }
     done = _open_run(out, record, invocation)
@@ -228,6 +253,10 @@ def evaluate(
     total = sum(len(pending) for *_, pending in todo)
     bar = tqdm(total=total, desc="eval", disable=not progress, dynamic_ncols=True)
     for task_name, name, sparsity, method, pending in todo:
+        if not pending:
+            continue
+        if method is None:
+            method = _matched(name, task_name, sparsity, config, layout, out)
         task = tasks[task_name]
         max_new = config.max_new_tokens or task.default_max_new_tokens
         prompts = {e.id: task.prompt(e, tokenizer) for e in pending}
@@ -242,6 +271,8 @@ def evaluate(
             grades = task.grade_many(batch, [s["completion"] for s in samples])
             for example, sample, score in zip(batch, samples, grades):
                 sample.update(task=task_name, method=name, sparsity=sparsity, id=example.id, score=float(score))
+                if hasattr(method, "policy"):
+                    sample["budget"] = method.policy.budget
             _append(out / "samples.jsonl", samples)
             _append(out / "batches.jsonl", [{"task": task_name, "method": name, "sparsity": sparsity, **timing}])
             scores += grades

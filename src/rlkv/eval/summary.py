@@ -34,6 +34,7 @@ def summarize(samples: list[dict], batches: list[dict] = ()) -> list[dict]:
             "pct_repetition": 100.0 * sum(s["finish"] == "repetition" for s in items) / n,
             "kv_mean_ratio": sum(s["kv_bytes_mean"] for s in items) / sum(s["kv_bytes_full_mean"] for s in items),
             "kv_peak_ratio": sum(s["kv_bytes"] for s in items) / sum(s["kv_bytes_full"] for s in items),
+            "budget": items[0].get("budget"),  # token-dropping methods: tokens per KV head
             "seconds": seconds,
             "tok_per_s": tokens / seconds if seconds else None,
         })

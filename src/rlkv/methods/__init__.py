@@ -29,6 +29,10 @@ BUILDERS = {
 }
 
 
+HEAD_RANKED = ("rlkv", "duo", "random")  # head split by a ranking: sized by sparsity
+TOKEN_DROPPING = ("h2o", "snapkv", "rkv")  # sized by a token budget per KV head
+
+
 def names() -> list[str]:
     return list(BUILDERS)
 
@@ -40,4 +44,4 @@ def build(name: str, layout, sparsity: float, **kwargs):
     return BUILDERS[name](name, layout, sparsity, **kwargs)
 
 
-__all__ = ["HeadSplit", "build", "names"]
+__all__ = ["HEAD_RANKED", "TOKEN_DROPPING", "HeadSplit", "build", "names"]

@@ -81,6 +81,10 @@ class RKV(Policy):
         keep = rkv_keep(importance, rkv_redundancy(c.keys, c.pos), c.pos, self.budget, self.window, self.lam)
         return torch.where(full[:, None, None], keep, valid)
 
+    def state_bytes(self, layout, itemsize: int) -> int:
+        """The last `window` queries (all query heads) and their positions."""
+        return self.window * (layout.num_q_heads * layout.head_dim * itemsize + 8)
+
     def params(self) -> dict:
         return {**super().params(), "window": self.window, "interval": self.interval, "lam": self.lam,
                 "kernel": self.kernel}

@@ -85,6 +85,18 @@ class Policy:
     def params(self) -> dict:
         return {"budget": self.budget, "capacity": self.capacity}
 
+    def sequence_bytes(self, layout, num_tokens: torch.Tensor) -> torch.Tensor:
+        """Bytes a sequence of `num_tokens` holds under this policy, from the model layout alone:
+        what `TokenDropCache.sequence_nbytes` measures on a live cache (tested equal), for planning."""
+        itemsize = torch.empty((), dtype=getattr(torch, layout.dtype)).element_size()
+        per_slot = layout.num_kv_heads * (2 * layout.head_dim * itemsize + 4 + (4 if self.scored else 0))
+        state = self.state_bytes(layout, itemsize)
+        return layout.num_layers * (num_tokens.clamp(max=self.capacity) * per_slot + state)
+
+    def state_bytes(self, layout, itemsize: int) -> int:
+        """Per layer and sequence, bytes of policy state beyond the slots."""
+        return 0
+
 
 def top_k_mask(priority: torch.Tensor, k: int) -> torch.Tensor:
     """Bool mask of the k highest finite-or-+inf entries per row (-inf never kept; ties keep the lower index)."""

@@ -1,0 +1,53 @@
+"""Equal-memory budgets for token-dropping methods (`rlkv eval --match-bytes`).
+
+Methods are compared fairly only at equal memory. A head-split method at sparsity s has no token
+budget; what it has is the KV bytes it actually held, recorded per sample by the harness. For a
+token-dropping method we pick the token budget per KV head at which it would hold the same mean
+bytes over the same sequences (the head-split run's prompt and output lengths): the smallest
+budget whose predicted bytes reach the target, or the one below if that is closer. Predictions
+use `Policy.sequence_bytes`, which equals what the live cache reports.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+
+def mean_bytes(bytes_of: Callable[[torch.Tensor], torch.Tensor], samples: list[dict]) -> float:
+    """Sum over samples of the mean, over decoding steps, of `bytes_of(tokens held)`."""
+    steps = [torch.arange(s["prompt_tokens"] + 1, s["prompt_tokens"] + max(s["tokens"], 1) + 1) for s in samples]
+    held = bytes_of(torch.cat(steps).to(torch.float64)).split([len(t) for t in steps])
+    return float(sum(h.mean() for h in held))
+
+
+def match_budget(build: Callable[[int], object], layout, samples: list[dict]) -> int:
+    """The budget at which `build(budget)`'s method holds the mean KV bytes the `samples` held."""
+    if not samples:
+        raise ValueError("no reference samples to match bytes against")
+    target = sum(s["kv_bytes_mean"] for s in samples)
+
+    def predicted(budget: int) -> float | None:
+        try:
+            method = build(budget)
+        except ValueError:
+            return None  # below the method's smallest valid budget
+        return mean_bytes(lambda t: method.policy.sequence_bytes(layout, t), samples)
+
+    lo = 1
+    while predicted(lo) is None:
+        lo += 1
+    hi = max(s["prompt_tokens"] + s["tokens"] for s in samples)
+    if predicted(hi) < target:
+        return hi  # holding every token still costs less than the reference
+    while lo < hi:  # smallest budget whose prediction reaches the target (bytes grow with the budget)
+        mid = (lo + hi) // 2
+        if predicted(mid) >= target:
+            hi = mid
+        else:
+            lo = mid + 1
+    below = predicted(lo - 1) if lo > 1 else None
+    if below is not None and target - below < predicted(lo) - target:
+        return lo - 1
+    return lo
