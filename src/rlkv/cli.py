@@ -5,6 +5,7 @@
     rlkv heads convert adapter_weights.tsv heads.json
     rlkv heads plot heads.json -o heads.png --sparsity 0.5
     rlkv identify --model M --task math_train --data-dir DIR --out DIR
+    rlkv identify-duo --model M --text FILE --out DIR
 
 Errors the user can fix (bad paths, shapes, values) print one line and exit with status 2.
 """
@@ -202,6 +203,38 @@ def identify(
             console.print(check.table(), highlight=False)
     except USER_ERRORS as err:
         fail(err)
+
+
+@app.command("identify-duo")
+def identify_duo_(
+    model: str = typer.Option(..., help="hub id, local model directory or .gguf file"),
+    text: Path = typer.Option(..., help="any plain-text file: the haystack of the passkey documents"),
+    out: Path = typer.Option(..., help="run directory: log.jsonl, heads.json"),
+    steps: int = typer.Option(200, min=1),
+    length: int = typer.Option(2048, min=1, help="haystack tokens per document"),
+    num_keys: int = typer.Option(8, min=1, help="pass keys per document"),
+    batch: int = typer.Option(1, min=1),
+    lr: float = typer.Option(2e-2, min=0.0),
+    l1: float = typer.Option(0.05, min=0.0, help="weight of mean |alpha|"),
+    sink: int = typer.Option(128, min=0),
+    recent: int = typer.Option(256, min=1),
+    seed: int = typer.Option(0),
+):
+    """DuoAttention-style baseline: the same gates trained by distillation on passkey retrieval."""
+    import rlkv
+    from rlkv.identify import DuoConfig, identify_duo
+
+    try:
+        if not text.is_file():
+            raise FileNotFoundError(f"text file not found: {text} (expected any plain-text file for the haystack)")
+        config = DuoConfig(sink=sink, recent=recent, steps=steps, lr=lr, l1=l1, length=length, num_keys=num_keys,
+                           batch=batch, seed=seed)
+        lm, tok = rlkv.load_model(model)
+        heads = identify_duo(lm, tok, text.read_text(), config, out)
+    except USER_ERRORS as err:
+        fail(err)
+    console.print(heads.summary(), soft_wrap=True, highlight=False)
+    console.print(f"wrote {out / 'heads.json'}")
 
 
 @app.command("report")

@@ -9,12 +9,15 @@
 
 `gated(model, alpha, sink, recent)` is the mixed full/streaming attention the gates train through;
 `sanity_check(...)` evaluates the learned heads against full and random heads on held-out problems.
+`identify_duo(...)` is the DuoAttention-style baseline: the same gates, trained by distillation on
+synthetic passkey retrieval instead of by reward.
 """
 
 from rlkv.identify.check import sanity_check
 from rlkv.identify.curriculum import select_problems
+from rlkv.identify.duo import DuoConfig, identify_duo, passkey_document
 from rlkv.identify.gated import gated, init_gates
 from rlkv.identify.grpo import IdentifyConfig, group_advantages, identify, penalty_weight
 
-__all__ = ["IdentifyConfig", "gated", "group_advantages", "identify", "init_gates", "penalty_weight", "sanity_check",
+__all__ = ["DuoConfig", "IdentifyConfig", "identify_duo", "passkey_document", "gated", "group_advantages", "identify", "init_gates", "penalty_weight", "sanity_check",
            "select_problems"]
