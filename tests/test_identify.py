@@ -1,6 +1,7 @@
 """RLKV identification: gated attention against the plain and streaming references, exact
 gradients to the gates, the penalty schedule, resumable training and the curriculum cache."""
 
+import importlib
 import json
 import math
 
@@ -165,3 +166,22 @@ def test_curriculum_cache_is_reused(tmp_path, monkeypatch):
     assert select_problems(model, tok, task, examples, **args) == first
     assert select_problems(model, tok, task, examples, band=(0.5, 1.0), **args) == [examples[3]]
     assert calls == []  # both answered from the cache
+
+
+def test_torch_distributed_world_of_one_takes_the_same_steps(tmp_path, monkeypatch):
+    """The torchrun path (all-reduced rewards, tokens and gate gradients; gathered RNGs) equals a plain run."""
+    import torch.distributed as dist
+
+    model, tok, task, examples, config = _setup()
+    _coin_rewards(monkeypatch, task)
+    plain = identify(model, tok, task, examples, config, tmp_path / "plain")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        distributed = identify(model, tok, task, examples, config, tmp_path / "dist")
+    finally:
+        dist.destroy_process_group()
+    assert torch.equal(plain.scores, distributed.scores)
+    grpo = importlib.import_module("rlkv.identify.grpo")  # (the attribute rlkv.identify is the function)
+    monkeypatch.setattr(grpo, "_world", lambda: (0, 2))
+    with pytest.raises(ValueError, match="written by 1 ranks; resume it with as many, not 2"):
+        identify(model, tok, task, examples, config, tmp_path / "plain")

@@ -140,6 +140,34 @@ def eval_(
         console.print(f"report: {path}")
 
 
+def _join_torchrun():
+    """Under torchrun: join the process group and take this rank's GPU. Returns (rank, device or None)."""
+    import os
+
+    import torch
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0, None
+    torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    if torch.cuda.is_available():
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        return torch.distributed.get_rank(), f"cuda:{local}"
+    return torch.distributed.get_rank(), "cpu"
+
+
+def _rank0_first(work):
+    """Run `work` on rank 0, then on the others (which find its cached result), without races."""
+    import torch
+
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()):
+        return work()
+    result = work() if dist.get_rank() == 0 else None
+    dist.barrier()
+    return result if dist.get_rank() == 0 else work()
+
+
 @app.command()
 def identify(
     model: str = typer.Option(..., help="hub id, local model directory or .gguf file"),
@@ -169,6 +197,7 @@ def identify(
     """Learn which KV heads need a full cache (RLKV gates trained with GRPO); writes OUT/heads.json.
 
     Afterwards the top-k heads are checked against full and random heads on held-out problems.
+    Several GPUs: `torchrun --nproc-per-node N -m rlkv identify ...` splits the rollouts over ranks.
     """
     import rlkv
     from rlkv.identify import IdentifyConfig, sanity_check, select_problems
@@ -187,13 +216,20 @@ def identify(
         heldout = pool[len(pool) - check_limit :]
         examples = pool[: len(pool) - check_limit][:limit]
         sparsities = _floats(check_sparsities, "--check-sparsities")
-        lm, tok = rlkv.load_model(model)
-        problems = select_problems(
-            lm, tok, training, examples, config.samples_per_problem, config.band, config.max_new_tokens,
-            cache_path=out / "curriculum.json", batch_size=config.rollout_batch_size, seed=seed,
-        )
+        rank, device = _join_torchrun()
+        lm, tok = rlkv.load_model(model, device=device)
+
+        def curriculum():
+            return select_problems(
+                lm, tok, training, examples, config.samples_per_problem, config.band, config.max_new_tokens,
+                cache_path=out / "curriculum.json", batch_size=config.rollout_batch_size, seed=seed,
+            )
+
+        problems = _rank0_first(curriculum)  # the other ranks then read rank 0's cache
         console.print(f"curriculum: {len(problems)}/{len(examples)} problems in the pass band {config.band}")
         heads = rlkv.identify(lm, tok, training, problems, config, out)
+        if rank != 0:
+            return
         console.print(heads.summary(), soft_wrap=True, highlight=False)
         console.print(f"wrote {out / 'heads.json'}")
         if check_limit:

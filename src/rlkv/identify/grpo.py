@@ -16,9 +16,14 @@ One step, as in the paper:
 6. AdamW step on alpha, then clamp alpha to [0, 1].
 
 Each step appends a line to out_dir/log.jsonl. Every `checkpoint_every` steps (and at the end)
-alpha, the optimizer, the Python and torch RNG states and the step are saved atomically to
+alpha, the optimizer, every rank's Python/torch/CUDA RNG states and the step are saved atomically to
 out_dir/checkpoint.pt; a new call with the same out_dir resumes from there and continues exactly
 as the uninterrupted run would. The result is a HeadScores (method "rlkv") in out_dir/heads.json.
+
+Under torchrun (torch.distributed initialised) each rank samples and grades its share of the
+step's problems; token counts and rewards are summed over ranks, and so are the policy-gradient
+gradients of alpha, so every rank takes the same optimizer step. Rank 0 writes the log, the
+checkpoint and the heads. A single process (GPU or CPU) is the same code with world size 1.
 """
 
 from __future__ import annotations
@@ -185,13 +190,41 @@ def identify(
             p.requires_grad_(True)
 
 
+def _world() -> tuple[int, int]:
+    """(rank, world size) under torch.distributed (torchrun), else (0, 1)."""
+    if _distributed():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def _all_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum `t` over ranks in place (the identity in a single process)."""
+    if _distributed():
+        torch.distributed.all_reduce(t)
+    return t
+
+
+def _gather(obj, world: int) -> list:
+    """`obj` of every rank, in rank order (RNG states for the checkpoint)."""
+    if not _distributed():
+        return [obj]
+    out = [None] * world
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+
 def _train(model, tokenizer, task, examples, config, out_dir, layout, on_step) -> HeadScores:
+    rank, world = _world()
     ckpt_path, log_path = out_dir / "checkpoint.pt", out_dir / "log.jsonl"
     alpha = init_gates(model)
     opt = torch.optim.AdamW([alpha], lr=config.lr, weight_decay=config.weight_decay)
     step = 0
     random.seed(config.seed)
-    torch.manual_seed(config.seed)
+    torch.manual_seed(config.seed + rank)  # each rank samples its own rollouts
     if ckpt_path.exists():
         state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
         if _resumable(state["config"]) != _resumable(asdict(config)):
@@ -200,19 +233,22 @@ def _train(model, tokenizer, task, examples, config, out_dir, layout, on_step) -
             alpha.copy_(state["alpha"])
         opt.load_state_dict(state["optimizer"])
         step = state["step"]
-        random.setstate(state["python_rng"])
-        torch.set_rng_state(state["torch_rng"])
-        if state.get("cuda_rng") is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        if len(state["rank_rngs"]) != world:
+            raise ValueError(f"{ckpt_path} was written by {len(state['rank_rngs'])} ranks; resume it with as many, not {world}")
+        python_rng, torch_rng, cuda_rng = state["rank_rngs"][rank]
+        random.setstate(python_rng)
+        torch.set_rng_state(torch_rng)
+        if cuda_rng is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(cuda_rng)
     if log_path.exists():  # drop lines of steps the checkpoint does not cover (they will be redone)
         lines = [line for line in log_path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
         log_path.write_text("".join(line + "\n" for line in lines))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids(model, tokenizer)[0]
 
-    bar = tqdm(total=config.steps, initial=step, desc="rlkv identify", dynamic_ncols=True)
+    bar = tqdm(total=config.steps, initial=step, desc="rlkv identify", dynamic_ncols=True, disable=rank != 0)
     while step < config.steps:
         t0 = time.perf_counter()
-        problems = _batch(examples, step, config.batch_problems, config.seed)
+        problems = _batch(examples, step, config.batch_problems, config.seed)[rank::world]  # this rank's share
         prompts = [task.prompt(ex, tokenizer) for ex in problems for _ in range(config.group)]
         with gated(model, alpha, config.sink, config.recent):
             rollouts = sample(model, tokenizer, prompts, config.max_new_tokens, config.temperature,
@@ -222,8 +258,10 @@ def _train(model, tokenizer, task, examples, config, out_dir, layout, on_step) -
         t1 = time.perf_counter()
 
         adv = group_advantages(rewards.view(-1, config.group), config.eps).flatten()
-        n_tokens = max(1, sum(len(c) for _, c, _ in rollouts))
-        mean_reward = float(rewards.mean())
+        totals = _all_sum(torch.tensor([sum(len(c) for _, c, _ in rollouts), float(rewards.sum()), len(rewards)],
+                                       dtype=torch.float64, device=alpha.device))
+        n_tokens = max(1, int(totals[0]))
+        mean_reward = float(totals[1] / totals[2])  # the whole batch's, over every rank
         weight = penalty_weight(mean_reward, config.beta, config.tau)
         opt.zero_grad(set_to_none=True)
         active = [i for i in range(len(rollouts)) if adv[i] != 0 and rollouts[i][1]]
@@ -236,6 +274,9 @@ def _train(model, tokenizer, task, examples, config, out_dir, layout, on_step) -
                 loss = -(a * logp * comp).sum() / n_tokens
                 loss.backward()
                 pg_loss += loss.detach().item()
+        if alpha.grad is None:
+            alpha.grad = torch.zeros_like(alpha)
+        _all_sum(alpha.grad)  # policy-gradient terms of every rank's rollouts
         penalty = weight * alpha.abs().mean()
         if weight > 0:
             penalty.backward()
@@ -249,18 +290,20 @@ def _train(model, tokenizer, task, examples, config, out_dir, layout, on_step) -
             "step": step, "mean_reward": mean_reward, "penalty_weight": weight, "loss": pg_loss + float(penalty.detach()),
             "pg_loss": pg_loss, "alpha_mean": float(a.mean()), "alpha_min": float(a.min()),
             "alpha_max": float(a.max()), "frac_alpha_below_half": float((a < 0.5).float().mean()),
-            "mean_response_tokens": sum(len(c) for _, c, _ in rollouts) / len(rollouts),
+            "mean_response_tokens": float(totals[0] / totals[2]),
             "rollout_s": t1 - t0, "update_s": time.perf_counter() - t1,
         }
-        with log_path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        if rank == 0:
+            with log_path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
         if step % config.checkpoint_every == 0 or step == config.steps:
-            _save({
-                "alpha": a.cpu(), "optimizer": opt.state_dict(), "step": step, "data_position": step * config.batch_problems,
-                "python_rng": random.getstate(), "torch_rng": torch.get_rng_state(),
-                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-                "config": asdict(config),
-            }, ckpt_path)
+            rngs = _gather((random.getstate(), torch.get_rng_state(),
+                            torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None), world)
+            if rank == 0:
+                _save({
+                    "alpha": a.cpu(), "optimizer": opt.state_dict(), "step": step,
+                    "data_position": step * config.batch_problems, "rank_rngs": rngs, "config": asdict(config),
+                }, ckpt_path)
         bar.update(1)
         bar.set_postfix(reward=f"{mean_reward:.2f}", alpha=f"{record['alpha_mean']:.3f}")
         if on_step is not None:
@@ -271,5 +314,6 @@ def _train(model, tokenizer, task, examples, config, out_dir, layout, on_step) -
         alpha.detach(), model=layout.name, layout=layout.to_dict(), method="rlkv",
         provenance={"config": asdict(config), "steps": step, "task": task.name, "problems": len(examples)},
     )
-    scores.save(out_dir / "heads.json")
+    if rank == 0:
+        scores.save(out_dir / "heads.json")
     return scores
