@@ -185,3 +185,13 @@ def test_torch_distributed_world_of_one_takes_the_same_steps(tmp_path, monkeypat
     monkeypatch.setattr(grpo, "_world", lambda: (0, 2))
     with pytest.raises(ValueError, match="written by 1 ranks; resume it with as many, not 2"):
         identify(model, tok, task, examples, config, tmp_path / "plain")
+
+
+def test_gradient_checkpointing_gives_the_same_gates(tmp_path, monkeypatch):
+    model, tok, task, examples, config = _setup()
+    _coin_rewards(monkeypatch, task)
+    plain = identify(model, tok, task, examples, config, tmp_path / "plain")
+    config.gradient_checkpointing = True
+    checkpointed = identify(model, tok, task, examples, config, tmp_path / "ckpt")
+    torch.testing.assert_close(checkpointed.scores, plain.scores, rtol=0, atol=1e-6)
+    assert not model.training and not any(getattr(m, "gradient_checkpointing", False) for m in model.modules())

@@ -189,6 +189,7 @@ def identify(
     rollout_batch_size: int = typer.Option(128, min=1),
     train_batch_size: int = typer.Option(8, min=1),
     checkpoint_every: int = typer.Option(10, min=1),
+    gradient_checkpointing: bool = typer.Option(False, help="recompute activations in backward (long rollouts)"),
     seed: int = typer.Option(0),
     check_limit: int = typer.Option(64, min=0, help="held-out problems for the sanity check after training (0: skip)"),
     check_sparsities: str = typer.Option("0.5,0.8", help="sparsities of the sanity check"),
@@ -208,6 +209,7 @@ def identify(
             steps=steps, max_new_tokens=max_new_tokens, seed=seed, checkpoint_every=checkpoint_every,
             rollout_batch_size=rollout_batch_size, train_batch_size=train_batch_size,
             samples_per_problem=samples_per_problem, band=tuple(_floats(band, "--band")),
+            gradient_checkpointing=gradient_checkpointing,
         )
         training = rlkv.tasks.get(task)
         pool = training.load(data_dir=data_dir, seed=seed)

@@ -34,6 +34,7 @@ import os
 import random
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -67,6 +68,7 @@ class IdentifyConfig:
     train_batch_size: int = 8  # sequences per forward/backward micro-batch
     samples_per_problem: int = 8  # curriculum: full-model samples per problem
     band: tuple[float, float] = (0.0, 1.0)  # curriculum: keep problems with low < pass rate < high
+    gradient_checkpointing: bool = False  # recompute layer activations in the backward pass: long sequences fit
 
     def __post_init__(self):
         self.band = tuple(self.band)
@@ -142,6 +144,22 @@ def completion_logprobs(model, rollouts, temperature: float, pad_id: int):
     targets = ids[:, width - keep + 1 :]
     logp = torch.log_softmax(logits, dim=-1).gather(-1, targets[..., None]).squeeze(-1)
     return logp, comp[:, width - keep + 1 :]
+
+
+@contextmanager
+def _checkpointing(model, enabled: bool):
+    """transformers' gradient checkpointing (non-reentrant: only the gates need gradients) inside the block."""
+    if not enabled:
+        yield
+        return
+    was_training = model.training
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()  # transformers checkpoints only in training mode; these models have no dropout in use
+    try:
+        yield
+    finally:
+        model.gradient_checkpointing_disable()
+        model.train(was_training)
 
 
 def _batch(examples, step: int, size: int, seed: int):
@@ -266,7 +284,7 @@ def _train(model, tokenizer, task, examples, config, out_dir, layout, on_step) -
         opt.zero_grad(set_to_none=True)
         active = [i for i in range(len(rollouts)) if adv[i] != 0 and rollouts[i][1]]
         pg_loss = 0.0
-        with gated(model, alpha, config.sink, config.recent):
+        with gated(model, alpha, config.sink, config.recent), _checkpointing(model, config.gradient_checkpointing):
             for start in range(0, len(active), config.train_batch_size):
                 rows = active[start : start + config.train_batch_size]
                 logp, comp = completion_logprobs(model, [rollouts[i] for i in rows], config.temperature, pad_id)
