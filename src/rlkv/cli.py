@@ -127,9 +127,8 @@ def eval_(
         )
         for name in config.tasks:
             rlkv.tasks.get(name)
-        for name in config.methods:
-            if name not in rlkv.methods.names():
-                raise ValueError(f"unknown method {name!r}: expected one of {', '.join(rlkv.methods.names())}")
+        for name in config.methods:  # before the (slow) model load
+            rlkv.methods.check_name(name)
         lm, tok = rlkv.load_model(model)
         results = rlkv.evaluate(lm, tok, config, out)
         path = write_report(out) if report else None

@@ -31,7 +31,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 from rlkv import methods as method_registry
 from rlkv import tasks as task_registry
 from rlkv.eval.summary import summarize
-from rlkv.methods.matching import match_budget
+from rlkv.methods.matching import bytes_over_decoding, match_budget
 from rlkv.models import Layout
 
 IDENTITY = ("model", "heads_sha256", "max_new_tokens", "temperature", "top_p", "seed", "sink", "recent", "budget",
@@ -291,9 +291,7 @@ def _record_kv_bytes(samples: list[dict], cache, full_per_token: int) -> None:
     The average is exact for any growth law: the cache's own `sequence_nbytes` is evaluated at
     every length the sequence went through (prompt + 1 ... prompt + tokens).
     """
-    steps = [torch.arange(s["prompt_tokens"] + 1, s["prompt_tokens"] + max(s["tokens"], 1) + 1) for s in samples]
-    held = cache.sequence_nbytes(torch.cat(steps).to(torch.float64)).split([len(t) for t in steps])
-    for s, t, b in zip(samples, steps, held):
+    for s, (t, b) in zip(samples, bytes_over_decoding(cache.sequence_nbytes, samples)):
         s.update(kv_bytes=int(b[-1]), kv_bytes_full=int(t[-1]) * full_per_token,
                  kv_bytes_mean=float(b.mean()), kv_bytes_full_mean=float(t.double().mean()) * full_per_token)
 

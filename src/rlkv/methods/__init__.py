@@ -37,11 +37,16 @@ def names() -> list[str]:
     return list(BUILDERS)
 
 
-def build(name: str, layout, sparsity: float, **kwargs):
-    """The method `name` for a model of `layout` at `sparsity` (see each builder for kwargs)."""
+def check_name(name: str) -> str:
+    """`name` if it is a registered method, else a one-line error naming the registered ones."""
     if name not in BUILDERS:
         raise ValueError(f"unknown method {name!r}: expected one of {', '.join(BUILDERS)}")
-    return BUILDERS[name](name, layout, sparsity, **kwargs)
+    return name
 
 
-__all__ = ["HEAD_RANKED", "TOKEN_DROPPING", "HeadSplit", "build", "names"]
+def build(name: str, layout, sparsity: float, **kwargs):
+    """The method `name` for a model of `layout` at `sparsity` (see each builder for kwargs)."""
+    return BUILDERS[check_name(name)](name, layout, sparsity, **kwargs)
+
+
+__all__ = ["HEAD_RANKED", "TOKEN_DROPPING", "HeadSplit", "build", "check_name", "names"]

@@ -15,11 +15,16 @@ from collections.abc import Callable
 import torch
 
 
-def mean_bytes(bytes_of: Callable[[torch.Tensor], torch.Tensor], samples: list[dict]) -> float:
-    """Sum over samples of the mean, over decoding steps, of `bytes_of(tokens held)`."""
+def bytes_over_decoding(bytes_of: Callable[[torch.Tensor], torch.Tensor], samples: list[dict]):
+    """Per sample: the lengths it went through (prompt + 1 ... prompt + tokens) and `bytes_of` each."""
     steps = [torch.arange(s["prompt_tokens"] + 1, s["prompt_tokens"] + max(s["tokens"], 1) + 1) for s in samples]
     held = bytes_of(torch.cat(steps).to(torch.float64)).split([len(t) for t in steps])
-    return float(sum(h.mean() for h in held))
+    return list(zip(steps, held))
+
+
+def mean_bytes(bytes_of: Callable[[torch.Tensor], torch.Tensor], samples: list[dict]) -> float:
+    """Sum over samples of the mean, over decoding steps, of `bytes_of(tokens held)`."""
+    return float(sum(held.mean() for _, held in bytes_over_decoding(bytes_of, samples)))
 
 
 def match_budget(build: Callable[[int], object], layout, samples: list[dict]) -> int:
