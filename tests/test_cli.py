@@ -55,7 +55,12 @@ def test_generate_runs_on_a_saved_tiny_model(tmp_path):
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
     PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="</s>").save_pretrained(tmp_path)
-    result = runner.invoke(app, ["generate", "--model", str(tmp_path), "--prompt", "w1 w2 w3", "--prompt", "w4",
-                                 "--sparsity", "1", "--sink", "1", "--recent", "2", "--max-new-tokens", "8", "--no-chat"])
-    assert result.exit_code == 0, result.output
-    assert "KV held" in result.output and "prompt 1" in result.output
+    args = ["generate", "--model", str(tmp_path), "--prompt", "w1 w2 w3", "--prompt", "w4",
+            "--sparsity", "1", "--sink", "1", "--recent", "2", "--max-new-tokens", "8", "--no-chat"]
+    outputs = {}
+    for engine in ("off", "on"):
+        result = runner.invoke(app, args + ["--engine", engine])
+        assert result.exit_code == 0, result.output
+        assert "KV held" in result.output and "prompt 1" in result.output
+        outputs[engine] = result.output.split("prompt 0")[1].split("KV held")[0]
+    assert outputs["on"] == outputs["off"]  # the engine writes what transformers generate writes

@@ -203,3 +203,22 @@ def test_match_bytes_gives_token_droppers_the_head_split_memory(lm, tmp_path):
         assert abs(rows[name]["kv_mean_ratio"] / rows["random"]["kv_mean_ratio"] - 1) < 0.1  # other outputs, other lengths
     with pytest.raises(ValueError, match="needs a head-split method"):
         evaluate(*lm, config(tasks=["arith"], methods=["h2o"], match_bytes=True), tmp_path / "bad", progress=False)
+
+
+def test_the_engine_grades_like_the_transformers_path(lm, tmp_path):
+    """Head-split methods through rlkv.Engine: the same completions, scores and bytes (up to the ring's position index)."""
+    hf = evaluate(*lm, config(engine="off"), tmp_path / "hf", progress=False)
+    eng = evaluate(*lm, config(engine="on"), tmp_path / "engine", progress=False)
+    key = lambda s: (s["task"], s["method"], s["id"])  # noqa: E731
+    a, b = sorted(hf.samples, key=key), sorted(eng.samples, key=key)
+    assert [(s["completion"], s["tokens"], s["finish"], s["score"]) for s in a] == \
+           [(s["completion"], s["tokens"], s["finish"], s["score"]) for s in b]
+    full = [s for s in b if s["method"] == "full"]
+    assert all(s["kv_bytes"] == s["kv_bytes_full"] for s in full)
+    batches = read_jsonl(tmp_path / "engine" / "batches.jsonl")
+    assert all(r["engine"] for r in batches) and len(batches) == 2 * 3  # 5 prompts < 3 x ENGINE_CHUNK: one call per group
+
+
+def test_engine_on_refuses_token_dropping_methods(lm, tmp_path):
+    with pytest.raises(ValueError, match="'h2o' runs on the transformers path only"):
+        evaluate(*lm, config(methods=["h2o"], budget=8, engine="on"), tmp_path / "run", progress=False)

@@ -10,6 +10,7 @@
 """
 
 from rlkv import methods, tasks
+from rlkv.engine import Completion, Engine, Gated
 from rlkv.eval import EvalConfig, evaluate
 from rlkv.heads import HeadScores
 from rlkv.hf import HeadSplitCache, cache_nbytes, compress
@@ -17,7 +18,10 @@ from rlkv.identify import IdentifyConfig, identify, select_problems
 from rlkv.models import SUPPORTED_ARCHS, Layout, load_model
 
 __all__ = [
+    "Completion",
+    "Engine",
     "EvalConfig",
+    "Gated",
     "HeadScores",
     "HeadSplitCache",
     "IdentifyConfig",

@@ -46,13 +46,17 @@ def generate(
     top_p: float = typer.Option(1.0, min=0.0, max=1.0),
     seed: int = typer.Option(0),
     chat: bool = typer.Option(True, help="wrap prompts in the model's chat template"),
+    engine: str = typer.Option("auto", help="rlkv.Engine (auto: on a GPU), on, or off (transformers generate)"),
 ):
     """Generate with a per-head compressed KV cache and report the bytes it held."""
     import torch
 
     import rlkv
+    from rlkv.hf import resolve_keep
 
     try:
+        if engine not in ("auto", "on", "off"):
+            raise ValueError(f"--engine must be auto, on or off, got {engine!r}")
         lm, tok = rlkv.load_model(model)
         texts = [
             tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
@@ -60,23 +64,34 @@ def generate(
             else p
             for p in prompt
         ]
-        enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=not chat).to(lm.device)
-        sampling = dict(do_sample=temperature > 0, temperature=temperature or None, top_p=top_p if temperature > 0 else None)
-        torch.manual_seed(seed)
-        start = time.perf_counter()
-        with rlkv.compress(lm, heads, sparsity=sparsity, sink=sink, recent=recent) as handle:
-            out = lm.generate(**enc, max_new_tokens=max_new_tokens, **sampling)
-        elapsed = time.perf_counter() - start
+        if engine == "on" or (engine == "auto" and lm.device.type == "cuda"):
+            keep = resolve_keep(rlkv.Layout.of(lm), heads, sparsity)
+            runner = rlkv.Engine(lm, tok, rlkv.methods.HeadSplit(keep, sink, recent), max_batch=len(texts))
+            if not chat:
+                texts = [tok(t).input_ids for t in texts]  # plain prompts get the tokenizer's special tokens
+            outs = runner.generate(texts, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
+            completions = [o.text for o in outs]
+            held, full = sum(o.kv_bytes for o in outs), sum(o.kv_bytes_full for o in outs)
+            n_tokens, elapsed = runner.stats.generated_tokens, runner.stats.seconds
+        else:
+            enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=not chat).to(lm.device)
+            sampling = dict(do_sample=temperature > 0, temperature=temperature or None,
+                            top_p=top_p if temperature > 0 else None)
+            torch.manual_seed(seed)
+            start = time.perf_counter()
+            with rlkv.compress(lm, heads, sparsity=sparsity, sink=sink, recent=recent) as handle:
+                out = lm.generate(**enc, max_new_tokens=max_new_tokens, **sampling)
+            elapsed = time.perf_counter() - start
+            new = out[:, enc.input_ids.shape[1] :]
+            completions = tok.batch_decode(new, skip_special_tokens=True)
+            full = rlkv.Layout.of(lm).kv_bytes_per_token() * handle.cache.get_seq_length() * out.shape[0]
+            held = handle.cache.nbytes()
+            n_tokens = int((new != tok.pad_token_id).sum())
     except USER_ERRORS as err:
         fail(err)
-    new = out[:, enc.input_ids.shape[1] :]
-    for i, text in enumerate(tok.batch_decode(new, skip_special_tokens=True)):
+    for i, text in enumerate(completions):
         console.rule(f"[bold]prompt {i}")
         console.print(text, highlight=False)
-    layout = rlkv.Layout.of(lm)
-    full = layout.kv_bytes_per_token() * handle.cache.get_seq_length() * out.shape[0]
-    held = handle.cache.nbytes()
-    n_tokens = int((new != tok.pad_token_id).sum())
     console.rule()
     console.print(
         f"KV held {held / 2**20:.2f} MiB vs {full / 2**20:.2f} MiB for a full cache ({held / full:.1%}); "
@@ -111,6 +126,7 @@ def eval_(
     match_bytes: bool = typer.Option(False, help="token-dropping budgets matched to the head-split methods' mean KV bytes"),
     data_dir: Optional[str] = typer.Option(None, help="task data directory (default $RLKV_DATA_DIR or ../shared/data)"),
     report: bool = typer.Option(True, help="write report.md and plots when done"),
+    engine: str = typer.Option("auto", help="head-split methods through rlkv.Engine: auto (on a GPU), on, off"),
 ):
     """Evaluate methods x sparsities on tasks; results stream to OUT and resume after interruption."""
     import rlkv
@@ -124,6 +140,7 @@ def eval_(
             heads=str(heads) if heads else None,
             limit=limit, max_new_tokens=max_new_tokens, batch_size=batch_size, temperature=temperature,
             top_p=top_p, seed=seed, sink=sink, recent=recent, budget=budget, match_bytes=match_bytes, data_dir=data_dir,
+            engine=engine,
         )
         for name in config.tasks:
             rlkv.tasks.get(name)

@@ -15,6 +15,7 @@ template) is checked before the directory is touched, so a bad call leaves nothi
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
@@ -59,6 +60,11 @@ class EvalConfig:
     data_dir: str | None = None
     repetition_window: int = 400  # 0 turns the degenerate-repetition stop off
     repetition_min_distinct: int = 40
+    engine: str = "auto"  # head-split methods through rlkv.Engine: "auto" (on CUDA), "on" or "off" (transformers)
+
+    def __post_init__(self):
+        if self.engine not in ("auto", "on", "off"):
+            raise ValueError(f"engine must be 'auto', 'on' or 'off', got {self.engine!r}")
 
 
 @dataclass
@@ -263,11 +269,17 @@ def evaluate(
         lengths = {i: len(tokenizer(p, add_special_tokens=False).input_ids) for i, p in prompts.items()}
         pending = sorted(pending, key=lambda e: -lengths[e.id])  # similar lengths share a batch: less padding
         scores = [s["score"] for s in done.values() if _key(s)[:3] == (task_name, name, sparsity)]
-        for start in range(0, len(pending), config.batch_size):
-            batch = pending[start : start + config.batch_size]
-            samples, timing = _generate_batch(
-                model, tokenizer, method, [prompts[e.id] for e in batch], max_new, eos_ids, config, layout
-            )
+        engine = _engine(model, tokenizer, method, config)
+        chunk = config.batch_size * (ENGINE_CHUNK if engine else 1)
+        for start in range(0, len(pending), chunk):
+            batch = pending[start : start + chunk]
+            if engine:
+                seeds = [_seed(config.seed, task_name, e.id) for e in batch]
+                samples, timing = _generate_engine(engine, [prompts[e.id] for e in batch], seeds, max_new, eos_ids, config)
+            else:
+                samples, timing = _generate_batch(
+                    model, tokenizer, method, [prompts[e.id] for e in batch], max_new, eos_ids, config, layout
+                )
             grades = task.grade_many(batch, [s["completion"] for s in samples])
             for example, sample, score in zip(batch, samples, grades):
                 sample.update(task=task_name, method=name, sparsity=sparsity, id=example.id, score=float(score))
@@ -278,6 +290,7 @@ def evaluate(
             scores += grades
             bar.update(len(batch))
             bar.set_postfix_str(f"{task_name}/{name}@{sparsity:g} acc {sum(scores) / len(scores):.3f}")
+        del engine  # its KV pool goes back before the next group's
     bar.close()
     samples = read_jsonl(out / "samples.jsonl")
     rows = summarize(samples, read_jsonl(out / "batches.jsonl"))
@@ -304,6 +317,43 @@ def _eos_ids(model, tokenizer) -> list[int]:
     if not ids:
         raise ValueError("the model has no EOS token id (generation_config.eos_token_id) to stop generation on")
     return ids
+
+
+ENGINE_CHUNK = 4  # the engine gets batch_size x 4 prompts per call: finished sequences make room for waiting ones
+
+
+def _engine(model, tokenizer, method, config: EvalConfig):
+    """An rlkv.Engine for a head-split `method` when config.engine asks for it, else None (transformers path)."""
+    from rlkv.engine import Engine
+    from rlkv.methods.headsplit import HeadSplit
+
+    on_gpu = next(model.parameters()).device.type == "cuda"
+    if config.engine == "off" or (config.engine == "auto" and not on_gpu) or not isinstance(method, HeadSplit):
+        if config.engine == "on" and not isinstance(method, HeadSplit):
+            raise ValueError(f"--engine on: method {method.describe()['method']!r} runs on the transformers path only")
+        return None
+    if on_gpu:
+        torch.cuda.empty_cache()  # the previous group's pool and activations
+    return Engine(model, tokenizer, method, max_batch=config.batch_size)
+
+
+def _seed(seed: int, task: str, example_id) -> int:
+    """A request's sampling seed from the run seed and its example: the same whichever chunk it lands in."""
+    digest = hashlib.sha256(f"{seed}/{task}/{example_id}".encode()).digest()
+    return int.from_bytes(digest[:7], "little")
+
+
+def _generate_engine(engine, prompts, seeds, max_new, eos_ids, config: EvalConfig):
+    outs = engine.generate(
+        prompts, max_new_tokens=max_new, temperature=config.temperature, top_p=config.top_p, seed=seeds,
+        eos_token_ids=eos_ids, repetition_window=config.repetition_window,
+        repetition_min_distinct=config.repetition_min_distinct,
+    )
+    samples = [{"completion": o.text, "tokens": len(o.tokens), "prompt_tokens": o.prompt_tokens, "finish": o.finish}
+               for o in outs]
+    _record_kv_bytes(samples, engine.store, engine.layout.kv_bytes_per_token())
+    stats = engine.stats
+    return samples, {"seconds": stats.seconds, "tokens": stats.generated_tokens, "batch": len(prompts), "engine": True}
 
 
 def _generate_batch(model, tokenizer, method, prompts, max_new, eos_ids, config: EvalConfig, layout: Layout):

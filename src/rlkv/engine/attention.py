@@ -1,0 +1,207 @@
+"""The engine's attention: store each forward's new K/V in the KV store, then attend over it.
+
+The engine registers `attention` (below) as the model's attention implementation, so the
+model's own modules project, normalise and rotate q/k/v; this module only stores and attends.
+A forward is either
+- a decode step (`Decode`): one new token for each of B sequences. Kept heads attend over their
+  pages, compressed heads over their ring, in one Triton kernel on CUDA (`rlkv.engine.kernel`)
+  or the plain torch code here (`decode_torch`), which the kernel is tested against;
+- a prefill (`Prefill`): chunks of several prompts packed into one row. Each chunk attends with
+  SDPA over its sequence's stored keys plus itself, with the mask of
+  `rlkv.attention.reference.keep_keys_mask`; compressed heads see their ring plus the chunk.
+In gated mode (RL rollouts) every head is paged and its output is
+alpha * full + (1 - alpha) * streaming attention, both over the same keys.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from rlkv.attention.plumbing import state_of
+from rlkv.attention.reference import keep_keys_mask, masked_attention
+from rlkv.engine.kv import KVStore, ring_positions
+from rlkv.hf import ring_slot
+
+
+@dataclass
+class Decode:
+    """One decode step for B rows (padding rows use slot 0 and position 0)."""
+
+    slots: torch.Tensor  # [B] long
+    pos: torch.Tensor  # [B] long: position of the token fed this step
+    page: torch.Tensor  # [B] long: page its K/V goes to
+    offset: torch.Tensor  # [B] long: row within that page
+    ring: torch.Tensor  # [B] long: its ring slot
+    max_len: int | None = None  # longest sequence (torch path only: how many pages to read)
+
+    @classmethod
+    def of(cls, store: KVStore, slots: torch.Tensor, pos: torch.Tensor, max_len: int | None = None) -> Decode:
+        page = store.page_table[slots, pos // store.page_size].long()
+        return cls(slots, pos, page, pos % store.page_size, ring_slot(pos, store.sink, store.recent), max_len)
+
+
+@dataclass
+class Segment:
+    """One prompt chunk of a prefill: tokens [offset, offset + length) of the packed row."""
+
+    slot: int
+    pages: list[int]
+    start: int  # tokens of this sequence already stored
+    length: int
+    offset: int
+    masks: dict = field(default_factory=dict)
+
+    @property
+    def end(self) -> int:
+        return self.start + self.length
+
+
+@dataclass
+class Prefill:
+    segments: list[Segment]
+
+
+class EngineAttention:
+    """The state the registered attention function reads: the store, the mode and the current batch."""
+
+    def __init__(self, store: KVStore, group: int, alpha: torch.Tensor | None, use_kernel: bool):
+        self.store, self.group, self.alpha, self.use_kernel = store, group, alpha, use_kernel
+        self.batch: Decode | Prefill | None = None
+        self.q_full = [torch.nonzero(row.repeat_interleave(group)).flatten().to(idx.device)
+                       for row, idx in zip(store.keep, store.full_idx)]
+        self.q_comp = [torch.nonzero(~row.repeat_interleave(group)).flatten().to(idx.device)
+                       for row, idx in zip(store.keep, store.full_idx)]
+
+    def before_forward(self, step) -> None:
+        raise RuntimeError("a model driven by rlkv.Engine cannot be called directly while the engine runs")
+
+    # ------------------------------------------------------------------ decode
+    def decode(self, layer: int, q, k, v, scaling: float, window: int | None) -> torch.Tensor:
+        """q [B, Hq, D], k/v [B, Hkv, D] of the new tokens -> attention output [B, Hq, D]."""
+        s, b = self.store, self.batch
+        fi, ci = s.full_idx[layer], s.comp_idx[layer]
+        if len(fi):
+            s.pages_k[layer][b.page, b.offset] = k[:, fi]
+            s.pages_v[layer][b.page, b.offset] = v[:, fi]
+        if len(ci):
+            s.ring_k[layer][b.slots, b.ring] = k[:, ci]
+            s.ring_v[layer][b.slots, b.ring] = v[:, ci]
+        if self.use_kernel:
+            from rlkv.engine.kernel import decode_attention
+
+            return decode_attention(q, s, layer, b.slots, b.pos + 1, scaling, window, self._alpha(layer))
+        return decode_torch(q, s, layer, b.slots, b.pos + 1, b.max_len, scaling, window, self._alpha(layer))
+
+    def _alpha(self, layer: int) -> torch.Tensor | None:
+        return None if self.alpha is None else self.alpha[layer]
+
+    # ------------------------------------------------------------------ prefill
+    def prefill(self, layer: int, query, key, value, scaling: float, window: int | None) -> torch.Tensor:
+        """query [1, Hq, T, D], key/value [1, Hkv, T, D] of packed chunks -> output [1, T, Hq, D]."""
+        s = self.store
+        out = query.new_empty(1, query.shape[2], query.shape[1], query.shape[3])
+        fi, ci = s.full_idx[layer], s.comp_idx[layer]
+        qf, qc = self.q_full[layer], self.q_comp[layer]
+        for seg in self.batch.segments:
+            cols = slice(seg.offset, seg.offset + seg.length)
+            q, k, v = query[:, :, cols], key[:, :, cols], value[:, :, cols]
+            masks = self._masks(seg, window, query.device)
+            if len(fi):
+                page, row = masks["write"]
+                s.pages_k[layer][page, row] = k[0, fi].transpose(0, 1)
+                s.pages_v[layer][page, row] = v[0, fi].transpose(0, 1)
+                page, row = masks["read"]
+                keys = s.pages_k[layer][page, row].transpose(0, 1)[None]
+                values = s.pages_v[layer][page, row].transpose(0, 1)[None]
+                full = _sdpa(q[:, qf], keys, values, masks["full"], scaling)
+                if self.alpha is not None:
+                    stream = _sdpa(q[:, qf], keys, values, masks["stream"], scaling)
+                    a = self.alpha[layer].to(full.dtype).repeat_interleave(self.group)[None, :, None, None]
+                    full = a * full + (1 - a) * stream
+                out[:, cols, qf] = full.transpose(1, 2)
+            if len(ci):
+                keys = torch.cat([s.ring_k[layer][seg.slot].transpose(0, 1), k[0, ci]], dim=1)[None]
+                values = torch.cat([s.ring_v[layer][seg.slot].transpose(0, 1), v[0, ci]], dim=1)[None]
+                out[:, cols, qc] = _sdpa(q[:, qc], keys, values, masks["ring"], scaling).transpose(1, 2)
+                src, dst = masks["ring_write"]
+                s.ring_k[layer][seg.slot, dst] = k[0, ci][:, src].transpose(0, 1)
+                s.ring_v[layer][seg.slot, dst] = v[0, ci][:, src].transpose(0, 1)
+        return out
+
+    def _masks(self, seg: Segment, window: int | None, device) -> dict:
+        """Index and mask tensors of a segment, built once and shared by every layer."""
+        if window in seg.masks:
+            return seg.masks[window]
+        s = self.store
+        m = {}
+        q_pos = torch.arange(seg.start, seg.end, device=device)[None]
+        never = torch.zeros(1, dtype=torch.bool)
+        if s.kept_heads:
+            pages = torch.tensor(seg.pages, device=device)
+            m["write"] = (pages[q_pos[0] // s.page_size], q_pos[0] % s.page_size)
+            k_pos = torch.arange(seg.end, device=device)
+            m["read"] = (pages[k_pos // s.page_size], k_pos % s.page_size)
+            m["full"] = keep_keys_mask(q_pos, k_pos[None], ~never, s.sink, s.recent, window)
+            m["stream"] = keep_keys_mask(q_pos, k_pos[None], never, s.sink, s.recent, window)
+        if s.compressed_heads:
+            before = ring_positions(torch.tensor([seg.start], device=device), s.sink, s.recent)
+            m["ring"] = keep_keys_mask(q_pos, torch.cat([before, q_pos], dim=1), never, s.sink, s.recent, window)
+            chunk = q_pos[0]
+            stored = (chunk < s.sink) | (chunk >= seg.end - s.recent)
+            m["ring_write"] = (torch.nonzero(stored).flatten(), ring_slot(chunk[stored], s.sink, s.recent))
+        seg.masks[window] = m
+        return m
+
+
+def _sdpa(q, k, v, mask, scaling):
+    """SDPA with a [1, 1, q, k] boolean mask (True = attend) and GQA."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling, enable_gqa=q.shape[1] != k.shape[1])
+
+
+def decode_torch(q, store: KVStore, layer: int, slots, lengths, max_len: int | None, scaling: float,
+                 window: int | None, alpha: torch.Tensor | None) -> torch.Tensor:
+    """Decode attention in plain torch: gather pages and rings, mask, softmax. q [B, Hq, D] -> [B, Hq, D]."""
+    s = store
+    bsz, hq, d = q.shape
+    group = hq // s.keep.shape[1]
+    out = q.new_empty(bsz, hq, d)
+    low = lengths - window if window else torch.zeros_like(lengths)
+    keep = s.keep[layer].repeat_interleave(group)
+    if len(s.full_idx[layer]):
+        n_pages = -(-(max_len if max_len is not None else int(lengths.max())) // s.page_size)
+        table = s.page_table[slots, :n_pages].long()  # [B, P]
+        keys = s.pages_k[layer][table].flatten(1, 2).transpose(1, 2)  # [B, F, T, D]
+        values = s.pages_v[layer][table].flatten(1, 2).transpose(1, 2)
+        t = torch.arange(keys.shape[2], device=q.device)[None]
+        valid = (t < lengths[:, None]) & (t >= low[:, None])
+        mask = valid[:, None, None, :].expand(-1, keys.shape[1], 1, -1)
+        qf = q[:, keep.to(q.device)][:, :, None]
+        full = masked_attention(qf, keys, values, mask, scaling)[:, 0]
+        if alpha is not None:
+            stream = valid & ((t < s.sink) | (t > lengths[:, None] - 1 - s.recent))
+            mask = stream[:, None, None, :].expand(-1, keys.shape[1], 1, -1)
+            a = alpha.to(full.dtype).repeat_interleave(group)[None, :, None]
+            full = a * full + (1 - a) * masked_attention(qf, keys, values, mask, scaling)[:, 0]
+        out[:, keep.to(q.device)] = full
+    if len(s.comp_idx[layer]):
+        keys = s.ring_k[layer][slots].transpose(1, 2)  # [B, C, ring, D]
+        values = s.ring_v[layer][slots].transpose(1, 2)
+        pos = ring_positions(lengths, s.sink, s.recent)
+        valid = (pos >= 0) & (pos >= low[:, None])
+        mask = valid[:, None, None, :].expand(-1, keys.shape[1], 1, -1)
+        out[:, ~keep.to(q.device)] = masked_attention(q[:, ~keep.to(q.device)][:, :, None], keys, values, mask, scaling)[:, 0]
+    return out
+
+
+def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """The attention implementation the engine registers (transformers' AttentionInterface signature)."""
+    state: EngineAttention = state_of(module, "rlkv.Engine")
+    scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
+    window = kwargs.get("sliding_window")
+    if isinstance(state.batch, Decode):
+        out = state.decode(module.layer_idx, query[:, :, 0], key[:, :, 0], value[:, :, 0], scaling, window)
+        return out[:, None], None
+    return state.prefill(module.layer_idx, query, key, value, scaling, window), None

@@ -1,0 +1,361 @@
+"""`Engine`: batched generation with per-head KV storage, continuous batching and CUDA graphs.
+
+    engine = rlkv.Engine(model, tok, method=rlkv.methods.HeadSplit(keep, sink=16, recent=64), kv_budget="20GiB")
+    outs = engine.generate(prompts, temperature=0.6, top_p=0.95, max_new_tokens=8192, seed=0)
+
+The loop, each iteration:
+1. admit waiting requests while a slot is free and the pool has every page the request could
+   need (prompt + max_new_tokens): admitted requests can never run out of memory;
+2. prefill: at most `prefill_tokens` prompt tokens, packed across admitted requests (a long
+   prompt goes in chunks, so it never stalls decoding for long); a request whose prompt is done
+   samples its first token;
+3. decode: one token for every running request, through a CUDA graph of the smallest captured
+   batch size that fits (padding rows write to scratch page 0 / slot 0);
+4. finished requests (EOS, stop string, max tokens, degenerate repetition) leave at once and
+   their slot and pages go back to the pool.
+The model's own modules run the forward (embeddings, norms, projections, RoPE, MLP); only
+attention is the engine's (`rlkv.engine.attention`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from rlkv.attention.plumbing import patched
+from rlkv.engine.attention import Decode, EngineAttention, Prefill, Segment, attention
+from rlkv.engine.kv import KVStore, parse_bytes
+from rlkv.engine.sampling import sample
+from rlkv.methods.headsplit import HeadSplit
+from rlkv.models import Layout
+
+
+@dataclass
+class Gated:
+    """RL-rollout mode: every head keeps its full cache; output = alpha * full + (1 - alpha) * streaming.
+
+    `alpha` [layers, kv_heads] is read in place at every step, so training can update it between calls.
+    """
+
+    alpha: torch.Tensor
+    sink: int = 128
+    recent: int = 256
+
+
+@dataclass
+class Completion:
+    """One generated sequence."""
+
+    prompt_tokens: int
+    tokens: list[int]
+    text: str
+    finish: str  # eos | length | stop | repetition
+    logprobs: list[float]  # log p of each generated token under the model's raw logits
+    kv_bytes: int  # K/V this sequence held at its end: its kept heads' tokens and its ring
+    kv_bytes_full: int  # what an uncompressed cache holds for the same tokens
+
+
+@dataclass
+class EngineStats:
+    """Throughput and memory of the latest `generate` call."""
+
+    requests: int = 0
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    seconds: float = 0.0
+    decode_steps: int = 0
+    prefill_forwards: int = 0
+    max_running: int = 0
+    pool_bytes: int = 0
+    pages: int = 0
+    peak_pages_used: int = 0
+    peak_memory: int = 0  # bytes of GPU memory at the peak (CUDA only)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.generated_tokens / self.seconds if self.seconds else 0.0
+
+
+@dataclass
+class _Request:
+    index: int
+    prompt: list[int]
+    max_new: int
+    seed: int
+    slot: int = -1
+    pages: list[int] = field(default_factory=list)
+    stored: int = 0  # prompt tokens whose K/V are stored
+    tokens: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    finish: str | None = None
+
+
+class Engine:
+    """Generation engine for a transformers Llama / Mistral / Qwen2 / Qwen3 model (see module doc)."""
+
+    def __init__(self, model, tokenizer, method: HeadSplit | Gated | None = None, kv_budget=None,
+                 max_batch: int = 256, page_size: int = 16, max_seq_len: int | None = None,
+                 prefill_tokens: int = 4096, cuda_graphs: bool | None = None, kernel: bool | None = None):
+        self.model, self.tokenizer = model, tokenizer
+        self.layout = Layout.of(model)
+        self.device = next(model.parameters()).device
+        cuda = self.device.type == "cuda"
+        self.method = method
+        keep, sink, recent, alpha = self._plan(method)
+        for name, value, low in (("max_batch", max_batch, 1), ("page_size", page_size, 1),
+                                 ("prefill_tokens", prefill_tokens, 1)):
+            if not isinstance(value, int) or value < low:
+                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+        self.max_seq_len = max_seq_len or max(32768, getattr(model.config, "max_position_embeddings", 0) or 0)
+        budget = parse_bytes(kv_budget if kv_budget is not None else (0.8 if cuda else "1GiB"), self.device)
+        self.store = KVStore(self.layout, keep, sink, recent, page_size, budget, max_batch, self.max_seq_len,
+                             self.device, next(model.parameters()).dtype)
+        self.max_batch, self.prefill_tokens = max_batch, prefill_tokens
+        self.kernel = cuda if kernel is None else kernel
+        self.cuda_graphs = (cuda and self.kernel) if cuda_graphs is None else cuda_graphs
+        if self.cuda_graphs and not (cuda and self.kernel):
+            raise ValueError("cuda_graphs needs a CUDA model and the Triton kernel (kernel=True)")
+        self.state = EngineAttention(self.store, self.layout.group_size, alpha, self.kernel)
+        self.stats = EngineStats()
+        self._graphs: dict[int, tuple] = {}
+        self._static = torch.zeros(3, max_batch, dtype=torch.long, device=self.device)  # ids, positions, slots
+        self._pool = torch.cuda.graph_pool_handle() if self.cuda_graphs else None
+
+    def _plan(self, method):
+        shape = self.layout.shape
+        if method is None:
+            return torch.ones(shape, dtype=torch.bool), 0, 1, None
+        if isinstance(method, HeadSplit):
+            return method.keep, method.sink, method.recent, None
+        if isinstance(method, Gated):
+            alpha = method.alpha
+            if not isinstance(alpha, torch.Tensor) or tuple(alpha.shape) != shape:
+                raise ValueError(f"Gated alpha must be a tensor of shape {shape} (layers x kv_heads)")
+            if alpha.device != self.device:
+                raise ValueError(f"Gated alpha is on {alpha.device} but the model on {self.device}: the engine reads "
+                                 "alpha in place, so keep it on the model's device")
+            return torch.ones(shape, dtype=torch.bool), method.sink, method.recent, alpha.detach()
+        name = getattr(method, "name", type(method).__name__)
+        raise ValueError(
+            f"method {name!r} keeps tokens chosen by attention scores; it runs on the transformers path only "
+            "(`with method.apply(model): model.generate(...)`, or `rlkv eval --engine off`). The engine runs "
+            "head-split methods (full, streaming, rlkv, duo, random) and Gated rollouts."
+        )
+
+    # ------------------------------------------------------------------ public API
+    def generate(self, prompts, max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
+                 top_k: int = 0, seed: int | list[int] = 0, stop: list[str] | None = None,
+                 eos_token_ids: list[int] | None = None, repetition_window: int = 0, repetition_min_distinct: int = 40,
+                 progress: bool = False) -> list[Completion]:
+        """Complete every prompt (strings, used as is with no special tokens added, or lists of token ids).
+
+        Request i samples with seed `seed + i` (or `seed[i]`): its output does not depend on the
+        other requests. `repetition_window` > 0 stops a request whose last `repetition_window`
+        tokens hold fewer than `repetition_min_distinct` distinct ids (checked every window).
+        """
+        if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
+            raise ValueError(f"need temperature >= 0, 0 < top_p <= 1, top_k >= 0; got {temperature}, {top_p}, {top_k}")
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+        requests = self._requests(prompts, max_new_tokens, seed)
+        eos = set(eos_token_ids if eos_token_ids is not None else self._eos_ids())
+        done: list[_Request] = []
+        waiting, prefilling, running = deque(requests), [], []
+        self.stats = EngineStats(requests=len(requests), prompt_tokens=sum(len(r.prompt) for r in requests),
+                                 pool_bytes=self.store.nbytes(), pages=self.store.capacity_pages)
+        sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p)
+        finish = dict(eos=eos, stop=stop or [], window=repetition_window, distinct=repetition_min_distinct)
+        bar = tqdm(total=len(requests), desc="generate", disable=not progress, dynamic_ncols=True)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        start = time.perf_counter()
+        with torch.inference_mode(), patched(self.model, "rlkv_engine", attention, self.state):
+            while waiting or prefilling or running:
+                while (waiting and len(prefilling) + len(running) < self.max_batch
+                       and self.store.can_admit(len(waiting[0].prompt) + waiting[0].max_new)):
+                    req = waiting.popleft()
+                    req.slot, req.pages = self.store.admit(len(req.prompt) + req.max_new)
+                    prefilling.append(req)
+                if prefilling:
+                    finished_prompts = self._prefill(prefilling, sampling)
+                    prefilling = [r for r in prefilling if r not in finished_prompts]
+                    running += finished_prompts
+                    running = self._retire(running, finish, done, bar)
+                if running:
+                    self.stats.max_running = max(self.stats.max_running, len(running))
+                    self._decode(running, sampling)
+                    running = self._retire(running, finish, done, bar)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.stats.peak_memory = torch.cuda.max_memory_allocated(self.device)
+        bar.close()
+        self.stats.seconds = time.perf_counter() - start
+        self.stats.peak_pages_used = self.store.peak_pages_used
+        return [self._completion(r, stop or []) for r in sorted(done, key=lambda r: r.index)]
+
+    # ------------------------------------------------------------------ requests
+    def _eos_ids(self) -> list[int]:
+        ids = self.model.generation_config.eos_token_id
+        ids = [ids] if isinstance(ids, int) else list(ids or [])
+        if self.tokenizer.eos_token_id is not None:
+            ids.append(self.tokenizer.eos_token_id)
+        return ids
+
+    def _requests(self, prompts, max_new: int, seed) -> list[_Request]:
+        if isinstance(prompts, str) or not prompts:
+            raise ValueError("prompts must be a non-empty list of strings or of token-id lists")
+        seeds = list(seed) if isinstance(seed, (list, tuple)) else [int(seed) + i for i in range(len(prompts))]
+        if len(seeds) != len(prompts):
+            raise ValueError(f"got {len(seeds)} seeds for {len(prompts)} prompts")
+        requests = []
+        for i, p in enumerate(prompts):
+            ids = self.tokenizer(p, add_special_tokens=False).input_ids if isinstance(p, str) else [int(t) for t in p]
+            if not ids:
+                raise ValueError(f"prompt {i} is empty")
+            need = len(ids) + max_new
+            if need > self.max_seq_len:
+                raise ValueError(f"prompt {i} has {len(ids)} tokens; with max_new_tokens={max_new} it needs "
+                                 f"{need} > max_seq_len={self.max_seq_len}")
+            if self.store.pages_for(need) > self.store.capacity_pages:
+                raise ValueError(
+                    f"prompt {i} needs {self.store.pages_for(need)} pages of {self.store.page_size} tokens but the "
+                    f"KV pool holds {self.store.capacity_pages}: raise kv_budget or lower max_new_tokens"
+                )
+            requests.append(_Request(i, ids, max_new, seeds[i]))
+        return requests
+
+    def _finished(self, req: _Request, finish: dict) -> str | None:
+        tokens = req.tokens
+        if tokens[-1] in finish["eos"]:
+            return "eos"
+        if finish["stop"]:
+            tail = self.tokenizer.decode(tokens[-64:])
+            if any(s in tail for s in finish["stop"]):
+                return "stop"
+        window = finish["window"]
+        if window and len(tokens) % window == 0 and len(set(tokens[-window:])) < finish["distinct"]:
+            return "repetition"
+        if len(tokens) >= req.max_new:
+            return "length"
+        return None
+
+    def _retire(self, running: list[_Request], finish: dict, done: list, bar) -> list[_Request]:
+        still = []
+        for req in running:
+            req.finish = self._finished(req, finish)
+            if req.finish is None:
+                still.append(req)
+                continue
+            self.store.release(req.slot, req.pages)
+            done.append(req)
+            bar.update(1)
+        return still
+
+    def _completion(self, req: _Request, stop: list[str]) -> Completion:
+        text = self.tokenizer.decode(req.tokens, skip_special_tokens=True)
+        if req.finish == "stop":  # the text ends before the first stop string
+            text = text[: min((text.find(s) for s in stop if s in text), default=len(text))]
+        n = len(req.prompt) + len(req.tokens) - 1  # the last token is sampled, never stored
+        return Completion(len(req.prompt), req.tokens, text, req.finish, req.logprobs,
+                          kv_bytes=self.store.sequence_nbytes(n), kv_bytes_full=n * self.layout.kv_bytes_per_token())
+
+    # ------------------------------------------------------------------ forwards
+    def _forward(self, ids: torch.Tensor, pos: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [B, T', V] of the model's own modules with the engine's attention."""
+        decoder = self.model.model
+        hidden = decoder.embed_tokens(ids)
+        rope = decoder.rotary_emb(hidden, position_ids=pos)
+        for layer in decoder.layers:
+            hidden = layer(hidden, attention_mask=None, position_ids=pos, position_embeddings=rope)
+        hidden = decoder.norm(hidden)
+        if rows is not None:
+            hidden = hidden[:, rows]
+        return self.model.lm_head(hidden)
+
+    def _prefill(self, prefilling: list[_Request], sampling: dict) -> list[_Request]:
+        """One packed prefill forward over up to `prefill_tokens` prompt tokens; returns requests whose prompt is done."""
+        segments, ids, pos, owners = [], [], [], []
+        used = 0
+        for req in prefilling:
+            n = min(len(req.prompt) - req.stored, self.prefill_tokens - used)
+            if n <= 0:
+                break
+            segments.append(Segment(req.slot, req.pages, req.stored, n, used))
+            ids += req.prompt[req.stored : req.stored + n]
+            pos += range(req.stored, req.stored + n)
+            owners.append(req)
+            used += n
+        self.state.batch = Prefill(segments)
+        rows = torch.tensor([s.offset + s.length - 1 for s in segments], device=self.device)
+        logits = self._forward(torch.tensor([ids], device=self.device), torch.tensor([pos], device=self.device), rows)[0]
+        self.stats.prefill_forwards += 1
+        complete = []
+        for i, (req, seg) in enumerate(zip(owners, segments)):
+            req.stored += seg.length
+            if req.stored == len(req.prompt):
+                complete.append((i, req))
+        if complete:
+            self._sample([r for _, r in complete], logits[[i for i, _ in complete]], sampling)
+        return [r for _, r in complete]
+
+    def _decode(self, running: list[_Request], sampling: dict) -> None:
+        """One decode step: feed every running request its latest token."""
+        n = len(running)
+        host = torch.tensor([[r.tokens[-1] for r in running],
+                             [len(r.prompt) + len(r.tokens) - 1 for r in running],
+                             [r.slot for r in running]], dtype=torch.long)
+        if self.cuda_graphs:
+            bucket = next(b for b in self._buckets() if b >= n)
+            graph, logits = self._graph(bucket)
+            self._static[:, :bucket].zero_()
+            self._static[:, :n].copy_(host)
+            graph.replay()
+            logits = logits[:n]
+        else:
+            ids, pos, slots = host.to(self.device)
+            self.state.batch = Decode.of(self.store, slots, pos, max_len=int(pos.max()) + 1)
+            logits = self._forward(ids[:, None], pos[:, None])[:, 0]
+        self.stats.decode_steps += 1
+        self._sample(running, logits, sampling)
+
+    def _sample(self, requests: list[_Request], logits: torch.Tensor, sampling: dict) -> None:
+        seeds = torch.tensor([r.seed for r in requests], dtype=torch.long, device=self.device)
+        steps = torch.tensor([len(r.tokens) for r in requests], dtype=torch.long, device=self.device)
+        tokens = sample(logits, seeds=seeds, steps=steps, **sampling)
+        logprobs = torch.log_softmax(logits.float(), dim=-1).gather(1, tokens[:, None])[:, 0]
+        for req, token, lp in zip(requests, tokens.tolist(), logprobs.tolist()):
+            req.tokens.append(token)
+            req.logprobs.append(lp)
+        self.stats.generated_tokens += len(requests)
+
+    # ------------------------------------------------------------------ CUDA graphs
+    def _buckets(self) -> list[int]:
+        sizes = [1, 2, 4, 8, 16] + list(range(32, self.max_batch, 32))
+        return sorted({s for s in sizes if s < self.max_batch} | {self.max_batch})
+
+    def _graph(self, bucket: int):
+        """The CUDA graph of a decode step for `bucket` rows, captured on first use."""
+        if bucket not in self._graphs:
+            ids, pos, slots = self._static[0, :bucket], self._static[1, :bucket], self._static[2, :bucket]
+            self._static.zero_()
+
+            def step():
+                self.state.batch = Decode.of(self.store, slots, pos)
+                return self._forward(ids[:, None], pos[:, None])[:, 0]
+
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                for _ in range(2):  # warm-up: Triton compiles, allocators settle
+                    step()
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._pool):
+                logits = step()
+            self._graphs[bucket] = (graph, logits)
+        return self._graphs[bucket]

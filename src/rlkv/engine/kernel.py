@@ -1,0 +1,158 @@
+"""One fused Triton decode-attention kernel for both kinds of KV head.
+
+A program handles one (sequence, KV head, split) and all the query heads of that KV head's
+GQA group (padded to 16 rows for `tl.dot`):
+- a kept head walks its split of the sequence's pages (BLOCK tokens at a time, gathered
+  through the page table) with an online softmax;
+- a compressed head reads its sink + recent ring once (split 0 only), each slot's token
+  position worked out from the sequence length;
+- in gated mode every head is kept and the same pass also accumulates a second softmax over
+  the keys the streaming rule allows (first `sink`, last `recent`); the two outputs are mixed
+  with alpha after the splits are combined.
+Splits ("split-K") give short batches of long sequences enough programs to fill the GPU; their
+partial (max, sum, acc) are combined in torch. `rlkv.engine.attention.decode_torch` is the
+plain reference this kernel is tested against.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from rlkv.engine.kv import KVStore
+
+
+@triton.jit
+def _online(sc, v, m_i, l_i, acc, PRECISION: tl.constexpr):
+    """Fold a block of scores [G, N] (-inf = masked) and values [N, D] into a running softmax."""
+    m_new = tl.maximum(m_i, tl.max(sc, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp(sc - m_safe[:, None])
+    scale = tl.exp(m_i - m_safe)
+    l_i = l_i * scale + tl.sum(p, 1)
+    acc = acc * scale[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _decode_kernel(
+    Q, KP, VP, KR, VR, KIND, INDEX, PT, LENS, SLOTS, ACC, M, L,
+    stride_qb, stride_qh,
+    stride_pp, stride_pt, stride_ph,
+    stride_rs, stride_rt, stride_rh,
+    stride_table,
+    stride_an, stride_ab, stride_ah, stride_as,
+    stride_mn, stride_mb, stride_mh,
+    scale, sink, recent, window,
+    G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr, BLOCK: tl.constexpr,
+    RING: tl.constexpr, RING_PAD: tl.constexpr, SPLITS: tl.constexpr, GATED: tl.constexpr, PRECISION: tl.constexpr,
+):
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    split = tl.program_id(2)
+    length = tl.load(LENS + b)
+    last = length - 1
+    slot = tl.load(SLOTS + b)
+    kind = tl.load(KIND + h)
+    idx = tl.load(INDEX + h)
+    low = tl.where(window > 0, tl.maximum(length - window, 0), 0)
+
+    g = tl.arange(0, G_PAD)
+    d = tl.arange(0, D)
+    rows = h * G + g
+    q = tl.load(Q + b * stride_qb + rows[:, None] * stride_qh + d[None, :], mask=(g < G)[:, None], other=0.0)
+
+    m_i = tl.full([G_PAD], float("-inf"), tl.float32)
+    l_i = tl.zeros([G_PAD], tl.float32)
+    acc = tl.zeros([G_PAD, D], tl.float32)
+    m_s = tl.full([G_PAD], float("-inf"), tl.float32)
+    l_s = tl.zeros([G_PAD], tl.float32)
+    acc_s = tl.zeros([G_PAD, D], tl.float32)
+
+    if kind == 0:
+        n_blocks = tl.cdiv(length, BLOCK)
+        per = tl.cdiv(n_blocks, SPLITS)
+        first = tl.maximum(split * per, low // BLOCK)
+        stop = tl.minimum(n_blocks, split * per + per)
+        for blk in range(first, stop):
+            t = blk * BLOCK + tl.arange(0, BLOCK)
+            inside = t < length
+            page = tl.load(PT + slot * stride_table + t // PAGE, mask=inside, other=0)
+            base = page.to(tl.int64) * stride_pp + (t % PAGE) * stride_pt + idx * stride_ph
+            k = tl.load(KP + base[:, None] + d[None, :], mask=inside[:, None], other=0.0)
+            v = tl.load(VP + base[:, None] + d[None, :], mask=inside[:, None], other=0.0)
+            sc = tl.dot(q, tl.trans(k), input_precision=PRECISION).to(tl.float32) * scale
+            valid = inside & (t >= low)
+            m_i, l_i, acc = _online(tl.where(valid[None, :], sc, float("-inf")), v, m_i, l_i, acc, PRECISION)
+            if GATED:
+                stream = valid & ((t < sink) | (t > last - recent))
+                m_s, l_s, acc_s = _online(tl.where(stream[None, :], sc, float("-inf")), v, m_s, l_s, acc_s, PRECISION)
+    else:
+        if split == 0:
+            j = tl.arange(0, RING_PAD)
+            in_ring = j < RING
+            back = ((last - j) % recent + recent) % recent
+            pos = tl.where(j < sink, j, last - back)
+            valid = in_ring & tl.where(j < sink, j <= last, pos >= sink) & (pos >= low)
+            base = slot.to(tl.int64) * stride_rs + j * stride_rt + idx * stride_rh
+            k = tl.load(KR + base[:, None] + d[None, :], mask=in_ring[:, None], other=0.0)
+            v = tl.load(VR + base[:, None] + d[None, :], mask=in_ring[:, None], other=0.0)
+            sc = tl.dot(q, tl.trans(k), input_precision=PRECISION).to(tl.float32) * scale
+            m_i, l_i, acc = _online(tl.where(valid[None, :], sc, float("-inf")), v, m_i, l_i, acc, PRECISION)
+
+    out_rows = (g < G)
+    a_ptr = ACC + b * stride_ab + rows[:, None] * stride_ah + split * stride_as + d[None, :]
+    tl.store(a_ptr, acc, mask=out_rows[:, None])
+    m_ptr = M + b * stride_mb + rows * stride_mh + split
+    tl.store(m_ptr, m_i, mask=out_rows)
+    tl.store(L + b * stride_mb + rows * stride_mh + split, l_i, mask=out_rows)
+    if GATED:
+        tl.store(a_ptr + stride_an, acc_s, mask=out_rows[:, None])
+        tl.store(m_ptr + stride_mn, m_s, mask=out_rows)
+        tl.store(L + stride_mn + b * stride_mb + rows * stride_mh + split, l_s, mask=out_rows)
+
+
+def num_splits(batch: int, kv_heads: int, device: torch.device) -> int:
+    """Splits per sequence so that about two programs run per SM."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+    return max(1, min(16, -(-2 * sms // (batch * kv_heads))))
+
+
+def decode_attention(q: torch.Tensor, store: KVStore, layer: int, slots: torch.Tensor, lengths: torch.Tensor,
+                     scaling: float, window: int | None, alpha: torch.Tensor | None = None,
+                     splits: int | None = None, block: int = 64) -> torch.Tensor:
+    """Decode attention of q [B, Hq, D] over the store's pages and rings of `layer` -> [B, Hq, D]."""
+    bsz, hq, d = q.shape
+    kv_heads = store.keep.shape[1]
+    group = hq // kv_heads
+    splits = splits or num_splits(bsz, kv_heads, q.device)
+    branches = 1 if alpha is None else 2
+    acc = torch.empty(branches, bsz, hq, splits, d, dtype=torch.float32, device=q.device)
+    m = torch.empty(branches, bsz, hq, splits, dtype=torch.float32, device=q.device)
+    denom = torch.empty_like(m)
+    pk, pv, rk, rv = store.pages_k[layer], store.pages_v[layer], store.ring_k[layer], store.ring_v[layer]
+    page_strides = pk.stride()[:3] if pk.ndim == 4 else (0, 0, 0)
+    ring_strides = rk.stride()[:3] if rk.ndim == 4 else (0, 0, 0)
+    page = store.page_size
+    block = max(block, page)
+    _decode_kernel[(bsz, kv_heads, splits)](
+        q, pk, pv, rk, rv, store.kind[layer], store.index[layer], store.page_table, lengths.to(torch.int32),
+        slots.to(torch.int32), acc, m, denom,
+        q.stride(0), q.stride(1),
+        *page_strides, *ring_strides,
+        store.page_table.stride(0),
+        acc.stride(0), acc.stride(1), acc.stride(2), acc.stride(3),
+        m.stride(0), m.stride(1), m.stride(2),
+        scaling, store.sink, store.recent, window or 0,
+        G=group, G_PAD=max(16, triton.next_power_of_2(group)), D=d, PAGE=page, BLOCK=block,
+        RING=store.ring, RING_PAD=max(16, triton.next_power_of_2(store.ring)), SPLITS=splits, GATED=alpha is not None,
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+    )
+    top = m.amax(-1, keepdim=True)
+    weight = torch.exp(m - top)  # empty splits: m = -inf -> weight 0
+    out = (acc * weight[..., None]).sum(-2) / (denom * weight).sum(-1)[..., None]
+    if alpha is not None:
+        a = alpha.float().repeat_interleave(group)[None, :, None]
+        return (a * out[0] + (1 - a) * out[1]).to(q.dtype)
+    return out[0].to(q.dtype)

@@ -1,0 +1,151 @@
+"""The engine's KV storage: a paged pool for kept heads, one sink + recent ring per sequence for the rest.
+
+Per layer l, with F_l kept and C_l compressed KV heads (a head-split keep-mask decides which):
+- pages_k[l], pages_v[l]: [num_pages, page_size, F_l, head_dim]. Every layer uses the same page
+  ids for a sequence, so one page table row per sequence serves all layers, and one page costs
+  page_size x (F_1 + ... + F_L) x head_dim x 2 x dtype bytes: compressing half the heads halves
+  the price of a page, and the same budget holds twice the pages (the paper's "memory
+  rebalancing": the bytes freed by compression buy more concurrent sequences).
+- ring_k[l], ring_v[l]: [num_slots, sink + recent, C_l, head_dim]; a running sequence owns one
+  slot. Token p lives in ring slot p while p < sink, else in sink + (p - sink) mod recent.
+
+Page 0 and slot 0 are scratch space that padding rows of a decode batch write into.
+A sequence gets every page it can ever need when it is admitted (its prompt plus its
+`max_new_tokens`), so the engine never runs out of pages mid-generation.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import torch
+
+from rlkv.models import Layout
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_bytes(budget, device: torch.device) -> int:
+    """Bytes from an int, a size string ("20GiB", "512MB") or a float in (0, 1]: that share of free GPU memory."""
+    if isinstance(budget, float):
+        if not 0 < budget <= 1:
+            raise ValueError(f"a fractional kv_budget must be in (0, 1] (a share of free GPU memory), got {budget}")
+        if device.type != "cuda":
+            raise ValueError("a fractional kv_budget is a share of free GPU memory; on CPU give bytes, e.g. '1GiB'")
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free * budget)
+    if isinstance(budget, str):
+        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", budget)
+        if not match or match.group(2).lower() not in _UNITS:
+            raise ValueError(f"kv_budget {budget!r} is not a size: expected e.g. '20GiB', '512MiB', '2GB' or bytes")
+        return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+    if isinstance(budget, int) and budget > 0:
+        return budget
+    raise ValueError(f"kv_budget must be bytes, a size string like '20GiB' or a share of free GPU memory, got {budget!r}")
+
+
+def ring_positions(lengths: torch.Tensor, sink: int, recent: int) -> torch.Tensor:
+    """Token position held by each ring slot [n, sink + recent] after `lengths` [n] tokens (-1: empty)."""
+    last = lengths[:, None] - 1
+    j = torch.arange(sink + recent, device=lengths.device)[None, :]
+    pos = torch.where(j < sink, j.expand_as(last + j), last - (last - j).remainder(recent))
+    valid = torch.where(j < sink, j <= last, pos >= sink)
+    return torch.where(valid, pos, -1)
+
+
+class KVStore:
+    """Pages and rings for every layer, sized from a byte budget; allocates pages and slots to sequences."""
+
+    def __init__(self, layout: Layout, keep: torch.Tensor, sink: int, recent: int, page_size: int, budget: int,
+                 max_batch: int, max_seq_len: int, device, dtype: torch.dtype):
+        if tuple(keep.shape) != layout.shape:
+            raise ValueError(f"keep-mask is {tuple(keep.shape)} but the model has {layout.shape} (layers x kv_heads)")
+        self.keep = keep.bool().cpu()
+        self.sink, self.recent, self.page_size = sink, recent, page_size
+        self.ring = sink + recent
+        self.max_pages_per_seq = math.ceil(max_seq_len / page_size)
+        d, elt = layout.head_dim, torch.empty(0, dtype=dtype).element_size()
+        self.kept_heads = int(self.keep.sum())
+        self.compressed_heads = self.keep.numel() - self.kept_heads
+        self.token_bytes = 2 * self.kept_heads * d * elt  # what one more token costs a sequence
+        self.page_bytes = page_size * self.token_bytes
+        self.slot_bytes = 2 * self.ring * self.compressed_heads * d * elt  # a sequence's ring, all layers
+        num_slots = max_batch + 1
+        ring_bytes = num_slots * self.slot_bytes
+        if self.kept_heads:
+            if budget < ring_bytes + 2 * self.page_bytes:
+                raise ValueError(
+                    f"kv_budget of {budget / 2**20:.1f} MiB cannot hold the rings of {max_batch} sequences "
+                    f"({ring_bytes / 2**20:.1f} MiB) plus any page ({self.page_bytes / 2**10:.1f} KiB each): "
+                    "raise kv_budget or lower max_batch"
+                )
+            num_pages = (budget - ring_bytes) // self.page_bytes
+        else:
+            if budget < ring_bytes:
+                raise ValueError(
+                    f"kv_budget of {budget / 2**20:.1f} MiB cannot hold the rings of {max_batch} sequences "
+                    f"({ring_bytes / 2**20:.1f} MiB): raise kv_budget or lower max_batch"
+                )
+            num_pages = 1
+        self.num_pages, self.num_slots = int(num_pages), num_slots
+        self.full_idx = [torch.nonzero(row).flatten().to(device) for row in self.keep]
+        self.comp_idx = [torch.nonzero(~row).flatten().to(device) for row in self.keep]
+        self.pages_k, self.pages_v, self.ring_k, self.ring_v = [], [], [], []
+        for layer in range(layout.num_layers):
+            nf, nc = len(self.full_idx[layer]), len(self.comp_idx[layer])
+            page_shape = (self.num_pages, page_size, nf, d) if nf else (0,)
+            ring_shape = (num_slots, self.ring, nc, d) if nc else (0,)
+            self.pages_k.append(torch.zeros(page_shape, dtype=dtype, device=device))
+            self.pages_v.append(torch.zeros(page_shape, dtype=dtype, device=device))
+            self.ring_k.append(torch.zeros(ring_shape, dtype=dtype, device=device))
+            self.ring_v.append(torch.zeros(ring_shape, dtype=dtype, device=device))
+        # head kind (0 paged, 1 ring) and index within its store, per layer: what the decode kernel reads
+        self.kind = [(~self.keep[i]).int().to(device) for i in range(layout.num_layers)]
+        index = torch.zeros_like(self.keep, dtype=torch.int32)
+        for i in range(layout.num_layers):
+            index[i, self.keep[i]] = torch.arange(int(self.keep[i].sum()), dtype=torch.int32)
+            index[i, ~self.keep[i]] = torch.arange(int((~self.keep[i]).sum()), dtype=torch.int32)
+        self.index = [index[i].to(device) for i in range(layout.num_layers)]
+        self.page_table = torch.zeros(num_slots, self.max_pages_per_seq, dtype=torch.int32, device=device)
+        self._free_pages = list(range(self.num_pages - 1, 0, -1))
+        self._free_slots = list(range(num_slots - 1, 0, -1))
+        self.peak_pages_used = 0
+
+    # ------------------------------------------------------------------ allocation
+    def pages_for(self, tokens: int) -> int:
+        """Pages a sequence of `tokens` tokens needs (none when no head is kept)."""
+        return math.ceil(tokens / self.page_size) if self.kept_heads else 0
+
+    @property
+    def capacity_pages(self) -> int:
+        return self.num_pages - 1 if self.kept_heads else 0
+
+    def can_admit(self, tokens: int) -> bool:
+        return bool(self._free_slots) and self.pages_for(tokens) <= len(self._free_pages)
+
+    def admit(self, tokens: int) -> tuple[int, list[int]]:
+        """A slot and every page a sequence of at most `tokens` tokens needs; its page-table row is written."""
+        n = self.pages_for(tokens)
+        if not self.can_admit(tokens):
+            raise RuntimeError("KVStore.admit called without room (check can_admit first)")
+        slot = self._free_slots.pop()
+        pages = [self._free_pages.pop() for _ in range(n)]
+        if pages:
+            row = torch.tensor(pages, dtype=torch.int32)
+            self.page_table[slot, :n].copy_(row, non_blocking=False)
+        self.peak_pages_used = max(self.peak_pages_used, self.capacity_pages - len(self._free_pages))
+        return slot, pages
+
+    def release(self, slot: int, pages: list[int]) -> None:
+        self._free_slots.append(slot)
+        self._free_pages.extend(reversed(pages))
+
+    # ------------------------------------------------------------------ accounting
+    def nbytes(self) -> int:
+        """Bytes allocated for K/V (pages and rings of every layer)."""
+        return sum(t.numel() * t.element_size() for ts in (self.pages_k, self.pages_v, self.ring_k, self.ring_v) for t in ts)
+
+    def sequence_nbytes(self, tokens: int) -> int:
+        """Bytes of K/V a sequence of `tokens` tokens holds: its kept heads' tokens and its ring."""
+        return tokens * self.token_bytes + self.slot_bytes

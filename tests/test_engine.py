@@ -1,0 +1,221 @@
+"""The engine against `compress` + generate (itself pinned to the masked reference), and its kernel against the torch path."""
+
+import pytest
+import torch
+from conftest import DEVICE, left_padded_batch, tiny_model, tiny_tokenizer
+
+import rlkv
+from rlkv.engine.attention import decode_torch
+from rlkv.engine.kv import KVStore, parse_bytes, ring_positions
+from rlkv.engine.sampling import filter_logits, sample, uniform
+from rlkv.identify.gated import gated
+from rlkv.methods.headsplit import HeadSplit
+
+SINK, RECENT = 2, 6
+LENGTHS = (5, 17, 30, 9)  # shorter and longer than sink + recent; 30 spans several prefill chunks
+NEW = 14
+
+
+def prompts(lengths=LENGTHS, seed=0):
+    ids, mask = left_padded_batch(lengths, max(lengths), seed=seed)
+    return [row[m.bool()].tolist() for row, m in zip(ids, mask)], ids, mask
+
+
+def engine(model, method=None, **kw):
+    kw = {"kv_budget": "2MiB", "page_size": 4, "prefill_tokens": 13, "max_batch": 3, **kw}
+    return rlkv.Engine(model, tiny_tokenizer(), method=method, **kw)
+
+
+def reference(model, ids, mask, new=NEW):
+    """Greedy tokens and their log-probs from transformers `generate`, never stopping early (no EOS)."""
+    model.generation_config.eos_token_id = None
+    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, do_sample=False,
+                         output_logits=True, return_dict_in_generate=True)
+    logits = torch.stack(out.logits, 1).float()
+    tokens = out.sequences[:, ids.shape[1]:]
+    return tokens.tolist(), torch.log_softmax(logits, -1).gather(2, tokens[..., None])[..., 0]
+
+
+def check_equal(outs, ref):
+    tokens, logprobs = ref
+    assert [o.tokens for o in outs] == tokens
+    torch.testing.assert_close(torch.tensor([o.logprobs for o in outs]), logprobs.cpu(), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("sparsity", [0.0, 0.5, 1.0])
+def test_engine_equals_compressed_generate(arch, sparsity):
+    model = tiny_model(arch)
+    keep = rlkv.HeadScores.random(rlkv.Layout.of(model), seed=1).keep_mask(sparsity)
+    ps, ids, mask = prompts()
+    outs = engine(model, HeadSplit(keep, SINK, RECENT)).generate(ps, max_new_tokens=NEW, eos_token_ids=[])
+    with rlkv.compress(model, keep, sink=SINK, recent=RECENT):
+        check_equal(outs, reference(model, ids, mask))
+    assert all(o.finish == "length" and o.prompt_tokens == n for o, n in zip(outs, LENGTHS))
+    assert model.config._attn_implementation == "sdpa"  # the model is restored
+
+
+def test_model_sliding_window_is_respected():
+    model = tiny_model("mistral", sliding_window=10)
+    keep = rlkv.HeadScores.random(rlkv.Layout.of(model), seed=2).keep_mask(0.5)
+    ps, ids, mask = prompts()
+    outs = engine(model, HeadSplit(keep, SINK, RECENT)).generate(ps, max_new_tokens=NEW, eos_token_ids=[])
+    with rlkv.compress(model, keep, sink=SINK, recent=RECENT):
+        check_equal(outs, reference(model, ids, mask))
+
+
+def test_gated_rollouts_equal_gated_generate():
+    model = tiny_model("qwen2")
+    alpha = torch.rand(rlkv.Layout.of(model).shape, generator=torch.Generator().manual_seed(0)).to(DEVICE)
+    ps, ids, mask = prompts()
+    outs = engine(model, rlkv.Gated(alpha, SINK, RECENT)).generate(ps, max_new_tokens=NEW, eos_token_ids=[])
+    with gated(model, alpha, SINK, RECENT):
+        check_equal(outs, reference(model, ids, mask))
+
+
+def test_gated_engine_reads_alpha_in_place():
+    model = tiny_model("llama")
+    alpha = torch.ones(rlkv.Layout.of(model).shape, device=DEVICE)
+    eng = engine(model, rlkv.Gated(alpha, SINK, RECENT))
+    ps, ids, mask = prompts()
+    alpha.zero_()  # as an optimizer step would
+    outs = eng.generate(ps, max_new_tokens=NEW, eos_token_ids=[])
+    with rlkv.compress(model, torch.zeros_like(alpha, dtype=torch.bool).cpu(), sink=SINK, recent=RECENT):
+        check_equal(outs, reference(model, ids, mask))
+
+
+def test_outputs_do_not_depend_on_batching_budget_or_chunking():
+    model = tiny_model("qwen3")
+    keep = rlkv.HeadScores.random(rlkv.Layout.of(model), seed=3).keep_mask(0.5)
+    ps, _, _ = prompts()
+    kw = dict(max_new_tokens=NEW, temperature=1.0, top_p=0.9, top_k=50, seed=7, eos_token_ids=[])
+    method = HeadSplit(keep, SINK, RECENT)
+    wide = engine(model, method, max_batch=8, prefill_tokens=1000).generate(ps, **kw)
+    one_at_a_time = engine(model, method, max_batch=1, prefill_tokens=5)
+    narrow = one_at_a_time.generate(ps, **kw)
+    # a budget with room for one request's pages at a time: admission waits instead of over-committing
+    store = one_at_a_time.store
+    tight = store.slot_bytes * 4 + store.page_bytes * (store.pages_for(30 + NEW) + 1)
+    squeezed = engine(model, method, kv_budget=tight, max_batch=3)
+    starved = squeezed.generate(ps, **kw)
+    alone = engine(model, method).generate([ps[2]], **{**kw, "seed": [9]})
+    assert [o.tokens for o in wide] == [o.tokens for o in narrow] == [o.tokens for o in starved]
+    assert alone[0].tokens == wide[2].tokens  # request 2 samples with seed 7 + 2 wherever it runs
+    assert squeezed.stats.max_running == 1 < squeezed.max_batch
+    assert len({tuple(o.tokens) for o in wide}) == len(ps)
+
+
+def test_memory_rebalancing_and_bytes_per_sequence():
+    model = tiny_model("llama", layers=4)
+    layout = rlkv.Layout.of(model)
+    keep = rlkv.HeadScores.random(layout, seed=4).keep_mask(0.5)
+    full, half = engine(model), engine(model, HeadSplit(keep, SINK, RECENT))
+    ring = half.store.slot_bytes * half.store.num_slots
+    assert half.store.page_bytes * 2 == full.store.page_bytes
+    assert half.store.num_pages == (full.store.nbytes() - ring) // half.store.page_bytes  # freed bytes buy pages
+    out = half.generate([list(range(3, 40))], max_new_tokens=10, eos_token_ids=[])[0]
+    stored = 37 + 10 - 1  # the last sampled token is never fed back
+    per_token_kept = layout.kv_bytes_per_token() // 2
+    assert out.kv_bytes_full == stored * layout.kv_bytes_per_token()
+    assert out.kv_bytes == stored * per_token_kept + 4 * (SINK + RECENT) * 16 * 2 * 4  # 4 compressed heads' rings
+
+
+def test_finish_reasons_and_stop_strings():
+    model, tok = tiny_model("qwen2"), tiny_tokenizer()
+    ps, _, _ = prompts()
+    eng = engine(model)
+    free = eng.generate(ps[:1], max_new_tokens=NEW, eos_token_ids=[])[0]
+    eos = free.tokens[4]
+    first = free.tokens.index(eos)
+    stopped = eng.generate(ps[:1], max_new_tokens=NEW, eos_token_ids=[eos])[0]
+    assert stopped.finish == "eos" and stopped.tokens == free.tokens[: first + 1]
+    text = tok.decode(free.tokens, skip_special_tokens=True)
+    stop = text[3:5]
+    by_string = eng.generate(ps[:1], max_new_tokens=NEW, eos_token_ids=[], stop=[stop])[0]
+    assert by_string.finish == "stop" and by_string.text == text[: text.find(stop)]
+    looping = engine(model).generate(ps[:1], max_new_tokens=NEW, eos_token_ids=[], repetition_window=7,
+                                     repetition_min_distinct=8)[0]
+    assert looping.finish == "repetition" and len(looping.tokens) == 7  # 7 tokens never hold 8 distinct ids
+
+
+def test_ring_positions_follow_the_ring_slot_rule():
+    pos = ring_positions(torch.tensor([1, 3, 5, 12]), sink=2, recent=3)
+    assert pos.tolist() == [[0, -1, -1, -1, -1], [0, 1, 2, -1, -1], [0, 1, 2, 3, 4], [0, 1, 11, 9, 10]]
+
+
+def test_bad_engine_arguments_are_refused():
+    model = tiny_model("llama")
+    layout = rlkv.Layout.of(model)
+    h2o = rlkv.methods.build("h2o", layout, 0.5, budget=16)
+    with pytest.raises(ValueError, match="'h2o' keeps tokens chosen by attention scores; it runs on the transformers path only"):
+        engine(model, h2o)
+    with pytest.raises(ValueError, match="cannot hold the rings of 3 sequences"):
+        engine(model, HeadSplit(torch.zeros(layout.shape, dtype=torch.bool)), kv_budget=1000)
+    with pytest.raises(ValueError, match="share of free GPU memory; on CPU give bytes"):
+        parse_bytes(0.5, torch.device("cpu"))
+    with pytest.raises(ValueError, match="is not a size"):
+        parse_bytes("12 parsecs", torch.device("cpu"))
+    assert parse_bytes("1.5GiB", torch.device("cpu")) == 3 * 2**29
+    eng = engine(model, kv_budget=64 * 1024)
+    with pytest.raises(ValueError, match="pages of 4 tokens but the KV pool holds"):
+        eng.generate([[5] * 200], max_new_tokens=100)
+    with pytest.raises(ValueError, match="needs 600 > max_seq_len=512"):
+        engine(model, max_seq_len=512).generate([[5] * 500], max_new_tokens=100)
+    with pytest.raises(ValueError, match="prompt 1 is empty"):
+        eng.generate([[5], []], max_new_tokens=4)
+    with pytest.raises(ValueError, match="2 seeds for 1 prompts"):
+        eng.generate([[5]], max_new_tokens=4, seed=[1, 2])
+    with pytest.raises(ValueError, match="Gated alpha must be a tensor of shape"):
+        engine(model, rlkv.Gated(torch.ones(2, 2)))
+
+
+# ---------------------------------------------------------------------- sampling
+def test_uniform_noise_is_a_pure_function_of_seed_step_and_token():
+    seeds, steps = torch.tensor([1, 2, 1]), torch.tensor([0, 0, 1])
+    u = uniform(seeds, steps, 50_000)
+    assert torch.equal(u, uniform(seeds, steps, 50_000)) and torch.equal(u[0], uniform(seeds[:1], steps[:1], 50_000)[0])
+    assert 0 < u.min() and u.max() < 1 and abs(u.mean() - 0.5) < 0.01
+    assert (u[0] != u[1]).float().mean() > 0.99 and (u[0] != u[2]).float().mean() > 0.99
+
+
+def test_seeded_sampling_draws_from_the_softmax():
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]]).expand(20_000, 4)
+    tokens = sample(logits, 1.0, 0, 1.0, torch.arange(20_000), torch.zeros(20_000, dtype=torch.long))
+    freq = torch.bincount(tokens, minlength=4).float() / 20_000
+    torch.testing.assert_close(freq, torch.softmax(logits[0], -1), atol=0.015, rtol=0)
+    top1 = sample(logits[:5], 1.0, 1, 1.0, torch.arange(5), torch.zeros(5, dtype=torch.long))
+    assert top1.tolist() == [0] * 5
+
+
+def test_top_p_keeps_the_smallest_nucleus():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    kept = filter_logits(logits, 0, 0.7).isfinite()
+    assert kept.tolist() == [[True, True, False, False]]
+    assert filter_logits(logits, 0, 0.01).isfinite().tolist() == [[True, False, False, False]]
+    assert filter_logits(logits, 3, 1.0).isfinite().tolist() == [[True, True, True, False]]
+
+
+# ---------------------------------------------------------------------- the Triton kernel
+@pytest.mark.parametrize("gated_mode", [False, True], ids=["headsplit", "gated"])
+def test_kernel_equals_the_torch_path(gated_mode):
+    """Compiled on CUDA; on a CPU, Triton's interpreter runs it (conftest sets TRITON_INTERPRET)."""
+    pytest.importorskip("triton")
+    from rlkv.engine.kernel import decode_attention
+
+    torch.manual_seed(0)
+    layout = rlkv.Layout("qwen2", 2, 6, 2, 16, "float32", "x")
+    keep = torch.ones(2, 2, dtype=torch.bool) if gated_mode else torch.tensor([[True, False], [False, False]])
+    store = KVStore(layout, keep, 4, 8, 4, 2**22, 3, 128, DEVICE, torch.float32)
+    for t in store.pages_k + store.pages_v + store.ring_k + store.ring_v:
+        t.normal_()
+    lengths, slots = torch.tensor([1, 9, 70], device=DEVICE), torch.tensor([1, 2, 3], device=DEVICE)
+    for slot, n in zip(slots.tolist(), lengths.tolist()):
+        pages = torch.randperm(store.num_pages - 1)[: -(-n // 4)] + 1  # scattered pages
+        store.page_table[slot, : len(pages)] = pages.int().to(DEVICE)
+    q = torch.randn(3, 6, 16, device=DEVICE)
+    alpha = torch.rand(2, device=DEVICE) if gated_mode else None
+    for layer in (0, 1):
+        for window in (None, 7):
+            ref = decode_torch(q, store, layer, slots, lengths, None, 0.25, window, alpha)
+            for splits in (1, 3):
+                got = decode_attention(q, store, layer, slots, lengths, 0.25, window, alpha, splits=splits, block=16)
+                torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
