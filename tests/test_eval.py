@@ -87,6 +87,18 @@ def test_a_run_with_another_config_is_refused(lm, tmp_path):
         evaluate(*lm, config(tasks=["arith"], methods=["full"], max_new_tokens=13), tmp_path / "run", progress=False)
 
 
+def test_a_run_made_before_a_setting_existed_resumes_with_its_default(lm, tmp_path):
+    evaluate(*lm, config(tasks=["arith"], methods=["full"]), tmp_path / "run", progress=False)
+    path = tmp_path / "run" / "config.json"
+    old = json.loads(path.read_text())
+    del old["match_bytes"]  # as written by rlkv before --match-bytes existed
+    path.write_text(json.dumps(old))
+    res = evaluate(*lm, config(tasks=["arith", "gsm8k"], methods=["full"]), tmp_path / "run", progress=False)
+    assert {r["task"] for r in res.rows} == {"arith", "gsm8k"}
+    with pytest.raises(ValueError, match="match_bytes: False -> True"):
+        evaluate(*lm, config(tasks=["arith"], methods=["random"], match_bytes=True), tmp_path / "run", progress=False)
+
+
 @pytest.mark.parametrize(
     "kw, error, message",
     [

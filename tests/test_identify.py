@@ -110,8 +110,9 @@ def _coin_rewards(monkeypatch, task):
     monkeypatch.setattr(task, "grade_many", lambda exs, texts: [float(len(t) % 2) for t in texts])
 
 
-def test_resumed_run_ends_exactly_like_an_uninterrupted_one(tmp_path, monkeypatch):
-    model, tok, task, examples, config = _setup()
+@pytest.mark.parametrize("rollout_engine", ["off", "on"])
+def test_resumed_run_ends_exactly_like_an_uninterrupted_one(tmp_path, monkeypatch, rollout_engine):
+    model, tok, task, examples, config = _setup(rollout_engine=rollout_engine)
     _coin_rewards(monkeypatch, task)
     straight = identify(model, tok, task, examples, config, tmp_path / "a")
 

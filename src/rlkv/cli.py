@@ -206,6 +206,7 @@ def identify(
     train_batch_size: int = typer.Option(8, min=1),
     checkpoint_every: int = typer.Option(10, min=1),
     gradient_checkpointing: bool = typer.Option(False, help="recompute activations in backward (long rollouts)"),
+    rollout_engine: str = typer.Option("auto", help="rollouts through rlkv.Engine: auto (on a GPU), on, off"),
     seed: int = typer.Option(0),
     check_limit: int = typer.Option(64, min=0, help="held-out problems for the sanity check after training (0: skip)"),
     check_sparsities: str = typer.Option("0.5,0.8", help="sparsities of the sanity check"),
@@ -225,7 +226,7 @@ def identify(
             steps=steps, max_new_tokens=max_new_tokens, seed=seed, checkpoint_every=checkpoint_every,
             rollout_batch_size=rollout_batch_size, train_batch_size=train_batch_size,
             samples_per_problem=samples_per_problem, band=tuple(_floats(band, "--band")),
-            gradient_checkpointing=gradient_checkpointing,
+            gradient_checkpointing=gradient_checkpointing, rollout_engine=rollout_engine,
         )
         training = rlkv.tasks.get(task)
         pool = training.load(data_dir=data_dir, seed=seed)
@@ -238,9 +239,13 @@ def identify(
         lm, tok = rlkv.load_model(model, device=device)
 
         def curriculum():
+            from rlkv.identify.grpo import rollout_engine
+
+            engine = rollout_engine(lm, tok, None, config.rollout_engine, config.rollout_kv_budget,
+                                    config.rollout_batch_size)
             return select_problems(
                 lm, tok, training, examples, config.samples_per_problem, config.band, config.max_new_tokens,
-                cache_path=out / "curriculum.json", batch_size=config.rollout_batch_size, seed=seed,
+                cache_path=out / "curriculum.json", batch_size=config.rollout_batch_size, seed=seed, engine=engine,
             )
 
         problems = _rank0_first(curriculum)  # the other ranks then read rank 0's cache

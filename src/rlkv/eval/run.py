@@ -22,7 +22,7 @@ import platform
 import shlex
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -160,9 +160,11 @@ def _open_run(out: Path, record: dict, invocation: dict) -> dict[tuple, dict]:
     config_path = out / "config.json"
     if config_path.is_file():
         old = json.loads(config_path.read_text())
-        diff = [k for k in IDENTITY if old.get(k) != record.get(k)]
+        defaults = {f.name: f.default for f in fields(EvalConfig)}  # a run made before a setting existed had its default
+        before = {k: old.get(k, defaults.get(k)) for k in IDENTITY}
+        diff = [k for k in IDENTITY if before[k] != record.get(k)]
         if diff:
-            changes = ", ".join(f"{k}: {old.get(k)!r} -> {record.get(k)!r}" for k in diff)
+            changes = ", ".join(f"{k}: {before[k]!r} -> {record.get(k)!r}" for k in diff)
             raise ValueError(f"{out} holds a run with a different configuration ({changes}); use a new --out")
         record = {**record, "invocations": old.get("invocations", []) + [invocation]}
     else:

@@ -13,6 +13,7 @@ and the file is rewritten (atomically) after every batch, so an interrupted run 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -22,6 +23,10 @@ import torch
 from rlkv.identify.grpo import sample
 from rlkv.models import Layout
 from rlkv.tasks import Example, Task
+
+
+def _seed(seed: int, problem_id, sample: int) -> int:
+    return int.from_bytes(hashlib.sha256(f"{seed}/{problem_id}/{sample}".encode()).digest()[:7], "little")
 
 
 def cache_key(model, task: Task, samples_per_problem: int, max_new_tokens: int, temperature: float, seed: int) -> str:
@@ -35,11 +40,12 @@ def cache_key(model, task: Task, samples_per_problem: int, max_new_tokens: int, 
 def select_problems(
     model, tokenizer, task: Task, examples: list[Example], samples_per_problem: int = 8,
     band: tuple[float, float] = (0.0, 1.0), max_new_tokens: int = 4096, cache_path: str | os.PathLike | None = None,
-    batch_size: int = 64, temperature: float = 1.0, seed: int = 0,
+    batch_size: int = 64, temperature: float = 1.0, seed: int = 0, engine=None,
 ) -> list[Example]:
     """The examples whose full-model pass rate p satisfies band[0] < p < band[1], in input order.
 
-    Scores are read from and written to `cache_path` (JSON) when given.
+    Scores are read from and written to `cache_path` (JSON) when given. With an `rlkv.Engine`
+    (full attention) the samples go through it, seeded per (seed, problem, sample).
     """
     low, high = band
     if not 0 <= low < high <= 1:
@@ -56,7 +62,9 @@ def select_problems(
     for start in range(0, len(todo), per_batch):
         chunk = todo[start : start + per_batch]
         prompts = [task.prompt(ex, tokenizer) for ex in chunk for _ in range(samples_per_problem)]
-        texts = [text for _, _, text in sample(model, tokenizer, prompts, max_new_tokens, temperature, batch_size)]
+        seeds = [_seed(seed, ex.id, j) for ex in chunk for j in range(samples_per_problem)]
+        rollouts = sample(model, tokenizer, prompts, max_new_tokens, temperature, batch_size, engine, seeds)
+        texts = [text for _, _, text in rollouts]
         graded = task.grade_many([ex for ex in chunk for _ in range(samples_per_problem)], texts)
         for i, ex in enumerate(chunk):
             scores[ex.id] = graded[i * samples_per_problem : (i + 1) * samples_per_problem]

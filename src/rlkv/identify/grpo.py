@@ -4,8 +4,10 @@ One step, as in the paper:
 
 1. Take the next `batch_problems` problems (a seeded permutation per epoch, so the data order is
    a pure function of the step and a resumed run sees the same problems).
-2. Sample `group` completions per problem at `temperature` with `model.generate` inside
-   `gated(model, alpha)`: the rollouts come from the current gated policy.
+2. Sample `group` completions per problem at `temperature` from the current gated policy: with
+   `rlkv.Engine` in gated mode (one fused pass per step for both branches, CUDA graphs, continuous
+   batching; the default on a GPU) or with `model.generate` inside `gated(model, alpha)`.
+   Engine rollouts are seeded per (step, rank, rollout), so a resumed run draws the same ones.
 3. Grade them (reward 1 / 0) and normalise each problem's rewards within its group:
    advantage = (r - mean) / (std + eps). No KL term, no reference model.
 4. Policy-gradient loss = -(sum over sampled completion tokens of advantage * log p) / (number
@@ -41,6 +43,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from rlkv.engine import Gated
 from rlkv.heads import HeadScores
 from rlkv.identify.gated import gated, init_gates
 from rlkv.models import Layout
@@ -69,6 +72,8 @@ class IdentifyConfig:
     samples_per_problem: int = 8  # curriculum: full-model samples per problem
     band: tuple[float, float] = (0.0, 1.0)  # curriculum: keep problems with low < pass rate < high
     gradient_checkpointing: bool = False  # recompute layer activations in the backward pass: long sequences fit
+    rollout_engine: str = "auto"  # rollouts through rlkv.Engine: "auto" (on CUDA), "on", "off" (transformers generate)
+    rollout_kv_budget: float | str = 0.4  # the engine's KV pool: a share of free GPU memory, or bytes ("8GiB")
 
     def __post_init__(self):
         self.band = tuple(self.band)
@@ -79,6 +84,7 @@ class IdentifyConfig:
             "rollout_batch_size": self.rollout_batch_size >= 1, "train_batch_size": self.train_batch_size >= 1,
             "samples_per_problem": self.samples_per_problem >= 1,
             "band": len(self.band) == 2 and 0 <= self.band[0] < self.band[1] <= 1,
+            "rollout_engine": self.rollout_engine in ("auto", "on", "off"),
         }
         for name, ok in checks.items():
             if not ok:
@@ -106,9 +112,19 @@ def eos_ids(model, tokenizer) -> list[int]:
 
 
 @torch.no_grad()
-def sample(model, tokenizer, prompts: list[str], max_new_tokens: int, temperature: float, batch_size: int):
-    """Sample one completion per prompt: [(prompt ids, completion ids up to and with EOS, text)]."""
+def sample(model, tokenizer, prompts: list[str], max_new_tokens: int, temperature: float, batch_size: int,
+           engine=None, seeds: list[int] | None = None):
+    """Sample one completion per prompt: [(prompt ids, completion ids up to and with EOS, text)].
+
+    With an `rlkv.Engine`, request i samples with `seeds[i]`; else transformers `generate` draws
+    from the torch RNG.
+    """
     stop = eos_ids(model, tokenizer)
+    if engine is not None:
+        outs = engine.generate(prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_k=0, top_p=1.0,
+                               seed=seeds, eos_token_ids=stop)
+        prompt_ids = [tokenizer(p, add_special_tokens=False).input_ids for p in prompts]
+        return [(ids, o.tokens, o.text) for ids, o in zip(prompt_ids, outs)]
     out = []
     for start in range(0, len(prompts), batch_size):
         enc = tokenizer(prompts[start : start + batch_size], return_tensors="pt", padding=True,
@@ -125,6 +141,16 @@ def sample(model, tokenizer, prompts: list[str], max_new_tokens: int, temperatur
             completion = completion[: ends[0] + 1] if ends else completion
             out.append((prompt, completion, tokenizer.decode(completion, skip_special_tokens=True)))
     return out
+
+
+def rollout_engine(model, tokenizer, method, setting: str, kv_budget, max_batch: int):
+    """An rlkv.Engine for rollouts when `setting` asks for one ("on", or "auto" on CUDA), else None."""
+    from rlkv.engine import Engine
+
+    cuda = next(model.parameters()).device.type == "cuda"
+    if setting == "off" or (setting == "auto" and not cuda):
+        return None
+    return Engine(model, tokenizer, method, kv_budget=kv_budget if cuda else "256MiB", max_batch=max_batch)
 
 
 def completion_logprobs(model, rollouts, temperature: float, pad_id: int):
@@ -175,7 +201,7 @@ def _batch(examples, step: int, size: int, seed: int):
 
 def _resumable(config: dict) -> dict:
     """The settings a resumed run must share with the checkpoint (steps may grow, checkpoints may change)."""
-    return {k: v for k, v in config.items() if k not in ("steps", "checkpoint_every")}
+    return {k: v for k, v in config.items() if k not in ("steps", "checkpoint_every", "rollout_kv_budget")}
 
 
 def _save(state: dict, path: Path) -> None:
@@ -262,15 +288,22 @@ def _train(model, tokenizer, task, examples, config, out_dir, layout, on_step) -
         lines = [line for line in log_path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
         log_path.write_text("".join(line + "\n" for line in lines))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids(model, tokenizer)[0]
+    engine = rollout_engine(model, tokenizer, Gated(alpha, config.sink, config.recent), config.rollout_engine,
+                            config.rollout_kv_budget, config.rollout_batch_size)
 
     bar = tqdm(total=config.steps, initial=step, desc="rlkv identify", dynamic_ncols=True, disable=rank != 0)
     while step < config.steps:
         t0 = time.perf_counter()
         problems = _batch(examples, step, config.batch_problems, config.seed)[rank::world]  # this rank's share
         prompts = [task.prompt(ex, tokenizer) for ex in problems for _ in range(config.group)]
-        with gated(model, alpha, config.sink, config.recent):
+        if engine is not None:  # reads alpha in place: the rollouts use the current gates
+            seeds = [(config.seed * 1_000_003 + step) * 65_537 + rank * 4_099 + i for i in range(len(prompts))]
             rollouts = sample(model, tokenizer, prompts, config.max_new_tokens, config.temperature,
-                              config.rollout_batch_size)
+                              config.rollout_batch_size, engine, seeds)
+        else:
+            with gated(model, alpha, config.sink, config.recent):
+                rollouts = sample(model, tokenizer, prompts, config.max_new_tokens, config.temperature,
+                                  config.rollout_batch_size)
         graded = [ex for ex in problems for _ in range(config.group)]
         rewards = torch.tensor(task.grade_many(graded, [text for _, _, text in rollouts]), dtype=torch.float32)
         t1 = time.perf_counter()
