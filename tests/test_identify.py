@@ -196,3 +196,26 @@ def test_gradient_checkpointing_gives_the_same_gates(tmp_path, monkeypatch):
     checkpointed = identify(model, tok, task, examples, config, tmp_path / "ckpt")
     torch.testing.assert_close(checkpointed.scores, plain.scores, rtol=0, atol=1e-6)
     assert not model.training and not any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
+
+
+def test_batched_completion_logprobs_equal_each_rollout_alone():
+    """Right-padded micro-batches: every completion token's log p is the one it has alone."""
+    completion_logprobs = grpo.completion_logprobs
+    model = tiny_model("qwen2", layers=2)
+    rollouts = [([5, 6, 7], [8, 9, 10, 11], ""), ([12] * 9, [13, 14], ""), ([15, 16], [17], "")]
+    alpha = torch.full(rlkv.Layout.of(model).shape, 0.5, device=DEVICE)
+    with gated(model, alpha, 1, 2):
+        logp, comp = completion_logprobs(model, rollouts, 0.7, pad_id=0)
+        assert comp.sum(1).tolist() == [4, 2, 1]
+        for row, r in enumerate(rollouts):
+            alone, alone_comp = completion_logprobs(model, [r], 0.7, pad_id=0)
+            torch.testing.assert_close(logp[row][comp[row]], alone[0][alone_comp[0]], rtol=1e-5, atol=1e-5)
+
+
+def test_a_non_finite_gate_gradient_stops_training(tmp_path, monkeypatch):
+    model, tok, task, examples, config = _setup()
+    monkeypatch.setattr(task, "grade_many", lambda exs, texts: [float(i % 2) for i in range(len(texts))])
+    real = grpo.completion_logprobs
+    monkeypatch.setattr(grpo, "completion_logprobs", lambda *a: (lambda lp, c: (lp * float("nan"), c))(*real(*a)))
+    with pytest.raises(FloatingPointError, match="step 1: the gate gradient is not finite"):
+        identify(model, tok, task, examples, config, tmp_path)

@@ -27,11 +27,16 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from rlkv.attention.plumbing import Step, patched, state_of
 from rlkv.attention.reference import keep_keys_mask
 from rlkv.models import Layout
+
+# cuDNN attention is left out: on an H100 (torch 2.11, bf16) its backward gave NaN gradients to
+# alpha for some sequence lengths (448 and 576 tokens, say); flash, memory-efficient and math agree.
+TRAINING_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 def init_gates(model, value: float = 1.0) -> torch.nn.Parameter:
     """A (layers x kv_heads) float32 gate Parameter for `model`, every entry `value` (RLKV: 1)."""
@@ -66,9 +71,10 @@ class _Gates:
 def _attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     gates: _Gates = state_of(module, "rlkv.identify.gated")
     scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
-    full, _ = ALL_ATTENTION_FUNCTIONS["sdpa"](
-        module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
-    )
+    with sdpa_kernel(TRAINING_BACKENDS):
+        full, _ = ALL_ATTENTION_FUNCTIONS["sdpa"](
+            module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
+        )
     window = kwargs.get("sliding_window")
     if window is not None and gates.k_pos.shape[1] <= window:
         window = None  # no token is old enough to leave the model's sliding window yet
@@ -76,9 +82,10 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
     if mask is None:
         return full, None
     mask = mask[..., -key.shape[2] :]
-    stream = F.scaled_dot_product_attention(
-        query, key, value, attn_mask=mask, scale=scaling, enable_gqa=query.shape[1] != key.shape[1]
-    ).transpose(1, 2)
+    with sdpa_kernel(TRAINING_BACKENDS):
+        stream = F.scaled_dot_product_attention(
+            query, key, value, attn_mask=mask, scale=scaling, enable_gqa=query.shape[1] != key.shape[1]
+        ).transpose(1, 2)
     a = gates.alpha[module.layer_idx].to(device=full.device, dtype=full.dtype)
     a = a.repeat_interleave(gates.group)[None, None, :, None]  # per query head
     return a * full + (1 - a) * stream, None

@@ -154,22 +154,25 @@ def rollout_engine(model, tokenizer, method, setting: str, kv_budget, max_batch:
 
 
 def completion_logprobs(model, rollouts, temperature: float, pad_id: int):
-    """Log-probs [b, K] of the last K tokens of each (right-aligned) sequence, and which are completion tokens."""
+    """Log-probs [b, K] of each sequence's tokens from the shortest prompt on, and which are completion tokens.
+
+    Rows are right-padded: every query then has a real key to attend to (a left-padded row's
+    padding queries would have none, and their NaN gradients would poison the gates).
+    """
     seqs = [p + c for p, c, _ in rollouts]
     width = max(map(len, seqs))
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
     attn = torch.zeros_like(ids)
     comp = torch.zeros_like(ids, dtype=torch.bool)
     for row, ((prompt, completion, _), seq) in enumerate(zip(rollouts, seqs)):
-        ids[row, width - len(seq) :] = torch.tensor(seq)
-        attn[row, width - len(seq) :] = 1
-        comp[row, width - len(completion) :] = True
+        ids[row, : len(seq)] = torch.tensor(seq)
+        attn[row, : len(seq)] = 1
+        comp[row, len(prompt) : len(seq)] = True
     ids, attn, comp = ids.to(model.device), attn.to(model.device), comp.to(model.device)
-    keep = min(width, max(len(c) for _, c, _ in rollouts) + 1)  # rows are right-aligned: completions end last
-    logits = model(input_ids=ids, attention_mask=attn, logits_to_keep=keep).logits[:, :-1].float() / temperature
-    targets = ids[:, width - keep + 1 :]
-    logp = torch.log_softmax(logits, dim=-1).gather(-1, targets[..., None]).squeeze(-1)
-    return logp, comp[:, width - keep + 1 :]
+    start = min(len(p) for p, _, _ in rollouts)  # the first column that can hold a completion token
+    logits = model(input_ids=ids, attention_mask=attn, logits_to_keep=width - start + 1).logits[:, :-1]
+    logp = torch.log_softmax(logits.float() / temperature, dim=-1).gather(-1, ids[:, start:, None]).squeeze(-1)
+    return logp, comp[:, start:]
 
 
 @contextmanager
@@ -328,6 +331,8 @@ def _train(model, tokenizer, task, examples, config, out_dir, layout, on_step) -
         if alpha.grad is None:
             alpha.grad = torch.zeros_like(alpha)
         _all_sum(alpha.grad)  # policy-gradient terms of every rank's rollouts
+        if not torch.isfinite(alpha.grad).all():
+            raise FloatingPointError(f"step {step + 1}: the gate gradient is not finite; the gates are left as they were")
         penalty = weight * alpha.abs().mean()
         if weight > 0:
             penalty.backward()
