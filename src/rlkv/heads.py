@@ -15,12 +15,19 @@ from __future__ import annotations
 
 import json
 import math
+import shlex
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from rlkv.models import Layout
+
+
+def command_line() -> str:
+    """This process's command line, for the provenance of head scores it writes."""
+    return " ".join(shlex.quote(a) for a in sys.argv)
 
 
 @dataclass

@@ -152,3 +152,14 @@ def configure_tokenizer(tokenizer, model=None):
     if model is not None and model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     return tokenizer
+
+
+def eos_ids(model, tokenizer) -> list[int]:
+    """Every id that ends a generation: the model's generation config's EOS ids and the tokenizer's."""
+    ids = model.generation_config.eos_token_id
+    ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.append(tokenizer.eos_token_id)
+    if not ids:
+        raise ValueError("the model has no EOS token id (generation_config.eos_token_id) to stop generation on")
+    return ids

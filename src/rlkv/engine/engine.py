@@ -31,7 +31,7 @@ from rlkv.engine.attention import Decode, EngineAttention, Prefill, Segment, att
 from rlkv.engine.kv import KVStore, parse_bytes
 from rlkv.engine.sampling import sample
 from rlkv.methods.headsplit import HeadSplit
-from rlkv.models import Layout
+from rlkv.models import Layout, eos_ids
 
 
 @dataclass
@@ -162,7 +162,7 @@ class Engine:
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
         requests = self._requests(prompts, max_new_tokens, seed)
-        eos = set(eos_token_ids if eos_token_ids is not None else self._eos_ids())
+        eos = set(eos_token_ids if eos_token_ids is not None else eos_ids(self.model, self.tokenizer))
         done: list[_Request] = []
         waiting, prefilling, running = deque(requests), [], []
         self.stats = EngineStats(requests=len(requests), prompt_tokens=sum(len(r.prompt) for r in requests),
@@ -199,13 +199,6 @@ class Engine:
         return [self._completion(r, stop or []) for r in sorted(done, key=lambda r: r.index)]
 
     # ------------------------------------------------------------------ requests
-    def _eos_ids(self) -> list[int]:
-        ids = self.model.generation_config.eos_token_id
-        ids = [ids] if isinstance(ids, int) else list(ids or [])
-        if self.tokenizer.eos_token_id is not None:
-            ids.append(self.tokenizer.eos_token_id)
-        return ids
-
     def _requests(self, prompts, max_new: int, seed) -> list[_Request]:
         if isinstance(prompts, str) or not prompts:
             raise ValueError("prompts must be a non-empty list of strings or of token-id lists")

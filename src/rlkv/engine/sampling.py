@@ -8,9 +8,16 @@ which draws exactly from the filtered softmax.
 
 from __future__ import annotations
 
+import hashlib
+
 import torch
 
 _M32 = 0xFFFFFFFF
+
+
+def stable_seed(*parts) -> int:
+    """A request seed from anything printable (run seed, task, example id ...): the same in every process."""
+    return int.from_bytes(hashlib.sha256("/".join(map(str, parts)).encode()).digest()[:7], "little")
 
 
 def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:

@@ -15,7 +15,6 @@ template) is checked before the directory is touched, so a bad call leaves nothi
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import platform
@@ -31,9 +30,10 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 
 from rlkv import methods as method_registry
 from rlkv import tasks as task_registry
+from rlkv.engine.sampling import stable_seed
 from rlkv.eval.summary import summarize
 from rlkv.methods.matching import bytes_over_decoding, match_budget
-from rlkv.models import Layout
+from rlkv.models import Layout, eos_ids
 
 IDENTITY = ("model", "heads_sha256", "max_new_tokens", "temperature", "top_p", "seed", "sink", "recent", "budget",
             "match_bytes")
@@ -251,7 +251,7 @@ def evaluate(
         "environment": _environment(model),
     }
     done = _open_run(out, record, invocation)
-    eos_ids = _eos_ids(model, tokenizer)
+    eos = eos_ids(model, tokenizer)
 
     todo = [
         (task_name, name, sparsity, method, [e for e in examples[task_name] if (task_name, name, sparsity, e.id) not in done])
@@ -276,11 +276,11 @@ def evaluate(
         for start in range(0, len(pending), chunk):
             batch = pending[start : start + chunk]
             if engine:
-                seeds = [_seed(config.seed, task_name, e.id) for e in batch]
-                samples, timing = _generate_engine(engine, [prompts[e.id] for e in batch], seeds, max_new, eos_ids, config)
+                seeds = [stable_seed(config.seed, task_name, e.id) for e in batch]  # the same in any chunk
+                samples, timing = _generate_engine(engine, [prompts[e.id] for e in batch], seeds, max_new, eos, config)
             else:
                 samples, timing = _generate_batch(
-                    model, tokenizer, method, [prompts[e.id] for e in batch], max_new, eos_ids, config, layout
+                    model, tokenizer, method, [prompts[e.id] for e in batch], max_new, eos, config, layout
                 )
             grades = task.grade_many(batch, [s["completion"] for s in samples])
             for example, sample, score in zip(batch, samples, grades):
@@ -311,16 +311,6 @@ def _record_kv_bytes(samples: list[dict], cache, full_per_token: int) -> None:
                  kv_bytes_mean=float(b.mean()), kv_bytes_full_mean=float(t.double().mean()) * full_per_token)
 
 
-def _eos_ids(model, tokenizer) -> list[int]:
-    ids = model.generation_config.eos_token_id
-    ids = [ids] if isinstance(ids, int) else list(ids or [])
-    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
-        ids.append(tokenizer.eos_token_id)
-    if not ids:
-        raise ValueError("the model has no EOS token id (generation_config.eos_token_id) to stop generation on")
-    return ids
-
-
 ENGINE_CHUNK = 4  # the engine gets batch_size x 4 prompts per call: finished sequences make room for waiting ones
 
 
@@ -339,16 +329,10 @@ def _engine(model, tokenizer, method, config: EvalConfig):
     return Engine(model, tokenizer, method, max_batch=config.batch_size)
 
 
-def _seed(seed: int, task: str, example_id) -> int:
-    """A request's sampling seed from the run seed and its example: the same whichever chunk it lands in."""
-    digest = hashlib.sha256(f"{seed}/{task}/{example_id}".encode()).digest()
-    return int.from_bytes(digest[:7], "little")
-
-
-def _generate_engine(engine, prompts, seeds, max_new, eos_ids, config: EvalConfig):
+def _generate_engine(engine, prompts, seeds, max_new, eos, config: EvalConfig):
     outs = engine.generate(
         prompts, max_new_tokens=max_new, temperature=config.temperature, top_p=config.top_p, seed=seeds,
-        eos_token_ids=eos_ids, repetition_window=config.repetition_window,
+        eos_token_ids=eos, repetition_window=config.repetition_window,
         repetition_min_distinct=config.repetition_min_distinct,
     )
     samples = [{"completion": o.text, "tokens": len(o.tokens), "prompt_tokens": o.prompt_tokens, "finish": o.finish}
@@ -358,7 +342,7 @@ def _generate_engine(engine, prompts, seeds, max_new, eos_ids, config: EvalConfi
     return samples, {"seconds": stats.seconds, "tokens": stats.generated_tokens, "batch": len(prompts), "engine": True}
 
 
-def _generate_batch(model, tokenizer, method, prompts, max_new, eos_ids, config: EvalConfig, layout: Layout):
+def _generate_batch(model, tokenizer, method, prompts, max_new, eos, config: EvalConfig, layout: Layout):
     enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
     width = enc.input_ids.shape[1]
     stops = StoppingCriteriaList()
@@ -374,7 +358,7 @@ def _generate_batch(model, tokenizer, method, prompts, max_new, eos_ids, config:
     start = time.perf_counter()
     with method.apply(model) as handle:
         sequences = model.generate(
-            **enc, max_new_tokens=max_new, eos_token_id=eos_ids, pad_token_id=tokenizer.pad_token_id,
+            **enc, max_new_tokens=max_new, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id,
             stopping_criteria=stops, **sampling,
         )
     if model.device.type == "cuda":
@@ -382,7 +366,7 @@ def _generate_batch(model, tokenizer, method, prompts, max_new, eos_ids, config:
     seconds = time.perf_counter() - start
     cache = handle.cache
     generated = sequences[:, width:].cpu()
-    is_eos = torch.isin(generated, torch.tensor(eos_ids))
+    is_eos = torch.isin(generated, torch.tensor(eos))
     prompt_tokens = enc.attention_mask.sum(-1).cpu()
     samples = []
     for row in range(len(prompts)):

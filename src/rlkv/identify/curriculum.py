@@ -13,20 +13,16 @@ and the file is rewritten (atomically) after every batch, so an interrupted run 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
 
 import torch
 
+from rlkv.engine.sampling import stable_seed
 from rlkv.identify.grpo import sample
 from rlkv.models import Layout
 from rlkv.tasks import Example, Task
-
-
-def _seed(seed: int, problem_id, sample: int) -> int:
-    return int.from_bytes(hashlib.sha256(f"{seed}/{problem_id}/{sample}".encode()).digest()[:7], "little")
 
 
 def cache_key(model, task: Task, samples_per_problem: int, max_new_tokens: int, temperature: float, seed: int) -> str:
@@ -62,7 +58,7 @@ def select_problems(
     for start in range(0, len(todo), per_batch):
         chunk = todo[start : start + per_batch]
         prompts = [task.prompt(ex, tokenizer) for ex in chunk for _ in range(samples_per_problem)]
-        seeds = [_seed(seed, ex.id, j) for ex in chunk for j in range(samples_per_problem)]
+        seeds = [stable_seed(seed, ex.id, j) for ex in chunk for j in range(samples_per_problem)]
         rollouts = sample(model, tokenizer, prompts, max_new_tokens, temperature, batch_size, engine, seeds)
         texts = [text for _, _, text in rollouts]
         graded = task.grade_many([ex for ex in chunk for _ in range(samples_per_problem)], texts)

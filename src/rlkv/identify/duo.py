@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from rlkv.heads import HeadScores
+from rlkv.heads import HeadScores, command_line
 from rlkv.identify.gated import gated, init_gates
 from rlkv.models import Layout
 
@@ -107,6 +107,6 @@ def identify_duo(model, tokenizer, text: str, config: DuoConfig | None = None, o
         for p in frozen:
             p.requires_grad_(True)
     heads = HeadScores(alpha.detach(), model=layout.name, layout=layout.to_dict(), method="duo",
-                       provenance={"config": asdict(config), "steps": config.steps})
+                       provenance={"config": asdict(config), "steps": config.steps, "command": command_line()})
     heads.save(out_dir / "heads.json")
     return heads

@@ -44,9 +44,9 @@ import torch
 from tqdm.auto import tqdm
 
 from rlkv.engine import Gated
-from rlkv.heads import HeadScores
+from rlkv.heads import HeadScores, command_line
 from rlkv.identify.gated import gated, init_gates
-from rlkv.models import Layout
+from rlkv.models import Layout, eos_ids
 
 
 @dataclass
@@ -99,16 +99,6 @@ def penalty_weight(mean_reward: float, beta: float, tau: float) -> float:
 def group_advantages(rewards: torch.Tensor, eps: float) -> torch.Tensor:
     """GRPO advantages of rewards [problems, group]: normalised within each row."""
     return (rewards - rewards.mean(dim=1, keepdim=True)) / (rewards.std(dim=1, keepdim=True) + eps)
-
-
-def eos_ids(model, tokenizer) -> list[int]:
-    ids = model.generation_config.eos_token_id
-    ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
-    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
-        ids.append(tokenizer.eos_token_id)
-    if not ids:
-        raise ValueError("the model has no EOS token id (generation_config.eos_token_id) to stop generation on")
-    return ids
 
 
 @torch.no_grad()
@@ -368,7 +358,8 @@ def _train(model, tokenizer, task, examples, config, out_dir, layout, on_step) -
 
     scores = HeadScores(
         alpha.detach(), model=layout.name, layout=layout.to_dict(), method="rlkv",
-        provenance={"config": asdict(config), "steps": step, "task": task.name, "problems": len(examples)},
+        provenance={"config": asdict(config), "steps": step, "task": task.name, "problems": len(examples),
+                    "command": command_line()},
     )
     if rank == 0:
         scores.save(out_dir / "heads.json")
