@@ -234,3 +234,32 @@ def test_the_engine_grades_like_the_transformers_path(lm, tmp_path):
 def test_engine_on_refuses_token_dropping_methods(lm, tmp_path):
     with pytest.raises(ValueError, match="'h2o' runs on the transformers path only"):
         evaluate(*lm, config(methods=["h2o"], budget=8, engine="on"), tmp_path / "run", progress=False)
+
+
+def test_rlkv_and_duo_heads_in_one_run(lm, tmp_path):
+    from typer.testing import CliRunner
+
+    from rlkv.cli import app
+
+    model, tok = lm
+    layout = rlkv.Layout.of(model)
+    files = {}
+    for method, seed in (("rlkv", 1), ("duo", 2)):
+        scores = rlkv.HeadScores.random(layout, seed=seed)
+        scores.method = method
+        files[method] = tmp_path / f"{method}.json"
+        scores.save(files[method])
+    model.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    args = ["eval", "--model", str(tmp_path / "m"), "--task", "arith", "--method", "rlkv,duo", "--sparsity", "0.5",
+            "--limit", "2", "--max-new-tokens", "4", "--out", str(tmp_path / "run"), "--no-report"]
+    result = CliRunner().invoke(app, args + ["--heads", f"rlkv={files['rlkv']}", "--heads", f"duo={files['duo']}"])
+    assert result.exit_code == 0, result.output
+    cfg = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert set(cfg["heads_sha256"]) == {"rlkv", "duo"} and len(set(cfg["heads_sha256"].values())) == 2
+    kept = {p["method"]: p["heads_file"] for p in cfg["invocations"][0]["method_params"]}
+    assert kept == {"rlkv": str(files["rlkv"]), "duo": str(files["duo"])}
+    mixed = CliRunner().invoke(app, args + ["--heads", str(files["rlkv"]), "--heads", f"duo={files['duo']}"])
+    assert mixed.exit_code == 2 and "do not mix a plain file with METHOD=FILE" in mixed.output
+    with pytest.raises(ValueError, match=r"heads are given for \['h2o'\]"):
+        config(methods=["rlkv"], heads={"h2o": "x.json"})

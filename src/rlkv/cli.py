@@ -108,6 +108,20 @@ def _floats(text: str, what: str) -> list[float]:
         raise ValueError(f"{what} must be comma-separated numbers, got {text!r}") from None
 
 
+def _heads_option(values: list[str] | None) -> str | dict[str, str] | None:
+    """--heads: one file for every head-ranked method, or METHOD=FILE entries."""
+    if not values:
+        return None
+    pairs = [v.split("=", 1) for v in values if "=" in v]
+    if not pairs:
+        if len(values) > 1:
+            raise ValueError(f"--heads: give one file, or METHOD=FILE for each method; got {values}")
+        return values[0]
+    if len(pairs) != len(values):
+        raise ValueError(f"--heads: do not mix a plain file with METHOD=FILE entries; got {values}")
+    return dict(pairs)
+
+
 @app.command("eval")
 def eval_(
     model: str = typer.Option(..., help="hub id, local model directory or .gguf file"),
@@ -115,7 +129,7 @@ def eval_(
     out: Path = typer.Option(..., help="run directory (resumes if it exists)"),
     method: str = typer.Option("full", help="comma-separated methods: full, streaming, rlkv, duo, random, h2o, snapkv, rkv"),
     sparsity: str = typer.Option("0", help="comma-separated sparsities in [0, 1]"),
-    heads: Optional[Path] = typer.Option(None, help="head scores for rlkv/duo"),
+    heads: Optional[list[str]] = typer.Option(None, help="head scores for rlkv/duo: one file, or METHOD=FILE per method (repeat)"),
     limit: Optional[int] = typer.Option(None, min=1, help="first N examples of each task"),
     max_new_tokens: Optional[int] = typer.Option(None, min=1, help="default: each task's own"),
     batch_size: int = typer.Option(32, min=1),
@@ -139,7 +153,7 @@ def eval_(
             tasks=[t.strip() for t in task.split(",") if t.strip()],
             methods=[m.strip() for m in method.split(",") if m.strip()],
             sparsities=_floats(sparsity, "--sparsity"),
-            heads=str(heads) if heads else None,
+            heads=_heads_option(heads),
             limit=limit, max_new_tokens=max_new_tokens, batch_size=batch_size, temperature=temperature,
             top_p=top_p, seed=seed, sink=sink, recent=recent, budget=budget, match_bytes=match_bytes, data_dir=data_dir,
             engine=engine,

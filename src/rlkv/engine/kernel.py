@@ -10,7 +10,8 @@ GQA group (padded to 16 rows for `tl.dot`):
   the keys the streaming rule allows (first `sink`, last `recent`); the two outputs are mixed
   with alpha after the splits are combined.
 Splits ("split-K") give short batches of long sequences enough programs to fill the GPU; their
-partial (max, sum, acc) are combined in torch. `rlkv.engine.attention.decode_torch` is the
+partial (max, sum, acc) are combined in torch. With one split (large batches) the kernel writes the
+final output itself, gated mix included, and no combine step runs. `rlkv.engine.attention.decode_torch` is the
 plain reference this kernel is tested against.
 """
 
@@ -37,8 +38,8 @@ def _online(sc, v, m_i, l_i, acc, PRECISION: tl.constexpr):
 
 @triton.jit
 def _decode_kernel(
-    Q, KP, VP, KR, VR, KIND, INDEX, PT, LENS, SLOTS, ACC, M, L,
-    stride_qb, stride_qh,
+    Q, KP, VP, KR, VR, KIND, INDEX, PT, LENS, SLOTS, ACC, M, L, O, ALPHA,
+    stride_qb, stride_qh, stride_ob, stride_oh,
     stride_pp, stride_pt, stride_ph,
     stride_rs, stride_rt, stride_rh,
     stride_table,
@@ -101,16 +102,24 @@ def _decode_kernel(
             sc = tl.dot(q, tl.trans(k), input_precision=PRECISION).to(tl.float32) * scale
             m_i, l_i, acc = _online(tl.where(valid[None, :], sc, float("-inf")), v, m_i, l_i, acc, PRECISION)
 
-    out_rows = (g < G)
-    a_ptr = ACC + b * stride_ab + rows[:, None] * stride_ah + split * stride_as + d[None, :]
-    tl.store(a_ptr, acc, mask=out_rows[:, None])
-    m_ptr = M + b * stride_mb + rows * stride_mh + split
-    tl.store(m_ptr, m_i, mask=out_rows)
-    tl.store(L + b * stride_mb + rows * stride_mh + split, l_i, mask=out_rows)
-    if GATED:
-        tl.store(a_ptr + stride_an, acc_s, mask=out_rows[:, None])
-        tl.store(m_ptr + stride_mn, m_s, mask=out_rows)
-        tl.store(L + stride_mn + b * stride_mb + rows * stride_mh + split, l_s, mask=out_rows)
+    out_rows = g < G
+    if SPLITS == 1:  # the whole sequence is in this program: write the final output, no combine step
+        out = acc / l_i[:, None]
+        if GATED:
+            a = tl.load(ALPHA + h)
+            out = a * out + (1 - a) * (acc_s / l_s[:, None])
+        o_ptr = O + b * stride_ob + rows[:, None] * stride_oh + d[None, :]
+        tl.store(o_ptr, out.to(O.dtype.element_ty), mask=out_rows[:, None])
+    else:
+        a_ptr = ACC + b * stride_ab + rows[:, None] * stride_ah + split * stride_as + d[None, :]
+        tl.store(a_ptr, acc, mask=out_rows[:, None])
+        m_ptr = M + b * stride_mb + rows * stride_mh + split
+        tl.store(m_ptr, m_i, mask=out_rows)
+        tl.store(L + b * stride_mb + rows * stride_mh + split, l_i, mask=out_rows)
+        if GATED:
+            tl.store(a_ptr + stride_an, acc_s, mask=out_rows[:, None])
+            tl.store(m_ptr + stride_mn, m_s, mask=out_rows)
+            tl.store(L + stride_mn + b * stride_mb + rows * stride_mh + split, l_s, mask=out_rows)
 
 
 def num_splits(batch: int, kv_heads: int, device: torch.device) -> int:
@@ -127,10 +136,17 @@ def decode_attention(q: torch.Tensor, store: KVStore, layer: int, slots: torch.T
     kv_heads = store.keep.shape[1]
     group = hq // kv_heads
     splits = splits or num_splits(bsz, kv_heads, q.device)
-    branches = 1 if alpha is None else 2
-    acc = torch.empty(branches, bsz, hq, splits, d, dtype=torch.float32, device=q.device)
-    m = torch.empty(branches, bsz, hq, splits, dtype=torch.float32, device=q.device)
-    denom = torch.empty_like(m)
+    out = torch.empty_like(q)
+    if splits == 1:  # the kernel writes `out` itself
+        acc = m = denom = out
+        acc_strides, m_strides = (0, 0, 0, 0), (0, 0, 0)
+    else:
+        branches = 1 if alpha is None else 2
+        acc = torch.empty(branches, bsz, hq, splits, d, dtype=torch.float32, device=q.device)
+        m = torch.empty(branches, bsz, hq, splits, dtype=torch.float32, device=q.device)
+        denom = torch.empty_like(m)
+        acc_strides, m_strides = acc.stride()[:4], m.stride()[:3]
+    alpha_f = alpha.float().contiguous() if alpha is not None else q
     pk, pv, rk, rv = store.pages_k[layer], store.pages_v[layer], store.ring_k[layer], store.ring_v[layer]
     page_strides = pk.stride()[:3] if pk.ndim == 4 else (0, 0, 0)
     ring_strides = rk.stride()[:3] if rk.ndim == 4 else (0, 0, 0)
@@ -138,17 +154,19 @@ def decode_attention(q: torch.Tensor, store: KVStore, layer: int, slots: torch.T
     block = max(block, page)
     _decode_kernel[(bsz, kv_heads, splits)](
         q, pk, pv, rk, rv, store.kind[layer], store.index[layer], store.page_table, lengths.to(torch.int32),
-        slots.to(torch.int32), acc, m, denom,
-        q.stride(0), q.stride(1),
+        slots.to(torch.int32), acc, m, denom, out, alpha_f,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         *page_strides, *ring_strides,
         store.page_table.stride(0),
-        acc.stride(0), acc.stride(1), acc.stride(2), acc.stride(3),
-        m.stride(0), m.stride(1), m.stride(2),
+        *acc_strides,
+        *m_strides,
         scaling, store.sink, store.recent, window or 0,
         G=group, G_PAD=max(16, triton.next_power_of_2(group)), D=d, PAGE=page, BLOCK=block,
         RING=store.ring, RING_PAD=max(16, triton.next_power_of_2(store.ring)), SPLITS=splits, GATED=alpha is not None,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
     )
+    if splits == 1:
+        return out
     top = m.amax(-1, keepdim=True)
     weight = torch.exp(m - top)  # empty splits: m = -inf -> weight 0
     out = (acc * weight[..., None]).sum(-2) / (denom * weight).sum(-1)[..., None]

@@ -46,7 +46,7 @@ class EvalConfig:
     tasks: list[str]
     methods: list[str] = field(default_factory=lambda: ["full"])
     sparsities: list[float] = field(default_factory=lambda: [0.0])
-    heads: str | None = None
+    heads: str | dict[str, str] | None = None  # one head-score file, or one per method: {"rlkv": a, "duo": b}
     limit: int | None = None
     max_new_tokens: int | None = None  # None: each task's own default
     batch_size: int = 32
@@ -65,6 +65,9 @@ class EvalConfig:
     def __post_init__(self):
         if self.engine not in ("auto", "on", "off"):
             raise ValueError(f"engine must be 'auto', 'on' or 'off', got {self.engine!r}")
+        if isinstance(self.heads, dict) and set(self.heads) - set(self.methods):
+            raise ValueError(f"heads are given for {sorted(set(self.heads) - set(self.methods))}, "
+                             f"which are not among the evaluated methods {self.methods}")
 
 
 @dataclass
@@ -113,7 +116,8 @@ def _method_plan(config: EvalConfig, layout: Layout) -> list[tuple[str, float, o
                 plan.append((name, float(sparsity), None))
                 continue
             method = method_registry.build(
-                name, layout, sparsity, heads=config.heads, sink=config.sink, recent=config.recent, seed=config.seed,
+                name, layout, sparsity, heads=_heads_for(config, name), sink=config.sink, recent=config.recent,
+                seed=config.seed,
                 budget=config.budget,
             )
             key = (name, method.sparsity)
@@ -121,6 +125,13 @@ def _method_plan(config: EvalConfig, layout: Layout) -> list[tuple[str, float, o
                 seen.add(key)
                 plan.append((name, method.sparsity, method))
     return sorted(plan, key=lambda p: p[2] is None)
+
+
+def _heads_for(config: EvalConfig, method: str) -> str | None:
+    """The head-score file of `method`: the one file, or its entry in a per-method mapping."""
+    if isinstance(config.heads, dict):
+        return config.heads.get(method)
+    return config.heads
 
 
 def _matched(name: str, task: str, sparsity: float, config: EvalConfig, layout: Layout, out: Path):
@@ -235,7 +246,8 @@ def evaluate(
             raise ValueError(f"task {name!r} has no examples (limit={config.limit})")
         task.prompt(examples[name][0], tokenizer)  # refuses a tokenizer without a chat template
     plan = _method_plan(config, layout)
-    heads_sha = next((m.params.get("heads_sha256") for _, _, m in plan if m and "heads_sha256" in m.params), None)
+    shas = {n: m.params["heads_sha256"] for n, _, m in plan if m and "heads_sha256" in m.params}
+    heads_sha = shas if len(set(shas.values())) > 1 else next(iter(shas.values()), None)  # one file: its hash
     settings = asdict(config)
     record = {
         "model": getattr(model.config, "_name_or_path", None),
