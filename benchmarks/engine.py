@@ -8,7 +8,9 @@
                 to the theoretical 1 / ((1 - s) + s * (sink + recent) / L), L = prompt + new tokens;
                 sparsity 0 runs first and again last (`--repeat-baseline`), speedups use the mean;
 --parts kernel  the decode kernel alone at `--kernel-batch` x `--kernel-context`, every head kept:
-                K/V bytes read per second vs this GPU's measured device-to-device copy bandwidth.
+                K/V bytes read per second vs this GPU's measured device-to-device copy bandwidth;
+--parts profile where a decode step's time goes: wall time per step with and without CUDA graphs at
+                `--max-batch` sequences, and the GPU kernels of the eager run (torch.profiler), top 15.
 Head choice does not change cost: seeded random head scores are used.
 
     python benchmarks/engine.py --model DIR --parts hf,sweep,kernel --out results/engine.json
@@ -129,6 +131,36 @@ def part_kernel(model, args) -> list[dict]:
     return [row]
 
 
+def part_profile(model, tok, heads, args) -> list[dict]:
+    texts = prompts(tok, args.max_batch)
+    rows = []
+    for graphs in (True, False) if torch.cuda.is_available() else (False,):
+        engine = rlkv.Engine(model, tok, HeadSplit(heads.keep_mask(0.5), args.sink, args.recent),
+                             kv_budget=args.kv_budget, max_batch=args.max_batch, cuda_graphs=graphs)
+        engine.generate(texts, max_new_tokens=8, eos_token_ids=[])  # warm-up
+        activities = [torch.profiler.ProfilerActivity.CPU] + (
+            [torch.profiler.ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+        with torch.profiler.profile(activities=activities) as prof:
+            engine.generate(texts, max_new_tokens=args.profile_tokens, eos_token_ids=[])
+        steps = engine.stats.decode_steps
+        row = {"part": "profile", "cuda_graphs": graphs, "batch": args.max_batch, "decode_steps": steps,
+               "ms_per_step": 1e3 * engine.stats.seconds / steps}
+        if not graphs:
+            events = [e for e in prof.key_averages() if getattr(e, "device_time_total", 0) > 0]
+            events.sort(key=lambda e: -e.device_time_total)
+            row["kernels_per_step"] = sum(e.count for e in events) / steps
+            row["gpu_ms_per_step"] = sum(e.self_device_time_total for e in events) / 1e3 / steps
+            row["top_kernels"] = [{"name": e.key[:80], "calls_per_step": e.count / steps,
+                                   "us_per_step": e.self_device_time_total / steps} for e in events[:15]]
+        rows.append(row)
+        del engine
+        torch.cuda.empty_cache()
+        print(f"cuda_graphs={graphs}: {row['ms_per_step']:.2f} ms per decode step", flush=True)
+    for k in rows[-1].get("top_kernels", []):
+        print(f"  {k['us_per_step']:9.1f} us/step  {k['calls_per_step']:6.1f} calls/step  {k['name']}")
+    return rows
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True)
@@ -141,6 +173,7 @@ def main():
     ap.add_argument("--max-batch", type=int, default=256)
     ap.add_argument("--sparsities", default="0,0.2,0.4,0.5,0.6,0.8")
     ap.add_argument("--repeat-baseline", action="store_true", help="run sparsity 0 again last")
+    ap.add_argument("--profile-tokens", type=int, default=64, help="tokens per sequence in the profiled run")
     ap.add_argument("--kernel-batch", type=int, default=64)
     ap.add_argument("--kernel-context", type=int, default=4096)
     ap.add_argument("--sink", type=int, default=16)
@@ -163,13 +196,17 @@ def main():
             rows += part_sweep(model, tok, heads, args, mean_prompt)
         elif part == "kernel":
             rows += part_kernel(model, args)
+        elif part == "profile":
+            rows += part_profile(model, tok, heads, args)
         else:
-            raise SystemExit(f"unknown part {part!r}: expected hf, sweep or kernel")
+            raise SystemExit(f"unknown part {part!r}: expected hf, sweep, kernel or profile")
         write_result(args.out, {**meta, "complete": False, "rows": rows})  # partial results survive a kill
     for part, cols in (("hf", ["batch", "hf_tok_per_s", "engine_tok_per_s", "engine_vs_hf"]),
                        ("sweep", ["sparsity", "tok_per_s", "speedup", "speedup_theory", "of_theory", "max_running",
                                   "pool_pages", "kv_ratio", "peak_gpu_mib", "seconds"]),
-                       ("kernel", ["batch", "context", "microseconds", "kv_gb_per_s", "copy_gb_per_s", "of_copy_bandwidth"])):
+                       ("kernel", ["batch", "context", "microseconds", "kv_gb_per_s", "copy_gb_per_s", "of_copy_bandwidth"]),
+                       ("profile", ["cuda_graphs", "batch", "decode_steps", "ms_per_step", "kernels_per_step",
+                                    "gpu_ms_per_step"])):
         if any(r["part"] == part for r in rows):
             print_table([r for r in rows if r["part"] == part], cols)
     write_result(args.out, {**meta, "complete": True, "rows": rows})
