@@ -230,3 +230,20 @@ def test_kernel_equals_the_torch_path(gated_mode):
             for splits in (1, 3):
                 got = decode_attention(q, store, layer, slots, lengths, 0.25, window, alpha, splits=splits, block=16)
                 torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_an_interrupted_generate_gives_its_memory_back():
+    model = tiny_model("qwen2")
+    eng = engine(model)
+    ps, _, _ = prompts()
+
+    def boom(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    decode = eng._decode
+    eng._decode = boom
+    with pytest.raises(KeyboardInterrupt):
+        eng.generate(ps, max_new_tokens=NEW, eos_token_ids=[])
+    eng._decode = decode
+    assert len(eng.store._free_pages) == eng.store.capacity_pages and len(eng.store._free_slots) == eng.max_batch
+    assert len(eng.generate(ps, max_new_tokens=3, eos_token_ids=[])) == len(ps)

@@ -80,7 +80,7 @@ class EngineStats:
         return self.generated_tokens / self.seconds if self.seconds else 0.0
 
 
-@dataclass
+@dataclass(eq=False)  # requests are compared by identity
 class _Request:
     index: int
     prompt: list[int]
@@ -174,22 +174,26 @@ class Engine:
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
         start = time.perf_counter()
-        with torch.inference_mode(), patched(self.model, "rlkv_engine", attention, self.state):
-            while waiting or prefilling or running:
-                while (waiting and len(prefilling) + len(running) < self.max_batch
-                       and self.store.can_admit(len(waiting[0].prompt) + waiting[0].max_new)):
-                    req = waiting.popleft()
-                    req.slot, req.pages = self.store.admit(len(req.prompt) + req.max_new)
-                    prefilling.append(req)
-                if prefilling:
-                    finished_prompts = self._prefill(prefilling, sampling)
-                    prefilling = [r for r in prefilling if r not in finished_prompts]
-                    running += finished_prompts
-                    running = self._retire(running, finish, done, bar)
-                if running:
-                    self.stats.max_running = max(self.stats.max_running, len(running))
-                    self._decode(running, sampling)
-                    running = self._retire(running, finish, done, bar)
+        try:
+            with torch.inference_mode(), patched(self.model, "rlkv_engine", attention, self.state):
+                while waiting or prefilling or running:
+                    while (waiting and len(prefilling) + len(running) < self.max_batch
+                           and self.store.can_admit(len(waiting[0].prompt) + waiting[0].max_new)):
+                        req = waiting.popleft()
+                        req.slot, req.pages = self.store.admit(len(req.prompt) + req.max_new)
+                        prefilling.append(req)
+                    if prefilling:
+                        finished_prompts = self._prefill(prefilling, sampling)
+                        prefilling = [r for r in prefilling if r not in finished_prompts]
+                        running += finished_prompts
+                        running = self._retire(running, finish, done, bar)
+                    if running:
+                        self.stats.max_running = max(self.stats.max_running, len(running))
+                        self._decode(running, sampling)
+                        running = self._retire(running, finish, done, bar)
+        finally:  # an interrupted call gives its slots and pages back: the engine stays usable
+            for req in prefilling + running:
+                self.store.release(req.slot, req.pages)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             self.stats.peak_memory = torch.cuda.max_memory_allocated(self.device)
