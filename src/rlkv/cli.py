@@ -223,6 +223,7 @@ def identify(
     checkpoint_every: int = typer.Option(10, min=1),
     gradient_checkpointing: bool = typer.Option(False, help="recompute activations in backward (long rollouts)"),
     rollout_engine: str = typer.Option("auto", help="rollouts through rlkv.Engine: auto (on a GPU), on, off"),
+    rollout_kv_budget: str = typer.Option("0.4", help="the rollout engine's KV pool: a share of free GPU memory or a size (8GiB)"),
     seed: int = typer.Option(0),
     check_limit: int = typer.Option(64, min=0, help="held-out problems for the sanity check after training (0: skip)"),
     check_sparsities: str = typer.Option("0.5,0.8", help="sparsities of the sanity check"),
@@ -243,6 +244,7 @@ def identify(
             rollout_batch_size=rollout_batch_size, train_batch_size=train_batch_size,
             samples_per_problem=samples_per_problem, band=tuple(_floats(band, "--band")),
             gradient_checkpointing=gradient_checkpointing, rollout_engine=rollout_engine,
+            rollout_kv_budget=float(rollout_kv_budget) if rollout_kv_budget.replace(".", "", 1).isdigit() else rollout_kv_budget,
         )
         training = rlkv.tasks.get(task)
         pool = training.load(data_dir=data_dir, seed=seed)
