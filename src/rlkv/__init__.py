@@ -6,6 +6,9 @@
         out = model.generate(**tok(prompts, return_tensors="pt", padding=True), max_new_tokens=512)
     print(c.cache.nbytes())
 
+    engine = rlkv.Engine(model, tok, rlkv.methods.HeadSplit.from_scores(heads, 0.5), kv_budget="20GiB")
+    outs = engine.generate(prompts, max_new_tokens=8192, temperature=0.6, top_p=0.95, seed=0)
+
     heads = rlkv.identify(model, tok, rlkv.tasks.get("math_train"), problems, rlkv.IdentifyConfig(), "runs/id")
 """
 
