@@ -46,8 +46,9 @@ def test_run_records_every_sample_and_aggregates(lm, tmp_path):
     assert "| method | sparsity | arith | gsm8k |" in res.table()
 
 
-def test_resume_after_a_kill_gives_the_same_aggregates(lm, tmp_path, monkeypatch):
-    whole = evaluate(*lm, config(), tmp_path / "whole", progress=False)
+@pytest.mark.parametrize("engine", ["off", "on"])
+def test_resume_after_a_kill_gives_the_same_aggregates(lm, tmp_path, monkeypatch, engine):
+    whole = evaluate(*lm, config(engine=engine), tmp_path / "whole", progress=False)
     import rlkv.eval.run as run
 
     real, calls = run._append, {"n": 0}
@@ -62,11 +63,11 @@ def test_resume_after_a_kill_gives_the_same_aggregates(lm, tmp_path, monkeypatch
 
     monkeypatch.setattr(run, "_append", dying_append)
     with pytest.raises(KeyboardInterrupt):
-        evaluate(*lm, config(), tmp_path / "resumed", progress=False)
+        evaluate(*lm, config(engine=engine), tmp_path / "resumed", progress=False)
     monkeypatch.setattr(run, "_append", real)
     partial = len(read_jsonl(tmp_path / "resumed" / "samples.jsonl"))
     assert 0 < partial < 30
-    resumed = evaluate(*lm, config(), tmp_path / "resumed", progress=False)
+    resumed = evaluate(*lm, config(engine=engine), tmp_path / "resumed", progress=False)
     assert len(resumed.samples) == 30
     strip = lambda rows: [{k: r[k] for k in STABLE} for r in rows]  # noqa: E731
     assert strip(resumed.rows) == strip(whole.rows)
@@ -228,7 +229,7 @@ def test_the_engine_grades_like_the_transformers_path(lm, tmp_path):
     full = [s for s in b if s["method"] == "full"]
     assert all(s["kv_bytes"] == s["kv_bytes_full"] for s in full)
     batches = read_jsonl(tmp_path / "engine" / "batches.jsonl")
-    assert all(r["engine"] for r in batches) and len(batches) == 2 * 3  # 5 prompts < 3 x ENGINE_CHUNK: one call per group
+    assert all(r["engine"] for r in batches) and [r["batch"] for r in batches] == [3, 2] * 6  # recorded per batch_size
 
 
 def test_engine_on_refuses_token_dropping_methods(lm, tmp_path):

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -92,6 +93,7 @@ class _Request:
     tokens: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     finish: str | None = None
+    completion: Completion | None = None
 
 
 class Engine:
@@ -150,12 +152,14 @@ class Engine:
     def generate(self, prompts, max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
                  top_k: int = 0, seed: int | list[int] = 0, stop: list[str] | None = None,
                  eos_token_ids: list[int] | None = None, repetition_window: int = 0, repetition_min_distinct: int = 40,
-                 progress: bool = False) -> list[Completion]:
+                 progress: bool = False, on_complete: Callable[[int, Completion], None] | None = None,
+                 ) -> list[Completion]:
         """Complete every prompt (strings, used as is with no special tokens added, or lists of token ids).
 
         Request i samples with seed `seed + i` (or `seed[i]`): its output does not depend on the
         other requests. `repetition_window` > 0 stops a request whose last `repetition_window`
         tokens hold fewer than `repetition_min_distinct` distinct ids (checked every window).
+        `on_complete(i, completion)` is called as soon as request i finishes (e.g. to save it).
         """
         if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
             raise ValueError(f"need temperature >= 0, 0 < top_p <= 1, top_k >= 0; got {temperature}, {top_p}, {top_k}")
@@ -168,7 +172,8 @@ class Engine:
         self.stats = EngineStats(requests=len(requests), prompt_tokens=sum(len(r.prompt) for r in requests),
                                  pool_bytes=self.store.nbytes(), pages=self.store.capacity_pages)
         sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p)
-        finish = dict(eos=eos, stop=stop or [], window=repetition_window, distinct=repetition_min_distinct)
+        finish = dict(eos=eos, stop=stop or [], window=repetition_window, distinct=repetition_min_distinct,
+                      on_complete=on_complete)
         bar = tqdm(total=len(requests), desc="generate", disable=not progress, dynamic_ncols=True)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -200,7 +205,7 @@ class Engine:
         bar.close()
         self.stats.seconds = time.perf_counter() - start
         self.stats.peak_pages_used = self.store.peak_pages_used
-        return [self._completion(r, stop or []) for r in sorted(done, key=lambda r: r.index)]
+        return [r.completion for r in sorted(done, key=lambda r: r.index)]
 
     # ------------------------------------------------------------------ requests
     def _requests(self, prompts, max_new: int, seed) -> list[_Request]:
@@ -249,8 +254,11 @@ class Engine:
                 still.append(req)
                 continue
             self.store.release(req.slot, req.pages)
+            req.completion = self._completion(req, finish["stop"])
             done.append(req)
             bar.update(1)
+            if finish["on_complete"] is not None:
+                finish["on_complete"](req.index, req.completion)
         return still
 
     def _completion(self, req: _Request, stop: list[str]) -> Completion:

@@ -284,16 +284,9 @@ def evaluate(
         pending = sorted(pending, key=lambda e: -lengths[e.id])  # similar lengths share a batch: less padding
         scores = [s["score"] for s in done.values() if _key(s)[:3] == (task_name, name, sparsity)]
         engine = _engine(model, tokenizer, method, config)
-        chunk = config.batch_size * (ENGINE_CHUNK if engine else 1)
-        for start in range(0, len(pending), chunk):
-            batch = pending[start : start + chunk]
-            if engine:
-                seeds = [stable_seed(config.seed, task_name, e.id) for e in batch]  # the same in any chunk
-                samples, timing = _generate_engine(engine, [prompts[e.id] for e in batch], seeds, max_new, eos, config)
-            else:
-                samples, timing = _generate_batch(
-                    model, tokenizer, method, [prompts[e.id] for e in batch], max_new, eos, config, layout
-                )
+
+        def save_batch(batch: list, samples: list[dict], timing: dict) -> None:
+            """Grade a finished batch, append its samples and timing, advance the progress bar."""
             grades = task.grade_many(batch, [s["completion"] for s in samples])
             for example, sample, score in zip(batch, samples, grades):
                 sample.update(task=task_name, method=name, sparsity=sparsity, id=example.id, score=float(score))
@@ -301,9 +294,18 @@ def evaluate(
                     sample["budget"] = method.policy.budget
             _append(out / "samples.jsonl", samples)
             _append(out / "batches.jsonl", [{"task": task_name, "method": name, "sparsity": sparsity, **timing}])
-            scores += grades
+            scores.extend(grades)
             bar.update(len(batch))
             bar.set_postfix_str(f"{task_name}/{name}@{sparsity:g} acc {sum(scores) / len(scores):.3f}")
+
+        if engine:
+            _generate_engine(engine, task_name, pending, prompts, max_new, eos, config, save_batch)
+        else:
+            for start in range(0, len(pending), config.batch_size):
+                batch = pending[start : start + config.batch_size]
+                save_batch(batch, *_generate_batch(
+                    model, tokenizer, method, [prompts[e.id] for e in batch], max_new, eos, config, layout
+                ))
         del engine  # its KV pool goes back before the next group's
     bar.close()
     samples = read_jsonl(out / "samples.jsonl")
@@ -323,9 +325,6 @@ def _record_kv_bytes(samples: list[dict], cache, full_per_token: int) -> None:
                  kv_bytes_mean=float(b.mean()), kv_bytes_full_mean=float(t.double().mean()) * full_per_token)
 
 
-ENGINE_CHUNK = 4  # the engine gets batch_size x 4 prompts per call: finished sequences make room for waiting ones
-
-
 def _engine(model, tokenizer, method, config: EvalConfig):
     """An rlkv.Engine for a head-split `method` when config.engine asks for it, else None (transformers path)."""
     from rlkv.engine import Engine
@@ -341,17 +340,45 @@ def _engine(model, tokenizer, method, config: EvalConfig):
     return Engine(model, tokenizer, method, max_batch=config.batch_size)
 
 
-def _generate_engine(engine, prompts, seeds, max_new, eos, config: EvalConfig):
-    outs = engine.generate(
-        prompts, max_new_tokens=max_new, temperature=config.temperature, top_p=config.top_p, seed=seeds,
-        eos_token_ids=eos, repetition_window=config.repetition_window,
-        repetition_min_distinct=config.repetition_min_distinct,
+def _generate_engine(engine, task_name: str, pending: list, prompts: dict, max_new: int, eos: list[int],
+                     config: EvalConfig, save_batch) -> None:
+    """Every pending prompt in one engine call (continuous batching throughout); each `batch_size`
+    finished samples are recorded at once, so an interrupted run keeps them.
+
+    A batch's seconds are the generation wall time since the previous batch, grading excluded.
+    Seeds come from (run seed, task, example id): a resumed run samples each example as before.
+    """
+    buffer: list[tuple[int, object]] = []
+    clock = {"last": time.perf_counter(), "grading": 0.0}
+
+    def flush() -> None:
+        if not buffer:
+            return
+        now = time.perf_counter()
+        batch = [pending[i] for i, _ in buffer]
+        samples = [{"completion": o.text, "tokens": len(o.tokens), "prompt_tokens": o.prompt_tokens,
+                    "finish": o.finish} for _, o in buffer]
+        _record_kv_bytes(samples, engine.store, engine.layout.kv_bytes_per_token())
+        timing = {"seconds": now - clock["last"] - clock["grading"], "tokens": sum(s["tokens"] for s in samples),
+                  "batch": len(samples), "engine": True}
+        buffer.clear()
+        save_batch(batch, samples, timing)
+        clock["grading"] = 0.0
+        clock["last"] = now
+        clock["grading"] += time.perf_counter() - now  # grading and writing stall generation: not its time
+
+    def on_complete(index: int, completion) -> None:
+        buffer.append((index, completion))
+        if len(buffer) >= config.batch_size:
+            flush()
+
+    engine.generate(
+        [prompts[e.id] for e in pending], max_new_tokens=max_new, temperature=config.temperature, top_p=config.top_p,
+        seed=[stable_seed(config.seed, task_name, e.id) for e in pending], eos_token_ids=eos,
+        repetition_window=config.repetition_window, repetition_min_distinct=config.repetition_min_distinct,
+        on_complete=on_complete,
     )
-    samples = [{"completion": o.text, "tokens": len(o.tokens), "prompt_tokens": o.prompt_tokens, "finish": o.finish}
-               for o in outs]
-    _record_kv_bytes(samples, engine.store, engine.layout.kv_bytes_per_token())
-    stats = engine.stats
-    return samples, {"seconds": stats.seconds, "tokens": stats.generated_tokens, "batch": len(prompts), "engine": True}
+    flush()
 
 
 def _generate_batch(model, tokenizer, method, prompts, max_new, eos, config: EvalConfig, layout: Layout):
