@@ -70,10 +70,9 @@ class EngineAttention:
     def __init__(self, store: KVStore, group: int, alpha: torch.Tensor | None, use_kernel: bool):
         self.store, self.group, self.alpha, self.use_kernel = store, group, alpha, use_kernel
         self.batch: Decode | Prefill | None = None
-        self.q_full = [torch.nonzero(row.repeat_interleave(group)).flatten().to(idx.device)
-                       for row, idx in zip(store.keep, store.full_idx)]
-        self.q_comp = [torch.nonzero(~row.repeat_interleave(group)).flatten().to(idx.device)
-                       for row, idx in zip(store.keep, store.full_idx)]
+        device = store.page_table.device
+        self.q_full = [torch.nonzero(row.repeat_interleave(group)).flatten().to(device) for row in store.keep]
+        self.q_comp = [torch.nonzero(~row.repeat_interleave(group)).flatten().to(device) for row in store.keep]
 
     def before_forward(self, step) -> None:
         raise RuntimeError("a model driven by rlkv.Engine cannot be called directly while the engine runs")
@@ -169,7 +168,7 @@ def decode_torch(q, store: KVStore, layer: int, slots, lengths, max_len: int | N
     group = hq // s.keep.shape[1]
     out = q.new_empty(bsz, hq, d)
     low = lengths - window if window else torch.zeros_like(lengths)
-    keep = s.keep[layer].repeat_interleave(group)
+    keep = s.keep[layer].repeat_interleave(group).to(q.device)  # per query head
     if len(s.full_idx[layer]):
         n_pages = -(-(max_len if max_len is not None else int(lengths.max())) // s.page_size)
         table = s.page_table[slots, :n_pages].long()  # [B, P]
@@ -178,21 +177,21 @@ def decode_torch(q, store: KVStore, layer: int, slots, lengths, max_len: int | N
         t = torch.arange(keys.shape[2], device=q.device)[None]
         valid = (t < lengths[:, None]) & (t >= low[:, None])
         mask = valid[:, None, None, :].expand(-1, keys.shape[1], 1, -1)
-        qf = q[:, keep.to(q.device)][:, :, None]
+        qf = q[:, keep][:, :, None]
         full = masked_attention(qf, keys, values, mask, scaling)[:, 0]
         if alpha is not None:
             stream = valid & ((t < s.sink) | (t > lengths[:, None] - 1 - s.recent))
             mask = stream[:, None, None, :].expand(-1, keys.shape[1], 1, -1)
             a = alpha.to(full.dtype).repeat_interleave(group)[None, :, None]
             full = a * full + (1 - a) * masked_attention(qf, keys, values, mask, scaling)[:, 0]
-        out[:, keep.to(q.device)] = full
+        out[:, keep] = full
     if len(s.comp_idx[layer]):
         keys = s.ring_k[layer][slots].transpose(1, 2)  # [B, C, ring, D]
         values = s.ring_v[layer][slots].transpose(1, 2)
         pos = ring_positions(lengths, s.sink, s.recent)
         valid = (pos >= 0) & (pos >= low[:, None])
         mask = valid[:, None, None, :].expand(-1, keys.shape[1], 1, -1)
-        out[:, ~keep.to(q.device)] = masked_attention(q[:, ~keep.to(q.device)][:, :, None], keys, values, mask, scaling)[:, 0]
+        out[:, ~keep] = masked_attention(q[:, ~keep][:, :, None], keys, values, mask, scaling)[:, 0]
     return out
 
 

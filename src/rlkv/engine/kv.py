@@ -49,7 +49,7 @@ def ring_positions(lengths: torch.Tensor, sink: int, recent: int) -> torch.Tenso
     """Token position held by each ring slot [n, sink + recent] after `lengths` [n] tokens (-1: empty)."""
     last = lengths[:, None] - 1
     j = torch.arange(sink + recent, device=lengths.device)[None, :]
-    pos = torch.where(j < sink, j.expand_as(last + j), last - (last - j).remainder(recent))
+    pos = torch.where(j < sink, j, last - (last - j).remainder(recent))
     valid = torch.where(j < sink, j <= last, pos >= sink)
     return torch.where(valid, pos, -1)
 
