@@ -108,6 +108,17 @@ def _floats(text: str, what: str) -> list[float]:
         raise ValueError(f"{what} must be comma-separated numbers, got {text!r}") from None
 
 
+def _budget(text: str | None) -> str | float | None:
+    """A KV budget option: "0.4" is a share of free GPU memory, "8GiB" or "8000000000" a size."""
+    if text is None:
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        return text
+    return value if value <= 1 else int(value)
+
+
 def _heads_option(values: list[str] | None) -> str | dict[str, str] | None:
     """--heads: one file for every head-ranked method, or METHOD=FILE entries."""
     if not values:
@@ -143,6 +154,7 @@ def eval_(
     data_dir: Optional[str] = typer.Option(None, help="task data directory (default $RLKV_DATA_DIR or ../shared/data)"),
     report: bool = typer.Option(True, help="write report.md and plots when done"),
     engine: str = typer.Option("auto", help="head-split methods through rlkv.Engine: auto (on a GPU), on, off"),
+    kv_budget: Optional[str] = typer.Option(None, help="the engine's KV pool: a size (20GiB) or a share of free GPU memory (0.8)"),
 ):
     """Evaluate methods x sparsities on tasks; results stream to OUT and resume after interruption."""
     import rlkv
@@ -156,7 +168,7 @@ def eval_(
             heads=_heads_option(heads),
             limit=limit, max_new_tokens=max_new_tokens, batch_size=batch_size, temperature=temperature,
             top_p=top_p, seed=seed, sink=sink, recent=recent, budget=budget, match_bytes=match_bytes, data_dir=data_dir,
-            engine=engine,
+            engine=engine, kv_budget=_budget(kv_budget),
         )
         for name in config.tasks:
             rlkv.tasks.get(name)
@@ -244,7 +256,7 @@ def identify(
             rollout_batch_size=rollout_batch_size, train_batch_size=train_batch_size,
             samples_per_problem=samples_per_problem, band=tuple(_floats(band, "--band")),
             gradient_checkpointing=gradient_checkpointing, rollout_engine=rollout_engine,
-            rollout_kv_budget=float(rollout_kv_budget) if rollout_kv_budget.replace(".", "", 1).isdigit() else rollout_kv_budget,
+            rollout_kv_budget=_budget(rollout_kv_budget),
         )
         training = rlkv.tasks.get(task)
         pool = training.load(data_dir=data_dir, seed=seed)

@@ -61,6 +61,7 @@ class EvalConfig:
     repetition_window: int = 400  # 0 turns the degenerate-repetition stop off
     repetition_min_distinct: int = 40
     engine: str = "auto"  # head-split methods through rlkv.Engine: "auto" (on CUDA), "on" or "off" (transformers)
+    kv_budget: str | float | None = None  # the engine's KV pool: a size ("20GiB") or a share of free GPU memory
 
     def __post_init__(self):
         if self.engine not in ("auto", "on", "off"):
@@ -337,7 +338,7 @@ def _engine(model, tokenizer, method, config: EvalConfig):
         return None
     if on_gpu:
         torch.cuda.empty_cache()  # the previous group's pool and activations
-    return Engine(model, tokenizer, method, max_batch=config.batch_size)
+    return Engine(model, tokenizer, method, kv_budget=config.kv_budget, max_batch=config.batch_size)
 
 
 def _generate_engine(engine, task_name: str, pending: list, prompts: dict, max_new: int, eos: list[int],
