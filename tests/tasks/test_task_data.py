@@ -9,11 +9,12 @@ import pytest
 from rlkv import tasks
 from rlkv.tasks.base import Example, Task
 
-EXPECTED = {"gsm8k": 1319, "math500": 500, "aime24": 30, "mbpp": 500, "math_train": 7474 - 4 + 975}  # 4 lack answers
+EXPECTED = {"gsm8k": 1319, "math500": 500, "aime24": 30, "mbpp": 500, "math_train": 7474 - 4 + 975,  # 4 lack answers
+            "gsm8k_train": 7473}
 
 
 def test_registry_lists_and_gets_tasks():
-    assert tasks.names() == ["gsm8k", "math500", "aime24", "mbpp", "math_train", "arith"]
+    assert tasks.names() == ["gsm8k", "math500", "aime24", "mbpp", "math_train", "gsm8k_train", "arith"]
     assert all(tasks.get(name).name == name for name in tasks.names())
 
 

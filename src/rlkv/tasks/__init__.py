@@ -15,7 +15,7 @@ from __future__ import annotations
 from rlkv.tasks.aime24 import AIME24
 from rlkv.tasks.arith import Arith
 from rlkv.tasks.base import Example, Task
-from rlkv.tasks.gsm8k import GSM8K
+from rlkv.tasks.gsm8k import GSM8K, GSM8KTrain
 from rlkv.tasks.math500 import MATH500
 from rlkv.tasks.math_train import MathTrain
 from rlkv.tasks.mbpp import MBPP
@@ -47,6 +47,6 @@ def get(name: str) -> Task:
     return _REGISTRY[name]
 
 
-for _task in (GSM8K(), MATH500(), AIME24(), MBPP(), MathTrain(), Arith()):
+for _task in (GSM8K(), MATH500(), AIME24(), MBPP(), MathTrain(), GSM8KTrain(), Arith()):
     register(_task)
 del _task

@@ -1,4 +1,6 @@
-"""GSM8K (grade-school math word problems), test split, graded on the final number.
+"""GSM8K (grade-school math word problems) graded on the final number: the test split, and the
+train split as a training task for RL identification (`gsm8k_train`: a pool where small models
+earn rewards, unlike competition math).
 
 Records: ``question`` and ``answer``, the reference solution whose last line is ``#### N``;
 the reference final answer is N without thousands commas, and the full solution is kept in
@@ -25,7 +27,7 @@ class GSM8K(Task):
 
     def make_example(self, record: dict, index: int, source: str) -> Example:
         return Example(
-            id=f"gsm8k-{index}",
+            id=f"{self.name}-{index}",
             question=record["question"],
             answer=final_answer(record["answer"]),
             meta={"solution": record["answer"]},
@@ -33,3 +35,10 @@ class GSM8K(Task):
 
     def grade(self, example: Example, completion: str) -> float:
         return grade_math(completion, example.answer)
+
+
+class GSM8KTrain(GSM8K):
+    name = "gsm8k_train"
+    files = ("gsm8k_train.jsonl",)
+    split = "train"
+
