@@ -1,0 +1,59 @@
+"""The GPU benchmark scripts run end to end on a tiny saved model on the CPU (so they cannot rot between GPU sessions)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import REPO, tiny_model, tiny_tokenizer
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny")
+    tiny_model("qwen2").save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+def run(script: str, *args: str) -> None:
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+
+
+def test_engine_benchmark_writes_every_part(saved, tmp_path):
+    out = tmp_path / "engine.json"
+    run("engine.py", "--model", str(saved), "--parts", "hf,sweep,kernel,profile", "--hf-batches", "2",
+        "--hf-new-tokens", "4", "--requests", "3", "--new-tokens", "4", "--kv-budget", "8MiB", "--max-batch", "2",
+        "--sparsities", "0,0.5", "--kernel-batch", "2", "--kernel-context", "32", "--profile-tokens", "2",
+        "--out", str(out))
+    result = json.loads(out.read_text())
+    assert result["complete"] and "command" in result["environment"]
+    assert {r["part"] for r in result["rows"]} == {"hf", "sweep", "kernel", "profile"}
+    sweep = [r for r in result["rows"] if r["part"] == "sweep"]
+    assert [r["sparsity"] for r in sweep] == [0.0, 0.5] and sweep[0]["speedup"] == pytest.approx(1.0)
+
+
+def test_efficiency_benchmark_grades_each_sparsity(saved, tmp_path):
+    heads = tmp_path / "heads.json"
+    import rlkv
+
+    rlkv.HeadScores.random(rlkv.Layout.of(tiny_model("qwen2")), seed=0).save(heads)
+    out = tmp_path / "eff.json"
+    run("efficiency.py", "--model", str(saved), "--heads", str(heads), "--task", "arith", "--limit", "2",
+        "--sparsities", "0,0.5", "--max-new-tokens", "4", "--max-batch", "2", "--kv-budget", "8MiB", "--out", str(out))
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["sparsity"] for r in rows] == [0.0, 0.5] and rows[0]["speedup_e2e"] == pytest.approx(1.0)
+    assert all(0 <= r["accuracy"] <= 1 and r["mean_tokens"] > 0 for r in rows)
+
+
+def test_hf_cache_benchmark_measures_each_sparsity(saved, tmp_path):
+    out = tmp_path / "hf.json"
+    run("hf_cache.py", "--model", str(saved), "--batch", "2", "--new-tokens", "4", "--sparsities", "0,0.5",
+        "--repeat-baseline", "--out", str(out))
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["config"] for r in rows] == ["DynamicCache", "rlkv s=0", "rlkv s=0.5", "DynamicCache (again)"]
+    assert rows[2]["kv_bytes_end"] < rows[1]["kv_bytes_end"] == rows[0]["kv_bytes_end"]
