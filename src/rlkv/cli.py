@@ -345,7 +345,7 @@ def demo(
         results, png = run_demo(lm, tok, heads, out, data_dir, limit, max_new_tokens)
     except USER_ERRORS as err:
         fail(err)
-    table = Table(title=f"rlkv demo: {rlkv.Layout.of(lm).name}, {limit} problems per task")
+    table = Table(title=f"rlkv demo: {Path(rlkv.Layout.of(lm).name or 'model').name}, {limit} problems per task")
     for col in ("task", "method", "sparsity", "accuracy %", "KV held / seq (KiB)", "KV / full", "tok/s"):
         table.add_column(col, justify="left" if col in ("task", "method") else "right")
     for row in results.rows:
