@@ -54,11 +54,11 @@ def generate(
     import torch
 
     import rlkv
+    from rlkv.engine import check_setting, engine_for
     from rlkv.hf import resolve_keep
 
     try:
-        if engine not in ("auto", "on", "off"):
-            raise ValueError(f"--engine must be auto, on or off, got {engine!r}")
+        check_setting(engine)  # before the (slow) model load
         lm, tok = rlkv.load_model(model)
         texts = [
             tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
@@ -66,9 +66,9 @@ def generate(
             else p
             for p in prompt
         ]
-        if engine == "on" or (engine == "auto" and lm.device.type == "cuda"):
-            keep = resolve_keep(rlkv.Layout.of(lm), heads, sparsity)
-            runner = rlkv.Engine(lm, tok, rlkv.methods.HeadSplit(keep, sink, recent), max_batch=len(texts))
+        keep = resolve_keep(rlkv.Layout.of(lm), heads, sparsity)
+        runner = engine_for(engine, lm, tok, rlkv.methods.HeadSplit(keep, sink, recent), max_batch=len(texts))
+        if runner is not None:
             if not chat:
                 texts = [tok(t).input_ids for t in texts]  # plain prompts get the tokenizer's special tokens
             outs = runner.generate(texts, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
@@ -81,7 +81,7 @@ def generate(
                             top_p=top_p if temperature > 0 else None)
             torch.manual_seed(seed)
             start = time.perf_counter()
-            with rlkv.compress(lm, heads, sparsity=sparsity, sink=sink, recent=recent) as handle:
+            with rlkv.compress(lm, keep, sink=sink, recent=recent) as handle:
                 out = lm.generate(**enc, max_new_tokens=max_new_tokens, **sampling)
             elapsed = time.perf_counter() - start
             new = out[:, enc.input_ids.shape[1] :]
@@ -271,8 +271,7 @@ def identify(
         def curriculum():
             from rlkv.identify.grpo import rollout_engine
 
-            engine = rollout_engine(lm, tok, None, config.rollout_engine, config.rollout_kv_budget,
-                                    config.rollout_batch_size)
+            engine = rollout_engine(lm, tok, None, config)
             return select_problems(
                 lm, tok, training, examples, config.samples_per_problem, config.band, config.max_new_tokens,
                 cache_path=out / "curriculum.json", batch_size=config.rollout_batch_size, seed=seed, engine=engine,

@@ -8,6 +8,6 @@ Modules, in the order a request meets them: `engine` (scheduling, forwards, CUDA
 Triton decode kernel), `sampling` (seeded, batch-independent sampling).
 """
 
-from rlkv.engine.engine import Completion, Engine, EngineStats, Gated
+from rlkv.engine.engine import ENGINE_SETTINGS, Completion, Engine, EngineStats, Gated, check_setting, engine_for
 
-__all__ = ["Completion", "Engine", "EngineStats", "Gated"]
+__all__ = ["ENGINE_SETTINGS", "Completion", "Engine", "EngineStats", "Gated", "check_setting", "engine_for"]

@@ -35,6 +35,24 @@ from rlkv.methods.headsplit import HeadSplit
 from rlkv.models import Layout, eos_ids
 
 
+ENGINE_SETTINGS = ("auto", "on", "off")
+
+
+def check_setting(setting: str) -> str:
+    """`setting` if it is one of ENGINE_SETTINGS, else a one-line error."""
+    if setting not in ENGINE_SETTINGS:
+        raise ValueError(f"engine must be 'auto', 'on' or 'off', got {setting!r}")
+    return setting
+
+
+def engine_for(setting: str, model, tokenizer, method=None, **engine_kwargs) -> Engine | None:
+    """An Engine when `setting` asks for one ("on", or "auto" with the model on CUDA); None means the
+    transformers path ("off", or "auto" on a CPU)."""
+    if check_setting(setting) == "off" or (setting == "auto" and next(model.parameters()).device.type != "cuda"):
+        return None
+    return Engine(model, tokenizer, method, **engine_kwargs)
+
+
 @dataclass
 class Gated:
     """RL-rollout mode: every head keeps its full cache; output = alpha * full + (1 - alpha) * streaming.

@@ -33,6 +33,7 @@ def parse_bytes(budget, device: torch.device) -> int:
             raise ValueError(f"a fractional kv_budget must be in (0, 1] (a share of free GPU memory), got {budget}")
         if device.type != "cuda":
             raise ValueError("a fractional kv_budget is a share of free GPU memory; on CPU give bytes, e.g. '1GiB'")
+        torch.cuda.empty_cache()  # blocks torch has cached but not used count as free
         free, _ = torch.cuda.mem_get_info(device)
         return int(free * budget)
     if isinstance(budget, str):

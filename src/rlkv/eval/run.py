@@ -30,8 +30,10 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 
 from rlkv import methods as method_registry
 from rlkv import tasks as task_registry
+from rlkv.engine.engine import check_setting, engine_for
 from rlkv.engine.sampling import stable_seed
 from rlkv.eval.summary import summarize
+from rlkv.methods.headsplit import HeadSplit
 from rlkv.methods.matching import bytes_over_decoding, match_budget
 from rlkv.models import Layout, eos_ids
 
@@ -64,8 +66,7 @@ class EvalConfig:
     kv_budget: str | float | None = None  # the engine's KV pool: a size ("20GiB") or a share of free GPU memory
 
     def __post_init__(self):
-        if self.engine not in ("auto", "on", "off"):
-            raise ValueError(f"engine must be 'auto', 'on' or 'off', got {self.engine!r}")
+        check_setting(self.engine)
         if isinstance(self.heads, dict) and set(self.heads) - set(self.methods):
             raise ValueError(f"heads are given for {sorted(set(self.heads) - set(self.methods))}, "
                              f"which are not among the evaluated methods {self.methods}")
@@ -328,17 +329,11 @@ def _record_kv_bytes(samples: list[dict], cache, full_per_token: int) -> None:
 
 def _engine(model, tokenizer, method, config: EvalConfig):
     """An rlkv.Engine for a head-split `method` when config.engine asks for it, else None (transformers path)."""
-    from rlkv.engine import Engine
-    from rlkv.methods.headsplit import HeadSplit
-
-    on_gpu = next(model.parameters()).device.type == "cuda"
-    if config.engine == "off" or (config.engine == "auto" and not on_gpu) or not isinstance(method, HeadSplit):
-        if config.engine == "on" and not isinstance(method, HeadSplit):
+    if not isinstance(method, HeadSplit):
+        if config.engine == "on":
             raise ValueError(f"--engine on: method {method.describe()['method']!r} runs on the transformers path only")
         return None
-    if on_gpu:
-        torch.cuda.empty_cache()  # the previous group's pool and activations
-    return Engine(model, tokenizer, method, kv_budget=config.kv_budget, max_batch=config.batch_size)
+    return engine_for(config.engine, model, tokenizer, method, kv_budget=config.kv_budget, max_batch=config.batch_size)
 
 
 def _generate_engine(engine, task_name: str, pending: list, prompts: dict, max_new: int, eos: list[int],

@@ -43,7 +43,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from rlkv.engine import Gated
+from rlkv.engine import ENGINE_SETTINGS, Gated, engine_for
 from rlkv.heads import HeadScores, command_line
 from rlkv.identify.gated import gated, init_gates
 from rlkv.models import Layout, eos_ids
@@ -84,7 +84,7 @@ class IdentifyConfig:
             "rollout_batch_size": self.rollout_batch_size >= 1, "train_batch_size": self.train_batch_size >= 1,
             "samples_per_problem": self.samples_per_problem >= 1,
             "band": len(self.band) == 2 and 0 <= self.band[0] < self.band[1] <= 1,
-            "rollout_engine": self.rollout_engine in ("auto", "on", "off"),
+            "rollout_engine": self.rollout_engine in ENGINE_SETTINGS,
         }
         for name, ok in checks.items():
             if not ok:
@@ -133,14 +133,11 @@ def sample(model, tokenizer, prompts: list[str], max_new_tokens: int, temperatur
     return out
 
 
-def rollout_engine(model, tokenizer, method, setting: str, kv_budget, max_batch: int):
-    """An rlkv.Engine for rollouts when `setting` asks for one ("on", or "auto" on CUDA), else None."""
-    from rlkv.engine import Engine
-
+def rollout_engine(model, tokenizer, method, config: IdentifyConfig):
+    """The rlkv.Engine for rollouts (curriculum sampling: method None) when config.rollout_engine asks, else None."""
     cuda = next(model.parameters()).device.type == "cuda"
-    if setting == "off" or (setting == "auto" and not cuda):
-        return None
-    return Engine(model, tokenizer, method, kv_budget=kv_budget if cuda else "256MiB", max_batch=max_batch)
+    return engine_for(config.rollout_engine, model, tokenizer, method, max_batch=config.rollout_batch_size,
+                      kv_budget=config.rollout_kv_budget if cuda else "256MiB")  # a share of free memory needs CUDA
 
 
 def completion_logprobs(model, rollouts, temperature: float, pad_id: int):
@@ -281,8 +278,7 @@ def _train(model, tokenizer, task, examples, config, out_dir, layout, on_step) -
         lines = [line for line in log_path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
         log_path.write_text("".join(line + "\n" for line in lines))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids(model, tokenizer)[0]
-    engine = rollout_engine(model, tokenizer, Gated(alpha, config.sink, config.recent), config.rollout_engine,
-                            config.rollout_kv_budget, config.rollout_batch_size)
+    engine = rollout_engine(model, tokenizer, Gated(alpha, config.sink, config.recent), config)
 
     bar = tqdm(total=config.steps, initial=step, desc="rlkv identify", dynamic_ncols=True, disable=rank != 0)
     while step < config.steps:
