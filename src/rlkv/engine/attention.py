@@ -144,7 +144,8 @@ class EngineAttention:
             k_pos = torch.arange(seg.end, device=device)
             m["read"] = (pages[k_pos // s.page_size], k_pos % s.page_size)
             m["full"] = keep_keys_mask(q_pos, k_pos[None], ~never, s.sink, s.recent, window)
-            m["stream"] = keep_keys_mask(q_pos, k_pos[None], never, s.sink, s.recent, window)
+            if self.alpha is not None:  # gated mode: the streaming branch over the same keys
+                m["stream"] = keep_keys_mask(q_pos, k_pos[None], never, s.sink, s.recent, window)
         if s.compressed_heads:
             before = ring_positions(torch.tensor([seg.start], device=device), s.sink, s.recent)
             m["ring"] = keep_keys_mask(q_pos, torch.cat([before, q_pos], dim=1), never, s.sink, s.recent, window)

@@ -142,6 +142,8 @@ class Engine:
         self.state = EngineAttention(self.store, self.layout.group_size, alpha, self.kernel)
         self.stats = EngineStats()
         self._graphs: dict[int, tuple] = {}
+        # decode batch sizes that get a CUDA graph; a step pads up to the smallest that fits
+        self._buckets = sorted({s for s in [1, 2, 4, 8, 16, *range(32, max_batch, 32)] if s < max_batch} | {max_batch})
         self._static = torch.zeros(3, max_batch, dtype=torch.long, device=self.device)  # ids, positions, slots
         self._pool = torch.cuda.graph_pool_handle() if self.cuda_graphs else None
 
@@ -333,15 +335,16 @@ class Engine:
                              [len(r.prompt) + len(r.tokens) - 1 for r in running],
                              [r.slot for r in running]], dtype=torch.long)
         if self.cuda_graphs:
-            bucket = next(b for b in self._buckets() if b >= n)
+            bucket = next(b for b in self._buckets if b >= n)
             graph, logits = self._graph(bucket)
             self._static[:, :bucket].zero_()
             self._static[:, :n].copy_(host)
             graph.replay()
             logits = logits[:n]
         else:
+            max_len = int(host[1].max()) + 1  # read on the host: no device sync
             ids, pos, slots = host.to(self.device)
-            self.state.batch = Decode.of(self.store, slots, pos, max_len=int(pos.max()) + 1)
+            self.state.batch = Decode.of(self.store, slots, pos, max_len=max_len)
             logits = self._forward(ids[:, None], pos[:, None])[:, 0]
         self.stats.decode_steps += 1
         self._sample(running, logits, sampling)
@@ -357,10 +360,6 @@ class Engine:
         self.stats.generated_tokens += len(requests)
 
     # ------------------------------------------------------------------ CUDA graphs
-    def _buckets(self) -> list[int]:
-        sizes = [1, 2, 4, 8, 16] + list(range(32, self.max_batch, 32))
-        return sorted({s for s in sizes if s < self.max_batch} | {self.max_batch})
-
     def _graph(self, bucket: int):
         """The CUDA graph of a decode step for `bucket` rows, captured on first use."""
         if bucket not in self._graphs:

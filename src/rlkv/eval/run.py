@@ -359,9 +359,8 @@ def _generate_engine(engine, task_name: str, pending: list, prompts: dict, max_n
                   "batch": len(samples), "engine": True}
         buffer.clear()
         save_batch(batch, samples, timing)
-        clock["grading"] = 0.0
         clock["last"] = now
-        clock["grading"] += time.perf_counter() - now  # grading and writing stall generation: not its time
+        clock["grading"] = time.perf_counter() - now  # grading and writing stall generation: not its time
 
     def on_complete(index: int, completion) -> None:
         buffer.append((index, completion))

@@ -111,9 +111,9 @@ def sample(model, tokenizer, prompts: list[str], max_new_tokens: int, temperatur
     """
     stop = eos_ids(model, tokenizer)
     if engine is not None:
-        outs = engine.generate(prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_k=0, top_p=1.0,
+        prompt_ids = [tokenizer(p, add_special_tokens=False).input_ids for p in prompts]  # as the engine would
+        outs = engine.generate(prompt_ids, max_new_tokens=max_new_tokens, temperature=temperature, top_k=0, top_p=1.0,
                                seed=seeds, eos_token_ids=stop)
-        prompt_ids = [tokenizer(p, add_special_tokens=False).input_ids for p in prompts]
         return [(ids, o.tokens, o.text) for ids, o in zip(prompt_ids, outs)]
     out = []
     for start in range(0, len(prompts), batch_size):
