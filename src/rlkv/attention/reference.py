@@ -6,7 +6,7 @@ position t attends only to keys j with j < sink (attention sinks) or t - recent 
 count, so a padded row behaves exactly like the same prompt alone.
 
 `keep_keys_mask` is that rule, written once; `masked_attention` applies any boolean mask to a
-full cache with a plain softmax. Every compressed runtime (the transformers cache in
+full cache with a plain softmax; `gate_mix` is the gated (RLKV training) mix of the two. Every compressed runtime (the transformers cache in
 `rlkv.hf`, the engine) must reproduce `masked_attention(q, k, v, keep_keys_mask(...))`.
 """
 
@@ -70,3 +70,15 @@ def masked_attention(
     probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)
     out = torch.matmul(probs, value.float()).to(query.dtype)
     return out.transpose(1, 2).contiguous()
+
+
+def gate_mix(full: torch.Tensor, stream: torch.Tensor, alpha: torch.Tensor, group: int, head_dim: int = 1) -> torch.Tensor:
+    """alpha * full + (1 - alpha) * stream: RLKV's gated attention output.
+
+    `alpha` [kv_heads] is shared by the `group` query heads of each KV head, which lie along
+    `head_dim` of `full` and `stream`. Differentiable in alpha.
+    """
+    a = alpha.to(device=full.device, dtype=full.dtype).repeat_interleave(group)
+    a = a.view(*([1] * head_dim), -1, *([1] * (full.ndim - head_dim - 1)))
+    return a * full + (1 - a) * stream
+

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from rlkv.attention.plumbing import state_of
-from rlkv.attention.reference import keep_keys_mask, masked_attention
+from rlkv.attention.reference import gate_mix, keep_keys_mask, masked_attention
 from rlkv.engine.kv import KVStore, ring_positions
 from rlkv.hf import ring_slot
 
@@ -118,8 +118,7 @@ class EngineAttention:
                 full = _sdpa(q[:, qf], keys, values, masks["full"], scaling)
                 if self.alpha is not None:
                     stream = _sdpa(q[:, qf], keys, values, masks["stream"], scaling)
-                    a = self.alpha[layer].to(full.dtype).repeat_interleave(self.group)[None, :, None, None]
-                    full = a * full + (1 - a) * stream
+                    full = gate_mix(full, stream, self.alpha[layer], self.group)
                 out[:, cols, qf] = full.transpose(1, 2)
             if len(ci):
                 keys = torch.cat([s.ring_k[layer][seg.slot].transpose(0, 1), k[0, ci]], dim=1)[None]
@@ -183,8 +182,7 @@ def decode_torch(q, store: KVStore, layer: int, slots, lengths, max_len: int | N
         if alpha is not None:
             stream = valid & ((t < s.sink) | (t > lengths[:, None] - 1 - s.recent))
             mask = stream[:, None, None, :].expand(-1, keys.shape[1], 1, -1)
-            a = alpha.to(full.dtype).repeat_interleave(group)[None, :, None]
-            full = a * full + (1 - a) * masked_attention(qf, keys, values, mask, scaling)[:, 0]
+            full = gate_mix(full, masked_attention(qf, keys, values, mask, scaling)[:, 0], alpha, group)
         out[:, keep] = full
     if len(s.comp_idx[layer]):
         keys = s.ring_k[layer][slots].transpose(1, 2)  # [B, C, ring, D]

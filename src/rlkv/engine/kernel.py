@@ -21,6 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
+from rlkv.attention.reference import gate_mix
 from rlkv.engine.kv import KVStore
 
 
@@ -171,6 +172,5 @@ def decode_attention(q: torch.Tensor, store: KVStore, layer: int, slots: torch.T
     weight = torch.exp(m - top)  # empty splits: m = -inf -> weight 0
     out = (acc * weight[..., None]).sum(-2) / (denom * weight).sum(-1)[..., None]
     if alpha is not None:
-        a = alpha.float().repeat_interleave(group)[None, :, None]
-        return (a * out[0] + (1 - a) * out[1]).to(q.dtype)
+        return gate_mix(out[0], out[1], alpha, group).to(q.dtype)
     return out[0].to(q.dtype)

@@ -31,7 +31,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from rlkv.attention.plumbing import Step, patched, state_of
-from rlkv.attention.reference import keep_keys_mask
+from rlkv.attention.reference import gate_mix, keep_keys_mask
 from rlkv.models import Layout
 
 # cuDNN attention is left out: on an H100 (torch 2.11, bf16) its backward gave NaN gradients to
@@ -86,9 +86,7 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
         stream = F.scaled_dot_product_attention(
             query, key, value, attn_mask=mask, scale=scaling, enable_gqa=query.shape[1] != key.shape[1]
         ).transpose(1, 2)
-    a = gates.alpha[module.layer_idx].to(device=full.device, dtype=full.dtype)
-    a = a.repeat_interleave(gates.group)[None, None, :, None]  # per query head
-    return a * full + (1 - a) * stream, None
+    return gate_mix(full, stream, gates.alpha[module.layer_idx], gates.group, head_dim=2), None
 
 
 def gated(model, alpha: torch.Tensor, sink: int = 128, recent: int = 256):
