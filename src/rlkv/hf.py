@@ -40,6 +40,12 @@ def ring_slot(pos: torch.Tensor, sink: int, recent: int) -> torch.Tensor:
     return torch.where(pos < sink, pos, sink + (pos - sink).remainder(recent))
 
 
+def query_heads(keep: torch.Tensor, group: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices of the query heads of a layer's kept and of its compressed KV heads (`keep` [kv_heads])."""
+    q_keep = keep.repeat_interleave(group).to(device)
+    return torch.nonzero(q_keep).flatten(), torch.nonzero(~q_keep).flatten()
+
+
 class HeadSplitLayer(CompressedLayer, CacheLayerMixin):
     """One layer's cache: full K/V for kept heads, a sink + recent ring for compressed heads."""
 
@@ -207,8 +213,7 @@ class _Session:
     def q_heads(self, layer: int, group: int, device) -> tuple[torch.Tensor, torch.Tensor]:
         """Query-head indices of the kept and of the compressed KV heads of `layer`."""
         if layer not in self._q_idx:
-            q_keep = self.keep[layer].repeat_interleave(group).to(device)
-            self._q_idx[layer] = (torch.nonzero(q_keep).flatten(), torch.nonzero(~q_keep).flatten())
+            self._q_idx[layer] = query_heads(self.keep[layer], group, device)
         return self._q_idx[layer]
 
     def before_forward(self, step: Step) -> None:

@@ -70,9 +70,6 @@ class EngineAttention:
     def __init__(self, store: KVStore, group: int, alpha: torch.Tensor | None, use_kernel: bool):
         self.store, self.group, self.alpha, self.use_kernel = store, group, alpha, use_kernel
         self.batch: Decode | Prefill | None = None
-        device = store.page_table.device
-        self.q_full = [torch.nonzero(row.repeat_interleave(group)).flatten().to(device) for row in store.keep]
-        self.q_comp = [torch.nonzero(~row.repeat_interleave(group)).flatten().to(device) for row in store.keep]
 
     def before_forward(self, step) -> None:
         raise RuntimeError("a model driven by rlkv.Engine cannot be called directly while the engine runs")
@@ -103,7 +100,7 @@ class EngineAttention:
         s = self.store
         out = query.new_empty(1, query.shape[2], query.shape[1], query.shape[3])
         fi, ci = s.full_idx[layer], s.comp_idx[layer]
-        qf, qc = self.q_full[layer], self.q_comp[layer]
+        qf, qc = s.q_full[layer], s.q_comp[layer]
         for seg in self.batch.segments:
             cols = slice(seg.offset, seg.offset + seg.length)
             q, k, v = query[:, :, cols], key[:, :, cols], value[:, :, cols]
@@ -168,7 +165,7 @@ def decode_torch(q, store: KVStore, layer: int, slots, lengths, max_len: int | N
     group = hq // s.keep.shape[1]
     out = q.new_empty(bsz, hq, d)
     low = lengths - window if window else torch.zeros_like(lengths)
-    keep = s.keep[layer].repeat_interleave(group).to(q.device)  # per query head
+    qf, qc = s.q_full[layer], s.q_comp[layer]
     if len(s.full_idx[layer]):
         n_pages = -(-(max_len if max_len is not None else int(lengths.max())) // s.page_size)
         table = s.page_table[slots, :n_pages].long()  # [B, P]
@@ -177,20 +174,20 @@ def decode_torch(q, store: KVStore, layer: int, slots, lengths, max_len: int | N
         t = torch.arange(keys.shape[2], device=q.device)[None]
         valid = (t < lengths[:, None]) & (t >= low[:, None])
         mask = valid[:, None, None, :].expand(-1, keys.shape[1], 1, -1)
-        qf = q[:, keep][:, :, None]
-        full = masked_attention(qf, keys, values, mask, scaling)[:, 0]
+        q_kept = q[:, qf][:, :, None]
+        full = masked_attention(q_kept, keys, values, mask, scaling)[:, 0]
         if alpha is not None:
             stream = valid & ((t < s.sink) | (t > lengths[:, None] - 1 - s.recent))
             mask = stream[:, None, None, :].expand(-1, keys.shape[1], 1, -1)
-            full = gate_mix(full, masked_attention(qf, keys, values, mask, scaling)[:, 0], alpha, group)
-        out[:, keep] = full
+            full = gate_mix(full, masked_attention(q_kept, keys, values, mask, scaling)[:, 0], alpha, group)
+        out[:, qf] = full
     if len(s.comp_idx[layer]):
         keys = s.ring_k[layer][slots].transpose(1, 2)  # [B, C, ring, D]
         values = s.ring_v[layer][slots].transpose(1, 2)
         pos = ring_positions(lengths, s.sink, s.recent)
         valid = (pos >= 0) & (pos >= low[:, None])
         mask = valid[:, None, None, :].expand(-1, keys.shape[1], 1, -1)
-        out[:, ~keep] = masked_attention(q[:, ~keep][:, :, None], keys, values, mask, scaling)[:, 0]
+        out[:, qc] = masked_attention(q[:, qc][:, :, None], keys, values, mask, scaling)[:, 0]
     return out
 
 

@@ -20,6 +20,7 @@ import math
 import re
 import torch
 
+from rlkv.hf import query_heads
 from rlkv.models import Layout
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
@@ -92,6 +93,8 @@ class KVStore:
         self.num_pages, self.num_slots = int(num_pages), num_slots
         self.full_idx = [torch.nonzero(row).flatten().to(device) for row in self.keep]
         self.comp_idx = [torch.nonzero(~row).flatten().to(device) for row in self.keep]
+        # the same split for query heads (a GQA group follows its KV head)
+        self.q_full, self.q_comp = zip(*(query_heads(row, layout.group_size, device) for row in self.keep))
         self.pages_k, self.pages_v, self.ring_k, self.ring_v = [], [], [], []
         for layer in range(layout.num_layers):
             nf, nc = len(self.full_idx[layer]), len(self.comp_idx[layer])
