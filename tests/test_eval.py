@@ -1,14 +1,19 @@
 """The evaluation harness and report on a tiny random model (mechanics, not accuracy)."""
 
 import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 from conftest import DATA_DIR, tiny_model, tiny_tokenizer
 
 import rlkv
-from rlkv.eval import EvalConfig, evaluate, report
-from rlkv.eval.run import RepetitionStop, read_jsonl
+from rlkv.eval import EvalConfig, Shard, evaluate, report
+from rlkv.eval.run import RepetitionStop, read_jsonl, run_records
 
 STABLE = ("task", "method", "sparsity", "n", "accuracy", "mean_tokens", "pct_length", "pct_repetition",
           "kv_mean_ratio", "kv_peak_ratio")
@@ -147,6 +152,10 @@ def test_cli_eval_and_report(lm, tmp_path):
     bad = CliRunner().invoke(app, ["eval", "--model", str(tmp_path / "m"), "--task", "arith", "--method", "nope",
                                    "--out", str(tmp_path / "x")])
     assert bad.exit_code == 2 and "unknown method 'nope'" in bad.output
+    bad = CliRunner().invoke(app, ["eval", "--model", str(tmp_path / "m"), "--task", "arith", "--shard", "9/8",
+                                   "--out", str(tmp_path / "x")])
+    assert bad.exit_code == 2 and "--shard expects K/N with 1 <= K <= N, got '9/8'" in bad.output
+    assert not (tmp_path / "x").exists()
 
 
 def test_token_dropping_methods_run_in_the_harness_with_a_budget(lm, tmp_path):
@@ -264,3 +273,113 @@ def test_rlkv_and_duo_heads_in_one_run(lm, tmp_path):
     assert mixed.exit_code == 2 and "do not mix a plain file with METHOD=FILE" in mixed.output
     with pytest.raises(ValueError, match=r"heads are given for \['h2o'\]"):
         config(methods=["rlkv"], heads={"h2o": "x.json"})
+
+
+def outcomes(samples: list[dict]) -> list[tuple]:
+    """What a run generated and graded, in a fixed order."""
+    return sorted((s["task"], s["method"], s["sparsity"], s["id"], s["completion"], s["tokens"], s["score"],
+                   s.get("budget")) for s in samples)
+
+
+def test_shards_one_after_the_other_make_the_unsharded_run(lm, tmp_path):
+    whole = evaluate(*lm, config(), tmp_path / "whole", progress=False)
+    run = tmp_path / "run"
+    for k in (1, 2):
+        evaluate(*lm, config(), run, progress=False, shard=Shard(k, 2))
+    assert not (run / "samples.jsonl").exists()
+    groups = {k: {(s["task"], s["method"], s["sparsity"]) for s in read_jsonl(run / f"samples.shard-{k}-of-2.jsonl")}
+              for k in (1, 2)}  # groups in evaluate's order, every other one
+    assert groups[1] == {("arith", "full", 0.0), ("arith", "random", 0.5), ("gsm8k", "streaming", 1.0)}
+    assert groups[2] == {("arith", "streaming", 1.0), ("gsm8k", "full", 0.0), ("gsm8k", "random", 0.5)}
+    assert outcomes(run_records(run, "samples")) == outcomes(whole.samples)
+    assert len(run_records(run, "batches")) == len(read_jsonl(tmp_path / "whole" / "batches.jsonl"))
+    by_group = lambda rows: {(r["task"], r["method"], r["sparsity"]): {k: r[k] for k in STABLE} for r in rows}  # noqa: E731
+    assert by_group(json.loads((run / "summary.json").read_text())["rows"]) == by_group(whole.rows)
+    text = report(run).read_text()
+    assert all(f"| {m} | {sp} | " in text for m, sp in (("full", 0), ("streaming", 1), ("random", 0.5)))
+
+    with (run / "samples.shard-2-of-2.jsonl").open("a") as f:
+        f.write('{"task": "ari')  # shard 2 mid-write: the others read past it and leave it alone
+    files = {p.name: p.read_bytes() for p in run.glob("*.jsonl")}
+    again = evaluate(*lm, config(), run, progress=False, shard=Shard(1, 2))  # resumes: nothing left to do
+    evaluate(*lm, config(), run, progress=False)  # unsharded over the shards' files: nothing left either
+    assert {p.name: p.read_bytes() for p in run.glob("*.jsonl")} == files
+    assert by_group(again.rows) == by_group(whole.rows)
+    shards = [i["shard"] for i in json.loads((run / "config.json").read_text())["invocations"]]
+    assert shards == ["1/2", "2/2", "1/2", None]
+
+
+def test_shard_parse():
+    assert Shard.parse(" 2/8 ") == Shard(2, 8) and str(Shard(2, 8)) == "2/8"
+    assert [g for g in range(20) if Shard(2, 8).owns(g)] == [1, 9, 17]
+    for text in ("9/8", "0/8", "1/0", "2", "a/b", "1/2/3", "-1/2", "", "1.0/2"):
+        with pytest.raises(ValueError, match=re.escape(f"--shard expects K/N with 1 <= K <= N, got {text!r}")):
+            Shard.parse(text)
+    with pytest.raises(ValueError, match="a shard is K of N with 1 <= K <= N, got 3 of 2"):
+        Shard(3, 2)
+
+
+def test_match_bytes_in_a_shard_needs_the_whole_reference_group(lm, tmp_path):
+    cfg = lambda **kw: config(tasks=["arith"], match_bytes=True, max_new_tokens=16, **kw)  # noqa: E731
+    whole = evaluate(*lm, cfg(methods=["random", "h2o"]), tmp_path / "whole", progress=False)
+    run = tmp_path / "run"
+    waiting = "takes its budget from the KV bytes of random there, which has {} of 5 samples"
+    with pytest.raises(ValueError, match=waiting.format(0) + ".*that group must finish first"):
+        evaluate(*lm, cfg(methods=["random", "h2o"]), run, progress=False, shard=Shard(2, 2))  # h2o; random is 1/2's
+    evaluate(*lm, cfg(methods=["random"]), run, progress=False)  # the reference, unsharded
+    reference = (run / "samples.jsonl").read_text()
+    (run / "samples.jsonl").write_text("".join(reference.splitlines(keepends=True)[:3]))  # as if still being written
+    with pytest.raises(ValueError, match=waiting.format(3)):
+        evaluate(*lm, cfg(methods=["random", "h2o"]), run, progress=False, shard=Shard(2, 2))
+    (run / "samples.jsonl").write_text(reference)
+    res = evaluate(*lm, cfg(methods=["random", "h2o"]), run, progress=False, shard=Shard(2, 2))
+    assert outcomes(res.samples) == outcomes(whole.samples)  # the same matched budget and so the same outputs
+    assert {s["budget"] for s in res.samples if s["method"] == "h2o"} == {r["budget"] for r in whole.rows if r["budget"]}
+
+
+def test_concurrent_shard_processes_make_one_run(lm, tmp_path):
+    """Three `rlkv eval --shard K/3` processes at once into one directory, then `rlkv report`."""
+    from typer.testing import CliRunner
+
+    from rlkv.cli import app
+
+    model, tok = lm
+    model.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    run = tmp_path / "run"
+    args = [sys.executable, "-m", "rlkv", "eval", "--model", str(tmp_path / "m"), "--task", "arith",
+            "--method", "full,streaming,random", "--sparsity", "0.5", "--limit", "3", "--max-new-tokens", "6",
+            "--sink", "1", "--recent", "2", "--out", str(run)]
+    src = str(Path(rlkv.__file__).parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [src, os.environ.get("PYTHONPATH")])),
+           "OMP_NUM_THREADS": "2"}
+    procs = [subprocess.Popen(args + ["--shard", f"{k}/3"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True) for k in (1, 2, 3)]
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], outputs
+    assert "shard 2/3 done; when all 3 are, run `rlkv report" in outputs[1]
+    invocations = json.loads((run / "config.json").read_text())["invocations"]
+    assert sorted(i["shard"] for i in invocations) == ["1/3", "2/3", "3/3"]  # none lost to another's rewrite
+    for k, method in ((1, "full"), (2, "streaming"), (3, "random")):
+        assert {s["method"] for s in read_jsonl(run / f"samples.shard-{k}-of-3.jsonl")} == {method}
+    samples = run_records(run, "samples")
+    assert len(samples) == 9 and len({(s["method"], s["id"]) for s in samples}) == 9
+    assert not (run / "report.md").exists()
+    result = CliRunner().invoke(app, ["report", str(run)])
+    assert result.exit_code == 0 and all(f"| {m} |" in result.output for m in ("full", "streaming", "random"))
+
+
+def test_shards_starting_together_lose_no_invocation(tmp_path):
+    """config.json's read-check-rewrite under the run's lock: without it, most of these 16 are lost."""
+    from concurrent.futures import ThreadPoolExecutor
+    from dataclasses import fields
+
+    from rlkv.eval.run import IDENTITY, _open_run
+
+    defaults = {f.name: f.default for f in fields(EvalConfig)}
+    record = {k: defaults.get(k) for k in IDENTITY}
+    run = tmp_path / "new" / "run"
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(lambda k: _open_run(run, record, {"shard": f"{k}/16"}, Shard(k, 16)), range(1, 17)))
+    invocations = json.loads((run / "config.json").read_text())["invocations"]
+    assert sorted(int(i["shard"].split("/")[0]) for i in invocations) == list(range(1, 17))

@@ -152,15 +152,19 @@ def eval_(
     budget: Optional[int] = typer.Option(None, min=1, help="tokens kept per KV head by h2o / snapkv / rkv"),
     match_bytes: bool = typer.Option(False, help="token-dropping budgets matched to the head-split methods' mean KV bytes"),
     data_dir: Optional[str] = typer.Option(None, help="task data directory (default $RLKV_DATA_DIR or ../shared/data)"),
-    report: bool = typer.Option(True, help="write report.md and plots when done"),
+    report: bool = typer.Option(True, help="write report.md and plots when done (not with --shard)"),
     engine: str = typer.Option("auto", help="head-split methods through rlkv.Engine: auto (on a GPU), on, off"),
     kv_budget: Optional[str] = typer.Option(None, help="the engine's KV pool: a size (20GiB) or a share of free GPU memory (0.8)"),
+    shard: Optional[str] = typer.Option(None, help="K/N: run only every N-th (task, method, sparsity) group, K-th of N, "
+                                                   "in parallel with the others into the same --out; then `rlkv report OUT`"),
 ):
     """Evaluate methods x sparsities on tasks; results stream to OUT and resume after interruption."""
     import rlkv
+    from rlkv.eval import Shard
     from rlkv.eval import report as write_report
 
     try:
+        part = Shard.parse(shard) if shard is not None else None
         config = rlkv.EvalConfig(
             tasks=[t.strip() for t in task.split(",") if t.strip()],
             methods=[m.strip() for m in method.split(",") if m.strip()],
@@ -175,10 +179,13 @@ def eval_(
         for name in config.methods:  # before the (slow) model load
             rlkv.methods.check_name(name)
         lm, tok = rlkv.load_model(model)
-        results = rlkv.evaluate(lm, tok, config, out)
-        path = write_report(out) if report else None
+        results = rlkv.evaluate(lm, tok, config, out, shard=part)
+        path = write_report(out) if report and not part else None  # shards finishing together would race on the PNGs
     except USER_ERRORS as err:
         fail(err)
+    if part:
+        console.print(f"shard {part} done; when all {part.count} are, run `rlkv report {out}`", highlight=False)
+        return
     console.print(results.table(), highlight=False)
     if path:
         console.print(f"report: {path}")

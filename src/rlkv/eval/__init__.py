@@ -6,6 +6,6 @@
 """
 
 from rlkv.eval.report import report
-from rlkv.eval.run import EvalConfig, EvalResults, evaluate
+from rlkv.eval.run import EvalConfig, EvalResults, Shard, evaluate
 
-__all__ = ["EvalConfig", "EvalResults", "evaluate", "report"]
+__all__ = ["EvalConfig", "EvalResults", "Shard", "evaluate", "report"]

@@ -15,7 +15,7 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
-from rlkv.eval.run import read_jsonl
+from rlkv.eval.run import run_records
 from rlkv.eval.summary import summarize
 
 
@@ -94,10 +94,11 @@ def _plot(rows: list[dict], x: str, y: str, xlabel: str, ylabel: str, path: Path
 def report(run_dir: str | Path) -> Path:
     """Write report.md and the PNG plots into `run_dir`; returns the report path."""
     run_dir = Path(run_dir)
-    samples = read_jsonl(run_dir / "samples.jsonl")
+    samples = run_records(run_dir, "samples")  # samples.jsonl and every shard's
     if not samples:
-        raise FileNotFoundError(f"{run_dir} holds no results (expected samples.jsonl from `rlkv eval --out {run_dir}`)")
-    rows = summarize(samples, read_jsonl(run_dir / "batches.jsonl"))
+        raise FileNotFoundError(f"{run_dir} holds no results (expected samples.jsonl or samples.shard-*.jsonl "
+                                f"from `rlkv eval --out {run_dir}`)")
+    rows = summarize(samples, run_records(run_dir, "batches"))
     model = ""
     if (run_dir / "config.json").is_file():
         model = Path(json.loads((run_dir / "config.json").read_text()).get("model") or "").name

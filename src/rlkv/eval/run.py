@@ -9,18 +9,27 @@ A run lives in one directory:
 An interrupted run resumes: finished samples are read back and skipped. A directory holding a
 run of another configuration is refused rather than mixed.
 
+One run can be split over concurrent processes (`Shard`, `rlkv eval --shard K/N`): shard K of N
+takes every N-th (task, method, sparsity) group and appends to its own samples.shard-K-of-N.jsonl
+and batches.shard-K-of-N.jsonl, so no two processes write one file. Whatever reads a run reads
+all of its files (`run_records`); config.json is rewritten under a lock, summary.json replaced
+whole, so processes that start and finish together leave every file intact.
+
 Everything that can be wrong with the inputs (task names, data files, head files, chat
 template) is checked before the directory is touched, so a bad call leaves nothing half-written.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import platform
+import re
 import shlex
 import sys
 import time
+import uuid
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -84,6 +93,36 @@ class EvalResults:
         return markdown_table(self.rows)
 
 
+@dataclass(frozen=True)
+class Shard:
+    """Shard `index` of `count` (1-based) of one run: the groups g with g % count == index - 1.
+
+    Groups are numbered in `evaluate`'s order over every group of the run, finished or not, so a
+    shard owns the same groups on every resume; the N shards of a run need the same command.
+    """
+
+    index: int
+    count: int
+
+    def __post_init__(self):
+        if not 1 <= self.index <= self.count:
+            raise ValueError(f"a shard is K of N with 1 <= K <= N, got {self.index} of {self.count}")
+
+    @classmethod
+    def parse(cls, text: str) -> Shard:
+        """"2/8" -> Shard(2, 8)."""
+        match = re.fullmatch(r"\s*([0-9]+)\s*/\s*([0-9]+)\s*", text)
+        if not match or not 1 <= int(match[1]) <= int(match[2]):
+            raise ValueError(f"--shard expects K/N with 1 <= K <= N, got {text!r}")
+        return cls(int(match[1]), int(match[2]))
+
+    def owns(self, group: int) -> bool:
+        return group % self.count == self.index - 1
+
+    def __str__(self) -> str:
+        return f"{self.index}/{self.count}"
+
+
 class RepetitionStop(StoppingCriteria):
     """Every `window` new tokens, stop rows whose last `window` tokens hold < `min_distinct` ids."""
 
@@ -136,17 +175,29 @@ def _heads_for(config: EvalConfig, method: str) -> str | None:
     return config.heads
 
 
-def _matched(name: str, task: str, sparsity: float, config: EvalConfig, layout: Layout, out: Path):
-    """The token-dropping method `name` with the budget that matches the head-split run's mean bytes."""
-    samples = read_jsonl(out / "samples.jsonl")
-    for ref in (m for m in config.methods if m in method_registry.HEAD_RANKED):
-        reference = [s for s in samples if (s["task"], s["method"], float(s["sparsity"])) == (task, ref, sparsity)]
-        if reference:
-            def build(budget: int):
-                return method_registry.build(name, layout, sparsity, budget=budget)
+def _matched(name: str, task: str, sparsity: float, ids: set[str], config: EvalConfig, layout: Layout, out: Path):
+    """The token-dropping method `name` with the budget that matches the head-split run's mean bytes.
 
-            return build(match_budget(build, layout, reference))
-    raise ValueError(f"--match-bytes: no head-split samples of {task} at sparsity {sparsity:g} to match")
+    The reference is the first head-split method of the run on the same task and sparsity, and it
+    must be complete (every example id in `ids`): a budget matched to part of it would differ from
+    the one a resume matches to all of it. Unsharded, it is, as the reference group runs first; a
+    shard may find it still running in the shard that owns it.
+    """
+    ref = next(m for m in config.methods if m in method_registry.HEAD_RANKED)  # _method_plan checked there is one
+    reference = [s for s in run_records(out, "samples")
+                 if (s["task"], s["method"], float(s["sparsity"])) == (task, ref, sparsity)]
+    have = len(ids & {str(s["id"]) for s in reference})
+    if have < len(ids):
+        raise ValueError(
+            f"--match-bytes: {name} on {task} at sparsity {sparsity:g} takes its budget from the KV bytes of {ref} "
+            f"there, which has {have} of {len(ids)} samples in {out}; that group must finish first (run the "
+            f"head-split methods without --shard first, or run this shard again once the one that owns it is done)"
+        )
+
+    def build(budget: int):
+        return method_registry.build(name, layout, sparsity, budget=budget)
+
+    return build(match_budget(build, layout, reference))
 
 
 def _environment(model) -> dict:
@@ -164,31 +215,51 @@ def _environment(model) -> dict:
     }
 
 
-def _open_run(out: Path, record: dict, invocation: dict) -> dict[tuple, dict]:
+def _open_run(out: Path, record: dict, invocation: dict, shard: Shard | None) -> dict[tuple, dict]:
     """Create or resume a run directory; return finished samples by (task, method, sparsity, id).
 
     config.json holds the run's identity once and every invocation (command, tasks, device) that
-    added to it, so results gathered by several commands stay traceable.
+    added to it, so results gathered by several commands stay traceable. Shards start together,
+    so its read-check-rewrite holds an exclusive lock on OUT/.lock: no invocation is lost.
     """
-    config_path = out / "config.json"
-    if config_path.is_file():
-        old = json.loads(config_path.read_text())
-        defaults = {f.name: f.default for f in fields(EvalConfig)}  # a run made before a setting existed had its default
-        before = {k: old.get(k, defaults.get(k)) for k in IDENTITY}
-        diff = [k for k in IDENTITY if before[k] != record.get(k)]
-        if diff:
-            changes = ", ".join(f"{k}: {before[k]!r} -> {record.get(k)!r}" for k in diff)
-            raise ValueError(f"{out} holds a run with a different configuration ({changes}); use a new --out")
-        record = {**record, "invocations": old.get("invocations", []) + [invocation]}
-    else:
-        record = {**record, "invocations": [invocation]}
     out.mkdir(parents=True, exist_ok=True)
-    tmp = config_path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(record, indent=1))
-    tmp.replace(config_path)
-    for name in ("samples.jsonl", "batches.jsonl"):
-        _drop_torn_tail(out / name)
-    return {_key(s): s for s in read_jsonl(out / "samples.jsonl")}
+    config_path = out / "config.json"
+    with (out / ".lock").open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if config_path.is_file():
+            old = json.loads(config_path.read_text())
+            defaults = {f.name: f.default for f in fields(EvalConfig)}  # a run made before a setting existed had its default
+            before = {k: old.get(k, defaults.get(k)) for k in IDENTITY}
+            diff = [k for k in IDENTITY if before[k] != record.get(k)]
+            if diff:
+                changes = ", ".join(f"{k}: {before[k]!r} -> {record.get(k)!r}" for k in diff)
+                raise ValueError(f"{out} holds a run with a different configuration ({changes}); use a new --out")
+            record = {**record, "invocations": old.get("invocations", []) + [invocation]}
+        else:
+            record = {**record, "invocations": [invocation]}
+        _write_whole(config_path, json.dumps(record, indent=1))
+    for kind in ("samples", "batches"):
+        _drop_torn_tail(_own_file(out, kind, shard))  # only its own: another shard may be mid-write in its files
+    return {_key(s): s for s in run_records(out, "samples")}
+
+
+def _own_file(out: Path, kind: str, shard: Shard | None) -> Path:
+    """Where this process appends `kind` ("samples" or "batches"): kind.jsonl, or its shard's file."""
+    return out / (f"{kind}.jsonl" if shard is None else f"{kind}.shard-{shard.index}-of-{shard.count}.jsonl")
+
+
+def run_records(out: str | Path, kind: str) -> list[dict]:
+    """Every record of `kind` ("samples" or "batches") in a run: kind.jsonl, then each shard's file."""
+    out = Path(out)
+    return [r for path in [out / f"{kind}.jsonl", *sorted(out.glob(f"{kind}.shard-*.jsonl"))]
+            for r in read_jsonl(path)]
+
+
+def _write_whole(path: Path, text: str) -> None:
+    """Write `path` by renaming a uniquely named file onto it: a reader or another writer never sees it torn."""
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def _drop_torn_tail(path: Path) -> None:
@@ -202,7 +273,7 @@ def _drop_torn_tail(path: Path) -> None:
 
 
 def read_jsonl(path: Path) -> list[dict]:
-    """Records of a results file; a torn last line (a run killed mid-write) is ignored."""
+    """Records of a results file; a torn last line (a run killed mid-write, or a shard writing now) is ignored."""
     if not path.is_file():
         return []
     lines = path.read_text().splitlines()
@@ -229,11 +300,13 @@ def _append(path: Path, records: list[dict]) -> None:
 
 
 def evaluate(
-    model, tokenizer, config: EvalConfig, out: str | Path, progress: bool = True, examples: dict | None = None
+    model, tokenizer, config: EvalConfig, out: str | Path, progress: bool = True, examples: dict | None = None,
+    shard: Shard | None = None,
 ) -> EvalResults:
     """Generate, grade and record every (task, method, sparsity) group of `config` under `out`.
 
     `examples` ({task name: [Example]}) replaces loading a task's data (e.g. a held-out slice).
+    `shard` runs only that shard's groups; the results returned are all the run's at the end.
     """
     out = Path(out)
     layout = Layout.of(model)
@@ -263,22 +336,28 @@ def evaluate(
         **settings,
         "method_params": [m.describe() if m else {"method": n, "sparsity": sp, "budget": "matched"} for n, sp, m in plan],
         "environment": _environment(model),
+        "shard": str(shard) if shard else None,
     }
-    done = _open_run(out, record, invocation)
+    done = _open_run(out, record, invocation, shard)
     eos = eos_ids(model, tokenizer)
+    samples_file, batches_file = _own_file(out, "samples", shard), _own_file(out, "batches", shard)
 
+    groups = [(task_name, name, sparsity, method) for task_name in tasks for name, sparsity, method in plan]
     todo = [
         (task_name, name, sparsity, method, [e for e in examples[task_name] if (task_name, name, sparsity, e.id) not in done])
-        for task_name in tasks
-        for name, sparsity, method in plan
+        for g, (task_name, name, sparsity, method) in enumerate(groups)
+        if shard is None or shard.owns(g)
     ]
+    # Budgets to match last (the order of the work, not of the numbering): by then this process's
+    # head-split groups are done, and the other shards have had the most time to finish theirs.
+    todo.sort(key=lambda group: group[3] is None)
     total = sum(len(pending) for *_, pending in todo)
     bar = tqdm(total=total, desc="eval", disable=not progress, dynamic_ncols=True)
     for task_name, name, sparsity, method, pending in todo:
         if not pending:
             continue
         if method is None:
-            method = _matched(name, task_name, sparsity, config, layout, out)
+            method = _matched(name, task_name, sparsity, {str(e.id) for e in examples[task_name]}, config, layout, out)
         task = tasks[task_name]
         max_new = config.max_new_tokens or task.default_max_new_tokens
         prompts = {e.id: task.prompt(e, tokenizer) for e in pending}
@@ -294,8 +373,8 @@ def evaluate(
                 sample.update(task=task_name, method=name, sparsity=sparsity, id=example.id, score=float(score))
                 if hasattr(method, "policy"):
                     sample["budget"] = method.policy.budget
-            _append(out / "samples.jsonl", samples)
-            _append(out / "batches.jsonl", [{"task": task_name, "method": name, "sparsity": sparsity, **timing}])
+            _append(samples_file, samples)
+            _append(batches_file, [{"task": task_name, "method": name, "sparsity": sparsity, **timing}])
             scores.extend(grades)
             bar.update(len(batch))
             bar.set_postfix_str(f"{task_name}/{name}@{sparsity:g} acc {sum(scores) / len(scores):.3f}")
@@ -310,9 +389,9 @@ def evaluate(
                 ))
         del engine  # its KV pool goes back before the next group's
     bar.close()
-    samples = read_jsonl(out / "samples.jsonl")
-    rows = summarize(samples, read_jsonl(out / "batches.jsonl"))
-    (out / "summary.json").write_text(json.dumps({"config": record, "rows": rows}, indent=1))
+    samples = run_records(out, "samples")  # every process's, as they are now
+    rows = summarize(samples, run_records(out, "batches"))
+    _write_whole(out / "summary.json", json.dumps({"config": record, "rows": rows}, indent=1))
     return EvalResults(out, rows, samples)
 
 
