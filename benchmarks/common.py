@@ -43,6 +43,33 @@ def synchronize() -> None:
         torch.cuda.synchronize()
 
 
+def gpu_seconds(fn, reps: int = 50) -> float:
+    """Seconds one `fn()` keeps the device busy: on CUDA, `reps` calls captured in one CUDA graph and
+    replayed (no launch overhead, as in the engine's graphed decode step); on CPU, a timed loop."""
+    fn()  # compile / warm up
+    if not torch.cuda.is_available():
+        start = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        return (time.perf_counter() - start) / reps
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(reps):
+            fn()
+    graph.replay()
+    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    begin.record()
+    graph.replay()
+    end.record()
+    end.synchronize()
+    return begin.elapsed_time(end) / 1e3 / reps
+
+
 def print_table(rows: list[dict], columns: list[str]) -> None:
     widths = [max(len(c), *(len(_fmt(r.get(c))) for r in rows)) for c in columns]
     print("  ".join(c.rjust(w) for c, w in zip(columns, widths)))

@@ -1,4 +1,4 @@
-"""`rlkv.Engine` on the GPU, three measurements in one process (ratios are taken within a run).
+"""`rlkv.Engine` on the GPU: the measurements of each part are taken in one process (ratios within a run).
 
 --parts hf      full-cache engine vs transformers `generate` with a DynamicCache, same prompts, exactly
                 `--hf-new-tokens` tokens, at each `--hf-batches` size (one wave: requests = batch);
@@ -8,7 +8,10 @@
                 to the theoretical 1 / ((1 - s) + s * (sink + recent) / L), L = prompt + new tokens;
                 sparsity 0 runs first and again last (`--repeat-baseline`), speedups use the mean;
 --parts kernel  the decode kernel alone at `--kernel-batch` x `--kernel-context`, every head kept:
-                K/V bytes read per second vs this GPU's measured device-to-device copy bandwidth;
+                K/V bytes read per second of GPU time (calls replayed from a CUDA graph, as in the
+                engine) vs this GPU's measured device-to-device copy bandwidth;
+--parts tune    the same call over the kernel's launch grid (`--tune-splits/-blocks/-warps/-stages`),
+                fastest first: where the kernel's launch defaults come from;
 --parts profile where a decode step's time goes: wall time per step with and without CUDA graphs at
                 `--max-batch` sequences, and the GPU kernels of the eager run (torch.profiler), top 15.
 Head choice does not change cost: seeded random head scores are used.
@@ -19,13 +22,15 @@ Head choice does not change cost: seeded random head scores are used.
 from __future__ import annotations
 
 import argparse
+import itertools
 import time
 
 import torch
-from common import print_table, synchronize, write_result
+from common import gpu_seconds, print_table, synchronize, write_result
 from hf_cache import prompts
 
 import rlkv
+from rlkv.engine.kernel import decode_attention, num_splits
 from rlkv.engine.kv import KVStore
 from rlkv.methods.headsplit import HeadSplit
 
@@ -91,44 +96,60 @@ def part_sweep(model, tok, heads, args, mean_prompt: float) -> list[dict]:
     return rows
 
 
-def part_kernel(model, args) -> list[dict]:
-    from rlkv.engine.kernel import decode_attention
-
+def kernel_setup(model, args):
+    """A store of `--kernel-batch` sequences of `--kernel-context` random tokens, every head kept, and a query."""
     layout = rlkv.Layout.of(model)
     device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
     batch, context = args.kernel_batch, args.kernel_context
     keep = torch.ones(layout.shape, dtype=torch.bool)
     store = KVStore(layout, keep, args.sink, args.recent, 16, batch * (context + 16) * layout.kv_bytes_per_token(),
                     batch, context, device, dtype)
-    for layer in range(layout.num_layers):
-        store.pages_k[layer].normal_()
-        store.pages_v[layer].normal_()
+    store.pages_k[0].normal_()
+    store.pages_v[0].normal_()
     slots = torch.arange(1, batch + 1, device=device)
     per_seq = store.pages_for(context)
     for i, slot in enumerate(slots.tolist()):
         store.page_table[slot, :per_seq] = torch.arange(1 + i * per_seq, 1 + (i + 1) * per_seq, dtype=torch.int32)
     lengths = torch.full((batch,), context, device=device)
     q = torch.randn(batch, layout.num_q_heads, layout.head_dim, device=device, dtype=dtype)
-
-    def timed(fn, reps=50) -> float:
-        fn()
-        synchronize()
-        start = time.perf_counter()
-        for _ in range(reps):
-            fn()
-        synchronize()
-        return (time.perf_counter() - start) / reps
-
-    seconds = timed(lambda: decode_attention(q, store, 0, slots, lengths, layout.head_dim ** -0.5, None))
     read = 2 * batch * context * layout.num_kv_heads * layout.head_dim * store.pages_k[0].element_size()
     src = torch.empty(2**28, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
-    copy = 2 * src.numel() / timed(lambda: dst.copy_(src), reps=20)  # bytes read + written per second
-    row = {"part": "kernel", "batch": batch, "context": context, "kv_heads": layout.num_kv_heads,
+    copy = 2 * src.numel() / gpu_seconds(lambda: dst.copy_(src), reps=20)  # bytes read + written per second
+    call = lambda **launch: decode_attention(q, store, 0, slots, lengths, layout.head_dim ** -0.5, None, **launch)  # noqa: E731
+    return call, read, copy, layout
+
+
+def part_kernel(model, args) -> list[dict]:
+    """The decode kernel with its default launch: K/V bytes read per second of GPU time vs copy bandwidth."""
+    call, read, copy, layout = kernel_setup(model, args)
+    seconds = gpu_seconds(call)
+    row = {"part": "kernel", "batch": args.kernel_batch, "context": args.kernel_context, "kv_heads": layout.num_kv_heads,
+           "splits": num_splits(args.kernel_batch, layout.num_kv_heads, next(model.parameters()).device),
            "microseconds": seconds * 1e6, "kv_gb_per_s": read / seconds / 1e9, "copy_gb_per_s": copy / 1e9,
            "of_copy_bandwidth": read / seconds / copy}
     print(f"kernel: {row['kv_gb_per_s']:.0f} GB/s of K/V vs copy {row['copy_gb_per_s']:.0f} GB/s", flush=True)
     return [row]
+
+
+def part_tune(model, args) -> list[dict]:
+    """The kernel's launch grid (splits x BLOCK x warps x stages) at the kernel part's size; the defaults come from here."""
+    call, read, copy, layout = kernel_setup(model, args)
+    reference = call(splits=1)
+    ints = lambda text: [int(v) for v in text.split(",")]  # noqa: E731
+    rows = []
+    for splits, block, warps, stages in itertools.product(ints(args.tune_splits), ints(args.tune_blocks),
+                                                          ints(args.tune_warps), ints(args.tune_stages)):
+        launch = {"splits": splits, "block": block, "num_warps": warps, "num_stages": stages}
+        error = (call(**launch).float() - reference.float()).abs().max().item()
+        seconds = gpu_seconds(lambda: call(**launch))
+        rows.append({"part": "tune", **launch, "microseconds": seconds * 1e6, "kv_gb_per_s": read / seconds / 1e9,
+                     "of_copy_bandwidth": read / seconds / copy, "max_abs_diff": error})
+    rows.sort(key=lambda r: r["microseconds"])
+    best = rows[0]
+    print(f"tune: best of {len(rows)} is splits {best['splits']}, BLOCK {best['block']}, {best['num_warps']} warps, "
+          f"{best['num_stages']} stages: {best['kv_gb_per_s']:.0f} GB/s", flush=True)
+    return rows
 
 
 def part_profile(model, tok, heads, args) -> list[dict]:
@@ -176,6 +197,10 @@ def main():
     ap.add_argument("--profile-tokens", type=int, default=64, help="tokens per sequence in the profiled run")
     ap.add_argument("--kernel-batch", type=int, default=64)
     ap.add_argument("--kernel-context", type=int, default=4096)
+    ap.add_argument("--tune-splits", default="1,2,4,8")
+    ap.add_argument("--tune-blocks", default="32,64,128")
+    ap.add_argument("--tune-warps", default="4,8")
+    ap.add_argument("--tune-stages", default="2,3")
     ap.add_argument("--sink", type=int, default=16)
     ap.add_argument("--recent", type=int, default=64)
     ap.add_argument("--out", default="results/engine.json")
@@ -196,15 +221,20 @@ def main():
             rows += part_sweep(model, tok, heads, args, mean_prompt)
         elif part == "kernel":
             rows += part_kernel(model, args)
+        elif part == "tune":
+            rows += part_tune(model, args)
         elif part == "profile":
             rows += part_profile(model, tok, heads, args)
         else:
-            raise SystemExit(f"unknown part {part!r}: expected hf, sweep, kernel or profile")
+            raise SystemExit(f"unknown part {part!r}: expected hf, sweep, kernel, tune or profile")
         write_result(args.out, {**meta, "complete": False, "rows": rows})  # partial results survive a kill
     for part, cols in (("hf", ["batch", "hf_tok_per_s", "engine_tok_per_s", "engine_vs_hf"]),
                        ("sweep", ["sparsity", "tok_per_s", "speedup", "speedup_theory", "of_theory", "max_running",
                                   "pool_pages", "kv_ratio", "peak_gpu_mib", "seconds"]),
-                       ("kernel", ["batch", "context", "microseconds", "kv_gb_per_s", "copy_gb_per_s", "of_copy_bandwidth"]),
+                       ("kernel", ["batch", "context", "splits", "microseconds", "kv_gb_per_s", "copy_gb_per_s",
+                                   "of_copy_bandwidth"]),
+                       ("tune", ["splits", "block", "num_warps", "num_stages", "microseconds", "kv_gb_per_s",
+                                 "of_copy_bandwidth", "max_abs_diff"]),
                        ("profile", ["cuda_graphs", "batch", "decode_steps", "ms_per_step", "kernels_per_step",
                                     "gpu_ms_per_step"])):
         if any(r["part"] == part for r in rows):

@@ -26,13 +26,15 @@ def run(script: str, *args: str) -> None:
 
 def test_engine_benchmark_writes_every_part(saved, tmp_path):
     out = tmp_path / "engine.json"
-    run("engine.py", "--model", str(saved), "--parts", "hf,sweep,kernel,profile", "--hf-batches", "2",
+    run("engine.py", "--model", str(saved), "--parts", "hf,sweep,kernel,tune,profile", "--hf-batches", "2",
         "--hf-new-tokens", "4", "--requests", "3", "--new-tokens", "4", "--kv-budget", "8MiB", "--max-batch", "2",
         "--sparsities", "0,0.5", "--kernel-batch", "2", "--kernel-context", "32", "--profile-tokens", "2",
-        "--out", str(out))
+        "--tune-splits", "1,2", "--tune-blocks", "16", "--tune-warps", "4", "--tune-stages", "2", "--out", str(out))
     result = json.loads(out.read_text())
     assert result["complete"] and "command" in result["environment"]
-    assert {r["part"] for r in result["rows"]} == {"hf", "sweep", "kernel", "profile"}
+    assert {r["part"] for r in result["rows"]} == {"hf", "sweep", "kernel", "tune", "profile"}
+    tune = [r for r in result["rows"] if r["part"] == "tune"]
+    assert sorted(r["splits"] for r in tune) == [1, 2] and all(r["max_abs_diff"] < 1e-4 for r in tune)
     sweep = [r for r in result["rows"] if r["part"] == "sweep"]
     assert [r["sparsity"] for r in sweep] == [0.0, 0.5] and sweep[0]["speedup"] == pytest.approx(1.0)
 

@@ -124,15 +124,21 @@ def _decode_kernel(
 
 
 def num_splits(batch: int, kv_heads: int, device: torch.device) -> int:
-    """Splits per sequence so that about two programs run per SM."""
+    """Splits per sequence: only as many as fill one wave of SMs.
+
+    A split pays for a combine step (several small kernels per layer), so from one (sequence, KV
+    head) per SM on, one split is fastest (`benchmarks/engine.py --parts tune`)."""
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
-    return max(1, min(16, -(-2 * sms // (batch * kv_heads))))
+    return max(1, min(16, sms // (batch * kv_heads)))
 
 
 def decode_attention(q: torch.Tensor, store: KVStore, layer: int, slots: torch.Tensor, lengths: torch.Tensor,
                      scaling: float, window: int | None, alpha: torch.Tensor | None = None,
-                     splits: int | None = None, block: int = 64) -> torch.Tensor:
-    """Decode attention of q [B, Hq, D] over the store's pages and rings of `layer` -> [B, Hq, D]."""
+                     splits: int | None = None, block: int = 128, num_warps: int = 8, num_stages: int = 3) -> torch.Tensor:
+    """Decode attention of q [B, Hq, D] over the store's pages and rings of `layer` -> [B, Hq, D].
+
+    The launch defaults (BLOCK 128 tokens, 8 warps, 3 pipeline stages) were the fastest of the
+    `benchmarks/engine.py --parts tune` grid on an H100 (results/engine_qwen05.json)."""
     bsz, hq, d = q.shape
     kv_heads = store.keep.shape[1]
     group = hq // kv_heads
@@ -165,6 +171,7 @@ def decode_attention(q: torch.Tensor, store: KVStore, layer: int, slots: torch.T
         G=group, G_PAD=max(16, triton.next_power_of_2(group)), D=d, PAGE=page, BLOCK=block,
         RING=store.ring, RING_PAD=max(16, triton.next_power_of_2(store.ring)), SPLITS=splits, GATED=alpha is not None,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=num_warps, num_stages=num_stages,
     )
     if splits == 1:
         return out
