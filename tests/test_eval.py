@@ -309,6 +309,24 @@ def test_shards_one_after_the_other_make_the_unsharded_run(lm, tmp_path):
     assert shards == ["1/2", "2/2", "1/2", None]
 
 
+def test_an_archived_run_reads_as_before_and_refuses_additions(lm, tmp_path):
+    import gzip
+
+    run = tmp_path / "run"
+    for k in (1, 2):
+        evaluate(*lm, config(), run, progress=False, shard=Shard(k, 2))
+    before = report(run).read_text()
+    for path in run.glob("*.jsonl"):  # gzip -9 OUT/*.jsonl
+        path.with_name(path.name + ".gz").write_bytes(gzip.compress(path.read_bytes()))
+        path.unlink()
+    assert report(run).read_text() == before
+    with pytest.raises(ValueError, match=r"archived \(samples.shard-1-of-2.jsonl.gz\)"):
+        evaluate(*lm, config(), run, progress=False, shard=Shard(1, 2))
+    (run / "batches.shard-1-of-2.jsonl").write_text("")
+    with pytest.raises(ValueError, match="holds both batches.shard-1-of-2.jsonl and batches.shard-1-of-2.jsonl.gz"):
+        report(run)
+
+
 def test_shard_parse():
     assert Shard.parse(" 2/8 ") == Shard(2, 8) and str(Shard(2, 8)) == "2/8"
     assert [g for g in range(20) if Shard(2, 8).owns(g)] == [1, 9, 17]

@@ -22,6 +22,7 @@ template) is checked before the directory is touched, so a bad call leaves nothi
 from __future__ import annotations
 
 import fcntl
+import gzip
 import json
 import os
 import platform
@@ -239,7 +240,10 @@ def _open_run(out: Path, record: dict, invocation: dict, shard: Shard | None) ->
             record = {**record, "invocations": [invocation]}
         _write_whole(config_path, json.dumps(record, indent=1))
     for kind in ("samples", "batches"):
-        _drop_torn_tail(_own_file(out, kind, shard))  # only its own: another shard may be mid-write in its files
+        own = _own_file(out, kind, shard)
+        if own.with_name(own.name + ".gz").is_file():
+            raise ValueError(f"{out} is archived ({own.name}.gz): gunzip its .jsonl.gz files to add to the run")
+        _drop_torn_tail(own)  # only its own: another shard may be mid-write in its files
     return {_key(s): s for s in run_records(out, "samples")}
 
 
@@ -249,10 +253,19 @@ def _own_file(out: Path, kind: str, shard: Shard | None) -> Path:
 
 
 def run_records(out: str | Path, kind: str) -> list[dict]:
-    """Every record of `kind` ("samples" or "batches") in a run: kind.jsonl, then each shard's file."""
+    """Every record of `kind` ("samples" or "batches") in a run: kind.jsonl, then each shard's file.
+
+    Any of them may be gzipped (`gzip -9 OUT/*.jsonl` archives a finished run at a fifth of the
+    size; reports read it as before); a file present both plain and gzipped is refused, not counted twice.
+    """
     out = Path(out)
-    return [r for path in [out / f"{kind}.jsonl", *sorted(out.glob(f"{kind}.shard-*.jsonl"))]
-            for r in read_jsonl(path)]
+    shards = [*out.glob(f"{kind}.shard-*.jsonl"), *out.glob(f"{kind}.shard-*.jsonl.gz")]
+    paths = [p for p in (out / f"{kind}.jsonl", out / f"{kind}.jsonl.gz") if p.is_file()]
+    paths += sorted(shards, key=lambda p: p.name)
+    for p in paths:
+        if p.suffix == ".gz" and p.with_suffix("") in paths:
+            raise ValueError(f"{out} holds both {p.with_suffix('').name} and {p.name}: remove one")
+    return [r for path in paths for r in read_jsonl(path)]
 
 
 def _write_whole(path: Path, text: str) -> None:
@@ -276,7 +289,7 @@ def read_jsonl(path: Path) -> list[dict]:
     """Records of a results file; a torn last line (a run killed mid-write, or a shard writing now) is ignored."""
     if not path.is_file():
         return []
-    lines = path.read_text().splitlines()
+    lines = (gzip.decompress(path.read_bytes()).decode() if path.suffix == ".gz" else path.read_text()).splitlines()
     records = []
     for number, line in enumerate(lines, 1):
         try:
