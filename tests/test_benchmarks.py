@@ -37,6 +37,7 @@ def test_engine_benchmark_writes_every_part(saved, tmp_path):
     assert sorted(r["splits"] for r in tune) == [1, 2] and all(r["max_abs_diff"] < 1e-4 for r in tune)
     sweep = [r for r in result["rows"] if r["part"] == "sweep"]
     assert [r["sparsity"] for r in sweep] == [0.0, 0.5] and sweep[0]["speedup"] == pytest.approx(1.0)
+    assert sweep[0]["loaded_speedup"] == pytest.approx(1.0)  # 3 requests, 2 at a time: one waited
 
 
 def test_efficiency_benchmark_grades_each_sparsity(saved, tmp_path):

@@ -112,7 +112,10 @@ def test_twenty_prompts_under_a_cap_of_four_equal_each_prompt_alone():
     together = eng.generate(ps, max_new_tokens=6, eos_token_ids=[])
     assert eng.stats.max_running == 4 and eng.stats.peak_pages_used <= eng.stats.pages
     assert len(eng.store._free_pages) == eng.store.capacity_pages  # every page came back
+    # under load while prompts waited: more than one wave of tokens, not the last (the queue was empty by then)
+    assert 4 * 6 < eng.stats.loaded_tokens < eng.stats.generated_tokens and eng.stats.loaded_tokens_per_s > 0
     assert [o.tokens for o in together] == [eng.generate([p], max_new_tokens=6, eos_token_ids=[])[0].tokens for p in ps]
+    assert eng.stats.loaded_tokens == 0 and eng.stats.loaded_tokens_per_s is None  # one prompt: nothing waited
 
 
 def test_memory_rebalancing_and_bytes_per_sequence():

@@ -93,10 +93,18 @@ class EngineStats:
     pages: int = 0
     peak_pages_used: int = 0
     peak_memory: int = 0  # bytes of GPU memory at the peak (CUDA only)
+    loaded_seconds: float = 0.0  # spent while requests waited for room: the KV budget (or max_batch) was the limit
+    loaded_tokens: int = 0  # generated in that time
 
     @property
     def tokens_per_s(self) -> float:
         return self.generated_tokens / self.seconds if self.seconds else 0.0
+
+    @property
+    def loaded_tokens_per_s(self) -> float | None:
+        """Throughput under load (steady serving): free of the ramp-down once the queue is empty,
+        whose length depends on how the request count divides into waves. None: nothing ever waited."""
+        return self.loaded_tokens / self.loaded_seconds if self.loaded_seconds else None
 
 
 @dataclass(eq=False)  # requests are compared by identity
@@ -202,11 +210,13 @@ class Engine:
         try:
             with torch.inference_mode(), patched(self.model, "rlkv_engine", attention, self.state):
                 while waiting or prefilling or running:
+                    tick, generated = time.perf_counter(), self.stats.generated_tokens
                     while (waiting and len(prefilling) + len(running) < self.max_batch
                            and self.store.can_admit(len(waiting[0].prompt) + waiting[0].max_new)):
                         req = waiting.popleft()
                         req.slot, req.pages = self.store.admit(len(req.prompt) + req.max_new)
                         prefilling.append(req)
+                    loaded = bool(waiting)
                     if prefilling:
                         finished_prompts = self._prefill(prefilling, sampling)
                         prefilling = [r for r in prefilling if r not in finished_prompts]
@@ -216,6 +226,9 @@ class Engine:
                         self.stats.max_running = max(self.stats.max_running, len(running))
                         self._decode(running, sampling)
                         running = self._retire(running, finish, done, bar)
+                    if loaded:  # sampling read the tokens back, so the host clock has waited for the GPU
+                        self.stats.loaded_seconds += time.perf_counter() - tick
+                        self.stats.loaded_tokens += self.stats.generated_tokens - generated
         finally:  # an interrupted call gives its slots and pages back: the engine stays usable
             for req in prefilling + running:
                 self.store.release(req.slot, req.pages)
