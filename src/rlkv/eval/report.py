@@ -15,7 +15,7 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
-from rlkv.eval.run import run_records
+from rlkv.eval.run import run_records, write_whole
 from rlkv.eval.summary import summarize
 
 
@@ -92,7 +92,8 @@ def _plot(rows: list[dict], x: str, y: str, xlabel: str, ylabel: str, path: Path
 
 
 def report(run_dir: str | Path) -> Path:
-    """Write report.md and the PNG plots into `run_dir`; returns the report path."""
+    """Write report.md and the PNG plots into `run_dir`, and summary.json anew from every sample
+    (shards that finished after the last `evaluate` are in it); returns the report path."""
     run_dir = Path(run_dir)
     samples = run_records(run_dir, "samples")  # samples.jsonl and every shard's
     if not samples:
@@ -101,7 +102,10 @@ def report(run_dir: str | Path) -> Path:
     rows = summarize(samples, run_records(run_dir, "batches"))
     model = ""
     if (run_dir / "config.json").is_file():
-        model = Path(json.loads((run_dir / "config.json").read_text()).get("model") or "").name
+        config = json.loads((run_dir / "config.json").read_text())
+        model = Path(config.get("model") or "").name
+        identity = {k: v for k, v in config.items() if k != "invocations"}
+        write_whole(run_dir / "summary.json", json.dumps({"config": identity, "rows": rows}, indent=1))
     plots = [
         _plot(rows, "sparsity", "accuracy", "sparsity (fraction of KV heads compressed)", "accuracy (%)",
               run_dir / "accuracy_vs_sparsity.png", f"accuracy vs sparsity {model}"),

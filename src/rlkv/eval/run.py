@@ -238,7 +238,7 @@ def _open_run(out: Path, record: dict, invocation: dict, shard: Shard | None) ->
             record = {**record, "invocations": old.get("invocations", []) + [invocation]}
         else:
             record = {**record, "invocations": [invocation]}
-        _write_whole(config_path, json.dumps(record, indent=1))
+        write_whole(config_path, json.dumps(record, indent=1))
     for kind in ("samples", "batches"):
         own = _own_file(out, kind, shard)
         if own.with_name(own.name + ".gz").is_file():
@@ -268,7 +268,7 @@ def run_records(out: str | Path, kind: str) -> list[dict]:
     return [r for path in paths for r in read_jsonl(path)]
 
 
-def _write_whole(path: Path, text: str) -> None:
+def write_whole(path: Path, text: str) -> None:
     """Write `path` by renaming a uniquely named file onto it: a reader or another writer never sees it torn."""
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     tmp.write_text(text)
@@ -404,7 +404,7 @@ def evaluate(
     bar.close()
     samples = run_records(out, "samples")  # every process's, as they are now
     rows = summarize(samples, run_records(out, "batches"))
-    _write_whole(out / "summary.json", json.dumps({"config": record, "rows": rows}, indent=1))
+    write_whole(out / "summary.json", json.dumps({"config": record, "rows": rows}, indent=1))
     return EvalResults(out, rows, samples)
 
 
