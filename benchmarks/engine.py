@@ -17,8 +17,9 @@
                 engine) vs this GPU's measured device-to-device copy bandwidth;
 --parts tune    the same call over the kernel's launch grid (`--tune-splits/-blocks/-warps/-stages`),
                 fastest first: where the kernel's launch defaults come from;
---parts profile where a decode step's time goes: wall time per step with and without CUDA graphs at
-                `--max-batch` sequences, and the GPU kernels of the eager run (torch.profiler), top 15.
+--parts profile where a decode step's time goes: time per step with and without CUDA graphs at
+                `--max-batch` sequences (no profiler attached), and the GPU kernels of a short eager
+                run (torch.profiler, prefill included), top 15.
 Head choice does not change cost: seeded random head scores are used.
 
     python benchmarks/engine.py --model DIR --parts hf,sweep,kernel --out results/engine.json
@@ -161,20 +162,28 @@ def part_tune(model, args) -> list[dict]:
 
 
 def part_profile(model, tok, heads, args) -> list[dict]:
+    """Decode step time with and without CUDA graphs (timed without the profiler, whose overhead would
+    dominate: the difference between `--profile-tokens` + 2 and 2 new tokens per step), then the GPU
+    kernels of a short eager run under torch.profiler (its prefill included)."""
     texts = prompts(tok, args.max_batch)
     rows = []
     for graphs in (True, False) if torch.cuda.is_available() else (False,):
         engine = rlkv.Engine(model, tok, HeadSplit(heads.keep_mask(0.5), args.sink, args.recent),
                              kv_budget=args.kv_budget, max_batch=args.max_batch, cuda_graphs=graphs)
         engine.generate(texts, max_new_tokens=8, eos_token_ids=[])  # warm-up
-        activities = [torch.profiler.ProfilerActivity.CPU] + (
-            [torch.profiler.ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
-        with torch.profiler.profile(activities=activities) as prof:
-            engine.generate(texts, max_new_tokens=args.profile_tokens, eos_token_ids=[])
-        steps = engine.stats.decode_steps
-        row = {"part": "profile", "cuda_graphs": graphs, "batch": args.max_batch, "decode_steps": steps,
-               "ms_per_step": 1e3 * engine.stats.seconds / steps}
+        seconds, steps = [], []
+        for new in (2, 2 + args.profile_tokens):
+            engine.generate(texts, max_new_tokens=new, eos_token_ids=[])
+            seconds.append(engine.stats.seconds)
+            steps.append(engine.stats.decode_steps)
+        row = {"part": "profile", "cuda_graphs": graphs, "batch": args.max_batch,
+               "ms_per_step": 1e3 * (seconds[1] - seconds[0]) / (steps[1] - steps[0])}
         if not graphs:
+            activities = [torch.profiler.ProfilerActivity.CPU] + (
+                [torch.profiler.ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+            with torch.profiler.profile(activities=activities) as prof:
+                engine.generate(texts, max_new_tokens=args.profile_tokens, eos_token_ids=[])
+            steps = engine.stats.decode_steps
             events = [e for e in prof.key_averages() if getattr(e, "device_time_total", 0) > 0]
             events.sort(key=lambda e: -e.device_time_total)
             row["kernels_per_step"] = sum(e.count for e in events) / steps
@@ -202,7 +211,7 @@ def main():
     ap.add_argument("--max-batch", type=int, default=256)
     ap.add_argument("--sparsities", default="0,0.2,0.4,0.5,0.6,0.8")
     ap.add_argument("--repeat-baseline", action="store_true", help="run sparsity 0 again last")
-    ap.add_argument("--profile-tokens", type=int, default=64, help="tokens per sequence in the profiled run")
+    ap.add_argument("--profile-tokens", type=int, default=16, help="decode steps timed, and tokens of the profiled run")
     ap.add_argument("--kernel-batch", type=int, default=64)
     ap.add_argument("--kernel-context", type=int, default=4096)
     ap.add_argument("--tune-splits", default="1,2,4,8")
@@ -243,7 +252,7 @@ def main():
                                    "of_copy_bandwidth"]),
                        ("tune", ["splits", "block", "num_warps", "num_stages", "microseconds", "kv_gb_per_s",
                                  "of_copy_bandwidth", "max_abs_diff"]),
-                       ("profile", ["cuda_graphs", "batch", "decode_steps", "ms_per_step", "kernels_per_step",
+                       ("profile", ["cuda_graphs", "batch", "ms_per_step", "kernels_per_step",
                                     "gpu_ms_per_step"])):
         if any(r["part"] == part for r in rows):
             print_table([r for r in rows if r["part"] == part], cols)

@@ -38,6 +38,8 @@ def test_engine_benchmark_writes_every_part(saved, tmp_path):
     sweep = [r for r in result["rows"] if r["part"] == "sweep"]
     assert [r["sparsity"] for r in sweep] == [0.0, 0.5] and sweep[0]["speedup"] == pytest.approx(1.0)
     assert sweep[0]["loaded_speedup"] == pytest.approx(1.0)  # 3 requests, 2 at a time: one waited
+    profile = [r for r in result["rows"] if r["part"] == "profile"]
+    assert [r["cuda_graphs"] for r in profile] == [False] and "top_kernels" in profile[0]  # CPU: eager only, no GPU kernels
 
 
 def test_efficiency_benchmark_grades_each_sparsity(saved, tmp_path):
