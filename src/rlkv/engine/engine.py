@@ -107,6 +107,13 @@ class EngineStats:
         return self.loaded_tokens / self.loaded_seconds if self.loaded_seconds else None
 
 
+def degenerate(tokens: list[int], window: int, min_distinct: int) -> bool:
+    """The degenerate-repetition stop (the paper's): at every multiple of `window` generated tokens,
+    true when the last `window` hold fewer than `min_distinct` distinct ids; `window` 0 turns it off.
+    The engine and the transformers path (`rlkv.eval.run.RepetitionStop`) both stop by it."""
+    return bool(window) and len(tokens) % window == 0 and len(set(tokens[-window:])) < min_distinct
+
+
 @dataclass(eq=False)  # requests are compared by identity
 class _Request:
     index: int
@@ -272,8 +279,7 @@ class Engine:
             tail = self.tokenizer.decode(tokens[-64:])
             if any(s in tail for s in finish["stop"]):
                 return "stop"
-        window = finish["window"]
-        if window and len(tokens) % window == 0 and len(set(tokens[-window:])) < finish["distinct"]:
+        if degenerate(tokens, finish["window"], finish["distinct"]):
             return "repetition"
         if len(tokens) >= req.max_new:
             return "length"

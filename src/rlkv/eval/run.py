@@ -40,7 +40,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 
 from rlkv import methods as method_registry
 from rlkv import tasks as task_registry
-from rlkv.engine.engine import check_setting, engine_for
+from rlkv.engine.engine import check_setting, degenerate, engine_for
 from rlkv.engine.sampling import stable_seed
 from rlkv.eval.summary import summarize
 from rlkv.methods.headsplit import HeadSplit
@@ -125,22 +125,19 @@ class Shard:
 
 
 class RepetitionStop(StoppingCriteria):
-    """Every `window` new tokens, stop rows whose last `window` tokens hold < `min_distinct` ids."""
+    """`rlkv.engine.engine.degenerate` for transformers `generate`: rows it flags stop (and are remembered)."""
 
     def __init__(self, prompt_len: int, window: int, min_distinct: int):
         self.prompt_len, self.window, self.min_distinct = prompt_len, window, min_distinct
         self.flagged: set[int] = set()
 
     def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
-        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-        new = input_ids.shape[1] - self.prompt_len
-        if new == 0 or new % self.window:
-            return done
-        tail = input_ids[:, -self.window :].sort(dim=-1).values
-        distinct = 1 + (tail[:, 1:] != tail[:, :-1]).sum(-1)
-        done = distinct < self.min_distinct
-        self.flagged.update(torch.nonzero(done).flatten().tolist())
-        return done
+        generated = input_ids.shape[1] - self.prompt_len
+        if not self.window or generated == 0 or generated % self.window:  # between checks: no copy to the host
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        done = [degenerate(tokens, self.window, self.min_distinct) for tokens in input_ids[:, self.prompt_len :].tolist()]
+        self.flagged.update(row for row, stop in enumerate(done) if stop)
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
 
 def _method_plan(config: EvalConfig, layout: Layout) -> list[tuple[str, float, object]]:
