@@ -137,8 +137,8 @@ def decode_attention(q: torch.Tensor, store: KVStore, layer: int, slots: torch.T
                      splits: int | None = None, block: int = 128, num_warps: int = 8, num_stages: int = 3) -> torch.Tensor:
     """Decode attention of q [B, Hq, D] over the store's pages and rings of `layer` -> [B, Hq, D].
 
-    The launch defaults (BLOCK 128 tokens, 8 warps, 3 pipeline stages) were the fastest of the
-    `benchmarks/engine.py --parts tune` grid on an H100 (results/engine_qwen05.json)."""
+    The launch defaults (BLOCK 128 tokens, 8 warps, 3 pipeline stages) ran within 3% of the fastest
+    of the `benchmarks/engine.py --parts tune` grid on an H100 (results/engine_qwen05.json)."""
     bsz, hq, d = q.shape
     kv_heads = store.keep.shape[1]
     group = hq // kv_heads

@@ -15,8 +15,7 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
-from rlkv.eval.run import run_records, write_whole
-from rlkv.eval.summary import summarize
+from rlkv.eval.run import summarize_run, write_summary
 
 
 def _baseline(rows: list[dict]) -> dict[str, float]:
@@ -95,17 +94,15 @@ def report(run_dir: str | Path) -> Path:
     """Write report.md and the PNG plots into `run_dir`, and summary.json anew from every sample
     (shards that finished after the last `evaluate` are in it); returns the report path."""
     run_dir = Path(run_dir)
-    samples = run_records(run_dir, "samples")  # samples.jsonl and every shard's
+    samples, rows = summarize_run(run_dir)  # samples.jsonl and every shard's
     if not samples:
         raise FileNotFoundError(f"{run_dir} holds no results (expected samples.jsonl or samples.shard-*.jsonl "
                                 f"from `rlkv eval --out {run_dir}`)")
-    rows = summarize(samples, run_records(run_dir, "batches"))
     model = ""
     if (run_dir / "config.json").is_file():
         config = json.loads((run_dir / "config.json").read_text())
         model = Path(config.get("model") or "").name
-        identity = {k: v for k, v in config.items() if k != "invocations"}
-        write_whole(run_dir / "summary.json", json.dumps({"config": identity, "rows": rows}, indent=1))
+        write_summary(run_dir, {k: v for k, v in config.items() if k != "invocations"}, rows)
     plots = [
         _plot(rows, "sparsity", "accuracy", "sparsity (fraction of KV heads compressed)", "accuracy (%)",
               run_dir / "accuracy_vs_sparsity.png", f"accuracy vs sparsity {model}"),

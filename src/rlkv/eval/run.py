@@ -399,10 +399,20 @@ def evaluate(
                 ))
         del engine  # its KV pool goes back before the next group's
     bar.close()
-    samples = run_records(out, "samples")  # every process's, as they are now
-    rows = summarize(samples, run_records(out, "batches"))
-    write_whole(out / "summary.json", json.dumps({"config": record, "rows": rows}, indent=1))
+    samples, rows = summarize_run(out)  # every process's, as they are now
+    write_summary(out, record, rows)
     return EvalResults(out, rows, samples)
+
+
+def summarize_run(out: Path) -> tuple[list[dict], list[dict]]:
+    """Every sample of a run as it is now (all shards') and their aggregate rows."""
+    samples = run_records(out, "samples")
+    return samples, summarize(samples, run_records(out, "batches"))
+
+
+def write_summary(out: Path, record: dict, rows: list[dict]) -> None:
+    """summary.json: the run's identity (config.json without its invocations) and aggregate rows."""
+    write_whole(out / "summary.json", json.dumps({"config": record, "rows": rows}, indent=1))
 
 
 def _record_kv_bytes(samples: list[dict], cache, full_per_token: int) -> None:
