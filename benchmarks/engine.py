@@ -215,7 +215,7 @@ def main():
     ap.add_argument("--kernel-batch", type=int, default=64)
     ap.add_argument("--kernel-context", type=int, default=4096)
     ap.add_argument("--tune-splits", default="1,2,4,8")
-    ap.add_argument("--tune-blocks", default="32,64,128")
+    ap.add_argument("--tune-blocks", default="64,128,256")
     ap.add_argument("--tune-warps", default="4,8")
     ap.add_argument("--tune-stages", default="2,3")
     ap.add_argument("--sink", type=int, default=16)

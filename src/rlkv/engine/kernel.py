@@ -134,11 +134,13 @@ def num_splits(batch: int, kv_heads: int, device: torch.device) -> int:
 
 def decode_attention(q: torch.Tensor, store: KVStore, layer: int, slots: torch.Tensor, lengths: torch.Tensor,
                      scaling: float, window: int | None, alpha: torch.Tensor | None = None,
-                     splits: int | None = None, block: int = 128, num_warps: int = 8, num_stages: int = 3) -> torch.Tensor:
+                     splits: int | None = None, block: int = 256, num_warps: int = 8, num_stages: int = 3) -> torch.Tensor:
     """Decode attention of q [B, Hq, D] over the store's pages and rings of `layer` -> [B, Hq, D].
 
-    The launch defaults (BLOCK 128 tokens, 8 warps, 3 pipeline stages) ran within 3% of the fastest
-    of the `benchmarks/engine.py --parts tune` grid on an H100 (results/engine_qwen05.json)."""
+    Launch defaults: BLOCK 256 tokens, 8 warps, 3 pipeline stages. At 64 x 4096 on an H100 this read
+    K/V at 76% of copy bandwidth, against 61% for BLOCK 128 (`benchmarks/engine.py --parts kernel`,
+    results/engine_qwen05_kernel.json vs results/engine_qwen05.json): with about one (sequence, KV
+    head) program per SM, a longer block keeps more bytes in flight."""
     bsz, hq, d = q.shape
     kv_heads = store.keep.shape[1]
     group = hq // kv_heads
