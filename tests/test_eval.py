@@ -227,6 +227,56 @@ def test_match_bytes_gives_token_droppers_the_head_split_memory(lm, tmp_path):
         evaluate(*lm, config(tasks=["arith"], methods=["h2o"], match_bytes=True), tmp_path / "bad", progress=False)
 
 
+def test_match_budget_says_when_the_target_is_below_the_methods_floor():
+    """A cache that holds its budget plus up to 100 tokens (like R-KV's buffer) cannot match a small target."""
+    from types import SimpleNamespace
+
+    from rlkv.methods.matching import TOLERANCE, match_budget, mean_bytes
+
+    def build(budget):
+        if budget < 4:
+            raise ValueError("budget below the method's window")
+        return SimpleNamespace(policy=SimpleNamespace(sequence_bytes=lambda layout, t: t.clamp(max=budget + 100) * 10))
+
+    sample = {"prompt_tokens": 50, "tokens": 200}
+    reachable = mean_bytes(lambda t: t.clamp(max=160) * 10, [sample])  # what budget 60 holds
+    match = match_budget(build, None, [{**sample, "kv_bytes_mean": reachable}])
+    assert match.budget == 60 and abs(match.excess) < 1e-9
+    floor = match_budget(build, None, [{**sample, "kv_bytes_mean": 10 * 60.0}])  # 60 tokens: under the floor of 104
+    assert floor.budget == 4 and floor.excess > TOLERANCE
+    assert floor.predicted == pytest.approx(mean_bytes(lambda t: t.clamp(max=104) * 10, [sample]))
+
+
+def test_match_bytes_warns_when_a_method_cannot_get_down_to_the_reference(lm, tmp_path):
+    """At sparsity 1 every head keeps sink 2 + recent 4 tokens; R-KV keeps at least its window + 1 = 9."""
+    cfg = config(tasks=["arith"], methods=["random", "rkv"], sparsities=[1.0], match_bytes=True, max_new_tokens=8, limit=3)
+    with pytest.warns(UserWarning, match=r"rkv cannot hold as little KV as random on arith at sparsity 1: its budget of 9"):
+        res = evaluate(*lm, cfg, tmp_path / "run", progress=False)
+    assert {r["method"]: r for r in res.rows}["rkv"]["kv_vs_reference"] > 1.05
+
+
+def test_report_marks_matched_groups_that_held_more_than_their_reference():
+    from rlkv.eval.report import markdown_table
+    from rlkv.eval.summary import summarize
+
+    def sample(method, i, kv, budget=None):
+        return {"task": "gsm8k", "method": method, "sparsity": 0.5, "id": i, "score": 1.0, "tokens": 10, "finish": "eos",
+                "kv_bytes_mean": kv, "kv_bytes_full_mean": 200.0, "kv_bytes": kv, "kv_bytes_full": 200,
+                **({"budget": budget} if budget else {})}
+
+    samples = [sample("rlkv", i, 100.0) for i in range(3)] + [sample("h2o", i, 101.0, 40) for i in range(3)] + \
+              [sample("rkv", i, 150.0, 9) for i in range(3)] + [sample("snapkv", i, 100.0, 40) for i in range(2)]
+    rows = {r["method"]: r for r in summarize(samples, reference="rlkv")}
+    assert rows["h2o"]["kv_vs_reference"] == pytest.approx(1.01)
+    assert rows["rkv"]["kv_vs_reference"] == pytest.approx(1.5)
+    assert rows["rlkv"]["kv_vs_reference"] is None  # the reference itself has no budget
+    assert rows["snapkv"]["kv_vs_reference"] == pytest.approx(1.0)  # over the examples it has
+    table = markdown_table(list(rows.values()))
+    assert "† 1.50x KV" in table and "not at equal memory" in table
+    assert table.count("†") == 2  # the rkv cell and the note; h2o's 1% is within what lengths explain
+    assert all(r["kv_vs_reference"] is None for r in summarize(samples))  # no reference: a run without --match-bytes
+
+
 def test_the_engine_grades_like_the_transformers_path(lm, tmp_path):
     """Head-split methods through rlkv.Engine: the same completions, scores and bytes (up to the ring's position index)."""
     hf = evaluate(*lm, config(engine="off"), tmp_path / "hf", progress=False)

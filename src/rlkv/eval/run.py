@@ -31,6 +31,7 @@ import shlex
 import sys
 import time
 import uuid
+import warnings
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -44,7 +45,7 @@ from rlkv.engine.engine import check_setting, degenerate, engine_for
 from rlkv.engine.sampling import stable_seed
 from rlkv.eval.summary import summarize
 from rlkv.methods.headsplit import HeadSplit
-from rlkv.methods.matching import bytes_over_decoding, match_budget
+from rlkv.methods.matching import TOLERANCE, bytes_over_decoding, match_budget
 from rlkv.models import Layout, eos_ids
 
 IDENTITY = ("model", "heads_sha256", "max_new_tokens", "temperature", "top_p", "seed", "sink", "recent", "budget",
@@ -146,7 +147,7 @@ def _method_plan(config: EvalConfig, layout: Layout) -> list[tuple[str, float, o
     With `match_bytes`, token-dropping methods come last and unbuilt (None): their budget is
     matched to the head-split samples of the same task and sparsity once those exist.
     """
-    if config.match_bytes and not set(config.methods) & set(method_registry.HEAD_RANKED):
+    if config.match_bytes and bytes_reference(config.methods) is None:
         raise ValueError(f"--match-bytes needs a head-split method to match ({', '.join(method_registry.HEAD_RANKED)})")
     plan, seen = [], set()
     for name in config.methods:
@@ -181,7 +182,7 @@ def _matched(name: str, task: str, sparsity: float, ids: set[str], config: EvalC
     the one a resume matches to all of it. Unsharded, it is, as the reference group runs first; a
     shard may find it still running in the shard that owns it.
     """
-    ref = next(m for m in config.methods if m in method_registry.HEAD_RANKED)  # _method_plan checked there is one
+    ref = bytes_reference(config.methods)  # _method_plan checked there is one
     reference = [s for s in run_records(out, "samples")
                  if (s["task"], s["method"], float(s["sparsity"])) == (task, ref, sparsity)]
     have = len(ids & {str(s["id"]) for s in reference})
@@ -195,7 +196,18 @@ def _matched(name: str, task: str, sparsity: float, ids: set[str], config: EvalC
     def build(budget: int):
         return method_registry.build(name, layout, sparsity, budget=budget)
 
-    return build(match_budget(build, layout, reference))
+    match = match_budget(build, layout, reference)
+    if match.excess > TOLERANCE:
+        warnings.warn(
+            f"--match-bytes: {name} cannot hold as little KV as {ref} on {task} at sparsity {sparsity:g}: its budget "
+            f"of {match.budget} tokens is predicted to hold {100 * match.excess:.0f}% more; it runs there and the "
+            "report marks it as not at equal memory", stacklevel=2)
+    return build(match.budget)
+
+
+def bytes_reference(methods: list[str]) -> str | None:
+    """The head-split method whose KV bytes `--match-bytes` matches: the first head-ranked one listed."""
+    return next((m for m in methods if m in method_registry.HEAD_RANKED), None)
 
 
 def _environment(model) -> dict:
@@ -407,7 +419,12 @@ def evaluate(
 def summarize_run(out: Path) -> tuple[list[dict], list[dict]]:
     """Every sample of a run as it is now (all shards') and their aggregate rows."""
     samples = run_records(out, "samples")
-    return samples, summarize(samples, run_records(out, "batches"))
+    reference = None
+    if (out / "config.json").is_file():
+        config = json.loads((out / "config.json").read_text())
+        if config.get("match_bytes") and config.get("invocations"):
+            reference = bytes_reference(config["invocations"][-1]["methods"])
+    return samples, summarize(samples, run_records(out, "batches"), reference)
 
 
 def write_summary(out: Path, record: dict, rows: list[dict]) -> None:

@@ -3,6 +3,10 @@
 KV ratios compare with a full cache for the same sequences: `kv_mean_ratio` averages over
 each sequence's decoding steps, `kv_peak_ratio` is at the end of each sequence, where every
 cache of ours (growing, ring or capped) is at its largest.
+
+In a run with matched bytes, a token-dropping group's `kv_vs_reference` is its mean KV bytes over
+those of the reference head-split group (same task, sparsity and examples): near 1 when matched,
+above 1 where the method's smallest budget still holds more (`rlkv.methods.matching`).
 """
 
 from __future__ import annotations
@@ -10,7 +14,8 @@ from __future__ import annotations
 from collections import defaultdict
 
 
-def summarize(samples: list[dict], batches: list[dict] = ()) -> list[dict]:
+def summarize(samples: list[dict], batches: list[dict] = (), reference: str | None = None) -> list[dict]:
+    """One row per (task, method, sparsity); `reference`: the head-split method budgets were matched to."""
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for s in samples:
         groups[(s["task"], s["method"], float(s["sparsity"]))].append(s)
@@ -35,7 +40,17 @@ def summarize(samples: list[dict], batches: list[dict] = ()) -> list[dict]:
             "kv_mean_ratio": sum(s["kv_bytes_mean"] for s in items) / sum(s["kv_bytes_full_mean"] for s in items),
             "kv_peak_ratio": sum(s["kv_bytes"] for s in items) / sum(s["kv_bytes_full"] for s in items),
             "budget": items[0].get("budget"),  # token-dropping methods: tokens per KV head
+            "kv_vs_reference": _vs_reference(items, groups.get((task, reference, sparsity)))
+            if reference and items[0].get("budget") is not None else None,
             "seconds": seconds,
             "tok_per_s": tokens / seconds if seconds else None,
         })
     return sorted(rows, key=lambda r: (r["task"], r["method"] != "full", r["method"], r["sparsity"]))
+
+
+def _vs_reference(items: list[dict], reference: list[dict] | None) -> float | None:
+    """Mean KV bytes of `items` over the reference group's on the same examples (None: not all there)."""
+    ref = {str(s["id"]): s["kv_bytes_mean"] for s in reference or ()}
+    if any(str(s["id"]) not in ref for s in items):
+        return None
+    return sum(s["kv_bytes_mean"] for s in items) / sum(ref[str(s["id"])] for s in items)

@@ -6,13 +6,35 @@ token-dropping method we pick the token budget per KV head at which it would hol
 bytes over the same sequences (the head-split run's prompt and output lengths): the smallest
 budget whose predicted bytes reach the target, or the one below if that is closer. Predictions
 use `Policy.sequence_bytes`, which equals what the live cache reports.
+
+Some targets are out of reach: R-KV, for one, compresses only every 128 new tokens, so even its
+smallest budget holds a prompt and up to 128 tokens between compressions. `Match.excess` says by
+how much the chosen budget overshoots; the harness warns above `TOLERANCE` and the report marks
+such groups as not at equal memory.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
+
+TOLERANCE = 0.02  # a matched budget predicts the reference's mean bytes within this fraction
+
+
+@dataclass(frozen=True)
+class Match:
+    """A matched token budget, and the mean bytes it is predicted to hold against the target's (summed over samples)."""
+
+    budget: int
+    predicted: float
+    target: float
+
+    @property
+    def excess(self) -> float:
+        """Predicted bytes over the target's, as a fraction (0.41: 41% more than the reference)."""
+        return self.predicted / self.target - 1
 
 
 def bytes_over_decoding(bytes_of: Callable[[torch.Tensor], torch.Tensor], samples: list[dict]):
@@ -27,7 +49,7 @@ def mean_bytes(bytes_of: Callable[[torch.Tensor], torch.Tensor], samples: list[d
     return float(sum(held.mean() for _, held in bytes_over_decoding(bytes_of, samples)))
 
 
-def match_budget(build: Callable[[int], object], layout, samples: list[dict]) -> int:
+def match_budget(build: Callable[[int], object], layout, samples: list[dict]) -> Match:
     """The budget at which `build(budget)`'s method holds the mean KV bytes the `samples` held."""
     if not samples:
         raise ValueError("no reference samples to match bytes against")
@@ -45,7 +67,7 @@ def match_budget(build: Callable[[int], object], layout, samples: list[dict]) ->
         lo += 1
     hi = max(s["prompt_tokens"] + s["tokens"] for s in samples)
     if predicted(hi) < target:
-        return hi  # holding every token still costs less than the reference
+        return Match(hi, predicted(hi), target)  # holding every token still costs less than the reference
     while lo < hi:  # smallest budget whose prediction reaches the target (bytes grow with the budget)
         mid = (lo + hi) // 2
         if predicted(mid) >= target:
@@ -54,5 +76,5 @@ def match_budget(build: Callable[[int], object], layout, samples: list[dict]) ->
             lo = mid + 1
     below = predicted(lo - 1) if lo > 1 else None
     if below is not None and target - below < predicted(lo) - target:
-        return lo - 1
-    return lo
+        return Match(lo - 1, below, target)
+    return Match(lo, predicted(lo), target)
