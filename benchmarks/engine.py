@@ -17,9 +17,10 @@
                 engine) vs this GPU's measured device-to-device copy bandwidth;
 --parts tune    the same call over the kernel's launch grid (`--tune-splits/-blocks/-warps/-stages`),
                 fastest first: where the kernel's launch defaults come from;
---parts profile where a decode step's time goes: time per step with and without CUDA graphs at
-                `--max-batch` sequences (no profiler attached), and the GPU kernels of a short eager
-                run (torch.profiler, prefill included), top 15.
+--parts profile where a decode step's time goes at each `--profile-sparsities`, in the sweep's
+                conditions (the sequences its budget runs at once, mid-generation contexts):
+                time per step with CUDA graphs (no profiler attached), and the GPU kernels per
+                step of eager runs (torch.profiler), top 15: what grows with the batch.
 Head choice does not change cost: seeded random head scores are used.
 
     python benchmarks/engine.py --model DIR --parts hf,sweep,kernel --out results/engine.json
@@ -161,42 +162,60 @@ def part_tune(model, args) -> list[dict]:
     return rows
 
 
-def part_profile(model, tok, heads, args) -> list[dict]:
-    """Decode step time with and without CUDA graphs (timed without the profiler, whose overhead would
-    dominate: the difference between `--profile-tokens` + 2 and 2 new tokens per step), then the GPU
-    kernels of a short eager run under torch.profiler (its prefill included)."""
-    texts = prompts(tok, args.max_batch)
+def part_profile(model, tok, heads, args, mean_prompt: float) -> list[dict]:
+    """Where a decode step's time goes at each `--profile-sparsities`, in the sweep's conditions: as
+    many sequences as its KV budget runs at once at that sparsity, each with a context of half of
+    `--new-tokens` (the mean over a generation). Per step: the time with CUDA graphs as the engine runs
+    (no profiler attached), and the GPU kernels of eager runs under torch.profiler. Both are the
+    difference between runs of 2 + `--profile-tokens` and 2 new tokens, so the prefill cancels out."""
+    context = max(1, args.new_tokens // 2)
+    sparsities = [float(s) for s in args.profile_sparsities.split(",")]
     rows = []
-    for graphs in (True, False) if torch.cuda.is_available() else (False,):
-        engine = rlkv.Engine(model, tok, HeadSplit(heads.keep_mask(0.5), args.sink, args.recent),
-                             kv_budget=args.kv_budget, max_batch=args.max_batch, cuda_graphs=graphs)
-        engine.generate(texts, max_new_tokens=8, eos_token_ids=[])  # warm-up
-        seconds, steps = [], []
-        for new in (2, 2 + args.profile_tokens):
-            engine.generate(texts, max_new_tokens=new, eos_token_ids=[])
-            seconds.append(engine.stats.seconds)
-            steps.append(engine.stats.decode_steps)
-        row = {"part": "profile", "cuda_graphs": graphs, "batch": args.max_batch,
-               "ms_per_step": 1e3 * (seconds[1] - seconds[0]) / (steps[1] - steps[0])}
-        if not graphs:
-            activities = [torch.profiler.ProfilerActivity.CPU] + (
-                [torch.profiler.ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
-            with torch.profiler.profile(activities=activities) as prof:
-                engine.generate(texts, max_new_tokens=args.profile_tokens, eos_token_ids=[])
-            steps = engine.stats.decode_steps
-            events = [e for e in prof.key_averages() if getattr(e, "device_time_total", 0) > 0]
-            events.sort(key=lambda e: -e.device_time_total)
-            row["kernels_per_step"] = sum(e.count for e in events) / steps
-            row["gpu_ms_per_step"] = sum(e.self_device_time_total for e in events) / 1e3 / steps
-            row["top_kernels"] = [{"name": e.key[:80], "calls_per_step": e.count / steps,
-                                   "us_per_step": e.self_device_time_total / steps} for e in events[:15]]
+    for s in sparsities:
+        method = HeadSplit(heads.keep_mask(s), args.sink, args.recent)
+        engine = rlkv.Engine(model, tok, method, kv_budget=args.kv_budget, max_batch=args.max_batch,
+                             cuda_graphs=torch.cuda.is_available())
+        per_request = engine.store.pages_for(round(mean_prompt) + args.new_tokens)  # what the sweep reserves
+        batch = min(args.max_batch, engine.store.capacity_pages // per_request) if per_request else args.max_batch
+        generator = torch.Generator().manual_seed(0)
+        ids = torch.randint(0, len(tok), (batch, context), generator=generator).tolist()  # content does not change cost
+        engine.generate(ids, max_new_tokens=8, eos_token_ids=[])  # warm-up: kernels and CUDA graphs
+
+        def run(new: int) -> tuple[float, int]:
+            engine.generate(ids, max_new_tokens=new, eos_token_ids=[])
+            return engine.stats.seconds, engine.stats.decode_steps
+
+        (t0, n0), (t1, n1) = run(2), run(2 + args.profile_tokens)
+        row = {"part": "profile", "sparsity": s, "batch": batch, "context": context,
+               "ms_per_step": 1e3 * (t1 - t0) / (n1 - n0)}
+        del engine
+        engine = rlkv.Engine(model, tok, method, kv_budget=args.kv_budget, max_batch=args.max_batch, cuda_graphs=False)
+        (a, n0), (b, n1) = _kernels(engine, ids, 2), _kernels(engine, ids, 2 + args.profile_tokens)
+        steps = n1 - n0
+        per_step = {k: ((b[k][0] - a.get(k, (0, 0))[0]) / steps, (b[k][1] - a.get(k, (0, 0))[1]) / steps) for k in b}
+        top = sorted(((k, c, us) for k, (c, us) in per_step.items() if us > 0), key=lambda e: -e[2])
+        row["kernels_per_step"] = sum(c for _, c, _ in top)
+        row["gpu_ms_per_step"] = sum(us for *_, us in top) / 1e3
+        row["top_kernels"] = [{"name": k[:80], "calls_per_step": c, "us_per_step": us} for k, c, us in top[:15]]
         rows.append(row)
         del engine
         torch.cuda.empty_cache()
-        print(f"cuda_graphs={graphs}: {row['ms_per_step']:.2f} ms per decode step", flush=True)
-    for k in rows[-1].get("top_kernels", []):
-        print(f"  {k['us_per_step']:9.1f} us/step  {k['calls_per_step']:6.1f} calls/step  {k['name']}")
+        print(f"sparsity {s:g}: {batch} sequences of {context} tokens, {row['ms_per_step']:.2f} ms per decode step, "
+              f"GPU kernels {row['gpu_ms_per_step']:.2f} ms", flush=True)
+        for k in row["top_kernels"]:
+            print(f"  {k['us_per_step']:9.1f} us/step  {k['calls_per_step']:6.1f} calls/step  {k['name']}")
     return rows
+
+
+def _kernels(engine, ids, new: int) -> tuple[dict[str, tuple[int, float]], int]:
+    """GPU kernels of one eager `generate` under torch.profiler: name -> (calls, microseconds); and its decode steps."""
+    activities = [torch.profiler.ProfilerActivity.CPU] + (
+        [torch.profiler.ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with torch.profiler.profile(activities=activities) as prof:
+        engine.generate(ids, max_new_tokens=new, eos_token_ids=[])
+    events = {e.key: (e.count, e.self_device_time_total) for e in prof.key_averages()
+              if getattr(e, "self_device_time_total", 0) > 0}
+    return events, engine.stats.decode_steps
 
 
 def main():
@@ -211,7 +230,8 @@ def main():
     ap.add_argument("--max-batch", type=int, default=256)
     ap.add_argument("--sparsities", default="0,0.2,0.4,0.5,0.6,0.8")
     ap.add_argument("--repeat-baseline", action="store_true", help="run sparsity 0 again last")
-    ap.add_argument("--profile-tokens", type=int, default=16, help="decode steps timed, and tokens of the profiled run")
+    ap.add_argument("--profile-tokens", type=int, default=16, help="decode steps timed and profiled")
+    ap.add_argument("--profile-sparsities", default="0,0.5")
     ap.add_argument("--kernel-batch", type=int, default=64)
     ap.add_argument("--kernel-context", type=int, default=4096)
     ap.add_argument("--tune-splits", default="1,2,4,8")
@@ -241,7 +261,7 @@ def main():
         elif part == "tune":
             rows += part_tune(model, args)
         elif part == "profile":
-            rows += part_profile(model, tok, heads, args)
+            rows += part_profile(model, tok, heads, args, mean_prompt)
         else:
             raise SystemExit(f"unknown part {part!r}: expected hf, sweep, kernel, tune or profile")
         write_result(args.out, {**meta, "complete": False, "rows": rows})  # partial results survive a kill
@@ -252,7 +272,7 @@ def main():
                                    "of_copy_bandwidth"]),
                        ("tune", ["splits", "block", "num_warps", "num_stages", "microseconds", "kv_gb_per_s",
                                  "of_copy_bandwidth", "max_abs_diff"]),
-                       ("profile", ["cuda_graphs", "batch", "ms_per_step", "kernels_per_step",
+                       ("profile", ["sparsity", "batch", "context", "ms_per_step", "kernels_per_step",
                                     "gpu_ms_per_step"])):
         if any(r["part"] == part for r in rows):
             print_table([r for r in rows if r["part"] == part], cols)
