@@ -46,8 +46,9 @@ def markdown_table(rows: list[dict]) -> str:
     for (method, sparsity), by_task in cells.items():
         lines.append(f"| {method} | {sparsity:g} | " + " | ".join(by_task.get(t, "") for t in tasks) + " |")
     if any(_over_reference(r) for r in rows):
-        lines += ["", f"† not at equal memory: this method's smallest budget held more than {1 + OVER_REFERENCE:g}x "
-                      "the KV bytes of the head-split method it was matched to (shown as a multiple)."]
+        lines += ["", f"† not at equal memory: held more than {1 + OVER_REFERENCE:g}x the mean KV bytes of the "
+                      "head-split method it was matched to (the multiple shown), e.g. where its smallest budget "
+                      "cannot go lower."]
     return "\n".join(lines)
 
 

@@ -417,7 +417,8 @@ def evaluate(
 
 
 def summarize_run(out: Path) -> tuple[list[dict], list[dict]]:
-    """Every sample of a run as it is now (all shards') and their aggregate rows."""
+    """Every sample of a run as it is now (all shards') and their aggregate rows; with matched bytes,
+    against the reference of the run's last invocation (its first head-ranked method)."""
     samples = run_records(out, "samples")
     reference = None
     if (out / "config.json").is_file():

@@ -7,10 +7,11 @@ bytes over the same sequences (the head-split run's prompt and output lengths): 
 budget whose predicted bytes reach the target, or the one below if that is closer. Predictions
 use `Policy.sequence_bytes`, which equals what the live cache reports.
 
-Some targets are out of reach: R-KV, for one, compresses only every 128 new tokens, so even its
-smallest budget holds a prompt and up to 128 tokens between compressions. `Match.excess` says by
-how much the chosen budget overshoots; the harness warns above `TOLERANCE` and the report marks
-such groups as not at equal memory.
+Some targets are out of reach: R-KV, for one, compresses only every 128 new tokens and is charged
+for the budget + 128 tokens it holds between compressions, so at high sparsity even its smallest
+budget holds more than the head split did. `Match.excess` says by how much the chosen budget
+overshoots; the harness warns above `TOLERANCE` and the report marks such groups as not at equal
+memory.
 """
 
 from __future__ import annotations
