@@ -38,6 +38,12 @@ def write_result(path: str | Path, payload: dict) -> Path:
     return path
 
 
+def speedup_theory(sparsity: float, sink: int, recent: int, length: float) -> float:
+    """Decode speedup if a step's time followed the K/V bytes it reads: 1 / ((1 - s) + s * (sink + recent) / L),
+    L the mean sequence length (prompt + generation)."""
+    return 1 / ((1 - sparsity) + sparsity * (sink + recent) / length)
+
+
 def synchronize() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()

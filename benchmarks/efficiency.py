@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 
 import torch
-from common import print_table, write_result
+from common import print_table, speedup_theory, write_result
 
 import rlkv
 from rlkv.methods.headsplit import HeadSplit
@@ -59,7 +59,7 @@ def main():
             "sparsity": s, "accuracy": sum(scores) / len(scores), "mean_tokens": stats.generated_tokens / len(outs),
             "seconds": stats.seconds, "tok_per_s": stats.tokens_per_s, "max_running": stats.max_running,
             "kv_ratio": sum(o.kv_bytes for o in outs) / sum(o.kv_bytes_full for o in outs),
-            "speedup_theory": 1 / ((1 - s) + s * (args.sink + args.recent) / length),
+            "speedup_theory": speedup_theory(s, args.sink, args.recent, length),
         })
         print(f"sparsity {s:g}: accuracy {rows[-1]['accuracy']:.3f}, {stats.seconds:.1f} s, {stats.tokens_per_s:.0f} tok/s",
               flush=True)

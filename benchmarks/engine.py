@@ -33,7 +33,7 @@ import itertools
 import time
 
 import torch
-from common import gpu_seconds, print_table, synchronize, write_result
+from common import gpu_seconds, print_table, speedup_theory, synchronize, write_result
 from hf_cache import prompts
 
 import rlkv
@@ -100,8 +100,7 @@ def part_sweep(model, tok, heads, args, mean_prompt: float) -> list[dict]:
         for r in rows:
             r[ratio] = r[key] / (sum(base) / len(base)) if base and r[key] else None
     for r in rows:
-        s = r["sparsity"]
-        r["speedup_theory"] = 1 / ((1 - s) + s * (args.sink + args.recent) / length)
+        r["speedup_theory"] = speedup_theory(r["sparsity"], args.sink, args.recent, length)
         r["of_theory"] = r["loaded_speedup"] / r["speedup_theory"] if r["loaded_speedup"] else None
     return rows
 
