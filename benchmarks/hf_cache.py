@@ -19,6 +19,7 @@ import torch
 from common import print_table, synchronize, write_result
 
 import rlkv
+from rlkv.attention.plumbing import output_cache
 
 TOPICS = [
     "the history of the printing press", "how bridges carry load", "the water cycle", "prime numbers",
@@ -43,7 +44,7 @@ def measure(model, enc, new_tokens: int, compress_args: dict | None) -> dict:
     start = time.perf_counter()
     if compress_args is None:
         out = model.generate(**enc, **kw)
-        cache = out.past_key_values
+        cache = output_cache(out)
     else:
         with rlkv.compress(model, **compress_args) as handle:
             out = model.generate(**enc, **kw)

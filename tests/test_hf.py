@@ -6,6 +6,7 @@ from conftest import DEVICE, left_padded_batch as batch, tiny_model
 from transformers import DynamicCache
 
 import rlkv
+from rlkv.attention.plumbing import CACHE_KWARG, output_cache
 from rlkv.attention.reference import keep_keys_mask, masked_attention
 
 SINK, RECENT = 2, 4  # sink + recent = 6: prompts of 4 and 20 tokens are shorter and longer
@@ -27,7 +28,7 @@ def test_generate_equals_masked_reference(arch, sparsity, lengths):
     with rlkv.compress(model, heads, sparsity=sparsity, sink=SINK, recent=RECENT) as handle:
         fast = run(model, ids, mask)
         assert isinstance(handle.cache, rlkv.HeadSplitCache)
-        ref = run(model, ids, mask, past_key_values=DynamicCache())  # full cache + mask
+        ref = run(model, ids, mask, **{CACHE_KWARG: DynamicCache()})  # full cache + mask
     torch.testing.assert_close(torch.stack(fast.logits), torch.stack(ref.logits), rtol=1e-5, atol=1e-5)
     assert torch.equal(fast.sequences, ref.sequences)
 
@@ -109,7 +110,7 @@ def test_compressed_cache_holds_less_and_is_constant_in_length():
                                return_dict_in_generate=True)
         with rlkv.compress(model, None, sparsity=1.0, sink=SINK, recent=RECENT) as handle:
             run(model, ids, mask, new=new)
-        sizes[new] = (rlkv.cache_nbytes(plain.past_key_values), handle.cache.nbytes())
+        sizes[new] = (rlkv.cache_nbytes(output_cache(plain)), handle.cache.nbytes())
     assert sizes[40][1] == sizes[80][1]  # streaming heads: constant memory
     assert sizes[80][0] > sizes[40][0]
     assert sizes[80][1] < sizes[80][0] / 10
@@ -149,7 +150,7 @@ def test_model_sliding_window_is_respected(sparsity):
     plain = run(model, ids, mask)
     with rlkv.compress(model, heads, sparsity=sparsity, sink=SINK, recent=RECENT):
         fast = run(model, ids, mask)
-        ref = run(model, ids, mask, past_key_values=DynamicCache(config=model.config))
+        ref = run(model, ids, mask, **{CACHE_KWARG: DynamicCache(config=model.config)})
     torch.testing.assert_close(torch.stack(fast.logits), torch.stack(ref.logits), rtol=1e-5, atol=1e-5)
     if sparsity == 0.0:
         assert torch.equal(fast.sequences, plain.sequences)

@@ -11,6 +11,7 @@ from conftest import DEVICE, left_padded_batch as batch, tiny_model, tiny_tokeni
 from transformers import DynamicCache
 
 import rlkv
+from rlkv.attention.plumbing import CACHE_KWARG
 from rlkv.identify import IdentifyConfig, gated, identify, init_gates, penalty_weight, select_problems
 from rlkv.identify import grpo
 
@@ -34,7 +35,7 @@ def test_closed_gates_equal_the_streaming_reference(arch):
     with gated(model, init_gates(model, 0.0), SINK, RECENT):
         out = model(input_ids=ids, attention_mask=mask).logits
     with rlkv.compress(model, None, sparsity=1.0, sink=SINK, recent=RECENT):
-        ref = model(input_ids=ids, attention_mask=mask, past_key_values=DynamicCache()).logits
+        ref = model(input_ids=ids, attention_mask=mask, **{CACHE_KWARG: DynamicCache()}).logits
     real = mask.bool()
     torch.testing.assert_close(out[real], ref[real], rtol=1e-5, atol=1e-5)
 

@@ -6,6 +6,7 @@ from conftest import SMOLLM2, tiny_model
 from transformers import GPT2Config
 
 import rlkv
+from rlkv.attention.plumbing import output_cache
 from rlkv.models import check_supported
 
 
@@ -82,11 +83,11 @@ def test_smollm2_kv_bytes_at_half_sparsity_after_512_tokens(smollm2):
     new = 512 - enc.input_ids.shape[1]
     kw = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False)
     plain = model.generate(**enc, **kw, return_dict_in_generate=True)
-    full_bytes = rlkv.cache_nbytes(plain.past_key_values)
+    full_bytes = rlkv.cache_nbytes(output_cache(plain))
     with rlkv.compress(model, rlkv.HeadScores.random(layout), sparsity=0.5, sink=16, recent=64) as handle:
         out = model.generate(**enc, **kw)
         held = handle.cache.nbytes()
-    assert out.shape[1] == 512 and plain.past_key_values.get_seq_length() == 511
+    assert out.shape[1] == 512 and output_cache(plain).get_seq_length() == 511
     assert full_bytes == 511 * layout.kv_bytes_per_token()
     bound = 0.5 + 0.5 * 80 / 512
     overhead = 64 * 1024  # ring positions: 30 layers x 80 slots x int64, well under 64 KiB

@@ -6,6 +6,7 @@ from conftest import DEVICE, left_padded_batch as batch, tiny_model
 from transformers import AttentionInterface
 
 import rlkv
+from rlkv.attention.plumbing import output_cache
 from rlkv.attention.reference import masked_attention, token_positions
 from rlkv.methods.h2o import H2O, build_h2o, h2o_keep
 from rlkv.methods.rkv import RKV, build_rkv, rkv_importance, rkv_keep, rkv_redundancy
@@ -203,7 +204,7 @@ def test_cache_holds_less_than_a_dynamic_cache(name):
     kw = {**SMALL[name], "budget": 16, **({"interval": 8} if name == "rkv" else {})}
     with BUILDERS[name](name, rlkv.Layout.of(model), 0.0, **kw).apply(model) as handle:
         generate(model, ids, mask, 60)
-    full = rlkv.cache_nbytes(plain.past_key_values)
+    full = rlkv.cache_nbytes(output_cache(plain))
     assert handle.cache.nbytes() < full / 2
     assert handle.cache.get_seq_length() == 89  # logical length: every token seen (the last one is not fed back)
     per_row = handle.cache.sequence_nbytes(torch.tensor([90.0, 90.0]))

@@ -16,11 +16,12 @@ gated training attention) needs the same four things, all undone when its `with`
 
 from __future__ import annotations
 
+import inspect
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
-from transformers import AttentionInterface
+from transformers import AttentionInterface, GenerationMixin
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
@@ -28,6 +29,16 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from rlkv.attention.reference import token_positions
 
 BASE_IMPLEMENTATIONS = ("sdpa", "eager")
+# The cache's keyword in model forwards, `generate` and its model_kwargs: `past_key_values` up to
+# transformers 5.2x, `cache` since its rename (where the old name still works, with a warning).
+CACHE_KWARGS = ("cache", "past_key_values")
+CACHE_KWARG = "cache" if "cache" in inspect.signature(GenerationMixin.prepare_inputs_for_generation).parameters \
+    else "past_key_values"
+
+
+def output_cache(output) -> Cache | None:
+    """The cache a forward or `generate(return_dict_in_generate=True)` returned, under either name."""
+    return getattr(output, CACHE_KWARG)
 
 
 @dataclass
@@ -44,7 +55,7 @@ def read_step(args, kwargs) -> Step:
     ids = kwargs.get("input_ids", args[0] if args else None)
     ref = ids if ids is not None else kwargs.get("inputs_embeds")
     batch, q_len = ref.shape[0], ref.shape[1]
-    cache = kwargs.get("past_key_values")
+    cache = next((kwargs[k] for k in CACHE_KWARGS if kwargs.get(k) is not None), None)
     past = cache.get_seq_length() if cache is not None else 0
     mask = kwargs.get("attention_mask")
     if mask is not None and (mask.ndim != 2 or mask.shape[1] != past + q_len):
@@ -140,9 +151,10 @@ def patched(model, name: str, attention, state, make_cache=None, bases=BASE_IMPL
 
         def prepare_cache(generation_config, model_kwargs, *args, **kwargs):
             result = original(generation_config, model_kwargs, *args, **kwargs)
-            cache = model_kwargs.get("past_key_values")
-            if type(cache) is DynamicCache and not getattr(cache, "_is_user_defined", False):
-                model_kwargs["past_key_values"] = make_cache()
+            for key in CACHE_KWARGS:
+                cache = model_kwargs.get(key)
+                if type(cache) is DynamicCache and not getattr(cache, "_is_user_defined", False):
+                    model_kwargs[key] = make_cache()
             return result
 
         model._prepare_cache_for_generation = prepare_cache

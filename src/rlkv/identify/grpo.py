@@ -169,12 +169,17 @@ def _checkpointing(model, enabled: bool):
         yield
         return
     was_training = model.training
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x; the old name is deprecated there
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        disable = model.activation_checkpointing_disable
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        disable = model.gradient_checkpointing_disable
     model.train()  # transformers checkpoints only in training mode; these models have no dropout in use
     try:
         yield
     finally:
-        model.gradient_checkpointing_disable()
+        disable()
         model.train(was_training)
 
 
