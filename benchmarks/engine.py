@@ -19,7 +19,8 @@
                 fastest first: where the kernel's launch defaults come from;
 --parts profile where a decode step's time goes at each `--profile-sparsities`, in the sweep's
                 conditions (the sequences its budget runs at once, mid-generation contexts):
-                time per step with CUDA graphs (no profiler attached), and the GPU kernels per
+                time per step with CUDA graphs (no profiler attached), of it the GPU time of the
+                step's graph (the rest is host work the device waited for), and the GPU kernels per
                 step of eager runs (torch.profiler), top 15: what grows with the batch.
 Head choice does not change cost: seeded random head scores are used.
 
@@ -186,7 +187,7 @@ def part_profile(model, tok, heads, args, mean_prompt: float) -> list[dict]:
 
         (t0, n0), (t1, n1) = run(2), run(2 + args.profile_tokens)
         row = {"part": "profile", "sparsity": s, "batch": batch, "context": context,
-               "ms_per_step": 1e3 * (t1 - t0) / (n1 - n0)}
+               "ms_per_step": 1e3 * (t1 - t0) / (n1 - n0), **_graph_times(engine, batch, context)}
         del engine
         engine = rlkv.Engine(model, tok, method, kv_budget=args.kv_budget, max_batch=args.max_batch, cuda_graphs=False)
         (a, n0), (b, n1) = _kernels(engine, ids, 2), _kernels(engine, ids, 2 + args.profile_tokens)
@@ -199,11 +200,37 @@ def part_profile(model, tok, heads, args, mean_prompt: float) -> list[dict]:
         rows.append(row)
         del engine
         torch.cuda.empty_cache()
-        print(f"sparsity {s:g}: {batch} sequences of {context} tokens, {row['ms_per_step']:.2f} ms per decode step, "
-              f"GPU kernels {row['gpu_ms_per_step']:.2f} ms", flush=True)
+        print(f"sparsity {s:g}: {batch} sequences of {context} tokens, {row['ms_per_step']:.2f} ms per decode step "
+              f"(its graph {row.get('graph_ms', 0):.2f} ms of GPU time), "
+              f"eager GPU kernels {row['gpu_ms_per_step']:.2f} ms", flush=True)
         for k in row["top_kernels"]:
             print(f"  {k['us_per_step']:9.1f} us/step  {k['calls_per_step']:6.1f} calls/step  {k['name']}")
     return rows
+
+
+def _graph_times(engine, batch: int, context: int) -> dict:
+    """GPU milliseconds of one decode step's CUDA graph (forward, greedy sampling, log-probs) at `batch` rows of
+    `context` tokens: what remains of a step's time is the host's that the device waited for."""
+    if not engine.cuda_graphs:
+        return {}
+    bucket = next(b for b in engine._buckets if b >= batch)
+    graph, _ = engine._graph(bucket, dict(temperature=0.0, top_k=0, top_p=1.0))
+    engine._static.zero_()
+    engine._static[1, :batch] = context
+    engine._static[2, :batch] = torch.arange(1, batch + 1)  # page-table rows still hold the last call's pages
+    return {"graph_ms": 1e3 * _event_seconds(graph.replay)}
+
+
+def _event_seconds(fn, reps: int = 20) -> float:
+    """Seconds per `fn()` between CUDA events, after one warm-up call."""
+    fn()
+    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    begin.record()
+    for _ in range(reps):
+        fn()
+    end.record()
+    end.synchronize()
+    return begin.elapsed_time(end) / 1e3 / reps
 
 
 def _kernels(engine, ids, new: int) -> tuple[dict[str, tuple[int, float]], int]:
@@ -271,8 +298,8 @@ def main():
                                    "of_copy_bandwidth"]),
                        ("tune", ["splits", "block", "num_warps", "num_stages", "microseconds", "kv_gb_per_s",
                                  "of_copy_bandwidth", "max_abs_diff"]),
-                       ("profile", ["sparsity", "batch", "context", "ms_per_step", "kernels_per_step",
-                                    "gpu_ms_per_step"])):
+                       ("profile", ["sparsity", "batch", "context", "ms_per_step", "graph_ms",
+                                    "kernels_per_step", "gpu_ms_per_step"])):
         if any(r["part"] == part for r in rows):
             print_table([r for r in rows if r["part"] == part], cols)
     write_result(args.out, {**meta, "complete": True, "rows": rows})

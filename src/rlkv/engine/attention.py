@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from rlkv.attention.plumbing import state_of
 from rlkv.attention.reference import gate_mix, keep_keys_mask, masked_attention
-from rlkv.engine.kv import KVStore, ring_positions
+from rlkv.engine.kv import KVStore, ring_positions, upload
 from rlkv.hf import ring_slot
 
 
@@ -135,7 +135,7 @@ class EngineAttention:
         q_pos = torch.arange(seg.start, seg.end, device=device)[None]
         never = torch.zeros(1, dtype=torch.bool)
         if s.kept_heads:
-            pages = torch.tensor(seg.pages, device=device)
+            pages = upload(seg.pages, torch.long, device)
             m["write"] = (pages[q_pos[0] // s.page_size], q_pos[0] % s.page_size)
             k_pos = torch.arange(seg.end, device=device)
             m["read"] = (pages[k_pos // s.page_size], k_pos % s.page_size)
@@ -143,11 +143,15 @@ class EngineAttention:
             if self.alpha is not None:  # gated mode: the streaming branch over the same keys
                 m["stream"] = keep_keys_mask(q_pos, k_pos[None], never, s.sink, s.recent, window)
         if s.compressed_heads:
-            before = ring_positions(torch.tensor([seg.start], device=device), s.sink, s.recent)
+            before = ring_positions(torch.full((1,), seg.start, device=device), s.sink, s.recent)
             m["ring"] = keep_keys_mask(q_pos, torch.cat([before, q_pos], dim=1), never, s.sink, s.recent, window)
-            chunk = q_pos[0]
-            stored = (chunk < s.sink) | (chunk >= seg.end - s.recent)
-            m["ring_write"] = (torch.nonzero(stored).flatten(), ring_slot(chunk[stored], s.sink, s.recent))
+            # the chunk's tokens that stay in the ring (sinks, and the last `recent` of the sequence so far):
+            # listed on the host, as a device-side nonzero() would wait for the device
+            sinks = max(0, min(s.sink, seg.end) - seg.start)
+            first_recent = max(seg.start, seg.end - s.recent, min(s.sink, seg.end))
+            stored = [*range(sinks), *range(first_recent - seg.start, seg.length)]
+            src = upload(stored, torch.long, device)
+            m["ring_write"] = (src, ring_slot(src + seg.start, s.sink, s.recent))
         seg.masks[window] = m
         return m
 

@@ -6,13 +6,20 @@
 The loop, each iteration:
 1. admit waiting requests while a slot is free and the pool has every page the request could
    need (prompt + max_new_tokens): admitted requests can never run out of memory;
-2. prefill: at most `prefill_tokens` prompt tokens, packed across admitted requests (a long
+2. decode: launch one step for every running request (forward, sampling and log-probs in one
+   CUDA graph of the smallest captured batch size that fits; padding rows write to scratch page
+   0 / slot 0). Its input tokens are the previous step's outputs, still on the device;
+3. read back the steps before it, while it runs: append their tokens; finished requests (EOS,
+   stop string, max tokens, degenerate repetition) leave, and their slot and pages go back to
+   the pool;
+4. prefill: at most `prefill_tokens` prompt tokens, packed across admitted requests (a long
    prompt goes in chunks, so it never stalls decoding for long); a request whose prompt is done
-   samples its first token;
-3. decode: one token for every running request, through a CUDA graph of the smallest captured
-   batch size that fits (padding rows write to scratch page 0 / slot 0);
-4. finished requests (EOS, stop string, max tokens, degenerate repetition) leave at once and
-   their slot and pages go back to the pool.
+   samples its first token on the device and joins the next decode step.
+So the host's work for step k (Python bookkeeping, admission, launches) overlaps the device's
+work for step k + 1, and nothing in the loop waits for the device except that read-back. A
+request is known to be finished one step late: the step launched meanwhile computes one token
+for it that is dropped (its position is still inside the pages it reserved). Sampling depends
+only on (seed, token index, the request's own logits), so outputs do not change.
 The model's own modules run the forward (embeddings, norms, projections, RoPE, MLP); only
 attention is the engine's (`rlkv.engine.attention`).
 """
@@ -29,7 +36,7 @@ from tqdm.auto import tqdm
 
 from rlkv.attention.plumbing import patched
 from rlkv.engine.attention import Decode, EngineAttention, Prefill, Segment, attention
-from rlkv.engine.kv import KVStore, parse_bytes
+from rlkv.engine.kv import KVStore, parse_bytes, upload
 from rlkv.engine.sampling import sample
 from rlkv.methods.headsplit import HeadSplit
 from rlkv.models import Layout, eos_ids
@@ -123,10 +130,22 @@ class _Request:
     slot: int = -1
     pages: list[int] = field(default_factory=list)
     stored: int = 0  # prompt tokens whose K/V are stored
+    sampled: int = 0  # tokens sampled on the device so far; `tokens` holds those read back
     tokens: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     finish: str | None = None
     completion: Completion | None = None
+
+
+@dataclass
+class _Step:
+    """Tokens sampled on the device for `requests` (row order), on their way to the host."""
+
+    requests: list[_Request]
+    tokens: torch.Tensor  # device [n]: each row's next input
+    host_tokens: torch.Tensor  # the same and the log-probs, copied to the host asynchronously
+    host_logprobs: torch.Tensor
+    ready: torch.cuda.Event | None  # recorded after the copies (None on a CPU: nothing is asynchronous)
 
 
 class Engine:
@@ -156,10 +175,10 @@ class Engine:
             raise ValueError("cuda_graphs needs a CUDA model and the Triton kernel (kernel=True)")
         self.state = EngineAttention(self.store, self.layout.group_size, alpha, self.kernel)
         self.stats = EngineStats()
-        self._graphs: dict[int, tuple] = {}
+        self._graphs: dict[tuple, tuple] = {}
         # decode batch sizes that get a CUDA graph; a step pads up to the smallest that fits
         self._buckets = sorted({s for s in [1, 2, 4, 8, 16, *range(32, max_batch, 32)] if s < max_batch} | {max_batch})
-        self._static = torch.zeros(3, max_batch, dtype=torch.long, device=self.device)  # ids, positions, slots
+        self._static = torch.zeros(5, max_batch, dtype=torch.long, device=self.device)  # ids, pos, slots, seeds, steps
         self._pool = torch.cuda.graph_pool_handle() if self.cuda_graphs else None
 
     def _plan(self, method):
@@ -204,6 +223,9 @@ class Engine:
         eos = set(eos_token_ids if eos_token_ids is not None else eos_ids(self.model, self.tokenizer))
         done: list[_Request] = []
         waiting, prefilling, running = deque(requests), [], []
+        feed = None  # device [len(running)]: each running request's next input token
+        pending: deque[_Step] = deque()  # launched, not read back yet
+        admitted: set[_Request] = set()  # holding a slot and pages
         self.stats = EngineStats(requests=len(requests), prompt_tokens=sum(len(r.prompt) for r in requests),
                                  pool_bytes=self.store.nbytes(), pages=self.store.capacity_pages)
         sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p)
@@ -216,28 +238,36 @@ class Engine:
         start = time.perf_counter()
         try:
             with torch.inference_mode(), patched(self.model, "rlkv_engine", attention, self.state):
-                while waiting or prefilling or running:
+                while waiting or prefilling or running or pending:
                     tick, generated = time.perf_counter(), self.stats.generated_tokens
-                    while (waiting and len(prefilling) + len(running) < self.max_batch
+                    while (waiting and len(admitted) < self.max_batch
                            and self.store.can_admit(len(waiting[0].prompt) + waiting[0].max_new)):
                         req = waiting.popleft()
                         req.slot, req.pages = self.store.admit(len(req.prompt) + req.max_new)
+                        admitted.add(req)
                         prefilling.append(req)
                     loaded = bool(waiting)
-                    if prefilling:
-                        finished_prompts = self._prefill(prefilling, sampling)
-                        prefilling = [r for r in prefilling if r not in finished_prompts]
-                        running += finished_prompts
-                        running = self._retire(running, finish, done, bar)
                     if running:
                         self.stats.max_running = max(self.stats.max_running, len(running))
-                        self._decode(running, sampling)
-                        running = self._retire(running, finish, done, bar)
-                    if loaded:  # sampling read the tokens back, so the host clock has waited for the GPU
+                        pending.append(self._decode(running, feed, sampling))
+                        feed = pending[-1].tokens
+                    while len(pending) > bool(running):  # read back all but the step just launched
+                        self._collect(pending.popleft(), finish, admitted, done, bar)
+                    keep = [i for i, r in enumerate(running) if r.finish is None]
+                    if len(keep) < len(running):
+                        running, feed = [running[i] for i in keep], feed[upload(keep, torch.long, self.device)]
+                    if prefilling:
+                        first = self._prefill(prefilling, sampling)
+                        prefilling = [r for r in prefilling if r.stored < len(r.prompt)]
+                        if first is not None:
+                            pending.append(first)
+                            running += first.requests
+                            feed = first.tokens if feed is None or not len(feed) else torch.cat([feed, first.tokens])
+                    if loaded:  # the read-back waited for the device, so the host clock includes its work
                         self.stats.loaded_seconds += time.perf_counter() - tick
                         self.stats.loaded_tokens += self.stats.generated_tokens - generated
         finally:  # an interrupted call gives its slots and pages back: the engine stays usable
-            for req in prefilling + running:
+            for req in admitted:
                 self.store.release(req.slot, req.pages)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -285,20 +315,26 @@ class Engine:
             return "length"
         return None
 
-    def _retire(self, running: list[_Request], finish: dict, done: list, bar) -> list[_Request]:
-        still = []
-        for req in running:
+    def _collect(self, step: _Step, finish: dict, admitted: set, done: list, bar) -> None:
+        """Read a step's tokens back (waiting for the device), append them, and retire finished requests."""
+        if step.ready is not None:
+            step.ready.synchronize()
+        for req, token, lp in zip(step.requests, step.host_tokens.tolist(), step.host_logprobs.tolist()):
+            if req.finish is not None:  # it finished a step earlier: this token was computed meanwhile, dropped
+                continue
+            req.tokens.append(token)
+            req.logprobs.append(lp)
+            self.stats.generated_tokens += 1
             req.finish = self._finished(req, finish)
             if req.finish is None:
-                still.append(req)
                 continue
             self.store.release(req.slot, req.pages)
+            admitted.discard(req)
             req.completion = self._completion(req, finish["stop"])
             done.append(req)
             bar.update(1)
             if finish["on_complete"] is not None:
                 finish["on_complete"](req.index, req.completion)
-        return still
 
     def _completion(self, req: _Request, stop: list[str]) -> Completion:
         text = self.tokenizer.decode(req.tokens, skip_special_tokens=True)
@@ -321,8 +357,9 @@ class Engine:
             hidden = hidden[:, rows]
         return self.model.lm_head(hidden)
 
-    def _prefill(self, prefilling: list[_Request], sampling: dict) -> list[_Request]:
-        """One packed prefill forward over up to `prefill_tokens` prompt tokens; returns requests whose prompt is done."""
+    def _prefill(self, prefilling: list[_Request], sampling: dict) -> _Step | None:
+        """One packed prefill forward over up to `prefill_tokens` prompt tokens; the first tokens of the
+        requests whose prompt it completes (None if none)."""
         segments, ids, pos, owners = [], [], [], []
         used = 0
         for req in prefilling:
@@ -335,59 +372,63 @@ class Engine:
             owners.append(req)
             used += n
         self.state.batch = Prefill(segments)
-        rows = torch.tensor([s.offset + s.length - 1 for s in segments], device=self.device)
-        logits = self._forward(torch.tensor([ids], device=self.device), torch.tensor([pos], device=self.device), rows)[0]
+        complete = [(i, req) for i, (req, seg) in enumerate(zip(owners, segments)) if req.stored + seg.length == len(req.prompt)]
+        rows = upload([segments[i].offset + segments[i].length - 1 for i, _ in complete], torch.long, self.device)
+        logits = self._forward(upload([ids], torch.long, self.device), upload([pos], torch.long, self.device), rows)[0]
         self.stats.prefill_forwards += 1
-        complete = []
-        for i, (req, seg) in enumerate(zip(owners, segments)):
+        for req, seg in zip(owners, segments):
             req.stored += seg.length
-            if req.stored == len(req.prompt):
-                complete.append((i, req))
-        if complete:
-            self._sample([r for _, r in complete], logits[[i for i, _ in complete]], sampling)
-        return [r for _, r in complete]
+        if not complete:
+            return None
+        requests = [req for _, req in complete]
+        host = upload([[r.seed for r in requests], [r.sampled for r in requests]], torch.long, self.device)
+        tokens, logprobs = _pick(logits, host[0], host[1], sampling)
+        return self._launched(requests, tokens, logprobs)
 
-    def _decode(self, running: list[_Request], sampling: dict) -> None:
-        """One decode step: feed every running request its latest token."""
+    def _decode(self, running: list[_Request], feed: torch.Tensor, sampling: dict) -> _Step:
+        """Launch one decode step: feed every running request its latest token (`feed`, on the device)."""
         n = len(running)
-        host = torch.tensor([[r.tokens[-1] for r in running],
-                             [len(r.prompt) + len(r.tokens) - 1 for r in running],
-                             [r.slot for r in running]], dtype=torch.long)
+        host = [[len(r.prompt) + r.sampled - 1 for r in running], [r.slot for r in running],
+                [r.seed for r in running], [r.sampled for r in running]]  # position, slot, seed, token index
         if self.cuda_graphs:
             bucket = next(b for b in self._buckets if b >= n)
-            graph, logits = self._graph(bucket)
-            self._static[:, :bucket].zero_()
-            self._static[:, :n].copy_(host)
+            graph, (tokens, logprobs) = self._graph(bucket, sampling)
+            self._static[:, n:bucket].zero_()
+            self._static[0, :n].copy_(feed)
+            self._static[1:, :n].copy_(upload(host, torch.long, self.device))
             graph.replay()
-            logits = logits[:n]
+            tokens, logprobs = tokens[:n], logprobs[:n]
         else:
-            max_len = int(host[1].max()) + 1  # read on the host: no device sync
-            ids, pos, slots = host.to(self.device)
-            self.state.batch = Decode.of(self.store, slots, pos, max_len=max_len)
-            logits = self._forward(ids[:, None], pos[:, None])[:, 0]
+            pos, slots, seeds, steps = upload(host, torch.long, self.device)
+            self.state.batch = Decode.of(self.store, slots, pos, max_len=max(host[0]) + 1)
+            logits = self._forward(feed[:, None], pos[:, None])[:, 0]
+            tokens, logprobs = _pick(logits, seeds, steps, sampling)
         self.stats.decode_steps += 1
-        self._sample(running, logits, sampling)
+        return self._launched(running, tokens, logprobs)
 
-    def _sample(self, requests: list[_Request], logits: torch.Tensor, sampling: dict) -> None:
-        seeds = torch.tensor([r.seed for r in requests], dtype=torch.long, device=self.device)
-        steps = torch.tensor([len(r.tokens) for r in requests], dtype=torch.long, device=self.device)
-        tokens = sample(logits, seeds=seeds, steps=steps, **sampling)
-        logprobs = torch.log_softmax(logits.float(), dim=-1).gather(1, tokens[:, None])[:, 0]
-        for req, token, lp in zip(requests, tokens.tolist(), logprobs.tolist()):
-            req.tokens.append(token)
-            req.logprobs.append(lp)
-        self.stats.generated_tokens += len(requests)
+    def _launched(self, requests: list[_Request], tokens: torch.Tensor, logprobs: torch.Tensor) -> _Step:
+        """The step that sampled `tokens` for `requests`, with their copy to the host started."""
+        for req in requests:
+            req.sampled += 1
+        if self.device.type != "cuda":
+            return _Step(requests, tokens, tokens, logprobs, None)
+        step = _Step(requests, tokens, tokens.to("cpu", non_blocking=True), logprobs.to("cpu", non_blocking=True),
+                     torch.cuda.Event())
+        step.ready.record()
+        return step
 
     # ------------------------------------------------------------------ CUDA graphs
-    def _graph(self, bucket: int):
-        """The CUDA graph of a decode step for `bucket` rows, captured on first use."""
-        if bucket not in self._graphs:
-            ids, pos, slots = self._static[0, :bucket], self._static[1, :bucket], self._static[2, :bucket]
+    def _graph(self, bucket: int, sampling: dict):
+        """The CUDA graph of a decode step (forward, sampling, log-probs) for `bucket` rows, captured on first use."""
+        key = (bucket, *sorted(sampling.items()))
+        if key not in self._graphs:
+            ids, pos, slots, seeds, steps = (self._static[i, :bucket] for i in range(5))
             self._static.zero_()
 
             def step():
                 self.state.batch = Decode.of(self.store, slots, pos)
-                return self._forward(ids[:, None], pos[:, None])[:, 0]
+                logits = self._forward(ids[:, None], pos[:, None])[:, 0]
+                return _pick(logits, seeds, steps, sampling)
 
             side = torch.cuda.Stream(self.device)
             side.wait_stream(torch.cuda.current_stream(self.device))
@@ -397,6 +438,12 @@ class Engine:
             torch.cuda.current_stream(self.device).wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self._pool):
-                logits = step()
-            self._graphs[bucket] = (graph, logits)
-        return self._graphs[bucket]
+                outputs = step()
+            self._graphs[key] = (graph, outputs)
+        return self._graphs[key]
+
+
+def _pick(logits: torch.Tensor, seeds: torch.Tensor, steps: torch.Tensor, sampling: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next tokens [B] from logits [B, V] (see `rlkv.engine.sampling`) and their log-probs under the raw logits."""
+    tokens = sample(logits, seeds=seeds, steps=steps, **sampling)
+    return tokens, torch.log_softmax(logits.float(), dim=-1).gather(1, tokens[:, None])[:, 0]

@@ -47,6 +47,16 @@ def parse_bytes(budget, device: torch.device) -> int:
     raise ValueError(f"kv_budget must be bytes, a size string like '20GiB' or a share of free GPU memory, got {budget!r}")
 
 
+def upload(data, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Host data (lists, ints) as a tensor on `device` without waiting for the device's queued work: on
+    CUDA through pinned memory and a non-blocking copy (a plain host-to-device copy synchronizes the
+    stream, which would stall the engine's overlap of host and device)."""
+    tensor = torch.tensor(data, dtype=dtype)
+    if device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
 def ring_positions(lengths: torch.Tensor, sink: int, recent: int) -> torch.Tensor:
     """Token position held by each ring slot [n, sink + recent] after `lengths` [n] tokens (-1: empty)."""
     last = lengths[:, None] - 1
@@ -136,8 +146,7 @@ class KVStore:
         slot = self._free_slots.pop()
         pages = [self._free_pages.pop() for _ in range(n)]
         if pages:
-            row = torch.tensor(pages, dtype=torch.int32)
-            self.page_table[slot, :n].copy_(row, non_blocking=False)
+            self.page_table[slot, :n] = upload(pages, torch.int32, self.page_table.device)
         self.peak_pages_used = max(self.peak_pages_used, self.capacity_pages - len(self._free_pages))
         return slot, pages
 
