@@ -54,12 +54,15 @@ def test_engine_equals_compressed_generate(arch, sparsity):
     assert model.config._attn_implementation == "sdpa"  # the model is restored
 
 
-def test_model_sliding_window_is_respected():
+@pytest.mark.parametrize("kind", ["headsplit", "h2o"])
+def test_model_sliding_window_is_respected(kind):
     model = tiny_model("mistral", sliding_window=10)
-    keep = rlkv.HeadScores.random(rlkv.Layout.of(model), seed=2).keep_mask(0.5)
+    layout = rlkv.Layout.of(model)
+    keep = rlkv.HeadScores.random(layout, seed=2).keep_mask(0.5)
+    method = rlkv.methods.build("h2o", layout, 0.5, budget=12) if kind == "h2o" else HeadSplit(keep, SINK, RECENT)
     ps, ids, mask = prompts()
-    outs = engine(model, HeadSplit(keep, SINK, RECENT)).generate(ps, max_new_tokens=NEW, eos_token_ids=[])
-    with rlkv.compress(model, keep, sink=SINK, recent=RECENT):
+    outs = engine(model, method).generate(ps, max_new_tokens=NEW, eos_token_ids=[])
+    with method.apply(model) if kind == "h2o" else rlkv.compress(model, keep, sink=SINK, recent=RECENT):
         check_equal(outs, reference(model, ids, mask))
 
 
@@ -151,6 +154,36 @@ def test_finish_reasons_and_stop_strings():
     assert looping.finish == "repetition" and len(looping.tokens) == 7  # 7 tokens never hold 8 distinct ids
 
 
+TOKEN_DROP = {"h2o": dict(budget=8, h2o_recent=3), "snapkv": dict(budget=8, window=3),
+              "rkv": dict(budget=6, window=2, interval=4)}  # small budgets: every prompt but one is cut
+
+
+@pytest.mark.parametrize("name", list(TOKEN_DROP))
+def test_token_droppers_in_the_engine_equal_their_generate(arch, name):
+    """H2O / SnapKV / R-KV slots in the engine keep what their transformers cache keeps: the same tokens."""
+    model = tiny_model(arch)
+    method = rlkv.methods.build(name, rlkv.Layout.of(model), 0.5, **TOKEN_DROP[name])
+    ps, ids, mask = prompts()  # the 30-token prompt is longer than prefill_tokens: prefilled alone, in one piece
+    outs = engine(model, method).generate(ps, max_new_tokens=NEW, eos_token_ids=[])
+    with method.apply(model) as handle:
+        check_equal(outs, reference(model, ids, mask))
+        lengths = torch.tensor([len(p) + NEW - 1 for p in ps], device=DEVICE)  # the last token is never stored
+        assert [o.kv_bytes for o in outs] == handle.cache.sequence_nbytes(lengths).tolist()
+
+
+def test_token_dropper_budget_sets_how_many_sequences_run():
+    model = tiny_model("qwen2")
+    layout = rlkv.Layout.of(model)
+    method = rlkv.methods.build("h2o", layout, 0.5, budget=8)
+    slot = int(method.policy.sequence_bytes(layout, torch.tensor(8)))
+    eng = engine(model, method, kv_budget=3 * slot, max_batch=8)  # slot 0 is scratch: room for 2 sequences
+    assert eng.store.nbytes() == 3 * slot  # what it allocates is what the policy says a sequence holds
+    ps, _, _ = prompts()
+    alone = [eng.generate([p], max_new_tokens=NEW, eos_token_ids=[])[0].tokens for p in ps]
+    outs = eng.generate(ps, max_new_tokens=NEW, eos_token_ids=[])
+    assert eng.stats.max_running == 2 and [o.tokens for o in outs] == alone
+
+
 def test_ring_positions_follow_the_ring_slot_rule():
     pos = ring_positions(torch.tensor([1, 3, 5, 12]), sink=2, recent=3)
     assert pos.tolist() == [[0, -1, -1, -1, -1], [0, 1, 2, -1, -1], [0, 1, 2, 3, 4], [0, 1, 11, 9, 10]]
@@ -160,8 +193,12 @@ def test_bad_engine_arguments_are_refused():
     model = tiny_model("llama")
     layout = rlkv.Layout.of(model)
     h2o = rlkv.methods.build("h2o", layout, 0.5, budget=16)
-    with pytest.raises(ValueError, match="'h2o' keeps tokens chosen by attention scores; it runs on the transformers path only"):
-        engine(model, h2o)
+    with pytest.raises(ValueError, match="cannot hold one h2o sequence"):
+        engine(model, h2o, kv_budget=10_000)
+    with pytest.raises(ValueError, match="the decode kernel serves head-split methods"):
+        engine(model, h2o, kernel=True)
+    with pytest.raises(ValueError, match="got str"):
+        engine(model, "h2o")
     with pytest.raises(ValueError, match="cannot hold the rings of 3 sequences"):
         engine(model, HeadSplit(torch.zeros(layout.shape, dtype=torch.bool)), kv_budget=1000)
     with pytest.raises(ValueError, match="share of free GPU memory; on CPU give bytes"):

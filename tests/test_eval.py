@@ -291,9 +291,16 @@ def test_the_engine_grades_like_the_transformers_path(lm, tmp_path):
     assert all(r["engine"] for r in batches) and [r["batch"] for r in batches] == [3, 2] * 6  # recorded per batch_size
 
 
-def test_engine_on_refuses_token_dropping_methods(lm, tmp_path):
-    with pytest.raises(ValueError, match="'h2o' runs on the transformers path only"):
-        evaluate(*lm, config(methods=["h2o"], budget=8, engine="on"), tmp_path / "run", progress=False)
+def test_the_engine_grades_token_droppers_like_the_transformers_path(lm, tmp_path):
+    """H2O, SnapKV and R-KV through rlkv.Engine: the same completions, scores and KV bytes as transformers generate."""
+    runs = [evaluate(*lm, config(methods=["h2o", "snapkv", "rkv"], budget=40, engine=engine), tmp_path / engine,
+                     progress=False) for engine in ("off", "on")]
+    key = lambda s: (s["task"], s["method"], s["id"])  # noqa: E731
+    hf, eng = (sorted(r.samples, key=key) for r in runs)
+    fields = ("completion", "tokens", "finish", "score", "budget", "kv_bytes", "kv_bytes_mean")
+    assert [[s[f] for f in fields] for s in hf] == [[s[f] for f in fields] for s in eng]
+    assert all(s["kv_bytes"] < s["kv_bytes_full"] for s in eng if s["prompt_tokens"] + s["tokens"] > 41)
+    assert all(r["engine"] for r in read_jsonl(tmp_path / "on" / "batches.jsonl"))
 
 
 def test_rlkv_and_duo_heads_in_one_run(lm, tmp_path):

@@ -153,7 +153,7 @@ def eval_(
     match_bytes: bool = typer.Option(False, help="token-dropping budgets matched to the head-split methods' mean KV bytes"),
     data_dir: Optional[str] = typer.Option(None, help="task data directory (default $RLKV_DATA_DIR or ../shared/data)"),
     report: bool = typer.Option(True, help="write report.md and plots when done (not with --shard)"),
-    engine: str = typer.Option("auto", help="head-split methods through rlkv.Engine: auto (on a GPU), on, off"),
+    engine: str = typer.Option("auto", help="generate through rlkv.Engine: auto (on a GPU), on, off (transformers generate)"),
     kv_budget: Optional[str] = typer.Option(None, help="the engine's KV pool: a size (20GiB) or a share of free GPU memory (0.8)"),
     shard: Optional[str] = typer.Option(None, help="K/N: run only every N-th (task, method, sparsity) group, K-th of N, "
                                                    "in parallel with the others into the same --out; then `rlkv report OUT`"),

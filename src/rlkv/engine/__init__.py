@@ -5,7 +5,8 @@
 
 Modules, in the order a request meets them: `engine` (scheduling, forwards, CUDA graphs),
 `kv` (pages and rings), `attention` (store + attend, torch reference paths), `kernel` (the
-Triton decode kernel), `sampling` (seeded, batch-independent sampling).
+Triton decode kernel), `tokendrop` (slots for H2O / SnapKV / R-KV), `sampling` (seeded,
+batch-independent sampling).
 """
 
 from rlkv.engine.engine import ENGINE_SETTINGS, Completion, Engine, EngineStats, Gated, check_setting, engine_for

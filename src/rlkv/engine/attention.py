@@ -32,9 +32,9 @@ class Decode:
 
     slots: torch.Tensor  # [B] long
     pos: torch.Tensor  # [B] long: position of the token fed this step
-    page: torch.Tensor  # [B] long: page its K/V goes to
-    offset: torch.Tensor  # [B] long: row within that page
-    ring: torch.Tensor  # [B] long: its ring slot
+    page: torch.Tensor | None  # [B] long: page its K/V goes to (head-split stores; token-dropping slots need none)
+    offset: torch.Tensor | None  # [B] long: row within that page
+    ring: torch.Tensor | None  # [B] long: its ring slot
     max_len: int | None = None  # longest sequence (torch path only: how many pages to read)
 
     @classmethod
@@ -73,6 +73,9 @@ class EngineAttention:
 
     def before_forward(self, step) -> None:
         raise RuntimeError("a model driven by rlkv.Engine cannot be called directly while the engine runs")
+
+    def decode_batch(self, slots: torch.Tensor, pos: torch.Tensor, max_len: int | None = None) -> Decode:
+        return Decode.of(self.store, slots, pos, max_len)
 
     # ------------------------------------------------------------------ decode
     def decode(self, layer: int, q, k, v, scaling: float, window: int | None) -> torch.Tensor:

@@ -35,10 +35,12 @@ import torch
 from tqdm.auto import tqdm
 
 from rlkv.attention.plumbing import patched
-from rlkv.engine.attention import Decode, EngineAttention, Prefill, Segment, attention
+from rlkv.engine.attention import EngineAttention, Prefill, Segment, attention
 from rlkv.engine.kv import KVStore, parse_bytes, upload
 from rlkv.engine.sampling import sample
+from rlkv.engine.tokendrop import TokenDropAttention, TokenDropStore
 from rlkv.methods.headsplit import HeadSplit
+from rlkv.methods.tokendrop import TokenDrop
 from rlkv.models import Layout, eos_ids
 
 
@@ -151,7 +153,7 @@ class _Step:
 class Engine:
     """Generation engine for a transformers Llama / Mistral / Qwen2 / Qwen3 model (see module doc)."""
 
-    def __init__(self, model, tokenizer, method: HeadSplit | Gated | None = None, kv_budget=None,
+    def __init__(self, model, tokenizer, method: HeadSplit | TokenDrop | Gated | None = None, kv_budget=None,
                  max_batch: int = 256, page_size: int = 16, max_seq_len: int | None = None,
                  prefill_tokens: int = 4096, cuda_graphs: bool | None = None, kernel: bool | None = None):
         self.model, self.tokenizer = model, tokenizer
@@ -159,21 +161,32 @@ class Engine:
         self.device = next(model.parameters()).device
         cuda = self.device.type == "cuda"
         self.method = method
-        keep, sink, recent, alpha = self._plan(method)
         for name, value, low in (("max_batch", max_batch, 1), ("page_size", page_size, 1),
                                  ("prefill_tokens", prefill_tokens, 1)):
             if not isinstance(value, int) or value < low:
                 raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
         self.max_seq_len = max_seq_len or max(32768, getattr(model.config, "max_position_embeddings", 0) or 0)
         budget = parse_bytes(kv_budget if kv_budget is not None else (0.8 if cuda else "1GiB"), self.device)
-        self.store = KVStore(self.layout, keep, sink, recent, page_size, budget, max_batch, self.max_seq_len,
-                             self.device, next(model.parameters()).dtype)
+        dtype = next(model.parameters()).dtype
+        # token droppers: a fixed slot per sequence, attention in torch, each prompt prefilled in one piece
+        self.whole_prompts = isinstance(method, TokenDrop)
+        if self.whole_prompts:
+            if kernel:
+                raise ValueError("the decode kernel serves head-split methods; token-dropping methods decode in torch")
+            self.store = TokenDropStore(self.layout, method.policy, budget, max_batch, self.device, dtype)
+            self.kernel, self.state = False, TokenDropAttention(self.store)
+            graphs = cuda
+        else:
+            keep, sink, recent, alpha = self._plan(method)
+            self.store = KVStore(self.layout, keep, sink, recent, page_size, budget, max_batch, self.max_seq_len,
+                                 self.device, dtype)
+            self.kernel = cuda if kernel is None else kernel
+            self.state = EngineAttention(self.store, self.layout.group_size, alpha, self.kernel)
+            graphs = cuda and self.kernel  # the torch decode path reads the longest length on the host
+        self.cuda_graphs = graphs if cuda_graphs is None else cuda_graphs
+        if self.cuda_graphs and not graphs:
+            raise ValueError("cuda_graphs needs a CUDA model and, for head-split methods, the Triton kernel (kernel=True)")
         self.max_batch, self.prefill_tokens = max_batch, prefill_tokens
-        self.kernel = cuda if kernel is None else kernel
-        self.cuda_graphs = (cuda and self.kernel) if cuda_graphs is None else cuda_graphs
-        if self.cuda_graphs and not (cuda and self.kernel):
-            raise ValueError("cuda_graphs needs a CUDA model and the Triton kernel (kernel=True)")
-        self.state = EngineAttention(self.store, self.layout.group_size, alpha, self.kernel)
         self.stats = EngineStats()
         self._graphs: dict[tuple, tuple] = {}
         # decode batch sizes that get a CUDA graph; a step pads up to the smallest that fits
@@ -195,11 +208,9 @@ class Engine:
                 raise ValueError(f"Gated alpha is on {alpha.device} but the model on {self.device}: the engine reads "
                                  "alpha in place, so keep it on the model's device")
             return torch.ones(shape, dtype=torch.bool), method.sink, method.recent, alpha.detach()
-        name = getattr(method, "name", type(method).__name__)
         raise ValueError(
-            f"method {name!r} keeps tokens chosen by attention scores; it runs on the transformers path only "
-            "(`with method.apply(model): model.generate(...)`, or `rlkv eval --engine off`). The engine runs "
-            "head-split methods (full, streaming, rlkv, duo, random) and Gated rollouts."
+            f"the engine runs head-split methods (HeadSplit: full, streaming, rlkv, duo, random), token-dropping "
+            f"methods (TokenDrop: h2o, snapkv, rkv) and Gated rollouts; got {type(method).__name__}"
         )
 
     # ------------------------------------------------------------------ public API
@@ -363,7 +374,10 @@ class Engine:
         segments, ids, pos, owners = [], [], [], []
         used = 0
         for req in prefilling:
-            n = min(len(req.prompt) - req.stored, self.prefill_tokens - used)
+            n, room = len(req.prompt) - req.stored, self.prefill_tokens - used
+            if self.whole_prompts and used and n > room:  # a whole prompt, alone if it is longer than prefill_tokens
+                break
+            n = n if self.whole_prompts else min(n, room)
             if n <= 0:
                 break
             segments.append(Segment(req.slot, req.pages, req.stored, n, used))
@@ -400,7 +414,7 @@ class Engine:
             tokens, logprobs = tokens[:n], logprobs[:n]
         else:
             pos, slots, seeds, steps = upload(host, torch.long, self.device)
-            self.state.batch = Decode.of(self.store, slots, pos, max_len=max(host[0]) + 1)
+            self.state.batch = self.state.decode_batch(slots, pos, max_len=max(host[0]) + 1)
             logits = self._forward(feed[:, None], pos[:, None])[:, 0]
             tokens, logprobs = _pick(logits, seeds, steps, sampling)
         self.stats.decode_steps += 1
@@ -426,7 +440,7 @@ class Engine:
             self._static.zero_()
 
             def step():
-                self.state.batch = Decode.of(self.store, slots, pos)
+                self.state.batch = self.state.decode_batch(slots, pos)
                 logits = self._forward(ids[:, None], pos[:, None])[:, 0]
                 return _pick(logits, seeds, steps, sampling)
 

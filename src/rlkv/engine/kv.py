@@ -57,6 +57,11 @@ def upload(data, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     return tensor.pin_memory().to(device, non_blocking=True)
 
 
+def free_list(n: int) -> list[int]:
+    """Ids 1 .. n - 1 to hand out with `pop()`, lowest first (id 0 is scratch space for padding rows)."""
+    return list(range(n - 1, 0, -1))
+
+
 def ring_positions(lengths: torch.Tensor, sink: int, recent: int) -> torch.Tensor:
     """Token position held by each ring slot [n, sink + recent] after `lengths` [n] tokens (-1: empty)."""
     last = lengths[:, None] - 1
@@ -122,8 +127,8 @@ class KVStore:
             index[i, ~self.keep[i]] = torch.arange(int((~self.keep[i]).sum()), dtype=torch.int32)
         self.index = [index[i].to(device) for i in range(layout.num_layers)]
         self.page_table = torch.zeros(num_slots, self.max_pages_per_seq, dtype=torch.int32, device=device)
-        self._free_pages = list(range(self.num_pages - 1, 0, -1))
-        self._free_slots = list(range(num_slots - 1, 0, -1))
+        self._free_pages = free_list(self.num_pages)
+        self._free_slots = free_list(num_slots)
         self.peak_pages_used = 0
 
     # ------------------------------------------------------------------ allocation

@@ -44,7 +44,6 @@ from rlkv import tasks as task_registry
 from rlkv.engine.engine import check_setting, degenerate, engine_for
 from rlkv.engine.sampling import stable_seed
 from rlkv.eval.summary import summarize
-from rlkv.methods.headsplit import HeadSplit
 from rlkv.methods.matching import TOLERANCE, bytes_over_decoding, match_budget
 from rlkv.models import Layout, eos_ids
 
@@ -73,7 +72,7 @@ class EvalConfig:
     data_dir: str | None = None
     repetition_window: int = 400  # 0 turns the degenerate-repetition stop off
     repetition_min_distinct: int = 40
-    engine: str = "auto"  # head-split methods through rlkv.Engine: "auto" (on CUDA), "on" or "off" (transformers)
+    engine: str = "auto"  # generate through rlkv.Engine: "auto" (on CUDA), "on" or "off" (transformers generate)
     kv_budget: str | float | None = None  # the engine's KV pool: a size ("20GiB") or a share of free GPU memory
 
     def __post_init__(self):
@@ -386,7 +385,8 @@ def evaluate(
         lengths = {i: len(tokenizer(p, add_special_tokens=False).input_ids) for i, p in prompts.items()}
         pending = sorted(pending, key=lambda e: -lengths[e.id])  # similar lengths share a batch: less padding
         scores = [s["score"] for s in done.values() if _key(s)[:3] == (task_name, name, sparsity)]
-        engine = _engine(model, tokenizer, method, config)
+        engine = engine_for(config.engine, model, tokenizer, method, kv_budget=config.kv_budget,
+                            max_batch=config.batch_size)
 
         def save_batch(batch: list, samples: list[dict], timing: dict) -> None:
             """Grade a finished batch, append its samples and timing, advance the progress bar."""
@@ -442,15 +442,6 @@ def _record_kv_bytes(samples: list[dict], cache, full_per_token: int) -> None:
     for s, (t, b) in zip(samples, bytes_over_decoding(cache.sequence_nbytes, samples)):
         s.update(kv_bytes=int(b[-1]), kv_bytes_full=int(t[-1]) * full_per_token,
                  kv_bytes_mean=float(b.mean()), kv_bytes_full_mean=float(t.double().mean()) * full_per_token)
-
-
-def _engine(model, tokenizer, method, config: EvalConfig):
-    """An rlkv.Engine for a head-split `method` when config.engine asks for it, else None (transformers path)."""
-    if not isinstance(method, HeadSplit):
-        if config.engine == "on":
-            raise ValueError(f"--engine on: method {method.describe()['method']!r} runs on the transformers path only")
-        return None
-    return engine_for(config.engine, model, tokenizer, method, kv_budget=config.kv_budget, max_batch=config.batch_size)
 
 
 def _generate_engine(engine, task_name: str, pending: list, prompts: dict, max_new: int, eos: list[int],

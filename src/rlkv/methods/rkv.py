@@ -75,7 +75,9 @@ class RKV(Policy):
         layer.extra = {"queries": queries, "query_pos": query_pos}
         valid = c.pos >= 0
         full = valid.sum(dim=-1).amax(dim=-1) >= self.capacity  # [b]: rows whose heads reached budget + interval
-        if not bool(full.any()):
+        # no row to cut: skip the scoring (that test waits for the device, so not inside a CUDA graph's capture)
+        capturing = full.is_cuda and torch.cuda.is_current_stream_capturing()
+        if not capturing and not bool(full.any()):
             return valid
         importance = rkv_importance(queries, query_pos, c.keys, c.pos, c.scaling, self.kernel)
         keep = rkv_keep(importance, rkv_redundancy(c.keys, c.pos), c.pos, self.budget, self.window, self.lam)

@@ -1,5 +1,7 @@
 """Token-dropping KV caches for transformers `generate`: the runtime shared by H2O, SnapKV and R-KV.
 
+(`rlkv.engine.tokendrop` runs the same `TokenDropLayer.attend` over fixed per-sequence slots.)
+
 Token-dropping baselines keep, per layer and per KV head, a bounded set of tokens chosen by
 attention statistics (H2O, Zhang et al. 2023, arXiv:2306.14048; SnapKV, Li et al. 2024,
 arXiv:2404.14469; R-KV, Cai et al. 2025, arXiv:2505.24133). They share everything here and

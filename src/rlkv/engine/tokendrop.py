@@ -1,0 +1,148 @@
+"""Token-dropping methods (H2O, SnapKV, R-KV) in the engine: a fixed slot of tokens per sequence.
+
+A token-dropping cache holds at most `policy.capacity` tokens per layer and KV head, so in the
+engine every sequence owns one slot of exactly that many token places (with their positions,
+-1 = empty, the policy's per-token score and its extra state, e.g. R-KV's last queries). The
+slots the KV budget holds are the sequences that run at once: the bytes the budget saves buy
+concurrency, as pages do for head-split methods.
+
+The attention and the choice of tokens are the transformers path's own (`rlkv.methods.tokendrop`):
+a decode step gathers the running sequences' slots into a `TokenDropLayer`, whose `attend` runs
+the new token's attention over stored + new tokens, lets the policy keep `capacity` of them and
+compacts them, and the result is written back to the slots. Every shape is fixed (a slot is
+always `capacity` wide, empty places masked), so the step runs inside the engine's CUDA graphs.
+A prompt is prefilled in one piece, as transformers `generate` does: exact causal attention
+over the prompt, then the policy's first cut (SnapKV's observation window sees the prompt's end).
+Outputs equal `with method.apply(model): model.generate(...)` (tested token for token).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from rlkv.engine.attention import Decode
+from rlkv.engine.kv import free_list
+from rlkv.methods.tokendrop import Policy, TokenDropLayer
+from rlkv.models import Layout
+
+class TokenDropStore:
+    """Slots of `policy.capacity` tokens per layer and KV head, as many as `budget` bytes hold (at most max_batch).
+
+    Slot 0 is scratch space that padding rows of a decode batch write into. It implements the
+    allocation interface of `rlkv.engine.kv.KVStore` (a sequence needs a slot and no pages)."""
+
+    def __init__(self, layout: Layout, policy: Policy, budget: int, max_batch: int, device, dtype: torch.dtype):
+        self.layout, self.policy = layout, policy
+        self.capacity = policy.capacity
+        self.slot_bytes = int(policy.sequence_bytes(layout, torch.tensor(self.capacity)))
+        fits = budget // self.slot_bytes - 1  # slot 0 is scratch
+        if fits < 1:
+            raise ValueError(f"kv_budget of {budget / 2**20:.1f} MiB cannot hold one {policy.name} sequence "
+                             f"({self.slot_bytes / 2**20:.2f} MiB with scratch: {2 * self.slot_bytes / 2**20:.2f} MiB): "
+                             "raise kv_budget or lower the budget of tokens")
+        self.num_slots = min(max_batch, fits) + 1
+        shape = (self.num_slots, layout.num_kv_heads, self.capacity)
+        d = layout.head_dim
+        self.keys = [torch.zeros(*shape, d, dtype=dtype, device=device) for _ in range(layout.num_layers)]
+        self.values = [torch.zeros_like(k) for k in self.keys]
+        self.pos = [torch.full(shape, -1, dtype=torch.int32, device=device) for _ in range(layout.num_layers)]
+        self.score = [torch.zeros(shape, device=device) for _ in range(layout.num_layers)] if policy.scored else None
+        window = getattr(policy, "window", 0)
+        self.extra = [{
+            "queries": torch.zeros(self.num_slots, layout.num_q_heads, window, d, dtype=dtype, device=device),
+            "query_pos": torch.full((self.num_slots, window), -1, dtype=torch.long, device=device),
+        } for _ in range(layout.num_layers)] if policy.state_bytes(layout, 1) else None
+        self._free_slots = free_list(self.num_slots)
+        self.peak_pages_used = 0
+
+    # ------------------------------------------------------------------ allocation (KVStore's interface)
+    capacity_pages = 0
+
+    def pages_for(self, tokens: int) -> int:
+        return 0
+
+    def can_admit(self, tokens: int) -> bool:
+        return bool(self._free_slots)
+
+    def admit(self, tokens: int) -> tuple[int, list[int]]:
+        if not self._free_slots:
+            raise RuntimeError("TokenDropStore.admit called without a free slot (check can_admit first)")
+        return self._free_slots.pop(), []
+
+    def release(self, slot: int, pages: list[int]) -> None:
+        self._free_slots.append(slot)
+
+    # ------------------------------------------------------------------ accounting
+    def nbytes(self) -> int:
+        tensors = [*self.keys, *self.values, *self.pos, *(self.score or []),
+                   *(t for e in self.extra or [] for t in e.values())]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def sequence_nbytes(self, tokens):
+        """Bytes a sequence of `tokens` tokens holds: what transformers' `TokenDropCache.sequence_nbytes` reports."""
+        return self.policy.sequence_bytes(self.layout, torch.as_tensor(tokens))
+
+    # ------------------------------------------------------------------ slots <-> a TokenDropLayer
+    def gather(self, layer: int, slots: torch.Tensor) -> TokenDropLayer:
+        """The slots' tokens of `layer` as an initialized `TokenDropLayer` over batch rows = slots."""
+        view = TokenDropLayer()
+        view.keys, view.values, view.pos = self.keys[layer][slots], self.values[layer][slots], self.pos[layer][slots]
+        view.score = self.score[layer][slots] if self.score is not None else None
+        view.extra = {k: t[slots] for k, t in self.extra[layer].items()} if self.extra is not None else {}
+        view.is_initialized = True
+        return view
+
+    def scatter(self, layer: int, slots: torch.Tensor, view: TokenDropLayer) -> None:
+        """Write a `TokenDropLayer`'s rows back to `slots`, padded to the slot's width (empty places: position -1)."""
+        width = view.pos.shape[-1]
+        if width < self.capacity:  # a prompt shorter than the capacity
+            self.pos[layer][slots] = -1
+        self.keys[layer][slots, :, :width] = view.keys
+        self.values[layer][slots, :, :width] = view.values
+        self.pos[layer][slots, :, :width] = view.pos
+        if self.score is not None:
+            self.score[layer][slots, :, :width] = view.score
+        for name, t in (view.extra.items() if self.extra is not None else ()):  # R-KV's last queries, oldest first
+            store = self.extra[layer][name]
+            dim = 2 if name == "queries" else 1  # their token dimension
+            missing = store.shape[dim] - t.shape[dim]  # after a prompt shorter than the window: empty places first
+            if missing:
+                fill = 0 if name == "queries" else -1
+                t = torch.cat([t.new_full((*t.shape[:dim], missing, *t.shape[dim + 1:]), fill), t], dim)
+            store[slots] = t
+
+
+class TokenDropAttention:
+    """The state the engine's attention function reads in token-dropping mode (see `EngineAttention`)."""
+
+    def __init__(self, store: TokenDropStore):
+        self.store, self.policy = store, store.policy
+        self.batch = None
+
+    def before_forward(self, step) -> None:
+        raise RuntimeError("a model driven by rlkv.Engine cannot be called directly while the engine runs")
+
+    def decode_batch(self, slots: torch.Tensor, pos: torch.Tensor, max_len: int | None = None) -> Decode:
+        return Decode(slots, pos, None, None, None, max_len)  # no pages, no ring
+
+    def decode(self, layer: int, q, k, v, scaling: float, window: int | None) -> torch.Tensor:
+        """q [B, Hq, D], k/v [B, Hkv, D] of the new tokens -> attention output [B, Hq, D]; the slots keep what the policy keeps."""
+        b = self.batch
+        view = self.store.gather(layer, b.slots)
+        out = view.attend(q[:, :, None], k[:, :, None], v[:, :, None], b.pos[:, None], scaling, window, self.policy)
+        self.store.scatter(layer, b.slots, view)
+        return out[:, 0]
+
+    def prefill(self, layer: int, query, key, value, scaling: float, window: int | None) -> torch.Tensor:
+        """Whole prompts packed in one row: each attends exactly over itself, then is cut to the policy's choice."""
+        out = query.new_empty(1, query.shape[2], query.shape[1], query.shape[3])
+        for seg in self.batch.segments:
+            if seg.start:
+                raise RuntimeError("token-dropping methods prefill a prompt in one piece")
+            cols = slice(seg.offset, seg.offset + seg.length)
+            view = TokenDropLayer()
+            q_pos = torch.arange(seg.length, device=query.device)[None]
+            out[:, cols] = view.attend(query[:, :, cols], key[:, :, cols], value[:, :, cols], q_pos, scaling, window,
+                                       self.policy)
+            self.store.scatter(layer, torch.full((1,), seg.slot, device=query.device), view)
+        return out
