@@ -5,7 +5,7 @@ import torch
 from conftest import DEVICE, left_padded_batch, tiny_model, tiny_tokenizer
 
 import rlkv
-from rlkv.engine.attention import decode_torch
+from rlkv.engine.attention import Decode, decode_torch, store_torch
 from rlkv.engine.kv import KVStore, parse_bytes, ring_positions
 from rlkv.engine.sampling import filter_logits, sample, uniform
 from rlkv.identify.gated import gated
@@ -270,6 +270,28 @@ def test_kernel_equals_the_torch_path(gated_mode):
             for splits in (1, 3):
                 got = decode_attention(q, store, layer, slots, lengths, 0.25, window, alpha, splits=splits, block=16)
                 torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_store_kernel_equals_the_torch_writes():
+    """The decode step's K/V writes (pages of kept heads, rings of compressed ones) in one kernel launch per layer."""
+    pytest.importorskip("triton")
+    from rlkv.engine.kernel import store_kv
+
+    torch.manual_seed(0)
+    layout = rlkv.Layout("qwen2", 3, 6, 3, 16, "float32", "x")
+    keep = torch.tensor([[True, False, True], [True, True, True], [False, False, False]])  # mixed, all kept, none kept
+    stores = [KVStore(layout, keep, 4, 8, 4, 2**22, 3, 128, DEVICE, torch.float32) for _ in range(2)]
+    for store in stores:
+        store.page_table[1:4, :8] = torch.arange(1, 25, dtype=torch.int32, device=DEVICE).view(3, 8)
+    slots, pos = torch.tensor([2, 0, 1, 3], device=DEVICE), torch.tensor([17, 0, 3, 30], device=DEVICE)  # row 1: padding
+    batch = Decode.of(stores[0], slots, pos)
+    for layer in range(3):
+        k, v = torch.randn(2, 4, 3, 16, device=DEVICE).unbind(0)
+        store_torch(k, v, stores[0], layer, batch)
+        store_kv(k.transpose(0, 1).contiguous().transpose(0, 1), v, stores[1], layer, batch)  # strided k too
+    for name in ("pages_k", "pages_v", "ring_k", "ring_v"):
+        for ref, got in zip(getattr(stores[0], name), getattr(stores[1], name)):
+            assert torch.equal(ref, got) and (ref.numel() == 0 or ref.abs().sum() > 0)
 
 
 def test_an_interrupted_generate_gives_its_memory_back():

@@ -3,9 +3,10 @@
 The engine registers `attention` (below) as the model's attention implementation, so the
 model's own modules project, normalise and rotate q/k/v; this module only stores and attends.
 A forward is either
-- a decode step (`Decode`): one new token for each of B sequences. Kept heads attend over their
-  pages, compressed heads over their ring, in one Triton kernel on CUDA (`rlkv.engine.kernel`)
-  or the plain torch code here (`decode_torch`), which the kernel is tested against;
+- a decode step (`Decode`): one new token for each of B sequences. Its K/V go to the pages of
+  kept heads and the rings of compressed ones, then kept heads attend over their pages,
+  compressed heads over their ring: two Triton kernels on CUDA (`rlkv.engine.kernel`) or the
+  plain torch code here (`store_torch`, `decode_torch`), which the kernels are tested against;
 - a prefill (`Prefill`): chunks of several prompts packed into one row. Each chunk attends with
   SDPA over its sequence's stored keys plus itself, with the mask of
   `rlkv.attention.reference.keep_keys_mask`; compressed heads see their ring plus the chunk.
@@ -81,17 +82,12 @@ class EngineAttention:
     def decode(self, layer: int, q, k, v, scaling: float, window: int | None) -> torch.Tensor:
         """q [B, Hq, D], k/v [B, Hkv, D] of the new tokens -> attention output [B, Hq, D]."""
         s, b = self.store, self.batch
-        fi, ci = s.full_idx[layer], s.comp_idx[layer]
-        if len(fi):
-            s.pages_k[layer][b.page, b.offset] = k[:, fi]
-            s.pages_v[layer][b.page, b.offset] = v[:, fi]
-        if len(ci):
-            s.ring_k[layer][b.slots, b.ring] = k[:, ci]
-            s.ring_v[layer][b.slots, b.ring] = v[:, ci]
         if self.use_kernel:
-            from rlkv.engine.kernel import decode_attention
+            from rlkv.engine.kernel import decode_attention, store_kv
 
+            store_kv(k, v, s, layer, b)
             return decode_attention(q, s, layer, b.slots, b.pos + 1, scaling, window, self._alpha(layer))
+        store_torch(k, v, s, layer, b)
         return decode_torch(q, s, layer, b.slots, b.pos + 1, b.max_len, scaling, window, self._alpha(layer))
 
     def _alpha(self, layer: int) -> torch.Tensor | None:
@@ -162,6 +158,17 @@ class EngineAttention:
 def _sdpa(q, k, v, mask, scaling):
     """SDPA with a [1, 1, q, k] boolean mask (True = attend) and GQA."""
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling, enable_gqa=q.shape[1] != k.shape[1])
+
+
+def store_torch(k, v, store: KVStore, layer: int, b: Decode) -> None:
+    """A decode step's new K/V [B, Hkv, D] into the pages of kept heads and the rings of compressed ones."""
+    fi, ci = store.full_idx[layer], store.comp_idx[layer]
+    if len(fi):
+        store.pages_k[layer][b.page, b.offset] = k[:, fi]
+        store.pages_v[layer][b.page, b.offset] = v[:, fi]
+    if len(ci):
+        store.ring_k[layer][b.slots, b.ring] = k[:, ci]
+        store.ring_v[layer][b.slots, b.ring] = v[:, ci]
 
 
 def decode_torch(q, store: KVStore, layer: int, slots, lengths, max_len: int | None, scaling: float,

@@ -1,4 +1,4 @@
-"""One fused Triton decode-attention kernel for both kinds of KV head.
+"""One fused Triton decode-attention kernel for both kinds of KV head, and one that stores the new K/V.
 
 A program handles one (sequence, KV head, split) and all the query heads of that KV head's
 GQA group (padded to 16 rows for `tl.dot`):
@@ -121,6 +121,45 @@ def _decode_kernel(
             tl.store(a_ptr + stride_an, acc_s, mask=out_rows[:, None])
             tl.store(m_ptr + stride_mn, m_s, mask=out_rows)
             tl.store(L + stride_mn + b * stride_mb + rows * stride_mh + split, l_s, mask=out_rows)
+
+
+@triton.jit
+def _store_kernel(K, V, KP, VP, KR, VR, KIND, INDEX, PAGE, OFFSET, SLOT, RING,
+                  stride_kb, stride_kh, stride_vb, stride_vh,
+                  stride_pp, stride_pt, stride_ph,
+                  stride_rs, stride_rt, stride_rh,
+                  D: tl.constexpr):
+    """One (row, KV head): its new token's K/V into its page (kept head) or its ring slot (compressed head)."""
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    d = tl.arange(0, D)
+    k = tl.load(K + b * stride_kb + h * stride_kh + d)
+    v = tl.load(V + b * stride_vb + h * stride_vh + d)
+    idx = tl.load(INDEX + h)
+    if tl.load(KIND + h) == 0:
+        base = tl.load(PAGE + b).to(tl.int64) * stride_pp + tl.load(OFFSET + b) * stride_pt + idx * stride_ph
+        tl.store(KP + base + d, k)
+        tl.store(VP + base + d, v)
+    else:
+        base = tl.load(SLOT + b).to(tl.int64) * stride_rs + tl.load(RING + b) * stride_rt + idx * stride_rh
+        tl.store(KR + base + d, k)
+        tl.store(VR + base + d, v)
+
+
+def store_kv(k: torch.Tensor, v: torch.Tensor, store: KVStore, layer: int, batch) -> None:
+    """Write a decode step's new K/V [B, Hkv, D] of `layer` into pages and rings in one launch (what
+    `rlkv.engine.attention.EngineAttention.decode` does with up to eight indexing kernels on the torch path).
+    `batch` is the step's `rlkv.engine.attention.Decode`."""
+    k = k if k.stride(-1) == 1 else k.contiguous()
+    v = v if v.stride(-1) == 1 else v.contiguous()
+    pk, pv, rk, rv = store.pages_k[layer], store.pages_v[layer], store.ring_k[layer], store.ring_v[layer]
+    _store_kernel[(k.shape[0], k.shape[1])](
+        k, v, pk, pv, rk, rv, store.kind[layer], store.index[layer], batch.page, batch.offset, batch.slots, batch.ring,
+        k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        *(pk.stride()[:3] if pk.ndim == 4 else (0, 0, 0)),
+        *(rk.stride()[:3] if rk.ndim == 4 else (0, 0, 0)),
+        D=k.shape[-1],
+    )
 
 
 def num_splits(batch: int, kv_heads: int, device: torch.device) -> int:
