@@ -13,7 +13,7 @@ from conftest import DATA_DIR, tiny_model, tiny_tokenizer
 
 import rlkv
 from rlkv.eval import EvalConfig, Shard, evaluate, report
-from rlkv.eval.run import RepetitionStop, read_jsonl, run_records
+from rlkv.eval.run import RepetitionStop, generated_end, read_jsonl, run_records
 
 STABLE = ("task", "method", "sparsity", "n", "accuracy", "mean_tokens", "pct_length", "pct_repetition",
           "kv_mean_ratio", "kv_peak_ratio")
@@ -131,7 +131,16 @@ def test_repetition_stop_flags_degenerate_rows():
     ids = torch.tensor([[9, 9] + [5, 6] * 4, [9, 9] + list(range(10, 18))])
     assert stop(ids[:, :-1], None).tolist() == [False, False]  # not at a multiple of the window
     assert stop(ids, None).tolist() == [True, False]
-    assert stop.flagged == {0}
+    assert stop.flagged == {0: 8}
+
+
+def test_a_row_stopped_for_repetition_is_not_read_as_ending_at_its_padding():
+    eos = torch.tensor([7, 3])  # the pad token 3 is an EOS id, as Qwen's <|endoftext|> is
+    looping = torch.tensor([5, 6, 5, 6, 3, 3])  # stopped after 4 tokens, then padded
+    assert generated_end(looping, eos, flagged_at=4) == (4, "repetition")
+    ended = torch.tensor([5, 7, 3, 3, 3, 3])  # EOS at 2, then padding that later looked degenerate
+    assert generated_end(ended, eos, flagged_at=4) == (2, "eos")
+    assert generated_end(torch.tensor([5, 6, 5, 6]), eos, None) == (4, "length")
 
 
 def test_cli_eval_and_report(lm, tmp_path):

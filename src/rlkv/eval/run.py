@@ -125,19 +125,33 @@ class Shard:
 
 
 class RepetitionStop(StoppingCriteria):
-    """`rlkv.engine.engine.degenerate` for transformers `generate`: rows it flags stop (and are remembered)."""
+    """`rlkv.engine.engine.degenerate` for transformers `generate`: rows it flags stop, and `flagged` maps
+    each to the tokens it had generated then (the first time: a finished row's padding can look degenerate too)."""
 
     def __init__(self, prompt_len: int, window: int, min_distinct: int):
         self.prompt_len, self.window, self.min_distinct = prompt_len, window, min_distinct
-        self.flagged: set[int] = set()
+        self.flagged: dict[int, int] = {}
 
     def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
         generated = input_ids.shape[1] - self.prompt_len
         if not self.window or generated == 0 or generated % self.window:  # between checks: no copy to the host
             return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
         done = [degenerate(tokens, self.window, self.min_distinct) for tokens in input_ids[:, self.prompt_len :].tolist()]
-        self.flagged.update(row for row, stop in enumerate(done) if stop)
+        for row in (row for row, stop in enumerate(done) if stop):
+            self.flagged.setdefault(row, generated)
         return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+
+def generated_end(tokens: torch.Tensor, eos: torch.Tensor, flagged_at: int | None) -> tuple[int, str]:
+    """(tokens generated, finish reason) of one row of `generate`'s output: the first EOS, unless the
+    repetition stop came first (`flagged_at` tokens). What follows either is padding, and the pad token
+    may itself be an EOS id (Qwen's <|endoftext|>), so a stopped row must not be read as ending there."""
+    hits = torch.nonzero(torch.isin(tokens, eos)).flatten()
+    if len(hits) and (flagged_at is None or int(hits[0]) < flagged_at):
+        return int(hits[0]) + 1, "eos"
+    if flagged_at is not None:
+        return flagged_at, "repetition"
+    return len(tokens), "length"
 
 
 def _method_plan(config: EvalConfig, layout: Layout) -> list[tuple[str, float, object]]:
@@ -508,16 +522,10 @@ def _generate_batch(model, tokenizer, method, prompts, max_new, eos, config: Eva
     seconds = time.perf_counter() - start
     cache = handle.cache
     generated = sequences[:, width:].cpu()
-    is_eos = torch.isin(generated, torch.tensor(eos))
     prompt_tokens = enc.attention_mask.sum(-1).cpu()
     samples = []
     for row in range(len(prompts)):
-        hits = torch.nonzero(is_eos[row]).flatten()
-        if len(hits):
-            n, finish = int(hits[0]) + 1, "eos"
-        else:
-            n = generated.shape[1]
-            finish = "repetition" if repetition is not None and row in repetition.flagged else "length"
+        n, finish = generated_end(generated[row], torch.tensor(eos), repetition.flagged.get(row) if repetition else None)
         samples.append({
             "completion": tokenizer.decode(generated[row, :n], skip_special_tokens=True),
             "tokens": n,
