@@ -96,15 +96,19 @@ def test_smollm2_kv_bytes_at_half_sparsity_after_512_tokens(smollm2):
 
 
 @pytest.mark.real_model
-def test_smollm2_engine_equals_compressed_generate(smollm2):
+@pytest.mark.parametrize("kind", ["headsplit", "h2o"])
+def test_smollm2_engine_equals_compressed_generate(smollm2, kind):
     model, tok = smollm2
     heads = rlkv.HeadScores.random(rlkv.Layout.of(model), seed=0)
     msgs = [[{"role": "user", "content": q}] for q in ("What is 12 times 7? Think step by step.", "Name a prime.")]
     texts = [tok.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for m in msgs]
     enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-    with rlkv.compress(model, heads, sparsity=0.5, sink=4, recent=16):
+    if kind == "h2o":  # a budget below the prompts' length: tokens are dropped from the prefill on
+        method = rlkv.methods.build("h2o", rlkv.Layout.of(model), 0.5, budget=24)
+    else:
+        method = rlkv.methods.HeadSplit.from_scores(heads, 0.5, sink=4, recent=16)
+    with method.apply(model):
         ref = model.generate(**enc, max_new_tokens=48, do_sample=False)
-    method = rlkv.methods.HeadSplit.from_scores(heads, 0.5, sink=4, recent=16)
     outs = rlkv.Engine(model, tok, method, kv_budget="256MiB", max_batch=2).generate(texts, max_new_tokens=48)
     for row, out in zip(ref[:, enc.input_ids.shape[1]:].tolist(), outs):
         end = row.index(tok.eos_token_id) + 1 if tok.eos_token_id in row else len(row)
