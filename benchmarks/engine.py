@@ -7,9 +7,10 @@
                 rebalancing) and each step reads fewer K/V bytes. Two throughputs: over the whole call,
                 and under load (only while requests wait for room, as in steady serving; the whole
                 call's also holds the ramp-down after the queue empties, whose length depends on how
-                the request count divides into waves of running sequences). The ratio under load to
-                sparsity 0 is compared with the theoretical 1 / ((1 - s) + s * (sink + recent) / L),
-                L = prompt + new tokens; `--requests` must exceed what runs at once at the highest
+                the request count divides into waves of running sequences), with the step time under load
+                next to the GPU time of one step's graph at that batch (the gap is host time the GPU
+                waited for). The ratio under load to sparsity 0 is compared with the theoretical
+                1 / ((1 - s) + s * (sink + recent) / L), L = prompt + new tokens; `--requests` must exceed what runs at once at the highest
                 sparsity, or nothing waits there; sparsity 0 runs first and again last
                 (`--repeat-baseline`), speedups use the mean;
 --parts kernel  the decode kernel alone at `--kernel-batch` x `--kernel-context`, every head kept:
@@ -55,6 +56,10 @@ def run_engine(model, tok, texts, keep, args, new_tokens, kv_budget, max_batch) 
         "peak_gpu_mib": s.peak_memory / 2**20,
         "kv_ratio": sum(o.kv_bytes for o in outs) / sum(o.kv_bytes_full for o in outs),
     }
+    if s.loaded_tokens_per_s:  # a step's time under load, and the GPU time of its graph at a mid-generation context
+        row["step_ms_under_load"] = 1e3 * s.max_running / s.loaded_tokens_per_s
+        context = round(sum(o.prompt_tokens for o in outs) / len(outs)) + new_tokens // 2
+        row.update(_graph_times(engine, s.max_running, context))
     del engine
     torch.cuda.empty_cache()
     return row
@@ -293,7 +298,8 @@ def main():
         write_result(args.out, {**meta, "complete": False, "rows": rows})  # partial results survive a kill
     for part, cols in (("hf", ["batch", "hf_tok_per_s", "engine_tok_per_s", "engine_vs_hf"]),
                        ("sweep", ["sparsity", "tok_per_s", "speedup", "loaded_tok_per_s", "loaded_speedup",
-                                  "speedup_theory", "of_theory", "max_running", "pool_pages", "kv_ratio", "seconds"]),
+                                  "speedup_theory", "of_theory", "max_running", "step_ms_under_load", "graph_ms",
+                                  "kv_ratio", "seconds"]),
                        ("kernel", ["batch", "context", "splits", "microseconds", "kv_gb_per_s", "copy_gb_per_s",
                                    "of_copy_bandwidth"]),
                        ("tune", ["splits", "block", "num_warps", "num_stages", "microseconds", "kv_gb_per_s",
