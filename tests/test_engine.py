@@ -145,6 +145,11 @@ def test_finish_reasons_and_stop_strings():
     first = free.tokens.index(eos)
     stopped = eng.generate(ps[:1], max_new_tokens=NEW, eos_token_ids=[eos])[0]
     assert stopped.finish == "eos" and stopped.tokens == free.tokens[: first + 1]
+    # done at the prefill's token: the decode step launched before that is read back computes one more, dropped
+    one = eng.generate(ps, max_new_tokens=1, eos_token_ids=[])
+    assert [o.tokens for o in one] == [[o.tokens[0]] for o in eng.generate(ps, max_new_tokens=2, eos_token_ids=[])]
+    assert eng.generate(ps[:1], max_new_tokens=NEW, eos_token_ids=[free.tokens[0]])[0].tokens == free.tokens[:1]
+    assert eng.stats.generated_tokens == 1 and len(eng.store._free_pages) == eng.store.capacity_pages
     text = tok.decode(free.tokens, skip_special_tokens=True)
     stop = text[3:5]
     by_string = eng.generate(ps[:1], max_new_tokens=NEW, eos_token_ids=[], stop=[stop])[0]
