@@ -25,6 +25,7 @@ from rlkv.engine.kv import free_list
 from rlkv.methods.tokendrop import Policy, TokenDropLayer
 from rlkv.models import Layout
 
+
 class TokenDropStore:
     """Slots of `policy.capacity` tokens per layer and KV head, as many as `budget` bytes hold (at most max_batch).
 
@@ -47,11 +48,8 @@ class TokenDropStore:
         self.values = [torch.zeros_like(k) for k in self.keys]
         self.pos = [torch.full(shape, -1, dtype=torch.int32, device=device) for _ in range(layout.num_layers)]
         self.score = [torch.zeros(shape, device=device) for _ in range(layout.num_layers)] if policy.scored else None
-        window = getattr(policy, "window", 0)
-        self.extra = [{
-            "queries": torch.zeros(self.num_slots, layout.num_q_heads, window, d, dtype=dtype, device=device),
-            "query_pos": torch.full((self.num_slots, window), -1, dtype=torch.long, device=device),
-        } for _ in range(layout.num_layers)] if policy.state_bytes(layout, 1) else None
+        self.extra = [policy.empty_state(self.num_slots, layout.num_q_heads, d, dtype, device)
+                      for _ in range(layout.num_layers)]  # e.g. R-KV's last queries
         self._free_slots = free_list(self.num_slots)
         self.peak_pages_used = 0
 
@@ -74,8 +72,7 @@ class TokenDropStore:
 
     # ------------------------------------------------------------------ accounting
     def nbytes(self) -> int:
-        tensors = [*self.keys, *self.values, *self.pos, *(self.score or []),
-                   *(t for e in self.extra or [] for t in e.values())]
+        tensors = [*self.keys, *self.values, *self.pos, *(self.score or []), *(t for e in self.extra for t in e.values())]
         return sum(t.numel() * t.element_size() for t in tensors)
 
     def sequence_nbytes(self, tokens):
@@ -88,7 +85,7 @@ class TokenDropStore:
         view = TokenDropLayer()
         view.keys, view.values, view.pos = self.keys[layer][slots], self.values[layer][slots], self.pos[layer][slots]
         view.score = self.score[layer][slots] if self.score is not None else None
-        view.extra = {k: t[slots] for k, t in self.extra[layer].items()} if self.extra is not None else {}
+        view.extra = {name: t[slots] for name, t in self.extra[layer].items()}
         view.is_initialized = True
         return view
 
@@ -102,14 +99,8 @@ class TokenDropStore:
         self.pos[layer][slots, :, :width] = view.pos
         if self.score is not None:
             self.score[layer][slots, :, :width] = view.score
-        for name, t in (view.extra.items() if self.extra is not None else ()):  # R-KV's last queries, oldest first
-            store = self.extra[layer][name]
-            dim = 2 if name == "queries" else 1  # their token dimension
-            missing = store.shape[dim] - t.shape[dim]  # after a prompt shorter than the window: empty places first
-            if missing:
-                fill = 0 if name == "queries" else -1
-                t = torch.cat([t.new_full((*t.shape[:dim], missing, *t.shape[dim + 1:]), fill), t], dim)
-            store[slots] = t
+        for name, t in view.extra.items():
+            self.extra[layer][name][slots] = t
 
 
 class TokenDropAttention:

@@ -69,7 +69,7 @@ class RKV(Policy):
 
     def select(self, layer, c: Candidates, query, q_pos) -> torch.Tensor:
         if c.first:
-            layer.extra = {"queries": query[:, :, :0], "query_pos": q_pos[:, :0]}
+            layer.extra = self.empty_state(query.shape[0], query.shape[1], query.shape[-1], query.dtype, query.device)
         queries = torch.cat([layer.extra["queries"], query], dim=2)[:, :, -self.window :]
         query_pos = torch.cat([layer.extra["query_pos"], q_pos], dim=1)[:, -self.window :]
         layer.extra = {"queries": queries, "query_pos": query_pos}
@@ -86,6 +86,11 @@ class RKV(Policy):
     def state_bytes(self, layout, itemsize: int) -> int:
         """The last `window` queries (all query heads) and their positions."""
         return self.window * (layout.num_q_heads * layout.head_dim * itemsize + 8)
+
+    def empty_state(self, batch: int, q_heads: int, head_dim: int, dtype, device) -> dict[str, torch.Tensor]:
+        """`window` query places, empty (position -1): an empty query attends to nothing and is not counted."""
+        return {"queries": torch.zeros(batch, q_heads, self.window, head_dim, dtype=dtype, device=device),
+                "query_pos": torch.full((batch, self.window), -1, dtype=torch.long, device=device)}
 
     def params(self) -> dict:
         return {**super().params(), "window": self.window, "interval": self.interval, "lam": self.lam,

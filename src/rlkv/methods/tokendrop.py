@@ -99,6 +99,11 @@ class Policy:
         """Per layer and sequence, bytes of policy state beyond the slots."""
         return 0
 
+    def empty_state(self, batch: int, q_heads: int, head_dim: int, dtype, device) -> dict[str, torch.Tensor]:
+        """The policy state (`TokenDropLayer.extra`) of `batch` sequences that have seen nothing yet: fixed
+        shapes, batch first (state_bytes() per sequence), so the engine can keep it in per-sequence slots."""
+        return {}
+
 
 def top_k_mask(priority: torch.Tensor, k: int) -> torch.Tensor:
     """Bool mask of the k highest finite-or-+inf entries per row (-inf never kept; ties keep the lower index)."""
