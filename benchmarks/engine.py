@@ -7,12 +7,12 @@
                 rebalancing) and each step reads fewer K/V bytes. Two throughputs: over the whole call,
                 and under load (only while requests wait for room, as in steady serving; the whole
                 call's also holds the ramp-down after the queue empties, whose length depends on how
-                the request count divides into waves of running sequences), with the step time under load
-                next to the GPU time of one step's graph at that batch (the gap is host time the GPU
-                waited for). The ratio under load to sparsity 0 is compared with the theoretical
-                1 / ((1 - s) + s * (sink + recent) / L), L = prompt + new tokens; `--requests` must exceed what runs at once at the highest
-                sparsity, or nothing waits there; sparsity 0 runs first and again last
-                (`--repeat-baseline`), speedups use the mean;
+                the request count divides into waves of running sequences), with the step time under
+                load next to the GPU time of one step's graph at that batch (the gap is host time the
+                GPU waited for). The ratio under load to sparsity 0 is compared with the theoretical
+                1 / ((1 - s) + s * (sink + recent) / L), L = prompt + new tokens; `--requests` must
+                exceed what runs at once at the highest sparsity, or nothing waits there; sparsity 0
+                runs first and again last (`--repeat-baseline`), speedups use the mean;
 --parts kernel  the decode kernel alone at `--kernel-batch` x `--kernel-context`, every head kept:
                 K/V bytes read per second of GPU time (calls replayed from a CUDA graph, as in the
                 engine) vs this GPU's measured device-to-device copy bandwidth;
