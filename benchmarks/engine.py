@@ -45,14 +45,16 @@ from rlkv.methods.headsplit import HeadSplit
 
 
 def run_engine(model, tok, texts, keep, args, new_tokens, kv_budget, max_batch) -> dict:
-    engine = rlkv.Engine(model, tok, HeadSplit(keep, args.sink, args.recent), kv_budget=kv_budget, max_batch=max_batch)
+    longest = max(len(tok(t, add_special_tokens=False).input_ids) for t in texts)
+    engine = rlkv.Engine(model, tok, HeadSplit(keep, args.sink, args.recent), kv_budget=kv_budget, max_batch=max_batch,
+                         sequence_tokens=longest + new_tokens)  # rings only for the sequences the budget can run
     engine.generate(texts[:max_batch], max_new_tokens=8, eos_token_ids=[])  # warm-up: kernels and CUDA graphs
     outs = engine.generate(texts, max_new_tokens=new_tokens, eos_token_ids=[])
     s = engine.stats
     row = {
         "seconds": s.seconds, "tokens": s.generated_tokens, "tok_per_s": s.tokens_per_s,
         "loaded_tok_per_s": s.loaded_tokens_per_s, "loaded_seconds": s.loaded_seconds, "max_running": s.max_running,
-        "pool_pages": s.pages, "peak_pages_used": s.peak_pages_used, "pool_mib": s.pool_bytes / 2**20,
+        "slots": engine.store.num_slots - 1, "pool_pages": s.pages, "peak_pages_used": s.peak_pages_used, "pool_mib": s.pool_bytes / 2**20,
         "peak_gpu_mib": s.peak_memory / 2**20,
         "kv_ratio": sum(o.kv_bytes for o in outs) / sum(o.kv_bytes_full for o in outs),
     }

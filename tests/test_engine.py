@@ -92,7 +92,9 @@ def test_outputs_do_not_depend_on_batching_budget_or_chunking():
     ps, _, _ = prompts()
     kw = dict(max_new_tokens=NEW, temperature=1.0, top_p=0.9, top_k=50, seed=7, eos_token_ids=[])
     method = HeadSplit(keep, SINK, RECENT)
-    wide = engine(model, method, max_batch=8, prefill_tokens=1000).generate(ps, **kw)
+    packed = engine(model, method, max_batch=8, prefill_tokens=1000)
+    wide = packed.generate(ps, **kw)
+    assert packed.stats.prefill_forwards == 1  # every whole prompt in one packed row
     one_at_a_time = engine(model, method, max_batch=1, prefill_tokens=5)
     narrow = one_at_a_time.generate(ps, **kw)
     # a budget with room for one request's pages at a time: admission waits instead of over-committing
@@ -134,6 +136,25 @@ def test_memory_rebalancing_and_bytes_per_sequence():
     per_token_kept = layout.kv_bytes_per_token() // 2
     assert out.kv_bytes_full == stored * layout.kv_bytes_per_token()
     assert out.kv_bytes == stored * per_token_kept + 4 * (SINK + RECENT) * 16 * 2 * 4  # 4 compressed heads' rings
+
+
+def test_sequence_tokens_give_the_rooms_of_rings_that_never_run_to_pages():
+    model = tiny_model("llama", layers=4)
+    keep = rlkv.HeadScores.random(rlkv.Layout.of(model), seed=4).keep_mask(0.5)
+    method, budget, length = HeadSplit(keep, SINK, RECENT), 2**20, 37 + 10
+    every = engine(model, method, kv_budget=budget, max_batch=64, prefill_tokens=4096)
+    fitted = engine(model, method, kv_budget=budget, max_batch=64, prefill_tokens=4096, sequence_tokens=length)
+    store, n = fitted.store, fitted.store.num_slots - 1
+    per_sequence = store.pages_for(length) * store.page_bytes + store.slot_bytes
+    scratch = store.page_bytes + store.slot_bytes
+    assert n < 64 and scratch + n * per_sequence <= budget < scratch + (n + 1) * per_sequence
+    assert store.nbytes() <= budget and store.num_pages > every.store.num_pages
+    ps = [list(range(3, 40))] * 64
+    for eng in (every, fitted):
+        eng.generate(ps, max_new_tokens=10, eos_token_ids=[])
+    assert every.stats.max_running < fitted.stats.max_running == n
+    with pytest.raises(ValueError, match="sequence_tokens must be an integer >= 1"):
+        engine(model, method, sequence_tokens=0)
 
 
 def test_finish_reasons_and_stop_strings():

@@ -7,9 +7,14 @@ A forward is either
   kept heads and the rings of compressed ones, then kept heads attend over their pages,
   compressed heads over their ring: two Triton kernels on CUDA (`rlkv.engine.kernel`) or the
   plain torch code here (`store_torch`, `decode_torch`), which the kernels are tested against;
-- a prefill (`Prefill`): chunks of several prompts packed into one row. Each chunk attends with
-  SDPA over its sequence's stored keys plus itself, with the mask of
-  `rlkv.attention.reference.keep_keys_mask`; compressed heads see their ring plus the chunk.
+- a prefill of new prompts (`Prompts`): whole prompts, each from its first token, packed into
+  one row padded to a fixed length. Each prompt attends with SDPA over its own tokens only
+  (`rlkv.attention.reference.keep_keys_mask` within the prompt), then its K/V are stored as a
+  decode step's are. Every shape depends only on the padded length, so on CUDA the engine
+  replays it as a CUDA graph: a prefill costs the host one launch instead of a few hundred;
+- a chunked prefill (`Prefill`): chunks of prompts too long for that, packed into one row. Each
+  chunk attends with SDPA over its sequence's stored keys plus itself, with the mask of
+  `keep_keys_mask`; compressed heads see their ring plus the chunk.
 In gated mode (RL rollouts) every head is paged and its output is
 alpha * full + (1 - alpha) * streaming attention, both over the same keys.
 """
@@ -45,6 +50,44 @@ class Decode:
 
 
 @dataclass
+class Prompts:
+    """Whole new prompts packed into one row of T tokens (padding tokens at the end).
+
+    A token's K/V are stored like a decode step's (`store_torch` reads page, offset, slots, ring):
+    kept heads' at (page, offset), compressed heads' at ring place `ring` of `slots`, which is the
+    sequence's slot when the token stays in its ring (a sink or one of the prompt's last `recent`),
+    else scratch slot 0. Padding tokens: position 0, scratch page 0 and slot 0, and each its own
+    negative `seq`, so it attends only to itself."""
+
+    pos: torch.Tensor  # [T] long: position within its prompt
+    seq: torch.Tensor  # [T] long: which prompt of the row
+    page: torch.Tensor  # [T] long
+    offset: torch.Tensor  # [T] long
+    slots: torch.Tensor  # [T] long
+    ring: torch.Tensor  # [T] long
+    sink: int
+    recent: int
+    masks: dict = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, store: KVStore, slots: torch.Tensor, pos: torch.Tensor, seq: torch.Tensor, lengths: torch.Tensor) -> Prompts:
+        """`slots`, `pos`, `seq` and `lengths` (its prompt's length) of every token [T]."""
+        page = store.page_table[slots, pos // store.page_size].long()
+        stays = (pos < store.sink) | (pos >= lengths - store.recent)
+        return cls(pos, seq, page, pos % store.page_size, torch.where(stays, slots, 0),
+                   ring_slot(pos, store.sink, store.recent), store.sink, store.recent)
+
+    def mask(self, full: bool, window: int | None) -> torch.Tensor:
+        """[1, 1, T, T]: what a kept (`full`) or a compressed head's queries attend to (built once per forward)."""
+        if (full, window) not in self.masks:
+            rule = torch.full((1,), full, dtype=torch.bool, device=self.pos.device)
+            own = (self.seq[:, None] == self.seq[None, :])[None, None]
+            pos = self.pos[None]
+            self.masks[full, window] = keep_keys_mask(pos, pos, rule, self.sink, self.recent, window) & own
+        return self.masks[full, window]
+
+
+@dataclass
 class Segment:
     """One prompt chunk of a prefill: tokens [offset, offset + length) of the packed row."""
 
@@ -70,7 +113,7 @@ class EngineAttention:
 
     def __init__(self, store: KVStore, group: int, alpha: torch.Tensor | None, use_kernel: bool):
         self.store, self.group, self.alpha, self.use_kernel = store, group, alpha, use_kernel
-        self.batch: Decode | Prefill | None = None
+        self.batch: Decode | Prompts | Prefill | None = None
 
     def before_forward(self, step) -> None:
         raise RuntimeError("a model driven by rlkv.Engine cannot be called directly while the engine runs")
@@ -78,22 +121,50 @@ class EngineAttention:
     def decode_batch(self, slots: torch.Tensor, pos: torch.Tensor, max_len: int | None = None) -> Decode:
         return Decode.of(self.store, slots, pos, max_len)
 
+    def prompts_batch(self, slots: torch.Tensor, pos: torch.Tensor, seq: torch.Tensor, lengths: torch.Tensor) -> Prompts:
+        return Prompts.of(self.store, slots, pos, seq, lengths)
+
+    def _store(self, k, v, layer: int) -> None:
+        """New K/V [B, Hkv, D] into pages and rings where the batch says (`Decode` or `Prompts`)."""
+        if self.use_kernel:
+            from rlkv.engine.kernel import store_kv
+
+            store_kv(k, v, self.store, layer, self.batch)
+        else:
+            store_torch(k, v, self.store, layer, self.batch)
+
     # ------------------------------------------------------------------ decode
     def decode(self, layer: int, q, k, v, scaling: float, window: int | None) -> torch.Tensor:
         """q [B, Hq, D], k/v [B, Hkv, D] of the new tokens -> attention output [B, Hq, D]."""
         s, b = self.store, self.batch
+        self._store(k, v, layer)
         if self.use_kernel:
-            from rlkv.engine.kernel import decode_attention, store_kv
+            from rlkv.engine.kernel import decode_attention
 
-            store_kv(k, v, s, layer, b)
             return decode_attention(q, s, layer, b.slots, b.pos + 1, scaling, window, self._alpha(layer))
-        store_torch(k, v, s, layer, b)
         return decode_torch(q, s, layer, b.slots, b.pos + 1, b.max_len, scaling, window, self._alpha(layer))
 
     def _alpha(self, layer: int) -> torch.Tensor | None:
         return None if self.alpha is None else self.alpha[layer]
 
     # ------------------------------------------------------------------ prefill
+    def prompts(self, layer: int, query, key, value, scaling: float, window: int | None) -> torch.Tensor:
+        """query [1, Hq, T, D], key/value [1, Hkv, T, D] of packed new prompts -> output [1, T, Hq, D]."""
+        s, b = self.store, self.batch
+        out = query.new_empty(1, query.shape[2], query.shape[1], query.shape[3])
+        fi, ci = s.full_idx[layer], s.comp_idx[layer]
+        qf, qc = s.q_full[layer], s.q_comp[layer]
+        if len(fi):
+            full = _sdpa(query[:, qf], key[:, fi], value[:, fi], b.mask(True, window), scaling)
+            if self.alpha is not None:
+                stream = _sdpa(query[:, qf], key[:, fi], value[:, fi], b.mask(False, window), scaling)
+                full = gate_mix(full, stream, self.alpha[layer], self.group)
+            out[:, :, qf] = full.transpose(1, 2)
+        if len(ci):
+            out[:, :, qc] = _sdpa(query[:, qc], key[:, ci], value[:, ci], b.mask(False, window), scaling).transpose(1, 2)
+        self._store(key[0].transpose(0, 1), value[0].transpose(0, 1), layer)
+        return out
+
     def prefill(self, layer: int, query, key, value, scaling: float, window: int | None) -> torch.Tensor:
         """query [1, Hq, T, D], key/value [1, Hkv, T, D] of packed chunks -> output [1, T, Hq, D]."""
         s = self.store
@@ -160,8 +231,9 @@ def _sdpa(q, k, v, mask, scaling):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling, enable_gqa=q.shape[1] != k.shape[1])
 
 
-def store_torch(k, v, store: KVStore, layer: int, b: Decode) -> None:
-    """A decode step's new K/V [B, Hkv, D] into the pages of kept heads and the rings of compressed ones."""
+def store_torch(k, v, store: KVStore, layer: int, b: Decode | Prompts) -> None:
+    """New K/V [B, Hkv, D] (a decode step's, or packed prompts') into the pages of kept heads and the rings of
+    compressed ones."""
     fi, ci = store.full_idx[layer], store.comp_idx[layer]
     if len(fi):
         store.pages_k[layer][b.page, b.offset] = k[:, fi]
@@ -213,4 +285,6 @@ def attention(module, query, key, value, attention_mask, scaling=None, dropout=0
     if isinstance(state.batch, Decode):
         out = state.decode(module.layer_idx, query[:, :, 0], key[:, :, 0], value[:, :, 0], scaling, window)
         return out[:, None], None
+    if isinstance(state.batch, Prompts):
+        return state.prompts(module.layer_idx, query, key, value, scaling, window), None
     return state.prefill(module.layer_idx, query, key, value, scaling, window), None

@@ -12,9 +12,11 @@ The loop, each iteration:
 3. read back the steps before it, while it runs: append their tokens; finished requests (EOS,
    stop string, max tokens, degenerate repetition) leave, and their slot and pages go back to
    the pool;
-4. prefill: at most `prefill_tokens` prompt tokens, packed across admitted requests (a long
-   prompt goes in chunks, so it never stalls decoding for long); a request whose prompt is done
-   samples its first token on the device and joins the next decode step.
+4. prefill: admitted requests' whole prompts, packed into one row of up to `PROMPT_TOKENS`
+   tokens padded to a power of two (a CUDA graph per length, so a prefill costs the host one
+   launch); a prompt longer than that goes in chunks of at most `prefill_tokens` (so it never
+   stalls decoding for long). A request whose prompt is done samples its first token on the
+   device and joins the next decode step.
 So the host's work for step k (Python bookkeeping, admission, launches) overlaps the device's
 work for step k + 1, and nothing in the loop waits for the device except that read-back. A
 request is known to be finished one step late: the step launched meanwhile computes one token
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from itertools import accumulate
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -45,6 +48,8 @@ from rlkv.models import Layout, eos_ids
 
 
 ENGINE_SETTINGS = ("auto", "on", "off")
+PROMPT_TOKENS = 512  # longest row of whole new prompts prefilled in one packed forward (a CUDA graph per power of two)
+PROMPT_ROWS = 32  # most prompts in that row
 
 
 def check_setting(setting: str) -> str:
@@ -155,14 +160,21 @@ class Engine:
 
     def __init__(self, model, tokenizer, method: HeadSplit | TokenDrop | Gated | None = None, kv_budget=None,
                  max_batch: int = 256, page_size: int = 16, max_seq_len: int | None = None,
-                 prefill_tokens: int = 4096, cuda_graphs: bool | None = None, kernel: bool | None = None):
+                 prefill_tokens: int = 4096, cuda_graphs: bool | None = None, kernel: bool | None = None,
+                 sequence_tokens: int | None = None):
+        """`kv_budget`: bytes, a size string ("20GiB") or a share of free GPU memory (default 0.8 on CUDA).
+        `sequence_tokens`: prompt + new tokens of a typical request. With a head-split method, each
+        running sequence owns a sink + recent ring allocated up front; given this, there are only as
+        many rings as the budget holds sequences of that length (at most `max_batch`), so the memory
+        of rings that could never be used goes to pages."""
         self.model, self.tokenizer = model, tokenizer
         self.layout = Layout.of(model)
         self.device = next(model.parameters()).device
         cuda = self.device.type == "cuda"
         self.method = method
         for name, value, low in (("max_batch", max_batch, 1), ("page_size", page_size, 1),
-                                 ("prefill_tokens", prefill_tokens, 1)):
+                                 ("prefill_tokens", prefill_tokens, 1),
+                                 *([("sequence_tokens", sequence_tokens, 1)] if sequence_tokens is not None else [])):
             if not isinstance(value, int) or value < low:
                 raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
         self.max_seq_len = max_seq_len or max(32768, getattr(model.config, "max_position_embeddings", 0) or 0)
@@ -179,7 +191,7 @@ class Engine:
         else:
             keep, sink, recent, alpha = self._plan(method)
             self.store = KVStore(self.layout, keep, sink, recent, page_size, budget, max_batch, self.max_seq_len,
-                                 self.device, dtype)
+                                 self.device, dtype, sequence_tokens)
             self.kernel = cuda if kernel is None else kernel
             self.state = EngineAttention(self.store, self.layout.group_size, alpha, self.kernel)
             graphs = cuda and self.kernel  # the torch decode path reads the longest length on the host
@@ -192,6 +204,9 @@ class Engine:
         # decode batch sizes that get a CUDA graph; a step pads up to the smallest that fits
         self._buckets = sorted({s for s in [1, 2, 4, 8, 16, *range(32, max_batch, 32)] if s < max_batch} | {max_batch})
         self._static = torch.zeros(5, max_batch, dtype=torch.long, device=self.device)  # ids, pos, slots, seeds, steps
+        # packed new prompts: per token ids, pos, slots, prompt lengths, seq; per prompt its last token, seed, step
+        self._static_prompts = torch.zeros(5, PROMPT_TOKENS, dtype=torch.long, device=self.device)
+        self._static_rows = torch.zeros(3, PROMPT_ROWS, dtype=torch.long, device=self.device)
         self._pool = torch.cuda.graph_pool_handle() if self.cuda_graphs else None
 
     def _plan(self, method):
@@ -369,8 +384,13 @@ class Engine:
         return self.model.lm_head(hidden)
 
     def _prefill(self, prefilling: list[_Request], sampling: dict) -> _Step | None:
-        """One packed prefill forward over up to `prefill_tokens` prompt tokens; the first tokens of the
-        requests whose prompt it completes (None if none)."""
+        """One packed prefill forward: the first tokens of the requests whose prompt it completes (None if none).
+
+        Whole new prompts go together in a row of fixed shape (`_prefill_prompts`); otherwise the
+        forward takes up to `prefill_tokens` prompt tokens in chunks (token droppers: whole prompts)."""
+        new = [] if self.whole_prompts else self._new_prompts(prefilling)
+        if new:
+            return self._prefill_prompts(new, sampling)
         segments, ids, pos, owners = [], [], [], []
         used = 0
         for req in prefilling:
@@ -399,6 +419,55 @@ class Engine:
         tokens, logprobs = _pick(logits, host[0], host[1], sampling)
         return self._launched(requests, tokens, logprobs)
 
+    def _new_prompts(self, prefilling: list[_Request]) -> list[_Request]:
+        """The leading requests whose whole prompts fit one packed row (none stored yet)."""
+        limit, new, used = min(PROMPT_TOKENS, self.prefill_tokens), [], 0
+        for req in prefilling:
+            if req.stored or used + len(req.prompt) > limit or len(new) == PROMPT_ROWS:
+                break
+            new.append(req)
+            used += len(req.prompt)
+        return new
+
+    def _prefill_prompts(self, requests: list[_Request], sampling: dict) -> _Step:
+        """Prefill whole prompts packed into one row padded to a power of two (a CUDA graph's shape)."""
+        lengths = [len(r.prompt) for r in requests]
+        used, n = sum(lengths), len(requests)
+        width = max(16, 1 << (used - 1).bit_length())
+        rows, pad = min(PROMPT_ROWS, width), width - used
+        ids = [t for r in requests for t in r.prompt] + [0] * pad
+        pos = [p for m in lengths for p in range(m)] + [0] * pad
+        slots = [r.slot for r, m in zip(requests, lengths) for _ in range(m)] + [0] * pad
+        lens = [m for m in lengths for _ in range(m)] + [1] * pad
+        seq = [i for i, m in enumerate(lengths) for _ in range(m)] + list(range(-1, -pad - 1, -1))
+        last = [end - 1 for end in accumulate(lengths)]
+        tokens_in = upload([ids, pos, slots, lens, seq], torch.long, self.device)
+        rows_in = upload([last + [0] * (rows - n), [r.seed for r in requests] + [0] * (rows - n),
+                          [r.sampled for r in requests] + [0] * (rows - n)], torch.long, self.device)
+        if self.cuda_graphs:
+            graph, (tokens, logprobs) = self._graph(("prompts", width, rows), sampling)
+            self._static_prompts[:, :width].copy_(tokens_in)
+            self._static_rows[:, :rows].copy_(rows_in)
+            graph.replay()
+        else:
+            tokens, logprobs = self._prompts_step(tokens_in, rows_in, sampling)
+        for req in requests:
+            req.stored = len(req.prompt)
+        self.stats.prefill_forwards += 1
+        return self._launched(requests, tokens[:n], logprobs[:n])
+
+    def _prompts_step(self, tokens_in: torch.Tensor, rows_in: torch.Tensor, sampling: dict):
+        ids, pos, slots, lens, seq = tokens_in
+        self.state.batch = self.state.prompts_batch(slots, pos, seq, lens)
+        logits = self._forward(ids[None], pos[None], rows_in[0])[0]
+        return _pick(logits, rows_in[1], rows_in[2], sampling)
+
+    def _decode_step(self, static: torch.Tensor, sampling: dict):
+        ids, pos, slots, seeds, steps = static
+        self.state.batch = self.state.decode_batch(slots, pos)
+        logits = self._forward(ids[:, None], pos[:, None])[:, 0]
+        return _pick(logits, seeds, steps, sampling)
+
     def _decode(self, running: list[_Request], feed: torch.Tensor, sampling: dict) -> _Step:
         """Launch one decode step: feed every running request its latest token (`feed`, on the device)."""
         n = len(running)
@@ -406,7 +475,7 @@ class Engine:
                 [r.seed for r in running], [r.sampled for r in running]]  # position, slot, seed, token index
         if self.cuda_graphs:
             bucket = next(b for b in self._buckets if b >= n)
-            graph, (tokens, logprobs) = self._graph(bucket, sampling)
+            graph, (tokens, logprobs) = self._graph(("decode", bucket), sampling)
             self._static[:, n:bucket].zero_()
             self._static[0, :n].copy_(feed)
             self._static[1:, :n].copy_(upload(host, torch.long, self.device))
@@ -432,17 +501,26 @@ class Engine:
         return step
 
     # ------------------------------------------------------------------ CUDA graphs
-    def _graph(self, bucket: int, sampling: dict):
-        """The CUDA graph of a decode step (forward, sampling, log-probs) for `bucket` rows, captured on first use."""
-        key = (bucket, *sorted(sampling.items()))
+    def _graph(self, shape: tuple, sampling: dict):
+        """The CUDA graph of a forward with sampling and log-probs, captured on first use: a decode step of
+        ("decode", rows) or a prefill of ("prompts", tokens, rows). It reads its inputs from the static
+        buffers (`_static`, or `_static_prompts` and `_static_rows`), zeroed for the capture: zero slots
+        and pages are scratch space."""
+        key = (shape, *sorted(sampling.items()))
         if key not in self._graphs:
-            ids, pos, slots, seeds, steps = (self._static[i, :bucket] for i in range(5))
-            self._static.zero_()
+            if shape[0] == "decode":
+                self._static.zero_()
+                static = self._static[:, : shape[1]]
 
-            def step():
-                self.state.batch = self.state.decode_batch(slots, pos)
-                logits = self._forward(ids[:, None], pos[:, None])[:, 0]
-                return _pick(logits, seeds, steps, sampling)
+                def step():
+                    return self._decode_step(static, sampling)
+            else:
+                self._static_prompts.zero_()
+                self._static_rows.zero_()
+                tokens_in, rows_in = self._static_prompts[:, : shape[1]], self._static_rows[:, : shape[2]]
+
+                def step():
+                    return self._prompts_step(tokens_in, rows_in, sampling)
 
             side = torch.cuda.Stream(self.device)
             side.wait_stream(torch.cuda.current_stream(self.device))

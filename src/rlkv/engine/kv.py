@@ -12,6 +12,11 @@ Per layer l, with F_l kept and C_l compressed KV heads (a head-split keep-mask d
 Page 0 and slot 0 are scratch space that padding rows of a decode batch write into.
 A sequence gets every page it can ever need when it is admitted (its prompt plus its
 `max_new_tokens`), so the engine never runs out of pages mid-generation.
+
+Rings are allocated up front, one per slot, and the pages get the rest of the budget. There are
+`max_batch` slots, or, given `sequence_tokens` (prompt + new tokens of a typical request), only
+as many as the budget holds sequences of that length: the ring of a slot that can never be
+filled would take the room of pages.
 """
 
 from __future__ import annotations
@@ -75,7 +80,7 @@ class KVStore:
     """Pages and rings for every layer, sized from a byte budget; allocates pages and slots to sequences."""
 
     def __init__(self, layout: Layout, keep: torch.Tensor, sink: int, recent: int, page_size: int, budget: int,
-                 max_batch: int, max_seq_len: int, device, dtype: torch.dtype):
+                 max_batch: int, max_seq_len: int, device, dtype: torch.dtype, sequence_tokens: int | None = None):
         if tuple(keep.shape) != layout.shape:
             raise ValueError(f"keep-mask is {tuple(keep.shape)} but the model has {layout.shape} (layers x kv_heads)")
         self.keep = keep.bool().cpu()
@@ -88,6 +93,10 @@ class KVStore:
         self.token_bytes = 2 * self.kept_heads * d * elt  # what one more token costs a sequence
         self.page_bytes = page_size * self.token_bytes
         self.slot_bytes = 2 * self.ring * self.compressed_heads * d * elt  # a sequence's ring, all layers
+        if sequence_tokens is not None:  # scratch page and slot, then (pages + ring) per sequence
+            room = budget - self.slot_bytes - self.page_bytes * bool(self.kept_heads)
+            per_sequence = self.pages_for(sequence_tokens) * self.page_bytes + self.slot_bytes
+            max_batch = max(1, min(max_batch, room // per_sequence))
         num_slots = max_batch + 1
         ring_bytes = num_slots * self.slot_bytes
         if self.kept_heads:
