@@ -221,7 +221,7 @@ def _graph_times(engine, batch: int, context: int) -> dict:
     if not engine.cuda_graphs:
         return {}
     bucket = next(b for b in engine._buckets if b >= batch)
-    graph, _ = engine._graph(bucket, dict(temperature=0.0, top_k=0, top_p=1.0))  # the greedy runs above captured it
+    graph, _ = engine._graph(("decode", bucket), dict(temperature=0.0, top_k=0, top_p=1.0))  # the greedy runs above captured it
     engine._static.zero_()
     engine._static[1, :batch] = context
     engine._static[2, :batch] = torch.arange(1, batch + 1)  # page-table rows still hold the last call's pages

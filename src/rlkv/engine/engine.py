@@ -207,7 +207,10 @@ class Engine:
         # packed new prompts: per token ids, pos, slots, prompt lengths, seq; per prompt its last token, seed, step
         self._static_prompts = torch.zeros(5, PROMPT_TOKENS, dtype=torch.long, device=self.device)
         self._static_rows = torch.zeros(3, PROMPT_ROWS, dtype=torch.long, device=self.device)
-        self._pool = torch.cuda.graph_pool_handle() if self.cuda_graphs else None
+        # one memory pool per kind of graph. Graphs of one pool may reuse each other's intermediate memory, so
+        # a replay may overwrite the outputs of the pool's other graphs: a decode step's tokens are read (into
+        # the next step's inputs) before the next decode replay, but a prefill replays in between
+        self._pools = {kind: torch.cuda.graph_pool_handle() for kind in ("decode", "prompts")} if self.cuda_graphs else {}
 
     def _plan(self, method):
         shape = self.layout.shape
@@ -529,7 +532,7 @@ class Engine:
                     step()
             torch.cuda.current_stream(self.device).wait_stream(side)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._pool):
+            with torch.cuda.graph(graph, pool=self._pools[shape[0]]):
                 outputs = step()
             self._graphs[key] = (graph, outputs)
         return self._graphs[key]
