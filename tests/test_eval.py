@@ -13,7 +13,8 @@ from conftest import DATA_DIR, tiny_model, tiny_tokenizer
 
 import rlkv
 from rlkv.eval import EvalConfig, Shard, evaluate, report
-from rlkv.eval.run import RepetitionStop, generated_end, read_jsonl, run_records
+from rlkv.eval.run import RepetitionStop, read_jsonl, run_records
+from rlkv.models import generated_end
 
 STABLE = ("task", "method", "sparsity", "n", "accuracy", "mean_tokens", "pct_length", "pct_repetition",
           "kv_mean_ratio", "kv_peak_ratio")

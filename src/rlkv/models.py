@@ -163,3 +163,15 @@ def eos_ids(model, tokenizer) -> list[int]:
     if not ids:
         raise ValueError("the model has no EOS token id (generation_config.eos_token_id) to stop generation on")
     return ids
+
+
+def generated_end(tokens: torch.Tensor, eos: torch.Tensor, flagged_at: int | None) -> tuple[int, str]:
+    """(tokens generated, finish reason) of one row of `generate`'s output: the first EOS, unless the
+    repetition stop came first (`flagged_at` tokens). What follows either is padding, and the pad token
+    may itself be an EOS id (Qwen's <|endoftext|>), so a stopped row must not be read as ending there."""
+    hits = torch.nonzero(torch.isin(tokens, eos)).flatten()
+    if len(hits) and (flagged_at is None or int(hits[0]) < flagged_at):
+        return int(hits[0]) + 1, "eos"
+    if flagged_at is not None:
+        return flagged_at, "repetition"
+    return len(tokens), "length"

@@ -45,7 +45,7 @@ from rlkv.engine.engine import check_setting, degenerate, engine_for
 from rlkv.engine.sampling import stable_seed
 from rlkv.eval.summary import summarize
 from rlkv.methods.matching import TOLERANCE, bytes_over_decoding, match_budget
-from rlkv.models import Layout, eos_ids
+from rlkv.models import Layout, eos_ids, generated_end
 
 IDENTITY = ("model", "heads_sha256", "max_new_tokens", "temperature", "top_p", "seed", "sink", "recent", "budget",
             "match_bytes")
@@ -140,18 +140,6 @@ class RepetitionStop(StoppingCriteria):
         for row in (row for row, stop in enumerate(done) if stop):
             self.flagged.setdefault(row, generated)
         return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
-
-
-def generated_end(tokens: torch.Tensor, eos: torch.Tensor, flagged_at: int | None) -> tuple[int, str]:
-    """(tokens generated, finish reason) of one row of `generate`'s output: the first EOS, unless the
-    repetition stop came first (`flagged_at` tokens). What follows either is padding, and the pad token
-    may itself be an EOS id (Qwen's <|endoftext|>), so a stopped row must not be read as ending there."""
-    hits = torch.nonzero(torch.isin(tokens, eos)).flatten()
-    if len(hits) and (flagged_at is None or int(hits[0]) < flagged_at):
-        return int(hits[0]) + 1, "eos"
-    if flagged_at is not None:
-        return flagged_at, "repetition"
-    return len(tokens), "length"
 
 
 def _method_plan(config: EvalConfig, layout: Layout) -> list[tuple[str, float, object]]:

@@ -46,7 +46,7 @@ from tqdm.auto import tqdm
 from rlkv.engine import ENGINE_SETTINGS, Gated, engine_for
 from rlkv.heads import HeadScores, command_line
 from rlkv.identify.gated import gated, init_gates
-from rlkv.models import Layout, eos_ids
+from rlkv.models import Layout, eos_ids, generated_end
 
 
 @dataclass
@@ -126,9 +126,8 @@ def sample(model, tokenizer, prompts: list[str], max_new_tokens: int, temperatur
         width = enc.input_ids.shape[1]
         for row in range(seqs.shape[0]):
             prompt = enc.input_ids[row][enc.attention_mask[row].bool()].tolist()
-            completion = seqs[row, width:].tolist()
-            ends = [i for i, t in enumerate(completion) if t in stop]
-            completion = completion[: ends[0] + 1] if ends else completion
+            n, _ = generated_end(seqs[row, width:], torch.tensor(stop, device=seqs.device), None)
+            completion = seqs[row, width : width + n].tolist()
             out.append((prompt, completion, tokenizer.decode(completion, skip_special_tokens=True)))
     return out
 
