@@ -4,7 +4,9 @@
                 `--hf-new-tokens` tokens, at each `--hf-batches` size (one wave: requests = batch);
 --parts sweep   every sparsity under one KV budget: `--requests` prompts, exactly `--new-tokens` each.
                 Compression makes a page cheaper, so the budget admits more sequences at once (memory
-                rebalancing) and each step reads fewer K/V bytes. Two throughputs: over the whole call,
+                rebalancing) and each step reads fewer K/V bytes; the engine gets `sequence_tokens`
+                (longest prompt + new tokens), so it holds rings only for the sequences the budget
+                can run. Two throughputs: over the whole call,
                 and under load (only while requests wait for room, as in steady serving; the whole
                 call's also holds the ramp-down after the queue empties, whose length depends on how
                 the request count divides into waves of running sequences), with the step time under
