@@ -46,10 +46,12 @@ def main():
     kv_budget = args.kv_budget or (0.8 if torch.cuda.is_available() else "1GiB")
     meta = {"benchmark": "efficiency", "model": args.model, "heads": args.heads, "heads_method": heads.method,
             **{k: v for k, v in vars(args).items() if k not in ("model", "heads")}, "kv_budget": kv_budget}
+    longest = max(len(tok(p, add_special_tokens=False).input_ids) for p in prompts)
     rows = []
     for s in (float(v) for v in args.sparsities.split(",")):
+        # a request reserves its prompt + max_new_tokens: rings only for as many as the budget admits
         engine = rlkv.Engine(model, tok, HeadSplit(heads.keep_mask(s), args.sink, args.recent), kv_budget=kv_budget,
-                             max_batch=args.max_batch)
+                             max_batch=args.max_batch, sequence_tokens=longest + args.max_new_tokens)
         engine.generate(prompts[: args.max_batch], max_new_tokens=8)  # warm-up: kernels and CUDA graphs
         outs = engine.generate(prompts, max_new_tokens=args.max_new_tokens, repetition_window=400)
         stats = engine.stats
