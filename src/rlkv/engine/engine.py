@@ -30,9 +30,9 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from itertools import accumulate
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from itertools import accumulate
 
 import torch
 from tqdm.auto import tqdm
