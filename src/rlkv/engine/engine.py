@@ -465,9 +465,9 @@ class Engine:
         logits = self._forward(ids[None], pos[None], rows_in[0])[0]
         return _pick(logits, rows_in[1], rows_in[2], sampling)
 
-    def _decode_step(self, static: torch.Tensor, sampling: dict):
-        ids, pos, slots, seeds, steps = static
-        self.state.batch = self.state.decode_batch(slots, pos)
+    def _decode_step(self, inputs: torch.Tensor, sampling: dict, max_len: int | None = None):
+        ids, pos, slots, seeds, steps = inputs
+        self.state.batch = self.state.decode_batch(slots, pos, max_len)
         logits = self._forward(ids[:, None], pos[:, None])[:, 0]
         return _pick(logits, seeds, steps, sampling)
 
@@ -485,10 +485,8 @@ class Engine:
             graph.replay()
             tokens, logprobs = tokens[:n], logprobs[:n]
         else:
-            pos, slots, seeds, steps = upload(host, torch.long, self.device)
-            self.state.batch = self.state.decode_batch(slots, pos, max_len=max(host[0]) + 1)
-            logits = self._forward(feed[:, None], pos[:, None])[:, 0]
-            tokens, logprobs = _pick(logits, seeds, steps, sampling)
+            inputs = torch.cat([feed[None], upload(host, torch.long, self.device)])
+            tokens, logprobs = self._decode_step(inputs, sampling, max_len=max(host[0]) + 1)
         self.stats.decode_steps += 1
         return self._launched(running, tokens, logprobs)
 
