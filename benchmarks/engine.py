@@ -56,8 +56,8 @@ def run_engine(model, tok, texts, keep, args, new_tokens, kv_budget, max_batch) 
     row = {
         "seconds": s.seconds, "tokens": s.generated_tokens, "tok_per_s": s.tokens_per_s,
         "loaded_tok_per_s": s.loaded_tokens_per_s, "loaded_seconds": s.loaded_seconds, "max_running": s.max_running,
-        "slots": engine.store.num_slots - 1, "pool_pages": s.pages, "peak_pages_used": s.peak_pages_used, "pool_mib": s.pool_bytes / 2**20,
-        "peak_gpu_mib": s.peak_memory / 2**20,
+        "slots": engine.store.num_slots - 1, "pool_pages": s.pages, "peak_pages_used": s.peak_pages_used,
+        "pool_mib": s.pool_bytes / 2**20, "peak_gpu_mib": s.peak_memory / 2**20,
         "kv_ratio": sum(o.kv_bytes for o in outs) / sum(o.kv_bytes_full for o in outs),
     }
     if s.loaded_tokens_per_s:  # a step's time under load, and the GPU time of its graph at a mid-generation context

@@ -72,10 +72,9 @@ class Prompts:
     @classmethod
     def of(cls, store: KVStore, slots: torch.Tensor, pos: torch.Tensor, seq: torch.Tensor, lengths: torch.Tensor) -> Prompts:
         """`slots`, `pos`, `seq` and `lengths` (its prompt's length) of every token [T]."""
-        page = store.page_table[slots, pos // store.page_size].long()
+        at = Decode.of(store, slots, pos)  # page, offset and ring place, as a decode step's token would have
         stays = (pos < store.sink) | (pos >= lengths - store.recent)
-        return cls(pos, seq, page, pos % store.page_size, torch.where(stays, slots, 0),
-                   ring_slot(pos, store.sink, store.recent), store.sink, store.recent)
+        return cls(pos, seq, at.page, at.offset, torch.where(stays, slots, 0), at.ring, store.sink, store.recent)
 
     def mask(self, full: bool, window: int | None) -> torch.Tensor:
         """[1, 1, T, T]: what a kept (`full`) or a compressed head's queries attend to (built once per forward)."""

@@ -147,9 +147,9 @@ def _store_kernel(K, V, KP, VP, KR, VR, KIND, INDEX, PAGE, OFFSET, SLOT, RING,
 
 
 def store_kv(k: torch.Tensor, v: torch.Tensor, store: KVStore, layer: int, batch) -> None:
-    """Write a decode step's new K/V [B, Hkv, D] of `layer` into pages and rings in one launch (what
-    `rlkv.engine.attention.EngineAttention.decode` does with up to eight indexing kernels on the torch path).
-    `batch` is the step's `rlkv.engine.attention.Decode`."""
+    """Write new K/V [B, Hkv, D] of `layer` into pages and rings in one launch (what
+    `rlkv.engine.attention.store_torch` does with up to eight indexing kernels). `batch` says where:
+    a decode step's `rlkv.engine.attention.Decode`, or packed new prompts' `Prompts` (B = their tokens)."""
     k = k if k.stride(-1) == 1 else k.contiguous()
     v = v if v.stride(-1) == 1 else v.contiguous()
     pk, pv, rk, rv = store.pages_k[layer], store.pages_v[layer], store.ring_k[layer], store.ring_v[layer]
