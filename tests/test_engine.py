@@ -298,6 +298,31 @@ def test_kernel_equals_the_torch_path(gated_mode):
                 torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_kernel_launch_defaults_fit_real_head_sizes(head_dim):
+    """The default BLOCK and stages at the head sizes of the supported models (SmolLM2 and Qwen 0.5B: 64;
+    Qwen 1.5B / R1-Distill-1.5B: 128) in the dtype the engine runs them in; on a GPU this also checks
+    that the tiles fit in shared memory."""
+    pytest.importorskip("triton")
+    from rlkv.engine.kernel import decode_attention
+
+    torch.manual_seed(0)
+    dtype = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32
+    layout = rlkv.Layout("qwen2", 1, 12, 2, head_dim, str(dtype).removeprefix("torch."), "x")
+    store = KVStore(layout, torch.tensor([[True, False]]), 16, 64, 16, 2**24, 3, 512, DEVICE, dtype)
+    for t in store.pages_k + store.pages_v + store.ring_k + store.ring_v:
+        t.normal_()
+    lengths, slots = torch.tensor([40, 300], device=DEVICE), torch.tensor([1, 2], device=DEVICE)
+    for slot, n in zip(slots.tolist(), lengths.tolist()):
+        pages = torch.randperm(store.num_pages - 1)[: -(-n // 16)] + 1
+        store.page_table[slot, : len(pages)] = pages.int().to(DEVICE)
+    q = torch.randn(2, 12, head_dim, device=DEVICE, dtype=dtype)
+    ref = decode_torch(q, store, 0, slots, lengths, None, head_dim ** -0.5, None, None)
+    got = decode_attention(q, store, 0, slots, lengths, head_dim ** -0.5, None)
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-5
+    torch.testing.assert_close(got.float(), ref.float(), rtol=tol, atol=tol)
+
+
 def test_store_kernel_equals_the_torch_writes():
     """The decode step's K/V writes (pages of kept heads, rings of compressed ones) in one kernel launch per layer."""
     pytest.importorskip("triton")
