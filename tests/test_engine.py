@@ -184,13 +184,22 @@ TOKEN_DROP = {"h2o": dict(budget=8, h2o_recent=3), "snapkv": dict(budget=8, wind
               "rkv": dict(budget=6, window=2, interval=4)}  # small budgets: every prompt but one is cut
 
 
+@pytest.mark.parametrize("packing", ["alone", "padded"])
 @pytest.mark.parametrize("name", list(TOKEN_DROP))
-def test_token_droppers_in_the_engine_equal_their_generate(arch, name):
-    """H2O / SnapKV / R-KV slots in the engine keep what their transformers cache keeps: the same tokens."""
+def test_token_droppers_in_the_engine_equal_their_generate(arch, name, packing, monkeypatch):
+    """H2O / SnapKV / R-KV slots in the engine keep what their transformers cache keeps: the same tokens.
+
+    alone: prefill_tokens 13, so each prompt has its prefill forward (the 30-token one longer than it,
+    in one piece); padded: all four in one forward (4 running at once), attended as left-padded
+    groups [5, 9], [17], [30]."""
     model = tiny_model(arch)
     method = rlkv.methods.build(name, rlkv.Layout.of(model), 0.5, **TOKEN_DROP[name])
-    ps, ids, mask = prompts()  # the 30-token prompt is longer than prefill_tokens: prefilled alone, in one piece
-    outs = engine(model, method).generate(ps, max_new_tokens=NEW, eos_token_ids=[])
+    ps, ids, mask = prompts()
+    if packing == "padded":
+        monkeypatch.setattr(rlkv.engine.tokendrop, "PAD_TOKENS", 40)
+    eng = engine(model, method, **({"prefill_tokens": 13} if packing == "alone" else {"prefill_tokens": 64, "max_batch": 4}))
+    outs = eng.generate(ps, max_new_tokens=NEW, eos_token_ids=[])
+    assert eng.stats.prefill_forwards == (4 if packing == "alone" else 1)
     with method.apply(model) as handle:
         check_equal(outs, reference(model, ids, mask))
         lengths = torch.tensor([len(p) + NEW - 1 for p in ps], device=DEVICE)  # the last token is never stored

@@ -13,6 +13,9 @@ compacts them, and the result is written back to the slots. Every shape is fixed
 always `capacity` wide, empty places masked), so the step runs inside the engine's CUDA graphs.
 A prompt is prefilled in one piece, as transformers `generate` does: exact causal attention
 over the prompt, then the policy's first cut (SnapKV's observation window sees the prompt's end).
+The prompts of one prefill forward attend as a left-padded batch, the way `generate` pads them
+(padding: position -1, never attended to, never kept), in groups of at most `PAD_TOKENS` padded
+tokens: one `attend` per group and layer, not one per prompt.
 Outputs equal `with method.apply(model): model.generate(...)` (tested token for token).
 """
 
@@ -20,10 +23,12 @@ from __future__ import annotations
 
 import torch
 
-from rlkv.engine.attention import Decode
-from rlkv.engine.kv import free_list
+from rlkv.engine.attention import Decode, Prefill
+from rlkv.engine.kv import free_list, upload
 from rlkv.methods.tokendrop import Policy, TokenDropLayer
 from rlkv.models import Layout
+
+PAD_TOKENS = 8192  # prompts x longest prompt of one padded prefill group: bounds its attention's memory
 
 
 class TokenDropStore:
@@ -109,6 +114,7 @@ class TokenDropAttention:
     def __init__(self, store: TokenDropStore):
         self.store, self.policy = store, store.policy
         self.batch = None
+        self._groups: tuple[Prefill, list[PaddedPrompts]] | None = None  # the current prefill's, built once for all layers
 
     def before_forward(self, step) -> None:
         raise RuntimeError("a model driven by rlkv.Engine cannot be called directly while the engine runs")
@@ -125,15 +131,45 @@ class TokenDropAttention:
         return out[:, 0]
 
     def prefill(self, layer: int, query, key, value, scaling: float, window: int | None) -> torch.Tensor:
-        """Whole prompts packed in one row: each attends exactly over itself, then is cut to the policy's choice."""
-        out = query.new_empty(1, query.shape[2], query.shape[1], query.shape[3])
-        for seg in self.batch.segments:
+        """Whole prompts packed in one row [1, H, T, D]: each attends exactly over itself, then is cut to the policy's choice."""
+        if self._groups is None or self._groups[0] is not self.batch:
+            self._groups = (self.batch, PaddedPrompts.groups(self.batch, query.device))
+        out = query.new_empty(query.shape[2], query.shape[1], query.shape[3])  # [T, Hq, D]
+        for g in self._groups[1]:
+            view = TokenDropLayer()
+            padded = view.attend(*(t[0][:, g.cols].transpose(0, 1) for t in (query, key, value)), g.q_pos, scaling,
+                                 window, self.policy)  # [n, W, Hq, D]
+            out[g.dest] = padded.flatten(0, 1)[g.src]
+            self.store.scatter(layer, g.slots, view)
+        return out[None]
+
+
+class PaddedPrompts:
+    """Some prompts of a packed prefill row as a left-padded batch [n, W]: `cols` their columns in the
+    row (padding repeats column 0), `q_pos` their positions (padding -1), `slots` their slots, and
+    the real places: row column `dest` is padded place `src` (flat over n x W)."""
+
+    def __init__(self, segments, device: torch.device):
+        width = max(seg.length for seg in segments)
+        cols, q_pos, dest, src = [], [], [], []
+        for i, seg in enumerate(segments):
             if seg.start:
                 raise RuntimeError("token-dropping methods prefill a prompt in one piece")
-            cols = slice(seg.offset, seg.offset + seg.length)
-            view = TokenDropLayer()
-            q_pos = torch.arange(seg.length, device=query.device)[None]
-            out[:, cols] = view.attend(query[:, :, cols], key[:, :, cols], value[:, :, cols], q_pos, scaling, window,
-                                       self.policy)
-            self.store.scatter(layer, torch.full((1,), seg.slot, device=query.device), view)
-        return out
+            pad = width - seg.length
+            cols.append([0] * pad + list(range(seg.offset, seg.offset + seg.length)))
+            q_pos.append([-1] * pad + list(range(seg.length)))
+            dest += range(seg.offset, seg.offset + seg.length)
+            src += range(i * width + pad, (i + 1) * width)
+        self.cols, self.q_pos, self.dest, self.src, self.slots = (
+            upload(x, torch.long, device) for x in (cols, q_pos, dest, src, [seg.slot for seg in segments]))
+
+    @classmethod
+    def groups(cls, batch: Prefill, device: torch.device) -> list[PaddedPrompts]:
+        """The batch's prompts, shortest first, in groups of at most PAD_TOKENS padded tokens (a longer prompt alone)."""
+        groups, group = [], []
+        for seg in sorted(batch.segments, key=lambda seg: seg.length):
+            if group and (len(group) + 1) * seg.length > PAD_TOKENS:
+                groups.append(group)
+                group = []
+            group.append(seg)
+        return [cls(g, device) for g in groups + [group] if g]
