@@ -196,6 +196,7 @@ def test_cli_identify_writes_heads(lm, tmp_path, monkeypatch):
     assert result.exit_code == 0, result.output
     heads = rlkv.HeadScores.load(tmp_path / "id" / "heads.json")
     assert heads.shape == (2, 2) and heads.method == "rlkv"
+    assert "the sparsity penalty acted in 0 of 1 steps" in result.output  # rewards average 0.5 = tau: never above
     assert "sanity check on 3 held-out problems" in result.output and "| rlkv | 0.8 |" in result.output
     check = read_jsonl(tmp_path / "id" / "check" / "samples.jsonl")
     assert len(check) == 3 * 5  # full + rlkv and random at two sparsities

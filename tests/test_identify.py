@@ -129,6 +129,7 @@ def test_resumed_run_ends_exactly_like_an_uninterrupted_one(tmp_path, monkeypatc
     torch.manual_seed(12345)  # the restart must not depend on the process's RNG state
     resumed = identify(model, tok, task, examples, config, tmp_path / "b")
     assert torch.equal(straight.scores, resumed.scores)
+    assert resumed.provenance["penalty_steps"] == straight.provenance["penalty_steps"]  # counted over the resumed steps too
     assert not torch.equal(straight.scores, torch.ones(2, 2))  # the gates did move
     log = [json.loads(line) for line in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2, 3]
@@ -145,6 +146,7 @@ def test_penalty_alone_closes_gates_when_every_rollout_is_rewarded(tmp_path, mon
     log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert log[0]["penalty_weight"] == pytest.approx(math.e - 1)
     assert log[-1]["alpha_mean"] < log[0]["alpha_mean"] < 1
+    assert heads.provenance["penalty_steps"] == 3
 
 
 def test_curriculum_cache_is_reused(tmp_path, monkeypatch):

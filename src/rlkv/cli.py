@@ -291,6 +291,12 @@ def identify(
             return
         console.print(heads.summary(), soft_wrap=True, highlight=False)
         console.print(f"wrote {out / 'heads.json'}")
+        acted = heads.provenance["penalty_steps"]
+        if acted < config.steps / 2:
+            console.print(f"[yellow]warning:[/] the sparsity penalty acted in {acted} of {config.steps} steps (the batch "
+                          f"reward stayed at or below --tau {tau:g} in the others), so the gates moved mostly under the "
+                          "policy gradient; a --tau below the rollouts' pass rate (or an easier --task) lets it act",
+                          soft_wrap=True, highlight=False)
         if check_limit:
             check = sanity_check(lm, tok, training, heldout, out / "heads.json", out, sparsities=tuple(sparsities),
                                  max_new_tokens=check_max_new_tokens, batch_size=rollout_batch_size, seed=seed)

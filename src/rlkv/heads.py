@@ -192,7 +192,8 @@ class HeadScores:
         return (
             f"{self.method} head scores for {self.model or 'unknown model'}: {self.shape[0]} layers x "
             f"{self.shape[1]} kv heads; min {s.min():.4f} mean {s.mean():.4f} max {s.max():.4f}; "
-            f"{int((s < 0.5).sum())} of {s.numel()} below 0.5"
+            f"{int((s < 0.5).sum())} of {s.numel()} below 0.5; {int((s == s.max()).sum())} at the maximum "
+            "(ties are ranked by index)"
         )
 
 

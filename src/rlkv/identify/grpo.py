@@ -356,11 +356,12 @@ def _train(model, tokenizer, task, examples, config, out_dir, layout, on_step) -
             on_step(record)
     bar.close()
 
-    scores = HeadScores(
-        alpha.detach(), model=layout.name, layout=layout.to_dict(), method="rlkv",
-        provenance={"config": asdict(config), "steps": step, "task": task.name, "problems": len(examples),
-                    "command": command_line()},
-    )
+    provenance = {"config": asdict(config), "steps": step, "task": task.name, "problems": len(examples),
+                  "command": command_line()}
+    if rank == 0:  # the log (all steps, resumed ones too) is rank 0's
+        records = [json.loads(line) for line in log_path.read_text().splitlines() if line]
+        provenance["penalty_steps"] = sum(r["penalty_weight"] > 0 for r in records)  # steps whose reward cleared tau
+    scores = HeadScores(alpha.detach(), model=layout.name, layout=layout.to_dict(), method="rlkv", provenance=provenance)
     if rank == 0:
         scores.save(out_dir / "heads.json")
     return scores
