@@ -4,6 +4,7 @@ gradients to the gates, the penalty schedule, resumable training and the curricu
 import importlib
 import json
 import math
+from dataclasses import asdict
 
 import pytest
 import torch
@@ -147,6 +148,19 @@ def test_penalty_alone_closes_gates_when_every_rollout_is_rewarded(tmp_path, mon
     assert log[0]["penalty_weight"] == pytest.approx(math.e - 1)
     assert log[-1]["alpha_mean"] < log[0]["alpha_mean"] < 1
     assert heads.provenance["penalty_steps"] == 3
+
+
+def test_gates_start_at_init_and_old_checkpoints_resume(tmp_path, monkeypatch):
+    """All rewards 1 and no penalty: no gradient reaches the gates, so they end where --init put them."""
+    model, tok, task, examples, config = _setup(beta=0.0, init=0.8)
+    monkeypatch.setattr(task, "grade_many", lambda exs, texts: [1.0] * len(texts))
+    assert torch.equal(identify(model, tok, task, examples, config, tmp_path).scores, torch.full((2, 2), 0.8))
+    grpo = importlib.import_module("rlkv.identify.grpo")
+    old = {k: v for k, v in asdict(IdentifyConfig()).items() if k != "init"}  # a checkpoint from before `init`
+    assert grpo._resumable(old) == grpo._resumable(asdict(IdentifyConfig()))
+    assert grpo._resumable(old) != grpo._resumable(asdict(IdentifyConfig(init=0.8)))
+    with pytest.raises(ValueError, match="init"):
+        IdentifyConfig(init=1.5)
 
 
 def test_curriculum_cache_is_reused(tmp_path, monkeypatch):

@@ -233,6 +233,7 @@ def identify(
     lr: float = typer.Option(1e-2, min=0.0),
     beta: float = typer.Option(1e-3, min=0.0, help="L1 sparsity coefficient"),
     tau: float = typer.Option(0.5, help="the penalty acts only above this mean reward"),
+    init: float = typer.Option(1.0, min=0.0, max=1.0, help="every gate's starting value"),
     sink: int = typer.Option(128, min=0),
     recent: int = typer.Option(256, min=1),
     samples_per_problem: int = typer.Option(8, min=1, help="curriculum: full-model samples per problem"),
@@ -258,7 +259,7 @@ def identify(
 
     try:
         config = IdentifyConfig(
-            sink=sink, recent=recent, group=group, lr=lr, beta=beta, tau=tau, batch_problems=batch_problems,
+            sink=sink, recent=recent, group=group, lr=lr, beta=beta, tau=tau, init=init, batch_problems=batch_problems,
             steps=steps, max_new_tokens=max_new_tokens, seed=seed, checkpoint_every=checkpoint_every,
             rollout_batch_size=rollout_batch_size, train_batch_size=train_batch_size,
             samples_per_problem=samples_per_problem, band=tuple(_floats(band, "--band")),

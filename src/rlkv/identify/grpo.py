@@ -74,6 +74,7 @@ class IdentifyConfig:
     gradient_checkpointing: bool = False  # recompute layer activations in the backward pass: long sequences fit
     rollout_engine: str = "auto"  # rollouts through rlkv.Engine: "auto" (on CUDA), "on", "off" (transformers generate)
     rollout_kv_budget: float | str = 0.4  # the engine's KV pool: a share of free GPU memory, or bytes ("8GiB")
+    init: float = 1.0  # every gate's starting value (below 1 leaves gates room to rise before the clamp at 1)
 
     def __post_init__(self):
         self.band = tuple(self.band)
@@ -84,7 +85,7 @@ class IdentifyConfig:
             "rollout_batch_size": self.rollout_batch_size >= 1, "train_batch_size": self.train_batch_size >= 1,
             "samples_per_problem": self.samples_per_problem >= 1,
             "band": len(self.band) == 2 and 0 <= self.band[0] < self.band[1] <= 1,
-            "rollout_engine": self.rollout_engine in ENGINE_SETTINGS,
+            "rollout_engine": self.rollout_engine in ENGINE_SETTINGS, "init": 0 <= self.init <= 1,
         }
         for name, ok in checks.items():
             if not ok:
@@ -195,6 +196,7 @@ def _batch(examples, step: int, size: int, seed: int):
 
 def _resumable(config: dict) -> dict:
     """The settings a resumed run must share with the checkpoint (steps may grow, checkpoints may change)."""
+    config = {"init": 1.0, **config}  # checkpoints written before `init` existed started every gate at 1
     return {k: v for k, v in config.items() if k not in ("steps", "checkpoint_every", "rollout_kv_budget")}
 
 
@@ -258,7 +260,7 @@ def _gather(obj, world: int) -> list:
 def _train(model, tokenizer, task, examples, config, out_dir, layout, on_step) -> HeadScores:
     rank, world = _world()
     ckpt_path, log_path = out_dir / "checkpoint.pt", out_dir / "log.jsonl"
-    alpha = init_gates(model)
+    alpha = init_gates(model, config.init)
     opt = torch.optim.AdamW([alpha], lr=config.lr, weight_decay=config.weight_decay)
     step = 0
     random.seed(config.seed)
