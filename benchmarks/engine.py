@@ -20,6 +20,9 @@
                 engine) vs this GPU's measured device-to-device copy bandwidth;
 --parts tune    the same call over the kernel's launch grid (`--tune-splits/-blocks/-warps/-stages`),
                 fastest first: where the kernel's launch defaults come from;
+--parts droppers token-dropping methods (`--droppers`, `--dropper-budget` tokens per KV head) in the engine,
+                in the sweep's conditions next to the full cache in the same process: throughput over
+                the whole call and under load, sequences at once, and the speedup over the full cache;
 --parts profile where a decode step's time goes at each `--profile-sparsities`, in the sweep's
                 conditions (the sequences its budget runs at once, mid-generation contexts):
                 time per step with CUDA graphs (no profiler attached), of it the GPU time of the
@@ -46,10 +49,10 @@ from rlkv.engine.kv import KVStore
 from rlkv.methods.headsplit import HeadSplit
 
 
-def run_engine(model, tok, texts, keep, args, new_tokens, kv_budget, max_batch) -> dict:
+def run_engine(model, tok, texts, method, new_tokens, kv_budget, max_batch) -> dict:
     longest = max(len(tok(t, add_special_tokens=False).input_ids) for t in texts)
-    engine = rlkv.Engine(model, tok, HeadSplit(keep, args.sink, args.recent), kv_budget=kv_budget, max_batch=max_batch,
-                         sequence_tokens=longest + new_tokens)  # rings only for the sequences the budget can run
+    engine = rlkv.Engine(model, tok, method, kv_budget=kv_budget, max_batch=max_batch,
+                         sequence_tokens=longest + new_tokens)  # head splits: rings only for the sequences the budget can run
     engine.generate(texts[:max_batch], max_new_tokens=8, eos_token_ids=[])  # warm-up: kernels and CUDA graphs
     outs = engine.generate(texts, max_new_tokens=new_tokens, eos_token_ids=[])
     s = engine.stats
@@ -88,7 +91,7 @@ def part_hf(model, tok, heads, args) -> list[dict]:
     for batch in (int(b) for b in args.hf_batches.split(",")):
         texts = prompts(tok, batch)
         hf = run_hf(model, tok, texts, args.hf_new_tokens)
-        eng = run_engine(model, tok, texts, heads.keep_mask(0.0), args, args.hf_new_tokens, args.kv_budget, batch)
+        eng = run_engine(model, tok, texts, _split(heads, 0.0, args), args.hf_new_tokens, args.kv_budget, batch)
         rows.append({"part": "hf", "batch": batch, "hf_tok_per_s": hf["tok_per_s"], "engine_tok_per_s": eng["tok_per_s"],
                      "engine_vs_hf": eng["tok_per_s"] / hf["tok_per_s"]})
         print(f"batch {batch}: transformers {hf['tok_per_s']:.0f} tok/s, engine {eng['tok_per_s']:.0f} tok/s", flush=True)
@@ -101,7 +104,7 @@ def part_sweep(model, tok, heads, args, mean_prompt: float) -> list[dict]:
     rows = []
     for s in sparsities:
         row = {"part": "sweep", "sparsity": s,
-               **run_engine(model, tok, texts, heads.keep_mask(s), args, args.new_tokens, args.kv_budget, args.max_batch)}
+               **run_engine(model, tok, texts, _split(heads, s, args), args.new_tokens, args.kv_budget, args.max_batch)}
         rows.append(row)
         print(f"sparsity {s:g}: {row['tok_per_s']:.0f} tok/s, {row['max_running']} running", flush=True)
     length = mean_prompt + args.new_tokens
@@ -113,6 +116,28 @@ def part_sweep(model, tok, heads, args, mean_prompt: float) -> list[dict]:
         r["speedup_theory"] = speedup_theory(r["sparsity"], args.sink, args.recent, length)
         r["of_theory"] = r["loaded_speedup"] / r["speedup_theory"] if r["loaded_speedup"] else None
     return rows
+
+
+def part_droppers(model, tok, heads, args) -> list[dict]:
+    """Each of `--droppers` at `--dropper-budget` tokens per KV head against the full cache, same prompts and budget."""
+    texts = prompts(tok, args.requests)
+    layout = rlkv.Layout.of(model)
+    methods = [("full", _split(heads, 0.0, args))] + [
+        (name, rlkv.methods.build(name, layout, 0.0, budget=args.dropper_budget)) for name in args.droppers.split(",")]
+    rows = []
+    for name, method in methods:
+        row = {"part": "droppers", "method": name, "budget": None if name == "full" else args.dropper_budget,
+               **run_engine(model, tok, texts, method, args.new_tokens, args.kv_budget, args.max_batch)}
+        rows.append(row)
+        print(f"{name}: {row['tok_per_s']:.0f} tok/s, {row['max_running']} running", flush=True)
+    for key, ratio in (("tok_per_s", "speedup"), ("loaded_tok_per_s", "loaded_speedup")):
+        for r in rows:
+            r[ratio] = r[key] / rows[0][key] if rows[0][key] and r[key] else None
+    return rows
+
+
+def _split(heads, sparsity: float, args) -> HeadSplit:
+    return HeadSplit(heads.keep_mask(sparsity), args.sink, args.recent)
 
 
 def kernel_setup(model, args):
@@ -273,6 +298,8 @@ def main():
     ap.add_argument("--tune-blocks", default="64,128,256")
     ap.add_argument("--tune-warps", default="4,8")
     ap.add_argument("--tune-stages", default="2,3")
+    ap.add_argument("--droppers", default="h2o,snapkv,rkv")
+    ap.add_argument("--dropper-budget", type=int, default=256, help="tokens per KV head kept by each dropper")
     ap.add_argument("--sink", type=int, default=16)
     ap.add_argument("--recent", type=int, default=64)
     ap.add_argument("--out", default="results/engine.json")
@@ -297,8 +324,10 @@ def main():
             rows += part_tune(model, args)
         elif part == "profile":
             rows += part_profile(model, tok, heads, args, mean_prompt)
+        elif part == "droppers":
+            rows += part_droppers(model, tok, heads, args)
         else:
-            raise SystemExit(f"unknown part {part!r}: expected hf, sweep, kernel, tune or profile")
+            raise SystemExit(f"unknown part {part!r}: expected hf, sweep, kernel, tune, profile or droppers")
         write_result(args.out, {**meta, "complete": False, "rows": rows})  # partial results survive a kill
     for part, cols in (("hf", ["batch", "hf_tok_per_s", "engine_tok_per_s", "engine_vs_hf"]),
                        ("sweep", ["sparsity", "tok_per_s", "speedup", "loaded_tok_per_s", "loaded_speedup",
@@ -309,7 +338,9 @@ def main():
                        ("tune", ["splits", "block", "num_warps", "num_stages", "microseconds", "kv_gb_per_s",
                                  "of_copy_bandwidth", "max_abs_diff"]),
                        ("profile", ["sparsity", "batch", "context", "ms_per_step", "graph_ms",
-                                    "kernels_per_step", "gpu_ms_per_step"])):
+                                    "kernels_per_step", "gpu_ms_per_step"]),
+                       ("droppers", ["method", "budget", "tok_per_s", "speedup", "loaded_tok_per_s", "loaded_speedup",
+                                     "max_running", "step_ms_under_load", "graph_ms", "kv_ratio", "seconds"])):
         if any(r["part"] == part for r in rows):
             print_table([r for r in rows if r["part"] == part], cols)
     write_result(args.out, {**meta, "complete": True, "rows": rows})

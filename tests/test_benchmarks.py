@@ -26,13 +26,18 @@ def run(script: str, *args: str) -> None:
 
 def test_engine_benchmark_writes_every_part(saved, tmp_path):
     out = tmp_path / "engine.json"
-    run("engine.py", "--model", str(saved), "--parts", "hf,sweep,kernel,tune,profile", "--hf-batches", "2",
+    run("engine.py", "--model", str(saved), "--parts", "hf,sweep,kernel,tune,profile,droppers", "--hf-batches", "2",
         "--hf-new-tokens", "4", "--requests", "3", "--new-tokens", "4", "--kv-budget", "8MiB", "--max-batch", "2",
         "--sparsities", "0,0.5", "--kernel-batch", "2", "--kernel-context", "32", "--profile-tokens", "2",
-        "--tune-splits", "1,2", "--tune-blocks", "16", "--tune-warps", "4", "--tune-stages", "2", "--out", str(out))
+        "--tune-splits", "1,2", "--tune-blocks", "16", "--tune-warps", "4", "--tune-stages", "2",
+        "--dropper-budget", "40", "--out", str(out))
     result = json.loads(out.read_text())
     assert result["complete"] and "command" in result["environment"]
-    assert {r["part"] for r in result["rows"]} == {"hf", "sweep", "kernel", "tune", "profile"}
+    assert {r["part"] for r in result["rows"]} == {"hf", "sweep", "kernel", "tune", "profile", "droppers"}
+    droppers = [r for r in result["rows"] if r["part"] == "droppers"]
+    assert [r["method"] for r in droppers] == ["full", "h2o", "snapkv", "rkv"] and droppers[0]["speedup"] == 1.0
+    assert all(r["tokens"] == 3 * 4 for r in droppers)
+    assert all(r["kv_ratio"] < 1 for r in droppers[1:3])  # h2o, snapkv: 40 of the prompt's tokens (R-KV holds 128 more)
     tune = [r for r in result["rows"] if r["part"] == "tune"]
     assert sorted(r["splits"] for r in tune) == [1, 2] and all(r["max_abs_diff"] < 1e-4 for r in tune)
     sweep = [r for r in result["rows"] if r["part"] == "sweep"]

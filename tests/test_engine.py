@@ -204,6 +204,7 @@ def test_token_droppers_in_the_engine_equal_their_generate(arch, name, packing, 
         check_equal(outs, reference(model, ids, mask))
         lengths = torch.tensor([len(p) + NEW - 1 for p in ps], device=DEVICE)  # the last token is never stored
         assert [o.kv_bytes for o in outs] == handle.cache.sequence_nbytes(lengths).tolist()
+        assert all(type(o.kv_bytes) is int for o in outs)  # as for head splits: plain numbers (JSON, sums)
 
 
 def test_token_dropper_budget_sets_how_many_sequences_run():

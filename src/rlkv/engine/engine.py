@@ -371,7 +371,7 @@ class Engine:
             text = text[: min((text.find(s) for s in stop if s in text), default=len(text))]
         n = len(req.prompt) + len(req.tokens) - 1  # the last token is sampled, never stored
         return Completion(len(req.prompt), req.tokens, text, req.finish, req.logprobs,
-                          kv_bytes=self.store.sequence_nbytes(n), kv_bytes_full=n * self.layout.kv_bytes_per_token())
+                          kv_bytes=int(self.store.sequence_nbytes(n)), kv_bytes_full=n * self.layout.kv_bytes_per_token())
 
     # ------------------------------------------------------------------ forwards
     def _forward(self, ids: torch.Tensor, pos: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
