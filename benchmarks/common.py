@@ -67,10 +67,16 @@ def gpu_seconds(fn, reps: int = 50) -> float:
     with torch.cuda.graph(graph):
         for _ in range(reps):
             fn()
-    graph.replay()
+    return event_seconds(graph.replay, reps=1) / reps
+
+
+def event_seconds(fn, reps: int = 20) -> float:
+    """Seconds per `fn()` between CUDA events, after one warm-up call (e.g. a captured graph's `replay`)."""
+    fn()
     begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     begin.record()
-    graph.replay()
+    for _ in range(reps):
+        fn()
     end.record()
     end.synchronize()
     return begin.elapsed_time(end) / 1e3 / reps

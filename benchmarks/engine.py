@@ -40,7 +40,7 @@ import itertools
 import time
 
 import torch
-from common import gpu_seconds, print_table, speedup_theory, synchronize, write_result
+from common import event_seconds, gpu_seconds, print_table, speedup_theory, synchronize, write_result
 from hf_cache import prompts
 
 import rlkv
@@ -206,7 +206,7 @@ def part_profile(model, tok, heads, args, mean_prompt: float) -> list[dict]:
     sparsities = [float(s) for s in args.profile_sparsities.split(",")]
     rows = []
     for s in sparsities:
-        method = HeadSplit(heads.keep_mask(s), args.sink, args.recent)
+        method = _split(heads, s, args)
         engine = rlkv.Engine(model, tok, method, kv_budget=args.kv_budget, max_batch=args.max_batch,
                              cuda_graphs=torch.cuda.is_available())
         per_request = engine.store.pages_for(round(mean_prompt) + args.new_tokens)  # what the sweep reserves
@@ -252,19 +252,7 @@ def _graph_times(engine, batch: int, context: int) -> dict:
     engine._static.zero_()
     engine._static[1, :batch] = context
     engine._static[2, :batch] = torch.arange(1, batch + 1)  # page-table rows still hold the last call's pages
-    return {"graph_ms": 1e3 * _event_seconds(graph.replay)}
-
-
-def _event_seconds(fn, reps: int = 20) -> float:
-    """Seconds per `fn()` between CUDA events, after one warm-up call."""
-    fn()
-    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    begin.record()
-    for _ in range(reps):
-        fn()
-    end.record()
-    end.synchronize()
-    return begin.elapsed_time(end) / 1e3 / reps
+    return {"graph_ms": 1e3 * event_seconds(graph.replay)}
 
 
 def _kernels(engine, ids, new: int) -> tuple[dict[str, tuple[int, float]], int]:
