@@ -231,8 +231,6 @@ def test_bad_engine_arguments_are_refused():
     h2o = rlkv.methods.build("h2o", layout, 0.5, budget=16)
     with pytest.raises(ValueError, match="cannot hold one h2o sequence"):
         engine(model, h2o, kv_budget=10_000)
-    with pytest.raises(ValueError, match="the decode kernel serves head-split methods"):
-        engine(model, h2o, kernel=True)
     with pytest.raises(ValueError, match="got str"):
         engine(model, "h2o")
     with pytest.raises(ValueError, match="cannot hold the rings of 3 sequences"):
@@ -353,6 +351,48 @@ def test_store_kernel_equals_the_torch_writes():
     for name in ("pages_k", "pages_v", "ring_k", "ring_v"):
         for ref, got in zip(getattr(stores[0], name), getattr(stores[1], name)):
             assert torch.equal(ref, got) and (ref.numel() == 0 or ref.abs().sum() > 0)
+
+
+@pytest.mark.parametrize("observe", [False, True])
+def test_slot_kernel_equals_the_torch_path(observe):
+    """A token dropper's decode attention over slots read in place, out of chronological order, with empty
+    places, a sliding window, and padding rows sharing scratch slot 0."""
+    pytest.importorskip("triton")
+    from rlkv.engine.kernel import slot_attention
+    from rlkv.engine.tokendrop import slot_attention_torch
+
+    torch.manual_seed(0)
+    slots_n, heads, cap, d = 4, 2, 37, 16
+    keys, values = torch.randn(2, slots_n, heads, cap, d, device=DEVICE).unbind(0)
+    pos = torch.stack([torch.randperm(60)[:cap] for _ in range(slots_n * heads)]).view(slots_n, heads, cap).int()
+    pos[torch.rand(pos.shape) < 0.2] = -1  # empty places
+    pos = pos.to(DEVICE)
+    slots, q_pos = torch.tensor([2, 0, 3, 1, 0], device=DEVICE), torch.tensor([60, 0, 75, 61, 0], device=DEVICE)
+    q = torch.randn(5, 6, d, device=DEVICE)
+    k, v = torch.randn(2, 5, heads, d, device=DEVICE).unbind(0)
+    for window in (None, 20):
+        ref_out, ref_attn = slot_attention_torch(q, k, v, keys, values, pos, slots, q_pos, 0.3, window, observe)
+        out, attn = slot_attention(q, k, v, keys, values, pos, slots, q_pos, 0.3, window, observe, block=16)
+        real = [0, 2, 3]  # rows 1 and 4 are padding: scratch slot 0 at position 0
+        torch.testing.assert_close(out[real], ref_out[real], rtol=1e-5, atol=1e-5)
+        assert (attn is None) == (ref_attn is None) == (not observe)
+        if observe:
+            torch.testing.assert_close(attn[real], ref_attn[real], rtol=1e-5, atol=1e-6)
+            assert torch.allclose(attn[real].sum(-1), torch.ones(3, heads, device=DEVICE))
+
+
+@pytest.mark.parametrize("name", list(TOKEN_DROP))
+def test_token_droppers_through_the_slot_kernel_equal_their_generate(name):
+    """The engine's decode path on CUDA (kernel=True; on a CPU in Triton's interpreter) keeps what the
+    transformers cache keeps."""
+    pytest.importorskip("triton")
+    model = tiny_model("qwen2")
+    method = rlkv.methods.build(name, rlkv.Layout.of(model), 0.5, **TOKEN_DROP[name])
+    ps, ids, mask = prompts()
+    outs = engine(model, method, kernel=True, prefill_tokens=64, max_batch=4).generate(ps, max_new_tokens=NEW,
+                                                                                   eos_token_ids=[])
+    with method.apply(model):
+        check_equal(outs, reference(model, ids, mask))
 
 
 def test_an_interrupted_generate_gives_its_memory_back():

@@ -123,6 +123,27 @@ def generate(model, ids, mask, new, **kw):
                           output_logits=True, return_dict_in_generate=True, **kw)
 
 
+def test_keep_rules_do_not_depend_on_candidate_order():
+    """The engine stores a slot's tokens out of chronological order (a new token takes an evicted place), so
+    each rule must choose by position, not by place: tied scores keep the older token wherever it lies."""
+    pos = torch.tensor([[[0, 1, 2, 3, 4, 5, 6, 7, -1]]], dtype=torch.int32)
+    score = torch.tensor([[[0.3, 0.2, 0.2, 0.2, 0.1, 0.2, 0.0, 0.0, 0.0]]])  # 1, 2, 3, 5 tie
+    rules = {
+        "h2o": lambda s, p: h2o_keep(s, p, budget=4, recent=2),  # 0 and the older two of the tie, + 6, 7
+        "snapkv_pins": lambda s, p: snapkv_pins(s, p, window=2, kernel=1, pins=3),
+        "snapkv": lambda s, p: snapkv_keep(s > 0.25, p, budget=4),
+        "rkv": lambda s, p: rkv_keep(s, torch.zeros_like(s), p, budget=4, window=2, lam=1.0),
+    }
+    for name, rule in rules.items():
+        expected = rule(score, pos)
+        assert int(expected.sum()) == 4 - (name == "snapkv_pins"), name
+        for seed in range(5):
+            perm = torch.randperm(9, generator=torch.Generator().manual_seed(seed))
+            got = rule(score[..., perm], pos[..., perm])
+            assert torch.equal(got, expected[..., perm]), (name, perm.tolist())
+    assert h2o_keep(score, pos, budget=4, recent=2)[0, 0].nonzero().flatten().tolist() == [0, 1, 6, 7]
+
+
 @pytest.mark.parametrize("name, arch", [("h2o", "llama"), ("snapkv", "qwen2"), ("rkv", "qwen3")])
 def test_generate_equals_masked_reference_on_recorded_keep_sets(name, arch):
     model = tiny_model(arch)

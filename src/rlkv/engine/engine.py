@@ -180,19 +180,17 @@ class Engine:
         self.max_seq_len = max_seq_len or max(32768, getattr(model.config, "max_position_embeddings", 0) or 0)
         budget = parse_bytes(kv_budget if kv_budget is not None else (0.8 if cuda else "1GiB"), self.device)
         dtype = next(model.parameters()).dtype
-        # token droppers: a fixed slot per sequence, attention in torch, each prompt prefilled in one piece
+        self.kernel = cuda if kernel is None else kernel
+        # token droppers: a fixed slot per sequence, each prompt prefilled in one piece
         self.whole_prompts = isinstance(method, TokenDrop)
         if self.whole_prompts:
-            if kernel:
-                raise ValueError("the decode kernel serves head-split methods; token-dropping methods decode in torch")
             self.store = TokenDropStore(self.layout, method.policy, budget, max_batch, self.device, dtype)
-            self.kernel, self.state = False, TokenDropAttention(self.store)
+            self.state = TokenDropAttention(self.store, self.kernel)
             graphs = cuda
         else:
             keep, sink, recent, alpha = self._plan(method)
             self.store = KVStore(self.layout, keep, sink, recent, page_size, budget, max_batch, self.max_seq_len,
                                  self.device, dtype, sequence_tokens)
-            self.kernel = cuda if kernel is None else kernel
             self.state = EngineAttention(self.store, self.layout.group_size, alpha, self.kernel)
             graphs = cuda and self.kernel  # the torch decode path reads the longest length on the host
         self.cuda_graphs = graphs if cuda_graphs is None else cuda_graphs

@@ -6,11 +6,18 @@ engine every sequence owns one slot of exactly that many token places (with thei
 slots the KV budget holds are the sequences that run at once: the bytes the budget saves buy
 concurrency, as pages do for head-split methods.
 
-The attention and the choice of tokens are the transformers path's own (`rlkv.methods.tokendrop`):
-a decode step gathers the running sequences' slots into a `TokenDropLayer`, whose `attend` runs
-the new token's attention over stored + new tokens, lets the policy keep `capacity` of them and
-compacts them, and the result is written back to the slots. Every shape is fixed (a slot is
-always `capacity` wide, empty places masked), so the step runs inside the engine's CUDA graphs.
+The choice of tokens is the transformers path's own (`rlkv.methods.tokendrop`); a decode step
+works on the slots in place:
+1. the new token's attention over its slot plus itself: the Triton kernel
+   `rlkv.engine.kernel.slot_attention` reads the slot where it lies, or on a CPU the plain torch
+   `slot_attention_torch` (gather, float32 softmax), which the kernel is tested against;
+2. the policy chooses among the candidates (the slot's places, then the new token) from their
+   positions, scores and attention (keys too, gathered, for a policy that `needs_keys`: R-KV);
+3. evicted places are marked empty, and a kept new token is written into the first empty place:
+   one token's K/V per row and head, where the transformers cache re-compacts every kept token.
+So a slot is not in chronological order; the policies break ties by position, not by place, so
+they choose the same tokens either way. Every shape is fixed (a slot is always `capacity` wide,
+empty places masked), so the step runs inside the engine's CUDA graphs.
 A prompt is prefilled in one piece, as transformers `generate` does: exact causal attention
 over the prompt, then the policy's first cut (SnapKV's observation window sees the prompt's end).
 The prompts of one prefill forward attend as a left-padded batch, the way `generate` pads them
@@ -25,7 +32,7 @@ import torch
 
 from rlkv.engine.attention import Decode, Prefill
 from rlkv.engine.kv import free_list, upload
-from rlkv.methods.tokendrop import Policy, TokenDropLayer
+from rlkv.methods.tokendrop import Candidates, Policy, TokenDropLayer, candidate_attention
 from rlkv.models import Layout
 
 PAD_TOKENS = 8192  # prompts x longest prompt of one padded prefill group: bounds its attention's memory
@@ -84,15 +91,42 @@ class TokenDropStore:
         """Bytes a sequence of `tokens` tokens holds: what transformers' `TokenDropCache.sequence_nbytes` reports."""
         return self.policy.sequence_bytes(self.layout, torch.as_tensor(tokens))
 
-    # ------------------------------------------------------------------ slots <-> a TokenDropLayer
-    def gather(self, layer: int, slots: torch.Tensor) -> TokenDropLayer:
-        """The slots' tokens of `layer` as an initialized `TokenDropLayer` over batch rows = slots."""
+    # ------------------------------------------------------------------ a decode step, in place
+    def candidates(self, layer: int, slots: torch.Tensor, k: torch.Tensor, q_pos: torch.Tensor, attn, scaling: float,
+                   needs_keys: bool) -> Candidates:
+        """The rows' slot places of `layer`, then their new tokens (k [B, Hkv, D] at q_pos [B]), as `Candidates`."""
+        b, h = k.shape[:2]
+        pos = torch.cat([self.pos[layer][slots], q_pos.to(torch.int32)[:, None, None].expand(b, h, 1)], dim=-1)
+        score = torch.cat([self.score[layer][slots], k.new_zeros(b, h, 1, dtype=torch.float32)], dim=-1) \
+            if self.score is not None else None
+        keys = torch.cat([self.keys[layer][slots], k[:, :, None]], dim=2) if needs_keys else None
+        return Candidates(keys, None, pos, score, attn, False, scaling)
+
+    def state(self, layer: int, slots: torch.Tensor) -> TokenDropLayer:
+        """The rows' policy state (`TokenDropLayer.extra`) as an initialized layer, for `Policy.select`."""
         view = TokenDropLayer()
-        view.keys, view.values, view.pos = self.keys[layer][slots], self.values[layer][slots], self.pos[layer][slots]
-        view.score = self.score[layer][slots] if self.score is not None else None
         view.extra = {name: t[slots] for name, t in self.extra[layer].items()}
         view.is_initialized = True
         return view
+
+    def place(self, layer: int, slots: torch.Tensor, keep: torch.Tensor, c: Candidates, k, v, state: TokenDropLayer):
+        """Apply the policy's `keep` [B, Hkv, capacity + 1] to the rows' slots: evicted places become empty and
+        a kept new token goes into the first empty place (there is one: at most `capacity` are kept)."""
+        cap = self.capacity
+        kept_new = keep[..., cap]
+        pos = torch.where(keep[..., :cap], c.pos[..., :cap], -1)
+        at = (pos < 0).to(torch.int8).argmax(dim=-1, keepdim=True)  # [B, Hkv, 1]; 0 if none (new token dropped)
+        rows, heads = slots[:, None], torch.arange(k.shape[1], device=k.device)[None]
+        place = at[..., 0]
+        for store, new in ((self.keys[layer], k), (self.values[layer], v)):
+            store[rows, heads, place] = torch.where(kept_new[..., None], new, store[rows, heads, place])
+        self.pos[layer][slots] = pos.scatter(-1, at, torch.where(kept_new[..., None], c.pos[..., cap:], pos.gather(-1, at)))
+        if self.score is not None:
+            score = torch.where(keep[..., :cap], c.score[..., :cap], 0.0)
+            self.score[layer][slots] = score.scatter(-1, at, torch.where(kept_new[..., None], c.score[..., cap:],
+                                                                       score.gather(-1, at)))
+        for name, t in state.extra.items():
+            self.extra[layer][name][slots] = t
 
     def scatter(self, layer: int, slots: torch.Tensor, view: TokenDropLayer) -> None:
         """Write a `TokenDropLayer`'s rows back to `slots`, padded to the slot's width (empty places: position -1)."""
@@ -111,8 +145,8 @@ class TokenDropStore:
 class TokenDropAttention:
     """The state the engine's attention function reads in token-dropping mode (see `EngineAttention`)."""
 
-    def __init__(self, store: TokenDropStore):
-        self.store, self.policy = store, store.policy
+    def __init__(self, store: TokenDropStore, use_kernel: bool):
+        self.store, self.policy, self.use_kernel = store, store.policy, use_kernel
         self.batch = None
         self._groups: tuple[Prefill, list[PaddedPrompts]] | None = None  # the current prefill's, built once for all layers
 
@@ -124,11 +158,19 @@ class TokenDropAttention:
 
     def decode(self, layer: int, q, k, v, scaling: float, window: int | None) -> torch.Tensor:
         """q [B, Hq, D], k/v [B, Hkv, D] of the new tokens -> attention output [B, Hq, D]; the slots keep what the policy keeps."""
-        b = self.batch
-        view = self.store.gather(layer, b.slots)
-        out = view.attend(q[:, :, None], k[:, :, None], v[:, :, None], b.pos[:, None], scaling, window, self.policy)
-        self.store.scatter(layer, b.slots, view)
-        return out[:, 0]
+        b, store, policy = self.batch, self.store, self.policy
+        observe = policy.observed(False, 1) > 0
+        if self.use_kernel:
+            from rlkv.engine.kernel import slot_attention
+        else:
+            slot_attention = slot_attention_torch
+        out, attn = slot_attention(q, k, v, store.keys[layer], store.values[layer], store.pos[layer], b.slots, b.pos,
+                                   scaling, window, observe)
+        c = store.candidates(layer, b.slots, k, b.pos, attn, scaling, policy.needs_keys)
+        state = store.state(layer, b.slots)
+        keep = policy.select(state, c, q[:, :, None], b.pos[:, None])
+        store.place(layer, b.slots, keep, c, k, v, state)
+        return out
 
     def prefill(self, layer: int, query, key, value, scaling: float, window: int | None) -> torch.Tensor:
         """Whole prompts packed in one row [1, H, T, D]: each attends exactly over itself, then is cut to the policy's choice."""
@@ -173,3 +215,15 @@ class PaddedPrompts:
                 group = []
             group.append(seg)
         return [cls(g, device) for g in groups + [group] if g]
+
+
+def slot_attention_torch(q, k, v, keys, values, pos, slots, q_pos, scaling: float, window: int | None, observe: bool):
+    """`rlkv.engine.kernel.slot_attention` in plain torch: gather the rows' slots, append the new tokens, and
+    attend with `candidate_attention` (the transformers path's own attention)."""
+    b, h = k.shape[:2]
+    cand_pos = torch.cat([pos[slots], q_pos.to(torch.int32)[:, None, None].expand(b, h, 1)], dim=-1)
+    cand_keys = torch.cat([keys[slots], k[:, :, None]], dim=2)
+    cand_values = torch.cat([values[slots], v[:, :, None]], dim=2)
+    out, attn = candidate_attention(q[:, :, None], cand_keys, cand_values, cand_pos, q_pos[:, None], scaling, window,
+                                    int(observe))
+    return out[:, 0], attn

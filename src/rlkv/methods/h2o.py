@@ -7,7 +7,7 @@ every forward the candidates (stored + new tokens) are ranked: recent tokens fir
 accumulated score; the lowest non-recent ones are evicted until `budget` remain. During decoding
 that is exactly "evict the non-recent token with the lowest accumulated score" once per step;
 at prefill, the prompt is attended exactly and then cut to the budget by its accumulated scores
-(as in the authors' HF implementation). Ties keep the older slot.
+(as in the authors' HF implementation). Ties keep the older token.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ def h2o_keep(score: torch.Tensor, pos: torch.Tensor, budget: int, recent: int) -
     """Bool [b, h, K]: the `recent` newest valid tokens plus the best-scored others, `budget` in all."""
     is_recent = pos > last_position(pos) - recent
     priority = torch.where(is_recent, float("inf"), score).masked_fill(pos < 0, float("-inf"))
-    return top_k_mask(priority, budget)
+    return top_k_mask(priority, budget, pos)
 
 
 class H2O(Policy):

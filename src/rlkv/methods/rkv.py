@@ -49,11 +49,12 @@ def rkv_keep(importance, redundancy, pos, budget: int, window: int, lam: float) 
     """Bool [b, h, K]: the last `window` tokens plus the best `budget - window` by lam*importance - (1-lam)*redundancy."""
     score = lam * importance - (1 - lam) * redundancy
     priority = torch.where(pos > last_position(pos) - window, float("inf"), score).masked_fill(pos < 0, float("-inf"))
-    return top_k_mask(priority, budget)
+    return top_k_mask(priority, budget, pos)
 
 
 class RKV(Policy):
     name = "rkv"
+    needs_keys = True  # redundancy and importance are computed from the candidates' keys
 
     def __init__(self, budget: int, window: int = 8, interval: int = 128, lam: float = 0.1, kernel: int = 7):
         if not isinstance(interval, int) or interval < 1:

@@ -22,13 +22,13 @@ def snapkv_pins(attn: torch.Tensor, pos: torch.Tensor, window: int, kernel: int,
     """Bool [b, h, K]: the `pins` prefix tokens (older than the last `window`) with the highest pooled attention."""
     prefix = (pos >= 0) & (pos <= last_position(pos) - window)
     pooled = pool_by_position(attn.masked_fill(~prefix, 0.0), pos, kernel)
-    return top_k_mask(pooled.masked_fill(~prefix, float("-inf")), pins)
+    return top_k_mask(pooled.masked_fill(~prefix, float("-inf")), pins, pos)
 
 
 def snapkv_keep(pinned: torch.Tensor, pos: torch.Tensor, budget: int) -> torch.Tensor:
     """Bool [b, h, K]: every pinned token, then the newest others, `budget` in all."""
     priority = torch.where(pinned, float("inf"), pos.float()).masked_fill(pos < 0, float("-inf"))
-    return top_k_mask(priority, budget)
+    return top_k_mask(priority, budget, pos)
 
 
 class SnapKV(Policy):

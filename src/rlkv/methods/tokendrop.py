@@ -50,14 +50,15 @@ CHUNK = 256  # queries per explicit-softmax block: memory is O(CHUNK x keys) per
 class Candidates:
     """What a policy chooses from: stored slots followed by the new tokens, per (batch, KV head).
 
-    keys/values [b, h, K, d]; pos [b, h, K] (-1 = empty or padding); score [b, h, K] the policy's
+    keys/values [b, h, K, d] (in the engine's decode step values are None, and keys too unless the
+    policy `needs_keys`); pos [b, h, K] (-1 = empty or padding); score [b, h, K] the policy's
     stored per-slot score (0 for new tokens; None for unscored policies); attn [b, h, K] summed
     attention probabilities of the observed queries (None when the policy observed none);
     first: the layer held nothing before this forward (the prefill); scaling: the model's softmax scale.
     """
 
-    keys: torch.Tensor
-    values: torch.Tensor
+    keys: torch.Tensor | None
+    values: torch.Tensor | None
     pos: torch.Tensor
     score: torch.Tensor | None
     attn: torch.Tensor | None
@@ -70,6 +71,7 @@ class Policy:
 
     name = "policy"
     scored = False  # stores a float score per slot (Candidates.score)
+    needs_keys = False  # select() reads Candidates.keys (else the engine's decode step passes none)
 
     def __init__(self, budget: int, slack: int = 0):
         if not isinstance(budget, int) or budget < 1:
@@ -105,10 +107,13 @@ class Policy:
         return {}
 
 
-def top_k_mask(priority: torch.Tensor, k: int) -> torch.Tensor:
-    """Bool mask of the k highest finite-or-+inf entries per row (-inf never kept; ties keep the lower index)."""
+def top_k_mask(priority: torch.Tensor, k: int, pos: torch.Tensor) -> torch.Tensor:
+    """Bool mask of the k highest finite-or-+inf entries per row (-inf never kept); ties keep the older
+    token (lower `pos`), so the choice does not depend on the order the candidates come in."""
     k = min(k, priority.shape[-1])
-    order = torch.sort(priority, dim=-1, descending=True, stable=True).indices[..., :k]
+    by_age = pos.argsort(dim=-1, stable=True)
+    ranked = torch.sort(priority.gather(-1, by_age), dim=-1, descending=True, stable=True).indices
+    order = by_age.gather(-1, ranked[..., :k])
     keep = torch.zeros_like(priority, dtype=torch.bool).scatter_(-1, order, True)
     return keep & (priority > float("-inf"))
 
@@ -137,6 +142,30 @@ def grouped_probs(query: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor, s
     scores = torch.matmul(qg, keys.float()[:, :, None].transpose(-1, -2)) * scaling
     scores = scores.masked_fill(~mask[:, :, None], float("-inf"))
     return torch.softmax(scores, dim=-1).nan_to_num(0.0)
+
+
+def candidate_attention(query, keys, values, pos, q_pos, scaling: float, window: int | None, observe: int):
+    """Attention of query [b, hq, q, d] at q_pos [b, q] over candidates keys/values [b, h, K, d] at pos [b, h, K]
+    -> (output [b, q, hq, d], attention [b, h, K] the last `observe` queries pay each candidate, summed over
+    them and averaged over the GQA group; None if observe is 0). Mask: valid (pos >= 0), causal by
+    position, the model's sliding window if any; explicit float32 softmax in chunks of CHUNK queries."""
+    b, h, num_keys, _ = keys.shape
+    q = query.shape[2]
+    qp = q_pos[:, None, :, None]
+    kp = pos[:, :, None, :]
+    mask = (kp >= 0) & (kp <= qp)
+    if window is not None:
+        mask &= kp > qp - window
+    out = query.new_empty(b, q, query.shape[1], values.shape[-1])
+    attn = keys.new_zeros(b, h, num_keys, dtype=torch.float32) if observe else None
+    for start in range(0, q, CHUNK):
+        stop = min(start + CHUNK, q)
+        probs = grouped_probs(query[:, :, start:stop], keys, mask[:, :, start:stop], scaling)
+        chunk = torch.matmul(probs, values.float()[:, :, None])  # [b, h, g, cq, d]
+        out[:, start:stop] = chunk.reshape(b, -1, stop - start, chunk.shape[-1]).transpose(1, 2).to(out.dtype)
+        if observe and stop > q - observe:
+            attn += probs[:, :, :, max(start, q - observe) - start :].sum(dim=-2).mean(dim=2)
+    return out, attn
 
 
 class TokenDropLayer(CompressedLayer, CacheLayerMixin):
@@ -173,21 +202,8 @@ class TokenDropLayer(CompressedLayer, CacheLayerMixin):
             values = torch.cat([self.values, value], dim=-2)
             pos = torch.cat([self.pos, new_pos], dim=-1)
             score = torch.cat([self.score, self.score.new_zeros(b, h, q)], dim=-1) if policy.scored else None
-        qp = q_pos[:, None, :, None]
-        kp = pos[:, :, None, :]
-        mask = (kp >= 0) & (kp <= qp)
-        if window is not None:
-            mask &= kp > qp - window
         observe = min(policy.observed(first, q), q)
-        out = query.new_empty(b, q, query.shape[1], value.shape[-1])
-        attn = keys.new_zeros(b, h, keys.shape[2], dtype=torch.float32) if observe else None
-        for start in range(0, q, CHUNK):
-            stop = min(start + CHUNK, q)
-            probs = grouped_probs(query[:, :, start:stop], keys, mask[:, :, start:stop], scaling)
-            chunk = torch.matmul(probs, values.float()[:, :, None])  # [b, h, g, cq, d]
-            out[:, start:stop] = chunk.reshape(b, -1, stop - start, chunk.shape[-1]).transpose(1, 2).to(out.dtype)
-            if observe and stop > q - observe:
-                attn += probs[:, :, :, max(start, q - observe) - start :].sum(dim=-2).mean(dim=2)
+        out, attn = candidate_attention(query, keys, values, pos, q_pos, scaling, window, observe)
         c = Candidates(keys, values, pos, score, attn, first, scaling)
         keep = policy.select(self, c, query, q_pos)
         self._compact(c, keep, policy.capacity)
