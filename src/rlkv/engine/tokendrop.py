@@ -115,16 +115,16 @@ class TokenDropStore:
         cap = self.capacity
         kept_new = keep[..., cap]
         pos = torch.where(keep[..., :cap], c.pos[..., :cap], -1)
-        at = (pos < 0).to(torch.int8).argmax(dim=-1, keepdim=True)  # [B, Hkv, 1]; 0 if none (new token dropped)
+        free = (pos < 0).to(torch.int8).argmax(dim=-1, keepdim=True)  # [B, Hkv, 1]; 0 if none (new token dropped)
         rows, heads = slots[:, None], torch.arange(k.shape[1], device=k.device)[None]
-        place = at[..., 0]
         for store, new in ((self.keys[layer], k), (self.values[layer], v)):
-            store[rows, heads, place] = torch.where(kept_new[..., None], new, store[rows, heads, place])
-        self.pos[layer][slots] = pos.scatter(-1, at, torch.where(kept_new[..., None], c.pos[..., cap:], pos.gather(-1, at)))
+            store[rows, heads, free[..., 0]] = torch.where(kept_new[..., None], new, store[rows, heads, free[..., 0]])
+        self.pos[layer][slots] = pos.scatter(-1, free, torch.where(kept_new[..., None], c.pos[..., cap:],
+                                                                   pos.gather(-1, free)))
         if self.score is not None:
             score = torch.where(keep[..., :cap], c.score[..., :cap], 0.0)
-            self.score[layer][slots] = score.scatter(-1, at, torch.where(kept_new[..., None], c.score[..., cap:],
-                                                                       score.gather(-1, at)))
+            self.score[layer][slots] = score.scatter(-1, free, torch.where(kept_new[..., None], c.score[..., cap:],
+                                                                         score.gather(-1, free)))
         for name, t in state.extra.items():
             self.extra[layer][name][slots] = t
 
