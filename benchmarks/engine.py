@@ -108,10 +108,7 @@ def part_sweep(model, tok, heads, args, mean_prompt: float) -> list[dict]:
         rows.append(row)
         print(f"sparsity {s:g}: {row['tok_per_s']:.0f} tok/s, {row['max_running']} running", flush=True)
     length = mean_prompt + args.new_tokens
-    for key, ratio in (("tok_per_s", "speedup"), ("loaded_tok_per_s", "loaded_speedup")):
-        base = [r[key] for r in rows if r["sparsity"] == 0 and r[key]]
-        for r in rows:
-            r[ratio] = r[key] / (sum(base) / len(base)) if base and r[key] else None
+    add_speedups(rows, [r for r in rows if r["sparsity"] == 0])
     for r in rows:
         r["speedup_theory"] = speedup_theory(r["sparsity"], args.sink, args.recent, length)
         r["of_theory"] = r["loaded_speedup"] / r["speedup_theory"] if r["loaded_speedup"] else None
@@ -130,10 +127,16 @@ def part_droppers(model, tok, heads, args) -> list[dict]:
                **run_engine(model, tok, texts, method, args.new_tokens, args.kv_budget, args.max_batch)}
         rows.append(row)
         print(f"{name}: {row['tok_per_s']:.0f} tok/s, {row['max_running']} running", flush=True)
-    for key, ratio in (("tok_per_s", "speedup"), ("loaded_tok_per_s", "loaded_speedup")):
-        for r in rows:
-            r[ratio] = r[key] / rows[0][key] if rows[0][key] and r[key] else None
+    add_speedups(rows, rows[:1])
     return rows
+
+
+def add_speedups(rows: list[dict], baseline: list[dict]) -> None:
+    """Each row's throughputs (whole call, under load) over the mean of the baseline rows' measured ones."""
+    for key, ratio in (("tok_per_s", "speedup"), ("loaded_tok_per_s", "loaded_speedup")):
+        base = [r[key] for r in baseline if r[key]]
+        for r in rows:
+            r[ratio] = r[key] / (sum(base) / len(base)) if base and r[key] else None
 
 
 def _split(heads, sparsity: float, args) -> HeadSplit:
