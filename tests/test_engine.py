@@ -395,6 +395,25 @@ def test_token_droppers_through_the_slot_kernel_equal_their_generate(name):
         check_equal(outs, reference(model, ids, mask))
 
 
+@pytest.mark.parametrize("name", ["full", "h2o"])
+def test_the_model_cannot_be_called_directly_while_the_engine_runs(name):
+    """Inside generate (here from on_complete) the model's attention belongs to the engine; outside, to the model."""
+    model = tiny_model("qwen2")
+    method = None if name == "full" else rlkv.methods.build("h2o", rlkv.Layout.of(model), 0.5, budget=8)
+    eng = engine(model, method)
+    ids = torch.tensor([[1, 2, 3]], device=DEVICE)
+    errors = []
+
+    def call_model(i, completion):
+        with pytest.raises(RuntimeError, match="cannot be called directly while the engine runs") as err:
+            model(ids)
+        errors.append(err)
+
+    eng.generate([[1, 2, 3]], max_new_tokens=2, eos_token_ids=[], on_complete=call_model)
+    assert len(errors) == 1
+    assert model(ids).logits.shape == (1, 3, model.config.vocab_size)  # after generate: the model's own attention
+
+
 def test_an_interrupted_generate_gives_its_memory_back():
     model = tiny_model("qwen2")
     eng = engine(model)

@@ -107,15 +107,22 @@ class Prefill:
     segments: list[Segment]
 
 
-class EngineAttention:
-    """The state the registered attention function reads: the store, the mode and the current batch."""
+class EngineState:
+    """What the registered attention function reads while the engine runs (`attention` below); the engine
+    sets `batch` before each forward, so a forward from outside (transformers' hook) is refused."""
+
+    batch = None
+
+    def before_forward(self, step) -> None:
+        raise RuntimeError("a model driven by rlkv.Engine cannot be called directly while the engine runs")
+
+
+class EngineAttention(EngineState):
+    """Head-split and gated mode: the store, the mode and the current batch."""
 
     def __init__(self, store: KVStore, group: int, alpha: torch.Tensor | None, use_kernel: bool):
         self.store, self.group, self.alpha, self.use_kernel = store, group, alpha, use_kernel
         self.batch: Decode | Prompts | Prefill | None = None
-
-    def before_forward(self, step) -> None:
-        raise RuntimeError("a model driven by rlkv.Engine cannot be called directly while the engine runs")
 
     def decode_batch(self, slots: torch.Tensor, pos: torch.Tensor, max_len: int | None = None) -> Decode:
         return Decode.of(self.store, slots, pos, max_len)

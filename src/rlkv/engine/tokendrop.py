@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import torch
 
-from rlkv.engine.attention import Decode, Prefill
+from rlkv.engine.attention import Decode, EngineState, Prefill
 from rlkv.engine.kv import free_list, upload
 from rlkv.methods.tokendrop import Candidates, Policy, TokenDropLayer, candidate_attention
 from rlkv.models import Layout
@@ -142,16 +142,13 @@ class TokenDropStore:
             self.extra[layer][name][slots] = t
 
 
-class TokenDropAttention:
-    """The state the engine's attention function reads in token-dropping mode (see `EngineAttention`)."""
+class TokenDropAttention(EngineState):
+    """Token-dropping mode: the slots and the current batch."""
 
     def __init__(self, store: TokenDropStore, use_kernel: bool):
         self.store, self.policy, self.use_kernel = store, store.policy, use_kernel
         self.batch = None
         self._groups: tuple[Prefill, list[PaddedPrompts]] | None = None  # the current prefill's, built once for all layers
-
-    def before_forward(self, step) -> None:
-        raise RuntimeError("a model driven by rlkv.Engine cannot be called directly while the engine runs")
 
     def decode_batch(self, slots: torch.Tensor, pos: torch.Tensor, max_len: int | None = None) -> Decode:
         return Decode(slots, pos, None, None, None, max_len)  # no pages, no ring
