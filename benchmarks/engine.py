@@ -23,8 +23,9 @@
 --parts droppers token-dropping methods (`--droppers`, `--dropper-budget` tokens per KV head) in the engine,
                 in the sweep's conditions next to the full cache in the same process: throughput over
                 the whole call and under load, sequences at once, and the speedup over the full cache;
---parts profile where a decode step's time goes at each `--profile-sparsities`, in the sweep's
-                conditions (the sequences its budget runs at once, mid-generation contexts):
+--parts profile where a decode step's time goes at each `--profile-sparsities` and for each token
+                dropper of `--profile-droppers`, in the sweep's conditions (the sequences its budget
+                runs at once, mid-generation contexts):
                 time per step with CUDA graphs (no profiler attached), of it the GPU time of the
                 step's graph (the rest is host work the device waited for), and the GPU kernels per
                 step of eager runs (torch.profiler), top 15: what grows with the batch.
@@ -46,6 +47,7 @@ from hf_cache import prompts
 import rlkv
 from rlkv.engine.kernel import decode_attention, num_splits
 from rlkv.engine.kv import KVStore
+from rlkv.engine.tokendrop import TokenDropStore
 from rlkv.methods.headsplit import HeadSplit
 
 
@@ -200,20 +202,22 @@ def part_tune(model, args) -> list[dict]:
 
 
 def part_profile(model, tok, heads, args, mean_prompt: float) -> list[dict]:
-    """Where a decode step's time goes at each `--profile-sparsities`, in the sweep's conditions: as
-    many sequences as its KV budget runs at once at that sparsity, each with a context of half of
-    `--new-tokens` (the mean over a generation). Per step: the time with CUDA graphs as the engine runs
-    (no profiler attached), and the GPU kernels of eager runs under torch.profiler. Both are the
-    difference between runs of 2 + `--profile-tokens` and 2 new tokens, so the prefill cancels out."""
+    """Where a decode step's time goes at each `--profile-sparsities` (head splits) and for each of
+    `--profile-droppers` (at `--dropper-budget`), in the sweep's conditions: as many sequences as its KV
+    budget runs at once, each with a context of half of `--new-tokens` (the mean over a generation).
+    Per step: the time with CUDA graphs as the engine runs (no profiler attached), and the GPU kernels
+    of eager runs under torch.profiler. Both are the difference between runs of 2 + `--profile-tokens`
+    and 2 new tokens, so the prefill cancels out."""
     context = max(1, args.new_tokens // 2)
-    sparsities = [float(s) for s in args.profile_sparsities.split(",")]
+    layout = rlkv.Layout.of(model)
+    methods = [("split", float(s), _split(heads, float(s), args)) for s in args.profile_sparsities.split(",") if s]
+    methods += [(name, None, rlkv.methods.build(name, layout, 0.0, budget=args.dropper_budget))
+                for name in args.profile_droppers.split(",") if name]
     rows = []
-    for s in sparsities:
-        method = _split(heads, s, args)
+    for name, s, method in methods:
         engine = rlkv.Engine(model, tok, method, kv_budget=args.kv_budget, max_batch=args.max_batch,
                              cuda_graphs=torch.cuda.is_available())
-        per_request = engine.store.pages_for(round(mean_prompt) + args.new_tokens)  # what the sweep reserves
-        batch = min(args.max_batch, engine.store.capacity_pages // per_request) if per_request else args.max_batch
+        batch = _running(engine, round(mean_prompt) + args.new_tokens, args.max_batch)
         generator = torch.Generator().manual_seed(0)
         ids = torch.randint(0, len(tok), (batch, context), generator=generator).tolist()  # content does not change cost
         engine.generate(ids, max_new_tokens=8, eos_token_ids=[])  # warm-up: kernels and CUDA graphs
@@ -223,7 +227,7 @@ def part_profile(model, tok, heads, args, mean_prompt: float) -> list[dict]:
             return engine.stats.seconds, engine.stats.decode_steps
 
         (t0, n0), (t1, n1) = run(2), run(2 + args.profile_tokens)
-        row = {"part": "profile", "sparsity": s, "batch": batch, "context": context,
+        row = {"part": "profile", "method": name, "sparsity": s, "batch": batch, "context": context,
                "ms_per_step": 1e3 * (t1 - t0) / (n1 - n0), **_graph_times(engine, batch, context)}
         del engine
         engine = rlkv.Engine(model, tok, method, kv_budget=args.kv_budget, max_batch=args.max_batch, cuda_graphs=False)
@@ -237,12 +241,19 @@ def part_profile(model, tok, heads, args, mean_prompt: float) -> list[dict]:
         rows.append(row)
         del engine
         torch.cuda.empty_cache()
-        print(f"sparsity {s:g}: {batch} sequences of {context} tokens, {row['ms_per_step']:.2f} ms per decode step "
+        label = f"sparsity {s:g}" if s is not None else name
+        print(f"{label}: {batch} sequences of {context} tokens, {row['ms_per_step']:.2f} ms per decode step "
               f"(its graph {row.get('graph_ms', 0):.2f} ms of GPU time), "
               f"eager GPU kernels {row['gpu_ms_per_step']:.2f} ms", flush=True)
-        for k in row["top_kernels"]:
-            print(f"  {k['us_per_step']:9.1f} us/step  {k['calls_per_step']:6.1f} calls/step  {k['name']}")
     return rows
+
+
+def _running(engine, sequence_tokens: int, max_batch: int) -> int:
+    """How many sequences of `sequence_tokens` the engine's KV budget runs at once (what the sweep reserves)."""
+    if isinstance(engine.store, TokenDropStore):  # a slot per sequence, whatever its length
+        return min(max_batch, engine.store.num_slots - 1)
+    per_request = engine.store.pages_for(sequence_tokens)
+    return min(max_batch, engine.store.capacity_pages // per_request) if per_request else max_batch
 
 
 def _graph_times(engine, batch: int, context: int) -> dict:
@@ -283,6 +294,7 @@ def main():
     ap.add_argument("--repeat-baseline", action="store_true", help="run sparsity 0 again last")
     ap.add_argument("--profile-tokens", type=int, default=16, help="decode steps timed and profiled")
     ap.add_argument("--profile-sparsities", default="0,0.5")
+    ap.add_argument("--profile-droppers", default="", help="token droppers to profile too, e.g. h2o,rkv")
     ap.add_argument("--kernel-batch", type=int, default=64)
     ap.add_argument("--kernel-context", type=int, default=4096)
     ap.add_argument("--tune-splits", default="1,2,4,8")
@@ -328,7 +340,7 @@ def main():
                                    "of_copy_bandwidth"]),
                        ("tune", ["splits", "block", "num_warps", "num_stages", "microseconds", "kv_gb_per_s",
                                  "of_copy_bandwidth", "max_abs_diff"]),
-                       ("profile", ["sparsity", "batch", "context", "ms_per_step", "graph_ms",
+                       ("profile", ["method", "sparsity", "batch", "context", "ms_per_step", "graph_ms",
                                     "kernels_per_step", "gpu_ms_per_step"]),
                        ("droppers", ["method", "budget", "tok_per_s", "speedup", "loaded_tok_per_s", "loaded_speedup",
                                      "max_running", "step_ms_under_load", "graph_ms", "kv_ratio", "seconds"])):

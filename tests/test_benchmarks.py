@@ -30,7 +30,7 @@ def test_engine_benchmark_writes_every_part(saved, tmp_path):
         "--hf-new-tokens", "4", "--requests", "3", "--new-tokens", "4", "--kv-budget", "8MiB", "--max-batch", "2",
         "--sparsities", "0,0.5", "--kernel-batch", "2", "--kernel-context", "32", "--profile-tokens", "2",
         "--tune-splits", "1,2", "--tune-blocks", "16", "--tune-warps", "4", "--tune-stages", "2",
-        "--dropper-budget", "40", "--out", str(out))
+        "--dropper-budget", "40", "--profile-droppers", "h2o", "--out", str(out))
     result = json.loads(out.read_text())
     assert result["complete"] and "command" in result["environment"]
     assert {r["part"] for r in result["rows"]} == {"hf", "sweep", "kernel", "tune", "profile", "droppers"}
@@ -44,8 +44,9 @@ def test_engine_benchmark_writes_every_part(saved, tmp_path):
     assert [r["sparsity"] for r in sweep] == [0.0, 0.5] and sweep[0]["speedup"] == pytest.approx(1.0)
     assert sweep[0]["loaded_speedup"] == pytest.approx(1.0)  # 3 requests, 2 at a time: one waited
     profile = [r for r in result["rows"] if r["part"] == "profile"]
-    assert [r["sparsity"] for r in profile] == [0.0, 0.5] and all(r["ms_per_step"] > 0 for r in profile)
-    assert [r["batch"] for r in profile] == [2, 2] and profile[0]["top_kernels"] == []  # the cap; CPU: no GPU kernels
+    assert [(r["method"], r["sparsity"]) for r in profile] == [("split", 0.0), ("split", 0.5), ("h2o", None)]
+    assert all(r["ms_per_step"] > 0 for r in profile)
+    assert [r["batch"] for r in profile] == [2, 2, 2] and profile[0]["top_kernels"] == []  # the cap; CPU: no GPU kernels
 
 
 def test_efficiency_benchmark_grades_each_sparsity(saved, tmp_path):
