@@ -11,7 +11,7 @@ from rlkv.attention.reference import masked_attention, token_positions
 from rlkv.methods.h2o import H2O, build_h2o, h2o_keep
 from rlkv.methods.rkv import RKV, build_rkv, rkv_importance, rkv_keep, rkv_redundancy
 from rlkv.methods.snapkv import SnapKV, build_snapkv, snapkv_keep, snapkv_pins
-from rlkv.methods.tokendrop import TokenDropCache, TokenDropLayer
+from rlkv.methods.tokendrop import TokenDropCache, TokenDropLayer, top_k_mask
 
 BUILDERS = {"h2o": build_h2o, "snapkv": build_snapkv, "rkv": build_rkv}
 SMALL = {  # small budgets: tokens are dropped after a 14-token prompt
@@ -121,6 +121,18 @@ def test_rkv_compresses_a_long_prompt_at_once():
 def generate(model, ids, mask, new, **kw):
     return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=False,
                           output_logits=True, return_dict_in_generate=True, **kw)
+
+
+def test_top_k_mask_ranks_by_priority_then_age():
+    """Both ways of selecting (keep the k best, or drop the K - k worst, whichever is fewer) give the
+    same ranking: priority, then the older token; -0.0 ties with 0.0; -inf is never kept."""
+    inf = float("inf")
+    priority = torch.tensor([[2.0, 1.0, 1.0, inf, -inf, 1.0, 0.0, -0.0]])
+    pos = torch.tensor([[5, 3, 7, 9, -1, 1, 2, 0]], dtype=torch.int32)
+    # ranking: 3 (inf), 0 (2), then 1.0 by age: 5, 1, 2, then 0 by age: 7 (-0.0), 6; 4 (-inf) never
+    expected = {2: [0, 3], 3: [0, 3, 5], 6: [0, 1, 2, 3, 5, 7], 7: [0, 1, 2, 3, 5, 6, 7], 9: [0, 1, 2, 3, 5, 6, 7]}
+    for k, kept in expected.items():
+        assert top_k_mask(priority, k, pos)[0].nonzero().flatten().tolist() == kept, k
 
 
 def test_keep_rules_do_not_depend_on_candidate_order():

@@ -109,13 +109,27 @@ class Policy:
 
 def top_k_mask(priority: torch.Tensor, k: int, pos: torch.Tensor) -> torch.Tensor:
     """Bool mask of the k highest finite-or-+inf entries per row (-inf never kept); ties keep the older
-    token (lower `pos`), so the choice does not depend on the order the candidates come in."""
-    k = min(k, priority.shape[-1])
-    by_age = pos.argsort(dim=-1, stable=True)
-    ranked = torch.sort(priority.gather(-1, by_age), dim=-1, descending=True, stable=True).indices
-    order = by_age.gather(-1, ranked[..., :k])
-    keep = torch.zeros_like(priority, dtype=torch.bool).scatter_(-1, order, True)
-    return keep & (priority > float("-inf"))
+    token (lower `pos`), so the choice does not depend on the order the candidates come in.
+
+    One `topk` over a key that orders by priority, then by age: of the k kept or of the K - k
+    dropped, whichever is fewer (a decode step drops at most one of K)."""
+    num = priority.shape[-1]
+    finite = priority > float("-inf")
+    if k >= num:
+        return finite
+    key = rank_key(priority, pos)
+    drop = num - k
+    if drop < k:
+        return finite & torch.ones_like(finite).scatter_(-1, key.topk(drop, dim=-1, largest=False).indices, False)
+    return finite & torch.zeros_like(finite).scatter_(-1, key.topk(k, dim=-1).indices, True)
+
+
+def rank_key(priority: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """int64 keys in the order of (priority, then the older token first): float32 priority bits made
+    monotone in the high 32 bits, 2^31 - 1 - pos (pos >= -1) in the low 32."""
+    bits = (priority.float() + 0.0).view(torch.int32)  # + 0.0: -0.0 becomes 0.0
+    monotone = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(torch.int64)
+    return (monotone << 32) + (2**31 - 1 - pos.to(torch.int64))
 
 
 def pool_by_position(score: torch.Tensor, pos: torch.Tensor, kernel: int) -> torch.Tensor:
