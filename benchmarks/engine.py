@@ -265,7 +265,7 @@ def _graph_times(engine, batch: int, context: int) -> dict:
     graph, _ = engine._graph(("decode", bucket), dict(temperature=0.0, top_k=0, top_p=1.0))  # the greedy runs above captured it
     engine._static.zero_()
     engine._static[1, :batch] = context
-    engine._static[2, :batch] = torch.arange(1, batch + 1)  # page-table rows still hold the last call's pages
+    engine._static[2, :batch] = torch.arange(1, batch + 1)  # slots still hold the last call's pages (or tokens)
     return {"graph_ms": 1e3 * event_seconds(graph.replay)}
 
 

@@ -296,7 +296,7 @@ def slot_attention(q, k, v, keys, values, pos, slots, q_pos, scaling: float, win
     out = torch.empty_like(q)
     scores = torch.empty(bsz, hq, cap + 1, dtype=torch.float32, device=q.device) if observe else out
     m = torch.empty(bsz, hq, dtype=torch.float32, device=q.device) if observe else out
-    denom = torch.empty_like(m)
+    denom = torch.empty_like(m) if observe else out  # unused pointers without scores: nothing allocated
     _slot_decode_kernel[(bsz, kv_heads)](
         q, k, v, keys, values, pos, slots, q_pos, out, scores, m, denom,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),

@@ -95,11 +95,10 @@ class TokenDropStore:
     def candidates(self, layer: int, slots: torch.Tensor, k: torch.Tensor, q_pos: torch.Tensor, attn, scaling: float,
                    needs_keys: bool) -> Candidates:
         """The rows' slot places of `layer`, then their new tokens (k [B, Hkv, D] at q_pos [B]), as `Candidates`."""
-        b, h = k.shape[:2]
-        pos = torch.cat([self.pos[layer][slots], q_pos.to(torch.int32)[:, None, None].expand(b, h, 1)], dim=-1)
-        score = torch.cat([self.score[layer][slots], k.new_zeros(b, h, 1, dtype=torch.float32)], dim=-1) \
+        pos = then_new(self.pos[layer], slots, new_positions(q_pos, k))
+        score = then_new(self.score[layer], slots, k.new_zeros(*k.shape[:2], 1, dtype=torch.float32)) \
             if self.score is not None else None
-        keys = torch.cat([self.keys[layer][slots], k[:, :, None]], dim=2) if needs_keys else None
+        keys = then_new(self.keys[layer], slots, k[:, :, None]) if needs_keys else None
         return Candidates(keys, None, pos, score, attn, False, scaling)
 
     def state(self, layer: int, slots: torch.Tensor) -> TokenDropLayer:
@@ -116,15 +115,16 @@ class TokenDropStore:
         kept_new = keep[..., cap]
         pos = torch.where(keep[..., :cap], c.pos[..., :cap], -1)
         free = (pos < 0).to(torch.int8).argmax(dim=-1, keepdim=True)  # [B, Hkv, 1]; 0 if none (new token dropped)
-        rows, heads = slots[:, None], torch.arange(k.shape[1], device=k.device)[None]
+
+        def put(rows: torch.Tensor, new: torch.Tensor) -> torch.Tensor:  # the new token's value at `free` if kept
+            return rows.scatter(-1, free, torch.where(kept_new[..., None], new, rows.gather(-1, free)))
+
+        index = (slots[:, None], torch.arange(k.shape[1], device=k.device)[None], free[..., 0])
         for store, new in ((self.keys[layer], k), (self.values[layer], v)):
-            store[rows, heads, free[..., 0]] = torch.where(kept_new[..., None], new, store[rows, heads, free[..., 0]])
-        self.pos[layer][slots] = pos.scatter(-1, free, torch.where(kept_new[..., None], c.pos[..., cap:],
-                                                                   pos.gather(-1, free)))
+            store[index] = torch.where(kept_new[..., None], new, store[index])
+        self.pos[layer][slots] = put(pos, c.pos[..., cap:])
         if self.score is not None:
-            score = torch.where(keep[..., :cap], c.score[..., :cap], 0.0)
-            self.score[layer][slots] = score.scatter(-1, free, torch.where(kept_new[..., None], c.score[..., cap:],
-                                                                         score.gather(-1, free)))
+            self.score[layer][slots] = put(torch.where(keep[..., :cap], c.score[..., :cap], 0.0), c.score[..., cap:])
         for name, t in state.extra.items():
             self.extra[layer][name][slots] = t
 
@@ -146,7 +146,12 @@ class TokenDropAttention(EngineState):
     """Token-dropping mode: the slots and the current batch."""
 
     def __init__(self, store: TokenDropStore, use_kernel: bool):
-        self.store, self.policy, self.use_kernel = store, store.policy, use_kernel
+        self.store, self.policy = store, store.policy
+        if use_kernel:  # Triton: imported only when used
+            from rlkv.engine.kernel import slot_attention as attend
+        else:
+            attend = slot_attention_torch
+        self._attend = attend
         self.batch = None
         self._groups: tuple[Prefill, list[PaddedPrompts]] | None = None  # the current prefill's, built once for all layers
 
@@ -156,13 +161,8 @@ class TokenDropAttention(EngineState):
     def decode(self, layer: int, q, k, v, scaling: float, window: int | None) -> torch.Tensor:
         """q [B, Hq, D], k/v [B, Hkv, D] of the new tokens -> attention output [B, Hq, D]; the slots keep what the policy keeps."""
         b, store, policy = self.batch, self.store, self.policy
-        observe = policy.observed(False, 1) > 0
-        if self.use_kernel:
-            from rlkv.engine.kernel import slot_attention
-        else:
-            slot_attention = slot_attention_torch
-        out, attn = slot_attention(q, k, v, store.keys[layer], store.values[layer], store.pos[layer], b.slots, b.pos,
-                                   scaling, window, observe)
+        out, attn = self._attend(q, k, v, store.keys[layer], store.values[layer], store.pos[layer], b.slots, b.pos,
+                                 scaling, window, policy.observed(False, 1) > 0)
         c = store.candidates(layer, b.slots, k, b.pos, attn, scaling, policy.needs_keys)
         state = store.state(layer, b.slots)
         keep = policy.select(state, c, q[:, :, None], b.pos[:, None])
@@ -217,10 +217,18 @@ class PaddedPrompts:
 def slot_attention_torch(q, k, v, keys, values, pos, slots, q_pos, scaling: float, window: int | None, observe: bool):
     """`rlkv.engine.kernel.slot_attention` in plain torch: gather the rows' slots, append the new tokens, and
     attend with `candidate_attention` (the transformers path's own attention)."""
-    b, h = k.shape[:2]
-    cand_pos = torch.cat([pos[slots], q_pos.to(torch.int32)[:, None, None].expand(b, h, 1)], dim=-1)
-    cand_keys = torch.cat([keys[slots], k[:, :, None]], dim=2)
-    cand_values = torch.cat([values[slots], v[:, :, None]], dim=2)
-    out, attn = candidate_attention(q[:, :, None], cand_keys, cand_values, cand_pos, q_pos[:, None], scaling, window,
-                                    int(observe))
+    cand_keys, cand_values = then_new(keys, slots, k[:, :, None]), then_new(values, slots, v[:, :, None])
+    out, attn = candidate_attention(q[:, :, None], cand_keys, cand_values, then_new(pos, slots, new_positions(q_pos, k)),
+                                    q_pos[:, None], scaling, window, int(observe))
     return out[:, 0], attn
+
+
+def then_new(stored: torch.Tensor, slots: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+    """The rows' slot places of one layer's `stored` [S, Hkv, capacity, ...], then their new tokens' `new`
+    [B, Hkv, 1, ...]: the candidates' order."""
+    return torch.cat([stored[slots], new], dim=2)
+
+
+def new_positions(q_pos: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """[B, Hkv, 1] int32: each row's new token position, for every KV head of k [B, Hkv, D]."""
+    return q_pos.to(torch.int32)[:, None, None].expand(*k.shape[:2], 1)
