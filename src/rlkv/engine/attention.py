@@ -153,6 +153,13 @@ class EngineAttention(EngineState):
     def _alpha(self, layer: int) -> torch.Tensor | None:
         return None if self.alpha is None else self.alpha[layer]
 
+    def _kept(self, layer: int, q, keys, values, full_mask, stream_mask, scaling: float) -> torch.Tensor:
+        """Kept heads' SDPA; in gated mode mixed with the streaming branch over the same keys (`stream_mask`)."""
+        full = _sdpa(q, keys, values, full_mask, scaling)
+        if self.alpha is None:
+            return full
+        return gate_mix(full, _sdpa(q, keys, values, stream_mask, scaling), self.alpha[layer], self.group)
+
     # ------------------------------------------------------------------ prefill
     def prompts(self, layer: int, query, key, value, scaling: float, window: int | None) -> torch.Tensor:
         """query [1, Hq, T, D], key/value [1, Hkv, T, D] of packed new prompts -> output [1, T, Hq, D]."""
@@ -161,10 +168,8 @@ class EngineAttention(EngineState):
         fi, ci = s.full_idx[layer], s.comp_idx[layer]
         qf, qc = s.q_full[layer], s.q_comp[layer]
         if len(fi):
-            full = _sdpa(query[:, qf], key[:, fi], value[:, fi], b.mask(True, window), scaling)
-            if self.alpha is not None:
-                stream = _sdpa(query[:, qf], key[:, fi], value[:, fi], b.mask(False, window), scaling)
-                full = gate_mix(full, stream, self.alpha[layer], self.group)
+            stream = b.mask(False, window) if self.alpha is not None else None
+            full = self._kept(layer, query[:, qf], key[:, fi], value[:, fi], b.mask(True, window), stream, scaling)
             out[:, :, qf] = full.transpose(1, 2)
         if len(ci):
             out[:, :, qc] = _sdpa(query[:, qc], key[:, ci], value[:, ci], b.mask(False, window), scaling).transpose(1, 2)
@@ -188,10 +193,7 @@ class EngineAttention(EngineState):
                 page, row = masks["read"]
                 keys = s.pages_k[layer][page, row].transpose(0, 1)[None]
                 values = s.pages_v[layer][page, row].transpose(0, 1)[None]
-                full = _sdpa(q[:, qf], keys, values, masks["full"], scaling)
-                if self.alpha is not None:
-                    stream = _sdpa(q[:, qf], keys, values, masks["stream"], scaling)
-                    full = gate_mix(full, stream, self.alpha[layer], self.group)
+                full = self._kept(layer, q[:, qf], keys, values, masks["full"], masks.get("stream"), scaling)
                 out[:, cols, qf] = full.transpose(1, 2)
             if len(ci):
                 keys = torch.cat([s.ring_k[layer][seg.slot].transpose(0, 1), k[0, ci]], dim=1)[None]
