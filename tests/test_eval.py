@@ -94,6 +94,28 @@ def test_a_run_with_another_config_is_refused(lm, tmp_path):
         evaluate(*lm, config(tasks=["arith"], methods=["full"], max_new_tokens=13), tmp_path / "run", progress=False)
 
 
+def test_a_run_adds_a_head_ranked_method_but_keeps_each_methods_head_file(lm, tmp_path):
+    """Head files are identity per method: rlkv's heads may join a run made with duo's, not replace them."""
+    layout = rlkv.Layout.of(lm[0])
+    files = {}
+    for name, seed in (("duo", 1), ("rlkv", 2), ("other", 3)):
+        files[name] = tmp_path / f"{name}.json"
+        rlkv.HeadScores.random(layout, seed=seed).save(files[name])
+    run = tmp_path / "run"
+    base = dict(tasks=["arith"], limit=2)
+    evaluate(*lm, config(methods=["full", "duo"], heads={"duo": str(files["duo"])}, **base), run, progress=False)
+    evaluate(*lm, config(methods=["rlkv"], heads={"rlkv": str(files["rlkv"])}, **base), run, progress=False)
+    heads = json.loads((run / "config.json").read_text())["heads_sha256"]
+    assert set(heads) == {"duo", "rlkv"} and heads["duo"] != heads["rlkv"]
+    with pytest.raises(ValueError, match=r"different configuration \(heads_sha256\[rlkv\]"):
+        evaluate(*lm, config(methods=["rlkv"], heads={"rlkv": str(files["other"])}, **base), run, progress=False)
+    path = run / "config.json"  # a run recorded with one hash for all its head-ranked methods
+    path.write_text(json.dumps({**json.loads(path.read_text()), "heads_sha256": heads["duo"]}))
+    evaluate(*lm, config(methods=["duo"], heads={"duo": str(files["duo"])}, **base), run, progress=False)
+    with pytest.raises(ValueError, match=r"heads_sha256\[rlkv\]"):
+        evaluate(*lm, config(methods=["rlkv"], heads={"rlkv": str(files["rlkv"])}, **base), run, progress=False)
+
+
 def test_a_run_made_before_a_setting_existed_resumes_with_its_default(lm, tmp_path):
     evaluate(*lm, config(tasks=["arith"], methods=["full"]), tmp_path / "run", progress=False)
     path = tmp_path / "run" / "config.json"

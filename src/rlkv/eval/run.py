@@ -47,7 +47,7 @@ from rlkv.eval.summary import summarize
 from rlkv.methods.matching import TOLERANCE, bytes_over_decoding, match_budget
 from rlkv.models import Layout, eos_ids, generated_end
 
-IDENTITY = ("model", "heads_sha256", "max_new_tokens", "temperature", "top_p", "seed", "sink", "recent", "budget",
+IDENTITY = ("model", "max_new_tokens", "temperature", "top_p", "seed", "sink", "recent", "budget",
             "match_bytes")
 
 
@@ -230,7 +230,9 @@ def _open_run(out: Path, record: dict, invocation: dict, shard: Shard | None) ->
     """Create or resume a run directory; return finished samples by (task, method, sparsity, id).
 
     config.json holds the run's identity once and every invocation (command, tasks, device) that
-    added to it, so results gathered by several commands stay traceable. Shards start together,
+    added to it, so results gathered by several commands stay traceable. The head files are part of
+    the identity per method: an invocation may add a head-ranked method, with its own file, to a
+    run that has not had it, but not change the file of one it has. Shards start together,
     so its read-check-rewrite holds an exclusive lock on OUT/.lock: no invocation is lost.
     """
     out.mkdir(parents=True, exist_ok=True)
@@ -241,11 +243,12 @@ def _open_run(out: Path, record: dict, invocation: dict, shard: Shard | None) ->
             old = json.loads(config_path.read_text())
             defaults = {f.name: f.default for f in fields(EvalConfig)}  # a run made before a setting existed had its default
             before = {k: old.get(k, defaults.get(k)) for k in IDENTITY}
-            diff = [k for k in IDENTITY if before[k] != record.get(k)]
-            if diff:
-                changes = ", ".join(f"{k}: {before[k]!r} -> {record.get(k)!r}" for k in diff)
-                raise ValueError(f"{out} holds a run with a different configuration ({changes}); use a new --out")
-            record = {**record, "invocations": old.get("invocations", []) + [invocation]}
+            heads, heads_diff = _heads_identity(old.get("heads_sha256"), record.get("heads_sha256") or {})
+            changes = [f"{k}: {before[k]!r} -> {record.get(k)!r}" for k in IDENTITY if before[k] != record.get(k)]
+            changes += [f"heads_sha256[{m}]: {was!r} -> {now!r}" for m, was, now in heads_diff]
+            if changes:
+                raise ValueError(f"{out} holds a run with a different configuration ({', '.join(changes)}); use a new --out")
+            record = {**record, "heads_sha256": heads, "invocations": old.get("invocations", []) + [invocation]}
         else:
             record = {**record, "invocations": [invocation]}
         write_whole(config_path, json.dumps(record, indent=1))
@@ -255,6 +258,18 @@ def _open_run(out: Path, record: dict, invocation: dict, shard: Shard | None) ->
             raise ValueError(f"{out} is archived ({own.name}.gz): gunzip its .jsonl.gz files to add to the run")
         _drop_torn_tail(own)  # only its own: another shard may be mid-write in its files
     return {_key(s): s for s in run_records(out, "samples")}
+
+
+def _heads_identity(old: dict | str | None, new: dict[str, str]) -> tuple[dict | str, list[tuple]]:
+    """The run's head-file hashes after an invocation using `new` ({method: sha256}), and its conflicts.
+
+    A conflict is (method, recorded hash, new hash). Runs recorded before the hashes were kept per
+    method hold one hash for every head-ranked method they ran (or None when they ran none).
+    """
+    if isinstance(old, str):
+        return old, [(m, old, sha) for m, sha in new.items() if sha != old]
+    old = old or {}
+    return {**old, **new}, [(m, old[m], sha) for m, sha in new.items() if m in old and old[m] != sha]
 
 
 def _own_file(out: Path, kind: str, shard: Shard | None) -> Path:
@@ -344,13 +359,11 @@ def evaluate(
             raise ValueError(f"task {name!r} has no examples (limit={config.limit})")
         task.prompt(examples[name][0], tokenizer)  # refuses a tokenizer without a chat template
     plan = _method_plan(config, layout)
-    shas = {n: m.params["heads_sha256"] for n, _, m in plan if m and "heads_sha256" in m.params}
-    heads_sha = shas if len(set(shas.values())) > 1 else next(iter(shas.values()), None)  # one file: its hash
     settings = asdict(config)
     record = {
         "model": getattr(model.config, "_name_or_path", None),
         "layout": layout.to_dict(),
-        "heads_sha256": heads_sha,
+        "heads_sha256": {n: m.params["heads_sha256"] for n, _, m in plan if m and "heads_sha256" in m.params},
         **{k: settings[k] for k in IDENTITY if k in settings},
     }
     invocation = {
