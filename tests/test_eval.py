@@ -479,6 +479,21 @@ def test_concurrent_shard_processes_make_one_run(lm, tmp_path):
     assert result.exit_code == 0 and all(f"| {m} |" in result.output for m in ("full", "streaming", "random"))
 
 
+def test_a_second_process_on_the_same_shard_is_refused(lm, tmp_path):
+    """Two processes appending to one shard's files would tear and duplicate its samples."""
+    from rlkv.eval.run import _sole_writer
+
+    run, cfg = tmp_path / "run", config(tasks=["arith"], methods=["full"], limit=2)
+    with _sole_writer(run, Shard(1, 2)):  # as another process running shard 1/2 holds it
+        with pytest.raises(ValueError, match=r"another process is running shard 1/2 into .* samples\.shard-1-of-2"):
+            evaluate(*lm, cfg, run, progress=False, shard=Shard(1, 2))
+        assert not (run / "config.json").exists()  # refused before it recorded anything
+        evaluate(*lm, cfg, run, progress=False, shard=Shard(2, 2))  # other shards and unsharded runs go on
+        evaluate(*lm, cfg, run, progress=False)
+    res = evaluate(*lm, cfg, run, progress=False, shard=Shard(1, 2))  # free once the holder is gone
+    assert len(res.samples) == 2
+
+
 def test_shards_starting_together_lose_no_invocation(tmp_path):
     """config.json's read-check-rewrite under the run's lock: without it, most of these 16 are lost."""
     from concurrent.futures import ThreadPoolExecutor

@@ -32,6 +32,7 @@ import sys
 import time
 import uuid
 import warnings
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -260,6 +261,27 @@ def _open_run(out: Path, record: dict, invocation: dict, shard: Shard | None) ->
     return {_key(s): s for s in run_records(out, "samples")}
 
 
+@contextmanager
+def _sole_writer(out: Path, shard: Shard | None):
+    """Hold this process's files of the run (its shard's, or the unsharded ones) while it runs.
+
+    A second process started with the same shard would cut the first one's line being written as a
+    torn tail and append duplicates of its samples, so it is refused. The lock (flock on a file
+    beside the run's) goes when the process does, however it ends.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    own = _own_file(out, "samples", shard)
+    with (out / f".lock.{own.stem}").open("a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            which = f"shard {shard}" if shard else "an unsharded eval"
+            raise ValueError(
+                f"another process is running {which} into {out} (it appends to {own.name}); "
+                "let it finish or stop it, then run this command again to resume") from None
+        yield
+
+
 def _heads_identity(old: dict | str | None, new: dict[str, str]) -> tuple[dict | str, list[tuple]]:
     """The run's head-file hashes after an invocation using `new` ({method: sha256}), and its conflicts.
 
@@ -374,61 +396,62 @@ def evaluate(
         "environment": _environment(model),
         "shard": str(shard) if shard else None,
     }
-    done = _open_run(out, record, invocation, shard)
-    eos = eos_ids(model, tokenizer)
-    samples_file, batches_file = _own_file(out, "samples", shard), _own_file(out, "batches", shard)
+    with _sole_writer(out, shard):  # before _open_run, which truncates this process's files' torn tails
+        done = _open_run(out, record, invocation, shard)
+        eos = eos_ids(model, tokenizer)
+        samples_file, batches_file = _own_file(out, "samples", shard), _own_file(out, "batches", shard)
 
-    groups = [(task_name, name, sparsity, method) for task_name in tasks for name, sparsity, method in plan]
-    todo = [
-        (task_name, name, sparsity, method, [e for e in examples[task_name] if (task_name, name, sparsity, e.id) not in done])
-        for g, (task_name, name, sparsity, method) in enumerate(groups)
-        if shard is None or shard.owns(g)
-    ]
-    # Budgets to match last (the order of the work, not of the numbering): by then this process's
-    # head-split groups are done, and the other shards have had the most time to finish theirs.
-    todo.sort(key=lambda group: group[3] is None)
-    total = sum(len(pending) for *_, pending in todo)
-    bar = tqdm(total=total, desc="eval", disable=not progress, dynamic_ncols=True)
-    for task_name, name, sparsity, method, pending in todo:
-        if not pending:
-            continue
-        if method is None:
-            method = _matched(name, task_name, sparsity, {str(e.id) for e in examples[task_name]}, config, layout, out)
-        task = tasks[task_name]
-        max_new = config.max_new_tokens or task.default_max_new_tokens
-        prompts = {e.id: task.prompt(e, tokenizer) for e in pending}
-        lengths = {i: len(tokenizer(p, add_special_tokens=False).input_ids) for i, p in prompts.items()}
-        pending = sorted(pending, key=lambda e: -lengths[e.id])  # similar lengths share a batch: less padding
-        scores = [s["score"] for s in done.values() if _key(s)[:3] == (task_name, name, sparsity)]
-        engine = engine_for(config.engine, model, tokenizer, method, kv_budget=config.kv_budget,
-                            max_batch=config.batch_size)
+        groups = [(task_name, name, sparsity, method) for task_name in tasks for name, sparsity, method in plan]
+        todo = [
+            (task_name, name, sparsity, method, [e for e in examples[task_name] if (task_name, name, sparsity, e.id) not in done])
+            for g, (task_name, name, sparsity, method) in enumerate(groups)
+            if shard is None or shard.owns(g)
+        ]
+        # Budgets to match last (the order of the work, not of the numbering): by then this process's
+        # head-split groups are done, and the other shards have had the most time to finish theirs.
+        todo.sort(key=lambda group: group[3] is None)
+        total = sum(len(pending) for *_, pending in todo)
+        bar = tqdm(total=total, desc="eval", disable=not progress, dynamic_ncols=True)
+        for task_name, name, sparsity, method, pending in todo:
+            if not pending:
+                continue
+            if method is None:
+                method = _matched(name, task_name, sparsity, {str(e.id) for e in examples[task_name]}, config, layout, out)
+            task = tasks[task_name]
+            max_new = config.max_new_tokens or task.default_max_new_tokens
+            prompts = {e.id: task.prompt(e, tokenizer) for e in pending}
+            lengths = {i: len(tokenizer(p, add_special_tokens=False).input_ids) for i, p in prompts.items()}
+            pending = sorted(pending, key=lambda e: -lengths[e.id])  # similar lengths share a batch: less padding
+            scores = [s["score"] for s in done.values() if _key(s)[:3] == (task_name, name, sparsity)]
+            engine = engine_for(config.engine, model, tokenizer, method, kv_budget=config.kv_budget,
+                                max_batch=config.batch_size)
 
-        def save_batch(batch: list, samples: list[dict], timing: dict) -> None:
-            """Grade a finished batch, append its samples and timing, advance the progress bar."""
-            grades = task.grade_many(batch, [s["completion"] for s in samples])
-            for example, sample, score in zip(batch, samples, grades):
-                sample.update(task=task_name, method=name, sparsity=sparsity, id=example.id, score=float(score))
-                if hasattr(method, "policy"):
-                    sample["budget"] = method.policy.budget
-            _append(samples_file, samples)
-            _append(batches_file, [{"task": task_name, "method": name, "sparsity": sparsity, **timing}])
-            scores.extend(grades)
-            bar.update(len(batch))
-            bar.set_postfix_str(f"{task_name}/{name}@{sparsity:g} acc {sum(scores) / len(scores):.3f}")
+            def save_batch(batch: list, samples: list[dict], timing: dict) -> None:
+                """Grade a finished batch, append its samples and timing, advance the progress bar."""
+                grades = task.grade_many(batch, [s["completion"] for s in samples])
+                for example, sample, score in zip(batch, samples, grades):
+                    sample.update(task=task_name, method=name, sparsity=sparsity, id=example.id, score=float(score))
+                    if hasattr(method, "policy"):
+                        sample["budget"] = method.policy.budget
+                _append(samples_file, samples)
+                _append(batches_file, [{"task": task_name, "method": name, "sparsity": sparsity, **timing}])
+                scores.extend(grades)
+                bar.update(len(batch))
+                bar.set_postfix_str(f"{task_name}/{name}@{sparsity:g} acc {sum(scores) / len(scores):.3f}")
 
-        if engine:
-            _generate_engine(engine, task_name, pending, prompts, max_new, eos, config, save_batch)
-        else:
-            for start in range(0, len(pending), config.batch_size):
-                batch = pending[start : start + config.batch_size]
-                save_batch(batch, *_generate_batch(
-                    model, tokenizer, method, [prompts[e.id] for e in batch], max_new, eos, config, layout
-                ))
-        del engine  # its KV pool goes back before the next group's
-    bar.close()
-    samples, rows = summarize_run(out)  # every process's, as they are now
-    write_summary(out, record, rows)
-    return EvalResults(out, rows, samples)
+            if engine:
+                _generate_engine(engine, task_name, pending, prompts, max_new, eos, config, save_batch)
+            else:
+                for start in range(0, len(pending), config.batch_size):
+                    batch = pending[start : start + config.batch_size]
+                    save_batch(batch, *_generate_batch(
+                        model, tokenizer, method, [prompts[e.id] for e in batch], max_new, eos, config, layout
+                    ))
+            del engine  # its KV pool goes back before the next group's
+        bar.close()
+        samples, rows = summarize_run(out)  # every process's, as they are now
+        write_summary(out, record, rows)
+        return EvalResults(out, rows, samples)
 
 
 def summarize_run(out: Path) -> tuple[list[dict], list[dict]]:
