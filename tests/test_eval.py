@@ -447,6 +447,22 @@ def test_match_bytes_in_a_shard_needs_the_whole_reference_group(lm, tmp_path):
     assert {s["budget"] for s in res.samples if s["method"] == "h2o"} == {r["budget"] for r in whole.rows if r["budget"]}
 
 
+def test_a_matched_group_is_compared_with_the_method_it_was_matched_to(lm, tmp_path):
+    """A later invocation whose first head-ranked method is another must not change the comparison."""
+    files = tmp_path / "rlkv.json"
+    rlkv.HeadScores.random(rlkv.Layout.of(lm[0]), seed=5).save(files)
+    cfg = lambda **kw: config(tasks=["arith"], match_bytes=True, max_new_tokens=16, **kw)  # noqa: E731
+    run = tmp_path / "run"
+    evaluate(*lm, cfg(methods=["random", "h2o"]), run, progress=False)
+    res = evaluate(*lm, cfg(methods=["rlkv"], heads={"rlkv": str(files)}), run, progress=False)
+    group = lambda m: {s["id"]: s["kv_bytes_mean"] for s in res.samples if s["method"] == m}  # noqa: E731
+    h2o, random_heads, rlkv_heads = group("h2o"), group("random"), group("rlkv")
+    row = next(r for r in res.rows if r["method"] == "h2o")
+    assert {s["matched_to"] for s in res.samples if s["method"] == "h2o"} == {"random"} == {row["matched_to"]}
+    assert row["kv_vs_reference"] == pytest.approx(sum(h2o.values()) / sum(random_heads[i] for i in h2o))
+    assert row["kv_vs_reference"] != pytest.approx(sum(h2o.values()) / sum(rlkv_heads[i] for i in h2o))
+
+
 def test_concurrent_shard_processes_make_one_run(lm, tmp_path):
     """Three `rlkv eval --shard K/3` processes at once into one directory, then `rlkv report`."""
     from typer.testing import CliRunner

@@ -415,6 +415,7 @@ def evaluate(
         for task_name, name, sparsity, method, pending in todo:
             if not pending:
                 continue
+            matched_to = bytes_reference(config.methods) if method is None else None
             if method is None:
                 method = _matched(name, task_name, sparsity, {str(e.id) for e in examples[task_name]}, config, layout, out)
             task = tasks[task_name]
@@ -433,6 +434,8 @@ def evaluate(
                     sample.update(task=task_name, method=name, sparsity=sparsity, id=example.id, score=float(score))
                     if hasattr(method, "policy"):
                         sample["budget"] = method.policy.budget
+                    if matched_to:
+                        sample["matched_to"] = matched_to
                 _append(samples_file, samples)
                 _append(batches_file, [{"task": task_name, "method": name, "sparsity": sparsity, **timing}])
                 scores.extend(grades)
@@ -455,8 +458,9 @@ def evaluate(
 
 
 def summarize_run(out: Path) -> tuple[list[dict], list[dict]]:
-    """Every sample of a run as it is now (all shards') and their aggregate rows; with matched bytes,
-    against the reference of the run's last invocation (its first head-ranked method)."""
+    """Every sample of a run as it is now (all shards') and their aggregate rows. A matched group is
+    compared with the head-split method its samples name; samples from before they named it, with the
+    first head-ranked method of the run's last invocation."""
     samples = run_records(out, "samples")
     reference = None
     if (out / "config.json").is_file():

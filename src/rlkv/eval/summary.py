@@ -15,7 +15,8 @@ from collections import defaultdict
 
 
 def summarize(samples: list[dict], batches: list[dict] = (), reference: str | None = None) -> list[dict]:
-    """One row per (task, method, sparsity); `reference`: the head-split method budgets were matched to."""
+    """One row per (task, method, sparsity). A token-dropping group's budget was matched to the bytes of
+    the head-split method its samples name (`matched_to`), or else to `reference`'s."""
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for s in samples:
         groups[(s["task"], s["method"], float(s["sparsity"]))].append(s)
@@ -27,6 +28,7 @@ def summarize(samples: list[dict], batches: list[dict] = (), reference: str | No
     rows = []
     for (task, method, sparsity), items in groups.items():
         n = len(items)
+        matched_to = items[0].get("matched_to", reference)
         seconds, tokens = timing.get((task, method, sparsity), (0.0, 0))
         rows.append({
             "task": task,
@@ -40,8 +42,9 @@ def summarize(samples: list[dict], batches: list[dict] = (), reference: str | No
             "kv_mean_ratio": sum(s["kv_bytes_mean"] for s in items) / sum(s["kv_bytes_full_mean"] for s in items),
             "kv_peak_ratio": sum(s["kv_bytes"] for s in items) / sum(s["kv_bytes_full"] for s in items),
             "budget": items[0].get("budget"),  # token-dropping methods: tokens per KV head
-            "kv_vs_reference": _vs_reference(items, groups.get((task, reference, sparsity)))
-            if reference and items[0].get("budget") is not None else None,
+            "matched_to": matched_to if items[0].get("budget") is not None else None,
+            "kv_vs_reference": _vs_reference(items, groups.get((task, matched_to, sparsity)))
+            if matched_to and items[0].get("budget") is not None else None,
             "seconds": seconds,
             "tok_per_s": tokens / seconds if seconds else None,
         })
