@@ -150,7 +150,7 @@ def eval_(
     sink: int = typer.Option(16, min=0),
     recent: int = typer.Option(64, min=1),
     budget: Optional[int] = typer.Option(None, min=1, help="tokens kept per KV head by h2o / snapkv / rkv"),
-    match_bytes: bool = typer.Option(False, help="token-dropping budgets matched to the head-split methods' mean KV bytes"),
+    match_bytes: bool = typer.Option(False, help="token-dropping budgets matched to the mean KV bytes of the first head-ranked method in --method (same task and sparsity)"),
     data_dir: Optional[str] = typer.Option(None, help="task data directory (default $RLKV_DATA_DIR or ../shared/data)"),
     report: bool = typer.Option(True, help="write report.md and plots when done (not with --shard)"),
     engine: str = typer.Option("auto", help="generate through rlkv.Engine: auto (on a GPU), on, off (transformers generate)"),
