@@ -415,8 +415,9 @@ def evaluate(
         for task_name, name, sparsity, method, pending in todo:
             if not pending:
                 continue
-            matched_to = bytes_reference(config.methods) if method is None else None
+            matched_to = None
             if method is None:
+                matched_to = bytes_reference(config.methods)
                 method = _matched(name, task_name, sparsity, {str(e.id) for e in examples[task_name]}, config, layout, out)
             task = tasks[task_name]
             max_new = config.max_new_tokens or task.default_max_new_tokens

@@ -28,7 +28,8 @@ def summarize(samples: list[dict], batches: list[dict] = (), reference: str | No
     rows = []
     for (task, method, sparsity), items in groups.items():
         n = len(items)
-        matched_to = items[0].get("matched_to", reference)
+        budget = items[0].get("budget")  # token-dropping methods: tokens per KV head
+        matched_to = items[0].get("matched_to", reference) if budget is not None else None
         seconds, tokens = timing.get((task, method, sparsity), (0.0, 0))
         rows.append({
             "task": task,
@@ -41,10 +42,9 @@ def summarize(samples: list[dict], batches: list[dict] = (), reference: str | No
             "pct_repetition": 100.0 * sum(s["finish"] == "repetition" for s in items) / n,
             "kv_mean_ratio": sum(s["kv_bytes_mean"] for s in items) / sum(s["kv_bytes_full_mean"] for s in items),
             "kv_peak_ratio": sum(s["kv_bytes"] for s in items) / sum(s["kv_bytes_full"] for s in items),
-            "budget": items[0].get("budget"),  # token-dropping methods: tokens per KV head
-            "matched_to": matched_to if items[0].get("budget") is not None else None,
-            "kv_vs_reference": _vs_reference(items, groups.get((task, matched_to, sparsity)))
-            if matched_to and items[0].get("budget") is not None else None,
+            "budget": budget,
+            "matched_to": matched_to,
+            "kv_vs_reference": _vs_reference(items, groups.get((task, matched_to, sparsity))) if matched_to else None,
             "seconds": seconds,
             "tok_per_s": tokens / seconds if seconds else None,
         })
