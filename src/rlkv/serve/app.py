@@ -1,0 +1,283 @@
+"""`create_app`: the OpenAI-compatible HTTP API over an `AsyncEngine` (FastAPI).
+
+    POST /v1/chat/completions   messages in the tokenizer's chat template
+    POST /v1/completions        a prompt string (special tokens added) or a list of token ids
+    GET  /v1/models  /health  /metrics
+
+`"stream": true` answers with server-sent events: `data: {chunk}` per text delta, a chunk with the
+finish reason, a usage chunk when `stream_options.include_usage` (off by default, as with OpenAI),
+then `data: [DONE]`. Streamed and whole answers come out of one path (engine outputs through one
+`Detokenizer`), so the deltas concatenate to exactly the non-streamed text. A client that
+disconnects (streaming or not) aborts its request. Errors are OpenAI's JSON body
+`{"error": {"message", "type", "param", "code"}}`: 400 for a bad body or a request that can never
+run, 404 for an unknown model, 503 while shutting down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import AsyncIterator
+from contextlib import aclosing, asynccontextmanager
+from dataclasses import dataclass
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ValidationError
+from starlette.exceptions import HTTPException
+
+from rlkv.engine import Engine, RequestError, SamplingParams
+from rlkv.serve import protocol as p
+from rlkv.serve.async_engine import AsyncEngine, EngineStopped
+from rlkv.serve.detokenize import Detokenizer
+from rlkv.serve.errors import ApiError, describe_validation
+from rlkv.serve.metrics import CONTENT_TYPE, ServerMetrics
+
+FINISH = {"eos": "stop", "stop": "stop", "repetition": "stop", "length": "length"}
+
+
+@dataclass
+class _Piece:
+    """New text of one request; the last piece carries the finish reason."""
+
+    text: str
+    finish_reason: str | None
+    completion_tokens: int
+
+
+class _Handlers:
+    """The handlers' shared state: the engine's online layer, the tokenizer, the served name, metrics."""
+
+    def __init__(self, engine: Engine, tokenizer, model_name: str, default_max_tokens: int):
+        self.runner = AsyncEngine(engine)
+        self.engine, self.tokenizer, self.model_name = engine, tokenizer, model_name
+        self.default_max_tokens = default_max_tokens
+        self.vocab_size = engine.model.config.vocab_size
+        self.metrics = ServerMetrics(engine)
+        self.created = p.now()
+
+    # ------------------------------------------------------------------ endpoints
+    async def chat(self, raw: Request) -> Response:
+        req = _parse(p.ChatCompletionRequest, await raw.body())
+        self._check_model(req.model)
+        return await self._answer(raw, req, self._chat_prompt(req), chat=True)
+
+    async def completions(self, raw: Request) -> Response:
+        req = _parse(p.CompletionRequest, await raw.body())
+        self._check_model(req.model)
+        return await self._answer(raw, req, self._plain_prompt(req.prompt), chat=False)
+
+    async def models(self, raw: Request) -> p.ModelList:
+        return p.ModelList(data=[p.ModelCard(id=self.model_name, created=self.created,
+                                             max_model_len=self.engine.max_seq_len)])
+
+    async def health(self, raw: Request) -> Response:
+        if not self.runner.healthy:
+            raise ApiError(503, "the engine is not running", type="service_unavailable_error")
+        return JSONResponse({"status": "ok"})
+
+    async def metrics_text(self, raw: Request) -> Response:
+        return Response(self.metrics.render(), media_type=CONTENT_TYPE)
+
+    # ------------------------------------------------------------------ requests
+    def _check_model(self, name: str | None) -> None:
+        if name is not None and name != self.model_name:
+            raise ApiError(404, f"the model {name!r} does not exist: this server serves {self.model_name!r}",
+                           param="model", code="model_not_found")
+
+    def _chat_prompt(self, req: p.ChatCompletionRequest) -> list[int]:
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise ApiError(400, "the model's tokenizer has no chat template: use /v1/completions", param="messages")
+        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
+        try:
+            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        except Exception as err:  # the template's own checks (e.g. roles must alternate) raise jinja errors
+            raise ApiError(400, f"the chat template rejected the messages: {err}", param="messages") from None
+        return self.tokenizer(text, add_special_tokens=False).input_ids
+
+    def _plain_prompt(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            return self.tokenizer(prompt).input_ids
+        bad = next((t for t in prompt if not 0 <= t < self.vocab_size), None)
+        if bad is not None:
+            raise ApiError(400, f"token id {bad} is outside the vocabulary [0, {self.vocab_size})", param="prompt")
+        return prompt
+
+    def _params(self, req, prompt_tokens: int) -> SamplingParams:
+        limit = req.token_limit or max(1, min(self.default_max_tokens, self.engine.max_seq_len - prompt_tokens))
+        try:
+            return SamplingParams(
+                max_tokens=limit, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
+                seed=req.seed if req.seed is not None else random.getrandbits(31), stop=tuple(req.stop),
+                stop_token_ids=tuple(req.stop_token_ids), ignore_eos=req.ignore_eos)
+        except ValueError as err:
+            raise ApiError(400, str(err)) from None
+
+    async def _answer(self, raw: Request, req, prompt_ids: list[int], chat: bool) -> Response:
+        params = self._params(req, len(prompt_ids))
+        rid = p.request_id("chatcmpl" if chat else "cmpl")
+        try:
+            outputs = self.runner.generate(rid, prompt_ids, params)
+        except RequestError as err:
+            raise ApiError(400, str(err), param="messages" if chat else "prompt") from None
+        except EngineStopped as err:
+            raise ApiError(503, str(err), type="service_unavailable_error") from None
+        pieces = self._pieces(outputs, Detokenizer(self.tokenizer, params.stop), time.perf_counter())
+        head = dict(id=rid, created=p.now(), model=self.model_name)
+        usage = _Usage(len(prompt_ids))
+        endpoint = raw.url.path
+        if req.stream:
+            events = (_chat_events if chat else _completion_events)(pieces, head, usage, req.include_usage)
+            self.metrics.count(endpoint, 200)
+            return StreamingResponse(_sse(events), media_type="text/event-stream")
+        text, last = await _unless_disconnected(raw, _join(pieces))
+        usage.completion_tokens = last.completion_tokens
+        body = (p.ChatCompletionResponse(**head, choices=[p.ChatCompletionChoice(
+                    message=p.AssistantMessage(content=text), finish_reason=last.finish_reason)], usage=usage.info)
+                if chat else
+                p.CompletionResponse(**head, choices=[p.CompletionChoice(text=text, finish_reason=last.finish_reason)],
+                                     usage=usage.info))
+        self.metrics.count(endpoint, 200)
+        return JSONResponse(body.model_dump(mode="json"))
+
+    async def _pieces(self, outputs: AsyncIterator, detok: Detokenizer, arrival: float) -> AsyncIterator[_Piece]:
+        """The request's text, piece by piece; ends early (aborting the request) at a stop string."""
+        tokens = 0
+        async with aclosing(outputs):
+            async for out in outputs:
+                if not tokens and out.new_token_ids:
+                    self.metrics.ttft.observe(time.perf_counter() - arrival)
+                tokens += len(out.new_token_ids)
+                text = detok.add(out.new_token_ids)
+                if out.finished or detok.stopped:
+                    self.metrics.latency.observe(time.perf_counter() - arrival)
+                    yield _Piece(text + detok.finish(), FINISH.get(out.finish_reason, "stop"), tokens)
+                    return
+                if text:
+                    yield _Piece(text, None, tokens)
+
+
+class _Usage:
+    """Token counts of one request, filled in as its pieces arrive."""
+
+    def __init__(self, prompt_tokens: int):
+        self.prompt_tokens, self.completion_tokens = prompt_tokens, 0
+
+    @property
+    def info(self) -> p.UsageInfo:
+        return p.UsageInfo.of(self.prompt_tokens, self.completion_tokens)
+
+
+async def _join(pieces: AsyncIterator[_Piece]) -> tuple[str, _Piece]:
+    texts, last = [], None
+    async for last in pieces:
+        texts.append(last.text)
+    return "".join(texts), last
+
+
+async def _unless_disconnected(raw: Request, work):
+    """Await `work`, cancelling it (which aborts its request) if the client disconnects first."""
+    async def disconnected():
+        while (await raw.receive())["type"] != "http.disconnect":
+            pass
+
+    task, watch = asyncio.ensure_future(work), asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+        if not task.done():
+            task.cancel()
+    if not task.done() or task.cancelled():
+        raise ApiError(499, "the client disconnected", type="client_disconnected")
+    try:
+        return task.result()
+    except EngineStopped as err:
+        raise ApiError(503, str(err), type="service_unavailable_error") from None
+    except RequestError as err:
+        raise ApiError(400, str(err)) from None
+
+
+async def _chat_events(pieces, head: dict, usage: _Usage, include_usage: bool):
+    def chunk(delta: p.DeltaMessage, finish: str | None = None) -> p.ChatCompletionChunk:
+        return p.ChatCompletionChunk(**head, choices=[p.ChatChunkChoice(delta=delta, finish_reason=finish)])
+
+    yield chunk(p.DeltaMessage(role="assistant", content=""))
+    async for piece in pieces:
+        usage.completion_tokens = piece.completion_tokens
+        if piece.text:
+            yield chunk(p.DeltaMessage(content=piece.text))
+        if piece.finish_reason:
+            yield chunk(p.DeltaMessage(), piece.finish_reason)
+    if include_usage:
+        yield p.ChatCompletionChunk(**head, choices=[], usage=usage.info)
+
+
+async def _completion_events(pieces, head: dict, usage: _Usage, include_usage: bool):
+    async for piece in pieces:
+        usage.completion_tokens = piece.completion_tokens
+        if piece.text:
+            yield p.CompletionResponse(**head, choices=[p.CompletionChoice(text=piece.text, finish_reason=None)])
+        if piece.finish_reason:
+            yield p.CompletionResponse(**head, choices=[p.CompletionChoice(text="", finish_reason=piece.finish_reason)])
+    if include_usage:
+        yield p.CompletionResponse(**head, choices=[], usage=usage.info)
+
+
+async def _sse(events: AsyncIterator[BaseModel]) -> AsyncIterator[str]:
+    """Server-sent events: `data: <json>` per chunk, an error event if the request fails midway, `data: [DONE]`."""
+    async with aclosing(events):
+        try:
+            async for event in events:
+                yield f"data: {event.model_dump_json()}\n\n"
+        except (EngineStopped, RequestError) as err:
+            kind = "service_unavailable_error" if isinstance(err, EngineStopped) else "invalid_request_error"
+            yield f"data: {p.ErrorResponse(error=p.ErrorInfo(message=str(err), type=kind)).model_dump_json()}\n\n"
+    yield "data: [DONE]\n\n"
+
+
+def _parse(model: type[BaseModel], body: bytes):
+    try:
+        return model.model_validate_json(body)
+    except ValidationError as err:
+        message, param = describe_validation(err)
+        raise ApiError(400, message, param=param) from None
+
+
+def create_app(engine: Engine, tokenizer, model_name: str, default_max_tokens: int = 1024) -> FastAPI:
+    """The app serving `engine` as `model_name`; its engine thread runs while the app's lifespan does.
+
+    `default_max_tokens`: a request's token limit when it names none (cut to the context left)."""
+    server = _Handlers(engine, tokenizer, model_name, default_max_tokens)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        server.runner.start()
+        yield
+        server.runner.join(timeout=30)
+
+    app = FastAPI(title="rlkv", summary="OpenAI-compatible API over rlkv's engine", lifespan=lifespan)
+    app.state.runner = server.runner  # the signal hook shuts it down (rlkv.serve.server)
+    app.add_api_route("/v1/chat/completions", server.chat, methods=["POST"])
+    app.add_api_route("/v1/completions", server.completions, methods=["POST"])
+    app.add_api_route("/v1/models", server.models, methods=["GET"], response_model=p.ModelList)
+    app.add_api_route("/health", server.health, methods=["GET"])
+    app.add_api_route("/metrics", server.metrics_text, methods=["GET"])
+
+    async def api_error(raw: Request, err: ApiError) -> JSONResponse:
+        server.metrics.count(raw.url.path, err.status)
+        return err.response()
+
+    async def http_error(raw: Request, err: HTTPException) -> JSONResponse:
+        server.metrics.count(raw.url.path, err.status_code)
+        return ApiError(err.status_code, str(err.detail), type="invalid_request_error").response()
+
+    async def internal_error(raw: Request, err: Exception) -> JSONResponse:
+        server.metrics.count(raw.url.path, 500)
+        return ApiError(500, f"internal error: {type(err).__name__}: {err}", type="internal_error").response()
+
+    app.add_exception_handler(ApiError, api_error)
+    app.add_exception_handler(HTTPException, http_error)
+    app.add_exception_handler(Exception, internal_error)  # logged with its traceback by Starlette
+    return app
