@@ -1,0 +1,266 @@
+"""Serving through `rlkv serve`: MATH-500 requests arriving as a Poisson process, streamed.
+
+For each sparsity a server process is started (`python -m rlkv serve`, the same KV budget and
+batch cap) and warmed up; then for each arrival rate `--num-requests` chat requests (a MATH-500
+question with the task's instruction, greedy, `--max-tokens` cap) are sent at exponentially
+distributed intervals (`inf`: all at once), each streamed. Per request: time to first token (TTFT:
+arrival to the first content delta), time per output token (TPOT: the rest of the answer's time
+over its remaining tokens) and end-to-end latency. Per (sparsity, rate): output tokens/s over the
+run (first arrival to last answer), requests/s, TTFT / TPOT / latency p50 and p99, preemptions
+and the most requests running at once (from /metrics), and the throughput ratio to sparsity 0 at
+the same rate (same script, one machine).
+
+    python benchmarks/serving.py --model DIR --heads heads.json --sparsities 0,0.5 --rates 2,8,32,inf \
+        --num-requests 200 --max-tokens 4096 --kv-budget 4GiB --data-dir DATA --out results/serving.json
+
+`--url http://HOST:PORT` measures a running server instead (one row per rate, `--sparsities` ignored).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import os
+import random
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import numpy as np
+from common import print_table, write_result
+
+import rlkv
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class Sample:
+    sent: float  # arrival time (perf_counter)
+    first: float | None = None  # first content delta
+    end: float | None = None
+    tokens: int = 0
+    error: str | None = None
+
+
+# ---------------------------------------------------------------------- the server
+class ServerProcess:
+    """`python -m rlkv serve ...` on a free local port, stopped by `close()`."""
+
+    def __init__(self, args: list[str], log: Path, startup_s: float):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+        self.command = [sys.executable, "-m", "rlkv", "serve", *args, "--port", str(port), "--log-level", "warning"]
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO / "src"), os.environ.get("PYTHONPATH")]))}
+        self.log = open(log, "w")
+        self.proc = subprocess.Popen(self.command, stdout=self.log, stderr=subprocess.STDOUT, env=env)
+        deadline = time.monotonic() + startup_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the server exited with {self.proc.returncode}; see {log}")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.5)
+        self.close()
+        raise TimeoutError(f"the server did not answer /health within {startup_s} s; see {log}")
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        self.log.close()
+
+
+def metrics(client: httpx.Client, url: str) -> dict[str, float]:
+    out = {}
+    for line in client.get(f"{url}/metrics", timeout=10).text.splitlines():
+        if line.startswith("rlkv_") and "{" not in line:
+            name, value = line.split()
+            out[name] = float(value)
+    return out
+
+
+# ---------------------------------------------------------------------- the load
+async def one_request(client: httpx.AsyncClient, url: str, body: dict, sample: Sample) -> None:
+    """Stream one chat completion, timing its first content delta and its end."""
+    try:
+        async with client.stream("POST", f"{url}/v1/chat/completions", json=body) as answer:
+            if answer.status_code != 200:
+                sample.error = f"{answer.status_code}: {(await answer.aread()).decode()[:200]}"
+                return
+            async for line in answer.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                if "error" in chunk:
+                    sample.error = chunk["error"]["message"]
+                    return
+                if chunk["choices"] and chunk["choices"][0]["delta"].get("content") and sample.first is None:
+                    sample.first = time.perf_counter()
+                if chunk.get("usage"):
+                    sample.tokens = chunk["usage"]["completion_tokens"]
+        sample.end = time.perf_counter()
+    except httpx.HTTPError as err:
+        sample.error = f"{type(err).__name__}: {err}"
+
+
+async def run_load(url: str, bodies: list[dict], rate: float, seed: int, poll_s: float = 0.5) -> tuple[list[Sample], int]:
+    """Send `bodies` at Poisson arrivals of `rate` per second; (samples, most requests running at once)."""
+    rng = random.Random(seed)
+    gaps = [0.0 if math.isinf(rate) else rng.expovariate(rate) for _ in bodies]
+    peak = 0
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=len(bodies))
+    async with httpx.AsyncClient(timeout=httpx.Timeout(None), limits=limits) as client:
+        async def watch():
+            nonlocal peak
+            while True:
+                text = (await client.get(f"{url}/metrics")).text
+                running = next(float(line.split()[1]) for line in text.splitlines()
+                               if line.startswith("rlkv_running_requests "))
+                peak = max(peak, int(running))
+                await asyncio.sleep(poll_s)
+
+        watcher = asyncio.create_task(watch())
+        tasks, samples = [], []
+        for gap, body in zip(gaps, bodies):
+            await asyncio.sleep(gap)
+            samples.append(Sample(time.perf_counter()))
+            tasks.append(asyncio.create_task(one_request(client, url, body, samples[-1])))
+        await asyncio.gather(*tasks)
+        watcher.cancel()
+    return samples, peak
+
+
+def summarize(samples: list[Sample]) -> dict:
+    done = [s for s in samples if s.error is None and s.end is not None]
+    if not done:
+        return {"completed": 0, "failed": len(samples), "first_error": samples[0].error if samples else None}
+    ttft = [s.first - s.sent for s in done if s.first is not None]
+    tpot = [(s.end - s.first) / (s.tokens - 1) for s in done if s.first is not None and s.tokens > 1]
+    latency = [s.end - s.sent for s in done]
+    duration = max(s.end for s in done) - min(s.sent for s in samples)
+    tokens = sum(s.tokens for s in done)
+
+    def pct(values, q):
+        return float(np.percentile(values, q)) if values else None
+
+    failed = [s for s in samples if s.error is not None or s.end is None]
+    return {
+        "completed": len(done), "failed": len(failed), "first_error": failed[0].error if failed else None,
+        "duration_s": duration, "output_tokens": tokens, "mean_output_tokens": tokens / len(done),
+        "output_tok_s": tokens / duration, "requests_s": len(done) / duration,
+        "ttft_p50_s": pct(ttft, 50), "ttft_p99_s": pct(ttft, 99),
+        "tpot_p50_ms": pct([1e3 * t for t in tpot], 50), "tpot_p99_ms": pct([1e3 * t for t in tpot], 99),
+        "latency_p50_s": pct(latency, 50), "latency_p99_s": pct(latency, 99),
+    }
+
+
+def chat_bodies(task, examples, max_tokens: int, temperature: float) -> list[dict]:
+    return [{"messages": [{"role": "user", "content": task.user_message(e)}], "max_tokens": max_tokens,
+             "temperature": temperature, "seed": i, "stream": True, "stream_options": {"include_usage": True}}
+            for i, e in enumerate(examples)]
+
+
+def warm_up(url: str, bodies: list[dict], count: int) -> None:
+    """`count` requests at once with caps 1..64 tokens: the decode batch shrinks through every size
+    (each CUDA graph captured, each kernel compiled) before anything is measured."""
+    warm = [{**bodies[i % len(bodies)], "max_tokens": 1 + i % 64, "ignore_eos": True} for i in range(count)]
+    samples, _ = asyncio.run(run_load(url, warm, math.inf, seed=0))
+    failed = [s.error for s in samples if s.error]
+    if failed:
+        raise RuntimeError(f"warm-up requests failed: {failed[0]}")
+
+
+def measure(url: str, bodies: list[dict], rates: list[float], seed: int, warmup: int, label: dict) -> list[dict]:
+    rows = []
+    warm_up(url, bodies, warmup)
+    with httpx.Client() as client:
+        for rate in rates:
+            before = metrics(client, url)
+            samples, peak = asyncio.run(run_load(url, bodies, rate, seed))
+            after = metrics(client, url)
+            row = {**label, "rate": rate if not math.isinf(rate) else "inf", **summarize(samples),
+                   "preemptions": int(after["rlkv_preemptions_total"] - before["rlkv_preemptions_total"]),
+                   "max_running": peak, "kv_pages_total": int(after["rlkv_kv_pages_total"])}
+            rows.append(row)
+            print(f"{label} rate {row['rate']}: {row.get('output_tok_s', 0):.1f} tok/s, "
+                  f"TTFT p50 {row.get('ttft_p50_s')}, {row['preemptions']} preemptions", flush=True)
+    return rows
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", help="served model (required unless --url)")
+    ap.add_argument("--heads", help="head scores for sparsity > 0")
+    ap.add_argument("--sparsities", default="0,0.5")
+    ap.add_argument("--rates", default="2,8,32,inf", help="request arrivals per second (inf: all at once)")
+    ap.add_argument("--num-requests", type=int, default=200)
+    ap.add_argument("--max-tokens", type=int, default=4096)
+    ap.add_argument("--temperature", type=float, default=0.0)
+    ap.add_argument("--kv-budget", default=None, help="the servers' KV pool (a size like 4GiB, or a GPU share)")
+    ap.add_argument("--max-batch", type=int, default=256)
+    ap.add_argument("--sink", type=int, default=16)
+    ap.add_argument("--recent", type=int, default=64)
+    ap.add_argument("--task", default="math500")
+    ap.add_argument("--data-dir", default=None)
+    ap.add_argument("--seed", type=int, default=0, help="of the arrival times")
+    ap.add_argument("--warmup", type=int, default=None, help="warm-up requests (default: --max-batch)")
+    ap.add_argument("--url", default=None, help="measure this running server instead of starting one per sparsity")
+    ap.add_argument("--startup-timeout", type=float, default=900)
+    ap.add_argument("--out", default="results/serving.json")
+    args = ap.parse_args()
+    if not args.url and not args.model:
+        ap.error("give --model (servers are started here) or --url (a running server)")
+    if not args.url and not args.heads and any(float(v) > 0 for v in args.sparsities.split(",")):
+        ap.error("a sparsity above 0 needs --heads")
+
+    task = rlkv.tasks.get(args.task)
+    examples = task.load(args.data_dir, limit=args.num_requests)
+    bodies = chat_bodies(task, examples, args.max_tokens, args.temperature)
+    rates = [float(r) for r in args.rates.split(",")]
+    warmup = args.warmup if args.warmup is not None else args.max_batch
+    meta = {"benchmark": "serving", **vars(args), "requests": len(bodies)}
+    rows = []
+    if args.url:
+        rows = measure(args.url, bodies, rates, args.seed, warmup, {"server": args.url})
+    for s in ([] if args.url else [float(v) for v in args.sparsities.split(",")]):
+        serve_args = ["--model", args.model, "--sparsity", str(s), "--max-batch", str(args.max_batch),
+                      "--sink", str(args.sink), "--recent", str(args.recent),
+                      *(["--heads", args.heads] if args.heads and s > 0 else []),
+                      *(["--kv-budget", args.kv_budget] if args.kv_budget else [])]
+        log = Path(args.out).with_suffix(f".server-s{s:g}.log")
+        log.parent.mkdir(parents=True, exist_ok=True)
+        server = ServerProcess(serve_args, log, args.startup_timeout)
+        try:
+            meta[f"server_command_s{s:g}"] = " ".join(server.command)
+            rows += measure(server.url, bodies, rates, args.seed, warmup, {"sparsity": s})
+        finally:
+            server.close()
+        write_result(args.out, {**meta, "complete": False, "rows": rows})  # partial results survive a kill
+    base = {r["rate"]: r for r in rows if r.get("sparsity") == 0}
+    for r in rows:
+        ref = base.get(r["rate"])
+        r["throughput_ratio"] = r["output_tok_s"] / ref["output_tok_s"] if ref and r.get("output_tok_s") else None
+    print_table(rows, ["sparsity" if not args.url else "server", "rate", "completed", "output_tok_s",
+                       "throughput_ratio", "requests_s", "ttft_p50_s", "ttft_p99_s", "tpot_p50_ms", "tpot_p99_ms",
+                       "latency_p99_s", "preemptions", "max_running"])
+    write_result(args.out, {**meta, "complete": True, "rows": rows})
+
+
+if __name__ == "__main__":
+    main()
