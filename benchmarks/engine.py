@@ -261,11 +261,12 @@ def _graph_times(engine, batch: int, context: int) -> dict:
     `context` tokens: what remains of a step's time is the host's that the device waited for."""
     if not engine.cuda_graphs:
         return {}
-    bucket = next(b for b in engine._buckets if b >= batch)
-    graph, _ = engine._graph(("decode", bucket), dict(temperature=0.0, top_k=0, top_p=1.0))  # the greedy runs above captured it
-    engine._static.zero_()
-    engine._static[1, :batch] = context
-    engine._static[2, :batch] = torch.arange(1, batch + 1)  # slots still hold the last call's pages (or tokens)
+    runner = engine.runner
+    bucket = next(b for b in runner.buckets if b >= batch)
+    graph, _ = runner._graph(("decode", bucket), "greedy")  # the greedy runs above captured it
+    runner._static.zero_()
+    runner._static[1, :batch] = context
+    runner._static[2, :batch] = torch.arange(1, batch + 1)  # slots still hold the last call's page tables (or tokens)
     return {"graph_ms": 1e3 * event_seconds(graph.replay)}
 
 

@@ -58,8 +58,10 @@ def test_efficiency_benchmark_grades_each_sparsity(saved, tmp_path):
     run("efficiency.py", "--model", str(saved), "--heads", str(heads), "--task", "arith", "--limit", "2",
         "--sparsities", "0,0.5", "--max-new-tokens", "4", "--max-batch", "2", "--kv-budget", "8MiB", "--out", str(out))
     rows = json.loads(out.read_text())["rows"]
-    assert [r["sparsity"] for r in rows] == [0.0, 0.5] and rows[0]["speedup_e2e"] == pytest.approx(1.0)
-    assert all(0 <= r["accuracy"] <= 1 and r["mean_tokens"] > 0 for r in rows)
+    assert [(r["admission"], r["sparsity"]) for r in rows] == [("demand", 0.0), ("demand", 0.5), ("reserve", 0.0),
+                                                               ("reserve", 0.5)]
+    assert rows[0]["speedup_e2e"] == pytest.approx(1.0) and rows[2]["vs_reserve"] == pytest.approx(1.0)
+    assert all(0 <= r["accuracy"] <= 1 and r["mean_tokens"] > 0 and r["preemptions"] >= 0 for r in rows)
 
 
 def test_hf_cache_benchmark_measures_each_sparsity(saved, tmp_path):
@@ -69,3 +71,15 @@ def test_hf_cache_benchmark_measures_each_sparsity(saved, tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert [r["config"] for r in rows] == ["DynamicCache", "rlkv s=0", "rlkv s=0.5", "DynamicCache (again)"]
     assert rows[2]["kv_bytes_end"] < rows[1]["kv_bytes_end"] == rows[0]["kv_bytes_end"]
+
+
+def test_decode_limit_benchmark_sets_each_step_against_its_bytes(saved, tmp_path):
+    out = tmp_path / "limit.json"
+    run("decode_limit.py", "--model", str(saved), "--batches", "2,3", "--sparsities", "0,0.5", "--context", "120",
+        "--profile-tokens", "2", "--out", str(out))
+    result = json.loads(out.read_text())
+    rows = result["rows"]
+    assert result["complete"] and result["weight_bytes"] > 0 and result["copy_gb_per_s"] > 0
+    assert [(r["sparsity"], r["batch"]) for r in rows] == [(0.0, 2), (0.0, 3), (0.5, 2), (0.5, 3)]
+    assert rows[1]["kv_bytes"] == 3 * rows[0]["kv_bytes"] // 2 and rows[2]["kv_bytes"] < rows[0]["kv_bytes"]
+    assert all(r["floor_ms"] > 0 for r in rows)

@@ -97,15 +97,19 @@ def test_outputs_do_not_depend_on_batching_budget_or_chunking():
     assert packed.stats.prefill_forwards == 1  # every whole prompt in one packed row
     one_at_a_time = engine(model, method, max_batch=1, prefill_tokens=5)
     narrow = one_at_a_time.generate(ps, **kw)
-    # a budget with room for one request's pages at a time: admission waits instead of over-committing
+    # a budget with room for one request's pages at a time: pages on demand run several and preempt (each
+    # preempted request is prefilled again from prompt + its tokens); reserving admission waits instead
     store = one_at_a_time.store
     tight = store.slot_bytes * 4 + store.page_bytes * (store.pages_for(30 + NEW) + 1)
     squeezed = engine(model, method, kv_budget=tight, max_batch=3)
     starved = squeezed.generate(ps, **kw)
+    reserving = engine(model, method, kv_budget=tight, max_batch=3, admission="reserve")
+    waited = reserving.generate(ps, **kw)
     alone = engine(model, method).generate([ps[2]], **{**kw, "seed": [9]})
-    assert [o.tokens for o in wide] == [o.tokens for o in narrow] == [o.tokens for o in starved]
+    assert [o.tokens for o in wide] == [o.tokens for o in narrow] == [o.tokens for o in starved] == [o.tokens for o in waited]
     assert alone[0].tokens == wide[2].tokens  # request 2 samples with seed 7 + 2 wherever it runs
-    assert squeezed.stats.max_running == 1 < squeezed.max_batch
+    assert squeezed.stats.preemptions > 0 and squeezed.stats.max_running > 1
+    assert reserving.stats.max_running == 1 < reserving.max_batch and reserving.stats.preemptions == 0
     assert len({tuple(o.tokens) for o in wide}) == len(ps)
 
 
@@ -142,8 +146,10 @@ def test_sequence_tokens_give_the_rooms_of_rings_that_never_run_to_pages():
     model = tiny_model("llama", layers=4)
     keep = rlkv.HeadScores.random(rlkv.Layout.of(model), seed=4).keep_mask(0.5)
     method, budget, length = HeadSplit(keep, SINK, RECENT), 2**20, 37 + 10
-    every = engine(model, method, kv_budget=budget, max_batch=64, prefill_tokens=4096)
-    fitted = engine(model, method, kv_budget=budget, max_batch=64, prefill_tokens=4096, sequence_tokens=length)
+    # reserving admission: each sequence holds the pages of `length` tokens from the start
+    every = engine(model, method, kv_budget=budget, max_batch=64, prefill_tokens=4096, admission="reserve")
+    fitted = engine(model, method, kv_budget=budget, max_batch=64, prefill_tokens=4096, sequence_tokens=length,
+                    admission="reserve")
     store, n = fitted.store, fitted.store.num_slots - 1
     per_sequence = store.pages_for(length) * store.page_bytes + store.slot_bytes
     scratch = store.page_bytes + store.slot_bytes
@@ -397,21 +403,21 @@ def test_token_droppers_through_the_slot_kernel_equal_their_generate(name):
 
 @pytest.mark.parametrize("name", ["full", "h2o"])
 def test_the_model_cannot_be_called_directly_while_the_engine_runs(name):
-    """Inside generate (here from on_complete) the model's attention belongs to the engine; outside, to the model."""
+    """While the engine has work the model's attention belongs to it; once idle, to the model again."""
     model = tiny_model("qwen2")
     method = None if name == "full" else rlkv.methods.build("h2o", rlkv.Layout.of(model), 0.5, budget=8)
     eng = engine(model, method)
     ids = torch.tensor([[1, 2, 3]], device=DEVICE)
-    errors = []
-
-    def call_model(i, completion):
-        with pytest.raises(RuntimeError, match="cannot be called directly while the engine runs") as err:
-            model(ids)
-        errors.append(err)
-
-    eng.generate([[1, 2, 3]], max_new_tokens=2, eos_token_ids=[], on_complete=call_model)
-    assert len(errors) == 1
-    assert model(ids).logits.shape == (1, 3, model.config.vocab_size)  # after generate: the model's own attention
+    eng.add_request("a", [1, 2, 3], rlkv.SamplingParams(max_tokens=4, ignore_eos=True))
+    eng.step()
+    with pytest.raises(RuntimeError, match="cannot be called directly while the engine runs"):
+        model(ids)
+    for _ in range(20):
+        if not eng.has_unfinished():
+            break
+        eng.step()
+    assert not eng.has_unfinished()
+    assert model(ids).logits.shape == (1, 3, model.config.vocab_size)  # idle: the model's own attention
 
 
 def test_an_interrupted_generate_gives_its_memory_back():
@@ -422,10 +428,11 @@ def test_an_interrupted_generate_gives_its_memory_back():
     def boom(*args, **kwargs):
         raise KeyboardInterrupt
 
-    decode = eng._decode
-    eng._decode = boom
+    decode = eng.runner.decode
+    eng.runner.decode = boom
     with pytest.raises(KeyboardInterrupt):
         eng.generate(ps, max_new_tokens=NEW, eos_token_ids=[])
-    eng._decode = decode
+    eng.runner.decode = decode
     assert len(eng.store._free_pages) == eng.store.capacity_pages and len(eng.store._free_slots) == eng.max_batch
+    assert not eng.has_unfinished() and model.config._attn_implementation == "sdpa"
     assert len(eng.generate(ps, max_new_tokens=3, eos_token_ids=[])) == len(ps)

@@ -13,7 +13,7 @@
 """
 
 from rlkv import methods, tasks
-from rlkv.engine import Completion, Engine, Gated
+from rlkv.engine import Completion, Engine, Gated, RequestError, SamplingParams
 from rlkv.eval import EvalConfig, evaluate
 from rlkv.heads import HeadScores
 from rlkv.hf import HeadSplitCache, cache_nbytes, compress
@@ -29,6 +29,8 @@ __all__ = [
     "HeadSplitCache",
     "IdentifyConfig",
     "Layout",
+    "RequestError",
+    "SamplingParams",
     "SUPPORTED_ARCHS",
     "cache_nbytes",
     "compress",

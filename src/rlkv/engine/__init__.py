@@ -1,14 +1,18 @@
-"""The rlkv generation engine: per-head KV pools, continuous batching, CUDA graphs, a fused decode kernel.
+"""The rlkv generation engine: per-head KV pools, pages on demand, preemption, CUDA graphs, fused kernels.
 
     engine = rlkv.Engine(model, tok, method=rlkv.methods.HeadSplit(keep, sink=16, recent=64), kv_budget="20GiB")
     outs = engine.generate(prompts, temperature=0.6, top_p=0.95, max_new_tokens=8192, seed=0)
+    engine.add_request("r1", prompt_ids, rlkv.SamplingParams(max_tokens=512)); engine.step()  # online
 
-Modules, in the order a request meets them: `engine` (scheduling, forwards, CUDA graphs),
-`kv` (pages and rings), `attention` (store + attend, torch reference paths), `kernel` (the
-Triton decode kernel), `tokendrop` (slots for H2O / SnapKV / R-KV), `sampling` (seeded,
-batch-independent sampling).
+Modules, in the order a request meets them: `request` (sampling parameters, a request's state,
+outputs), `scheduler` (admission, pages on demand, preemption), `engine` (the step loop and its
+API), `runner` (forwards, sampling, CUDA graphs), `kv` (pages and rings), `attention` (store +
+attend, torch reference paths), `kernel` (the Triton decode kernels), `tokendrop` (slots for
+H2O / SnapKV / R-KV), `sampling` (seeded, batch-independent sampling).
 """
 
-from rlkv.engine.engine import ENGINE_SETTINGS, Completion, Engine, EngineStats, Gated, check_setting, engine_for
+from rlkv.engine.engine import ENGINE_SETTINGS, Engine, EngineMetrics, EngineStats, Gated, check_setting, engine_for
+from rlkv.engine.request import Completion, RequestError, RequestOutput, SamplingParams, degenerate
 
-__all__ = ["ENGINE_SETTINGS", "Completion", "Engine", "EngineStats", "Gated", "check_setting", "engine_for"]
+__all__ = ["ENGINE_SETTINGS", "Completion", "Engine", "EngineMetrics", "EngineStats", "Gated", "RequestError",
+           "RequestOutput", "SamplingParams", "check_setting", "degenerate", "engine_for"]

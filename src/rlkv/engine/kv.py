@@ -10,8 +10,8 @@ Per layer l, with F_l kept and C_l compressed KV heads (a head-split keep-mask d
   slot. Token p lives in ring slot p while p < sink, else in sink + (p - sink) mod recent.
 
 Page 0 and slot 0 are scratch space that padding rows of a decode batch write into.
-A sequence gets every page it can ever need when it is admitted (its prompt plus its
-`max_new_tokens`), so the engine never runs out of pages mid-generation.
+A sequence holds pages for the tokens it has (`grow` as it goes); the scheduler
+(`rlkv.engine.scheduler`) decides who gets them, and preempts when the pool runs dry.
 
 Rings are allocated up front, one per slot, and the pages get the rest of the budget. There are
 `max_batch` slots, or, given `sequence_tokens` (prompt + new tokens of a typical request), only
@@ -138,6 +138,7 @@ class KVStore:
         self.page_table = torch.zeros(num_slots, self.max_pages_per_seq, dtype=torch.int32, device=device)
         self._free_pages = free_list(self.num_pages)
         self._free_slots = free_list(num_slots)
+        self._table_writes: list[tuple[int, int, int]] = []
         self.peak_pages_used = 0
 
     # ------------------------------------------------------------------ allocation
@@ -149,20 +150,38 @@ class KVStore:
     def capacity_pages(self) -> int:
         return self.num_pages - 1 if self.kept_heads else 0
 
-    def can_admit(self, tokens: int) -> bool:
-        return bool(self._free_slots) and self.pages_for(tokens) <= len(self._free_pages)
+    @property
+    def free_pages(self) -> int:
+        return len(self._free_pages)
 
-    def admit(self, tokens: int) -> tuple[int, list[int]]:
-        """A slot and every page a sequence of at most `tokens` tokens needs; its page-table row is written."""
-        n = self.pages_for(tokens)
-        if not self.can_admit(tokens):
-            raise RuntimeError("KVStore.admit called without room (check can_admit first)")
-        slot = self._free_slots.pop()
-        pages = [self._free_pages.pop() for _ in range(n)]
-        if pages:
-            self.page_table[slot, :n] = upload(pages, torch.int32, self.page_table.device)
+    def has_slot(self) -> bool:
+        return bool(self._free_slots)
+
+    def take_slot(self) -> int:
+        if not self._free_slots:
+            raise RuntimeError("KVStore.take_slot called without a free slot (check has_slot first)")
+        return self._free_slots.pop()
+
+    def grow(self, slot: int, pages: list[int], tokens: int) -> bool:
+        """Extend `pages` (the sequence in `slot`) to hold `tokens` tokens; False, taking nothing, if the pool
+        is short. Page-table rows are written at the next `flush()`."""
+        need = self.pages_for(tokens) - len(pages)
+        if need <= 0:
+            return True
+        if need > len(self._free_pages):
+            return False
+        new = [self._free_pages.pop() for _ in range(need)]
+        self._table_writes += [(slot, len(pages) + i, page) for i, page in enumerate(new)]
+        pages.extend(new)
         self.peak_pages_used = max(self.peak_pages_used, self.capacity_pages - len(self._free_pages))
-        return slot, pages
+        return True
+
+    def flush(self) -> None:
+        """Write the page-table entries of pages handed out since the last flush (one upload for all)."""
+        if self._table_writes:
+            slots, cols, pages = upload(list(zip(*self._table_writes)), torch.long, self.page_table.device)
+            self.page_table[slots, cols] = pages.to(torch.int32)
+            self._table_writes = []
 
     def release(self, slot: int, pages: list[int]) -> None:
         self._free_slots.append(slot)

@@ -42,24 +42,40 @@ def uniform(seeds: torch.Tensor, steps: torch.Tensor, vocab: int) -> torch.Tenso
     return ((bits >> 8).float() + 0.5) / 2.0**24
 
 
-def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
-    """Logits with everything outside the top-k and the top-p nucleus set to -inf (the best token always stays)."""
-    if top_k and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        ordered, order = torch.sort(logits, dim=-1, descending=True)
-        probs = torch.softmax(ordered, dim=-1)
-        drop = probs.cumsum(-1) - probs > top_p  # tokens whose predecessors already cover top_p
-        logits = logits.scatter(-1, order, ordered.masked_fill(drop, float("-inf")))
-    return logits
+def _per_row(value, rows: int, dtype, device) -> torch.Tensor:
+    """A number or a per-row tensor as a tensor [rows]."""
+    if isinstance(value, torch.Tensor):
+        return value.to(dtype)
+    return torch.full((rows,), value, dtype=dtype, device=device)
 
 
-def sample(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, seeds: torch.Tensor,
-           steps: torch.Tensor) -> torch.Tensor:
-    """Next token ids [B] from logits [B, V]: greedy at temperature 0, else seeded sampling."""
-    if temperature == 0:
+def filter_logits(logits: torch.Tensor, top_k, top_p) -> torch.Tensor:
+    """Logits with everything outside each row's top-k and top-p nucleus set to -inf (the best token
+    always stays). `top_k` (0 = off) and `top_p` are numbers or per-row tensors [B]: one sort serves both."""
+    rows, vocab = logits.shape
+    top_k = _per_row(top_k, rows, torch.long, logits.device)
+    top_p = _per_row(top_p, rows, torch.float32, logits.device)
+    ordered, order = torch.sort(logits, dim=-1, descending=True)
+    k = torch.where(top_k > 0, top_k.clamp(max=vocab), vocab)
+    drop = torch.arange(vocab, device=logits.device)[None, :] >= k[:, None]
+    probs = torch.softmax(ordered.float().masked_fill(drop, float("-inf")), dim=-1)
+    drop |= probs.cumsum(-1) - probs > top_p[:, None]  # tokens whose predecessors already cover top_p
+    return logits.scatter(-1, order, ordered.masked_fill(drop, float("-inf")))
+
+
+def sample(logits: torch.Tensor, temperature, top_k, top_p, seeds: torch.Tensor, steps: torch.Tensor,
+           filtered: bool = True) -> torch.Tensor:
+    """Next token ids [B] from logits [B, V]: greedy where the temperature is 0, else seeded sampling.
+
+    `temperature`, `top_k`, `top_p` are numbers (one setting for the batch) or per-row tensors [B];
+    `filtered=False` skips the top-k / top-p filter (the caller knows no row uses it). A temperature
+    of exactly 0 as a number is plain argmax."""
+    if not isinstance(temperature, torch.Tensor) and temperature == 0:
         return logits.argmax(-1)
-    scaled = filter_logits(logits.float() / temperature, top_k, top_p)
+    temp = _per_row(temperature, logits.shape[0], torch.float32, logits.device)
+    scaled = logits.float() / temp.clamp(min=1e-6)[:, None]
+    if filtered:
+        scaled = filter_logits(scaled, top_k, top_p)
     gumbel = -torch.log(-torch.log(uniform(seeds, steps, logits.shape[-1])))
-    return (scaled + gumbel).argmax(-1)
+    drawn = (scaled + gumbel).argmax(-1)
+    return torch.where(temp == 0, logits.argmax(-1), drawn)

@@ -66,18 +66,24 @@ class TokenDropStore:
         self.peak_pages_used = 0
 
     # ------------------------------------------------------------------ allocation (KVStore's interface)
-    capacity_pages = 0
+    capacity_pages = free_pages = 0  # a sequence needs a slot and no pages
 
     def pages_for(self, tokens: int) -> int:
         return 0
 
-    def can_admit(self, tokens: int) -> bool:
+    def has_slot(self) -> bool:
         return bool(self._free_slots)
 
-    def admit(self, tokens: int) -> tuple[int, list[int]]:
+    def take_slot(self) -> int:
         if not self._free_slots:
-            raise RuntimeError("TokenDropStore.admit called without a free slot (check can_admit first)")
-        return self._free_slots.pop(), []
+            raise RuntimeError("TokenDropStore.take_slot called without a free slot (check has_slot first)")
+        return self._free_slots.pop()
+
+    def grow(self, slot: int, pages: list[int], tokens: int) -> bool:
+        return True  # a slot holds every token the policy keeps
+
+    def flush(self) -> None:
+        pass
 
     def release(self, slot: int, pages: list[int]) -> None:
         self._free_slots.append(slot)

@@ -42,7 +42,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 
 from rlkv import methods as method_registry
 from rlkv import tasks as task_registry
-from rlkv.engine.engine import check_setting, degenerate, engine_for
+from rlkv.engine import check_setting, degenerate, engine_for
 from rlkv.engine.sampling import stable_seed
 from rlkv.eval.summary import summarize
 from rlkv.methods.matching import TOLERANCE, bytes_over_decoding, match_budget

@@ -1,0 +1,119 @@
+"""The engine's decode step against the physical limit: bytes it must read over the measured copy bandwidth.
+
+At each `--batches` size and `--sparsities`, `batch` sequences of `--context` tokens (mid-generation)
+sit in the engine; one decode step must read every weight once (the tied embedding too: the logits
+read it whole) and the K/V of every sequence (kept heads: every token; compressed heads: their
+sink + recent ring). The floor is those bytes over this GPU's device-to-device copy bandwidth
+(bytes read + written per second of a 256 MiB copy). Reported: the step's GPU time (its CUDA graph
+replayed, as the engine runs it), the floor, their ratio (`of_limit`), the FLOP-bound floor at the
+measured bf16 matrix rate, and where the GPU time goes: the kernels of one eager step under
+torch.profiler, grouped (matrix products, attention, sampling and logits, the rest).
+
+    python benchmarks/decode_limit.py --model DIR --batches 64,128,256 --sparsities 0,0.5 --context 1024 \
+        --out results/decode_limit.json
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+from common import gpu_seconds, print_table, write_result
+from engine import _graph_times, _kernels
+
+import rlkv
+from rlkv.methods.headsplit import HeadSplit
+
+GROUPS = {  # kernel name fragments -> group (first match wins)
+    "attention": ("_decode_kernel", "_store_kernel", "attention", "flash"),
+    "matmul": ("gemm", "cutlass", "xmma", "nvjet", "matmul", "sm90", "splitk"),
+    "sampling+logits": ("argmax", "softmax", "sort", "topk", "gather", "log_softmax"),
+}
+
+
+def group_of(name: str) -> str:
+    low = name.lower()
+    return next((g for g, keys in GROUPS.items() if any(k in low for k in keys)), "other (norms, RoPE, elementwise)")
+
+
+def weight_bytes(model) -> int:
+    """Bytes of weights one decode step reads: every parameter (a tied embedding once, read whole by the logits)."""
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    embed, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+    if embed.data_ptr() != head.data_ptr():  # untied: the input embedding is read a row per sequence
+        total -= embed.numel() * embed.element_size()
+    return total
+
+
+def matmul_rate(device) -> float:
+    """FLOP/s of a large bf16 matrix product on this device (random data)."""
+    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    b = torch.randn_like(a)
+    return 2 * 8192**3 / gpu_seconds(lambda: a @ b, reps=10)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--batches", default="64,128,256")
+    ap.add_argument("--sparsities", default="0,0.5")
+    ap.add_argument("--context", type=int, default=1024, help="tokens per sequence (mid-generation)")
+    ap.add_argument("--profile-tokens", type=int, default=4, help="eager decode steps profiled")
+    ap.add_argument("--sink", type=int, default=16)
+    ap.add_argument("--recent", type=int, default=64)
+    ap.add_argument("--out", default="results/decode_limit.json")
+    args = ap.parse_args()
+
+    model, tok = rlkv.load_model(args.model)
+    layout = rlkv.Layout.of(model)
+    device = next(model.parameters()).device
+    heads = rlkv.HeadScores.random(layout, seed=0)  # head choice does not change cost
+    src = torch.empty(2**28, dtype=torch.uint8, device=device)
+    copy = 2 * src.numel() / gpu_seconds(lambda: torch.empty_like(src).copy_(src), reps=20)
+    flops = matmul_rate(device) if device.type == "cuda" else None
+    weights = weight_bytes(model)
+    params = sum(p.numel() for p in model.parameters())
+    meta = {"benchmark": "decode_limit", "model": args.model, "layout": layout.to_dict(), **vars(args),
+            "copy_gb_per_s": copy / 1e9, "matmul_tflop_per_s": flops / 1e12 if flops else None, "weight_bytes": weights}
+    print(f"copy bandwidth {copy / 1e9:.0f} GB/s, weights {weights / 2**30:.2f} GiB", flush=True)
+    rows = []
+    for s in (float(v) for v in args.sparsities.split(",")):
+        for batch in (int(b) for b in args.batches.split(",")):
+            method = HeadSplit(heads.keep_mask(s), args.sink, args.recent)
+            budget = batch * (args.context + 64) * layout.kv_bytes_per_token() + 2**28
+            engine = rlkv.Engine(model, tok, method, kv_budget=budget, max_batch=batch)
+            ids = torch.randint(0, len(tok), (batch, args.context), generator=torch.Generator().manual_seed(0)).tolist()
+            engine.generate(ids, max_new_tokens=8, eos_token_ids=[])  # every sequence at once: kernels and graphs
+            store = engine.store
+            kv = batch * (args.context * store.token_bytes + store.slot_bytes)
+            floor = (weights + kv) / copy
+            row = {"sparsity": s, "batch": batch, "context": args.context, "kv_bytes": kv,
+                   "floor_ms": 1e3 * floor, **_graph_times(engine, batch, args.context)}
+            row.setdefault("graph_ms", None)  # no CUDA graphs on a CPU
+            if row["graph_ms"]:
+                row["of_limit"] = row["floor_ms"] / row["graph_ms"]
+            if flops:
+                row["flop_floor_ms"] = 1e3 * 2 * params * batch / flops
+            eager = rlkv.Engine(model, tok, method, kv_budget=budget, max_batch=batch, cuda_graphs=False)
+            (a, n0), (b, n1) = _kernels(eager, ids, 2), _kernels(eager, ids, 2 + args.profile_tokens)
+            steps = max(n1 - n0, 1)
+            groups: dict[str, float] = {}
+            for name, (_, us) in b.items():
+                groups[group_of(name)] = groups.get(group_of(name), 0.0) + (us - a.get(name, (0, 0))[1]) / steps / 1e3
+            row["eager_gpu_ms"] = sum(groups.values())
+            row["groups_ms"] = groups
+            rows.append(row)
+            print(f"sparsity {s:g}, {batch} x {args.context}: step {row['graph_ms'] or 0:.2f} ms of GPU time, floor "
+                  f"{row['floor_ms']:.2f} ms ({row.get('of_limit') or 0:.0%} of the limit); eager kernels: "
+                  + ", ".join(f"{g} {ms:.2f} ms" for g, ms in sorted(groups.items(), key=lambda e: -e[1])), flush=True)
+            del engine, eager
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            write_result(args.out, {**meta, "complete": False, "rows": rows})
+    print_table(rows, ["sparsity", "batch", "context", "graph_ms", "floor_ms", "of_limit", "flop_floor_ms",
+                       "eager_gpu_ms"])
+    write_result(args.out, {**meta, "complete": True, "rows": rows})
+
+
+if __name__ == "__main__":
+    main()

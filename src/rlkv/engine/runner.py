@@ -1,0 +1,234 @@
+"""The engine's forwards: a decode step, a packed prefill of whole prompts, a chunked prefill; each
+with sampling and log-probs, and on CUDA replayed from a CUDA graph.
+
+The model's own modules run the forward (embeddings, norms, projections, RoPE, MLP); only
+attention is the engine's (`rlkv.engine.attention`), reading where to store and what to attend
+from `state.batch`, which each forward sets first. Sampling is per row (each request's own
+temperature, top-k, top-p, seed); a batch runs in one of three modes, chosen on the host from
+its requests: all greedy (argmax), sampling without a filter, or with the top-k / top-p filter
+(a sort of the vocabulary), so the common cases pay nothing for the general one. A CUDA graph is
+captured per (shape, mode) and reads its inputs from static buffers; zero slots and pages are
+scratch space for padding rows.
+"""
+
+from __future__ import annotations
+
+from itertools import accumulate
+
+import torch
+
+from rlkv.engine.attention import Prefill, Segment
+from rlkv.engine.kv import upload
+from rlkv.engine.request import Request
+from rlkv.engine.sampling import sample
+
+PROMPT_TOKENS = 512  # longest row of whole new prompts prefilled in one packed forward (a CUDA graph per power of two)
+PROMPT_ROWS = 32  # most prompts in that row
+MODES = ("greedy", "sample", "filter")
+
+
+def sampling_mode(requests: list[Request]) -> str:
+    """The cheapest mode that serves every request of a batch."""
+    if all(r.params.greedy for r in requests):
+        return "greedy"
+    return "filter" if any(r.params.filtered for r in requests) else "sample"
+
+
+def sampling_rows(requests: list[Request]) -> tuple[list[list[int]], list[list[float]]]:
+    """Per request: (seed, token index, top_k) and (temperature, top_p)."""
+    longs = [[r.params.seed for r in requests], [r.sampled for r in requests], [r.params.top_k for r in requests]]
+    floats = [[float(r.params.temperature) for r in requests], [float(r.params.top_p) for r in requests]]
+    return longs, floats
+
+
+def pick(logits, seeds, steps, top_k, temperature, top_p, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next tokens [B] from logits [B, V] in `mode`, and their log-probs under the raw logits."""
+    if mode == "greedy":
+        tokens = logits.argmax(-1)
+    else:
+        tokens = sample(logits, temperature, top_k, top_p, seeds, steps, filtered=mode == "filter")
+    return tokens, torch.log_softmax(logits.float(), dim=-1).gather(1, tokens[:, None])[:, 0]
+
+
+class Runner:
+    """Forwards of one model with the engine's attention `state` over its KV `store`."""
+
+    def __init__(self, model, state, store, device, max_batch: int, prefill_tokens: int, cuda_graphs: bool,
+                 whole_prompts: bool):
+        self.model, self.state, self.store, self.device = model, state, store, device
+        self.max_batch, self.prefill_tokens = max_batch, prefill_tokens
+        self.cuda_graphs, self.whole_prompts = cuda_graphs, whole_prompts
+        self._graphs: dict[tuple, tuple] = {}
+        # decode batch sizes that get a CUDA graph; a step pads up to the smallest that fits
+        self.buckets = sorted({s for s in [1, 2, 4, 8, 16, *range(32, max_batch, 32)] if s < max_batch} | {max_batch})
+        # a decode step's ids, pos, slots, seeds, steps, top_k; and its temperatures, top_p
+        self._static = torch.zeros(6, max_batch, dtype=torch.long, device=device)
+        self._static_f = torch.ones(2, max_batch, device=device)
+        # packed new prompts: per token ids, pos, slots, prompt lengths, seq; per prompt its last token, seed,
+        # step, top_k; and its temperature, top_p
+        self._static_prompts = torch.zeros(5, PROMPT_TOKENS, dtype=torch.long, device=device)
+        self._static_rows = torch.zeros(4, PROMPT_ROWS, dtype=torch.long, device=device)
+        self._static_rows_f = torch.ones(2, PROMPT_ROWS, device=device)
+        # one memory pool per kind of graph. Graphs of one pool may reuse each other's intermediate memory, so
+        # a replay may overwrite the outputs of the pool's other graphs: a decode step's tokens are read (into
+        # the next step's inputs) before the next decode replay, but a prefill replays in between
+        self._pools = {kind: torch.cuda.graph_pool_handle() for kind in ("decode", "prompts")} if cuda_graphs else {}
+        self.decode_steps = self.prefill_forwards = 0
+
+    # ------------------------------------------------------------------ the model
+    def forward(self, ids: torch.Tensor, pos: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [B, T', V] of the model's own modules with the engine's attention."""
+        decoder = self.model.model
+        hidden = decoder.embed_tokens(ids)
+        rope = decoder.rotary_emb(hidden, position_ids=pos)
+        for layer in decoder.layers:
+            hidden = layer(hidden, attention_mask=None, position_ids=pos, position_embeddings=rope)
+        hidden = decoder.norm(hidden)
+        if rows is not None:
+            hidden = hidden[:, rows]
+        return self.model.lm_head(hidden)
+
+    # ------------------------------------------------------------------ decode
+    def decode(self, requests: list[Request], feed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One decode step: feed every request its latest token (`feed`, on the device) -> (tokens, log-probs)."""
+        n, mode = len(requests), sampling_mode(requests)
+        longs, floats = sampling_rows(requests)
+        host = [[r.length - 1 for r in requests], [r.slot for r in requests], *longs]  # position, slot, ...
+        if self.cuda_graphs:
+            bucket = next(b for b in self.buckets if b >= n)
+            graph, (tokens, logprobs) = self._graph(("decode", bucket), mode)
+            self._static[:, n:bucket].zero_()
+            self._static[0, :n].copy_(feed)
+            self._static[1:, :n].copy_(upload(host, torch.long, self.device))
+            self._static_f[:, :n].copy_(upload(floats, torch.float32, self.device))
+            graph.replay()
+            tokens, logprobs = tokens[:n], logprobs[:n]
+        else:
+            inputs = torch.cat([feed[None], upload(host, torch.long, self.device)])
+            tokens, logprobs = self._decode_step(inputs, upload(floats, torch.float32, self.device), mode,
+                                                 max_len=max(host[0]) + 1)
+        self.decode_steps += 1
+        return tokens, logprobs
+
+    def _decode_step(self, inputs: torch.Tensor, floats: torch.Tensor, mode: str, max_len: int | None = None):
+        ids, pos, slots, seeds, steps, top_k = inputs
+        self.state.batch = self.state.decode_batch(slots, pos, max_len)
+        logits = self.forward(ids[:, None], pos[:, None])[:, 0]
+        return pick(logits, seeds, steps, top_k, floats[0], floats[1], mode)
+
+    # ------------------------------------------------------------------ prefill
+    def prefill(self, prefilling: list[Request]):
+        """One prefill forward; returns (requests whose context it completes, their first tokens, log-probs),
+        or None if it completes none.
+
+        Whole new contexts go together in a row of fixed shape (`prefill_prompts`); otherwise the
+        forward takes up to `prefill_tokens` context tokens in chunks (token droppers: whole contexts)."""
+        new = [] if self.whole_prompts else self._new_prompts(prefilling)
+        if new:
+            return new, *self.prefill_prompts(new)
+        segments, ids, pos, owners, used = [], [], [], [], 0
+        for req in prefilling:
+            n, room = len(req.context) - req.stored, self.prefill_tokens - used
+            if self.whole_prompts and used and n > room:  # a whole context, alone if longer than prefill_tokens
+                break
+            n = n if self.whole_prompts else min(n, room)
+            if n <= 0:
+                break
+            segments.append(Segment(req.slot, req.pages, req.stored, n, used))
+            ids += req.context[req.stored : req.stored + n]
+            pos += range(req.stored, req.stored + n)
+            owners.append(req)
+            used += n
+        self.state.batch = Prefill(segments)
+        complete = [(req, seg) for req, seg in zip(owners, segments) if req.stored + seg.length == len(req.context)]
+        rows = upload([seg.offset + seg.length - 1 for _, seg in complete], torch.long, self.device)
+        logits = self.forward(upload([ids], torch.long, self.device), upload([pos], torch.long, self.device), rows)[0]
+        self.prefill_forwards += 1
+        for req, seg in zip(owners, segments):
+            req.stored += seg.length
+        if not complete:
+            return None
+        requests = [req for req, _ in complete]
+        longs, floats = sampling_rows(requests)
+        longs, floats = upload(longs, torch.long, self.device), upload(floats, torch.float32, self.device)
+        return requests, *pick(logits, longs[0], longs[1], longs[2], floats[0], floats[1], sampling_mode(requests))
+
+    def _new_prompts(self, prefilling: list[Request]) -> list[Request]:
+        """The leading requests whose whole contexts fit one packed row (none stored yet)."""
+        limit, new, used = min(PROMPT_TOKENS, self.prefill_tokens), [], 0
+        for req in prefilling:
+            if req.stored or used + len(req.context) > limit or len(new) == PROMPT_ROWS:
+                break
+            new.append(req)
+            used += len(req.context)
+        return new
+
+    def prefill_prompts(self, requests: list[Request]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prefill whole contexts packed into one row padded to a power of two (a CUDA graph's shape)."""
+        lengths = [len(r.context) for r in requests]
+        used, n = sum(lengths), len(requests)
+        width = max(16, 1 << (used - 1).bit_length())
+        rows, pad = min(PROMPT_ROWS, width), width - used
+        ids = [t for r in requests for t in r.context] + [0] * pad
+        pos = [p for m in lengths for p in range(m)] + [0] * pad
+        slots = [r.slot for r, m in zip(requests, lengths) for _ in range(m)] + [0] * pad
+        lens = [m for m in lengths for _ in range(m)] + [1] * pad
+        seq = [i for i, m in enumerate(lengths) for _ in range(m)] + list(range(-1, -pad - 1, -1))
+        last = [end - 1 for end in accumulate(lengths)]
+        longs, floats = sampling_rows(requests)
+        tokens_in = upload([ids, pos, slots, lens, seq], torch.long, self.device)
+        rows_in = upload([row + [0] * (rows - n) for row in [last, *longs]], torch.long, self.device)
+        floats_in = upload([row + [1.0] * (rows - n) for row in floats], torch.float32, self.device)
+        mode = sampling_mode(requests)
+        if self.cuda_graphs:
+            graph, (tokens, logprobs) = self._graph(("prompts", width, rows), mode)
+            self._static_prompts[:, :width].copy_(tokens_in)
+            self._static_rows[:, :rows].copy_(rows_in)
+            self._static_rows_f[:, :rows].copy_(floats_in)
+            graph.replay()
+        else:
+            tokens, logprobs = self._prompts_step(tokens_in, rows_in, floats_in, mode)
+        for req in requests:
+            req.stored = len(req.context)
+        self.prefill_forwards += 1
+        return tokens[:n], logprobs[:n]
+
+    def _prompts_step(self, tokens_in: torch.Tensor, rows_in: torch.Tensor, floats_in: torch.Tensor, mode: str):
+        ids, pos, slots, lens, seq = tokens_in
+        self.state.batch = self.state.prompts_batch(slots, pos, seq, lens)
+        logits = self.forward(ids[None], pos[None], rows_in[0])[0]
+        return pick(logits, rows_in[1], rows_in[2], rows_in[3], floats_in[0], floats_in[1], mode)
+
+    # ------------------------------------------------------------------ CUDA graphs
+    def _graph(self, shape: tuple, mode: str):
+        """The CUDA graph of a forward with sampling and log-probs in `mode`, captured on first use: a decode
+        step of ("decode", rows) or a prefill of ("prompts", tokens, rows). It reads its inputs from the static
+        buffers, zeroed for the capture: zero slots and pages are scratch space."""
+        key = (shape, mode)
+        if key not in self._graphs:
+            if shape[0] == "decode":
+                self._static.zero_()
+                static, static_f = self._static[:, : shape[1]], self._static_f[:, : shape[1]]
+
+                def step():
+                    return self._decode_step(static, static_f, mode)
+            else:
+                self._static_prompts.zero_()
+                self._static_rows.zero_()
+                tokens_in, rows_in = self._static_prompts[:, : shape[1]], self._static_rows[:, : shape[2]]
+                floats_in = self._static_rows_f[:, : shape[2]]
+
+                def step():
+                    return self._prompts_step(tokens_in, rows_in, floats_in, mode)
+
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                for _ in range(2):  # warm-up: Triton compiles, allocators settle
+                    step()
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._pools[shape[0]]):
+                outputs = step()
+            self._graphs[key] = (graph, outputs)
+        return self._graphs[key]

@@ -1,0 +1,184 @@
+"""The engine's online API: requests added while it runs, aborted, sampled per request, preempted for memory;
+each request's tokens equal the same request run alone."""
+
+import pytest
+import torch
+from conftest import tiny_model, tiny_tokenizer
+from test_engine import RECENT, SINK, engine, prompts
+
+import rlkv
+from rlkv import RequestError, SamplingParams
+from rlkv.methods.headsplit import HeadSplit
+
+NEW = 12
+
+
+def run_alone(model, method, prompt, params, **kw):
+    eng = engine(model, method, **kw)
+    eng.add_request("alone", prompt, params)
+    return drain(eng)["alone"]
+
+
+def drain(eng, limit=500, steps=None, streamed=None):
+    """Step until idle (bounded; or `steps` steps); {request id: completion}, checking that each request's
+    increments add up to its completion's tokens."""
+    streamed, done = {} if streamed is None else streamed, {}
+    for _ in range(steps or limit):
+        if not eng.has_unfinished():
+            break
+        for out in eng.step():
+            streamed.setdefault(out.request_id, []).extend(out.new_token_ids)
+            if out.finished:
+                done[out.request_id] = out.completion
+    if steps:
+        return done
+    assert not eng.has_unfinished()
+    assert all(streamed[i] == c.tokens for i, c in done.items())  # the increments are the completion's tokens
+    return done
+
+
+def half(model, seed=1):
+    return HeadSplit(rlkv.HeadScores.random(rlkv.Layout.of(model), seed=seed).keep_mask(0.5), SINK, RECENT)
+
+
+def test_requests_added_while_it_runs_equal_each_alone():
+    model = tiny_model("qwen2")
+    method = half(model)
+    ps, _, _ = prompts()
+    params = [SamplingParams(max_tokens=NEW, ignore_eos=True),
+              SamplingParams(max_tokens=NEW - 3, temperature=1.0, seed=5, ignore_eos=True),
+              SamplingParams(max_tokens=NEW, temperature=0.8, top_p=0.7, seed=6, ignore_eos=True),
+              SamplingParams(max_tokens=NEW, temperature=1.3, top_k=5, seed=7, ignore_eos=True)]
+    eng = engine(model, method, max_batch=4)
+    eng.add_request("r0", ps[0], params[0])
+    outputs = {}
+    for step in range(400):  # the others arrive one by one while r0 decodes
+        if step in (2, 4, 5):
+            i = (2, 4, 5).index(step) + 1
+            eng.add_request(f"r{i}", ps[i], params[i])
+        for out in eng.step():
+            outputs.setdefault(out.request_id, []).extend(out.new_token_ids)
+        if step > 5 and not eng.has_unfinished():
+            break
+    assert not eng.has_unfinished()
+    for i in range(4):
+        assert outputs[f"r{i}"] == run_alone(model, method, ps[i], params[i]).tokens
+    assert len(outputs["r1"]) == NEW - 3  # its own max_tokens
+
+
+def test_abort_frees_its_pages_at_once_and_the_others_are_unchanged():
+    model = tiny_model("llama")
+    ps, _, _ = prompts()
+    eng = engine(model, max_batch=4)
+    params = SamplingParams(max_tokens=NEW, ignore_eos=True)
+    for i, p in enumerate(ps):
+        eng.add_request(f"r{i}", p, params)
+    streamed = {}
+    drain(eng, steps=3, streamed=streamed)
+    before = eng.metrics()
+    held = len(eng._requests["r3"].pages)
+    assert before.running == 4 and held > 0
+    assert eng.abort_request("r3") and not eng.abort_request("r3") and not eng.abort_request("nope")
+    after = eng.metrics()
+    assert after.pages_used == before.pages_used - held and after.running == 3
+    done = drain(eng, streamed=streamed)
+    assert set(done) == {"r0", "r1", "r2", "r3"} and done["r3"].finish == "abort"
+    assert [done[f"r{i}"].tokens for i in range(3)] == [run_alone(model, None, p, params).tokens for p in ps[:3]]
+    assert eng.metrics().pages_used == 0 and eng.metrics().running == 0
+
+
+def test_aborting_the_last_request_gives_the_model_back():
+    model = tiny_model("qwen2")
+    eng = engine(model)
+    eng.add_request("a", [3, 4, 5], SamplingParams(max_tokens=50, ignore_eos=True))
+    eng.step()
+    eng.step()
+    assert model.config._attn_implementation != "sdpa"
+    eng.abort_request("a")
+    assert model.config._attn_implementation == "sdpa" and eng.metrics().pages_used == 0
+    assert eng.step() == [] or all(o.request_id == "a" for o in eng.step())
+
+
+@pytest.mark.parametrize("kind", ["greedy", "sampled"])
+def test_preempted_requests_equal_an_unpreempted_run(arch, kind):
+    """A pool with pages for about one sequence: four run at once, the newest are preempted and prefilled again
+    (prompt + their tokens); every output equals the roomy run's, and the pool is never exceeded."""
+    model = tiny_model(arch)
+    method = half(model, seed=2)
+    ps, _, _ = prompts()
+    temp = 0.0 if kind == "greedy" else 1.0
+    params = [SamplingParams(max_tokens=NEW, temperature=temp, seed=11 + i, ignore_eos=True) for i in range(4)]
+    roomy = engine(model, method, max_batch=4)
+    probe = roomy.store
+    tight = probe.slot_bytes * 5 + probe.page_bytes * (probe.pages_for(30 + NEW) + 2)
+    squeezed = engine(model, method, kv_budget=tight, max_batch=4, prefill_tokens=16)
+    for eng in (roomy, squeezed):
+        for i, (p, sp) in enumerate(zip(ps, params)):
+            eng.add_request(f"r{i}", p, sp)
+    want, got = drain(roomy), drain(squeezed)
+    assert squeezed.metrics().preemptions > 0 and roomy.metrics().preemptions == 0
+    assert squeezed.store.peak_pages_used <= squeezed.store.capacity_pages
+    assert [got[f"r{i}"].tokens for i in range(4)] == [want[f"r{i}"].tokens for i in range(4)]
+    torch.testing.assert_close(torch.tensor([got[f"r{i}"].logprobs for i in range(4)]),
+                               torch.tensor([want[f"r{i}"].logprobs for i in range(4)]), rtol=1e-4, atol=1e-4)
+    assert squeezed.metrics().pages_used == 0
+
+
+def test_token_droppers_serve_online_with_fixed_slots():
+    model = tiny_model("qwen2")
+    method = rlkv.methods.build("h2o", rlkv.Layout.of(model), 0.5, budget=8)
+    ps, _, _ = prompts()
+    params = SamplingParams(max_tokens=NEW, ignore_eos=True)
+    eng = engine(model, method, max_batch=2)
+    for i, p in enumerate(ps):
+        eng.add_request(f"r{i}", p, params)
+    done = drain(eng)
+    assert eng.metrics().preemptions == 0 and eng.metrics().pages_total == 2
+    assert [done[f"r{i}"].tokens for i in range(4)] == [run_alone(model, method, p, params).tokens for p in ps]
+
+
+def test_requests_that_can_never_run_are_refused_with_what_is_wrong():
+    model = tiny_model("llama")
+    eng = engine(model, kv_budget=64 * 1024, max_seq_len=256)
+    ok = SamplingParams(max_tokens=4)
+    with pytest.raises(RequestError, match="the prompt is empty"):
+        eng.add_request("a", [], ok)
+    with pytest.raises(RequestError, match="needs 254 > max_seq_len=256|needs 300 > max_seq_len=256"):
+        eng.add_request("a", [5] * 296, ok)
+    with pytest.raises(RequestError, match="pages of 4 tokens but the KV pool holds"):
+        eng.add_request("a", [5] * 200, SamplingParams(max_tokens=50))
+    with pytest.raises(RequestError, match=r"prompt token 96 is not a token id: expected integers in \[0, 96\)"):
+        eng.add_request("a", [5, 96], ok)
+    eng.add_request("a", [5, 6], ok)
+    with pytest.raises(RequestError, match="already running"):
+        eng.add_request("a", [5, 6], ok)
+    assert eng.metrics().waiting == 1
+
+
+@pytest.mark.parametrize("field, value, expected", [
+    ("max_tokens", 0, "max_tokens must be an integer >= 1"),
+    ("temperature", -0.5, "temperature must be a number >= 0"),
+    ("temperature", float("nan"), "temperature must be a number >= 0"),
+    ("top_p", 0.0, r"top_p must be a number in \(0, 1\]"),
+    ("top_p", 1.5, r"top_p must be a number in \(0, 1\]"),
+    ("top_k", -1, "top_k must be an integer >= 0"),
+    ("seed", 1.5, "seed must be an integer"),
+    ("stop", [""], "stop must be non-empty strings"),
+    ("stop_token_ids", [-3], "stop_token_ids must be integers >= 0"),
+])
+def test_sampling_params_refuse_bad_values(field, value, expected):
+    with pytest.raises(ValueError, match=expected):
+        SamplingParams(**{field: value})
+
+
+def test_stop_strings_and_ids_per_request():
+    model, tok = tiny_model("qwen2"), tiny_tokenizer()
+    ps, _, _ = prompts()
+    free = run_alone(model, None, ps[0], SamplingParams(max_tokens=NEW, ignore_eos=True))
+    text = tok.decode(free.tokens, skip_special_tokens=True)
+    eng = engine(model)
+    eng.add_request("s", ps[0], SamplingParams(max_tokens=NEW, ignore_eos=True, stop=(text[3:5],)))
+    eng.add_request("i", ps[0], SamplingParams(max_tokens=NEW, ignore_eos=True, stop_token_ids=(free.tokens[4],)))
+    done = drain(eng)
+    assert done["s"].finish == "stop" and done["s"].text == text[: text.find(text[3:5])]
+    assert done["i"].finish == "eos" and done["i"].tokens == free.tokens[: free.tokens.index(free.tokens[4]) + 1]
