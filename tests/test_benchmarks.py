@@ -17,8 +17,8 @@ def saved(tmp_path_factory):
     return path
 
 
-def run(script: str, *args: str) -> None:
-    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+def run(script: str, *args: str, **env_extra: str) -> None:
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), **env_extra}
     done = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), *args], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
@@ -83,3 +83,22 @@ def test_decode_limit_benchmark_sets_each_step_against_its_bytes(saved, tmp_path
     assert [(r["sparsity"], r["batch"]) for r in rows] == [(0.0, 2), (0.0, 3), (0.5, 2), (0.5, 3)]
     assert rows[1]["kv_bytes"] == 3 * rows[0]["kv_bytes"] // 2 and rows[2]["kv_bytes"] < rows[0]["kv_bytes"]
     assert all(r["floor_ms"] > 0 for r in rows)
+
+
+def test_serving_benchmark_measures_each_sparsity_and_rate(saved, tmp_path):
+    heads = tmp_path / "heads.json"
+    import rlkv
+
+    rlkv.HeadScores.random(rlkv.Layout.of(tiny_model("qwen2")), seed=0).save(heads)
+    out = tmp_path / "serving.json"
+    run("serving.py", "--model", str(saved), "--heads", str(heads), "--task", "arith", "--num-requests", "3",
+        "--rates", "8,32,inf", "--max-tokens", "4", "--kv-budget", "8MiB", "--max-batch", "4", "--warmup", "2",
+        "--sparsities", "0,0.5", "--out", str(out), OMP_NUM_THREADS="1")
+    result = json.loads(out.read_text())
+    assert result["complete"] and "command" in result["environment"] and "--sparsity 0.5" in result["server_command_s0.5"]
+    rows = result["rows"]
+    assert [(r["sparsity"], r["rate"]) for r in rows] == [(s, r) for s in (0.0, 0.5) for r in (8.0, 32.0, "inf")]
+    assert all(r["completed"] == 3 and r["failed"] == 0 and 0 < r["output_tokens"] <= 12 for r in rows)
+    assert all(0 < r["ttft_p50_s"] <= r["ttft_p99_s"] <= r["latency_p99_s"] and r["output_tok_s"] > 0 for r in rows)
+    assert all(r["max_running"] <= 4 and r["preemptions"] == 0 for r in rows)  # polled: a short run may show 0
+    assert [r["throughput_ratio"] for r in rows[:3]] == [1.0, 1.0, 1.0]

@@ -36,6 +36,9 @@ def test_heads_convert_and_plot(heads_file, tmp_path):
         (["heads", "show", "missing.json"], "head scores file not found"),
         (["heads", "show", "{heads}", "--sparsity", "1.5"], "sparsity must be a number in [0, 1]"),
         (["generate", "--model", "/nowhere/m.gguf", "--prompt", "hi"], "GGUF file not found"),
+        (["serve", "--model", "/nowhere/m.gguf"], "GGUF file not found"),
+        (["serve", "--model", "/nowhere/m.gguf", "--sparsity", "0.5"], "sparsity 0.5 needs --heads"),
+        (["serve", "--model", "/nowhere/m.gguf", "--method", "nope"], "unknown method 'nope'"),
     ],
 )
 def test_errors_are_one_line_with_exit_code_2(heads_file, args, message):

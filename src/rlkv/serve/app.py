@@ -53,7 +53,6 @@ class _Handlers:
         self.runner = AsyncEngine(engine)
         self.engine, self.tokenizer, self.model_name = engine, tokenizer, model_name
         self.default_max_tokens = default_max_tokens
-        self.vocab_size = engine.model.config.vocab_size
         self.metrics = ServerMetrics(engine)
         self.created = p.now()
 
@@ -97,12 +96,8 @@ class _Handlers:
         return self.tokenizer(text, add_special_tokens=False).input_ids
 
     def _plain_prompt(self, prompt: str | list[int]) -> list[int]:
-        if isinstance(prompt, str):
-            return self.tokenizer(prompt).input_ids
-        bad = next((t for t in prompt if not 0 <= t < self.vocab_size), None)
-        if bad is not None:
-            raise ApiError(400, f"token id {bad} is outside the vocabulary [0, {self.vocab_size})", param="prompt")
-        return prompt
+        """A string gets the tokenizer's special tokens; token ids go as they are (the engine checks them)."""
+        return self.tokenizer(prompt).input_ids if isinstance(prompt, str) else prompt
 
     def _params(self, req, prompt_tokens: int) -> SamplingParams:
         limit = req.token_limit or max(1, min(self.default_max_tokens, self.engine.max_seq_len - prompt_tokens))

@@ -2,9 +2,11 @@
 
 One background thread owns the Engine: it calls `step()` while requests are unfinished and sleeps
 on its inbox otherwise. Handlers never touch the engine's state; they post "add" and "abort"
-messages to a thread-safe queue that the thread applies between steps, and each request's outputs
-come back to its own asyncio queue through `loop.call_soon_threadsafe`. A handler reads them from
-an async iterator; leaving it early (the client disconnected, a stop string ended the text, the
+messages to a thread-safe queue that the thread applies between steps. Each request's outputs go
+to its own asyncio queue: all of a step's outputs in one `loop.call_soon_threadsafe` (one wake-up
+of the event loop per step, not per request), and a reader that fell behind gets the outputs
+queued for it merged into one (fewer, larger deltas under load). A handler reads them from an
+async iterator; leaving it early (the client disconnected, a stop string ended the text, the
 task was cancelled) aborts the request, which frees its KV pages before the next step.
 
 `shutdown()` (safe from a signal handler) makes the thread abort every request, end every stream
@@ -17,9 +19,10 @@ import asyncio
 import logging
 import queue
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections import defaultdict
+from collections.abc import AsyncIterator
 from contextlib import suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from rlkv.engine import Engine, RequestError, RequestOutput, SamplingParams
 
@@ -31,11 +34,19 @@ class EngineStopped(RuntimeError):
 
 
 @dataclass
+class _Sink:
+    """Where a request's outputs go: its asyncio queue, filled on its event loop."""
+
+    loop: asyncio.AbstractEventLoop
+    outputs: asyncio.Queue
+
+
+@dataclass
 class _Add:
     request_id: str
     prompt_ids: list[int]
     params: SamplingParams
-    deliver: Callable[[RequestOutput | BaseException], None]
+    sink: _Sink
 
 
 @dataclass
@@ -53,7 +64,8 @@ class AsyncEngine:
     def __init__(self, engine: Engine):
         self.engine = engine
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
-        self._sinks: dict[str, Callable] = {}  # request id -> deliver; owned by the engine thread
+        self._sinks: dict[str, _Sink] = {}  # owned by the engine thread
+        self._ready: list[tuple[_Sink, RequestOutput | BaseException]] = []  # to deliver after this step
         self._thread = threading.Thread(target=self._run, name="rlkv-engine", daemon=True)
         self._stopping = False
         self.error: BaseException | None = None  # why the engine thread died, if it did
@@ -89,23 +101,16 @@ class AsyncEngine:
         return self._stream(request_id, prompt_ids, params)
 
     async def _stream(self, request_id: str, prompt_ids: list[int], params: SamplingParams):
-        loop = asyncio.get_running_loop()
-        outputs: asyncio.Queue = asyncio.Queue()
-
-        def deliver(item) -> None:  # called in the engine thread
-            with suppress(RuntimeError):  # the event loop has closed: nobody is listening
-                loop.call_soon_threadsafe(outputs.put_nowait, item)
-
-        self._inbox.put(_Add(request_id, prompt_ids, params, deliver))
+        sink = _Sink(asyncio.get_running_loop(), asyncio.Queue())
+        self._inbox.put(_Add(request_id, prompt_ids, params, sink))
         finished = False
         try:
             while not finished:
-                item = await outputs.get()
-                if isinstance(item, BaseException):
-                    finished = True
-                    raise item
-                finished = item.finished
-                yield item
+                out = _merged(await sink.outputs.get(), sink.outputs)
+                finished = isinstance(out, BaseException) or out.finished
+                if isinstance(out, BaseException):
+                    raise out
+                yield out
         finally:
             if not finished:
                 self._inbox.put(_Abort(request_id))
@@ -116,7 +121,10 @@ class AsyncEngine:
             while self._apply(block=not self.engine.has_unfinished()):
                 if self.engine.has_unfinished():
                     for out in self.engine.step():
-                        self._deliver(out)
+                        sink = self._sinks.pop(out.request_id, None) if out.finished else self._sinks.get(out.request_id)
+                        if sink is not None:  # None: aborted meanwhile
+                            self._ready.append((sink, out))
+                self._deliver()
         except BaseException as err:  # a bug or a device failure: fail every open request, keep serving errors
             log.exception("the engine thread failed")
             self.error = err
@@ -135,28 +143,48 @@ class AsyncEngine:
             if isinstance(msg, _Add):
                 try:
                     self.engine.add_request(msg.request_id, msg.prompt_ids, msg.params)
+                    self._sinks[msg.request_id] = msg.sink
                 except RequestError as err:
-                    msg.deliver(err)
-                    continue
-                self._sinks[msg.request_id] = msg.deliver
+                    self._ready.append((msg.sink, err))
             elif self._sinks.pop(msg.request_id, None) is not None:
                 self.engine.abort_request(msg.request_id)
         return True
 
-    def _deliver(self, out: RequestOutput) -> None:
-        deliver = self._sinks.pop(out.request_id, None) if out.finished else self._sinks.get(out.request_id)
-        if deliver is not None:  # None: aborted meanwhile
-            deliver(out)
+    def _deliver(self) -> None:
+        """Hand the ready outputs to their event loops: one callback per loop."""
+        by_loop = defaultdict(list)
+        for sink, item in self._ready:
+            by_loop[sink.loop].append((sink.outputs, item))
+        self._ready = []
+        for loop, items in by_loop.items():
+            with suppress(RuntimeError):  # the event loop has closed: nobody is listening
+                loop.call_soon_threadsafe(_put_all, items)
 
     def _end_all(self, err: EngineStopped) -> None:
         """Abort every request, and end its stream (and those of requests not added yet) with `err`."""
-        for request_id, deliver in list(self._sinks.items()):
+        for request_id, sink in self._sinks.items():
             with suppress(Exception):
                 self.engine.abort_request(request_id)
-            deliver(err)
+            self._ready.append((sink, err))
         self._sinks.clear()
         with suppress(queue.Empty):
             while True:
                 msg = self._inbox.get_nowait()
                 if isinstance(msg, _Add):
-                    msg.deliver(err)
+                    self._ready.append((msg.sink, err))
+        self._deliver()
+
+
+def _put_all(items) -> None:
+    for outputs, item in items:
+        outputs.put_nowait(item)
+
+
+def _merged(first, outputs: asyncio.Queue):
+    """`first` and the outputs queued behind it as one (their tokens joined); an error ends the merge."""
+    while not isinstance(first, BaseException) and not first.finished and not outputs.empty():
+        nxt = outputs.get_nowait()
+        if isinstance(nxt, BaseException):
+            return nxt
+        first = replace(nxt, new_token_ids=first.new_token_ids + nxt.new_token_ids)
+    return first
