@@ -106,6 +106,8 @@ async def one_request(client: httpx.AsyncClient, url: str, body: dict, sample: S
             async for line in answer.aiter_lines():
                 if not line.startswith("data: ") or line == "data: [DONE]":
                     continue
+                if sample.first is not None and '"usage":{' not in line and '"error"' not in line:
+                    continue  # a later delta: nothing to read (parsing every chunk would load the client)
                 chunk = json.loads(line[6:])
                 if "error" in chunk:
                     sample.error = chunk["error"]["message"]
@@ -119,7 +121,7 @@ async def one_request(client: httpx.AsyncClient, url: str, body: dict, sample: S
         sample.error = f"{type(err).__name__}: {err}"
 
 
-async def run_load(url: str, bodies: list[dict], rate: float, seed: int, poll_s: float = 0.5) -> tuple[list[Sample], int]:
+async def run_load(url: str, bodies: list[dict], rate: float, seed: int, poll_s: float = 0.2) -> tuple[list[Sample], int]:
     """Send `bodies` at Poisson arrivals of `rate` per second; (samples, most requests running at once)."""
     rng = random.Random(seed)
     gaps = [0.0 if math.isinf(rate) else rng.expovariate(rate) for _ in bodies]

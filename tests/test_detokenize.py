@@ -71,3 +71,21 @@ def test_text_that_may_start_a_stop_string_is_held_until_resolved():
     assert detok.finish() == "" and detok.text == "abcEx"
     held = Detokenizer(tok, ["END"])
     assert held.add(ids("zEN")) == "z" and held.finish() == "EN"  # finished without the stop: released
+
+
+@pytest.mark.real_model
+def test_smollm2_tokenizer_streams_exactly():
+    from conftest import SMOLLM2
+    from transformers import AutoTokenizer
+
+    if not SMOLLM2.is_file():
+        pytest.skip(f"real weights absent: run ../shared/tools/get-model smollm2-135m-instruct (expected {SMOLLM2})")
+    tok = AutoTokenizer.from_pretrained(SMOLLM2.parent, gguf_file=SMOLLM2.name)
+    text = "Let's solve: 3 × 4 = 12, so \\boxed{12}. Naïve café — 日本語 😀\n```py\nprint('hi')  # done\n```"
+    ids = tok(text, add_special_tokens=False).input_ids + [tok.eos_token_id]
+    for trial in range(20):
+        rng = random.Random(trial)
+        tokens = ids[rng.randrange(len(ids) // 2):]
+        stop = rng.choice([[], ["12"], ["日本", "café"], ["```\n"]])
+        deltas, _ = stream(tok, tokens, stop, rng)
+        assert "".join(deltas) == cut(tok.decode(tokens, skip_special_tokens=True), stop), (tokens, stop)
