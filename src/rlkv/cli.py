@@ -118,7 +118,7 @@ def serve(
     default_max_tokens: int = typer.Option(1024, min=1, help="a request's token limit when it sets none"),
     served_model_name: Optional[str] = typer.Option(None, help="the model name clients send (default: --model as given)"),
     host: str = typer.Option("127.0.0.1"),
-    port: int = typer.Option(8000, min=0, max=65535),
+    port: int = typer.Option(8000, min=1, max=65535),
     log_level: str = typer.Option("info", help="uvicorn's: critical, error, warning, info, debug"),
 ):
     """Serve the model over an OpenAI-compatible HTTP API (chat and plain completions, streaming, /metrics)."""

@@ -24,6 +24,8 @@ from collections.abc import AsyncIterator
 from contextlib import suppress
 from dataclasses import dataclass, replace
 
+import torch
+
 from rlkv.engine import Engine, RequestError, RequestOutput, SamplingParams
 
 log = logging.getLogger("rlkv.serve")
@@ -118,6 +120,8 @@ class AsyncEngine:
     # ------------------------------------------------------------------ the engine thread
     def _run(self) -> None:
         try:
+            if self.engine.device.type == "cuda":  # a new thread starts on the default device
+                torch.cuda.set_device(self.engine.device)
             while self._apply(block=not self.engine.has_unfinished()):
                 if self.engine.has_unfinished():
                     for out in self.engine.step():
