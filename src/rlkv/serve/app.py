@@ -121,10 +121,9 @@ class _Handlers:
         pieces = self._pieces(outputs, Detokenizer(self.tokenizer, params.stop), time.perf_counter())
         head = dict(id=rid, created=p.now(), model=self.model_name)
         usage = _Usage(len(prompt_ids))
-        endpoint = raw.url.path
         if req.stream:
             events = (_chat_events if chat else _completion_events)(pieces, head, usage, req.include_usage)
-            self.metrics.count(endpoint, 200)
+            self.metrics.count(raw, 200)
             return StreamingResponse(_sse(events), media_type="text/event-stream")
         text, last = await _unless_disconnected(raw, _join(pieces))
         usage.completion_tokens = last.completion_tokens
@@ -133,7 +132,7 @@ class _Handlers:
                 if chat else
                 p.CompletionResponse(**head, choices=[p.CompletionChoice(text=text, finish_reason=last.finish_reason)],
                                      usage=usage.info))
-        self.metrics.count(endpoint, 200)
+        self.metrics.count(raw, 200)
         return JSONResponse(body.model_dump(mode="json"))
 
     async def _pieces(self, outputs: AsyncIterator, detok: Detokenizer, arrival: float) -> AsyncIterator[_Piece]:
@@ -261,15 +260,15 @@ def create_app(engine: Engine, tokenizer, model_name: str, default_max_tokens: i
     app.add_api_route("/metrics", server.metrics_text, methods=["GET"])
 
     async def api_error(raw: Request, err: ApiError) -> JSONResponse:
-        server.metrics.count(raw.url.path, err.status)
+        server.metrics.count(raw, err.status)
         return err.response()
 
     async def http_error(raw: Request, err: HTTPException) -> JSONResponse:
-        server.metrics.count(raw.url.path, err.status_code)
+        server.metrics.count(raw, err.status_code)
         return ApiError(err.status_code, str(err.detail), type="invalid_request_error").response()
 
     async def internal_error(raw: Request, err: Exception) -> JSONResponse:
-        server.metrics.count(raw.url.path, 500)
+        server.metrics.count(raw, 500)
         return ApiError(500, f"internal error: {type(err).__name__}: {err}", type="internal_error").response()
 
     app.add_exception_handler(ApiError, api_error)

@@ -53,7 +53,9 @@ class ServerMetrics:
         self.latency = Histogram("rlkv_request_seconds", "from arrival to the last generated token",
                                  buckets=SECONDS, registry=self.registry)
 
-    def count(self, endpoint: str, status: int) -> None:
+    def count(self, request, status: int) -> None:
+        """Count an answer to `request` (a Starlette Request) under its route; unknown paths are "other"."""
+        endpoint = getattr(request.scope.get("route"), "path", "other")
         self.http.labels(endpoint=endpoint, status=str(status)).inc()
 
     def render(self) -> bytes:
