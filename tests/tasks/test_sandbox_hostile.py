@@ -257,5 +257,5 @@ def test_unsafe_opt_in_is_explicit(monkeypatch):
     assert isolation.requested_mode("auto") == "auto"
     monkeypatch.setenv(isolation.UNSAFE_ENV, "1")
     assert isolation.requested_mode("auto") == "none"
-    result = run_code("import os\nuid = os.getuid()", ["assert uid == %d" % os.getuid()], FAST)
+    result = run_code("import os\nuid = os.getuid()", [f"assert uid == {os.getuid()}"], FAST)
     assert result.passed, result.details  # unisolated: the grader's own uid

@@ -76,7 +76,7 @@ def _libc():
 
 
 def _mount(call, source, target, fstype, flags, data=None) -> None:
-    enc = lambda s: None if s is None else os.fsencode(s)  # noqa: E731
+    enc = lambda s: None if s is None else os.fsencode(s)
     call("mount", enc(source), enc(target), enc(fstype), flags, enc(data))
 
 
@@ -268,7 +268,7 @@ def _describe(error: BaseException) -> str:
 
 def _run(code: str, steps: list, results_fd: int) -> None:
     """Run the code, then each step, writing the result lines (see step 3) to ``results_fd``."""
-    write = lambda line: os.write(results_fd, (line[: 1 << 22].replace("\n", " ") + "\n").encode())  # noqa: E731
+    write = lambda line: os.write(results_fd, (line.replace("\n", " ") + "\n").encode())
     namespace = {"__name__": "__main__"}
     try:
         exec(compile(code, "<solution>", "exec"), namespace)

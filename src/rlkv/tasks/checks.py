@@ -18,7 +18,7 @@ import builtins
 import cmath
 import functools
 import math
-from collections.abc import Collection, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from types import CodeType
 
@@ -68,8 +68,9 @@ def _bound_names(statements: Sequence[ast.stmt]) -> set[str]:
 
 def _local_names(expression: ast.AST) -> set[str]:
     """Names an expression binds itself (comprehension targets, lambda arguments, ``:=``)."""
-    names = {n.id for n in ast.walk(expression) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)}
-    return names | {a.arg for n in ast.walk(expression) if isinstance(n, ast.Lambda) for a in ast.walk(n.args) if isinstance(a, ast.arg)}
+    nodes = list(ast.walk(expression))
+    names = {n.id for n in nodes if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)}
+    return names | {n.arg for n in nodes if isinstance(n, ast.arg)}
 
 
 class _Splitter:
@@ -168,6 +169,8 @@ def _literal(node: ast.AST) -> object:
     if isinstance(node, (ast.List, ast.Tuple)):
         items = [_literal(item) for item in node.elts]
         return items if isinstance(node, ast.List) else tuple(items)
+    if isinstance(node, ast.Set):
+        return {_literal(item) for item in node.elts}
     if isinstance(node, ast.Dict) and None not in node.keys:
         return {_literal(k): _literal(v) for k, v in zip(node.keys, node.values)}
     if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and not node.keywords:

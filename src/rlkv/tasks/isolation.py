@@ -79,8 +79,12 @@ def probed_mode(try_mode: Callable[[str], str | None]) -> str:
         if error is None:
             return mode
         failures.append(f"{mode}: {error}")
-    hint = "" if os.geteuid() == 0 else "; not root, so it needs unprivileged user namespaces (sysctl user.max_user_namespaces > 0, kernel.unprivileged_userns_clone=1 where present)"
+    hint = "" if os.geteuid() == 0 else _USERNS_HINT
     raise SandboxUnavailable(f"cannot isolate untrusted code here ({'; '.join(failures)}){hint} ({_OPT_IN})")
 
 
+_USERNS_HINT = (
+    "; not root, so it needs unprivileged user namespaces"
+    " (sysctl user.max_user_namespaces > 0, and kernel.unprivileged_userns_clone = 1 where that exists)"
+)
 _OPT_IN = f"to run it without isolation anyway, which is unsafe, pass Limits(isolation='none') or set {UNSAFE_ENV}=1"

@@ -95,10 +95,11 @@ class MBPP(Task):
         return float(run_code(extract_code(completion), tests, self.limits, tested=tested).passed)
 
     def grade_many(self, examples: list[Example], completions: list[str]) -> list[float]:
-        """Scores of many completions, run in parallel sandboxes (one per CPU)."""
+        """Scores of many completions, run in parallel sandboxes (see :func:`run_many`)."""
         if len(examples) != len(completions):
             raise ValueError(f"got {len(examples)} examples but {len(completions)} completions")
         jobs = [
-            Job(extract_code(c), self.sandbox_tests(e), tested={e.meta["entry_point"]}) for e, c in zip(examples, completions)
+            Job(extract_code(c), self.sandbox_tests(e), tested={e.meta["entry_point"]})
+            for e, c in zip(examples, completions)
         ]
         return [float(result.passed) for result in run_many(jobs, limits=self.limits)]

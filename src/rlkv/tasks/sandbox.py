@@ -50,6 +50,8 @@ CHILD = Path(__file__).with_name("_sandbox_child.py")
 _FENCE = re.compile(r"```([^\n`]*)\n(.*?)```", re.DOTALL)
 _PYTHON_TAGS = {"python", "python3", "py"}
 _TIMEOUT_SIGNALS = {-signal.SIGPROF, -signal.SIGXCPU}
+MAX_VALUE_CHARS = 1 << 20
+"""Longest encoded value the grader decodes (bounds its own memory)."""
 
 
 @dataclass(frozen=True)
@@ -185,8 +187,10 @@ def _verdict(lines: list[str], plan: checks.Plan, tests: Sequence[str]) -> tuple
         shown = tests[index][:2000]
         if kind == "exec":
             line = next(lines, None)
+            if line is None:
+                return None
             if line != "ok":
-                return None if line is None else ("error", f"test {index} raised {line.removeprefix('raise ')}: {shown}")
+                return "error", f"test {index} raised {line.removeprefix('raise ')[:2000]}: {shown}"
             continue
         values = []
         for _ in payload:
@@ -194,7 +198,9 @@ def _verdict(lines: list[str], plan: checks.Plan, tests: Sequence[str]) -> tuple
             if line is None:
                 return None
             if not line.startswith("value "):
-                return "error", f"test {index} raised {line.removeprefix('raise ')}: {shown}"
+                return "error", f"test {index} raised {line.removeprefix('raise ')[:2000]}: {shown}"
+            if len(line) > MAX_VALUE_CHARS:
+                return "error", f"test {index}: the code returned a value over {MAX_VALUE_CHARS} characters: {shown}"
             try:
                 values.append(checks.decode(line[6:]))
             except ValueError as e:
@@ -206,9 +212,9 @@ def _verdict(lines: list[str], plan: checks.Plan, tests: Sequence[str]) -> tuple
         except Exception as e:  # the expected side could not take the values (a TypeError ...)
             return "error", f"test {index} raised {type(e).__name__}: {e}"[:2000] + f": {shown}"
     line = next(lines, None)
-    return None if line is None else ("passed", f"all {len(tests)} tests passed") if line == "end" else (
-        "error", f"unexpected result line {line[:200]!r}"
-    )
+    if line is None:
+        return None
+    return ("passed", f"all {len(tests)} tests passed") if line == "end" else ("error", f"unexpected line {line[:200]!r}")
 
 
 def _run(code: str, tests: Sequence[str], plan: checks.Plan, limits: Limits, mode: str) -> SandboxResult:
@@ -291,8 +297,10 @@ def run_code(
 
 
 def run_many(jobs: Sequence[Job], workers: int | None = None, limits: Limits = Limits()) -> list[SandboxResult]:
-    """Run ``jobs`` concurrently (``workers`` default: CPU count); results in job order."""
+    """Run ``jobs`` concurrently; results in job order. ``workers`` defaults to twice the CPU
+    count: a job also waits on the kernel (namespaces set up and torn down), and its limit
+    counts CPU seconds, so running more jobs than cores changes no verdict."""
     mode = _mode(limits)
     plans = [checks.plan(tuple(job.tests), frozenset(job.tested)) for job in jobs]
-    with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
+    with ThreadPoolExecutor(max_workers=workers or 2 * (os.cpu_count() or 1)) as pool:
         return list(pool.map(lambda job, plan: _run(job.code, job.tests, plan, limits, mode), jobs, plans))
