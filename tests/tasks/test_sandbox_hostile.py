@@ -148,7 +148,6 @@ attempt('grader_environ', lambda: open('/proc/{grader}/environ', 'rb').read())
 attempt('init_root', lambda: os.listdir('/proc/1/root'))
 attempt('setuid_0', lambda: os.setuid(0))
 print('uid', os.getuid(), 'pid', os.getpid(), flush=True)
-attempt('new_user_namespace', lambda: 'created' if ctypes.CDLL(None).unshare(0x10000000) == 0 else 'failed')
 os.makedirs('real', exist_ok=True)
 stop = []
 def swap():
@@ -165,6 +164,18 @@ for i in range(300):
     except OSError:
         pass
 stop.append(1); thread.join()
+libc = ctypes.CDLL(None, use_errno=True)
+attempt('new_user_namespace', lambda: 'created' if libc.unshare(0x10000000 | 0x20000) == 0 else 'failed')
+attempt('remount_usr', lambda: 'remounted' if libc.mount(None, b'/usr', None, 32 | 4096, None) == 0 else 'failed')
+attempt('write_usr', lambda: open('/usr/' + marker, 'w').write('escaped'))
+def chroot_escape():
+    os.makedirs('/sandbox/jail', exist_ok=True)
+    os.chroot('/sandbox/jail')
+    for _ in range(30):
+        os.chdir('..')
+    os.chroot('.')
+    return sorted(os.listdir('/'))
+attempt('chroot_escape', chroot_escape)
 """
 
 
@@ -183,15 +194,17 @@ def test_escapes_are_contained(mode, canary, monkeypatch):
     refused += ["init_environ", "grader_environ", "init_root"] + (["setuid_0"] if mode == "root" else [])
     for name in refused:
         assert outcomes[name].startswith("refused"), (name, result.stdout)  # ... and nothing else did
-    if mode == "user":
+    if mode == "user":  # no nested user namespace, so no capability again
         assert outcomes["new_user_namespace"] == "DID failed", result.stdout
+    assert outcomes["remount_usr"] in ("DID failed", "refused OSError") and outcomes["write_usr"].startswith("refused")
+    assert "'etc'" not in outcomes["chroot_escape"] and "'work'" not in outcomes["chroot_escape"], result.stdout
     assert "hunter2" not in result.stdout + result.stderr
     assert int(outcomes["uid"].split()[2]) < 10  # a PID of the job's own namespace
     if mode == "root":
         assert int(outcomes["uid"].split()[0]) >= isolation.UID_BASE
     assert processes_with(marker, wait=3.0) == []
     time.sleep(1.0)  # past the daemons' delayed writes
-    leaked = [p for p in Path("/tmp").iterdir() if p.name.startswith(marker)]
+    leaked = [p for p in [*Path("/tmp").iterdir(), Path("/usr") / marker] if p.name.startswith(marker) and p.exists()]
     assert leaked == [] and canary.poll() is None
 
 
@@ -259,3 +272,31 @@ def test_unsafe_opt_in_is_explicit(monkeypatch):
     assert isolation.requested_mode("auto") == "none"
     result = run_code("import os\nuid = os.getuid()", [f"assert uid == {os.getuid()}"], FAST)
     assert result.passed, result.details  # unisolated: the grader's own uid
+
+
+# ---------------------------------------------------------------- resources, unhooked
+@pytest.mark.parametrize("mode", MODES)
+def test_an_unhooked_fork_bomb_is_capped_and_reaped(mode):
+    marker = f"rlkv_bomb_{secrets.token_hex(6)}"
+    script = (
+        "import ctypes\nlibc = ctypes.CDLL(None)\n"
+        f"started = sum(libc.system(b'sh -c \\'sleep 60; : {marker}\\' &') == 0 for _ in range(40))\n"
+        "print('started', started, flush=True)"
+    )
+    result = run_code(unhooked(script), ["assert True"], Limits(timeout=10, max_processes=8, isolation=mode))
+    assert result.passed, (result.details, result.stderr)
+    if mode == "root" or os.geteuid() != 0:  # the kernel exempts host root's processes from RLIMIT_NPROC
+        assert int(result.stdout.split()[-1]) < 40 and "cannot fork" in result.stderr.lower()
+    assert processes_with(marker) == []  # nothing outlived the job
+
+
+def test_filling_the_disk_stops_at_the_tmpfs_and_file_limits():
+    code = (
+        "import os\nerrors = []\nfor name in 'abcdef':\n    try:\n        with open(name, 'wb') as f:\n"
+        "            for _ in range(20):\n                f.write(bytes(1 << 20))\n"
+        "    except OSError as e:\n        errors.append(e.errno)\n"
+        "total = sum(os.path.getsize(n) for n in os.listdir('.'))"
+    )
+    limits = Limits(timeout=10, file_bytes=16 << 20, disk_bytes=40 << 20)
+    result = run_code(code, ["assert total <= 40 << 20", "assert len(errors) == 6"], limits)
+    assert result.passed, result.details
