@@ -146,9 +146,12 @@ def _drop_privileges(job: dict, mode: str) -> None:
         sys.modules.pop(name, None)
 
 
-def _supervise(candidate: int, report_fd: int) -> None:
-    """PID 1: reap every process until the candidate exits, report it, exit (see step 2)."""
+def _supervise(candidate: int, report_fd: int, wall_seconds: int) -> None:
+    """PID 1: reap every process until the candidate exits, report it, exit (see step 2); exit
+    anyway after ``wall_seconds``, so that a job outlives no grader that died before killing it."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGALRM, lambda *_: os._exit(1))
+    signal.alarm(wall_seconds)
     cpu = 0.0
     while True:
         try:
@@ -321,7 +324,7 @@ def main(job_dir: str, mode: str, results_fd: int, report_fd: int) -> None:
     if pid == 0:
         _candidate(job, mode, results_fd)
     os.close(results_fd)
-    _supervise(pid, report_fd)
+    _supervise(pid, report_fd, job["limits"]["wall_seconds"])
 
 
 if __name__ == "__main__":

@@ -223,7 +223,7 @@ def _run(code: str, tests: Sequence[str], plan: checks.Plan, limits: Limits, mod
     child_limits = {
         "timeout": limits.timeout, "cpu_seconds": math.ceil(limits.timeout) + 1, "memory_bytes": limits.memory_bytes,
         "file_bytes": limits.file_bytes, "disk_bytes": limits.disk_bytes, "open_files": limits.open_files,
-        "max_processes": limits.max_processes,
+        "max_processes": limits.max_processes, "wall_seconds": math.ceil(wall) + 1,
     }  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="rlkv-sandbox-", ignore_cleanup_errors=True) as job_dir:
         root = Path(job_dir)
