@@ -300,3 +300,28 @@ def test_filling_the_disk_stops_at_the_tmpfs_and_file_limits():
     limits = Limits(timeout=10, file_bytes=16 << 20, disk_bytes=40 << 20)
     result = run_code(code, ["assert total <= 40 << 20", "assert len(errors) == 6"], limits)
     assert result.passed, result.details
+
+
+def test_a_job_does_not_outlive_a_grader_killed_mid_job():
+    grader_code = (
+        "import sys\nfrom rlkv.tasks.sandbox import Limits, run_code\nprint('ready', flush=True)\n"
+        "run_code('import time\\ntime.sleep(60)', ['assert True'], Limits(timeout=1, wall_timeout=2))"
+    )
+    grader = subprocess.Popen([sys.executable, "-c", grader_code], stdout=subprocess.PIPE)
+    try:
+        assert grader.stdout.readline() == b"ready\n"
+        deadline = time.monotonic() + 10
+        while not (children := Path(f"/proc/{grader.pid}/task/{grader.pid}/children").read_text().split()):
+            assert time.monotonic() < deadline, "the grader started no sandbox"
+            time.sleep(0.05)
+    finally:
+        grader.kill()
+        grader.wait()
+    sandbox = int(children[0])
+    while not (inits := Path(f"/proc/{sandbox}/task/{sandbox}/children").read_text().split()):
+        assert time.monotonic() < deadline, "the sandbox started no init"
+        time.sleep(0.05)
+    deadline = time.monotonic() + 6  # its init gives up at the wall-clock limit (+1 s)
+    while any(Path(f"/proc/{pid}/cmdline").exists() and Path(f"/proc/{pid}/cmdline").read_bytes() for pid in inits):
+        assert time.monotonic() < deadline, "the sandbox outlived its grader"
+        time.sleep(0.1)
