@@ -46,7 +46,12 @@ def command(mode: str) -> list[str]:
     if mode == "none":
         return []
     user = ["--user", "--map-root-user"] if mode == "user" else []
-    return [shutil.which("unshare") or "/usr/bin/unshare", *user, *_NAMESPACES]
+    return [_unshare(), *user, *_NAMESPACES]
+
+
+@functools.cache
+def _unshare() -> str:
+    return shutil.which("unshare") or "/usr/bin/unshare"
 
 
 def read_only_paths(site_packages: bool) -> list[str]:
