@@ -54,14 +54,15 @@ def _unshare() -> str:
     return shutil.which("unshare") or "/usr/bin/unshare"
 
 
-def read_only_paths(site_packages: bool) -> list[str]:
+@functools.cache
+def read_only_paths(site_packages: bool) -> tuple[str, ...]:
     """What the jailed child sees read-only: /usr (and /bin, /lib ... or links to them), Python."""
     prefixes = [sys.base_prefix, sys.base_exec_prefix] + ([sys.prefix, sys.exec_prefix] if site_packages else [])
     paths = [path for path in _SYSTEM_DIRS if os.path.lexists(path)]
     for prefix in map(os.path.realpath, prefixes):
         if not any(prefix == path or prefix.startswith(path + "/") for path in paths):
             paths.append(prefix)
-    return paths
+    return tuple(paths)
 
 
 def requested_mode(mode: str) -> str:
