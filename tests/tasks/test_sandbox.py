@@ -126,8 +126,8 @@ def test_no_inherited_environment_and_no_stdin(monkeypatch):
     monkeypatch.setenv("RLKV_TEST_SECRET", "hunter2")
     allowed = {"PATH", "HOME", "TMPDIR", "LANG", "LC_CTYPE", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS"}
     allowed.add("MKL_NUM_THREADS")
-    checks = ["assert 'RLKV_TEST_SECRET' not in os.environ", f"assert set(os.environ) <= {allowed!r}"]
-    assert run_code("import os", checks, FAST).passed
+    checks = ["assert 'RLKV_TEST_SECRET' not in names", f"assert set(names) <= {allowed!r}"]
+    assert run_code("import os\nnames = list(os.environ)", checks, FAST).passed  # os.environ is not plain data
     result = run_code("x = input()", ["assert True"], FAST)
     assert result.status == "error" and "EOFError" in result.details
 
@@ -144,6 +144,6 @@ def test_limits_cannot_be_raised_from_inside():
 
 def test_site_packages_are_opt_in():
     pytest.importorskip("numpy")
-    code = "import numpy as np\nx = np.arange(10)"
-    assert run_code(code, ["assert x.sum() == 45"], FAST).status == "error"
-    assert run_code(code, ["assert x.sum() == 45"], Limits(timeout=10, site_packages=True)).passed
+    code = "import numpy as np\nx = int(np.arange(10).sum())"  # a numpy integer is not plain data
+    assert run_code(code, ["assert x == 45"], FAST).status == "error"
+    assert run_code(code, ["assert x == 45"], Limits(timeout=10, site_packages=True)).passed

@@ -3,7 +3,8 @@
 Records: ``prompt``, ``test`` (assert lines), ``code`` (reference solution), ``task_id``, and,
 optionally, MBPP's ``test_setup_code``. The prompt names the function the tests call (found by
 parsing the asserts) and shows the asserts; grading runs the completion's last ```python block
-and then the asserts in :mod:`rlkv.tasks.sandbox`, and scores 1.0 only if every assert passes.
+in :mod:`rlkv.tasks.sandbox`, which returns the values of the asserts' calls to the grader, and
+scores 1.0 only if every assert holds on them.
 
 Task 367 tests trees ``root``, ``root1``, ``root2`` that MBPP builds in its
 ``test_setup_code``; copies without that field (like ``mbpp_test.jsonl``) get it from
@@ -90,11 +91,15 @@ class MBPP(Task):
         return ([setup] if setup else []) + example.meta["tests"]
 
     def grade(self, example: Example, completion: str) -> float:
-        return float(run_code(extract_code(completion), self.sandbox_tests(example), self.limits).passed)
+        tests, tested = self.sandbox_tests(example), {example.meta["entry_point"]}
+        return float(run_code(extract_code(completion), tests, self.limits, tested=tested).passed)
 
     def grade_many(self, examples: list[Example], completions: list[str]) -> list[float]:
-        """Scores of many completions, run in parallel sandboxes (one per CPU)."""
+        """Scores of many completions, run in parallel sandboxes (see :func:`run_many`)."""
         if len(examples) != len(completions):
             raise ValueError(f"got {len(examples)} examples but {len(completions)} completions")
-        jobs = [Job(extract_code(c), self.sandbox_tests(e)) for e, c in zip(examples, completions)]
+        jobs = [
+            Job(extract_code(c), self.sandbox_tests(e), tested={e.meta["entry_point"]})
+            for e, c in zip(examples, completions)
+        ]
         return [float(result.passed) for result in run_many(jobs, limits=self.limits)]

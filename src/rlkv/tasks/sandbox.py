@@ -1,29 +1,27 @@
-"""Run untrusted, model-written Python against test asserts, in a fenced child process.
+"""Run untrusted, model-written Python against test asserts, fenced in by the operating system.
 
-:func:`run_code` writes the job to a fresh temporary directory and starts
-``python -I -B -S rlkv/tasks/_sandbox_child.py <dir>`` with, as layers of defence:
+:func:`run_code` starts one child per job, ``unshare <namespaces> python -I -B -S
+_sandbox_child.py`` (no shell), which (see :mod:`rlkv.tasks._sandbox_child` and
+:mod:`rlkv.tasks.isolation`):
 
-* a new session (its own process group), killed as a whole with SIGKILL when the job ends,
-  and a wall-clock timeout (default 10 s);
-* an empty environment except a minimal PATH, HOME/TMPDIR pointing at its working dir, and
-  one-thread BLAS settings: no secrets are inherited; stdin is /dev/null; ``-I -S`` keep
-  user and site packages (unless ``Limits.site_packages``) and ``PYTHON*`` variables out;
-* no ``preexec_fn``: it is unsafe with threads and would force a full ``fork()`` of a
-  parent that may hold a model, where ``vfork`` is otherwise used;
-* a fresh working directory ``<dir>/work`` (deleted afterwards), stdout/stderr captured to
-  files outside it, read back truncated (memory stays bounded whatever the child prints);
-* inside the child (see ``_sandbox_child``): resource limits (address space default 1 GiB,
-  CPU seconds, file size, core dumps, process count for non-root users) and an audit hook
-  refusing process creation, signals, sockets, ctypes and writes outside the working dir;
-* a verdict that counts only if the child wrote it, with the job's nonce, after every test ran:
-  exiting early (``sys.exit(0)``, ``os._exit(0)``) is an error, never a pass.
+* gives the job fresh PID, mount, network, IPC, UTS and cgroup namespaces and a root of its own:
+  read-only ``/usr`` and Python, ``/dev/{null,zero,urandom}``, its own ``/proc``, and a private
+  tmpfs ``/sandbox`` as working dir (gone with the namespace); no host path, no network, no
+  other process (the grader included) is visible;
+* runs the candidate as an unprivileged uid of its own (or, not root, in a user namespace)
+  with no capabilities and no-new-privs, under rlimits on memory, file size, open files,
+  processes and CPU seconds (``Limits.timeout`` counts CPU seconds, so verdicts do not depend
+  on the machine's load; ``Limits.wall_timeout`` is a larger backstop);
+* kills the whole process tree (the PID namespace dies with its init) and removes its
+  directory whatever the code does;
+* decides the verdict here: the child returns the values of the calls the asserts make, as
+  plain data, and :mod:`rlkv.tasks.checks` compares them with the expected values, which only
+  the grader evaluates.
 
-This is a guard rail against the mistakes and naive attacks found in model-generated code,
-not a security boundary against a determined adversary (who could, e.g., create files with
-``os.open(name, flags, dir_fd=...)``, whose audit event omits the directory; reading files
-outside the working dir is allowed): run adversarial workloads inside a container or VM.
-Linux only (the child resolves paths through ``/proc``). :func:`run_many` runs jobs
-concurrently on a thread pool; each job is its own subprocess.
+Where the machine cannot isolate (no namespaces, not root and no user namespaces), it raises
+:class:`~rlkv.tasks.isolation.SandboxUnavailable` unless ``Limits(isolation="none")`` or
+``RLKV_SANDBOX_UNSAFE=1`` asks for an unisolated child. :func:`run_many` runs jobs on a
+thread pool, one child each.
 """
 
 from __future__ import annotations
@@ -32,43 +30,60 @@ import marshal
 import math
 import os
 import re
-import secrets
 import select
 import signal
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+
+from rlkv.tasks import checks, isolation
+from rlkv.tasks.isolation import SandboxUnavailable
+
+__all__ = ["Job", "Limits", "SandboxResult", "SandboxUnavailable", "extract_code", "run_code", "run_many"]
 
 CHILD = Path(__file__).with_name("_sandbox_child.py")
 _FENCE = re.compile(r"```([^\n`]*)\n(.*?)```", re.DOTALL)
 _PYTHON_TAGS = {"python", "python3", "py"}
+_TIMEOUT_SIGNALS = {-signal.SIGPROF, -signal.SIGXCPU}
+MAX_VALUE_CHARS = 1 << 20
+"""Longest encoded value the grader decodes (bounds its own memory)."""
 
 
 @dataclass(frozen=True)
 class Limits:
-    """What one job may use; the child gets CPU seconds equal to the wall-clock timeout."""
+    """What one job may use."""
 
     timeout: float = 10.0
+    """CPU seconds of the candidate (a precise timer, then RLIMIT_CPU one second later)."""
+    wall_timeout: float | None = None
+    """Wall-clock backstop (for code that sleeps or blocks); default 3 * timeout + 5 s."""
     memory_bytes: int = 1 << 30
     file_bytes: int = 16 << 20
+    disk_bytes: int = 64 << 20
+    """Size of the private tmpfs working dir."""
+    open_files: int = 256
     max_processes: int = 8
-    """Extra processes or threads allowed (enforced by the kernel for non-root users only)."""
+    """Extra processes or threads allowed."""
     max_output_chars: int = 4000
     site_packages: bool = False
     """Let the code import installed third-party packages (numpy, ...): drops ``-S``."""
+    isolation: str = "auto"
+    """"auto", "root", "user" or "none" (unsafe, see :mod:`rlkv.tasks.isolation`)."""
 
 
 @dataclass(frozen=True)
 class Job:
-    """Code to run, then test statements (usually asserts) run in its namespace."""
+    """Code to run, then test statements (usually asserts) run against it; ``tested``: names the
+    code defines that the tests call even where they shadow a builtin (see :func:`checks.plan`)."""
 
     code: str
     tests: Sequence[str]
+    tested: Collection[str] = field(default=())
 
 
 @dataclass(frozen=True)
@@ -80,6 +95,7 @@ class SandboxResult:
     stdout: str = ""
     stderr: str = ""
     seconds: float = 0.0
+    cpu_seconds: float = 0.0
 
     @property
     def passed(self) -> bool:
@@ -95,11 +111,11 @@ def extract_code(completion: str) -> str:
     return completion
 
 
-def _environment(work: Path) -> dict[str, str]:
+def _environment(work: str) -> dict[str, str]:
     return {
         "PATH": "/usr/bin:/bin",
-        "HOME": str(work),
-        "TMPDIR": str(work),
+        "HOME": work,
+        "TMPDIR": work,
         "LANG": "C.UTF-8",
         "OMP_NUM_THREADS": "1",
         "OPENBLAS_NUM_THREADS": "1",
@@ -114,27 +130,10 @@ def _read_truncated(path: Path, limit: int) -> str:
     return text + "\n[... truncated]" if len(data) > limit else text
 
 
-def _kill_group(pid: int) -> None:
-    try:
-        os.killpg(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass  # the whole group has already exited
-
-
 def _wait(process: subprocess.Popen, timeout: float) -> bool:
-    """Wait for ``process`` to exit; True if ``timeout`` seconds passed first.
-
-    A pidfd (Linux >= 5.3) wakes exactly at exit; ``Popen.wait(timeout)`` polls with sleeps of
-    up to 50 ms, which would dominate the run time of short jobs.
-    """
-    try:
-        pidfd = os.pidfd_open(process.pid)
-    except (AttributeError, OSError):
-        try:
-            process.wait(timeout=timeout)
-            return False
-        except subprocess.TimeoutExpired:
-            return True
+    """Wait for ``process`` to exit; True if ``timeout`` seconds passed first (a pidfd wakes at
+    exit exactly, where ``Popen.wait(timeout)`` polls with sleeps of up to 50 ms)."""
+    pidfd = os.pidfd_open(process.pid)
     try:
         ready, _, _ = select.select([pidfd], [], [], timeout)
         return not ready
@@ -142,65 +141,166 @@ def _wait(process: subprocess.Popen, timeout: float) -> bool:
         os.close(pidfd)
 
 
-def _status_without_verdict(returncode: int | None, timed_out: bool, limits: Limits) -> tuple[str, str]:
+def _kill_tree(pid: int) -> None:
+    """SIGKILL the child's process group: ``unshare`` and the namespace's init, whose death
+    kills every process left in the namespace (in mode "none", whatever kept the group)."""
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass  # the whole group has already exited
+
+
+def _without_results(
+    report: str, returncode: int, timed_out: bool, wall: float, limits: Limits, stderr: str
+) -> tuple[str, str]:
+    """Status and details when the child did not finish its steps."""
     if timed_out:
-        return "timeout", f"exceeded the {limits.timeout:g} s wall-clock limit"
-    if returncode == -signal.SIGXCPU:
+        return "timeout", f"exceeded the {wall:g} s wall-clock limit"
+    fields = report.split()
+    code = int(fields[0]) if fields else returncode
+    cpu = float(fields[1]) if len(fields) > 1 else 0.0
+    if code in _TIMEOUT_SIGNALS or (code == -signal.SIGKILL and cpu >= limits.timeout):
         return "timeout", f"exceeded the {limits.timeout:g} s CPU-time limit"
-    if returncode is not None and returncode < 0:
+    if not fields:
+        last = (stderr.strip().splitlines() or ["no error output"])[-1]
+        return "error", f"the sandbox exited with code {returncode} before the code ran ({last})"
+    if code < 0:
         try:
-            name = signal.Signals(-returncode).name
+            name = signal.Signals(-code).name
         except ValueError:
-            name = f"signal {-returncode}"
+            name = f"signal {-code}"
         return "error", f"killed by {name}"
-    return "error", f"the process exited with code {returncode} before all tests ran"
+    return "error", f"the process exited with code {code} before all tests ran"
 
 
-def run_code(code: str, tests: Sequence[str], limits: Limits = Limits()) -> SandboxResult:
-    """Run ``code`` then each of ``tests`` in a fenced child Python; never raises for bad code."""
+def _verdict(lines: list[str], plan: checks.Plan, tests: Sequence[str]) -> tuple[str, str] | None:
+    """Status and details from the child's result lines, comparing values here; None if the
+    lines stop before the end (the child died)."""
+    lines = iter(lines)
+    first = next(lines, None)
+    if first is None:
+        return None
+    if first != "ok":
+        return "error", f"the solution raised {first.removeprefix('raise ')}"
+    check_of = iter(plan.checks)
+    for (kind, payload), index in zip(plan.steps, plan.step_tests):
+        shown = tests[index][:2000]
+        if kind == "exec":
+            line = next(lines, None)
+            if line is None:
+                return None
+            if line != "ok":
+                return "error", f"test {index} raised {line.removeprefix('raise ')[:2000]}: {shown}"
+            continue
+        values = []
+        for _ in payload:
+            line = next(lines, None)
+            if line is None:
+                return None
+            if not line.startswith("value "):
+                return "error", f"test {index} raised {line.removeprefix('raise ')[:2000]}: {shown}"
+            if len(line) > MAX_VALUE_CHARS:
+                return "error", f"test {index}: the code returned a value over {MAX_VALUE_CHARS} characters: {shown}"
+            try:
+                values.append(checks.decode(line[6:]))
+            except ValueError as e:
+                return "error", f"test {index}: the code returned a value that is {e}: {shown}"
+        check = next(check_of)
+        try:
+            if not checks.passes(check, values):
+                return "failed", f"test {index} failed: {shown}"
+        except Exception as e:  # the expected side could not take the values (a TypeError ...)
+            return "error", f"test {index} raised {type(e).__name__}: {e}"[:2000] + f": {shown}"
+    line = next(lines, None)
+    if line is None:
+        return None
+    return ("passed", f"all {len(tests)} tests passed") if line == "end" else ("error", f"unexpected line {line[:200]!r}")
+
+
+def _run(code: str, tests: Sequence[str], plan: checks.Plan, limits: Limits, mode: str) -> SandboxResult:
     start = time.monotonic()
-    nonce = secrets.token_hex(16)
-    child_limits = {**asdict(limits), "cpu_seconds": math.ceil(limits.timeout)}
+    wall = limits.wall_timeout or 3 * limits.timeout + 5
+    child_limits = {
+        "timeout": limits.timeout, "cpu_seconds": math.ceil(limits.timeout) + 1, "memory_bytes": limits.memory_bytes,
+        "file_bytes": limits.file_bytes, "disk_bytes": limits.disk_bytes, "open_files": limits.open_files,
+        "max_processes": limits.max_processes, "wall_seconds": math.ceil(wall) + 1,
+    }  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="rlkv-sandbox-", ignore_cleanup_errors=True) as job_dir:
         root = Path(job_dir)
-        work = root / "work"
+        work = root / "work" if mode == "none" else root / "root"
         work.mkdir()
-        job = {"code": code, "tests": list(tests), "nonce": nonce, "limits": child_limits}
+        job = {
+            "code": code, "steps": list(plan.steps), "limits": child_limits, "uid": isolation.next_uid() if mode == "root" else 0,
+            "read_only": isolation.read_only_paths(limits.site_packages),
+        }  # fmt: skip
         (root / "job.marshal").write_bytes(marshal.dumps(job))
         flags = ["-I", "-B"] if limits.site_packages else ["-I", "-B", "-S"]
-        with (root / "stdout").open("wb") as stdout, (root / "stderr").open("wb") as stderr:
+        names = ("stdout", "stderr", "results", "report")
+        files = {name: (root / name).open("w+b") for name in names}
+        try:
+            results_fd, report_fd = files["results"].fileno(), files["report"].fileno()
+            command = [*isolation.command(mode), sys.executable, *flags, str(CHILD), job_dir, mode]
             process = subprocess.Popen(
-                [sys.executable, *flags, str(CHILD), str(root)],
-                cwd=work,
-                env=_environment(work),
+                [*command, str(results_fd), str(report_fd)],
+                cwd=work if mode == "none" else job_dir,
+                env=_environment(str(work) if mode == "none" else "/sandbox"),
                 stdin=subprocess.DEVNULL,
-                stdout=stdout,
-                stderr=stderr,
+                stdout=files["stdout"],
+                stderr=files["stderr"],
+                pass_fds=(results_fd, report_fd),
                 start_new_session=True,
             )
             try:
-                timed_out = _wait(process, limits.timeout)
+                timed_out = _wait(process, wall)
             finally:
-                _kill_group(process.pid)
+                _kill_tree(process.pid)
                 process.wait()
-        try:  # written by the untrusted child: plain text, never unmarshalled
-            verdict = (root / "verdict.txt").read_text(encoding="utf-8", errors="replace").split("\n", 2)
-        except OSError:
-            verdict = []
-        if len(verdict) == 3 and verdict[0] == nonce and verdict[1] in ("passed", "failed", "error"):
-            status, details = verdict[1], verdict[2]
-        else:
-            status, details = _status_without_verdict(process.returncode, timed_out, limits)
+        finally:
+            for f in files.values():
+                f.close()
+        report = _read_truncated(root / "report", 200)
+        lines = _read_truncated(root / "results", limits.file_bytes).split("\n")[:-1]
+        stderr = _read_truncated(root / "stderr", limits.max_output_chars)
+        verdict = _verdict(lines, plan, tests) or _without_results(
+            report, process.returncode, timed_out, wall, limits, stderr
+        )
+        fields = report.split()
         return SandboxResult(
-            status=status,
-            details=details,
+            status=verdict[0],
+            details=verdict[1],
             stdout=_read_truncated(root / "stdout", limits.max_output_chars),
-            stderr=_read_truncated(root / "stderr", limits.max_output_chars),
+            stderr=stderr,
             seconds=time.monotonic() - start,
+            cpu_seconds=float(fields[1]) if len(fields) > 1 else 0.0,
         )
 
 
+def _try_mode(mode: str) -> str | None:
+    """None if a trivial job runs in ``mode``, else why not."""
+    tests = ("assert x == 1",)
+    result = _run("x = 1", tests, checks.plan(tests), Limits(timeout=10), mode)
+    return None if result.passed else result.details
+
+
+def _mode(limits: Limits) -> str:
+    mode = isolation.requested_mode(limits.isolation)
+    return isolation.probed_mode(_try_mode) if mode == "auto" else mode
+
+
+def run_code(
+    code: str, tests: Sequence[str], limits: Limits = Limits(), tested: Collection[str] = ()
+) -> SandboxResult:
+    """Run ``code`` then ``tests`` in a sandbox; never raises for bad code (ValueError for a test
+    the grader cannot split, :class:`SandboxUnavailable` where the machine cannot isolate)."""
+    plan = checks.plan(tuple(tests), frozenset(tested))
+    return _run(code, tests, plan, limits, _mode(limits))
+
+
 def run_many(jobs: Sequence[Job], workers: int | None = None, limits: Limits = Limits()) -> list[SandboxResult]:
-    """Run ``jobs`` concurrently (``workers`` default: CPU count); results in job order."""
-    with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
-        return list(pool.map(lambda job: run_code(job.code, job.tests, limits), jobs))
+    """Run ``jobs`` concurrently; results in job order. ``workers`` defaults to twice the CPU
+    count: a job also waits on the kernel (namespaces set up and torn down), and its limit
+    counts CPU seconds, so running more jobs than cores changes no verdict."""
+    mode = _mode(limits)
+    plans = [checks.plan(tuple(job.tests), frozenset(job.tested)) for job in jobs]
+    with ThreadPoolExecutor(max_workers=workers or 2 * (os.cpu_count() or 1)) as pool:
+        return list(pool.map(lambda job, plan: _run(job.code, job.tests, plan, limits, mode), jobs, plans))
