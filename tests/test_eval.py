@@ -13,7 +13,8 @@ from conftest import DATA_DIR, tiny_model, tiny_tokenizer
 
 import rlkv
 from rlkv.eval import EvalConfig, Shard, evaluate, report
-from rlkv.eval.run import RepetitionStop, read_jsonl, run_records
+from rlkv.eval.run import RepetitionStop
+from rlkv.eval.rundir import read_jsonl, run_records
 from rlkv.models import generated_end
 
 STABLE = ("task", "method", "sparsity", "n", "accuracy", "mean_tokens", "pct_length", "pct_repetition",
@@ -497,15 +498,16 @@ def test_concurrent_shard_processes_make_one_run(lm, tmp_path):
 
 def test_a_second_process_on_the_same_shard_is_refused(lm, tmp_path):
     """Two processes appending to one shard's files would tear and duplicate its samples."""
-    from rlkv.eval.run import _sole_writer
+    from rlkv.eval.rundir import sole_writer
 
     run, cfg = tmp_path / "run", config(tasks=["arith"], methods=["full"], limit=2)
-    with _sole_writer(run, Shard(1, 2)):  # as another process running shard 1/2 holds it
+    with sole_writer(run, Shard(1, 2)):  # as another process running shard 1/2 holds it
         with pytest.raises(ValueError, match=r"another process is running shard 1/2 into .* samples\.shard-1-of-2"):
             evaluate(*lm, cfg, run, progress=False, shard=Shard(1, 2))
         assert not (run / "config.json").exists()  # refused before it recorded anything
-        evaluate(*lm, cfg, run, progress=False, shard=Shard(2, 2))  # other shards and unsharded runs go on
-        evaluate(*lm, cfg, run, progress=False)
+        evaluate(*lm, cfg, run, progress=False, shard=Shard(2, 2))  # the other shards go on
+        with pytest.raises(ValueError, match=r"running shard 1/2 into .* as an unsharded eval"):
+            evaluate(*lm, cfg, run, progress=False)
     res = evaluate(*lm, cfg, run, progress=False, shard=Shard(1, 2))  # free once the holder is gone
     assert len(res.samples) == 2
 
