@@ -526,3 +526,22 @@ def test_shards_starting_together_lose_no_invocation(tmp_path):
         list(pool.map(lambda k: _open_run(run, record, {"shard": f"{k}/16"}, Shard(k, 16)), range(1, 17)))
     invocations = json.loads((run / "config.json").read_text())["invocations"]
     assert sorted(int(i["shard"].split("/")[0]) for i in invocations) == list(range(1, 17))
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(methods=["full"], sparsities=[1.5]), "sparsity must be a number in [0, 1] (fraction of KV heads compressed; "
+                                               "full and streaming take one too), got 1.5"),
+    (dict(methods=["streaming"], sparsities=[float("nan")]), "sparsity must be a number in [0, 1]"),
+    (dict(methods=["full", "streaming"], sparsities=[0.5, -0.1]), "got -0.1"),
+    (dict(sparsities=[True]), "got True"),
+    (dict(sparsities=[]), "EvalConfig sparsities must be a non-empty list, got []"),
+    (dict(tasks="arith"), "EvalConfig tasks must be a non-empty list, got 'arith'"),
+    (dict(batch_size=0), "EvalConfig batch_size must be an integer >= 1, got 0"),
+    (dict(limit=2.5), "EvalConfig limit must be an integer >= 1, got 2.5"),
+    (dict(recent=0), "EvalConfig recent must be an integer >= 1, got 0"),
+    (dict(temperature=float("inf")), "temperature must be a number >= 0 (0 = greedy), got inf"),
+    (dict(top_p=float("nan")), "top_p must be a number in [0, 1], got nan"),
+])
+def test_eval_config_refuses_bad_settings_for_every_method(kw, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        config(**kw)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import math
 import os
 import platform
 import shlex
@@ -65,9 +66,43 @@ class EvalConfig:
 
     def __post_init__(self):
         check_setting(self.engine)
+        _check_settings(self)
         if isinstance(self.heads, dict) and set(self.heads) - set(self.methods):
             raise ValueError(f"heads are given for {sorted(set(self.heads) - set(self.methods))}, "
                              f"which are not among the evaluated methods {self.methods}")
+
+
+# The least value of each whole-number setting; those that may be None (the default) are in OPTIONAL.
+MINIMUM = {"batch_size": 1, "limit": 1, "max_new_tokens": 1, "sink": 0, "recent": 1, "budget": 1,
+           "repetition_window": 0, "repetition_min_distinct": 1}
+OPTIONAL = ("limit", "max_new_tokens", "budget")
+
+
+def _check_settings(config: EvalConfig) -> None:
+    """One line for the first setting that is not what it should be (a bad value never reaches a run)."""
+    for name in ("tasks", "methods", "sparsities"):
+        values = getattr(config, name)
+        if isinstance(values, str) or not isinstance(values, (list, tuple)) or not values:
+            raise ValueError(f"EvalConfig {name} must be a non-empty list, got {values!r}")
+    for sparsity in config.sparsities:
+        if not _is_number(sparsity) or not 0 <= sparsity <= 1:
+            raise ValueError(f"sparsity must be a number in [0, 1] (fraction of KV heads compressed; full and "
+                             f"streaming take one too), got {sparsity!r}")
+    for name, least in MINIMUM.items():
+        value = getattr(config, name)
+        if value is None and name in OPTIONAL:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ValueError(f"EvalConfig {name} must be an integer >= {least}, got {value!r}")
+    if not _is_number(config.temperature) or not config.temperature >= 0:
+        raise ValueError(f"temperature must be a number >= 0 (0 = greedy), got {config.temperature!r}")
+    if not _is_number(config.top_p) or not 0 <= config.top_p <= 1:
+        raise ValueError(f"top_p must be a number in [0, 1], got {config.top_p!r}")
+
+
+def _is_number(value) -> bool:
+    """A real, finite number (not a bool, not nan or inf)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @dataclass

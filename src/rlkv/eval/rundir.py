@@ -107,6 +107,7 @@ def sole_writer(out: Path, shard: Shard | None):
     with the process however it ends; taking it and checking the others happens under the run's
     `.lock`, so two processes starting together cannot both miss each other.
     """
+    check_run_dir(out)
     out.mkdir(parents=True, exist_ok=True)
     mine = _lock_path(out, shard)
     with (out / ".lock").open("a") as guard, mine.open("a+") as lock:
@@ -133,6 +134,13 @@ def sole_writer(out: Path, shard: Shard | None):
         finally:
             fcntl.flock(guard, fcntl.LOCK_UN)
         yield
+
+
+def check_run_dir(out: Path) -> None:
+    """Refuse an --out that cannot hold a run (a file, or a run whose config.json cannot be read), before any work."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out} is a file: expected a run directory to create or resume (--out)")
+    read_config(out)
 
 
 def read_config(out: Path) -> dict | None:
