@@ -180,3 +180,22 @@ def test_unreadable_samples_are_named_with_what_was_expected(tmp_path):
     write(path, [{"task": "arith", "score": 1.0}])
     with pytest.raises(ValueError, match=r"samples.jsonl: record 1 has no method, sparsity, id: expected a sample"):
         run_records(run, "samples")
+
+
+def test_rlkv_eval_is_refused_before_loading_its_model(tmp_path):
+    from typer.testing import CliRunner
+
+    from rlkv.cli import app
+
+    run = tmp_path / "run"
+    args = ["eval", "--model", "/nowhere/m.gguf", "--task", "arith", "--out", str(run)]  # loading it would fail
+    with held_by_another_process(run, "-") as proc:
+        result = CliRunner().invoke(app, args + ["--shard", "2/2"])
+        assert result.exit_code == 2 and result.stdout == ""
+        assert result.stderr.strip() == (
+            f"error: another process is running an unsharded eval into {run} (pid {proc.pid}, appending to "
+            "samples.jsonl), which would append the same samples as shard 2/2; let it finish or stop it, then run "
+            "this command again to resume")
+    with held_by_another_process(run, "1/2"):
+        result = CliRunner().invoke(app, args + ["--shard", "2/2"])
+        assert "GGUF file not found" in result.stderr  # shard 2/2 may run beside 1/2: it went on to the model

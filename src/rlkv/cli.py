@@ -195,7 +195,7 @@ def eval_(
             rlkv.tasks.get(name)
         for name in config.methods:  # before the (slow) model load
             rlkv.methods.check_name(name)
-        check_run_dir(out)
+        check_run_dir(out, part)  # the directory and its lock, before the (slow) model load
         lm, tok = rlkv.load_model(model)
         results = rlkv.evaluate(lm, tok, config, out, shard=part)
         path = write_report(out) if report and not part else None  # shards finishing together would race on the PNGs

@@ -78,7 +78,7 @@ def _lock_path(out: Path, shard: Shard | None) -> Path:
     return out / f".lock.{own_file(out, 'samples', shard).stem}"
 
 
-def _held_locks(out: Path):
+def _lock_files(out: Path):
     """(shard or None, path) of every writer's lock file in `out`, held now or left by a finished process."""
     for path in out.glob(".lock.samples*"):
         match = re.fullmatch(r"\.lock\.samples(?:\.shard-([0-9]+)-of-([0-9]+))?", path.name)
@@ -96,6 +96,21 @@ def _is_held(path: Path) -> bool:
         return False
 
 
+def _refuse_if_busy(out: Path, shard: Shard | None) -> None:
+    """Raise if a live process writes samples that `shard` (None: unsharded, every group) would write too."""
+    for other, path in _lock_files(out):
+        if (shard is None or other is None or shard.overlaps(other)) and _is_held(path):
+            _refuse(out, shard, other, path)
+
+
+def _refuse(out: Path, shard: Shard | None, other: Shard | None, path: Path):
+    pid = path.read_text().strip() or "?"
+    raise ValueError(
+        f"another process is running {_holder_name(other)} into {out} (pid {pid}, appending to "
+        f"{own_file(out, 'samples', other).name}), which would append the same samples as "
+        f"{_holder_name(shard)}; let it finish or stop it, then run this command again to resume")
+
+
 @contextmanager
 def sole_writer(out: Path, shard: Shard | None):
     """Hold the samples this process appends (its shard's groups, or every group unsharded) while it runs.
@@ -107,27 +122,17 @@ def sole_writer(out: Path, shard: Shard | None):
     with the process however it ends; taking it and checking the others happens under the run's
     `.lock`, so two processes starting together cannot both miss each other.
     """
-    check_run_dir(out)
+    _check_readable(out)
     out.mkdir(parents=True, exist_ok=True)
     mine = _lock_path(out, shard)
     with (out / ".lock").open("a") as guard, mine.open("a+") as lock:
         fcntl.flock(guard, fcntl.LOCK_EX)
         try:
-            conflicts = [(other, path) for other, path in _held_locks(out) if path != mine and
-                         (shard is None or other is None or shard.overlaps(other))]
-            holder = next(((other, path) for other, path in conflicts if _is_held(path)), None)
-            if holder is None:
-                try:
-                    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:
-                    holder = (shard, mine)
-            if holder is not None:
-                other, path = holder
-                pid = path.read_text().strip() or "?"
-                raise ValueError(
-                    f"another process is running {_holder_name(other)} into {out} (pid {pid}, appending to "
-                    f"{own_file(out, 'samples', other).name}), which would append the same samples as "
-                    f"{_holder_name(shard)}; let it finish or stop it, then run this command again to resume")
+            _refuse_if_busy(out, shard)
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:  # a holder that took it without the guard
+                _refuse(out, shard, shard, mine)
             lock.truncate(0)
             lock.write(str(os.getpid()))
             lock.flush()
@@ -136,8 +141,15 @@ def sole_writer(out: Path, shard: Shard | None):
         yield
 
 
-def check_run_dir(out: Path) -> None:
-    """Refuse an --out that cannot hold a run (a file, or a run whose config.json cannot be read), before any work."""
+def check_run_dir(out: Path, shard: Shard | None = None) -> None:
+    """Refuse an --out that cannot take this writer: a file, a run whose config.json cannot be read, or a run
+    another process is writing the same samples into now (`sole_writer` decides; this finds it before any work)."""
+    _check_readable(out)
+    if out.is_dir():
+        _refuse_if_busy(out, shard)
+
+
+def _check_readable(out: Path) -> None:
     if out.exists() and not out.is_dir():
         raise ValueError(f"{out} is a file: expected a run directory to create or resume (--out)")
     read_config(out)
