@@ -146,7 +146,9 @@ def check_run_dir(out: Path, shard: Shard | None = None) -> None:
     another process is writing the same samples into now (`sole_writer` decides; this finds it before any work)."""
     _check_readable(out)
     if out.is_dir():
-        _refuse_if_busy(out, shard)
+        with (out / ".lock").open("a") as guard:
+            fcntl.flock(guard, fcntl.LOCK_SH)  # a probe while a writer takes its lock would make it fail
+            _refuse_if_busy(out, shard)
 
 
 def _check_readable(out: Path) -> None:
