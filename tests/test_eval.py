@@ -13,7 +13,8 @@ from conftest import DATA_DIR, tiny_model, tiny_tokenizer
 
 import rlkv
 from rlkv.eval import EvalConfig, Shard, evaluate, report
-from rlkv.eval.run import RepetitionStop, read_jsonl, run_records
+from rlkv.eval.run import RepetitionStop
+from rlkv.eval.rundir import read_jsonl, run_records
 from rlkv.models import generated_end
 
 STABLE = ("task", "method", "sparsity", "n", "accuracy", "mean_tokens", "pct_length", "pct_repetition",
@@ -497,15 +498,16 @@ def test_concurrent_shard_processes_make_one_run(lm, tmp_path):
 
 def test_a_second_process_on_the_same_shard_is_refused(lm, tmp_path):
     """Two processes appending to one shard's files would tear and duplicate its samples."""
-    from rlkv.eval.run import _sole_writer
+    from rlkv.eval.rundir import sole_writer
 
     run, cfg = tmp_path / "run", config(tasks=["arith"], methods=["full"], limit=2)
-    with _sole_writer(run, Shard(1, 2)):  # as another process running shard 1/2 holds it
+    with sole_writer(run, Shard(1, 2)):  # as another process running shard 1/2 holds it
         with pytest.raises(ValueError, match=r"another process is running shard 1/2 into .* samples\.shard-1-of-2"):
             evaluate(*lm, cfg, run, progress=False, shard=Shard(1, 2))
         assert not (run / "config.json").exists()  # refused before it recorded anything
-        evaluate(*lm, cfg, run, progress=False, shard=Shard(2, 2))  # other shards and unsharded runs go on
-        evaluate(*lm, cfg, run, progress=False)
+        evaluate(*lm, cfg, run, progress=False, shard=Shard(2, 2))  # the other shards go on
+        with pytest.raises(ValueError, match=r"running shard 1/2 into .* as an unsharded eval"):
+            evaluate(*lm, cfg, run, progress=False)
     res = evaluate(*lm, cfg, run, progress=False, shard=Shard(1, 2))  # free once the holder is gone
     assert len(res.samples) == 2
 
@@ -524,3 +526,22 @@ def test_shards_starting_together_lose_no_invocation(tmp_path):
         list(pool.map(lambda k: _open_run(run, record, {"shard": f"{k}/16"}, Shard(k, 16)), range(1, 17)))
     invocations = json.loads((run / "config.json").read_text())["invocations"]
     assert sorted(int(i["shard"].split("/")[0]) for i in invocations) == list(range(1, 17))
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(methods=["full"], sparsities=[1.5]), "sparsity must be a number in [0, 1] (fraction of KV heads compressed; "
+                                               "full and streaming take one too), got 1.5"),
+    (dict(methods=["streaming"], sparsities=[float("nan")]), "sparsity must be a number in [0, 1]"),
+    (dict(methods=["full", "streaming"], sparsities=[0.5, -0.1]), "got -0.1"),
+    (dict(sparsities=[True]), "got True"),
+    (dict(sparsities=[]), "EvalConfig sparsities must be a non-empty list, got []"),
+    (dict(tasks="arith"), "EvalConfig tasks must be a non-empty list, got 'arith'"),
+    (dict(batch_size=0), "EvalConfig batch_size must be an integer >= 1, got 0"),
+    (dict(limit=2.5), "EvalConfig limit must be an integer >= 1, got 2.5"),
+    (dict(recent=0), "EvalConfig recent must be an integer >= 1, got 0"),
+    (dict(temperature=float("inf")), "temperature must be a number >= 0 (0 = greedy), got inf"),
+    (dict(top_p=float("nan")), "top_p must be a number in [0, 1], got nan"),
+])
+def test_eval_config_refuses_bad_settings_for_every_method(kw, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        config(**kw)

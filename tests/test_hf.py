@@ -1,5 +1,7 @@
 """compress(...) + generate against the masked reference, on tiny models of every architecture."""
 
+import re
+
 import pytest
 import torch
 from conftest import DEVICE, left_padded_batch as batch, tiny_model
@@ -129,6 +131,20 @@ def test_bad_arguments_are_refused(kwargs, message):
     model = tiny_model("llama")
     heads = rlkv.HeadScores.random(rlkv.Layout.of(model))
     with pytest.raises(ValueError, match=message):
+        with rlkv.compress(model, heads, **kwargs):
+            pass
+
+
+@pytest.mark.parametrize("heads, kwargs, got", [
+    (torch.ones(3, 2), {}, "got a float32 tensor"),
+    (torch.ones(3, 2), dict(sparsity=0.5), "got a float32 tensor"),
+    ([[True, False]] * 3, {}, "got list"),
+    (0.5, {}, "got float"),
+])
+def test_a_mask_of_the_wrong_type_says_which_types_are_accepted(heads, kwargs, got):
+    model = tiny_model("llama")
+    with pytest.raises(TypeError, match=re.escape(f"heads must be a HeadScores, a head-score file path, a bool torch "
+                                                  f"tensor keep-mask (layers x kv_heads) or None, {got}")):
         with rlkv.compress(model, heads, **kwargs):
             pass
 

@@ -1,5 +1,7 @@
 """Model loading, layouts and the real SmolLM2 weights."""
 
+import struct
+
 import pytest
 import torch
 from conftest import SMOLLM2, tiny_model
@@ -48,6 +50,20 @@ def test_load_model_from_a_saved_directory(tmp_path):
 def test_bad_model_specs(spec, error, message):
     with pytest.raises(error, match=message):
         rlkv.load_model(spec)
+
+
+@pytest.mark.parametrize("content, what", [
+    (b"", "is empty"),
+    (b"<html>not found</html>", "does not start with the GGUF magic bytes (it starts with b'<htm')"),
+    (b"GGUF" + struct.pack("<IQQ", 3, 1, 5), "cannot be read as GGUF ("),  # the header of a file cut short
+])
+def test_a_bad_gguf_file_is_named(tmp_path, content, what):
+    path = tmp_path / "model.gguf"
+    path.write_bytes(content)
+    with pytest.raises(ValueError) as err:
+        rlkv.load_model(path, device="cpu")
+    assert str(err.value).startswith(f"{path} {what}")
+    assert str(err.value).endswith("expected a complete GGUF model file (a truncated download? fetch it again)")
 
 
 def test_unsupported_saved_model_is_refused_before_loading_weights(tmp_path):

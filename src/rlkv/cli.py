@@ -9,11 +9,12 @@
     rlkv identify-duo --model M --text FILE --out DIR
     rlkv demo
 
-Errors the user can fix (bad paths, shapes, values) print one line and exit with status 2.
+Errors the user can fix (bad paths, shapes, values) print one line on stderr and exit with status 2.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 from typing import Optional
@@ -27,13 +28,21 @@ app = typer.Typer(help="Per-head KV cache compression for reasoning LLMs (RLKV).
 heads_app = typer.Typer(help="Show, convert and plot head-score files (JSON or TSV).", no_args_is_help=True)
 app.add_typer(heads_app, name="heads")
 console = Console()
+errors = Console(stderr=True)
 
 USER_ERRORS = (ValueError, FileNotFoundError, OSError, KeyError)
 
 
 def fail(err: Exception) -> None:
-    console.print(f"[red]error:[/red] {escape(str(err))}", soft_wrap=True, highlight=False)
+    errors.print(f"[red]error:[/red] {escape(str(err))}", soft_wrap=True, highlight=False)
     raise typer.Exit(2)
+
+
+def _finite(value: float | None) -> float | None:
+    """A float option must be a finite number: a range with both ends refuses nan and inf, one with a minimum only inf."""
+    if value is not None and not math.isfinite(value):
+        raise typer.BadParameter(f"expected a finite number, got {value}")
+    return value
 
 
 @app.command()
@@ -41,11 +50,12 @@ def generate(
     model: str = typer.Option(..., help="hub id, local model directory or .gguf file"),
     prompt: list[str] = typer.Option(..., help="a prompt; repeat for a batch"),
     heads: Optional[Path] = typer.Option(None, help="head scores (.json/.tsv); omit for sparsity 0 or 1"),
-    sparsity: float = typer.Option(0.0, help="fraction of KV heads that keep only sink + recent tokens"),
-    sink: int = typer.Option(16, help="first tokens every compressed head keeps"),
-    recent: int = typer.Option(64, help="last tokens every compressed head keeps"),
+    sparsity: float = typer.Option(0.0, min=0.0, max=1.0,
+                                   help="fraction of KV heads that keep only sink + recent tokens"),
+    sink: int = typer.Option(16, min=0, help="first tokens every compressed head keeps"),
+    recent: int = typer.Option(64, min=1, help="last tokens every compressed head keeps"),
     max_new_tokens: int = typer.Option(256, min=1),
-    temperature: float = typer.Option(0.0, min=0.0, help="0 = greedy"),
+    temperature: float = typer.Option(0.0, min=0.0, callback=_finite, help="0 = greedy"),
     top_p: float = typer.Option(1.0, min=0.0, max=1.0),
     seed: int = typer.Option(0),
     chat: bool = typer.Option(True, help="wrap prompts in the model's chat template"),
@@ -149,19 +159,25 @@ def serve(
 
 def _floats(text: str, what: str) -> list[float]:
     try:
-        return [float(v) for v in text.split(",") if v.strip()]
+        values = [float(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        raise ValueError(f"{what} must be comma-separated numbers, got {text!r}") from None
+        values = None
+    if not values or not all(math.isfinite(v) for v in values):
+        raise ValueError(f"{what} must be comma-separated finite numbers, got {text!r}")
+    return values
 
 
-def _budget(text: str | None) -> str | float | None:
+def _budget(text: str | None, what: str) -> str | float | None:
     """A KV budget option: "0.4" is a share of free GPU memory, "8GiB" or "8000000000" a size."""
     if text is None:
         return None
     try:
         value = float(text)
     except ValueError:
-        return text
+        return text  # a size string: rlkv.engine checks it
+    if not math.isfinite(value) or not (0 < value <= 1 or value.is_integer() and value > 1):
+        raise ValueError(f"{what} expects a share of free GPU memory in (0, 1], a whole number of bytes or a size "
+                         f"such as 20GiB, got {text!r}")
     return value if value <= 1 else int(value)
 
 
@@ -190,7 +206,7 @@ def eval_(
     limit: Optional[int] = typer.Option(None, min=1, help="first N examples of each task"),
     max_new_tokens: Optional[int] = typer.Option(None, min=1, help="default: each task's own"),
     batch_size: int = typer.Option(32, min=1),
-    temperature: float = typer.Option(0.0, min=0.0),
+    temperature: float = typer.Option(0.0, min=0.0, callback=_finite),
     top_p: float = typer.Option(1.0, min=0.0, max=1.0),
     seed: int = typer.Option(0),
     sink: int = typer.Option(16, min=0),
@@ -208,6 +224,7 @@ def eval_(
     import rlkv
     from rlkv.eval import Shard
     from rlkv.eval import report as write_report
+    from rlkv.eval.rundir import check_run_dir
 
     try:
         part = Shard.parse(shard) if shard is not None else None
@@ -218,12 +235,13 @@ def eval_(
             heads=_heads_option(heads),
             limit=limit, max_new_tokens=max_new_tokens, batch_size=batch_size, temperature=temperature,
             top_p=top_p, seed=seed, sink=sink, recent=recent, budget=budget, match_bytes=match_bytes, data_dir=data_dir,
-            engine=engine, kv_budget=_budget(kv_budget),
+            engine=engine, kv_budget=_budget(kv_budget, "--kv-budget"),
         )
         for name in config.tasks:
             rlkv.tasks.get(name)
         for name in config.methods:  # before the (slow) model load
             rlkv.methods.check_name(name)
+        check_run_dir(out, part)  # the directory and its lock, before the (slow) model load
         lm, tok = rlkv.load_model(model)
         results = rlkv.evaluate(lm, tok, config, out, shard=part)
         path = write_report(out) if report and not part else None  # shards finishing together would race on the PNGs
@@ -276,9 +294,9 @@ def identify(
     batch_problems: int = typer.Option(32, min=1),
     group: int = typer.Option(4, min=2, help="rollouts per problem"),
     max_new_tokens: int = typer.Option(4096, min=1),
-    lr: float = typer.Option(1e-2, min=0.0),
-    beta: float = typer.Option(1e-3, min=0.0, help="L1 sparsity coefficient"),
-    tau: float = typer.Option(0.5, help="the penalty acts only above this mean reward"),
+    lr: float = typer.Option(1e-2, min=0.0, callback=_finite),
+    beta: float = typer.Option(1e-3, min=0.0, callback=_finite, help="L1 sparsity coefficient"),
+    tau: float = typer.Option(0.5, callback=_finite, help="the penalty acts only above this mean reward"),
     init: float = typer.Option(1.0, min=0.0, max=1.0, help="every gate's starting value"),
     sink: int = typer.Option(128, min=0),
     recent: int = typer.Option(256, min=1),
@@ -310,7 +328,7 @@ def identify(
             rollout_batch_size=rollout_batch_size, train_batch_size=train_batch_size,
             samples_per_problem=samples_per_problem, band=tuple(_floats(band, "--band")),
             gradient_checkpointing=gradient_checkpointing, rollout_engine=rollout_engine,
-            rollout_kv_budget=_budget(rollout_kv_budget),
+            rollout_kv_budget=_budget(rollout_kv_budget, "--rollout-kv-budget"),
         )
         training = rlkv.tasks.get(task)
         pool = training.load(data_dir=data_dir, seed=seed)
@@ -340,10 +358,10 @@ def identify(
         console.print(f"wrote {out / 'heads.json'}")
         acted = heads.provenance["penalty_steps"]
         if acted < config.steps / 2:
-            console.print(f"[yellow]warning:[/] the sparsity penalty acted in {acted} of {config.steps} steps (the batch "
-                          f"reward stayed at or below --tau {tau:g} in the others), so the gates moved mostly under the "
-                          "policy gradient; a --tau below the rollouts' pass rate (or an easier --task) lets it act",
-                          soft_wrap=True, highlight=False)
+            errors.print(f"[yellow]warning:[/] the sparsity penalty acted in {acted} of {config.steps} steps (the batch "
+                         f"reward stayed at or below --tau {tau:g} in the others), so the gates moved mostly under the "
+                         "policy gradient; a --tau below the rollouts' pass rate (or an easier --task) lets it act",
+                         soft_wrap=True, highlight=False)
         if check_limit:
             check = sanity_check(lm, tok, training, heldout, out / "heads.json", out, sparsities=tuple(sparsities),
                                  max_new_tokens=check_max_new_tokens, batch_size=rollout_batch_size, seed=seed)
@@ -362,8 +380,8 @@ def identify_duo_(
     length: int = typer.Option(2048, min=1, help="haystack tokens per document"),
     num_keys: int = typer.Option(8, min=1, help="pass keys per document"),
     batch: int = typer.Option(1, min=1),
-    lr: float = typer.Option(2e-2, min=0.0),
-    l1: float = typer.Option(0.05, min=0.0, help="weight of mean |alpha|"),
+    lr: float = typer.Option(2e-2, min=0.0, callback=_finite),
+    l1: float = typer.Option(0.05, min=0.0, callback=_finite, help="weight of mean |alpha|"),
     sink: int = typer.Option(128, min=0),
     recent: int = typer.Option(256, min=1),
     seed: int = typer.Option(0),
@@ -440,7 +458,7 @@ def tasks_():
 
 
 @heads_app.command("show")
-def heads_show(path: Path, sparsity: Optional[float] = typer.Option(None, help="also show the keep-mask")):
+def heads_show(path: Path, sparsity: Optional[float] = typer.Option(None, callback=_finite, help="also show the keep-mask")):
     """Print a head-score matrix (layers x kv_heads)."""
     from rlkv import HeadScores
 
@@ -480,7 +498,7 @@ def heads_convert(src: Path, dst: Path, method: Optional[str] = typer.Option(Non
 def heads_plot(
     path: Path,
     output: Path = typer.Option(..., "-o", "--output", help="PNG to write"),
-    sparsity: Optional[float] = typer.Option(None, help="also draw the heads kept at this sparsity"),
+    sparsity: Optional[float] = typer.Option(None, callback=_finite, help="also draw the heads kept at this sparsity"),
 ):
     """Heat map of head scores (and kept heads) as a PNG."""
     from rlkv import HeadScores

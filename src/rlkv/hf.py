@@ -25,6 +25,8 @@ savings. That path is what tests compare the cache against.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 from transformers.cache_utils import Cache, CacheLayerMixin
@@ -251,7 +253,13 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
 
 def resolve_keep(layout: Layout, heads, sparsity: float | None) -> torch.Tensor:
     """The (layers x kv_heads) keep-mask from a HeadScores (or file path) and a sparsity, or a bool mask."""
-    if isinstance(heads, torch.Tensor) and heads.dtype == torch.bool:
+    if not isinstance(heads, (HeadScores, str, os.PathLike, type(None))) and not (
+            isinstance(heads, torch.Tensor) and heads.dtype == torch.bool):
+        got = f"a {str(heads.dtype).removeprefix('torch.')} tensor" if isinstance(heads, torch.Tensor) else type(heads).__name__
+        raise TypeError(f"heads must be a HeadScores, a head-score file path, a bool torch tensor keep-mask "
+                        f"(layers x kv_heads) or None, got {got} (a mask: torch.tensor(mask, dtype=torch.bool); "
+                        "scores: rlkv.HeadScores(scores) with sparsity=)")
+    if isinstance(heads, torch.Tensor):
         if sparsity is not None:
             raise ValueError("pass either a boolean keep-mask or head scores with a sparsity, not both")
         keep = heads.cpu()

@@ -13,6 +13,7 @@ up front with a message naming them, before any weights are read.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -88,6 +89,7 @@ def _resolve(spec: str | Path) -> tuple[str, dict]:
     if path.suffix == ".gguf":
         if not path.is_file():
             raise FileNotFoundError(f"GGUF file not found: {path} (expected an existing .gguf file)")
+        _check_gguf(path)
         return str(path.parent), {"gguf_file": path.name}
     if path.is_dir():
         if not (path / "config.json").is_file():
@@ -100,6 +102,42 @@ def _resolve(spec: str | Path) -> tuple[str, dict]:
     if str(spec).count("/") > 1 or str(spec).startswith((".", "/", "~")):
         raise FileNotFoundError(f"model path not found: {spec} (expected a hub id, a model directory or a .gguf file)")
     return str(spec), {}
+
+
+GGUF_FIX = "expected a complete GGUF model file (a truncated download? fetch it again)"
+
+
+def _check_gguf(path: Path) -> None:
+    """Refuse a .gguf that is empty or does not start with the GGUF magic, naming it, before transformers reads it."""
+    with path.open("rb") as f:
+        head = f.read(4)
+    if head != b"GGUF":
+        what = "is empty" if not head else f"does not start with the GGUF magic bytes (it starts with {head!r})"
+        raise ValueError(f"{path} {what}: {GGUF_FIX}")
+
+
+@contextmanager
+def _gguf_read_errors(path: Path | None):
+    """A load that fails on a .gguf the gguf reader cannot parse (cut short) names the file, in one line."""
+    try:
+        yield
+    except Exception:
+        if path is None or (problem := _gguf_problem(path)) is None:
+            raise
+        raise ValueError(f"{path} cannot be read as GGUF ({problem}): {GGUF_FIX}") from None
+
+
+def _gguf_problem(path: Path) -> str | None:
+    """What the gguf reader trips on in `path` (None: it reads the file, or is not installed)."""
+    try:
+        from gguf import GGUFReader
+    except ImportError:
+        return None
+    try:
+        GGUFReader(path)
+    except Exception as err:  # whatever the reader trips on, the file is at fault
+        return f"{err.__class__.__name__}: {err}"
+    return None
 
 
 def load_model(
@@ -122,17 +160,19 @@ def load_model(
     if dtype is None:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-    try:
-        config = AutoConfig.from_pretrained(source, **extra)
-    except OSError as err:
-        raise OSError(
-            f"could not load a model config from {spec!r}: a hub id needs a reachable Hugging Face hub; "
-            f"otherwise pass a local directory or .gguf file ({err.__class__.__name__})"
-        ) from None
-    check_supported(config.get_text_config(decoder=True))
-    model = AutoModelForCausalLM.from_pretrained(
-        source, dtype=dtype, attn_implementation=attn_implementation, **extra
-    ).to(device)
+    with _gguf_read_errors(Path(spec).expanduser() if extra else None):
+        try:
+            config = AutoConfig.from_pretrained(source, **extra)
+        except OSError as err:
+            raise OSError(
+                f"could not load a model config from {spec!r}: a hub id needs a reachable Hugging Face hub; "
+                f"otherwise pass a local directory or .gguf file ({err.__class__.__name__})"
+            ) from None
+        check_supported(config.get_text_config(decoder=True))
+        model = AutoModelForCausalLM.from_pretrained(
+            source, dtype=dtype, attn_implementation=attn_implementation, **extra
+        )
+    model = model.to(device)
     model.eval()
     if extra:  # a .gguf, de-quantized on load: name it after its file, and let save_pretrained work
         model.config._name_or_path = str(Path(spec).expanduser())

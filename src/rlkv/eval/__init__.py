@@ -6,6 +6,7 @@
 """
 
 from rlkv.eval.report import report
-from rlkv.eval.run import EvalConfig, EvalResults, Shard, evaluate
+from rlkv.eval.run import EvalConfig, EvalResults, evaluate
+from rlkv.eval.rundir import Shard
 
 __all__ = ["EvalConfig", "EvalResults", "Shard", "evaluate", "report"]

@@ -11,10 +11,10 @@
 
 from __future__ import annotations
 
-import json
 from collections import defaultdict
 from pathlib import Path
 
+from rlkv.eval.rundir import read_config
 from rlkv.eval.run import summarize_run, write_summary
 
 
@@ -115,8 +115,8 @@ def report(run_dir: str | Path) -> Path:
         raise FileNotFoundError(f"{run_dir} holds no results (expected samples.jsonl or samples.shard-*.jsonl "
                                 f"from `rlkv eval --out {run_dir}`)")
     model = ""
-    if (run_dir / "config.json").is_file():
-        config = json.loads((run_dir / "config.json").read_text())
+    config = read_config(run_dir)
+    if config is not None:
         model = Path(config.get("model") or "").name
         write_summary(run_dir, {k: v for k, v in config.items() if k != "invocations"}, rows)
     plots = [

@@ -1,19 +1,9 @@
 """The evaluation harness: (task x method x sparsity) -> graded samples on disk -> aggregates.
 
-A run lives in one directory:
-- config.json   what was run (model, head-file hash, method parameters, seed, versions, device);
-- samples.jsonl one line per graded sample, appended as batches finish: prompt id, completion,
-                tokens generated, finish reason (eos / length / repetition), score, KV bytes;
-- batches.jsonl wall time and tokens of every generated batch (for tokens/s);
-- summary.json  the aggregates, rewritten at the end.
+A run lives in one directory (`rlkv.eval.rundir`: config.json, samples, batches, summary.json).
 An interrupted run resumes: finished samples are read back and skipped. A directory holding a
-run of another configuration is refused rather than mixed.
-
-One run can be split over concurrent processes (`Shard`, `rlkv eval --shard K/N`): shard K of N
-takes every N-th (task, method, sparsity) group and appends to its own samples.shard-K-of-N.jsonl
-and batches.shard-K-of-N.jsonl, so no two processes write one file. Whatever reads a run reads
-all of its files (`run_records`); config.json is rewritten under a lock, summary.json replaced
-whole, so processes that start and finish together leave every file intact.
+run of another configuration is refused rather than mixed. config.json is rewritten under a lock,
+summary.json replaced whole, so shards that start and finish together leave every file intact.
 
 Everything that can be wrong with the inputs (task names, data files, head files, chat
 template) is checked before the directory is touched, so a bad call leaves nothing half-written.
@@ -22,17 +12,14 @@ template) is checked before the directory is touched, so a bad call leaves nothi
 from __future__ import annotations
 
 import fcntl
-import gzip
 import json
+import math
 import os
 import platform
-import re
 import shlex
 import sys
 import time
-import uuid
 import warnings
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -44,6 +31,7 @@ from rlkv import methods as method_registry
 from rlkv import tasks as task_registry
 from rlkv.engine import check_setting, degenerate, engine_for
 from rlkv.engine.sampling import stable_seed
+from rlkv.eval.rundir import Shard, drop_torn_tail, own_file, read_config, run_records, sample_key, sole_writer, write_whole
 from rlkv.eval.summary import summarize
 from rlkv.methods.matching import TOLERANCE, bytes_over_decoding, match_budget
 from rlkv.models import Layout, eos_ids, generated_end
@@ -78,9 +66,43 @@ class EvalConfig:
 
     def __post_init__(self):
         check_setting(self.engine)
+        _check_settings(self)
         if isinstance(self.heads, dict) and set(self.heads) - set(self.methods):
             raise ValueError(f"heads are given for {sorted(set(self.heads) - set(self.methods))}, "
                              f"which are not among the evaluated methods {self.methods}")
+
+
+# The least value of each whole-number setting; those that may be None (the default) are in OPTIONAL.
+MINIMUM = {"batch_size": 1, "limit": 1, "max_new_tokens": 1, "sink": 0, "recent": 1, "budget": 1,
+           "repetition_window": 0, "repetition_min_distinct": 1}
+OPTIONAL = ("limit", "max_new_tokens", "budget")
+
+
+def _check_settings(config: EvalConfig) -> None:
+    """One line for the first setting that is not what it should be (a bad value never reaches a run)."""
+    for name in ("tasks", "methods", "sparsities"):
+        values = getattr(config, name)
+        if isinstance(values, str) or not isinstance(values, (list, tuple)) or not values:
+            raise ValueError(f"EvalConfig {name} must be a non-empty list, got {values!r}")
+    for sparsity in config.sparsities:
+        if not _is_number(sparsity) or not 0 <= sparsity <= 1:
+            raise ValueError(f"sparsity must be a number in [0, 1] (fraction of KV heads compressed; full and "
+                             f"streaming take one too), got {sparsity!r}")
+    for name, least in MINIMUM.items():
+        value = getattr(config, name)
+        if value is None and name in OPTIONAL:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ValueError(f"EvalConfig {name} must be an integer >= {least}, got {value!r}")
+    if not _is_number(config.temperature) or not config.temperature >= 0:
+        raise ValueError(f"temperature must be a number >= 0 (0 = greedy), got {config.temperature!r}")
+    if not _is_number(config.top_p) or not 0 <= config.top_p <= 1:
+        raise ValueError(f"top_p must be a number in [0, 1], got {config.top_p!r}")
+
+
+def _is_number(value) -> bool:
+    """A real, finite number (not a bool, not nan or inf)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @dataclass
@@ -93,36 +115,6 @@ class EvalResults:
         from rlkv.eval.report import markdown_table
 
         return markdown_table(self.rows)
-
-
-@dataclass(frozen=True)
-class Shard:
-    """Shard `index` of `count` (1-based) of one run: the groups g with g % count == index - 1.
-
-    Groups are numbered in `evaluate`'s order over every group of the run, finished or not, so a
-    shard owns the same groups on every resume; the N shards of a run need the same command.
-    """
-
-    index: int
-    count: int
-
-    def __post_init__(self):
-        if not 1 <= self.index <= self.count:
-            raise ValueError(f"a shard is K of N with 1 <= K <= N, got {self.index} of {self.count}")
-
-    @classmethod
-    def parse(cls, text: str) -> Shard:
-        """"2/8" -> Shard(2, 8)."""
-        match = re.fullmatch(r"\s*([0-9]+)\s*/\s*([0-9]+)\s*", text)
-        if not match or not 1 <= int(match[1]) <= int(match[2]):
-            raise ValueError(f"--shard expects K/N with 1 <= K <= N, got {text!r}")
-        return cls(int(match[1]), int(match[2]))
-
-    def owns(self, group: int) -> bool:
-        return group % self.count == self.index - 1
-
-    def __str__(self) -> str:
-        return f"{self.index}/{self.count}"
 
 
 class RepetitionStop(StoppingCriteria):
@@ -240,8 +232,8 @@ def _open_run(out: Path, record: dict, invocation: dict, shard: Shard | None) ->
     config_path = out / "config.json"
     with (out / ".lock").open("a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
-        if config_path.is_file():
-            old = json.loads(config_path.read_text())
+        old = read_config(out)
+        if old is not None:
             defaults = {f.name: f.default for f in fields(EvalConfig)}  # a run made before a setting existed had its default
             before = {k: old.get(k, defaults.get(k)) for k in IDENTITY}
             heads, heads_diff = _heads_identity(old.get("heads_sha256"), record.get("heads_sha256") or {})
@@ -254,32 +246,11 @@ def _open_run(out: Path, record: dict, invocation: dict, shard: Shard | None) ->
             record = {**record, "invocations": [invocation]}
         write_whole(config_path, json.dumps(record, indent=1))
     for kind in ("samples", "batches"):
-        own = _own_file(out, kind, shard)
+        own = own_file(out, kind, shard)
         if own.with_name(own.name + ".gz").is_file():
             raise ValueError(f"{out} is archived ({own.name}.gz): gunzip its .jsonl.gz files to add to the run")
-        _drop_torn_tail(own)  # only its own: another shard may be mid-write in its files
-    return {_key(s): s for s in run_records(out, "samples")}
-
-
-@contextmanager
-def _sole_writer(out: Path, shard: Shard | None):
-    """Hold this process's files of the run (its shard's, or the unsharded ones) while it runs.
-
-    A second process started with the same shard would cut the first one's line being written as a
-    torn tail and append duplicates of its samples, so it is refused. The lock (flock on a file
-    beside the run's) goes when the process does, however it ends.
-    """
-    out.mkdir(parents=True, exist_ok=True)
-    own = _own_file(out, "samples", shard)
-    with (out / f".lock.{own.stem}").open("a") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            which = f"shard {shard}" if shard else "an unsharded eval"
-            raise ValueError(
-                f"another process is running {which} into {out} (it appends to {own.name}); "
-                "let it finish or stop it, then run this command again to resume") from None
-        yield
+        drop_torn_tail(own)  # only its own: another shard may be mid-write in its files
+    return {sample_key(s): s for s in run_records(out, "samples")}
 
 
 def _heads_identity(old: dict | str | None, new: dict[str, str]) -> tuple[dict | str, list[tuple]]:
@@ -292,63 +263,6 @@ def _heads_identity(old: dict | str | None, new: dict[str, str]) -> tuple[dict |
         return old, [(m, old, sha) for m, sha in new.items() if sha != old]
     old = old or {}
     return {**old, **new}, [(m, old[m], sha) for m, sha in new.items() if m in old and old[m] != sha]
-
-
-def _own_file(out: Path, kind: str, shard: Shard | None) -> Path:
-    """Where this process appends `kind` ("samples" or "batches"): kind.jsonl, or its shard's file."""
-    return out / (f"{kind}.jsonl" if shard is None else f"{kind}.shard-{shard.index}-of-{shard.count}.jsonl")
-
-
-def run_records(out: str | Path, kind: str) -> list[dict]:
-    """Every record of `kind` ("samples" or "batches") in a run: kind.jsonl, then each shard's file.
-
-    Any of them may be gzipped (`gzip -9 OUT/*.jsonl` archives a finished run at a fifth of the
-    size; reports read it as before); a file present both plain and gzipped is refused, not counted twice.
-    """
-    out = Path(out)
-    shards = [*out.glob(f"{kind}.shard-*.jsonl"), *out.glob(f"{kind}.shard-*.jsonl.gz")]
-    paths = [p for p in (out / f"{kind}.jsonl", out / f"{kind}.jsonl.gz") if p.is_file()]
-    paths += sorted(shards, key=lambda p: p.name)
-    for p in paths:
-        if p.suffix == ".gz" and p.with_suffix("") in paths:
-            raise ValueError(f"{out} holds both {p.with_suffix('').name} and {p.name}: remove one")
-    return [r for path in paths for r in read_jsonl(path)]
-
-
-def write_whole(path: Path, text: str) -> None:
-    """Write `path` by renaming a uniquely named file onto it: a reader or another writer never sees it torn."""
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def _drop_torn_tail(path: Path) -> None:
-    """Cut a partial last line (left by a kill mid-write) so appends start on a fresh line."""
-    if not path.is_file():
-        return
-    data = path.read_bytes()
-    if data and not data.endswith(b"\n"):
-        with path.open("r+b") as f:
-            f.truncate(data.rfind(b"\n") + 1)
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    """Records of a results file; a torn last line (a run killed mid-write, or a shard writing now) is ignored."""
-    if not path.is_file():
-        return []
-    lines = (gzip.decompress(path.read_bytes()).decode() if path.suffix == ".gz" else path.read_text()).splitlines()
-    records = []
-    for number, line in enumerate(lines, 1):
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            if number != len(lines):
-                raise ValueError(f"{path}: line {number} is not valid JSON") from None
-    return records
-
-
-def _key(sample: dict) -> tuple:
-    return (sample["task"], sample["method"], float(sample["sparsity"]), str(sample["id"]))
 
 
 def _append(path: Path, records: list[dict]) -> None:
@@ -396,10 +310,10 @@ def evaluate(
         "environment": _environment(model),
         "shard": str(shard) if shard else None,
     }
-    with _sole_writer(out, shard):  # before _open_run, which truncates this process's files' torn tails
+    with sole_writer(out, shard):  # before _open_run, which truncates this process's files' torn tails
         done = _open_run(out, record, invocation, shard)
         eos = eos_ids(model, tokenizer)
-        samples_file, batches_file = _own_file(out, "samples", shard), _own_file(out, "batches", shard)
+        samples_file, batches_file = own_file(out, "samples", shard), own_file(out, "batches", shard)
 
         groups = [(task_name, name, sparsity, method) for task_name in tasks for name, sparsity, method in plan]
         todo = [
@@ -424,7 +338,7 @@ def evaluate(
             prompts = {e.id: task.prompt(e, tokenizer) for e in pending}
             lengths = {i: len(tokenizer(p, add_special_tokens=False).input_ids) for i, p in prompts.items()}
             pending = sorted(pending, key=lambda e: -lengths[e.id])  # similar lengths share a batch: less padding
-            scores = [s["score"] for s in done.values() if _key(s)[:3] == (task_name, name, sparsity)]
+            scores = [s["score"] for s in done.values() if sample_key(s)[:3] == (task_name, name, sparsity)]
             engine = engine_for(config.engine, model, tokenizer, method, kv_budget=config.kv_budget,
                                 max_batch=config.batch_size)
 
@@ -463,11 +377,9 @@ def summarize_run(out: Path) -> tuple[list[dict], list[dict]]:
     compared with the head-split method its samples name; samples from before they named it, with the
     first head-ranked method of the run's last invocation."""
     samples = run_records(out, "samples")
-    reference = None
-    if (out / "config.json").is_file():
-        config = json.loads((out / "config.json").read_text())
-        if config.get("match_bytes") and config.get("invocations"):
-            reference = bytes_reference(config["invocations"][-1]["methods"])
+    reference, config = None, read_config(out) or {}
+    if config.get("match_bytes") and config.get("invocations"):
+        reference = bytes_reference(config["invocations"][-1]["methods"])
     return samples, summarize(samples, run_records(out, "batches"), reference)
 
 
