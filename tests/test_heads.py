@@ -192,3 +192,21 @@ def test_published_patterns_ship_with_their_licence():
     assert shapes["duo:meta-llama-3.1-8b-instruct"] == (32, 8) and shapes["duo:llama-2-7b-32k-instruct"] == (32, 32)
     assert "MIT License" in (patterns.DATA / "duo" / "LICENSE").read_text()
     assert "fe93c314ae87306ef6629dc16713250b4718ffe7" in (patterns.DATA / "duo" / "SOURCES.md").read_text()
+
+
+def test_methods_pass_the_rule_through(tmp_path):
+    import rlkv
+
+    layout = Layout("qwen2", num_layers=28, num_q_heads=12, num_kv_heads=2, head_dim=128)
+    scores = HeadScores(torch.rand(28, 2, generator=torch.Generator().manual_seed(1)), provenance={"keep_rule": "authors"})
+    path = scores.save(tmp_path / "heads.json")
+    own = rlkv.methods.build("rlkv", layout, 0.6, heads=path)
+    rank = rlkv.methods.build("rlkv", layout, 0.6, heads=path, keep_rule="rank")
+    rand = rlkv.methods.build("random", layout, 0.6, keep_rule="authors")
+    assert (own.describe()["kept_heads"], rank.describe()["kept_heads"], rand.describe()["kept_heads"]) == (23, 22, 23)
+    assert (own.params["keep_rule"], rank.params["keep_rule"], rand.params["keep_rule"]) == ("authors", "rank", "authors")
+    assert torch.equal(rlkv.methods.HeadSplit.from_scores(path, 0.6).keep, own.keep)
+    duo = rlkv.methods.build("duo", Layout("llama", 32, 32, 8, 128), 0.5, heads="duo:meta-llama-3.1-8b-instruct")
+    assert duo.params["keep_rule"] == "authors" and len(duo.params["heads_sha256"]) == 64
+    with pytest.raises(ValueError, match="keep_rule must be one of rank, authors"):
+        rlkv.EvalConfig(tasks=["arith"], keep_rule="quantile")

@@ -2,6 +2,7 @@
 
     rlkv generate --model M --heads heads.json --sparsity 0.5 --prompt "..."
     rlkv heads show heads.json
+    rlkv heads list
     rlkv heads convert adapter_weights.tsv heads.json
     rlkv heads plot heads.json -o heads.png --sparsity 0.5
     rlkv identify --model M --task math_train --data-dir DIR --out DIR
@@ -150,6 +151,8 @@ def eval_(
     sink: int = typer.Option(16, min=0),
     recent: int = typer.Option(64, min=1),
     budget: Optional[int] = typer.Option(None, min=1, help="tokens kept per KV head by h2o / snapkv / rkv"),
+    keep_rule: str = typer.Option("rank", help="how rlkv / duo / random scores become heads: rank (exact count, ties by "
+                                               "index) or authors (clip, seeded tie noise, quantile: the authors' code)"),
     match_bytes: bool = typer.Option(False, help="token-dropping budgets matched to the mean KV bytes of the first head-ranked method in --method (same task and sparsity)"),
     data_dir: Optional[str] = typer.Option(None, help="task data directory (default $RLKV_DATA_DIR or ../shared/data)"),
     report: bool = typer.Option(True, help="write report.md and plots when done (not with --shard)"),
@@ -171,7 +174,8 @@ def eval_(
             sparsities=_floats(sparsity, "--sparsity"),
             heads=_heads_option(heads),
             limit=limit, max_new_tokens=max_new_tokens, batch_size=batch_size, temperature=temperature,
-            top_p=top_p, seed=seed, sink=sink, recent=recent, budget=budget, match_bytes=match_bytes, data_dir=data_dir,
+            top_p=top_p, seed=seed, sink=sink, recent=recent, budget=budget, keep_rule=keep_rule, match_bytes=match_bytes,
+            data_dir=data_dir,
             engine=engine, kv_budget=_budget(kv_budget),
         )
         for name in config.tasks:
@@ -406,14 +410,29 @@ def tasks_():
         console.print(f"{name}\t(default max new tokens {tasks.get(name).default_max_new_tokens})")
 
 
+@heads_app.command("list")
+def heads_list():
+    """List the head patterns shipped with rlkv (load one by name: --heads duo:<model>)."""
+    from rlkv import HeadScores, patterns
+
+    for name, path in patterns.published().items():
+        scores = HeadScores.load(name)
+        console.print(f"{name}\t{scores.shape[0]} layers x {scores.shape[1]} kv heads ({path.parent.name})",
+                      soft_wrap=True, highlight=False)
+    console.print(f"not shipped (no licence): the RLKV authors' gates; load head_dist/rlkv/<model> from a clone of "
+                  f"{patterns.RLKV_REPO}", soft_wrap=True, highlight=False)
+
+
 @heads_app.command("show")
-def heads_show(path: Path, sparsity: Optional[float] = typer.Option(None, help="also show the keep-mask")):
+def heads_show(path: str = typer.Argument(..., help="a .json/.tsv/.pt file, a pattern directory or a published name"),
+               sparsity: Optional[float] = typer.Option(None, help="also show the keep-mask"),
+               rule: Optional[str] = typer.Option(None, help="keep rule: rank or authors (default: the file's own)")):
     """Print a head-score matrix (layers x kv_heads)."""
     from rlkv import HeadScores
 
     try:
         scores = HeadScores.load(path)
-        keep = scores.keep_mask(sparsity) if sparsity is not None else None
+        keep = scores.keep_mask(sparsity, rule=rule) if sparsity is not None else None
     except USER_ERRORS as err:
         fail(err)
     console.print(scores.summary(), soft_wrap=True, highlight=False)

@@ -177,9 +177,7 @@ class HeadScores:
             scores = cls.load(file, method=method or name.split(":")[0])
             scores.provenance = {"published": name, "keep_rule": "authors", **scores.provenance}
             return scores
-        path = Path(path)
-        if path.is_dir():
-            path = patterns.pattern_file(path)
+        path = patterns.locate(path)
         if not path.is_file():
             raise FileNotFoundError(f"head scores file not found: {path} (expected a .json, .tsv or .pt file, a pattern "
                                     "directory, or a published name from `rlkv heads list`)")
@@ -259,13 +257,14 @@ class HeadScores:
             f"{self.method} head scores for {self.model or 'unknown model'}: {self.shape[0]} layers x "
             f"{self.shape[1]} kv heads; min {s.min():.4f} mean {s.mean():.4f} max {s.max():.4f}; "
             f"{int((s < 0.5).sum())} of {s.numel()} below 0.5; {int((s == s.max()).sum())} at the maximum "
-            "(ties are ranked by index)"
+            f"(keep rule {self.keep_rule}: ties {'by index' if self.keep_rule == 'rank' else 'by seeded noise'})"
         )
 
 
 def num_kept(sparsity: float, num_heads: int) -> int:
     """Heads that keep a full cache at `sparsity`: round((1 - s) * num_heads), halves rounded up."""
-    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or math.isnan(sparsity) or not 0.0 <= sparsity <= 1.0:
+    number = isinstance(sparsity, (int, float)) and not isinstance(sparsity, bool)
+    if not number or math.isnan(sparsity) or not 0.0 <= sparsity <= 1.0:
         raise ValueError(f"sparsity must be a number in [0, 1] (fraction of KV heads compressed), got {sparsity!r}")
     return int(math.floor((1.0 - sparsity) * num_heads + 0.5))
 

@@ -29,8 +29,9 @@ def published() -> dict[str, Path]:
 
 
 def is_name(text) -> bool:
-    """Whether `text` is a published-pattern name ("duo:..." / "rlkv:...") rather than a path."""
-    return isinstance(text, str) and text.split(":", 1)[0] in ("duo", "rlkv") and ":" in text and not Path(text).exists()
+    """Whether `text` (a str or path) is a published-pattern name ("duo:..." / "rlkv:...") rather than a file."""
+    text = str(text)
+    return text.split(":", 1)[0] in ("duo", "rlkv") and ":" in text and not Path(text).exists()
 
 
 def resolve(name: str) -> Path:
@@ -42,6 +43,14 @@ def resolve(name: str) -> Path:
         raise FileNotFoundError(f"{name}: the RLKV authors' gates are not shipped with rlkv ({RLKV_REPO} has no "
                                 "licence); clone it and load head_dist/rlkv/<model> by path")
     raise FileNotFoundError(f"unknown head pattern {name!r}: expected one of {', '.join(table)} (see `rlkv heads list`)")
+
+
+def locate(source) -> Path:
+    """The file behind a published name, a pattern directory or a path (which may not exist)."""
+    if is_name(source):
+        return resolve(str(source))
+    path = Path(source)
+    return pattern_file(path) if path.is_dir() else path
 
 
 def pattern_file(directory: Path) -> Path:
