@@ -17,8 +17,9 @@ from rlkv.identify.check import sanity_check
 from rlkv.identify.curriculum import select_problems
 from rlkv.identify.duo import DuoConfig, identify_duo, passkey_document
 from rlkv.identify.gated import gated, init_gates
-from rlkv.identify.grpo import RECIPES, IdentifyConfig, identify
+from rlkv.identify.grpo import identify
 from rlkv.identify.objective import batch_advantages, group_advantages, penalty_weight
+from rlkv.identify.recipe import RECIPES, IdentifyConfig
 
 __all__ = ["RECIPES", "DuoConfig", "IdentifyConfig", "identify_duo", "passkey_document", "gated", "batch_advantages",
            "group_advantages", "identify", "init_gates", "penalty_weight", "sanity_check", "select_problems"]

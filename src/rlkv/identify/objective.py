@@ -57,5 +57,10 @@ def advantages(rule: str, rewards: torch.Tensor, group: int, n_tokens: torch.Ten
 
 
 def penalty_weight(mean_reward: float, beta: float, tau: float) -> float:
-    """beta * (exp(mean_reward) - 1) when mean_reward > tau, else 0."""
+    """beta * (exp(mean_reward) - 1) when mean_reward > tau, else 0.
+
+    rlkv applies it to the whole batch's mean reward, as the paper writes it; the authors' code
+    (AReaL fork, fsdp_engine.train_batch) applies it to each training micro-batch of up to 7,680
+    tokens with that micro-batch's mean reward, weighted by its share of the tokens.
+    """
     return beta * (math.exp(mean_reward) - 1.0) if mean_reward > tau else 0.0
