@@ -1,5 +1,7 @@
 """The CLI: head-file commands and clean one-line errors."""
 
+import re
+
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -39,6 +41,10 @@ def test_heads_convert_and_plot(heads_file, tmp_path):
         (["serve", "--model", "/nowhere/m.gguf"], "GGUF file not found"),
         (["serve", "--model", "/nowhere/m.gguf", "--sparsity", "0.5"], "sparsity 0.5 needs --heads"),
         (["serve", "--model", "/nowhere/m.gguf", "--method", "nope"], "unknown method 'nope'"),
+        (["heads", "show", "rlkv:qwen-2.5-7b-r1"], "not shipped with rlkv"),
+        (["heads", "show", "{heads}", "--sparsity", "0.5", "--rule", "median"], "unknown keep rule 'median'"),
+        (["identify", "--model", "/nowhere/m.gguf", "--out", "/tmp/x", "--recipe", "v9"], "recipe must be one of paper, rlkv-v0"),
+        (["identify", "--model", "/nowhere/m.gguf", "--out", "/tmp/x", "--advantages", "token"], "advantages has an invalid value"),
     ],
 )
 def test_errors_are_one_line_with_exit_code_2(heads_file, args, message):
@@ -152,3 +158,11 @@ def test_float_options_refuse_nan_and_inf(args, message):
     result = runner.invoke(app, args[:1] + model + args[1:])
     assert result.exit_code == 2 and result.stdout == ""
     assert message in result.stderr, result.stderr
+
+
+def test_heads_list_names_the_shipped_patterns_and_shows_one():
+    result = runner.invoke(app, ["heads", "list"])
+    assert result.exit_code == 0 and re.search(r"duo:meta-llama-3\.1-8b-instruct\s+32 layers x 8 kv heads", result.output)
+    assert "not shipped (no licence)" in result.output
+    result = runner.invoke(app, ["heads", "show", "duo:meta-llama-3.1-8b-instruct", "--sparsity", "0.5"])
+    assert result.exit_code == 0 and "128/256 heads" in result.output

@@ -4,7 +4,6 @@ gradients to the gates, the penalty schedule, resumable training and the curricu
 import importlib
 import json
 import math
-from dataclasses import asdict
 
 import pytest
 import torch
@@ -13,7 +12,9 @@ from transformers import DynamicCache
 
 import rlkv
 from rlkv.attention.plumbing import CACHE_KWARG
-from rlkv.identify import IdentifyConfig, gated, identify, init_gates, penalty_weight, select_problems
+from rlkv.identify import (
+    IdentifyConfig, batch_advantages, gated, group_advantages, identify, init_gates, penalty_weight, select_problems,
+)
 from rlkv.identify import grpo
 
 SINK, RECENT = 2, 4
@@ -93,7 +94,7 @@ def test_penalty_weight():
 
 
 def test_group_advantages_are_normalised_per_problem():
-    adv = grpo.group_advantages(torch.tensor([[1.0, 0.0, 0.0, 1.0], [1.0, 1.0, 1.0, 1.0]]), 1e-6)
+    adv = group_advantages(torch.tensor([[1.0, 0.0, 0.0, 1.0], [1.0, 1.0, 1.0, 1.0]]), 1e-6)
     assert torch.allclose(adv[0].mean(), torch.tensor(0.0)) and adv[0, 0] > 0 > adv[0, 1]
     assert torch.equal(adv[1], torch.zeros(4))
 
@@ -102,8 +103,9 @@ def _setup(**overrides):
     model = tiny_model("qwen2", layers=2)
     task = rlkv.tasks.get("arith")
     examples = task.load(seed=0, limit=4, difficulty=1)
-    config = IdentifyConfig(sink=8, recent=16, batch_problems=2, group=2, steps=3, max_new_tokens=6,
-                            checkpoint_every=1, rollout_batch_size=4, train_batch_size=2, **overrides)
+    settings = dict(sink=8, recent=16, batch_problems=2, group=2, steps=3, max_new_tokens=6, checkpoint_every=1,
+                    rollout_batch_size=4, train_batch_size=2)
+    config = IdentifyConfig(**{**settings, **overrides})
     return model, tiny_tokenizer(), task, examples, config
 
 
@@ -150,15 +152,11 @@ def test_penalty_alone_closes_gates_when_every_rollout_is_rewarded(tmp_path, mon
     assert heads.provenance["penalty_steps"] == 3
 
 
-def test_gates_start_at_init_and_old_checkpoints_resume(tmp_path, monkeypatch):
-    """All rewards 1 and no penalty: no gradient reaches the gates, so they end where --init put them."""
-    model, tok, task, examples, config = _setup(beta=0.0, init=0.8)
+def test_gates_start_at_init(tmp_path, monkeypatch):
+    """All rewards 1, no penalty, no weight decay: nothing moves the gates, so they end where --init put them."""
+    model, tok, task, examples, config = _setup(beta=0.0, init=0.8, weight_decay=0.0)
     monkeypatch.setattr(task, "grade_many", lambda exs, texts: [1.0] * len(texts))
     assert torch.equal(identify(model, tok, task, examples, config, tmp_path).scores, torch.full((2, 2), 0.8))
-    grpo = importlib.import_module("rlkv.identify.grpo")
-    old = {k: v for k, v in asdict(IdentifyConfig()).items() if k != "init"}  # a checkpoint from before `init`
-    assert grpo._resumable(old) == grpo._resumable(asdict(IdentifyConfig()))
-    assert grpo._resumable(old) != grpo._resumable(asdict(IdentifyConfig(init=0.8)))
     with pytest.raises(ValueError, match="init"):
         IdentifyConfig(init=1.5)
 
@@ -236,3 +234,117 @@ def test_a_non_finite_gate_gradient_stops_training(tmp_path, monkeypatch):
     monkeypatch.setattr(grpo, "completion_logprobs", lambda *a: (lambda lp, c: (lp * float("nan"), c))(*real(*a)))
     with pytest.raises(FloatingPointError, match="step 1: the gate gradient is not finite"):
         identify(model, tok, task, examples, config, tmp_path)
+
+
+# ---------------------------------------------------------------- the paper recipe
+
+def test_batch_advantages_worked_example():
+    """Two problems x 2 rollouts, rewards [1, 1 | 0, 1], completion tokens [2, 1, 1, 4] (8 tokens).
+
+    Shaped: clip((r - 0.5) * 10, -20, 20) = [5, 5, -5, 5]. Token-weighted mean (10 + 5 - 5 + 20) / 8
+    = 3.75; squared deviations weighted by tokens: 2 * 1.25^2 + 1.25^2 + 8.75^2 + 4 * 1.25^2 = 87.5;
+    unbiased variance 87.5 / 7 = 12.5, std 3.5355339. Advantages (s - 3.75) / (3.5355339 + 1e-5):
+    1.25 / 3.5355439 = 0.3535524 and -8.75 / 3.5355439 = -2.4748667. The all-correct first group
+    gets a positive advantage (per-group normalisation gives it 0).
+    """
+    rewards, tokens = torch.tensor([1.0, 1.0, 0.0, 1.0]), torch.tensor([2.0, 1.0, 1.0, 4.0])
+    adv = batch_advantages(rewards, tokens, eps=1e-5)
+    torch.testing.assert_close(adv, torch.tensor([0.3535524, 0.3535524, -2.4748667, 0.3535524]), rtol=1e-6, atol=1e-6)
+    assert group_advantages(rewards.view(2, 2), 1e-6)[0].tolist() == [0.0, 0.0]
+    assert torch.equal(batch_advantages(torch.ones(4), tokens), torch.zeros(4))  # no spread: no signal
+    split = batch_advantages(rewards, tokens, all_sum=lambda t: 2 * t)  # two ranks with the same rollouts
+    torch.testing.assert_close(split[2], torch.tensor(-8.75 / (math.sqrt(175 / 15) + 1e-5)))  # 16 tokens: var 175/15
+
+
+def test_recipes_fill_unset_options_and_keep_explicit_ones():
+    paper, v0 = IdentifyConfig(), IdentifyConfig(recipe="rlkv-v0")
+    assert (paper.advantages, paper.problems, paper.weight_decay, paper.grad_clip, paper.steps, paper.max_new_tokens) == \
+        ("batch", "solved", 0.017, 1.0, 186, 7168)
+    assert (paper.sink, paper.recent, paper.batch_problems, paper.group, paper.lr, paper.beta, paper.tau) == \
+        (128, 256, 32, 4, 1e-2, 1e-3, 0.5)
+    assert (v0.advantages, v0.problems, v0.weight_decay, v0.grad_clip) == ("group", "band", 0.0, 0.0)
+    assert IdentifyConfig(advantages="group").problems == "solved"  # one ablation switch, the rest paper
+    for bad in (dict(recipe="duo"), dict(advantages="token"), dict(problems="all"), dict(top_p=0.0), dict(top_k=-1),
+                dict(grad_clip=-1.0)):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            IdentifyConfig(**bad)
+
+
+def _paper(**overrides):
+    return _setup(**{"checkpoint_every": 2, "steps": 4, **overrides})
+
+
+def test_resume_two_plus_two_steps_equals_four(tmp_path, monkeypatch):
+    model, tok, task, examples, config = _paper()
+    _coin_rewards(monkeypatch, task)
+    straight = identify(model, tok, task, examples, config, tmp_path / "four")
+    config.steps = 2
+    identify(model, tok, task, examples, config, tmp_path / "resumed")
+    config.steps = 4
+    torch.manual_seed(999)
+    resumed = identify(model, tok, task, examples, config, tmp_path / "resumed")
+    assert torch.equal(straight.scores, resumed.scores) and not torch.equal(straight.scores, torch.ones(2, 2))
+    logs = [[json.loads(line) for line in (tmp_path / d / "log.jsonl").read_text().splitlines()] for d in ("four", "resumed")]
+    assert [r["step"] for r in logs[1]] == [1, 2, 3, 4]
+    assert [r["grad_norm"] for r in logs[0]] == [r["grad_norm"] for r in logs[1]]
+    assert resumed.provenance["keep_rule"] == "authors"
+
+
+def test_penalty_switches_on_above_tau_only(tmp_path, monkeypatch):
+    """Every rollout rewarded (mean reward 1, advantages 0): tau 1 keeps the penalty off, tau 0.99 turns it on."""
+    ends = {}
+    for tau in (1.0, 0.99):
+        model, tok, task, examples, config = _paper(tau=tau, beta=1.0, weight_decay=0.0)
+        monkeypatch.setattr(task, "grade_many", lambda exs, texts: [1.0] * len(texts))
+        ends[tau] = identify(model, tok, task, examples, config, tmp_path / str(tau))
+    assert torch.equal(ends[1.0].scores, torch.ones(2, 2)) and ends[1.0].provenance["penalty_steps"] == 0
+    assert (ends[0.99].scores < 1).all() and ends[0.99].provenance["penalty_steps"] == 4
+
+
+def test_gradients_are_clipped_and_gates_clamped(tmp_path, monkeypatch):
+    """A penalty far larger than 1 in gradient norm: the step sees a norm of at most grad_clip, and a
+    learning rate of 3 drives every gate below 0, where the clamp holds it at exactly 0."""
+    seen = []
+    real_step = torch.optim.AdamW.step
+
+    def spy(self, *a, **k):
+        seen.append(float(self.param_groups[0]["params"][0].grad.norm()))
+        return real_step(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", spy)
+    for clip in (1.0, 0.0):
+        model, tok, task, examples, config = _paper(beta=1e3, lr=3.0, grad_clip=clip, steps=1)
+        monkeypatch.setattr(task, "grade_many", lambda exs, texts: [1.0] * len(texts))
+        heads = identify(model, tok, task, examples, config, tmp_path / str(clip))
+        assert torch.equal(heads.scores, torch.zeros(2, 2))
+        log = json.loads((tmp_path / str(clip) / "log.jsonl").read_text())
+        assert log["grad_norm"] == pytest.approx(1e3 * (math.e - 1) / 4 * 2)  # |d mean|a| / da| = 1/4 on 4 gates
+    assert seen[0] == pytest.approx(1.0) and seen[1] == pytest.approx(1e3 * (math.e - 1) / 2)
+
+
+def test_rollouts_use_the_configured_sampling(tmp_path, monkeypatch):
+    model, tok, task, examples, config = _paper(top_p=0.9, top_k=5, temperature=0.7, steps=1)
+    _coin_rewards(monkeypatch, task)
+    calls = []
+    real_generate = model.generate
+    monkeypatch.setattr(model, "generate", lambda *a, **k: calls.append(k) or real_generate(*a, **k))
+    identify(model, tok, task, examples, config, tmp_path)
+    assert calls and all((c["top_p"], c["top_k"], c["temperature"]) == (0.9, 5, 0.7) for c in calls)
+
+
+def test_curriculum_solved_keeps_always_solved_problems(tmp_path, monkeypatch):
+    model, tok, task, examples, _ = _setup()
+    solved = dict(zip((ex.id for ex in examples), (1, 3, 0, 2)))  # correct samples out of 3 per problem
+
+    def grade_many(exs, texts):
+        seen = {}
+        for ex in exs:
+            seen[ex.id] = seen.get(ex.id, 0) + 1
+            yield float(seen[ex.id] <= solved[ex.id])
+
+    monkeypatch.setattr(task, "grade_many", lambda exs, texts: list(grade_many(exs, texts)))
+    args = dict(samples_per_problem=3, max_new_tokens=4, cache_path=tmp_path / "c.json", batch_size=6)
+    assert select_problems(model, tok, task, examples, keep="solved", **args) == [examples[0], examples[1], examples[3]]
+    assert select_problems(model, tok, task, examples, keep="band", **args) == [examples[0], examples[3]]
+    with pytest.raises(ValueError, match="keep must be 'solved'"):
+        select_problems(model, tok, task, examples, keep="all", **args)

@@ -3,6 +3,7 @@
     rlkv generate --model M --heads heads.json --sparsity 0.5 --prompt "..."
     rlkv serve --model M --heads heads.json --sparsity 0.5 --port 8000
     rlkv heads show heads.json
+    rlkv heads list
     rlkv heads convert adapter_weights.tsv heads.json
     rlkv heads plot heads.json -o heads.png --sparsity 0.5
     rlkv identify --model M --task math_train --data-dir DIR --out DIR
@@ -212,6 +213,8 @@ def eval_(
     sink: int = typer.Option(16, min=0),
     recent: int = typer.Option(64, min=1),
     budget: Optional[int] = typer.Option(None, min=1, help="tokens kept per KV head by h2o / snapkv / rkv"),
+    keep_rule: str = typer.Option("rank", help="how rlkv / duo / random scores become heads: rank (exact count, ties by "
+                                               "index) or authors (clip, seeded tie noise, quantile: the authors' code)"),
     match_bytes: bool = typer.Option(False, help="token-dropping budgets matched to the mean KV bytes of the first head-ranked method in --method (same task and sparsity)"),
     data_dir: Optional[str] = typer.Option(None, help="task data directory (default $RLKV_DATA_DIR or ../shared/data)"),
     report: bool = typer.Option(True, help="write report.md and plots when done (not with --shard)"),
@@ -234,8 +237,8 @@ def eval_(
             sparsities=_floats(sparsity, "--sparsity"),
             heads=_heads_option(heads),
             limit=limit, max_new_tokens=max_new_tokens, batch_size=batch_size, temperature=temperature,
-            top_p=top_p, seed=seed, sink=sink, recent=recent, budget=budget, match_bytes=match_bytes, data_dir=data_dir,
-            engine=engine, kv_budget=_budget(kv_budget, "--kv-budget"),
+            top_p=top_p, seed=seed, sink=sink, recent=recent, budget=budget, keep_rule=keep_rule, match_bytes=match_bytes,
+            data_dir=data_dir, engine=engine, kv_budget=_budget(kv_budget, "--kv-budget"),
         )
         for name in config.tasks:
             rlkv.tasks.get(name)
@@ -290,18 +293,27 @@ def identify(
     out: Path = typer.Option(..., help="run directory: curriculum cache, log.jsonl, checkpoint.pt, heads.json (resumes)"),
     data_dir: Optional[str] = typer.Option(None, help="task data directory (default $RLKV_DATA_DIR or ../shared/data)"),
     limit: Optional[int] = typer.Option(None, min=1, help="first N training problems before the curriculum"),
-    steps: int = typer.Option(100, min=1),
+    recipe: str = typer.Option("paper", help="paper (the authors' code) or rlkv-v0 (rlkv's first); the options "
+                                             "below left unset take the recipe's value"),
+    steps: Optional[int] = typer.Option(None, min=1, help="paper: 186"),
     batch_problems: int = typer.Option(32, min=1),
     group: int = typer.Option(4, min=2, help="rollouts per problem"),
-    max_new_tokens: int = typer.Option(4096, min=1),
+    max_new_tokens: Optional[int] = typer.Option(None, min=1, help="paper: 7168"),
+    temperature: float = typer.Option(1.0, min=0.0, callback=_finite, help="rollout (and curriculum) sampling; Qwen3 in the paper: 0.6"),
+    top_p: float = typer.Option(1.0, min=0.0, max=1.0, help="Qwen3 in the paper: 0.95"),
+    top_k: int = typer.Option(0, min=0, help="0: off; Qwen3 in the paper: 20"),
+    advantages: Optional[str] = typer.Option(None, help="batch (paper: shaped, normalised over the batch) or group (per problem)"),
+    problems: Optional[str] = typer.Option(None, help="curriculum: solved (paper: pass rate > 0) or band (see --band)"),
     lr: float = typer.Option(1e-2, min=0.0, callback=_finite),
+    weight_decay: Optional[float] = typer.Option(None, min=0.0, help="AdamW decay on the gates (paper: 0.017)"),
+    grad_clip: Optional[float] = typer.Option(None, min=0.0, help="max gate-gradient norm, 0 = off (paper: 1.0)"),
     beta: float = typer.Option(1e-3, min=0.0, callback=_finite, help="L1 sparsity coefficient"),
-    tau: float = typer.Option(0.5, callback=_finite, help="the penalty acts only above this mean reward"),
+    tau: float = typer.Option(0.5, callback=_finite, help="the penalty acts only above this mean reward (paper: 0.5; 0.55 for Qwen2.5)"),
     init: float = typer.Option(1.0, min=0.0, max=1.0, help="every gate's starting value"),
     sink: int = typer.Option(128, min=0),
     recent: int = typer.Option(256, min=1),
     samples_per_problem: int = typer.Option(8, min=1, help="curriculum: full-model samples per problem"),
-    band: str = typer.Option("0,1", help="curriculum: keep problems with low < pass rate < high"),
+    band: str = typer.Option("0,1", help="curriculum with --problems band: keep low < pass rate < high"),
     rollout_batch_size: int = typer.Option(128, min=1),
     train_batch_size: int = typer.Option(8, min=1),
     checkpoint_every: int = typer.Option(10, min=1),
@@ -323,7 +335,9 @@ def identify(
 
     try:
         config = IdentifyConfig(
-            sink=sink, recent=recent, group=group, lr=lr, beta=beta, tau=tau, init=init, batch_problems=batch_problems,
+            recipe=recipe, sink=sink, recent=recent, group=group, temperature=temperature, top_p=top_p, top_k=top_k,
+            advantages=advantages, problems=problems, lr=lr, weight_decay=weight_decay, grad_clip=grad_clip, beta=beta,
+            tau=tau, init=init, batch_problems=batch_problems,
             steps=steps, max_new_tokens=max_new_tokens, seed=seed, checkpoint_every=checkpoint_every,
             rollout_batch_size=rollout_batch_size, train_batch_size=train_batch_size,
             samples_per_problem=samples_per_problem, band=tuple(_floats(band, "--band")),
@@ -347,10 +361,12 @@ def identify(
             return select_problems(
                 lm, tok, training, examples, config.samples_per_problem, config.band, config.max_new_tokens,
                 cache_path=out / "curriculum.json", batch_size=config.rollout_batch_size, seed=seed, engine=engine,
+                keep=config.problems, temperature=config.temperature, top_p=config.top_p, top_k=config.top_k,
             )
 
         problems = _rank0_first(curriculum)  # the other ranks then read rank 0's cache
-        console.print(f"curriculum: {len(problems)}/{len(examples)} problems in the pass band {config.band}")
+        kept = "solved at least once" if config.problems == "solved" else f"in the pass band {config.band}"
+        console.print(f"curriculum: {len(problems)}/{len(examples)} problems {kept}")
         heads = rlkv.identify(lm, tok, training, problems, config, out)
         if rank != 0:
             return
@@ -360,7 +376,7 @@ def identify(
         if acted < config.steps / 2:
             errors.print(f"[yellow]warning:[/] the sparsity penalty acted in {acted} of {config.steps} steps (the batch "
                          f"reward stayed at or below --tau {tau:g} in the others), so the gates moved mostly under the "
-                         "policy gradient; a --tau below the rollouts' pass rate (or an easier --task) lets it act",
+                         "policy gradient; easier problems (--problems solved, an easier --task) or a lower --tau let it act",
                          soft_wrap=True, highlight=False)
         if check_limit:
             check = sanity_check(lm, tok, training, heldout, out / "heads.json", out, sparsities=tuple(sparsities),
@@ -457,14 +473,29 @@ def tasks_():
         console.print(f"{name}\t(default max new tokens {tasks.get(name).default_max_new_tokens})")
 
 
+@heads_app.command("list")
+def heads_list():
+    """List the head patterns shipped with rlkv (load one by name: --heads duo:<model>)."""
+    from rlkv import HeadScores, patterns
+
+    for name, path in patterns.published().items():
+        scores = HeadScores.load(name)
+        console.print(f"{name}\t{scores.shape[0]} layers x {scores.shape[1]} kv heads ({path.parent.name})",
+                      soft_wrap=True, highlight=False)
+    console.print(f"not shipped (no licence): the RLKV authors' gates; load head_dist/rlkv/<model> from a clone of "
+                  f"{patterns.RLKV_REPO}", soft_wrap=True, highlight=False)
+
+
 @heads_app.command("show")
-def heads_show(path: Path, sparsity: Optional[float] = typer.Option(None, callback=_finite, help="also show the keep-mask")):
+def heads_show(path: str = typer.Argument(..., help="a .json/.tsv/.pt file, a pattern directory or a published name"),
+               sparsity: Optional[float] = typer.Option(None, callback=_finite, help="also show the keep-mask"),
+               rule: Optional[str] = typer.Option(None, help="keep rule: rank or authors (default: the file's own)")):
     """Print a head-score matrix (layers x kv_heads)."""
     from rlkv import HeadScores
 
     try:
         scores = HeadScores.load(path)
-        keep = scores.keep_mask(sparsity) if sparsity is not None else None
+        keep = scores.keep_mask(sparsity, rule=rule) if sparsity is not None else None
     except USER_ERRORS as err:
         fail(err)
     console.print(scores.summary(), soft_wrap=True, highlight=False)

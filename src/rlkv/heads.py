@@ -5,10 +5,21 @@ KV cache". RLKV's learned gates, DuoAttention's full-attention weights and rando
 are all HeadScores, so every method and both runtimes consume the same object. `keep_mask`
 turns scores into the one decision the runtimes act on: which KV heads keep a full cache.
 
-Files:
+Two rules pick the heads at a sparsity (`keep_mask(..., rule=)`):
+- "rank": exactly round((1 - s) * heads) of the highest scores, ties to the lower (layer, head) index;
+- "authors" (RLKV's eval/ and SGLang fork, DuoAttention's `sparsify_attention_heads`): scores
+  clipped to [0, 1], plus uniform noise in [0, 1e-6) from numpy's RandomState(seed) (the authors
+  seed 42) to break ties, and the heads at or above np.quantile(scores, s) keep a full cache
+  (heads - ceil(s * (heads - 1)) of them for distinct scores, which can differ by one from "rank").
+A HeadScores without a rule given uses the one in its provenance ("keep_rule"; identify's paper
+recipe and the shipped published patterns record "authors"), else "rank".
+
+Files (`HeadScores.load`):
 - JSON (native): {"scores": [[...]], "model": ..., "layout": {...}, "method": ..., "provenance": {...}}
 - TSV (as published with RLKV `adapter_weights.tsv` and DuoAttention `full_attention_heads.tsv`):
   one row per layer, one tab-separated value per KV head.
+- the authors' adapter_weight.pt gates, a directory in the authors' layout, or a published name
+  ("duo:meta-llama-3.1-8b-instruct"; `rlkv heads list`), see `rlkv.patterns`.
 """
 
 from __future__ import annotations
@@ -20,9 +31,13 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
+from rlkv import patterns
 from rlkv.models import Layout
+
+KEEP_RULES = ("rank", "authors")
 
 
 def command_line() -> str:
@@ -39,7 +54,7 @@ class HeadScores:
     provenance: dict = field(default_factory=dict)
 
     def __post_init__(self):
-        scores = torch.as_tensor(self.scores, dtype=torch.float32).detach().cpu()
+        scores = _as_matrix(self.scores)
         if scores.ndim != 2 or 0 in scores.shape:
             raise ValueError(
                 f"head scores must be a non-empty 2-D (layers x kv_heads) matrix, got shape {tuple(scores.shape)}"
@@ -58,23 +73,52 @@ class HeadScores:
         return self.scores.numel()
 
     # ------------------------------------------------------------------ decisions
-    def keep_mask(self, sparsity: float | None = None, *, threshold: float | None = None) -> torch.Tensor:
+    def keep_mask(self, sparsity: float | None = None, *, threshold: float | None = None, rule: str | None = None,
+                  seed: int = 42) -> torch.Tensor:
         """Bool (layers x kv_heads): True where the head keeps a full KV cache.
 
-        With `sparsity` s in [0, 1], exactly round((1 - s) * layers * kv_heads) heads are kept,
-        the highest-scoring ones over the whole model; ties go to the lower (layer, head) index.
-        With `threshold`, the heads with score >= threshold are kept.
+        With `sparsity` s in [0, 1], the highest-scoring heads over the whole model by `rule`
+        (module docstring; None: the provenance's "keep_rule", else "rank"); `seed` seeds the
+        authors' tie noise. With `threshold`, the heads with score >= threshold (under "authors":
+        the clipped, noised score).
         """
         if (sparsity is None) == (threshold is None):
             raise ValueError("keep_mask needs exactly one of sparsity= or threshold=")
+        rule = self.keep_rule if rule is None else rule
+        if rule not in KEEP_RULES:
+            raise ValueError(f"unknown keep rule {rule!r}: expected one of {', '.join(KEEP_RULES)}")
         if threshold is not None:
-            return self.scores >= float(threshold)
+            if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or math.isnan(threshold):
+                raise ValueError(f"threshold must be a number (heads with score >= it keep a full cache), got {threshold!r}")
+            scores = self._noised(seed) if rule == "authors" else self.scores.double().numpy()
+            return torch.from_numpy(scores >= float(threshold))
         n_keep = num_kept(sparsity, self.num_heads)
+        if rule == "authors":
+            return self._authors_keep(float(sparsity), seed)
         flat = self.scores.flatten()
         order = torch.argsort(-flat, stable=True)  # stable: equal scores keep index order
         keep = torch.zeros_like(flat, dtype=torch.bool)
         keep[order[:n_keep]] = True
         return keep.view(self.shape)
+
+    @property
+    def keep_rule(self) -> str:
+        """The rule `keep_mask` uses when none is given: the provenance's, else "rank"."""
+        return self.provenance.get("keep_rule", "rank")
+
+    def _noised(self, seed: int) -> np.ndarray:
+        """The authors' scores: clipped to [0, 1], in float64, plus RandomState(seed) noise in [0, 1e-6)."""
+        scores = np.clip(self.scores.double().numpy(), 0, 1)
+        return scores + np.random.RandomState(seed).uniform(0, 1e-6, scores.shape)
+
+    def _authors_keep(self, sparsity: float, seed: int) -> torch.Tensor:
+        """RLKV's eval/ and SGLang rule: heads at or above the sparsity quantile of the noised scores."""
+        scores = self._noised(seed)
+        if sparsity >= 1:
+            return torch.zeros(self.shape, dtype=torch.bool)
+        if sparsity <= 0:
+            return torch.ones(self.shape, dtype=torch.bool)
+        return torch.from_numpy(scores >= np.quantile(scores, sparsity))
 
     def check_layout(self, layout: Layout) -> None:
         """Raise if these scores do not fit a model with `layout`."""
@@ -127,11 +171,24 @@ class HeadScores:
 
     @classmethod
     def load(cls, path: str | Path, method: str | None = None) -> HeadScores:
-        """Read a JSON file written by `save`, or a TSV of one row per layer."""
-        path = Path(path)
+        """Read a published name, a directory in the authors' layout, a .pt of gates, JSON or TSV."""
+        if patterns.is_name(path):
+            file, name = patterns.resolve(str(path)), str(path).lower()
+            scores = cls.load(file, method=method or name.split(":")[0])
+            scores.provenance = {"published": name, "keep_rule": "authors", **scores.provenance}
+            return scores
+        path = patterns.locate(path)
         if not path.is_file():
-            raise FileNotFoundError(f"head scores file not found: {path} (expected a .json or .tsv file)")
-        text = path.read_text()
+            raise FileNotFoundError(f"head scores file not found: {path} (expected a .json, .tsv or .pt file, a pattern "
+                                    "directory, or a published name from `rlkv heads list`)")
+        raw = path.read_bytes()
+        if path.suffix in (".pt", ".pth", ".bin") or raw[:2] == b"PK" or raw[:1] == b"\x80":  # zip or pickle: torch
+            gates, model = patterns.read_adapter_pt(path)
+            return cls(gates, model=model, method=method or "rlkv", provenance={"source": str(path)})
+        try:
+            text = raw.decode()
+        except UnicodeDecodeError:
+            raise ValueError(f"{path}: not a text file (expected head scores as .json or .tsv, or gates as .pt)") from None
         if path.suffix == ".json" or text.lstrip().startswith("{"):
             try:
                 data = json.loads(text)
@@ -155,6 +212,13 @@ class HeadScores:
                 raise ValueError(f"{path}:{lineno}: expected tab-separated numbers (one per KV head), got {line[:60]!r}") from None
         guess = "duo" if "full_attention" in path.name else "rlkv" if "adapter" in path.name else "unknown"
         return cls(_matrix(rows, path), method=method or guess, provenance={"source": str(path)})
+
+    @classmethod
+    def published(cls, name: str) -> HeadScores:
+        """A pattern shipped with rlkv, by name (`rlkv.patterns.published()`)."""
+        if not patterns.is_name(name):
+            raise ValueError(f"{name!r} is not a published pattern name (expected duo:<model>; see `rlkv heads list`)")
+        return cls.load(name)
 
     # ------------------------------------------------------------------ pictures
     def plot(self, path: str | Path, sparsity: float | None = None, title: str | None = None) -> Path:
@@ -193,15 +257,29 @@ class HeadScores:
             f"{self.method} head scores for {self.model or 'unknown model'}: {self.shape[0]} layers x "
             f"{self.shape[1]} kv heads; min {s.min():.4f} mean {s.mean():.4f} max {s.max():.4f}; "
             f"{int((s < 0.5).sum())} of {s.numel()} below 0.5; {int((s == s.max()).sum())} at the maximum "
-            "(ties are ranked by index)"
+            f"(keep rule {self.keep_rule}: ties {'by index' if self.keep_rule == 'rank' else 'by seeded noise'})"
         )
 
 
 def num_kept(sparsity: float, num_heads: int) -> int:
     """Heads that keep a full cache at `sparsity`: round((1 - s) * num_heads), halves rounded up."""
-    if not isinstance(sparsity, (int, float)) or math.isnan(sparsity) or not 0.0 <= sparsity <= 1.0:
+    number = isinstance(sparsity, (int, float)) and not isinstance(sparsity, bool)
+    if not number or math.isnan(sparsity) or not 0.0 <= sparsity <= 1.0:
         raise ValueError(f"sparsity must be a number in [0, 1] (fraction of KV heads compressed), got {sparsity!r}")
     return int(math.floor((1.0 - sparsity) * num_heads + 0.5))
+
+
+def _as_matrix(scores) -> torch.Tensor:
+    """`scores` as a float32 CPU matrix, or a one-line error saying what was wrong."""
+    if isinstance(scores, (list, tuple)) and all(isinstance(r, (list, tuple)) for r in scores):
+        widths = sorted({len(r) for r in scores})
+        if len(widths) > 1:
+            raise ValueError(f"head scores rows have different lengths {widths}: expected one value per KV head in every layer")
+    try:
+        return torch.as_tensor(scores, dtype=torch.float32).detach().cpu()
+    except (TypeError, ValueError, RuntimeError):
+        raise ValueError("head scores must be a 2-D (layers x kv_heads) matrix of numbers (tensor, array or nested "
+                         f"lists), got {type(scores).__name__}") from None
 
 
 def _matrix(rows, path) -> torch.Tensor:

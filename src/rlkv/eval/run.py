@@ -33,11 +33,12 @@ from rlkv.engine import check_setting, degenerate, engine_for
 from rlkv.engine.sampling import stable_seed
 from rlkv.eval.rundir import Shard, drop_torn_tail, own_file, read_config, run_records, sample_key, sole_writer, write_whole
 from rlkv.eval.summary import summarize
+from rlkv.heads import KEEP_RULES
 from rlkv.methods.matching import TOLERANCE, bytes_over_decoding, match_budget
 from rlkv.models import Layout, eos_ids, generated_end
 
 IDENTITY = ("model", "max_new_tokens", "temperature", "top_p", "seed", "sink", "recent", "budget",
-            "match_bytes")
+            "match_bytes", "keep_rule")
 
 
 @dataclass
@@ -57,6 +58,7 @@ class EvalConfig:
     sink: int = 16
     recent: int = 64
     budget: int | None = None  # tokens per KV head for h2o / snapkv / rkv
+    keep_rule: str = "rank"  # how rlkv / duo / random scores become heads: "rank" or "authors" (rlkv.heads)
     match_bytes: bool = False  # instead: per task and sparsity, the budget matching a head-split method's mean bytes
     data_dir: str | None = None
     repetition_window: int = 400  # 0 turns the degenerate-repetition stop off
@@ -67,6 +69,8 @@ class EvalConfig:
     def __post_init__(self):
         check_setting(self.engine)
         _check_settings(self)
+        if self.keep_rule not in KEEP_RULES:
+            raise ValueError(f"keep_rule must be one of {', '.join(KEEP_RULES)}, got {self.keep_rule!r}")
         if isinstance(self.heads, dict) and set(self.heads) - set(self.methods):
             raise ValueError(f"heads are given for {sorted(set(self.heads) - set(self.methods))}, "
                              f"which are not among the evaluated methods {self.methods}")
@@ -149,10 +153,11 @@ def _method_plan(config: EvalConfig, layout: Layout) -> list[tuple[str, float, o
             if config.match_bytes and name in method_registry.TOKEN_DROPPING:
                 plan.append((name, float(sparsity), None))
                 continue
+            rule = {"keep_rule": config.keep_rule} if name in method_registry.HEAD_RANKED else {}
             method = method_registry.build(
                 name, layout, sparsity, heads=_heads_for(config, name), sink=config.sink, recent=config.recent,
                 seed=config.seed,
-                budget=config.budget,
+                budget=config.budget, **rule,
             )
             key = (name, method.sparsity)
             if key not in seen:

@@ -2,9 +2,9 @@
 
     from rlkv.identify import IdentifyConfig, identify, select_problems
     task = rlkv.tasks.get("math_train")
-    config = IdentifyConfig(steps=100)
+    config = IdentifyConfig()                       # recipe="paper" (the authors'); "rlkv-v0": rlkv's first
     problems = select_problems(model, tok, task, task.load(), config.samples_per_problem, config.band,
-                               config.max_new_tokens, cache_path="runs/id/curriculum.json")
+                               config.max_new_tokens, cache_path="runs/id/curriculum.json", keep=config.problems)
     heads = identify(model, tok, task, problems, config, out_dir="runs/id")   # -> HeadScores
 
 `gated(model, alpha, sink, recent)` is the mixed full/streaming attention the gates train through;
@@ -17,7 +17,9 @@ from rlkv.identify.check import sanity_check
 from rlkv.identify.curriculum import select_problems
 from rlkv.identify.duo import DuoConfig, identify_duo, passkey_document
 from rlkv.identify.gated import gated, init_gates
-from rlkv.identify.grpo import IdentifyConfig, group_advantages, identify, penalty_weight
+from rlkv.identify.grpo import identify
+from rlkv.identify.objective import batch_advantages, group_advantages, penalty_weight
+from rlkv.identify.recipe import RECIPES, IdentifyConfig
 
-__all__ = ["DuoConfig", "IdentifyConfig", "identify_duo", "passkey_document", "gated", "group_advantages", "identify", "init_gates", "penalty_weight", "sanity_check",
-           "select_problems"]
+__all__ = ["RECIPES", "DuoConfig", "IdentifyConfig", "identify_duo", "passkey_document", "gated", "batch_advantages",
+           "group_advantages", "identify", "init_gates", "penalty_weight", "sanity_check", "select_problems"]

@@ -4,7 +4,8 @@ A run that learned nothing looks like a run that learned something until its hea
 So right after training, the top-k heads by the learned gates are evaluated at two sparsities
 on a held-out slice of the training task (problems the training never saw), next to the full
 cache and to random heads of the same count, through the ordinary evaluation harness (inference
-defaults: sink 16 + recent 64). The rows land in `out_dir/check/` like any evaluation run.
+defaults: sink 16 + recent 64), both chosen by the rule the heads record (identify's paper
+recipe: the authors'). The rows land in `out_dir/check/` like any evaluation run.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from rlkv.eval.run import EvalConfig, EvalResults, evaluate
+from rlkv.heads import HeadScores
 
 
 def sanity_check(
@@ -25,5 +27,6 @@ def sanity_check(
     config = EvalConfig(
         tasks=[task.name], methods=["full", "rlkv", "random"], sparsities=list(sparsities), heads=str(heads_path),
         max_new_tokens=max_new_tokens, batch_size=batch_size, sink=sink, recent=recent, seed=seed,
+        keep_rule=HeadScores.load(heads_path).keep_rule,
     )
     return evaluate(model, tokenizer, config, Path(out_dir) / "check", examples={task.name: heldout})

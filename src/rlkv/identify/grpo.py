@@ -1,21 +1,24 @@
 """RLKV head identification: train the per-KV-head gates with GRPO, everything else frozen.
 
-One step, as in the paper:
+One step (the "paper" recipe follows the authors' AReaL code; "rlkv-v0" is rlkv's first recipe):
 
 1. Take the next `batch_problems` problems (a seeded permutation per epoch, so the data order is
    a pure function of the step and a resumed run sees the same problems).
-2. Sample `group` completions per problem at `temperature` from the current gated policy: with
-   `rlkv.Engine` in gated mode (one fused pass per step for both branches, CUDA graphs, continuous
-   batching; the default on a GPU) or with `model.generate` inside `gated(model, alpha)`.
-   Engine rollouts are seeded per (step, rank, rollout), so a resumed run draws the same ones.
-3. Grade them (reward 1 / 0) and normalise each problem's rewards within its group:
-   advantage = (r - mean) / (std + eps). No KL term, no reference model.
+2. Sample `group` completions per problem at `temperature` / `top_p` / `top_k` from the current
+   gated policy: with `rlkv.Engine` in gated mode (one fused pass per step for both branches, CUDA
+   graphs, continuous batching; the default on a GPU) or with `model.generate` inside
+   `gated(model, alpha)`. Engine rollouts are seeded per (step, rank, rollout), so a resumed run
+   draws the same ones.
+3. Grade them (reward 1 / 0) and turn the rewards into advantages (`rlkv.identify.objective`):
+   "batch" (paper: shaped, normalised over the whole batch's completion tokens) or "group"
+   (within each problem's group). No KL term, no reference model.
 4. Policy-gradient loss = -(sum over sampled completion tokens of advantage * log p) / (number
    of completion tokens in the batch), log p under the gated model, computed in micro-batches
    whose gradients accumulate (completions with advantage 0 contribute nothing and are skipped).
 5. Sparsity penalty: penalty_weight(mean reward) * mean(|alpha|), which only acts once the batch
    is solved often enough (mean reward > tau) and grows with the reward.
-6. AdamW step on alpha, then clamp alpha to [0, 1].
+6. Clip the gradient norm to `grad_clip` (paper: 1.0), AdamW step on alpha (paper: lr 1e-2
+   constant, weight decay 0.017), then clamp alpha to [0, 1], the value every forward sees.
 
 Each step appends a line to out_dir/log.jsonl. Every `checkpoint_every` steps (and at the end)
 alpha, the optimizer, every rank's Python/torch/CUDA RNG states and the step are saved atomically to
@@ -31,80 +34,28 @@ checkpoint and the heads. A single process (GPU or CPU) is the same code with wo
 from __future__ import annotations
 
 import json
-import math
 import os
 import random
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from rlkv.engine import ENGINE_SETTINGS, Gated, engine_for
+from rlkv.engine import Gated, engine_for
 from rlkv.heads import HeadScores, command_line
 from rlkv.identify.gated import gated, init_gates
+from rlkv.identify.objective import advantages, penalty_weight
+from rlkv.identify.recipe import KEEP_RULES, IdentifyConfig
 from rlkv.models import Layout, eos_ids, generated_end
-
-
-@dataclass
-class IdentifyConfig:
-    """Settings of one identification run (paper defaults unless noted)."""
-
-    sink: int = 128
-    recent: int = 256
-    group: int = 4  # rollouts per problem
-    temperature: float = 1.0
-    lr: float = 1e-2
-    beta: float = 1e-3  # L1 sparsity coefficient
-    tau: float = 0.5  # the penalty acts only when the batch's mean reward exceeds tau
-    batch_problems: int = 32
-    steps: int = 100  # ours, not from the paper
-    max_new_tokens: int = 4096  # ours, not from the paper
-    seed: int = 0
-    checkpoint_every: int = 10
-    weight_decay: float = 0.0  # AdamW decay on the gates (would act as an extra pull to 0)
-    eps: float = 1e-6  # in the advantage denominator
-    rollout_batch_size: int = 128  # sequences per generate call
-    train_batch_size: int = 8  # sequences per forward/backward micro-batch
-    samples_per_problem: int = 8  # curriculum: full-model samples per problem
-    band: tuple[float, float] = (0.0, 1.0)  # curriculum: keep problems with low < pass rate < high
-    gradient_checkpointing: bool = False  # recompute layer activations in the backward pass: long sequences fit
-    rollout_engine: str = "auto"  # rollouts through rlkv.Engine: "auto" (on CUDA), "on", "off" (transformers generate)
-    rollout_kv_budget: float | str = 0.4  # the engine's KV pool: a share of free GPU memory, or bytes ("8GiB")
-    init: float = 1.0  # every gate's starting value (below 1 leaves gates room to rise before the clamp at 1)
-
-    def __post_init__(self):
-        self.band = tuple(self.band)
-        checks = {
-            "group": self.group >= 2, "batch_problems": self.batch_problems >= 1, "steps": self.steps >= 1,
-            "max_new_tokens": self.max_new_tokens >= 1, "checkpoint_every": self.checkpoint_every >= 1,
-            "temperature": self.temperature > 0, "lr": self.lr > 0, "beta": self.beta >= 0,
-            "rollout_batch_size": self.rollout_batch_size >= 1, "train_batch_size": self.train_batch_size >= 1,
-            "samples_per_problem": self.samples_per_problem >= 1,
-            "band": len(self.band) == 2 and 0 <= self.band[0] < self.band[1] <= 1,
-            "rollout_engine": self.rollout_engine in ENGINE_SETTINGS, "init": 0 <= self.init <= 1,
-        }
-        for name, ok in checks.items():
-            if not ok:
-                raise ValueError(f"IdentifyConfig.{name} has an invalid value: {getattr(self, name)!r}")
-
-
-def penalty_weight(mean_reward: float, beta: float, tau: float) -> float:
-    """beta * (exp(mean_reward) - 1) when mean_reward > tau, else 0."""
-    return beta * (math.exp(mean_reward) - 1.0) if mean_reward > tau else 0.0
-
-
-def group_advantages(rewards: torch.Tensor, eps: float) -> torch.Tensor:
-    """GRPO advantages of rewards [problems, group]: normalised within each row."""
-    return (rewards - rewards.mean(dim=1, keepdim=True)) / (rewards.std(dim=1, keepdim=True) + eps)
 
 
 @torch.no_grad()
 def sample(model, tokenizer, prompts: list[str], max_new_tokens: int, temperature: float, batch_size: int,
-           engine=None, seeds: list[int] | None = None):
+           engine=None, seeds: list[int] | None = None, top_p: float = 1.0, top_k: int = 0):
     """Sample one completion per prompt: [(prompt ids, completion ids up to and with EOS, text)].
 
     With an `rlkv.Engine`, request i samples with `seeds[i]`; else transformers `generate` draws
@@ -113,7 +64,7 @@ def sample(model, tokenizer, prompts: list[str], max_new_tokens: int, temperatur
     stop = eos_ids(model, tokenizer)
     if engine is not None:
         prompt_ids = [tokenizer(p, add_special_tokens=False).input_ids for p in prompts]  # as the engine would
-        outs = engine.generate(prompt_ids, max_new_tokens=max_new_tokens, temperature=temperature, top_k=0, top_p=1.0,
+        outs = engine.generate(prompt_ids, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                                seed=seeds, eos_token_ids=stop)
         return [(ids, o.tokens, o.text) for ids, o in zip(prompt_ids, outs)]
     out = []
@@ -121,7 +72,7 @@ def sample(model, tokenizer, prompts: list[str], max_new_tokens: int, temperatur
         enc = tokenizer(prompts[start : start + batch_size], return_tensors="pt", padding=True,
                         add_special_tokens=False).to(model.device)
         seqs = model.generate(
-            **enc, max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
+            **enc, max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature, top_k=top_k, top_p=top_p,
             eos_token_id=stop, pad_token_id=tokenizer.pad_token_id,
         )
         width = enc.input_ids.shape[1]
@@ -196,7 +147,6 @@ def _batch(examples, step: int, size: int, seed: int):
 
 def _resumable(config: dict) -> dict:
     """The settings a resumed run must share with the checkpoint (steps may grow, checkpoints may change)."""
-    config = {"init": 1.0, **config}  # checkpoints written before `init` existed started every gate at 1
     return {k: v for k, v in config.items() if k not in ("steps", "checkpoint_every", "rollout_kv_budget")}
 
 
@@ -290,55 +240,14 @@ def _train(model, tokenizer, task, examples, config, out_dir, layout, on_step) -
     while step < config.steps:
         t0 = time.perf_counter()
         problems = _batch(examples, step, config.batch_problems, config.seed)[rank::world]  # this rank's share
-        prompts = [task.prompt(ex, tokenizer) for ex in problems for _ in range(config.group)]
-        if engine is not None:  # reads alpha in place: the rollouts use the current gates
-            seeds = [(config.seed * 1_000_003 + step) * 65_537 + rank * 4_099 + i for i in range(len(prompts))]
-            rollouts = sample(model, tokenizer, prompts, config.max_new_tokens, config.temperature,
-                              config.rollout_batch_size, engine, seeds)
-        else:
-            with gated(model, alpha, config.sink, config.recent):
-                rollouts = sample(model, tokenizer, prompts, config.max_new_tokens, config.temperature,
-                                  config.rollout_batch_size)
-        graded = [ex for ex in problems for _ in range(config.group)]
-        rewards = torch.tensor(task.grade_many(graded, [text for _, _, text in rollouts]), dtype=torch.float32)
+        rollouts, rewards = _rollouts(model, tokenizer, task, problems, alpha, engine, config, step, rank)
         t1 = time.perf_counter()
-
-        adv = group_advantages(rewards.view(-1, config.group), config.eps).flatten()
-        totals = _all_sum(torch.tensor([sum(len(c) for _, c, _ in rollouts), float(rewards.sum()), len(rewards)],
-                                       dtype=torch.float64, device=alpha.device))
-        n_tokens = max(1, int(totals[0]))
-        mean_reward = float(totals[1] / totals[2])  # the whole batch's, over every rank
-        weight = penalty_weight(mean_reward, config.beta, config.tau)
-        opt.zero_grad(set_to_none=True)
-        active = [i for i in range(len(rollouts)) if adv[i] != 0 and rollouts[i][1]]
-        pg_loss = 0.0
-        with gated(model, alpha, config.sink, config.recent), _checkpointing(model, config.gradient_checkpointing):
-            for start in range(0, len(active), config.train_batch_size):
-                rows = active[start : start + config.train_batch_size]
-                logp, comp = completion_logprobs(model, [rollouts[i] for i in rows], config.temperature, pad_id)
-                a = adv[rows].to(logp.device)[:, None]
-                loss = -(a * logp * comp).sum() / n_tokens
-                loss.backward()
-                pg_loss += loss.detach().item()
-        if alpha.grad is None:
-            alpha.grad = torch.zeros_like(alpha)
-        _all_sum(alpha.grad)  # policy-gradient terms of every rank's rollouts
-        if not torch.isfinite(alpha.grad).all():
-            raise FloatingPointError(f"step {step + 1}: the gate gradient is not finite; the gates are left as they were")
-        penalty = weight * alpha.abs().mean()
-        if weight > 0:
-            penalty.backward()
-        opt.step()
-        with torch.no_grad():
-            alpha.clamp_(0.0, 1.0)
+        record = _update(model, alpha, opt, rollouts, rewards, config, pad_id, step)
         step += 1
-
         a = alpha.detach()
         record = {
-            "step": step, "mean_reward": mean_reward, "penalty_weight": weight, "loss": pg_loss + float(penalty.detach()),
-            "pg_loss": pg_loss, "alpha_mean": float(a.mean()), "alpha_min": float(a.min()),
+            "step": step, **record, "alpha_mean": float(a.mean()), "alpha_min": float(a.min()),
             "alpha_max": float(a.max()), "frac_alpha_below_half": float((a < 0.5).float().mean()),
-            "mean_response_tokens": float(totals[0] / totals[2]),
             "rollout_s": t1 - t0, "update_s": time.perf_counter() - t1,
         }
         if rank == 0:
@@ -353,13 +262,13 @@ def _train(model, tokenizer, task, examples, config, out_dir, layout, on_step) -
                     "data_position": step * config.batch_problems, "rank_rngs": rngs, "config": asdict(config),
                 }, ckpt_path)
         bar.update(1)
-        bar.set_postfix(reward=f"{mean_reward:.2f}", alpha=f"{record['alpha_mean']:.3f}")
+        bar.set_postfix(reward=f"{record['mean_reward']:.2f}", alpha=f"{record['alpha_mean']:.3f}")
         if on_step is not None:
             on_step(record)
     bar.close()
 
     provenance = {"config": asdict(config), "steps": step, "task": task.name, "problems": len(examples),
-                  "command": command_line()}
+                  "command": command_line(), "keep_rule": KEEP_RULES[config.recipe]}
     if rank == 0:  # the log (all steps, resumed ones too) is rank 0's
         records = [json.loads(line) for line in log_path.read_text().splitlines() if line]
         provenance["penalty_steps"] = sum(r["penalty_weight"] > 0 for r in records)  # steps whose reward cleared tau
@@ -367,3 +276,64 @@ def _train(model, tokenizer, task, examples, config, out_dir, layout, on_step) -
     if rank == 0:
         scores.save(out_dir / "heads.json")
     return scores
+
+
+def _rollouts(model, tokenizer, task, problems, alpha, engine, config, step: int, rank: int):
+    """`config.group` completions per problem from the current gated policy, and their rewards."""
+    prompts = [task.prompt(ex, tokenizer) for ex in problems for _ in range(config.group)]
+    sampling = dict(top_p=config.top_p, top_k=config.top_k)
+    if engine is not None:  # reads alpha in place: the rollouts use the current gates
+        seeds = [(config.seed * 1_000_003 + step) * 65_537 + rank * 4_099 + i for i in range(len(prompts))]
+        rollouts = sample(model, tokenizer, prompts, config.max_new_tokens, config.temperature,
+                          config.rollout_batch_size, engine, seeds, **sampling)
+    else:
+        with gated(model, alpha, config.sink, config.recent):
+            rollouts = sample(model, tokenizer, prompts, config.max_new_tokens, config.temperature,
+                              config.rollout_batch_size, **sampling)
+    graded = [ex for ex in problems for _ in range(config.group)]
+    rewards = torch.tensor(task.grade_many(graded, [text for _, _, text in rollouts]), dtype=torch.float32)
+    return rollouts, rewards
+
+
+def _update(model, alpha, opt, rollouts, rewards, config, pad_id, step: int) -> dict:
+    """One optimizer step on the gates from this rank's rollouts (gradients summed over ranks); its log entries.
+
+    The clipped PPO objective of the authors' recipe (eps_clip 0.4, one minibatch, log-probs
+    recomputed under the current gates) has importance ratio 1 at its only update, so its
+    gradient is this policy gradient: the rollouts come from the very gates being updated.
+    """
+    lengths = torch.tensor([len(c) for _, c, _ in rollouts], dtype=torch.float64)
+    adv = advantages(config.advantages, rewards.to(alpha.device), config.group, lengths.to(alpha.device), config.eps,
+                     _all_sum).cpu()
+    totals = _all_sum(torch.tensor([float(lengths.sum()), float(rewards.sum()), len(rewards)],
+                                   dtype=torch.float64, device=alpha.device))
+    n_tokens = max(1, int(totals[0]))
+    mean_reward = float(totals[1] / totals[2])  # the whole batch's, over every rank
+    weight = penalty_weight(mean_reward, config.beta, config.tau)
+    opt.zero_grad(set_to_none=True)
+    active = [i for i in range(len(rollouts)) if adv[i] != 0 and rollouts[i][1]]
+    pg_loss = 0.0
+    with gated(model, alpha, config.sink, config.recent), _checkpointing(model, config.gradient_checkpointing):
+        for start in range(0, len(active), config.train_batch_size):
+            rows = active[start : start + config.train_batch_size]
+            logp, comp = completion_logprobs(model, [rollouts[i] for i in rows], config.temperature, pad_id)
+            a = adv[rows].to(logp.device)[:, None]
+            loss = -(a * logp * comp).sum() / n_tokens
+            loss.backward()
+            pg_loss += loss.detach().item()
+    if alpha.grad is None:
+        alpha.grad = torch.zeros_like(alpha)
+    _all_sum(alpha.grad)  # policy-gradient terms of every rank's rollouts
+    if not torch.isfinite(alpha.grad).all():
+        raise FloatingPointError(f"step {step + 1}: the gate gradient is not finite; the gates are left as they were")
+    penalty = weight * alpha.abs().mean()
+    if weight > 0:
+        penalty.backward()
+    grad_norm = float(alpha.grad.norm())
+    if config.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_([alpha], config.grad_clip)
+    opt.step()
+    with torch.no_grad():
+        alpha.clamp_(0.0, 1.0)  # the gates every forward sees (the authors clamp before each one)
+    return {"mean_reward": mean_reward, "penalty_weight": weight, "loss": pg_loss + float(penalty.detach()),
+            "pg_loss": pg_loss, "grad_norm": grad_norm, "mean_response_tokens": float(totals[0] / totals[2])}

@@ -6,6 +6,8 @@ methods apart:
 - streaming (StreamingLLM, Xiao et al. 2023): no head kept, every head is sink + recent;
 - rlkv / duo: the top (1 - sparsity) heads by a HeadScores file (RLKV gates, DuoAttention weights);
 - random: the same count of heads, chosen by seeded random scores (the floor to beat).
+`keep_rule` picks how scores become heads ("rank" or "authors", see `rlkv.heads`; None: the
+file's own); give every head-ranked method of a comparison the same rule, so they keep as many heads.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from rlkv import patterns
 from rlkv.heads import HeadScores
 from rlkv.hf import compress
 from rlkv.models import Layout
@@ -33,9 +36,12 @@ class HeadSplit:
     params: dict = field(default_factory=dict)
 
     @classmethod
-    def from_scores(cls, heads: HeadScores | str | Path, sparsity: float, sink: int = 16, recent: int = 64) -> HeadSplit:
+    def from_scores(cls, heads: HeadScores | str | Path, sparsity: float, sink: int = 16, recent: int = 64,
+                    keep_rule: str | None = None) -> HeadSplit:
         heads = heads if isinstance(heads, HeadScores) else HeadScores.load(heads)
-        return cls(heads.keep_mask(sparsity), sink, recent, name=heads.method, sparsity=sparsity)
+        rule = keep_rule or heads.keep_rule
+        return cls(heads.keep_mask(sparsity, rule=rule), sink, recent, name=heads.method, sparsity=sparsity,
+                   params={"keep_rule": rule})
 
     def apply(self, model):
         """Context manager: the model generates with this method's per-head cache."""
@@ -62,6 +68,7 @@ def build_headsplit(
     recent: int = 64,
     seed: int = 0,
     budget: int | None = None,
+    keep_rule: str | None = None,
 ) -> HeadSplit:
     """`budget` belongs to the token-dropping methods; head split is sized by sparsity, sink, recent."""
     params: dict = {}
@@ -70,15 +77,17 @@ def build_headsplit(
     elif name == "streaming":
         keep, sparsity = torch.zeros(layout.shape, dtype=torch.bool), 1.0
     elif name == "random":
-        keep = HeadScores.random(layout, seed=seed).keep_mask(sparsity)
-        params["seed"] = seed
+        rule = keep_rule or "rank"
+        keep = HeadScores.random(layout, seed=seed).keep_mask(sparsity, rule=rule)
+        params.update(seed=seed, keep_rule=rule)
     else:
         if heads is None:
             raise ValueError(f"method {name!r} needs a head scores file (--heads)")
         if not isinstance(heads, HeadScores):
-            path, heads = Path(heads), HeadScores.load(heads)
+            path, heads = patterns.locate(heads), HeadScores.load(heads)
             params["heads_file"] = str(path)
             params["heads_sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
         heads.check_layout(layout)
-        keep = heads.keep_mask(sparsity)
+        params["keep_rule"] = keep_rule or heads.keep_rule
+        keep = heads.keep_mask(sparsity, rule=params["keep_rule"])
     return HeadSplit(keep, sink, recent, name=name, sparsity=float(sparsity), params=params)
