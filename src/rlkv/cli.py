@@ -145,7 +145,7 @@ def serve(
         lm, tok = rlkv.load_model(model)
         compression = rlkv.methods.build(name, rlkv.Layout.of(lm), sparsity, heads=heads, sink=sink, recent=recent,
                                          budget=budget)
-        engine = rlkv.Engine(lm, tok, compression, kv_budget=_budget(kv_budget), max_batch=max_batch,
+        engine = rlkv.Engine(lm, tok, compression, kv_budget=_budget(kv_budget, "--kv-budget"), max_batch=max_batch,
                              max_seq_len=max_model_len)
         app_ = create_app(engine, tok, served_model_name or model, default_max_tokens=default_max_tokens)
     except USER_ERRORS as err:

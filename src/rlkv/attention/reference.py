@@ -36,12 +36,14 @@ def keep_keys_mask(
     sink: int,
     recent: int,
     window: int | None = None,
+    prompt_len: torch.Tensor | int | None = None,
 ) -> torch.Tensor:
     """Bool [batch, kv_heads, q, k]: which keys each query may attend to.
 
     q_pos [batch, q] and k_pos [batch, k] are token positions (-1 marks padding, which is never
     attended); `full` [kv_heads] says which heads keep every token. `window` is the model's own
-    sliding window, if it has one, applied to every head.
+    sliding window, if it has one, applied to every head. `prompt_len` ([batch] or one number):
+    queries at positions < prompt_len attend like full heads.
     """
     q = q_pos[:, None, :, None]
     k = k_pos[:, None, None, :]
@@ -49,6 +51,8 @@ def keep_keys_mask(
     if window is not None:
         allowed &= k > q - window
     streaming = (k < sink) | (k > q - recent)
+    if prompt_len is not None:
+        streaming = streaming | (q < torch.as_tensor(prompt_len, device=q.device).reshape(-1, 1, 1, 1))
     return allowed & (full.to(q.device)[None, :, None, None] | streaming)
 
 

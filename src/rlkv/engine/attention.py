@@ -59,30 +59,40 @@ class Prompts:
     else scratch slot 0. Padding tokens: position 0, scratch page 0 and slot 0, and each its own
     negative `seq`, so it attends only to itself."""
 
-    pos: torch.Tensor  # [T] long: position within its prompt
-    seq: torch.Tensor  # [T] long: which prompt of the row
+    pos: torch.Tensor  # [T] long: position within its context
+    seq: torch.Tensor  # [T] long: which context of the row
     page: torch.Tensor  # [T] long
     offset: torch.Tensor  # [T] long
     slots: torch.Tensor  # [T] long
     ring: torch.Tensor  # [T] long
     sink: int
     recent: int
+    full_rows: torch.Tensor | None = None  # [T] bool: queries that attend like a kept head's (full prefill)
     masks: dict = field(default_factory=dict)
 
     @classmethod
-    def of(cls, store: KVStore, slots: torch.Tensor, pos: torch.Tensor, seq: torch.Tensor, lengths: torch.Tensor) -> Prompts:
-        """`slots`, `pos`, `seq` and `lengths` (its prompt's length) of every token [T]."""
+    def of(cls, store: KVStore, slots: torch.Tensor, pos: torch.Tensor, seq: torch.Tensor, lengths: torch.Tensor,
+           prompt_lengths: torch.Tensor | None = None) -> Prompts:
+        """`slots`, `pos`, `seq`, `lengths` (its context's length) and, for a full prefill, `prompt_lengths`
+        (its prompt's: a preempted request's context also holds its generated tokens) of every token [T]."""
         at = Decode.of(store, slots, pos)  # page, offset and ring place, as a decode step's token would have
         stays = (pos < store.sink) | (pos >= lengths - store.recent)
-        return cls(pos, seq, at.page, at.offset, torch.where(stays, slots, 0), at.ring, store.sink, store.recent)
+        full_rows = pos < prompt_lengths if prompt_lengths is not None else None
+        return cls(pos, seq, at.page, at.offset, torch.where(stays, slots, 0), at.ring, store.sink, store.recent,
+                   full_rows)
 
     def mask(self, full: bool, window: int | None) -> torch.Tensor:
-        """[1, 1, T, T]: what a kept (`full`) or a compressed head's queries attend to (built once per forward)."""
+        """[1, 1, T, T]: what a kept (`full`) or a compressed head's queries attend to (built once per forward);
+        in a full prefill a compressed head's queries inside their prompt attend like a kept head's."""
         if (full, window) not in self.masks:
             rule = torch.full((1,), full, dtype=torch.bool, device=self.pos.device)
             own = (self.seq[:, None] == self.seq[None, :])[None, None]
             pos = self.pos[None]
-            self.masks[full, window] = keep_keys_mask(pos, pos, rule, self.sink, self.recent, window) & own
+            mask = keep_keys_mask(pos, pos, rule, self.sink, self.recent, window)
+            if not full and self.full_rows is not None:
+                mask = mask | (keep_keys_mask(pos, pos, ~rule, self.sink, self.recent, window)
+                               & self.full_rows[None, None, :, None])
+            self.masks[full, window] = mask & own
         return self.masks[full, window]
 
 
@@ -95,6 +105,7 @@ class Segment:
     start: int  # tokens of this sequence already stored
     length: int
     offset: int
+    prompt_len: int = 0  # full prefill: its queries before this position attend like a kept head's
     masks: dict = field(default_factory=dict)
 
     @property
@@ -120,15 +131,21 @@ class EngineState:
 class EngineAttention(EngineState):
     """Head-split and gated mode: the store, the mode and the current batch."""
 
-    def __init__(self, store: KVStore, group: int, alpha: torch.Tensor | None, use_kernel: bool):
+    def __init__(self, store: KVStore, group: int, alpha: torch.Tensor | None, use_kernel: bool,
+                 full_prefill: bool = False):
         self.store, self.group, self.alpha, self.use_kernel = store, group, alpha, use_kernel
+        self.full_prefill = full_prefill
         self.batch: Decode | Prompts | Prefill | None = None
+        # full prefill in chunks: each compressed head's K/V of the prompt so far, per (layer, slot), until
+        # the prompt is done (a kept head has them in its pages; a compressed head's ring keeps only 80)
+        self._prompt_kv: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
 
     def decode_batch(self, slots: torch.Tensor, pos: torch.Tensor, max_len: int | None = None) -> Decode:
         return Decode.of(self.store, slots, pos, max_len)
 
-    def prompts_batch(self, slots: torch.Tensor, pos: torch.Tensor, seq: torch.Tensor, lengths: torch.Tensor) -> Prompts:
-        return Prompts.of(self.store, slots, pos, seq, lengths)
+    def prompts_batch(self, slots: torch.Tensor, pos: torch.Tensor, seq: torch.Tensor, lengths: torch.Tensor,
+                      prompt_lengths: torch.Tensor) -> Prompts:
+        return Prompts.of(self.store, slots, pos, seq, lengths, prompt_lengths if self.full_prefill else None)
 
     def _store(self, k, v, layer: int) -> None:
         """New K/V [B, Hkv, D] into pages and rings where the batch says (`Decode` or `Prompts`)."""
@@ -196,13 +213,31 @@ class EngineAttention(EngineState):
                 full = self._kept(layer, q[:, qf], keys, values, masks["full"], masks.get("stream"), scaling)
                 out[:, cols, qf] = full.transpose(1, 2)
             if len(ci):
-                keys = torch.cat([s.ring_k[layer][seg.slot].transpose(0, 1), k[0, ci]], dim=1)[None]
-                values = torch.cat([s.ring_v[layer][seg.slot].transpose(0, 1), v[0, ci]], dim=1)[None]
-                out[:, cols, qc] = _sdpa(q[:, qc], keys, values, masks["ring"], scaling).transpose(1, 2)
+                if "prompt" in masks:  # full prefill: over every earlier prompt token, not only the ring
+                    keys, values = self._prompt_keys(layer, seg, k[0, ci], v[0, ci])
+                    mask = masks["prompt"]
+                else:
+                    keys = torch.cat([s.ring_k[layer][seg.slot].transpose(0, 1), k[0, ci]], dim=1)[None]
+                    values = torch.cat([s.ring_v[layer][seg.slot].transpose(0, 1), v[0, ci]], dim=1)[None]
+                    mask = masks["ring"]
+                out[:, cols, qc] = _sdpa(q[:, qc], keys, values, mask, scaling).transpose(1, 2)
                 src, dst = masks["ring_write"]
                 s.ring_k[layer][seg.slot, dst] = k[0, ci][:, src].transpose(0, 1)
                 s.ring_v[layer][seg.slot, dst] = v[0, ci][:, src].transpose(0, 1)
         return out
+
+    def _prompt_keys(self, layer: int, seg: Segment, k, v) -> tuple[torch.Tensor, torch.Tensor]:
+        """A full-prefill chunk's compressed-head keys and values [1, C, end, D]: the prompt's earlier ones
+        (kept from the chunks before) and its own; kept for the next chunk while the prompt goes on."""
+        key = (layer, seg.slot)
+        if seg.start and key in self._prompt_kv:
+            before_k, before_v = self._prompt_kv[key]
+            k, v = torch.cat([before_k, k], dim=1), torch.cat([before_v, v], dim=1)
+        if seg.end < seg.prompt_len:
+            self._prompt_kv[key] = (k, v)
+        else:
+            self._prompt_kv.pop(key, None)
+        return k[None], v[None]
 
     def _masks(self, seg: Segment, window: int | None, device) -> dict:
         """Index and mask tensors of a segment, built once and shared by every layer."""
@@ -221,8 +256,12 @@ class EngineAttention(EngineState):
             if self.alpha is not None:  # gated mode: the streaming branch over the same keys
                 m["stream"] = keep_keys_mask(q_pos, k_pos[None], never, s.sink, s.recent, window)
         if s.compressed_heads:
-            before = ring_positions(torch.full((1,), seg.start, device=device), s.sink, s.recent)
-            m["ring"] = keep_keys_mask(q_pos, torch.cat([before, q_pos], dim=1), never, s.sink, s.recent, window)
+            if self.full_prefill and seg.start < seg.prompt_len:  # over the whole prompt so far (_prompt_keys)
+                k_pos = torch.arange(seg.end, device=device)[None]
+                m["prompt"] = keep_keys_mask(q_pos, k_pos, never, s.sink, s.recent, window, prompt_len=seg.prompt_len)
+            else:
+                before = ring_positions(torch.full((1,), seg.start, device=device), s.sink, s.recent)
+                m["ring"] = keep_keys_mask(q_pos, torch.cat([before, q_pos], dim=1), never, s.sink, s.recent, window)
             # the chunk's tokens that stay in the ring (sinks, and the last `recent` of the sequence so far):
             # listed on the host, as a device-side nonzero() would wait for the device
             sinks = max(0, min(s.sink, seg.end) - seg.start)

@@ -126,7 +126,8 @@ class Engine:
             keep, sink, recent, alpha = self._plan(method)
             self.store = KVStore(self.layout, keep, sink, recent, page_size, budget, max_batch, self.max_seq_len,
                                  self.device, dtype, sequence_tokens)
-            self.state = EngineAttention(self.store, self.layout.group_size, alpha, self.kernel)
+            full_prefill = isinstance(method, HeadSplit) and method.prefill == "full"
+            self.state = EngineAttention(self.store, self.layout.group_size, alpha, self.kernel, full_prefill)
             graphs = cuda and self.kernel  # the torch decode path reads the longest length on the host
         self.cuda_graphs = graphs if cuda_graphs is None else cuda_graphs
         if self.cuda_graphs and not graphs:

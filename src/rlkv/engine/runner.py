@@ -64,9 +64,9 @@ class Runner:
         # a decode step's ids, pos, slots, seeds, steps, top_k; and its temperatures, top_p
         self._static = torch.zeros(6, max_batch, dtype=torch.long, device=device)
         self._static_f = torch.ones(2, max_batch, device=device)
-        # packed new prompts: per token ids, pos, slots, prompt lengths, seq; per prompt its last token, seed,
-        # step, top_k; and its temperature, top_p
-        self._static_prompts = torch.zeros(5, PROMPT_TOKENS, dtype=torch.long, device=device)
+        # packed new contexts: per token ids, pos, slots, context lengths, seq, prompt lengths; per context its last
+        # token, seed, step, top_k; and its temperature, top_p
+        self._static_prompts = torch.zeros(6, PROMPT_TOKENS, dtype=torch.long, device=device)
         self._static_rows = torch.zeros(4, PROMPT_ROWS, dtype=torch.long, device=device)
         self._static_rows_f = torch.ones(2, PROMPT_ROWS, device=device)
         # one memory pool per kind of graph. Graphs of one pool may reuse each other's intermediate memory, so
@@ -134,7 +134,7 @@ class Runner:
             n = n if self.whole_prompts else min(n, room)
             if n <= 0:
                 break
-            segments.append(Segment(req.slot, req.pages, req.stored, n, used))
+            segments.append(Segment(req.slot, req.pages, req.stored, n, used, len(req.prompt)))
             ids += req.context[req.stored : req.stored + n]
             pos += range(req.stored, req.stored + n)
             owners.append(req)
@@ -174,9 +174,10 @@ class Runner:
         slots = [r.slot for r, m in zip(requests, lengths) for _ in range(m)] + [0] * pad
         lens = [m for m in lengths for _ in range(m)] + [1] * pad
         seq = [i for i, m in enumerate(lengths) for _ in range(m)] + list(range(-1, -pad - 1, -1))
+        prompt = [len(r.prompt) for r, m in zip(requests, lengths) for _ in range(m)] + [0] * pad
         last = [end - 1 for end in accumulate(lengths)]
         longs, floats = sampling_rows(requests)
-        tokens_in = upload([ids, pos, slots, lens, seq], torch.long, self.device)
+        tokens_in = upload([ids, pos, slots, lens, seq, prompt], torch.long, self.device)
         rows_in = upload([row + [0] * (rows - n) for row in [last, *longs]], torch.long, self.device)
         floats_in = upload([row + [1.0] * (rows - n) for row in floats], torch.float32, self.device)
         mode = sampling_mode(requests)
@@ -194,8 +195,8 @@ class Runner:
         return tokens[:n], logprobs[:n]
 
     def _prompts_step(self, tokens_in: torch.Tensor, rows_in: torch.Tensor, floats_in: torch.Tensor, mode: str):
-        ids, pos, slots, lens, seq = tokens_in
-        self.state.batch = self.state.prompts_batch(slots, pos, seq, lens)
+        ids, pos, slots, lens, seq, prompt = tokens_in
+        self.state.batch = self.state.prompts_batch(slots, pos, seq, lens, prompt)
         logits = self.forward(ids[None], pos[None], rows_in[0])[0]
         return pick(logits, rows_in[1], rows_in[2], rows_in[3], floats_in[0], floats_in[1], mode)
 

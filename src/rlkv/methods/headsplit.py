@@ -34,6 +34,7 @@ class HeadSplit:
     name: str = "headsplit"
     sparsity: float = 0.0
     params: dict = field(default_factory=dict)
+    prefill: str = "compressed"  # or "full": every head attends over the whole prompt (see rlkv.compress)
 
     @classmethod
     def from_scores(cls, heads: HeadScores | str | Path, sparsity: float, sink: int = 16, recent: int = 64,
