@@ -161,12 +161,10 @@ def test_gates_start_at_init(tmp_path, monkeypatch):
         IdentifyConfig(init=1.5)
 
 
-def test_curriculum_cache_is_reused(tmp_path, monkeypatch):
-    model, tok, task, examples, _ = _setup()
-    calls = []
-    real_generate = model.generate
-    monkeypatch.setattr(model, "generate", lambda *a, **k: calls.append(1) or real_generate(*a, **k))
-    solved = dict(zip((ex.id for ex in examples), (1, 3, 0, 2)))  # correct samples out of 3 per problem
+def _solved_per_problem(monkeypatch, task, examples, solved: tuple[int, ...], tmp_path) -> dict:
+    """Grade the k-th sample of each problem correct while k <= its entry of `solved` (of 3 samples per
+    problem); returns select_problems' keyword arguments for that setting."""
+    solved = dict(zip((ex.id for ex in examples), solved))
 
     def grade_many(exs, texts):
         seen = {}
@@ -175,7 +173,15 @@ def test_curriculum_cache_is_reused(tmp_path, monkeypatch):
             yield float(seen[ex.id] <= solved[ex.id])
 
     monkeypatch.setattr(task, "grade_many", lambda exs, texts: list(grade_many(exs, texts)))
-    args = dict(samples_per_problem=3, max_new_tokens=4, cache_path=tmp_path / "c.json", batch_size=6)
+    return dict(samples_per_problem=3, max_new_tokens=4, cache_path=tmp_path / "c.json", batch_size=6)
+
+
+def test_curriculum_cache_is_reused(tmp_path, monkeypatch):
+    model, tok, task, examples, _ = _setup()
+    calls = []
+    real_generate = model.generate
+    monkeypatch.setattr(model, "generate", lambda *a, **k: calls.append(1) or real_generate(*a, **k))
+    args = _solved_per_problem(monkeypatch, task, examples, (1, 3, 0, 2), tmp_path)
     first = select_problems(model, tok, task, examples, **args)
     assert calls and first == [examples[0], examples[3]]  # default band: some but not all correct
     calls.clear()
@@ -334,16 +340,7 @@ def test_rollouts_use_the_configured_sampling(tmp_path, monkeypatch):
 
 def test_curriculum_solved_keeps_always_solved_problems(tmp_path, monkeypatch):
     model, tok, task, examples, _ = _setup()
-    solved = dict(zip((ex.id for ex in examples), (1, 3, 0, 2)))  # correct samples out of 3 per problem
-
-    def grade_many(exs, texts):
-        seen = {}
-        for ex in exs:
-            seen[ex.id] = seen.get(ex.id, 0) + 1
-            yield float(seen[ex.id] <= solved[ex.id])
-
-    monkeypatch.setattr(task, "grade_many", lambda exs, texts: list(grade_many(exs, texts)))
-    args = dict(samples_per_problem=3, max_new_tokens=4, cache_path=tmp_path / "c.json", batch_size=6)
+    args = _solved_per_problem(monkeypatch, task, examples, (1, 3, 0, 2), tmp_path)
     assert select_problems(model, tok, task, examples, keep="solved", **args) == [examples[0], examples[1], examples[3]]
     assert select_problems(model, tok, task, examples, keep="band", **args) == [examples[0], examples[3]]
     with pytest.raises(ValueError, match="keep must be 'solved'"):
