@@ -3,7 +3,9 @@
 A kept ("full") KV head attends causally to every earlier token. A compressed head at query
 position t attends only to keys j with j < sink (attention sinks) or t - recent < j <= t
 (the recent window). Positions are a sequence's own token indices: left padding does not
-count, so a padded row behaves exactly like the same prompt alone.
+count, so a padded row behaves exactly like the same prompt alone. With a prompt length
+(prefill="full", the RLKV authors' rule), queries inside the prompt attend causally to every
+key with every head; the compressed heads' rule holds from the first query after it.
 
 `keep_keys_mask` is that rule, written once; `masked_attention` applies any boolean mask to a
 full cache with a plain softmax; `gate_mix` is the gated (RLKV training) mix of the two. Every compressed runtime (the transformers cache in
@@ -36,12 +38,14 @@ def keep_keys_mask(
     sink: int,
     recent: int,
     window: int | None = None,
+    prompt_len: torch.Tensor | int | None = None,
 ) -> torch.Tensor:
     """Bool [batch, kv_heads, q, k]: which keys each query may attend to.
 
     q_pos [batch, q] and k_pos [batch, k] are token positions (-1 marks padding, which is never
     attended); `full` [kv_heads] says which heads keep every token. `window` is the model's own
-    sliding window, if it has one, applied to every head.
+    sliding window, if it has one, applied to every head. `prompt_len` ([batch] or one number):
+    queries at positions < prompt_len attend like full heads.
     """
     q = q_pos[:, None, :, None]
     k = k_pos[:, None, None, :]
@@ -49,6 +53,8 @@ def keep_keys_mask(
     if window is not None:
         allowed &= k > q - window
     streaming = (k < sink) | (k > q - recent)
+    if prompt_len is not None:
+        streaming = streaming | (q < torch.as_tensor(prompt_len, device=q.device).reshape(-1, 1, 1, 1))
     return allowed & (full.to(q.device)[None, :, None, None] | streaming)
 
 
