@@ -10,10 +10,12 @@ Design, in the order a forward pass meets it:
 2. Before every forward, each new token's position in its own sequence is read from the 2-D
    padding mask (`plumbing.Step`): padding does not count, so a left-padded row is compressed
    exactly like the same prompt alone. The cache then plans the forward once for all layers.
-3. Layers whose heads are all kept run the model's own attention over their stored columns;
-   the others run `HeadSplitLayer.attend`: kept heads over every token, compressed heads over
-   the first `sink` and the last `recent` by the rule of `rlkv.attention.reference.keep_keys_mask`.
-   Memory for a compressed head is constant in sequence length.
+3. A decoding step runs `HeadSplitLayer.decode` (one attention call per layer); other forwards
+   run the model's own attention on layers whose heads are all kept and `HeadSplitLayer.attend`
+   on the others: kept heads over every token, compressed heads over the first `sink` and the
+   last `recent` by the rule of `rlkv.attention.reference.keep_keys_mask`. Memory for a
+   compressed head is constant in sequence length. With every head kept, the model's own
+   attention runs throughout: the same numbers as plain `generate`.
 
 `prefill="full"` (the RLKV authors' rule) lets every head attend over the whole prompt, then
 cuts the compressed heads to sink + recent; the prompt is what `generate` was given (its real
@@ -58,6 +60,7 @@ class _Session:
         self.keep, self.sink, self.recent, self.prefill = keep, sink, recent, prefill
         self.base = base_attention(base)
         self.all_full = keep.all(dim=1).tolist()
+        self.plain = bool(keep.all())  # every head kept: the model's own attention throughout (plain generate)
         self.step: Step | None = None
         self.cache: Cache | None = None  # the cache of the latest forward
         self.prompt_len = None  # prefill="full": real prompt tokens per row of the current cache
@@ -89,18 +92,20 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
     session: _Session = state_of(module, "rlkv.compress")
     layer = module.layer_idx
     scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
-    if session.all_full[layer]:
-        return session.base(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
-    step = session.step
+    step, cache = session.step, session.cache
     window = kwargs.get("sliding_window")
     if window is not None and step.k_pos.shape[1] <= window:
         window = None  # no token is old enough to leave the model's sliding window yet
-    if not isinstance(session.cache, HeadSplitCache):
+    if isinstance(cache, HeadSplitCache) and cache.plan.decode and window is None and not session.plain:
+        return cache.layers[layer].decode(query, key, value, scaling), None
+    if session.all_full[layer]:
+        return session.base(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+    if not isinstance(cache, HeadSplitCache):
         mask = keep_keys_mask(step.q_pos, step.k_pos[:, -key.shape[2] :], session.keep[layer], session.sink,
                               session.recent, window, session.prompt_len)
         return masked_attention(query, key, value, mask, scaling), None
-    out = session.cache.layers[layer].attend(module, query, key, value, attention_mask, scaling, window, session.base,
-                                             dict(kwargs, dropout=dropout))
+    out = cache.layers[layer].attend(module, query, key, value, attention_mask, scaling, window, session.base,
+                                     dict(kwargs, dropout=dropout))
     return out, None
 
 

@@ -22,7 +22,8 @@ Steps. `HeadSplitCache.begin` plans each forward once for all layers (`Plan`):
   heads attend with the model's own attention over their columns; compressed heads over their
   ring (with prefill="full", over the whole prompt so far) plus the new tokens, by the rule of
   `keep_keys_mask`; then every ring takes its sinks and its last `recent` tokens.
-Layers whose heads are all kept are attended by the model's own attention over their columns.
+Outside decoding steps, layers whose heads are all kept are attended by the model's own attention
+over their columns (and always when every head of the model is kept: then it is plain generate).
 
 prefill="full" (the RLKV authors' rule): while the prompt is being fed, compressed heads keep
 every prompt token and prompt queries attend to all of them; when the last prompt token has
@@ -106,8 +107,8 @@ class Plan:
             return mask | (self.q_pos < 0)[:, None, :, None]
         return self.part(("mask", window), build)
 
-    def decode_layout(self, keep: tuple[bool, ...], group: int, dtype):
-        """(write index [b, h], additive mask [b, 1, hq, used slots]) of a layer with keep pattern `keep`
+    def decode_layout(self, keep: tuple[bool, ...], group: int, dtype, dim: int):
+        """(write index [b, h, dim], additive mask [b, 1, hq, used slots]) of a layer with keep pattern `keep`
         in this decoding step; `used` is rounded up to a multiple of 16 (aligned for the fused kernels)."""
         def build():
             cache = self.cache
@@ -118,7 +119,7 @@ class Plan:
             used = min(-(-valid.shape[1] // 16) * 16, match.shape[1])
             valid = F.pad(valid, (0, used - valid.shape[1]))[:, None, None, :] & match[:, :used]
             mask = torch.zeros(valid.shape, dtype=dtype, device=valid.device).masked_fill_(~valid, float("-inf"))
-            return index, mask
+            return index[:, :, None].expand(-1, -1, dim), mask
         return self.part(("decode", keep), build)
 
 
@@ -187,10 +188,8 @@ class HeadSplitLayer(CompressedLayer, CacheLayerMixin):
         return keys[:, :, : self.cumulative_length], values[:, :, : self.cumulative_length]
 
     def attend(self, module, query, key, value, attention_mask, scaling: float, window: int | None, base, kwargs):
-        """Attention output [b, q, hq, d] of a layer with compressed heads; stores the new tokens."""
+        """Attention output [b, q, hq, d] of a layer with compressed heads in any forward; stores the new tokens."""
         plan = self.owner.plan
-        if plan.decode and window is None:
-            return self._decode(query, key, value, plan, scaling)
         b, hq, q, _ = query.shape
         group = hq // self.keep.numel()
         out = query.new_empty(b, q, hq, value.shape[-1])
@@ -205,12 +204,15 @@ class HeadSplitLayer(CompressedLayer, CacheLayerMixin):
         out[:, :, q_comp] = self._attend_compressed(query[:, q_comp], key, value, plan, scaling, window, group)
         return out
 
-    def _decode(self, query, key, value, plan: Plan, scaling: float) -> torch.Tensor:
+    def decode(self, query, key, value, scaling: float) -> torch.Tensor:
+        """Attention output [b, 1, hq, d] of a decoding step planned as such (`Plan.decode`); stores the new token."""
+        plan = self.owner.plan
         b, hq, _, d = query.shape
         group = hq // self.keep.numel()
-        index, mask = plan.decode_layout(self.pattern, group, query.dtype)
-        self.keys.scatter_(1, index[:, :, None].expand(-1, -1, self.keys.shape[-1]), key[:, :, 0])
-        self.values.scatter_(1, index[:, :, None].expand(-1, -1, self.values.shape[-1]), value[:, :, 0])
+        index, mask = plan.decode_layout(self.pattern, group, query.dtype, max(self.keys.shape[-1], self.values.shape[-1]))
+        if self.nc:  # (an all-kept layer stored its token in `update`)
+            self.keys.scatter_(1, index[..., : self.keys.shape[-1]], key[:, :, 0])
+            self.values.scatter_(1, index[..., : self.values.shape[-1]], value[:, :, 0])
         if self.nf == 0:  # rings only: each KV head's query heads form its query axis
             ring_mask = plan.part(("ring_mask", query.dtype), lambda: torch.zeros(
                 b, 1, 1, self.ring_size, dtype=query.dtype, device=query.device).masked_fill_(
