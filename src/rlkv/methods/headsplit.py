@@ -31,15 +31,17 @@ class HeadSplit:
     name: str = "headsplit"
     sparsity: float = 0.0
     params: dict = field(default_factory=dict)
+    prefill: str = "compressed"  # or "full": every head attends over the whole prompt (see rlkv.compress)
 
     @classmethod
-    def from_scores(cls, heads: HeadScores | str | Path, sparsity: float, sink: int = 16, recent: int = 64) -> HeadSplit:
+    def from_scores(cls, heads: HeadScores | str | Path, sparsity: float, sink: int = 16, recent: int = 64,
+                    prefill: str = "compressed") -> HeadSplit:
         heads = heads if isinstance(heads, HeadScores) else HeadScores.load(heads)
-        return cls(heads.keep_mask(sparsity), sink, recent, name=heads.method, sparsity=sparsity)
+        return cls(heads.keep_mask(sparsity), sink, recent, name=heads.method, sparsity=sparsity, prefill=prefill)
 
     def apply(self, model):
         """Context manager: the model generates with this method's per-head cache."""
-        return compress(model, self.keep, sink=self.sink, recent=self.recent)
+        return compress(model, self.keep, sink=self.sink, recent=self.recent, prefill=self.prefill)
 
     def describe(self) -> dict:
         return {
@@ -47,6 +49,7 @@ class HeadSplit:
             "sparsity": self.sparsity,
             "sink": self.sink,
             "recent": self.recent,
+            "prefill": self.prefill,
             "kept_heads": int(self.keep.sum()),
             "heads": int(self.keep.numel()),
             **self.params,
@@ -62,6 +65,7 @@ def build_headsplit(
     recent: int = 64,
     seed: int = 0,
     budget: int | None = None,
+    prefill: str = "compressed",
 ) -> HeadSplit:
     """`budget` belongs to the token-dropping methods; head split is sized by sparsity, sink, recent."""
     params: dict = {}
@@ -81,4 +85,4 @@ def build_headsplit(
             params["heads_sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
         heads.check_layout(layout)
         keep = heads.keep_mask(sparsity)
-    return HeadSplit(keep, sink, recent, name=name, sparsity=float(sparsity), params=params)
+    return HeadSplit(keep, sink, recent, name=name, sparsity=float(sparsity), params=params, prefill=prefill)
