@@ -96,7 +96,7 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
     window = kwargs.get("sliding_window")
     if window is not None and step.k_pos.shape[1] <= window:
         window = None  # no token is old enough to leave the model's sliding window yet
-    if isinstance(cache, HeadSplitCache) and cache.plan.decode and window is None and not session.plain:
+    if not session.plain and isinstance(cache, HeadSplitCache) and cache.plan.decode and window is None:
         return cache.layers[layer].decode(query, key, value, scaling), None
     if session.all_full[layer]:
         return session.base(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)

@@ -170,6 +170,7 @@ class HeadSplitLayer(CompressedLayer, CacheLayerMixin):
             new[:, : old.shape[1]] = old
             setattr(self, name, new)
         self.capacity = capacity
+        self._kept_views = (self.kept(self.keys), self.kept(self.values))
 
     def update(self, key_states, value_states, *args, **kwargs):
         """Count the new tokens; an all-kept layer stores them now and returns its columns (for the model's
@@ -182,7 +183,7 @@ class HeadSplitLayer(CompressedLayer, CacheLayerMixin):
             self._grow(self.owner.capacity)
         if self.nc:
             return key_states, value_states
-        keys, values = self.kept(self.keys), self.kept(self.values)
+        keys, values = self._kept_views
         keys[:, :, start : self.cumulative_length] = key_states
         values[:, :, start : self.cumulative_length] = value_states
         return keys[:, :, : self.cumulative_length], values[:, :, : self.cumulative_length]
@@ -195,7 +196,7 @@ class HeadSplitLayer(CompressedLayer, CacheLayerMixin):
         out = query.new_empty(b, q, hq, value.shape[-1])
         q_full, q_comp = self.owner.query_heads(self, group, query.device)
         if self.nf:
-            keys, values = self.kept(self.keys), self.kept(self.values)
+            keys, values = self._kept_views
             keys[:, :, plan.start : plan.length] = key[:, self.full_idx]
             values[:, :, plan.start : plan.length] = value[:, self.full_idx]
             out[:, :, q_full] = base(module, query[:, q_full], keys[:, :, : plan.length], values[:, :, : plan.length],
@@ -270,6 +271,8 @@ class HeadSplitLayer(CompressedLayer, CacheLayerMixin):
             t = getattr(self, name)
             if t is not None:
                 setattr(self, name, fn(t))
+        if self.nf:
+            self._kept_views = (self.kept(self.keys), self.kept(self.values))
 
     def crop(self, tokens_to_remove: int) -> None:
         raise NotImplementedError(
@@ -289,6 +292,7 @@ class HeadSplitCache(Cache):
             raise ValueError(f"prefill must be one of {PREFILL_MODES}, got {prefill!r}")
         super().__init__(layers=[HeadSplitLayer(keep[i], self) for i in range(keep.shape[0])])
         self.keep, self.sink, self.recent, self.prefill = keep, sink, recent, prefill
+        self.compressed = not bool(keep.all())
         self.length = 0  # columns fed so far
         self.capacity = 0  # columns allocated per kept head
         self.ring_pos: torch.Tensor | None = None  # [b, sink + recent]: position in each ring slot, -1 = empty
@@ -300,12 +304,15 @@ class HeadSplitCache(Cache):
     def begin(self, step: Step, prompt_len=None) -> None:
         """Plan the forward `step` for every layer (called before the decoder runs)."""
         b, q = step.q_pos.shape
+        if self.length + q > self.capacity:
+            self.capacity = -(-(self.length + q) // GROW) * GROW
+        if not self.compressed:  # every head kept: the model's own attention, nothing to plan
+            self.length += q
+            return
         if self.ring_pos is None:
             self.ring_pos = torch.full((b, self.sink + self.recent), -1, dtype=torch.long, device=step.q_pos.device)
             if self.prefill == "full":
                 self.prompt_pos = step.q_pos[:, :0]
-        if self.length + q > self.capacity:
-            self.capacity = -(-(self.length + q) // GROW) * GROW
         decode = q == 1 and self.prompt_pos is None and bool((step.q_pos >= 0).all())
         self.plan = plan = Plan(self, step, prompt_len, decode)
         if decode:
