@@ -227,7 +227,7 @@ class HeadSplitLayer(CompressedLayer, CacheLayerMixin):
 
     def _attend_compressed(self, query, new_k, new_v, plan: Plan, scaling: float, window, group: int) -> torch.Tensor:
         """Compressed heads over stored (ring or prompt) + new tokens [b, q, hq_c, d]; then store the new tokens."""
-        pos, src, hit = plan.candidates()
+        _, src, hit = plan.candidates()
         stored_k, stored_v = (self.prompt_keys, self.prompt_values) if plan.from_prompt else \
             (self.ring(self.keys), self.ring(self.values))
         if stored_k is None:
@@ -340,7 +340,7 @@ class HeadSplitCache(Cache):
         key = (keep, group, self.capacity)
         if key not in self._layouts:
             kept = torch.tensor(keep, device=device)
-            size, nf, nc = self.sink + self.recent, int(kept.sum()), len(keep) - int(kept.sum())
+            size, nc = self.sink + self.recent, len(keep) - sum(keep)
             before = torch.cumsum(kept.long(), 0) - kept.long()  # kept heads before each head
             offset = torch.where(kept, nc * size + before, (torch.arange(len(keep), device=device) - before) * size)
             owner = torch.cat([torch.nonzero(~kept).flatten().repeat_interleave(size),
