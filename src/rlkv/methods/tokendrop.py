@@ -27,8 +27,11 @@ Design, in the order a forward pass meets it:
 
 Storage per layer: keys/values [b, h_kv, width, d], positions [b, h_kv, width] (int32, -1 =
 empty) and, for scored policies, a float32 score per slot; width grows with the sequence up to
-`capacity` (= budget, plus the compression interval for R-KV). `nbytes()` counts every tensor
-allocated, `sequence_nbytes(n)` what one sequence of n tokens occupies: min(n, capacity) slots.
+`capacity` (= budget, plus the compression interval for R-KV). A decoding step (one token per
+row) then works in place on `capacity` + 1 slots: the spare one takes the new token, and if the
+policy keeps it, it moves into the first empty slot (evicted slots are emptied), so nothing is
+concatenated or compacted. `nbytes()` counts the slots in use (min(tokens, capacity) per head,
+not the spare) and the policy state; `sequence_nbytes(n)` what one sequence of n tokens occupies.
 Without a `TokenDropCache` (use_cache=False, or a cache the caller passed) attention is the base
 implementation's: exact, nothing dropped.
 """
