@@ -1,13 +1,15 @@
-"""Memory and speed of `compress(...)` + transformers `generate` against a plain DynamicCache.
+"""Speed and memory of the transformers path (`compress` / token droppers + `generate`) against a DynamicCache.
 
-For each configuration (plain DynamicCache, then sparsity s with a HeadSplitCache) the same
-batch of prompts generates exactly `--new-tokens` tokens (EOS suppressed), greedy. Measured
-in one process, side by side: peak GPU memory above the weights, KV bytes the cache holds at
-the end, wall time and decode tokens/s. The DynamicCache baseline runs first (and again
-last with --repeat-baseline; speedups are then against the mean of the two). Head choice does not change cost, so seeded random
-head scores are used unless `--heads` is given.
+For each batch size, the same left-padded batch of prompts generates exactly `--new-tokens`
+tokens per row (min_new_tokens, greedy) with: a plain DynamicCache (first), `rlkv.compress`
+at each sparsity, each token dropper at the budget that holds the same mean bytes as rlkv at
+`--match-sparsity` (`rlkv.methods.matching`, from the layout alone), and the DynamicCache again
+(last; speedups are against the mean of the two). All in one process, side by side: wall time,
+decode tokens/s, KV bytes the cache holds at the end, peak GPU memory above the weights. Head
+choice does not change cost, so seeded random head scores are used unless `--heads` is given.
+Results are written after every configuration (a killed run keeps what it measured).
 
-    python benchmarks/hf_cache.py --model M.gguf --batch 32 --new-tokens 2048 --sparsities 0,0.5,0.8
+    python benchmarks/hf_cache.py --model Qwen/Qwen2.5-Coder-1.5B-Instruct --batches 1,8,32 --new-tokens 2048
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from common import print_table, synchronize, write_result
 
 import rlkv
 from rlkv.attention.plumbing import output_cache
+from rlkv.methods.matching import match_budget
 
 TOPICS = [
     "the history of the printing press", "how bridges carry load", "the water cycle", "prime numbers",
@@ -34,24 +37,28 @@ def prompts(tok, n: int) -> list[str]:
     return [tok.apply_chat_template([{"role": "user", "content": t}], tokenize=False, add_generation_prompt=True) for t in texts]
 
 
-def measure(model, enc, new_tokens: int, compress_args: dict | None) -> dict:
+def measure(model, enc, new_tokens: int, apply) -> dict:
+    """One generate of exactly `new_tokens` per row; `apply(model)` is the method's context manager (None: plain)."""
     kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, return_dict_in_generate=True)
     cuda = torch.cuda.is_available()
     if cuda:
+        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     synchronize()
     base = torch.cuda.memory_allocated() if cuda else 0
     start = time.perf_counter()
-    if compress_args is None:
+    if apply is None:
         out = model.generate(**enc, **kw)
         cache = output_cache(out)
     else:
-        with rlkv.compress(model, **compress_args) as handle:
+        with apply(model) as handle:
             out = model.generate(**enc, **kw)
         cache = handle.cache
     synchronize()
     elapsed = time.perf_counter() - start
-    generated = out.sequences.shape[0] * (out.sequences.shape[1] - enc.input_ids.shape[1])
+    generated = out.sequences.shape[0] * (out.sequences.shape[1] - enc["input_ids"].shape[1])
+    if generated != enc["input_ids"].shape[0] * new_tokens:
+        raise RuntimeError(f"generated {generated} tokens, expected {enc['input_ids'].shape[0]} x {new_tokens}")
     result = {
         "kv_bytes_end": rlkv.cache_nbytes(cache),
         "peak_mem_above_weights": (torch.cuda.max_memory_allocated() - base) if cuda else 0,
@@ -63,52 +70,98 @@ def measure(model, enc, new_tokens: int, compress_args: dict | None) -> dict:
     return result
 
 
+def headsplit_samples(keep: torch.Tensor, layout, sink: int, recent: int, prompt_tokens: list[int], new: int) -> list[dict]:
+    """Per row, the mean bytes a head split with `keep` holds over its decoding steps (what eval records)."""
+    itemsize = torch.empty((), dtype=getattr(torch, layout.dtype)).element_size()
+    per_slot = 2 * layout.head_dim * itemsize
+    ring = sink + recent
+    fixed = int((~keep).sum()) * ring * per_slot + int((~keep).any(dim=1).sum()) * ring * 8
+    per_token = int(keep.sum()) * per_slot
+    samples = []
+    for p in prompt_tokens:
+        steps = torch.arange(p + 1, p + new + 1, dtype=torch.float64)
+        samples.append({"prompt_tokens": p, "tokens": new, "kv_bytes_mean": float((steps * per_token + fixed).mean())})
+    return samples
+
+
+def configs(args, model, layout, heads, prompt_tokens: list[int]) -> list[tuple[str, dict, object]]:
+    """(name, row fields, apply) per configuration of one batch, DynamicCache first and last."""
+    out = [("DynamicCache", {"method": "full"}, None)]
+    for s in args.sparsities:
+        out.append((f"rlkv s={s:g}", {"method": "rlkv", "sparsity": s},
+                    lambda m, s=s: rlkv.compress(m, heads, sparsity=s, sink=args.sink, recent=args.recent,
+                                                 prefill=args.prefill)))
+    if args.droppers:
+        keep = heads.keep_mask(args.match_sparsity)
+        samples = headsplit_samples(keep, layout, args.sink, args.recent, prompt_tokens, args.new_tokens)
+        for name in args.droppers:
+            match = match_budget(lambda b, name=name: rlkv.methods.build(name, layout, args.match_sparsity, budget=b),
+                                 layout, samples)
+            method = rlkv.methods.build(name, layout, args.match_sparsity, budget=match.budget)
+            out.append((f"{name} b={match.budget}", {"method": name, "budget": match.budget,
+                                                     "matched_to": f"rlkv s={args.match_sparsity:g}",
+                                                     "bytes_excess": match.excess}, method.apply))
+    out.append(("DynamicCache (again)", {"method": "full"}, None))
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True)
     ap.add_argument("--heads", default=None, help="head scores file (default: seeded random scores)")
-    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--batches", default="1,8,32", help="comma-separated batch sizes")
     ap.add_argument("--new-tokens", type=int, default=2048)
-    ap.add_argument("--sparsities", default="0,0.5,0.8")
+    ap.add_argument("--sparsities", default="0,0.5,0.8", help="comma-separated; empty for none")
+    ap.add_argument("--droppers", default="h2o,snapkv,rkv", help="token droppers at equal bytes; empty for none")
+    ap.add_argument("--match-sparsity", type=float, default=0.5, help="the droppers hold the bytes of rlkv at this sparsity")
     ap.add_argument("--sink", type=int, default=16)
     ap.add_argument("--recent", type=int, default=64)
+    ap.add_argument("--prefill", default="compressed", choices=["compressed", "full"])
+    ap.add_argument("--warmup-tokens", type=int, default=8, help="a short generate of every configuration first")
     ap.add_argument("--out", default="results/hf_cache.json")
-    ap.add_argument("--repeat-baseline", action="store_true", help="run the DynamicCache baseline again last")
     args = ap.parse_args()
+    args.sparsities = [float(s) for s in args.sparsities.split(",") if s]
+    args.droppers = [d for d in args.droppers.split(",") if d]
 
     model, tok = rlkv.load_model(args.model)
     layout = rlkv.Layout.of(model)
     heads = rlkv.HeadScores.load(args.heads) if args.heads else rlkv.HeadScores.random(layout, seed=0)
-    enc = tok(prompts(tok, args.batch), return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
-    configs = [("DynamicCache", None)] + [
-        (f"rlkv s={s:g}", dict(heads=heads, sparsity=s, sink=args.sink, recent=args.recent))
-        for s in map(float, args.sparsities.split(","))
-    ]
-    if args.repeat_baseline:  # the baseline again at the end: shows drift over the run
-        configs.append(("DynamicCache (again)", None))
-    for _, cfg in configs:  # warm-up: kernels, allocator, autotuning
-        measure(model, enc, 8, cfg)
+    meta = {"benchmark": "hf_cache", "model": args.model, "layout": layout.to_dict(), "new_tokens": args.new_tokens,
+            "sink": args.sink, "recent": args.recent, "prefill": args.prefill}
     rows = []
-    meta = {"benchmark": "hf_cache", "model": args.model, "layout": layout.to_dict(), "batch": args.batch,
-            "prompt_tokens": enc.input_ids.shape[1], "new_tokens": args.new_tokens, "sink": args.sink, "recent": args.recent}
-    for name, cfg in configs:
-        r = measure(model, enc, args.new_tokens, cfg)
-        rows.append({"config": name, "sparsity": None if cfg is None else cfg["sparsity"], **r})
-        print(f"{name}: {r['tok_per_s']:.1f} tok/s, peak {r['peak_mem_above_weights'] / 2**20:.0f} MiB", flush=True)
-        write_result(args.out, {**meta, "complete": False, "rows": rows})  # partial results survive a kill
-    baselines = [r for r in rows if r["sparsity"] is None]
-    plain = dict(rows[0], tok_per_s=sum(r["tok_per_s"] for r in baselines) / len(baselines))
+    for batch in [int(b) for b in args.batches.split(",")]:
+        enc = tok(prompts(tok, batch), return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+        prompt_tokens = enc["attention_mask"].sum(-1).tolist()
+        plan = configs(args, model, layout, heads, prompt_tokens)
+        for _, _, apply in plan[:-1]:  # warm-up: kernels, allocator, autotuning
+            measure(model, enc, args.warmup_tokens, apply)
+        first = len(rows)
+        for name, fields, apply in plan:
+            r = {"batch": batch, "config": name, "sparsity": None, **fields, **measure(model, enc, args.new_tokens, apply)}
+            rows.append(r)
+            print(f"batch {batch} {name}: {r['tok_per_s']:.1f} tok/s, {r['seconds']:.1f} s, "
+                  f"KV {r['kv_bytes_end'] / 2**20:.1f} MiB", flush=True)
+            write_result(args.out, {**meta, "complete": False, "rows": rows})  # partial results survive a kill
+        summarize(rows[first:], args, prompt_tokens)
+    print_table(rows, ["batch", "config", "kv_mib_end", "kv_ratio", "kv_ratio_theory", "peak_mib", "peak_ratio",
+                       "tok_per_s", "speedup"])
+    write_result(args.out, {**meta, "complete": True, "rows": rows})
+
+
+def summarize(rows: list[dict], args, prompt_tokens: list[int]) -> None:
+    """Ratios of one batch's rows against its DynamicCache runs (speed: the mean of the first and last)."""
+    baselines = [r for r in rows if r["method"] == "full"]
+    speed = sum(r["tok_per_s"] for r in baselines) / len(baselines)
+    total = sum(prompt_tokens) / len(prompt_tokens) + args.new_tokens
     for r in rows:
-        r["kv_ratio"] = r["kv_bytes_end"] / plain["kv_bytes_end"]
-        r["peak_ratio"] = r["peak_mem_above_weights"] / max(1, plain["peak_mem_above_weights"])
-        r["speedup"] = r["tok_per_s"] / plain["tok_per_s"]
-        s = r["sparsity"] or 0.0
-        total = enc.input_ids.shape[1] + args.new_tokens
-        r["kv_ratio_theory"] = (1 - s) + s * min(1.0, (args.sink + args.recent) / total)
+        r["kv_ratio"] = r["kv_bytes_end"] / baselines[0]["kv_bytes_end"]
+        r["peak_ratio"] = r["peak_mem_above_weights"] / max(1, baselines[0]["peak_mem_above_weights"])
+        r["speedup"] = r["tok_per_s"] / speed
+        if r["method"] == "rlkv":
+            s = r["sparsity"]
+            r["kv_ratio_theory"] = (1 - s) + s * min(1.0, (args.sink + args.recent) / total)
         r["kv_mib_end"] = r["kv_bytes_end"] / 2**20
         r["peak_mib"] = r["peak_mem_above_weights"] / 2**20
-    print_table(rows, ["config", "kv_mib_end", "kv_ratio", "kv_ratio_theory", "peak_mib", "peak_ratio", "tok_per_s", "speedup"])
-    write_result(args.out, {**meta, "complete": True, "rows": rows})
 
 
 if __name__ == "__main__":

@@ -184,3 +184,78 @@ def test_headsplit_method_from_scores_applies_the_same_compression(tmp_path):
         direct = run(model, ids, mask)
     assert torch.equal(via_method.sequences, direct.sequences)
     assert isinstance(handle.cache, rlkv.HeadSplitCache)
+
+
+def reference_logits(model, seq, full_mask, keep, prompt_len=None):
+    """Logits of one forward over `seq` with the masked reference (`keep_keys_mask`) in every layer."""
+    from transformers import AttentionInterface
+
+    def reference_attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
+        pos = (full_mask.cumsum(-1) - 1).masked_fill(full_mask == 0, -1)
+        m = keep_keys_mask(pos, pos, keep[module.layer_idx], SINK, RECENT, prompt_len=prompt_len)
+        return masked_attention(query, key, value, m, scaling), None
+
+    AttentionInterface.register("reference_prompt_for_test", reference_attention)
+    model.set_attn_implementation("reference_prompt_for_test")
+    try:
+        return model(input_ids=seq, attention_mask=full_mask).logits
+    finally:
+        model.set_attn_implementation("sdpa")
+
+
+@pytest.mark.parametrize("prefill", ["compressed", "full"])
+@pytest.mark.parametrize("chunk", [None, 5], ids=["one-forward", "chunked"])
+def test_prefill_modes_equal_one_masked_forward(prefill, chunk):
+    """Both prefill modes, the prompt in one forward or in chunks of 5 (left-padded rows), equal the
+    reference mask over the whole sequence; "full" with the prompt's real tokens as prompt_len."""
+    model = tiny_model("qwen2")
+    keep = torch.tensor([[True, False], [False, False], [False, True]])
+    ids, mask = batch((14, 9, 4), 14)
+    new = 10
+    with rlkv.compress(model, keep, sink=SINK, recent=RECENT, prefill=prefill) as handle:
+        out = run(model, ids, mask, new=new, prefill_chunk_size=chunk)
+        assert handle.cache.prefill == prefill and handle.cache.prompt_pos is None  # the prompt was cut
+    full_mask = torch.cat([mask, torch.ones_like(mask[:, :new])], dim=1)
+    prompt_len = mask.sum(-1) if prefill == "full" else None
+    logits = reference_logits(model, out.sequences, full_mask, keep, prompt_len)
+    torch.testing.assert_close(torch.stack(out.logits, dim=1), logits[:, 13:23], rtol=1e-5, atol=1e-5)
+
+
+def test_full_prefill_matches_plain_attention_over_the_prompt_then_compresses():
+    model = tiny_model("llama")
+    ids, mask = batch((20, 13), 20)
+    plain = run(model, ids, mask, new=8)
+    with rlkv.compress(model, None, sparsity=1.0, sink=SINK, recent=RECENT, prefill="full") as handle:
+        full = run(model, ids, mask, new=8)
+        held = handle.cache.nbytes()
+        ref = run(model, ids, mask, new=8, **{CACHE_KWARG: DynamicCache()})  # the masked reference, prompt_len too
+    torch.testing.assert_close(full.logits[0], plain.logits[0], rtol=1e-5, atol=1e-5)  # the prompt: every head full
+    assert not torch.allclose(full.logits[-1], plain.logits[-1], atol=1e-3)  # decoding: sink + recent only
+    torch.testing.assert_close(torch.stack(full.logits), torch.stack(ref.logits), rtol=1e-5, atol=1e-5)
+    assert held < rlkv.cache_nbytes(output_cache(plain)) / 2
+
+
+def test_growing_storage_and_beam_search_equal_the_reference(monkeypatch):
+    """Capacity grown every 4 columns (instead of GROW) and beams reordered: still the masked reference."""
+    from rlkv import splitcache
+
+    monkeypatch.setattr(splitcache, "GROW", 4)
+    model = tiny_model("qwen3")
+    heads = rlkv.HeadScores.random(rlkv.Layout.of(model), seed=4)
+    ids, mask = batch((11, 6), 11)
+    with rlkv.compress(model, heads, sparsity=0.5, sink=SINK, recent=RECENT) as handle:
+        fast = run(model, ids, mask, new=14)
+        assert handle.cache.capacity == 24  # 11 + 13 columns fed
+        ref = run(model, ids, mask, new=14, **{CACHE_KWARG: DynamicCache()})
+        beams = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=9, num_beams=3, do_sample=False)
+        beams_ref = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=9, num_beams=3, do_sample=False,
+                                   **{CACHE_KWARG: DynamicCache()})
+    torch.testing.assert_close(torch.stack(fast.logits), torch.stack(ref.logits), rtol=1e-5, atol=1e-5)
+    assert torch.equal(beams, beams_ref)
+
+
+def test_bad_prefill_is_refused():
+    model = tiny_model("llama")
+    with pytest.raises(ValueError, match="prefill must be one of"):
+        with rlkv.compress(model, None, sparsity=1.0, prefill="dense"):
+            pass

@@ -23,6 +23,23 @@ def test_keep_keys_mask_matches_the_rule_literally():
             assert mask[0, 1, t, j] == (j <= t and (j < sink or t - recent < j))
 
 
+def test_keep_keys_mask_full_prefill_rule_per_row():
+    """prompt_len [batch]: prompt queries of a compressed head attend causally to every key, later ones stream."""
+    sink, recent, n = 1, 2, 9
+    pos = torch.stack([torch.arange(n), torch.arange(n) - 2]).masked_fill(torch.tensor([[False] * n, [True, True] + [False] * 7]), -1)
+    prompt_len = torch.tensor([6, 3])
+    mask = keep_keys_mask(pos, pos, torch.tensor([False]), sink, recent, prompt_len=prompt_len)
+    for row in range(2):
+        for t in range(n):
+            for j in range(n):
+                qt, kj = int(pos[row, t]), int(pos[row, j])
+                streaming = kj < sink or qt - recent < kj
+                expected = kj >= 0 and kj <= qt and (qt < int(prompt_len[row]) or streaming)
+                assert bool(mask[row, 0, t, j]) == expected, (row, t, j)
+    assert torch.equal(keep_keys_mask(pos, pos, torch.tensor([False]), sink, recent, prompt_len=0),
+                       keep_keys_mask(pos, pos, torch.tensor([False]), sink, recent))
+
+
 def test_keep_keys_mask_window_and_padding():
     pos = torch.tensor([[-1, 0, 1, 2, 3, 4]])
     mask = keep_keys_mask(pos, pos, torch.tensor([True]), sink=1, recent=1, window=2)

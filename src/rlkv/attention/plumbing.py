@@ -131,7 +131,9 @@ def patched(model, name: str, attention, state, make_cache=None, bases=BASE_IMPL
     """Run `model` with `attention` (registered as f"{name}_{base}") and `state` inside the block.
 
     `state.before_forward(step: Step)` is called before every decoder forward. With `make_cache`,
-    `generate` builds `make_cache()` wherever it would have built a fresh DynamicCache.
+    `generate` builds `make_cache()` wherever it would have built a fresh DynamicCache, and calls
+    `state.before_generate(generation_config, model_kwargs)` (if the state has it) once its inputs
+    are prepared.
     """
     base = model.config._attn_implementation
     if base not in bases:
@@ -151,6 +153,8 @@ def patched(model, name: str, attention, state, make_cache=None, bases=BASE_IMPL
 
         def prepare_cache(generation_config, model_kwargs, *args, **kwargs):
             result = original(generation_config, model_kwargs, *args, **kwargs)
+            if hasattr(state, "before_generate"):
+                state.before_generate(generation_config, model_kwargs)
             for key in CACHE_KWARGS:
                 cache = model_kwargs.get(key)
                 if type(cache) is DynamicCache and not getattr(cache, "_is_user_defined", False):

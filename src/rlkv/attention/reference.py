@@ -3,7 +3,9 @@
 A kept ("full") KV head attends causally to every earlier token. A compressed head at query
 position t attends only to keys j with j < sink (attention sinks) or t - recent < j <= t
 (the recent window). Positions are a sequence's own token indices: left padding does not
-count, so a padded row behaves exactly like the same prompt alone.
+count, so a padded row behaves exactly like the same prompt alone. With a prompt length
+(prefill="full", the RLKV authors' rule), queries inside the prompt attend causally to every
+key with every head; the compressed heads' rule holds from the first query after it.
 
 `keep_keys_mask` is that rule, written once; `masked_attention` applies any boolean mask to a
 full cache with a plain softmax; `gate_mix` is the gated (RLKV training) mix of the two. Every compressed runtime (the transformers cache in

@@ -38,15 +38,15 @@ class HeadSplit:
 
     @classmethod
     def from_scores(cls, heads: HeadScores | str | Path, sparsity: float, sink: int = 16, recent: int = 64,
-                    keep_rule: str | None = None) -> HeadSplit:
+                    keep_rule: str | None = None, prefill: str = "compressed") -> HeadSplit:
         heads = heads if isinstance(heads, HeadScores) else HeadScores.load(heads)
         rule = keep_rule or heads.keep_rule
         return cls(heads.keep_mask(sparsity, rule=rule), sink, recent, name=heads.method, sparsity=sparsity,
-                   params={"keep_rule": rule})
+                   params={"keep_rule": rule}, prefill=prefill)
 
     def apply(self, model):
         """Context manager: the model generates with this method's per-head cache."""
-        return compress(model, self.keep, sink=self.sink, recent=self.recent)
+        return compress(model, self.keep, sink=self.sink, recent=self.recent, prefill=self.prefill)
 
     def describe(self) -> dict:
         return {
@@ -54,6 +54,7 @@ class HeadSplit:
             "sparsity": self.sparsity,
             "sink": self.sink,
             "recent": self.recent,
+            "prefill": self.prefill,
             "kept_heads": int(self.keep.sum()),
             "heads": int(self.keep.numel()),
             **self.params,
@@ -70,6 +71,7 @@ def build_headsplit(
     seed: int = 0,
     budget: int | None = None,
     keep_rule: str | None = None,
+    prefill: str = "compressed",
 ) -> HeadSplit:
     """`budget` belongs to the token-dropping methods; head split is sized by sparsity, sink, recent."""
     params: dict = {}
@@ -91,4 +93,4 @@ def build_headsplit(
         heads.check_layout(layout)
         params["keep_rule"] = keep_rule or heads.keep_rule
         keep = heads.keep_mask(sparsity, rule=params["keep_rule"])
-    return HeadSplit(keep, sink, recent, name=name, sparsity=float(sparsity), params=params)
+    return HeadSplit(keep, sink, recent, name=name, sparsity=float(sparsity), params=params, prefill=prefill)

@@ -27,8 +27,11 @@ Design, in the order a forward pass meets it:
 
 Storage per layer: keys/values [b, h_kv, width, d], positions [b, h_kv, width] (int32, -1 =
 empty) and, for scored policies, a float32 score per slot; width grows with the sequence up to
-`capacity` (= budget, plus the compression interval for R-KV). `nbytes()` counts every tensor
-allocated, `sequence_nbytes(n)` what one sequence of n tokens occupies: min(n, capacity) slots.
+`capacity` (= budget, plus the compression interval for R-KV). A decoding step (one token per
+row) then works in place on `capacity` + 1 slots: the spare one takes the new token, and if the
+policy keeps it, it moves into the first empty slot (evicted slots are emptied), so nothing is
+concatenated or compacted. `nbytes()` counts the slots in use (min(tokens, capacity) per head,
+not the spare) and the policy state; `sequence_nbytes(n)` what one sequence of n tokens occupies.
 Without a `TokenDropCache` (use_cache=False, or a cache the caller passed) attention is the base
 implementation's: exact, nothing dropped.
 """
@@ -182,6 +185,22 @@ def candidate_attention(query, keys, values, pos, q_pos, scaling: float, window:
     return out, attn
 
 
+def slot_attention(query, keys, values, pos, q_pos, scaling: float, window: int | None) -> torch.Tensor:
+    """Output [b, 1, hq, d] of one query per row at q_pos [b, 1] over slots keys/values [b, h, n, d] at pos
+    [b, h, n] (valid, causal, in the window): one fused attention call, the GQA group along the query axis."""
+    b, hq, _, d = query.shape
+    h = keys.shape[1]
+    qp = q_pos[:, None, :, None]
+    kp = pos[:, :, None, :]
+    allowed = (kp >= 0) & (kp <= qp)
+    if window is not None:
+        allowed &= kp > qp - window
+    allowed |= qp < 0  # padding queries: any finite output will do
+    mask = torch.zeros(allowed.shape, dtype=query.dtype, device=query.device).masked_fill_(~allowed, float("-inf"))
+    out = F.scaled_dot_product_attention(query.reshape(b, h, hq // h, d), keys, values, attn_mask=mask, scale=scaling)
+    return out.reshape(b, 1, hq, -1)
+
+
 class TokenDropLayer(CompressedLayer, CacheLayerMixin):
     """One layer's cache: at most `policy.capacity` (token, position[, score]) slots per KV head."""
 
@@ -206,6 +225,8 @@ class TokenDropLayer(CompressedLayer, CacheLayerMixin):
     def attend(self, query, key, value, q_pos, scaling: float, window: int | None, policy: Policy) -> torch.Tensor:
         """Attention [b, q, hq, d] of the new queries over stored + new tokens; then keep what `policy` selects."""
         b, h, q, _ = key.shape
+        if q == 1 and self.is_initialized:
+            return self._decode(query, key, value, q_pos, scaling, window, policy)
         new_pos = q_pos.to(torch.int32)[:, None, :].expand(b, h, q)
         first = not self.is_initialized
         if first:
@@ -222,6 +243,46 @@ class TokenDropLayer(CompressedLayer, CacheLayerMixin):
         keep = policy.select(self, c, query, q_pos)
         self._compact(c, keep, policy.capacity)
         return out
+
+    def _decode(self, query, key, value, q_pos, scaling: float, window: int | None, policy: Policy) -> torch.Tensor:
+        """One new token per row, in place: the slots (`capacity` + a spare one, which takes the new token) are
+        the candidates; then evicted slots are emptied and a kept new token moves into the first empty slot."""
+        cap = policy.capacity
+        if self.pos.shape[-1] != cap + 1:
+            self._to_slots(cap + 1)
+        self.keys[:, :, cap] = key[:, :, 0]
+        self.values[:, :, cap] = value[:, :, 0]
+        self.pos[:, :, cap] = q_pos.to(torch.int32)
+        if self.score is not None:
+            self.score[:, :, cap] = 0.0
+        observe = policy.observed(False, 1)
+        if observe:
+            out, attn = candidate_attention(query, self.keys, self.values, self.pos, q_pos, scaling, window, observe)
+        else:
+            out, attn = slot_attention(query, self.keys, self.values, self.pos, q_pos, scaling, window), None
+        c = Candidates(self.keys, self.values, self.pos, self.score, attn, False, scaling)
+        keep = policy.select(self, c, query, q_pos)
+        pos = torch.where(keep, self.pos, -1)
+        free = (pos[..., :cap] < 0).to(torch.int8).argmax(dim=-1, keepdim=True)  # [b, h, 1]; one exists if the new token is kept
+        source = torch.where(keep[..., cap:], cap, free)  # the slot `free` takes: the new token if kept, else itself
+        for t in (self.keys, self.values):
+            t.scatter_(2, free[..., None].expand(-1, -1, -1, t.shape[-1]),
+                       t.gather(2, source[..., None].expand(-1, -1, -1, t.shape[-1])))
+        self.pos = pos.scatter(-1, free, pos.gather(-1, source))
+        self.pos[..., cap] = -1
+        if c.score is not None:
+            score = torch.where(keep, c.score, 0.0)
+            self.score = score.scatter(-1, free, score.gather(-1, source))
+        return out
+
+    def _to_slots(self, width: int) -> None:
+        """Widen the storage to `width` slots (the new ones empty, position -1)."""
+        extra = width - self.pos.shape[-1]
+        self.keys = F.pad(self.keys, (0, 0, 0, extra))
+        self.values = F.pad(self.values, (0, 0, 0, extra))
+        self.pos = F.pad(self.pos, (0, extra), value=-1)
+        if self.score is not None:
+            self.score = F.pad(self.score, (0, extra))
 
     def _compact(self, c: Candidates, keep: torch.Tensor, capacity: int) -> None:
         """Store the kept candidates in the first slots, in candidate (= chronological) order."""
@@ -242,6 +303,15 @@ class TokenDropLayer(CompressedLayer, CacheLayerMixin):
 
     def tensors(self) -> list[torch.Tensor]:
         return [t for t in (self.keys, self.values, self.pos, self.score, *self.extra.values()) if t is not None]
+
+    def nbytes(self, capacity: int | None = None) -> int:
+        """Bytes held: min(tokens fed, capacity) slots per KV head and row, and the policy state (the decoding
+        steps' spare slot, scratch for the new token, is not counted)."""
+        if not self.is_initialized:
+            return 0
+        width = self.pos.shape[-1] if capacity is None else min(self.cumulative_length, capacity)
+        rows = self.pos.shape[0]
+        return int(rows * self.sequence_nbytes(torch.tensor(width), width))
 
     def sequence_nbytes(self, num_tokens: torch.Tensor, capacity: int) -> torch.Tensor:
         """Bytes one sequence of `num_tokens` occupies: min(num_tokens, capacity) slots plus its policy state."""
@@ -273,8 +343,8 @@ class TokenDropCache(Cache):
         self.policy = policy
 
     def nbytes(self) -> int:
-        """Bytes of every tensor this cache holds right now (K/V, positions, scores, policy state)."""
-        return sum(layer.nbytes() for layer in self.layers)
+        """Bytes this cache holds right now (K/V, positions, scores, policy state; see `TokenDropLayer.nbytes`)."""
+        return sum(layer.nbytes(self.policy.capacity) for layer in self.layers)
 
     def sequence_nbytes(self, num_tokens: torch.Tensor) -> torch.Tensor:
         """Bytes each sequence needs for its own `num_tokens` [batch] (padding of other rows excluded)."""

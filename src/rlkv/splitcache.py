@@ -1,0 +1,382 @@
+"""The head-split KV cache of `rlkv.compress`: full K/V for kept heads, a sink + recent ring for the others.
+
+Storage. Each layer holds ONE buffer for keys and one for values, [batch, slots, head_dim]: first
+the compressed heads' rings (`sink + recent` slots per head), then the kept heads' columns, token
+by token (column t of the j-th kept head is slot rings + t * kept + j), so the slots in use are
+always one prefix of the buffer. Column t is the t-th token fed (padding included, as in a
+DynamicCache); token position p of a row lives in ring slot p while p < sink, else in
+sink + (p - sink) mod recent. Capacity grows for every layer at once, by `GROW` columns, so a
+decoding step writes in place instead of concatenating. `nbytes()` reports the bytes in use
+(what a cache growing by exactly one column per token holds); the allocation exceeds it by less
+than `GROW` columns per kept head and layer.
+
+Steps. `HeadSplitCache.begin` plans each forward once for all layers (`Plan`):
+- decoding (one real token per row, no prompt pending, no sliding window in force): each row's
+  ring slot, the ring positions after the write, and per keep pattern (which heads of a layer
+  are kept) the slot each head's new token goes to and the mask of slots each query head may
+  attend (an additive mask in the model's dtype). A layer then runs one scatter for keys, one for
+  values and ONE attention call over the used prefix of its buffer, with its query heads along the
+  query axis (q [b, 1, hq, d] against keys [b, 1, slots, d]): every stored byte is read once, with
+  no per-head index or GQA expansion.
+- any other forward (prefill, prompt chunks, padding queries, a sliding window in force): kept
+  heads attend with the model's own attention over their columns; compressed heads over their
+  ring (with prefill="full", over the whole prompt so far) plus the new tokens, by the rule of
+  `keep_keys_mask`; then every ring takes its sinks and its last `recent` tokens.
+Outside decoding steps, layers whose heads are all kept are attended by the model's own attention
+over their columns (and always when every head of the model is kept: then it is plain generate).
+
+prefill="full" (the RLKV authors' rule): while the prompt is being fed, compressed heads keep
+every prompt token and prompt queries attend to all of them; when the last prompt token has
+been fed, the compressed heads are cut to sink + recent.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from rlkv.attention.plumbing import CompressedLayer, Step
+from rlkv.attention.reference import keep_keys_mask
+
+GROW = 256  # columns added per kept head when a layer's buffer is full
+PREFILL_MODES = ("compressed", "full")
+
+
+def ring_slot(pos: torch.Tensor, sink: int, recent: int) -> torch.Tensor:
+    """Ring slot of a token position: sinks have their own slots, the rest cycle through `recent`."""
+    return torch.where(pos < sink, pos, sink + (pos - sink).remainder(recent))
+
+
+def query_heads(keep: torch.Tensor, group: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices of the query heads of a layer's kept and of its compressed KV heads (`keep` [kv_heads])."""
+    q_keep = keep.repeat_interleave(group).to(device)
+    return torch.nonzero(q_keep).flatten(), torch.nonzero(~q_keep).flatten()
+
+
+def ring_plan(pos: torch.Tensor, sink: int, recent: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(src, hit) [b, sink + recent]: which candidate (index into `pos` [b, n]) each ring slot takes, if any.
+
+    A ring keeps the candidates at positions < sink and the last `recent` of each row; where two
+    map to one slot, the later candidate wins. Padding (-1) is never kept."""
+    size = sink + recent
+    last = pos.max(dim=-1, keepdim=True).values
+    keep = (pos >= 0) & ((pos < sink) | (pos > last - recent))
+    slot = torch.where(keep, ring_slot(pos, sink, recent), size)  # dropped candidates go to a slot that is cut off
+    index = torch.arange(pos.shape[1], device=pos.device).expand_as(pos)
+    src = torch.full((pos.shape[0], size + 1), -1, dtype=torch.long, device=pos.device)
+    src = src.scatter_reduce(1, slot, index, reduce="amax")[:, :size]
+    return src.clamp(min=0), src >= 0
+
+
+class Plan:
+    """What every layer of one forward shares; built by `HeadSplitCache.begin`, parts on first use."""
+
+    def __init__(self, cache: HeadSplitCache, step: Step, prompt_len, decode: bool):
+        self.cache, self.q_pos, self.k_pos, self.prompt_len = cache, step.q_pos, step.k_pos, prompt_len
+        self.start, self.length = cache.length, cache.length + step.q_pos.shape[1]
+        self.from_prompt = cache.prompt_pos is not None  # compressed heads hold the prompt so far, not a ring
+        self.stored_pos = cache.prompt_pos if self.from_prompt else cache.ring_pos
+        self.decode = decode
+        self._parts: dict = {}
+        if decode:
+            self.slot = ring_slot(step.q_pos, cache.sink, cache.recent)  # [b, 1]
+            self.ring_pos = cache.ring_pos.scatter(1, self.slot, step.q_pos)
+            self.kept_valid, self.ring_valid = step.k_pos >= 0, self.ring_pos >= 0
+
+    def part(self, key, build):
+        if key not in self._parts:
+            self._parts[key] = build()
+        return self._parts[key]
+
+    def candidates(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """(positions of stored + new tokens [b, n], ring src, ring hit); src/hit None while the prompt stays open."""
+        def build():
+            pos = torch.cat([self.stored_pos, self.q_pos], dim=-1)
+            if self.cache.prompt_open_after(self):
+                return pos, None, None
+            return (pos, *ring_plan(pos, self.cache.sink, self.cache.recent))
+        return self.part("candidates", build)
+
+    def candidate_mask(self, window: int | None) -> torch.Tensor:
+        """[b, 1, q, n]: which candidates each new query of a compressed head attends (padding queries: any)."""
+        def build():
+            pos = self.candidates()[0]
+            none = torch.zeros(1, dtype=torch.bool, device=pos.device)
+            mask = keep_keys_mask(self.q_pos, pos, none, self.cache.sink, self.cache.recent, window, self.prompt_len)
+            return mask | (self.q_pos < 0)[:, None, :, None]
+        return self.part(("mask", window), build)
+
+    def decode_layout(self, keep: tuple[bool, ...], group: int, dtype, dim: int):
+        """(write index [b, h, dim], additive mask [b, 1, hq, used slots]) of a layer with keep pattern `keep`
+        in this decoding step; `used` is rounded up to a multiple of 16 (aligned for the fused kernels)."""
+        def build():
+            cache = self.cache
+            kept, offset, match = cache.flat_layout(keep, group, self.q_pos.device)
+            nf, nc = sum(keep), len(keep) - sum(keep)
+            index = offset + torch.where(kept, self.start * nf, self.slot)  # [b, h]
+            valid = torch.cat([self.ring_valid.repeat(1, nc), self.kept_valid.repeat_interleave(nf, dim=1)], dim=1)
+            used = min(-(-valid.shape[1] // 16) * 16, match.shape[1])
+            valid = F.pad(valid, (0, used - valid.shape[1]))[:, None, None, :] & match[:, :used]
+            mask = torch.zeros(valid.shape, dtype=dtype, device=valid.device).masked_fill_(~valid, float("-inf"))
+            return index[:, :, None].expand(-1, -1, dim), mask
+        return self.part(("decode", keep), build)
+
+
+class HeadSplitLayer(CompressedLayer, CacheLayerMixin):
+    """One layer's cache (see the module docstring): kept columns and rings in one buffer."""
+
+    is_sliding = False
+
+    def __init__(self, keep: torch.Tensor, owner: HeadSplitCache):
+        super().__init__()
+        self.keep = keep.bool().cpu()
+        self.pattern = tuple(self.keep.tolist())
+        self.nf, self.nc = int(self.keep.sum()), int((~self.keep).sum())
+        self.owner = owner
+        self.cumulative_length = 0
+        self.capacity = 0
+        self.prompt_keys = self.prompt_values = None  # prefill="full": compressed heads' prompt K/V so far
+
+    @property
+    def ring_size(self) -> int:
+        return self.owner.sink + self.owner.recent
+
+    def kept(self, t: torch.Tensor, capacity: int | None = None) -> torch.Tensor:
+        """[b, nf, capacity, d] view of the kept heads' columns of buffer `t`."""
+        capacity = self.capacity if capacity is None else capacity
+        start = self.nc * self.ring_size
+        return t[:, start : start + capacity * self.nf].view(t.shape[0], capacity, self.nf, t.shape[-1]).transpose(1, 2)
+
+    def ring(self, t: torch.Tensor) -> torch.Tensor:
+        """[b, nc, sink + recent, d] view of the compressed heads' rings of buffer `t`."""
+        return t[:, : self.nc * self.ring_size].view(t.shape[0], self.nc, self.ring_size, t.shape[-1])
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        b = key_states.shape[0]
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.full_idx = torch.nonzero(self.keep).flatten().to(self.device)
+        self.comp_idx = torch.nonzero(~self.keep).flatten().to(self.device)
+        slots = self.nc * self.ring_size
+        self.keys = key_states.new_zeros(b, slots, key_states.shape[-1])
+        self.values = value_states.new_zeros(b, slots, value_states.shape[-1])
+        self.is_initialized = True
+
+    def _grow(self, capacity: int) -> None:
+        """Re-allocate the buffers with `capacity` columns per kept head (contents kept)."""
+        for name in ("keys", "values"):
+            old = getattr(self, name)
+            new = old.new_zeros(old.shape[0], self.nc * self.ring_size + self.nf * capacity, old.shape[-1])
+            new[:, : old.shape[1]] = old
+            setattr(self, name, new)
+        self.capacity = capacity
+        self._kept_views = (self.kept(self.keys), self.kept(self.values))
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        """Count the new tokens; an all-kept layer stores them now and returns its columns (for the model's
+        own attention), the others store them in `attend`, which needs the ring as it was."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        start = self.cumulative_length
+        self.cumulative_length += key_states.shape[-2]
+        if self.nf and self.capacity < self.owner.capacity:
+            self._grow(self.owner.capacity)
+        if self.nc:
+            return key_states, value_states
+        keys, values = self._kept_views
+        keys[:, :, start : self.cumulative_length] = key_states
+        values[:, :, start : self.cumulative_length] = value_states
+        return keys[:, :, : self.cumulative_length], values[:, :, : self.cumulative_length]
+
+    def attend(self, module, query, key, value, attention_mask, scaling: float, window: int | None, base, kwargs):
+        """Attention output [b, q, hq, d] of a layer with compressed heads in any forward; stores the new tokens."""
+        plan = self.owner.plan
+        b, hq, q, _ = query.shape
+        group = hq // self.keep.numel()
+        out = query.new_empty(b, q, hq, value.shape[-1])
+        q_full, q_comp = self.owner.query_heads(self, group, query.device)
+        if self.nf:
+            keys, values = self._kept_views
+            keys[:, :, plan.start : plan.length] = key[:, self.full_idx]
+            values[:, :, plan.start : plan.length] = value[:, self.full_idx]
+            out[:, :, q_full] = base(module, query[:, q_full], keys[:, :, : plan.length], values[:, :, : plan.length],
+                                     attention_mask, scaling=scaling, **kwargs)[0]
+            key, value = key[:, self.comp_idx], value[:, self.comp_idx]
+        out[:, :, q_comp] = self._attend_compressed(query[:, q_comp], key, value, plan, scaling, window, group)
+        return out
+
+    def decode(self, query, key, value, scaling: float) -> torch.Tensor:
+        """Attention output [b, 1, hq, d] of a decoding step planned as such (`Plan.decode`); stores the new token."""
+        plan = self.owner.plan
+        b, hq, _, d = query.shape
+        group = hq // self.keep.numel()
+        index, mask = plan.decode_layout(self.pattern, group, query.dtype, max(self.keys.shape[-1], self.values.shape[-1]))
+        if self.nc:  # (an all-kept layer stored its token in `update`)
+            self.keys.scatter_(1, index[..., : self.keys.shape[-1]], key[:, :, 0])
+            self.values.scatter_(1, index[..., : self.values.shape[-1]], value[:, :, 0])
+        if self.nf == 0:  # rings only: each KV head's query heads form its query axis
+            ring_mask = plan.part(("ring_mask", query.dtype), lambda: torch.zeros(
+                b, 1, 1, self.ring_size, dtype=query.dtype, device=query.device).masked_fill_(
+                ~plan.ring_valid[:, None, None, :], float("-inf")))
+            out = F.scaled_dot_product_attention(query.reshape(b, self.nc, group, d), self.ring(self.keys),
+                                                 self.ring(self.values), attn_mask=ring_mask, scale=scaling)
+            return out.reshape(b, 1, hq, -1)
+        used = mask.shape[-1]
+        return F.scaled_dot_product_attention(query.reshape(b, 1, hq, d), self.keys[:, None, :used],
+                                              self.values[:, None, :used], attn_mask=mask, scale=scaling)
+
+    def _attend_compressed(self, query, new_k, new_v, plan: Plan, scaling: float, window, group: int) -> torch.Tensor:
+        """Compressed heads over stored (ring or prompt) + new tokens [b, q, hq_c, d]; then store the new tokens."""
+        _, src, hit = plan.candidates()
+        stored_k, stored_v = (self.prompt_keys, self.prompt_values) if plan.from_prompt else \
+            (self.ring(self.keys), self.ring(self.values))
+        if stored_k is None:
+            stored_k, stored_v = new_k[:, :, :0], new_v[:, :, :0]
+        keys, values = torch.cat([stored_k, new_k], dim=-2), torch.cat([stored_v, new_v], dim=-2)
+        mask = plan.candidate_mask(window)
+        out = F.scaled_dot_product_attention(query, keys.repeat_interleave(group, 1), values.repeat_interleave(group, 1),
+                                             attn_mask=mask, scale=scaling)
+        if src is None:
+            self.prompt_keys, self.prompt_values = keys, values
+        else:
+            self.prompt_keys = self.prompt_values = None
+            for ring, cand in ((self.ring(self.keys), keys), (self.ring(self.values), values)):
+                taken = cand.gather(2, src[:, None, :, None].expand(-1, cand.shape[1], -1, cand.shape[-1]))
+                ring.copy_(torch.where(hit[:, None, :, None], taken, ring))
+        return out.transpose(1, 2)
+
+    # ------------------------------------------------------------------ bookkeeping
+    def nbytes(self) -> int:
+        """Bytes in use: kept heads' columns so far, rings and their positions, a pending full prompt."""
+        if not self.is_initialized:
+            return 0
+        rows = self.keys.shape[0]
+        held = int(self.sequence_nbytes(torch.tensor(self.cumulative_length)))
+        prompt = sum(t.numel() * t.element_size() for t in (self.prompt_keys, self.prompt_values) if t is not None)
+        return rows * held + prompt
+
+    def sequence_nbytes(self, num_tokens: torch.Tensor) -> torch.Tensor:
+        """Bytes one sequence of `num_tokens` occupies here: kept heads per token, plus its rings and positions."""
+        if not self.is_initialized:
+            return torch.zeros_like(num_tokens)
+        per_slot = (self.keys.shape[-1] + self.values.shape[-1]) * self.keys.element_size()
+        ring = self.nc * self.ring_size * per_slot + (self.ring_size * 8 if self.nc else 0)
+        return num_tokens * self.nf * per_slot + ring
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for t in (self.keys, self.values, self.prompt_keys, self.prompt_values) if t is not None]
+
+    def _map(self, fn) -> None:
+        for name in ("keys", "values", "prompt_keys", "prompt_values"):
+            t = getattr(self, name)
+            if t is not None:
+                setattr(self, name, fn(t))
+        if self.nf:
+            self._kept_views = (self.kept(self.keys), self.kept(self.values))
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError(
+            "HeadSplitCache cannot be cropped: compressed heads have already dropped old tokens "
+            "(assisted/speculative decoding is not supported with rlkv.compress)"
+        )
+
+    def reset(self) -> None:
+        raise NotImplementedError("HeadSplitCache cannot be reset; create a new one per generation")
+
+
+class HeadSplitCache(Cache):
+    """A transformers Cache whose layers keep full K/V only for kept heads (see the module docstring)."""
+
+    def __init__(self, keep: torch.Tensor, sink: int, recent: int, prefill: str = "compressed"):
+        if prefill not in PREFILL_MODES:
+            raise ValueError(f"prefill must be one of {PREFILL_MODES}, got {prefill!r}")
+        super().__init__(layers=[HeadSplitLayer(keep[i], self) for i in range(keep.shape[0])])
+        self.keep, self.sink, self.recent, self.prefill = keep, sink, recent, prefill
+        self.compressed = not bool(keep.all())
+        self.length = 0  # columns fed so far
+        self.capacity = 0  # columns allocated per kept head
+        self.ring_pos: torch.Tensor | None = None  # [b, sink + recent]: position in each ring slot, -1 = empty
+        self.prompt_pos: torch.Tensor | None = None  # prefill="full": positions of the prompt so far
+        self.plan: Plan | None = None
+        self._q_idx: dict = {}
+        self._layouts: dict = {}
+
+    def begin(self, step: Step, prompt_len=None) -> None:
+        """Plan the forward `step` for every layer (called before the decoder runs)."""
+        b, q = step.q_pos.shape
+        if self.length + q > self.capacity:
+            self.capacity = -(-(self.length + q) // GROW) * GROW
+        if not self.compressed:  # every head kept: the model's own attention, nothing to plan
+            self.length += q
+            return
+        if self.ring_pos is None:
+            self.ring_pos = torch.full((b, self.sink + self.recent), -1, dtype=torch.long, device=step.q_pos.device)
+            if self.prefill == "full":
+                self.prompt_pos = step.q_pos[:, :0]
+        decode = q == 1 and self.prompt_pos is None and bool((step.q_pos >= 0).all())
+        self.plan = plan = Plan(self, step, prompt_len, decode)
+        if decode:
+            self.ring_pos = plan.ring_pos
+        else:
+            pos, src, hit = plan.candidates()
+            if src is None:
+                self.prompt_pos = pos
+            else:
+                base = torch.full_like(self.ring_pos, -1) if plan.from_prompt else self.ring_pos
+                self.ring_pos = torch.where(hit, pos.gather(1, src), base)
+                self.prompt_pos = None
+        self.length += q
+
+    def prompt_open_after(self, plan: Plan) -> bool:
+        """prefill="full": whether some row's prompt is still unfinished after this forward."""
+        if not plan.from_prompt:
+            return False
+        done = plan.q_pos.max(dim=-1).values + 1 >= torch.as_tensor(plan.prompt_len, device=plan.q_pos.device)
+        return not bool(done.all())
+
+    def flat_layout(self, keep: tuple[bool, ...], group: int, device):
+        """(kept [h], first slot of each head [h], query head x slot ownership [hq, slots]) of the buffer
+        of a layer with keep pattern `keep` at the current capacity (kept heads' slots: column 0)."""
+        key = (keep, group, self.capacity)
+        if key not in self._layouts:
+            kept = torch.tensor(keep, device=device)
+            size, nc = self.sink + self.recent, len(keep) - sum(keep)
+            before = torch.cumsum(kept.long(), 0) - kept.long()  # kept heads before each head
+            offset = torch.where(kept, nc * size + before, (torch.arange(len(keep), device=device) - before) * size)
+            owner = torch.cat([torch.nonzero(~kept).flatten().repeat_interleave(size),
+                               torch.nonzero(kept).flatten().repeat(self.capacity)])
+            match = owner[None, :] == torch.arange(len(keep) * group, device=device)[:, None] // group
+            self._layouts = {k: v for k, v in self._layouts.items() if k[2] == self.capacity}
+            self._layouts[key] = (kept, offset, match)
+        return self._layouts[key]
+
+    def query_heads(self, layer: HeadSplitLayer, group: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        if layer.pattern not in self._q_idx:
+            self._q_idx[layer.pattern] = query_heads(layer.keep, group, device)
+        return self._q_idx[layer.pattern]
+
+    def nbytes(self) -> int:
+        """Bytes of K/V (and ring positions) this cache holds right now."""
+        return sum(layer.nbytes() for layer in self.layers)
+
+    def sequence_nbytes(self, num_tokens: torch.Tensor) -> torch.Tensor:
+        """Bytes each sequence needs for its own `num_tokens` [batch] (padding of other rows excluded)."""
+        return sum(layer.sequence_nbytes(num_tokens) for layer in self.layers)
+
+    def _map_shared(self, fn) -> None:
+        for name in ("ring_pos", "prompt_pos"):
+            t = getattr(self, name)
+            if t is not None:
+                setattr(self, name, fn(t))
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        super().reorder_cache(beam_idx)
+        self._map_shared(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        super().batch_select_indices(indices)
+        self._map_shared(lambda t: t[indices])
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        super().batch_repeat_interleave(repeats)
+        self._map_shared(lambda t: t.repeat_interleave(repeats, dim=0))
