@@ -436,3 +436,20 @@ def test_an_interrupted_generate_gives_its_memory_back():
     assert len(eng.store._free_pages) == eng.store.capacity_pages and len(eng.store._free_slots) == eng.max_batch
     assert not eng.has_unfinished() and model.config._attn_implementation == "sdpa"
     assert len(eng.generate(ps, max_new_tokens=3, eos_token_ids=[])) == len(ps)
+
+
+@pytest.mark.parametrize("prefill_tokens", [13, 1000], ids=["chunked", "packed"])
+def test_full_prefill_equals_compressed_generate_with_full_prefill(arch, prefill_tokens):
+    """prefill='full' (the authors' rule): compressed heads attend over the whole prompt, then keep sink + recent;
+    packed prompts and prompts prefilled in chunks of 13 tokens give compress(prefill='full')'s tokens."""
+    model = tiny_model(arch)
+    keep = rlkv.HeadScores.random(rlkv.Layout.of(model), seed=1).keep_mask(0.5)
+    ps, ids, mask = prompts()
+    full = engine(model, HeadSplit(keep, SINK, RECENT, prefill="full"), prefill_tokens=prefill_tokens, max_batch=4)
+    outs = full.generate(ps, max_new_tokens=NEW, eos_token_ids=[])
+    with rlkv.compress(model, keep, sink=SINK, recent=RECENT, prefill="full"):
+        check_equal(outs, reference(model, ids, mask))
+    compressed = engine(model, HeadSplit(keep, SINK, RECENT, prefill="compressed")).generate(ps, max_new_tokens=NEW,
+                                                                                           eos_token_ids=[])
+    assert [o.tokens for o in outs] != [o.tokens for o in compressed]  # prompts longer than the ring: the rule matters
+    assert full.state._prompt_kv == {}  # the prompts' K/V held for chunks are gone once they are done

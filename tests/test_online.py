@@ -37,8 +37,9 @@ def drain(eng, limit=500, steps=None, streamed=None):
     return done
 
 
-def half(model, seed=1):
-    return HeadSplit(rlkv.HeadScores.random(rlkv.Layout.of(model), seed=seed).keep_mask(0.5), SINK, RECENT)
+def half(model, seed=1, prefill="compressed"):
+    keep = rlkv.HeadScores.random(rlkv.Layout.of(model), seed=seed).keep_mask(0.5)
+    return HeadSplit(keep, SINK, RECENT, prefill=prefill)
 
 
 def test_requests_added_while_it_runs_equal_each_alone():
@@ -99,12 +100,14 @@ def test_aborting_the_last_request_gives_the_model_back():
     assert eng.step() == [] or all(o.request_id == "a" for o in eng.step())
 
 
+@pytest.mark.parametrize("prefill", ["compressed", "full"])
 @pytest.mark.parametrize("kind", ["greedy", "sampled"])
-def test_preempted_requests_equal_an_unpreempted_run(arch, kind):
+def test_preempted_requests_equal_an_unpreempted_run(arch, kind, prefill):
     """A pool with pages for about one sequence: four run at once, the newest are preempted and prefilled again
-    (prompt + their tokens); every output equals the roomy run's, and the pool is never exceeded."""
+    (prompt + their tokens; with a full prefill only the prompt attends fully); every output equals the roomy
+    run's, and the pool is never exceeded."""
     model = tiny_model(arch)
-    method = half(model, seed=2)
+    method = half(model, seed=2, prefill=prefill)
     ps, _, _ = prompts()
     temp = 0.0 if kind == "greedy" else 1.0
     params = [SamplingParams(max_tokens=NEW, temperature=temp, seed=11 + i, ignore_eos=True) for i in range(4)]
