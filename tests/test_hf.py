@@ -51,7 +51,7 @@ def test_cached_logits_equal_a_full_forward_with_the_reference_mask():
     layout = rlkv.Layout.of(model)
     keep = torch.tensor([[True, False], [False, False]])
     ids, mask = batch((14, 9), 14)
-    with rlkv.compress(model, keep, sink=SINK, recent=RECENT):
+    with rlkv.compress(model, keep, sink=SINK, recent=RECENT, prefill="compressed"):  # the rule of the reference below
         out = run(model, ids, mask, new=10)
     seq = out.sequences
     full_mask = torch.cat([mask, torch.ones_like(mask[:, :10])], dim=1)

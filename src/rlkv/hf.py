@@ -145,7 +145,7 @@ def resolve_keep(layout: Layout, heads, sparsity: float | None) -> torch.Tensor:
 
 
 def compress(model, heads=None, sparsity: float | None = None, sink: int = 16, recent: int = 64,
-             prefill: str = "compressed"):
+             prefill: str = "full"):
     """Make `model`'s KV cache per head inside a `with` block.
 
     Kept heads (the top `1 - sparsity` fraction by `heads` scores) store every token; the

@@ -34,11 +34,11 @@ class HeadSplit:
     name: str = "headsplit"
     sparsity: float = 0.0
     params: dict = field(default_factory=dict)
-    prefill: str = "compressed"  # or "full": every head attends over the whole prompt (see rlkv.compress)
+    prefill: str = "full"  # the authors' rule (every head attends over the whole prompt), or "compressed"
 
     @classmethod
     def from_scores(cls, heads: HeadScores | str | Path, sparsity: float, sink: int = 16, recent: int = 64,
-                    keep_rule: str | None = None, prefill: str = "compressed") -> HeadSplit:
+                    keep_rule: str | None = None, prefill: str = "full") -> HeadSplit:
         heads = heads if isinstance(heads, HeadScores) else HeadScores.load(heads)
         rule = keep_rule or heads.keep_rule
         return cls(heads.keep_mask(sparsity, rule=rule), sink, recent, name=heads.method, sparsity=sparsity,
@@ -71,7 +71,7 @@ def build_headsplit(
     seed: int = 0,
     budget: int | None = None,
     keep_rule: str | None = None,
-    prefill: str = "compressed",
+    prefill: str = "full",
 ) -> HeadSplit:
     """`budget` belongs to the token-dropping methods; head split is sized by sparsity, sink, recent."""
     params: dict = {}
