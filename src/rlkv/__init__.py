@@ -6,6 +6,8 @@
         out = model.generate(**tok(prompts, return_tensors="pt", padding=True), max_new_tokens=512)
     print(c.cache.nbytes())
 
+    outs = rlkv.generate(model, tok, prompts, rlkv.methods.HeadSplit.from_scores(heads, 0.5), max_new_tokens=512)
+
     engine = rlkv.Engine(model, tok, rlkv.methods.HeadSplit.from_scores(heads, 0.5), kv_budget="20GiB")
     outs = engine.generate(prompts, max_new_tokens=8192, temperature=0.6, top_p=0.95, seed=0)
 
@@ -15,6 +17,7 @@
 from rlkv import methods, tasks
 from rlkv.engine import Completion, Engine, Gated, RequestError, SamplingParams
 from rlkv.eval import EvalConfig, evaluate
+from rlkv.generation import generate
 from rlkv.heads import HeadScores
 from rlkv.hf import HeadSplitCache, cache_nbytes, compress
 from rlkv.identify import IdentifyConfig, identify, select_problems
@@ -35,6 +38,7 @@ __all__ = [
     "cache_nbytes",
     "compress",
     "evaluate",
+    "generate",
     "identify",
     "load_model",
     "methods",
