@@ -22,6 +22,7 @@ from rlkv.heads import HeadScores
 from rlkv.hf import HeadSplitCache, cache_nbytes, compress
 from rlkv.identify import IdentifyConfig, identify, select_problems
 from rlkv.models import SUPPORTED_ARCHS, Layout, load_model
+from rlkv.version import __version__  # noqa: F401 (rlkv.__version__)
 
 __all__ = [
     "Completion",
@@ -45,4 +46,3 @@ __all__ = [
     "select_problems",
     "tasks",
 ]
-__version__ = "0.1.0"
