@@ -12,6 +12,7 @@
     outs = engine.generate(prompts, max_new_tokens=8192, temperature=0.6, top_p=0.95, seed=0)
 
     heads = rlkv.identify(model, tok, rlkv.tasks.get("math_train"), problems, rlkv.IdentifyConfig(), "runs/id")
+    run = rlkv.identify_pipeline(model_id, "math_train", rlkv.IdentifyConfig(), "runs/id")  # curriculum + check too
 """
 
 from rlkv import methods, tasks
@@ -20,7 +21,7 @@ from rlkv.eval import EvalConfig, evaluate
 from rlkv.generation import generate
 from rlkv.heads import HeadScores
 from rlkv.hf import HeadSplitCache, cache_nbytes, compress
-from rlkv.identify import IdentifyConfig, identify, select_problems
+from rlkv.identify import IdentifyConfig, identify, identify_pipeline, select_problems
 from rlkv.models import SUPPORTED_ARCHS, Layout, load_model
 from rlkv.version import __version__  # noqa: F401 (rlkv.__version__)
 
@@ -41,6 +42,7 @@ __all__ = [
     "evaluate",
     "generate",
     "identify",
+    "identify_pipeline",
     "load_model",
     "methods",
     "select_problems",
