@@ -1,4 +1,4 @@
-"""Aggregates of graded samples, one row per (task, method, sparsity).
+"""Aggregates of graded samples, one row per (task, method, sparsity), and a run's summary.json.
 
 KV ratios compare with a full cache for the same sequences: `kv_mean_ratio` averages over
 each sequence's decoding steps, `kv_peak_ratio` is at the end of each sequence, where every
