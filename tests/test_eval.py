@@ -13,7 +13,7 @@ from conftest import DATA_DIR, tiny_model, tiny_tokenizer
 
 import rlkv
 from rlkv.eval import EvalConfig, Shard, evaluate, report
-from rlkv.eval.run import RepetitionStop
+from rlkv.generation import RepetitionStop
 from rlkv.eval.rundir import read_jsonl, run_records
 from rlkv.models import generated_end
 
@@ -228,7 +228,7 @@ def test_cli_identify_writes_heads(lm, tmp_path, monkeypatch):
 
 
 def test_kv_bytes_average_every_decoding_step_of_a_capped_cache():
-    from rlkv.eval.run import _record_kv_bytes
+    from rlkv.eval.samples import _record_kv_bytes
 
     class Capped:  # a cache holding at most 5 tokens of 10 bytes
         def sequence_nbytes(self, t):
@@ -517,7 +517,8 @@ def test_shards_starting_together_lose_no_invocation(tmp_path):
     from concurrent.futures import ThreadPoolExecutor
     from dataclasses import fields
 
-    from rlkv.eval.run import IDENTITY, _open_run
+    from rlkv.eval.config import IDENTITY
+    from rlkv.eval.run import _open_run
 
     defaults = {f.name: f.default for f in fields(EvalConfig)}
     record = {k: defaults.get(k) for k in IDENTITY}

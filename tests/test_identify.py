@@ -345,3 +345,24 @@ def test_curriculum_solved_keeps_always_solved_problems(tmp_path, monkeypatch):
     assert select_problems(model, tok, task, examples, keep="band", **args) == [examples[0], examples[3]]
     with pytest.raises(ValueError, match="keep must be 'solved'"):
         select_problems(model, tok, task, examples, keep="all", **args)
+
+
+def test_identify_pipeline_runs_what_the_cli_runs_from_python(tmp_path, monkeypatch):
+    """Held-out split, curriculum, training and sanity check in one call; progress lines to `say`, advice to `warn`."""
+    from rlkv.identify import identify_pipeline
+
+    model, tok, task, _, config = _setup(steps=1, samples_per_problem=2)
+    monkeypatch.setattr(task, "grade_many", lambda exs, texts: [float(i % 2) for i in range(len(exs))])
+    lines, advice = [], []
+    run = identify_pipeline(model, "arith", config, tmp_path, tokenizer=tok, limit=4, check_limit=2,
+                            check_sparsities=(0.5,), check_max_new_tokens=4, say=lines.append, warn=advice.append)
+    assert run.heads.shape == (2, 2) and run.candidates == 4 and len(run.problems) == 4 and run.rank == 0
+    assert lines[0] == "curriculum: 4/4 problems solved at least once" and f"wrote {tmp_path / 'heads.json'}" in lines
+    assert "| rlkv | 0.5 |" in lines[-1] and {r["n"] for r in run.check.rows} == {2}
+    trained = {e.id for e in task.load(seed=0)[:-2]}
+    assert not {s["id"] for s in run.check.samples} & trained  # held out: never trained on
+    assert advice and advice[0].startswith("the sparsity penalty acted in 0 of 1 steps")
+    with pytest.raises(ValueError, match="a loaded model needs its tokenizer"):
+        identify_pipeline(model, "arith", config, tmp_path, limit=4)
+    with pytest.raises(ValueError, match="--check-limit 9999 leaves no training problems"):
+        identify_pipeline(model, "arith", config, tmp_path, tokenizer=tok, check_limit=9999)

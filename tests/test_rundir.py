@@ -14,7 +14,7 @@ from threading import Barrier
 import pytest
 
 from rlkv.eval import Shard, report, rundir
-from rlkv.eval.run import summarize_run
+from rlkv.eval.summary import summarize_run
 from rlkv.eval.rundir import read_jsonl, run_records, sole_writer
 
 # The holder loads rundir.py by its path: importing the rlkv package would load torch (seconds per process).

@@ -6,19 +6,24 @@
         out = model.generate(**tok(prompts, return_tensors="pt", padding=True), max_new_tokens=512)
     print(c.cache.nbytes())
 
+    outs = rlkv.generate(model, tok, prompts, rlkv.methods.HeadSplit.from_scores(heads, 0.5), max_new_tokens=512)
+
     engine = rlkv.Engine(model, tok, rlkv.methods.HeadSplit.from_scores(heads, 0.5), kv_budget="20GiB")
     outs = engine.generate(prompts, max_new_tokens=8192, temperature=0.6, top_p=0.95, seed=0)
 
     heads = rlkv.identify(model, tok, rlkv.tasks.get("math_train"), problems, rlkv.IdentifyConfig(), "runs/id")
+    run = rlkv.identify_pipeline(model_id, "math_train", rlkv.IdentifyConfig(), "runs/id")  # curriculum + check too
 """
 
 from rlkv import methods, tasks
 from rlkv.engine import Completion, Engine, Gated, RequestError, SamplingParams
 from rlkv.eval import EvalConfig, evaluate
+from rlkv.generation import generate
 from rlkv.heads import HeadScores
 from rlkv.hf import HeadSplitCache, cache_nbytes, compress
-from rlkv.identify import IdentifyConfig, identify, select_problems
+from rlkv.identify import IdentifyConfig, identify, identify_pipeline, select_problems
 from rlkv.models import SUPPORTED_ARCHS, Layout, load_model
+from rlkv.version import __version__  # noqa: F401 (rlkv.__version__)
 
 __all__ = [
     "Completion",
@@ -35,10 +40,11 @@ __all__ = [
     "cache_nbytes",
     "compress",
     "evaluate",
+    "generate",
     "identify",
+    "identify_pipeline",
     "load_model",
     "methods",
     "select_problems",
     "tasks",
 ]
-__version__ = "0.1.0"

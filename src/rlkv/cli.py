@@ -63,10 +63,9 @@ def generate(
     engine: str = typer.Option("auto", help="rlkv.Engine (auto: on a GPU), on, or off (transformers generate)"),
 ):
     """Generate with a per-head compressed KV cache and report the bytes it held."""
-    import torch
-
     import rlkv
-    from rlkv.engine import check_setting, engine_for
+    from rlkv.engine import check_setting
+    from rlkv.generation import generator
     from rlkv.hf import resolve_keep
 
     try:
@@ -78,29 +77,16 @@ def generate(
             else p
             for p in prompt
         ]
+        ids = [tok(t, add_special_tokens=not chat).input_ids for t in texts]  # plain prompts get the special tokens
         keep = resolve_keep(rlkv.Layout.of(lm), heads, sparsity)
-        runner = engine_for(engine, lm, tok, rlkv.methods.HeadSplit(keep, sink, recent), max_batch=len(texts))
-        if runner is not None:
-            if not chat:
-                texts = [tok(t).input_ids for t in texts]  # plain prompts get the tokenizer's special tokens
-            outs = runner.generate(texts, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
-            completions = [o.text for o in outs]
-            held, full = sum(o.kv_bytes for o in outs), sum(o.kv_bytes_full for o in outs)
-            n_tokens, elapsed = runner.stats.generated_tokens, runner.stats.seconds
-        else:
-            enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=not chat).to(lm.device)
-            sampling = dict(do_sample=temperature > 0, temperature=temperature or None,
-                            top_p=top_p if temperature > 0 else None)
-            torch.manual_seed(seed)
-            start = time.perf_counter()
-            with rlkv.compress(lm, keep, sink=sink, recent=recent) as handle:
-                out = lm.generate(**enc, max_new_tokens=max_new_tokens, **sampling)
-            elapsed = time.perf_counter() - start
-            new = out[:, enc.input_ids.shape[1] :]
-            completions = tok.batch_decode(new, skip_special_tokens=True)
-            full = rlkv.Layout.of(lm).kv_bytes_per_token() * handle.cache.get_seq_length() * out.shape[0]
-            held = handle.cache.nbytes()
-            n_tokens = int((new != tok.pad_token_id).sum())
+        runner = generator(lm, tok, rlkv.methods.HeadSplit(keep, sink, recent), engine=engine, max_batch=len(ids),
+                           batch_size=len(ids))
+        start = time.perf_counter()
+        outs = runner.generate(ids, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
+        elapsed = time.perf_counter() - start
+        completions = [o.text for o in outs]
+        held, full = sum(o.kv_bytes for o in outs), sum(o.kv_bytes_full for o in outs)
+        n_tokens = sum(len(o.tokens) for o in outs)
     except USER_ERRORS as err:
         fail(err)
     for i, text in enumerate(completions):
@@ -258,34 +244,6 @@ def eval_(
         console.print(f"report: {path}")
 
 
-def _join_torchrun():
-    """Under torchrun: join the process group and take this rank's GPU. Returns (rank, device or None)."""
-    import os
-
-    import torch
-
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return 0, None
-    torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    if torch.cuda.is_available():
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(local)
-        return torch.distributed.get_rank(), f"cuda:{local}"
-    return torch.distributed.get_rank(), "cpu"
-
-
-def _rank0_first(work):
-    """Run `work` on rank 0, then on the others (which find its cached result), without races."""
-    import torch
-
-    dist = torch.distributed
-    if not (dist.is_available() and dist.is_initialized()):
-        return work()
-    result = work() if dist.get_rank() == 0 else None
-    dist.barrier()
-    return result if dist.get_rank() == 0 else work()
-
-
 @app.command()
 def identify(
     model: str = typer.Option(..., help="hub id, local model directory or .gguf file"),
@@ -330,8 +288,7 @@ def identify(
     Afterwards the top-k heads are checked against full and random heads on held-out problems.
     Several GPUs: `torchrun --nproc-per-node N -m rlkv identify ...` splits the rollouts over ranks.
     """
-    import rlkv
-    from rlkv.identify import IdentifyConfig, sanity_check, select_problems
+    from rlkv.identify import IdentifyConfig, identify_pipeline
 
     try:
         config = IdentifyConfig(
@@ -344,45 +301,13 @@ def identify(
             gradient_checkpointing=gradient_checkpointing, rollout_engine=rollout_engine,
             rollout_kv_budget=_budget(rollout_kv_budget, "--rollout-kv-budget"),
         )
-        training = rlkv.tasks.get(task)
-        pool = training.load(data_dir=data_dir, seed=seed)
-        if check_limit >= len(pool):
-            raise ValueError(f"--check-limit {check_limit} leaves no training problems (the task has {len(pool)})")
-        heldout = pool[len(pool) - check_limit :]
-        examples = pool[: len(pool) - check_limit][:limit]
-        sparsities = _floats(check_sparsities, "--check-sparsities")
-        rank, device = _join_torchrun()
-        lm, tok = rlkv.load_model(model, device=device)
-
-        def curriculum():
-            from rlkv.identify.grpo import rollout_engine
-
-            engine = rollout_engine(lm, tok, None, config)
-            return select_problems(
-                lm, tok, training, examples, config.samples_per_problem, config.band, config.max_new_tokens,
-                cache_path=out / "curriculum.json", batch_size=config.rollout_batch_size, seed=seed, engine=engine,
-                keep=config.problems, temperature=config.temperature, top_p=config.top_p, top_k=config.top_k,
-            )
-
-        problems = _rank0_first(curriculum)  # the other ranks then read rank 0's cache
-        kept = "solved at least once" if config.problems == "solved" else f"in the pass band {config.band}"
-        console.print(f"curriculum: {len(problems)}/{len(examples)} problems {kept}")
-        heads = rlkv.identify(lm, tok, training, problems, config, out)
-        if rank != 0:
-            return
-        console.print(heads.summary(), soft_wrap=True, highlight=False)
-        console.print(f"wrote {out / 'heads.json'}")
-        acted = heads.provenance["penalty_steps"]
-        if acted < config.steps / 2:
-            errors.print(f"[yellow]warning:[/] the sparsity penalty acted in {acted} of {config.steps} steps (the batch "
-                         f"reward stayed at or below --tau {tau:g} in the others), so the gates moved mostly under the "
-                         "policy gradient; easier problems (--problems solved, an easier --task) or a lower --tau let it act",
-                         soft_wrap=True, highlight=False)
-        if check_limit:
-            check = sanity_check(lm, tok, training, heldout, out / "heads.json", out, sparsities=tuple(sparsities),
-                                 max_new_tokens=check_max_new_tokens, batch_size=rollout_batch_size, seed=seed)
-            console.print(f"sanity check on {check_limit} held-out problems (rlkv should beat random):", highlight=False)
-            console.print(check.table(), highlight=False)
+        identify_pipeline(
+            model, task, config, out, data_dir=data_dir, limit=limit, check_limit=check_limit,
+            check_sparsities=tuple(_floats(check_sparsities, "--check-sparsities")),
+            check_max_new_tokens=check_max_new_tokens,
+            say=lambda line: console.print(line, soft_wrap=True, highlight=False),
+            warn=lambda line: errors.print(f"[yellow]warning:[/] {escape(line)}", soft_wrap=True, highlight=False),
+        )
     except USER_ERRORS as err:
         fail(err)
 

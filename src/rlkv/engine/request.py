@@ -106,7 +106,7 @@ class RequestOutput:
 def degenerate(tokens: list[int], window: int, min_distinct: int) -> bool:
     """The degenerate-repetition stop (the paper's): at every multiple of `window` generated tokens,
     true when the last `window` hold fewer than `min_distinct` distinct ids; `window` 0 turns it off.
-    The engine and the transformers path (`rlkv.eval.run.RepetitionStop`) both stop by it."""
+    The engine and the transformers path (`rlkv.generation.RepetitionStop`) both stop by it."""
     return bool(window) and len(tokens) % window == 0 and len(set(tokens[-window:])) < min_distinct
 
 

@@ -15,8 +15,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from rlkv.eval.rundir import read_config
-from rlkv.eval.run import summarize_run, write_summary
-
+from rlkv.eval.summary import summarize_run, write_summary
 
 OVER_REFERENCE = 0.05  # measured bytes vary a few % with each method's own output lengths; beyond this, flag
 

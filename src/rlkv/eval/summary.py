@@ -1,4 +1,4 @@
-"""Aggregates of graded samples, one row per (task, method, sparsity).
+"""Aggregates of graded samples, one row per (task, method, sparsity), and a run's summary.json.
 
 KV ratios compare with a full cache for the same sequences: `kv_mean_ratio` averages over
 each sequence's decoding steps, `kv_peak_ratio` is at the end of each sequence, where every
@@ -11,7 +11,12 @@ above 1 where the method's smallest budget still holds more (`rlkv.methods.match
 
 from __future__ import annotations
 
+import json
 from collections import defaultdict
+from pathlib import Path
+
+from rlkv.eval.plan import bytes_reference
+from rlkv.eval.rundir import read_config, run_records, write_whole
 
 
 def summarize(samples: list[dict], batches: list[dict] = (), reference: str | None = None) -> list[dict]:
@@ -57,3 +62,19 @@ def _vs_reference(items: list[dict], reference: list[dict] | None) -> float | No
     if any(str(s["id"]) not in ref for s in items):
         return None
     return sum(s["kv_bytes_mean"] for s in items) / sum(ref[str(s["id"])] for s in items)
+
+
+def summarize_run(out: Path) -> tuple[list[dict], list[dict]]:
+    """Every sample of a run as it is now (all shards') and their aggregate rows. A matched group is
+    compared with the head-split method its samples name; samples from before they named it, with the
+    first head-ranked method of the run's last invocation."""
+    samples = run_records(out, "samples")
+    reference, config = None, read_config(out) or {}
+    if config.get("match_bytes") and config.get("invocations"):
+        reference = bytes_reference(config["invocations"][-1]["methods"])
+    return samples, summarize(samples, run_records(out, "batches"), reference)
+
+
+def write_summary(out: Path, record: dict, rows: list[dict]) -> None:
+    """summary.json: the run's identity (config.json without its invocations) and aggregate rows."""
+    write_whole(out / "summary.json", json.dumps({"config": record, "rows": rows}, indent=1))

@@ -7,6 +7,8 @@
                                config.max_new_tokens, cache_path="runs/id/curriculum.json", keep=config.problems)
     heads = identify(model, tok, task, problems, config, out_dir="runs/id")   # -> HeadScores
 
+`identify_pipeline(model, task, config, out)` is the whole of `rlkv identify` (held-out split,
+curriculum, torchrun, training, sanity check) in one call.
 `gated(model, alpha, sink, recent)` is the mixed full/streaming attention the gates train through;
 `sanity_check(...)` evaluates the learned heads against full and random heads on held-out problems.
 `identify_duo(...)` is the DuoAttention-style baseline: the same gates, trained by distillation on
@@ -19,7 +21,9 @@ from rlkv.identify.duo import DuoConfig, identify_duo, passkey_document
 from rlkv.identify.gated import gated, init_gates
 from rlkv.identify.grpo import identify
 from rlkv.identify.objective import batch_advantages, group_advantages, penalty_weight
+from rlkv.identify.pipeline import IdentifyRun, identify_pipeline
 from rlkv.identify.recipe import RECIPES, IdentifyConfig
 
-__all__ = ["RECIPES", "DuoConfig", "IdentifyConfig", "identify_duo", "passkey_document", "gated", "batch_advantages",
-           "group_advantages", "identify", "init_gates", "penalty_weight", "sanity_check", "select_problems"]
+__all__ = ["RECIPES", "DuoConfig", "IdentifyConfig", "IdentifyRun", "identify_duo", "passkey_document", "gated",
+           "batch_advantages", "group_advantages", "identify", "identify_pipeline", "init_gates", "penalty_weight",
+           "sanity_check", "select_problems"]

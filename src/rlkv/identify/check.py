@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from rlkv.eval.run import EvalConfig, EvalResults, evaluate
+from rlkv.eval import EvalConfig, EvalResults, evaluate
 from rlkv.heads import HeadScores
 
 

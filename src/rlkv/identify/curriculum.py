@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from rlkv.engine.sampling import stable_seed
-from rlkv.identify.grpo import sample
+from rlkv.generation import generate
 from rlkv.models import Layout
 from rlkv.tasks import Example, Task
 
@@ -68,8 +68,10 @@ def select_problems(
         chunk = todo[start : start + per_batch]
         prompts = [task.prompt(ex, tokenizer) for ex in chunk for _ in range(samples_per_problem)]
         seeds = [stable_seed(seed, ex.id, j) for ex in chunk for j in range(samples_per_problem)]
-        rollouts = sample(model, tokenizer, prompts, max_new_tokens, temperature, batch_size, engine, seeds, top_p, top_k)
-        texts = [text for _, _, text in rollouts]
+        outs = generate(model, tokenizer, prompts, engine=engine if engine is not None else "off",
+                        max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seeds,
+                        batch_size=batch_size)
+        texts = [o.text for o in outs]
         graded = task.grade_many([ex for ex in chunk for _ in range(samples_per_problem)], texts)
         for i, ex in enumerate(chunk):
             scores[ex.id] = graded[i * samples_per_problem : (i + 1) * samples_per_problem]

@@ -5,10 +5,10 @@ One step (the "paper" recipe follows the authors' AReaL code; "rlkv-v0" is rlkv'
 1. Take the next `batch_problems` problems (a seeded permutation per epoch, so the data order is
    a pure function of the step and a resumed run sees the same problems).
 2. Sample `group` completions per problem at `temperature` / `top_p` / `top_k` from the current
-   gated policy: with `rlkv.Engine` in gated mode (one fused pass per step for both branches, CUDA
-   graphs, continuous batching; the default on a GPU) or with `model.generate` inside
-   `gated(model, alpha)`. Engine rollouts are seeded per (step, rank, rollout), so a resumed run
-   draws the same ones.
+   gated policy (`rlkv.generate` with `Gated` gates): with `rlkv.Engine` in gated mode (one fused
+   pass per step for both branches, CUDA graphs, continuous batching; the default on a GPU) or with
+   `model.generate` inside `gated(model, alpha)`. Engine rollouts are seeded per (step, rank,
+   rollout), so a resumed run draws the same ones.
 3. Grade them (reward 1 / 0) and turn the rewards into advantages (`rlkv.identify.objective`):
    "batch" (paper: shaped, normalised over the whole batch's completion tokens) or "group"
    (within each problem's group). No KL term, no reference model.
@@ -46,42 +46,12 @@ import torch
 from tqdm.auto import tqdm
 
 from rlkv.engine import Gated, engine_for
+from rlkv.generation import generate, prompt_ids
 from rlkv.heads import HeadScores, command_line
 from rlkv.identify.gated import gated, init_gates
 from rlkv.identify.objective import advantages, penalty_weight
 from rlkv.identify.recipe import KEEP_RULES, IdentifyConfig
-from rlkv.models import Layout, eos_ids, generated_end
-
-
-@torch.no_grad()
-def sample(model, tokenizer, prompts: list[str], max_new_tokens: int, temperature: float, batch_size: int,
-           engine=None, seeds: list[int] | None = None, top_p: float = 1.0, top_k: int = 0):
-    """Sample one completion per prompt: [(prompt ids, completion ids up to and with EOS, text)].
-
-    With an `rlkv.Engine`, request i samples with `seeds[i]`; else transformers `generate` draws
-    from the torch RNG.
-    """
-    stop = eos_ids(model, tokenizer)
-    if engine is not None:
-        prompt_ids = [tokenizer(p, add_special_tokens=False).input_ids for p in prompts]  # as the engine would
-        outs = engine.generate(prompt_ids, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                               seed=seeds, eos_token_ids=stop)
-        return [(ids, o.tokens, o.text) for ids, o in zip(prompt_ids, outs)]
-    out = []
-    for start in range(0, len(prompts), batch_size):
-        enc = tokenizer(prompts[start : start + batch_size], return_tensors="pt", padding=True,
-                        add_special_tokens=False).to(model.device)
-        seqs = model.generate(
-            **enc, max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature, top_k=top_k, top_p=top_p,
-            eos_token_id=stop, pad_token_id=tokenizer.pad_token_id,
-        )
-        width = enc.input_ids.shape[1]
-        for row in range(seqs.shape[0]):
-            prompt = enc.input_ids[row][enc.attention_mask[row].bool()].tolist()
-            n, _ = generated_end(seqs[row, width:], torch.tensor(stop, device=seqs.device), None)
-            completion = seqs[row, width : width + n].tolist()
-            out.append((prompt, completion, tokenizer.decode(completion, skip_special_tokens=True)))
-    return out
+from rlkv.models import Layout, eos_ids
 
 
 def rollout_engine(model, tokenizer, method, config: IdentifyConfig):
@@ -208,10 +178,42 @@ def _gather(obj, world: int) -> list:
 
 
 def _train(model, tokenizer, task, examples, config, out_dir, layout, on_step) -> HeadScores:
+    """The loop of the module docstring: resume, then per step rollouts, update, log and checkpoint; the heads."""
     rank, world = _world()
     ckpt_path, log_path = out_dir / "checkpoint.pt", out_dir / "log.jsonl"
     alpha = init_gates(model, config.init)
     opt = torch.optim.AdamW([alpha], lr=config.lr, weight_decay=config.weight_decay)
+    step = _resume(ckpt_path, log_path, alpha, opt, config, rank, world)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids(model, tokenizer)[0]
+    gates = Gated(alpha, config.sink, config.recent)
+    engine = rollout_engine(model, tokenizer, gates, config)
+
+    bar = tqdm(total=config.steps, initial=step, desc="rlkv identify", dynamic_ncols=True, disable=rank != 0)
+    while step < config.steps:
+        t0 = time.perf_counter()
+        problems = _batch(examples, step, config.batch_problems, config.seed)[rank::world]  # this rank's share
+        rollouts, rewards = _rollouts(model, tokenizer, task, problems, gates, engine, config, step, rank)
+        t1 = time.perf_counter()
+        record = _update(model, alpha, opt, rollouts, rewards, config, pad_id, step)
+        step += 1
+        a = alpha.detach()
+        record = {
+            "step": step, **record, "alpha_mean": float(a.mean()), "alpha_min": float(a.min()),
+            "alpha_max": float(a.max()), "frac_alpha_below_half": float((a < 0.5).float().mean()),
+            "rollout_s": t1 - t0, "update_s": time.perf_counter() - t1,
+        }
+        _log_and_checkpoint(record, alpha, opt, config, log_path, ckpt_path, rank, world)
+        bar.update(1)
+        bar.set_postfix(reward=f"{record['mean_reward']:.2f}", alpha=f"{record['alpha_mean']:.3f}")
+        if on_step is not None:
+            on_step(record)
+    bar.close()
+    return _heads(alpha, layout, task, examples, config, step, out_dir, rank)
+
+
+def _resume(ckpt_path: Path, log_path: Path, alpha, opt, config, rank: int, world: int) -> int:
+    """Seed the RNGs, then restore the gates, optimizer and RNG states of the checkpoint if there is one;
+    the log keeps only the steps it covers (the others will be redone). Returns the step to start at."""
     step = 0
     random.seed(config.seed)
     torch.manual_seed(config.seed + rank)  # each rank samples its own rollouts
@@ -230,47 +232,36 @@ def _train(model, tokenizer, task, examples, config, out_dir, layout, on_step) -
         torch.set_rng_state(torch_rng)
         if cuda_rng is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(cuda_rng)
-    if log_path.exists():  # drop lines of steps the checkpoint does not cover (they will be redone)
+    if log_path.exists():
         lines = [line for line in log_path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
         log_path.write_text("".join(line + "\n" for line in lines))
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids(model, tokenizer)[0]
-    engine = rollout_engine(model, tokenizer, Gated(alpha, config.sink, config.recent), config)
+    return step
 
-    bar = tqdm(total=config.steps, initial=step, desc="rlkv identify", dynamic_ncols=True, disable=rank != 0)
-    while step < config.steps:
-        t0 = time.perf_counter()
-        problems = _batch(examples, step, config.batch_problems, config.seed)[rank::world]  # this rank's share
-        rollouts, rewards = _rollouts(model, tokenizer, task, problems, alpha, engine, config, step, rank)
-        t1 = time.perf_counter()
-        record = _update(model, alpha, opt, rollouts, rewards, config, pad_id, step)
-        step += 1
-        a = alpha.detach()
-        record = {
-            "step": step, **record, "alpha_mean": float(a.mean()), "alpha_min": float(a.min()),
-            "alpha_max": float(a.max()), "frac_alpha_below_half": float((a < 0.5).float().mean()),
-            "rollout_s": t1 - t0, "update_s": time.perf_counter() - t1,
-        }
+
+def _log_and_checkpoint(record: dict, alpha, opt, config, log_path: Path, ckpt_path: Path, rank: int,
+                        world: int) -> None:
+    """Append the step's log line (rank 0) and, every `checkpoint_every` steps and at the end, save the
+    checkpoint with every rank's RNG states."""
+    step = record["step"]
+    if rank == 0:
+        with log_path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+    if step % config.checkpoint_every == 0 or step == config.steps:
+        rngs = _gather((random.getstate(), torch.get_rng_state(),
+                        torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None), world)
         if rank == 0:
-            with log_path.open("a") as f:
-                f.write(json.dumps(record) + "\n")
-        if step % config.checkpoint_every == 0 or step == config.steps:
-            rngs = _gather((random.getstate(), torch.get_rng_state(),
-                            torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None), world)
-            if rank == 0:
-                _save({
-                    "alpha": a.cpu(), "optimizer": opt.state_dict(), "step": step,
-                    "data_position": step * config.batch_problems, "rank_rngs": rngs, "config": asdict(config),
-                }, ckpt_path)
-        bar.update(1)
-        bar.set_postfix(reward=f"{record['mean_reward']:.2f}", alpha=f"{record['alpha_mean']:.3f}")
-        if on_step is not None:
-            on_step(record)
-    bar.close()
+            _save({
+                "alpha": alpha.detach().cpu(), "optimizer": opt.state_dict(), "step": step,
+                "data_position": step * config.batch_problems, "rank_rngs": rngs, "config": asdict(config),
+            }, ckpt_path)
 
-    provenance = {"config": asdict(config), "steps": step, "task": task.name, "problems": len(examples),
+
+def _heads(alpha, layout, task, examples, config, steps: int, out_dir: Path, rank: int) -> HeadScores:
+    """The learned gates as HeadScores with their provenance; rank 0 writes out_dir/heads.json."""
+    provenance = {"config": asdict(config), "steps": steps, "task": task.name, "problems": len(examples),
                   "command": command_line(), "keep_rule": KEEP_RULES[config.recipe]}
     if rank == 0:  # the log (all steps, resumed ones too) is rank 0's
-        records = [json.loads(line) for line in log_path.read_text().splitlines() if line]
+        records = [json.loads(line) for line in (out_dir / "log.jsonl").read_text().splitlines() if line]
         provenance["penalty_steps"] = sum(r["penalty_weight"] > 0 for r in records)  # steps whose reward cleared tau
     scores = HeadScores(alpha.detach(), model=layout.name, layout=layout.to_dict(), method="rlkv", provenance=provenance)
     if rank == 0:
@@ -278,18 +269,18 @@ def _train(model, tokenizer, task, examples, config, out_dir, layout, on_step) -
     return scores
 
 
-def _rollouts(model, tokenizer, task, problems, alpha, engine, config, step: int, rank: int):
-    """`config.group` completions per problem from the current gated policy, and their rewards."""
-    prompts = [task.prompt(ex, tokenizer) for ex in problems for _ in range(config.group)]
-    sampling = dict(top_p=config.top_p, top_k=config.top_k)
-    if engine is not None:  # reads alpha in place: the rollouts use the current gates
-        seeds = [(config.seed * 1_000_003 + step) * 65_537 + rank * 4_099 + i for i in range(len(prompts))]
-        rollouts = sample(model, tokenizer, prompts, config.max_new_tokens, config.temperature,
-                          config.rollout_batch_size, engine, seeds, **sampling)
-    else:
-        with gated(model, alpha, config.sink, config.recent):
-            rollouts = sample(model, tokenizer, prompts, config.max_new_tokens, config.temperature,
-                              config.rollout_batch_size, **sampling)
+def _rollouts(model, tokenizer, task, problems, gates: Gated, engine, config, step: int, rank: int):
+    """`config.group` completions per problem from the current gated policy, and their rewards.
+
+    A rollout is (prompt ids, completion ids up to and with EOS, text). The engine reads alpha in
+    place, so its rollouts use the current gates; transformers `generate` draws from the torch RNG.
+    """
+    prompts = prompt_ids(tokenizer, [task.prompt(ex, tokenizer) for ex in problems for _ in range(config.group)])
+    seeds = [(config.seed * 1_000_003 + step) * 65_537 + rank * 4_099 + i for i in range(len(prompts))]
+    outs = generate(model, tokenizer, prompts, gates, engine=engine or "off", max_new_tokens=config.max_new_tokens,
+                    temperature=config.temperature, top_p=config.top_p, top_k=config.top_k, seed=seeds,
+                    batch_size=config.rollout_batch_size)
+    rollouts = [(ids, o.tokens, o.text) for ids, o in zip(prompts, outs)]
     graded = [ex for ex in problems for _ in range(config.group)]
     rewards = torch.tensor(task.grade_many(graded, [text for _, _, text in rollouts]), dtype=torch.float32)
     return rollouts, rewards
