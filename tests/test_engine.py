@@ -82,7 +82,8 @@ def test_gated_engine_reads_alpha_in_place():
     ps, ids, mask = prompts()
     alpha.zero_()  # as an optimizer step would
     outs = eng.generate(ps, max_new_tokens=NEW, eos_token_ids=[])
-    with rlkv.compress(model, torch.zeros_like(alpha, dtype=torch.bool).cpu(), sink=SINK, recent=RECENT):
+    with rlkv.compress(model, torch.zeros_like(alpha, dtype=torch.bool).cpu(), sink=SINK, recent=RECENT,
+                       prefill="compressed"):  # alpha 0: the streaming branch everywhere, prompt included
         check_equal(outs, reference(model, ids, mask))
 
 

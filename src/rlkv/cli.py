@@ -55,6 +55,8 @@ def generate(
                                    help="fraction of KV heads that keep only sink + recent tokens"),
     sink: int = typer.Option(16, min=0, help="first tokens every compressed head keeps"),
     recent: int = typer.Option(64, min=1, help="last tokens every compressed head keeps"),
+    prefill: str = typer.Option("full", help="head splits: full (every head attends over the whole prompt, then is "
+                                             "cut: the authors') or compressed (the compressed heads' rule inside the prompt too)"),
     max_new_tokens: int = typer.Option(256, min=1),
     temperature: float = typer.Option(0.0, min=0.0, callback=_finite, help="0 = greedy"),
     top_p: float = typer.Option(1.0, min=0.0, max=1.0),
@@ -79,7 +81,7 @@ def generate(
         ]
         ids = [tok(t, add_special_tokens=not chat).input_ids for t in texts]  # plain prompts get the special tokens
         keep = resolve_keep(rlkv.Layout.of(lm), heads, sparsity)
-        runner = generator(lm, tok, rlkv.methods.HeadSplit(keep, sink, recent), engine=engine, max_batch=len(ids),
+        runner = generator(lm, tok, rlkv.methods.HeadSplit(keep, sink, recent, prefill=prefill), engine=engine, max_batch=len(ids),
                            batch_size=len(ids))
         start = time.perf_counter()
         outs = runner.generate(ids, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
@@ -109,6 +111,8 @@ def serve(
     sink: int = typer.Option(16, min=0),
     recent: int = typer.Option(64, min=1),
     budget: Optional[int] = typer.Option(None, min=1, help="tokens kept per KV head by h2o / snapkv / rkv"),
+    prefill: str = typer.Option("full", help="head splits: full (every head attends over the whole prompt, then is "
+                                             "cut: the authors') or compressed (the compressed heads' rule inside the prompt too)"),
     kv_budget: Optional[str] = typer.Option(None, help="the KV pool: a size (20GiB) or a share of free GPU memory (0.8)"),
     max_batch: int = typer.Option(256, min=1, help="most requests running at once"),
     max_model_len: Optional[int] = typer.Option(None, min=2, help="longest prompt + completion accepted (default: the engine's)"),
@@ -129,8 +133,9 @@ def serve(
             raise ValueError(f"sparsity {sparsity:g} needs --heads (or --method random)")
         rlkv.methods.check_name(name)  # before the (slow) model load
         lm, tok = rlkv.load_model(model)
+        options = {} if name in rlkv.methods.TOKEN_DROPPING else {"prefill": prefill}
         compression = rlkv.methods.build(name, rlkv.Layout.of(lm), sparsity, heads=heads, sink=sink, recent=recent,
-                                         budget=budget)
+                                         budget=budget, **options)
         engine = rlkv.Engine(lm, tok, compression, kv_budget=_budget(kv_budget, "--kv-budget"), max_batch=max_batch,
                              max_seq_len=max_model_len)
         app_ = create_app(engine, tok, served_model_name or model, default_max_tokens=default_max_tokens)
@@ -201,6 +206,9 @@ def eval_(
     budget: Optional[int] = typer.Option(None, min=1, help="tokens kept per KV head by h2o / snapkv / rkv"),
     keep_rule: str = typer.Option("rank", help="how rlkv / duo / random scores become heads: rank (exact count, ties by "
                                                "index) or authors (clip, seeded tie noise, quantile: the authors' code)"),
+    prefill: str = typer.Option("full", help="head splits: full (every head attends over the whole prompt, then is "
+                                             "cut: the authors') or compressed (the compressed heads' rule inside the prompt too)"),
+
     match_bytes: bool = typer.Option(False, help="token-dropping budgets matched to the mean KV bytes of the first head-ranked method in --method (same task and sparsity)"),
     data_dir: Optional[str] = typer.Option(None, help="task data directory (default $RLKV_DATA_DIR or ../shared/data)"),
     report: bool = typer.Option(True, help="write report.md and plots when done (not with --shard)"),
@@ -223,7 +231,7 @@ def eval_(
             sparsities=_floats(sparsity, "--sparsity"),
             heads=_heads_option(heads),
             limit=limit, max_new_tokens=max_new_tokens, batch_size=batch_size, temperature=temperature,
-            top_p=top_p, seed=seed, sink=sink, recent=recent, budget=budget, keep_rule=keep_rule, match_bytes=match_bytes,
+            top_p=top_p, seed=seed, sink=sink, recent=recent, budget=budget, keep_rule=keep_rule, prefill=prefill, match_bytes=match_bytes,
             data_dir=data_dir, engine=engine, kv_budget=_budget(kv_budget, "--kv-budget"),
         )
         for name in config.tasks:

@@ -7,10 +7,11 @@ from dataclasses import dataclass, field
 
 from rlkv.engine import check_setting
 from rlkv.heads import KEEP_RULES
+from rlkv.splitcache import PREFILL_MODES
 
 # The settings a run directory keeps for good: a resumed run must share them (heads: per method, in rlkv.eval.run).
 IDENTITY = ("model", "max_new_tokens", "temperature", "top_p", "seed", "sink", "recent", "budget",
-            "match_bytes", "keep_rule")
+            "match_bytes", "keep_rule", "prefill")
 
 
 @dataclass
@@ -31,6 +32,7 @@ class EvalConfig:
     recent: int = 64
     budget: int | None = None  # tokens per KV head for h2o / snapkv / rkv
     keep_rule: str = "rank"  # how rlkv / duo / random scores become heads: "rank" or "authors" (rlkv.heads)
+    prefill: str = "full"  # head splits: "full" (every head attends over the whole prompt: the authors') or "compressed"
     match_bytes: bool = False  # instead: per task and sparsity, the budget matching a head-split method's mean bytes
     data_dir: str | None = None
     repetition_window: int = 400  # 0 turns the degenerate-repetition stop off
@@ -41,6 +43,8 @@ class EvalConfig:
     def __post_init__(self):
         check_setting(self.engine)
         _check_settings(self)
+        if self.prefill not in PREFILL_MODES:
+            raise ValueError(f"prefill must be one of {', '.join(PREFILL_MODES)}, got {self.prefill!r}")
         if self.keep_rule not in KEEP_RULES:
             raise ValueError(f"keep_rule must be one of {', '.join(KEEP_RULES)}, got {self.keep_rule!r}")
         if isinstance(self.heads, dict) and set(self.heads) - set(self.methods):

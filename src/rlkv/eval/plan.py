@@ -31,9 +31,11 @@ def method_plan(config: EvalConfig, layout: Layout) -> list[tuple[str, float, ob
             if config.match_bytes and name in method_registry.TOKEN_DROPPING:
                 plan.append((name, float(sparsity), None))
                 continue
-            rule = {"keep_rule": config.keep_rule} if name in method_registry.HEAD_RANKED else {}
+            options = {"keep_rule": config.keep_rule} if name in method_registry.HEAD_RANKED else {}
+            if name not in method_registry.TOKEN_DROPPING:
+                options["prefill"] = config.prefill
             method = method_registry.build(name, layout, sparsity, heads=_heads_for(config, name), sink=config.sink,
-                                           recent=config.recent, seed=config.seed, budget=config.budget, **rule)
+                                           recent=config.recent, seed=config.seed, budget=config.budget, **options)
             key = (name, method.sparsity)
             if key not in seen:
                 seen.add(key)

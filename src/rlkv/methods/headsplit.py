@@ -21,6 +21,7 @@ import torch
 from rlkv import patterns
 from rlkv.heads import HeadScores
 from rlkv.hf import compress
+from rlkv.splitcache import PREFILL_MODES
 from rlkv.models import Layout
 
 
@@ -35,6 +36,10 @@ class HeadSplit:
     sparsity: float = 0.0
     params: dict = field(default_factory=dict)
     prefill: str = "full"  # the authors' rule (every head attends over the whole prompt), or "compressed"
+
+    def __post_init__(self):
+        if self.prefill not in PREFILL_MODES:
+            raise ValueError(f"prefill must be one of {', '.join(PREFILL_MODES)}, got {self.prefill!r}")
 
     @classmethod
     def from_scores(cls, heads: HeadScores | str | Path, sparsity: float, sink: int = 16, recent: int = 64,
