@@ -28,7 +28,7 @@ def test_engine_benchmark_writes_every_part(saved, tmp_path):
     out = tmp_path / "engine.json"
     run("engine.py", "--model", str(saved), "--parts", "hf,sweep,kernel,tune,profile,droppers", "--hf-batches", "2",
         "--hf-new-tokens", "4", "--requests", "3", "--new-tokens", "4", "--kv-budget", "8MiB", "--max-batch", "2",
-        "--sparsities", "0,0.5", "--kernel-batch", "2", "--kernel-context", "32", "--profile-tokens", "2",
+        "--sparsities", "0,0.5", "--kernel-batch", "2", "--kernel-context", "32", "--profile-tokens", "12",
         "--tune-splits", "1,2", "--tune-blocks", "16", "--tune-warps", "4", "--tune-stages", "2",
         "--dropper-budget", "40", "--profile-droppers", "h2o", "--out", str(out))
     result = json.loads(out.read_text())
