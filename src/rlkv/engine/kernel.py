@@ -184,12 +184,10 @@ def decode_attention(q: torch.Tensor, store: KVStore, layer: int, slots: torch.T
                      num_stages: int | None = None) -> torch.Tensor:
     """Decode attention of q [B, Hq, D] over the store's pages and rings of `layer` -> [B, Hq, D].
 
-    Launch defaults: BLOCK 256 tokens at D = 64, 8 warps, 3 pipeline stages. At 64 x 4096 on an H100
-    this read K/V at 76% of copy bandwidth, against 61% for BLOCK 128 (`benchmarks/engine.py --parts
-    kernel`, results/engine_qwen05_kernel.json vs results/engine_qwen05.json): with about one
-    (sequence, KV head) program per SM, a longer block keeps more bytes in flight. Larger heads keep
-    the tile's bytes instead of its tokens (BLOCK x D = 16384: 128 tokens at D = 128) and pipeline 2
-    stages, so the K and V tiles in flight stay within an SM's shared memory."""
+    Launch defaults: a tile of BLOCK x D = 16384 elements (256 tokens at D = 64, 128 at D = 128), 8
+    warps, 3 pipeline stages at D <= 64 and 2 above: with about one (sequence, KV head) program per
+    SM, a longer block keeps more bytes in flight, and the K and V tiles in flight stay within an
+    SM's shared memory (measurements: benchmarks/README.md)."""
     bsz, hq, d = q.shape
     block = block or max(16, 16384 // d)
     num_stages = num_stages or (3 if d <= 64 else 2)
