@@ -166,3 +166,18 @@ def test_heads_list_names_the_shipped_patterns_and_shows_one():
     assert "not shipped (no licence)" in result.output
     result = runner.invoke(app, ["heads", "show", "duo:meta-llama-3.1-8b-instruct", "--sparsity", "0.5"])
     assert result.exit_code == 0 and "128/256 heads" in result.output
+
+
+def test_import_rlkv_and_the_cli_do_not_load_torch():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import rlkv
+
+    code = "import sys, rlkv, rlkv.cli; print(sorted({'torch', 'transformers', 'matplotlib'} & set(sys.modules)))"
+    src = str(Path(rlkv.__file__).parents[1])
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={"PYTHONPATH": src}, check=True)
+    assert done.stdout.strip() == "[]"
+    assert all(getattr(rlkv, name) is not None for name in rlkv.__all__)  # every public name still resolves
+    assert rlkv.load_model.__module__ == "rlkv.models" and rlkv.hf.compress is rlkv.compress

@@ -12,33 +12,47 @@
     heads = rlkv.identify(model, tok, rlkv.tasks.get("math_train"), problems, rlkv.IdentifyConfig(), "runs/id")
 """
 
-from rlkv import methods, tasks
-from rlkv.engine import Completion, Engine, Gated, RequestError, SamplingParams
-from rlkv.eval import EvalConfig, evaluate
-from rlkv.heads import HeadScores
-from rlkv.hf import HeadSplitCache, cache_nbytes, compress
-from rlkv.identify import IdentifyConfig, identify, select_problems
-from rlkv.models import SUPPORTED_ARCHS, Layout, load_model
+from importlib import import_module
+from importlib.util import find_spec
 
-__all__ = [
-    "Completion",
-    "Engine",
-    "EvalConfig",
-    "Gated",
-    "HeadScores",
-    "HeadSplitCache",
-    "IdentifyConfig",
-    "Layout",
-    "RequestError",
-    "SamplingParams",
-    "SUPPORTED_ARCHS",
-    "cache_nbytes",
-    "compress",
-    "evaluate",
-    "identify",
-    "load_model",
-    "methods",
-    "select_problems",
-    "tasks",
-]
+# Where each public name lives. They are imported on first use, so `import rlkv` (and `rlkv --help`)
+# does not pay for torch and transformers until something needs them.
+_EXPORTS = {
+    "Completion": "rlkv.engine",
+    "Engine": "rlkv.engine",
+    "EvalConfig": "rlkv.eval",
+    "Gated": "rlkv.engine",
+    "HeadScores": "rlkv.heads",
+    "HeadSplitCache": "rlkv.hf",
+    "IdentifyConfig": "rlkv.identify",
+    "Layout": "rlkv.models",
+    "RequestError": "rlkv.engine",
+    "SamplingParams": "rlkv.engine",
+    "SUPPORTED_ARCHS": "rlkv.models",
+    "cache_nbytes": "rlkv.hf",
+    "compress": "rlkv.hf",
+    "evaluate": "rlkv.eval",
+    "identify": "rlkv.identify",
+    "load_model": "rlkv.models",
+    "select_problems": "rlkv.identify",
+}
+__all__ = [*_EXPORTS, "methods", "tasks"]
+
+
+def __getattr__(name: str):
+    """A public name from its module, or a submodule (`rlkv.methods`, `rlkv.hf`), imported on first use."""
+    if name in _EXPORTS:
+        value = getattr(import_module(_EXPORTS[name]), name)
+    elif not name.startswith("_") and find_spec(f"rlkv.{name}") is not None:
+        value = import_module(f"rlkv.{name}")
+    else:
+        raise AttributeError(f"module 'rlkv' has no attribute {name!r}")
+    globals()[name] = value  # once found, a plain attribute
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
+
+
 __version__ = "0.1.0"
