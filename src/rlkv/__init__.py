@@ -12,6 +12,8 @@
     heads = rlkv.identify(model, tok, rlkv.tasks.get("math_train"), problems, rlkv.IdentifyConfig(), "runs/id")
 """
 
+import sys
+import types
 from importlib import import_module
 from importlib.util import find_spec
 
@@ -53,6 +55,18 @@ def __getattr__(name: str):
 
 def __dir__() -> list[str]:
     return sorted(set(globals()) | set(_EXPORTS))
+
+
+class _Package(types.ModuleType):
+    """`rlkv.identify` is the function, as it always was, not the subpackage of the same name: importing
+    the subpackage (which sets it as an attribute of its parent) leaves the name alone."""
+
+    def __setattr__(self, name: str, value) -> None:
+        if not (name in _EXPORTS and isinstance(value, types.ModuleType)):
+            super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
 
 
 __version__ = "0.1.0"
