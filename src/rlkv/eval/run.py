@@ -51,7 +51,8 @@ class EvalConfig:
     heads: str | dict[str, str] | None = None  # one head-score file, or one per method: {"rlkv": a, "duo": b}
     limit: int | None = None
     max_new_tokens: int | None = None  # None: each task's own default
-    batch_size: int = 32
+    batch_size: int | None = None  # prompts per transformers generate call, finished samples recorded at once (None: 32)
+    max_running: int | None = None  # most sequences the engine runs at once (None: as many as kv_budget holds, up to 256)
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int = 0
@@ -77,9 +78,10 @@ class EvalConfig:
 
 
 # The least value of each whole-number setting; those that may be None (the default) are in OPTIONAL.
-MINIMUM = {"batch_size": 1, "limit": 1, "max_new_tokens": 1, "sink": 0, "recent": 1, "budget": 1,
+MINIMUM = {"batch_size": 1, "max_running": 1, "limit": 1, "max_new_tokens": 1, "sink": 0, "recent": 1, "budget": 1,
            "repetition_window": 0, "repetition_min_distinct": 1}
-OPTIONAL = ("limit", "max_new_tokens", "budget")
+OPTIONAL = ("batch_size", "max_running", "limit", "max_new_tokens", "budget")
+BATCH_SIZE = 32  # batch_size when None
 
 
 def _check_settings(config: EvalConfig) -> None:
@@ -344,8 +346,8 @@ def evaluate(
             lengths = {i: len(tokenizer(p, add_special_tokens=False).input_ids) for i, p in prompts.items()}
             pending = sorted(pending, key=lambda e: -lengths[e.id])  # similar lengths share a batch: less padding
             scores = [s["score"] for s in done.values() if sample_key(s)[:3] == (task_name, name, sparsity)]
-            engine = engine_for(config.engine, model, tokenizer, method, kv_budget=config.kv_budget,
-                                max_batch=config.batch_size)
+            cap = {"max_batch": config.max_running} if config.max_running else {}  # else the engine's own
+            engine = engine_for(config.engine, model, tokenizer, method, kv_budget=config.kv_budget, **cap)
 
             def save_batch(batch: list, samples: list[dict], timing: dict) -> None:
                 """Grade a finished batch, append its samples and timing, advance the progress bar."""
@@ -365,8 +367,9 @@ def evaluate(
             if engine:
                 _generate_engine(engine, task_name, pending, prompts, max_new, eos, config, save_batch)
             else:
-                for start in range(0, len(pending), config.batch_size):
-                    batch = pending[start : start + config.batch_size]
+                rows = config.batch_size or BATCH_SIZE
+                for start in range(0, len(pending), rows):
+                    batch = pending[start : start + rows]
                     save_batch(batch, *_generate_batch(
                         model, tokenizer, method, [prompts[e.id] for e in batch], max_new, eos, config, layout
                     ))
@@ -432,7 +435,7 @@ def _generate_engine(engine, task_name: str, pending: list, prompts: dict, max_n
 
     def on_complete(index: int, completion) -> None:
         buffer.append((index, completion))
-        if len(buffer) >= config.batch_size:
+        if len(buffer) >= (config.batch_size or BATCH_SIZE):
             flush()
 
     engine.generate(
