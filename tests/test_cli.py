@@ -45,6 +45,14 @@ def test_heads_convert_and_plot(heads_file, tmp_path):
         (["heads", "show", "{heads}", "--sparsity", "0.5", "--rule", "median"], "unknown keep rule 'median'"),
         (["identify", "--model", "/nowhere/m.gguf", "--out", "/tmp/x", "--recipe", "v9"], "recipe must be one of paper, rlkv-v0"),
         (["identify", "--model", "/nowhere/m.gguf", "--out", "/tmp/x", "--advantages", "token"], "advantages has an invalid value"),
+        (["identify", "--model", "/nowhere/m.gguf", "--out", "/tmp/x", "--band=-1,1"],
+         "--band has an invalid value: (-1.0, 1.0) (expected low, high with 0 <= low < high <= 1)"),
+        (["eval", "--model", "/nowhere/m.gguf", "--task", "arith", "--out", "/tmp/x", "--method", "full,h2o"],
+         "--method h2o needs --budget N (tokens kept per layer and KV head) or --match-bytes"),
+        (["eval", "--model", "/nowhere/m.gguf", "--task", "arith", "--out", "/tmp/x", "--keep-rule", "median"],
+         "--keep-rule must be one of"),
+        (["serve", "--model", "/nowhere/m.gguf", "--method", "snapkv"], "--method snapkv needs --budget N (tokens kept"),
+        (["serve", "--model", "/nowhere/m.gguf", "--kv-budget", "nan"], "--kv-budget expects a share of free GPU memory"),
     ],
 )
 def test_errors_are_one_line_with_exit_code_2(heads_file, args, message):
@@ -54,16 +62,21 @@ def test_errors_are_one_line_with_exit_code_2(heads_file, args, message):
     assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
 
 
-def test_generate_runs_on_a_saved_tiny_model(tmp_path):
+def _saved_tiny_model(path):
     from conftest import tiny_model
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    tiny_model("llama").save_pretrained(tmp_path)
+    tiny_model("llama").save_pretrained(path)
     vocab = {w: i for i, w in enumerate(["<pad>", "<s>", "</s>"] + [f"w{i}" for i in range(93)])}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="</s>").save_pretrained(tmp_path)
+    PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="</s>").save_pretrained(path)
+    return path
+
+
+def test_generate_runs_on_a_saved_tiny_model(tmp_path):
+    _saved_tiny_model(tmp_path)
     args = ["generate", "--model", str(tmp_path), "--prompt", "w1 w2 w3", "--prompt", "w4",
             "--sparsity", "1", "--sink", "1", "--recent", "2", "--max-new-tokens", "8", "--no-chat"]
     outputs = {}
@@ -73,6 +86,18 @@ def test_generate_runs_on_a_saved_tiny_model(tmp_path):
         assert "KV held" in result.output and "prompt 1" in result.output
         outputs[engine] = result.output.split("prompt 0")[1].split("KV held")[0]
     assert outputs["on"] == outputs["off"]  # the engine writes what transformers generate writes
+
+
+@pytest.mark.parametrize("engine", ["off", "on"])
+def test_generate_says_why_a_short_sequence_holds_more_than_a_full_cache(tmp_path, engine):
+    args = ["generate", "--model", str(_saved_tiny_model(tmp_path)), "--prompt", "w1 w2 w3", "--sparsity", "1",
+            "--max-new-tokens", "4", "--no-chat", "--engine", engine]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    ratio = float(re.search(r"full cache \((\d+\.\d)%\)", result.output).group(1))
+    assert ratio > 100 and "fixed ring of --sink + --recent = 80 slots" in " ".join(result.output.split())
+    result = runner.invoke(app, args[:-2] + ["--sink", "1", "--recent", "2", "--engine", engine])
+    assert result.exit_code == 0 and "fixed ring" not in result.output
 
 
 @pytest.mark.real_model
@@ -175,9 +200,10 @@ def test_import_rlkv_and_the_cli_do_not_load_torch():
 
     import rlkv
 
-    code = "import sys, rlkv, rlkv.cli; print(sorted({'torch', 'transformers', 'matplotlib'} & set(sys.modules)))"
+    code = ("import sys, rlkv, rlkv.cli; print(sorted({'torch', 'transformers', 'matplotlib'} & set(sys.modules)))\n"
+            "import rlkv.identify.grpo; print(callable(rlkv.identify))")  # the function, not its subpackage
     src = str(Path(rlkv.__file__).parents[1])
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={"PYTHONPATH": src}, check=True)
-    assert done.stdout.strip() == "[]"
+    assert done.stdout.split() == ["[]", "True"]
     assert all(getattr(rlkv, name) is not None for name in rlkv.__all__)  # every public name still resolves
     assert rlkv.load_model.__module__ == "rlkv.models" and rlkv.hf.compress is rlkv.compress

@@ -15,7 +15,9 @@ Errors the user can fix (bad paths, shapes, values) print one line on stderr and
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import re
 import time
 from pathlib import Path
 from typing import Optional
@@ -44,6 +46,30 @@ def _finite(value: float | None) -> float | None:
     if value is not None and not math.isfinite(value):
         raise typer.BadParameter(f"expected a finite number, got {value}")
     return value
+
+
+def _config(cls, **options):
+    """`cls(**options)` built from CLI options; an error that starts with a field's name names its flag
+    instead (IdentifyConfig.band -> --band, keep_rule -> --keep-rule)."""
+    try:
+        return cls(**options)
+    except ValueError as err:
+        names = "|".join(f.name for f in dataclasses.fields(cls))
+
+        def flag(match: re.Match) -> str:
+            return "--" + match.group(1).replace("_", "-")
+
+        raise ValueError(re.sub(rf"^(?:{cls.__name__}\.)?({names})\b", flag, str(err))) from None
+
+
+def _check_budget(methods: list[str], budget: int | None, match_bytes: bool | None = None) -> None:
+    """Token-dropping methods need a token budget: refused before the (slow) model load, in flags."""
+    from rlkv.methods import TOKEN_DROPPING
+
+    dropping = [m for m in methods if m in TOKEN_DROPPING]
+    if dropping and budget is None and not match_bytes:
+        alternative = " or --match-bytes (the bytes the head-split method held)" if match_bytes is not None else ""
+        raise ValueError(f"--method {dropping[0]} needs --budget N (tokens kept per layer and KV head){alternative}")
 
 
 @app.command()
@@ -87,6 +113,7 @@ def generate(
             completions = [o.text for o in outs]
             held, full = sum(o.kv_bytes for o in outs), sum(o.kv_bytes_full for o in outs)
             n_tokens, elapsed = runner.stats.generated_tokens, runner.stats.seconds
+            longest = max(o.prompt_tokens + len(o.tokens) for o in outs)
         else:
             enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=not chat).to(lm.device)
             sampling = dict(do_sample=temperature > 0, temperature=temperature or None,
@@ -98,7 +125,8 @@ def generate(
             elapsed = time.perf_counter() - start
             new = out[:, enc.input_ids.shape[1] :]
             completions = tok.batch_decode(new, skip_special_tokens=True)
-            full = rlkv.Layout.of(lm).kv_bytes_per_token() * handle.cache.get_seq_length() * out.shape[0]
+            longest = handle.cache.get_seq_length()
+            full = rlkv.Layout.of(lm).kv_bytes_per_token() * longest * out.shape[0]
             held = handle.cache.nbytes()
             n_tokens = int((new != tok.pad_token_id).sum())
     except USER_ERRORS as err:
@@ -111,6 +139,10 @@ def generate(
         f"KV held {held / 2**20:.2f} MiB vs {full / 2**20:.2f} MiB for a full cache ({held / full:.1%}); "
         f"{n_tokens} tokens in {elapsed:.1f} s ({n_tokens / elapsed:.1f} tok/s)"
     )
+    if held > full:
+        console.print(f"more than a full cache: each compressed head holds a fixed ring of --sink + --recent = "
+                      f"{sink + recent} slots, more than sequences of {longest} tokens fill; the savings start past "
+                      f"{sink + recent} tokens", highlight=False)
 
 
 @app.command()
@@ -142,10 +174,12 @@ def serve(
         if name is None:
             raise ValueError(f"sparsity {sparsity:g} needs --heads (or --method random)")
         rlkv.methods.check_name(name)  # before the (slow) model load
+        _check_budget([name], budget)
+        pool = _budget(kv_budget, "--kv-budget")
         lm, tok = rlkv.load_model(model)
         compression = rlkv.methods.build(name, rlkv.Layout.of(lm), sparsity, heads=heads, sink=sink, recent=recent,
                                          budget=budget)
-        engine = rlkv.Engine(lm, tok, compression, kv_budget=_budget(kv_budget), max_batch=max_batch,
+        engine = rlkv.Engine(lm, tok, compression, kv_budget=pool, max_batch=max_batch,
                              max_seq_len=max_model_len)
         app_ = create_app(engine, tok, served_model_name or model, default_max_tokens=default_max_tokens)
     except USER_ERRORS as err:
@@ -206,7 +240,10 @@ def eval_(
     heads: Optional[list[str]] = typer.Option(None, help="head scores for rlkv/duo: one file, or METHOD=FILE per method (repeat)"),
     limit: Optional[int] = typer.Option(None, min=1, help="first N examples of each task"),
     max_new_tokens: Optional[int] = typer.Option(None, min=1, help="default: each task's own"),
-    batch_size: int = typer.Option(32, min=1),
+    batch_size: Optional[int] = typer.Option(None, min=1, help="prompts per transformers generate call, and finished "
+                                                               "samples recorded at once (default 32)"),
+    max_running: Optional[int] = typer.Option(None, min=1, help="most sequences the engine runs at once (default: as "
+                                                                "many as --kv-budget holds, up to 256)"),
     temperature: float = typer.Option(0.0, min=0.0, callback=_finite),
     top_p: float = typer.Option(1.0, min=0.0, max=1.0),
     seed: int = typer.Option(0),
@@ -231,12 +268,14 @@ def eval_(
 
     try:
         part = Shard.parse(shard) if shard is not None else None
-        config = rlkv.EvalConfig(
+        config = _config(
+            rlkv.EvalConfig,
             tasks=[t.strip() for t in task.split(",") if t.strip()],
             methods=[m.strip() for m in method.split(",") if m.strip()],
             sparsities=_floats(sparsity, "--sparsity"),
             heads=_heads_option(heads),
-            limit=limit, max_new_tokens=max_new_tokens, batch_size=batch_size, temperature=temperature,
+            limit=limit, max_new_tokens=max_new_tokens, batch_size=batch_size, max_running=max_running,
+            temperature=temperature,
             top_p=top_p, seed=seed, sink=sink, recent=recent, budget=budget, keep_rule=keep_rule, match_bytes=match_bytes,
             data_dir=data_dir, engine=engine, kv_budget=_budget(kv_budget, "--kv-budget"),
         )
@@ -244,6 +283,7 @@ def eval_(
             rlkv.tasks.get(name)
         for name in config.methods:  # before the (slow) model load
             rlkv.methods.check_name(name)
+        _check_budget(config.methods, budget, match_bytes)
         check_run_dir(out, part)  # the directory and its lock, before the (slow) model load
         lm, tok = rlkv.load_model(model)
         results = rlkv.evaluate(lm, tok, config, out, shard=part)
@@ -334,8 +374,8 @@ def identify(
     from rlkv.identify import IdentifyConfig, sanity_check, select_problems
 
     try:
-        config = IdentifyConfig(
-            recipe=recipe, sink=sink, recent=recent, group=group, temperature=temperature, top_p=top_p, top_k=top_k,
+        config = _config(
+            IdentifyConfig, recipe=recipe, sink=sink, recent=recent, group=group, temperature=temperature, top_p=top_p, top_k=top_k,
             advantages=advantages, problems=problems, lr=lr, weight_decay=weight_decay, grad_clip=grad_clip, beta=beta,
             tau=tau, init=init, batch_problems=batch_problems,
             steps=steps, max_new_tokens=max_new_tokens, seed=seed, checkpoint_every=checkpoint_every,
