@@ -83,3 +83,54 @@ def tiny_tokenizer(vocab_size: int = 96, chat_template: str | None = CHAT_TEMPLA
     tok.chat_template = chat_template
     tok.padding_side = "left"
     return tok
+
+
+def tiny_gguf(path: Path, layers: int = 2, hidden: int = 64, q_heads: int = 4, kv_heads: int = 2, seed: int = 0) -> Path:
+    """A random-weight llama GGUF (Q8_0 projections, a gpt2-style character tokenizer, a chat template)."""
+    import numpy as np
+    from gguf import GGMLQuantizationType, GGUFWriter, quants
+
+    rng = np.random.default_rng(seed)
+    tokens = ["<pad>", "<s>", "</s>"] + [chr(c) for c in range(32, 127)] + ["ab", "abc"]
+    ffn, head_dim = 2 * hidden, hidden // q_heads
+    writer = GGUFWriter(str(path), "llama")
+    writer.add_block_count(layers)
+    writer.add_context_length(256)
+    writer.add_embedding_length(hidden)
+    writer.add_feed_forward_length(ffn)
+    writer.add_head_count(q_heads)
+    writer.add_head_count_kv(kv_heads)
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_rope_freq_base(10000.0)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_vocab_size(len(tokens))
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list(tokens)
+    writer.add_token_types([3, 3, 3] + [1] * (len(tokens) - 3))
+    writer.add_token_merges(["a b", "ab c"])
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    writer.add_pad_token_id(0)
+    writer.add_chat_template(CHAT_TEMPLATE)
+
+    def tensor(name: str, *shape: int, quantized: bool = False):
+        values = (rng.standard_normal(shape) * 0.1).astype(np.float32)
+        if quantized:
+            writer.add_tensor(name, quants.quantize(values, GGMLQuantizationType.Q8_0), raw_dtype=GGMLQuantizationType.Q8_0)
+        else:
+            writer.add_tensor(name, values)
+
+    tensor("token_embd.weight", len(tokens), hidden)
+    tensor("output_norm.weight", hidden)
+    for i in range(layers):
+        tensor(f"blk.{i}.attn_norm.weight", hidden)
+        tensor(f"blk.{i}.ffn_norm.weight", hidden)
+        for name, rows, cols in (("attn_q", q_heads * head_dim, hidden), ("attn_k", kv_heads * head_dim, hidden),
+                                 ("attn_v", kv_heads * head_dim, hidden), ("attn_output", hidden, q_heads * head_dim),
+                                 ("ffn_gate", ffn, hidden), ("ffn_up", ffn, hidden), ("ffn_down", hidden, ffn)):
+            tensor(f"blk.{i}.{name}.weight", rows, cols, quantized=True)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path

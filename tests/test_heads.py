@@ -59,6 +59,20 @@ def test_plot_writes_a_png(tmp_path):
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_plot_is_titled_with_the_model_name_and_labels_kept_heads(tmp_path, monkeypatch):
+    import matplotlib.pyplot as plt
+
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)
+    scores = HeadScores(torch.arange(6.0).view(3, 2), model="/home/someone/models/Qwen2.5-0.5B-Instruct")
+    scores.plot(tmp_path / "h.png", sparsity=0.5)
+    (fig,) = figures
+    assert fig._suptitle.get_text() == "Qwen2.5-0.5B-Instruct"
+    labels = [t.get_text() for ax in fig.axes if ax.get_legend() for t in ax.get_legend().get_texts()]
+    assert labels == ["kept: full cache", "compressed: sink + recent"]
+    assert any(ax.get_ylabel().startswith("score") for ax in fig.axes)  # the colour bar says what it shows
+
+
 @pytest.mark.parametrize(
     "make, message",
     [

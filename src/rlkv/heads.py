@@ -222,28 +222,34 @@ class HeadScores:
 
     # ------------------------------------------------------------------ pictures
     def plot(self, path: str | Path, sparsity: float | None = None, title: str | None = None) -> Path:
-        """Heat map of the scores, and of the kept heads at `sparsity` if given; writes a PNG."""
+        """Heat map of the scores, and of the kept heads at `sparsity` if given; writes a PNG titled
+        with the model's name (the last part of its path or hub id) unless `title` is given."""
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.colors import ListedColormap
+        from matplotlib.patches import Patch
 
         panels = 1 if sparsity is None else 2
         L, H = self.shape
         width = max(3.0, 0.45 * H + 1.8)
-        fig, axes = plt.subplots(1, panels, figsize=(width * panels, max(3.0, 0.22 * L + 1.2)), squeeze=False)
+        fig, axes = plt.subplots(1, panels, figsize=(width * panels, max(3.4, 0.22 * L + 1.6)), squeeze=False)
         im = axes[0, 0].imshow(self.scores.numpy(), aspect="auto", cmap="viridis", interpolation="nearest")
         axes[0, 0].set_title(f"{self.method} scores")
-        fig.colorbar(im, ax=axes[0, 0], fraction=0.08)
+        fig.colorbar(im, ax=axes[0, 0], fraction=0.08).set_label("score (higher: kept first)")
         if sparsity is not None:
             keep = self.keep_mask(sparsity)
-            axes[0, 1].imshow(keep.numpy(), aspect="auto", cmap="Greys", vmin=0, vmax=1, interpolation="nearest")
+            colors = ListedColormap(["#d9d9d9", "#1f4e79"])  # compressed, kept
+            axes[0, 1].imshow(keep.numpy(), aspect="auto", cmap=colors, vmin=0, vmax=1, interpolation="nearest")
             axes[0, 1].set_title(f"kept at sparsity {sparsity:g}: {int(keep.sum())}/{self.num_heads}")
+            legend = [Patch(color=colors(1), label="kept: full cache"), Patch(color=colors(0), label="compressed: sink + recent")]
+            axes[0, 1].legend(handles=legend, loc="upper center", bbox_to_anchor=(0.5, -0.12), fontsize=7, frameon=False)
         for ax in axes[0]:
             ax.set_xlabel("KV head")
             ax.set_ylabel("layer")
             ax.set_xticks(range(H))
-        fig.suptitle(title or (self.model or "head scores"), fontsize=9)
+        fig.suptitle(title or (Path(self.model).name if self.model else "head scores"), fontsize=9)
         fig.tight_layout()
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)

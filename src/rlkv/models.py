@@ -6,6 +6,11 @@ model is its `Layout`: how many layers, query heads, KV heads, the head size and
 with `save_pretrained`, or a single `.gguf` file) and returns the model with a tokenizer set up
 for batched generation (left padding, a pad token).
 
+A `.gguf` is de-quantized and converted once, then kept as a safetensors directory under
+`$RLKV_CACHE/gguf/` (default `~/.cache/rlkv/gguf/`, one directory per file, dtype and
+transformers version), so later loads skip the slow GGUF parsing. Delete the directory to
+reclaim the space; `RLKV_CACHE=off` turns the cache off.
+
 Only decoder-only GQA architectures whose attention goes through transformers'
 `AttentionInterface` are supported; the list is `SUPPORTED_ARCHS`, and anything else is refused
 up front with a message naming them, before any weights are read.
@@ -13,6 +18,10 @@ up front with a message naming them, before any weights are read.
 
 from __future__ import annotations
 
+import hashlib
+import os
+import shutil
+import warnings
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -148,40 +157,90 @@ def load_model(
 ):
     """Load a supported causal LM and its tokenizer.
 
-    `spec` is a hub id (needs a reachable hub), a local model directory, or a `.gguf` file.
-    `dtype` defaults to bfloat16 on a GPU and float32 on the CPU. The tokenizer pads on the
-    left (for batched generation) and has a pad token.
-    Returns `(model, tokenizer)`; `rlkv.Layout.of(model)` describes its heads.
+    `spec` is a hub id (needs a reachable hub), a local model directory, or a `.gguf` file
+    (converted once into the cache, see the module doc). `dtype` defaults to bfloat16 on a GPU
+    and float32 on the CPU. The tokenizer pads on the left (for batched generation) and has a
+    pad token. Returns `(model, tokenizer)`; `rlkv.Layout.of(model)` describes its heads.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
     source, extra = _resolve(spec)
     device = torch.device(device) if device is not None else default_device()
     if dtype is None:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-    with _gguf_read_errors(Path(spec).expanduser() if extra else None):
-        try:
-            config = AutoConfig.from_pretrained(source, **extra)
-        except OSError as err:
-            raise OSError(
-                f"could not load a model config from {spec!r}: a hub id needs a reachable Hugging Face hub; "
-                f"otherwise pass a local directory or .gguf file ({err.__class__.__name__})"
-            ) from None
-        check_supported(config.get_text_config(decoder=True))
-        model = AutoModelForCausalLM.from_pretrained(
-            source, dtype=dtype, attn_implementation=attn_implementation, **extra
-        )
-    model = model.to(device)
-    model.eval()
-    if extra:  # a .gguf, de-quantized on load: name it after its file, and let save_pretrained work
-        model.config._name_or_path = str(Path(spec).expanduser())
+    gguf = Path(spec).expanduser() if extra else None
+    converted = gguf_cache_dir(gguf, dtype) if gguf else None
+    if converted is not None and (converted / "config.json").is_file():
+        source, extra = str(converted), {}  # converted by an earlier load
+    with _gguf_read_errors(gguf if extra else None):
+        model, tokenizer = _from_pretrained(spec, source, extra, dtype, attn_implementation)
+    if gguf:  # name it after its file, wherever the weights came from
+        model.config._name_or_path = str(gguf)
+    if extra:  # de-quantized from the .gguf: let save_pretrained work, and keep the conversion
         model.hf_quantizer = None
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
-    tokenizer = AutoTokenizer.from_pretrained(source, **extra)
+        if converted is not None:
+            _store_converted(model, tokenizer, converted)
+    model = model.to(device)
+    model.eval()
     configure_tokenizer(tokenizer, model)
     return model, tokenizer
+
+
+def _from_pretrained(spec, source: str, extra: dict, dtype: torch.dtype, attn_implementation: str):
+    """(model, tokenizer) from a hub id or directory, or a .gguf (`extra` names the file); the config first,
+    so an unsupported architecture is refused before any weights are read."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        config = AutoConfig.from_pretrained(source, **extra)
+    except OSError as err:
+        raise OSError(
+            f"could not load a model config from {spec!r}: a hub id needs a reachable Hugging Face hub; "
+            f"otherwise pass a local directory or .gguf file ({err.__class__.__name__})"
+        ) from None
+    check_supported(config.get_text_config(decoder=True))
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation=attn_implementation, **extra)
+    return model, AutoTokenizer.from_pretrained(source, **extra)
+
+
+def cache_root() -> Path | None:
+    """Where rlkv keeps converted models: $RLKV_CACHE, else ~/.cache/rlkv; None when RLKV_CACHE=off."""
+    value = os.environ.get("RLKV_CACHE", "").strip()
+    if value.lower() in ("off", "0", "none"):
+        return None
+    return Path(value).expanduser() if value else Path.home() / ".cache" / "rlkv"
+
+
+def gguf_cache_dir(path: Path, dtype: torch.dtype) -> Path | None:
+    """The directory holding `path` converted at `dtype` (None: the cache is off). The key is the file's
+    resolved path, size and modification time, so a changed or replaced file is converted again."""
+    import transformers
+
+    root = cache_root()
+    if root is None:
+        return None
+    stat = path.resolve().stat()
+    identity = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{dtype}|{transformers.__version__}"
+    key = hashlib.sha256(identity.encode()).hexdigest()[:16]
+    return root / "gguf" / f"{path.stem}-{str(dtype).removeprefix('torch.')}-{key}"
+
+
+def _store_converted(model, tokenizer, target: Path) -> None:
+    """save_pretrained into a temporary directory, then one rename: a reader never sees half a model.
+    A cache that cannot be written costs only the next load's time, so it warns instead of failing."""
+    tmp = target.parent / f".{target.name}.{os.getpid()}.tmp"
+    try:
+        tmp.mkdir(parents=True, exist_ok=True)
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.rename(tmp, target)
+    except OSError as err:
+        if not (target / "config.json").is_file():  # not just another process that finished first
+            warnings.warn(f"could not cache the converted GGUF in {target} ({err}); set RLKV_CACHE to a "
+                          "writable directory, or RLKV_CACHE=off", stacklevel=3)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def configure_tokenizer(tokenizer, model=None):

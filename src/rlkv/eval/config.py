@@ -24,7 +24,8 @@ class EvalConfig:
     heads: str | dict[str, str] | None = None  # one head-score file, or one per method: {"rlkv": a, "duo": b}
     limit: int | None = None
     max_new_tokens: int | None = None  # None: each task's own default
-    batch_size: int = 32
+    batch_size: int | None = None  # prompts per transformers generate call, finished samples recorded at once (None: 32)
+    max_running: int | None = None  # most sequences the engine runs at once (None: as many as kv_budget holds, up to 256)
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int = 0
@@ -53,9 +54,10 @@ class EvalConfig:
 
 
 # The least value of each whole-number setting; those that may be None (the default) are in OPTIONAL.
-MINIMUM = {"batch_size": 1, "limit": 1, "max_new_tokens": 1, "sink": 0, "recent": 1, "budget": 1,
+MINIMUM = {"batch_size": 1, "max_running": 1, "limit": 1, "max_new_tokens": 1, "sink": 0, "recent": 1, "budget": 1,
            "repetition_window": 0, "repetition_min_distinct": 1}
-OPTIONAL = ("limit", "max_new_tokens", "budget")
+OPTIONAL = ("batch_size", "max_running", "limit", "max_new_tokens", "budget")
+BATCH_SIZE = 32  # batch_size when None
 
 
 def _check_settings(config: EvalConfig) -> None:

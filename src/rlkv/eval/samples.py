@@ -15,7 +15,7 @@ from collections.abc import Callable
 import torch
 
 from rlkv.engine import Engine
-from rlkv.eval.config import EvalConfig
+from rlkv.eval.config import BATCH_SIZE, EvalConfig
 from rlkv.generation import generator
 from rlkv.methods.matching import bytes_over_decoding
 from rlkv.models import Layout, eos_ids
@@ -28,8 +28,9 @@ def generate_samples(model, tokenizer, method, prompts: list[str], seeds: list[i
     Seeds come from the caller (per example): the engine samples each example as before on a resume.
     The transformers path draws from the torch RNG, seeded with the run's seed.
     """
+    rows = config.batch_size or BATCH_SIZE
     runner = generator(model, tokenizer, method, engine=config.engine, kv_budget=config.kv_budget,
-                       max_batch=config.batch_size, batch_size=config.batch_size)
+                       max_batch=config.max_running, batch_size=rows)  # max_running None: the engine's own cap
     full_per_token = Layout.of(model).kv_bytes_per_token()
     buffer: list[tuple[int, object]] = []
     clock = {"last": time.perf_counter(), "grading": 0.0}
@@ -51,7 +52,7 @@ def generate_samples(model, tokenizer, method, prompts: list[str], seeds: list[i
 
     def on_complete(index: int, completion) -> None:
         buffer.append((index, completion))
-        if len(buffer) >= config.batch_size:
+        if len(buffer) >= rows:
             flush()
 
     torch.manual_seed(config.seed)

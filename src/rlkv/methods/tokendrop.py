@@ -376,7 +376,8 @@ def check_build(name: str, budget, options: dict) -> int:
     if unknown:
         raise ValueError(f"method {name!r} got unknown options {unknown}")
     if not isinstance(budget, int) or budget < 1:
-        raise ValueError(f"method {name!r} needs budget= an integer >= 1 (tokens kept per layer and KV head), got {budget!r}")
+        raise ValueError(f"method {name!r} needs budget= an integer >= 1 (tokens kept per layer and KV head; on the "
+                         f"command line --budget N, or --match-bytes in rlkv eval), got {budget!r}")
     return budget
 
 
