@@ -22,11 +22,7 @@ import argparse
 import asyncio
 import json
 import math
-import os
 import random
-import socket
-import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,8 +32,7 @@ import numpy as np
 from common import print_table, write_result
 
 import rlkv
-
-REPO = Path(__file__).resolve().parents[1]
+from rlkv.serve.process import ServerProcess, read_metrics
 
 
 @dataclass
@@ -47,52 +42,6 @@ class Sample:
     end: float | None = None
     tokens: int = 0
     error: str | None = None
-
-
-# ---------------------------------------------------------------------- the server
-class ServerProcess:
-    """`python -m rlkv serve ...` on a free local port, stopped by `close()`."""
-
-    def __init__(self, args: list[str], log: Path, startup_s: float):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        self.url = f"http://127.0.0.1:{port}"
-        self.command = [sys.executable, "-m", "rlkv", "serve", *args, "--port", str(port), "--log-level", "warning"]
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO / "src"), os.environ.get("PYTHONPATH")]))}
-        self.log = open(log, "w")
-        self.proc = subprocess.Popen(self.command, stdout=self.log, stderr=subprocess.STDOUT, env=env)
-        deadline = time.monotonic() + startup_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"the server exited with {self.proc.returncode}; see {log}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.5)
-        self.close()
-        raise TimeoutError(f"the server did not answer /health within {startup_s} s; see {log}")
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        self.log.close()
-
-
-def metrics(client: httpx.Client, url: str) -> dict[str, float]:
-    out = {}
-    for line in client.get(f"{url}/metrics", timeout=10).text.splitlines():
-        if line.startswith("rlkv_") and "{" not in line:
-            name, value = line.split()
-            out[name] = float(value)
-    return out
 
 
 # ---------------------------------------------------------------------- the load
@@ -191,17 +140,16 @@ def warm_up(url: str, bodies: list[dict], count: int) -> None:
 def measure(url: str, bodies: list[dict], rates: list[float], seed: int, warmup: int, label: dict) -> list[dict]:
     rows = []
     warm_up(url, bodies, warmup)
-    with httpx.Client() as client:
-        for rate in rates:
-            before = metrics(client, url)
-            samples, peak = asyncio.run(run_load(url, bodies, rate, seed))
-            after = metrics(client, url)
-            row = {**label, "rate": rate if not math.isinf(rate) else "inf", **summarize(samples),
-                   "preemptions": int(after["rlkv_preemptions_total"] - before["rlkv_preemptions_total"]),
-                   "max_running": peak, "kv_pages_total": int(after["rlkv_kv_pages_total"])}
-            rows.append(row)
-            print(f"{label} rate {row['rate']}: {row.get('output_tok_s', 0):.1f} tok/s, "
-                  f"TTFT p50 {row.get('ttft_p50_s')}, {row['preemptions']} preemptions", flush=True)
+    for rate in rates:
+        before = read_metrics(url)
+        samples, peak = asyncio.run(run_load(url, bodies, rate, seed))
+        after = read_metrics(url)
+        row = {**label, "rate": rate if not math.isinf(rate) else "inf", **summarize(samples),
+               "preemptions": int(after["rlkv_preemptions_total"] - before["rlkv_preemptions_total"]),
+               "max_running": peak, "kv_pages_total": int(after["rlkv_kv_pages_total"])}
+        rows.append(row)
+        print(f"{label} rate {row['rate']}: {row.get('output_tok_s', 0):.1f} tok/s, "
+              f"TTFT p50 {row.get('ttft_p50_s')}, {row['preemptions']} preemptions", flush=True)
     return rows
 
 
@@ -247,8 +195,9 @@ def main():
                       *(["--kv-budget", args.kv_budget] if args.kv_budget else [])]
         log = Path(args.out).with_suffix(f".server-s{s:g}.log")
         log.parent.mkdir(parents=True, exist_ok=True)
-        server = ServerProcess(serve_args, log, args.startup_timeout)
+        server = ServerProcess([*serve_args, "--log-level", "warning"], log)
         try:
+            server.wait_ready(args.startup_timeout)
             meta[f"server_command_s{s:g}"] = " ".join(server.command)
             rows += measure(server.url, bodies, rates, args.seed, warmup, {"sparsity": s})
         finally:

@@ -47,6 +47,13 @@ def tiny_model(arch: str, layers: int = 3, q_heads: int = 4, kv_heads: int = 2, 
     return model.eval().to(DEVICE)
 
 
+def saved_tiny_model(path, arch: str = "qwen2"):
+    """`tiny_model(arch)` and `tiny_tokenizer()` saved with save_pretrained into `path` (a model directory)."""
+    tiny_model(arch).save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
 def left_padded_batch(lengths, total, seed=0):
     """Left-padded random prompts (ids, mask) with the given real lengths, on DEVICE."""
     gen = torch.Generator().manual_seed(seed)

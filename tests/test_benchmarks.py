@@ -6,15 +6,12 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO, tiny_model, tiny_tokenizer
+from conftest import REPO, saved_tiny_model, tiny_model
 
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny")
-    tiny_model("qwen2").save_pretrained(path)
-    tiny_tokenizer().save_pretrained(path)
-    return path
+    return saved_tiny_model(tmp_path_factory.mktemp("tiny"), "qwen2")
 
 
 def run(script: str, *args: str, **env_extra: str) -> None:

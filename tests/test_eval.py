@@ -329,15 +329,15 @@ def test_the_engine_grades_like_the_transformers_path(lm, tmp_path):
 def test_the_engine_takes_what_the_budget_admits_unless_capped(lm, tmp_path, monkeypatch, max_running, cap):
     """batch_size (3 here) sizes the transformers batches and the records, not the engine: it runs
     every prompt at once unless max_running caps it."""
-    import rlkv.eval.run as run
+    import rlkv.generation as generation
 
-    engines, build = [], run.engine_for
+    engines, build = [], generation.engine_for
 
     def recording(*args, **kwargs):
         engines.append(build(*args, **kwargs))
         return engines[-1]
 
-    monkeypatch.setattr(run, "engine_for", recording)
+    monkeypatch.setattr(generation, "engine_for", recording)
     evaluate(*lm, config(tasks=["arith"], methods=["full"], engine="on", max_running=max_running), tmp_path / "run",
              progress=False)
     (engine,) = engines

@@ -36,7 +36,7 @@ def test_closed_gates_equal_the_streaming_reference(arch):
     ids, mask = batch((20, 13, 7), 20)
     with gated(model, init_gates(model, 0.0), SINK, RECENT):
         out = model(input_ids=ids, attention_mask=mask).logits
-    with rlkv.compress(model, None, sparsity=1.0, sink=SINK, recent=RECENT):
+    with rlkv.compress(model, None, sparsity=1.0, sink=SINK, recent=RECENT, prefill="compressed"):  # gates: the prompt too
         ref = model(input_ids=ids, attention_mask=mask, **{CACHE_KWARG: DynamicCache()}).logits
     real = mask.bool()
     torch.testing.assert_close(out[real], ref[real], rtol=1e-5, atol=1e-5)

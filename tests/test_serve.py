@@ -6,78 +6,34 @@ pages, so concurrent requests must be preempted. References are the same request
 """
 
 import asyncio
-import os
-import re
 import signal
-import socket
-import subprocess
-import sys
 import time
 
 import httpx
 import openai
 import pytest
-from conftest import REPO, tiny_model, tiny_tokenizer
+from conftest import saved_tiny_model, tiny_model, tiny_tokenizer
+
+from rlkv.serve.process import ServerProcess
 
 NAME = "tiny"
 STARTUP_S = 120
 PROMPTS = [f"question {i}: " + "abcdefghij"[: i % 7 + 1] * (1 + i % 3) for i in range(16)]
 
 
-class Server:
-    """A `python -m rlkv serve` process on a free local port; `stop()` ends it (always called)."""
+class Server(ServerProcess):
+    """A `python -m rlkv serve` process of the tiny model on a free local port, with an `openai` client."""
 
     def __init__(self, model_dir, log_path, *args):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = open(log_path, "w+")
-        env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}  # a tiny model: one thread,
-        # no OpenMP threads spinning against the other processes on a small machine
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "rlkv", "serve", "--model", str(model_dir), "--served-model-name", NAME,
-             "--port", str(self.port), "--log-level", "warning", *args],
-            stdout=self.log, stderr=subprocess.STDOUT, env=env)
+        # a tiny model: one thread, no OpenMP threads spinning against the other processes of a small machine
+        super().__init__(["--model", str(model_dir), "--served-model-name", NAME, "--log-level", "warning", *args],
+                         log_path, env={"OMP_NUM_THREADS": "1"})
         self.client = openai.OpenAI(base_url=f"{self.url}/v1", api_key="none", max_retries=0, timeout=60)
-
-    def wait_ready(self) -> None:
-        deadline = time.monotonic() + STARTUP_S
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, f"the server exited:\n{self.output()}"
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        raise TimeoutError(f"the server did not answer /health in {STARTUP_S} s:\n{self.output()}")
-
-    def metrics(self) -> dict[str, float]:
-        text = httpx.get(f"{self.url}/metrics", timeout=10).text
-        return {m[1]: float(m[2]) for m in re.finditer(r"^(rlkv_[a-z_]+(?:\{[^}]*\})?) (\S+)$", text, re.M)}
-
-    def output(self) -> str:
-        self.log.seek(0)
-        return self.log.read()[-4000:]
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        self.log.close()
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-serve")
-    tiny_model("llama").save_pretrained(path)
-    tiny_tokenizer().save_pretrained(path)
-    return path
+    return saved_tiny_model(tmp_path_factory.mktemp("tiny-serve"), "llama")
 
 
 @pytest.fixture(scope="module")
@@ -90,11 +46,11 @@ def servers(model_dir, tmp_path_factory):
                       "--sparsity", "0.5", "--sink", "4", "--recent", "8", "--max-batch", "4")]
     try:
         for s in started:
-            s.wait_ready()
+            s.wait_ready(STARTUP_S)
         yield started
     finally:
         for s in started:
-            s.stop()
+            s.close(15)
 
 
 @pytest.fixture(scope="module")
