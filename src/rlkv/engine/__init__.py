@@ -6,9 +6,9 @@
 
 Modules, in the order a request meets them: `request` (sampling parameters, a request's state,
 outputs), `scheduler` (admission, pages on demand, preemption), `engine` (the step loop and its
-API), `runner` (forwards, sampling, CUDA graphs), `kv` (pages and rings), `attention` (store +
-attend, torch reference paths), `kernel` (the Triton decode kernels), `tokendrop` (slots for
-H2O / SnapKV / R-KV), `sampling` (seeded, batch-independent sampling).
+API), `runner` (forwards, sampling, CUDA graphs), `stats` (what it reports), `kv` (pages and
+rings), `attention` (store + attend, torch reference paths), `kernel` (the Triton decode kernels),
+`tokendrop` (slots for H2O / SnapKV / R-KV), `sampling` (seeded, batch-independent sampling).
 """
 
 from rlkv.engine.engine import ENGINE_SETTINGS, Engine, EngineMetrics, EngineStats, Gated, check_setting, engine_for
