@@ -105,8 +105,8 @@ def _jail(job: dict, new_root: str, mode: str) -> None:
     for name in _DEVICES:
         open(f"{new_root}/dev/{name}", "x").close()
         _bind(call, f"/dev/{name}", f"{new_root}/dev/{name}", writable=True)
-    for name in ("proc", "tmp", WORK[1:]):
-        os.mkdir(f"{new_root}/{name}")
+    for name in ("proc", "tmp", WORK[1:]):  # /tmp may exist already: Python itself may live under it (a venv)
+        os.makedirs(f"{new_root}/{name}", exist_ok=True)
     _mount(call, "proc", new_root + "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
     uid, size = job["uid"], job["limits"]["disk_bytes"]
     _mount(call, "tmpfs", new_root + WORK, "tmpfs", MS_NOSUID | MS_NODEV, f"size={size},mode=700,uid={uid},gid={uid}")
