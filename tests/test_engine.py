@@ -6,7 +6,8 @@ from conftest import DEVICE, left_padded_batch, tiny_model, tiny_tokenizer
 
 import rlkv
 from rlkv.engine.attention import Decode, decode_torch, store_torch
-from rlkv.engine.kv import KVStore, parse_bytes, ring_positions
+from rlkv.attention.ring import ring_positions
+from rlkv.engine.kv import KVStore, parse_bytes
 from rlkv.engine.sampling import filter_logits, sample, uniform
 from rlkv.identify.gated import gated
 from rlkv.methods.headsplit import HeadSplit

@@ -38,15 +38,9 @@ from rlkv.attention.plumbing import Step, base_attention, patched, state_of
 from rlkv.attention.reference import keep_keys_mask, masked_attention
 from rlkv.heads import HeadScores
 from rlkv.models import Layout
-from rlkv.splitcache import (
-    PREFILL_MODES,
-    HeadSplitCache,
-    HeadSplitLayer,
-    query_heads,
-    ring_slot,
-)
+from rlkv.splitcache import PREFILL_MODES, HeadSplitCache, HeadSplitLayer
 
-__all__ = ["HeadSplitCache", "HeadSplitLayer", "cache_nbytes", "compress", "query_heads", "resolve_keep", "ring_slot"]
+__all__ = ["HeadSplitCache", "HeadSplitLayer", "cache_nbytes", "compress", "resolve_keep"]
 
 
 def cache_nbytes(cache: Cache) -> int:

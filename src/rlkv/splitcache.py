@@ -38,20 +38,10 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from rlkv.attention.plumbing import CompressedLayer, Step
 from rlkv.attention.reference import keep_keys_mask
+from rlkv.attention.ring import query_heads, ring_slot
 
 GROW = 256  # columns added per kept head when a layer's buffer is full
 PREFILL_MODES = ("compressed", "full")
-
-
-def ring_slot(pos: torch.Tensor, sink: int, recent: int) -> torch.Tensor:
-    """Ring slot of a token position: sinks have their own slots, the rest cycle through `recent`."""
-    return torch.where(pos < sink, pos, sink + (pos - sink).remainder(recent))
-
-
-def query_heads(keep: torch.Tensor, group: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Indices of the query heads of a layer's kept and of its compressed KV heads (`keep` [kv_heads])."""
-    q_keep = keep.repeat_interleave(group).to(device)
-    return torch.nonzero(q_keep).flatten(), torch.nonzero(~q_keep).flatten()
 
 
 def ring_plan(pos: torch.Tensor, sink: int, recent: int) -> tuple[torch.Tensor, torch.Tensor]:

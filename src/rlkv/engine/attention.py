@@ -28,8 +28,8 @@ import torch.nn.functional as F
 
 from rlkv.attention.plumbing import state_of
 from rlkv.attention.reference import gate_mix, keep_keys_mask, masked_attention
-from rlkv.engine.kv import KVStore, ring_positions, upload
-from rlkv.hf import ring_slot
+from rlkv.attention.ring import ring_positions, ring_slot
+from rlkv.engine.kv import KVStore, upload
 
 
 @dataclass

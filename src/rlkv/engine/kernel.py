@@ -101,7 +101,7 @@ def _decode_kernel(
         if split == 0:
             j = tl.arange(0, RING_PAD)
             in_ring = j < RING
-            back = ((last - j) % recent + recent) % recent
+            back = ((last - j) % recent + recent) % recent  # rlkv.attention.ring.ring_positions, inline
             pos = tl.where(j < sink, j, last - back)
             valid = in_ring & tl.where(j < sink, j <= last, pos >= sink) & (pos >= low)
             base = slot.to(tl.int64) * stride_rs + j * stride_rt + idx * stride_rh

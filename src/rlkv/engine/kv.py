@@ -25,7 +25,7 @@ import math
 import re
 import torch
 
-from rlkv.hf import query_heads
+from rlkv.attention.ring import query_heads
 from rlkv.models import Layout
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
@@ -65,15 +65,6 @@ def upload(data, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
 def free_list(n: int) -> list[int]:
     """Ids 1 .. n - 1 to hand out with `pop()`, lowest first (id 0 is scratch space for padding rows)."""
     return list(range(n - 1, 0, -1))
-
-
-def ring_positions(lengths: torch.Tensor, sink: int, recent: int) -> torch.Tensor:
-    """Token position held by each ring slot [n, sink + recent] after `lengths` [n] tokens (-1: empty)."""
-    last = lengths[:, None] - 1
-    j = torch.arange(sink + recent, device=lengths.device)[None, :]
-    pos = torch.where(j < sink, j, last - (last - j).remainder(recent))
-    valid = torch.where(j < sink, j <= last, pos >= sink)
-    return torch.where(valid, pos, -1)
 
 
 class KVStore:
