@@ -185,3 +185,18 @@ def test_stop_strings_and_ids_per_request():
     done = drain(eng)
     assert done["s"].finish == "stop" and done["s"].text == text[: text.find(text[3:5])]
     assert done["i"].finish == "eos" and done["i"].tokens == free.tokens[: free.tokens.index(free.tokens[4]) + 1]
+
+
+def test_both_stores_implement_the_store_interface():
+    from rlkv.engine.store import Store
+
+    model = tiny_model("qwen2")
+    h2o = rlkv.methods.build("h2o", rlkv.Layout.of(model), 0.5, budget=8)
+    for method in (None, half(model), h2o):
+        store = engine(model, method).store
+        assert isinstance(store, Store)
+        slot, pages = store.take_slot(), []
+        assert store.grow(slot, pages, 9) and len(pages) == store.pages_for(9)
+        assert store.free_slots == store.num_slots - 2 and store.free_pages == store.capacity_pages - len(pages)
+        store.release(slot, pages)
+        assert store.free_slots == store.num_slots - 1 and store.free_pages == store.capacity_pages

@@ -227,7 +227,7 @@ class Engine:
     def metrics(self) -> EngineMetrics:
         s = self.store
         total = s.capacity_pages if s.capacity_pages else s.num_slots - 1
-        free = s.free_pages if s.capacity_pages else len(s._free_slots)
+        free = s.free_pages if s.capacity_pages else s.free_slots
         return EngineMetrics(running=len(self.scheduler.admitted), waiting=len(self.scheduler.waiting),
                              pages_total=total, pages_used=total - free, preemptions=self.scheduler.preemptions,
                              generated_tokens=self._totals["generated"], prompt_tokens=self._totals["prompt"],

@@ -68,7 +68,8 @@ def free_list(n: int) -> list[int]:
 
 
 class KVStore:
-    """Pages and rings for every layer, sized from a byte budget; allocates pages and slots to sequences."""
+    """Pages and rings for every layer, sized from a byte budget; allocates pages and slots to sequences
+    (`rlkv.engine.store.Store`)."""
 
     def __init__(self, layout: Layout, keep: torch.Tensor, sink: int, recent: int, page_size: int, budget: int,
                  max_batch: int, max_seq_len: int, device, dtype: torch.dtype, sequence_tokens: int | None = None):
@@ -144,6 +145,10 @@ class KVStore:
     @property
     def free_pages(self) -> int:
         return len(self._free_pages)
+
+    @property
+    def free_slots(self) -> int:
+        return len(self._free_slots)
 
     def has_slot(self) -> bool:
         return bool(self._free_slots)

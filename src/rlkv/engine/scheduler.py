@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections import deque
 
 from rlkv.engine.request import Request
+from rlkv.engine.store import Store
 
 ADMISSION = ("demand", "reserve")
 
@@ -25,7 +26,7 @@ ADMISSION = ("demand", "reserve")
 class Scheduler:
     """The waiting queue and the admitted requests (holding a slot and pages), oldest first."""
 
-    def __init__(self, store, max_batch: int, admission: str = "demand", watermark: float = 0.01):
+    def __init__(self, store: Store, max_batch: int, admission: str = "demand", watermark: float = 0.01):
         if admission not in ADMISSION:
             raise ValueError(f"admission must be one of {', '.join(ADMISSION)}, got {admission!r}")
         if not 0 <= watermark < 1:

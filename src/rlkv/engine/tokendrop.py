@@ -41,8 +41,8 @@ PAD_TOKENS = 8192  # prompts x longest prompt of one padded prefill group: bound
 class TokenDropStore:
     """Slots of `policy.capacity` tokens per layer and KV head, as many as `budget` bytes hold (at most max_batch).
 
-    Slot 0 is scratch space that padding rows of a decode batch write into. It implements the
-    allocation interface of `rlkv.engine.kv.KVStore` (a sequence needs a slot and no pages)."""
+    Slot 0 is scratch space that padding rows of a decode batch write into. It implements
+    `rlkv.engine.store.Store` (a sequence needs a slot and no pages)."""
 
     def __init__(self, layout: Layout, policy: Policy, budget: int, max_batch: int, device, dtype: torch.dtype):
         self.layout, self.policy = layout, policy
@@ -70,6 +70,10 @@ class TokenDropStore:
 
     def pages_for(self, tokens: int) -> int:
         return 0
+
+    @property
+    def free_slots(self) -> int:
+        return len(self._free_slots)
 
     def has_slot(self) -> bool:
         return bool(self._free_slots)

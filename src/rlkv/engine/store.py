@@ -1,0 +1,48 @@
+"""What the engine needs of whatever holds a method's K/V: one interface, two stores.
+
+`rlkv.engine.kv.KVStore` (head splits and gated rollouts: pages for kept heads, a sink + recent
+ring per sequence for compressed ones) and `rlkv.engine.tokendrop.TokenDropStore` (token droppers:
+a fixed slot of tokens per sequence, no pages) both implement `Store`; the scheduler and the step
+loop use nothing else of them. Slot 0 and page 0 are scratch space for a batch's padding rows.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+
+@runtime_checkable
+class Store(Protocol):
+    num_slots: int  # sequence slots, the scratch slot included
+    peak_pages_used: int
+
+    @property
+    def capacity_pages(self) -> int:
+        """Pages sequences can hold (0: a store without pages)."""
+
+    @property
+    def free_pages(self) -> int: ...
+
+    @property
+    def free_slots(self) -> int: ...
+
+    def pages_for(self, tokens: int) -> int:
+        """Pages a sequence of `tokens` tokens holds."""
+
+    def has_slot(self) -> bool: ...
+
+    def take_slot(self) -> int: ...
+
+    def grow(self, slot: int, pages: list[int], tokens: int) -> bool:
+        """Extend `pages` to hold `tokens` tokens; False, taking nothing, if the pool is short."""
+
+    def flush(self) -> None:
+        """Make the pages handed out since the last flush visible to the device (page tables)."""
+
+    def release(self, slot: int, pages: list[int]) -> None: ...
+
+    def nbytes(self) -> int:
+        """Bytes allocated for K/V (and the policy state a store keeps)."""
+
+    def sequence_nbytes(self, tokens):
+        """Bytes a sequence of `tokens` tokens holds."""
