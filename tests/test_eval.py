@@ -129,6 +129,21 @@ def test_a_run_made_before_a_setting_existed_resumes_with_its_default(lm, tmp_pa
         evaluate(*lm, config(tasks=["arith"], methods=["random"], match_bytes=True), tmp_path / "run", progress=False)
 
 
+def test_a_run_made_before_prefill_existed_was_a_compressed_prefill(lm, tmp_path):
+    """Runs recorded without the setting prefilled the compressed way: resuming one under the new default
+    (full) is refused, naming it; --prefill compressed goes on with it."""
+    evaluate(*lm, config(tasks=["arith"], methods=["full"], prefill="compressed"), tmp_path / "run", progress=False)
+    path = tmp_path / "run" / "config.json"
+    old = json.loads(path.read_text())
+    del old["prefill"]  # as written by rlkv before --prefill existed
+    path.write_text(json.dumps(old))
+    with pytest.raises(ValueError, match="prefill: 'compressed' -> 'full'"):
+        evaluate(*lm, config(tasks=["arith"], methods=["full"]), tmp_path / "run", progress=False)
+    res = evaluate(*lm, config(tasks=["arith"], methods=["full"], prefill="compressed"), tmp_path / "run",
+                   progress=False)
+    assert {r["task"] for r in res.rows} == {"arith"}
+
+
 @pytest.mark.parametrize(
     "kw, error, message",
     [

@@ -10,6 +10,8 @@ from rlkv.heads import KEEP_RULES
 from rlkv.splitcache import PREFILL_MODES
 
 # The settings a run directory keeps for good: a resumed run must share them (heads: per method, in rlkv.eval.run).
+# A run recorded before a setting existed ran with the default it has now, except for these:
+BEFORE_IT_EXISTED = {"prefill": "compressed"}  # full prefill became the default when the setting came in
 IDENTITY = ("model", "max_new_tokens", "temperature", "top_p", "seed", "sink", "recent", "budget",
             "match_bytes", "keep_rule", "prefill")
 

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 import rlkv.tasks as task_registry
 from rlkv.engine.sampling import stable_seed
-from rlkv.eval.config import IDENTITY, EvalConfig
+from rlkv.eval.config import BEFORE_IT_EXISTED, IDENTITY, EvalConfig
 from rlkv.eval.plan import bytes_reference, matched, method_plan
 from rlkv.eval.report import markdown_table
 from rlkv.eval.rundir import Shard, drop_torn_tail, own_file, read_config, run_records, sample_key, sole_writer, write_whole
@@ -200,7 +200,7 @@ def _open_run(out: Path, record: dict, invocation: dict, shard: Shard | None) ->
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
         old = read_config(out)
         if old is not None:
-            defaults = {f.name: f.default for f in fields(EvalConfig)}  # a run made before a setting existed had its default
+            defaults = {**{f.name: f.default for f in fields(EvalConfig)}, **BEFORE_IT_EXISTED}  # of older runs
             before = {k: old.get(k, defaults.get(k)) for k in IDENTITY}
             heads, heads_diff = _heads_identity(old.get("heads_sha256"), record.get("heads_sha256") or {})
             changes = [f"{k}: {before[k]!r} -> {record.get(k)!r}" for k in IDENTITY if before[k] != record.get(k)]
