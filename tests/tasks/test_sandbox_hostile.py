@@ -289,7 +289,9 @@ def test_an_unhooked_fork_bomb_is_capped_and_reaped(mode):
     result = run_code(unhooked(script), ["assert True"], Limits(timeout=10, max_processes=8, isolation=mode))
     assert result.passed, (result.details, result.stderr)
     if mode == "root" or os.geteuid() != 0:  # the kernel exempts host root's processes from RLIMIT_NPROC
-        assert int(result.stdout.split()[-1]) < 40 and "cannot fork" in result.stderr.lower()
+        # capped: system() fails once the job's processes reach the limit (whether libc's own fork fails, silently,
+        # or the shell's, which says "cannot fork", depends on timing)
+        assert int(result.stdout.split()[-1]) < 40
     assert processes_with(marker) == []  # nothing outlived the job
 
 
