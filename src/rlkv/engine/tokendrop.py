@@ -111,14 +111,11 @@ class TokenDropStore:
         keys = then_new(self.keys[layer], slots, k[:, :, None]) if needs_keys else None
         return Candidates(keys, None, pos, score, attn, False, scaling)
 
-    def state(self, layer: int, slots: torch.Tensor) -> TokenDropLayer:
-        """The rows' policy state (`TokenDropLayer.extra`) as an initialized layer, for `Policy.select`."""
-        view = TokenDropLayer()
-        view.extra = {name: t[slots] for name, t in self.extra[layer].items()}
-        view.is_initialized = True
-        return view
+    def state(self, layer: int, slots: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The rows' policy state (e.g. R-KV's last queries), for `Policy.select` to update."""
+        return {name: t[slots] for name, t in self.extra[layer].items()}
 
-    def place(self, layer: int, slots: torch.Tensor, keep: torch.Tensor, c: Candidates, k, v, state: TokenDropLayer):
+    def place(self, layer: int, slots: torch.Tensor, keep: torch.Tensor, c: Candidates, k, v, state: dict):
         """Apply the policy's `keep` [B, Hkv, capacity + 1] to the rows' slots: evicted places become empty and
         a kept new token goes into the first empty place (there is one: at most `capacity` are kept)."""
         cap = self.capacity
@@ -135,7 +132,7 @@ class TokenDropStore:
         self.pos[layer][slots] = put(pos, c.pos[..., cap:])
         if self.score is not None:
             self.score[layer][slots] = put(torch.where(keep[..., :cap], c.score[..., :cap], 0.0), c.score[..., cap:])
-        for name, t in state.extra.items():
+        for name, t in state.items():
             self.extra[layer][name][slots] = t
 
     def scatter(self, layer: int, slots: torch.Tensor, view: TokenDropLayer) -> None:

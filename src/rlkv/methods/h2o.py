@@ -37,7 +37,7 @@ class H2O(Policy):
     def observed(self, first: bool, q_len: int) -> int:
         return q_len  # every query adds to the accumulated attention
 
-    def select(self, layer, c: Candidates, query, q_pos) -> torch.Tensor:
+    def select(self, state, c: Candidates, query, q_pos) -> torch.Tensor:
         c.score = c.score + c.attn
         return h2o_keep(c.score, c.pos, self.budget, self.recent)
 

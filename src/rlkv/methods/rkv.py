@@ -68,12 +68,12 @@ class RKV(Policy):
             raise ValueError(f"rkv needs an odd pooling kernel >= 1, got {kernel!r}")
         self.window, self.interval, self.lam, self.kernel = window, interval, lam, kernel
 
-    def select(self, layer, c: Candidates, query, q_pos) -> torch.Tensor:
+    def select(self, state, c: Candidates, query, q_pos) -> torch.Tensor:
         if c.first:
-            layer.extra = self.empty_state(query.shape[0], query.shape[1], query.shape[-1], query.dtype, query.device)
-        queries = torch.cat([layer.extra["queries"], query], dim=2)[:, :, -self.window :]
-        query_pos = torch.cat([layer.extra["query_pos"], q_pos], dim=1)[:, -self.window :]
-        layer.extra = {"queries": queries, "query_pos": query_pos}
+            state.update(self.empty_state(query.shape[0], query.shape[1], query.shape[-1], query.dtype, query.device))
+        queries = torch.cat([state["queries"], query], dim=2)[:, :, -self.window :]
+        query_pos = torch.cat([state["query_pos"], q_pos], dim=1)[:, -self.window :]
+        state.update(queries=queries, query_pos=query_pos)
         valid = c.pos >= 0
         full = valid.sum(dim=-1).amax(dim=-1) >= self.capacity  # [b]: rows whose heads reached budget + interval
         # no row to cut: skip the scoring (that test waits for the device, so not inside a CUDA graph's capture)

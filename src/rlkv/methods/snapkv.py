@@ -46,7 +46,7 @@ class SnapKV(Policy):
     def observed(self, first: bool, q_len: int) -> int:
         return self.window if first else 0
 
-    def select(self, layer, c: Candidates, query, q_pos) -> torch.Tensor:
+    def select(self, state, c: Candidates, query, q_pos) -> torch.Tensor:
         if c.first:
             c.score = snapkv_pins(c.attn, c.pos, self.window, self.kernel, self.budget - self.window).float()
         return snapkv_keep(c.score > 0, c.pos, self.budget)

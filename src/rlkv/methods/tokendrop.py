@@ -85,8 +85,10 @@ class Policy:
         """How many of the last queries of this forward must report their attention (Candidates.attn)."""
         return 0
 
-    def select(self, layer: TokenDropLayer, c: Candidates, query: torch.Tensor, q_pos: torch.Tensor) -> torch.Tensor:
-        """Bool keep mask [b, h, K] with at most `capacity` True per row; scored policies set `c.score` first."""
+    def select(self, state: dict[str, torch.Tensor], c: Candidates, query: torch.Tensor,
+               q_pos: torch.Tensor) -> torch.Tensor:
+        """Bool keep mask [b, h, K] with at most `capacity` True per row; scored policies set `c.score` first.
+        `state` is the rows' policy state (`empty_state`'s tensors, batch first), updated in place."""
         raise NotImplementedError
 
     def params(self) -> dict:
@@ -105,7 +107,7 @@ class Policy:
         return 0
 
     def empty_state(self, batch: int, q_heads: int, head_dim: int, dtype, device) -> dict[str, torch.Tensor]:
-        """The policy state (`TokenDropLayer.extra`) of `batch` sequences that have seen nothing yet: fixed
+        """The policy state (what `select` keeps in `state`) of `batch` sequences that have seen nothing yet: fixed
         shapes, batch first (state_bytes() per sequence), so the engine can keep it in per-sequence slots."""
         return {}
 
@@ -240,7 +242,7 @@ class TokenDropLayer(CompressedLayer, CacheLayerMixin):
         observe = min(policy.observed(first, q), q)
         out, attn = candidate_attention(query, keys, values, pos, q_pos, scaling, window, observe)
         c = Candidates(keys, values, pos, score, attn, first, scaling)
-        keep = policy.select(self, c, query, q_pos)
+        keep = policy.select(self.extra, c, query, q_pos)
         self._compact(c, keep, policy.capacity)
         return out
 
@@ -261,7 +263,7 @@ class TokenDropLayer(CompressedLayer, CacheLayerMixin):
         else:
             out, attn = slot_attention(query, self.keys, self.values, self.pos, q_pos, scaling, window), None
         c = Candidates(self.keys, self.values, self.pos, self.score, attn, False, scaling)
-        keep = policy.select(self, c, query, q_pos)
+        keep = policy.select(self.extra, c, query, q_pos)
         pos = torch.where(keep, self.pos, -1)
         free = (pos[..., :cap] < 0).to(torch.int8).argmax(dim=-1, keepdim=True)  # [b, h, 1]; one exists if the new token is kept
         source = torch.where(keep[..., cap:], cap, free)  # the slot `free` takes: the new token if kept, else itself
