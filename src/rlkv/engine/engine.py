@@ -132,7 +132,7 @@ class Engine:
         self.cuda_graphs = graphs if cuda_graphs is None else cuda_graphs
         if self.cuda_graphs and not graphs:
             raise ValueError("cuda_graphs needs a CUDA model and, for head-split methods, the Triton kernel (kernel=True)")
-        self.max_batch, self.prefill_tokens = max_batch, prefill_tokens
+        self.max_batch = max_batch
         self.scheduler = Scheduler(self.store, max_batch, admission, watermark)
         self.runner = Runner(model, self.state, self.store, self.device, max_batch, prefill_tokens, self.cuda_graphs,
                              whole_prompts)

@@ -26,6 +26,7 @@ import re
 import torch
 
 from rlkv.attention.ring import query_heads
+from rlkv.engine.store import Slots, free_list
 from rlkv.models import Layout
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
@@ -62,12 +63,7 @@ def upload(data, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     return tensor.pin_memory().to(device, non_blocking=True)
 
 
-def free_list(n: int) -> list[int]:
-    """Ids 1 .. n - 1 to hand out with `pop()`, lowest first (id 0 is scratch space for padding rows)."""
-    return list(range(n - 1, 0, -1))
-
-
-class KVStore:
+class KVStore(Slots):
     """Pages and rings for every layer, sized from a byte budget; allocates pages and slots to sequences
     (`rlkv.engine.store.Store`)."""
 
@@ -106,7 +102,7 @@ class KVStore:
                     f"({ring_bytes / 2**20:.1f} MiB): raise kv_budget or lower max_batch"
                 )
             num_pages = 1
-        self.num_pages, self.num_slots = int(num_pages), num_slots
+        self.num_pages = int(num_pages)
         self.full_idx = [torch.nonzero(row).flatten().to(device) for row in self.keep]
         self.comp_idx = [torch.nonzero(~row).flatten().to(device) for row in self.keep]
         # the same split for query heads (a GQA group follows its KV head)
@@ -129,7 +125,7 @@ class KVStore:
         self.index = [index[i].to(device) for i in range(layout.num_layers)]
         self.page_table = torch.zeros(num_slots, self.max_pages_per_seq, dtype=torch.int32, device=device)
         self._free_pages = free_list(self.num_pages)
-        self._free_slots = free_list(num_slots)
+        self._init_slots(num_slots)
         self._table_writes: list[tuple[int, int, int]] = []
         self.peak_pages_used = 0
 
@@ -145,18 +141,6 @@ class KVStore:
     @property
     def free_pages(self) -> int:
         return len(self._free_pages)
-
-    @property
-    def free_slots(self) -> int:
-        return len(self._free_slots)
-
-    def has_slot(self) -> bool:
-        return bool(self._free_slots)
-
-    def take_slot(self) -> int:
-        if not self._free_slots:
-            raise RuntimeError("KVStore.take_slot called without a free slot (check has_slot first)")
-        return self._free_slots.pop()
 
     def grow(self, slot: int, pages: list[int], tokens: int) -> bool:
         """Extend `pages` (the sequence in `slot`) to hold `tokens` tokens; False, taking nothing, if the pool
@@ -180,7 +164,7 @@ class KVStore:
             self._table_writes = []
 
     def release(self, slot: int, pages: list[int]) -> None:
-        self._free_slots.append(slot)
+        self._release_slot(slot)
         self._free_pages.extend(reversed(pages))
 
     # ------------------------------------------------------------------ accounting

@@ -56,7 +56,7 @@ class Runner:
     def __init__(self, model, state, store, device, max_batch: int, prefill_tokens: int, cuda_graphs: bool,
                  whole_prompts: bool):
         self.model, self.state, self.store, self.device = model, state, store, device
-        self.max_batch, self.prefill_tokens = max_batch, prefill_tokens
+        self.prefill_tokens = prefill_tokens
         self.cuda_graphs, self.whole_prompts = cuda_graphs, whole_prompts
         self._graphs: dict[tuple, tuple] = {}
         # decode batch sizes that get a CUDA graph; a step pads up to the smallest that fits

@@ -2,13 +2,44 @@
 
 `rlkv.engine.kv.KVStore` (head splits and gated rollouts: pages for kept heads, a sink + recent
 ring per sequence for compressed ones) and `rlkv.engine.tokendrop.TokenDropStore` (token droppers:
-a fixed slot of tokens per sequence, no pages) both implement `Store`; the scheduler and the step
-loop use nothing else of them. Slot 0 and page 0 are scratch space for a batch's padding rows.
+a fixed slot of tokens per sequence, no pages) both implement `Store` (their sequence slots through
+`Slots`); the scheduler and the step loop use nothing else of them. Slot 0 and page 0 are scratch
+space for a batch's padding rows.
 """
 
 from __future__ import annotations
 
 from typing import Protocol, runtime_checkable
+
+
+def free_list(n: int) -> list[int]:
+    """Ids 1 .. n - 1 to hand out with `pop()`, lowest first (id 0 is scratch space for padding rows)."""
+    return list(range(n - 1, 0, -1))
+
+
+class Slots:
+    """The sequence slots of a store, handed out lowest first; slot 0 is never handed out (scratch)."""
+
+    num_slots: int
+    _free_slots: list[int]
+
+    def _init_slots(self, n: int) -> None:
+        self.num_slots, self._free_slots = n, free_list(n)
+
+    @property
+    def free_slots(self) -> int:
+        return len(self._free_slots)
+
+    def has_slot(self) -> bool:
+        return bool(self._free_slots)
+
+    def take_slot(self) -> int:
+        if not self._free_slots:
+            raise RuntimeError(f"{type(self).__name__}.take_slot called without a free slot (check has_slot first)")
+        return self._free_slots.pop()
+
+    def _release_slot(self, slot: int) -> None:
+        self._free_slots.append(slot)
 
 
 @runtime_checkable

@@ -31,14 +31,15 @@ from __future__ import annotations
 import torch
 
 from rlkv.engine.attention import Decode, EngineState, Prefill
-from rlkv.engine.kv import free_list, upload
+from rlkv.engine.kv import upload
+from rlkv.engine.store import Slots
 from rlkv.methods.tokendrop import Candidates, Policy, TokenDropLayer, candidate_attention
 from rlkv.models import Layout
 
 PAD_TOKENS = 8192  # prompts x longest prompt of one padded prefill group: bounds its attention's memory
 
 
-class TokenDropStore:
+class TokenDropStore(Slots):
     """Slots of `policy.capacity` tokens per layer and KV head, as many as `budget` bytes hold (at most max_batch).
 
     Slot 0 is scratch space that padding rows of a decode batch write into. It implements
@@ -53,7 +54,7 @@ class TokenDropStore:
             raise ValueError(f"kv_budget of {budget / 2**20:.1f} MiB cannot hold one {policy.name} sequence "
                              f"({self.slot_bytes / 2**20:.2f} MiB with scratch: {2 * self.slot_bytes / 2**20:.2f} MiB): "
                              "raise kv_budget or lower the budget of tokens")
-        self.num_slots = min(max_batch, fits) + 1
+        self._init_slots(min(max_batch, fits) + 1)
         shape = (self.num_slots, layout.num_kv_heads, self.capacity)
         d = layout.head_dim
         self.keys = [torch.zeros(*shape, d, dtype=dtype, device=device) for _ in range(layout.num_layers)]
@@ -62,7 +63,6 @@ class TokenDropStore:
         self.score = [torch.zeros(shape, device=device) for _ in range(layout.num_layers)] if policy.scored else None
         self.extra = [policy.empty_state(self.num_slots, layout.num_q_heads, d, dtype, device)
                       for _ in range(layout.num_layers)]  # e.g. R-KV's last queries
-        self._free_slots = free_list(self.num_slots)
         self.peak_pages_used = 0
 
     # ------------------------------------------------------------------ allocation (KVStore's interface)
@@ -71,18 +71,6 @@ class TokenDropStore:
     def pages_for(self, tokens: int) -> int:
         return 0
 
-    @property
-    def free_slots(self) -> int:
-        return len(self._free_slots)
-
-    def has_slot(self) -> bool:
-        return bool(self._free_slots)
-
-    def take_slot(self) -> int:
-        if not self._free_slots:
-            raise RuntimeError("TokenDropStore.take_slot called without a free slot (check has_slot first)")
-        return self._free_slots.pop()
-
     def grow(self, slot: int, pages: list[int], tokens: int) -> bool:
         return True  # a slot holds every token the policy keeps
 
@@ -90,7 +78,7 @@ class TokenDropStore:
         pass
 
     def release(self, slot: int, pages: list[int]) -> None:
-        self._free_slots.append(slot)
+        self._release_slot(slot)
 
     # ------------------------------------------------------------------ accounting
     def nbytes(self) -> int:
