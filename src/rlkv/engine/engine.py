@@ -288,7 +288,6 @@ class Engine:
     def _prefill(self) -> None:
         self.store.flush()
         done = self.runner.prefill(self._prefilling)
-        self.stats.prefill_forwards = self.runner.prefill_forwards
         self._prefilling = [r for r in self._prefilling if not r.prefilled]
         if done is not None:
             requests, tokens, logprobs = done
@@ -298,7 +297,6 @@ class Engine:
 
     def _launched(self, requests: list[Request], tokens: torch.Tensor, logprobs: torch.Tensor) -> _Step:
         """The step that sampled `tokens` for `requests`, with their copy to the host started."""
-        self.stats.decode_steps = self.runner.decode_steps
         for req in requests:
             req.sampled += 1
         if self.device.type != "cuda":
@@ -428,4 +426,5 @@ class Engine:
         bar.close()
         self.stats.seconds = time.perf_counter() - start
         self.stats.peak_pages_used = self.store.peak_pages_used
+        self.stats.decode_steps, self.stats.prefill_forwards = self.runner.decode_steps, self.runner.prefill_forwards
         return [done[key] for key in keys]
