@@ -52,13 +52,23 @@ def matmul_rate(device) -> float:
     return 2 * 8192**3 / gpu_seconds(lambda: a @ b, reps=10)
 
 
+def eager_groups(model, tok, method, budget: int, batch: int, ids, steps: int) -> dict[str, float]:
+    """GPU ms per decode step by kernel group, from `steps` eager (ungraphed) steps under torch.profiler."""
+    eager = rlkv.Engine(model, tok, method, kv_budget=budget, max_batch=batch, cuda_graphs=False)
+    (a, n0), (b, n1) = _kernels(eager, ids, 2), _kernels(eager, ids, 2 + steps)
+    groups: dict[str, float] = {}
+    for name, (_, us) in b.items():
+        groups[group_of(name)] = groups.get(group_of(name), 0.0) + (us - a.get(name, (0, 0))[1]) / max(n1 - n0, 1) / 1e3
+    return groups
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True)
     ap.add_argument("--batches", default="64,128,256")
     ap.add_argument("--sparsities", default="0,0.5")
     ap.add_argument("--context", type=int, default=1024, help="tokens per sequence (mid-generation)")
-    ap.add_argument("--profile-tokens", type=int, default=4, help="eager decode steps profiled")
+    ap.add_argument("--profile-tokens", type=int, default=4, help="eager decode steps profiled (0: none)")
     ap.add_argument("--sink", type=int, default=16)
     ap.add_argument("--recent", type=int, default=64)
     ap.add_argument("--out", default="results/decode_limit.json")
@@ -94,19 +104,14 @@ def main():
                 row["of_limit"] = row["floor_ms"] / row["graph_ms"]
             if flops:
                 row["flop_floor_ms"] = 1e3 * 2 * params * batch / flops
-            eager = rlkv.Engine(model, tok, method, kv_budget=budget, max_batch=batch, cuda_graphs=False)
-            (a, n0), (b, n1) = _kernels(eager, ids, 2), _kernels(eager, ids, 2 + args.profile_tokens)
-            steps = max(n1 - n0, 1)
-            groups: dict[str, float] = {}
-            for name, (_, us) in b.items():
-                groups[group_of(name)] = groups.get(group_of(name), 0.0) + (us - a.get(name, (0, 0))[1]) / steps / 1e3
-            row["eager_gpu_ms"] = sum(groups.values())
+            groups = eager_groups(model, tok, method, budget, batch, ids, args.profile_tokens) if args.profile_tokens else {}
+            row["eager_gpu_ms"] = sum(groups.values()) if groups else None
             row["groups_ms"] = groups
             rows.append(row)
             print(f"sparsity {s:g}, {batch} x {args.context}: step {row['graph_ms'] or 0:.2f} ms of GPU time, floor "
                   f"{row['floor_ms']:.2f} ms ({row.get('of_limit') or 0:.0%} of the limit); eager kernels: "
                   + ", ".join(f"{g} {ms:.2f} ms" for g, ms in sorted(groups.items(), key=lambda e: -e[1])), flush=True)
-            del engine, eager
+            del engine
             if device.type == "cuda":
                 torch.cuda.empty_cache()
             write_result(args.out, {**meta, "complete": False, "rows": rows})
