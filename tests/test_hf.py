@@ -29,7 +29,7 @@ def test_generate_equals_masked_reference(arch, sparsity, lengths):
     ids, mask = batch(lengths, max(lengths))
     with rlkv.compress(model, heads, sparsity=sparsity, sink=SINK, recent=RECENT) as handle:
         fast = run(model, ids, mask)
-        assert isinstance(handle.cache, rlkv.HeadSplitCache)
+        assert isinstance(handle.cache, rlkv.FullCache if sparsity == 0 else rlkv.HeadSplitCache)
         ref = run(model, ids, mask, **{CACHE_KWARG: DynamicCache()})  # full cache + mask
     torch.testing.assert_close(torch.stack(fast.logits), torch.stack(ref.logits), rtol=1e-5, atol=1e-5)
     assert torch.equal(fast.sequences, ref.sequences)
@@ -39,10 +39,14 @@ def test_sparsity_zero_is_plain_generate(arch):
     model = tiny_model(arch)
     ids, mask = batch((20, 13, 7), 20)
     plain = run(model, ids, mask, new=20)
-    with rlkv.compress(model, rlkv.HeadScores.random(rlkv.Layout.of(model)), sparsity=0.0):
+    with rlkv.compress(model, rlkv.HeadScores.random(rlkv.Layout.of(model)), sparsity=0.0) as handle:
         fast = run(model, ids, mask, new=20)
     assert torch.equal(fast.sequences, plain.sequences)
     assert torch.equal(torch.stack(fast.logits), torch.stack(plain.logits))
+    held = fast.sequences.shape[1] - 1  # columns stored (padding included; the last token is never fed)
+    assert handle.cache.nbytes() == rlkv.cache_nbytes(output_cache(plain))
+    assert int(handle.cache.sequence_nbytes(torch.tensor([held]))[0]) * 3 == handle.cache.nbytes()
+    assert held * rlkv.Layout.of(model).kv_bytes_per_token() * 3 == handle.cache.nbytes()
 
 
 def test_cached_logits_equal_a_full_forward_with_the_reference_mask():

@@ -25,6 +25,7 @@ _EXPORTS = {
     "Completion": "rlkv.engine",
     "Engine": "rlkv.engine",
     "EvalConfig": "rlkv.eval",
+    "FullCache": "rlkv.hf",
     "Gated": "rlkv.engine",
     "HeadScores": "rlkv.heads",
     "HeadSplitCache": "rlkv.hf",

@@ -32,7 +32,7 @@ from __future__ import annotations
 import os
 
 import torch
-from transformers.cache_utils import Cache
+from transformers.cache_utils import Cache, DynamicCache
 
 from rlkv.attention.plumbing import Step, base_attention, patched, state_of
 from rlkv.attention.reference import keep_keys_mask, masked_attention
@@ -40,7 +40,7 @@ from rlkv.heads import HeadScores
 from rlkv.models import Layout
 from rlkv.splitcache import PREFILL_MODES, HeadSplitCache, HeadSplitLayer
 
-__all__ = ["HeadSplitCache", "HeadSplitLayer", "cache_nbytes", "compress", "resolve_keep"]
+__all__ = ["FullCache", "HeadSplitCache", "HeadSplitLayer", "cache_nbytes", "compress", "resolve_keep"]
 
 
 def cache_nbytes(cache: Cache) -> int:
@@ -55,6 +55,25 @@ def cache_nbytes(cache: Cache) -> int:
     )
 
 
+class FullCache(DynamicCache):
+    """The cache of `compress` when every head is kept: transformers' DynamicCache, with a HeadSplitCache's
+    byte accounting (`nbytes`, `sequence_nbytes`)."""
+
+    def nbytes(self) -> int:
+        return cache_nbytes(self)
+
+    def sequence_nbytes(self, num_tokens: torch.Tensor) -> torch.Tensor:
+        """Bytes one sequence of `num_tokens` holds: every head's K/V per token (a sliding layer: its window)."""
+        total = torch.zeros_like(num_tokens)
+        for layer in self.layers:
+            if getattr(layer, "keys", None) is None or layer.keys.numel() == 0:
+                continue
+            per_token = layer.keys.shape[1] * (layer.keys.shape[-1] + layer.values.shape[-1]) * layer.keys.element_size()
+            window = getattr(layer, "sliding_window", None)
+            total = total + (num_tokens if window is None else num_tokens.clamp(max=window)) * per_token
+        return total
+
+
 class _Session:
     """What the attention function needs for one `compress` block."""
 
@@ -62,7 +81,6 @@ class _Session:
         self.keep, self.sink, self.recent, self.prefill = keep, sink, recent, prefill
         self.base = base_attention(base)
         self.all_full = keep.all(dim=1).tolist()
-        self.plain = bool(keep.all())  # every head kept: the model's own attention throughout (plain generate)
         self.step: Step | None = None
         self.cache: Cache | None = None  # the cache of the latest forward
         self.prompt_len = None  # prefill="full": real prompt tokens per row of the current cache
@@ -98,7 +116,7 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
     window = kwargs.get("sliding_window")
     if window is not None and step.k_pos.shape[1] <= window:
         window = None  # no token is old enough to leave the model's sliding window yet
-    if not session.plain and isinstance(cache, HeadSplitCache) and cache.plan.decode and window is None:
+    if isinstance(cache, HeadSplitCache) and cache.plan.decode and window is None:
         return cache.layers[layer].decode(query, key, value, scaling), None
     if session.all_full[layer]:
         return session.base(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
@@ -157,5 +175,7 @@ def compress(model, heads=None, sparsity: float | None = None, sink: int = 16, r
         raise ValueError(f"prefill must be one of {PREFILL_MODES}, got {prefill!r}")
     keep = resolve_keep(layout, heads, sparsity)
     session = _Session(keep, sink, recent, model.config._attn_implementation, prefill)
+    if keep.all():
+        return patched(model, "rlkv_headsplit", _attention, session, make_cache=lambda: FullCache(config=model.config))
     return patched(model, "rlkv_headsplit", _attention, session,
                    make_cache=lambda: HeadSplitCache(keep, sink, recent, prefill))

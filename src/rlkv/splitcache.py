@@ -23,7 +23,8 @@ Steps. `HeadSplitCache.begin` plans each forward once for all layers (`Plan`):
   ring (with prefill="full", over the whole prompt so far) plus the new tokens, by the rule of
   `keep_keys_mask`; then every ring takes its sinks and its last `recent` tokens.
 Outside decoding steps, layers whose heads are all kept are attended by the model's own attention
-over their columns (and always when every head of the model is kept: then it is plain generate).
+over their columns. A model with every head kept needs no HeadSplitCache (`rlkv.compress` keeps
+transformers' DynamicCache then).
 
 prefill="full" (the RLKV authors' rule): while the prompt is being fed, compressed heads keep
 every prompt token and prompt queries attend to all of them; when the last prompt token has
@@ -34,6 +35,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from rlkv.attention.plumbing import CompressedLayer, Step
@@ -42,6 +44,17 @@ from rlkv.attention.ring import query_heads, ring_slot
 
 GROW = 256  # columns added per kept head when a layer's buffer is full
 PREFILL_MODES = ("compressed", "full")
+# torch's first choice for masked attention on Hopper, cuDNN, builds an execution plan for every new shape
+# (tenths of a second each), and a decoding step's key count grows with every token; the other kernels do not.
+NO_CUDNN = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
+def attention(query, key, value, mask, scale: float) -> torch.Tensor:
+    """`scaled_dot_product_attention` with an additive or boolean `mask`, never on cuDNN's attention."""
+    if query.is_cuda and torch.backends.cuda.cudnn_sdp_enabled():
+        with sdpa_kernel(NO_CUDNN):
+            return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scale)
+    return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scale)
 
 
 def ring_plan(pos: torch.Tensor, sink: int, recent: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -208,12 +221,12 @@ class HeadSplitLayer(CompressedLayer, CacheLayerMixin):
             ring_mask = plan.part(("ring_mask", query.dtype), lambda: torch.zeros(
                 b, 1, 1, self.ring_size, dtype=query.dtype, device=query.device).masked_fill_(
                 ~plan.ring_valid[:, None, None, :], float("-inf")))
-            out = F.scaled_dot_product_attention(query.reshape(b, self.nc, group, d), self.ring(self.keys),
-                                                 self.ring(self.values), attn_mask=ring_mask, scale=scaling)
+            out = attention(query.reshape(b, self.nc, group, d), self.ring(self.keys), self.ring(self.values),
+                            ring_mask, scaling)
             return out.reshape(b, 1, hq, -1)
         used = mask.shape[-1]
-        return F.scaled_dot_product_attention(query.reshape(b, 1, hq, d), self.keys[:, None, :used],
-                                              self.values[:, None, :used], attn_mask=mask, scale=scaling)
+        return attention(query.reshape(b, 1, hq, d), self.keys[:, None, :used], self.values[:, None, :used], mask,
+                         scaling)
 
     def _attend_compressed(self, query, new_k, new_v, plan: Plan, scaling: float, window, group: int) -> torch.Tensor:
         """Compressed heads over stored (ring or prompt) + new tokens [b, q, hq_c, d]; then store the new tokens."""
@@ -224,8 +237,7 @@ class HeadSplitLayer(CompressedLayer, CacheLayerMixin):
             stored_k, stored_v = new_k[:, :, :0], new_v[:, :, :0]
         keys, values = torch.cat([stored_k, new_k], dim=-2), torch.cat([stored_v, new_v], dim=-2)
         mask = plan.candidate_mask(window)
-        out = F.scaled_dot_product_attention(query, keys.repeat_interleave(group, 1), values.repeat_interleave(group, 1),
-                                             attn_mask=mask, scale=scaling)
+        out = attention(query, keys.repeat_interleave(group, 1), values.repeat_interleave(group, 1), mask, scaling)
         if src is None:
             self.prompt_keys, self.prompt_values = keys, values
         else:
@@ -280,9 +292,10 @@ class HeadSplitCache(Cache):
     def __init__(self, keep: torch.Tensor, sink: int, recent: int, prefill: str = "compressed"):
         if prefill not in PREFILL_MODES:
             raise ValueError(f"prefill must be one of {PREFILL_MODES}, got {prefill!r}")
+        if bool(keep.all()):
+            raise ValueError("a HeadSplitCache needs at least one compressed head (with every head kept, use a DynamicCache)")
         super().__init__(layers=[HeadSplitLayer(keep[i], self) for i in range(keep.shape[0])])
         self.keep, self.sink, self.recent, self.prefill = keep, sink, recent, prefill
-        self.compressed = not bool(keep.all())
         self.length = 0  # columns fed so far
         self.capacity = 0  # columns allocated per kept head
         self.ring_pos: torch.Tensor | None = None  # [b, sink + recent]: position in each ring slot, -1 = empty
@@ -296,9 +309,6 @@ class HeadSplitCache(Cache):
         b, q = step.q_pos.shape
         if self.length + q > self.capacity:
             self.capacity = -(-(self.length + q) // GROW) * GROW
-        if not self.compressed:  # every head kept: the model's own attention, nothing to plan
-            self.length += q
-            return
         if self.ring_pos is None:
             self.ring_pos = torch.full((b, self.sink + self.recent), -1, dtype=torch.long, device=step.q_pos.device)
             if self.prefill == "full":
