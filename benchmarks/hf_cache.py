@@ -24,7 +24,7 @@ import torch
 from common import print_table, synchronize, write_result
 
 import rlkv
-from rlkv.attention.plumbing import output_cache
+from rlkv.hf.plumbing import output_cache
 from rlkv.methods.matching import match_budget
 
 TOPICS = [

@@ -9,7 +9,7 @@ from rlkv.engine.attention import Decode, decode_torch, store_torch
 from rlkv.attention.ring import ring_positions
 from rlkv.engine.kv import KVStore, parse_bytes
 from rlkv.engine.sampling import filter_logits, sample, uniform
-from rlkv.identify.gated import gated
+from rlkv.hf.gated import gated
 from rlkv.methods.headsplit import HeadSplit
 
 SINK, RECENT = 2, 6

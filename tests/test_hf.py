@@ -8,7 +8,7 @@ from conftest import DEVICE, left_padded_batch as batch, tiny_model
 from transformers import DynamicCache
 
 import rlkv
-from rlkv.attention.plumbing import CACHE_KWARG, output_cache
+from rlkv.hf.plumbing import CACHE_KWARG, output_cache
 from rlkv.attention.reference import keep_keys_mask, masked_attention
 
 SINK, RECENT = 2, 4  # sink + recent = 6: prompts of 4 and 20 tokens are shorter and longer
@@ -241,7 +241,7 @@ def test_full_prefill_matches_plain_attention_over_the_prompt_then_compresses():
 
 def test_growing_storage_and_beam_search_equal_the_reference(monkeypatch):
     """Capacity grown every 4 columns (instead of GROW) and beams reordered: still the masked reference."""
-    from rlkv import splitcache
+    from rlkv.hf import splitcache
 
     monkeypatch.setattr(splitcache, "GROW", 4)
     model = tiny_model("qwen3")

@@ -11,7 +11,7 @@ from conftest import DEVICE, left_padded_batch as batch, tiny_model, tiny_tokeni
 from transformers import DynamicCache
 
 import rlkv
-from rlkv.attention.plumbing import CACHE_KWARG
+from rlkv.hf.plumbing import CACHE_KWARG
 from rlkv.identify import (
     IdentifyConfig, batch_advantages, gated, group_advantages, identify, init_gates, penalty_weight, select_problems,
 )

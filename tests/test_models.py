@@ -9,7 +9,7 @@ from conftest import SMOLLM2, tiny_gguf, tiny_model
 from transformers import GPT2Config
 
 import rlkv
-from rlkv.attention.plumbing import output_cache
+from rlkv.hf.plumbing import output_cache
 from rlkv.models import check_supported
 
 

@@ -6,12 +6,13 @@ from conftest import DEVICE, left_padded_batch as batch, tiny_model
 from transformers import AttentionInterface
 
 import rlkv
-from rlkv.attention.plumbing import output_cache
+from rlkv.hf.plumbing import output_cache
 from rlkv.attention.reference import masked_attention, token_positions
 from rlkv.methods.h2o import H2O, build_h2o, h2o_keep
 from rlkv.methods.rkv import RKV, build_rkv, rkv_importance, rkv_keep, rkv_redundancy
 from rlkv.methods.snapkv import SnapKV, build_snapkv, snapkv_keep, snapkv_pins
-from rlkv.methods.tokendrop import TokenDropCache, TokenDropLayer, top_k_mask
+from rlkv.attention.tokendrop import top_k_mask
+from rlkv.hf.tokendrop import TokenDropCache, TokenDropLayer
 
 BUILDERS = {"h2o": build_h2o, "snapkv": build_snapkv, "rkv": build_rkv}
 SMALL = {  # small budgets: tokens are dropped after a 14-token prompt

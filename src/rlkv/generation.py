@@ -7,8 +7,8 @@
 The runtimes give the same `rlkv.engine.Completion`s:
 - `rlkv.Engine` (continuous batching, per-head paged KV, CUDA graphs): `engine="on"`, or "auto"
   with the model on a GPU, or an Engine of your own (it runs the method it was built with);
-- transformers `generate` inside the method's cache (`method.apply(model)`; `gated(...)` for
-  `Gated` rollouts; the model's own cache without a method): `engine="off"`, or "auto" on a CPU;
+- transformers `generate` inside the method's cache (`method.apply(model)`, `Gated` rollouts too;
+  the model's own cache without a method): `engine="off"`, or "auto" on a CPU;
   prompts go in batches of `batch_size`, left-padded.
 Both stop by the same rules (EOS ids, stop strings, the degenerate-repetition stop, the token
 limit) with the same finish reasons, and report the log-prob of every token under the raw logits
@@ -160,10 +160,6 @@ class Transformers:
         """The block `generate` runs in: the method's cache and attention (none for a full cache)."""
         if self.method is None:
             return nullcontext()
-        if isinstance(self.method, Gated):
-            from rlkv.identify.gated import gated  # here: rlkv.identify's package imports this module
-
-            return gated(self.model, self.method.alpha, self.method.sink, self.method.recent)
         return self.method.apply(self.model)
 
 

@@ -2,7 +2,7 @@
 
 A compressed KV head stores the first `sink` tokens for good and the last `recent` in a ring:
 token position p lives in slot p while p < sink, else in slot sink + (p - sink) mod recent. The
-transformers cache (`rlkv.splitcache`), the engine's stores and torch paths (`rlkv.engine`) use
+transformers cache (`rlkv.hf.splitcache`), the engine's stores and torch paths (`rlkv.engine`) use
 these functions; the engine's Triton kernel (`rlkv.engine.kernel._decode_kernel`) spells the same
 rule inline and is tested against the torch path.
 """

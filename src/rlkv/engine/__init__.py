@@ -6,12 +6,14 @@
 
 Modules, in the order a request meets them: `request` (sampling parameters, a request's state,
 outputs), `scheduler` (admission, pages on demand, preemption), `engine` (the step loop and its
-API), `runner` (forwards, sampling, CUDA graphs), `stats` (what it reports), `kv` (pages and
-rings), `attention` (store + attend, torch reference paths), `kernel` (the Triton decode kernels),
+API), `runner` (forwards, sampling, CUDA graphs), `stats` (what it reports), `runtime` (which
+store and attention a method runs on), `store` (their interface), `kv` (pages and rings),
+`attention` (store + attend, torch reference paths), `kernel` (the Triton decode kernels),
 `tokendrop` (slots for H2O / SnapKV / R-KV), `sampling` (seeded, batch-independent sampling).
 """
 
-from rlkv.engine.engine import ENGINE_SETTINGS, Engine, EngineMetrics, EngineStats, Gated, check_setting, engine_for
+from rlkv.engine.engine import ENGINE_SETTINGS, Engine, EngineMetrics, EngineStats, check_setting, engine_for
+from rlkv.engine.runtime import Gated
 from rlkv.engine.request import Completion, RequestError, RequestOutput, SamplingParams, degenerate
 
 __all__ = ["ENGINE_SETTINGS", "Completion", "Engine", "EngineMetrics", "EngineStats", "Gated", "RequestError",

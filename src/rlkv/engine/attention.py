@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from rlkv.attention.plumbing import state_of
+from rlkv.hf.plumbing import state_of
 from rlkv.attention.reference import gate_mix, keep_keys_mask, masked_attention
 from rlkv.attention.ring import ring_positions, ring_slot
 from rlkv.engine.kv import KVStore, upload
@@ -47,6 +47,9 @@ class Decode:
     def of(cls, store: KVStore, slots: torch.Tensor, pos: torch.Tensor, max_len: int | None = None) -> Decode:
         page = store.page_table[slots, pos // store.page_size].long()
         return cls(slots, pos, page, pos % store.page_size, ring_slot(pos, store.sink, store.recent), max_len)
+
+    def attend(self, state, layer: int, query, key, value, scaling: float, window: int | None) -> torch.Tensor:
+        return state.decode(layer, query[:, :, 0], key[:, :, 0], value[:, :, 0], scaling, window)[:, None]
 
 
 @dataclass
@@ -80,6 +83,9 @@ class Prompts:
         full_rows = pos < prompt_lengths if prompt_lengths is not None else None
         return cls(pos, seq, at.page, at.offset, torch.where(stays, slots, 0), at.ring, store.sink, store.recent,
                    full_rows)
+
+    def attend(self, state, layer: int, query, key, value, scaling: float, window: int | None) -> torch.Tensor:
+        return state.prompts(layer, query, key, value, scaling, window)
 
     def mask(self, full: bool, window: int | None) -> torch.Tensor:
         """[1, 1, T, T]: what a kept (`full`) or a compressed head's queries attend to (built once per forward);
@@ -116,6 +122,9 @@ class Segment:
 @dataclass
 class Prefill:
     segments: list[Segment]
+
+    def attend(self, state, layer: int, query, key, value, scaling: float, window: int | None) -> torch.Tensor:
+        return state.prefill(layer, query, key, value, scaling, window)
 
 
 class EngineState:
@@ -328,10 +337,7 @@ def attention(module, query, key, value, attention_mask, scaling=None, dropout=0
     """The attention implementation the engine registers (transformers' AttentionInterface signature)."""
     state: EngineAttention = state_of(module, "rlkv.Engine")
     scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
-    window = kwargs.get("sliding_window")
-    if isinstance(state.batch, Decode):
-        out = state.decode(module.layer_idx, query[:, :, 0], key[:, :, 0], value[:, :, 0], scaling, window)
-        return out[:, None], None
-    if isinstance(state.batch, Prompts):
-        return state.prompts(module.layer_idx, query, key, value, scaling, window), None
-    return state.prefill(module.layer_idx, query, key, value, scaling, window), None
+    if state.batch is None:
+        raise RuntimeError("rlkv.Engine's attention ran outside an engine step")
+    out = state.batch.attend(state, module.layer_idx, query, key, value, scaling, kwargs.get("sliding_window"))
+    return out, None

@@ -34,14 +34,14 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from rlkv.attention.plumbing import patched
-from rlkv.engine.attention import EngineAttention, attention
-from rlkv.engine.kv import KVStore, parse_bytes, upload
+from rlkv.engine.attention import attention
+from rlkv.engine.kv import parse_bytes, upload
 from rlkv.engine.request import Completion, Request, RequestError, RequestOutput, SamplingParams
 from rlkv.engine.runner import Runner
 from rlkv.engine.scheduler import Scheduler
 from rlkv.engine.stats import EngineMetrics, EngineStats
-from rlkv.engine.tokendrop import TokenDropAttention, TokenDropStore
+from rlkv.engine.runtime import Gated, Setup, runtime_for
+from rlkv.hf.plumbing import patched
 from rlkv.methods.headsplit import HeadSplit
 from rlkv.methods.tokendrop import TokenDrop
 from rlkv.models import Layout, eos_ids
@@ -63,18 +63,6 @@ def engine_for(setting: str, model, tokenizer, method=None, **engine_kwargs) -> 
     if check_setting(setting) == "off" or (setting == "auto" and next(model.parameters()).device.type != "cuda"):
         return None
     return Engine(model, tokenizer, method, **engine_kwargs)
-
-
-@dataclass
-class Gated:
-    """RL-rollout mode: every head keeps its full cache; output = alpha * full + (1 - alpha) * streaming.
-
-    `alpha` [layers, kv_heads] is read in place at every step, so training can update it between calls.
-    """
-
-    alpha: torch.Tensor
-    sink: int = 128
-    recent: int = 256
 
 
 @dataclass
@@ -116,26 +104,16 @@ class Engine:
         budget = parse_bytes(kv_budget if kv_budget is not None else (0.8 if cuda else "1GiB"), self.device)
         dtype = next(model.parameters()).dtype
         self.kernel = cuda if kernel is None else kernel
-        # token droppers: a fixed slot per sequence, each prompt prefilled in one piece
-        whole_prompts = isinstance(method, TokenDrop)
-        if whole_prompts:
-            self.store = TokenDropStore(self.layout, method.policy, budget, max_batch, self.device, dtype)
-            self.state = TokenDropAttention(self.store, self.kernel)
-            graphs = cuda
-        else:
-            keep, sink, recent, alpha = self._plan(method)
-            self.store = KVStore(self.layout, keep, sink, recent, page_size, budget, max_batch, self.max_seq_len,
-                                 self.device, dtype, sequence_tokens)
-            full_prefill = isinstance(method, HeadSplit) and method.prefill == "full"
-            self.state = EngineAttention(self.store, self.layout.group_size, alpha, self.kernel, full_prefill)
-            graphs = cuda and self.kernel  # the torch decode path reads the longest length on the host
-        self.cuda_graphs = graphs if cuda_graphs is None else cuda_graphs
-        if self.cuda_graphs and not graphs:
+        runtime = runtime_for(method, Setup(self.layout, budget, max_batch, page_size, self.max_seq_len,
+                                            sequence_tokens, self.device, dtype, self.kernel))
+        self.store, self.state = runtime.store, runtime.state
+        self.cuda_graphs = runtime.graphs if cuda_graphs is None else cuda_graphs
+        if self.cuda_graphs and not runtime.graphs:
             raise ValueError("cuda_graphs needs a CUDA model and, for head-split methods, the Triton kernel (kernel=True)")
         self.max_batch = max_batch
         self.scheduler = Scheduler(self.store, max_batch, admission, watermark)
         self.runner = Runner(model, self.state, self.store, self.device, max_batch, prefill_tokens, self.cuda_graphs,
-                             whole_prompts)
+                             runtime.whole_prompts)
         self.stats = EngineStats()
         self._model_eos: frozenset[int] | None = None
         self._requests: dict[str, Request] = {}  # unfinished, by id
@@ -147,25 +125,6 @@ class Engine:
         self._outputs: list[RequestOutput] = []
         self._totals = {"generated": 0, "prompt": 0, "finished": 0}
         self._session: ExitStack | None = None  # the model's attention is the engine's while it has work
-
-    def _plan(self, method):
-        shape = self.layout.shape
-        if method is None:
-            return torch.ones(shape, dtype=torch.bool), 0, 1, None
-        if isinstance(method, HeadSplit):
-            return method.keep, method.sink, method.recent, None
-        if isinstance(method, Gated):
-            alpha = method.alpha
-            if not isinstance(alpha, torch.Tensor) or tuple(alpha.shape) != shape:
-                raise ValueError(f"Gated alpha must be a tensor of shape {shape} (layers x kv_heads)")
-            if alpha.device != self.device:
-                raise ValueError(f"Gated alpha is on {alpha.device} but the model on {self.device}: the engine reads "
-                                 "alpha in place, so keep it on the model's device")
-            return torch.ones(shape, dtype=torch.bool), method.sink, method.recent, alpha.detach()
-        raise ValueError(
-            f"the engine runs head-split methods (HeadSplit: full, streaming, rlkv, duo, random), token-dropping "
-            f"methods (TokenDrop: h2o, snapkv, rkv) and Gated rollouts; got {type(method).__name__}"
-        )
 
     # ------------------------------------------------------------------ requests
     @property

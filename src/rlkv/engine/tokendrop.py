@@ -6,7 +6,7 @@ engine every sequence owns one slot of exactly that many token places (with thei
 slots the KV budget holds are the sequences that run at once: the bytes the budget saves buy
 concurrency, as pages do for head-split methods.
 
-The choice of tokens is the transformers path's own (`rlkv.methods.tokendrop`); a decode step
+The choice of tokens is the transformers path's own (`rlkv.attention.tokendrop`); a decode step
 works on the slots in place:
 1. the new token's attention over its slot plus itself: the Triton kernel
    `rlkv.engine.kernel.slot_attention` reads the slot where it lies, or on a CPU the plain torch
@@ -22,7 +22,7 @@ A prompt is prefilled in one piece, as transformers `generate` does: exact causa
 over the prompt, then the policy's first cut (SnapKV's observation window sees the prompt's end).
 The prompts of one prefill forward attend as a left-padded batch, the way `generate` pads them
 (padding: position -1, never attended to, never kept), in groups of at most `PAD_TOKENS` padded
-tokens: one `attend` per group and layer, not one per prompt.
+tokens: one `select_tokens` per group and layer, not one per prompt.
 Outputs equal `with method.apply(model): model.generate(...)` (tested token for token).
 """
 
@@ -33,7 +33,7 @@ import torch
 from rlkv.engine.attention import Decode, EngineState, Prefill
 from rlkv.engine.kv import upload
 from rlkv.engine.store import Slots
-from rlkv.methods.tokendrop import Candidates, Policy, TokenDropLayer, candidate_attention
+from rlkv.attention.tokendrop import Candidates, Policy, candidate_attention, compact, select_tokens
 from rlkv.models import Layout
 
 PAD_TOKENS = 8192  # prompts x longest prompt of one padded prefill group: bounds its attention's memory
@@ -123,17 +123,18 @@ class TokenDropStore(Slots):
         for name, t in state.items():
             self.extra[layer][name][slots] = t
 
-    def scatter(self, layer: int, slots: torch.Tensor, view: TokenDropLayer) -> None:
-        """Write a `TokenDropLayer`'s rows back to `slots`, padded to the slot's width (empty places: position -1)."""
-        width = view.pos.shape[-1]
+    def scatter(self, layer: int, slots: torch.Tensor, keys, values, pos, score, state: dict) -> None:
+        """Write compacted prompt rows (`compact`'s) and their policy state to `slots`, padded to the slot's width
+        (empty places: position -1)."""
+        width = pos.shape[-1]
         if width < self.capacity:  # a prompt shorter than the capacity
             self.pos[layer][slots] = -1
-        self.keys[layer][slots, :, :width] = view.keys
-        self.values[layer][slots, :, :width] = view.values
-        self.pos[layer][slots, :, :width] = view.pos
+        self.keys[layer][slots, :, :width] = keys
+        self.values[layer][slots, :, :width] = values
+        self.pos[layer][slots, :, :width] = pos
         if self.score is not None:
-            self.score[layer][slots, :, :width] = view.score
-        for name, t in view.extra.items():
+            self.score[layer][slots, :, :width] = score
+        for name, t in state.items():
             self.extra[layer][name][slots] = t
 
 
@@ -169,12 +170,15 @@ class TokenDropAttention(EngineState):
         if self._groups is None or self._groups[0] is not self.batch:
             self._groups = (self.batch, PaddedPrompts.groups(self.batch, query.device))
         out = query.new_empty(query.shape[2], query.shape[1], query.shape[3])  # [T, Hq, D]
+        policy = self.policy
         for g in self._groups[1]:
-            view = TokenDropLayer()
-            padded = view.attend(*(t[0][:, g.cols].transpose(0, 1) for t in (query, key, value)), g.q_pos, scaling,
-                                 window, self.policy)  # [n, W, Hq, D]
-            out[g.dest] = padded.flatten(0, 1)[g.src]
-            self.store.scatter(layer, g.slots, view)
+            q, k, v = (t[0][:, g.cols].transpose(0, 1) for t in (query, key, value))  # [n, H, W, D]
+            pos = g.q_pos.to(torch.int32)[:, None, :].expand(k.shape[0], k.shape[1], -1)
+            score = k.new_zeros(pos.shape, dtype=torch.float32) if policy.scored else None
+            state: dict = {}
+            padded, c, keep = select_tokens(q, k, v, pos, score, g.q_pos, scaling, window, policy, state, first=True)
+            out[g.dest] = padded.flatten(0, 1)[g.src]  # padded: [n, W, Hq, D]
+            self.store.scatter(layer, g.slots, *compact(c, keep, policy.capacity), state)
         return out[None]
 
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from rlkv.engine import check_setting
 from rlkv.heads import KEEP_RULES
-from rlkv.splitcache import PREFILL_MODES
+from rlkv.hf.splitcache import PREFILL_MODES
 
 # The settings a run directory keeps for good: a resumed run must share them (heads: per method, in rlkv.eval.run).
 # A run recorded before a setting existed ran with the default it has now, except for these:

@@ -18,7 +18,7 @@ synthetic passkey retrieval instead of by reward.
 from rlkv.identify.check import sanity_check
 from rlkv.identify.curriculum import select_problems
 from rlkv.identify.duo import DuoConfig, identify_duo, passkey_document
-from rlkv.identify.gated import gated, init_gates
+from rlkv.hf.gated import gated, init_gates
 from rlkv.identify.grpo import identify
 from rlkv.identify.objective import batch_advantages, group_advantages, penalty_weight
 from rlkv.identify.pipeline import IdentifyRun, identify_pipeline

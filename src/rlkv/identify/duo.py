@@ -24,7 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from rlkv.heads import HeadScores, command_line
-from rlkv.identify.gated import gated, init_gates
+from rlkv.hf.gated import gated, init_gates
 from rlkv.models import Layout
 
 

@@ -48,7 +48,7 @@ from tqdm.auto import tqdm
 from rlkv.engine import Gated, engine_for
 from rlkv.generation import generate, prompt_ids
 from rlkv.heads import HeadScores, command_line
-from rlkv.identify.gated import gated, init_gates
+from rlkv.hf.gated import gated, init_gates
 from rlkv.identify.objective import advantages, penalty_weight
 from rlkv.identify.recipe import KEEP_RULES, IdentifyConfig
 from rlkv.models import Layout, eos_ids

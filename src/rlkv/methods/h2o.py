@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import torch
 
-from rlkv.methods.tokendrop import Candidates, Policy, TokenDrop, check_build, last_position, top_k_mask
+from rlkv.attention.tokendrop import Candidates, Policy, last_position, top_k_mask
+from rlkv.methods.tokendrop import TokenDrop, check_build
 
 
 def h2o_keep(score: torch.Tensor, pos: torch.Tensor, budget: int, recent: int) -> torch.Tensor:

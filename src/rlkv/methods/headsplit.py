@@ -20,8 +20,8 @@ import torch
 
 from rlkv import patterns
 from rlkv.heads import HeadScores
-from rlkv.hf import compress
-from rlkv.splitcache import PREFILL_MODES
+from rlkv.hf.headsplit import compress
+from rlkv.hf.splitcache import PREFILL_MODES
 from rlkv.models import Layout
 
 

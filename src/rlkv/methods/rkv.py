@@ -22,9 +22,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from rlkv.methods.tokendrop import (
-    Candidates, Policy, TokenDrop, check_build, grouped_probs, last_position, pool_by_position, top_k_mask,
-)
+from rlkv.attention.tokendrop import Candidates, Policy, grouped_probs, last_position, pool_by_position, top_k_mask
+from rlkv.methods.tokendrop import TokenDrop, check_build
 
 
 def rkv_importance(queries, q_pos, keys, pos, scaling: float, kernel: int) -> torch.Tensor:

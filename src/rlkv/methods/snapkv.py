@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import torch
 
-from rlkv.methods.tokendrop import Candidates, Policy, TokenDrop, check_build, last_position, pool_by_position, top_k_mask
+from rlkv.attention.tokendrop import Candidates, Policy, last_position, pool_by_position, top_k_mask
+from rlkv.methods.tokendrop import TokenDrop, check_build
 
 
 def snapkv_pins(attn: torch.Tensor, pos: torch.Tensor, window: int, kernel: int, pins: int) -> torch.Tensor:

@@ -4,8 +4,8 @@ Design, in the order a forward pass meets it:
 
 1. `compress(...)` switches the model to an attention function registered through
    transformers' `AttentionInterface` ("rlkv_headsplit_sdpa" for an sdpa model), and makes
-   `generate` build a `HeadSplitCache` (`rlkv.splitcache`) instead of a `DynamicCache`
-   (`rlkv.attention.plumbing`). Everything is undone when the `with` block exits; nothing is
+   `generate` build a `HeadSplitCache` (`rlkv.hf.splitcache`) instead of a `DynamicCache`
+   (`rlkv.hf.plumbing`). Everything is undone when the `with` block exits; nothing is
    patched globally.
 2. Before every forward, each new token's position in its own sequence is read from the 2-D
    padding mask (`plumbing.Step`): padding does not count, so a left-padded row is compressed
@@ -34,11 +34,11 @@ import os
 import torch
 from transformers.cache_utils import Cache, DynamicCache
 
-from rlkv.attention.plumbing import Step, base_attention, patched, state_of
 from rlkv.attention.reference import keep_keys_mask, masked_attention
 from rlkv.heads import HeadScores
+from rlkv.hf.plumbing import Step, base_attention, patched, state_of
+from rlkv.hf.splitcache import PREFILL_MODES, HeadSplitCache, HeadSplitLayer
 from rlkv.models import Layout
-from rlkv.splitcache import PREFILL_MODES, HeadSplitCache, HeadSplitLayer
 
 __all__ = ["FullCache", "HeadSplitCache", "HeadSplitLayer", "cache_nbytes", "compress", "resolve_keep"]
 

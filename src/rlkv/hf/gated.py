@@ -19,7 +19,7 @@ When no key is old enough to fall out of the sink + recent window, both branches
 attention and only the full one is computed (alpha then gets no gradient from that forward,
 which is its exact value: zero).
 
-The attention function is plugged in by `rlkv.attention.plumbing.patched` (registered through
+The attention function is plugged in by `rlkv.hf.plumbing.patched` (registered through
 `AttentionInterface` as "rlkv_gated_<base>"); the model's own implementation is restored on exit.
 """
 
@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from rlkv.attention.plumbing import Step, patched, state_of
+from rlkv.hf.plumbing import Step, patched, state_of
 from rlkv.attention.reference import gate_mix, keep_keys_mask
 from rlkv.models import Layout
 
@@ -69,7 +69,7 @@ class _Gates:
 
 
 def _attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    gates: _Gates = state_of(module, "rlkv.identify.gated")
+    gates: _Gates = state_of(module, "rlkv.hf.gated")
     scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
     with sdpa_kernel(TRAINING_BACKENDS):
         full, _ = ALL_ATTENTION_FUNCTIONS["sdpa"](

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from rlkv.attention.plumbing import CompressedLayer, Step
+from rlkv.hf.plumbing import CompressedLayer, Step
 from rlkv.attention.reference import keep_keys_mask
 from rlkv.attention.ring import query_heads, ring_slot
 
