@@ -344,26 +344,11 @@ class Engine:
                                  seed=s, stop=tuple(stop or ()), ignore_eos=eos_token_ids is not None,
                                  stop_token_ids=tuple(eos_token_ids or ()), repetition_window=repetition_window,
                                  repetition_min_distinct=repetition_min_distinct) for s in seeds]
-        ids = [self.tokenizer(p, add_special_tokens=False).input_ids if isinstance(p, str) else [int(t) for t in p]
-               for p in prompts]
-        for i, (p, sp) in enumerate(zip(ids, params)):  # all checked before any is queued
-            if not p:
-                raise RequestError(f"prompt {i} is empty")
-            try:
-                self.check_request(p, sp)
-            except RequestError as err:
-                raise RequestError(f"prompt {i}: {err}") from None
+        ids = self._checked_prompts(prompts, params)
         keys = [f"generate-{self._arrivals}-{i}" for i in range(len(ids))]
         index = {key: i for i, key in enumerate(keys)}
-        self.stats = EngineStats(requests=len(ids), prompt_tokens=sum(map(len, ids)), pool_bytes=self.store.nbytes(),
-                                 pages=self.store.capacity_pages)
-        self.runner.decode_steps = self.runner.prefill_forwards = 0
-        self.store.peak_pages_used = 0
         bar = tqdm(total=len(ids), desc="generate", disable=not progress, dynamic_ncols=True)
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-        start = time.perf_counter()
+        start = self._begin_stats(ids)
         done: dict[str, Completion] = {}
         try:
             for key, p, sp in zip(keys, ids, params):
@@ -379,11 +364,38 @@ class Engine:
             for key in keys:
                 self.abort_request(key)
             self._take_outputs()
+        bar.close()
+        self._end_stats(start)
+        return [done[key] for key in keys]
+
+    def _checked_prompts(self, prompts, params: list[SamplingParams]) -> list[list[int]]:
+        """Every prompt's token ids, each checked (`check_request`) before any is queued."""
+        ids = [self.tokenizer(p, add_special_tokens=False).input_ids if isinstance(p, str) else [int(t) for t in p]
+               for p in prompts]
+        for i, (p, sp) in enumerate(zip(ids, params)):
+            if not p:
+                raise RequestError(f"prompt {i} is empty")
+            try:
+                self.check_request(p, sp)
+            except RequestError as err:
+                raise RequestError(f"prompt {i}: {err}") from None
+        return ids
+
+    def _begin_stats(self, ids: list[list[int]]) -> float:
+        """Fresh `stats` for a generate call over `ids`; returns its start time."""
+        self.stats = EngineStats(requests=len(ids), prompt_tokens=sum(map(len, ids)), pool_bytes=self.store.nbytes(),
+                                 pages=self.store.capacity_pages)
+        self.runner.decode_steps = self.runner.prefill_forwards = 0
+        self.store.peak_pages_used = 0
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        return time.perf_counter()
+
+    def _end_stats(self, start: float) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             self.stats.peak_memory = torch.cuda.max_memory_allocated(self.device)
-        bar.close()
         self.stats.seconds = time.perf_counter() - start
         self.stats.peak_pages_used = self.store.peak_pages_used
         self.stats.decode_steps, self.stats.prefill_forwards = self.runner.decode_steps, self.runner.prefill_forwards
-        return [done[key] for key in keys]

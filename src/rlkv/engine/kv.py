@@ -86,23 +86,35 @@ class KVStore(Slots):
             per_sequence = self.pages_for(sequence_tokens) * self.page_bytes + self.slot_bytes
             max_batch = max(1, min(max_batch, room // per_sequence))
         num_slots = max_batch + 1
-        ring_bytes = num_slots * self.slot_bytes
-        if self.kept_heads:
-            if budget < ring_bytes + 2 * self.page_bytes:
-                raise ValueError(
-                    f"kv_budget of {budget / 2**20:.1f} MiB cannot hold the rings of {max_batch} sequences "
-                    f"({ring_bytes / 2**20:.1f} MiB) plus any page ({self.page_bytes / 2**10:.1f} KiB each): "
-                    "raise kv_budget or lower max_batch"
-                )
-            num_pages = (budget - ring_bytes) // self.page_bytes
-        else:
+        self.num_pages = self._pages_left(budget, max_batch)
+        self._allocate(layout, num_slots, device, dtype)
+        self.page_table = torch.zeros(num_slots, self.max_pages_per_seq, dtype=torch.int32, device=device)
+        self._free_pages = free_list(self.num_pages)
+        self._init_slots(num_slots)
+        self._table_writes: list[tuple[int, int, int]] = []
+        self.peak_pages_used = 0
+
+    def _pages_left(self, budget: int, max_batch: int) -> int:
+        """Pages the budget holds beside the rings of `max_batch` sequences and the scratch slot (1: no pages needed)."""
+        ring_bytes = (max_batch + 1) * self.slot_bytes
+        if not self.kept_heads:
             if budget < ring_bytes:
                 raise ValueError(
                     f"kv_budget of {budget / 2**20:.1f} MiB cannot hold the rings of {max_batch} sequences "
                     f"({ring_bytes / 2**20:.1f} MiB): raise kv_budget or lower max_batch"
                 )
-            num_pages = 1
-        self.num_pages = int(num_pages)
+            return 1
+        if budget < ring_bytes + 2 * self.page_bytes:
+            raise ValueError(
+                f"kv_budget of {budget / 2**20:.1f} MiB cannot hold the rings of {max_batch} sequences "
+                f"({ring_bytes / 2**20:.1f} MiB) plus any page ({self.page_bytes / 2**10:.1f} KiB each): "
+                "raise kv_budget or lower max_batch"
+            )
+        return int((budget - ring_bytes) // self.page_bytes)
+
+    def _allocate(self, layout: Layout, num_slots: int, device, dtype: torch.dtype) -> None:
+        """Every layer's pages and rings, and what the kernels read of the head split."""
+        d, page_size = layout.head_dim, self.page_size
         self.full_idx = [torch.nonzero(row).flatten().to(device) for row in self.keep]
         self.comp_idx = [torch.nonzero(~row).flatten().to(device) for row in self.keep]
         # the same split for query heads (a GQA group follows its KV head)
@@ -123,11 +135,6 @@ class KVStore(Slots):
             index[i, self.keep[i]] = torch.arange(int(self.keep[i].sum()), dtype=torch.int32)
             index[i, ~self.keep[i]] = torch.arange(int((~self.keep[i]).sum()), dtype=torch.int32)
         self.index = [index[i].to(device) for i in range(layout.num_layers)]
-        self.page_table = torch.zeros(num_slots, self.max_pages_per_seq, dtype=torch.int32, device=device)
-        self._free_pages = free_list(self.num_pages)
-        self._init_slots(num_slots)
-        self._table_writes: list[tuple[int, int, int]] = []
-        self.peak_pages_used = 0
 
     # ------------------------------------------------------------------ allocation
     def pages_for(self, tokens: int) -> int:
