@@ -134,6 +134,17 @@ def grouped_probs(query: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor, s
     return torch.softmax(scores, dim=-1).nan_to_num(0.0)
 
 
+def allowed_keys(pos: torch.Tensor, q_pos: torch.Tensor, window: int | None) -> torch.Tensor:
+    """[b, h, q, K]: which candidates at pos [b, h, K] each query at q_pos [b, q] may attend: valid (pos >= 0),
+    causal by position, inside the model's sliding window if any."""
+    qp = q_pos[:, None, :, None]
+    kp = pos[:, :, None, :]
+    allowed = (kp >= 0) & (kp <= qp)
+    if window is not None:
+        allowed &= kp > qp - window
+    return allowed
+
+
 def candidate_attention(query, keys, values, pos, q_pos, scaling: float, window: int | None, observe: int):
     """Attention of query [b, hq, q, d] at q_pos [b, q] over candidates keys/values [b, h, K, d] at pos [b, h, K]
     -> (output [b, q, hq, d], attention [b, h, K] the last `observe` queries pay each candidate, summed over
@@ -141,11 +152,7 @@ def candidate_attention(query, keys, values, pos, q_pos, scaling: float, window:
     position, the model's sliding window if any; explicit float32 softmax in chunks of CHUNK queries."""
     b, h, num_keys, _ = keys.shape
     q = query.shape[2]
-    qp = q_pos[:, None, :, None]
-    kp = pos[:, :, None, :]
-    mask = (kp >= 0) & (kp <= qp)
-    if window is not None:
-        mask &= kp > qp - window
+    mask = allowed_keys(pos, q_pos, window)
     out = query.new_empty(b, q, query.shape[1], values.shape[-1])
     attn = keys.new_zeros(b, h, num_keys, dtype=torch.float32) if observe else None
     for start in range(0, q, CHUNK):
@@ -163,12 +170,7 @@ def slot_attention(query, keys, values, pos, q_pos, scaling: float, window: int 
     [b, h, n] (valid, causal, in the window): one fused attention call, the GQA group along the query axis."""
     b, hq, _, d = query.shape
     h = keys.shape[1]
-    qp = q_pos[:, None, :, None]
-    kp = pos[:, :, None, :]
-    allowed = (kp >= 0) & (kp <= qp)
-    if window is not None:
-        allowed &= kp > qp - window
-    allowed |= qp < 0  # padding queries: any finite output will do
+    allowed = allowed_keys(pos, q_pos, window) | (q_pos < 0)[:, None, :, None]  # padding queries: any output will do
     mask = torch.zeros(allowed.shape, dtype=query.dtype, device=query.device).masked_fill_(~allowed, float("-inf"))
     out = F.scaled_dot_product_attention(query.reshape(b, h, hq // h, d), keys, values, attn_mask=mask, scale=scaling)
     return out.reshape(b, 1, hq, -1)

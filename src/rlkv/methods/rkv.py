@@ -22,15 +22,15 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from rlkv.attention.tokendrop import Candidates, Policy, grouped_probs, last_position, pool_by_position, top_k_mask
+from rlkv.attention.tokendrop import (
+    Candidates, Policy, allowed_keys, grouped_probs, last_position, pool_by_position, top_k_mask,
+)
 from rlkv.methods.tokendrop import TokenDrop, check_build
 
 
 def rkv_importance(queries, q_pos, keys, pos, scaling: float, kernel: int) -> torch.Tensor:
     """[b, h, K]: mean attention of `queries` [b, hq, w, d] at `q_pos` [b, w] over keys at `pos`, pooled."""
-    kp = pos[:, :, None, :]
-    mask = (kp >= 0) & (kp <= q_pos[:, None, :, None])
-    probs = grouped_probs(queries, keys, mask, scaling)  # [b, h, g, w, K]
+    probs = grouped_probs(queries, keys, allowed_keys(pos, q_pos, None), scaling)  # [b, h, g, w, K]
     count = (q_pos >= 0).sum(dim=-1).clamp(min=1)[:, None, None]
     return pool_by_position(probs.sum(dim=-2).mean(dim=2) / count, pos, kernel)
 
