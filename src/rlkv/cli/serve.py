@@ -1,0 +1,66 @@
+"""`rlkv serve`: the online engine behind an OpenAI-compatible HTTP API."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from rlkv.cli.common import (BUDGET_HELP, MODEL_HELP, PREFILL_HELP, SPARSITY_HELP, USER_ERRORS, check_budget, console,
+                             fail, parse_kv_budget)
+
+
+def serve(
+    model: str = typer.Option(..., help=MODEL_HELP),
+    heads: Optional[Path] = typer.Option(None, help="head scores (.json/.tsv) for rlkv/duo"),
+    sparsity: float = typer.Option(0.0, min=0.0, max=1.0, help=SPARSITY_HELP),
+    method: Optional[str] = typer.Option(None, help="full, streaming, rlkv, duo, random, h2o, snapkv, rkv "
+                                                    "(default: rlkv with --heads, else full / streaming at sparsity 0 / 1)"),
+    sink: int = typer.Option(16, min=0),
+    recent: int = typer.Option(64, min=1),
+    budget: Optional[int] = typer.Option(None, min=1, help=BUDGET_HELP),
+    prefill: str = typer.Option("full", help=PREFILL_HELP),
+    kv_budget: Optional[str] = typer.Option(None, help="the KV pool: a size (20GiB) or a share of free GPU memory (0.8)"),
+    max_batch: int = typer.Option(256, min=1, help="most requests running at once"),
+    max_model_len: Optional[int] = typer.Option(None, min=2, help="longest prompt + completion accepted (default: the engine's)"),
+    default_max_tokens: int = typer.Option(1024, min=1, help="a request's token limit when it sets none"),
+    served_model_name: Optional[str] = typer.Option(None, help="the model name clients send (default: --model as given)"),
+    host: str = typer.Option("127.0.0.1"),
+    port: int = typer.Option(8000, min=1, max=65535),
+    log_level: str = typer.Option("info", help="uvicorn's: critical, error, warning, info, debug"),
+):
+    """Serve the model over an OpenAI-compatible HTTP API (chat and plain completions, streaming, /metrics)."""
+    import rlkv
+    from rlkv.serve import create_app
+    from rlkv.serve import serve as run_server
+
+    try:
+        name = _method_name(method, heads, sparsity)
+        check_budget([name], budget)
+        pool = parse_kv_budget(kv_budget, "--kv-budget")
+        lm, tok = rlkv.load_model(model)
+        options = {} if name in rlkv.methods.TOKEN_DROPPING else {"prefill": prefill}
+        compression = rlkv.methods.build(name, rlkv.Layout.of(lm), sparsity, heads=heads, sink=sink, recent=recent,
+                                         budget=budget, **options)
+        engine = rlkv.Engine(lm, tok, compression, kv_budget=pool, max_batch=max_batch, max_seq_len=max_model_len)
+        app_ = create_app(engine, tok, served_model_name or model, default_max_tokens=default_max_tokens)
+    except USER_ERRORS as err:
+        fail(err)
+    console.print(f"serving {served_model_name or model} ({name}, sparsity {compression.sparsity:g}) on "
+                  f"http://{host}:{port}/v1", highlight=False, soft_wrap=True)
+    try:
+        run_server(app_, host=host, port=port, log_level=log_level)
+    except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C once it has shut down cleanly
+        console.print("stopped", highlight=False)
+
+
+def _method_name(method: str | None, heads: Path | None, sparsity: float) -> str:
+    """--method, else rlkv with --heads, else full / streaming at sparsity 0 / 1; checked before the (slow) model load."""
+    from rlkv.methods import check_name
+
+    name = method or ("rlkv" if heads is not None else {0.0: "full", 1.0: "streaming"}.get(sparsity))
+    if name is None:
+        raise ValueError(f"sparsity {sparsity:g} needs --heads (or --method random)")
+    check_name(name)
+    return name
