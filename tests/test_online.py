@@ -200,3 +200,36 @@ def test_both_stores_implement_the_store_interface():
         assert store.free_slots == store.num_slots - 2 and store.free_pages == store.capacity_pages - len(pages)
         store.release(slot, pages)
         assert store.free_slots == store.num_slots - 1 and store.free_pages == store.capacity_pages
+
+
+def test_async_engine_streams_in_process_equal_each_request_alone():
+    """`create_app(Engine)`'s transport (the engine in a thread): concurrent streams, one refused on arrival."""
+    import asyncio
+
+    from rlkv.serve import AsyncEngine
+
+    model = tiny_model("qwen2")
+    method = half(model)
+    ps, _, _ = prompts()
+    params = [SamplingParams(max_tokens=NEW, temperature=0.9, seed=i, ignore_eos=True) for i in range(3)]
+    alone = [run_alone(model, method, p, sp).tokens for p, sp in zip(ps, params)]
+    runner = AsyncEngine(engine(model, method, max_batch=4))
+    runner.start()
+
+    async def stream(i: int) -> list[int]:
+        tokens = []
+        async for out in runner.generate(f"r{i}", ps[i], params[i]):
+            tokens += out.new_token_ids
+        return tokens
+
+    async def all_at_once():
+        return await asyncio.wait_for(asyncio.gather(*(stream(i) for i in range(3))), timeout=60)
+
+    try:
+        assert asyncio.run(all_at_once()) == alone
+        with pytest.raises(RequestError, match="empty"):
+            runner.generate("bad", [], params[0])
+        assert runner.metrics().running == 0 and runner.healthy
+    finally:
+        runner.join(10)
+    assert not runner.healthy

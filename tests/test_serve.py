@@ -1,13 +1,16 @@
 """`rlkv serve` end to end: the real server process on 127.0.0.1 with a tiny saved model, driven by the
 official `openai` client (and httpx for raw bodies and /metrics).
 
-Two servers per module: `server` has room for every request at once; `small` has a KV pool of a few
-pages, so concurrent requests must be preempted. References are the same requests sent alone.
+Three servers per module: `server` has room for every request at once; `small` has a KV pool of a few
+pages, so concurrent requests must be preempted; `doomed` loses its engine process. References are the
+same requests sent alone.
 """
 
 import asyncio
+import os
 import signal
 import time
+from pathlib import Path
 
 import httpx
 import openai
@@ -43,7 +46,8 @@ def servers(model_dir, tmp_path_factory):
     started = [Server(model_dir, logs / "server.log", "--kv-budget", "1536KiB", "--max-model-len", "4096",
                       "--max-batch", "16"),
                Server(model_dir, logs / "small.log", "--kv-budget", "96KiB", "--method", "random",
-                      "--sparsity", "0.5", "--sink", "4", "--recent", "8", "--max-batch", "4")]
+                      "--sparsity", "0.5", "--sink", "4", "--recent", "8", "--max-batch", "4"),
+               Server(model_dir, logs / "doomed.log", "--kv-budget", "512KiB")]
     try:
         for s in started:
             s.wait_ready(STARTUP_S)
@@ -61,6 +65,22 @@ def server(servers):
 @pytest.fixture(scope="module")
 def small(servers):
     return servers[1]
+
+
+def engine_processes(pid: int) -> list[int]:
+    """The server's engine process (its spawned child; not multiprocessing's resource tracker)."""
+    children = [int(c) for task in Path(f"/proc/{pid}/task").iterdir()
+                for c in (task / "children").read_text().split()]
+    return [c for c in children if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes()]
+
+
+def wait_gone(pid: int, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]:
+            return True
+        time.sleep(0.1)
+    return False
 
 
 def greedy(server, prompt, max_tokens=12, **extra):
@@ -225,7 +245,24 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server):
     assert server.metrics()['rlkv_http_requests_total{endpoint="/v1/completions",status="400"}'] >= 10
 
 
+def test_a_lost_engine_process_answers_503_and_the_server_keeps_serving(servers):
+    doomed = servers[2]
+    assert greedy(doomed, PROMPTS[1]) == greedy(servers[0], PROMPTS[1])  # the same engine, another process
+    (engine,) = engine_processes(doomed.proc.pid)
+    os.kill(engine, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while httpx.get(f"{doomed.url}/health", timeout=5).status_code == 200 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert httpx.get(f"{doomed.url}/health", timeout=5).status_code == 503
+    with pytest.raises(openai.InternalServerError) as err:
+        greedy(doomed, PROMPTS[2])
+    assert err.value.status_code == 503 and "engine" in str(err.value)
+    assert httpx.get(f"{doomed.url}/v1/models", timeout=5).status_code == 200
+    assert doomed.proc.poll() is None
+
+
 def test_sigint_closes_open_streams_and_exits_cleanly(server):  # the last test: it stops the server
+    (engine,) = engine_processes(server.proc.pid)
     stream = server.client.completions.create(model=NAME, prompt=PROMPTS[0], max_tokens=1500, temperature=0,
                                               stream=True, extra_body={"ignore_eos": True})
     next(iter(stream))
@@ -235,3 +272,4 @@ def test_sigint_closes_open_streams_and_exits_cleanly(server):  # the last test:
             pass
     assert server.proc.wait(20) is not None
     assert "Traceback" not in server.output()
+    assert wait_gone(engine, 10)  # the engine process does not outlive the server

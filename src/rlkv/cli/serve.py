@@ -31,23 +31,20 @@ def serve(
     log_level: str = typer.Option("info", help="uvicorn's: critical, error, warning, info, debug"),
 ):
     """Serve the model over an OpenAI-compatible HTTP API (chat and plain completions, streaming, /metrics)."""
-    import rlkv
-    from rlkv.serve import create_app
+    from rlkv.serve import EngineProcess, EngineSpec, create_app
     from rlkv.serve import serve as run_server
 
     try:
         name = _method_name(method, heads, sparsity)
         check_budget([name], budget)
-        pool = parse_kv_budget(kv_budget, "--kv-budget")
-        lm, tok = rlkv.load_model(model)
-        options = {} if name in rlkv.methods.TOKEN_DROPPING else {"prefill": prefill}
-        compression = rlkv.methods.build(name, rlkv.Layout.of(lm), sparsity, heads=heads, sink=sink, recent=recent,
-                                         budget=budget, **options)
-        engine = rlkv.Engine(lm, tok, compression, kv_budget=pool, max_batch=max_batch, max_seq_len=max_model_len)
-        app_ = create_app(engine, tok, served_model_name or model, default_max_tokens=default_max_tokens)
+        spec = EngineSpec(model, name, sparsity, heads=str(heads) if heads is not None else None, sink=sink,
+                          recent=recent, budget=budget, prefill=prefill, kv_budget=parse_kv_budget(kv_budget, "--kv-budget"),
+                          max_batch=max_batch, max_seq_len=max_model_len)
+        engine = EngineProcess(spec)  # loads the model in the engine's own process
+        app_ = create_app(engine, engine.tokenizer, served_model_name or model, default_max_tokens=default_max_tokens)
     except USER_ERRORS as err:
         fail(err)
-    console.print(f"serving {served_model_name or model} ({name}, sparsity {compression.sparsity:g}) on "
+    console.print(f"serving {served_model_name or model} ({name}, sparsity {sparsity:g}) on "
                   f"http://{host}:{port}/v1", highlight=False, soft_wrap=True)
     try:
         run_server(app_, host=host, port=port, log_level=log_level)

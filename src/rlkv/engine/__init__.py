@@ -14,7 +14,7 @@ store and attention a method runs on), `store` (their interface), `kv` (pages an
 
 from rlkv.engine.engine import ENGINE_SETTINGS, Engine, EngineMetrics, EngineStats, check_setting, engine_for
 from rlkv.engine.runtime import Gated
-from rlkv.engine.request import Completion, RequestError, RequestOutput, SamplingParams, degenerate
+from rlkv.engine.request import Completion, RequestError, RequestLimits, RequestOutput, SamplingParams, degenerate
 
 __all__ = ["ENGINE_SETTINGS", "Completion", "Engine", "EngineMetrics", "EngineStats", "Gated", "RequestError",
-           "RequestOutput", "SamplingParams", "check_setting", "degenerate", "engine_for"]
+           "RequestLimits", "RequestOutput", "SamplingParams", "check_setting", "degenerate", "engine_for"]

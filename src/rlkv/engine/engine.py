@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 
 from rlkv.engine.attention import attention
 from rlkv.engine.kv import parse_bytes, upload
-from rlkv.engine.request import Completion, Request, RequestError, RequestOutput, SamplingParams
+from rlkv.engine.request import Completion, Request, RequestError, RequestLimits, RequestOutput, SamplingParams
 from rlkv.engine.runner import Runner
 from rlkv.engine.scheduler import Scheduler
 from rlkv.engine.stats import EngineMetrics, EngineStats
@@ -111,6 +111,9 @@ class Engine:
         if self.cuda_graphs and not runtime.graphs:
             raise ValueError("cuda_graphs needs a CUDA model and, for head-split methods, the Triton kernel (kernel=True)")
         self.max_batch = max_batch
+        paged = self.store.pages_for(1) > 0
+        self.limits = RequestLimits(model.config.get_text_config().vocab_size, self.max_seq_len,
+                                    self.store.page_size if paged else 0, self.store.capacity_pages)
         self.scheduler = Scheduler(self.store, max_batch, admission, watermark)
         self.runner = Runner(model, self.state, self.store, self.device, max_batch, prefill_tokens, self.cuda_graphs,
                              runtime.whole_prompts)
@@ -134,24 +137,8 @@ class Engine:
         return self._model_eos
 
     def check_request(self, prompt_ids: list[int], params: SamplingParams) -> None:
-        """Raise `RequestError` if the request could never run here (reads only what never changes)."""
-        if not isinstance(params, SamplingParams):
-            raise RequestError(f"params must be a SamplingParams, got {type(params).__name__}")
-        if not prompt_ids:
-            raise RequestError("the prompt is empty: expected at least one token")
-        vocab = self.model.config.get_text_config().vocab_size
-        bad = next((t for t in prompt_ids if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab), None)
-        if bad is not None:
-            raise RequestError(f"prompt token {bad!r} is not a token id: expected integers in [0, {vocab})")
-        need = len(prompt_ids) + params.max_tokens
-        if need > self.max_seq_len:
-            raise RequestError(f"the prompt has {len(prompt_ids)} tokens; with max_tokens={params.max_tokens} it needs "
-                               f"{need} > max_seq_len={self.max_seq_len}")
-        pages, capacity = self.store.pages_for(need), self.store.capacity_pages
-        if pages > capacity:
-            raise RequestError(f"the prompt has {len(prompt_ids)} tokens; with max_tokens={params.max_tokens} it needs "
-                               f"{pages} pages of {self.store.page_size} tokens but the KV pool holds {capacity}: "
-                               "raise kv_budget or lower max_tokens")
+        """Raise `RequestError` if the request could never run here (`limits`: reads only what never changes)."""
+        self.limits.check(prompt_ids, params)
 
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
         """Queue a request; `step()` reports its tokens. Raises `RequestError` if it could never run."""

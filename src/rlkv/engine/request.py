@@ -21,6 +21,40 @@ class RequestError(ValueError):
 
 
 @dataclass(frozen=True)
+class RequestLimits:
+    """What decides whether a request could ever run on an engine; none of it changes while the engine runs,
+    so a server in another process checks requests with it before it sends them."""
+
+    vocab_size: int
+    max_seq_len: int
+    page_size: int  # tokens per KV page (0: sequences hold no pages)
+    capacity_pages: int  # pages the pool holds for sequences
+
+    def pages_for(self, tokens: int) -> int:
+        return math.ceil(tokens / self.page_size) if self.page_size else 0
+
+    def check(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        """Raise `RequestError` if the request could never run."""
+        if not isinstance(params, SamplingParams):
+            raise RequestError(f"params must be a SamplingParams, got {type(params).__name__}")
+        if not prompt_ids:
+            raise RequestError("the prompt is empty: expected at least one token")
+        vocab = self.vocab_size
+        bad = next((t for t in prompt_ids if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab), None)
+        if bad is not None:
+            raise RequestError(f"prompt token {bad!r} is not a token id: expected integers in [0, {vocab})")
+        need = len(prompt_ids) + params.max_tokens
+        if need > self.max_seq_len:
+            raise RequestError(f"the prompt has {len(prompt_ids)} tokens; with max_tokens={params.max_tokens} it needs "
+                               f"{need} > max_seq_len={self.max_seq_len}")
+        pages = self.pages_for(need)
+        if pages > self.capacity_pages:
+            raise RequestError(f"the prompt has {len(prompt_ids)} tokens; with max_tokens={params.max_tokens} it needs "
+                               f"{pages} pages of {self.page_size} tokens but the KV pool holds {self.capacity_pages}: "
+                               "raise kv_budget or lower max_tokens")
+
+
+@dataclass(frozen=True)
 class SamplingParams:
     """How one request samples and when it stops; the defaults are greedy with the model's EOS ids.
 

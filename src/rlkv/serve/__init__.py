@@ -2,14 +2,19 @@
 
     app = rlkv.serve.create_app(rlkv.Engine(model, tok, method, kv_budget="20GiB"), tok, "my-model")
     rlkv.serve.serve(app, host="127.0.0.1", port=8000)
+    engine = rlkv.serve.EngineProcess(rlkv.serve.EngineSpec("DIR", "rlkv", 0.5, heads="heads.json"))
+    app = rlkv.serve.create_app(engine, engine.tokenizer, "my-model")   # the engine in its own process
 
 Modules, in the order a request meets them: `app` (routes, streaming, errors), `protocol` (the
-OpenAI request / response models), `async_engine` (the engine thread and per-request streams),
-`detokenize` (incremental text for streaming), `metrics` (Prometheus), `server` (uvicorn, signals).
+OpenAI request / response models), `async_engine` (per-request streams; the engine in a thread),
+`engine_process` (the engine in a process of its own, as `rlkv serve` runs it), `detokenize`
+(incremental text for streaming), `metrics` (Prometheus), `server` (uvicorn, signals), `process`
+(`rlkv serve` as a child process, for tests and benchmarks).
 """
 
 from rlkv.serve.app import create_app
-from rlkv.serve.async_engine import AsyncEngine, EngineStopped
+from rlkv.serve.async_engine import AsyncEngine, EngineStopped, Streams
+from rlkv.serve.engine_process import EngineProcess, EngineSpec
 from rlkv.serve.server import serve
 
-__all__ = ["AsyncEngine", "EngineStopped", "create_app", "serve"]
+__all__ = ["AsyncEngine", "EngineProcess", "EngineSpec", "EngineStopped", "Streams", "create_app", "serve"]

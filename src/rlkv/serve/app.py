@@ -1,4 +1,4 @@
-"""`create_app`: the OpenAI-compatible HTTP API over an `AsyncEngine` (FastAPI).
+"""`create_app`: the OpenAI-compatible HTTP API over the engine's streams (FastAPI).
 
     POST /v1/chat/completions   messages in the tokenizer's chat template
     POST /v1/completions        a prompt string (special tokens added) or a list of token ids
@@ -29,7 +29,7 @@ from starlette.exceptions import HTTPException
 
 from rlkv.engine import Engine, RequestError, SamplingParams
 from rlkv.serve import protocol as p
-from rlkv.serve.async_engine import AsyncEngine, EngineStopped
+from rlkv.serve.async_engine import AsyncEngine, EngineStopped, Streams
 from rlkv.serve.detokenize import Detokenizer
 from rlkv.serve.errors import ApiError, describe_validation
 from rlkv.serve.metrics import CONTENT_TYPE, ServerMetrics
@@ -49,11 +49,10 @@ class _Piece:
 class _Handlers:
     """The handlers' shared state: the engine's online layer, the tokenizer, the served name, metrics."""
 
-    def __init__(self, engine: Engine, tokenizer, model_name: str, default_max_tokens: int):
-        self.runner = AsyncEngine(engine)
-        self.engine, self.tokenizer, self.model_name = engine, tokenizer, model_name
+    def __init__(self, runner: Streams, tokenizer, model_name: str, default_max_tokens: int):
+        self.runner, self.tokenizer, self.model_name = runner, tokenizer, model_name
         self.default_max_tokens = default_max_tokens
-        self.metrics = ServerMetrics(engine)
+        self.metrics = ServerMetrics(runner)
         self.created = p.now()
 
     # ------------------------------------------------------------------ endpoints
@@ -69,7 +68,7 @@ class _Handlers:
 
     async def models(self, raw: Request) -> p.ModelList:
         return p.ModelList(data=[p.ModelCard(id=self.model_name, created=self.created,
-                                             max_model_len=self.engine.max_seq_len)])
+                                             max_model_len=self.runner.max_seq_len)])
 
     async def health(self, raw: Request) -> Response:
         if not self.runner.healthy:
@@ -100,7 +99,7 @@ class _Handlers:
         return self.tokenizer(prompt).input_ids if isinstance(prompt, str) else prompt
 
     def _params(self, req, prompt_tokens: int) -> SamplingParams:
-        limit = req.token_limit or max(1, min(self.default_max_tokens, self.engine.max_seq_len - prompt_tokens))
+        limit = req.token_limit or max(1, min(self.default_max_tokens, self.runner.max_seq_len - prompt_tokens))
         try:
             return SamplingParams(
                 max_tokens=limit, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
@@ -239,11 +238,13 @@ def _parse(model: type[BaseModel], body: bytes):
         raise ApiError(400, message, param=param) from None
 
 
-def create_app(engine: Engine, tokenizer, model_name: str, default_max_tokens: int = 1024) -> FastAPI:
-    """The app serving `engine` as `model_name`; its engine thread runs while the app's lifespan does.
+def create_app(engine: Engine | Streams, tokenizer, model_name: str, default_max_tokens: int = 1024) -> FastAPI:
+    """The app serving `engine` as `model_name`: an Engine (run in a thread of this process) or an
+    `EngineProcess`; it runs while the app's lifespan does.
 
     `default_max_tokens`: a request's token limit when it names none (cut to the context left)."""
-    server = _Handlers(engine, tokenizer, model_name, default_max_tokens)
+    server = _Handlers(AsyncEngine(engine) if isinstance(engine, Engine) else engine, tokenizer, model_name,
+                       default_max_tokens)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

@@ -1,16 +1,18 @@
-"""`AsyncEngine`: the online layer between asyncio request handlers and the (synchronous) Engine.
+"""The online layer between asyncio request handlers and the (synchronous) Engine.
 
-One background thread owns the Engine: it calls `step()` while requests are unfinished and sleeps
-on its inbox otherwise. Handlers never touch the engine's state; they post "add" and "abort"
-messages to a thread-safe queue that the thread applies between steps. Each request's outputs go
-to its own asyncio queue: all of a step's outputs in one `loop.call_soon_threadsafe` (one wake-up
-of the event loop per step, not per request), and a reader that fell behind gets the outputs
-queued for it merged into one (fewer, larger deltas under load). A handler reads them from an
-async iterator; leaving it early (the client disconnected, a stop string ended the text, the
+`Streams` is what handlers see, whatever runs the engine: `generate(id, prompt ids, params)`
+checks the request at once (`RequestError`: it can never run) and returns an async iterator of
+its outputs. Each request's outputs go to its own asyncio queue, all of a step's outputs in one
+`loop.call_soon_threadsafe` (one wake-up of the event loop per step, not per request); a reader
+that fell behind gets the outputs queued for it merged into one (fewer, larger deltas under
+load). Leaving the iterator early (the client disconnected, a stop string ended the text, the
 task was cancelled) aborts the request, which frees its KV pages before the next step.
+`shutdown()` (safe from a signal handler) aborts every request and ends every stream with
+`EngineStopped`, so the server can close in-flight streams at once on Ctrl-C.
 
-`shutdown()` (safe from a signal handler) makes the thread abort every request, end every stream
-with `EngineStopped`, and exit; so the server can close in-flight streams at once on Ctrl-C.
+Two transports implement it: `AsyncEngine` runs a given Engine in a thread of this process (for
+an Engine built in Python); `rlkv.serve.engine_process.EngineProcess` runs it in a child process
+(what `rlkv serve` uses: the HTTP side then never competes with the step loop for the GIL).
 """
 
 from __future__ import annotations
@@ -27,12 +29,13 @@ from dataclasses import dataclass, replace
 import torch
 
 from rlkv.engine import Engine, RequestError, RequestOutput, SamplingParams
+from rlkv.engine.stats import EngineMetrics
 
 log = logging.getLogger("rlkv.serve")
 
 
 class EngineStopped(RuntimeError):
-    """The engine is shutting down (or its thread failed): the request cannot finish."""
+    """The engine is shutting down (or failed): the request cannot finish."""
 
 
 @dataclass
@@ -43,68 +46,47 @@ class _Sink:
     outputs: asyncio.Queue
 
 
-@dataclass
-class _Add:
-    request_id: str
-    prompt_ids: list[int]
-    params: SamplingParams
-    sink: _Sink
+class Streams:
+    """Per-request output streams over some transport to an engine (see module doc). Subclasses post adds and
+    aborts (`_post_add`, `_post_abort`), call `_route` with what each step reported and `_end_all` when the
+    engine stops, and provide `check_request`, `max_seq_len`, `metrics()`, `healthy`, `start`, `shutdown`, `join`."""
 
-
-@dataclass
-class _Abort:
-    request_id: str
-
-
-class _Stop:
-    pass
-
-
-class AsyncEngine:
-    """Runs `engine` in a background thread; `generate` streams one request's outputs (see module doc)."""
-
-    def __init__(self, engine: Engine):
-        self.engine = engine
-        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
-        self._sinks: dict[str, _Sink] = {}  # owned by the engine thread
-        self._ready: list[tuple[_Sink, RequestOutput | BaseException]] = []  # to deliver after this step
-        self._thread = threading.Thread(target=self._run, name="rlkv-engine", daemon=True)
+    def __init__(self):
+        self._sinks: dict[str, _Sink] = {}
+        self._lock = threading.Lock()  # _sinks: added and removed by the event loop, popped by the transport
         self._stopping = False
-        self.error: BaseException | None = None  # why the engine thread died, if it did
+        self.error: BaseException | None = None  # why the engine failed, if it did
 
-    # ------------------------------------------------------------------ control (any thread)
-    def start(self) -> None:
-        self._thread.start()
+    healthy: bool
+    max_seq_len: int
 
-    def shutdown(self) -> None:
-        """Abort everything and stop the thread soon; returns at once (callable from a signal handler)."""
-        if not self._stopping:
-            self._stopping = True
-            self._inbox.put(_Stop())
+    def check_request(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        raise NotImplementedError
 
-    def join(self, timeout: float | None = None) -> None:
-        self.shutdown()
-        if self._thread.is_alive():
-            self._thread.join(timeout)
+    def metrics(self) -> EngineMetrics:
+        raise NotImplementedError
 
-    @property
-    def healthy(self) -> bool:
-        return self._thread.is_alive() and not self._stopping and self.error is None
+    def _post_add(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
+        raise NotImplementedError
 
-    # ------------------------------------------------------------------ requests (the event loop)
+    def _post_abort(self, request_id: str) -> None:
+        raise NotImplementedError
+
     def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[RequestOutput]:
         """Check the request now (RequestError: it can never run), then stream its outputs.
 
         The request is submitted when iteration starts and aborted if iteration stops before its
         last output (the iterator closed, or the awaiting task cancelled)."""
-        self.engine.check_request(prompt_ids, params)
+        self.check_request(prompt_ids, params)
         if not self.healthy:
             raise EngineStopped("the server is shutting down" if self._stopping else f"the engine failed: {self.error}")
         return self._stream(request_id, prompt_ids, params)
 
     async def _stream(self, request_id: str, prompt_ids: list[int], params: SamplingParams):
         sink = _Sink(asyncio.get_running_loop(), asyncio.Queue())
-        self._inbox.put(_Add(request_id, prompt_ids, params, sink))
+        with self._lock:
+            self._sinks[request_id] = sink
+        self._post_add(request_id, prompt_ids, params)
         finished = False
         try:
             while not finished:
@@ -115,68 +97,132 @@ class AsyncEngine:
                 yield out
         finally:
             if not finished:
-                self._inbox.put(_Abort(request_id))
+                with self._lock:
+                    self._sinks.pop(request_id, None)
+                self._post_abort(request_id)
 
-    # ------------------------------------------------------------------ the engine thread
-    def _run(self) -> None:
-        try:
-            if self.engine.device.type == "cuda":  # a new thread starts on the default device
-                torch.cuda.set_device(self.engine.device)
-            while self._apply(block=not self.engine.has_unfinished()):
-                if self.engine.has_unfinished():
-                    for out in self.engine.step():
-                        sink = self._sinks.pop(out.request_id, None) if out.finished else self._sinks.get(out.request_id)
-                        if sink is not None:  # None: aborted meanwhile
-                            self._ready.append((sink, out))
-                self._deliver()
-        except BaseException as err:  # a bug or a device failure: fail every open request, keep serving errors
-            log.exception("the engine thread failed")
-            self.error = err
-            self._end_all(EngineStopped(f"the engine failed: {err}"))
+    def _route(self, outputs: list[RequestOutput], errors: list[tuple[str, BaseException]] = ()) -> None:
+        """Hand a step's outputs (and requests refused on arrival) to their streams: one callback per event loop."""
+        ready = []
+        with self._lock:
+            for out in outputs:
+                sink = self._sinks.pop(out.request_id, None) if out.finished else self._sinks.get(out.request_id)
+                if sink is not None:  # None: aborted meanwhile
+                    ready.append((sink, out))
+            for request_id, err in errors:
+                if (sink := self._sinks.pop(request_id, None)) is not None:
+                    ready.append((sink, err))
+        _deliver(ready)
 
-    def _apply(self, block: bool) -> bool:
-        """Apply the posted messages (waiting for one if `block`); False once asked to stop."""
+    def _end_all(self, err: EngineStopped) -> None:
+        """End every open stream with `err`."""
+        with self._lock:
+            ready = [(sink, err) for sink in self._sinks.values()]
+            self._sinks.clear()
+        _deliver(ready)
+
+
+class AsyncEngine(Streams):
+    """Runs `engine` in a background thread of this process: it calls `step()` while requests are unfinished
+    and sleeps on its inbox otherwise; handlers post "add" and "abort" messages that it applies between steps."""
+
+    def __init__(self, engine: Engine):
+        super().__init__()
+        self.engine = engine
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="rlkv-engine", daemon=True)
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.engine.max_seq_len
+
+    def check_request(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        self.engine.check_request(prompt_ids, params)
+
+    def metrics(self) -> EngineMetrics:
+        return self.engine.metrics()  # safe from any thread
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def shutdown(self) -> None:
+        """Abort everything and stop the thread soon; returns at once (callable from a signal handler)."""
+        if not self._stopping:
+            self._stopping = True
+            self._inbox.put(("stop",))
+
+    def join(self, timeout: float | None = None) -> None:
+        self.shutdown()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    @property
+    def healthy(self) -> bool:
+        return self._thread.is_alive() and not self._stopping and self.error is None
+
+    def _post_add(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
+        self._inbox.put(("add", request_id, prompt_ids, params))
+
+    def _post_abort(self, request_id: str) -> None:
+        self._inbox.put(("abort", request_id))
+
+    def _receive(self, block: bool) -> list[tuple]:
         messages = [self._inbox.get()] if block else []
         with suppress(queue.Empty):
             while True:
                 messages.append(self._inbox.get_nowait())
-        for msg in messages:
-            if isinstance(msg, _Stop):
-                self._end_all(EngineStopped("the server is shutting down"))
-                return False
-            if isinstance(msg, _Add):
-                try:
-                    self.engine.add_request(msg.request_id, msg.prompt_ids, msg.params)
-                    self._sinks[msg.request_id] = msg.sink
-                except RequestError as err:
-                    self._ready.append((msg.sink, err))
-            elif self._sinks.pop(msg.request_id, None) is not None:
-                self.engine.abort_request(msg.request_id)
-        return True
+        return messages
 
-    def _deliver(self) -> None:
-        """Hand the ready outputs to their event loops: one callback per loop."""
-        by_loop = defaultdict(list)
-        for sink, item in self._ready:
-            by_loop[sink.loop].append((sink.outputs, item))
-        self._ready = []
-        for loop, items in by_loop.items():
-            with suppress(RuntimeError):  # the event loop has closed: nobody is listening
-                loop.call_soon_threadsafe(_put_all, items)
+    def _run(self) -> None:
+        reason = EngineStopped("the server is shutting down")
+        try:
+            if self.engine.device.type == "cuda":  # a new thread starts on the default device
+                torch.cuda.set_device(self.engine.device)
+            run_engine(self.engine, self._receive, self._route)
+        except BaseException as err:  # a bug or a device failure: fail every open request, keep serving errors
+            log.exception("the engine thread failed")
+            self.error = err
+            reason = EngineStopped(f"the engine failed: {err}")
+        self._end_all(reason)
 
-    def _end_all(self, err: EngineStopped) -> None:
-        """Abort every request, and end its stream (and those of requests not added yet) with `err`."""
-        for request_id, sink in self._sinks.items():
+
+def run_engine(engine: Engine, receive, emit) -> None:
+    """The engine's loop, in whichever thread or process owns the engine: apply the messages `receive(block)`
+    returns (("add", id, prompt ids, params), ("abort", id), ("stop",); it waits for one if `block`), step
+    while requests are unfinished, and `emit(outputs, refused)` after every round. Returns at "stop"; open
+    requests are aborted however it ends."""
+    open_ids: set[str] = set()
+    try:
+        while True:
+            refused: list[tuple[str, RequestError]] = []
+            for kind, *args in receive(not engine.has_unfinished()):
+                if kind == "stop":
+                    return
+                if kind == "add":
+                    try:
+                        engine.add_request(*args)
+                        open_ids.add(args[0])
+                    except RequestError as err:
+                        refused.append((args[0], err))
+                elif args[0] in open_ids:
+                    open_ids.discard(args[0])
+                    engine.abort_request(args[0])
+            outputs = engine.step() if engine.has_unfinished() else []
+            open_ids.difference_update(out.request_id for out in outputs if out.finished)
+            emit(outputs, refused)
+    finally:
+        for request_id in open_ids:
             with suppress(Exception):
-                self.engine.abort_request(request_id)
-            self._ready.append((sink, err))
-        self._sinks.clear()
-        with suppress(queue.Empty):
-            while True:
-                msg = self._inbox.get_nowait()
-                if isinstance(msg, _Add):
-                    self._ready.append((msg.sink, err))
-        self._deliver()
+                engine.abort_request(request_id)
+
+
+def _deliver(ready: list[tuple[_Sink, RequestOutput | BaseException]]) -> None:
+    by_loop = defaultdict(list)
+    for sink, item in ready:
+        by_loop[sink.loop].append((sink.outputs, item))
+    for loop, items in by_loop.items():
+        with suppress(RuntimeError):  # the event loop has closed: nobody is listening
+            loop.call_soon_threadsafe(_put_all, items)
 
 
 def _put_all(items) -> None:

@@ -20,7 +20,7 @@ SECONDS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 60, 120, 300, 6
 
 
 class _EngineCollector:
-    """Reads `engine.metrics()` (safe from any thread) at every scrape."""
+    """Reads `engine.metrics()` (an Engine's, or the streams' over one: safe from any thread) at every scrape."""
 
     def __init__(self, engine):
         self.engine = engine

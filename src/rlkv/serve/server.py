@@ -1,8 +1,8 @@
 """`serve`: run the app under uvicorn until Ctrl-C or SIGTERM.
 
-On the first signal the engine thread aborts every request at once (their streams end with an
-error event, whole answers with 503), so uvicorn's graceful shutdown does not wait for long
-generations; then the app's lifespan joins the thread. A second Ctrl-C forces uvicorn to exit.
+On the first signal the engine (its thread or its process) aborts every request at once (their
+streams end with an error event, whole answers with 503), so uvicorn's graceful shutdown does not
+wait for long generations; then the app's lifespan joins it. A second Ctrl-C forces uvicorn to exit.
 """
 
 from __future__ import annotations
