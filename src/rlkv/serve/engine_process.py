@@ -156,6 +156,7 @@ class EngineProcess(Streams):
                 self._route(outputs, errors)
         except (EOFError, OSError):
             if not self._stopping:
+                self._process.join(2)
                 self.error = RuntimeError(f"the engine process exited with {self._process.exitcode}")
                 reason = EngineStopped(f"the engine failed: {self.error}")
         if self.error is not None:
