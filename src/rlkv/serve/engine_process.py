@@ -12,7 +12,8 @@ refused before anything is sent. Two pipes connect them:
   messages, read by one reader thread that hands each request's outputs to its asyncio queue
   (`rlkv.serve.async_engine`'s streams: the same iterator, merging, abort-on-exit).
 The child ignores Ctrl-C (the server orchestrates the shutdown) and exits when its pipe closes, so
-it never outlives the server.
+it never outlives the server. As with any "spawn" child, a script that starts one must do so under
+`if __name__ == "__main__":`.
 """
 
 from __future__ import annotations
