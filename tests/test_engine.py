@@ -366,7 +366,7 @@ def test_slot_kernel_equals_the_torch_path(observe):
     """A token dropper's decode attention over slots read in place, out of chronological order, with empty
     places, a sliding window, and padding rows sharing scratch slot 0."""
     pytest.importorskip("triton")
-    from rlkv.engine.kernel import slot_attention
+    from rlkv.attention.slot_kernel import slot_attention
     from rlkv.engine.tokendrop import slot_attention_torch
 
     torch.manual_seed(0)

@@ -214,6 +214,24 @@ def test_generate_equals_masked_reference_on_recorded_keep_sets(name, arch):
     torch.testing.assert_close(torch.stack(out.logits, 1), logits[:, width - 1 :], rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("name", list(BUILDERS))
+def test_decoding_in_the_slot_kernel_equals_the_torch_path(name):
+    """`token_drop(kernel=True)` (Triton's interpreter on a CPU) keeps and outputs what the torch path does."""
+    from rlkv.hf.tokendrop import token_drop
+
+    model = tiny_model("qwen2")
+    policy = BUILDERS[name](name, rlkv.Layout.of(model), 0.5, **SMALL[name]).policy
+    ids, mask = batch((14, 9), 14)
+    runs = []
+    for kernel in (False, True):
+        with token_drop(model, policy, kernel=kernel) as handle:
+            runs.append((generate(model, ids, mask, 8), [layer.pos.clone() for layer in handle.cache.layers]))
+    (torch_out, torch_pos), (kernel_out, kernel_pos) = runs
+    assert torch.equal(kernel_out.sequences, torch_out.sequences)
+    torch.testing.assert_close(torch.stack(kernel_out.logits), torch.stack(torch_out.logits), rtol=1e-4, atol=1e-4)
+    assert all(torch.equal(a, b) for a, b in zip(kernel_pos, torch_pos))  # the same tokens kept, in the same places
+
+
 # ---------------------------------------------------------------- (4) a budget that drops nothing is plain generate
 @pytest.mark.parametrize("name", list(BUILDERS))
 def test_large_budget_is_plain_generate(name):

@@ -1,5 +1,5 @@
-"""The engine's Triton kernels: fused decode attention for both kinds of KV head, the store of new
-K/V, and decode attention over a token-dropping method's slots.
+"""The engine's Triton kernels: fused decode attention for both kinds of KV head, and the store of new
+K/V into pages and rings.
 
 `_decode_kernel`: a program handles one (sequence, KV head, split) and all the query heads of that KV head's
 GQA group (padded to 16 rows for `tl.dot`):
@@ -13,13 +13,8 @@ GQA group (padded to 16 rows for `tl.dot`):
 Splits ("split-K") give short batches of long sequences enough programs to fill the GPU; their
 partial (max, sum, acc) are combined in torch. With one split (large batches) the kernel writes the
 final output itself, gated mix included, and no combine step runs. `rlkv.engine.attention.decode_torch` is the
-plain reference this kernel is tested against.
-
-`_slot_decode_kernel`: a program handles one (sequence, KV head) of a token-dropping method
-(`rlkv.engine.tokendrop`): the new token, then the sequence's slot read in place (no gather, no
-float32 copy), with an online softmax; for policies that score tokens by attention it also writes
-the raw scores, from which torch forms each candidate's attention. Reference:
-`rlkv.engine.tokendrop.slot_attention_torch`.
+plain reference this kernel is tested against. (The token droppers' slot kernel, which both
+runtimes use, is `rlkv.attention.slot_kernel`.)
 """
 
 from __future__ import annotations
@@ -29,19 +24,8 @@ import triton
 import triton.language as tl
 
 from rlkv.attention.reference import gate_mix
+from rlkv.attention.slot_kernel import online_softmax
 from rlkv.engine.kv import KVStore
-
-
-@triton.jit
-def _online(sc, v, m_i, l_i, acc, PRECISION: tl.constexpr):
-    """Fold a block of scores [G, N] (-inf = masked) and values [N, D] into a running softmax."""
-    m_new = tl.maximum(m_i, tl.max(sc, 1))
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p = tl.exp(sc - m_safe[:, None])
-    scale = tl.exp(m_i - m_safe)
-    l_i = l_i * scale + tl.sum(p, 1)
-    acc = acc * scale[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-    return m_new, l_i, acc
 
 
 @triton.jit
@@ -93,10 +77,10 @@ def _decode_kernel(
             v = tl.load(VP + base[:, None] + d[None, :], mask=inside[:, None], other=0.0)
             sc = tl.dot(q, tl.trans(k), input_precision=PRECISION).to(tl.float32) * scale
             valid = inside & (t >= low)
-            m_i, l_i, acc = _online(tl.where(valid[None, :], sc, float("-inf")), v, m_i, l_i, acc, PRECISION)
+            m_i, l_i, acc = online_softmax(tl.where(valid[None, :], sc, float("-inf")), v, m_i, l_i, acc, PRECISION)
             if GATED:
                 stream = valid & ((t < sink) | (t > last - recent))
-                m_s, l_s, acc_s = _online(tl.where(stream[None, :], sc, float("-inf")), v, m_s, l_s, acc_s, PRECISION)
+                m_s, l_s, acc_s = online_softmax(tl.where(stream[None, :], sc, float("-inf")), v, m_s, l_s, acc_s, PRECISION)
     else:
         if split == 0:
             j = tl.arange(0, RING_PAD)
@@ -108,7 +92,7 @@ def _decode_kernel(
             k = tl.load(KR + base[:, None] + d[None, :], mask=in_ring[:, None], other=0.0)
             v = tl.load(VR + base[:, None] + d[None, :], mask=in_ring[:, None], other=0.0)
             sc = tl.dot(q, tl.trans(k), input_precision=PRECISION).to(tl.float32) * scale
-            m_i, l_i, acc = _online(tl.where(valid[None, :], sc, float("-inf")), v, m_i, l_i, acc, PRECISION)
+            m_i, l_i, acc = online_softmax(tl.where(valid[None, :], sc, float("-inf")), v, m_i, l_i, acc, PRECISION)
 
     out_rows = g < G
     if SPLITS == 1:  # the whole sequence is in this program: write the final output, no combine step
@@ -232,80 +216,3 @@ def decode_attention(q: torch.Tensor, store: KVStore, layer: int, slots: torch.T
     if alpha is not None:
         return gate_mix(out[0], out[1], alpha, group).to(q.dtype)
     return out[0].to(q.dtype)
-
-
-@triton.jit
-def _slot_decode_kernel(
-    Q, KN, VN, K, V, POS, SLOTS, QPOS, O, SC, M, L,
-    stride_qb, stride_qh, stride_nb, stride_nh, stride_vb, stride_vh,
-    stride_ks, stride_kh, stride_kt, stride_ps, stride_ph,
-    stride_ob, stride_oh, stride_sb, stride_sh, stride_mb,
-    scale, window, CAP,
-    G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr, SCORES: tl.constexpr,
-    PRECISION: tl.constexpr,
-):
-    b = tl.program_id(0)
-    h = tl.program_id(1)
-    slot = tl.load(SLOTS + b).to(tl.int64)
-    q_pos = tl.load(QPOS + b)
-    g = tl.arange(0, G_PAD)
-    d = tl.arange(0, D)
-    rows = h * G + g
-    live = g < G
-    q = tl.load(Q + b * stride_qb + rows[:, None] * stride_qh + d[None, :], mask=live[:, None], other=0.0)
-    k_new = tl.load(KN + b * stride_nb + h * stride_nh + d).to(tl.float32)
-    v_new = tl.load(VN + b * stride_vb + h * stride_vh + d).to(tl.float32)
-    # the new token first: it always attends to itself
-    s_new = tl.sum(q.to(tl.float32) * k_new[None, :], 1) * scale
-    m_i = s_new
-    l_i = tl.full([G_PAD], 1.0, tl.float32)
-    acc = tl.zeros([G_PAD, D], tl.float32) + v_new[None, :]
-    kv = slot * stride_ks + h * stride_kh
-    for start in range(0, CAP, BLOCK):
-        t = start + tl.arange(0, BLOCK)
-        inside = t < CAP
-        pos = tl.load(POS + slot * stride_ps + h * stride_ph + t, mask=inside, other=-1)
-        valid = (pos >= 0) & (pos <= q_pos) & ((window == 0) | (pos > q_pos - window))
-        k = tl.load(K + kv + t[:, None] * stride_kt + d[None, :], mask=inside[:, None], other=0.0)
-        v = tl.load(V + kv + t[:, None] * stride_kt + d[None, :], mask=inside[:, None], other=0.0)
-        sc = tl.dot(q, tl.trans(k), input_precision=PRECISION).to(tl.float32) * scale
-        sc = tl.where(valid[None, :], sc, float("-inf"))
-        if SCORES:
-            tl.store(SC + b * stride_sb + rows[:, None] * stride_sh + t[None, :], sc, mask=live[:, None] & inside[None, :])
-        m_i, l_i, acc = _online(sc, v, m_i, l_i, acc, PRECISION)
-    if SCORES:
-        tl.store(SC + b * stride_sb + rows * stride_sh + CAP, s_new, mask=live)
-        tl.store(M + b * stride_mb + rows, m_i, mask=live)
-        tl.store(L + b * stride_mb + rows, l_i, mask=live)
-    o_ptr = O + b * stride_ob + rows[:, None] * stride_oh + d[None, :]
-    tl.store(o_ptr, (acc / l_i[:, None]).to(O.dtype.element_ty), mask=live[:, None])
-
-
-def slot_attention(q, k, v, keys, values, pos, slots, q_pos, scaling: float, window: int | None, observe: bool,
-                   block: int = 64, num_warps: int = 4, num_stages: int = 2):
-    """Decode attention of q [B, Hq, D] over row b's slot `slots[b]` of one layer's keys/values [S, Hkv,
-    capacity, D] at pos [S, Hkv, capacity] plus its new k/v [B, Hkv, D] at q_pos [B] (the candidates:
-    slot places, then the new token) -> (output [B, Hq, D], attention [B, Hkv, capacity + 1] each
-    candidate gets, averaged over the GQA group, if `observe`, else None)."""
-    bsz, hq, d = q.shape
-    kv_heads, cap = keys.shape[1], keys.shape[2]
-    group = hq // kv_heads
-    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    out = torch.empty_like(q)
-    scores = torch.empty(bsz, hq, cap + 1, dtype=torch.float32, device=q.device) if observe else out
-    m = torch.empty(bsz, hq, dtype=torch.float32, device=q.device) if observe else out
-    denom = torch.empty_like(m) if observe else out  # unused pointers without scores: nothing allocated
-    _slot_decode_kernel[(bsz, kv_heads)](
-        q, k, v, keys, values, pos, slots, q_pos, out, scores, m, denom,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        keys.stride(0), keys.stride(1), keys.stride(2), pos.stride(0), pos.stride(1),
-        out.stride(0), out.stride(1), scores.stride(0), scores.stride(1), m.stride(0),
-        scaling, window or 0, cap,
-        G=group, G_PAD=max(16, triton.next_power_of_2(group)), D=d, BLOCK=block, SCORES=observe,
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        num_warps=num_warps, num_stages=num_stages,
-    )
-    if not observe:
-        return out, None
-    probs = torch.exp(scores - m[..., None]) / denom[..., None]  # masked candidates: exp(-inf) = 0
-    return out, probs.view(bsz, kv_heads, group, cap + 1).mean(dim=2)

@@ -9,7 +9,7 @@ concurrency, as pages do for head-split methods.
 The choice of tokens is the transformers path's own (`rlkv.attention.tokendrop`); a decode step
 works on the slots in place:
 1. the new token's attention over its slot plus itself: the Triton kernel
-   `rlkv.engine.kernel.slot_attention` reads the slot where it lies, or on a CPU the plain torch
+   `rlkv.attention.slot_kernel.slot_attention` reads the slot where it lies, or on a CPU the plain torch
    `slot_attention_torch` (gather, float32 softmax), which the kernel is tested against;
 2. the policy chooses among the candidates (the slot's places, then the new token) from their
    positions, scores and attention (keys too, gathered, for a policy that `needs_keys`: R-KV);
@@ -144,7 +144,7 @@ class TokenDropAttention(EngineState):
     def __init__(self, store: TokenDropStore, use_kernel: bool):
         self.store, self.policy = store, store.policy
         if use_kernel:  # Triton: imported only when used
-            from rlkv.engine.kernel import slot_attention as attend
+            from rlkv.attention.slot_kernel import slot_attention as attend
         else:
             attend = slot_attention_torch
         self._attend = attend
@@ -214,7 +214,7 @@ class PaddedPrompts:
 
 
 def slot_attention_torch(q, k, v, keys, values, pos, slots, q_pos, scaling: float, window: int | None, observe: bool):
-    """`rlkv.engine.kernel.slot_attention` in plain torch: gather the rows' slots, append the new tokens, and
+    """`rlkv.attention.slot_kernel.slot_attention` in plain torch: gather the rows' slots, append the new tokens, and
     attend with `candidate_attention` (the transformers path's own attention)."""
     cand_keys, cand_values = then_new(keys, slots, k[:, :, None]), then_new(values, slots, v[:, :, None])
     out, attn = candidate_attention(q[:, :, None], cand_keys, cand_values, then_new(pos, slots, new_positions(q_pos, k)),

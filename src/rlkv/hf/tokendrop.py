@@ -63,11 +63,13 @@ class TokenDropLayer(CompressedLayer, CacheLayerMixin):
         self.cumulative_length += key_states.shape[-2]
         return key_states, value_states
 
-    def attend(self, query, key, value, q_pos, scaling: float, window: int | None, policy: Policy) -> torch.Tensor:
-        """Attention [b, q, hq, d] of the new queries over stored + new tokens; then keep what `policy` selects."""
+    def attend(self, query, key, value, q_pos, scaling: float, window: int | None, policy: Policy,
+               kernel: bool = False) -> torch.Tensor:
+        """Attention [b, q, hq, d] of the new queries over stored + new tokens; then keep what `policy` selects.
+        `kernel`: a decoding step's attention in the Triton slot kernel (`rlkv.attention.slot_kernel`)."""
         b, h, q, _ = key.shape
         if q == 1 and self.is_initialized:
-            return self._decode(query, key, value, q_pos, scaling, window, policy)
+            return self._decode(query, key, value, q_pos, scaling, window, policy, kernel)
         new_pos = q_pos.to(torch.int32)[:, None, :].expand(b, h, q)
         first = not self.is_initialized
         if first:
@@ -83,7 +85,8 @@ class TokenDropLayer(CompressedLayer, CacheLayerMixin):
         self.is_initialized = True
         return out
 
-    def _decode(self, query, key, value, q_pos, scaling: float, window: int | None, policy: Policy) -> torch.Tensor:
+    def _decode(self, query, key, value, q_pos, scaling: float, window: int | None, policy: Policy,
+                kernel: bool) -> torch.Tensor:
         """One new token per row, in place: the slots (`capacity` + a spare one, which takes the new token) are
         the candidates; then evicted slots are emptied and a kept new token moves into the first empty slot."""
         cap = policy.capacity
@@ -95,7 +98,14 @@ class TokenDropLayer(CompressedLayer, CacheLayerMixin):
         if self.score is not None:
             self.score[:, :, cap] = 0.0
         observe = policy.observed(False, 1)
-        if observe:
+        if kernel:  # the slots where they lie, the new token apart: no float32 copies, one fused pass
+            from rlkv.attention.slot_kernel import slot_attention as fused  # Triton: imported only when used
+
+            rows = torch.arange(query.shape[0], device=query.device)
+            out, attn = fused(query[:, :, 0], key[:, :, 0], value[:, :, 0], self.keys[:, :, :cap], self.values[:, :, :cap],
+                              self.pos[:, :, :cap], rows, q_pos[:, 0], scaling, window, observe > 0)
+            out = out[:, None]
+        elif observe:
             out, attn = candidate_attention(query, self.keys, self.values, self.pos, q_pos, scaling, window, observe)
         else:
             out, attn = slot_attention(query, self.keys, self.values, self.pos, q_pos, scaling, window), None
@@ -181,8 +191,8 @@ class TokenDropCache(Cache):
 class _Session:
     """Per `token_drop` block: the latest forward's cache and new-token positions."""
 
-    def __init__(self, policy: Policy, base: str):
-        self.policy, self.base = policy, base_attention(base)
+    def __init__(self, policy: Policy, base: str, kernel: bool):
+        self.policy, self.base, self.kernel = policy, base_attention(base), kernel
         self.cache: Cache | None = None
         self.q_pos: torch.Tensor | None = None
 
@@ -196,12 +206,16 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
     if not isinstance(session.cache, TokenDropCache):
         return session.base(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
     layer = session.cache.layers[module.layer_idx]
-    out = layer.attend(query, key, value, session.q_pos, scaling, kwargs.get("sliding_window"), session.policy)
+    out = layer.attend(query, key, value, session.q_pos, scaling, kwargs.get("sliding_window"), session.policy,
+                       session.kernel)
     return out, None
 
 
-def token_drop(model, policy: Policy):
-    """Inside the block, `model.generate` uses a `TokenDropCache` run by `policy`; yields a handle with `.cache`."""
-    session = _Session(policy, model.config._attn_implementation)
+def token_drop(model, policy: Policy, kernel: bool | None = None):
+    """Inside the block, `model.generate` uses a `TokenDropCache` run by `policy`; yields a handle with `.cache`.
+    `kernel`: decoding steps attend in the Triton slot kernel (default: with the model on CUDA)."""
+    if kernel is None:
+        kernel = next(model.parameters()).device.type == "cuda"
+    session = _Session(policy, model.config._attn_implementation, kernel)
     num_layers = model.config.get_text_config().num_hidden_layers
     return patched(model, "rlkv_tokendrop", _attention, session, make_cache=lambda: TokenDropCache(policy, num_layers))
