@@ -1,14 +1,15 @@
 """Serving through `rlkv serve`: MATH-500 requests arriving as a Poisson process, streamed.
 
-For each sparsity a server process is started (`python -m rlkv serve`, the same KV budget and
-batch cap) and warmed up; then for each arrival rate `--num-requests` chat requests (a MATH-500
+For each sparsity (and each `--engines` transport: the engine in its own process, rlkv serve's
+default, or in a thread of the server's) a server process is started (`python -m rlkv serve`, the
+same KV budget and batch cap) and warmed up; then for each arrival rate `--num-requests` chat requests (a MATH-500
 question with the task's instruction, greedy, `--max-tokens` cap) are sent at exponentially
 distributed intervals (`inf`: all at once), each streamed. Per request: time to first token (TTFT:
 arrival to the first content delta), time per output token (TPOT: the rest of the answer's time
 over its remaining tokens) and end-to-end latency. Per (sparsity, rate): output tokens/s over the
 run (first arrival to last answer), requests/s, TTFT / TPOT / latency p50 and p99, preemptions
 and the most requests running at once (from /metrics), and the throughput ratio to sparsity 0 at
-the same rate (same script, one machine).
+the same rate and transport (same script, one machine).
 
     python benchmarks/serving.py --model DIR --heads heads.json --sparsities 0,0.5 --rates 2,8,32,inf \
         --num-requests 200 --max-tokens 4096 --kv-budget 4GiB --data-dir DATA --out results/serving.json
@@ -170,6 +171,7 @@ def main():
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--seed", type=int, default=0, help="of the arrival times")
     ap.add_argument("--warmup", type=int, default=None, help="warm-up requests (default: --max-batch)")
+    ap.add_argument("--engines", default="process", help="comma-separated: process (rlkv serve's default), thread")
     ap.add_argument("--url", default=None, help="measure this running server instead of starting one per sparsity")
     ap.add_argument("--startup-timeout", type=float, default=900)
     ap.add_argument("--out", default="results/serving.json")
@@ -188,26 +190,30 @@ def main():
     rows = []
     if args.url:
         rows = measure(args.url, bodies, rates, args.seed, warmup, {"server": args.url})
-    for s in ([] if args.url else [float(v) for v in args.sparsities.split(",")]):
-        serve_args = ["--model", args.model, "--sparsity", str(s), "--max-batch", str(args.max_batch),
-                      "--sink", str(args.sink), "--recent", str(args.recent),
-                      *(["--heads", args.heads] if args.heads and s > 0 else []),
-                      *(["--kv-budget", args.kv_budget] if args.kv_budget else [])]
-        log = Path(args.out).with_suffix(f".server-s{s:g}.log")
-        log.parent.mkdir(parents=True, exist_ok=True)
-        server = ServerProcess([*serve_args, "--log-level", "warning"], log)
-        try:
-            server.wait_ready(args.startup_timeout)
-            meta[f"server_command_s{s:g}"] = " ".join(server.command)
-            rows += measure(server.url, bodies, rates, args.seed, warmup, {"sparsity": s})
-        finally:
-            server.close()
-        write_result(args.out, {**meta, "complete": False, "rows": rows})  # partial results survive a kill
-    base = {r["rate"]: r for r in rows if r.get("sparsity") == 0}
+    engines = [e for e in args.engines.split(",") if e]
+    if any(e not in ("process", "thread") for e in engines):
+        ap.error(f"--engines takes process and/or thread, got {args.engines!r}")
+    for engine in ([] if args.url else engines):
+        for s in [float(v) for v in args.sparsities.split(",")]:
+            serve_args = ["--model", args.model, "--sparsity", str(s), "--max-batch", str(args.max_batch),
+                          "--sink", str(args.sink), "--recent", str(args.recent), f"--engine-{engine}",
+                          *(["--heads", args.heads] if args.heads and s > 0 else []),
+                          *(["--kv-budget", args.kv_budget] if args.kv_budget else [])]
+            log = Path(args.out).with_suffix(f".server-{engine}-s{s:g}.log")
+            log.parent.mkdir(parents=True, exist_ok=True)
+            server = ServerProcess([*serve_args, "--log-level", "warning"], log)
+            try:
+                server.wait_ready(args.startup_timeout)
+                meta[f"server_command_{engine}_s{s:g}"] = " ".join(server.command)
+                rows += measure(server.url, bodies, rates, args.seed, warmup, {"engine": engine, "sparsity": s})
+            finally:
+                server.close()
+            write_result(args.out, {**meta, "complete": False, "rows": rows})  # partial results survive a kill
+    base = {(r.get("engine"), r["rate"]): r for r in rows if r.get("sparsity") == 0}
     for r in rows:
-        ref = base.get(r["rate"])
+        ref = base.get((r.get("engine"), r["rate"]))
         r["throughput_ratio"] = r["output_tok_s"] / ref["output_tok_s"] if ref and r.get("output_tok_s") else None
-    print_table(rows, ["sparsity" if not args.url else "server", "rate", "completed", "output_tok_s",
+    print_table(rows, [*(["engine", "sparsity"] if not args.url else ["server"]), "rate", "completed", "output_tok_s",
                        "throughput_ratio", "requests_s", "ttft_p50_s", "ttft_p99_s", "tpot_p50_ms", "tpot_p99_ms",
                        "latency_p99_s", "preemptions", "max_running"])
     write_result(args.out, {**meta, "complete": True, "rows": rows})

@@ -99,12 +99,15 @@ def test_serving_benchmark_measures_each_sparsity_and_rate(saved, tmp_path):
     out = tmp_path / "serving.json"
     run("serving.py", "--model", str(saved), "--heads", str(heads), "--task", "arith", "--num-requests", "3",
         "--rates", "8,32,inf", "--max-tokens", "4", "--kv-budget", "8MiB", "--max-batch", "4", "--warmup", "2",
-        "--sparsities", "0,0.5", "--out", str(out), OMP_NUM_THREADS="1")
+        "--sparsities", "0,0.5", "--engines", "process,thread", "--out", str(out), OMP_NUM_THREADS="1")
     result = json.loads(out.read_text())
-    assert result["complete"] and "command" in result["environment"] and "--sparsity 0.5" in result["server_command_s0.5"]
+    assert result["complete"] and "command" in result["environment"]
+    assert "--sparsity 0.5" in result["server_command_process_s0.5"]
+    assert "--engine-thread" in result["server_command_thread_s0"]
     rows = result["rows"]
-    assert [(r["sparsity"], r["rate"]) for r in rows] == [(s, r) for s in (0.0, 0.5) for r in (8.0, 32.0, "inf")]
+    assert [(r["engine"], r["sparsity"], r["rate"]) for r in rows] == [
+        (e, s, r) for e in ("process", "thread") for s in (0.0, 0.5) for r in (8.0, 32.0, "inf")]
     assert all(r["completed"] == 3 and r["failed"] == 0 and 0 < r["output_tokens"] <= 12 for r in rows)
     assert all(0 < r["ttft_p50_s"] <= r["ttft_p99_s"] <= r["latency_p99_s"] and r["output_tok_s"] > 0 for r in rows)
     assert all(r["max_running"] <= 4 and r["preemptions"] == 0 for r in rows)  # polled: a short run may show 0
-    assert [r["throughput_ratio"] for r in rows[:3]] == [1.0, 1.0, 1.0]
+    assert [r["throughput_ratio"] for r in rows[:3] + rows[6:9]] == [1.0] * 6  # each transport's own sparsity 0

@@ -29,9 +29,11 @@ def serve(
     host: str = typer.Option("127.0.0.1"),
     port: int = typer.Option(8000, min=1, max=65535),
     log_level: str = typer.Option("info", help="uvicorn's: critical, error, warning, info, debug"),
+    engine_process: bool = typer.Option(True, "--engine-process/--engine-thread",
+                                        help="run the engine in a process of its own, or in a thread of the server's"),
 ):
     """Serve the model over an OpenAI-compatible HTTP API (chat and plain completions, streaming, /metrics)."""
-    from rlkv.serve import EngineProcess, EngineSpec, create_app
+    from rlkv.serve import EngineSpec, create_app
     from rlkv.serve import serve as run_server
 
     try:
@@ -40,8 +42,8 @@ def serve(
         spec = EngineSpec(model, name, sparsity, heads=str(heads) if heads is not None else None, sink=sink,
                           recent=recent, budget=budget, prefill=prefill, kv_budget=parse_kv_budget(kv_budget, "--kv-budget"),
                           max_batch=max_batch, max_seq_len=max_model_len)
-        engine = EngineProcess(spec)  # loads the model in the engine's own process
-        app_ = create_app(engine, engine.tokenizer, served_model_name or model, default_max_tokens=default_max_tokens)
+        engine, tokenizer = _start(spec, engine_process)
+        app_ = create_app(engine, tokenizer, served_model_name or model, default_max_tokens=default_max_tokens)
     except USER_ERRORS as err:
         fail(err)
     console.print(f"serving {served_model_name or model} ({name}, sparsity {sparsity:g}) on "
@@ -50,6 +52,16 @@ def serve(
         run_server(app_, host=host, port=port, log_level=log_level)
     except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C once it has shut down cleanly
         console.print("stopped", highlight=False)
+
+
+def _start(spec, own_process: bool):
+    """(the engine, its tokenizer): an EngineProcess (the model loaded in it), or an Engine built here."""
+    from rlkv.serve import EngineProcess
+
+    if own_process:
+        engine = EngineProcess(spec)
+        return engine, engine.tokenizer
+    return spec.build()
 
 
 def _method_name(method: str | None, heads: Path | None, sparsity: float) -> str:
