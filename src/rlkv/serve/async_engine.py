@@ -55,6 +55,7 @@ class Streams:
         self._sinks: dict[str, _Sink] = {}
         self._lock = threading.Lock()  # _sinks: added and removed by the event loop, popped by the transport
         self._stopping = False
+        self._ended: EngineStopped | None = None  # set once every stream was ended: later ones end at once
         self.error: BaseException | None = None  # why the engine failed, if it did
 
     healthy: bool
@@ -85,6 +86,8 @@ class Streams:
     async def _stream(self, request_id: str, prompt_ids: list[int], params: SamplingParams):
         sink = _Sink(asyncio.get_running_loop(), asyncio.Queue())
         with self._lock:
+            if self._ended is not None:  # the engine stopped after `generate` checked it
+                raise self._ended
             self._sinks[request_id] = sink
         self._post_add(request_id, prompt_ids, params)
         finished = False
@@ -115,8 +118,9 @@ class Streams:
         _deliver(ready)
 
     def _end_all(self, err: EngineStopped) -> None:
-        """End every open stream with `err`."""
+        """End every open stream with `err`, and any stream opened later."""
         with self._lock:
+            self._ended = err
             ready = [(sink, err) for sink in self._sinks.values()]
             self._sinks.clear()
         _deliver(ready)
