@@ -28,7 +28,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from rlkv.engine import Engine, RequestError, RequestOutput, SamplingParams
+from rlkv.engine import Engine, RequestError, RequestLimits, RequestOutput, SamplingParams
 from rlkv.engine.stats import EngineMetrics
 
 log = logging.getLogger("rlkv.serve")
@@ -47,31 +47,44 @@ class _Sink:
 
 
 class Streams:
-    """Per-request output streams over some transport to an engine (see module doc). Subclasses post adds and
-    aborts (`_post_add`, `_post_abort`), call `_route` with what each step reported and `_end_all` when the
-    engine stops, and provide `check_request`, `max_seq_len`, `metrics()`, `healthy`, `start`, `shutdown`, `join`."""
+    """Per-request output streams over some transport to an engine (see module doc). Messages for the engine
+    (("add", id, prompt ids, params), ("abort", id), ("stop",)) go to `_messages`, which the transport
+    carries to `run_engine`; it calls `_route` with what each step reported and `_end_all` when the engine
+    stops. Subclasses set `limits` (the engine's `RequestLimits`) and provide `metrics()`, `_alive()`,
+    `start` and `join`."""
+
+    limits: RequestLimits
 
     def __init__(self):
+        self._messages: queue.SimpleQueue = queue.SimpleQueue()  # put from any thread, a signal handler too
         self._sinks: dict[str, _Sink] = {}
         self._lock = threading.Lock()  # _sinks: added and removed by the event loop, popped by the transport
         self._stopping = False
         self._ended: EngineStopped | None = None  # set once every stream was ended: later ones end at once
         self.error: BaseException | None = None  # why the engine failed, if it did
 
-    healthy: bool
-    max_seq_len: int
+    @property
+    def max_seq_len(self) -> int:
+        return self.limits.max_seq_len
 
     def check_request(self, prompt_ids: list[int], params: SamplingParams) -> None:
-        raise NotImplementedError
+        self.limits.check(prompt_ids, params)
 
     def metrics(self) -> EngineMetrics:
         raise NotImplementedError
 
-    def _post_add(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
+    def _alive(self) -> bool:
         raise NotImplementedError
 
-    def _post_abort(self, request_id: str) -> None:
-        raise NotImplementedError
+    @property
+    def healthy(self) -> bool:
+        return self._alive() and not self._stopping and self.error is None
+
+    def shutdown(self) -> None:
+        """Abort everything and stop the engine soon; returns at once (callable from a signal handler)."""
+        if not self._stopping:
+            self._stopping = True
+            self._messages.put(("stop",))
 
     def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[RequestOutput]:
         """Check the request now (RequestError: it can never run), then stream its outputs.
@@ -89,7 +102,7 @@ class Streams:
             if self._ended is not None:  # the engine stopped after `generate` checked it
                 raise self._ended
             self._sinks[request_id] = sink
-        self._post_add(request_id, prompt_ids, params)
+        self._messages.put(("add", request_id, prompt_ids, params))
         finished = False
         try:
             while not finished:
@@ -102,7 +115,7 @@ class Streams:
             if not finished:
                 with self._lock:
                     self._sinks.pop(request_id, None)
-                self._post_abort(request_id)
+                self._messages.put(("abort", request_id))
 
     def _route(self, outputs: list[RequestOutput], errors: list[tuple[str, BaseException]] = ()) -> None:
         """Hand a step's outputs (and requests refused on arrival) to their streams: one callback per event loop."""
@@ -128,20 +141,12 @@ class Streams:
 
 class AsyncEngine(Streams):
     """Runs `engine` in a background thread of this process: it calls `step()` while requests are unfinished
-    and sleeps on its inbox otherwise; handlers post "add" and "abort" messages that it applies between steps."""
+    and sleeps on the messages otherwise, applying them between steps."""
 
     def __init__(self, engine: Engine):
         super().__init__()
-        self.engine = engine
-        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self.engine, self.limits = engine, engine.limits
         self._thread = threading.Thread(target=self._run, name="rlkv-engine", daemon=True)
-
-    @property
-    def max_seq_len(self) -> int:
-        return self.engine.max_seq_len
-
-    def check_request(self, prompt_ids: list[int], params: SamplingParams) -> None:
-        self.engine.check_request(prompt_ids, params)
 
     def metrics(self) -> EngineMetrics:
         return self.engine.metrics()  # safe from any thread
@@ -149,32 +154,19 @@ class AsyncEngine(Streams):
     def start(self) -> None:
         self._thread.start()
 
-    def shutdown(self) -> None:
-        """Abort everything and stop the thread soon; returns at once (callable from a signal handler)."""
-        if not self._stopping:
-            self._stopping = True
-            self._inbox.put(("stop",))
-
     def join(self, timeout: float | None = None) -> None:
         self.shutdown()
         if self._thread.is_alive():
             self._thread.join(timeout)
 
-    @property
-    def healthy(self) -> bool:
-        return self._thread.is_alive() and not self._stopping and self.error is None
-
-    def _post_add(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
-        self._inbox.put(("add", request_id, prompt_ids, params))
-
-    def _post_abort(self, request_id: str) -> None:
-        self._inbox.put(("abort", request_id))
+    def _alive(self) -> bool:
+        return self._thread.is_alive()
 
     def _receive(self, block: bool) -> list[tuple]:
-        messages = [self._inbox.get()] if block else []
+        messages = [self._messages.get()] if block else []
         with suppress(queue.Empty):
             while True:
-                messages.append(self._inbox.get_nowait())
+                messages.append(self._messages.get_nowait())
         return messages
 
     def _run(self) -> None:

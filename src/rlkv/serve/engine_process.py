@@ -20,13 +20,11 @@ from __future__ import annotations
 
 import logging
 import multiprocessing as mp
-import queue
 import signal
 import threading
 from contextlib import suppress
 from dataclasses import dataclass
 
-from rlkv.engine import SamplingParams
 from rlkv.engine.stats import EngineMetrics
 from rlkv.serve.async_engine import EngineStopped, Streams, run_engine
 
@@ -86,17 +84,9 @@ class EngineProcess(Streams):
         if kind == "failed":
             raise payload[0]
         self.limits, self.tokenizer, self._metrics = payload
-        self._outbox: queue.SimpleQueue = queue.SimpleQueue()
         self._reader = threading.Thread(target=self._read, name="rlkv-engine-reader", daemon=True)
         self._sender = threading.Thread(target=self._send, name="rlkv-engine-sender", daemon=True)
         self._started = False
-
-    @property
-    def max_seq_len(self) -> int:
-        return self.limits.max_seq_len
-
-    def check_request(self, prompt_ids: list[int], params: SamplingParams) -> None:
-        self.limits.check(prompt_ids, params)
 
     def metrics(self) -> EngineMetrics:
         """The engine's state after its latest step (or batch of messages)."""
@@ -108,11 +98,6 @@ class EngineProcess(Streams):
             self._reader.start()
             self._sender.start()
 
-    def shutdown(self) -> None:
-        if not self._stopping:
-            self._stopping = True
-            self._outbox.put(("stop",))
-
     def join(self, timeout: float | None = None) -> None:
         self.shutdown()
         self._process.join(timeout)
@@ -122,20 +107,13 @@ class EngineProcess(Streams):
         if self._reader.is_alive():
             self._reader.join(5)
 
-    @property
-    def healthy(self) -> bool:
-        return self._process.is_alive() and not self._stopping and self.error is None
+    def _alive(self) -> bool:
+        return self._process.is_alive()
 
-    # ------------------------------------------------------------------ Streams' transport
-    def _post_add(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
-        self._outbox.put(("add", request_id, prompt_ids, params))
-
-    def _post_abort(self, request_id: str) -> None:
-        self._outbox.put(("abort", request_id))
-
+    # ------------------------------------------------------------------ the transport
     def _send(self) -> None:
         while True:
-            msg = self._outbox.get()
+            msg = self._messages.get()
             try:
                 self._to_child.send(msg)
             except (BrokenPipeError, EOFError, OSError):
