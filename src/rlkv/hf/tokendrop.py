@@ -52,6 +52,7 @@ class TokenDropLayer(CompressedLayer, CacheLayerMixin):
         self.cumulative_length = 0
         self.pos = self.score = None
         self.extra: dict[str, torch.Tensor] = {}  # policy state that must follow the batch (R-KV's query window)
+        self._rows: torch.Tensor | None = None  # the slot kernel's row -> slot map (the identity)
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
@@ -64,12 +65,12 @@ class TokenDropLayer(CompressedLayer, CacheLayerMixin):
         return key_states, value_states
 
     def attend(self, query, key, value, q_pos, scaling: float, window: int | None, policy: Policy,
-               kernel: bool = False) -> torch.Tensor:
+               fused=None) -> torch.Tensor:
         """Attention [b, q, hq, d] of the new queries over stored + new tokens; then keep what `policy` selects.
-        `kernel`: a decoding step's attention in the Triton slot kernel (`rlkv.attention.slot_kernel`)."""
+        `fused`: a decoding step's attention, `rlkv.attention.slot_kernel.slot_attention` (None: torch)."""
         b, h, q, _ = key.shape
         if q == 1 and self.is_initialized:
-            return self._decode(query, key, value, q_pos, scaling, window, policy, kernel)
+            return self._decode(query, key, value, q_pos, scaling, window, policy, fused)
         new_pos = q_pos.to(torch.int32)[:, None, :].expand(b, h, q)
         first = not self.is_initialized
         if first:
@@ -86,7 +87,7 @@ class TokenDropLayer(CompressedLayer, CacheLayerMixin):
         return out
 
     def _decode(self, query, key, value, q_pos, scaling: float, window: int | None, policy: Policy,
-                kernel: bool) -> torch.Tensor:
+                fused) -> torch.Tensor:
         """One new token per row, in place: the slots (`capacity` + a spare one, which takes the new token) are
         the candidates; then evicted slots are emptied and a kept new token moves into the first empty slot."""
         cap = policy.capacity
@@ -98,12 +99,11 @@ class TokenDropLayer(CompressedLayer, CacheLayerMixin):
         if self.score is not None:
             self.score[:, :, cap] = 0.0
         observe = policy.observed(False, 1)
-        if kernel:  # the slots where they lie, the new token apart: no float32 copies, one fused pass
-            from rlkv.attention.slot_kernel import slot_attention as fused  # Triton: imported only when used
-
-            rows = torch.arange(query.shape[0], device=query.device)
+        if fused is not None:  # the slots where they lie, the new token apart: no float32 copies, one fused pass
+            if self._rows is None or self._rows.numel() != query.shape[0]:  # row b reads slot b: made once
+                self._rows = torch.arange(query.shape[0], device=query.device)
             out, attn = fused(query[:, :, 0], key[:, :, 0], value[:, :, 0], self.keys[:, :, :cap], self.values[:, :, :cap],
-                              self.pos[:, :, :cap], rows, q_pos[:, 0], scaling, window, observe > 0)
+                              self.pos[:, :, :cap], self._rows, q_pos[:, 0], scaling, window, observe > 0)
             out = out[:, None]
         elif observe:
             out, attn = candidate_attention(query, self.keys, self.values, self.pos, q_pos, scaling, window, observe)
@@ -191,8 +191,8 @@ class TokenDropCache(Cache):
 class _Session:
     """Per `token_drop` block: the latest forward's cache and new-token positions."""
 
-    def __init__(self, policy: Policy, base: str, kernel: bool):
-        self.policy, self.base, self.kernel = policy, base_attention(base), kernel
+    def __init__(self, policy: Policy, base: str, fused):
+        self.policy, self.base, self.fused = policy, base_attention(base), fused
         self.cache: Cache | None = None
         self.q_pos: torch.Tensor | None = None
 
@@ -207,7 +207,7 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
         return session.base(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
     layer = session.cache.layers[module.layer_idx]
     out = layer.attend(query, key, value, session.q_pos, scaling, kwargs.get("sliding_window"), session.policy,
-                       session.kernel)
+                       session.fused)
     return out, None
 
 
@@ -216,6 +216,9 @@ def token_drop(model, policy: Policy, kernel: bool | None = None):
     `kernel`: decoding steps attend in the Triton slot kernel (default: with the model on CUDA)."""
     if kernel is None:
         kernel = next(model.parameters()).device.type == "cuda"
-    session = _Session(policy, model.config._attn_implementation, kernel)
+    fused = None
+    if kernel:  # Triton: imported only when used
+        from rlkv.attention.slot_kernel import slot_attention as fused
+    session = _Session(policy, model.config._attn_implementation, fused)
     num_layers = model.config.get_text_config().num_hidden_layers
     return patched(model, "rlkv_tokendrop", _attention, session, make_cache=lambda: TokenDropCache(policy, num_layers))
