@@ -30,6 +30,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 
 from rlkv.engine import Completion, Engine, Gated, SamplingParams, degenerate, engine_for
 from rlkv.engine.engine import STOP_TAIL
+from rlkv.engine.request import before_stop
 from rlkv.models import Layout, eos_ids, generated_end
 
 FINISH_ORDER = ("eos", "stop", "repetition")  # which reason a token that meets several is given (the engine's)
@@ -152,8 +153,8 @@ class Transformers:
 
     def _completion(self, prompt, tokens, finish, logprobs, kv_bytes, kv_bytes_full, params) -> Completion:
         text = self.tokenizer.decode(tokens, skip_special_tokens=True)
-        if finish == "stop":  # the text ends before the first stop string, as the engine's
-            text = text[: min((text.find(s) for s in params.stop if s in text), default=len(text))]
+        if finish == "stop":  # as the engine's
+            text = before_stop(text, params.stop)
         return Completion(len(prompt), tokens, text, finish, logprobs, kv_bytes=kv_bytes, kv_bytes_full=kv_bytes_full)
 
     def _runtime(self):

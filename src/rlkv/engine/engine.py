@@ -36,7 +36,9 @@ from tqdm.auto import tqdm
 
 from rlkv.engine.attention import attention
 from rlkv.engine.kv import parse_bytes, upload
-from rlkv.engine.request import Completion, Request, RequestError, RequestLimits, RequestOutput, SamplingParams
+from rlkv.engine.request import (
+    Completion, Request, RequestError, RequestLimits, RequestOutput, SamplingParams, before_stop,
+)
 from rlkv.engine.runner import Runner
 from rlkv.engine.scheduler import Scheduler
 from rlkv.engine.stats import EngineMetrics, EngineStats
@@ -283,8 +285,8 @@ class Engine:
 
     def _completion(self, req: Request) -> Completion:
         text = self.tokenizer.decode(req.tokens, skip_special_tokens=True)
-        if req.finish == "stop":  # the text ends before the first stop string
-            text = text[: min((text.find(s) for s in req.params.stop if s in text), default=len(text))]
+        if req.finish == "stop":
+            text = before_stop(text, req.params.stop)
         n = max(len(req.prompt) + len(req.tokens) - 1, 0)  # the last token is sampled, never stored
         return Completion(len(req.prompt), list(req.tokens), text, req.finish, list(req.logprobs),
                           kv_bytes=int(self.store.sequence_nbytes(n)), kv_bytes_full=n * self.layout.kv_bytes_per_token())

@@ -137,6 +137,11 @@ class RequestOutput:
     prompt_tokens: int
 
 
+def before_stop(text: str, stop) -> str:
+    """`text` up to the first of the `stop` strings it holds (all of it if none): a stopped answer's text."""
+    return text[: min((text.find(s) for s in stop if s in text), default=len(text))]
+
+
 def degenerate(tokens: list[int], window: int, min_distinct: int) -> bool:
     """The degenerate-repetition stop (the paper's): at every multiple of `window` generated tokens,
     true when the last `window` hold fewer than `min_distinct` distinct ids; `window` 0 turns it off.
