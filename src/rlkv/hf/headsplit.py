@@ -30,14 +30,16 @@ savings. That path is what tests compare the cache against.
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 
 import torch
 from transformers.cache_utils import Cache, DynamicCache
 
 from rlkv.attention.reference import keep_keys_mask, masked_attention
 from rlkv.heads import HeadScores
+from rlkv.hf.graphs import decode_graphs
 from rlkv.hf.plumbing import Step, base_attention, patched, state_of
-from rlkv.hf.splitcache import PREFILL_MODES, HeadSplitCache, HeadSplitLayer
+from rlkv.hf.splitcache import PREFILL_MODES, DecodeStep, HeadSplitCache, HeadSplitLayer
 from rlkv.models import Layout
 
 __all__ = ["FullCache", "HeadSplitCache", "HeadSplitLayer", "cache_nbytes", "compress", "resolve_keep"]
@@ -77,8 +79,8 @@ class FullCache(DynamicCache):
 class _Session:
     """What the attention function needs for one `compress` block."""
 
-    def __init__(self, keep: torch.Tensor, sink: int, recent: int, base: str, prefill: str):
-        self.keep, self.sink, self.recent, self.prefill = keep, sink, recent, prefill
+    def __init__(self, keep: torch.Tensor, sink: int, recent: int, base: str, prefill: str, window: int | None):
+        self.keep, self.sink, self.recent, self.prefill, self.window = keep, sink, recent, prefill, window
         self.base = base_attention(base)
         self.all_full = keep.all(dim=1).tolist()
         self.step: Step | None = None
@@ -86,17 +88,24 @@ class _Session:
         self.prompt_len = None  # prefill="full": real prompt tokens per row of the current cache
         self._generate_prompt = None  # the prompt `generate` is about to feed
         self._prompt_cache = None
+        self._planned = None  # the most columns the cache `generate` is about to build will store (one beam only)
 
-    def before_generate(self, generation_config, model_kwargs: dict) -> None:
+    def before_generate(self, generation_config, model_kwargs: dict, max_cache_length: int | None) -> None:
         mask = model_kwargs.get("attention_mask")
         self._generate_prompt = mask.sum(dim=-1) if mask is not None else getattr(generation_config, "_mask_length", None)
+        self._planned = max_cache_length if generation_config.num_beams == 1 else None
+
+    def new_cache(self) -> HeadSplitCache:
+        """The cache of a `generate` call, told how many columns it will store."""
+        return HeadSplitCache(self.keep, self.sink, self.recent, self.prefill, planned=self._planned)
 
     def before_forward(self, step: Step) -> None:
         self.step, self.cache = step, step.cache
         if self.prefill == "full":
             self.prompt_len = self._prompt_len(step)
-        if isinstance(step.cache, HeadSplitCache):
-            step.cache.begin(step, self.prompt_len)
+        if isinstance(step.cache, HeadSplitCache) and step.cache.graph_step is None:
+            window_in_force = self.window is not None and step.k_pos.shape[1] > self.window
+            step.cache.begin(step, self.prompt_len, window_in_force)
 
     def _prompt_len(self, step: Step):
         """The prompt of this forward's cache: set by `generate`, else the first forward into the empty cache."""
@@ -116,7 +125,7 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
     window = kwargs.get("sliding_window")
     if window is not None and step.k_pos.shape[1] <= window:
         window = None  # no token is old enough to leave the model's sliding window yet
-    if isinstance(cache, HeadSplitCache) and cache.plan.decode and window is None:
+    if isinstance(cache, HeadSplitCache) and isinstance(cache.plan, DecodeStep):
         return cache.layers[layer].decode(query, key, value, scaling), None
     if session.all_full[layer]:
         return session.base(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
@@ -127,6 +136,13 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
     out = cache.layers[layer].attend(module, query, key, value, attention_mask, scaling, window, session.base,
                                      dict(kwargs, dropout=dropout))
     return out, None
+
+
+def sliding_window(config) -> int | None:
+    """The sliding window some layer of a model with `config` attends within, or None."""
+    window = getattr(config, "sliding_window", None)
+    types = getattr(config, "layer_types", None)
+    return None if types is not None and "sliding_attention" not in types else window
 
 
 def resolve_keep(layout: Layout, heads, sparsity: float | None) -> torch.Tensor:
@@ -157,7 +173,7 @@ def resolve_keep(layout: Layout, heads, sparsity: float | None) -> torch.Tensor:
 
 
 def compress(model, heads=None, sparsity: float | None = None, sink: int = 16, recent: int = 64,
-             prefill: str = "full"):
+             prefill: str = "full", cuda_graphs: bool | None = None):
     """Make `model`'s KV cache per head inside a `with` block.
 
     Kept heads (the top `1 - sparsity` fraction by `heads` scores) store every token; the
@@ -165,6 +181,7 @@ def compress(model, heads=None, sparsity: float | None = None, sink: int = 16, r
     a path to one, a boolean (layers x kv_heads) keep-mask, or None with sparsity 0 or 1.
     `prefill`: "compressed" (compressed heads keep their rule inside the prompt) or "full"
     (every head attends over the whole prompt; compressed heads are cut to sink + recent after it).
+    `cuda_graphs`: replay `generate`'s decoding steps from a CUDA graph (`rlkv.hf.graphs`); None: on a GPU.
     Yields a handle whose `.cache` is the cache of the latest forward (`.cache.nbytes()`).
     """
     layout = Layout.of(model)
@@ -173,9 +190,23 @@ def compress(model, heads=None, sparsity: float | None = None, sink: int = 16, r
             raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
     if prefill not in PREFILL_MODES:
         raise ValueError(f"prefill must be one of {PREFILL_MODES}, got {prefill!r}")
+    if cuda_graphs not in (None, True, False):
+        raise ValueError(f"cuda_graphs must be True, False or None (on a GPU), got {cuda_graphs!r}")
     keep = resolve_keep(layout, heads, sparsity)
-    session = _Session(keep, sink, recent, model.config._attn_implementation, prefill)
+    session = _Session(keep, sink, recent, model.config._attn_implementation, prefill, sliding_window(model.config))
     if keep.all():
         return patched(model, "rlkv_headsplit", _attention, session, make_cache=lambda: FullCache(config=model.config))
-    return patched(model, "rlkv_headsplit", _attention, session,
-                   make_cache=lambda: HeadSplitCache(keep, sink, recent, prefill))
+    graphs = model.device.type == "cuda" if cuda_graphs is None else cuda_graphs
+    if graphs and model.device.type != "cuda":
+        raise ValueError(f"cuda_graphs=True needs the model on a CUDA device, it is on {model.device}")
+    return _compressed(model, session, graphs)
+
+
+@contextmanager
+def _compressed(model, session: _Session, graphs: bool):
+    with patched(model, "rlkv_headsplit", _attention, session, make_cache=session.new_cache):
+        if not graphs:
+            yield session
+            return
+        with decode_graphs(model, session):
+            yield session

@@ -132,8 +132,8 @@ def patched(model, name: str, attention, state, make_cache=None, bases=BASE_IMPL
 
     `state.before_forward(step: Step)` is called before every decoder forward. With `make_cache`,
     `generate` builds `make_cache()` wherever it would have built a fresh DynamicCache, and calls
-    `state.before_generate(generation_config, model_kwargs)` (if the state has it) once its inputs
-    are prepared.
+    `state.before_generate(generation_config, model_kwargs, max_cache_length)` (if the state has it) once
+    its inputs are prepared (`max_cache_length`: the most tokens `generate` will store).
     """
     base = model.config._attn_implementation
     if base not in bases:
@@ -154,7 +154,8 @@ def patched(model, name: str, attention, state, make_cache=None, bases=BASE_IMPL
         def prepare_cache(generation_config, model_kwargs, *args, **kwargs):
             result = original(generation_config, model_kwargs, *args, **kwargs)
             if hasattr(state, "before_generate"):
-                state.before_generate(generation_config, model_kwargs)
+                columns = args[2] if len(args) > 2 else kwargs.get("max_cache_length")
+                state.before_generate(generation_config, model_kwargs, columns)
             for key in CACHE_KWARGS:
                 cache = model_kwargs.get(key)
                 if type(cache) is DynamicCache and not getattr(cache, "_is_user_defined", False):

@@ -10,16 +10,19 @@ decoding step writes in place instead of concatenating. `nbytes()` reports the b
 (what a cache growing by exactly one column per token holds); the allocation exceeds it by less
 than `GROW` columns per kept head and layer.
 
-Steps. `HeadSplitCache.begin` plans each forward once for all layers (`Plan`):
-- decoding (one real token per row, no prompt pending, no sliding window in force): each row's
-  ring slot, the ring positions after the write, and per keep pattern (which heads of a layer
-  are kept) the slot each head's new token goes to and the mask of slots each query head may
-  attend (an additive mask in the model's dtype). A layer then runs one scatter for keys, one for
-  values and ONE attention call over the used prefix of its buffer, with its query heads along the
-  query axis (q [b, 1, hq, d] against keys [b, 1, slots, d]): every stored byte is read once, with
-  no per-head index or GQA expansion.
-- any other forward (prefill, prompt chunks, padding queries, a sliding window in force): kept
-  heads attend with the model's own attention over their columns; compressed heads over their
+Steps. `HeadSplitCache.begin` plans each forward once for all layers:
+- decoding (one real token per row, no prompt pending, no sliding window in force): a `DecodeStep`,
+  planned on the device from two small tensors (each row's new position, the column it is
+  stored in): each row's ring slot, the ring positions after the write, and per keep pattern
+  (which heads of a layer are kept) the slot each head's new token goes to and the mask of
+  slots each query head may attend (an additive mask in the model's dtype). A layer then runs
+  one scatter for keys, one for values and ONE attention call over its whole buffer (columns not
+  yet written are masked out), with its query heads along the query axis (q [b, 1, hq, d] against
+  keys [b, 1, slots, d]): no per-head index or GQA expansion, no host synchronization and no shape
+  that changes from step to step, so on a GPU the step is replayed from a CUDA graph
+  (`rlkv.hf.graphs`).
+- any other forward (prefill, prompt chunks, padding queries, a sliding window in force): a `Plan`;
+  kept heads attend with the model's own attention over their columns; compressed heads over their
   ring (with prefill="full", over the whole prompt so far) plus the new tokens, by the rule of
   `keep_keys_mask`; then every ring takes its sinks and its last `recent` tokens.
 Outside decoding steps, layers whose heads are all kept are attended by the model's own attention
@@ -73,19 +76,15 @@ def ring_plan(pos: torch.Tensor, sink: int, recent: int) -> tuple[torch.Tensor, 
 
 
 class Plan:
-    """What every layer of one forward shares; built by `HeadSplitCache.begin`, parts on first use."""
+    """What every layer of a forward that is not a decoding step shares; built by `HeadSplitCache.begin`,
+    parts on first use."""
 
-    def __init__(self, cache: HeadSplitCache, step: Step, prompt_len, decode: bool):
+    def __init__(self, cache: HeadSplitCache, step: Step, prompt_len):
         self.cache, self.q_pos, self.k_pos, self.prompt_len = cache, step.q_pos, step.k_pos, prompt_len
         self.start, self.length = cache.length, cache.length + step.q_pos.shape[1]
         self.from_prompt = cache.prompt_pos is not None  # compressed heads hold the prompt so far, not a ring
         self.stored_pos = cache.prompt_pos if self.from_prompt else cache.ring_pos
-        self.decode = decode
         self._parts: dict = {}
-        if decode:
-            self.slot = ring_slot(step.q_pos, cache.sink, cache.recent)  # [b, 1]
-            self.ring_pos = cache.ring_pos.scatter(1, self.slot, step.q_pos)
-            self.kept_valid, self.ring_valid = step.k_pos >= 0, self.ring_pos >= 0
 
     def part(self, key, build):
         if key not in self._parts:
@@ -110,20 +109,58 @@ class Plan:
             return mask | (self.q_pos < 0)[:, None, :, None]
         return self.part(("mask", window), build)
 
-    def decode_layout(self, keep: tuple[bool, ...], group: int, dtype, dim: int):
-        """(write index [b, h, dim], additive mask [b, 1, hq, used slots]) of a layer with keep pattern `keep`
-        in this decoding step; `used` is rounded up to a multiple of 16 (aligned for the fused kernels)."""
+
+class DecodeStep:
+    """A decoding step planned on the device from fixed inputs: `q_pos` [b, 1] (each row's new position)
+    and `column` [1] (tokens fed so far, the column the new tokens go to).
+
+    Nothing in it reads a value back to the host or depends on the step's number except through those
+    two tensors, so a CUDA graph of the step replays by refilling them (`rlkv.hf.graphs`). Running it
+    twice on the same inputs leaves the cache as running it once, which warm-up, capture and replay
+    rely on. `counts`: the layers count the new tokens (False while a graph is captured: the runner
+    counts each replay)."""
+
+    def __init__(self, cache: HeadSplitCache, q_pos: torch.Tensor, column: torch.Tensor, counts: bool = True):
+        self.cache, self.q_pos, self.column, self.counts = cache, q_pos, column, counts
+        self._parts: dict = {}
+
+    def part(self, key, build):
+        if key not in self._parts:
+            self._parts[key] = build()
+        return self._parts[key]
+
+    def slot(self) -> torch.Tensor:
+        """Each row's ring slot [b, 1]; on first use, writes the new positions into the ring positions
+        and marks the new column valid (once per step, before any layer attends)."""
         def build():
             cache = self.cache
-            kept, offset, match = cache.flat_layout(keep, group, self.q_pos.device)
+            slot = ring_slot(self.q_pos, cache.sink, cache.recent)
+            cache.ring_pos.scatter_(1, slot, self.q_pos)
+            cache.col_valid.index_fill_(1, self.column, True)
+            return slot
+        return self.part("slot", build)
+
+    def ring_mask(self, dtype) -> torch.Tensor:
+        """Additive mask [b, 1, 1, sink + recent] of the ring slots that hold a token."""
+        def build():
+            self.slot()
+            empty = (self.cache.ring_pos < 0)[:, None, None, :]
+            return torch.zeros(empty.shape, dtype=dtype, device=empty.device).masked_fill_(empty, float("-inf"))
+        return self.part(("ring_mask", dtype), build)
+
+    def layout(self, keep: tuple[bool, ...], group: int, dtype, dim: int):
+        """(write index [b, h, dim], additive mask [b, 1, hq, slots]) of a layer with keep pattern `keep`:
+        where each head's new token goes, and which slots of the whole buffer each query head attends."""
+        def build():
+            cache, slot = self.cache, self.slot()
+            kept, offset, match = cache.flat_layout(keep, group, slot.device)
             nf, nc = sum(keep), len(keep) - sum(keep)
-            index = offset + torch.where(kept, self.start * nf, self.slot)  # [b, h]
-            valid = torch.cat([self.ring_valid.repeat(1, nc), self.kept_valid.repeat_interleave(nf, dim=1)], dim=1)
-            used = min(-(-valid.shape[1] // 16) * 16, match.shape[1])
-            valid = F.pad(valid, (0, used - valid.shape[1]))[:, None, None, :] & match[:, :used]
+            index = offset + torch.where(kept, self.column * nf, slot)  # [b, h]
+            valid = torch.cat([(cache.ring_pos >= 0).repeat(1, nc), cache.col_valid.repeat_interleave(nf, dim=1)], dim=1)
+            valid = valid[:, None, None, :] & match
             mask = torch.zeros(valid.shape, dtype=dtype, device=valid.device).masked_fill_(~valid, float("-inf"))
             return index[:, :, None].expand(-1, -1, dim), mask
-        return self.part(("decode", keep), build)
+        return self.part(("layout", keep), build)
 
 
 class HeadSplitLayer(CompressedLayer, CacheLayerMixin):
@@ -176,14 +213,18 @@ class HeadSplitLayer(CompressedLayer, CacheLayerMixin):
         self._kept_views = (self.kept(self.keys), self.kept(self.values))
 
     def update(self, key_states, value_states, *args, **kwargs):
-        """Count the new tokens; an all-kept layer stores them now and returns its columns (for the model's
-        own attention), the others store them in `attend`, which needs the ring as it was."""
+        """Count the new tokens. In a decoding step every layer stores them in `decode`; otherwise an all-kept
+        layer stores them now and returns its columns (for the model's own attention), the others store
+        them in `attend`, which needs the ring as it was."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        plan = self.owner.plan
+        if isinstance(plan, DecodeStep):
+            self.cumulative_length += plan.counts
+            return key_states, value_states
         start = self.cumulative_length
         self.cumulative_length += key_states.shape[-2]
-        if self.nf and self.capacity < self.owner.capacity:
-            self._grow(self.owner.capacity)
+        self.reserve(self.owner.capacity)
         if self.nc:
             return key_states, value_states
         keys, values = self._kept_views
@@ -191,8 +232,14 @@ class HeadSplitLayer(CompressedLayer, CacheLayerMixin):
         values[:, :, start : self.cumulative_length] = value_states
         return keys[:, :, : self.cumulative_length], values[:, :, : self.cumulative_length]
 
+    def reserve(self, capacity: int) -> None:
+        """Make room for `capacity` columns per kept head (the buffers move only when they grow)."""
+        if self.nf and self.capacity < capacity:
+            self._grow(capacity)
+
     def attend(self, module, query, key, value, attention_mask, scaling: float, window: int | None, base, kwargs):
-        """Attention output [b, q, hq, d] of a layer with compressed heads in any forward; stores the new tokens."""
+        """Attention output [b, q, hq, d] of a layer with compressed heads in any forward but a decoding
+        step; stores the new tokens."""
         plan = self.owner.plan
         b, hq, q, _ = query.shape
         group = hq // self.keep.numel()
@@ -209,24 +256,18 @@ class HeadSplitLayer(CompressedLayer, CacheLayerMixin):
         return out
 
     def decode(self, query, key, value, scaling: float) -> torch.Tensor:
-        """Attention output [b, 1, hq, d] of a decoding step planned as such (`Plan.decode`); stores the new token."""
-        plan = self.owner.plan
+        """Attention output [b, 1, hq, d] of a decoding step (`DecodeStep`); stores the new token."""
+        step = self.owner.plan
         b, hq, _, d = query.shape
         group = hq // self.keep.numel()
-        index, mask = plan.decode_layout(self.pattern, group, query.dtype, max(self.keys.shape[-1], self.values.shape[-1]))
-        if self.nc:  # (an all-kept layer stored its token in `update`)
-            self.keys.scatter_(1, index[..., : self.keys.shape[-1]], key[:, :, 0])
-            self.values.scatter_(1, index[..., : self.values.shape[-1]], value[:, :, 0])
+        index, mask = step.layout(self.pattern, group, query.dtype, max(self.keys.shape[-1], self.values.shape[-1]))
+        self.keys.scatter_(1, index[..., : self.keys.shape[-1]], key[:, :, 0])
+        self.values.scatter_(1, index[..., : self.values.shape[-1]], value[:, :, 0])
         if self.nf == 0:  # rings only: each KV head's query heads form its query axis
-            ring_mask = plan.part(("ring_mask", query.dtype), lambda: torch.zeros(
-                b, 1, 1, self.ring_size, dtype=query.dtype, device=query.device).masked_fill_(
-                ~plan.ring_valid[:, None, None, :], float("-inf")))
             out = attention(query.reshape(b, self.nc, group, d), self.ring(self.keys), self.ring(self.values),
-                            ring_mask, scaling)
+                            step.ring_mask(query.dtype), scaling)
             return out.reshape(b, 1, hq, -1)
-        used = mask.shape[-1]
-        return attention(query.reshape(b, 1, hq, d), self.keys[:, None, :used], self.values[:, None, :used], mask,
-                         scaling)
+        return attention(query.reshape(b, 1, hq, d), self.keys[:, None], self.values[:, None], mask, scaling)
 
     def _attend_compressed(self, query, new_k, new_v, plan: Plan, scaling: float, window, group: int) -> torch.Tensor:
         """Compressed heads over stored (ring or prompt) + new tokens [b, q, hq_c, d]; then store the new tokens."""
@@ -289,43 +330,76 @@ class HeadSplitLayer(CompressedLayer, CacheLayerMixin):
 class HeadSplitCache(Cache):
     """A transformers Cache whose layers keep full K/V only for kept heads (see the module docstring)."""
 
-    def __init__(self, keep: torch.Tensor, sink: int, recent: int, prefill: str = "compressed"):
+    def __init__(self, keep: torch.Tensor, sink: int, recent: int, prefill: str = "compressed",
+                 planned: int | None = None):
         if prefill not in PREFILL_MODES:
             raise ValueError(f"prefill must be one of {PREFILL_MODES}, got {prefill!r}")
         if bool(keep.all()):
             raise ValueError("a HeadSplitCache needs at least one compressed head (with every head kept, use a DynamicCache)")
         super().__init__(layers=[HeadSplitLayer(keep[i], self) for i in range(keep.shape[0])])
         self.keep, self.sink, self.recent, self.prefill = keep, sink, recent, prefill
+        self.planned = planned  # the most columns it will store, where known (`generate`'s max_cache_length)
         self.length = 0  # columns fed so far
         self.capacity = 0  # columns allocated per kept head
         self.ring_pos: torch.Tensor | None = None  # [b, sink + recent]: position in each ring slot, -1 = empty
+        self.col_valid: torch.Tensor | None = None  # [b, capacity]: which columns hold a token (not padding, fed)
         self.prompt_pos: torch.Tensor | None = None  # prefill="full": positions of the prompt so far
-        self.plan: Plan | None = None
+        self.plan: Plan | DecodeStep | None = None
+        self.graph = None  # a captured decoding step (rlkv.hf.graphs); dropped whenever the buffers move
+        self.graph_step: DecodeStep | None = None  # the step a graph is being captured from: forwards use it as their plan
         self._q_idx: dict = {}
         self._layouts: dict = {}
 
-    def begin(self, step: Step, prompt_len=None) -> None:
-        """Plan the forward `step` for every layer (called before the decoder runs)."""
+    def begin(self, step: Step, prompt_len=None, window_in_force: bool = False) -> None:
+        """Plan the forward `step` for every layer (called before the decoder runs); `window_in_force`: some
+        layer's sliding window already hides old tokens (no `DecodeStep` then)."""
         b, q = step.q_pos.shape
-        if self.length + q > self.capacity:
-            self.capacity = -(-(self.length + q) // GROW) * GROW
+        self.reserve(self.length + q)
         if self.ring_pos is None:
             self.ring_pos = torch.full((b, self.sink + self.recent), -1, dtype=torch.long, device=step.q_pos.device)
+            self.col_valid = torch.zeros(b, self.capacity, dtype=torch.bool, device=step.q_pos.device)
             if self.prefill == "full":
                 self.prompt_pos = step.q_pos[:, :0]
-        decode = q == 1 and self.prompt_pos is None and bool((step.q_pos >= 0).all())
-        self.plan = plan = Plan(self, step, prompt_len, decode)
-        if decode:
-            self.ring_pos = plan.ring_pos
+        if q == 1 and not window_in_force and self.prompt_pos is None and bool((step.q_pos >= 0).all()):
+            self.plan = DecodeStep(self, step.q_pos, torch.full((1,), self.length, device=step.q_pos.device))
         else:
+            self.col_valid[:, self.length : self.length + q] = step.q_pos >= 0
+            self.plan = plan = Plan(self, step, prompt_len)
             pos, src, hit = plan.candidates()
             if src is None:
                 self.prompt_pos = pos
             else:
                 base = torch.full_like(self.ring_pos, -1) if plan.from_prompt else self.ring_pos
-                self.ring_pos = torch.where(hit, pos.gather(1, src), base)
+                self.ring_pos.copy_(torch.where(hit, pos.gather(1, src), base))
                 self.prompt_pos = None
         self.length += q
+
+    def reserve(self, columns: int) -> None:
+        """Room for `columns` columns per kept head, in every layer at once (grown by multiples of `GROW`)."""
+        if columns <= self.capacity:
+            return
+        self.capacity = -(-columns // GROW) * GROW
+        self.graph = None
+        if self.col_valid is not None:
+            self.col_valid = F.pad(self.col_valid, (0, self.capacity - self.col_valid.shape[1]))
+        for layer in self.layers:
+            if layer.is_initialized:
+                layer.reserve(self.capacity)
+
+    @property
+    def batch(self) -> int | None:
+        """Rows of the cache (None before its first forward)."""
+        return None if self.ring_pos is None else self.ring_pos.shape[0]
+
+    def decoding(self) -> bool:
+        """Whether the next single-token forward of every row can be a `DecodeStep` (the prompt is done)."""
+        return self.ring_pos is not None and self.prompt_pos is None
+
+    def advance(self) -> None:
+        """Count one decoding step that ran without counting itself (a CUDA graph's replay)."""
+        self.length += 1
+        for layer in self.layers:
+            layer.cumulative_length += 1
 
     def prompt_open_after(self, plan: Plan) -> bool:
         """prefill="full": whether some row's prompt is still unfinished after this forward."""
@@ -364,7 +438,8 @@ class HeadSplitCache(Cache):
         return sum(layer.sequence_nbytes(num_tokens) for layer in self.layers)
 
     def _map_shared(self, fn) -> None:
-        for name in ("ring_pos", "prompt_pos"):
+        self.graph = None
+        for name in ("ring_pos", "col_valid", "prompt_pos"):
             t = getattr(self, name)
             if t is not None:
                 setattr(self, name, fn(t))

@@ -1,0 +1,120 @@
+"""Decoding steps replayed from a fixed-input step (rlkv.hf.graphs) against the eager head-split cache.
+
+On a CPU the step runs eagerly where a CUDA graph would replay (warm-up once, then once per step):
+that checks what a graph relies on (fixed inputs refilled, a step run twice equals once, the
+counting done outside the step). With RLKV_TEST_DEVICE=cuda the same tests capture real graphs."""
+
+import pytest
+import torch
+from conftest import DEVICE, left_padded_batch as batch, tiny_model
+from transformers import DynamicCache
+
+import rlkv
+from rlkv.hf import graphs
+from rlkv.hf.plumbing import CACHE_KWARG
+
+SINK, RECENT = 2, 4
+CAPTURE = DEVICE.type == "cuda"
+
+
+def run(model, ids, mask, new=12, **kw):
+    return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, output_logits=True,
+                          return_dict_in_generate=True, **kw)
+
+
+@pytest.fixture
+def replays(monkeypatch):
+    """Counts the steps served by a captured step."""
+    count = []
+    run_step = graphs.CapturedStep.run
+    monkeypatch.setattr(graphs.CapturedStep, "run", lambda self, *a: count.append(1) or run_step(self, *a))
+    return count
+
+
+def generate_both(model, heads, ids, mask, new=12, sparsity=0.5, **kw):
+    """(eager output, replayed output, the replayed run's cache)."""
+    with rlkv.compress(model, heads, sparsity=sparsity, sink=SINK, recent=RECENT, cuda_graphs=False):
+        torch.manual_seed(0)
+        eager = run(model, ids, mask, new, **kw)
+    with rlkv.compress(model, heads, sparsity=sparsity, sink=SINK, recent=RECENT, cuda_graphs=False) as handle:
+        with graphs.decode_graphs(model, handle, capture=CAPTURE):
+            torch.manual_seed(0)
+            replayed = run(model, ids, mask, new, **kw)
+    return eager, replayed, handle.cache
+
+
+@pytest.mark.parametrize("sparsity", [0.5, 1.0])
+def test_replayed_decoding_equals_the_eager_cache(arch, sparsity, replays):
+    model = tiny_model(arch)
+    heads = rlkv.HeadScores.random(rlkv.Layout.of(model), seed=1)
+    ids, mask = batch((20, 13, 7), 20)
+    eager, replayed, cache = generate_both(model, heads, ids, mask, new=12, sparsity=sparsity, do_sample=False)
+    assert len(replays) == 11  # every decoding step (the first token comes from the prompt's forward)
+    assert cache.graph is not None and cache.length == 20 + 11
+    torch.testing.assert_close(torch.stack(replayed.logits), torch.stack(eager.logits), rtol=1e-5, atol=1e-5)
+    assert torch.equal(replayed.sequences, eager.sequences)
+    assert cache.capacity >= cache.planned == 20 + 11
+
+
+def test_sampling_is_the_same_with_replayed_steps(replays):
+    model = tiny_model("qwen2")
+    heads = rlkv.HeadScores.random(rlkv.Layout.of(model), seed=2)
+    ids, mask = batch((9, 5), 9)
+    eager, replayed, _ = generate_both(model, heads, ids, mask, new=10, do_sample=True, top_k=20, temperature=1.5)
+    assert len(replays) == 9
+    assert torch.equal(replayed.sequences, eager.sequences)
+
+
+def test_what_is_not_a_single_beam_decoding_step_runs_as_it_is(replays):
+    """Beams, a cache the caller built, hidden states asked for, a sliding window shorter than the cache."""
+    model = tiny_model("qwen3")
+    heads = rlkv.HeadScores.random(rlkv.Layout.of(model), seed=4)
+    keep = heads.keep_mask(0.5)
+    ids, mask = batch((11, 6), 11)
+    with rlkv.compress(model, heads, sparsity=0.5, sink=SINK, recent=RECENT, cuda_graphs=False) as handle:
+        with graphs.decode_graphs(model, handle, capture=CAPTURE):
+            beams = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, num_beams=3, do_sample=False)
+            own = run(model, ids, mask, 6, do_sample=False,
+                      **{CACHE_KWARG: rlkv.HeadSplitCache(keep, SINK, RECENT, prefill="full")})
+            hidden = run(model, ids, mask, 6, do_sample=False, output_hidden_states=True)
+        ref = run(model, ids, mask, 6, do_sample=False, **{CACHE_KWARG: DynamicCache()})
+        beams_ref = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, num_beams=3, do_sample=False,
+                                   **{CACHE_KWARG: DynamicCache()})
+    assert replays == []
+    assert torch.equal(beams, beams_ref)
+    for out in (own, hidden):
+        torch.testing.assert_close(torch.stack(out.logits), torch.stack(ref.logits), rtol=1e-5, atol=1e-5)
+
+    windowed = tiny_model("mistral", sliding_window=9)
+    wheads = rlkv.HeadScores.random(rlkv.Layout.of(windowed), seed=3)
+    eager, replayed, cache = generate_both(windowed, wheads, ids, mask, new=8, do_sample=False)
+    assert replays == [] and cache.graph is None
+    assert torch.equal(replayed.sequences, eager.sequences)
+
+
+def test_a_window_longer_than_the_cache_still_replays(replays):
+    model = tiny_model("mistral", sliding_window=64)
+    heads = rlkv.HeadScores.random(rlkv.Layout.of(model), seed=3)
+    ids, mask = batch((11, 6), 11)
+    eager, replayed, _ = generate_both(model, heads, ids, mask, new=8, do_sample=False)
+    assert len(replays) == 7
+    torch.testing.assert_close(torch.stack(replayed.logits), torch.stack(eager.logits), rtol=1e-5, atol=1e-5)
+
+
+def test_the_model_forward_is_restored():
+    model = tiny_model("llama")
+    with rlkv.compress(model, None, sparsity=1.0, cuda_graphs=False) as handle:
+        with graphs.decode_graphs(model, handle, capture=CAPTURE):
+            assert isinstance(model.forward, graphs.DecodeGraphs)
+    assert "forward" not in model.__dict__
+
+
+@pytest.mark.skipif(CAPTURE, reason="on a GPU cuda_graphs=True is valid")
+def test_cuda_graphs_on_a_cpu_model_are_refused():
+    model = tiny_model("llama")
+    with pytest.raises(ValueError, match="cuda_graphs=True needs the model on a CUDA device"):
+        with rlkv.compress(model, None, sparsity=1.0, cuda_graphs=True):
+            pass
+    with pytest.raises(ValueError, match="cuda_graphs must be True, False or None"):
+        with rlkv.compress(model, None, sparsity=1.0, cuda_graphs="yes"):
+            pass
