@@ -10,7 +10,10 @@ decode tokens/s, KV bytes the cache holds at the end, peak GPU memory above the 
 `--profile-tokens N`, where a short generate's time goes (torch.profiler: the kernels' busy time
 per step against the wall time per step, and the operators that take the most). Head
 choice does not change cost, so seeded random head scores are used unless `--heads` is given.
-Results are written after every configuration (a killed run keeps what it measured).
+Results are written after every configuration (a killed run keeps what it measured). On a GPU,
+`compress` replays its decoding steps from CUDA graphs (`rlkv.hf.graphs`); `--no-cuda-graphs` runs them
+eagerly. `--no-cudnn-attention` keeps torch's SDPA off cuDNN for every configuration, so the
+DynamicCache does not pay cuDNN's plan per new shape and its first run is as fast as its second.
 
     python benchmarks/hf_cache.py --model Qwen/Qwen2.5-Coder-1.5B-Instruct --batches 1,8,32 --new-tokens 2048
 """
@@ -68,6 +71,7 @@ def measure(model, enc, new_tokens: int, apply) -> dict:
         "seconds": elapsed,
         "tokens": generated,
         "tok_per_s": generated / elapsed,
+        "cuda_graphs": getattr(cache, "graph", None) is not None,  # decoding steps replayed (rlkv.hf.graphs)
     }
     del out, cache
     return result
@@ -113,7 +117,7 @@ def configs(args, model, layout, heads, prompt_tokens: list[int]) -> list[tuple[
     for s in args.sparsities:
         out.append((f"rlkv s={s:g}", {"method": "rlkv", "sparsity": s},
                     lambda m, s=s: rlkv.compress(m, heads, sparsity=s, sink=args.sink, recent=args.recent,
-                                                 prefill=args.prefill)))
+                                                 prefill=args.prefill, cuda_graphs=args.cuda_graphs)))
     if args.droppers:
         keep = heads.keep_mask(args.match_sparsity)
         samples = headsplit_samples(keep, layout, args.sink, args.recent, prompt_tokens, args.new_tokens)
@@ -142,8 +146,14 @@ def main():
     ap.add_argument("--prefill", default="full", choices=["compressed", "full"])
     ap.add_argument("--warmup-tokens", type=int, default=8, help="a short generate of every configuration first")
     ap.add_argument("--profile-tokens", type=int, default=0, help="profile a generate of this many tokens per configuration")
+    ap.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_const", const=False, default=None,
+                    help="compress decodes eagerly (default: CUDA graphs on a GPU)")
+    ap.add_argument("--no-cudnn-attention", dest="cudnn_attention", action="store_false",
+                    help="keep SDPA off cuDNN everywhere (the DynamicCache then pays no plan per new shape)")
     ap.add_argument("--out", default="results/hf_cache.json")
     args = ap.parse_args()
+    if not args.cudnn_attention:
+        torch.backends.cuda.enable_cudnn_sdp(False)
     args.sparsities = [float(s) for s in args.sparsities.split(",") if s]
     args.droppers = [d for d in args.droppers.split(",") if d]
 
@@ -151,7 +161,8 @@ def main():
     layout = rlkv.Layout.of(model)
     heads = rlkv.HeadScores.load(args.heads) if args.heads else rlkv.HeadScores.random(layout, seed=0)
     meta = {"benchmark": "hf_cache", "model": args.model, "layout": layout.to_dict(), "new_tokens": args.new_tokens,
-            "sink": args.sink, "recent": args.recent, "prefill": args.prefill}
+            "sink": args.sink, "recent": args.recent, "prefill": args.prefill, "cuda_graphs": args.cuda_graphs,
+            "cudnn_attention": args.cudnn_attention}
     rows = []
     for batch in [int(b) for b in args.batches.split(",")]:
         enc = tok(prompts(tok, batch), return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
