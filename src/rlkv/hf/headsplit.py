@@ -10,7 +10,8 @@ Design, in the order a forward pass meets it:
 2. Before every forward, each new token's position in its own sequence is read from the 2-D
    padding mask (`plumbing.Step`): padding does not count, so a left-padded row is compressed
    exactly like the same prompt alone. The cache then plans the forward once for all layers.
-3. A decoding step runs `HeadSplitLayer.decode` (one attention call per layer); other forwards
+3. A decoding step runs `HeadSplitLayer.decode` (one attention call per layer; on a GPU, `generate`'s
+   decoding steps are replayed from a CUDA graph, `rlkv.hf.graphs`); other forwards
    run the model's own attention on layers whose heads are all kept and `HeadSplitLayer.attend`
    on the others: kept heads over every token, compressed heads over the first `sink` and the
    last `recent` by the rule of `rlkv.attention.reference.keep_keys_mask`. Memory for a
