@@ -21,6 +21,7 @@ DynamicCache does not pay cuDNN's plan per new shape and its first run is as fas
 from __future__ import annotations
 
 import argparse
+import gc
 import time
 
 import torch
@@ -47,6 +48,7 @@ def measure(model, enc, new_tokens: int, apply) -> dict:
     """One generate of exactly `new_tokens` per row; `apply(model)` is the method's context manager (None: plain)."""
     kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, return_dict_in_generate=True)
     cuda = torch.cuda.is_available()
+    gc.collect()  # what the previous configuration left must not count in this one's base
     if cuda:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()

@@ -118,3 +118,25 @@ def test_cuda_graphs_on_a_cpu_model_are_refused():
     with pytest.raises(ValueError, match="cuda_graphs must be True, False or None"):
         with rlkv.compress(model, None, sparsity=1.0, cuda_graphs="yes"):
             pass
+
+
+@pytest.mark.parametrize("replayed", [False, True], ids=["eager", "replayed"])
+def test_a_cache_is_freed_with_its_last_reference_without_the_garbage_collector(replayed):
+    """No reference cycle through its layers, plans or captured step: its memory goes when the caller lets go."""
+    import gc
+    import weakref
+
+    model = tiny_model("qwen2")
+    ids, mask = batch((9, 5), 9)
+    gc.collect()
+    gc.disable()
+    try:
+        with rlkv.compress(model, None, sparsity=1.0, sink=SINK, recent=RECENT, cuda_graphs=False) as handle:
+            with graphs.decode_graphs(model, handle, capture=CAPTURE) if replayed else torch.no_grad():
+                out = run(model, ids, mask, 6, do_sample=False)
+        cache = weakref.ref(handle.cache)
+        assert (cache().graph is not None) == replayed
+        del out, handle
+        assert cache() is None
+    finally:
+        gc.enable()

@@ -18,6 +18,7 @@ cache's buffers move (growth, beam or batch reordering) and freed with it.
 
 from __future__ import annotations
 
+import weakref
 from contextlib import contextmanager
 
 import torch
@@ -37,7 +38,8 @@ class CapturedStep:
     graph relies on, on a CPU): the first run stands for the warm-up, each `run` for a replay."""
 
     def __init__(self, forward, cache: HeadSplitCache, input_ids, position_ids, q_pos, logits_to_keep, capture: bool):
-        self.forward, self.cache, self.logits_to_keep = forward, cache, logits_to_keep
+        self.forward, self.logits_to_keep = forward, logits_to_keep
+        self._cache = weakref.ref(cache)  # the cache holds this step: no reference cycle
         self.ids, self.position_ids, self.q_pos = input_ids.clone(), position_ids.clone(), q_pos.clone()
         self.column = torch.full((1,), cache.length, dtype=torch.long, device=q_pos.device)
         self.graph = None
@@ -51,7 +53,12 @@ class CapturedStep:
         torch.cuda.current_stream().wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
-            self.output = self._step()
+            output = self._step()
+        self.output_type, self.logits = type(output), output.logits  # (not the output: it holds the cache)
+
+    @property
+    def cache(self) -> HeadSplitCache:
+        return self._cache()
 
     def _step(self):
         cache = self.cache
@@ -76,9 +83,9 @@ class CapturedStep:
             output = self._step()
         else:
             self.graph.replay()
-            output = self.output
+            output = self.output_type(logits=self.logits.clone(), **{CACHE_KWARG: self.cache})
         self.cache.advance()
-        return type(output)(**{**output, "logits": output.logits.clone()})
+        return output
 
 
 class DecodeGraphs:

@@ -36,6 +36,8 @@ been fed, the compressed heads are cut to sink + recent.
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -80,7 +82,7 @@ class Plan:
     parts on first use."""
 
     def __init__(self, cache: HeadSplitCache, step: Step, prompt_len):
-        self.cache, self.q_pos, self.k_pos, self.prompt_len = cache, step.q_pos, step.k_pos, prompt_len
+        self.cache, self.q_pos, self.k_pos, self.prompt_len = weakref.proxy(cache), step.q_pos, step.k_pos, prompt_len
         self.start, self.length = cache.length, cache.length + step.q_pos.shape[1]
         self.from_prompt = cache.prompt_pos is not None  # compressed heads hold the prompt so far, not a ring
         self.stored_pos = cache.prompt_pos if self.from_prompt else cache.ring_pos
@@ -121,7 +123,7 @@ class DecodeStep:
     counts each replay)."""
 
     def __init__(self, cache: HeadSplitCache, q_pos: torch.Tensor, column: torch.Tensor, counts: bool = True):
-        self.cache, self.q_pos, self.column, self.counts = cache, q_pos, column, counts
+        self.cache, self.q_pos, self.column, self.counts = weakref.proxy(cache), q_pos, column, counts
         self._parts: dict = {}
 
     def part(self, key, build):
@@ -173,7 +175,7 @@ class HeadSplitLayer(CompressedLayer, CacheLayerMixin):
         self.keep = keep.bool().cpu()
         self.pattern = tuple(self.keep.tolist())
         self.nf, self.nc = int(self.keep.sum()), int((~self.keep).sum())
-        self.owner = owner
+        self.owner = weakref.proxy(owner)  # no reference cycle: the cache's memory goes as soon as it does
         self.cumulative_length = 0
         self.capacity = 0
         self.prompt_keys = self.prompt_values = None  # prefill="full": compressed heads' prompt K/V so far
