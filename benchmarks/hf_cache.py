@@ -11,9 +11,10 @@ decode tokens/s, KV bytes the cache holds at the end, peak GPU memory above the 
 per step against the wall time per step, and the operators that take the most). Head
 choice does not change cost, so seeded random head scores are used unless `--heads` is given.
 Results are written after every configuration (a killed run keeps what it measured). On a GPU,
-`compress` replays its decoding steps from CUDA graphs (`rlkv.hf.graphs`); `--no-cuda-graphs` runs them
-eagerly. `--no-cudnn-attention` keeps torch's SDPA off cuDNN for every configuration, so the
-DynamicCache does not pay cuDNN's plan per new shape and its first run is as fast as its second.
+`compress` replays its decoding steps from CUDA graphs (`rlkv.hf.graphs`; `--no-cuda-graphs` runs
+them eagerly); `--dropper-graphs` replays the token droppers' steps too (their default is eager).
+`--no-cudnn-attention` keeps torch's SDPA off cuDNN for every configuration, so the DynamicCache
+does not pay cuDNN's plan per new shape and its first run is as fast as its second.
 
     python benchmarks/hf_cache.py --model Qwen/Qwen2.5-Coder-1.5B-Instruct --batches 1,8,32 --new-tokens 2048
 """
@@ -29,6 +30,7 @@ from common import print_table, synchronize, write_result
 
 import rlkv
 from rlkv.hf.plumbing import output_cache
+from rlkv.hf.tokendrop import token_drop
 from rlkv.methods.matching import match_budget
 
 TOPICS = [
@@ -126,10 +128,11 @@ def configs(args, model, layout, heads, prompt_tokens: list[int]) -> list[tuple[
         for name in args.droppers:
             match = match_budget(lambda b, name=name: rlkv.methods.build(name, layout, args.match_sparsity, budget=b),
                                  layout, samples)
-            method = rlkv.methods.build(name, layout, args.match_sparsity, budget=match.budget)
+            policy = rlkv.methods.build(name, layout, args.match_sparsity, budget=match.budget).policy
             out.append((f"{name} b={match.budget}", {"method": name, "budget": match.budget,
                                                      "matched_to": f"rlkv s={args.match_sparsity:g}",
-                                                     "bytes_excess": match.excess}, method.apply))
+                                                     "bytes_excess": match.excess},
+                        lambda m, policy=policy: token_drop(m, policy, cuda_graphs=args.dropper_graphs)))
     out.append(("DynamicCache (again)", {"method": "full"}, None))
     return out
 
@@ -150,6 +153,8 @@ def main():
     ap.add_argument("--profile-tokens", type=int, default=0, help="profile a generate of this many tokens per configuration")
     ap.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_const", const=False, default=None,
                     help="compress decodes eagerly (default: CUDA graphs on a GPU)")
+    ap.add_argument("--dropper-graphs", action="store_true",
+                    help="the token droppers replay their decoding steps from CUDA graphs too (default: eager)")
     ap.add_argument("--no-cudnn-attention", dest="cudnn_attention", action="store_false",
                     help="keep SDPA off cuDNN everywhere (the DynamicCache then pays no plan per new shape)")
     ap.add_argument("--out", default="results/hf_cache.json")
@@ -164,6 +169,7 @@ def main():
     heads = rlkv.HeadScores.load(args.heads) if args.heads else rlkv.HeadScores.random(layout, seed=0)
     meta = {"benchmark": "hf_cache", "model": args.model, "layout": layout.to_dict(), "new_tokens": args.new_tokens,
             "sink": args.sink, "recent": args.recent, "prefill": args.prefill, "cuda_graphs": args.cuda_graphs,
+            "dropper_graphs": args.dropper_graphs,
             "cudnn_attention": args.cudnn_attention}
     rows = []
     for batch in [int(b) for b in args.batches.split(",")]:

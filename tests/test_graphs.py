@@ -22,13 +22,34 @@ def run(model, ids, mask, new=12, **kw):
                           return_dict_in_generate=True, **kw)
 
 
+def addresses(cache) -> list[int]:
+    """Where the cache's state lies: a replay reads and writes the addresses its recording saw."""
+    shared = [getattr(cache, name, None) for name in ("ring_pos", "col_valid")]
+    return [t.data_ptr() for t in [*shared, *(t for layer in cache.layers for t in layer.tensors())] if t is not None]
+
+
 @pytest.fixture
 def replays(monkeypatch):
-    """Counts the steps served by a captured step."""
-    count = []
-    run_step = graphs.CapturedStep.run
-    monkeypatch.setattr(graphs.CapturedStep, "run", lambda self, *a: count.append(1) or run_step(self, *a))
-    return count
+    """The decoding steps a captured step served: "record" (the first, run and recorded), "run" (replays);
+    every replay must leave the cache's state where the recording found it."""
+    calls, recorded = [], {}
+    record, replay = graphs.CapturedStep.record, graphs.CapturedStep.run
+
+    def recording(self, capture):
+        output = record(self, capture)
+        recorded[id(self)] = addresses(self.cache)
+        calls.append("record")
+        return output
+
+    def replaying(self, *args):
+        output = replay(self, *args)
+        assert addresses(self.cache) == recorded[id(self)], "a replayed step moved the cache's state"
+        calls.append("run")
+        return output
+
+    monkeypatch.setattr(graphs.CapturedStep, "record", recording)
+    monkeypatch.setattr(graphs.CapturedStep, "run", replaying)
+    return calls
 
 
 def generate_both(model, heads, ids, mask, new=12, sparsity=0.5, **kw):
@@ -49,7 +70,7 @@ def test_replayed_decoding_equals_the_eager_cache(arch, sparsity, replays):
     heads = rlkv.HeadScores.random(rlkv.Layout.of(model), seed=1)
     ids, mask = batch((20, 13, 7), 20)
     eager, replayed, cache = generate_both(model, heads, ids, mask, new=12, sparsity=sparsity, do_sample=False)
-    assert len(replays) == 11  # every decoding step (the first token comes from the prompt's forward)
+    assert replays == ["record"] + ["run"] * 10  # every decoding step (the first token comes from the prompt's forward)
     assert cache.graph is not None and cache.length == 20 + 11
     torch.testing.assert_close(torch.stack(replayed.logits), torch.stack(eager.logits), rtol=1e-5, atol=1e-5)
     assert torch.equal(replayed.sequences, eager.sequences)
@@ -61,7 +82,7 @@ def test_sampling_is_the_same_with_replayed_steps(replays):
     heads = rlkv.HeadScores.random(rlkv.Layout.of(model), seed=2)
     ids, mask = batch((9, 5), 9)
     eager, replayed, _ = generate_both(model, heads, ids, mask, new=10, do_sample=True, top_k=20, temperature=1.5)
-    assert len(replays) == 9
+    assert replays == ["record"] + ["run"] * 8
     assert torch.equal(replayed.sequences, eager.sequences)
 
 
@@ -97,8 +118,37 @@ def test_a_window_longer_than_the_cache_still_replays(replays):
     heads = rlkv.HeadScores.random(rlkv.Layout.of(model), seed=3)
     ids, mask = batch((11, 6), 11)
     eager, replayed, _ = generate_both(model, heads, ids, mask, new=8, do_sample=False)
-    assert len(replays) == 7
+    assert replays == ["record"] + ["run"] * 6
     torch.testing.assert_close(torch.stack(replayed.logits), torch.stack(eager.logits), rtol=1e-5, atol=1e-5)
+
+
+TOKEN_DROPPERS = {  # budgets that drop tokens while decoding after a 14-token prompt (R-KV compresses every 4)
+    "h2o": dict(budget=8, h2o_recent=3),
+    "snapkv": dict(budget=8, window=3),
+    "rkv": dict(budget=6, window=2, interval=4),
+}
+
+
+@pytest.mark.parametrize("name", list(TOKEN_DROPPERS))
+def test_token_droppers_replayed_equal_their_eager_steps(name, replays):
+    """Evictions, scores and R-KV's query window all live in place, so replays keep what eager steps keep."""
+    from rlkv.hf.tokendrop import token_drop
+
+    model = tiny_model("qwen2")
+    policy = rlkv.methods.build(name, rlkv.Layout.of(model), 0.5, **TOKEN_DROPPERS[name]).policy
+    ids, mask = batch((14, 9), 14)
+    runs = []
+    for replayed in (False, True):
+        with token_drop(model, policy, cuda_graphs=False) as handle:
+            with graphs.decode_graphs(model, handle, capture=CAPTURE) if replayed else torch.no_grad():
+                out = run(model, ids, mask, 10, do_sample=False)
+        runs.append((out, [(layer.pos.clone(), layer.cumulative_length) for layer in handle.cache.layers]))
+    (eager, eager_state), (replayed, replayed_state) = runs
+    assert replays == ["record"] + ["run"] * 8
+    assert torch.equal(replayed.sequences, eager.sequences)
+    torch.testing.assert_close(torch.stack(replayed.logits), torch.stack(eager.logits), rtol=1e-5, atol=1e-5)
+    for (pos, length), (eager_pos, eager_length) in zip(replayed_state, eager_state):
+        assert torch.equal(pos, eager_pos) and length == eager_length == 14 + 9
 
 
 def test_the_model_forward_is_restored():

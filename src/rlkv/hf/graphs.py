@@ -1,30 +1,52 @@
-"""`generate`'s decoding steps under `rlkv.compress`, replayed from a CUDA graph.
+"""`generate`'s decoding steps replayed from a CUDA graph, under `compress` and `token_drop`.
 
 A decoding step of transformers' `generate` costs much more host time (Python and kernel launches
 over every layer) than GPU time at the batch sizes people run, so a cache that reads half the K/V
-bytes is no faster than the full one (RESULTS.md, the transformers path). Inside `compress` on a
-GPU, `model.forward` is wrapped: the first decoding step into a HeadSplitCache is captured in a CUDA
-graph, its inputs in fixed tensors (token ids, RoPE positions, the `DecodeStep`'s row positions and
-column), and every later step refills them and replays the graph, as gpt-fast and SGLang run their
-decode steps. The shapes stay fixed because the cache first makes room for every column `generate`
-will store (its `max_cache_length`) and a `DecodeStep` always reads whole buffers.
+bytes is no faster than the full one (RESULTS.md, the transformers path). Inside `compress` on a GPU
+(and `token_drop(cuda_graphs=True)`), `model.forward` is wrapped: the first decoding step into a
+`Replayable` cache runs for real and is recorded in a CUDA graph with its inputs in fixed tensors
+(token ids, RoPE positions, the rows' new positions and column), and every later step refills them
+and replays the graph, as gpt-fast and SGLang run their decode steps. The shapes stay fixed because a head split first makes room for every
+column `generate` will store (its `max_cache_length`) and reads whole buffers, and a token dropper's
+slots are fixed; both update their state in place, so a replay finds it where the recording did.
 
 A forward is replayed only when it is such a step: called by keyword with nothing but the inputs
 `generate` passes, one new token per row and none of it padding, the prompt done, into a cache that
-`generate` built with one beam, on a model without a sliding window shorter than that cache.
-Everything else runs the forward as it is. The graph belongs to its cache: it is dropped when the
-cache's buffers move (growth, beam or batch reordering) and freed with it.
+`generate` built with one beam (for a head split, on a model without a sliding window shorter than
+that cache). Everything else runs the forward as it is. The graph belongs to its cache: it is
+dropped when the cache's buffers move (growth, beam or batch reordering) and freed with it.
 """
 
 from __future__ import annotations
 
 import weakref
 from contextlib import contextmanager
+from typing import Protocol, runtime_checkable
 
 import torch
 
 from rlkv.hf.plumbing import CACHE_KWARG, CACHE_KWARGS, read_step
-from rlkv.hf.splitcache import DecodeStep, HeadSplitCache
+
+@runtime_checkable
+class Replayable(Protocol):
+    """A cache whose decoding steps can be replayed (HeadSplitCache, TokenDropCache)."""
+
+    graph: CapturedStep | None  # its captured step; the cache drops it whenever its buffers move
+    batch: int | None
+
+    def replayable(self) -> bool:
+        """Whether the next single-token forward can be a fixed step: the prompt done, built by a one-beam
+        `generate` (and, for a head split, room planned for every column it will store)."""
+
+    def fixed_step(self, q_pos: torch.Tensor, column: torch.Tensor):
+        """Context: forwards inside take the new tokens' positions `q_pos` [b, 1] and column `column` [1]
+        from these tensors, keep their buffers where they are, and count nothing."""
+
+    def advance(self) -> None:
+        """Count one fixed step."""
+
+    def get_seq_length(self, layer_idx: int = 0) -> int: ...
+
 
 # What `generate` passes to a decoding forward; anything else (outputs asked for, embeddings) runs eagerly.
 GENERATE_INPUTS = {"input_ids", "attention_mask", "position_ids", "use_cache", "logits_to_keep", "return_dict",
@@ -34,41 +56,44 @@ GENERATE_INPUTS = {"input_ids", "attention_mask", "position_ids", "use_cache", "
 class CapturedStep:
     """One decoding step of `forward` over `cache`, with every input in a fixed tensor.
 
-    `capture=False` runs the step eagerly where a replay would go (how the tests check the rules a
-    graph relies on, on a CPU): the first run stands for the warm-up, each `run` for a replay."""
+    `record` runs the step for real (the warm-up a capture needs; its output is that step's) and
+    records it in a CUDA graph; `run` refills the inputs and replays it. With `capture=False` both run
+    the step eagerly (how the tests check, on a CPU, what a replay relies on: fixed inputs refilled,
+    the counting done outside the step)."""
 
-    def __init__(self, forward, cache: HeadSplitCache, input_ids, position_ids, q_pos, logits_to_keep, capture: bool):
+    def __init__(self, forward, cache, input_ids, position_ids, q_pos, logits_to_keep):
         self.forward, self.logits_to_keep = forward, logits_to_keep
         self._cache = weakref.ref(cache)  # the cache holds this step: no reference cycle
         self.ids, self.position_ids, self.q_pos = input_ids.clone(), position_ids.clone(), q_pos.clone()
-        self.column = torch.full((1,), cache.length, dtype=torch.long, device=q_pos.device)
+        self.column = torch.full((1,), cache.get_seq_length(), dtype=torch.long, device=q_pos.device)
         self.graph = None
-        if not capture:
-            self._step()
-            return
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):  # warm-up: the step runs for real; its replay will redo it to the same effect
-            self._step()
-        torch.cuda.current_stream().wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            output = self._step()
-        self.output_type, self.logits = type(output), output.logits  # (not the output: it holds the cache)
 
     @property
-    def cache(self) -> HeadSplitCache:
+    def cache(self):
         return self._cache()
 
     def _step(self):
-        cache = self.cache
-        cache.plan = cache.graph_step = DecodeStep(cache, self.q_pos, self.column, counts=False)
-        try:
-            kwargs = {} if self.logits_to_keep is None else {"logits_to_keep": self.logits_to_keep}
+        kwargs = {} if self.logits_to_keep is None else {"logits_to_keep": self.logits_to_keep}
+        with self.cache.fixed_step(self.q_pos, self.column):
             return self.forward(input_ids=self.ids, position_ids=self.position_ids, attention_mask=None,
-                                use_cache=True, return_dict=True, **{CACHE_KWARG: cache}, **kwargs)
-        finally:
-            cache.graph_step = None
+                                use_cache=True, return_dict=True, **{CACHE_KWARG: self.cache}, **kwargs)
+
+    def record(self, capture: bool):
+        """This step's output, run for real; with `capture`, the step is also recorded for `run` to replay."""
+        if not capture:
+            output = self._step()
+        else:
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                output = self._step()
+            torch.cuda.current_stream().wait_stream(stream)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):  # recorded, not run: the cache stays as the real run left it
+                recorded = self._step()
+            self.output_type, self.logits = type(recorded), recorded.logits  # (not the output: it holds the cache)
+        self.cache.advance()
+        return output
 
     def matches(self, input_ids, logits_to_keep) -> bool:
         return input_ids.shape == self.ids.shape and logits_to_keep == self.logits_to_keep
@@ -78,7 +103,7 @@ class CapturedStep:
         self.ids.copy_(input_ids)
         self.position_ids.copy_(position_ids)
         self.q_pos.copy_(q_pos)
-        self.column.fill_(self.cache.length)
+        self.column.fill_(self.cache.get_seq_length())
         if self.graph is None:
             output = self._step()
         else:
@@ -89,7 +114,7 @@ class CapturedStep:
 
 
 class DecodeGraphs:
-    """`model.forward` inside `compress`: decoding steps replayed from their cache's `CapturedStep`."""
+    """`model.forward` inside a runtime's block: decoding steps replayed from their cache's `CapturedStep`."""
 
     def __init__(self, forward, session, capture: bool = True):
         self.forward, self.session, self.capture = forward, session, capture
@@ -103,26 +128,25 @@ class DecodeGraphs:
         position_ids = kwargs.get("position_ids")
         if position_ids is None:  # what the model itself would take
             position_ids = torch.full_like(ids, cache.get_seq_length())
-        keep_logits = kwargs.get("logits_to_keep")
-        cache.reserve(cache.planned)
-        if cache.graph is None or not cache.graph.matches(ids, keep_logits):
-            cache.graph = CapturedStep(self.forward, cache, ids, position_ids.expand_as(ids), step.q_pos, keep_logits,
-                                       self.capture)
-        self.session.step, self.session.cache = step, cache
-        return cache.graph.run(ids, position_ids.expand_as(ids), step.q_pos)
+        position_ids, keep_logits = position_ids.expand_as(ids), kwargs.get("logits_to_keep")
+        self.session.cache = cache
+        if cache.graph is not None and cache.graph.matches(ids, keep_logits):
+            return cache.graph.run(ids, position_ids, step.q_pos)
+        captured = CapturedStep(self.forward, cache, ids, position_ids, step.q_pos, keep_logits)
+        output = captured.record(self.capture)
+        cache.graph = captured
+        return output
 
-    def _replayable(self, args, kwargs) -> HeadSplitCache | None:
+    @staticmethod
+    def _replayable(args, kwargs):
         """The cache of a forward that is a replayable decoding step (module docstring), else None."""
         cache = next((kwargs[k] for k in CACHE_KWARGS if kwargs.get(k) is not None), None)
         ids = kwargs.get("input_ids")
-        if (args or not isinstance(cache, HeadSplitCache) or not set(kwargs) <= GENERATE_INPUTS
+        if (args or not isinstance(cache, Replayable) or not set(kwargs) <= GENERATE_INPUTS
                 or kwargs.get("output_attentions") or kwargs.get("output_hidden_states")
                 or kwargs.get("return_dict") is False or kwargs.get("use_cache") is False):
             return None
-        if ids is None or ids.ndim != 2 or ids.shape[1] != 1 or not cache.decoding() or ids.shape[0] != cache.batch:
-            return None
-        window = self.session.window
-        if cache.planned is None or cache.length >= cache.planned or (window is not None and cache.planned > window):
+        if ids is None or ids.ndim != 2 or ids.shape[1] != 1 or not cache.replayable() or ids.shape[0] != cache.batch:
             return None
         return cache
 
@@ -139,3 +163,23 @@ def decode_graphs(model, session, capture: bool = True):
             del model.forward
         else:
             model.forward = wrapped
+
+
+def check_cuda_graphs(cuda_graphs, cuda: bool) -> bool:
+    """Whether a runtime replays decoding steps: `cuda_graphs` True, False or None (on a GPU); `cuda`: the model is."""
+    if cuda_graphs not in (None, True, False):
+        raise ValueError(f"cuda_graphs must be True, False or None (on a GPU), got {cuda_graphs!r}")
+    if cuda_graphs and not cuda:
+        raise ValueError("cuda_graphs=True needs the model on a CUDA device")
+    return cuda if cuda_graphs is None else cuda_graphs
+
+
+@contextmanager
+def with_graphs(model, session, block, graphs: bool):
+    """`block` (a runtime's context manager, yielding `session`), with decoding steps replayed if `graphs`."""
+    with block:
+        if not graphs:
+            yield session
+            return
+        with decode_graphs(model, session):
+            yield session

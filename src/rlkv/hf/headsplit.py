@@ -31,14 +31,13 @@ savings. That path is what tests compare the cache against.
 from __future__ import annotations
 
 import os
-from contextlib import contextmanager
 
 import torch
 from transformers.cache_utils import Cache, DynamicCache
 
 from rlkv.attention.reference import keep_keys_mask, masked_attention
 from rlkv.heads import HeadScores
-from rlkv.hf.graphs import decode_graphs
+from rlkv.hf.graphs import check_cuda_graphs, with_graphs
 from rlkv.hf.plumbing import Step, base_attention, patched, state_of
 from rlkv.hf.splitcache import PREFILL_MODES, DecodeStep, HeadSplitCache, HeadSplitLayer
 from rlkv.models import Layout
@@ -89,12 +88,14 @@ class _Session:
         self.prompt_len = None  # prefill="full": real prompt tokens per row of the current cache
         self._generate_prompt = None  # the prompt `generate` is about to feed
         self._prompt_cache = None
-        self._planned = None  # the most columns the cache `generate` is about to build will store (one beam only)
+        self._planned = None  # the most columns the cache `generate` is about to build will store (None: not replayable)
 
     def before_generate(self, generation_config, model_kwargs: dict, max_cache_length: int | None) -> None:
         mask = model_kwargs.get("attention_mask")
         self._generate_prompt = mask.sum(dim=-1) if mask is not None else getattr(generation_config, "_mask_length", None)
-        self._planned = max_cache_length if generation_config.num_beams == 1 else None
+        one_beam = generation_config.num_beams == 1
+        fits_window = self.window is None or (max_cache_length or 0) <= self.window
+        self._planned = max_cache_length if one_beam and fits_window else None
 
     def new_cache(self) -> HeadSplitCache:
         """The cache of a `generate` call, told how many columns it will store."""
@@ -191,23 +192,10 @@ def compress(model, heads=None, sparsity: float | None = None, sink: int = 16, r
             raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
     if prefill not in PREFILL_MODES:
         raise ValueError(f"prefill must be one of {PREFILL_MODES}, got {prefill!r}")
-    if cuda_graphs not in (None, True, False):
-        raise ValueError(f"cuda_graphs must be True, False or None (on a GPU), got {cuda_graphs!r}")
+    graphs = check_cuda_graphs(cuda_graphs, model.device.type == "cuda")
     keep = resolve_keep(layout, heads, sparsity)
     session = _Session(keep, sink, recent, model.config._attn_implementation, prefill, sliding_window(model.config))
     if keep.all():
         return patched(model, "rlkv_headsplit", _attention, session, make_cache=lambda: FullCache(config=model.config))
-    graphs = model.device.type == "cuda" if cuda_graphs is None else cuda_graphs
-    if graphs and model.device.type != "cuda":
-        raise ValueError(f"cuda_graphs=True needs the model on a CUDA device, it is on {model.device}")
-    return _compressed(model, session, graphs)
-
-
-@contextmanager
-def _compressed(model, session: _Session, graphs: bool):
-    with patched(model, "rlkv_headsplit", _attention, session, make_cache=session.new_cache):
-        if not graphs:
-            yield session
-            return
-        with decode_graphs(model, session):
-            yield session
+    return with_graphs(model, session, patched(model, "rlkv_headsplit", _attention, session,
+                                               make_cache=session.new_cache), graphs)

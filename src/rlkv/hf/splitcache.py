@@ -37,6 +37,7 @@ been fed, the compressed heads are cut to sink + recent.
 from __future__ import annotations
 
 import weakref
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -117,10 +118,9 @@ class DecodeStep:
     and `column` [1] (tokens fed so far, the column the new tokens go to).
 
     Nothing in it reads a value back to the host or depends on the step's number except through those
-    two tensors, so a CUDA graph of the step replays by refilling them (`rlkv.hf.graphs`). Running it
-    twice on the same inputs leaves the cache as running it once, which warm-up, capture and replay
-    rely on. `counts`: the layers count the new tokens (False while a graph is captured: the runner
-    counts each replay)."""
+    two tensors, and it writes every piece of state in place, so a CUDA graph of the step replays by
+    refilling them (`rlkv.hf.graphs`). `counts`: the layers count the new tokens (False inside
+    `HeadSplitCache.fixed_step`: the graph runner counts each step)."""
 
     def __init__(self, cache: HeadSplitCache, q_pos: torch.Tensor, column: torch.Tensor, counts: bool = True):
         self.cache, self.q_pos, self.column, self.counts = weakref.proxy(cache), q_pos, column, counts
@@ -348,7 +348,7 @@ class HeadSplitCache(Cache):
         self.prompt_pos: torch.Tensor | None = None  # prefill="full": positions of the prompt so far
         self.plan: Plan | DecodeStep | None = None
         self.graph = None  # a captured decoding step (rlkv.hf.graphs); dropped whenever the buffers move
-        self.graph_step: DecodeStep | None = None  # the step a graph is being captured from: forwards use it as their plan
+        self.graph_step: DecodeStep | None = None  # inside `fixed_step`: forwards use it as their plan
         self._q_idx: dict = {}
         self._layouts: dict = {}
 
@@ -393,12 +393,25 @@ class HeadSplitCache(Cache):
         """Rows of the cache (None before its first forward)."""
         return None if self.ring_pos is None else self.ring_pos.shape[0]
 
-    def decoding(self) -> bool:
-        """Whether the next single-token forward of every row can be a `DecodeStep` (the prompt is done)."""
-        return self.ring_pos is not None and self.prompt_pos is None
+    def replayable(self) -> bool:
+        """Whether the next single-token forward can be a fixed step (`rlkv.hf.graphs`): the prompt done and
+        room planned for every column still to come."""
+        return self.ring_pos is not None and self.prompt_pos is None and self.planned is not None \
+            and self.length < self.planned
+
+    @contextmanager
+    def fixed_step(self, q_pos: torch.Tensor, column: torch.Tensor):
+        """Forwards inside are `DecodeStep`s on these inputs that count nothing; the buffers first grow to
+        every planned column, so they stay where they are from then on."""
+        self.reserve(self.planned)
+        self.plan = self.graph_step = DecodeStep(self, q_pos, column, counts=False)
+        try:
+            yield
+        finally:
+            self.graph_step = None
 
     def advance(self) -> None:
-        """Count one decoding step that ran without counting itself (a CUDA graph's replay)."""
+        """Count one fixed step (`rlkv.hf.graphs` counts each step it runs or replays)."""
         self.length += 1
         for layer in self.layers:
             layer.cumulative_length += 1

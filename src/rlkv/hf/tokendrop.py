@@ -34,11 +34,14 @@ implementation's: exact, nothing dropped.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 import torch.nn.functional as F
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from rlkv.attention.tokendrop import Candidates, Policy, candidate_attention, compact, select_tokens, slot_attention
+from rlkv.hf.graphs import check_cuda_graphs, with_graphs
 from rlkv.hf.plumbing import CompressedLayer, Step, base_attention, patched, state_of
 
 
@@ -53,15 +56,17 @@ class TokenDropLayer(CompressedLayer, CacheLayerMixin):
         self.pos = self.score = None
         self.extra: dict[str, torch.Tensor] = {}  # policy state that must follow the batch (R-KV's query window)
         self._rows: torch.Tensor | None = None  # the slot kernel's row -> slot map (the identity)
+        self.counts = True  # update() counts the new tokens
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
 
     def update(self, key_states, value_states, *args, **kwargs):
-        """Count the new tokens; they are stored (or dropped) by `attend`, after attention."""
+        """Count the new tokens (not inside a fixed step: `TokenDropCache.fixed_step`); they are stored (or
+        dropped) by `attend`, after attention."""
         if self.keys is None:
             self.lazy_initialization(key_states, value_states)
-        self.cumulative_length += key_states.shape[-2]
+        self.cumulative_length += key_states.shape[-2] * self.counts
         return key_states, value_states
 
     def attend(self, query, key, value, q_pos, scaling: float, window: int | None, policy: Policy,
@@ -110,6 +115,7 @@ class TokenDropLayer(CompressedLayer, CacheLayerMixin):
         else:
             out, attn = slot_attention(query, self.keys, self.values, self.pos, q_pos, scaling, window), None
         c = Candidates(self.keys, self.values, self.pos, self.score, attn, False, scaling)
+        state = dict(self.extra)
         keep = policy.select(self.extra, c, query, q_pos)
         pos = torch.where(keep, self.pos, -1)
         free = (pos[..., :cap] < 0).to(torch.int8).argmax(dim=-1, keepdim=True)  # [b, h, 1]; one exists if the new token is kept
@@ -117,11 +123,14 @@ class TokenDropLayer(CompressedLayer, CacheLayerMixin):
         for t in (self.keys, self.values):
             t.scatter_(2, free[..., None].expand(-1, -1, -1, t.shape[-1]),
                        t.gather(2, source[..., None].expand(-1, -1, -1, t.shape[-1])))
-        self.pos = pos.scatter(-1, free, pos.gather(-1, source))
+        # every piece of state is written where it lies, so a CUDA graph's replay finds it there (rlkv.hf.graphs)
+        self.pos.copy_(pos.scatter(-1, free, pos.gather(-1, source)))
         self.pos[..., cap] = -1
         if c.score is not None:
             score = torch.where(keep, c.score, 0.0)
-            self.score = score.scatter(-1, free, score.gather(-1, source))
+            self.score.copy_(score.scatter(-1, free, score.gather(-1, source)))
+        for name, t in state.items():
+            self.extra[name] = t.copy_(self.extra[name])
         return out
 
     def _to_slots(self, width: int) -> None:
@@ -175,9 +184,52 @@ class TokenDropLayer(CompressedLayer, CacheLayerMixin):
 class TokenDropCache(Cache):
     """A transformers Cache holding at most `policy.capacity` tokens per layer and KV head."""
 
-    def __init__(self, policy: Policy, num_layers: int):
+    def __init__(self, policy: Policy, num_layers: int, planned: int | None = None):
         super().__init__(layers=[TokenDropLayer() for _ in range(num_layers)])
         self.policy = policy
+        self.planned = planned  # the most tokens it will store, where known (a one-beam `generate`'s max_cache_length)
+        self.fixed_pos: torch.Tensor | None = None  # inside `fixed_step`: the new tokens' positions
+        self.graph = None  # a captured decoding step (rlkv.hf.graphs); dropped whenever the buffers move
+
+    @property
+    def batch(self) -> int | None:
+        return self.layers[0].pos.shape[0] if self.layers[0].is_initialized else None
+
+    def replayable(self) -> bool:
+        """Whether the next single-token forward can be a fixed step (`rlkv.hf.graphs`): the prompt done,
+        built by a one-beam `generate`."""
+        return self.planned is not None and all(layer.is_initialized for layer in self.layers)
+
+    @contextmanager
+    def fixed_step(self, q_pos: torch.Tensor, column: torch.Tensor):
+        """Forwards inside take the new tokens' positions from `q_pos` and count nothing (`column` is not needed:
+        slots are found by position)."""
+        self.fixed_pos = q_pos
+        for layer in self.layers:
+            layer.counts = False
+        try:
+            yield
+        finally:
+            self.fixed_pos = None
+            for layer in self.layers:
+                layer.counts = True
+
+    def advance(self) -> None:
+        """Count one fixed step."""
+        for layer in self.layers:
+            layer.cumulative_length += 1
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self.graph = None
+        super().reorder_cache(beam_idx)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self.graph = None
+        super().batch_select_indices(indices)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self.graph = None
+        super().batch_repeat_interleave(repeats)
 
     def nbytes(self) -> int:
         """Bytes this cache holds right now (K/V, positions, scores, policy state; see `TokenDropLayer.nbytes`)."""
@@ -191,10 +243,17 @@ class TokenDropCache(Cache):
 class _Session:
     """Per `token_drop` block: the latest forward's cache and new-token positions."""
 
-    def __init__(self, policy: Policy, base: str, fused):
-        self.policy, self.base, self.fused = policy, base_attention(base), fused
+    def __init__(self, policy: Policy, base: str, fused, num_layers: int):
+        self.policy, self.base, self.fused, self.num_layers = policy, base_attention(base), fused, num_layers
         self.cache: Cache | None = None
         self.q_pos: torch.Tensor | None = None
+        self._planned = None  # the most tokens the cache `generate` is about to build will store (None: not replayable)
+
+    def before_generate(self, generation_config, model_kwargs: dict, max_cache_length: int | None) -> None:
+        self._planned = max_cache_length if generation_config.num_beams == 1 else None
+
+    def new_cache(self) -> TokenDropCache:
+        return TokenDropCache(self.policy, self.num_layers, planned=self._planned)
 
     def before_forward(self, step: Step) -> None:
         self.q_pos, self.cache = step.q_pos, step.cache
@@ -206,19 +265,22 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
     if not isinstance(session.cache, TokenDropCache):
         return session.base(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
     layer = session.cache.layers[module.layer_idx]
-    out = layer.attend(query, key, value, session.q_pos, scaling, kwargs.get("sliding_window"), session.policy,
-                       session.fused)
+    q_pos = session.q_pos if session.cache.fixed_pos is None else session.cache.fixed_pos
+    out = layer.attend(query, key, value, q_pos, scaling, kwargs.get("sliding_window"), session.policy, session.fused)
     return out, None
 
 
-def token_drop(model, policy: Policy, kernel: bool | None = None):
+def token_drop(model, policy: Policy, kernel: bool | None = None, cuda_graphs: bool | None = False):
     """Inside the block, `model.generate` uses a `TokenDropCache` run by `policy`; yields a handle with `.cache`.
-    `kernel`: decoding steps attend in the Triton slot kernel (default: with the model on CUDA)."""
-    if kernel is None:
-        kernel = next(model.parameters()).device.type == "cuda"
+    `kernel`: decoding steps attend in the Triton slot kernel (None: with the model on CUDA). `cuda_graphs`:
+    `generate`'s decoding steps are replayed from a CUDA graph (`rlkv.hf.graphs`; None: on CUDA). Off by
+    default until it has been measured on a GPU (its CPU tests run the same steps eagerly)."""
+    cuda = next(model.parameters()).device.type == "cuda"
+    kernel = cuda if kernel is None else kernel
+    graphs = check_cuda_graphs(cuda_graphs, cuda)
     fused = None
     if kernel:  # Triton: imported only when used
         from rlkv.attention.slot_kernel import slot_attention as fused
-    session = _Session(policy, model.config._attn_implementation, fused)
-    num_layers = model.config.get_text_config().num_hidden_layers
-    return patched(model, "rlkv_tokendrop", _attention, session, make_cache=lambda: TokenDropCache(policy, num_layers))
+    session = _Session(policy, model.config._attn_implementation, fused, model.config.get_text_config().num_hidden_layers)
+    return with_graphs(model, session, patched(model, "rlkv_tokendrop", _attention, session, make_cache=session.new_cache),
+                       graphs)
