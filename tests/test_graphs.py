@@ -35,8 +35,8 @@ def replays(monkeypatch):
     calls, recorded = [], {}
     record, replay = graphs.CapturedStep.record, graphs.CapturedStep.run
 
-    def recording(self, capture):
-        output = record(self, capture)
+    def recording(self, warm_up):
+        output = record(self, warm_up)
         recorded[id(self)] = addresses(self.cache)
         calls.append("record")
         return output
@@ -149,6 +149,29 @@ def test_token_droppers_replayed_equal_their_eager_steps(name, replays):
     torch.testing.assert_close(torch.stack(replayed.logits), torch.stack(eager.logits), rtol=1e-5, atol=1e-5)
     for (pos, length), (eager_pos, eager_length) in zip(replayed_state, eager_state):
         assert torch.equal(pos, eager_pos) and length == eager_length == 14 + 9
+
+
+def test_a_step_that_cannot_be_captured_decodes_eagerly_with_a_warning(monkeypatch, replays):
+    """A model whose own code synchronizes with the host (a dynamic RoPE) cannot be captured: its first step
+    still counts once, it says so once, and every later step runs as it is, with the same outputs."""
+    def refuse(self):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(graphs.CapturedStep, "_warm_up", graphs.CapturedStep._step)
+    monkeypatch.setattr(graphs.CapturedStep, "capture", refuse)
+    model = tiny_model("llama")
+    heads = rlkv.HeadScores.random(rlkv.Layout.of(model), seed=5)
+    ids, mask = batch((9, 5), 9)
+    with rlkv.compress(model, heads, sparsity=0.5, sink=SINK, recent=RECENT, cuda_graphs=False):
+        eager = run(model, ids, mask, 8, do_sample=False)
+    with rlkv.compress(model, heads, sparsity=0.5, sink=SINK, recent=RECENT, cuda_graphs=False) as handle:
+        with graphs.decode_graphs(model, handle, capture=True):
+            with pytest.warns(RuntimeWarning, match="cannot be captured in a CUDA graph") as warned:
+                fallback = run(model, ids, mask, 8, do_sample=False)
+    assert len(warned) == 1 and replays == ["record"]
+    assert handle.cache.graph is None and handle.cache.length == 9 + 7
+    torch.testing.assert_close(torch.stack(fallback.logits), torch.stack(eager.logits), rtol=1e-5, atol=1e-5)
+    assert torch.equal(fallback.sequences, eager.sequences)
 
 
 def test_the_model_forward_is_restored():

@@ -19,6 +19,7 @@ dropped when the cache's buffers move (growth, beam or batch reordering) and fre
 
 from __future__ import annotations
 
+import warnings
 import weakref
 from contextlib import contextmanager
 from typing import Protocol, runtime_checkable
@@ -56,10 +57,10 @@ GENERATE_INPUTS = {"input_ids", "attention_mask", "position_ids", "use_cache", "
 class CapturedStep:
     """One decoding step of `forward` over `cache`, with every input in a fixed tensor.
 
-    `record` runs the step for real (the warm-up a capture needs; its output is that step's) and
-    records it in a CUDA graph; `run` refills the inputs and replays it. With `capture=False` both run
-    the step eagerly (how the tests check, on a CPU, what a replay relies on: fixed inputs refilled,
-    the counting done outside the step)."""
+    `record` runs the step for real (the warm-up a capture needs; its output is that step's), `capture`
+    records it in a CUDA graph and `run` refills the inputs and replays it. Without a capture, `run`
+    runs the step eagerly: how the tests check, on a CPU, what a replay relies on (fixed inputs
+    refilled, state kept in place, the counting done outside the step)."""
 
     def __init__(self, forward, cache, input_ids, position_ids, q_pos, logits_to_keep):
         self.forward, self.logits_to_keep = forward, logits_to_keep
@@ -78,22 +79,27 @@ class CapturedStep:
             return self.forward(input_ids=self.ids, position_ids=self.position_ids, attention_mask=None,
                                 use_cache=True, return_dict=True, **{CACHE_KWARG: self.cache}, **kwargs)
 
-    def record(self, capture: bool):
-        """This step's output, run for real; with `capture`, the step is also recorded for `run` to replay."""
-        if not capture:
-            output = self._step()
-        else:
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                output = self._step()
-            torch.cuda.current_stream().wait_stream(stream)
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):  # recorded, not run: the cache stays as the real run left it
-                recorded = self._step()
-            self.output_type, self.logits = type(recorded), recorded.logits  # (not the output: it holds the cache)
+    def record(self, warm_up: bool):
+        """This step's output, run for real (with `warm_up`, on a side stream, as a capture after it needs:
+        lazy initializations and kernel compiles happen outside the capture); counts the step."""
+        output = self._warm_up() if warm_up else self._step()
         self.cache.advance()
         return output
+
+    def _warm_up(self):
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            output = self._step()
+        torch.cuda.current_stream().wait_stream(stream)
+        return output
+
+    def capture(self) -> None:
+        """Record the step (after `record`) in a CUDA graph for `run` to replay."""
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):  # recorded, not run: the cache stays as the real run left it
+            recorded = self._step()
+        self.graph, self.output_type, self.logits = graph, type(recorded), recorded.logits  # (not the output: it holds the cache)
 
     def matches(self, input_ids, logits_to_keep) -> bool:
         return input_ids.shape == self.ids.shape and logits_to_keep == self.logits_to_keep
@@ -118,6 +124,7 @@ class DecodeGraphs:
 
     def __init__(self, forward, session, capture: bool = True):
         self.forward, self.session, self.capture = forward, session, capture
+        self.failed = weakref.WeakSet()  # caches whose step could not be captured: they decode eagerly
 
     def __call__(self, *args, **kwargs):
         cache = self._replayable(args, kwargs)
@@ -133,16 +140,23 @@ class DecodeGraphs:
         if cache.graph is not None and cache.graph.matches(ids, keep_logits):
             return cache.graph.run(ids, position_ids, step.q_pos)
         captured = CapturedStep(self.forward, cache, ids, position_ids, step.q_pos, keep_logits)
-        output = captured.record(self.capture)
+        output = captured.record(warm_up=self.capture)
+        if self.capture:
+            try:
+                captured.capture()
+            except RuntimeError as error:  # e.g. a host synchronization in the model's own code (a dynamic RoPE)
+                warnings.warn(f"rlkv: this model's decoding step cannot be captured in a CUDA graph ({error}); "
+                              "it decodes eagerly", RuntimeWarning, stacklevel=2)
+                self.failed.add(cache)
+                return output
         cache.graph = captured
         return output
 
-    @staticmethod
-    def _replayable(args, kwargs):
+    def _replayable(self, args, kwargs):
         """The cache of a forward that is a replayable decoding step (module docstring), else None."""
         cache = next((kwargs[k] for k in CACHE_KWARGS if kwargs.get(k) is not None), None)
         ids = kwargs.get("input_ids")
-        if (args or not isinstance(cache, Replayable) or not set(kwargs) <= GENERATE_INPUTS
+        if (args or not isinstance(cache, Replayable) or cache in self.failed or not set(kwargs) <= GENERATE_INPUTS
                 or kwargs.get("output_attentions") or kwargs.get("output_hidden_states")
                 or kwargs.get("return_dict") is False or kwargs.get("use_cache") is False):
             return None
