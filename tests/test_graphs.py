@@ -213,3 +213,4 @@ def test_a_cache_is_freed_with_its_last_reference_without_the_garbage_collector(
         assert cache() is None
     finally:
         gc.enable()
+

@@ -263,3 +263,22 @@ def test_bad_prefill_is_refused():
     with pytest.raises(ValueError, match="prefill must be one of"):
         with rlkv.compress(model, None, sparsity=1.0, prefill="dense"):
             pass
+
+
+def test_a_deep_copied_cache_continues_as_the_original():
+    """transformers' prompt-reuse pattern: deepcopy a filled cache, generate on from each copy alike."""
+    import copy
+
+    model = tiny_model("qwen2")
+    heads = rlkv.HeadScores.random(rlkv.Layout.of(model), seed=6)
+    ids, mask = batch((9, 5), 9)
+    with rlkv.compress(model, heads, sparsity=0.5, sink=SINK, recent=RECENT) as handle:
+        first = run(model, ids, mask, new=4)
+        original = handle.cache
+        clone = copy.deepcopy(original)
+        assert all(layer.owner == clone and layer.owner != original for layer in clone.layers)  # (through the proxy)
+        assert clone.nbytes() == original.nbytes()
+        seq = first.sequences
+        longer = torch.cat([mask, torch.ones_like(seq[:, ids.shape[1]:])], dim=1)
+        on = [model(input_ids=seq[:, -1:], attention_mask=longer, **{CACHE_KWARG: cache}).logits for cache in (original, clone)]
+    torch.testing.assert_close(on[0], on[1], rtol=0, atol=0)

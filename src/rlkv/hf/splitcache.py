@@ -36,6 +36,7 @@ been fed, the compressed heads are cut to sink + recent.
 
 from __future__ import annotations
 
+import copy
 import weakref
 from contextlib import contextmanager
 
@@ -451,6 +452,17 @@ class HeadSplitCache(Cache):
     def sequence_nbytes(self, num_tokens: torch.Tensor) -> torch.Tensor:
         """Bytes each sequence needs for its own `num_tokens` [batch] (padding of other rows excluded)."""
         return sum(layer.sequence_nbytes(num_tokens) for layer in self.layers)
+
+    def __deepcopy__(self, memo):
+        """A copy whose layers point to it (a weak reference, as here); a plan or captured step is not copied:
+        the next forward makes its own."""
+        clone = self.__class__.__new__(self.__class__)
+        memo[id(self)] = clone
+        for name, value in self.__dict__.items():
+            setattr(clone, name, None if name in ("plan", "graph", "graph_step") else copy.deepcopy(value, memo))
+        for layer in clone.layers:
+            layer.owner = weakref.proxy(clone)
+        return clone
 
     def _map_shared(self, fn) -> None:
         self.graph = None
