@@ -214,3 +214,24 @@ def test_a_cache_is_freed_with_its_last_reference_without_the_garbage_collector(
     finally:
         gc.enable()
 
+
+
+def test_a_deep_copy_leaves_the_captured_step_behind():
+    """A copied token-drop cache gets no captured step (it would replay into the original's buffers)."""
+    import copy
+
+    from rlkv.hf.tokendrop import token_drop
+
+    model = tiny_model("qwen2")
+    policy = rlkv.methods.build("h2o", rlkv.Layout.of(model), 0.5, **TOKEN_DROPPERS["h2o"]).policy
+    ids, mask = batch((14, 9), 14)
+    with token_drop(model, policy, cuda_graphs=False) as handle:
+        with graphs.decode_graphs(model, handle, capture=CAPTURE):
+            out = run(model, ids, mask, 6, do_sample=False)
+        original = handle.cache
+        clone = copy.deepcopy(original)
+        assert original.graph is not None and clone.graph is None
+        longer = torch.cat([mask, torch.ones_like(out.sequences[:, ids.shape[1]:])], dim=1)
+        on = [model(input_ids=out.sequences[:, -1:], attention_mask=longer, **{CACHE_KWARG: cache}).logits
+              for cache in (original, clone)]
+    torch.testing.assert_close(on[0], on[1], rtol=0, atol=0)

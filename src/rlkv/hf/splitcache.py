@@ -36,7 +36,6 @@ been fed, the compressed heads are cut to sink + recent.
 
 from __future__ import annotations
 
-import copy
 import weakref
 from contextlib import contextmanager
 
@@ -45,7 +44,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from rlkv.hf.plumbing import CompressedLayer, Step
+from rlkv.hf.plumbing import CompressedLayer, Step, deep_copy
 from rlkv.attention.reference import keep_keys_mask
 from rlkv.attention.ring import query_heads, ring_slot
 
@@ -456,10 +455,7 @@ class HeadSplitCache(Cache):
     def __deepcopy__(self, memo):
         """A copy whose layers point to it (a weak reference, as here); a plan or captured step is not copied:
         the next forward makes its own."""
-        clone = self.__class__.__new__(self.__class__)
-        memo[id(self)] = clone
-        for name, value in self.__dict__.items():
-            setattr(clone, name, None if name in ("plan", "graph", "graph_step") else copy.deepcopy(value, memo))
+        clone = deep_copy(self, memo, fresh=("plan", "graph", "graph_step"))
         for layer in clone.layers:
             layer.owner = weakref.proxy(clone)
         return clone

@@ -42,7 +42,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from rlkv.attention.tokendrop import Candidates, Policy, candidate_attention, compact, select_tokens, slot_attention
 from rlkv.hf.graphs import check_cuda_graphs, with_graphs
-from rlkv.hf.plumbing import CompressedLayer, Step, base_attention, patched, state_of
+from rlkv.hf.plumbing import CompressedLayer, Step, base_attention, deep_copy, patched, state_of
 
 
 class TokenDropLayer(CompressedLayer, CacheLayerMixin):
@@ -218,6 +218,10 @@ class TokenDropCache(Cache):
         """Count one fixed step."""
         for layer in self.layers:
             layer.cumulative_length += 1
+
+    def __deepcopy__(self, memo):
+        """A copy without the captured step (it replays into this cache's buffers)."""
+        return deep_copy(self, memo, fresh=("graph",))
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self.graph = None
