@@ -4,7 +4,6 @@ import json
 import random
 
 import pytest
-import torch
 from conftest import tiny_model, tiny_tokenizer
 
 import rlkv

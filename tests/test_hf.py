@@ -4,7 +4,7 @@ import re
 
 import pytest
 import torch
-from conftest import DEVICE, left_padded_batch as batch, tiny_model
+from conftest import left_padded_batch as batch, tiny_model
 from transformers import DynamicCache
 
 import rlkv

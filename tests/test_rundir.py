@@ -170,11 +170,11 @@ def test_unreadable_samples_are_named_with_what_was_expected(tmp_path):
     with pytest.raises(ValueError, match=f"samples.jsonl: line 1 is a JSON list: {expected}"):
         read_jsonl(path)
     path.write_bytes(b"\xff\xfe\n")
-    with pytest.raises(ValueError, match=rf"samples.jsonl cannot be read \(UnicodeDecodeError"):
+    with pytest.raises(ValueError, match=r"samples.jsonl cannot be read \(UnicodeDecodeError"):
         read_jsonl(path)
     path.unlink()
     (run / "samples.jsonl.gz").write_bytes(b"not gzip")
-    with pytest.raises(ValueError, match=rf"samples.jsonl.gz cannot be read \(BadGzipFile"):
+    with pytest.raises(ValueError, match=r"samples.jsonl.gz cannot be read \(BadGzipFile"):
         read_jsonl(run / "samples.jsonl.gz")
     (run / "samples.jsonl.gz").unlink()
     write(path, [{"task": "arith", "score": 1.0}])

@@ -28,7 +28,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import StoppingCriteria, StoppingCriteriaList
 
-from rlkv.engine import Completion, Engine, Gated, SamplingParams, degenerate, engine_for
+from rlkv.engine import Completion, Engine, SamplingParams, degenerate, engine_for
 from rlkv.engine.engine import STOP_TAIL
 from rlkv.engine.request import before_stop
 from rlkv.models import Layout, eos_ids, generated_end

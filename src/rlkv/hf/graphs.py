@@ -28,6 +28,7 @@ import torch
 
 from rlkv.hf.plumbing import CACHE_KWARG, CACHE_KWARGS, read_step
 
+
 @runtime_checkable
 class Replayable(Protocol):
     """A cache whose decoding steps can be replayed (HeadSplitCache, TokenDropCache)."""
@@ -167,7 +168,8 @@ class DecodeGraphs:
 
 @contextmanager
 def decode_graphs(model, session, capture: bool = True):
-    """Inside the block, `model`'s decoding steps into a HeadSplitCache run from CUDA graphs (module docstring)."""
+    """Inside the block, `model`'s decoding steps into a `Replayable` cache run from CUDA graphs (module docstring);
+    `capture=False` runs them eagerly through the same fixed steps (the CPU tests)."""
     wrapped = model.__dict__.get("forward")  # an instance's own forward (another library's hook), if any
     model.forward = DecodeGraphs(model.forward, session, capture)
     try:
