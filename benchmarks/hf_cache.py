@@ -15,6 +15,8 @@ Results are written after every configuration (a killed run keeps what it measur
 them eagerly); `--dropper-graphs` replays the token droppers' steps too (their default is eager).
 `--no-cudnn-attention` keeps torch's SDPA off cuDNN for every configuration, so the DynamicCache
 does not pay cuDNN's plan per new shape and its first run is as fast as its second.
+`--static-baseline` adds transformers' own fast path, a StaticCache that `generate` compiles on a GPU
+(first compiling, then compiled; `vs_static` rates every row against the faster run).
 
     python benchmarks/hf_cache.py --model Qwen/Qwen2.5-Coder-1.5B-Instruct --batches 1,8,32 --new-tokens 2048
 """
@@ -24,6 +26,7 @@ from __future__ import annotations
 import argparse
 import gc
 import time
+from contextlib import contextmanager
 
 import torch
 from common import print_table, synchronize, write_result
@@ -63,7 +66,7 @@ def measure(model, enc, new_tokens: int, apply) -> dict:
     else:
         with apply(model) as handle:
             out = model.generate(**enc, **kw)
-        cache = handle.cache
+        cache = handle.cache if handle is not None else output_cache(out)
     synchronize()
     elapsed = time.perf_counter() - start
     generated = out.sequences.shape[0] * (out.sequences.shape[1] - enc["input_ids"].shape[1])
@@ -115,9 +118,23 @@ def headsplit_samples(keep: torch.Tensor, layout, sink: int, recent: int, prompt
     return samples
 
 
+@contextmanager
+def static_cache(model):
+    """`generate` with transformers' StaticCache, which it compiles (torch.compile, CUDA graphs) on a GPU."""
+    config = model.generation_config
+    before = config.cache_implementation
+    config.cache_implementation = "static"
+    try:
+        yield None
+    finally:
+        config.cache_implementation = before
+
+
 def configs(args, model, layout, heads, prompt_tokens: list[int]) -> list[tuple[str, dict, object]]:
     """(name, row fields, apply) per configuration of one batch, DynamicCache first and last."""
     out = [("DynamicCache", {"method": "full"}, None)]
+    if args.static_baseline:  # first: it compiles; again: compiled
+        out += [(f"StaticCache{again}", {"method": "full-static"}, static_cache) for again in ("", " (again)")]
     for s in args.sparsities:
         out.append((f"rlkv s={s:g}", {"method": "rlkv", "sparsity": s},
                     lambda m, s=s: rlkv.compress(m, heads, sparsity=s, sink=args.sink, recent=args.recent,
@@ -153,6 +170,8 @@ def main():
     ap.add_argument("--profile-tokens", type=int, default=0, help="profile a generate of this many tokens per configuration")
     ap.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_const", const=False, default=None,
                     help="compress decodes eagerly (default: CUDA graphs on a GPU)")
+    ap.add_argument("--static-baseline", action="store_true",
+                    help="also transformers' StaticCache, compiled by generate on a GPU (twice: compiling, compiled)")
     ap.add_argument("--dropper-graphs", action="store_true",
                     help="the token droppers replay their decoding steps from CUDA graphs too (default: eager)")
     ap.add_argument("--no-cudnn-attention", dest="cudnn_attention", action="store_false",
@@ -169,7 +188,7 @@ def main():
     heads = rlkv.HeadScores.load(args.heads) if args.heads else rlkv.HeadScores.random(layout, seed=0)
     meta = {"benchmark": "hf_cache", "model": args.model, "layout": layout.to_dict(), "new_tokens": args.new_tokens,
             "sink": args.sink, "recent": args.recent, "prefill": args.prefill, "cuda_graphs": args.cuda_graphs,
-            "dropper_graphs": args.dropper_graphs,
+            "dropper_graphs": args.dropper_graphs, "static_baseline": args.static_baseline,
             "cudnn_attention": args.cudnn_attention}
     rows = []
     for batch in [int(b) for b in args.batches.split(",")]:
@@ -189,7 +208,7 @@ def main():
             write_result(args.out, {**meta, "complete": False, "rows": rows})  # partial results survive a kill
         summarize(rows[first:], args, prompt_tokens)
     print_table(rows, ["batch", "config", "kv_mib_end", "kv_ratio", "kv_ratio_theory", "peak_mib", "peak_ratio",
-                       "tok_per_s", "speedup"])
+                       "tok_per_s", "speedup", *(["vs_static"] if args.static_baseline else [])])
     write_result(args.out, {**meta, "complete": True, "rows": rows})
 
 
@@ -197,11 +216,14 @@ def summarize(rows: list[dict], args, prompt_tokens: list[int]) -> None:
     """Ratios of one batch's rows against its DynamicCache runs (speed: the faster of the first and last)."""
     baselines = [r for r in rows if r["method"] == "full"]
     speed = max(r["tok_per_s"] for r in baselines)
+    static = max((r["tok_per_s"] for r in rows if r["method"] == "full-static"), default=None)
     total = sum(prompt_tokens) / len(prompt_tokens) + args.new_tokens
     for r in rows:
         r["kv_ratio"] = r["kv_bytes_end"] / baselines[0]["kv_bytes_end"]
         r["peak_ratio"] = r["peak_mem_above_weights"] / max(1, baselines[0]["peak_mem_above_weights"])
         r["speedup"] = r["tok_per_s"] / speed
+        if static is not None:
+            r["vs_static"] = r["tok_per_s"] / static
         if r["method"] == "rlkv":
             s = r["sparsity"]
             r["kv_ratio_theory"] = (1 - s) + s * min(1.0, (args.sink + args.recent) / total)

@@ -64,19 +64,22 @@ def test_efficiency_benchmark_grades_each_sparsity(saved, tmp_path):
 def test_hf_cache_benchmark_measures_each_configuration(saved, tmp_path):
     out = tmp_path / "hf.json"
     run("hf_cache.py", "--model", str(saved), "--batches", "1,2", "--new-tokens", "4", "--sparsities", "0,0.5",
-        "--droppers", "h2o,snapkv,rkv", "--warmup-tokens", "1", "--profile-tokens", "2", "--out", str(out))
+        "--droppers", "h2o,snapkv,rkv", "--warmup-tokens", "1", "--profile-tokens", "2", "--static-baseline",
+        "--out", str(out))
     result = json.loads(out.read_text())
     rows = result["rows"]
     assert result["complete"] and "command" in result["environment"] and "device" in result["environment"]
     for batch in (1, 2):
         mine = [r for r in rows if r["batch"] == batch]
         assert [r["config"].split(" b=")[0] for r in mine] == [
-            "DynamicCache", "rlkv s=0", "rlkv s=0.5", "h2o", "snapkv", "rkv", "DynamicCache (again)"]
+            "DynamicCache", "StaticCache", "StaticCache (again)", "rlkv s=0", "rlkv s=0.5", "h2o", "snapkv", "rkv",
+            "DynamicCache (again)"]
         assert all(r["tokens"] == batch * 4 for r in mine)  # exactly --new-tokens per row
         assert all(r["profile"]["wall_ms_per_step"] > 0 and r["profile"]["top_ms_per_step"] for r in mine)
-        assert mine[2]["kv_bytes_end"] < mine[1]["kv_bytes_end"] == mine[0]["kv_bytes_end"]
-        assert all(r["budget"] >= 1 and r["matched_to"] == "rlkv s=0.5" for r in mine[3:6])
+        assert mine[4]["kv_bytes_end"] < mine[3]["kv_bytes_end"] == mine[0]["kv_bytes_end"] == mine[1]["kv_bytes_end"]
+        assert all(r["budget"] >= 1 and r["matched_to"] == "rlkv s=0.5" for r in mine[5:8])
         assert max(mine[0]["speedup"], mine[-1]["speedup"]) == pytest.approx(1.0)  # against the faster baseline
+        assert max(mine[1]["vs_static"], mine[2]["vs_static"]) == pytest.approx(1.0)
 
 
 def test_decode_limit_benchmark_sets_each_step_against_its_bytes(saved, tmp_path):
