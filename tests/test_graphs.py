@@ -74,7 +74,25 @@ def test_replayed_decoding_equals_the_eager_cache(arch, sparsity, replays):
     assert cache.graph is not None and cache.length == 20 + 11
     torch.testing.assert_close(torch.stack(replayed.logits), torch.stack(eager.logits), rtol=1e-5, atol=1e-5)
     assert torch.equal(replayed.sequences, eager.sequences)
-    assert cache.capacity >= cache.planned == 20 + 11
+    assert cache.planned == 20 + 11 <= cache.capacity
+
+
+def test_a_cache_that_grows_records_its_step_again_and_holds_only_what_it_needs(monkeypatch, replays):
+    """Room is made a few columns at a time (not all of max_new_tokens at once): each growth moves the
+    buffers, so the step is recorded again there, and the outputs stay the eager ones."""
+    from rlkv.hf import splitcache
+
+    monkeypatch.setattr(splitcache, "GROW", 4)
+    monkeypatch.setattr(splitcache, "GRAPH_GROW", 5)
+    model = tiny_model("qwen2")
+    heads = rlkv.HeadScores.random(rlkv.Layout.of(model), seed=7)
+    ids, mask = batch((9, 5), 9)
+    eager, replayed, cache = generate_both(model, heads, ids, mask, new=15, do_sample=False)
+    # prefill: 9 columns in 12 (GROW 4); then growth to 17 columns (in 20) at column 12, to 23 (in 24) at 20
+    assert replays == ["record"] + ["run"] * 2 + ["record"] + ["run"] * 7 + ["record"] + ["run"] * 2
+    assert cache.capacity == 24 and cache.planned == 9 + 14
+    torch.testing.assert_close(torch.stack(replayed.logits), torch.stack(eager.logits), rtol=1e-5, atol=1e-5)
+    assert torch.equal(replayed.sequences, eager.sequences)
 
 
 def test_sampling_is_the_same_with_replayed_steps(replays):

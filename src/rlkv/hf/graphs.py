@@ -6,9 +6,10 @@ bytes is no faster than the full one (RESULTS.md, the transformers path). Inside
 (and `token_drop(cuda_graphs=True)`), `model.forward` is wrapped: the first decoding step into a
 `Replayable` cache runs for real and is recorded in a CUDA graph with its inputs in fixed tensors
 (token ids, RoPE positions, the rows' new positions and column), and every later step refills them
-and replays the graph, as gpt-fast and SGLang run their decode steps. The shapes stay fixed because a head split first makes room for every
-column `generate` will store (its `max_cache_length`) and reads whole buffers, and a token dropper's
-slots are fixed; both update their state in place, so a replay finds it where the recording did.
+and replays the graph, as gpt-fast and SGLang run their decode steps. The shapes stay fixed between
+growths: a head split reads whole buffers and makes room `GRAPH_GROW` columns at a time (up to
+`generate`'s `max_cache_length`; each growth records the step again), and a token dropper's slots
+are fixed; both update their state in place, so a replay finds it where the recording did.
 
 A forward is replayed only when it is such a step: called by keyword with nothing but the inputs
 `generate` passes, one new token per row and none of it padding, the prompt done, into a cache that
@@ -39,6 +40,9 @@ class Replayable(Protocol):
     def replayable(self) -> bool:
         """Whether the next single-token forward can be a fixed step: the prompt done, built by a one-beam
         `generate` (and, for a head split, room planned for every column it will store)."""
+
+    def prepare_step(self) -> None:
+        """Make room for the next fixed step; drops `graph` if that moves the buffers."""
 
     def fixed_step(self, q_pos: torch.Tensor, column: torch.Tensor):
         """Context: forwards inside take the new tokens' positions `q_pos` [b, 1] and column `column` [1]
@@ -138,6 +142,7 @@ class DecodeGraphs:
             position_ids = torch.full_like(ids, cache.get_seq_length())
         position_ids, keep_logits = position_ids.expand_as(ids), kwargs.get("logits_to_keep")
         self.session.cache = cache
+        cache.prepare_step()
         if cache.graph is not None and cache.graph.matches(ids, keep_logits):
             return cache.graph.run(ids, position_ids, step.q_pos)
         captured = CapturedStep(self.forward, cache, ids, position_ids, step.q_pos, keep_logits)

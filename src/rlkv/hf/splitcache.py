@@ -49,6 +49,7 @@ from rlkv.attention.reference import keep_keys_mask
 from rlkv.attention.ring import query_heads, ring_slot
 
 GROW = 256  # columns added per kept head when a layer's buffer is full
+GRAPH_GROW = 1024  # columns a cache whose steps are replayed makes room for at once (each growth re-records the step)
 PREFILL_MODES = ("compressed", "full")
 # torch's first choice for masked attention on Hopper, cuDNN, builds an execution plan for every new shape
 # (tenths of a second each), and a decoding step's key count grows with every token; the other kernels do not.
@@ -394,16 +395,20 @@ class HeadSplitCache(Cache):
         return None if self.ring_pos is None else self.ring_pos.shape[0]
 
     def replayable(self) -> bool:
-        """Whether the next single-token forward can be a fixed step (`rlkv.hf.graphs`): the prompt done and
-        room planned for every column still to come."""
+        """Whether the next single-token forward can be a fixed step (`rlkv.hf.graphs`): the prompt done, in a
+        cache `generate` planned (its columns known)."""
         return self.ring_pos is not None and self.prompt_pos is None and self.planned is not None \
             and self.length < self.planned
 
+    def prepare_step(self) -> None:
+        """Room for the next fixed step: when the buffers are full they grow by `GRAPH_GROW` columns (never
+        beyond the planned ones), which drops the captured step, so it is recorded again where they now lie."""
+        if self.length >= self.capacity:
+            self.reserve(min(self.planned, self.length + GRAPH_GROW))
+
     @contextmanager
     def fixed_step(self, q_pos: torch.Tensor, column: torch.Tensor):
-        """Forwards inside are `DecodeStep`s on these inputs that count nothing; the buffers first grow to
-        every planned column, so they stay where they are from then on."""
-        self.reserve(self.planned)
+        """Forwards inside are `DecodeStep`s on these inputs that count nothing (after `prepare_step`)."""
         self.plan = self.graph_step = DecodeStep(self, q_pos, column, counts=False)
         try:
             yield

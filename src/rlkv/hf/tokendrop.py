@@ -200,6 +200,9 @@ class TokenDropCache(Cache):
         built by a one-beam `generate`."""
         return self.planned is not None and all(layer.is_initialized for layer in self.layers)
 
+    def prepare_step(self) -> None:
+        """Nothing to make room for: the slots are fixed."""
+
     @contextmanager
     def fixed_step(self, q_pos: torch.Tensor, column: torch.Tensor):
         """Forwards inside take the new tokens' positions from `q_pos` and count nothing (`column` is not needed:
