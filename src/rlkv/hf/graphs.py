@@ -4,7 +4,7 @@ A decoding step of transformers' `generate` costs much more host time (Python an
 over every layer) than GPU time at the batch sizes people run, so a cache that reads half the K/V
 bytes is no faster than the full one (RESULTS.md, the transformers path). Inside `compress` on a GPU
 (and `token_drop(cuda_graphs=True)`), `model.forward` is wrapped: the first decoding step into a
-`Replayable` cache runs for real and is recorded in a CUDA graph with its inputs in fixed tensors
+`ReplayableCache` runs for real and is recorded in a CUDA graph with its inputs in fixed tensors
 (token ids, RoPE positions, the rows' new positions and column), and every later step refills them
 and replays the graph, as gpt-fast and SGLang run their decode steps. The shapes stay fixed between
 growths: a head split reads whole buffers and makes room `GRAPH_GROW` columns at a time (up to
@@ -20,38 +20,74 @@ dropped when the cache's buffers move (growth, beam or batch reordering) and fre
 
 from __future__ import annotations
 
+import copy
 import warnings
 import weakref
 from contextlib import contextmanager
-from typing import Protocol, runtime_checkable
 
 import torch
+from transformers.cache_utils import Cache
 
 from rlkv.hf.plumbing import CACHE_KWARG, CACHE_KWARGS, read_step
 
 
-@runtime_checkable
-class Replayable(Protocol):
-    """A cache whose decoding steps can be replayed (HeadSplitCache, TokenDropCache)."""
+class ReplayableCache(Cache):
+    """A Cache whose decoding steps `DecodeGraphs` can replay (HeadSplitCache, TokenDropCache).
 
-    graph: CapturedStep | None  # its captured step; the cache drops it whenever its buffers move
-    batch: int | None
+    Subclasses give `batch`, `replayable()` and `fixed_step()`. The captured step lives in `graph`: it is
+    dropped when the rows are reordered, selected or repeated (the buffers move) and left behind by a deep
+    copy (it replays into this cache's buffers), as is every attribute named in `FRESH`."""
+
+    FRESH: tuple[str, ...] = ("graph",)
+    graph: CapturedStep | None = None
+
+    @property
+    def batch(self) -> int | None:
+        """Rows of the cache (None before its first forward)."""
+        raise NotImplementedError
 
     def replayable(self) -> bool:
         """Whether the next single-token forward can be a fixed step: the prompt done, built by a one-beam
-        `generate` (and, for a head split, room planned for every column it will store)."""
-
-    def prepare_step(self) -> None:
-        """Make room for the next fixed step; drops `graph` if that moves the buffers."""
+        `generate` (`planned_columns`)."""
+        raise NotImplementedError
 
     def fixed_step(self, q_pos: torch.Tensor, column: torch.Tensor):
         """Context: forwards inside take the new tokens' positions `q_pos` [b, 1] and column `column` [1]
         from these tensors, keep their buffers where they are, and count nothing."""
+        raise NotImplementedError
+
+    def prepare_step(self) -> None:
+        """Make room for the next fixed step (dropping `graph` if that moves the buffers); nothing by default."""
 
     def advance(self) -> None:
         """Count one fixed step."""
+        for layer in self.layers:
+            layer.cumulative_length += 1
 
-    def get_seq_length(self, layer_idx: int = 0) -> int: ...
+    def __deepcopy__(self, memo):
+        clone = self.__class__.__new__(self.__class__)
+        memo[id(self)] = clone
+        for name, value in self.__dict__.items():
+            setattr(clone, name, None if name in self.FRESH else copy.deepcopy(value, memo))
+        return clone
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self.graph = None
+        super().reorder_cache(beam_idx)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self.graph = None
+        super().batch_select_indices(indices)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self.graph = None
+        super().batch_repeat_interleave(repeats)
+
+
+def planned_columns(generation_config, max_cache_length: int | None) -> int | None:
+    """What a cache `generate` builds is told it will store: its `max_cache_length`, or None (never replayed)
+    with beams, whose reordering would move the buffers every step."""
+    return max_cache_length if generation_config.num_beams == 1 else None
 
 
 # What `generate` passes to a decoding forward; anything else (outputs asked for, embeddings) runs eagerly.
@@ -162,7 +198,7 @@ class DecodeGraphs:
         """The cache of a forward that is a replayable decoding step (module docstring), else None."""
         cache = next((kwargs[k] for k in CACHE_KWARGS if kwargs.get(k) is not None), None)
         ids = kwargs.get("input_ids")
-        if (args or not isinstance(cache, Replayable) or cache in self.failed or not set(kwargs) <= GENERATE_INPUTS
+        if (args or not isinstance(cache, ReplayableCache) or cache in self.failed or not set(kwargs) <= GENERATE_INPUTS
                 or kwargs.get("output_attentions") or kwargs.get("output_hidden_states")
                 or kwargs.get("return_dict") is False or kwargs.get("use_cache") is False):
             return None
@@ -173,7 +209,7 @@ class DecodeGraphs:
 
 @contextmanager
 def decode_graphs(model, session, capture: bool = True):
-    """Inside the block, `model`'s decoding steps into a `Replayable` cache run from CUDA graphs (module docstring);
+    """Inside the block, `model`'s decoding steps into a `ReplayableCache` run from CUDA graphs (module docstring);
     `capture=False` runs them eagerly through the same fixed steps (the CPU tests)."""
     wrapped = model.__dict__.get("forward")  # an instance's own forward (another library's hook), if any
     model.forward = DecodeGraphs(model.forward, session, capture)

@@ -37,7 +37,7 @@ from transformers.cache_utils import Cache, DynamicCache
 
 from rlkv.attention.reference import keep_keys_mask, masked_attention
 from rlkv.heads import HeadScores
-from rlkv.hf.graphs import check_cuda_graphs, with_graphs
+from rlkv.hf.graphs import check_cuda_graphs, planned_columns, with_graphs
 from rlkv.hf.plumbing import Step, base_attention, patched, state_of
 from rlkv.hf.splitcache import PREFILL_MODES, DecodeStep, HeadSplitCache, HeadSplitLayer
 from rlkv.models import Layout
@@ -93,9 +93,8 @@ class _Session:
     def before_generate(self, generation_config, model_kwargs: dict, max_cache_length: int | None) -> None:
         mask = model_kwargs.get("attention_mask")
         self._generate_prompt = mask.sum(dim=-1) if mask is not None else getattr(generation_config, "_mask_length", None)
-        one_beam = generation_config.num_beams == 1
         fits_window = self.window is None or (max_cache_length or 0) <= self.window
-        self._planned = max_cache_length if one_beam and fits_window else None
+        self._planned = planned_columns(generation_config, max_cache_length) if fits_window else None
 
     def new_cache(self) -> HeadSplitCache:
         """The cache of a `generate` call, told how many columns it will store."""

@@ -16,7 +16,6 @@ gated training attention) needs the same four things, all undone when its `with`
 
 from __future__ import annotations
 
-import copy
 import inspect
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -66,16 +65,6 @@ def read_step(args, kwargs) -> Step:
         )
     k_pos, _ = token_positions(mask, batch, past + q_len, ref.device)
     return Step(q_pos=k_pos[:, past:], k_pos=k_pos, cache=cache)
-
-
-def deep_copy(obj, memo: dict, fresh: tuple[str, ...]):
-    """`copy.deepcopy` of `obj` with the attributes named in `fresh` set to None: state that belongs to
-    one forward or to where the buffers lie (a plan, a captured CUDA graph), remade by the copy's next forward."""
-    clone = obj.__class__.__new__(obj.__class__)
-    memo[id(obj)] = clone
-    for name, value in obj.__dict__.items():
-        setattr(clone, name, None if name in fresh else copy.deepcopy(value, memo))
-    return clone
 
 
 class CompressedLayer:

@@ -42,9 +42,10 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.cache_utils import CacheLayerMixin
 
-from rlkv.hf.plumbing import CompressedLayer, Step, deep_copy
+from rlkv.hf.graphs import ReplayableCache
+from rlkv.hf.plumbing import CompressedLayer, Step
 from rlkv.attention.reference import keep_keys_mask
 from rlkv.attention.ring import query_heads, ring_slot
 
@@ -330,8 +331,10 @@ class HeadSplitLayer(CompressedLayer, CacheLayerMixin):
         raise NotImplementedError("HeadSplitCache cannot be reset; create a new one per generation")
 
 
-class HeadSplitCache(Cache):
+class HeadSplitCache(ReplayableCache):
     """A transformers Cache whose layers keep full K/V only for kept heads (see the module docstring)."""
+
+    FRESH = ("plan", "graph", "graph_step")  # a deep copy's next forward makes its own
 
     def __init__(self, keep: torch.Tensor, sink: int, recent: int, prefill: str = "compressed",
                  planned: int | None = None):
@@ -348,7 +351,6 @@ class HeadSplitCache(Cache):
         self.col_valid: torch.Tensor | None = None  # [b, capacity]: which columns hold a token (not padding, fed)
         self.prompt_pos: torch.Tensor | None = None  # prefill="full": positions of the prompt so far
         self.plan: Plan | DecodeStep | None = None
-        self.graph = None  # a captured decoding step (rlkv.hf.graphs); dropped whenever the buffers move
         self.graph_step: DecodeStep | None = None  # inside `fixed_step`: forwards use it as their plan
         self._q_idx: dict = {}
         self._layouts: dict = {}
@@ -391,7 +393,6 @@ class HeadSplitCache(Cache):
 
     @property
     def batch(self) -> int | None:
-        """Rows of the cache (None before its first forward)."""
         return None if self.ring_pos is None else self.ring_pos.shape[0]
 
     def replayable(self) -> bool:
@@ -416,10 +417,8 @@ class HeadSplitCache(Cache):
             self.graph_step = None
 
     def advance(self) -> None:
-        """Count one fixed step (`rlkv.hf.graphs` counts each step it runs or replays)."""
         self.length += 1
-        for layer in self.layers:
-            layer.cumulative_length += 1
+        super().advance()
 
     def prompt_open_after(self, plan: Plan) -> bool:
         """prefill="full": whether some row's prompt is still unfinished after this forward."""
@@ -458,15 +457,13 @@ class HeadSplitCache(Cache):
         return sum(layer.sequence_nbytes(num_tokens) for layer in self.layers)
 
     def __deepcopy__(self, memo):
-        """A copy whose layers point to it (a weak reference, as here); a plan or captured step is not copied:
-        the next forward makes its own."""
-        clone = deep_copy(self, memo, fresh=("plan", "graph", "graph_step"))
+        """A copy whose layers point to it (a weak reference, as here)."""
+        clone = super().__deepcopy__(memo)
         for layer in clone.layers:
             layer.owner = weakref.proxy(clone)
         return clone
 
     def _map_shared(self, fn) -> None:
-        self.graph = None
         for name in ("ring_pos", "col_valid", "prompt_pos"):
             t = getattr(self, name)
             if t is not None:

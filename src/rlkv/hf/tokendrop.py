@@ -41,8 +41,8 @@ import torch.nn.functional as F
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from rlkv.attention.tokendrop import Candidates, Policy, candidate_attention, compact, select_tokens, slot_attention
-from rlkv.hf.graphs import check_cuda_graphs, with_graphs
-from rlkv.hf.plumbing import CompressedLayer, Step, base_attention, deep_copy, patched, state_of
+from rlkv.hf.graphs import ReplayableCache, check_cuda_graphs, planned_columns, with_graphs
+from rlkv.hf.plumbing import CompressedLayer, Step, base_attention, patched, state_of
 
 
 class TokenDropLayer(CompressedLayer, CacheLayerMixin):
@@ -181,7 +181,7 @@ class TokenDropLayer(CompressedLayer, CacheLayerMixin):
         raise NotImplementedError("TokenDropCache cannot be reset; create a new one per generation")
 
 
-class TokenDropCache(Cache):
+class TokenDropCache(ReplayableCache):
     """A transformers Cache holding at most `policy.capacity` tokens per layer and KV head."""
 
     def __init__(self, policy: Policy, num_layers: int, planned: int | None = None):
@@ -189,7 +189,6 @@ class TokenDropCache(Cache):
         self.policy = policy
         self.planned = planned  # the most tokens it will store, where known (a one-beam `generate`'s max_cache_length)
         self.fixed_pos: torch.Tensor | None = None  # inside `fixed_step`: the new tokens' positions
-        self.graph = None  # a captured decoding step (rlkv.hf.graphs); dropped whenever the buffers move
 
     @property
     def batch(self) -> int | None:
@@ -199,9 +198,6 @@ class TokenDropCache(Cache):
         """Whether the next single-token forward can be a fixed step (`rlkv.hf.graphs`): the prompt done,
         built by a one-beam `generate`."""
         return self.planned is not None and all(layer.is_initialized for layer in self.layers)
-
-    def prepare_step(self) -> None:
-        """Nothing to make room for: the slots are fixed."""
 
     @contextmanager
     def fixed_step(self, q_pos: torch.Tensor, column: torch.Tensor):
@@ -216,27 +212,6 @@ class TokenDropCache(Cache):
             self.fixed_pos = None
             for layer in self.layers:
                 layer.counts = True
-
-    def advance(self) -> None:
-        """Count one fixed step."""
-        for layer in self.layers:
-            layer.cumulative_length += 1
-
-    def __deepcopy__(self, memo):
-        """A copy without the captured step (it replays into this cache's buffers)."""
-        return deep_copy(self, memo, fresh=("graph",))
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        self.graph = None
-        super().reorder_cache(beam_idx)
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self.graph = None
-        super().batch_select_indices(indices)
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        self.graph = None
-        super().batch_repeat_interleave(repeats)
 
     def nbytes(self) -> int:
         """Bytes this cache holds right now (K/V, positions, scores, policy state; see `TokenDropLayer.nbytes`)."""
@@ -257,7 +232,7 @@ class _Session:
         self._planned = None  # the most tokens the cache `generate` is about to build will store (None: not replayable)
 
     def before_generate(self, generation_config, model_kwargs: dict, max_cache_length: int | None) -> None:
-        self._planned = max_cache_length if generation_config.num_beams == 1 else None
+        self._planned = planned_columns(generation_config, max_cache_length)
 
     def new_cache(self) -> TokenDropCache:
         return TokenDropCache(self.policy, self.num_layers, planned=self._planned)
