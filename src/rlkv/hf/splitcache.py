@@ -80,21 +80,28 @@ def ring_plan(pos: torch.Tensor, sink: int, recent: int) -> tuple[torch.Tensor, 
     return src.clamp(min=0), src >= 0
 
 
-class Plan:
-    """What every layer of a forward that is not a decoding step shares; built by `HeadSplitCache.begin`,
-    parts on first use."""
+class Parts:
+    """What the layers of one forward share, each part built by the first layer that asks for it."""
 
-    def __init__(self, cache: HeadSplitCache, step: Step, prompt_len):
-        self.cache, self.q_pos, self.k_pos, self.prompt_len = weakref.proxy(cache), step.q_pos, step.k_pos, prompt_len
-        self.start, self.length = cache.length, cache.length + step.q_pos.shape[1]
-        self.from_prompt = cache.prompt_pos is not None  # compressed heads hold the prompt so far, not a ring
-        self.stored_pos = cache.prompt_pos if self.from_prompt else cache.ring_pos
+    def __init__(self):
         self._parts: dict = {}
 
     def part(self, key, build):
         if key not in self._parts:
             self._parts[key] = build()
         return self._parts[key]
+
+
+class Plan(Parts):
+    """What every layer of a forward that is not a decoding step shares; built by `HeadSplitCache.begin`,
+    parts on first use."""
+
+    def __init__(self, cache: HeadSplitCache, step: Step, prompt_len):
+        super().__init__()
+        self.cache, self.q_pos, self.k_pos, self.prompt_len = weakref.proxy(cache), step.q_pos, step.k_pos, prompt_len
+        self.start, self.length = cache.length, cache.length + step.q_pos.shape[1]
+        self.from_prompt = cache.prompt_pos is not None  # compressed heads hold the prompt so far, not a ring
+        self.stored_pos = cache.prompt_pos if self.from_prompt else cache.ring_pos
 
     def candidates(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """(positions of stored + new tokens [b, n], ring src, ring hit); src/hit None while the prompt stays open."""
@@ -115,7 +122,7 @@ class Plan:
         return self.part(("mask", window), build)
 
 
-class DecodeStep:
+class DecodeStep(Parts):
     """A decoding step planned on the device from fixed inputs: `q_pos` [b, 1] (each row's new position)
     and `column` [1] (tokens fed so far, the column the new tokens go to).
 
@@ -125,13 +132,8 @@ class DecodeStep:
     `HeadSplitCache.fixed_step`: the graph runner counts each step)."""
 
     def __init__(self, cache: HeadSplitCache, q_pos: torch.Tensor, column: torch.Tensor, counts: bool = True):
+        super().__init__()
         self.cache, self.q_pos, self.column, self.counts = weakref.proxy(cache), q_pos, column, counts
-        self._parts: dict = {}
-
-    def part(self, key, build):
-        if key not in self._parts:
-            self._parts[key] = build()
-        return self._parts[key]
 
     def slot(self) -> torch.Tensor:
         """Each row's ring slot [b, 1]; on first use, writes the new positions into the ring positions
