@@ -197,7 +197,7 @@ def test_generate_equals_masked_reference_on_recorded_keep_sets(name, arch):
         for step in range(1, new):
             col = width + step - 1
             held = steps[step][module.layer_idx]  # [b, h, slots]
-            by_pos = torch.zeros(b, h, length + 1, dtype=torch.bool)
+            by_pos = torch.zeros(b, h, length + 1, dtype=torch.bool, device=held.device)
             by_pos.scatter_(-1, (held.long() + 1).clamp(min=0), held >= 0)
             by_pos[..., 0] = False
             ok = by_pos[..., 1:].gather(-1, pos.clamp(min=0)[:, None].expand(b, h, length)) & (pos >= 0)[:, None]
