@@ -39,8 +39,13 @@ def test_sparsity_zero_is_plain_generate(arch):
     model = tiny_model(arch)
     ids, mask = batch((20, 13, 7), 20)
     plain = run(model, ids, mask, new=20)
+    decoder = model.model
     with rlkv.compress(model, rlkv.HeadScores.random(rlkv.Layout.of(model)), sparsity=0.0) as handle:
+        assert model.config._attn_implementation == "sdpa"  # nothing to compress: the model's own attention
         fast = run(model, ids, mask, new=20)
+        assert type(output_cache(fast)) is rlkv.FullCache and handle.cache is output_cache(fast)
+    assert not decoder._forward_pre_hooks and "_prepare_cache_for_generation" not in vars(model)
+    assert type(output_cache(run(model, ids, mask, new=2))) is DynamicCache
     assert torch.equal(fast.sequences, plain.sequences)
     assert torch.equal(torch.stack(fast.logits), torch.stack(plain.logits))
     held = fast.sequences.shape[1] - 1  # columns stored (padding included; the last token is never fed)

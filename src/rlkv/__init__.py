@@ -74,4 +74,4 @@ class _Package(types.ModuleType):
 sys.modules[__name__].__class__ = _Package
 
 
-from rlkv.version import __version__  # noqa: E402 (plain data, no heavy import)
+from rlkv.version import __version__  # noqa: E402, F401 (plain data, no heavy import; re-exported)

@@ -15,8 +15,8 @@ Design, in the order a forward pass meets it:
    run the model's own attention on layers whose heads are all kept and `HeadSplitLayer.attend`
    on the others: kept heads over every token, compressed heads over the first `sink` and the
    last `recent` by the rule of `rlkv.attention.reference.keep_keys_mask`. Memory for a
-   compressed head is constant in sequence length. With every head kept, the model's own
-   attention runs throughout: the same numbers as plain `generate`.
+   compressed head is constant in sequence length. With every head kept nothing is switched: the
+   model's own attention runs over a `FullCache` (a DynamicCache that counts its bytes), as plain `generate`.
 
 `prefill="full"` (the RLKV authors' rule) lets every head attend over the whole prompt, then
 cuts the compressed heads to sink + recent; the prompt is what `generate` was given (its real
@@ -31,6 +31,7 @@ savings. That path is what tests compare the cache against.
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 
 import torch
 from transformers.cache_utils import Cache, DynamicCache
@@ -38,7 +39,7 @@ from transformers.cache_utils import Cache, DynamicCache
 from rlkv.attention.reference import keep_keys_mask, masked_attention
 from rlkv.heads import HeadScores
 from rlkv.hf.graphs import check_cuda_graphs, planned_columns, with_graphs
-from rlkv.hf.plumbing import Step, base_attention, patched, state_of
+from rlkv.hf.plumbing import Step, base_attention, own_cache, patched, recorded_cache, state_of
 from rlkv.hf.splitcache import PREFILL_MODES, DecodeStep, HeadSplitCache, HeadSplitLayer
 from rlkv.models import Layout
 
@@ -139,6 +140,13 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
     return out, None
 
 
+@contextmanager
+def _every_head_kept(model, session: _Session):
+    """Nothing to compress: the model's own attention over a FullCache, so sparsity 0 is the DynamicCache."""
+    with own_cache(model, session, lambda: FullCache(config=model.config)), recorded_cache(model, session):
+        yield session
+
+
 def sliding_window(config) -> int | None:
     """The sliding window some layer of a model with `config` attends within, or None."""
     window = getattr(config, "sliding_window", None)
@@ -195,6 +203,6 @@ def compress(model, heads=None, sparsity: float | None = None, sink: int = 16, r
     keep = resolve_keep(layout, heads, sparsity)
     session = _Session(keep, sink, recent, model.config._attn_implementation, prefill, sliding_window(model.config))
     if keep.all():
-        return patched(model, "rlkv_headsplit", _attention, session, make_cache=lambda: FullCache(config=model.config))
+        return _every_head_kept(model, session)
     return with_graphs(model, session, patched(model, "rlkv_headsplit", _attention, session,
                                                make_cache=session.new_cache), graphs)

@@ -9,15 +9,16 @@ gated training attention) needs the same four things, all undone when its `with`
    attention module;
 3. each forward's token positions in their own sequences (`Step`, read by a forward pre-hook on
    the decoder from the 2-D padding mask: padding does not count);
-4. optionally, `generate` building the runtime's own cache instead of a `DynamicCache`; its
-   layers share `CompressedLayer`: a logical length apart from what is stored (transformers 5.x
+4. optionally, `generate` building the runtime's own cache instead of a `DynamicCache` (`own_cache`);
+   its layers share `CompressedLayer`: a logical length apart from what is stored (transformers 5.x
    takes positions from `get_seq_length()`), byte accounting and the batch-row operations.
+A runtime that changes no attention (`compress` keeping every head) uses only 4, with `recorded_cache`.
 """
 
 from __future__ import annotations
 
 import inspect
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -127,13 +128,51 @@ def state_of(module, who: str):
 
 
 @contextmanager
+def own_cache(model, state, make_cache):
+    """Inside the block, `generate` builds `make_cache()` wherever it would have built a fresh DynamicCache.
+
+    Once `generate` has prepared its inputs it calls `state.before_generate(generation_config, model_kwargs,
+    max_cache_length)` (if the state has it; `max_cache_length`: the most tokens `generate` will store).
+    """
+    original = model._prepare_cache_for_generation
+
+    def prepare_cache(generation_config, model_kwargs, *args, **kwargs):
+        result = original(generation_config, model_kwargs, *args, **kwargs)
+        if hasattr(state, "before_generate"):
+            columns = args[2] if len(args) > 2 else kwargs.get("max_cache_length")
+            state.before_generate(generation_config, model_kwargs, columns)
+        for key in CACHE_KWARGS:
+            cache = model_kwargs.get(key)
+            if type(cache) is DynamicCache and not getattr(cache, "_is_user_defined", False):
+                model_kwargs[key] = make_cache()
+        return result
+
+    model._prepare_cache_for_generation = prepare_cache
+    try:
+        yield state
+    finally:
+        del model._prepare_cache_for_generation
+
+
+@contextmanager
+def recorded_cache(model, state):
+    """Inside the block, `state.cache` is the cache of the decoder's latest forward (None without one)."""
+    decoder = getattr(model, "model", model)
+    hook = decoder.register_forward_pre_hook(
+        lambda _, args, kwargs: setattr(state, "cache", next((kwargs[k] for k in CACHE_KWARGS if kwargs.get(k) is not None), None)),
+        with_kwargs=True)
+    try:
+        yield state
+    finally:
+        hook.remove()
+
+
+@contextmanager
 def patched(model, name: str, attention, state, make_cache=None, bases=BASE_IMPLEMENTATIONS):
     """Run `model` with `attention` (registered as f"{name}_{base}") and `state` inside the block.
 
     `state.before_forward(step: Step)` is called before every decoder forward. With `make_cache`,
-    `generate` builds `make_cache()` wherever it would have built a fresh DynamicCache, and calls
-    `state.before_generate(generation_config, model_kwargs, max_cache_length)` (if the state has it) once
-    its inputs are prepared (`max_cache_length`: the most tokens `generate` will store).
+    `generate` builds the runtime's own cache (`own_cache`).
     """
     base = model.config._attn_implementation
     if base not in bases:
@@ -148,28 +187,14 @@ def patched(model, name: str, attention, state, make_cache=None, bases=BASE_IMPL
                                              with_kwargs=True)
     for module in modules:
         module._rlkv_state = state
-    if make_cache is not None:
-        original = model._prepare_cache_for_generation
-
-        def prepare_cache(generation_config, model_kwargs, *args, **kwargs):
-            result = original(generation_config, model_kwargs, *args, **kwargs)
-            if hasattr(state, "before_generate"):
-                columns = args[2] if len(args) > 2 else kwargs.get("max_cache_length")
-                state.before_generate(generation_config, model_kwargs, columns)
-            for key in CACHE_KWARGS:
-                cache = model_kwargs.get(key)
-                if type(cache) is DynamicCache and not getattr(cache, "_is_user_defined", False):
-                    model_kwargs[key] = make_cache()
-            return result
-
-        model._prepare_cache_for_generation = prepare_cache
-    model.set_attn_implementation(registered)
-    try:
-        yield state
-    finally:
-        model.set_attn_implementation(base)
+    with ExitStack() as stack:
         if make_cache is not None:
-            del model._prepare_cache_for_generation
-        for module in modules:
-            del module._rlkv_state
-        hook.remove()
+            stack.enter_context(own_cache(model, state, make_cache))
+        model.set_attn_implementation(registered)
+        try:
+            yield state
+        finally:
+            model.set_attn_implementation(base)
+            for module in modules:
+                del module._rlkv_state
+            hook.remove()
