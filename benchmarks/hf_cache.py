@@ -11,12 +11,13 @@ decode tokens/s, KV bytes the cache holds at the end, peak GPU memory above the 
 per step against the wall time per step, and the operators that take the most). Head
 choice does not change cost, so seeded random head scores are used unless `--heads` is given.
 Results are written after every configuration (a killed run keeps what it measured). On a GPU,
-`compress` replays its decoding steps from CUDA graphs (`rlkv.hf.graphs`; `--no-cuda-graphs` runs
-them eagerly); `--dropper-graphs` replays the token droppers' steps too (their default is eager).
+`compress` and the token droppers replay their decoding steps from CUDA graphs (`rlkv.hf.graphs`;
+`--no-cuda-graphs` runs them eagerly).
 `--no-cudnn-attention` keeps torch's SDPA off cuDNN for every configuration, so the DynamicCache
 does not pay cuDNN's plan per new shape and its first run is as fast as its second.
 `--static-baseline` adds transformers' own fast path, a StaticCache that `generate` compiles on a GPU
-(first compiling, then compiled; `vs_static` rates every row against the faster run).
+(first compiling, then compiled; `vs_static` rates every row against the faster run). It runs after
+the last DynamicCache, so that nothing the compiler leaves in the process touches the eager rows.
 
     python benchmarks/hf_cache.py --model Qwen/Qwen2.5-Coder-1.5B-Instruct --batches 1,8,32 --new-tokens 2048
 """
@@ -131,10 +132,9 @@ def static_cache(model):
 
 
 def configs(args, model, layout, heads, prompt_tokens: list[int]) -> list[tuple[str, dict, object]]:
-    """(name, row fields, apply) per configuration of one batch, DynamicCache first and last."""
+    """(name, row fields, apply) per configuration of one batch: DynamicCache first and last, then the
+    StaticCache (compiling, compiled) with `--static-baseline`."""
     out = [("DynamicCache", {"method": "full"}, None)]
-    if args.static_baseline:  # first: it compiles; again: compiled
-        out += [(f"StaticCache{again}", {"method": "full-static"}, static_cache) for again in ("", " (again)")]
     for s in args.sparsities:
         out.append((f"rlkv s={s:g}", {"method": "rlkv", "sparsity": s},
                     lambda m, s=s: rlkv.compress(m, heads, sparsity=s, sink=args.sink, recent=args.recent,
@@ -149,8 +149,10 @@ def configs(args, model, layout, heads, prompt_tokens: list[int]) -> list[tuple[
             out.append((f"{name} b={match.budget}", {"method": name, "budget": match.budget,
                                                      "matched_to": f"rlkv s={args.match_sparsity:g}",
                                                      "bytes_excess": match.excess},
-                        lambda m, policy=policy: token_drop(m, policy, cuda_graphs=args.dropper_graphs)))
+                        lambda m, policy=policy: token_drop(m, policy, cuda_graphs=args.cuda_graphs)))
     out.append(("DynamicCache (again)", {"method": "full"}, None))
+    if args.static_baseline:  # its first run compiles (its own warm-up), the second runs compiled
+        out += [(f"StaticCache{again}", {"method": "full-static"}, static_cache) for again in ("", " (again)")]
     return out
 
 
@@ -169,11 +171,9 @@ def main():
     ap.add_argument("--warmup-tokens", type=int, default=8, help="a short generate of every configuration first")
     ap.add_argument("--profile-tokens", type=int, default=0, help="profile a generate of this many tokens per configuration")
     ap.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_const", const=False, default=None,
-                    help="compress decodes eagerly (default: CUDA graphs on a GPU)")
+                    help="compress and the token droppers decode eagerly (default: CUDA graphs on a GPU)")
     ap.add_argument("--static-baseline", action="store_true",
                     help="also transformers' StaticCache, compiled by generate on a GPU (twice: compiling, compiled)")
-    ap.add_argument("--dropper-graphs", action="store_true",
-                    help="the token droppers replay their decoding steps from CUDA graphs too (default: eager)")
     ap.add_argument("--no-cudnn-attention", dest="cudnn_attention", action="store_false",
                     help="keep SDPA off cuDNN everywhere (the DynamicCache then pays no plan per new shape)")
     ap.add_argument("--out", default="results/hf_cache.json")
@@ -188,14 +188,15 @@ def main():
     heads = rlkv.HeadScores.load(args.heads) if args.heads else rlkv.HeadScores.random(layout, seed=0)
     meta = {"benchmark": "hf_cache", "model": args.model, "layout": layout.to_dict(), "new_tokens": args.new_tokens,
             "sink": args.sink, "recent": args.recent, "prefill": args.prefill, "cuda_graphs": args.cuda_graphs,
-            "dropper_graphs": args.dropper_graphs, "static_baseline": args.static_baseline,
+            "static_baseline": args.static_baseline,
             "cudnn_attention": args.cudnn_attention}
     rows = []
     for batch in [int(b) for b in args.batches.split(",")]:
         enc = tok(prompts(tok, batch), return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
         prompt_tokens = enc["attention_mask"].sum(-1).tolist()
         plan = configs(args, model, layout, heads, prompt_tokens)
-        for _, _, apply in plan[:-1]:  # warm-up: kernels, allocator, autotuning
+        warmed = [apply for _, fields, apply in plan if fields["method"] != "full-static"]
+        for apply in warmed[:-1]:  # warm-up: kernels, allocator, autotuning (the StaticCache's is its first row)
             measure(model, enc, args.warmup_tokens, apply)
         first = len(rows)
         for name, fields, apply in plan:

@@ -252,11 +252,10 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
     return out, None
 
 
-def token_drop(model, policy: Policy, kernel: bool | None = None, cuda_graphs: bool | None = False):
+def token_drop(model, policy: Policy, kernel: bool | None = None, cuda_graphs: bool | None = None):
     """Inside the block, `model.generate` uses a `TokenDropCache` run by `policy`; yields a handle with `.cache`.
     `kernel`: decoding steps attend in the Triton slot kernel (None: with the model on CUDA). `cuda_graphs`:
-    `generate`'s decoding steps are replayed from a CUDA graph (`rlkv.hf.graphs`; None: on CUDA). Off by
-    default until it has been measured on a GPU (its CPU tests run the same steps eagerly)."""
+    `generate`'s decoding steps are replayed from a CUDA graph (`rlkv.hf.graphs`; None: on CUDA)."""
     cuda = next(model.parameters()).device.type == "cuda"
     kernel = cuda if kernel is None else kernel
     graphs = check_cuda_graphs(cuda_graphs, cuda)
