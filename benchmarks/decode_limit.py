@@ -6,8 +6,9 @@ read it whole) and the K/V of every sequence (kept heads: every token; compresse
 sink + recent ring). The floor is those bytes over this GPU's device-to-device copy bandwidth
 (bytes read + written per second of a 256 MiB copy). Reported: the step's GPU time (its CUDA graph
 replayed, as the engine runs it), the floor, their ratio (`of_limit`), the FLOP-bound floor at the
-measured bf16 matrix rate, and where the GPU time goes: the kernels of one eager step under
-torch.profiler, grouped (matrix products, attention, sampling and logits, the rest).
+measured bf16 matrix rate, and where the GPU time goes: the kernels of the replayed graph under
+torch.profiler, grouped (matrix products, attention, sampling and logits, the rest); without graphs
+(a CPU), or where the profiler sees no kernel inside a graph, those of eager steps (`profiled`).
 
     python benchmarks/decode_limit.py --model DIR --batches 64,128,256 --sparsities 0,0.5 --context 1024 \
         --out results/decode_limit.json
@@ -19,7 +20,7 @@ import argparse
 
 import torch
 from common import gpu_seconds, print_table, write_result
-from engine import _graph_times, _kernels
+from engine import _decode_graph, _graph_times, _kernels
 
 import rlkv
 from rlkv.methods.headsplit import HeadSplit
@@ -52,14 +53,35 @@ def matmul_rate(device) -> float:
     return 2 * 8192**3 / gpu_seconds(lambda: a @ b, reps=10)
 
 
+def grouped(kernels: dict[str, float], steps: int) -> dict[str, float]:
+    """GPU ms per step by kernel group, from kernel name -> microseconds over `steps` steps."""
+    groups: dict[str, float] = {}
+    for name, us in kernels.items():
+        groups[group_of(name)] = groups.get(group_of(name), 0.0) + us / max(steps, 1) / 1e3
+    return groups
+
+
+def graph_groups(engine, batch: int, context: int, replays: int) -> dict[str, float]:
+    """GPU ms per decode step by kernel group, from `replays` replays of the step's CUDA graph under torch.profiler
+    (empty if the profiler sees no kernel inside the graph)."""
+    graph = _decode_graph(engine, batch, context)
+    graph.replay()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                            torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(replays):
+            graph.replay()
+        torch.cuda.synchronize()
+    kernels = {e.key: e.self_device_time_total for e in prof.key_averages()
+               if getattr(e, "self_device_time_total", 0) > 0 and not e.key.startswith("cuda")}
+    return grouped(kernels, replays)
+
+
 def eager_groups(model, tok, method, budget: int, batch: int, ids, steps: int) -> dict[str, float]:
     """GPU ms per decode step by kernel group, from `steps` eager (ungraphed) steps under torch.profiler."""
     eager = rlkv.Engine(model, tok, method, kv_budget=budget, max_batch=batch, cuda_graphs=False)
     (a, n0), (b, n1) = _kernels(eager, ids, 2), _kernels(eager, ids, 2 + steps)
-    groups: dict[str, float] = {}
-    for name, (_, us) in b.items():
-        groups[group_of(name)] = groups.get(group_of(name), 0.0) + (us - a.get(name, (0, 0))[1]) / max(n1 - n0, 1) / 1e3
-    return groups
+    return grouped({name: us - a.get(name, (0, 0))[1] for name, (_, us) in b.items()}, n1 - n0)
 
 
 def main():
@@ -68,7 +90,7 @@ def main():
     ap.add_argument("--batches", default="64,128,256")
     ap.add_argument("--sparsities", default="0,0.5")
     ap.add_argument("--context", type=int, default=1024, help="tokens per sequence (mid-generation)")
-    ap.add_argument("--profile-tokens", type=int, default=4, help="eager decode steps profiled (0: none)")
+    ap.add_argument("--profile-tokens", type=int, default=4, help="decode steps profiled: graph replays, else eager steps (0: none)")
     ap.add_argument("--sink", type=int, default=16)
     ap.add_argument("--recent", type=int, default=64)
     ap.add_argument("--out", default="results/decode_limit.json")
@@ -104,19 +126,22 @@ def main():
                 row["of_limit"] = row["floor_ms"] / row["graph_ms"]
             if flops:
                 row["flop_floor_ms"] = 1e3 * 2 * params * batch / flops
-            groups = eager_groups(model, tok, method, budget, batch, ids, args.profile_tokens) if args.profile_tokens else {}
-            row["eager_gpu_ms"] = sum(groups.values()) if groups else None
-            row["groups_ms"] = groups
+            groups, profiled = {}, None
+            if args.profile_tokens and row["graph_ms"]:
+                groups, profiled = graph_groups(engine, batch, args.context, args.profile_tokens), "graph"
+            if args.profile_tokens and not groups:
+                groups, profiled = eager_groups(model, tok, method, budget, batch, ids, args.profile_tokens), "eager"
+            row["profiled"], row["profiled_gpu_ms"], row["groups_ms"] = profiled, sum(groups.values()) or None, groups
             rows.append(row)
             print(f"sparsity {s:g}, {batch} x {args.context}: step {row['graph_ms'] or 0:.2f} ms of GPU time, floor "
-                  f"{row['floor_ms']:.2f} ms ({row.get('of_limit') or 0:.0%} of the limit); eager kernels: "
+                  f"{row['floor_ms']:.2f} ms ({row.get('of_limit') or 0:.0%} of the limit); {profiled} kernels: "
                   + ", ".join(f"{g} {ms:.2f} ms" for g, ms in sorted(groups.items(), key=lambda e: -e[1])), flush=True)
             del engine
             if device.type == "cuda":
                 torch.cuda.empty_cache()
             write_result(args.out, {**meta, "complete": False, "rows": rows})
     print_table(rows, ["sparsity", "batch", "context", "graph_ms", "floor_ms", "of_limit", "flop_floor_ms",
-                       "eager_gpu_ms"])
+                       "profiled", "profiled_gpu_ms"])
     write_result(args.out, {**meta, "complete": True, "rows": rows})
 
 

@@ -222,11 +222,7 @@ def part_profile(model, tok, heads, args, mean_prompt: float) -> list[dict]:
         ids = torch.randint(0, len(tok), (batch, context), generator=generator).tolist()  # content does not change cost
         engine.generate(ids, max_new_tokens=8, eos_token_ids=[])  # warm-up: kernels and CUDA graphs
 
-        def run(new: int) -> tuple[float, int]:
-            engine.generate(ids, max_new_tokens=new, eos_token_ids=[])
-            return engine.stats.seconds, engine.stats.decode_steps
-
-        (t0, n0), (t1, n1) = run(2), run(2 + args.profile_tokens)
+        (t0, n0), (t1, n1) = _timed(engine, ids, 2), _timed(engine, ids, 2 + args.profile_tokens)
         row = {"part": "profile", "method": name, "sparsity": s, "batch": batch, "context": context,
                "ms_per_step": 1e3 * (t1 - t0) / (n1 - n0), **_graph_times(engine, batch, context)}
         del engine
@@ -256,18 +252,31 @@ def _running(engine, sequence_tokens: int, max_batch: int) -> int:
     return min(max_batch, engine.store.capacity_pages // per_request) if per_request else max_batch
 
 
-def _graph_times(engine, batch: int, context: int) -> dict:
-    """GPU milliseconds of one decode step's CUDA graph (forward, greedy sampling, log-probs) at `batch` rows of
-    `context` tokens: what remains of a step's time is the host's that the device waited for."""
+def _decode_graph(engine, batch: int, context: int):
+    """The CUDA graph of one decode step (forward, greedy sampling, log-probs), its inputs set to `batch` rows of
+    `context` tokens (None without graphs)."""
     if not engine.cuda_graphs:
-        return {}
+        return None
     runner = engine.runner
     bucket = next(b for b in runner.buckets if b >= batch)
     graph, _ = runner._graph(("decode", bucket), "greedy")  # the greedy runs above captured it
     runner._static.zero_()
     runner._static[1, :batch] = context
     runner._static[2, :batch] = torch.arange(1, batch + 1)  # slots still hold the last call's page tables (or tokens)
-    return {"graph_ms": 1e3 * event_seconds(graph.replay)}
+    return graph
+
+
+def _graph_times(engine, batch: int, context: int) -> dict:
+    """GPU milliseconds of one decode step's CUDA graph at `batch` rows of `context` tokens: what remains of a
+    step's time is the host's that the device waited for."""
+    graph = _decode_graph(engine, batch, context)
+    return {} if graph is None else {"graph_ms": 1e3 * event_seconds(graph.replay)}
+
+
+def _timed(engine, ids, new: int) -> tuple[float, int]:
+    """(seconds, decode steps) of one `generate` of `new` tokens per sequence, from the engine's stats."""
+    engine.generate(ids, max_new_tokens=new, eos_token_ids=[])
+    return engine.stats.seconds, engine.stats.decode_steps
 
 
 def _kernels(engine, ids, new: int) -> tuple[dict[str, tuple[int, float]], int]:

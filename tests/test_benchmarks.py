@@ -92,6 +92,7 @@ def test_decode_limit_benchmark_sets_each_step_against_its_bytes(saved, tmp_path
     assert [(r["sparsity"], r["batch"]) for r in rows] == [(0.0, 2), (0.0, 3), (0.5, 2), (0.5, 3)]
     assert rows[1]["kv_bytes"] == 3 * rows[0]["kv_bytes"] // 2 and rows[2]["kv_bytes"] < rows[0]["kv_bytes"]
     assert all(r["floor_ms"] > 0 for r in rows)
+    assert all(r["profiled"] == "eager" and r["groups_ms"] == {} for r in rows)  # a CPU: no graph, no GPU kernels
 
 
 def test_serving_benchmark_measures_each_sparsity_and_rate(saved, tmp_path):
