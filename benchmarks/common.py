@@ -7,6 +7,7 @@ the library versions next to its numbers, so a committed result says how it was 
 from __future__ import annotations
 
 import json
+import os
 import platform
 import shlex
 import sys
@@ -16,6 +17,16 @@ from pathlib import Path
 import torch
 
 
+def host_cpu() -> str:
+    """The host's CPU model and core count: eager (host-bound) rows depend on it as much as on the GPU."""
+    try:
+        model = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                     if line.startswith("model name"))
+    except (OSError, StopIteration):
+        model = platform.processor() or platform.machine()
+    return f"{model}, {os.cpu_count()} cores"
+
+
 def environment() -> dict:
     import transformers
 
@@ -23,6 +34,7 @@ def environment() -> dict:
     return {
         "command": " ".join(shlex.quote(a) for a in [Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
         "device": device,
+        "host": host_cpu(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "python": platform.python_version(),
