@@ -28,7 +28,7 @@ from contextlib import contextmanager
 import torch
 from transformers.cache_utils import Cache
 
-from rlkv.hf.plumbing import CACHE_KWARG, CACHE_KWARGS, read_step
+from rlkv.hf.plumbing import CACHE_KWARG, CACHE_KWARGS, forward_cache, read_step
 
 
 class ReplayableCache(Cache):
@@ -196,7 +196,7 @@ class DecodeGraphs:
 
     def _replayable(self, args, kwargs):
         """The cache of a forward that is a replayable decoding step (module docstring), else None."""
-        cache = next((kwargs[k] for k in CACHE_KWARGS if kwargs.get(k) is not None), None)
+        cache = forward_cache(kwargs)
         ids = kwargs.get("input_ids")
         if (args or not isinstance(cache, ReplayableCache) or cache in self.failed or not set(kwargs) <= GENERATE_INPUTS
                 or kwargs.get("output_attentions") or kwargs.get("output_hidden_states")

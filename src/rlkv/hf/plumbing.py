@@ -51,12 +51,17 @@ class Step:
     cache: Cache | None
 
 
+def forward_cache(kwargs) -> Cache | None:
+    """The cache a decoder forward was called with (under either keyword), or None."""
+    return next((kwargs[k] for k in CACHE_KWARGS if kwargs.get(k) is not None), None)
+
+
 def read_step(args, kwargs) -> Step:
     """The `Step` of a decoder forward, from its input ids (or embeddings), cache and padding mask."""
     ids = kwargs.get("input_ids", args[0] if args else None)
     ref = ids if ids is not None else kwargs.get("inputs_embeds")
     batch, q_len = ref.shape[0], ref.shape[1]
-    cache = next((kwargs[k] for k in CACHE_KWARGS if kwargs.get(k) is not None), None)
+    cache = forward_cache(kwargs)
     past = cache.get_seq_length() if cache is not None else 0
     mask = kwargs.get("attention_mask")
     if mask is not None and (mask.ndim != 2 or mask.shape[1] != past + q_len):
@@ -157,10 +162,10 @@ def own_cache(model, state, make_cache):
 @contextmanager
 def recorded_cache(model, state):
     """Inside the block, `state.cache` is the cache of the decoder's latest forward (None without one)."""
-    decoder = getattr(model, "model", model)
-    hook = decoder.register_forward_pre_hook(
-        lambda _, args, kwargs: setattr(state, "cache", next((kwargs[k] for k in CACHE_KWARGS if kwargs.get(k) is not None), None)),
-        with_kwargs=True)
+    def record(_, args, kwargs):
+        state.cache = forward_cache(kwargs)
+
+    hook = getattr(model, "model", model).register_forward_pre_hook(record, with_kwargs=True)
     try:
         yield state
     finally:
