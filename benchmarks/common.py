@@ -56,6 +56,16 @@ def speedup_theory(sparsity: float, sink: int, recent: int, length: float) -> fl
     return 1 / ((1 - sparsity) + sparsity * (sink + recent) / length)
 
 
+def profiled(fn):
+    """(`fn()`, torch.profiler's per-operator averages of it): host operators, and on CUDA the kernels too."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if torch.cuda.is_available():
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        result = fn()
+    return result, prof.key_averages()
+
+
 def synchronize() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()

@@ -19,7 +19,7 @@ from __future__ import annotations
 import argparse
 
 import torch
-from common import gpu_seconds, print_table, write_result
+from common import gpu_seconds, print_table, profiled, write_result
 from engine import _decode_graph, _graph_times, _kernels
 
 import rlkv
@@ -67,12 +67,14 @@ def graph_groups(engine, batch: int, context: int, replays: int) -> dict[str, fl
     graph = _decode_graph(engine, batch, context)
     graph.replay()
     torch.cuda.synchronize()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
-                                            torch.profiler.ProfilerActivity.CUDA]) as prof:
+
+    def replay():
         for _ in range(replays):
             graph.replay()
         torch.cuda.synchronize()
-    kernels = {e.key: e.self_device_time_total for e in prof.key_averages()
+
+    _, averages = profiled(replay)
+    kernels = {e.key: e.self_device_time_total for e in averages
                if getattr(e, "self_device_time_total", 0) > 0 and not e.key.startswith("cuda")}
     return grouped(kernels, replays)
 

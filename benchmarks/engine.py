@@ -41,7 +41,7 @@ import itertools
 import time
 
 import torch
-from common import event_seconds, gpu_seconds, print_table, speedup_theory, synchronize, write_result
+from common import event_seconds, gpu_seconds, print_table, profiled, speedup_theory, synchronize, write_result
 from hf_cache import prompts
 
 import rlkv
@@ -281,12 +281,8 @@ def _timed(engine, ids, new: int) -> tuple[float, int]:
 
 def _kernels(engine, ids, new: int) -> tuple[dict[str, tuple[int, float]], int]:
     """GPU kernels of one eager `generate` under torch.profiler: name -> (calls, microseconds); and its decode steps."""
-    activities = [torch.profiler.ProfilerActivity.CPU] + (
-        [torch.profiler.ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
-    with torch.profiler.profile(activities=activities) as prof:
-        engine.generate(ids, max_new_tokens=new, eos_token_ids=[])
-    events = {e.key: (e.count, e.self_device_time_total) for e in prof.key_averages()
-              if getattr(e, "self_device_time_total", 0) > 0}
+    _, averages = profiled(lambda: engine.generate(ids, max_new_tokens=new, eos_token_ids=[]))
+    events = {e.key: (e.count, e.self_device_time_total) for e in averages if getattr(e, "self_device_time_total", 0) > 0}
     return events, engine.stats.decode_steps
 
 

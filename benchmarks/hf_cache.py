@@ -30,7 +30,7 @@ import time
 from contextlib import contextmanager
 
 import torch
-from common import print_table, synchronize, write_result
+from common import print_table, profiled, synchronize, write_result
 
 import rlkv
 from rlkv.hf.plumbing import output_cache
@@ -87,14 +87,8 @@ def measure(model, enc, new_tokens: int, apply) -> dict:
 
 def profile(model, enc, new_tokens: int, apply) -> dict:
     """Where one short generate's time goes: wall and kernel-busy ms per token step, top operators by self time."""
-    from torch.profiler import ProfilerActivity
-    from torch.profiler import profile as torch_profile
-
     cuda = torch.cuda.is_available()
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    with torch_profile(activities=activities) as prof:
-        wall = measure(model, enc, new_tokens, apply)["seconds"]
-    events = prof.key_averages()
+    wall, events = profiled(lambda: measure(model, enc, new_tokens, apply)["seconds"])
     own = (lambda e: e.self_device_time_total) if cuda else (lambda e: e.self_cpu_time_total)
     top = sorted(events, key=own, reverse=True)[:10]
     return {
