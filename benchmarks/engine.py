@@ -259,7 +259,12 @@ def _decode_graph(engine, batch: int, context: int):
         return None
     runner = engine.runner
     bucket = next(b for b in runner.buckets if b >= batch)
-    graph, _ = runner._graph(("decode", bucket), "greedy")  # the greedy runs above captured it
+    engine._open()  # a graph not captured yet is captured with the engine's attention in the model
+    try:
+        with torch.inference_mode():
+            graph, _ = runner._graph(("decode", bucket), "greedy")
+    finally:
+        engine._close()
     runner._static.zero_()
     runner._static[1, :batch] = context
     runner._static[2, :batch] = torch.arange(1, batch + 1)  # slots still hold the last call's page tables (or tokens)
