@@ -17,6 +17,34 @@ from pathlib import Path
 import torch
 
 
+def load_model(spec: str, random_weights: bool = False):
+    """(model, tokenizer) of `spec` (`rlkv.load_model`); with `random_weights`, the model its config describes
+    with freshly initialised weights, so a directory holding only config.json and the tokenizer will do.
+
+    Speed and memory do not depend on the weights' values where every configuration generates the same
+    number of tokens: this spares a GPU machine the model's transfer and conversion."""
+    import rlkv
+
+    if not random_weights:
+        return rlkv.load_model(spec)
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    device = rlkv.models.default_device()
+    config = AutoConfig.from_pretrained(spec)
+    config._attn_implementation = "sdpa"
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    with device:
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    tokenizer = AutoTokenizer.from_pretrained(spec)
+    rlkv.models.configure_tokenizer(tokenizer, model)
+    return model.eval(), tokenizer
+
+
+def weights_arguments(parser) -> None:
+    parser.add_argument("--random-weights", action="store_true",
+                        help="the model's config with random weights (speed and memory only; config and tokenizer suffice)")
+
+
 def host_cpu() -> str:
     """The host's CPU model and core count: eager (host-bound) rows depend on it as much as on the GPU."""
     try:

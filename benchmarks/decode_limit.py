@@ -6,9 +6,12 @@ read it whole) and the K/V of every sequence (kept heads: every token; compresse
 sink + recent ring). The floor is those bytes over this GPU's device-to-device copy bandwidth
 (bytes read + written per second of a 256 MiB copy). Reported: the step's GPU time (its CUDA graph
 replayed, as the engine runs it), the floor, their ratio (`of_limit`), the FLOP-bound floor at the
-measured bf16 matrix rate, and where the GPU time goes: the kernels of the replayed graph under
-torch.profiler, grouped (matrix products, attention, sampling and logits, the rest); without graphs
-(a CPU), or where the profiler sees no kernel inside a graph, those of eager steps (`profiled`).
+measured bf16 matrix rate, the decode attention kernel alone over every layer of the same sequences
+(`attention_ms`, captured in one CUDA graph, and its K/V bytes per second), the distinct pages the
+sequences' page tables point to (a step that reads every sequence's own K/V needs batch x pages), and
+where the GPU time goes: the kernels of the replayed graph under torch.profiler, grouped (matrix
+products, attention, sampling and logits, the rest); without graphs (a CPU), or where the profiler sees
+no kernel inside a graph, those of eager steps (`profiled`).
 
     python benchmarks/decode_limit.py --model DIR --batches 64,128,256 --sparsities 0,0.5 --context 1024 \
         --out results/decode_limit.json
@@ -19,10 +22,19 @@ from __future__ import annotations
 import argparse
 
 import torch
-from common import gpu_seconds, print_table, profiled, write_result
+from common import (
+    gpu_seconds,
+    load_model,
+    print_table,
+    profiled,
+    weights_arguments,
+    write_result,
+)
 from engine import _decode_graph, _graph_times, _kernels
 
 import rlkv
+from rlkv.engine.kernel import decode_attention
+from rlkv.hf.headsplit import sliding_window
 from rlkv.methods.headsplit import HeadSplit
 
 GROUPS = {  # kernel name fragments -> group (first match wins)
@@ -61,6 +73,29 @@ def grouped(kernels: dict[str, float], steps: int) -> dict[str, float]:
     return groups
 
 
+def attention_alone(engine, batch: int, context: int) -> float:
+    """GPU ms of the decode kernel alone, every layer once, over the sequences in slots 1..batch at `context`
+    tokens (the state `_decode_graph` replays)."""
+    store, layout = engine.store, rlkv.Layout.of(engine.model)
+    device = store.page_table.device
+    slots = torch.arange(1, batch + 1, device=device)
+    lengths = torch.full((batch,), context, device=device)
+    q = torch.randn(batch, layout.num_q_heads, layout.head_dim, device=device, dtype=store.pages_k[0].dtype)
+    window = sliding_window(engine.model.config)
+
+    def every_layer():
+        for layer in range(layout.num_layers):
+            decode_attention(q, store, layer, slots, lengths, layout.head_dim ** -0.5, window)
+
+    return 1e3 * gpu_seconds(every_layer, reps=5)
+
+
+def distinct_pages(store, batch: int, context: int) -> int:
+    """Distinct pages the page tables of slots 1..batch point to over `context` tokens (each sequence its own:
+    batch x pages)."""
+    return int(store.page_table[1 : batch + 1, : store.pages_for(context)].unique().numel())
+
+
 def graph_groups(engine, batch: int, context: int, replays: int) -> dict[str, float]:
     """GPU ms per decode step by kernel group, from `replays` replays of the step's CUDA graph under torch.profiler
     (empty if the profiler sees no kernel inside the graph)."""
@@ -95,10 +130,11 @@ def main():
     ap.add_argument("--profile-tokens", type=int, default=4, help="decode steps profiled: graph replays, else eager steps (0: none)")
     ap.add_argument("--sink", type=int, default=16)
     ap.add_argument("--recent", type=int, default=64)
+    weights_arguments(ap)
     ap.add_argument("--out", default="results/decode_limit.json")
     args = ap.parse_args()
 
-    model, tok = rlkv.load_model(args.model)
+    model, tok = load_model(args.model, args.random_weights)
     layout = rlkv.Layout.of(model)
     device = next(model.parameters()).device
     heads = rlkv.HeadScores.random(layout, seed=0)  # head choice does not change cost
@@ -128,6 +164,10 @@ def main():
                 row["of_limit"] = row["floor_ms"] / row["graph_ms"]
             if flops:
                 row["flop_floor_ms"] = 1e3 * 2 * params * batch / flops
+            row["distinct_pages"] = distinct_pages(store, batch, args.context)
+            if device.type == "cuda":
+                row["attention_ms"] = attention_alone(engine, batch, args.context)
+                row["attention_gb_per_s"] = kv / (row["attention_ms"] / 1e3) / 1e9
             groups, profiled = {}, None
             if args.profile_tokens and row["graph_ms"]:
                 groups, profiled = graph_groups(engine, batch, args.context, args.profile_tokens), "graph"
@@ -136,14 +176,15 @@ def main():
             row["profiled"], row["profiled_gpu_ms"], row["groups_ms"] = profiled, sum(groups.values()) or None, groups
             rows.append(row)
             print(f"sparsity {s:g}, {batch} x {args.context}: step {row['graph_ms'] or 0:.2f} ms of GPU time, floor "
-                  f"{row['floor_ms']:.2f} ms ({row.get('of_limit') or 0:.0%} of the limit); {profiled} kernels: "
+                  f"{row['floor_ms']:.2f} ms ({row.get('of_limit') or 0:.0%} of the limit); attention alone "
+                  f"{row.get('attention_ms') or 0:.2f} ms; {profiled} kernels: "
                   + ", ".join(f"{g} {ms:.2f} ms" for g, ms in sorted(groups.items(), key=lambda e: -e[1])), flush=True)
             del engine
             if device.type == "cuda":
                 torch.cuda.empty_cache()
             write_result(args.out, {**meta, "complete": False, "rows": rows})
     print_table(rows, ["sparsity", "batch", "context", "graph_ms", "floor_ms", "of_limit", "flop_floor_ms",
-                       "profiled", "profiled_gpu_ms"])
+                       "attention_ms", "attention_gb_per_s", "distinct_pages", "profiled", "profiled_gpu_ms"])
     write_result(args.out, {**meta, "complete": True, "rows": rows})
 
 

@@ -15,6 +15,9 @@ Results are written after every configuration (a killed run keeps what it measur
 `--no-cuda-graphs` runs them eagerly).
 `--no-cudnn-attention` keeps torch's SDPA off cuDNN for every configuration, so the DynamicCache
 does not pay cuDNN's plan per new shape and its first run is as fast as its second.
+`--rounds N` runs the eager and graphed configurations N times, every other round in reverse order, so
+that a drift of the host's speed over the run falls on every configuration alike; `medians` in the
+JSON holds each configuration's median tokens/s over its runs and its ratio to the DynamicCache's.
 `--static-baseline` adds transformers' own fast path, a StaticCache that `generate` compiles on a GPU
 (first compiling, then compiled; `vs_static` rates every row against the faster run). It runs after
 the last DynamicCache, so that nothing the compiler leaves in the process touches the eager rows.
@@ -26,11 +29,19 @@ from __future__ import annotations
 
 import argparse
 import gc
+import statistics
 import time
 from contextlib import contextmanager
 
 import torch
-from common import print_table, profiled, synchronize, write_result
+from common import (
+    load_model,
+    print_table,
+    profiled,
+    synchronize,
+    weights_arguments,
+    write_result,
+)
 
 import rlkv
 from rlkv.hf.plumbing import output_cache
@@ -170,20 +181,24 @@ def main():
                     help="also transformers' StaticCache, compiled by generate on a GPU (twice: compiling, compiled)")
     ap.add_argument("--no-cudnn-attention", dest="cudnn_attention", action="store_false",
                     help="keep SDPA off cuDNN everywhere (the DynamicCache then pays no plan per new shape)")
+    ap.add_argument("--rounds", type=int, default=1, help="run the configurations this many times, every other round reversed")
+    weights_arguments(ap)
     ap.add_argument("--out", default="results/hf_cache.json")
     args = ap.parse_args()
+    if args.rounds < 1:
+        ap.error(f"--rounds must be at least 1, got {args.rounds}")
     if not args.cudnn_attention:
         torch.backends.cuda.enable_cudnn_sdp(False)
     args.sparsities = [float(s) for s in args.sparsities.split(",") if s]
     args.droppers = [d for d in args.droppers.split(",") if d]
 
-    model, tok = rlkv.load_model(args.model)
+    model, tok = load_model(args.model, args.random_weights)
     layout = rlkv.Layout.of(model)
     heads = rlkv.HeadScores.load(args.heads) if args.heads else rlkv.HeadScores.random(layout, seed=0)
     meta = {"benchmark": "hf_cache", "model": args.model, "layout": layout.to_dict(), "new_tokens": args.new_tokens,
             "sink": args.sink, "recent": args.recent, "prefill": args.prefill, "cuda_graphs": args.cuda_graphs,
-            "static_baseline": args.static_baseline,
-            "cudnn_attention": args.cudnn_attention}
+            "static_baseline": args.static_baseline, "cudnn_attention": args.cudnn_attention, "rounds": args.rounds,
+            "random_weights": args.random_weights}
     rows = []
     for batch in [int(b) for b in args.batches.split(",")]:
         enc = tok(prompts(tok, batch), return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
@@ -193,8 +208,9 @@ def main():
         for apply in warmed[:-1]:  # warm-up: kernels, allocator, autotuning (the StaticCache's is its first row)
             measure(model, enc, args.warmup_tokens, apply)
         first = len(rows)
-        for name, fields, apply in plan:
-            r = {"batch": batch, "config": name, "sparsity": None, **fields, **measure(model, enc, args.new_tokens, apply)}
+        for rnd, (name, fields, apply) in in_rounds(plan, args.rounds):
+            r = {"batch": batch, "config": name, "sparsity": None, **fields, "round": rnd,
+                 **measure(model, enc, args.new_tokens, apply)}
             if args.profile_tokens:
                 r["profile"] = profile(model, enc, args.profile_tokens, apply)
             rows.append(r)
@@ -202,9 +218,37 @@ def main():
                   f"KV {r['kv_bytes_end'] / 2**20:.1f} MiB", flush=True)
             write_result(args.out, {**meta, "complete": False, "rows": rows})  # partial results survive a kill
         summarize(rows[first:], args, prompt_tokens)
-    print_table(rows, ["batch", "config", "kv_mib_end", "kv_ratio", "kv_ratio_theory", "peak_mib", "peak_ratio",
-                       "tok_per_s", "speedup", *(["vs_static"] if args.static_baseline else [])])
-    write_result(args.out, {**meta, "complete": True, "rows": rows})
+    print_table(rows, ["batch", "config", "round", "kv_mib_end", "kv_ratio", "kv_ratio_theory", "peak_mib",
+                       "peak_ratio", "tok_per_s", "speedup", *(["vs_static"] if args.static_baseline else [])])
+    result = {**meta, "complete": True, "rows": rows}
+    if args.rounds > 1:
+        result["medians"] = medians(rows)
+        print_table(result["medians"], ["batch", "method", "sparsity", "runs", "median_tok_per_s", "vs_dynamic"])
+    write_result(args.out, result)
+
+
+def in_rounds(plan: list, rounds: int):
+    """(round, configuration) in run order: every round of the plan, odd rounds reversed; the StaticCache's
+    two rows (compiling, compiled) once, last."""
+    timed = [c for c in plan if c[1]["method"] != "full-static"]
+    for rnd in range(rounds):
+        yield from ((rnd, c) for c in (timed if rnd % 2 == 0 else timed[::-1]))
+    yield from ((0, c) for c in plan if c[1]["method"] == "full-static")
+
+
+def medians(rows: list[dict]) -> list[dict]:
+    """Per batch and configuration (both DynamicCache rows pooled), the median tokens/s over its runs and its
+    ratio to the DynamicCache's median."""
+    groups: dict[tuple, list[float]] = {}
+    for r in rows:
+        key = (r["batch"], r["method"], r.get("sparsity"), r.get("budget"))
+        groups.setdefault(key, []).append(r["tok_per_s"])
+    out = [{"batch": b, "method": m, "sparsity": s, "budget": budget, "runs": len(v),
+            "median_tok_per_s": statistics.median(v)} for (b, m, s, budget), v in groups.items()]
+    base = {r["batch"]: r["median_tok_per_s"] for r in out if r["method"] == "full"}
+    for r in out:
+        r["vs_dynamic"] = r["median_tok_per_s"] / base[r["batch"]]
+    return out
 
 
 def summarize(rows: list[dict], args, prompt_tokens: list[int]) -> None:

@@ -83,6 +83,22 @@ def test_hf_cache_benchmark_measures_each_configuration(saved, tmp_path):
         assert max(mine[7]["vs_static"], mine[8]["vs_static"]) == pytest.approx(1.0)
 
 
+def test_hf_cache_rounds_alternate_the_order_and_report_medians(saved, tmp_path):
+    out = tmp_path / "hf.json"
+    run("hf_cache.py", "--model", str(saved), "--batches", "2", "--new-tokens", "3", "--sparsities", "0",
+        "--droppers", "", "--warmup-tokens", "1", "--rounds", "3", "--random-weights", "--out", str(out))
+    result = json.loads(out.read_text())
+    assert result["random_weights"]  # the saved model's config, freshly initialised
+    order = ["DynamicCache", "rlkv s=0", "DynamicCache (again)"]
+    assert [(r["round"], r["config"]) for r in result["rows"]] == [
+        *((0, c) for c in order), *((1, c) for c in order[::-1]), *((2, c) for c in order)]
+    medians = {(m["method"], m["runs"]): m for m in result["medians"]}
+    assert set(medians) == {("full", 6), ("rlkv", 3)}
+    full = sorted(r["tok_per_s"] for r in result["rows"] if r["method"] == "full")
+    assert medians["full", 6]["median_tok_per_s"] == pytest.approx((full[2] + full[3]) / 2)
+    assert medians["full", 6]["vs_dynamic"] == pytest.approx(1.0)
+
+
 def test_decode_limit_benchmark_sets_each_step_against_its_bytes(saved, tmp_path):
     out = tmp_path / "limit.json"
     run("decode_limit.py", "--model", str(saved), "--batches", "2,3", "--sparsities", "0,0.5", "--context", "120",
@@ -93,6 +109,8 @@ def test_decode_limit_benchmark_sets_each_step_against_its_bytes(saved, tmp_path
     assert [(r["sparsity"], r["batch"]) for r in rows] == [(0.0, 2), (0.0, 3), (0.5, 2), (0.5, 3)]
     assert rows[1]["kv_bytes"] == 3 * rows[0]["kv_bytes"] // 2 and rows[2]["kv_bytes"] < rows[0]["kv_bytes"]
     assert all(r["floor_ms"] > 0 for r in rows)
+    pages = -(-120 // 16)  # the engine's 16-token pages
+    assert [r["distinct_pages"] for r in rows] == [2 * pages, 3 * pages] * 2  # each sequence reads its own
     assert all(r["profiled"] == "eager" and r["groups_ms"] == {} for r in rows)  # a CPU: no graph, no GPU kernels
 
 
