@@ -6,7 +6,11 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO, saved_tiny_model, tiny_model
+import torch
+from conftest import DEVICE, REPO, saved_tiny_model, tiny_model, tiny_tokenizer
+
+import rlkv
+from rlkv.methods.headsplit import HeadSplit
 
 
 @pytest.fixture(scope="module")
@@ -134,3 +138,24 @@ def test_serving_benchmark_measures_each_sparsity_and_rate(saved, tmp_path):
     assert all(0 < r["ttft_p50_s"] <= r["ttft_p99_s"] <= r["latency_p99_s"] and r["output_tok_s"] > 0 for r in rows)
     assert all(r["max_running"] <= 4 and r["preemptions"] == 0 for r in rows)  # polled: a short run may show 0
     assert [r["throughput_ratio"] for r in rows[:3] + rows[6:9]] == [1.0] * 6  # each transport's own sparsity 0
+
+
+@pytest.mark.skipif(DEVICE.type != "cuda", reason="CUDA graphs need a GPU")
+def test_a_decode_graph_the_engine_never_ran_is_captured_with_its_attention():
+    """decode_limit times the graph of a batch its warm-up never decoded at once: captured outside the engine's
+    session, that graph would run the model's own attention and store no K/V."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from engine import _decode_graph
+
+    model = tiny_model("qwen2").to(DEVICE)
+    keep = torch.ones(rlkv.Layout.of(model).shape, dtype=torch.bool)
+    engine = rlkv.Engine(model, tiny_tokenizer(), HeadSplit(keep, 4, 8), kv_budget=2**24, max_batch=8)
+    engine.generate([[5, 6, 7] * 20] * 2, max_new_tokens=3, eos_token_ids=[])  # decodes 2 at once: bucket 2
+    graph = _decode_graph(engine, 8, 40)  # bucket 8, never decoded
+    store = engine.store
+    page = int(store.page_table[1, 40 // store.page_size])
+    store.pages_k[0][page, 40 % store.page_size].zero_()
+    graph.replay()
+    torch.cuda.synchronize()
+    assert store.pages_k[0][page, 40 % store.page_size].abs().sum() > 0  # the step stored the new token's K
+    assert model.config._attn_implementation == "sdpa"  # the engine's session closed again
