@@ -455,3 +455,12 @@ def test_full_prefill_equals_compressed_generate_with_full_prefill(arch, prefill
                                                                                            eos_token_ids=[])
     assert [o.tokens for o in outs] != [o.tokens for o in compressed]  # prompts longer than the ring: the rule matters
     assert full.state._prompt_kv == {}  # the prompts' K/V held for chunks are gone once they are done
+
+
+def test_a_step_graph_is_not_captured_without_the_engines_attention():
+    """Outside `Engine.step` the model runs its own attention: a graph captured there would store and read no K/V."""
+    model = tiny_model("qwen2")
+    eng = engine(model)
+    eng.generate([[5, 6, 7]], max_new_tokens=2)
+    with pytest.raises(RuntimeError, match="engine's attention installed"):
+        eng.runner._graph(("decode", 3), "greedy")  # a bucket the generate never decoded

@@ -207,6 +207,10 @@ class Runner:
         buffers, zeroed for the capture: zero slots and pages are scratch space."""
         key = (shape, mode)
         if key not in self._graphs:
+            if not any(getattr(m, "_rlkv_state", None) is self.state for m in self.model.modules()):
+                # outside `Engine.step` the model has its own attention: the graph would store and read no K/V
+                raise RuntimeError("a step's CUDA graph must be captured with the engine's attention installed "
+                                   "(inside Engine.step)")
             if shape[0] == "decode":
                 self._static.zero_()
                 static, static_f = self._static[:, : shape[1]], self._static_f[:, : shape[1]]
