@@ -73,6 +73,19 @@ def grouped(kernels: dict[str, float], steps: int) -> dict[str, float]:
     return groups
 
 
+def resident_engine(model, tok, method, budget: int, batch: int, context: int):
+    """(an engine, its prompts) after decoding `batch` random prompts of `context` tokens together (kernels and
+    graphs warmed); exits if they were not all resident at once, as the timed step assumes."""
+    # no admission watermark: the pool holds just the batch
+    engine = rlkv.Engine(model, tok, method, kv_budget=budget, max_batch=batch, watermark=0)
+    ids = torch.randint(0, len(tok), (batch, context), generator=torch.Generator().manual_seed(0)).tolist()
+    engine.generate(ids, max_new_tokens=8, eos_token_ids=[])
+    if engine.stats.max_running < batch:
+        raise SystemExit(f"only {engine.stats.max_running} of {batch} sequences of {context} tokens were decoded at "
+                         f"once in a KV pool of {budget} bytes: the timed step would read fewer than it reports")
+    return engine, ids
+
+
 def attention_alone(engine, batch: int, context: int) -> float:
     """GPU ms of the decode kernel alone, every layer once, over the sequences in slots 1..batch at `context`
     tokens (the state `_decode_graph` replays)."""
@@ -151,9 +164,7 @@ def main():
         for batch in (int(b) for b in args.batches.split(",")):
             method = HeadSplit(heads.keep_mask(s), args.sink, args.recent)
             budget = batch * (args.context + 64) * layout.kv_bytes_per_token() + 2**28
-            engine = rlkv.Engine(model, tok, method, kv_budget=budget, max_batch=batch)
-            ids = torch.randint(0, len(tok), (batch, args.context), generator=torch.Generator().manual_seed(0)).tolist()
-            engine.generate(ids, max_new_tokens=8, eos_token_ids=[])  # every sequence at once: kernels and graphs
+            engine, ids = resident_engine(model, tok, method, budget, batch, args.context)
             store = engine.store
             kv = batch * (args.context * store.token_bytes + store.slot_bytes)
             floor = (weights + kv) / copy

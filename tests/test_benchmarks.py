@@ -118,6 +118,22 @@ def test_decode_limit_benchmark_sets_each_step_against_its_bytes(saved, tmp_path
     assert all(r["profiled"] == "eager" and r["groups_ms"] == {} for r in rows)  # a CPU: no graph, no GPU kernels
 
 
+def test_decode_limit_refuses_a_pool_that_cannot_hold_the_whole_batch_at_once():
+    """A step timed with fewer sequences resident than it reports would read less K/V than its floor counts."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from decode_limit import resident_engine
+
+    model = tiny_model("qwen2")
+    layout = rlkv.Layout.of(model)
+    method = HeadSplit(torch.ones(layout.shape, dtype=torch.bool), 4, 8)
+    page = 16 * layout.kv_bytes_per_token()  # the engine's 16-token pages; page 0 is scratch
+    # 280 + 8 tokens: 18 pages each; a pool of exactly 54 would keep its 1% admission watermark from the third
+    engine, ids = resident_engine(model, tiny_tokenizer(), method, (1 + 3 * 18) * page, 3, 280)
+    assert engine.stats.max_running == 3 and len(ids) == 3
+    with pytest.raises(SystemExit, match="only 2 of 3 sequences of 280 tokens"):
+        resident_engine(model, tiny_tokenizer(), method, (1 + 3 * 18 - 1) * page, 3, 280)
+
+
 def test_serving_benchmark_measures_each_sparsity_and_rate(saved, tmp_path):
     heads = tmp_path / "heads.json"
     import rlkv
