@@ -30,7 +30,7 @@ from common import (
     weights_arguments,
     write_result,
 )
-from engine import _decode_graph, _graph_times, _kernels
+from engine import _decode_graph, _graph_times, kernels_per_step
 
 import rlkv
 from rlkv.engine.kernel import decode_attention
@@ -73,11 +73,11 @@ def grouped(kernels: dict[str, float], steps: int) -> dict[str, float]:
     return groups
 
 
-def resident_engine(model, tok, method, budget: int, batch: int, context: int):
+def resident_engine(model, tok, method, budget: int, batch: int, context: int, cuda_graphs: bool | None = None):
     """(an engine, its prompts) after decoding `batch` random prompts of `context` tokens together (kernels and
     graphs warmed); exits if they were not all resident at once, as the timed step assumes."""
     # no admission watermark: the pool holds just the batch
-    engine = rlkv.Engine(model, tok, method, kv_budget=budget, max_batch=batch, watermark=0)
+    engine = rlkv.Engine(model, tok, method, kv_budget=budget, max_batch=batch, cuda_graphs=cuda_graphs, watermark=0)
     ids = torch.randint(0, len(tok), (batch, context), generator=torch.Generator().manual_seed(0)).tolist()
     engine.generate(ids, max_new_tokens=8, eos_token_ids=[])
     if engine.stats.max_running < batch:
@@ -127,11 +127,10 @@ def graph_groups(engine, batch: int, context: int, replays: int) -> dict[str, fl
     return grouped(kernels, replays)
 
 
-def eager_groups(model, tok, method, budget: int, batch: int, ids, steps: int) -> dict[str, float]:
+def eager_groups(model, tok, method, budget: int, batch: int, context: int, steps: int) -> dict[str, float]:
     """GPU ms per decode step by kernel group, from `steps` eager (ungraphed) steps under torch.profiler."""
-    eager = rlkv.Engine(model, tok, method, kv_budget=budget, max_batch=batch, cuda_graphs=False)
-    (a, n0), (b, n1) = _kernels(eager, ids, 2), _kernels(eager, ids, 2 + steps)
-    return grouped({name: us - a.get(name, (0, 0))[1] for name, (_, us) in b.items()}, n1 - n0)
+    eager, ids = resident_engine(model, tok, method, budget, batch, context, cuda_graphs=False)
+    return grouped({name: us for name, (_, us) in kernels_per_step(eager, ids, steps).items()}, 1)
 
 
 def main():
@@ -164,7 +163,7 @@ def main():
         for batch in (int(b) for b in args.batches.split(",")):
             method = HeadSplit(heads.keep_mask(s), args.sink, args.recent)
             budget = batch * (args.context + 64) * layout.kv_bytes_per_token() + 2**28
-            engine, ids = resident_engine(model, tok, method, budget, batch, args.context)
+            engine, _ = resident_engine(model, tok, method, budget, batch, args.context)
             store = engine.store
             kv = batch * (args.context * store.token_bytes + store.slot_bytes)
             floor = (weights + kv) / copy
@@ -183,7 +182,7 @@ def main():
             if args.profile_tokens and row["graph_ms"]:
                 groups, profiled = graph_groups(engine, batch, args.context, args.profile_tokens), "graph"
             if args.profile_tokens and not groups:
-                groups, profiled = eager_groups(model, tok, method, budget, batch, ids, args.profile_tokens), "eager"
+                groups, profiled = eager_groups(model, tok, method, budget, batch, args.context, args.profile_tokens), "eager"
             row["profiled"], row["profiled_gpu_ms"], row["groups_ms"] = profiled, sum(groups.values()) or None, groups
             rows.append(row)
             print(f"sparsity {s:g}, {batch} x {args.context}: step {row['graph_ms'] or 0:.2f} ms of GPU time, floor "

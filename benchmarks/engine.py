@@ -227,9 +227,7 @@ def part_profile(model, tok, heads, args, mean_prompt: float) -> list[dict]:
                "ms_per_step": 1e3 * (t1 - t0) / (n1 - n0), **_graph_times(engine, batch, context)}
         del engine
         engine = rlkv.Engine(model, tok, method, kv_budget=args.kv_budget, max_batch=args.max_batch, cuda_graphs=False)
-        (a, n0), (b, n1) = _kernels(engine, ids, 2), _kernels(engine, ids, 2 + args.profile_tokens)
-        steps = n1 - n0
-        per_step = {k: ((b[k][0] - a.get(k, (0, 0))[0]) / steps, (b[k][1] - a.get(k, (0, 0))[1]) / steps) for k in b}
+        per_step = kernels_per_step(engine, ids, args.profile_tokens)
         top = sorted(((k, c, us) for k, (c, us) in per_step.items() if us > 0), key=lambda e: -e[2])
         row["kernels_per_step"] = sum(c for _, c, _ in top)
         row["gpu_ms_per_step"] = sum(us for *_, us in top) / 1e3
@@ -282,6 +280,14 @@ def _timed(engine, ids, new: int) -> tuple[float, int]:
     """(seconds, decode steps) of one `generate` of `new` tokens per sequence, from the engine's stats."""
     engine.generate(ids, max_new_tokens=new, eos_token_ids=[])
     return engine.stats.seconds, engine.stats.decode_steps
+
+
+def kernels_per_step(engine, ids, steps: int) -> dict[str, tuple[float, float]]:
+    """GPU kernels of one eager decode step: name -> (calls, microseconds), the difference of generates of
+    2 + `steps` and 2 new tokens over their difference in decode steps (the prefill cancels out)."""
+    (a, n0), (b, n1) = _kernels(engine, ids, 2), _kernels(engine, ids, 2 + steps)
+    done = max(n1 - n0, 1)
+    return {k: ((calls - a.get(k, (0, 0))[0]) / done, (us - a.get(k, (0, 0))[1]) / done) for k, (calls, us) in b.items()}
 
 
 def _kernels(engine, ids, new: int) -> tuple[dict[str, tuple[int, float]], int]:
