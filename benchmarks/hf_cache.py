@@ -204,8 +204,7 @@ def main():
         enc = tok(prompts(tok, batch), return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
         prompt_tokens = enc["attention_mask"].sum(-1).tolist()
         plan = configs(args, model, layout, heads, prompt_tokens)
-        warmed = [apply for _, fields, apply in plan if fields["method"] != "full-static"]
-        for apply in warmed[:-1]:  # warm-up: kernels, allocator, autotuning (the StaticCache's is its first row)
+        for _, _, apply in eager_and_graphed(plan)[:-1]:  # warm-up: kernels, allocator, autotuning
             measure(model, enc, args.warmup_tokens, apply)
         first = len(rows)
         for rnd, (name, fields, apply) in in_rounds(plan, args.rounds):
@@ -227,10 +226,16 @@ def main():
     write_result(args.out, result)
 
 
+def eager_and_graphed(plan: list) -> list:
+    """The configurations that warm up and repeat in rounds: all but the StaticCache, whose first row
+    compiles (its own warm-up)."""
+    return [c for c in plan if c[1]["method"] != "full-static"]
+
+
 def in_rounds(plan: list, rounds: int):
     """(round, configuration) in run order: every round of the plan, odd rounds reversed; the StaticCache's
     two rows (compiling, compiled) once, last."""
-    timed = [c for c in plan if c[1]["method"] != "full-static"]
+    timed = eager_and_graphed(plan)
     for rnd in range(rounds):
         yield from ((rnd, c) for c in (timed if rnd % 2 == 0 else timed[::-1]))
     yield from ((0, c) for c in plan if c[1]["method"] == "full-static")

@@ -233,7 +233,6 @@ def test_a_cache_is_freed_with_its_last_reference_without_the_garbage_collector(
         gc.enable()
 
 
-
 def test_a_deep_copy_leaves_the_captured_step_behind():
     """A copied token-drop cache gets no captured step (it would replay into the original's buffers)."""
     import copy
