@@ -41,15 +41,21 @@ def load_model(spec: str, random_weights: bool = False):
 
 
 def weights_arguments(parser) -> None:
-    parser.add_argument("--random-weights", action="store_true",
-                        help="the model's config with random weights (speed and memory only; config and tokenizer suffice)")
+    parser.add_argument(
+        "--random-weights",
+        action="store_true",
+        help="the model's config with random weights (speed and memory only; config and tokenizer suffice)",
+    )
 
 
 def host_cpu() -> str:
     """The host's CPU model and core count: eager (host-bound) rows depend on it as much as on the GPU."""
     try:
-        model = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                     if line.startswith("model name"))
+        model = next(
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        )
     except (OSError, StopIteration):
         model = platform.processor() or platform.machine()
     return f"{model}, {os.cpu_count()} cores"

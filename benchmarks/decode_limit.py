@@ -81,8 +81,10 @@ def resident_engine(model, tok, method, budget: int, batch: int, context: int, c
     ids = torch.randint(0, len(tok), (batch, context), generator=torch.Generator().manual_seed(0)).tolist()
     engine.generate(ids, max_new_tokens=8, eos_token_ids=[])
     if engine.stats.max_running < batch:
-        raise SystemExit(f"only {engine.stats.max_running} of {batch} sequences of {context} tokens were decoded at "
-                         f"once in a KV pool of {budget} bytes: the timed step would read fewer than it reports")
+        raise SystemExit(
+            f"only {engine.stats.max_running} of {batch} sequences of {context} tokens were decoded at "
+            f"once in a KV pool of {budget} bytes: the timed step would read fewer than it reports"
+        )
     return engine, ids
 
 
@@ -98,7 +100,7 @@ def attention_alone(engine, batch: int, context: int) -> float:
 
     def every_layer():
         for layer in range(layout.num_layers):
-            decode_attention(q, store, layer, slots, lengths, layout.head_dim ** -0.5, window)
+            decode_attention(q, store, layer, slots, lengths, layout.head_dim**-0.5, window)
 
     return 1e3 * gpu_seconds(every_layer, reps=5)
 
@@ -122,8 +124,11 @@ def graph_groups(engine, batch: int, context: int, replays: int) -> dict[str, fl
         torch.cuda.synchronize()
 
     _, averages = profiled(replay)
-    kernels = {e.key: e.self_device_time_total for e in averages
-               if getattr(e, "self_device_time_total", 0) > 0 and not e.key.startswith("cuda")}
+    kernels = {
+        e.key: e.self_device_time_total
+        for e in averages
+        if getattr(e, "self_device_time_total", 0) > 0 and not e.key.startswith("cuda")
+    }
     return grouped(kernels, replays)
 
 
@@ -139,7 +144,9 @@ def main():
     ap.add_argument("--batches", default="64,128,256")
     ap.add_argument("--sparsities", default="0,0.5")
     ap.add_argument("--context", type=int, default=1024, help="tokens per sequence (mid-generation)")
-    ap.add_argument("--profile-tokens", type=int, default=4, help="decode steps profiled: graph replays, else eager steps (0: none)")
+    ap.add_argument(
+        "--profile-tokens", type=int, default=4, help="decode steps profiled: graph replays, else eager steps (0: none)"
+    )
     ap.add_argument("--sink", type=int, default=16)
     ap.add_argument("--recent", type=int, default=64)
     weights_arguments(ap)
@@ -155,8 +162,15 @@ def main():
     flops = matmul_rate(device) if device.type == "cuda" else None
     weights = weight_bytes(model)
     params = sum(p.numel() for p in model.parameters())
-    meta = {"benchmark": "decode_limit", "model": args.model, "layout": layout.to_dict(), **vars(args),
-            "copy_gb_per_s": copy / 1e9, "matmul_tflop_per_s": flops / 1e12 if flops else None, "weight_bytes": weights}
+    meta = {
+        "benchmark": "decode_limit",
+        "model": args.model,
+        "layout": layout.to_dict(),
+        **vars(args),
+        "copy_gb_per_s": copy / 1e9,
+        "matmul_tflop_per_s": flops / 1e12 if flops else None,
+        "weight_bytes": weights,
+    }
     print(f"copy bandwidth {copy / 1e9:.0f} GB/s, weights {weights / 2**30:.2f} GiB", flush=True)
     rows = []
     for s in (float(v) for v in args.sparsities.split(",")):
@@ -167,8 +181,14 @@ def main():
             store = engine.store
             kv = batch * (args.context * store.token_bytes + store.slot_bytes)
             floor = (weights + kv) / copy
-            row = {"sparsity": s, "batch": batch, "context": args.context, "kv_bytes": kv,
-                   "floor_ms": 1e3 * floor, **_graph_times(engine, batch, args.context)}
+            row = {
+                "sparsity": s,
+                "batch": batch,
+                "context": args.context,
+                "kv_bytes": kv,
+                "floor_ms": 1e3 * floor,
+                **_graph_times(engine, batch, args.context),
+            }
             row.setdefault("graph_ms", None)  # no CUDA graphs on a CPU
             if row["graph_ms"]:
                 row["of_limit"] = row["floor_ms"] / row["graph_ms"]
@@ -182,19 +202,40 @@ def main():
             if args.profile_tokens and row["graph_ms"]:
                 groups, profiled = graph_groups(engine, batch, args.context, args.profile_tokens), "graph"
             if args.profile_tokens and not groups:
-                groups, profiled = eager_groups(model, tok, method, budget, batch, args.context, args.profile_tokens), "eager"
+                groups, profiled = (
+                    eager_groups(model, tok, method, budget, batch, args.context, args.profile_tokens),
+                    "eager",
+                )
             row["profiled"], row["profiled_gpu_ms"], row["groups_ms"] = profiled, sum(groups.values()) or None, groups
             rows.append(row)
-            print(f"sparsity {s:g}, {batch} x {args.context}: step {row['graph_ms'] or 0:.2f} ms of GPU time, floor "
-                  f"{row['floor_ms']:.2f} ms ({row.get('of_limit') or 0:.0%} of the limit); attention alone "
-                  f"{row.get('attention_ms') or 0:.2f} ms; {profiled} kernels: "
-                  + ", ".join(f"{g} {ms:.2f} ms" for g, ms in sorted(groups.items(), key=lambda e: -e[1])), flush=True)
+            print(
+                f"sparsity {s:g}, {batch} x {args.context}: step {row['graph_ms'] or 0:.2f} ms of GPU time, floor "
+                f"{row['floor_ms']:.2f} ms ({row.get('of_limit') or 0:.0%} of the limit); attention alone "
+                f"{row.get('attention_ms') or 0:.2f} ms; {profiled} kernels: "
+                + ", ".join(f"{g} {ms:.2f} ms" for g, ms in sorted(groups.items(), key=lambda e: -e[1])),
+                flush=True,
+            )
             del engine
             if device.type == "cuda":
                 torch.cuda.empty_cache()
             write_result(args.out, {**meta, "complete": False, "rows": rows})
-    print_table(rows, ["sparsity", "batch", "context", "graph_ms", "floor_ms", "of_limit", "flop_floor_ms",
-                       "attention_ms", "attention_gb_per_s", "distinct_pages", "profiled", "profiled_gpu_ms"])
+    print_table(
+        rows,
+        [
+            "sparsity",
+            "batch",
+            "context",
+            "graph_ms",
+            "floor_ms",
+            "of_limit",
+            "flop_floor_ms",
+            "attention_ms",
+            "attention_gb_per_s",
+            "distinct_pages",
+            "profiled",
+            "profiled_gpu_ms",
+        ],
+    )
     write_result(args.out, {**meta, "complete": True, "rows": rows})
 
 

@@ -50,32 +50,55 @@ def main():
     examples = task.load(args.data_dir, limit=args.limit)
     prompts = [task.prompt(e, tok) for e in examples]
     kv_budget = args.kv_budget or (0.8 if torch.cuda.is_available() else "1GiB")
-    meta = {"benchmark": "efficiency", "model": args.model, "heads": args.heads, "heads_method": heads.method,
-            **{k: v for k, v in vars(args).items() if k not in ("model", "heads")}, "kv_budget": kv_budget}
+    meta = {
+        "benchmark": "efficiency",
+        "model": args.model,
+        "heads": args.heads,
+        "heads_method": heads.method,
+        **{k: v for k, v in vars(args).items() if k not in ("model", "heads")},
+        "kv_budget": kv_budget,
+    }
     longest = max(len(tok(p, add_special_tokens=False).input_ids) for p in prompts)
     rows = []
     for admission in args.admissions.split(","):
         for s in (float(v) for v in args.sparsities.split(",")):
             # reserving: a request holds its prompt + max_new_tokens, so rings only for as many as the budget admits
             typical = longest + args.max_new_tokens if admission == "reserve" else None
-            engine = rlkv.Engine(model, tok, HeadSplit(heads.keep_mask(s), args.sink, args.recent), kv_budget=kv_budget,
-                                 max_batch=args.max_batch, sequence_tokens=typical, admission=admission)
+            engine = rlkv.Engine(
+                model,
+                tok,
+                HeadSplit(heads.keep_mask(s), args.sink, args.recent),
+                kv_budget=kv_budget,
+                max_batch=args.max_batch,
+                sequence_tokens=typical,
+                admission=admission,
+            )
             engine.generate(prompts[: args.max_batch], max_new_tokens=8)  # warm-up: kernels and CUDA graphs
             outs = engine.generate(prompts, max_new_tokens=args.max_new_tokens, repetition_window=400)
             stats = engine.stats
             scores = task.grade_many(examples, [o.text for o in outs])
             length = sum(o.prompt_tokens + len(o.tokens) for o in outs) / len(outs)
-            rows.append({
-                "admission": admission, "sparsity": s, "accuracy": sum(scores) / len(scores),
-                "mean_tokens": stats.generated_tokens / len(outs), "seconds": stats.seconds,
-                "tok_per_s": stats.tokens_per_s, "max_running": stats.max_running, "preemptions": stats.preemptions,
-                "pool_pages": stats.pages, "peak_pages_used": stats.peak_pages_used,
-                "kv_ratio": sum(o.kv_bytes for o in outs) / sum(o.kv_bytes_full for o in outs),
-                "speedup_theory": speedup_theory(s, args.sink, args.recent, length),
-            })
-            print(f"{admission} sparsity {s:g}: accuracy {rows[-1]['accuracy']:.3f}, {stats.seconds:.1f} s, "
-                  f"{stats.tokens_per_s:.0f} tok/s, {stats.max_running} at once, {stats.preemptions} preemptions",
-                  flush=True)
+            rows.append(
+                {
+                    "admission": admission,
+                    "sparsity": s,
+                    "accuracy": sum(scores) / len(scores),
+                    "mean_tokens": stats.generated_tokens / len(outs),
+                    "seconds": stats.seconds,
+                    "tok_per_s": stats.tokens_per_s,
+                    "max_running": stats.max_running,
+                    "preemptions": stats.preemptions,
+                    "pool_pages": stats.pages,
+                    "peak_pages_used": stats.peak_pages_used,
+                    "kv_ratio": sum(o.kv_bytes for o in outs) / sum(o.kv_bytes_full for o in outs),
+                    "speedup_theory": speedup_theory(s, args.sink, args.recent, length),
+                }
+            )
+            print(
+                f"{admission} sparsity {s:g}: accuracy {rows[-1]['accuracy']:.3f}, {stats.seconds:.1f} s, "
+                f"{stats.tokens_per_s:.0f} tok/s, {stats.max_running} at once, {stats.preemptions} preemptions",
+                flush=True,
+            )
             del engine
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
@@ -86,8 +109,24 @@ def main():
         r["throughput_ratio"] = r["tok_per_s"] / full["tok_per_s"] if full else None
         reserve = next((f for f in rows if f["sparsity"] == r["sparsity"] and f["admission"] == "reserve"), None)
         r["vs_reserve"] = r["tok_per_s"] / reserve["tok_per_s"] if reserve else None
-    print_table(rows, ["admission", "sparsity", "accuracy", "speedup_theory", "seconds", "speedup_e2e", "tok_per_s",
-                       "throughput_ratio", "vs_reserve", "max_running", "preemptions", "mean_tokens", "kv_ratio"])
+    print_table(
+        rows,
+        [
+            "admission",
+            "sparsity",
+            "accuracy",
+            "speedup_theory",
+            "seconds",
+            "speedup_e2e",
+            "tok_per_s",
+            "throughput_ratio",
+            "vs_reserve",
+            "max_running",
+            "preemptions",
+            "mean_tokens",
+            "kv_ratio",
+        ],
+    )
     write_result(args.out, {**meta, "complete": True, "rows": rows})
 
 

@@ -53,16 +53,24 @@ from rlkv.methods.headsplit import HeadSplit
 
 def run_engine(model, tok, texts, method, new_tokens, kv_budget, max_batch) -> dict:
     longest = max(len(tok(t, add_special_tokens=False).input_ids) for t in texts)
-    engine = rlkv.Engine(model, tok, method, kv_budget=kv_budget, max_batch=max_batch,
-                         sequence_tokens=longest + new_tokens)  # head splits: rings only for the sequences the budget can run
+    engine = rlkv.Engine(
+        model, tok, method, kv_budget=kv_budget, max_batch=max_batch, sequence_tokens=longest + new_tokens
+    )  # head splits: rings only for the sequences the budget can run
     engine.generate(texts[:max_batch], max_new_tokens=8, eos_token_ids=[])  # warm-up: kernels and CUDA graphs
     outs = engine.generate(texts, max_new_tokens=new_tokens, eos_token_ids=[])
     s = engine.stats
     row = {
-        "seconds": s.seconds, "tokens": s.generated_tokens, "tok_per_s": s.tokens_per_s,
-        "loaded_tok_per_s": s.loaded_tokens_per_s, "loaded_seconds": s.loaded_seconds, "max_running": s.max_running,
-        "slots": engine.store.num_slots - 1, "pool_pages": s.pages, "peak_pages_used": s.peak_pages_used,
-        "pool_mib": s.pool_bytes / 2**20, "peak_gpu_mib": s.peak_memory / 2**20,
+        "seconds": s.seconds,
+        "tokens": s.generated_tokens,
+        "tok_per_s": s.tokens_per_s,
+        "loaded_tok_per_s": s.loaded_tokens_per_s,
+        "loaded_seconds": s.loaded_seconds,
+        "max_running": s.max_running,
+        "slots": engine.store.num_slots - 1,
+        "pool_pages": s.pages,
+        "peak_pages_used": s.peak_pages_used,
+        "pool_mib": s.pool_bytes / 2**20,
+        "peak_gpu_mib": s.peak_memory / 2**20,
         "kv_ratio": sum(o.kv_bytes for o in outs) / sum(o.kv_bytes_full for o in outs),
     }
     if s.loaded_tokens_per_s:  # a step's time under load, and the GPU time of its graph at a mid-generation context
@@ -94,9 +102,18 @@ def part_hf(model, tok, heads, args) -> list[dict]:
         texts = prompts(tok, batch)
         hf = run_hf(model, tok, texts, args.hf_new_tokens)
         eng = run_engine(model, tok, texts, _split(heads, 0.0, args), args.hf_new_tokens, args.kv_budget, batch)
-        rows.append({"part": "hf", "batch": batch, "hf_tok_per_s": hf["tok_per_s"], "engine_tok_per_s": eng["tok_per_s"],
-                     "engine_vs_hf": eng["tok_per_s"] / hf["tok_per_s"]})
-        print(f"batch {batch}: transformers {hf['tok_per_s']:.0f} tok/s, engine {eng['tok_per_s']:.0f} tok/s", flush=True)
+        rows.append(
+            {
+                "part": "hf",
+                "batch": batch,
+                "hf_tok_per_s": hf["tok_per_s"],
+                "engine_tok_per_s": eng["tok_per_s"],
+                "engine_vs_hf": eng["tok_per_s"] / hf["tok_per_s"],
+            }
+        )
+        print(
+            f"batch {batch}: transformers {hf['tok_per_s']:.0f} tok/s, engine {eng['tok_per_s']:.0f} tok/s", flush=True
+        )
     return rows
 
 
@@ -105,8 +122,11 @@ def part_sweep(model, tok, heads, args, mean_prompt: float) -> list[dict]:
     sparsities = [float(s) for s in args.sparsities.split(",")] + ([0.0] if args.repeat_baseline else [])
     rows = []
     for s in sparsities:
-        row = {"part": "sweep", "sparsity": s,
-               **run_engine(model, tok, texts, _split(heads, s, args), args.new_tokens, args.kv_budget, args.max_batch)}
+        row = {
+            "part": "sweep",
+            "sparsity": s,
+            **run_engine(model, tok, texts, _split(heads, s, args), args.new_tokens, args.kv_budget, args.max_batch),
+        }
         rows.append(row)
         print(f"sparsity {s:g}: {row['tok_per_s']:.0f} tok/s, {row['max_running']} running", flush=True)
     length = mean_prompt + args.new_tokens
@@ -122,11 +142,16 @@ def part_droppers(model, tok, heads, args) -> list[dict]:
     texts = prompts(tok, args.requests)
     layout = rlkv.Layout.of(model)
     methods = [("full", _split(heads, 0.0, args))] + [
-        (name, rlkv.methods.build(name, layout, 0.0, budget=args.dropper_budget)) for name in args.droppers.split(",")]
+        (name, rlkv.methods.build(name, layout, 0.0, budget=args.dropper_budget)) for name in args.droppers.split(",")
+    ]
     rows = []
     for name, method in methods:
-        row = {"part": "droppers", "method": name, "budget": None if name == "full" else args.dropper_budget,
-               **run_engine(model, tok, texts, method, args.new_tokens, args.kv_budget, args.max_batch)}
+        row = {
+            "part": "droppers",
+            "method": name,
+            "budget": None if name == "full" else args.dropper_budget,
+            **run_engine(model, tok, texts, method, args.new_tokens, args.kv_budget, args.max_batch),
+        }
         rows.append(row)
         print(f"{name}: {row['tok_per_s']:.0f} tok/s, {row['max_running']} running", flush=True)
     add_speedups(rows, rows[:1])
@@ -151,8 +176,18 @@ def kernel_setup(model, args):
     device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
     batch, context = args.kernel_batch, args.kernel_context
     keep = torch.ones(layout.shape, dtype=torch.bool)
-    store = KVStore(layout, keep, args.sink, args.recent, 16, batch * (context + 16) * layout.kv_bytes_per_token(),
-                    batch, context, device, dtype)
+    store = KVStore(
+        layout,
+        keep,
+        args.sink,
+        args.recent,
+        16,
+        batch * (context + 16) * layout.kv_bytes_per_token(),
+        batch,
+        context,
+        device,
+        dtype,
+    )
     store.pages_k[0].normal_()
     store.pages_v[0].normal_()
     slots = torch.arange(1, batch + 1, device=device)
@@ -165,7 +200,7 @@ def kernel_setup(model, args):
     src = torch.empty(2**28, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
     copy = 2 * src.numel() / gpu_seconds(lambda: dst.copy_(src), reps=20)  # bytes read + written per second
-    call = lambda **launch: decode_attention(q, store, 0, slots, lengths, layout.head_dim ** -0.5, None, **launch)  # noqa: E731
+    call = lambda **launch: decode_attention(q, store, 0, slots, lengths, layout.head_dim**-0.5, None, **launch)  # noqa: E731
     return call, read, copy, layout
 
 
@@ -173,10 +208,17 @@ def part_kernel(model, args) -> list[dict]:
     """The decode kernel with its default launch: K/V bytes read per second of GPU time vs copy bandwidth."""
     call, read, copy, layout = kernel_setup(model, args)
     seconds = gpu_seconds(call)
-    row = {"part": "kernel", "batch": args.kernel_batch, "context": args.kernel_context, "kv_heads": layout.num_kv_heads,
-           "splits": num_splits(args.kernel_batch, layout.num_kv_heads, next(model.parameters()).device),
-           "microseconds": seconds * 1e6, "kv_gb_per_s": read / seconds / 1e9, "copy_gb_per_s": copy / 1e9,
-           "of_copy_bandwidth": read / seconds / copy}
+    row = {
+        "part": "kernel",
+        "batch": args.kernel_batch,
+        "context": args.kernel_context,
+        "kv_heads": layout.num_kv_heads,
+        "splits": num_splits(args.kernel_batch, layout.num_kv_heads, next(model.parameters()).device),
+        "microseconds": seconds * 1e6,
+        "kv_gb_per_s": read / seconds / 1e9,
+        "copy_gb_per_s": copy / 1e9,
+        "of_copy_bandwidth": read / seconds / copy,
+    }
     print(f"kernel: {row['kv_gb_per_s']:.0f} GB/s of K/V vs copy {row['copy_gb_per_s']:.0f} GB/s", flush=True)
     return [row]
 
@@ -187,17 +229,29 @@ def part_tune(model, args) -> list[dict]:
     reference = call(splits=1)
     ints = lambda text: [int(v) for v in text.split(",")]  # noqa: E731
     rows = []
-    for splits, block, warps, stages in itertools.product(ints(args.tune_splits), ints(args.tune_blocks),
-                                                          ints(args.tune_warps), ints(args.tune_stages)):
+    for splits, block, warps, stages in itertools.product(
+        ints(args.tune_splits), ints(args.tune_blocks), ints(args.tune_warps), ints(args.tune_stages)
+    ):
         launch = {"splits": splits, "block": block, "num_warps": warps, "num_stages": stages}
         error = (call(**launch).float() - reference.float()).abs().max().item()
         seconds = gpu_seconds(lambda: call(**launch))
-        rows.append({"part": "tune", **launch, "microseconds": seconds * 1e6, "kv_gb_per_s": read / seconds / 1e9,
-                     "of_copy_bandwidth": read / seconds / copy, "max_abs_diff": error})
+        rows.append(
+            {
+                "part": "tune",
+                **launch,
+                "microseconds": seconds * 1e6,
+                "kv_gb_per_s": read / seconds / 1e9,
+                "of_copy_bandwidth": read / seconds / copy,
+                "max_abs_diff": error,
+            }
+        )
     rows.sort(key=lambda r: r["microseconds"])
     best = rows[0]
-    print(f"tune: best of {len(rows)} is splits {best['splits']}, BLOCK {best['block']}, {best['num_warps']} warps, "
-          f"{best['num_stages']} stages: {best['kv_gb_per_s']:.0f} GB/s", flush=True)
+    print(
+        f"tune: best of {len(rows)} is splits {best['splits']}, BLOCK {best['block']}, {best['num_warps']} warps, "
+        f"{best['num_stages']} stages: {best['kv_gb_per_s']:.0f} GB/s",
+        flush=True,
+    )
     return rows
 
 
@@ -211,20 +265,36 @@ def part_profile(model, tok, heads, args, mean_prompt: float) -> list[dict]:
     context = max(1, args.new_tokens // 2)
     layout = rlkv.Layout.of(model)
     methods = [("split", float(s), _split(heads, float(s), args)) for s in args.profile_sparsities.split(",") if s]
-    methods += [(name, None, rlkv.methods.build(name, layout, 0.0, budget=args.dropper_budget))
-                for name in args.profile_droppers.split(",") if name]
+    methods += [
+        (name, None, rlkv.methods.build(name, layout, 0.0, budget=args.dropper_budget))
+        for name in args.profile_droppers.split(",")
+        if name
+    ]
     rows = []
     for name, s, method in methods:
-        engine = rlkv.Engine(model, tok, method, kv_budget=args.kv_budget, max_batch=args.max_batch,
-                             cuda_graphs=torch.cuda.is_available())
+        engine = rlkv.Engine(
+            model,
+            tok,
+            method,
+            kv_budget=args.kv_budget,
+            max_batch=args.max_batch,
+            cuda_graphs=torch.cuda.is_available(),
+        )
         batch = _running(engine, round(mean_prompt) + args.new_tokens, args.max_batch)
         generator = torch.Generator().manual_seed(0)
         ids = torch.randint(0, len(tok), (batch, context), generator=generator).tolist()  # content does not change cost
         engine.generate(ids, max_new_tokens=8, eos_token_ids=[])  # warm-up: kernels and CUDA graphs
 
         (t0, n0), (t1, n1) = _timed(engine, ids, 2), _timed(engine, ids, 2 + args.profile_tokens)
-        row = {"part": "profile", "method": name, "sparsity": s, "batch": batch, "context": context,
-               "ms_per_step": 1e3 * (t1 - t0) / (n1 - n0), **_graph_times(engine, batch, context)}
+        row = {
+            "part": "profile",
+            "method": name,
+            "sparsity": s,
+            "batch": batch,
+            "context": context,
+            "ms_per_step": 1e3 * (t1 - t0) / (n1 - n0),
+            **_graph_times(engine, batch, context),
+        }
         del engine
         engine = rlkv.Engine(model, tok, method, kv_budget=args.kv_budget, max_batch=args.max_batch, cuda_graphs=False)
         per_step = kernels_per_step(engine, ids, args.profile_tokens)
@@ -236,9 +306,12 @@ def part_profile(model, tok, heads, args, mean_prompt: float) -> list[dict]:
         del engine
         torch.cuda.empty_cache()
         label = f"sparsity {s:g}" if s is not None else name
-        print(f"{label}: {batch} sequences of {context} tokens, {row['ms_per_step']:.2f} ms per decode step "
-              f"(its graph {row.get('graph_ms', 0):.2f} ms of GPU time), "
-              f"eager GPU kernels {row['gpu_ms_per_step']:.2f} ms", flush=True)
+        print(
+            f"{label}: {batch} sequences of {context} tokens, {row['ms_per_step']:.2f} ms per decode step "
+            f"(its graph {row.get('graph_ms', 0):.2f} ms of GPU time), "
+            f"eager GPU kernels {row['gpu_ms_per_step']:.2f} ms",
+            flush=True,
+        )
     return rows
 
 
@@ -287,13 +360,17 @@ def kernels_per_step(engine, ids, steps: int) -> dict[str, tuple[float, float]]:
     2 + `steps` and 2 new tokens over their difference in decode steps (the prefill cancels out)."""
     (a, n0), (b, n1) = _kernels(engine, ids, 2), _kernels(engine, ids, 2 + steps)
     done = max(n1 - n0, 1)
-    return {k: ((calls - a.get(k, (0, 0))[0]) / done, (us - a.get(k, (0, 0))[1]) / done) for k, (calls, us) in b.items()}
+    return {
+        k: ((calls - a.get(k, (0, 0))[0]) / done, (us - a.get(k, (0, 0))[1]) / done) for k, (calls, us) in b.items()
+    }
 
 
 def _kernels(engine, ids, new: int) -> tuple[dict[str, tuple[int, float]], int]:
     """GPU kernels of one eager `generate` under torch.profiler: name -> (calls, microseconds); and its decode steps."""
     _, averages = profiled(lambda: engine.generate(ids, max_new_tokens=new, eos_token_ids=[]))
-    events = {e.key: (e.count, e.self_device_time_total) for e in averages if getattr(e, "self_device_time_total", 0) > 0}
+    events = {
+        e.key: (e.count, e.self_device_time_total) for e in averages if getattr(e, "self_device_time_total", 0) > 0
+    }
     return events, engine.stats.decode_steps
 
 
@@ -328,9 +405,16 @@ def main():
     model, tok = rlkv.load_model(args.model)
     layout = rlkv.Layout.of(model)
     heads = rlkv.HeadScores.random(layout, seed=0)
-    mean_prompt = sum(len(tok(t, add_special_tokens=False).input_ids) for t in prompts(tok, args.requests)) / args.requests
-    meta = {"benchmark": "engine", "model": args.model, "layout": layout.to_dict(), **vars(args),
-            "mean_prompt_tokens": mean_prompt}
+    mean_prompt = (
+        sum(len(tok(t, add_special_tokens=False).input_ids) for t in prompts(tok, args.requests)) / args.requests
+    )
+    meta = {
+        "benchmark": "engine",
+        "model": args.model,
+        "layout": layout.to_dict(),
+        **vars(args),
+        "mean_prompt_tokens": mean_prompt,
+    }
     rows = []
     parts = args.parts.split(",")
     for part in parts:
@@ -349,18 +433,69 @@ def main():
         else:
             raise SystemExit(f"unknown part {part!r}: expected hf, sweep, kernel, tune, profile or droppers")
         write_result(args.out, {**meta, "complete": False, "rows": rows})  # partial results survive a kill
-    for part, cols in (("hf", ["batch", "hf_tok_per_s", "engine_tok_per_s", "engine_vs_hf"]),
-                       ("sweep", ["sparsity", "tok_per_s", "speedup", "loaded_tok_per_s", "loaded_speedup",
-                                  "speedup_theory", "of_theory", "max_running", "step_ms_under_load", "graph_ms",
-                                  "kv_ratio", "seconds"]),
-                       ("kernel", ["batch", "context", "splits", "microseconds", "kv_gb_per_s", "copy_gb_per_s",
-                                   "of_copy_bandwidth"]),
-                       ("tune", ["splits", "block", "num_warps", "num_stages", "microseconds", "kv_gb_per_s",
-                                 "of_copy_bandwidth", "max_abs_diff"]),
-                       ("profile", ["method", "sparsity", "batch", "context", "ms_per_step", "graph_ms",
-                                    "kernels_per_step", "gpu_ms_per_step"]),
-                       ("droppers", ["method", "budget", "tok_per_s", "speedup", "loaded_tok_per_s", "loaded_speedup",
-                                     "max_running", "step_ms_under_load", "graph_ms", "kv_ratio", "seconds"])):
+    for part, cols in (
+        ("hf", ["batch", "hf_tok_per_s", "engine_tok_per_s", "engine_vs_hf"]),
+        (
+            "sweep",
+            [
+                "sparsity",
+                "tok_per_s",
+                "speedup",
+                "loaded_tok_per_s",
+                "loaded_speedup",
+                "speedup_theory",
+                "of_theory",
+                "max_running",
+                "step_ms_under_load",
+                "graph_ms",
+                "kv_ratio",
+                "seconds",
+            ],
+        ),
+        ("kernel", ["batch", "context", "splits", "microseconds", "kv_gb_per_s", "copy_gb_per_s", "of_copy_bandwidth"]),
+        (
+            "tune",
+            [
+                "splits",
+                "block",
+                "num_warps",
+                "num_stages",
+                "microseconds",
+                "kv_gb_per_s",
+                "of_copy_bandwidth",
+                "max_abs_diff",
+            ],
+        ),
+        (
+            "profile",
+            [
+                "method",
+                "sparsity",
+                "batch",
+                "context",
+                "ms_per_step",
+                "graph_ms",
+                "kernels_per_step",
+                "gpu_ms_per_step",
+            ],
+        ),
+        (
+            "droppers",
+            [
+                "method",
+                "budget",
+                "tok_per_s",
+                "speedup",
+                "loaded_tok_per_s",
+                "loaded_speedup",
+                "max_running",
+                "step_ms_under_load",
+                "graph_ms",
+                "kv_ratio",
+                "seconds",
+            ],
+        ),
+    ):
         if any(r["part"] == part for r in rows):
             print_table([r for r in rows if r["part"] == part], cols)
     write_result(args.out, {**meta, "complete": True, "rows": rows})

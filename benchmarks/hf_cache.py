@@ -49,16 +49,33 @@ from rlkv.hf.tokendrop import token_drop
 from rlkv.methods.matching import match_budget
 
 TOPICS = [
-    "the history of the printing press", "how bridges carry load", "the water cycle", "prime numbers",
-    "the life of honey bees", "how compilers work", "the French revolution", "black holes",
-    "photosynthesis", "the invention of the telescope", "plate tectonics", "the Roman road network",
-    "how vaccines work", "the game of chess", "ocean currents", "the first computers",
+    "the history of the printing press",
+    "how bridges carry load",
+    "the water cycle",
+    "prime numbers",
+    "the life of honey bees",
+    "how compilers work",
+    "the French revolution",
+    "black holes",
+    "photosynthesis",
+    "the invention of the telescope",
+    "plate tectonics",
+    "the Roman road network",
+    "how vaccines work",
+    "the game of chess",
+    "ocean currents",
+    "the first computers",
 ]
 
 
 def prompts(tok, n: int) -> list[str]:
-    texts = [f"Write a long, detailed essay about {TOPICS[i % len(TOPICS)]} (part {i // len(TOPICS) + 1})." for i in range(n)]
-    return [tok.apply_chat_template([{"role": "user", "content": t}], tokenize=False, add_generation_prompt=True) for t in texts]
+    texts = [
+        f"Write a long, detailed essay about {TOPICS[i % len(TOPICS)]} (part {i // len(TOPICS) + 1})." for i in range(n)
+    ]
+    return [
+        tok.apply_chat_template([{"role": "user", "content": t}], tokenize=False, add_generation_prompt=True)
+        for t in texts
+    ]
 
 
 def measure(model, enc, new_tokens: int, apply) -> dict:
@@ -110,7 +127,9 @@ def profile(model, enc, new_tokens: int, apply) -> dict:
     }
 
 
-def headsplit_samples(keep: torch.Tensor, layout, sink: int, recent: int, prompt_tokens: list[int], new: int) -> list[dict]:
+def headsplit_samples(
+    keep: torch.Tensor, layout, sink: int, recent: int, prompt_tokens: list[int], new: int
+) -> list[dict]:
     """Per row, the mean bytes a head split with `keep` holds over its decoding steps (what eval records)."""
     itemsize = torch.empty((), dtype=getattr(torch, layout.dtype)).element_size()
     per_slot = 2 * layout.head_dim * itemsize
@@ -141,20 +160,41 @@ def configs(args, model, layout, heads, prompt_tokens: list[int]) -> list[tuple[
     StaticCache (compiling, compiled) with `--static-baseline`."""
     out = [("DynamicCache", {"method": "full"}, None)]
     for s in args.sparsities:
-        out.append((f"rlkv s={s:g}", {"method": "rlkv", "sparsity": s},
-                    lambda m, s=s: rlkv.compress(m, heads, sparsity=s, sink=args.sink, recent=args.recent,
-                                                 prefill=args.prefill, cuda_graphs=args.cuda_graphs)))
+        out.append(
+            (
+                f"rlkv s={s:g}",
+                {"method": "rlkv", "sparsity": s},
+                lambda m, s=s: rlkv.compress(
+                    m,
+                    heads,
+                    sparsity=s,
+                    sink=args.sink,
+                    recent=args.recent,
+                    prefill=args.prefill,
+                    cuda_graphs=args.cuda_graphs,
+                ),
+            )
+        )
     if args.droppers:
         keep = heads.keep_mask(args.match_sparsity)
         samples = headsplit_samples(keep, layout, args.sink, args.recent, prompt_tokens, args.new_tokens)
         for name in args.droppers:
-            match = match_budget(lambda b, name=name: rlkv.methods.build(name, layout, args.match_sparsity, budget=b),
-                                 layout, samples)
+            match = match_budget(
+                lambda b, name=name: rlkv.methods.build(name, layout, args.match_sparsity, budget=b), layout, samples
+            )
             policy = rlkv.methods.build(name, layout, args.match_sparsity, budget=match.budget).policy
-            out.append((f"{name} b={match.budget}", {"method": name, "budget": match.budget,
-                                                     "matched_to": f"rlkv s={args.match_sparsity:g}",
-                                                     "bytes_excess": match.excess},
-                        lambda m, policy=policy: token_drop(m, policy, cuda_graphs=args.cuda_graphs)))
+            out.append(
+                (
+                    f"{name} b={match.budget}",
+                    {
+                        "method": name,
+                        "budget": match.budget,
+                        "matched_to": f"rlkv s={args.match_sparsity:g}",
+                        "bytes_excess": match.excess,
+                    },
+                    lambda m, policy=policy: token_drop(m, policy, cuda_graphs=args.cuda_graphs),
+                )
+            )
     out.append(("DynamicCache (again)", {"method": "full"}, None))
     if args.static_baseline:  # its first run compiles (its own warm-up), the second runs compiled
         out += [(f"StaticCache{again}", {"method": "full-static"}, static_cache) for again in ("", " (again)")]
@@ -169,19 +209,38 @@ def main():
     ap.add_argument("--new-tokens", type=int, default=2048)
     ap.add_argument("--sparsities", default="0,0.5,0.8", help="comma-separated; empty for none")
     ap.add_argument("--droppers", default="h2o,snapkv,rkv", help="token droppers at equal bytes; empty for none")
-    ap.add_argument("--match-sparsity", type=float, default=0.5, help="the droppers hold the bytes of rlkv at this sparsity")
+    ap.add_argument(
+        "--match-sparsity", type=float, default=0.5, help="the droppers hold the bytes of rlkv at this sparsity"
+    )
     ap.add_argument("--sink", type=int, default=16)
     ap.add_argument("--recent", type=int, default=64)
     ap.add_argument("--prefill", default="full", choices=["compressed", "full"])
     ap.add_argument("--warmup-tokens", type=int, default=8, help="a short generate of every configuration first")
-    ap.add_argument("--profile-tokens", type=int, default=0, help="profile a generate of this many tokens per configuration")
-    ap.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_const", const=False, default=None,
-                    help="compress and the token droppers decode eagerly (default: CUDA graphs on a GPU)")
-    ap.add_argument("--static-baseline", action="store_true",
-                    help="also transformers' StaticCache, compiled by generate on a GPU (twice: compiling, compiled)")
-    ap.add_argument("--no-cudnn-attention", dest="cudnn_attention", action="store_false",
-                    help="keep SDPA off cuDNN everywhere (the DynamicCache then pays no plan per new shape)")
-    ap.add_argument("--rounds", type=int, default=1, help="run the configurations this many times, every other round reversed")
+    ap.add_argument(
+        "--profile-tokens", type=int, default=0, help="profile a generate of this many tokens per configuration"
+    )
+    ap.add_argument(
+        "--no-cuda-graphs",
+        dest="cuda_graphs",
+        action="store_const",
+        const=False,
+        default=None,
+        help="compress and the token droppers decode eagerly (default: CUDA graphs on a GPU)",
+    )
+    ap.add_argument(
+        "--static-baseline",
+        action="store_true",
+        help="also transformers' StaticCache, compiled by generate on a GPU (twice: compiling, compiled)",
+    )
+    ap.add_argument(
+        "--no-cudnn-attention",
+        dest="cudnn_attention",
+        action="store_false",
+        help="keep SDPA off cuDNN everywhere (the DynamicCache then pays no plan per new shape)",
+    )
+    ap.add_argument(
+        "--rounds", type=int, default=1, help="run the configurations this many times, every other round reversed"
+    )
     weights_arguments(ap)
     ap.add_argument("--out", default="results/hf_cache.json")
     args = ap.parse_args()
@@ -195,10 +254,20 @@ def main():
     model, tok = load_model(args.model, args.random_weights)
     layout = rlkv.Layout.of(model)
     heads = rlkv.HeadScores.load(args.heads) if args.heads else rlkv.HeadScores.random(layout, seed=0)
-    meta = {"benchmark": "hf_cache", "model": args.model, "layout": layout.to_dict(), "new_tokens": args.new_tokens,
-            "sink": args.sink, "recent": args.recent, "prefill": args.prefill, "cuda_graphs": args.cuda_graphs,
-            "static_baseline": args.static_baseline, "cudnn_attention": args.cudnn_attention, "rounds": args.rounds,
-            "random_weights": args.random_weights}
+    meta = {
+        "benchmark": "hf_cache",
+        "model": args.model,
+        "layout": layout.to_dict(),
+        "new_tokens": args.new_tokens,
+        "sink": args.sink,
+        "recent": args.recent,
+        "prefill": args.prefill,
+        "cuda_graphs": args.cuda_graphs,
+        "static_baseline": args.static_baseline,
+        "cudnn_attention": args.cudnn_attention,
+        "rounds": args.rounds,
+        "random_weights": args.random_weights,
+    }
     rows = []
     for batch in [int(b) for b in args.batches.split(",")]:
         enc = tok(prompts(tok, batch), return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
@@ -208,17 +277,40 @@ def main():
             measure(model, enc, args.warmup_tokens, apply)
         first = len(rows)
         for rnd, (name, fields, apply) in in_rounds(plan, args.rounds):
-            r = {"batch": batch, "config": name, "sparsity": None, **fields, "round": rnd,
-                 **measure(model, enc, args.new_tokens, apply)}
+            r = {
+                "batch": batch,
+                "config": name,
+                "sparsity": None,
+                **fields,
+                "round": rnd,
+                **measure(model, enc, args.new_tokens, apply),
+            }
             if args.profile_tokens:
                 r["profile"] = profile(model, enc, args.profile_tokens, apply)
             rows.append(r)
-            print(f"batch {batch} {name}: {r['tok_per_s']:.1f} tok/s, {r['seconds']:.1f} s, "
-                  f"KV {r['kv_bytes_end'] / 2**20:.1f} MiB", flush=True)
+            print(
+                f"batch {batch} {name}: {r['tok_per_s']:.1f} tok/s, {r['seconds']:.1f} s, "
+                f"KV {r['kv_bytes_end'] / 2**20:.1f} MiB",
+                flush=True,
+            )
             write_result(args.out, {**meta, "complete": False, "rows": rows})  # partial results survive a kill
         summarize(rows[first:], args, prompt_tokens)
-    print_table(rows, ["batch", "config", "round", "kv_mib_end", "kv_ratio", "kv_ratio_theory", "peak_mib",
-                       "peak_ratio", "tok_per_s", "speedup", *(["vs_static"] if args.static_baseline else [])])
+    print_table(
+        rows,
+        [
+            "batch",
+            "config",
+            "round",
+            "kv_mib_end",
+            "kv_ratio",
+            "kv_ratio_theory",
+            "peak_mib",
+            "peak_ratio",
+            "tok_per_s",
+            "speedup",
+            *(["vs_static"] if args.static_baseline else []),
+        ],
+    )
     result = {**meta, "complete": True, "rows": rows}
     if args.rounds > 1:
         result["medians"] = medians(rows)
@@ -248,8 +340,17 @@ def medians(rows: list[dict]) -> list[dict]:
     for r in rows:
         key = (r["batch"], r["method"], r.get("sparsity"), r.get("budget"))
         groups.setdefault(key, []).append(r["tok_per_s"])
-    out = [{"batch": b, "method": m, "sparsity": s, "budget": budget, "runs": len(v),
-            "median_tok_per_s": statistics.median(v)} for (b, m, s, budget), v in groups.items()]
+    out = [
+        {
+            "batch": b,
+            "method": m,
+            "sparsity": s,
+            "budget": budget,
+            "runs": len(v),
+            "median_tok_per_s": statistics.median(v),
+        }
+        for (b, m, s, budget), v in groups.items()
+    ]
     base = {r["batch"]: r["median_tok_per_s"] for r in out if r["method"] == "full"}
     for r in out:
         r["vs_dynamic"] = r["median_tok_per_s"] / base[r["batch"]]

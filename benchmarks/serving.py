@@ -71,19 +71,23 @@ async def one_request(client: httpx.AsyncClient, url: str, body: dict, sample: S
         sample.error = f"{type(err).__name__}: {err}"
 
 
-async def run_load(url: str, bodies: list[dict], rate: float, seed: int, poll_s: float = 0.2) -> tuple[list[Sample], int]:
+async def run_load(
+    url: str, bodies: list[dict], rate: float, seed: int, poll_s: float = 0.2
+) -> tuple[list[Sample], int]:
     """Send `bodies` at Poisson arrivals of `rate` per second; (samples, most requests running at once)."""
     rng = random.Random(seed)
     gaps = [0.0 if math.isinf(rate) else rng.expovariate(rate) for _ in bodies]
     peak = 0
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=len(bodies))
     async with httpx.AsyncClient(timeout=httpx.Timeout(None), limits=limits) as client:
+
         async def watch():
             nonlocal peak
             while True:
                 text = (await client.get(f"{url}/metrics")).text
-                running = next(float(line.split()[1]) for line in text.splitlines()
-                               if line.startswith("rlkv_running_requests "))
+                running = next(
+                    float(line.split()[1]) for line in text.splitlines() if line.startswith("rlkv_running_requests ")
+                )
                 peak = max(peak, int(running))
                 await asyncio.sleep(poll_s)
 
@@ -113,19 +117,35 @@ def summarize(samples: list[Sample]) -> dict:
 
     failed = [s for s in samples if s.error is not None or s.end is None]
     return {
-        "completed": len(done), "failed": len(failed), "first_error": failed[0].error if failed else None,
-        "duration_s": duration, "output_tokens": tokens, "mean_output_tokens": tokens / len(done),
-        "output_tok_s": tokens / duration, "requests_s": len(done) / duration,
-        "ttft_p50_s": pct(ttft, 50), "ttft_p99_s": pct(ttft, 99),
-        "tpot_p50_ms": pct([1e3 * t for t in tpot], 50), "tpot_p99_ms": pct([1e3 * t for t in tpot], 99),
-        "latency_p50_s": pct(latency, 50), "latency_p99_s": pct(latency, 99),
+        "completed": len(done),
+        "failed": len(failed),
+        "first_error": failed[0].error if failed else None,
+        "duration_s": duration,
+        "output_tokens": tokens,
+        "mean_output_tokens": tokens / len(done),
+        "output_tok_s": tokens / duration,
+        "requests_s": len(done) / duration,
+        "ttft_p50_s": pct(ttft, 50),
+        "ttft_p99_s": pct(ttft, 99),
+        "tpot_p50_ms": pct([1e3 * t for t in tpot], 50),
+        "tpot_p99_ms": pct([1e3 * t for t in tpot], 99),
+        "latency_p50_s": pct(latency, 50),
+        "latency_p99_s": pct(latency, 99),
     }
 
 
 def chat_bodies(task, examples, max_tokens: int, temperature: float) -> list[dict]:
-    return [{"messages": [{"role": "user", "content": task.user_message(e)}], "max_tokens": max_tokens,
-             "temperature": temperature, "seed": i, "stream": True, "stream_options": {"include_usage": True}}
-            for i, e in enumerate(examples)]
+    return [
+        {
+            "messages": [{"role": "user", "content": task.user_message(e)}],
+            "max_tokens": max_tokens,
+            "temperature": temperature,
+            "seed": i,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        for i, e in enumerate(examples)
+    ]
 
 
 def warm_up(url: str, bodies: list[dict], count: int) -> None:
@@ -145,12 +165,20 @@ def measure(url: str, bodies: list[dict], rates: list[float], seed: int, warmup:
         before = read_metrics(url)
         samples, peak = asyncio.run(run_load(url, bodies, rate, seed))
         after = read_metrics(url)
-        row = {**label, "rate": rate if not math.isinf(rate) else "inf", **summarize(samples),
-               "preemptions": int(after["rlkv_preemptions_total"] - before["rlkv_preemptions_total"]),
-               "max_running": peak, "kv_pages_total": int(after["rlkv_kv_pages_total"])}
+        row = {
+            **label,
+            "rate": rate if not math.isinf(rate) else "inf",
+            **summarize(samples),
+            "preemptions": int(after["rlkv_preemptions_total"] - before["rlkv_preemptions_total"]),
+            "max_running": peak,
+            "kv_pages_total": int(after["rlkv_kv_pages_total"]),
+        }
         rows.append(row)
-        print(f"{label} rate {row['rate']}: {row.get('output_tok_s', 0):.1f} tok/s, "
-              f"TTFT p50 {row.get('ttft_p50_s')}, {row['preemptions']} preemptions", flush=True)
+        print(
+            f"{label} rate {row['rate']}: {row.get('output_tok_s', 0):.1f} tok/s, "
+            f"TTFT p50 {row.get('ttft_p50_s')}, {row['preemptions']} preemptions",
+            flush=True,
+        )
     return rows
 
 
@@ -193,12 +221,23 @@ def main():
     engines = [e for e in args.engines.split(",") if e]
     if any(e not in ("process", "thread") for e in engines):
         ap.error(f"--engines takes process and/or thread, got {args.engines!r}")
-    for engine in ([] if args.url else engines):
+    for engine in [] if args.url else engines:
         for s in [float(v) for v in args.sparsities.split(",")]:
-            serve_args = ["--model", args.model, "--sparsity", str(s), "--max-batch", str(args.max_batch),
-                          "--sink", str(args.sink), "--recent", str(args.recent), f"--engine-{engine}",
-                          *(["--heads", args.heads] if args.heads and s > 0 else []),
-                          *(["--kv-budget", args.kv_budget] if args.kv_budget else [])]
+            serve_args = [
+                "--model",
+                args.model,
+                "--sparsity",
+                str(s),
+                "--max-batch",
+                str(args.max_batch),
+                "--sink",
+                str(args.sink),
+                "--recent",
+                str(args.recent),
+                f"--engine-{engine}",
+                *(["--heads", args.heads] if args.heads and s > 0 else []),
+                *(["--kv-budget", args.kv_budget] if args.kv_budget else []),
+            ]
             log = Path(args.out).with_suffix(f".server-{engine}-s{s:g}.log")
             log.parent.mkdir(parents=True, exist_ok=True)
             server = ServerProcess([*serve_args, "--log-level", "warning"], log)
@@ -213,9 +252,24 @@ def main():
     for r in rows:
         ref = base.get((r.get("engine"), r["rate"]))
         r["throughput_ratio"] = r["output_tok_s"] / ref["output_tok_s"] if ref and r.get("output_tok_s") else None
-    print_table(rows, [*(["engine", "sparsity"] if not args.url else ["server"]), "rate", "completed", "output_tok_s",
-                       "throughput_ratio", "requests_s", "ttft_p50_s", "ttft_p99_s", "tpot_p50_ms", "tpot_p99_ms",
-                       "latency_p99_s", "preemptions", "max_running"])
+    print_table(
+        rows,
+        [
+            *(["engine", "sparsity"] if not args.url else ["server"]),
+            "rate",
+            "completed",
+            "output_tok_s",
+            "throughput_ratio",
+            "requests_s",
+            "ttft_p50_s",
+            "ttft_p99_s",
+            "tpot_p50_ms",
+            "tpot_p99_ms",
+            "latency_p99_s",
+            "preemptions",
+            "max_running",
+        ],
+    )
     write_result(args.out, {**meta, "complete": True, "rows": rows})
 
 

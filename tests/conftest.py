@@ -85,14 +85,17 @@ def tiny_tokenizer(vocab_size: int = 96, chat_template: str | None = CHAT_TEMPLA
     vocab = {tok: i for i, tok in enumerate(specials + chars)}
     backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
-    tok = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
-                                  unk_token="<unk>")
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
     tok.chat_template = chat_template
     tok.padding_side = "left"
     return tok
 
 
-def tiny_gguf(path: Path, layers: int = 2, hidden: int = 64, q_heads: int = 4, kv_heads: int = 2, seed: int = 0) -> Path:
+def tiny_gguf(
+    path: Path, layers: int = 2, hidden: int = 64, q_heads: int = 4, kv_heads: int = 2, seed: int = 0
+) -> Path:
     """A random-weight llama GGUF (Q8_0 projections, a gpt2-style character tokenizer, a chat template)."""
     import numpy as np
     from gguf import GGMLQuantizationType, GGUFWriter, quants
@@ -123,7 +126,9 @@ def tiny_gguf(path: Path, layers: int = 2, hidden: int = 64, q_heads: int = 4, k
     def tensor(name: str, *shape: int, quantized: bool = False):
         values = (rng.standard_normal(shape) * 0.1).astype(np.float32)
         if quantized:
-            writer.add_tensor(name, quants.quantize(values, GGMLQuantizationType.Q8_0), raw_dtype=GGMLQuantizationType.Q8_0)
+            writer.add_tensor(
+                name, quants.quantize(values, GGMLQuantizationType.Q8_0), raw_dtype=GGMLQuantizationType.Q8_0
+            )
         else:
             writer.add_tensor(name, values)
 
@@ -132,9 +137,15 @@ def tiny_gguf(path: Path, layers: int = 2, hidden: int = 64, q_heads: int = 4, k
     for i in range(layers):
         tensor(f"blk.{i}.attn_norm.weight", hidden)
         tensor(f"blk.{i}.ffn_norm.weight", hidden)
-        for name, rows, cols in (("attn_q", q_heads * head_dim, hidden), ("attn_k", kv_heads * head_dim, hidden),
-                                 ("attn_v", kv_heads * head_dim, hidden), ("attn_output", hidden, q_heads * head_dim),
-                                 ("ffn_gate", ffn, hidden), ("ffn_up", ffn, hidden), ("ffn_down", hidden, ffn)):
+        for name, rows, cols in (
+            ("attn_q", q_heads * head_dim, hidden),
+            ("attn_k", kv_heads * head_dim, hidden),
+            ("attn_v", kv_heads * head_dim, hidden),
+            ("attn_output", hidden, q_heads * head_dim),
+            ("ffn_gate", ffn, hidden),
+            ("ffn_up", ffn, hidden),
+            ("ffn_down", hidden, ffn),
+        ):
             tensor(f"blk.{i}.{name}.weight", rows, cols, quantized=True)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()

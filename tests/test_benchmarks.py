@@ -20,18 +20,60 @@ def saved(tmp_path_factory):
 
 def run(script: str, *args: str, **env_extra: str) -> None:
     env = {**os.environ, "PYTHONPATH": str(REPO / "src"), **env_extra}
-    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / script), *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
 
 
 def test_engine_benchmark_writes_every_part(saved, tmp_path):
     out = tmp_path / "engine.json"
-    run("engine.py", "--model", str(saved), "--parts", "hf,sweep,kernel,tune,profile,droppers", "--hf-batches", "2",
-        "--hf-new-tokens", "4", "--requests", "3", "--new-tokens", "4", "--kv-budget", "8MiB", "--max-batch", "2",
-        "--sparsities", "0,0.5", "--kernel-batch", "2", "--kernel-context", "32", "--profile-tokens", "12",
-        "--tune-splits", "1,2", "--tune-blocks", "16", "--tune-warps", "4", "--tune-stages", "2",
-        "--dropper-budget", "40", "--profile-droppers", "h2o", "--out", str(out))
+    run(
+        "engine.py",
+        "--model",
+        str(saved),
+        "--parts",
+        "hf,sweep,kernel,tune,profile,droppers",
+        "--hf-batches",
+        "2",
+        "--hf-new-tokens",
+        "4",
+        "--requests",
+        "3",
+        "--new-tokens",
+        "4",
+        "--kv-budget",
+        "8MiB",
+        "--max-batch",
+        "2",
+        "--sparsities",
+        "0,0.5",
+        "--kernel-batch",
+        "2",
+        "--kernel-context",
+        "32",
+        "--profile-tokens",
+        "12",
+        "--tune-splits",
+        "1,2",
+        "--tune-blocks",
+        "16",
+        "--tune-warps",
+        "4",
+        "--tune-stages",
+        "2",
+        "--dropper-budget",
+        "40",
+        "--profile-droppers",
+        "h2o",
+        "--out",
+        str(out),
+    )
     result = json.loads(out.read_text())
     assert result["complete"] and "command" in result["environment"]
     assert {r["part"] for r in result["rows"]} == {"hf", "sweep", "kernel", "tune", "profile", "droppers"}
@@ -47,7 +89,9 @@ def test_engine_benchmark_writes_every_part(saved, tmp_path):
     profile = [r for r in result["rows"] if r["part"] == "profile"]
     assert [(r["method"], r["sparsity"]) for r in profile] == [("split", 0.0), ("split", 0.5), ("h2o", None)]
     assert all(r["ms_per_step"] > 0 for r in profile)
-    assert [r["batch"] for r in profile] == [2, 2, 2] and profile[0]["top_kernels"] == []  # the cap; CPU: no GPU kernels
+    assert [r["batch"] for r in profile] == [2, 2, 2] and profile[0][
+        "top_kernels"
+    ] == []  # the cap; CPU: no GPU kernels
 
 
 def test_efficiency_benchmark_grades_each_sparsity(saved, tmp_path):
@@ -56,20 +100,60 @@ def test_efficiency_benchmark_grades_each_sparsity(saved, tmp_path):
 
     rlkv.HeadScores.random(rlkv.Layout.of(tiny_model("qwen2")), seed=0).save(heads)
     out = tmp_path / "eff.json"
-    run("efficiency.py", "--model", str(saved), "--heads", str(heads), "--task", "arith", "--limit", "2",
-        "--sparsities", "0,0.5", "--max-new-tokens", "4", "--max-batch", "2", "--kv-budget", "8MiB", "--out", str(out))
+    run(
+        "efficiency.py",
+        "--model",
+        str(saved),
+        "--heads",
+        str(heads),
+        "--task",
+        "arith",
+        "--limit",
+        "2",
+        "--sparsities",
+        "0,0.5",
+        "--max-new-tokens",
+        "4",
+        "--max-batch",
+        "2",
+        "--kv-budget",
+        "8MiB",
+        "--out",
+        str(out),
+    )
     rows = json.loads(out.read_text())["rows"]
-    assert [(r["admission"], r["sparsity"]) for r in rows] == [("demand", 0.0), ("demand", 0.5), ("reserve", 0.0),
-                                                               ("reserve", 0.5)]
+    assert [(r["admission"], r["sparsity"]) for r in rows] == [
+        ("demand", 0.0),
+        ("demand", 0.5),
+        ("reserve", 0.0),
+        ("reserve", 0.5),
+    ]
     assert rows[0]["speedup_e2e"] == pytest.approx(1.0) and rows[2]["vs_reserve"] == pytest.approx(1.0)
     assert all(0 <= r["accuracy"] <= 1 and r["mean_tokens"] > 0 and r["preemptions"] >= 0 for r in rows)
 
 
 def test_hf_cache_benchmark_measures_each_configuration(saved, tmp_path):
     out = tmp_path / "hf.json"
-    run("hf_cache.py", "--model", str(saved), "--batches", "1,2", "--new-tokens", "4", "--sparsities", "0,0.5",
-        "--droppers", "h2o,snapkv,rkv", "--warmup-tokens", "1", "--profile-tokens", "2", "--static-baseline",
-        "--out", str(out))
+    run(
+        "hf_cache.py",
+        "--model",
+        str(saved),
+        "--batches",
+        "1,2",
+        "--new-tokens",
+        "4",
+        "--sparsities",
+        "0,0.5",
+        "--droppers",
+        "h2o,snapkv,rkv",
+        "--warmup-tokens",
+        "1",
+        "--profile-tokens",
+        "2",
+        "--static-baseline",
+        "--out",
+        str(out),
+    )
     result = json.loads(out.read_text())
     rows = result["rows"]
     assert result["complete"] and "command" in result["environment"] and "device" in result["environment"]
@@ -77,8 +161,16 @@ def test_hf_cache_benchmark_measures_each_configuration(saved, tmp_path):
     for batch in (1, 2):
         mine = [r for r in rows if r["batch"] == batch]
         assert [r["config"].split(" b=")[0] for r in mine] == [
-            "DynamicCache", "rlkv s=0", "rlkv s=0.5", "h2o", "snapkv", "rkv", "DynamicCache (again)",
-            "StaticCache", "StaticCache (again)"]  # the compiler runs after every eager row
+            "DynamicCache",
+            "rlkv s=0",
+            "rlkv s=0.5",
+            "h2o",
+            "snapkv",
+            "rkv",
+            "DynamicCache (again)",
+            "StaticCache",
+            "StaticCache (again)",
+        ]  # the compiler runs after every eager row
         assert all(r["tokens"] == batch * 4 for r in mine)  # exactly --new-tokens per row
         assert all(r["profile"]["wall_ms_per_step"] > 0 and r["profile"]["top_ms_per_step"] for r in mine)
         assert mine[2]["kv_bytes_end"] < mine[1]["kv_bytes_end"] == mine[0]["kv_bytes_end"] == mine[7]["kv_bytes_end"]
@@ -89,13 +181,34 @@ def test_hf_cache_benchmark_measures_each_configuration(saved, tmp_path):
 
 def test_hf_cache_rounds_alternate_the_order_and_report_medians(saved, tmp_path):
     out = tmp_path / "hf.json"
-    run("hf_cache.py", "--model", str(saved), "--batches", "2", "--new-tokens", "3", "--sparsities", "0",
-        "--droppers", "", "--warmup-tokens", "1", "--rounds", "3", "--random-weights", "--out", str(out))
+    run(
+        "hf_cache.py",
+        "--model",
+        str(saved),
+        "--batches",
+        "2",
+        "--new-tokens",
+        "3",
+        "--sparsities",
+        "0",
+        "--droppers",
+        "",
+        "--warmup-tokens",
+        "1",
+        "--rounds",
+        "3",
+        "--random-weights",
+        "--out",
+        str(out),
+    )
     result = json.loads(out.read_text())
     assert result["random_weights"]  # the saved model's config, freshly initialised
     order = ["DynamicCache", "rlkv s=0", "DynamicCache (again)"]
     assert [(r["round"], r["config"]) for r in result["rows"]] == [
-        *((0, c) for c in order), *((1, c) for c in order[::-1]), *((2, c) for c in order)]
+        *((0, c) for c in order),
+        *((1, c) for c in order[::-1]),
+        *((2, c) for c in order),
+    ]
     medians = {(m["method"], m["runs"]): m for m in result["medians"]}
     assert set(medians) == {("full", 6), ("rlkv", 3)}
     full = sorted(r["tok_per_s"] for r in result["rows"] if r["method"] == "full")
@@ -105,8 +218,21 @@ def test_hf_cache_rounds_alternate_the_order_and_report_medians(saved, tmp_path)
 
 def test_decode_limit_benchmark_sets_each_step_against_its_bytes(saved, tmp_path):
     out = tmp_path / "limit.json"
-    run("decode_limit.py", "--model", str(saved), "--batches", "2,3", "--sparsities", "0,0.5", "--context", "120",
-        "--profile-tokens", "2", "--out", str(out))
+    run(
+        "decode_limit.py",
+        "--model",
+        str(saved),
+        "--batches",
+        "2,3",
+        "--sparsities",
+        "0,0.5",
+        "--context",
+        "120",
+        "--profile-tokens",
+        "2",
+        "--out",
+        str(out),
+    )
     result = json.loads(out.read_text())
     rows = result["rows"]
     assert result["complete"] and result["weight_bytes"] > 0 and result["copy_gb_per_s"] > 0
@@ -140,16 +266,42 @@ def test_serving_benchmark_measures_each_sparsity_and_rate(saved, tmp_path):
 
     rlkv.HeadScores.random(rlkv.Layout.of(tiny_model("qwen2")), seed=0).save(heads)
     out = tmp_path / "serving.json"
-    run("serving.py", "--model", str(saved), "--heads", str(heads), "--task", "arith", "--num-requests", "3",
-        "--rates", "8,32,inf", "--max-tokens", "4", "--kv-budget", "8MiB", "--max-batch", "4", "--warmup", "2",
-        "--sparsities", "0,0.5", "--engines", "process,thread", "--out", str(out), OMP_NUM_THREADS="1")
+    run(
+        "serving.py",
+        "--model",
+        str(saved),
+        "--heads",
+        str(heads),
+        "--task",
+        "arith",
+        "--num-requests",
+        "3",
+        "--rates",
+        "8,32,inf",
+        "--max-tokens",
+        "4",
+        "--kv-budget",
+        "8MiB",
+        "--max-batch",
+        "4",
+        "--warmup",
+        "2",
+        "--sparsities",
+        "0,0.5",
+        "--engines",
+        "process,thread",
+        "--out",
+        str(out),
+        OMP_NUM_THREADS="1",
+    )
     result = json.loads(out.read_text())
     assert result["complete"] and "command" in result["environment"]
     assert "--sparsity 0.5" in result["server_command_process_s0.5"]
     assert "--engine-thread" in result["server_command_thread_s0"]
     rows = result["rows"]
     assert [(r["engine"], r["sparsity"], r["rate"]) for r in rows] == [
-        (e, s, r) for e in ("process", "thread") for s in (0.0, 0.5) for r in (8.0, 32.0, "inf")]
+        (e, s, r) for e in ("process", "thread") for s in (0.0, 0.5) for r in (8.0, 32.0, "inf")
+    ]
     assert all(r["completed"] == 3 and r["failed"] == 0 and 0 < r["output_tokens"] <= 12 for r in rows)
     assert all(0 < r["ttft_p50_s"] <= r["ttft_p99_s"] <= r["latency_p99_s"] and r["output_tok_s"] > 0 for r in rows)
     assert all(r["max_running"] <= 4 and r["preemptions"] == 0 for r in rows)  # polled: a short run may show 0

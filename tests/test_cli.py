@@ -43,16 +43,34 @@ def test_heads_convert_and_plot(heads_file, tmp_path):
         (["serve", "--model", "/nowhere/m.gguf", "--method", "nope"], "unknown method 'nope'"),
         (["heads", "show", "rlkv:qwen-2.5-7b-r1"], "not shipped with rlkv"),
         (["heads", "show", "{heads}", "--sparsity", "0.5", "--rule", "median"], "unknown keep rule 'median'"),
-        (["identify", "--model", "/nowhere/m.gguf", "--out", "/tmp/x", "--recipe", "v9"], "recipe must be one of paper, rlkv-v0"),
-        (["identify", "--model", "/nowhere/m.gguf", "--out", "/tmp/x", "--advantages", "token"], "advantages has an invalid value"),
-        (["identify", "--model", "/nowhere/m.gguf", "--out", "/tmp/x", "--band=-1,1"],
-         "--band has an invalid value: (-1.0, 1.0) (expected low, high with 0 <= low < high <= 1)"),
-        (["eval", "--model", "/nowhere/m.gguf", "--task", "arith", "--out", "/tmp/x", "--method", "full,h2o"],
-         "--method h2o needs --budget N (tokens kept per layer and KV head) or --match-bytes"),
-        (["eval", "--model", "/nowhere/m.gguf", "--task", "arith", "--out", "/tmp/x", "--keep-rule", "median"],
-         "--keep-rule must be one of"),
-        (["serve", "--model", "/nowhere/m.gguf", "--method", "snapkv"], "--method snapkv needs --budget N (tokens kept"),
-        (["serve", "--model", "/nowhere/m.gguf", "--kv-budget", "nan"], "--kv-budget expects a share of free GPU memory"),
+        (
+            ["identify", "--model", "/nowhere/m.gguf", "--out", "/tmp/x", "--recipe", "v9"],
+            "recipe must be one of paper, rlkv-v0",
+        ),
+        (
+            ["identify", "--model", "/nowhere/m.gguf", "--out", "/tmp/x", "--advantages", "token"],
+            "advantages has an invalid value",
+        ),
+        (
+            ["identify", "--model", "/nowhere/m.gguf", "--out", "/tmp/x", "--band=-1,1"],
+            "--band has an invalid value: (-1.0, 1.0) (expected low, high with 0 <= low < high <= 1)",
+        ),
+        (
+            ["eval", "--model", "/nowhere/m.gguf", "--task", "arith", "--out", "/tmp/x", "--method", "full,h2o"],
+            "--method h2o needs --budget N (tokens kept per layer and KV head) or --match-bytes",
+        ),
+        (
+            ["eval", "--model", "/nowhere/m.gguf", "--task", "arith", "--out", "/tmp/x", "--keep-rule", "median"],
+            "--keep-rule must be one of",
+        ),
+        (
+            ["serve", "--model", "/nowhere/m.gguf", "--method", "snapkv"],
+            "--method snapkv needs --budget N (tokens kept",
+        ),
+        (
+            ["serve", "--model", "/nowhere/m.gguf", "--kv-budget", "nan"],
+            "--kv-budget expects a share of free GPU memory",
+        ),
     ],
 )
 def test_errors_are_one_line_with_exit_code_2(heads_file, args, message):
@@ -77,8 +95,24 @@ def _saved_tiny_model(path):
 
 def test_generate_runs_on_a_saved_tiny_model(tmp_path):
     _saved_tiny_model(tmp_path)
-    args = ["generate", "--model", str(tmp_path), "--prompt", "w1 w2 w3", "--prompt", "w4",
-            "--sparsity", "1", "--sink", "1", "--recent", "2", "--max-new-tokens", "8", "--no-chat"]
+    args = [
+        "generate",
+        "--model",
+        str(tmp_path),
+        "--prompt",
+        "w1 w2 w3",
+        "--prompt",
+        "w4",
+        "--sparsity",
+        "1",
+        "--sink",
+        "1",
+        "--recent",
+        "2",
+        "--max-new-tokens",
+        "8",
+        "--no-chat",
+    ]
     outputs = {}
     for engine in ("off", "on"):
         result = runner.invoke(app, args + ["--engine", engine])
@@ -90,8 +124,20 @@ def test_generate_runs_on_a_saved_tiny_model(tmp_path):
 
 @pytest.mark.parametrize("engine", ["off", "on"])
 def test_generate_says_why_a_short_sequence_holds_more_than_a_full_cache(tmp_path, engine):
-    args = ["generate", "--model", str(_saved_tiny_model(tmp_path)), "--prompt", "w1 w2 w3", "--sparsity", "1",
-            "--max-new-tokens", "4", "--no-chat", "--engine", engine]
+    args = [
+        "generate",
+        "--model",
+        str(_saved_tiny_model(tmp_path)),
+        "--prompt",
+        "w1 w2 w3",
+        "--sparsity",
+        "1",
+        "--max-new-tokens",
+        "4",
+        "--no-chat",
+        "--engine",
+        engine,
+    ]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     ratio = float(re.search(r"full cache \((\d+\.\d)%\)", result.output).group(1))
@@ -109,8 +155,14 @@ def test_demo_prints_the_answers_the_table_and_the_head_map(tmp_path):
     result = runner.invoke(app, ["demo", "--questions", "2", "--max-new-tokens", "6", "--out", str(tmp_path / "demo")])
     assert result.exit_code == 0, result.output
     assert "What is the capital of France?" in result.output and "Paris" in result.output
-    rows = {m.group(1): m.groups()[1:] for m in re.finditer(r"(full cache|duo heads @ 0.5|random heads @ 0.5|h2o, \d+ "
-                                                              r"tokens/head) +│ +(\d+) │ +([\d.]+) │ +(\d)/2", result.output)}
+    rows = {
+        m.group(1): m.groups()[1:]
+        for m in re.finditer(
+            r"(full cache|duo heads @ 0.5|random heads @ 0.5|h2o, \d+ "
+            r"tokens/head) +│ +(\d+) │ +([\d.]+) │ +(\d)/2",
+            result.output,
+        )
+    }
     assert set(rows) >= {"full cache", "duo heads @ 0.5", "random heads @ 0.5"} and len(rows) == 4
     assert rows["full cache"][1:] == ("1.00", "2") and float(rows["duo heads @ 0.5"][1]) < 1
     assert "averaged over its decoding steps" in " ".join(result.output.split())
@@ -150,16 +202,25 @@ def test_errors_go_to_stderr(heads_file):
 @pytest.mark.parametrize(
     "extra, message",
     [
-        (["--sparsity", "1.5"], "sparsity must be a number in [0, 1] (fraction of KV heads compressed; full and streaming take one too), got 1.5"),
-        (["--sparsity", "nan", "--method", "streaming"], "--sparsity must be comma-separated finite numbers, got 'nan'"),
+        (
+            ["--sparsity", "1.5"],
+            "sparsity must be a number in [0, 1] (fraction of KV heads compressed; full and streaming take one too), got 1.5",
+        ),
+        (
+            ["--sparsity", "nan", "--method", "streaming"],
+            "--sparsity must be comma-separated finite numbers, got 'nan'",
+        ),
         (["--sparsity=-0.5"], "sparsity must be a number in [0, 1]"),
         (["--sparsity", ","], "--sparsity must be comma-separated finite numbers, got ','"),
         (["--task", ","], "EvalConfig tasks must be a non-empty list, got []"),
         (["--kv-budget", "inf"], "--kv-budget expects a share of free GPU memory in (0, 1], a whole number of bytes"),
         (["--kv-budget", "1.5"], "--kv-budget expects a share of free GPU memory in (0, 1]"),
         (["--out", "{file}"], "is a file: expected a run directory to create or resume (--out)"),
-        (["--out", "{empty_config}"], "config.json is not valid JSON (empty file): expected the run's config written "
-                                      "by rlkv eval; remove the directory or fix the file"),
+        (
+            ["--out", "{empty_config}"],
+            "config.json is not valid JSON (empty file): expected the run's config written "
+            "by rlkv eval; remove the directory or fix the file",
+        ),
     ],
 )
 def test_bad_eval_inputs_are_one_line_before_the_model_loads(tmp_path, extra, message):
@@ -173,17 +234,20 @@ def test_bad_eval_inputs_are_one_line_before_the_model_loads(tmp_path, extra, me
     assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
 
 
-@pytest.mark.parametrize("args, message", [
-    (["eval", "--task", "arith", "--out", "o", "--temperature", "inf"], "expected a finite number, got inf"),
-    (["eval", "--task", "arith", "--out", "o", "--top-p", "nan"], "Invalid value for '--top-p'"),
-    (["generate", "--prompt", "hi", "--sparsity", "nan"], "Invalid value for '--sparsity'"),
-    (["generate", "--prompt", "hi", "--temperature", "nan"], "Invalid value for '--temperature'"),
-    (["identify", "--out", "o", "--tau", "nan"], "expected a finite number, got nan"),
-    (["identify", "--out", "o", "--lr", "inf"], "expected a finite number, got inf"),
-    (["identify-duo", "--out", "o", "--text", "t", "--l1", "inf"], "expected a finite number, got inf"),
-    (["heads", "show", "h.json", "--sparsity", "nan"], "expected a finite number, got nan"),
-    (["heads", "plot", "h.json", "-o", "h.png", "--sparsity", "inf"], "expected a finite number, got inf"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["eval", "--task", "arith", "--out", "o", "--temperature", "inf"], "expected a finite number, got inf"),
+        (["eval", "--task", "arith", "--out", "o", "--top-p", "nan"], "Invalid value for '--top-p'"),
+        (["generate", "--prompt", "hi", "--sparsity", "nan"], "Invalid value for '--sparsity'"),
+        (["generate", "--prompt", "hi", "--temperature", "nan"], "Invalid value for '--temperature'"),
+        (["identify", "--out", "o", "--tau", "nan"], "expected a finite number, got nan"),
+        (["identify", "--out", "o", "--lr", "inf"], "expected a finite number, got inf"),
+        (["identify-duo", "--out", "o", "--text", "t", "--l1", "inf"], "expected a finite number, got inf"),
+        (["heads", "show", "h.json", "--sparsity", "nan"], "expected a finite number, got nan"),
+        (["heads", "plot", "h.json", "-o", "h.png", "--sparsity", "inf"], "expected a finite number, got inf"),
+    ],
+)
 def test_float_options_refuse_nan_and_inf(args, message):
     model = ["--model", "/nowhere/m.gguf"] if args[0] in ("eval", "generate", "identify", "identify-duo") else []
     result = runner.invoke(app, args[:1] + model + args[1:])
@@ -193,7 +257,9 @@ def test_float_options_refuse_nan_and_inf(args, message):
 
 def test_heads_list_names_the_shipped_patterns_and_shows_one():
     result = runner.invoke(app, ["heads", "list"])
-    assert result.exit_code == 0 and re.search(r"duo:meta-llama-3\.1-8b-instruct\s+32 layers x 8 kv heads", result.output)
+    assert result.exit_code == 0 and re.search(
+        r"duo:meta-llama-3\.1-8b-instruct\s+32 layers x 8 kv heads", result.output
+    )
     assert "not shipped (no licence)" in result.output
     result = runner.invoke(app, ["heads", "show", "duo:meta-llama-3.1-8b-instruct", "--sparsity", "0.5"])
     assert result.exit_code == 0 and "128/256 heads" in result.output
@@ -206,10 +272,14 @@ def test_import_rlkv_and_the_cli_do_not_load_torch():
 
     import rlkv
 
-    code = ("import sys, rlkv, rlkv.cli; print(sorted({'torch', 'transformers', 'matplotlib'} & set(sys.modules)))\n"
-            "import rlkv.identify.grpo; print(callable(rlkv.identify))")  # the function, not its subpackage
+    code = (
+        "import sys, rlkv, rlkv.cli; print(sorted({'torch', 'transformers', 'matplotlib'} & set(sys.modules)))\n"
+        "import rlkv.identify.grpo; print(callable(rlkv.identify))"
+    )  # the function, not its subpackage
     src = str(Path(rlkv.__file__).parents[1])
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={"PYTHONPATH": src}, check=True)
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env={"PYTHONPATH": src}, check=True
+    )
     assert done.stdout.split() == ["[]", "True"]
     assert all(getattr(rlkv, name) is not None for name in rlkv.__all__)  # every public name still resolves
     assert rlkv.load_model.__module__ == "rlkv.models" and rlkv.hf.compress is rlkv.compress

@@ -85,7 +85,7 @@ def test_smollm2_tokenizer_streams_exactly():
     ids = tok(text, add_special_tokens=False).input_ids + [tok.eos_token_id]
     for trial in range(20):
         rng = random.Random(trial)
-        tokens = ids[rng.randrange(len(ids) // 2):]
+        tokens = ids[rng.randrange(len(ids) // 2) :]
         stop = rng.choice([[], ["12"], ["日本", "café"], ["```\n"]])
         deltas, _ = stream(tok, tokens, stop, rng)
         assert "".join(deltas) == cut(tok.decode(tokens, skip_special_tokens=True), stop), (tokens, stop)

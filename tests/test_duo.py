@@ -61,8 +61,25 @@ def test_cli_identify_duo(tmp_path):
     tiny_model("mistral", layers=1).save_pretrained(tmp_path / "m")
     tiny_tokenizer().save_pretrained(tmp_path / "m")
     (tmp_path / "hay.txt").write_text(TEXT)
-    args = ["identify-duo", "--model", str(tmp_path / "m"), "--out", str(tmp_path / "duo"), "--steps", "2",
-            "--length", "30", "--num-keys", "1", "--sink", "1", "--recent", "4", "--l1", "1"]
+    args = [
+        "identify-duo",
+        "--model",
+        str(tmp_path / "m"),
+        "--out",
+        str(tmp_path / "duo"),
+        "--steps",
+        "2",
+        "--length",
+        "30",
+        "--num-keys",
+        "1",
+        "--sink",
+        "1",
+        "--recent",
+        "4",
+        "--l1",
+        "1",
+    ]
     result = CliRunner().invoke(app, args + ["--text", str(tmp_path / "hay.txt")])
     assert result.exit_code == 0, result.output
     assert rlkv.HeadScores.load(tmp_path / "duo" / "heads.json").method == "duo"

@@ -5,8 +5,8 @@ import torch
 from conftest import DEVICE, left_padded_batch, tiny_model, tiny_tokenizer
 
 import rlkv
-from rlkv.engine.attention import Decode, decode_torch, store_torch
 from rlkv.attention.ring import ring_positions
+from rlkv.engine.attention import Decode, decode_torch, store_torch
 from rlkv.engine.kv import KVStore, parse_bytes
 from rlkv.engine.sampling import filter_logits, sample, uniform
 from rlkv.hf.gated import gated
@@ -30,10 +30,16 @@ def engine(model, method=None, **kw):
 def reference(model, ids, mask, new=NEW):
     """Greedy tokens and their log-probs from transformers `generate`, never stopping early (no EOS)."""
     model.generation_config.eos_token_id = None
-    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, do_sample=False,
-                         output_logits=True, return_dict_in_generate=True)
+    out = model.generate(
+        input_ids=ids,
+        attention_mask=mask,
+        max_new_tokens=new,
+        do_sample=False,
+        output_logits=True,
+        return_dict_in_generate=True,
+    )
     logits = torch.stack(out.logits, 1).float()
-    tokens = out.sequences[:, ids.shape[1]:]
+    tokens = out.sequences[:, ids.shape[1] :]
     return tokens.tolist(), torch.log_softmax(logits, -1).gather(2, tokens[..., None])[..., 0]
 
 
@@ -83,8 +89,9 @@ def test_gated_engine_reads_alpha_in_place():
     ps, ids, mask = prompts()
     alpha.zero_()  # as an optimizer step would
     outs = eng.generate(ps, max_new_tokens=NEW, eos_token_ids=[])
-    with rlkv.compress(model, torch.zeros_like(alpha, dtype=torch.bool).cpu(), sink=SINK, recent=RECENT,
-                       prefill="compressed"):  # alpha 0: the streaming branch everywhere, prompt included
+    with rlkv.compress(
+        model, torch.zeros_like(alpha, dtype=torch.bool).cpu(), sink=SINK, recent=RECENT, prefill="compressed"
+    ):  # alpha 0: the streaming branch everywhere, prompt included
         check_equal(outs, reference(model, ids, mask))
 
 
@@ -108,7 +115,12 @@ def test_outputs_do_not_depend_on_batching_budget_or_chunking():
     reserving = engine(model, method, kv_budget=tight, max_batch=3, admission="reserve")
     waited = reserving.generate(ps, **kw)
     alone = engine(model, method).generate([ps[2]], **{**kw, "seed": [9]})
-    assert [o.tokens for o in wide] == [o.tokens for o in narrow] == [o.tokens for o in starved] == [o.tokens for o in waited]
+    assert (
+        [o.tokens for o in wide]
+        == [o.tokens for o in narrow]
+        == [o.tokens for o in starved]
+        == [o.tokens for o in waited]
+    )
     assert alone[0].tokens == wide[2].tokens  # request 2 samples with seed 7 + 2 wherever it runs
     assert squeezed.stats.preemptions > 0 and squeezed.stats.max_running > 1
     assert reserving.stats.max_running == 1 < reserving.max_batch and reserving.stats.preemptions == 0
@@ -150,8 +162,9 @@ def test_sequence_tokens_give_the_rooms_of_rings_that_never_run_to_pages():
     method, budget, length = HeadSplit(keep, SINK, RECENT), 2**20, 37 + 10
     # reserving admission: each sequence holds the pages of `length` tokens from the start
     every = engine(model, method, kv_budget=budget, max_batch=64, prefill_tokens=4096, admission="reserve")
-    fitted = engine(model, method, kv_budget=budget, max_batch=64, prefill_tokens=4096, sequence_tokens=length,
-                    admission="reserve")
+    fitted = engine(
+        model, method, kv_budget=budget, max_batch=64, prefill_tokens=4096, sequence_tokens=length, admission="reserve"
+    )
     store, n = fitted.store, fitted.store.num_slots - 1
     per_sequence = store.pages_for(length) * store.page_bytes + store.slot_bytes
     scratch = store.page_bytes + store.slot_bytes
@@ -183,13 +196,17 @@ def test_finish_reasons_and_stop_strings():
     stop = text[3:5]
     by_string = eng.generate(ps[:1], max_new_tokens=NEW, eos_token_ids=[], stop=[stop])[0]
     assert by_string.finish == "stop" and by_string.text == text[: text.find(stop)]
-    looping = engine(model).generate(ps[:1], max_new_tokens=NEW, eos_token_ids=[], repetition_window=7,
-                                     repetition_min_distinct=8)[0]
+    looping = engine(model).generate(
+        ps[:1], max_new_tokens=NEW, eos_token_ids=[], repetition_window=7, repetition_min_distinct=8
+    )[0]
     assert looping.finish == "repetition" and len(looping.tokens) == 7  # 7 tokens never hold 8 distinct ids
 
 
-TOKEN_DROP = {"h2o": dict(budget=8, h2o_recent=3), "snapkv": dict(budget=8, window=3),
-              "rkv": dict(budget=6, window=2, interval=4)}  # small budgets: every prompt but one is cut
+TOKEN_DROP = {
+    "h2o": dict(budget=8, h2o_recent=3),
+    "snapkv": dict(budget=8, window=3),
+    "rkv": dict(budget=6, window=2, interval=4),
+}  # small budgets: every prompt but one is cut
 
 
 @pytest.mark.parametrize("packing", ["alone", "padded"])
@@ -205,7 +222,9 @@ def test_token_droppers_in_the_engine_equal_their_generate(arch, name, packing, 
     ps, ids, mask = prompts()
     if packing == "padded":
         monkeypatch.setattr(rlkv.engine.tokendrop, "PAD_TOKENS", 40)
-    eng = engine(model, method, **({"prefill_tokens": 13} if packing == "alone" else {"prefill_tokens": 64, "max_batch": 4}))
+    eng = engine(
+        model, method, **({"prefill_tokens": 13} if packing == "alone" else {"prefill_tokens": 64, "max_batch": 4})
+    )
     outs = eng.generate(ps, max_new_tokens=NEW, eos_token_ids=[])
     assert eng.stats.prefill_forwards == (4 if packing == "alone" else 1)
     with method.apply(model) as handle:
@@ -333,8 +352,8 @@ def test_kernel_launch_defaults_fit_real_head_sizes(head_dim):
         pages = torch.randperm(store.num_pages - 1)[: -(-n // 16)] + 1
         store.page_table[slot, : len(pages)] = pages.int().to(DEVICE)
     q = torch.randn(2, 12, head_dim, device=DEVICE, dtype=dtype)
-    ref = decode_torch(q, store, 0, slots, lengths, None, head_dim ** -0.5, None, None)
-    got = decode_attention(q, store, 0, slots, lengths, head_dim ** -0.5, None)
+    ref = decode_torch(q, store, 0, slots, lengths, None, head_dim**-0.5, None, None)
+    got = decode_attention(q, store, 0, slots, lengths, head_dim**-0.5, None)
     tol = 2e-2 if dtype == torch.bfloat16 else 1e-5
     torch.testing.assert_close(got.float(), ref.float(), rtol=tol, atol=tol)
 
@@ -350,7 +369,10 @@ def test_store_kernel_equals_the_torch_writes():
     stores = [KVStore(layout, keep, 4, 8, 4, 2**22, 3, 128, DEVICE, torch.float32) for _ in range(2)]
     for store in stores:
         store.page_table[1:4, :8] = torch.arange(1, 25, dtype=torch.int32, device=DEVICE).view(3, 8)
-    slots, pos = torch.tensor([2, 0, 1, 3], device=DEVICE), torch.tensor([17, 0, 3, 30], device=DEVICE)  # row 1: padding
+    slots, pos = (
+        torch.tensor([2, 0, 1, 3], device=DEVICE),
+        torch.tensor([17, 0, 3, 30], device=DEVICE),
+    )  # row 1: padding
     batch = Decode.of(stores[0], slots, pos)
     for layer in range(3):
         k, v = torch.randn(2, 4, 3, 16, device=DEVICE).unbind(0)
@@ -397,8 +419,9 @@ def test_token_droppers_through_the_slot_kernel_equal_their_generate(name):
     model = tiny_model("qwen2")
     method = rlkv.methods.build(name, rlkv.Layout.of(model), 0.5, **TOKEN_DROP[name])
     ps, ids, mask = prompts()
-    outs = engine(model, method, kernel=True, prefill_tokens=64, max_batch=4).generate(ps, max_new_tokens=NEW,
-                                                                                   eos_token_ids=[])
+    outs = engine(model, method, kernel=True, prefill_tokens=64, max_batch=4).generate(
+        ps, max_new_tokens=NEW, eos_token_ids=[]
+    )
     with method.apply(model):
         check_equal(outs, reference(model, ids, mask))
 
@@ -451,8 +474,9 @@ def test_full_prefill_equals_compressed_generate_with_full_prefill(arch, prefill
     outs = full.generate(ps, max_new_tokens=NEW, eos_token_ids=[])
     with rlkv.compress(model, keep, sink=SINK, recent=RECENT, prefill="full"):
         check_equal(outs, reference(model, ids, mask))
-    compressed = engine(model, HeadSplit(keep, SINK, RECENT, prefill="compressed")).generate(ps, max_new_tokens=NEW,
-                                                                                           eos_token_ids=[])
+    compressed = engine(model, HeadSplit(keep, SINK, RECENT, prefill="compressed")).generate(
+        ps, max_new_tokens=NEW, eos_token_ids=[]
+    )
     assert [o.tokens for o in outs] != [o.tokens for o in compressed]  # prompts longer than the ring: the rule matters
     assert full.state._prompt_kv == {}  # the prompts' K/V held for chunks are gone once they are done
 

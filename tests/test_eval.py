@@ -13,12 +13,22 @@ from conftest import DATA_DIR, tiny_model, tiny_tokenizer
 
 import rlkv
 from rlkv.eval import EvalConfig, Shard, evaluate, report
-from rlkv.generation import RepetitionStop
 from rlkv.eval.rundir import read_jsonl, run_records
+from rlkv.generation import RepetitionStop
 from rlkv.models import generated_end
 
-STABLE = ("task", "method", "sparsity", "n", "accuracy", "mean_tokens", "pct_length", "pct_repetition",
-          "kv_mean_ratio", "kv_peak_ratio")
+STABLE = (
+    "task",
+    "method",
+    "sparsity",
+    "n",
+    "accuracy",
+    "mean_tokens",
+    "pct_length",
+    "pct_repetition",
+    "kv_mean_ratio",
+    "kv_peak_ratio",
+)
 
 
 @pytest.fixture(scope="module")
@@ -30,8 +40,17 @@ def lm():
 
 
 def config(**kw):
-    base = dict(tasks=["arith", "gsm8k"], methods=["full", "streaming", "random"], sparsities=[0.5], limit=5,
-                max_new_tokens=12, batch_size=3, sink=2, recent=4, data_dir=str(DATA_DIR))
+    base = dict(
+        tasks=["arith", "gsm8k"],
+        methods=["full", "streaming", "random"],
+        sparsities=[0.5],
+        limit=5,
+        max_new_tokens=12,
+        batch_size=3,
+        sink=2,
+        recent=4,
+        data_dir=str(DATA_DIR),
+    )
     return EvalConfig(**{**base, **kw})
 
 
@@ -43,7 +62,9 @@ def test_run_records_every_sample_and_aggregates(lm, tmp_path):
     assert {"id", "completion", "tokens", "finish", "score", "kv_bytes", "prompt_tokens"} <= set(s)
     assert s["finish"] in ("eos", "length", "repetition") and 0 <= s["score"] <= 1
     rows = {(r["task"], r["method"], r["sparsity"]): r for r in res.rows}
-    assert set(rows) == {(t, m, sp) for t in ("arith", "gsm8k") for m, sp in (("full", 0.0), ("streaming", 1.0), ("random", 0.5))}
+    assert set(rows) == {
+        (t, m, sp) for t in ("arith", "gsm8k") for m, sp in (("full", 0.0), ("streaming", 1.0), ("random", 0.5))
+    }
     for t in ("arith", "gsm8k"):
         assert rows[(t, "full", 0.0)]["kv_peak_ratio"] == pytest.approx(1.0)
         assert rows[(t, "streaming", 1.0)]["kv_peak_ratio"] < rows[(t, "random", 0.5)]["kv_peak_ratio"] < 1.0
@@ -139,8 +160,9 @@ def test_a_run_made_before_prefill_existed_was_a_compressed_prefill(lm, tmp_path
     path.write_text(json.dumps(old))
     with pytest.raises(ValueError, match="prefill: 'compressed' -> 'full'"):
         evaluate(*lm, config(tasks=["arith"], methods=["full"]), tmp_path / "run", progress=False)
-    res = evaluate(*lm, config(tasks=["arith"], methods=["full"], prefill="compressed"), tmp_path / "run",
-                   progress=False)
+    res = evaluate(
+        *lm, config(tasks=["arith"], methods=["full"], prefill="compressed"), tmp_path / "run", progress=False
+    )
     assert {r["task"] for r in res.rows} == {"arith"}
 
 
@@ -190,25 +212,53 @@ def test_cli_eval_and_report(lm, tmp_path):
     model, tok = lm
     model.save_pretrained(tmp_path / "m")
     tok.save_pretrained(tmp_path / "m")
-    result = CliRunner().invoke(app, ["eval", "--model", str(tmp_path / "m"), "--task", "arith", "--method", "full,random",
-                                      "--sparsity", "0.5", "--limit", "3", "--max-new-tokens", "6",
-                                      "--out", str(tmp_path / "run"), "--sink", "1", "--recent", "2"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "eval",
+            "--model",
+            str(tmp_path / "m"),
+            "--task",
+            "arith",
+            "--method",
+            "full,random",
+            "--sparsity",
+            "0.5",
+            "--limit",
+            "3",
+            "--max-new-tokens",
+            "6",
+            "--out",
+            str(tmp_path / "run"),
+            "--sink",
+            "1",
+            "--recent",
+            "2",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert (tmp_path / "run" / "report.md").is_file()
     result = CliRunner().invoke(app, ["report", str(tmp_path / "run")])
     assert result.exit_code == 0 and "| random | 0.5 |" in result.output
-    bad = CliRunner().invoke(app, ["eval", "--model", str(tmp_path / "m"), "--task", "arith", "--method", "nope",
-                                   "--out", str(tmp_path / "x")])
+    bad = CliRunner().invoke(
+        app,
+        ["eval", "--model", str(tmp_path / "m"), "--task", "arith", "--method", "nope", "--out", str(tmp_path / "x")],
+    )
     assert bad.exit_code == 2 and "unknown method 'nope'" in bad.output
-    bad = CliRunner().invoke(app, ["eval", "--model", str(tmp_path / "m"), "--task", "arith", "--shard", "9/8",
-                                   "--out", str(tmp_path / "x")])
+    bad = CliRunner().invoke(
+        app, ["eval", "--model", str(tmp_path / "m"), "--task", "arith", "--shard", "9/8", "--out", str(tmp_path / "x")]
+    )
     assert bad.exit_code == 2 and "--shard expects K/N with 1 <= K <= N, got '9/8'" in bad.output
     assert not (tmp_path / "x").exists()
 
 
 def test_token_dropping_methods_run_in_the_harness_with_a_budget(lm, tmp_path):
-    res = evaluate(*lm, config(tasks=["arith"], methods=["h2o", "snapkv", "rkv"], budget=40, max_new_tokens=16),
-                   tmp_path / "run", progress=False)
+    res = evaluate(
+        *lm,
+        config(tasks=["arith"], methods=["h2o", "snapkv", "rkv"], budget=40, max_new_tokens=16),
+        tmp_path / "run",
+        progress=False,
+    )
     rows = {r["method"]: r for r in res.rows}
     assert set(rows) == {"h2o", "snapkv", "rkv"}
     for r in rows.values():
@@ -227,10 +277,38 @@ def test_cli_identify_writes_heads(lm, tmp_path, monkeypatch):
     model, tok = lm
     model.save_pretrained(tmp_path / "m")
     tok.save_pretrained(tmp_path / "m")
-    result = CliRunner().invoke(app, ["identify", "--model", str(tmp_path / "m"), "--task", "arith", "--out",
-                                      str(tmp_path / "id"), "--limit", "4", "--steps", "1", "--batch-problems", "2",
-                                      "--max-new-tokens", "4", "--samples-per-problem", "2", "--band", "0,1",
-                                      "--sink", "1", "--recent", "2", "--check-limit", "3", "--check-max-new-tokens", "4"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "identify",
+            "--model",
+            str(tmp_path / "m"),
+            "--task",
+            "arith",
+            "--out",
+            str(tmp_path / "id"),
+            "--limit",
+            "4",
+            "--steps",
+            "1",
+            "--batch-problems",
+            "2",
+            "--max-new-tokens",
+            "4",
+            "--samples-per-problem",
+            "2",
+            "--band",
+            "0,1",
+            "--sink",
+            "1",
+            "--recent",
+            "2",
+            "--check-limit",
+            "3",
+            "--check-max-new-tokens",
+            "4",
+        ],
+    )
     assert result.exit_code == 0, result.output
     heads = rlkv.HeadScores.load(tmp_path / "id" / "heads.json")
     assert heads.shape == (2, 2) and heads.method == "rlkv"
@@ -259,8 +337,9 @@ def test_kv_bytes_average_every_decoding_step_of_a_capped_cache():
 def test_match_bytes_gives_token_droppers_the_head_split_memory(lm, tmp_path):
     from rlkv.methods.matching import mean_bytes
 
-    cfg = config(tasks=["arith"], methods=["h2o", "random", "snapkv"], sparsities=[0.5], match_bytes=True,
-                 max_new_tokens=16)
+    cfg = config(
+        tasks=["arith"], methods=["h2o", "random", "snapkv"], sparsities=[0.5], match_bytes=True, max_new_tokens=16
+    )
     res = evaluate(*lm, cfg, tmp_path / "run", progress=False)
     rows = {r["method"]: r for r in res.rows}
     reference = [s for s in res.samples if s["method"] == "random"]
@@ -271,7 +350,9 @@ def test_match_bytes_gives_token_droppers_the_head_split_memory(lm, tmp_path):
         method = rlkv.methods.build(name, layout, 0.5, budget=budget)
         predicted = mean_bytes(lambda t: method.policy.sequence_bytes(layout, t), reference)
         assert abs(predicted / target - 1) < 0.02, (name, budget, predicted / target)
-        assert abs(rows[name]["kv_mean_ratio"] / rows["random"]["kv_mean_ratio"] - 1) < 0.1  # other outputs, other lengths
+        assert (
+            abs(rows[name]["kv_mean_ratio"] / rows["random"]["kv_mean_ratio"] - 1) < 0.1
+        )  # other outputs, other lengths
     with pytest.raises(ValueError, match="needs a head-split method"):
         evaluate(*lm, config(tasks=["arith"], methods=["h2o"], match_bytes=True), tmp_path / "bad", progress=False)
 
@@ -298,8 +379,12 @@ def test_match_budget_says_when_the_target_is_below_the_methods_floor():
 
 def test_match_bytes_warns_when_a_method_cannot_get_down_to_the_reference(lm, tmp_path):
     """At sparsity 1 every head keeps sink 2 + recent 4 tokens; R-KV keeps at least its window + 1 = 9."""
-    cfg = config(tasks=["arith"], methods=["random", "rkv"], sparsities=[1.0], match_bytes=True, max_new_tokens=8, limit=3)
-    with pytest.warns(UserWarning, match=r"rkv cannot hold as little KV as random on arith at sparsity 1: its budget of 9"):
+    cfg = config(
+        tasks=["arith"], methods=["random", "rkv"], sparsities=[1.0], match_bytes=True, max_new_tokens=8, limit=3
+    )
+    with pytest.warns(
+        UserWarning, match=r"rkv cannot hold as little KV as random on arith at sparsity 1: its budget of 9"
+    ):
         res = evaluate(*lm, cfg, tmp_path / "run", progress=False)
     assert {r["method"]: r for r in res.rows}["rkv"]["kv_vs_reference"] > 1.05
 
@@ -309,12 +394,27 @@ def test_report_marks_matched_groups_that_held_more_than_their_reference():
     from rlkv.eval.summary import summarize
 
     def sample(method, i, kv, budget=None):
-        return {"task": "gsm8k", "method": method, "sparsity": 0.5, "id": i, "score": 1.0, "tokens": 10, "finish": "eos",
-                "kv_bytes_mean": kv, "kv_bytes_full_mean": 200.0, "kv_bytes": kv, "kv_bytes_full": 200,
-                **({"budget": budget} if budget else {})}
+        return {
+            "task": "gsm8k",
+            "method": method,
+            "sparsity": 0.5,
+            "id": i,
+            "score": 1.0,
+            "tokens": 10,
+            "finish": "eos",
+            "kv_bytes_mean": kv,
+            "kv_bytes_full_mean": 200.0,
+            "kv_bytes": kv,
+            "kv_bytes_full": 200,
+            **({"budget": budget} if budget else {}),
+        }
 
-    samples = [sample("rlkv", i, 100.0) for i in range(3)] + [sample("h2o", i, 101.0, 40) for i in range(3)] + \
-              [sample("rkv", i, 150.0, 9) for i in range(3)] + [sample("snapkv", i, 100.0, 40) for i in range(2)]
+    samples = (
+        [sample("rlkv", i, 100.0) for i in range(3)]
+        + [sample("h2o", i, 101.0, 40) for i in range(3)]
+        + [sample("rkv", i, 150.0, 9) for i in range(3)]
+        + [sample("snapkv", i, 100.0, 40) for i in range(2)]
+    )
     rows = {r["method"]: r for r in summarize(samples, reference="rlkv")}
     assert rows["h2o"]["kv_vs_reference"] == pytest.approx(1.01)
     assert rows["rkv"]["kv_vs_reference"] == pytest.approx(1.5)
@@ -332,8 +432,9 @@ def test_the_engine_grades_like_the_transformers_path(lm, tmp_path):
     eng = evaluate(*lm, config(engine="on"), tmp_path / "engine", progress=False)
     key = lambda s: (s["task"], s["method"], s["id"])  # noqa: E731
     a, b = sorted(hf.samples, key=key), sorted(eng.samples, key=key)
-    assert [(s["completion"], s["tokens"], s["finish"], s["score"]) for s in a] == \
-           [(s["completion"], s["tokens"], s["finish"], s["score"]) for s in b]
+    assert [(s["completion"], s["tokens"], s["finish"], s["score"]) for s in a] == [
+        (s["completion"], s["tokens"], s["finish"], s["score"]) for s in b
+    ]
     full = [s for s in b if s["method"] == "full"]
     assert all(s["kv_bytes"] == s["kv_bytes_full"] for s in full)
     batches = read_jsonl(tmp_path / "engine" / "batches.jsonl")
@@ -353,8 +454,12 @@ def test_the_engine_takes_what_the_budget_admits_unless_capped(lm, tmp_path, mon
         return engines[-1]
 
     monkeypatch.setattr(generation, "engine_for", recording)
-    evaluate(*lm, config(tasks=["arith"], methods=["full"], engine="on", max_running=max_running), tmp_path / "run",
-             progress=False)
+    evaluate(
+        *lm,
+        config(tasks=["arith"], methods=["full"], engine="on", max_running=max_running),
+        tmp_path / "run",
+        progress=False,
+    )
     (engine,) = engines
     assert engine.max_batch == cap and engine.stats.max_running == min(5, cap)
     assert [r["batch"] for r in read_jsonl(tmp_path / "run" / "batches.jsonl")] == [3, 2]
@@ -363,8 +468,12 @@ def test_the_engine_takes_what_the_budget_admits_unless_capped(lm, tmp_path, mon
 
 def test_the_engine_grades_token_droppers_like_the_transformers_path(lm, tmp_path):
     """H2O, SnapKV and R-KV through rlkv.Engine: the same completions, scores and KV bytes as transformers generate."""
-    runs = [evaluate(*lm, config(methods=["h2o", "snapkv", "rkv"], budget=40, engine=engine), tmp_path / engine,
-                     progress=False) for engine in ("off", "on")]
+    runs = [
+        evaluate(
+            *lm, config(methods=["h2o", "snapkv", "rkv"], budget=40, engine=engine), tmp_path / engine, progress=False
+        )
+        for engine in ("off", "on")
+    ]
     key = lambda s: (s["task"], s["method"], s["id"])  # noqa: E731
     hf, eng = (sorted(r.samples, key=key) for r in runs)
     fields = ("completion", "tokens", "finish", "score", "budget", "kv_bytes", "kv_bytes_mean")
@@ -388,8 +497,24 @@ def test_rlkv_and_duo_heads_in_one_run(lm, tmp_path):
         scores.save(files[method])
     model.save_pretrained(tmp_path / "m")
     tok.save_pretrained(tmp_path / "m")
-    args = ["eval", "--model", str(tmp_path / "m"), "--task", "arith", "--method", "rlkv,duo", "--sparsity", "0.5",
-            "--limit", "2", "--max-new-tokens", "4", "--out", str(tmp_path / "run"), "--no-report"]
+    args = [
+        "eval",
+        "--model",
+        str(tmp_path / "m"),
+        "--task",
+        "arith",
+        "--method",
+        "rlkv,duo",
+        "--sparsity",
+        "0.5",
+        "--limit",
+        "2",
+        "--max-new-tokens",
+        "4",
+        "--out",
+        str(tmp_path / "run"),
+        "--no-report",
+    ]
     result = CliRunner().invoke(app, args + ["--heads", f"rlkv={files['rlkv']}", "--heads", f"duo={files['duo']}"])
     assert result.exit_code == 0, result.output
     cfg = json.loads((tmp_path / "run" / "config.json").read_text())
@@ -404,8 +529,10 @@ def test_rlkv_and_duo_heads_in_one_run(lm, tmp_path):
 
 def outcomes(samples: list[dict]) -> list[tuple]:
     """What a run generated and graded, in a fixed order."""
-    return sorted((s["task"], s["method"], s["sparsity"], s["id"], s["completion"], s["tokens"], s["score"],
-                   s.get("budget")) for s in samples)
+    return sorted(
+        (s["task"], s["method"], s["sparsity"], s["id"], s["completion"], s["tokens"], s["score"], s.get("budget"))
+        for s in samples
+    )
 
 
 def test_shards_one_after_the_other_make_the_unsharded_run(lm, tmp_path):
@@ -414,8 +541,10 @@ def test_shards_one_after_the_other_make_the_unsharded_run(lm, tmp_path):
     for k in (1, 2):
         evaluate(*lm, config(), run, progress=False, shard=Shard(k, 2))
     assert not (run / "samples.jsonl").exists()
-    groups = {k: {(s["task"], s["method"], s["sparsity"]) for s in read_jsonl(run / f"samples.shard-{k}-of-2.jsonl")}
-              for k in (1, 2)}  # groups in evaluate's order, every other one
+    groups = {
+        k: {(s["task"], s["method"], s["sparsity"]) for s in read_jsonl(run / f"samples.shard-{k}-of-2.jsonl")}
+        for k in (1, 2)
+    }  # groups in evaluate's order, every other one
     assert groups[1] == {("arith", "full", 0.0), ("arith", "random", 0.5), ("gsm8k", "streaming", 1.0)}
     assert groups[2] == {("arith", "streaming", 1.0), ("gsm8k", "full", 0.0), ("gsm8k", "random", 0.5)}
     assert outcomes(run_records(run, "samples")) == outcomes(whole.samples)
@@ -481,7 +610,9 @@ def test_match_bytes_in_a_shard_needs_the_whole_reference_group(lm, tmp_path):
     (run / "samples.jsonl").write_text(reference)
     res = evaluate(*lm, cfg(methods=["random", "h2o"]), run, progress=False, shard=Shard(2, 2))
     assert outcomes(res.samples) == outcomes(whole.samples)  # the same matched budget and so the same outputs
-    assert {s["budget"] for s in res.samples if s["method"] == "h2o"} == {r["budget"] for r in whole.rows if r["budget"]}
+    assert {s["budget"] for s in res.samples if s["method"] == "h2o"} == {
+        r["budget"] for r in whole.rows if r["budget"]
+    }
 
 
 def test_a_matched_group_is_compared_with_the_method_it_was_matched_to(lm, tmp_path):
@@ -510,14 +641,42 @@ def test_concurrent_shard_processes_make_one_run(lm, tmp_path):
     model.save_pretrained(tmp_path / "m")
     tok.save_pretrained(tmp_path / "m")
     run = tmp_path / "run"
-    args = [sys.executable, "-m", "rlkv", "eval", "--model", str(tmp_path / "m"), "--task", "arith",
-            "--method", "full,streaming,random", "--sparsity", "0.5", "--limit", "3", "--max-new-tokens", "6",
-            "--sink", "1", "--recent", "2", "--out", str(run)]
+    args = [
+        sys.executable,
+        "-m",
+        "rlkv",
+        "eval",
+        "--model",
+        str(tmp_path / "m"),
+        "--task",
+        "arith",
+        "--method",
+        "full,streaming,random",
+        "--sparsity",
+        "0.5",
+        "--limit",
+        "3",
+        "--max-new-tokens",
+        "6",
+        "--sink",
+        "1",
+        "--recent",
+        "2",
+        "--out",
+        str(run),
+    ]
     src = str(Path(rlkv.__file__).parents[1])
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [src, os.environ.get("PYTHONPATH")])),
-           "OMP_NUM_THREADS": "2"}
-    procs = [subprocess.Popen(args + ["--shard", f"{k}/3"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True) for k in (1, 2, 3)]
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [src, os.environ.get("PYTHONPATH")])),
+        "OMP_NUM_THREADS": "2",
+    }
+    procs = [
+        subprocess.Popen(
+            args + ["--shard", f"{k}/3"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        for k in (1, 2, 3)
+    ]
     outputs = [p.communicate(timeout=600)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0, 0], outputs
     assert "shard 2/3 done; when all 3 are, run `rlkv report" in outputs[1]
@@ -565,20 +724,26 @@ def test_shards_starting_together_lose_no_invocation(tmp_path):
     assert sorted(int(i["shard"].split("/")[0]) for i in invocations) == list(range(1, 17))
 
 
-@pytest.mark.parametrize("kw, message", [
-    (dict(methods=["full"], sparsities=[1.5]), "sparsity must be a number in [0, 1] (fraction of KV heads compressed; "
-                                               "full and streaming take one too), got 1.5"),
-    (dict(methods=["streaming"], sparsities=[float("nan")]), "sparsity must be a number in [0, 1]"),
-    (dict(methods=["full", "streaming"], sparsities=[0.5, -0.1]), "got -0.1"),
-    (dict(sparsities=[True]), "got True"),
-    (dict(sparsities=[]), "EvalConfig sparsities must be a non-empty list, got []"),
-    (dict(tasks="arith"), "EvalConfig tasks must be a non-empty list, got 'arith'"),
-    (dict(batch_size=0), "EvalConfig batch_size must be an integer >= 1, got 0"),
-    (dict(limit=2.5), "EvalConfig limit must be an integer >= 1, got 2.5"),
-    (dict(recent=0), "EvalConfig recent must be an integer >= 1, got 0"),
-    (dict(temperature=float("inf")), "temperature must be a number >= 0 (0 = greedy), got inf"),
-    (dict(top_p=float("nan")), "top_p must be a number in [0, 1], got nan"),
-])
+@pytest.mark.parametrize(
+    "kw, message",
+    [
+        (
+            dict(methods=["full"], sparsities=[1.5]),
+            "sparsity must be a number in [0, 1] (fraction of KV heads compressed; "
+            "full and streaming take one too), got 1.5",
+        ),
+        (dict(methods=["streaming"], sparsities=[float("nan")]), "sparsity must be a number in [0, 1]"),
+        (dict(methods=["full", "streaming"], sparsities=[0.5, -0.1]), "got -0.1"),
+        (dict(sparsities=[True]), "got True"),
+        (dict(sparsities=[]), "EvalConfig sparsities must be a non-empty list, got []"),
+        (dict(tasks="arith"), "EvalConfig tasks must be a non-empty list, got 'arith'"),
+        (dict(batch_size=0), "EvalConfig batch_size must be an integer >= 1, got 0"),
+        (dict(limit=2.5), "EvalConfig limit must be an integer >= 1, got 2.5"),
+        (dict(recent=0), "EvalConfig recent must be an integer >= 1, got 0"),
+        (dict(temperature=float("inf")), "temperature must be a number >= 0 (0 = greedy), got inf"),
+        (dict(top_p=float("nan")), "top_p must be a number in [0, 1], got nan"),
+    ],
+)
 def test_eval_config_refuses_bad_settings_for_every_method(kw, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         config(**kw)

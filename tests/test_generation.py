@@ -17,9 +17,12 @@ def lm():
 
 def methods(model):
     layout = rlkv.Layout.of(model)
-    return {"none": None, "full": rlkv.methods.build("full", layout, 0.0),
-            "split": rlkv.methods.build("random", layout, 0.5, sink=2, recent=4),
-            "h2o": rlkv.methods.build("h2o", layout, 0.0, budget=12)}
+    return {
+        "none": None,
+        "full": rlkv.methods.build("full", layout, 0.0),
+        "split": rlkv.methods.build("random", layout, 0.5, sink=2, recent=4),
+        "h2o": rlkv.methods.build("h2o", layout, 0.0, budget=12),
+    }
 
 
 def both(lm, method, **kw):
@@ -29,8 +32,9 @@ def both(lm, method, **kw):
 
 
 def same(hf, eng):
-    assert [(c.prompt_tokens, c.tokens, c.text, c.finish) for c in hf] == \
-           [(c.prompt_tokens, c.tokens, c.text, c.finish) for c in eng]
+    assert [(c.prompt_tokens, c.tokens, c.text, c.finish) for c in hf] == [
+        (c.prompt_tokens, c.tokens, c.text, c.finish) for c in eng
+    ]
     for a, b in zip(hf, eng):
         assert len(a.logprobs) == len(a.tokens) and a.kv_bytes_full == b.kv_bytes_full
         assert torch.allclose(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-4)
@@ -75,15 +79,28 @@ def test_a_list_of_token_ids_and_on_complete(lm):
     model, tok = lm
     ids = [tok(p, add_special_tokens=False).input_ids for p in PROMPTS]
     seen = {}
-    outs = rlkv.generate(model, tok, ids, max_new_tokens=6, engine="off", batch_size=3,
-                         on_complete=lambda i, c: seen.setdefault(i, c))
+    outs = rlkv.generate(
+        model, tok, ids, max_new_tokens=6, engine="off", batch_size=3, on_complete=lambda i, c: seen.setdefault(i, c)
+    )
     assert sorted(seen) == [0, 1, 2, 3] and [seen[i] for i in range(4)] == outs
-    assert [c.tokens for c in outs] == [c.tokens for c in rlkv.generate(model, tok, PROMPTS, max_new_tokens=6, engine="off")]
+    assert [c.tokens for c in outs] == [
+        c.tokens for c in rlkv.generate(model, tok, PROMPTS, max_new_tokens=6, engine="off")
+    ]
 
 
 def test_sampling_on_the_transformers_path_is_seeded(lm):
-    draw = lambda seed: [c.tokens for c in rlkv.generate(*lm, PROMPTS, max_new_tokens=8, temperature=1.0, top_k=5,  # noqa: E731
-                                                         seed=seed, engine="off")]
+    draw = lambda seed: [
+        c.tokens
+        for c in rlkv.generate(
+            *lm,
+            PROMPTS,
+            max_new_tokens=8,
+            temperature=1.0,
+            top_k=5,  # noqa: E731
+            seed=seed,
+            engine="off",
+        )
+    ]
     assert draw(3) == draw(3) != draw(4)
 
 

@@ -6,7 +6,8 @@ counting done outside the step). With RLKV_TEST_DEVICE=cuda the same tests captu
 
 import pytest
 import torch
-from conftest import DEVICE, left_padded_batch as batch, tiny_model
+from conftest import DEVICE, tiny_model
+from conftest import left_padded_batch as batch
 from transformers import DynamicCache
 
 import rlkv
@@ -18,8 +19,9 @@ CAPTURE = DEVICE.type == "cuda"
 
 
 def run(model, ids, mask, new=12, **kw):
-    return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, output_logits=True,
-                          return_dict_in_generate=True, **kw)
+    return model.generate(
+        input_ids=ids, attention_mask=mask, max_new_tokens=new, output_logits=True, return_dict_in_generate=True, **kw
+    )
 
 
 def addresses(cache) -> list[int]:
@@ -113,12 +115,24 @@ def test_what_is_not_a_single_beam_decoding_step_runs_as_it_is(replays):
     with rlkv.compress(model, heads, sparsity=0.5, sink=SINK, recent=RECENT, cuda_graphs=False) as handle:
         with graphs.decode_graphs(model, handle, capture=CAPTURE):
             beams = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, num_beams=3, do_sample=False)
-            own = run(model, ids, mask, 6, do_sample=False,
-                      **{CACHE_KWARG: rlkv.HeadSplitCache(keep, SINK, RECENT, prefill="full")})
+            own = run(
+                model,
+                ids,
+                mask,
+                6,
+                do_sample=False,
+                **{CACHE_KWARG: rlkv.HeadSplitCache(keep, SINK, RECENT, prefill="full")},
+            )
             hidden = run(model, ids, mask, 6, do_sample=False, output_hidden_states=True)
         ref = run(model, ids, mask, 6, do_sample=False, **{CACHE_KWARG: DynamicCache()})
-        beams_ref = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, num_beams=3, do_sample=False,
-                                   **{CACHE_KWARG: DynamicCache()})
+        beams_ref = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=6,
+            num_beams=3,
+            do_sample=False,
+            **{CACHE_KWARG: DynamicCache()},
+        )
     assert replays == []
     assert torch.equal(beams, beams_ref)
     for out in (own, hidden):
@@ -172,6 +186,7 @@ def test_token_droppers_replayed_equal_their_eager_steps(name, replays):
 def test_a_step_that_cannot_be_captured_decodes_eagerly_with_a_warning(monkeypatch, replays):
     """A model whose own code synchronizes with the host (a dynamic RoPE) cannot be captured: its first step
     still counts once, it says so once, and every later step runs as it is, with the same outputs."""
+
     def refuse(self):
         raise RuntimeError("operation not permitted when stream is capturing")
 
@@ -248,7 +263,9 @@ def test_a_deep_copy_leaves_the_captured_step_behind():
         original = handle.cache
         clone = copy.deepcopy(original)
         assert original.graph is not None and clone.graph is None
-        longer = torch.cat([mask, torch.ones_like(out.sequences[:, ids.shape[1]:])], dim=1)
-        on = [model(input_ids=out.sequences[:, -1:], attention_mask=longer, **{CACHE_KWARG: cache}).logits
-              for cache in (original, clone)]
+        longer = torch.cat([mask, torch.ones_like(out.sequences[:, ids.shape[1] :])], dim=1)
+        on = [
+            model(input_ids=out.sequences[:, -1:], attention_mask=longer, **{CACHE_KWARG: cache}).logits
+            for cache in (original, clone)
+        ]
     torch.testing.assert_close(on[0], on[1], rtol=0, atol=0)

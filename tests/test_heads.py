@@ -145,7 +145,9 @@ def test_authors_rule_replicates_their_code(sparsity):
 
 def test_authors_rule_count_can_differ_from_rank_and_breaks_ties_by_seeded_noise():
     scores = HeadScores(torch.rand(28, 2, generator=torch.Generator().manual_seed(1)))  # 56 heads, as Qwen2.5-1.5B
-    kept = {s: (int(scores.keep_mask(s, rule="authors").sum()), int(scores.keep_mask(s).sum())) for s in (0.5, 0.6, 0.8)}
+    kept = {
+        s: (int(scores.keep_mask(s, rule="authors").sum()), int(scores.keep_mask(s).sum())) for s in (0.5, 0.6, 0.8)
+    }
     assert kept == {0.5: (28, 28), 0.6: (23, 22), 0.8: (12, 11)}  # 56 - ceil(s * 55) against round((1 - s) * 56)
     tied = HeadScores(torch.ones(3, 2))
     picks = {tuple(tied.keep_mask(0.5, rule="authors", seed=seed).flatten().tolist()) for seed in range(8)}
@@ -165,16 +167,24 @@ def test_authors_adapter_weight_pt_is_read(tmp_path):
     """The layout of the authors' AReaL save_adapter_weight: one bf16 vector per layer, keyed by parameter name."""
     gates = torch.rand(12, 2).bfloat16()
     order = [3, 11, 0, 10, 1, 2, 9, 4, 8, 5, 7, 6]  # key order must not matter (layers 10, 11 sort before 2 as text)
-    torch.save({"adapter_weight_dict": {f"model.layers.{i}.self_attn.adapter.weight": gates[i] for i in order},
-                "model_name": "deepseek-ai/DeepSeek-R1-Distill-Qwen-7B"}, tmp_path / "adapter_weight.pt")
+    torch.save(
+        {
+            "adapter_weight_dict": {f"model.layers.{i}.self_attn.adapter.weight": gates[i] for i in order},
+            "model_name": "deepseek-ai/DeepSeek-R1-Distill-Qwen-7B",
+        },
+        tmp_path / "adapter_weight.pt",
+    )
     loaded = HeadScores.load(tmp_path / "adapter_weight.pt")
     assert torch.equal(loaded.scores, gates.float()) and loaded.model == "deepseek-ai/DeepSeek-R1-Distill-Qwen-7B"
     assert loaded.method == "rlkv" and torch.equal(HeadScores.load(tmp_path).scores, gates.float())  # its directory
     torch.save({"something": 1}, tmp_path / "other.pt")
     torch.save({"adapter_weight_dict": {"model.layers.1.self_attn.adapter.weight": gates[1]}}, tmp_path / "gap.pt")
     (tmp_path / "broken.pt").write_bytes(b"\x80\x04not really a pickle")
-    for name, message in (("other.pt", "expected the authors' adapter_weight.pt"), ("gap.pt", "layers \\[1\\]"),
-                          ("broken.pt", "broken.pt: not a torch file of gates")):
+    for name, message in (
+        ("other.pt", "expected the authors' adapter_weight.pt"),
+        ("gap.pt", "layers \\[1\\]"),
+        ("broken.pt", "broken.pt: not a torch file of gates"),
+    ):
         with pytest.raises(ValueError, match=message) as err:
             HeadScores.load(tmp_path / name)
         assert "\n" not in str(err.value)
@@ -199,9 +209,14 @@ def test_the_authors_directory_layout_is_read(tmp_path):
 
 def test_published_patterns_ship_with_their_licence():
     names = patterns.published()
-    assert set(names) == {"duo:llama-2-7b-32k-instruct", "duo:llama-3-8b-instruct-gradient-1048k",
-                          "duo:llama-3-8b-instruct-gradient-4194k", "duo:meta-llama-3.1-8b-instruct",
-                          "duo:mistral-7b-instruct-v0.2", "duo:mistral-7b-instruct-v0.3"}
+    assert set(names) == {
+        "duo:llama-2-7b-32k-instruct",
+        "duo:llama-3-8b-instruct-gradient-1048k",
+        "duo:llama-3-8b-instruct-gradient-4194k",
+        "duo:meta-llama-3.1-8b-instruct",
+        "duo:mistral-7b-instruct-v0.2",
+        "duo:mistral-7b-instruct-v0.3",
+    }
     shapes = {name: HeadScores.published(name).shape for name in names}
     assert shapes["duo:meta-llama-3.1-8b-instruct"] == (32, 8) and shapes["duo:llama-2-7b-32k-instruct"] == (32, 32)
     assert "MIT License" in (patterns.DATA / "duo" / "LICENSE").read_text()
@@ -212,13 +227,19 @@ def test_methods_pass_the_rule_through(tmp_path):
     import rlkv
 
     layout = Layout("qwen2", num_layers=28, num_q_heads=12, num_kv_heads=2, head_dim=128)
-    scores = HeadScores(torch.rand(28, 2, generator=torch.Generator().manual_seed(1)), provenance={"keep_rule": "authors"})
+    scores = HeadScores(
+        torch.rand(28, 2, generator=torch.Generator().manual_seed(1)), provenance={"keep_rule": "authors"}
+    )
     path = scores.save(tmp_path / "heads.json")
     own = rlkv.methods.build("rlkv", layout, 0.6, heads=path)
     rank = rlkv.methods.build("rlkv", layout, 0.6, heads=path, keep_rule="rank")
     rand = rlkv.methods.build("random", layout, 0.6, keep_rule="authors")
     assert (own.describe()["kept_heads"], rank.describe()["kept_heads"], rand.describe()["kept_heads"]) == (23, 22, 23)
-    assert (own.params["keep_rule"], rank.params["keep_rule"], rand.params["keep_rule"]) == ("authors", "rank", "authors")
+    assert (own.params["keep_rule"], rank.params["keep_rule"], rand.params["keep_rule"]) == (
+        "authors",
+        "rank",
+        "authors",
+    )
     assert torch.equal(rlkv.methods.HeadSplit.from_scores(path, 0.6).keep, own.keep)
     duo = rlkv.methods.build("duo", Layout("llama", 32, 32, 8, 128), 0.5, heads="duo:meta-llama-3.1-8b-instruct")
     assert duo.params["keep_rule"] == "authors" and len(duo.params["heads_sha256"]) == 64

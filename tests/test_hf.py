@@ -4,20 +4,26 @@ import re
 
 import pytest
 import torch
-from conftest import left_padded_batch as batch, tiny_model
+from conftest import left_padded_batch as batch
+from conftest import tiny_model
 from transformers import DynamicCache
 
 import rlkv
-from rlkv.hf.plumbing import CACHE_KWARG, output_cache
 from rlkv.attention.reference import keep_keys_mask, masked_attention
+from rlkv.hf.plumbing import CACHE_KWARG, output_cache
 
 SINK, RECENT = 2, 4  # sink + recent = 6: prompts of 4 and 20 tokens are shorter and longer
 
 
 def run(model, ids, mask, new=12, **kw):
     return model.generate(
-        input_ids=ids, attention_mask=mask, max_new_tokens=new, do_sample=False,
-        output_logits=True, return_dict_in_generate=True, **kw,
+        input_ids=ids,
+        attention_mask=mask,
+        max_new_tokens=new,
+        do_sample=False,
+        output_logits=True,
+        return_dict_in_generate=True,
+        **kw,
     )
 
 
@@ -103,8 +109,15 @@ def test_sampling_and_eos_run_and_context_restores_the_model():
     plain = run(model, ids, mask)
     with rlkv.compress(model, None, sparsity=1.0, sink=SINK, recent=RECENT):
         torch.manual_seed(0)
-        sampled = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=30, do_sample=True,
-                                 temperature=1.0, top_p=0.9, eos_token_id=[5, 7, 9, 11])
+        sampled = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=30,
+            do_sample=True,
+            temperature=1.0,
+            top_p=0.9,
+            eos_token_id=[5, 7, 9, 11],
+        )
     assert sampled.shape[0] == 2 and sampled.shape[1] <= 40
     assert model.config._attn_implementation == "sdpa"
     assert not any(hasattr(m, "_rlkv_state") for m in model.modules())
@@ -117,8 +130,9 @@ def test_compressed_cache_holds_less_and_is_constant_in_length():
     ids, mask = batch((30, 30), 30)
     sizes = {}
     for new in (40, 80):
-        plain = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, do_sample=False,
-                               return_dict_in_generate=True)
+        plain = model.generate(
+            input_ids=ids, attention_mask=mask, max_new_tokens=new, do_sample=False, return_dict_in_generate=True
+        )
         with rlkv.compress(model, None, sparsity=1.0, sink=SINK, recent=RECENT) as handle:
             run(model, ids, mask, new=new)
         sizes[new] = (rlkv.cache_nbytes(output_cache(plain)), handle.cache.nbytes())
@@ -144,16 +158,24 @@ def test_bad_arguments_are_refused(kwargs, message):
             pass
 
 
-@pytest.mark.parametrize("heads, kwargs, got", [
-    (torch.ones(3, 2), {}, "got a float32 tensor"),
-    (torch.ones(3, 2), dict(sparsity=0.5), "got a float32 tensor"),
-    ([[True, False]] * 3, {}, "got list"),
-    (0.5, {}, "got float"),
-])
+@pytest.mark.parametrize(
+    "heads, kwargs, got",
+    [
+        (torch.ones(3, 2), {}, "got a float32 tensor"),
+        (torch.ones(3, 2), dict(sparsity=0.5), "got a float32 tensor"),
+        ([[True, False]] * 3, {}, "got list"),
+        (0.5, {}, "got float"),
+    ],
+)
 def test_a_mask_of_the_wrong_type_says_which_types_are_accepted(heads, kwargs, got):
     model = tiny_model("llama")
-    with pytest.raises(TypeError, match=re.escape(f"heads must be a HeadScores, a head-score file path, a bool torch "
-                                                  f"tensor keep-mask (layers x kv_heads) or None, {got}")):
+    with pytest.raises(
+        TypeError,
+        match=re.escape(
+            f"heads must be a HeadScores, a head-score file path, a bool torch "
+            f"tensor keep-mask (layers x kv_heads) or None, {got}"
+        ),
+    ):
         with rlkv.compress(model, heads, **kwargs):
             pass
 
@@ -257,8 +279,14 @@ def test_growing_storage_and_beam_search_equal_the_reference(monkeypatch):
         assert handle.cache.capacity == 24  # 11 + 13 columns fed
         ref = run(model, ids, mask, new=14, **{CACHE_KWARG: DynamicCache()})
         beams = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=9, num_beams=3, do_sample=False)
-        beams_ref = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=9, num_beams=3, do_sample=False,
-                                   **{CACHE_KWARG: DynamicCache()})
+        beams_ref = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=9,
+            num_beams=3,
+            do_sample=False,
+            **{CACHE_KWARG: DynamicCache()},
+        )
     torch.testing.assert_close(torch.stack(fast.logits), torch.stack(ref.logits), rtol=1e-5, atol=1e-5)
     assert torch.equal(beams, beams_ref)
 
@@ -284,6 +312,9 @@ def test_a_deep_copied_cache_continues_as_the_original():
         assert all(layer.owner == clone and layer.owner != original for layer in clone.layers)  # (through the proxy)
         assert clone.nbytes() == original.nbytes()
         seq = first.sequences
-        longer = torch.cat([mask, torch.ones_like(seq[:, ids.shape[1]:])], dim=1)
-        on = [model(input_ids=seq[:, -1:], attention_mask=longer, **{CACHE_KWARG: cache}).logits for cache in (original, clone)]
+        longer = torch.cat([mask, torch.ones_like(seq[:, ids.shape[1] :])], dim=1)
+        on = [
+            model(input_ids=seq[:, -1:], attention_mask=longer, **{CACHE_KWARG: cache}).logits
+            for cache in (original, clone)
+        ]
     torch.testing.assert_close(on[0], on[1], rtol=0, atol=0)

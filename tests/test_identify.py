@@ -7,15 +7,23 @@ import math
 
 import pytest
 import torch
-from conftest import DEVICE, left_padded_batch as batch, tiny_model, tiny_tokenizer
+from conftest import DEVICE, tiny_model, tiny_tokenizer
+from conftest import left_padded_batch as batch
 from transformers import DynamicCache
 
 import rlkv
 from rlkv.hf.plumbing import CACHE_KWARG
 from rlkv.identify import (
-    IdentifyConfig, batch_advantages, gated, group_advantages, identify, init_gates, penalty_weight, select_problems,
+    IdentifyConfig,
+    batch_advantages,
+    gated,
+    group_advantages,
+    grpo,
+    identify,
+    init_gates,
+    penalty_weight,
+    select_problems,
 )
-from rlkv.identify import grpo
 
 SINK, RECENT = 2, 4
 
@@ -36,7 +44,9 @@ def test_closed_gates_equal_the_streaming_reference(arch):
     ids, mask = batch((20, 13, 7), 20)
     with gated(model, init_gates(model, 0.0), SINK, RECENT):
         out = model(input_ids=ids, attention_mask=mask).logits
-    with rlkv.compress(model, None, sparsity=1.0, sink=SINK, recent=RECENT, prefill="compressed"):  # gates: the prompt too
+    with rlkv.compress(
+        model, None, sparsity=1.0, sink=SINK, recent=RECENT, prefill="compressed"
+    ):  # gates: the prompt too
         ref = model(input_ids=ids, attention_mask=mask, **{CACHE_KWARG: DynamicCache()}).logits
     real = mask.bool()
     torch.testing.assert_close(out[real], ref[real], rtol=1e-5, atol=1e-5)
@@ -48,8 +58,14 @@ def test_gated_generate_with_cache_equals_a_full_forward():
     alpha = torch.rand(3, 2, generator=torch.Generator().manual_seed(3))
     ids, mask = batch((14, 9), 14)
     with gated(model, alpha, SINK, RECENT):
-        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False,
-                             output_logits=True, return_dict_in_generate=True)
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=6,
+            do_sample=False,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
         full_mask = torch.cat([mask, torch.ones_like(mask[:, :6])], dim=1)
         logits = model(input_ids=out.sequences, attention_mask=full_mask).logits[:, 13:-1]
     torch.testing.assert_close(torch.stack(out.logits, dim=1), logits, rtol=1e-5, atol=1e-5)
@@ -58,7 +74,9 @@ def test_gated_generate_with_cache_equals_a_full_forward():
 def test_gradient_to_alpha_matches_finite_differences():
     model = tiny_model("llama").double()
     ids, mask = batch((16, 11), 16)
-    alpha = torch.nn.Parameter(torch.rand(3, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * 0.8 + 0.1)
+    alpha = torch.nn.Parameter(
+        torch.rand(3, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * 0.8 + 0.1
+    )
     weights = torch.randn(2, 16, 96, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
 
     def loss(a):
@@ -103,8 +121,17 @@ def _setup(**overrides):
     model = tiny_model("qwen2", layers=2)
     task = rlkv.tasks.get("arith")
     examples = task.load(seed=0, limit=4, difficulty=1)
-    settings = dict(sink=8, recent=16, batch_problems=2, group=2, steps=3, max_new_tokens=6, checkpoint_every=1,
-                    rollout_batch_size=4, train_batch_size=2)
+    settings = dict(
+        sink=8,
+        recent=16,
+        batch_problems=2,
+        group=2,
+        steps=3,
+        max_new_tokens=6,
+        checkpoint_every=1,
+        rollout_batch_size=4,
+        train_batch_size=2,
+    )
     config = IdentifyConfig(**{**settings, **overrides})
     return model, tiny_tokenizer(), task, examples, config
 
@@ -132,7 +159,9 @@ def test_resumed_run_ends_exactly_like_an_uninterrupted_one(tmp_path, monkeypatc
     torch.manual_seed(12345)  # the restart must not depend on the process's RNG state
     resumed = identify(model, tok, task, examples, config, tmp_path / "b")
     assert torch.equal(straight.scores, resumed.scores)
-    assert resumed.provenance["penalty_steps"] == straight.provenance["penalty_steps"]  # counted over the resumed steps too
+    assert (
+        resumed.provenance["penalty_steps"] == straight.provenance["penalty_steps"]
+    )  # counted over the resumed steps too
     assert not torch.equal(straight.scores, torch.ones(2, 2))  # the gates did move
     log = [json.loads(line) for line in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2, 3]
@@ -244,6 +273,7 @@ def test_a_non_finite_gate_gradient_stops_training(tmp_path, monkeypatch):
 
 # ---------------------------------------------------------------- the paper recipe
 
+
 def test_batch_advantages_worked_example():
     """Two problems x 2 rollouts, rewards [1, 1 | 0, 1], completion tokens [2, 1, 1, 4] (8 tokens).
 
@@ -264,14 +294,33 @@ def test_batch_advantages_worked_example():
 
 def test_recipes_fill_unset_options_and_keep_explicit_ones():
     paper, v0 = IdentifyConfig(), IdentifyConfig(recipe="rlkv-v0")
-    assert (paper.advantages, paper.problems, paper.weight_decay, paper.grad_clip, paper.steps, paper.max_new_tokens) == \
-        ("batch", "solved", 0.017, 1.0, 186, 7168)
-    assert (paper.sink, paper.recent, paper.batch_problems, paper.group, paper.lr, paper.beta, paper.tau) == \
-        (128, 256, 32, 4, 1e-2, 1e-3, 0.5)
+    assert (
+        paper.advantages,
+        paper.problems,
+        paper.weight_decay,
+        paper.grad_clip,
+        paper.steps,
+        paper.max_new_tokens,
+    ) == ("batch", "solved", 0.017, 1.0, 186, 7168)
+    assert (paper.sink, paper.recent, paper.batch_problems, paper.group, paper.lr, paper.beta, paper.tau) == (
+        128,
+        256,
+        32,
+        4,
+        1e-2,
+        1e-3,
+        0.5,
+    )
     assert (v0.advantages, v0.problems, v0.weight_decay, v0.grad_clip) == ("group", "band", 0.0, 0.0)
     assert IdentifyConfig(advantages="group").problems == "solved"  # one ablation switch, the rest paper
-    for bad in (dict(recipe="duo"), dict(advantages="token"), dict(problems="all"), dict(top_p=0.0), dict(top_k=-1),
-                dict(grad_clip=-1.0)):
+    for bad in (
+        dict(recipe="duo"),
+        dict(advantages="token"),
+        dict(problems="all"),
+        dict(top_p=0.0),
+        dict(top_k=-1),
+        dict(grad_clip=-1.0),
+    ):
         with pytest.raises(ValueError, match=next(iter(bad))):
             IdentifyConfig(**bad)
 
@@ -290,7 +339,10 @@ def test_resume_two_plus_two_steps_equals_four(tmp_path, monkeypatch):
     torch.manual_seed(999)
     resumed = identify(model, tok, task, examples, config, tmp_path / "resumed")
     assert torch.equal(straight.scores, resumed.scores) and not torch.equal(straight.scores, torch.ones(2, 2))
-    logs = [[json.loads(line) for line in (tmp_path / d / "log.jsonl").read_text().splitlines()] for d in ("four", "resumed")]
+    logs = [
+        [json.loads(line) for line in (tmp_path / d / "log.jsonl").read_text().splitlines()]
+        for d in ("four", "resumed")
+    ]
     assert [r["step"] for r in logs[1]] == [1, 2, 3, 4]
     assert [r["grad_norm"] for r in logs[0]] == [r["grad_norm"] for r in logs[1]]
     assert resumed.provenance["keep_rule"] == "authors"
@@ -354,8 +406,19 @@ def test_identify_pipeline_runs_what_the_cli_runs_from_python(tmp_path, monkeypa
     model, tok, task, _, config = _setup(steps=1, samples_per_problem=2)
     monkeypatch.setattr(task, "grade_many", lambda exs, texts: [float(i % 2) for i in range(len(exs))])
     lines, advice = [], []
-    run = identify_pipeline(model, "arith", config, tmp_path, tokenizer=tok, limit=4, check_limit=2,
-                            check_sparsities=(0.5,), check_max_new_tokens=4, say=lines.append, warn=advice.append)
+    run = identify_pipeline(
+        model,
+        "arith",
+        config,
+        tmp_path,
+        tokenizer=tok,
+        limit=4,
+        check_limit=2,
+        check_sparsities=(0.5,),
+        check_max_new_tokens=4,
+        say=lines.append,
+        warn=advice.append,
+    )
     assert run.heads.shape == (2, 2) and run.candidates == 4 and len(run.problems) == 4 and run.rank == 0
     assert lines[0] == "curriculum: 4/4 problems solved at least once" and f"wrote {tmp_path / 'heads.json'}" in lines
     assert "| rlkv | 0.5 |" in lines[-1] and {r["n"] for r in run.check.rows} == {2}

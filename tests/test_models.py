@@ -15,7 +15,13 @@ from rlkv.models import check_supported
 
 def test_layout_of_tiny_models(arch):
     layout = rlkv.Layout.of(tiny_model(arch, layers=3, q_heads=4, kv_heads=2))
-    assert (layout.arch, layout.num_layers, layout.num_q_heads, layout.num_kv_heads, layout.head_dim) == (arch, 3, 4, 2, 16)
+    assert (layout.arch, layout.num_layers, layout.num_q_heads, layout.num_kv_heads, layout.head_dim) == (
+        arch,
+        3,
+        4,
+        2,
+        16,
+    )
     assert layout.group_size == 2 and layout.shape == (3, 2)
     assert layout.kv_bytes_per_token() == 2 * 3 * 2 * 16 * 4
 
@@ -26,13 +32,14 @@ def test_unsupported_arch_names_the_supported_ones():
 
 
 def test_load_model_from_a_saved_directory(tmp_path):
-    from transformers import PreTrainedTokenizerFast
     from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
 
     model = tiny_model("qwen3")
     model.save_pretrained(tmp_path)
-    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"<unk>": 0, "a": 1}, unk_token="<unk>")),
-                                  eos_token="<unk>")
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(models.WordLevel({"<unk>": 0, "a": 1}, unk_token="<unk>")), eos_token="<unk>"
+    )
     tok.save_pretrained(tmp_path)
     loaded, tokenizer = rlkv.load_model(tmp_path, device="cpu")
     assert tokenizer.padding_side == "left" and tokenizer.pad_token is not None
@@ -53,11 +60,14 @@ def test_bad_model_specs(spec, error, message):
         rlkv.load_model(spec)
 
 
-@pytest.mark.parametrize("content, what", [
-    (b"", "is empty"),
-    (b"<html>not found</html>", "does not start with the GGUF magic bytes (it starts with b'<htm')"),
-    (b"GGUF" + struct.pack("<IQQ", 3, 1, 5), "cannot be read as GGUF ("),  # the header of a file cut short
-])
+@pytest.mark.parametrize(
+    "content, what",
+    [
+        (b"", "is empty"),
+        (b"<html>not found</html>", "does not start with the GGUF magic bytes (it starts with b'<htm')"),
+        (b"GGUF" + struct.pack("<IQQ", 3, 1, 5), "cannot be read as GGUF ("),  # the header of a file cut short
+    ],
+)
 def test_a_bad_gguf_file_is_named(tmp_path, content, what):
     path = tmp_path / "model.gguf"
     path.write_bytes(content)
@@ -79,7 +89,11 @@ def _same_model(a, b):
     assert state_a.keys() == state_b.keys() and all(torch.equal(state_a[k], state_b[k]) for k in state_a)
     text = "abc ab, a?"
     assert tok_a(text).input_ids == tok_b(text).input_ids and tok_a.chat_template == tok_b.chat_template
-    assert (tok_a.pad_token, tok_a.eos_token, tok_a.padding_side) == (tok_b.pad_token, tok_b.eos_token, tok_b.padding_side)
+    assert (tok_a.pad_token, tok_a.eos_token, tok_a.padding_side) == (
+        tok_b.pad_token,
+        tok_b.eos_token,
+        tok_b.padding_side,
+    )
     assert model_a.generation_config.eos_token_id == model_b.generation_config.eos_token_id
 
 
@@ -130,8 +144,11 @@ def smollm2():
 def test_smollm2_sparsity_zero_equals_plain_generate(smollm2):
     model, tok = smollm2
     msgs = [[{"role": "user", "content": q}] for q in ("What is 12 times 7? Think step by step.", "Name a prime.")]
-    enc = tok([tok.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for m in msgs],
-              return_tensors="pt", padding=True)
+    enc = tok(
+        [tok.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for m in msgs],
+        return_tensors="pt",
+        padding=True,
+    )
     plain = model.generate(**enc, max_new_tokens=64, do_sample=False)
     with rlkv.compress(model, rlkv.HeadScores.random(rlkv.Layout.of(model)), sparsity=0.0):
         fast = model.generate(**enc, max_new_tokens=64, do_sample=False)
@@ -173,6 +190,6 @@ def test_smollm2_engine_equals_compressed_generate(smollm2, kind):
     with method.apply(model):
         ref = model.generate(**enc, max_new_tokens=48, do_sample=False)
     outs = rlkv.Engine(model, tok, method, kv_budget="256MiB", max_batch=2).generate(texts, max_new_tokens=48)
-    for row, out in zip(ref[:, enc.input_ids.shape[1]:].tolist(), outs):
+    for row, out in zip(ref[:, enc.input_ids.shape[1] :].tolist(), outs):
         end = row.index(tok.eos_token_id) + 1 if tok.eos_token_id in row else len(row)
         assert out.tokens == row[:end]

@@ -46,10 +46,12 @@ def test_requests_added_while_it_runs_equal_each_alone():
     model = tiny_model("qwen2")
     method = half(model)
     ps, _, _ = prompts()
-    params = [SamplingParams(max_tokens=NEW, ignore_eos=True),
-              SamplingParams(max_tokens=NEW - 3, temperature=1.0, seed=5, ignore_eos=True),
-              SamplingParams(max_tokens=NEW, temperature=0.8, top_p=0.7, seed=6, ignore_eos=True),
-              SamplingParams(max_tokens=NEW, temperature=1.3, top_k=5, seed=7, ignore_eos=True)]
+    params = [
+        SamplingParams(max_tokens=NEW, ignore_eos=True),
+        SamplingParams(max_tokens=NEW - 3, temperature=1.0, seed=5, ignore_eos=True),
+        SamplingParams(max_tokens=NEW, temperature=0.8, top_p=0.7, seed=6, ignore_eos=True),
+        SamplingParams(max_tokens=NEW, temperature=1.3, top_k=5, seed=7, ignore_eos=True),
+    ]
     eng = engine(model, method, max_batch=4)
     eng.add_request("r0", ps[0], params[0])
     outputs = {}
@@ -122,8 +124,12 @@ def test_preempted_requests_equal_an_unpreempted_run(arch, kind, prefill):
     assert squeezed.metrics().preemptions > 0 and roomy.metrics().preemptions == 0
     assert squeezed.store.peak_pages_used <= squeezed.store.capacity_pages
     assert [got[f"r{i}"].tokens for i in range(4)] == [want[f"r{i}"].tokens for i in range(4)]
-    torch.testing.assert_close(torch.tensor([got[f"r{i}"].logprobs for i in range(4)]),
-                               torch.tensor([want[f"r{i}"].logprobs for i in range(4)]), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(
+        torch.tensor([got[f"r{i}"].logprobs for i in range(4)]),
+        torch.tensor([want[f"r{i}"].logprobs for i in range(4)]),
+        rtol=1e-4,
+        atol=1e-4,
+    )
     assert squeezed.metrics().pages_used == 0
 
 
@@ -158,17 +164,20 @@ def test_requests_that_can_never_run_are_refused_with_what_is_wrong():
     assert eng.metrics().waiting == 1
 
 
-@pytest.mark.parametrize("field, value, expected", [
-    ("max_tokens", 0, "max_tokens must be an integer >= 1"),
-    ("temperature", -0.5, "temperature must be a number >= 0"),
-    ("temperature", float("nan"), "temperature must be a number >= 0"),
-    ("top_p", 0.0, r"top_p must be a number in \(0, 1\]"),
-    ("top_p", 1.5, r"top_p must be a number in \(0, 1\]"),
-    ("top_k", -1, "top_k must be an integer >= 0"),
-    ("seed", 1.5, "seed must be an integer"),
-    ("stop", [""], "stop must be non-empty strings"),
-    ("stop_token_ids", [-3], "stop_token_ids must be integers >= 0"),
-])
+@pytest.mark.parametrize(
+    "field, value, expected",
+    [
+        ("max_tokens", 0, "max_tokens must be an integer >= 1"),
+        ("temperature", -0.5, "temperature must be a number >= 0"),
+        ("temperature", float("nan"), "temperature must be a number >= 0"),
+        ("top_p", 0.0, r"top_p must be a number in \(0, 1\]"),
+        ("top_p", 1.5, r"top_p must be a number in \(0, 1\]"),
+        ("top_k", -1, "top_k must be an integer >= 0"),
+        ("seed", 1.5, "seed must be an integer"),
+        ("stop", [""], "stop must be non-empty strings"),
+        ("stop_token_ids", [-3], "stop_token_ids must be integers >= 0"),
+    ],
+)
 def test_sampling_params_refuse_bad_values(field, value, expected):
     with pytest.raises(ValueError, match=expected):
         SamplingParams(**{field: value})

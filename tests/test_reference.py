@@ -26,7 +26,9 @@ def test_keep_keys_mask_matches_the_rule_literally():
 def test_keep_keys_mask_full_prefill_rule_per_row():
     """prompt_len [batch]: prompt queries of a compressed head attend causally to every key, later ones stream."""
     sink, recent, n = 1, 2, 9
-    pos = torch.stack([torch.arange(n), torch.arange(n) - 2]).masked_fill(torch.tensor([[False] * n, [True, True] + [False] * 7]), -1)
+    pos = torch.stack([torch.arange(n), torch.arange(n) - 2]).masked_fill(
+        torch.tensor([[False] * n, [True, True] + [False] * 7]), -1
+    )
     prompt_len = torch.tensor([6, 3])
     mask = keep_keys_mask(pos, pos, torch.tensor([False]), sink, recent, prompt_len=prompt_len)
     for row in range(2):
@@ -36,8 +38,10 @@ def test_keep_keys_mask_full_prefill_rule_per_row():
                 streaming = kj < sink or qt - recent < kj
                 expected = kj >= 0 and kj <= qt and (qt < int(prompt_len[row]) or streaming)
                 assert bool(mask[row, 0, t, j]) == expected, (row, t, j)
-    assert torch.equal(keep_keys_mask(pos, pos, torch.tensor([False]), sink, recent, prompt_len=0),
-                       keep_keys_mask(pos, pos, torch.tensor([False]), sink, recent))
+    assert torch.equal(
+        keep_keys_mask(pos, pos, torch.tensor([False]), sink, recent, prompt_len=0),
+        keep_keys_mask(pos, pos, torch.tensor([False]), sink, recent),
+    )
 
 
 def test_keep_keys_mask_window_and_padding():

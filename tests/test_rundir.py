@@ -14,8 +14,8 @@ from threading import Barrier
 import pytest
 
 from rlkv.eval import Shard, report, rundir
-from rlkv.eval.summary import summarize_run
 from rlkv.eval.rundir import read_jsonl, run_records, sole_writer
+from rlkv.eval.summary import summarize_run
 
 # The holder loads rundir.py by its path: importing the rlkv package would load torch (seconds per process).
 HOLDER = """
@@ -34,8 +34,12 @@ with rundir.sole_writer(Path(sys.argv[2]), shard):
 @contextmanager
 def held_by_another_process(run: Path, shard: str):
     """A second process holding the run's lock as `rlkv eval --shard SHARD` (or unsharded: "-") would."""
-    proc = subprocess.Popen([sys.executable, "-c", HOLDER, rundir.__file__, str(run), shard],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, rundir.__file__, str(run), shard],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert proc.stdout.readline() == "held\n", proc.communicate(timeout=30)[1]
         yield proc
@@ -48,13 +52,16 @@ def parse(spec: str) -> Shard | None:
     return None if spec == "-" else Shard.parse(spec)
 
 
-@pytest.mark.parametrize("held, mine", [("-", "1/2"), ("1/2", "-"), ("-", "-"), ("1/2", "1/2"), ("1/2", "1/3"),
-                                        ("2/3", "2/2")])
+@pytest.mark.parametrize(
+    "held, mine", [("-", "1/2"), ("1/2", "-"), ("-", "-"), ("1/2", "1/2"), ("1/2", "1/3"), ("2/3", "2/2")]
+)
 def test_writers_of_the_same_samples_are_refused_at_once(tmp_path, held, mine):
     run = tmp_path / "run"
     with held_by_another_process(run, held) as proc:
         name = "an unsharded eval" if held == "-" else f"shard {held}"
-        with pytest.raises(ValueError, match=re.escape(f"another process is running {name} into {run} (pid {proc.pid}, ")) as err:
+        with pytest.raises(
+            ValueError, match=re.escape(f"another process is running {name} into {run} (pid {proc.pid}, ")
+        ) as err:
             with sole_writer(run, parse(mine)):
                 pass
         assert "\n" not in str(err.value)
@@ -107,9 +114,21 @@ def test_writers_starting_together_exactly_one_wins(tmp_path):
 
 
 def sample(task="arith", method="full", sparsity=0.0, id="1", score=1.0):
-    return {"task": task, "method": method, "sparsity": sparsity, "id": id, "completion": "", "tokens": 4,
-            "prompt_tokens": 3, "finish": "eos", "score": score, "kv_bytes": 8, "kv_bytes_full": 8,
-            "kv_bytes_mean": 6.0, "kv_bytes_full_mean": 6.0}
+    return {
+        "task": task,
+        "method": method,
+        "sparsity": sparsity,
+        "id": id,
+        "completion": "",
+        "tokens": 4,
+        "prompt_tokens": 3,
+        "finish": "eos",
+        "score": score,
+        "kv_bytes": 8,
+        "kv_bytes_full": 8,
+        "kv_bytes_mean": 6.0,
+        "kv_bytes_full_mean": 6.0,
+    }
 
 
 def write(path: Path, records: list[dict]) -> None:
@@ -121,15 +140,18 @@ def test_a_summary_counts_each_sample_once(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
     write(run / "samples.jsonl", [sample(id="1", score=1.0), sample(id="2", score=0.0)])
-    write(run / "samples.shard-1-of-2.jsonl", [sample(id="2", score=1.0), sample(id="1", score=0.0),
-                                               sample(id="3", score=1.0)])
+    write(
+        run / "samples.shard-1-of-2.jsonl",
+        [sample(id="2", score=1.0), sample(id="1", score=0.0), sample(id="3", score=1.0)],
+    )
     write(run / "samples.shard-2-of-2.jsonl", [sample(method="streaming", sparsity=1.0, id="1")])
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         samples, rows = summarize_run(run)
     assert [str(w.message) for w in caught] == [
         f"{run} holds 2 repeated samples (the same task, method, sparsity and id more than once, as two processes "
-        "running the same groups at once leave): each is counted once, as first read"]
+        "running the same groups at once leave): each is counted once, as first read"
+    ]
     assert len(samples) == 4
     full = next(r for r in rows if r["method"] == "full")
     assert full["n"] == 3 and full["accuracy"] == pytest.approx(2 / 3)  # ids 1 (1.0), 2 (0.0), 3 (1.0)
@@ -139,11 +161,14 @@ def test_a_summary_counts_each_sample_once(tmp_path):
         assert len(run_records(run, "samples")) == 4  # no repeats: no warning
 
 
-@pytest.mark.parametrize("text, why", [
-    ("", "is not valid JSON (empty file)"),
-    ('{"model": "m",', "is not valid JSON (Expecting property name enclosed in double quotes at line 1)"),
-    ("[1, 2]", "holds a JSON list, not an object"),
-])
+@pytest.mark.parametrize(
+    "text, why",
+    [
+        ("", "is not valid JSON (empty file)"),
+        ('{"model": "m",', "is not valid JSON (Expecting property name enclosed in double quotes at line 1)"),
+        ("[1, 2]", "holds a JSON list, not an object"),
+    ],
+)
 def test_an_unreadable_config_is_named_with_what_was_expected(tmp_path, text, why):
     from rlkv.eval.run import _open_run
 
@@ -195,7 +220,8 @@ def test_rlkv_eval_is_refused_before_loading_its_model(tmp_path):
         assert result.stderr.strip() == (
             f"error: another process is running an unsharded eval into {run} (pid {proc.pid}, appending to "
             "samples.jsonl), which would append the same samples as shard 2/2; let it finish or stop it, then run "
-            "this command again to resume")
+            "this command again to resume"
+        )
     with held_by_another_process(run, "1/2"):
         result = CliRunner().invoke(app, args + ["--shard", "2/2"])
         assert "GGUF file not found" in result.stderr  # shard 2/2 may run beside 1/2: it went on to the model

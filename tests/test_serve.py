@@ -29,8 +29,11 @@ class Server(ServerProcess):
 
     def __init__(self, model_dir, log_path, *args):
         # a tiny model: one thread, no OpenMP threads spinning against the other processes of a small machine
-        super().__init__(["--model", str(model_dir), "--served-model-name", NAME, "--log-level", "warning", *args],
-                         log_path, env={"OMP_NUM_THREADS": "1"})
+        super().__init__(
+            ["--model", str(model_dir), "--served-model-name", NAME, "--log-level", "warning", *args],
+            log_path,
+            env={"OMP_NUM_THREADS": "1"},
+        )
         self.client = openai.OpenAI(base_url=f"{self.url}/v1", api_key="none", max_retries=0, timeout=60)
 
 
@@ -43,11 +46,28 @@ def model_dir(tmp_path_factory):
 def servers(model_dir, tmp_path_factory):
     """Both servers, started together (their start-up overlaps)."""
     logs = tmp_path_factory.mktemp("logs")
-    started = [Server(model_dir, logs / "server.log", "--kv-budget", "1536KiB", "--max-model-len", "4096",
-                      "--max-batch", "16"),
-               Server(model_dir, logs / "small.log", "--kv-budget", "96KiB", "--method", "random",
-                      "--sparsity", "0.5", "--sink", "4", "--recent", "8", "--max-batch", "4"),
-               Server(model_dir, logs / "doomed.log", "--kv-budget", "512KiB")]
+    started = [
+        Server(
+            model_dir, logs / "server.log", "--kv-budget", "1536KiB", "--max-model-len", "4096", "--max-batch", "16"
+        ),
+        Server(
+            model_dir,
+            logs / "small.log",
+            "--kv-budget",
+            "96KiB",
+            "--method",
+            "random",
+            "--sparsity",
+            "0.5",
+            "--sink",
+            "4",
+            "--recent",
+            "8",
+            "--max-batch",
+            "4",
+        ),
+        Server(model_dir, logs / "doomed.log", "--kv-budget", "512KiB"),
+    ]
     try:
         for s in started:
             s.wait_ready(STARTUP_S)
@@ -69,8 +89,7 @@ def small(servers):
 
 def engine_processes(pid: int) -> list[int]:
     """The server's engine process (its spawned child; not multiprocessing's resource tracker)."""
-    children = [int(c) for task in Path(f"/proc/{pid}/task").iterdir()
-                for c in (task / "children").read_text().split()]
+    children = [int(c) for task in Path(f"/proc/{pid}/task").iterdir() for c in (task / "children").read_text().split()]
     return [c for c in children if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes()]
 
 
@@ -84,8 +103,9 @@ def wait_gone(pid: int, seconds: float) -> bool:
 
 
 def greedy(server, prompt, max_tokens=12, **extra):
-    out = server.client.completions.create(model=NAME, prompt=prompt, max_tokens=max_tokens, temperature=0,
-                                           extra_body={"ignore_eos": True, **extra})
+    out = server.client.completions.create(
+        model=NAME, prompt=prompt, max_tokens=max_tokens, temperature=0, extra_body={"ignore_eos": True, **extra}
+    )
     return out.choices[0].text
 
 
@@ -93,7 +113,7 @@ def test_chat_and_completion_answer_like_generate(server):
     tok, model = tiny_tokenizer(), tiny_model("llama")
     messages = [{"role": "user", "content": "hello there"}]
     ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
-    reference = model.generate(__import__("torch").tensor([ids]), max_new_tokens=10, do_sample=False)[0, len(ids):]
+    reference = model.generate(__import__("torch").tensor([ids]), max_new_tokens=10, do_sample=False)[0, len(ids) :]
     chat = server.client.chat.completions.create(model=NAME, messages=messages, max_tokens=10, temperature=0)
     assert chat.object == "chat.completion" and chat.model == NAME and chat.id.startswith("chatcmpl-")
     assert chat.choices[0].message.role == "assistant"
@@ -101,7 +121,10 @@ def test_chat_and_completion_answer_like_generate(server):
     assert chat.choices[0].finish_reason == ("stop" if tok.eos_token_id in reference.tolist() else "length")
     usage = chat.usage
     assert (usage.prompt_tokens, usage.completion_tokens, usage.total_tokens) == (
-        len(ids), len(reference), len(ids) + len(reference))
+        len(ids),
+        len(reference),
+        len(ids) + len(reference),
+    )
     plain = server.client.completions.create(model=NAME, prompt=ids, max_tokens=10, temperature=0)
     assert plain.object == "text_completion" and plain.choices[0].text == chat.choices[0].message.content
     text = server.client.completions.create(model=NAME, prompt="hello", max_tokens=3, temperature=0)
@@ -111,9 +134,15 @@ def test_chat_and_completion_answer_like_generate(server):
 
 def test_streamed_deltas_arrive_early_and_join_to_the_whole_text(server):
     whole = greedy(server, PROMPTS[3], max_tokens=40)
-    stream = server.client.completions.create(model=NAME, prompt=PROMPTS[3], max_tokens=40, temperature=0,
-                                              stream=True, stream_options={"include_usage": True},
-                                              extra_body={"ignore_eos": True})
+    stream = server.client.completions.create(
+        model=NAME,
+        prompt=PROMPTS[3],
+        max_tokens=40,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body={"ignore_eos": True},
+    )
     arrivals, texts, finish, usage = [], [], None, None
     for chunk in stream:
         arrivals.append(time.monotonic())
@@ -124,10 +153,14 @@ def test_streamed_deltas_arrive_early_and_join_to_the_whole_text(server):
     assert "".join(texts) == whole and finish == "length" and usage.completion_tokens == 40
     assert sum(bool(t) for t in texts) > 1 and arrivals[0] < arrivals[-1]
     messages = [{"role": "user", "content": PROMPTS[5]}]
-    chat = server.client.chat.completions.create(model=NAME, messages=messages, max_tokens=20, temperature=0,
-                                                 extra_body={"ignore_eos": True})
-    chunks = list(server.client.chat.completions.create(model=NAME, messages=messages, max_tokens=20, temperature=0,
-                                                        stream=True, extra_body={"ignore_eos": True}))
+    chat = server.client.chat.completions.create(
+        model=NAME, messages=messages, max_tokens=20, temperature=0, extra_body={"ignore_eos": True}
+    )
+    chunks = list(
+        server.client.chat.completions.create(
+            model=NAME, messages=messages, max_tokens=20, temperature=0, stream=True, extra_body={"ignore_eos": True}
+        )
+    )
     assert chunks[0].choices[0].delta.role == "assistant" and chunks[-1].choices[0].finish_reason == "length"
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == chat.choices[0].message.content
 
@@ -136,11 +169,21 @@ def test_a_stop_string_ends_both_answers_before_it(server):
     whole = greedy(server, PROMPTS[1], max_tokens=30)
     stop = whole[10:13]
     cut = whole[: whole.find(stop)]
-    plain = server.client.completions.create(model=NAME, prompt=PROMPTS[1], max_tokens=30, temperature=0, stop=[stop],
-                                             extra_body={"ignore_eos": True})
+    plain = server.client.completions.create(
+        model=NAME, prompt=PROMPTS[1], max_tokens=30, temperature=0, stop=[stop], extra_body={"ignore_eos": True}
+    )
     assert plain.choices[0].text == cut and plain.choices[0].finish_reason == "stop"
-    chunks = list(server.client.completions.create(model=NAME, prompt=PROMPTS[1], max_tokens=30, temperature=0,
-                                                   stop=stop, stream=True, extra_body={"ignore_eos": True}))
+    chunks = list(
+        server.client.completions.create(
+            model=NAME,
+            prompt=PROMPTS[1],
+            max_tokens=30,
+            temperature=0,
+            stop=stop,
+            stream=True,
+            extra_body={"ignore_eos": True},
+        )
+    )
     assert "".join(c.choices[0].text for c in chunks) == cut and chunks[-1].choices[0].finish_reason == "stop"
 
 
@@ -153,8 +196,16 @@ async def _many(url, requests):
 
 def _requests(n, max_tokens):
     """Greedy and seeded sampled requests of varied prompt lengths."""
-    return [dict(prompt=PROMPTS[i], max_tokens=max_tokens, temperature=0 if i % 2 else 0.9, seed=i,
-                 extra_body={"ignore_eos": True}) for i in range(n)]
+    return [
+        dict(
+            prompt=PROMPTS[i],
+            max_tokens=max_tokens,
+            temperature=0 if i % 2 else 0.9,
+            seed=i,
+            extra_body={"ignore_eos": True},
+        )
+        for i in range(n)
+    ]
 
 
 def test_16_concurrent_requests_answer_as_each_alone(server):
@@ -189,8 +240,9 @@ def _wait_idle(server, deadline_s=15):
 
 def test_a_disconnected_client_frees_its_pages(server):
     before = _wait_idle(server)["rlkv_generation_tokens_total"]
-    stream = server.client.completions.create(model=NAME, prompt=PROMPTS[2], max_tokens=1500, temperature=0,
-                                              stream=True, extra_body={"ignore_eos": True})
+    stream = server.client.completions.create(
+        model=NAME, prompt=PROMPTS[2], max_tokens=1500, temperature=0, stream=True, extra_body={"ignore_eos": True}
+    )
     chunks = iter(stream)
     for _ in range(3):
         next(chunks)
@@ -200,8 +252,11 @@ def test_a_disconnected_client_frees_its_pages(server):
     idle = _wait_idle(server)
     assert idle["rlkv_generation_tokens_total"] - before < 1500  # aborted, not run to the end
     with pytest.raises(httpx.TimeoutException):  # a whole answer the client stops waiting for
-        httpx.post(f"{server.url}/v1/completions", timeout=0.3,
-                   json={"prompt": PROMPTS[2], "max_tokens": 1500, "ignore_eos": True})
+        httpx.post(
+            f"{server.url}/v1/completions",
+            timeout=0.3,
+            json={"prompt": PROMPTS[2], "max_tokens": 1500, "ignore_eos": True},
+        )
     assert _wait_idle(server)["rlkv_generation_tokens_total"] - before < 1500
 
 
@@ -212,8 +267,12 @@ BAD = [
     ("chat/completions", {"messages": "hello"}, 400, "messages"),
     ("chat/completions", {"messages": [{"role": "user", "content": "x"}], "model": "gpt-9"}, 404, "model"),
     ("completions", {"prompt": "x", "max_tokens": 0}, 400, "max_tokens"),
-    ("chat/completions", {"messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 0}, 400,
-     "max_completion_tokens"),
+    (
+        "chat/completions",
+        {"messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 0},
+        400,
+        "max_completion_tokens",
+    ),
     ("completions", {"prompt": "x", "temperature": -0.5}, 400, "temperature"),
     ("completions", {"prompt": "x", "top_p": 0}, 400, "top_p"),
     ("completions", {"prompt": "x", "top_p": 1.5}, 400, "top_p"),
@@ -229,8 +288,11 @@ BAD = [
 
 def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server):
     for path, body, status, param in BAD:
-        kwargs = {"content": body, "headers": {"content-type": "application/json"}} if isinstance(body, bytes) \
+        kwargs = (
+            {"content": body, "headers": {"content-type": "application/json"}}
+            if isinstance(body, bytes)
             else {"json": body}
+        )
         answer = httpx.post(f"{server.url}/v1/{path}", timeout=30, **kwargs)
         assert answer.status_code == status, (body, answer.text)
         error = answer.json()["error"]
@@ -263,8 +325,9 @@ def test_a_lost_engine_process_answers_503_and_the_server_keeps_serving(servers)
 
 def test_sigint_closes_open_streams_and_exits_cleanly(server):  # the last test: it stops the server
     (engine,) = engine_processes(server.proc.pid)
-    stream = server.client.completions.create(model=NAME, prompt=PROMPTS[0], max_tokens=1500, temperature=0,
-                                              stream=True, extra_body={"ignore_eos": True})
+    stream = server.client.completions.create(
+        model=NAME, prompt=PROMPTS[0], max_tokens=1500, temperature=0, stream=True, extra_body={"ignore_eos": True}
+    )
     next(iter(stream))
     server.proc.send_signal(signal.SIGINT)
     with pytest.raises(openai.APIError, match="shutting down"):

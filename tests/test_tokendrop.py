@@ -2,17 +2,18 @@
 
 import pytest
 import torch
-from conftest import DEVICE, left_padded_batch as batch, tiny_model
+from conftest import DEVICE, tiny_model
+from conftest import left_padded_batch as batch
 from transformers import AttentionInterface
 
 import rlkv
-from rlkv.hf.plumbing import output_cache
 from rlkv.attention.reference import masked_attention, token_positions
+from rlkv.attention.tokendrop import top_k_mask
+from rlkv.hf.plumbing import output_cache
+from rlkv.hf.tokendrop import TokenDropCache, TokenDropLayer
 from rlkv.methods.h2o import H2O, build_h2o, h2o_keep
 from rlkv.methods.rkv import RKV, build_rkv, rkv_importance, rkv_keep, rkv_redundancy
 from rlkv.methods.snapkv import SnapKV, build_snapkv, snapkv_keep, snapkv_pins
-from rlkv.attention.tokendrop import top_k_mask
-from rlkv.hf.tokendrop import TokenDropCache, TokenDropLayer
 
 BUILDERS = {"h2o": build_h2o, "snapkv": build_snapkv, "rkv": build_rkv}
 SMALL = {  # small budgets: tokens are dropped after a 14-token prompt
@@ -120,8 +121,16 @@ def test_rkv_compresses_a_long_prompt_at_once():
 
 # ---------------------------------------------------------------- (2), (3) generate vs the masked reference, budgets
 def generate(model, ids, mask, new, **kw):
-    return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=False,
-                          output_logits=True, return_dict_in_generate=True, **kw)
+    return model.generate(
+        input_ids=ids,
+        attention_mask=mask,
+        max_new_tokens=new,
+        min_new_tokens=new,
+        do_sample=False,
+        output_logits=True,
+        return_dict_in_generate=True,
+        **kw,
+    )
 
 
 def test_top_k_mask_ranks_by_priority_then_age():
@@ -167,9 +176,12 @@ def test_generate_equals_masked_reference_on_recorded_keep_sets(name, arch):
     with method.apply(model) as handle:
         hooks = [
             m.register_forward_pre_hook(
-                lambda m, *_: stored.append((m.layer_idx, None if (p := handle.cache.layers[m.layer_idx].pos) is None else p.clone()))
+                lambda m, *_: stored.append(
+                    (m.layer_idx, None if (p := handle.cache.layers[m.layer_idx].pos) is None else p.clone())
+                )
             )
-            for m in model.modules() if hasattr(m, "o_proj")
+            for m in model.modules()
+            if hasattr(m, "o_proj")
         ]
         try:
             out = generate(model, ids, mask, new)
@@ -251,8 +263,14 @@ def test_large_budget_is_plain_generate(name):
 def test_cache_holds_less_than_a_dynamic_cache(name):
     model = tiny_model("llama")
     ids, mask = batch((30, 30), 30)
-    plain = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=60, min_new_tokens=60, do_sample=False,
-                           return_dict_in_generate=True)
+    plain = model.generate(
+        input_ids=ids,
+        attention_mask=mask,
+        max_new_tokens=60,
+        min_new_tokens=60,
+        do_sample=False,
+        return_dict_in_generate=True,
+    )
     kw = {**SMALL[name], "budget": 16, **({"interval": 8} if name == "rkv" else {})}
     with BUILDERS[name](name, rlkv.Layout.of(model), 0.0, **kw).apply(model) as handle:
         generate(model, ids, mask, 60)
@@ -289,5 +307,13 @@ def test_bad_parameters_are_refused(name, kwargs, message):
 def test_harness_options_are_accepted_and_described():
     layout = rlkv.Layout.of(tiny_model("llama", layers=1))
     method = build_rkv("rkv", layout, 0.5, budget=64, heads=None, sink=16, recent=64, seed=0)
-    assert method.describe() == {"method": "rkv", "sparsity": 0.5, "budget": 64, "capacity": 192, "window": 8,
-                                 "interval": 128, "lam": 0.1, "kernel": 7}
+    assert method.describe() == {
+        "method": "rkv",
+        "sparsity": 0.5,
+        "budget": 64,
+        "capacity": 192,
+        "window": 8,
+        "interval": 128,
+        "lam": 0.1,
+        "kernel": 7,
+    }

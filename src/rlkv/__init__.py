@@ -1,17 +1,17 @@
 """rlkv: per-head KV cache compression for reasoning LLMs.
 
-    model, tok = rlkv.load_model("Qwen/Qwen2.5-1.5B-Instruct")   # hub id, local dir or .gguf
-    heads = rlkv.HeadScores.load("heads.json")
-    with rlkv.compress(model, heads, sparsity=0.5, sink=16, recent=64) as c:
-        out = model.generate(**tok(prompts, return_tensors="pt", padding=True), max_new_tokens=512)
-    print(c.cache.nbytes())
+model, tok = rlkv.load_model("Qwen/Qwen2.5-1.5B-Instruct")   # hub id, local dir or .gguf
+heads = rlkv.HeadScores.load("heads.json")
+with rlkv.compress(model, heads, sparsity=0.5, sink=16, recent=64) as c:
+    out = model.generate(**tok(prompts, return_tensors="pt", padding=True), max_new_tokens=512)
+print(c.cache.nbytes())
 
-    engine = rlkv.Engine(model, tok, rlkv.methods.HeadSplit.from_scores(heads, 0.5), kv_budget="20GiB")
-    outs = engine.generate(prompts, max_new_tokens=8192, temperature=0.6, top_p=0.95, seed=0)
+engine = rlkv.Engine(model, tok, rlkv.methods.HeadSplit.from_scores(heads, 0.5), kv_budget="20GiB")
+outs = engine.generate(prompts, max_new_tokens=8192, temperature=0.6, top_p=0.95, seed=0)
 
-    heads = rlkv.identify(model, tok, rlkv.tasks.get("math_train"), problems, rlkv.IdentifyConfig(), "runs/id")
-    run = rlkv.identify_pipeline(model_id, "math_train", rlkv.IdentifyConfig(), "runs/id")  # curriculum + check too
-    outs = rlkv.generate(model, tok, prompts, method=method)   # the engine on a GPU, transformers on a CPU
+heads = rlkv.identify(model, tok, rlkv.tasks.get("math_train"), problems, rlkv.IdentifyConfig(), "runs/id")
+run = rlkv.identify_pipeline(model_id, "math_train", rlkv.IdentifyConfig(), "runs/id")  # curriculum + check too
+outs = rlkv.generate(model, tok, prompts, method=method)   # the engine on a GPU, transformers on a CPU
 """
 
 import sys

@@ -90,10 +90,11 @@ def _generate(model, tokenizer, method, label: str, prompts: list[str], max_new_
     eos = eos_ids(model, tokenizer)
     start = time.perf_counter()
     with torch.inference_mode(), method.apply(model) as handle:
-        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos,
-                             pad_token_id=tokenizer.pad_token_id)
+        out = model.generate(
+            **enc, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id
+        )
     seconds = time.perf_counter() - start
-    new = out[:, enc.input_ids.shape[1]:].cpu()
+    new = out[:, enc.input_ids.shape[1] :].cpu()
     ends = [generated_end(row, torch.tensor(eos), None)[0] for row in new]
     tokens = [row[:n].tolist() for row, n in zip(new, ends)]
     samples = [{"prompt_tokens": int(p), "tokens": len(t)} for p, t in zip(enc.attention_mask.sum(-1), tokens)]
@@ -108,21 +109,41 @@ def _generate(model, tokenizer, method, label: str, prompts: list[str], max_new_
     return Run(label, answers, tokens, kv_mean, kv_full, kv_long, seconds), samples
 
 
-def run_demo(model, tokenizer, heads: Path, questions: int = len(QUESTIONS), max_new_tokens: int = 32,
-             sparsity: float = 0.5, sink: int = 4, recent: int = 12) -> list[Run]:
+def run_demo(
+    model,
+    tokenizer,
+    heads: Path,
+    questions: int = len(QUESTIONS),
+    max_new_tokens: int = 32,
+    sparsity: float = 0.5,
+    sink: int = 4,
+    recent: int = 12,
+) -> list[Run]:
     """Full cache, `heads` at `sparsity`, random heads at `sparsity`, and H2O at the bytes the heads held,
     on the first `questions` of QUESTIONS."""
     scores = HeadScores.load(heads)
     name = scores.method if scores.method in HEAD_RANKED else "rlkv"  # labelled by where the heads came from
     layout = Layout.of(model)
-    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
-               for q in QUESTIONS[:questions]]
-    plan = [("full cache", methods.build("full", layout, 0.0)),
-            (f"{name} heads @ {sparsity:g}", methods.build(name, layout, sparsity, heads=heads, sink=sink, recent=recent)),
-            (f"random heads @ {sparsity:g}", methods.build("random", layout, sparsity, sink=sink, recent=recent))]
+    prompts = [
+        tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
+        for q in QUESTIONS[:questions]
+    ]
+    plan = [
+        ("full cache", methods.build("full", layout, 0.0)),
+        (f"{name} heads @ {sparsity:g}", methods.build(name, layout, sparsity, heads=heads, sink=sink, recent=recent)),
+        (f"random heads @ {sparsity:g}", methods.build("random", layout, sparsity, sink=sink, recent=recent)),
+    ]
     _generate(model, tokenizer, plan[0][1], "warm-up", prompts[:1], 2)  # the first call's set-up is no method's time
-    runs, samples = zip(*(_generate(model, tokenizer, method, label, prompts, max_new_tokens) for label, method in plan))
+    runs, samples = zip(
+        *(_generate(model, tokenizer, method, label, prompts, max_new_tokens) for label, method in plan)
+    )
     match = match_budget(lambda b: methods.build("h2o", layout, sparsity, budget=b), layout, samples[1])
-    h2o, _ = _generate(model, tokenizer, methods.build("h2o", layout, sparsity, budget=match.budget),
-                       f"h2o, {match.budget} tokens/head", prompts, max_new_tokens)
+    h2o, _ = _generate(
+        model,
+        tokenizer,
+        methods.build("h2o", layout, sparsity, budget=match.budget),
+        f"h2o, {match.budget} tokens/head",
+        prompts,
+        max_new_tokens,
+    )
     return [*runs, h2o]

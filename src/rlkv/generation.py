@@ -36,11 +36,28 @@ from rlkv.models import Layout, eos_ids, generated_end
 FINISH_ORDER = ("eos", "stop", "repetition")  # which reason a token that meets several is given (the engine's)
 
 
-def generate(model, tokenizer, prompts, method=None, *, max_new_tokens: int = 256, temperature: float = 0.0,
-             top_p: float = 1.0, top_k: int = 0, seed: int | list[int] = 0, stop: list[str] | None = None,
-             eos_token_ids: list[int] | None = None, repetition_window: int = 0, repetition_min_distinct: int = 40,
-             engine="auto", kv_budget=None, max_batch: int | None = None, batch_size: int = 32,
-             progress: bool = False, on_complete=None) -> list[Completion]:
+def generate(
+    model,
+    tokenizer,
+    prompts,
+    method=None,
+    *,
+    max_new_tokens: int = 256,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    seed: int | list[int] = 0,
+    stop: list[str] | None = None,
+    eos_token_ids: list[int] | None = None,
+    repetition_window: int = 0,
+    repetition_min_distinct: int = 40,
+    engine="auto",
+    kv_budget=None,
+    max_batch: int | None = None,
+    batch_size: int = 32,
+    progress: bool = False,
+    on_complete=None,
+) -> list[Completion]:
     """Complete every prompt (strings, used as is with no special tokens added, or lists of token ids).
 
     `method`: a HeadSplit, TokenDrop or Gated (None: a full cache). `engine`: "auto", "on", "off" or
@@ -49,21 +66,36 @@ def generate(model, tokenizer, prompts, method=None, *, max_new_tokens: int = 25
     stops a sequence whose last window holds fewer than `repetition_min_distinct` distinct ids.
     `on_complete(i, completion)` is called as soon as prompt i is done (e.g. to save it).
     """
-    runner = generator(model, tokenizer, method, engine=engine, kv_budget=kv_budget, max_batch=max_batch,
-                       batch_size=batch_size)
-    return runner.generate(prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                           seed=seed, stop=stop, eos_token_ids=eos_token_ids, repetition_window=repetition_window,
-                           repetition_min_distinct=repetition_min_distinct, progress=progress, on_complete=on_complete)
+    runner = generator(
+        model, tokenizer, method, engine=engine, kv_budget=kv_budget, max_batch=max_batch, batch_size=batch_size
+    )
+    return runner.generate(
+        prompts,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        seed=seed,
+        stop=stop,
+        eos_token_ids=eos_token_ids,
+        repetition_window=repetition_window,
+        repetition_min_distinct=repetition_min_distinct,
+        progress=progress,
+        on_complete=on_complete,
+    )
 
 
-def generator(model, tokenizer, method=None, *, engine="auto", kv_budget=None, max_batch: int | None = None,
-              batch_size: int = 32) -> Engine | Transformers:
+def generator(
+    model, tokenizer, method=None, *, engine="auto", kv_budget=None, max_batch: int | None = None, batch_size: int = 32
+) -> Engine | Transformers:
     """What `generate` runs on: `engine` itself when it is an Engine, a new Engine when the setting asks for
     one ("on", or "auto" with the model on CUDA), else transformers `generate` (`Transformers`)."""
     if isinstance(engine, Engine):
         if method is not None and method is not engine.method:
-            raise ValueError("an Engine runs the method it was built with: pass method=None (or that very method) "
-                             "with engine=Engine(...), or an engine setting ('auto', 'on', 'off') with the method")
+            raise ValueError(
+                "an Engine runs the method it was built with: pass method=None (or that very method) "
+                "with engine=Engine(...), or an engine setting ('auto', 'on', 'off') with the method"
+            )
         return engine
     if not isinstance(engine, str):
         raise ValueError(f"engine must be 'auto', 'on', 'off' or an rlkv.Engine, got {engine!r}")
@@ -94,15 +126,32 @@ class Transformers:
         self.layout = Layout.of(model)
         self.store = Uncompressed(self.layout.kv_bytes_per_token())
 
-    def generate(self, prompts, max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
-                 top_k: int = 0, seed: int | list[int] = 0, stop: list[str] | None = None,
-                 eos_token_ids: list[int] | None = None, repetition_window: int = 0, repetition_min_distinct: int = 40,
-                 progress: bool = False, on_complete=None) -> list[Completion]:
+    def generate(
+        self,
+        prompts,
+        max_new_tokens: int = 256,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        seed: int | list[int] = 0,
+        stop: list[str] | None = None,
+        eos_token_ids: list[int] | None = None,
+        repetition_window: int = 0,
+        repetition_min_distinct: int = 40,
+        progress: bool = False,
+        on_complete=None,
+    ) -> list[Completion]:
         """As `Engine.generate` (see the module docstring for seeds)."""
         ids = prompt_ids(self.tokenizer, prompts)
-        params = SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                                stop=tuple(stop or ()), repetition_window=repetition_window,
-                                repetition_min_distinct=repetition_min_distinct)  # checked as the engine checks them
+        params = SamplingParams(
+            max_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            stop=tuple(stop or ()),
+            repetition_window=repetition_window,
+            repetition_min_distinct=repetition_min_distinct,
+        )  # checked as the engine checks them
         eos = list(eos_token_ids) if eos_token_ids is not None else eos_ids(self.model, self.tokenizer)
         if isinstance(seed, (list, tuple)):
             if len(seed) != len(ids):
@@ -132,13 +181,21 @@ class Transformers:
             mask[row, width - len(prompt) :] = 1
         device = next(self.model.parameters()).device
         stops = Stops(width, params, self.tokenizer, eos)
-        sampling = {"do_sample": False} if params.greedy else {
-            "do_sample": True, "temperature": params.temperature, "top_p": params.top_p, "top_k": params.top_k}
+        sampling = (
+            {"do_sample": False}
+            if params.greedy
+            else {"do_sample": True, "temperature": params.temperature, "top_p": params.top_p, "top_k": params.top_k}
+        )
         with self._runtime() as runtime, _raw_logits(self.model) as logits:
             stops.logits = logits
             seqs = self.model.generate(
-                input_ids=input_ids.to(device), attention_mask=mask.to(device), max_new_tokens=params.max_tokens,
-                eos_token_id=eos, pad_token_id=pad, stopping_criteria=StoppingCriteriaList([stops]), **sampling,
+                input_ids=input_ids.to(device),
+                attention_mask=mask.to(device),
+                max_new_tokens=params.max_tokens,
+                eos_token_id=eos,
+                pad_token_id=pad,
+                stopping_criteria=StoppingCriteriaList([stops]),
+                **sampling,
             )
         if hasattr(getattr(runtime, "cache", None), "sequence_nbytes"):
             self.store = runtime.cache
@@ -147,9 +204,18 @@ class Transformers:
         held = torch.tensor([max(len(p) + n - 1, 0) for p, (n, _) in zip(ids, ends)])  # the last token is never stored
         kv = self.store.sequence_nbytes(held).tolist()
         logprobs = torch.stack(stops.logprobs, dim=1).cpu() if stops.logprobs else torch.zeros(len(ids), 0)
-        return [self._completion(prompt, generated[row, :n].tolist(), finish, logprobs[row, :n].tolist(),
-                                 int(kv[row]), int(held[row]) * self.layout.kv_bytes_per_token(), params)
-                for row, (prompt, (n, finish)) in enumerate(zip(ids, ends))]
+        return [
+            self._completion(
+                prompt,
+                generated[row, :n].tolist(),
+                finish,
+                logprobs[row, :n].tolist(),
+                int(kv[row]),
+                int(held[row]) * self.layout.kv_bytes_per_token(),
+                params,
+            )
+            for row, (prompt, (n, finish)) in enumerate(zip(ids, ends))
+        ]
 
     def _completion(self, prompt, tokens, finish, logprobs, kv_bytes, kv_bytes_full, params) -> Completion:
         text = self.tokenizer.decode(tokens, skip_special_tokens=True)
@@ -168,8 +234,9 @@ def prompt_ids(tokenizer, prompts) -> list[list[int]]:
     """Token ids of every prompt, as the engine reads them: a string with no special tokens added, a list as is."""
     if isinstance(prompts, str) or not prompts:
         raise ValueError("prompts must be a non-empty list of strings or of token-id lists")
-    ids = [tokenizer(p, add_special_tokens=False).input_ids if isinstance(p, str) else [int(t) for t in p]
-           for p in prompts]
+    ids = [
+        tokenizer(p, add_special_tokens=False).input_ids if isinstance(p, str) else [int(t) for t in p] for p in prompts
+    ]
     empty = next((i for i, p in enumerate(ids) if not p), None)
     if empty is not None:
         raise ValueError(f"prompt {empty} is empty")
@@ -199,7 +266,9 @@ class RepetitionStop(StoppingCriteria):
         generated = input_ids.shape[1] - self.prompt_len
         if not self.window or generated == 0 or generated % self.window:  # between checks: no copy to the host
             return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-        done = [degenerate(tokens, self.window, self.min_distinct) for tokens in input_ids[:, self.prompt_len :].tolist()]
+        done = [
+            degenerate(tokens, self.window, self.min_distinct) for tokens in input_ids[:, self.prompt_len :].tolist()
+        ]
         for row in (row for row, stop in enumerate(done) if stop):
             self.flagged.setdefault(row, generated)
         return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
@@ -233,14 +302,21 @@ class Stops(StoppingCriteria):
         for row, tail in enumerate(tails):
             if tail[-1] in self.eos:
                 self.ended.add(row)  # what follows is padding
-            elif row not in self.stopped and row not in self.ended and any(s in self.tokenizer.decode(tail) for s in self.stop):
+            elif (
+                row not in self.stopped
+                and row not in self.ended
+                and any(s in self.tokenizer.decode(tail) for s in self.stop)
+            ):
                 self.stopped[row] = generated
         return torch.tensor([row in self.stopped for row in range(len(tails))], device=input_ids.device)
 
     def end(self, row: int, tokens: torch.Tensor, eos: list[int]) -> tuple[int, str]:
         """(tokens generated, finish reason) of `row`: its first stop of any kind, ties going as in the engine."""
-        flags = [(at, reason) for reason, at in (("stop", self.stopped.get(row)),
-                                                 ("repetition", self.repetition.flagged.get(row))) if at is not None]
+        flags = [
+            (at, reason)
+            for reason, at in (("stop", self.stopped.get(row)), ("repetition", self.repetition.flagged.get(row)))
+            if at is not None
+        ]
         first = min(flags, key=lambda f: (f[0], FINISH_ORDER.index(f[1])), default=None)
         n, finish = generated_end(tokens, torch.tensor(eos, dtype=torch.long), first[0] if first else None)
         return n, first[1] if finish == "repetition" else finish

@@ -61,7 +61,9 @@ class HeadScores:
             )
         if not torch.isfinite(scores).all():
             bad = torch.nonzero(~torch.isfinite(scores))[0].tolist()
-            raise ValueError(f"head scores must be finite numbers, found {scores[bad[0], bad[1]].item()} at layer {bad[0]}, head {bad[1]}")
+            raise ValueError(
+                f"head scores must be finite numbers, found {scores[bad[0], bad[1]].item()} at layer {bad[0]}, head {bad[1]}"
+            )
         self.scores = scores
 
     @property
@@ -73,8 +75,9 @@ class HeadScores:
         return self.scores.numel()
 
     # ------------------------------------------------------------------ decisions
-    def keep_mask(self, sparsity: float | None = None, *, threshold: float | None = None, rule: str | None = None,
-                  seed: int = 42) -> torch.Tensor:
+    def keep_mask(
+        self, sparsity: float | None = None, *, threshold: float | None = None, rule: str | None = None, seed: int = 42
+    ) -> torch.Tensor:
         """Bool (layers x kv_heads): True where the head keeps a full KV cache.
 
         With `sparsity` s in [0, 1], the highest-scoring heads over the whole model by `rule`
@@ -89,7 +92,9 @@ class HeadScores:
             raise ValueError(f"unknown keep rule {rule!r}: expected one of {', '.join(KEEP_RULES)}")
         if threshold is not None:
             if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or math.isnan(threshold):
-                raise ValueError(f"threshold must be a number (heads with score >= it keep a full cache), got {threshold!r}")
+                raise ValueError(
+                    f"threshold must be a number (heads with score >= it keep a full cache), got {threshold!r}"
+                )
             scores = self._noised(seed) if rule == "authors" else self.scores.double().numpy()
             return torch.from_numpy(scores >= float(threshold))
         n_keep = num_kept(sparsity, self.num_heads)
@@ -179,8 +184,10 @@ class HeadScores:
             return scores
         path = patterns.locate(path)
         if not path.is_file():
-            raise FileNotFoundError(f"head scores file not found: {path} (expected a .json, .tsv or .pt file, a pattern "
-                                    "directory, or a published name from `rlkv heads list`)")
+            raise FileNotFoundError(
+                f"head scores file not found: {path} (expected a .json, .tsv or .pt file, a pattern "
+                "directory, or a published name from `rlkv heads list`)"
+            )
         raw = path.read_bytes()
         if path.suffix in (".pt", ".pth", ".bin") or raw[:2] == b"PK" or raw[:1] == b"\x80":  # zip or pickle: torch
             gates, model = patterns.read_adapter_pt(path)
@@ -188,13 +195,17 @@ class HeadScores:
         try:
             text = raw.decode()
         except UnicodeDecodeError:
-            raise ValueError(f"{path}: not a text file (expected head scores as .json or .tsv, or gates as .pt)") from None
+            raise ValueError(
+                f"{path}: not a text file (expected head scores as .json or .tsv, or gates as .pt)"
+            ) from None
         if path.suffix == ".json" or text.lstrip().startswith("{"):
             try:
                 data = json.loads(text)
                 scores = data["scores"]
             except (json.JSONDecodeError, KeyError, TypeError) as err:
-                raise ValueError(f"{path}: not a head scores JSON (expected an object with a 'scores' matrix): {err}") from None
+                raise ValueError(
+                    f"{path}: not a head scores JSON (expected an object with a 'scores' matrix): {err}"
+                ) from None
             return cls(
                 _matrix(scores, path),
                 model=data.get("model"),
@@ -209,7 +220,9 @@ class HeadScores:
             try:
                 rows.append([float(v) for v in line.replace(",", "\t").split()])
             except ValueError:
-                raise ValueError(f"{path}:{lineno}: expected tab-separated numbers (one per KV head), got {line[:60]!r}") from None
+                raise ValueError(
+                    f"{path}:{lineno}: expected tab-separated numbers (one per KV head), got {line[:60]!r}"
+                ) from None
         guess = "duo" if "full_attention" in path.name else "rlkv" if "adapter" in path.name else "unknown"
         return cls(_matrix(rows, path), method=method or guess, provenance={"source": str(path)})
 
@@ -243,8 +256,13 @@ class HeadScores:
             colors = ListedColormap(["#d9d9d9", "#1f4e79"])  # compressed, kept
             axes[0, 1].imshow(keep.numpy(), aspect="auto", cmap=colors, vmin=0, vmax=1, interpolation="nearest")
             axes[0, 1].set_title(f"kept at sparsity {sparsity:g}: {int(keep.sum())}/{self.num_heads}")
-            legend = [Patch(color=colors(1), label="kept: full cache"), Patch(color=colors(0), label="compressed: sink + recent")]
-            axes[0, 1].legend(handles=legend, loc="upper center", bbox_to_anchor=(0.5, -0.12), fontsize=7, frameon=False)
+            legend = [
+                Patch(color=colors(1), label="kept: full cache"),
+                Patch(color=colors(0), label="compressed: sink + recent"),
+            ]
+            axes[0, 1].legend(
+                handles=legend, loc="upper center", bbox_to_anchor=(0.5, -0.12), fontsize=7, frameon=False
+            )
         for ax in axes[0]:
             ax.set_xlabel("KV head")
             ax.set_ylabel("layer")
@@ -280,12 +298,16 @@ def _as_matrix(scores) -> torch.Tensor:
     if isinstance(scores, (list, tuple)) and all(isinstance(r, (list, tuple)) for r in scores):
         widths = sorted({len(r) for r in scores})
         if len(widths) > 1:
-            raise ValueError(f"head scores rows have different lengths {widths}: expected one value per KV head in every layer")
+            raise ValueError(
+                f"head scores rows have different lengths {widths}: expected one value per KV head in every layer"
+            )
     try:
         return torch.as_tensor(scores, dtype=torch.float32).detach().cpu()
     except (TypeError, ValueError, RuntimeError):
-        raise ValueError("head scores must be a 2-D (layers x kv_heads) matrix of numbers (tensor, array or nested "
-                         f"lists), got {type(scores).__name__}") from None
+        raise ValueError(
+            "head scores must be a 2-D (layers x kv_heads) matrix of numbers (tensor, array or nested "
+            f"lists), got {type(scores).__name__}"
+        ) from None
 
 
 def _matrix(rows, path) -> torch.Tensor:
@@ -293,5 +315,7 @@ def _matrix(rows, path) -> torch.Tensor:
         raise ValueError(f"{path}: expected a matrix with one row per layer")
     widths = {len(r) for r in rows}
     if len(widths) != 1:
-        raise ValueError(f"{path}: rows have different lengths {sorted(widths)}: expected one value per KV head in every layer")
+        raise ValueError(
+            f"{path}: rows have different lengths {sorted(widths)}: expected one value per KV head in every layer"
+        )
     return torch.tensor(rows, dtype=torch.float32)

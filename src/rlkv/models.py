@@ -237,8 +237,11 @@ def _store_converted(model, tokenizer, target: Path) -> None:
         os.rename(tmp, target)
     except OSError as err:
         if not (target / "config.json").is_file():  # not just another process that finished first
-            warnings.warn(f"could not cache the converted GGUF in {target} ({err}); set RLKV_CACHE to a "
-                          "writable directory, or RLKV_CACHE=off", stacklevel=3)
+            warnings.warn(
+                f"could not cache the converted GGUF in {target} ({err}); set RLKV_CACHE to a "
+                "writable directory, or RLKV_CACHE=off",
+                stacklevel=3,
+            )
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -25,7 +25,9 @@ RLKV_REPO = "https://github.com/Kurt232/RLKV"
 
 def published() -> dict[str, Path]:
     """Shipped pattern names -> their files."""
-    return {f"duo:{d.name.lower()}": d / "full_attention_heads.tsv" for d in sorted((DATA / "duo").iterdir()) if d.is_dir()}
+    return {
+        f"duo:{d.name.lower()}": d / "full_attention_heads.tsv" for d in sorted((DATA / "duo").iterdir()) if d.is_dir()
+    }
 
 
 def is_name(text) -> bool:
@@ -40,9 +42,13 @@ def resolve(name: str) -> Path:
     if name.lower() in table:
         return table[name.lower()]
     if name.startswith("rlkv:"):
-        raise FileNotFoundError(f"{name}: the RLKV authors' gates are not shipped with rlkv ({RLKV_REPO} has no "
-                                "licence); clone it and load head_dist/rlkv/<model> by path")
-    raise FileNotFoundError(f"unknown head pattern {name!r}: expected one of {', '.join(table)} (see `rlkv heads list`)")
+        raise FileNotFoundError(
+            f"{name}: the RLKV authors' gates are not shipped with rlkv ({RLKV_REPO} has no "
+            "licence); clone it and load head_dist/rlkv/<model> by path"
+        )
+    raise FileNotFoundError(
+        f"unknown head pattern {name!r}: expected one of {', '.join(table)} (see `rlkv heads list`)"
+    )
 
 
 def locate(source) -> Path:
@@ -61,10 +67,14 @@ def pattern_file(directory: Path) -> Path:
             return next(runs[0] / name for name in PATTERN_FILES if (runs[0] / name).is_file())
         if runs:
             listed = ", ".join(str(r.relative_to(directory)) for r in runs[:6])
-            raise ValueError(f"{directory} holds {len(runs)} head patterns ({listed}{', ...' if len(runs) > 6 else ''}): "
-                             "give the directory of one")
-    raise FileNotFoundError(f"{directory}: no head pattern found (expected one of {', '.join(PATTERN_FILES)} in it "
-                            "or in one run directory below it)")
+            raise ValueError(
+                f"{directory} holds {len(runs)} head patterns ({listed}{', ...' if len(runs) > 6 else ''}): "
+                "give the directory of one"
+            )
+    raise FileNotFoundError(
+        f"{directory}: no head pattern found (expected one of {', '.join(PATTERN_FILES)} in it "
+        "or in one run directory below it)"
+    )
 
 
 def read_adapter_pt(path: Path) -> tuple[torch.Tensor, str | None]:
@@ -72,17 +82,23 @@ def read_adapter_pt(path: Path) -> tuple[torch.Tensor, str | None]:
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 (any unreadable file: say which and why)
-        raise ValueError(f"{path}: not a torch file of gates ({type(err).__name__}: {str(err).splitlines()[0][:120]})") from None
+        raise ValueError(
+            f"{path}: not a torch file of gates ({type(err).__name__}: {str(err).splitlines()[0][:120]})"
+        ) from None
     if isinstance(data, torch.Tensor):
         return data.float(), None
     if not isinstance(data, dict) or not isinstance(data.get("adapter_weight_dict"), dict):
-        raise ValueError(f"{path}: expected the authors' adapter_weight.pt (a dict with 'adapter_weight_dict') "
-                         "or a 2-D tensor of gates")
+        raise ValueError(
+            f"{path}: expected the authors' adapter_weight.pt (a dict with 'adapter_weight_dict') "
+            "or a 2-D tensor of gates"
+        )
     layers = {}
     for key, value in data["adapter_weight_dict"].items():
         match = re.search(r"layers\.(\d+)\.", key)
         if match is None or not isinstance(value, torch.Tensor) or value.ndim != 1:
-            raise ValueError(f"{path}: entry {key!r} is not one layer's gate vector (model.layers.<i>....adapter.weight)")
+            raise ValueError(
+                f"{path}: entry {key!r} is not one layer's gate vector (model.layers.<i>....adapter.weight)"
+            )
         layers[int(match.group(1))] = value.float()
     if sorted(layers) != list(range(len(layers))) or not layers:
         raise ValueError(f"{path}: gates for layers {sorted(layers)}: expected layers 0..L-1, one vector each")

@@ -236,8 +236,10 @@ def test_a_forked_daemon_dies_with_the_job():
 def test_the_time_limit_counts_cpu_seconds_not_load():
     # each spinner in its own session: the kernel's autogroup scheduling shares the CPU between sessions, and
     # the sandboxed job runs in one of its own, so spinners sharing one session would barely slow it
-    spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"], start_new_session=True)
-                for _ in range(2 * (os.cpu_count() or 1) + 1)]
+    spinners = [
+        subprocess.Popen([sys.executable, "-c", "while True: pass"], start_new_session=True)
+        for _ in range(2 * (os.cpu_count() or 1) + 1)
+    ]
     try:
         code = "import time\nstart = time.process_time()\nwhile time.process_time() - start < 0.8:\n    pass"
         result = run_code(code, ["assert True"], Limits(timeout=1.2, wall_timeout=60))  # a loaded machine is slow

@@ -9,8 +9,14 @@ import pytest
 from rlkv import tasks
 from rlkv.tasks.base import Example, Task
 
-EXPECTED = {"gsm8k": 1319, "math500": 500, "aime24": 30, "mbpp": 500, "math_train": 7474 - 4 + 975,  # 4 lack answers
-            "gsm8k_train": 7473}
+EXPECTED = {
+    "gsm8k": 1319,
+    "math500": 500,
+    "aime24": 30,
+    "mbpp": 500,
+    "math_train": 7474 - 4 + 975,  # 4 lack answers
+    "gsm8k_train": 7473,
+}
 
 
 def test_registry_lists_and_gets_tasks():
@@ -46,8 +52,10 @@ def test_every_file_task_loads(name, data_dir):
 def test_gsm8k_answer_is_the_number_after_hashes_without_commas(data_dir):
     examples = tasks.get("gsm8k").load(data_dir)
     assert examples[0].answer == "18"
-    assert all("," not in e.answer and e.meta["solution"].split("####")[-1].strip().replace(",", "") == e.answer
-               for e in examples)
+    assert all(
+        "," not in e.answer and e.meta["solution"].split("####")[-1].strip().replace(",", "") == e.answer
+        for e in examples
+    )
     assert any(e.answer == "1450000" for e in examples)
 
 
@@ -99,8 +107,10 @@ def test_malformed_jsonl_line_is_reported_with_its_number(tmp_path):
 
 def test_missing_field_is_reported_with_field_and_line(tmp_path):
     (tmp_path / "math500_test.jsonl").write_text(
-        json.dumps({"problem": "p", "solution": "s", "answer": "1", "unique_id": "a"}) + "\n"
-        + json.dumps({"problem": "p", "solution": "s", "unique_id": "b"}) + "\n"
+        json.dumps({"problem": "p", "solution": "s", "answer": "1", "unique_id": "a"})
+        + "\n"
+        + json.dumps({"problem": "p", "solution": "s", "unique_id": "b"})
+        + "\n"
     )
     with pytest.raises(ValueError, match=r"math500_test.jsonl: line 2 is missing field 'answer'"):
         tasks.get("math500").load(tmp_path)

@@ -17,7 +17,9 @@ from __future__ import annotations
 import torch
 
 
-def token_positions(attention_mask: torch.Tensor | None, batch: int, length: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+def token_positions(
+    attention_mask: torch.Tensor | None, batch: int, length: int, device
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(positions, valid) of every column of a 2-D padding mask (1 = token, 0 = padding).
 
     Positions count only real tokens: the first real token of each row is position 0.
@@ -78,7 +80,9 @@ def masked_attention(
     return out.transpose(1, 2).contiguous()
 
 
-def gate_mix(full: torch.Tensor, stream: torch.Tensor, alpha: torch.Tensor, group: int, head_dim: int = 1) -> torch.Tensor:
+def gate_mix(
+    full: torch.Tensor, stream: torch.Tensor, alpha: torch.Tensor, group: int, head_dim: int = 1
+) -> torch.Tensor:
     """alpha * full + (1 - alpha) * stream: RLKV's gated attention output.
 
     `alpha` [kv_heads] is shared by the `group` query heads of each KV head, which lie along
@@ -87,4 +91,3 @@ def gate_mix(full: torch.Tensor, stream: torch.Tensor, alpha: torch.Tensor, grou
     a = alpha.to(device=full.device, dtype=full.dtype).repeat_interleave(group)
     a = a.view(*([1] * head_dim), -1, *([1] * (full.ndim - head_dim - 1)))
     return a * full + (1 - a) * stream
-

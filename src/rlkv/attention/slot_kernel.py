@@ -30,12 +30,42 @@ def online_softmax(sc, v, m_i, l_i, acc, PRECISION: tl.constexpr):
 
 @triton.jit
 def _slot_decode_kernel(
-    Q, KN, VN, K, V, POS, SLOTS, QPOS, O, SC, M, L,
-    stride_qb, stride_qh, stride_nb, stride_nh, stride_vb, stride_vh,
-    stride_ks, stride_kh, stride_kt, stride_ps, stride_ph,
-    stride_ob, stride_oh, stride_sb, stride_sh, stride_mb,
-    scale, window, CAP,
-    G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr, SCORES: tl.constexpr,
+    Q,
+    KN,
+    VN,
+    K,
+    V,
+    POS,
+    SLOTS,
+    QPOS,
+    O,
+    SC,
+    M,
+    L,
+    stride_qb,
+    stride_qh,
+    stride_nb,
+    stride_nh,
+    stride_vb,
+    stride_vh,
+    stride_ks,
+    stride_kh,
+    stride_kt,
+    stride_ps,
+    stride_ph,
+    stride_ob,
+    stride_oh,
+    stride_sb,
+    stride_sh,
+    stride_mb,
+    scale,
+    window,
+    CAP,
+    G: tl.constexpr,
+    G_PAD: tl.constexpr,
+    D: tl.constexpr,
+    BLOCK: tl.constexpr,
+    SCORES: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
     b = tl.program_id(0)
@@ -65,7 +95,9 @@ def _slot_decode_kernel(
         sc = tl.dot(q, tl.trans(k), input_precision=PRECISION).to(tl.float32) * scale
         sc = tl.where(valid[None, :], sc, float("-inf"))
         if SCORES:
-            tl.store(SC + b * stride_sb + rows[:, None] * stride_sh + t[None, :], sc, mask=live[:, None] & inside[None, :])
+            tl.store(
+                SC + b * stride_sb + rows[:, None] * stride_sh + t[None, :], sc, mask=live[:, None] & inside[None, :]
+            )
         m_i, l_i, acc = online_softmax(sc, v, m_i, l_i, acc, PRECISION)
     if SCORES:
         tl.store(SC + b * stride_sb + rows * stride_sh + CAP, s_new, mask=live)
@@ -75,8 +107,22 @@ def _slot_decode_kernel(
     tl.store(o_ptr, (acc / l_i[:, None]).to(O.dtype.element_ty), mask=live[:, None])
 
 
-def slot_attention(q, k, v, keys, values, pos, slots, q_pos, scaling: float, window: int | None, observe: bool,
-                   block: int = 64, num_warps: int = 4, num_stages: int = 2):
+def slot_attention(
+    q,
+    k,
+    v,
+    keys,
+    values,
+    pos,
+    slots,
+    q_pos,
+    scaling: float,
+    window: int | None,
+    observe: bool,
+    block: int = 64,
+    num_warps: int = 4,
+    num_stages: int = 2,
+):
     """Decode attention of q [B, Hq, D] over row b's slot `slots[b]` of one layer's keys/values [S, Hkv,
     capacity, D] at pos [S, Hkv, capacity] plus its new k/v [B, Hkv, D] at q_pos [B] (the candidates:
     slot places, then the new token) -> (output [B, Hq, D], attention [B, Hkv, capacity + 1] each
@@ -91,14 +137,45 @@ def slot_attention(q, k, v, keys, values, pos, slots, q_pos, scaling: float, win
     m = torch.empty(bsz, hq, dtype=torch.float32, device=q.device) if observe else out
     denom = torch.empty_like(m) if observe else out  # unused pointers without scores: nothing allocated
     _slot_decode_kernel[(bsz, kv_heads)](
-        q, k, v, keys, values, pos, slots, q_pos, out, scores, m, denom,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        keys.stride(0), keys.stride(1), keys.stride(2), pos.stride(0), pos.stride(1),
-        out.stride(0), out.stride(1), scores.stride(0), scores.stride(1), m.stride(0),
-        scaling, window or 0, cap,
-        G=group, G_PAD=max(16, triton.next_power_of_2(group)), D=d, BLOCK=block, SCORES=observe,
+        q,
+        k,
+        v,
+        keys,
+        values,
+        pos,
+        slots,
+        q_pos,
+        out,
+        scores,
+        m,
+        denom,
+        q.stride(0),
+        q.stride(1),
+        k.stride(0),
+        k.stride(1),
+        v.stride(0),
+        v.stride(1),
+        keys.stride(0),
+        keys.stride(1),
+        keys.stride(2),
+        pos.stride(0),
+        pos.stride(1),
+        out.stride(0),
+        out.stride(1),
+        scores.stride(0),
+        scores.stride(1),
+        m.stride(0),
+        scaling,
+        window or 0,
+        cap,
+        G=group,
+        G_PAD=max(16, triton.next_power_of_2(group)),
+        D=d,
+        BLOCK=block,
+        SCORES=observe,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        num_warps=num_warps, num_stages=num_stages,
+        num_warps=num_warps,
+        num_stages=num_stages,
     )
     if not observe:
         return out, None

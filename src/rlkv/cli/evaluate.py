@@ -8,40 +8,72 @@ from typing import Optional
 
 import typer
 
-from rlkv.cli.common import (BUDGET_HELP, DATA_DIR_HELP, MODEL_HELP, PREFILL_HELP, USER_ERRORS, check_budget,
-                             config_from_options, console, fail, finite, parse_floats, parse_heads, parse_kv_budget,
-                             parse_names)
+from rlkv.cli.common import (
+    BUDGET_HELP,
+    DATA_DIR_HELP,
+    MODEL_HELP,
+    PREFILL_HELP,
+    USER_ERRORS,
+    check_budget,
+    config_from_options,
+    console,
+    fail,
+    finite,
+    parse_floats,
+    parse_heads,
+    parse_kv_budget,
+    parse_names,
+)
 
 
 def evaluate(
     model: str = typer.Option(..., help=MODEL_HELP),
     task: str = typer.Option(..., help="comma-separated task names (see `rlkv tasks`)"),
     out: Path = typer.Option(..., help="run directory (resumes if it exists)"),
-    method: str = typer.Option("full", help="comma-separated methods: full, streaming, rlkv, duo, random, h2o, snapkv, rkv"),
+    method: str = typer.Option(
+        "full", help="comma-separated methods: full, streaming, rlkv, duo, random, h2o, snapkv, rkv"
+    ),
     sparsity: str = typer.Option("0", help="comma-separated sparsities in [0, 1]"),
-    heads: Optional[list[str]] = typer.Option(None, help="head scores for rlkv/duo: one file, or METHOD=FILE per method (repeat)"),
+    heads: Optional[list[str]] = typer.Option(
+        None, help="head scores for rlkv/duo: one file, or METHOD=FILE per method (repeat)"
+    ),
     limit: Optional[int] = typer.Option(None, min=1, help="first N examples of each task"),
     max_new_tokens: Optional[int] = typer.Option(None, min=1, help="default: each task's own"),
-    batch_size: Optional[int] = typer.Option(None, min=1, help="prompts per transformers generate call, and finished "
-                                                               "samples recorded at once (default 32)"),
-    max_running: Optional[int] = typer.Option(None, min=1, help="most sequences the engine runs at once (default: as "
-                                                                "many as --kv-budget holds, up to 256)"),
+    batch_size: Optional[int] = typer.Option(
+        None, min=1, help="prompts per transformers generate call, and finished samples recorded at once (default 32)"
+    ),
+    max_running: Optional[int] = typer.Option(
+        None, min=1, help="most sequences the engine runs at once (default: as many as --kv-budget holds, up to 256)"
+    ),
     temperature: float = typer.Option(0.0, min=0.0, callback=finite),
     top_p: float = typer.Option(1.0, min=0.0, max=1.0),
     seed: int = typer.Option(0),
     sink: int = typer.Option(16, min=0),
     recent: int = typer.Option(64, min=1),
     budget: Optional[int] = typer.Option(None, min=1, help=BUDGET_HELP),
-    keep_rule: str = typer.Option("rank", help="how rlkv / duo / random scores become heads: rank (exact count, ties by "
-                                               "index) or authors (clip, seeded tie noise, quantile: the authors' code)"),
+    keep_rule: str = typer.Option(
+        "rank",
+        help="how rlkv / duo / random scores become heads: rank (exact count, ties by "
+        "index) or authors (clip, seeded tie noise, quantile: the authors' code)",
+    ),
     prefill: str = typer.Option("full", help=PREFILL_HELP),
-    match_bytes: bool = typer.Option(False, help="token-dropping budgets matched to the mean KV bytes of the first head-ranked method in --method (same task and sparsity)"),
+    match_bytes: bool = typer.Option(
+        False,
+        help="token-dropping budgets matched to the mean KV bytes of the first head-ranked method in --method (same task and sparsity)",
+    ),
     data_dir: Optional[str] = typer.Option(None, help=DATA_DIR_HELP),
     report: bool = typer.Option(True, help="write report.md and plots when done (not with --shard)"),
-    engine: str = typer.Option("auto", help="generate through rlkv.Engine: auto (on a GPU), on, off (transformers generate)"),
-    kv_budget: Optional[str] = typer.Option(None, help="the engine's KV pool: a size (20GiB) or a share of free GPU memory (0.8)"),
-    shard: Optional[str] = typer.Option(None, help="K/N: run only every N-th (task, method, sparsity) group, K-th of N, "
-                                                   "in parallel with the others into the same --out; then `rlkv report OUT`"),
+    engine: str = typer.Option(
+        "auto", help="generate through rlkv.Engine: auto (on a GPU), on, off (transformers generate)"
+    ),
+    kv_budget: Optional[str] = typer.Option(
+        None, help="the engine's KV pool: a size (20GiB) or a share of free GPU memory (0.8)"
+    ),
+    shard: Optional[str] = typer.Option(
+        None,
+        help="K/N: run only every N-th (task, method, sparsity) group, K-th of N, "
+        "in parallel with the others into the same --out; then `rlkv report OUT`",
+    ),
 ):
     """Evaluate methods x sparsities on tasks; results stream to OUT and resume after interruption."""
     options = dict(locals())
@@ -71,7 +103,8 @@ def _eval_config(options: dict):
     from rlkv import EvalConfig
 
     return config_from_options(
-        EvalConfig, options,
+        EvalConfig,
+        options,
         tasks=parse_names(options["task"]),
         methods=parse_names(options["method"]),
         sparsities=parse_floats(options["sparsity"], "--sparsity"),

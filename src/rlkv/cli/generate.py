@@ -72,6 +72,9 @@ def _print_generations(outs, elapsed: float, ring: int) -> None:
         f"{n_tokens} tokens in {elapsed:.1f} s ({n_tokens / elapsed:.1f} tok/s)"
     )
     if held > full:
-        console.print(f"more than a full cache: each compressed head holds a fixed ring of --sink + --recent = "
-                      f"{ring} slots, more than sequences of {longest} tokens fill; the savings start past "
-                      f"{ring} tokens", highlight=False)
+        console.print(
+            f"more than a full cache: each compressed head holds a fixed ring of --sink + --recent = "
+            f"{ring} slots, more than sequences of {longest} tokens fill; the savings start past "
+            f"{ring} tokens",
+            highlight=False,
+        )

@@ -17,15 +17,24 @@ def heads_list():
 
     for name, path in patterns.published().items():
         scores = HeadScores.load(name)
-        console.print(f"{name}\t{scores.shape[0]} layers x {scores.shape[1]} kv heads ({path.parent.name})",
-                      soft_wrap=True, highlight=False)
-    console.print(f"not shipped (no licence): the RLKV authors' gates; load head_dist/rlkv/<model> from a clone of "
-                  f"{patterns.RLKV_REPO}", soft_wrap=True, highlight=False)
+        console.print(
+            f"{name}\t{scores.shape[0]} layers x {scores.shape[1]} kv heads ({path.parent.name})",
+            soft_wrap=True,
+            highlight=False,
+        )
+    console.print(
+        f"not shipped (no licence): the RLKV authors' gates; load head_dist/rlkv/<model> from a clone of "
+        f"{patterns.RLKV_REPO}",
+        soft_wrap=True,
+        highlight=False,
+    )
 
 
-def heads_show(path: str = typer.Argument(..., help="a .json/.tsv/.pt file, a pattern directory or a published name"),
-               sparsity: Optional[float] = typer.Option(None, callback=finite, help="also show the keep-mask"),
-               rule: Optional[str] = typer.Option(None, help="keep rule: rank or authors (default: the file's own)")):
+def heads_show(
+    path: str = typer.Argument(..., help="a .json/.tsv/.pt file, a pattern directory or a published name"),
+    sparsity: Optional[float] = typer.Option(None, callback=finite, help="also show the keep-mask"),
+    rule: Optional[str] = typer.Option(None, help="keep rule: rank or authors (default: the file's own)"),
+):
     """Print a head-score matrix (layers x kv_heads)."""
     from rlkv import HeadScores
 

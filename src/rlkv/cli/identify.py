@@ -8,32 +8,54 @@ from typing import Optional
 
 import typer
 
-from rlkv.cli.common import (DATA_DIR_HELP, MODEL_HELP, USER_ERRORS, config_from_options, console, fail, finite,
-                             parse_floats, parse_kv_budget, say, warn)
+from rlkv.cli.common import (
+    DATA_DIR_HELP,
+    MODEL_HELP,
+    USER_ERRORS,
+    config_from_options,
+    console,
+    fail,
+    finite,
+    parse_floats,
+    parse_kv_budget,
+    say,
+    warn,
+)
 
 
 def identify(
     model: str = typer.Option(..., help=MODEL_HELP),
     task: str = typer.Option("math_train", help="training task (see `rlkv tasks`)"),
-    out: Path = typer.Option(..., help="run directory: curriculum cache, log.jsonl, checkpoint.pt, heads.json (resumes)"),
+    out: Path = typer.Option(
+        ..., help="run directory: curriculum cache, log.jsonl, checkpoint.pt, heads.json (resumes)"
+    ),
     data_dir: Optional[str] = typer.Option(None, help=DATA_DIR_HELP),
     limit: Optional[int] = typer.Option(None, min=1, help="first N training problems before the curriculum"),
-    recipe: str = typer.Option("paper", help="paper (the authors' code) or rlkv-v0 (rlkv's first); the options "
-                                             "below left unset take the recipe's value"),
+    recipe: str = typer.Option(
+        "paper",
+        help="paper (the authors' code) or rlkv-v0 (rlkv's first); the options "
+        "below left unset take the recipe's value",
+    ),
     steps: Optional[int] = typer.Option(None, min=1, help="paper: 186"),
     batch_problems: int = typer.Option(32, min=1),
     group: int = typer.Option(4, min=2, help="rollouts per problem"),
     max_new_tokens: Optional[int] = typer.Option(None, min=1, help="paper: 7168"),
-    temperature: float = typer.Option(1.0, min=0.0, callback=finite, help="rollout (and curriculum) sampling; Qwen3 in the paper: 0.6"),
+    temperature: float = typer.Option(
+        1.0, min=0.0, callback=finite, help="rollout (and curriculum) sampling; Qwen3 in the paper: 0.6"
+    ),
     top_p: float = typer.Option(1.0, min=0.0, max=1.0, help="Qwen3 in the paper: 0.95"),
     top_k: int = typer.Option(0, min=0, help="0: off; Qwen3 in the paper: 20"),
-    advantages: Optional[str] = typer.Option(None, help="batch (paper: shaped, normalised over the batch) or group (per problem)"),
+    advantages: Optional[str] = typer.Option(
+        None, help="batch (paper: shaped, normalised over the batch) or group (per problem)"
+    ),
     problems: Optional[str] = typer.Option(None, help="curriculum: solved (paper: pass rate > 0) or band (see --band)"),
     lr: float = typer.Option(1e-2, min=0.0, callback=finite),
     weight_decay: Optional[float] = typer.Option(None, min=0.0, help="AdamW decay on the gates (paper: 0.017)"),
     grad_clip: Optional[float] = typer.Option(None, min=0.0, help="max gate-gradient norm, 0 = off (paper: 1.0)"),
     beta: float = typer.Option(1e-3, min=0.0, callback=finite, help="L1 sparsity coefficient"),
-    tau: float = typer.Option(0.5, callback=finite, help="the penalty acts only above this mean reward (paper: 0.5; 0.55 for Qwen2.5)"),
+    tau: float = typer.Option(
+        0.5, callback=finite, help="the penalty acts only above this mean reward (paper: 0.5; 0.55 for Qwen2.5)"
+    ),
     init: float = typer.Option(1.0, min=0.0, max=1.0, help="every gate's starting value"),
     sink: int = typer.Option(128, min=0),
     recent: int = typer.Option(256, min=1),
@@ -44,7 +66,9 @@ def identify(
     checkpoint_every: int = typer.Option(10, min=1),
     gradient_checkpointing: bool = typer.Option(False, help="recompute activations in backward (long rollouts)"),
     rollout_engine: str = typer.Option("auto", help="rollouts through rlkv.Engine: auto (on a GPU), on, off"),
-    rollout_kv_budget: str = typer.Option("0.4", help="the rollout engine's KV pool: a share of free GPU memory or a size (8GiB)"),
+    rollout_kv_budget: str = typer.Option(
+        "0.4", help="the rollout engine's KV pool: a share of free GPU memory or a size (8GiB)"
+    ),
     seed: int = typer.Option(0),
     check_limit: int = typer.Option(64, min=0, help="held-out problems for the sanity check after training (0: skip)"),
     check_sparsities: str = typer.Option("0.5,0.8", help="sparsities of the sanity check"),
@@ -60,9 +84,19 @@ def identify(
 
     try:
         config = _identify_config(options)
-        identify_pipeline(model, task, config, out, data_dir=data_dir, limit=limit, check_limit=check_limit,
-                          check_sparsities=tuple(parse_floats(check_sparsities, "--check-sparsities")),
-                          check_max_new_tokens=check_max_new_tokens, say=say, warn=warn)
+        identify_pipeline(
+            model,
+            task,
+            config,
+            out,
+            data_dir=data_dir,
+            limit=limit,
+            check_limit=check_limit,
+            check_sparsities=tuple(parse_floats(check_sparsities, "--check-sparsities")),
+            check_max_new_tokens=check_max_new_tokens,
+            say=say,
+            warn=warn,
+        )
     except USER_ERRORS as err:
         fail(err)
 
@@ -72,7 +106,8 @@ def _identify_config(options: dict):
     from rlkv.identify import IdentifyConfig
 
     return config_from_options(
-        IdentifyConfig, options,
+        IdentifyConfig,
+        options,
         band=tuple(parse_floats(options["band"], "--band")),
         rollout_kv_budget=parse_kv_budget(options["rollout_kv_budget"], "--rollout-kv-budget"),
     )
@@ -100,8 +135,17 @@ def identify_duo(
     try:
         if not text.is_file():
             raise FileNotFoundError(f"text file not found: {text} (expected any plain-text file for the haystack)")
-        config = DuoConfig(sink=sink, recent=recent, steps=steps, lr=lr, l1=l1, length=length, num_keys=num_keys,
-                           batch=batch, seed=seed)
+        config = DuoConfig(
+            sink=sink,
+            recent=recent,
+            steps=steps,
+            lr=lr,
+            l1=l1,
+            length=length,
+            num_keys=num_keys,
+            batch=batch,
+            seed=seed,
+        )
         lm, tok = rlkv.load_model(model)
         heads = train_duo(lm, tok, text.read_text(), config, out)
     except USER_ERRORS as err:

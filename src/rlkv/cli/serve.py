@@ -7,30 +7,51 @@ from typing import Optional
 
 import typer
 
-from rlkv.cli.common import (BUDGET_HELP, MODEL_HELP, PREFILL_HELP, SPARSITY_HELP, USER_ERRORS, check_budget, console,
-                             fail, parse_kv_budget)
+from rlkv.cli.common import (
+    BUDGET_HELP,
+    MODEL_HELP,
+    PREFILL_HELP,
+    SPARSITY_HELP,
+    USER_ERRORS,
+    check_budget,
+    console,
+    fail,
+    parse_kv_budget,
+)
 
 
 def serve(
     model: str = typer.Option(..., help=MODEL_HELP),
     heads: Optional[Path] = typer.Option(None, help="head scores (.json/.tsv) for rlkv/duo"),
     sparsity: float = typer.Option(0.0, min=0.0, max=1.0, help=SPARSITY_HELP),
-    method: Optional[str] = typer.Option(None, help="full, streaming, rlkv, duo, random, h2o, snapkv, rkv "
-                                                    "(default: rlkv with --heads, else full / streaming at sparsity 0 / 1)"),
+    method: Optional[str] = typer.Option(
+        None,
+        help="full, streaming, rlkv, duo, random, h2o, snapkv, rkv "
+        "(default: rlkv with --heads, else full / streaming at sparsity 0 / 1)",
+    ),
     sink: int = typer.Option(16, min=0),
     recent: int = typer.Option(64, min=1),
     budget: Optional[int] = typer.Option(None, min=1, help=BUDGET_HELP),
     prefill: str = typer.Option("full", help=PREFILL_HELP),
-    kv_budget: Optional[str] = typer.Option(None, help="the KV pool: a size (20GiB) or a share of free GPU memory (0.8)"),
+    kv_budget: Optional[str] = typer.Option(
+        None, help="the KV pool: a size (20GiB) or a share of free GPU memory (0.8)"
+    ),
     max_batch: int = typer.Option(256, min=1, help="most requests running at once"),
-    max_model_len: Optional[int] = typer.Option(None, min=2, help="longest prompt + completion accepted (default: the engine's)"),
+    max_model_len: Optional[int] = typer.Option(
+        None, min=2, help="longest prompt + completion accepted (default: the engine's)"
+    ),
     default_max_tokens: int = typer.Option(1024, min=1, help="a request's token limit when it sets none"),
-    served_model_name: Optional[str] = typer.Option(None, help="the model name clients send (default: --model as given)"),
+    served_model_name: Optional[str] = typer.Option(
+        None, help="the model name clients send (default: --model as given)"
+    ),
     host: str = typer.Option("127.0.0.1"),
     port: int = typer.Option(8000, min=1, max=65535),
     log_level: str = typer.Option("info", help="uvicorn's: critical, error, warning, info, debug"),
-    engine_process: bool = typer.Option(True, "--engine-process/--engine-thread",
-                                        help="run the engine in a process of its own, or in a thread of the server's"),
+    engine_process: bool = typer.Option(
+        True,
+        "--engine-process/--engine-thread",
+        help="run the engine in a process of its own, or in a thread of the server's",
+    ),
 ):
     """Serve the model over an OpenAI-compatible HTTP API (chat and plain completions, streaming, /metrics)."""
     from rlkv.serve import EngineSpec, create_app
@@ -39,15 +60,28 @@ def serve(
     try:
         name = _method_name(method, heads, sparsity)
         check_budget([name], budget)
-        spec = EngineSpec(model, name, sparsity, heads=str(heads) if heads is not None else None, sink=sink,
-                          recent=recent, budget=budget, prefill=prefill, kv_budget=parse_kv_budget(kv_budget, "--kv-budget"),
-                          max_batch=max_batch, max_seq_len=max_model_len)
+        spec = EngineSpec(
+            model,
+            name,
+            sparsity,
+            heads=str(heads) if heads is not None else None,
+            sink=sink,
+            recent=recent,
+            budget=budget,
+            prefill=prefill,
+            kv_budget=parse_kv_budget(kv_budget, "--kv-budget"),
+            max_batch=max_batch,
+            max_seq_len=max_model_len,
+        )
         engine, tokenizer = _start(spec, engine_process)
         app_ = create_app(engine, tokenizer, served_model_name or model, default_max_tokens=default_max_tokens)
     except USER_ERRORS as err:
         fail(err)
-    console.print(f"serving {served_model_name or model} ({name}, sparsity {sparsity:g}) on "
-                  f"http://{host}:{port}/v1", highlight=False, soft_wrap=True)
+    console.print(
+        f"serving {served_model_name or model} ({name}, sparsity {sparsity:g}) on http://{host}:{port}/v1",
+        highlight=False,
+        soft_wrap=True,
+    )
     try:
         run_server(app_, host=host, port=port, log_level=log_level)
     except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C once it has shut down cleanly

@@ -13,8 +13,21 @@ store and attention a method runs on), `store` (their interface), `kv` (pages an
 """
 
 from rlkv.engine.engine import ENGINE_SETTINGS, Engine, EngineMetrics, EngineStats, check_setting, engine_for
-from rlkv.engine.runtime import Gated
 from rlkv.engine.request import Completion, RequestError, RequestLimits, RequestOutput, SamplingParams, degenerate
+from rlkv.engine.runtime import Gated
 
-__all__ = ["ENGINE_SETTINGS", "Completion", "Engine", "EngineMetrics", "EngineStats", "Gated", "RequestError",
-           "RequestLimits", "RequestOutput", "SamplingParams", "check_setting", "degenerate", "engine_for"]
+__all__ = [
+    "ENGINE_SETTINGS",
+    "Completion",
+    "Engine",
+    "EngineMetrics",
+    "EngineStats",
+    "Gated",
+    "RequestError",
+    "RequestLimits",
+    "RequestOutput",
+    "SamplingParams",
+    "check_setting",
+    "degenerate",
+    "engine_for",
+]

@@ -26,10 +26,10 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from rlkv.hf.plumbing import state_of
 from rlkv.attention.reference import gate_mix, keep_keys_mask, masked_attention
 from rlkv.attention.ring import ring_positions, ring_slot
 from rlkv.engine.kv import KVStore, upload
+from rlkv.hf.plumbing import state_of
 
 
 @dataclass
@@ -74,15 +74,23 @@ class Prompts:
     masks: dict = field(default_factory=dict)
 
     @classmethod
-    def of(cls, store: KVStore, slots: torch.Tensor, pos: torch.Tensor, seq: torch.Tensor, lengths: torch.Tensor,
-           prompt_lengths: torch.Tensor | None = None) -> Prompts:
+    def of(
+        cls,
+        store: KVStore,
+        slots: torch.Tensor,
+        pos: torch.Tensor,
+        seq: torch.Tensor,
+        lengths: torch.Tensor,
+        prompt_lengths: torch.Tensor | None = None,
+    ) -> Prompts:
         """`slots`, `pos`, `seq`, `lengths` (its context's length) and, for a full prefill, `prompt_lengths`
         (its prompt's: a preempted request's context also holds its generated tokens) of every token [T]."""
         at = Decode.of(store, slots, pos)  # page, offset and ring place, as a decode step's token would have
         stays = (pos < store.sink) | (pos >= lengths - store.recent)
         full_rows = pos < prompt_lengths if prompt_lengths is not None else None
-        return cls(pos, seq, at.page, at.offset, torch.where(stays, slots, 0), at.ring, store.sink, store.recent,
-                   full_rows)
+        return cls(
+            pos, seq, at.page, at.offset, torch.where(stays, slots, 0), at.ring, store.sink, store.recent, full_rows
+        )
 
     def attend(self, state, layer: int, query, key, value, scaling: float, window: int | None) -> torch.Tensor:
         return state.prompts(layer, query, key, value, scaling, window)
@@ -96,8 +104,10 @@ class Prompts:
             pos = self.pos[None]
             mask = keep_keys_mask(pos, pos, rule, self.sink, self.recent, window)
             if not full and self.full_rows is not None:
-                mask = mask | (keep_keys_mask(pos, pos, ~rule, self.sink, self.recent, window)
-                               & self.full_rows[None, None, :, None])
+                mask = mask | (
+                    keep_keys_mask(pos, pos, ~rule, self.sink, self.recent, window)
+                    & self.full_rows[None, None, :, None]
+                )
             self.masks[full, window] = mask & own
         return self.masks[full, window]
 
@@ -140,8 +150,9 @@ class EngineState:
 class EngineAttention(EngineState):
     """Head-split and gated mode: the store, the mode and the current batch."""
 
-    def __init__(self, store: KVStore, group: int, alpha: torch.Tensor | None, use_kernel: bool,
-                 full_prefill: bool = False):
+    def __init__(
+        self, store: KVStore, group: int, alpha: torch.Tensor | None, use_kernel: bool, full_prefill: bool = False
+    ):
         self.store, self.group, self.alpha, self.use_kernel = store, group, alpha, use_kernel
         self.full_prefill = full_prefill
         self.batch: Decode | Prompts | Prefill | None = None
@@ -152,8 +163,14 @@ class EngineAttention(EngineState):
     def decode_batch(self, slots: torch.Tensor, pos: torch.Tensor, max_len: int | None = None) -> Decode:
         return Decode.of(self.store, slots, pos, max_len)
 
-    def prompts_batch(self, slots: torch.Tensor, pos: torch.Tensor, seq: torch.Tensor, lengths: torch.Tensor,
-                      prompt_lengths: torch.Tensor) -> Prompts:
+    def prompts_batch(
+        self,
+        slots: torch.Tensor,
+        pos: torch.Tensor,
+        seq: torch.Tensor,
+        lengths: torch.Tensor,
+        prompt_lengths: torch.Tensor,
+    ) -> Prompts:
         return Prompts.of(self.store, slots, pos, seq, lengths, prompt_lengths if self.full_prefill else None)
 
     def _store(self, k, v, layer: int) -> None:
@@ -198,7 +215,9 @@ class EngineAttention(EngineState):
             full = self._kept(layer, query[:, qf], key[:, fi], value[:, fi], b.mask(True, window), stream, scaling)
             out[:, :, qf] = full.transpose(1, 2)
         if len(ci):
-            out[:, :, qc] = _sdpa(query[:, qc], key[:, ci], value[:, ci], b.mask(False, window), scaling).transpose(1, 2)
+            out[:, :, qc] = _sdpa(query[:, qc], key[:, ci], value[:, ci], b.mask(False, window), scaling).transpose(
+                1, 2
+            )
         self._store(key[0].transpose(0, 1), value[0].transpose(0, 1), layer)
         return out
 
@@ -299,8 +318,17 @@ def store_torch(k, v, store: KVStore, layer: int, b: Decode | Prompts) -> None:
         store.ring_v[layer][b.slots, b.ring] = v[:, ci]
 
 
-def decode_torch(q, store: KVStore, layer: int, slots, lengths, max_len: int | None, scaling: float,
-                 window: int | None, alpha: torch.Tensor | None) -> torch.Tensor:
+def decode_torch(
+    q,
+    store: KVStore,
+    layer: int,
+    slots,
+    lengths,
+    max_len: int | None,
+    scaling: float,
+    window: int | None,
+    alpha: torch.Tensor | None,
+) -> torch.Tensor:
     """Decode attention in plain torch: gather pages and rings, mask, softmax. q [B, Hq, D] -> [B, Hq, D]."""
     s = store
     bsz, hq, d = q.shape

@@ -37,12 +37,18 @@ from tqdm.auto import tqdm
 from rlkv.engine.attention import attention
 from rlkv.engine.kv import parse_bytes, upload
 from rlkv.engine.request import (
-    Completion, Request, RequestError, RequestLimits, RequestOutput, SamplingParams, before_stop,
+    Completion,
+    Request,
+    RequestError,
+    RequestLimits,
+    RequestOutput,
+    SamplingParams,
+    before_stop,
 )
 from rlkv.engine.runner import Runner
+from rlkv.engine.runtime import Gated, Setup, runtime_for
 from rlkv.engine.scheduler import Scheduler
 from rlkv.engine.stats import EngineMetrics, EngineStats
-from rlkv.engine.runtime import Gated, Setup, runtime_for
 from rlkv.hf.plumbing import patched
 from rlkv.methods.headsplit import HeadSplit
 from rlkv.methods.tokendrop import TokenDrop
@@ -81,10 +87,22 @@ class _Step:
 class Engine:
     """Generation engine for a transformers Llama / Mistral / Qwen2 / Qwen3 model (see module doc)."""
 
-    def __init__(self, model, tokenizer, method: HeadSplit | TokenDrop | Gated | None = None, kv_budget=None,
-                 max_batch: int = 256, page_size: int = 16, max_seq_len: int | None = None,
-                 prefill_tokens: int = 4096, cuda_graphs: bool | None = None, kernel: bool | None = None,
-                 sequence_tokens: int | None = None, admission: str = "demand", watermark: float = 0.01):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        method: HeadSplit | TokenDrop | Gated | None = None,
+        kv_budget=None,
+        max_batch: int = 256,
+        page_size: int = 16,
+        max_seq_len: int | None = None,
+        prefill_tokens: int = 4096,
+        cuda_graphs: bool | None = None,
+        kernel: bool | None = None,
+        sequence_tokens: int | None = None,
+        admission: str = "demand",
+        watermark: float = 0.01,
+    ):
         """`kv_budget`: bytes, a size string ("20GiB") or a share of free GPU memory (default 0.8 on CUDA).
         `sequence_tokens`: prompt + new tokens of a typical request. With a head-split method, each
         running sequence owns a sink + recent ring allocated up front; given this, there are only as
@@ -97,28 +115,57 @@ class Engine:
         self.device = next(model.parameters()).device
         cuda = self.device.type == "cuda"
         self.method = method
-        for name, value, low in (("max_batch", max_batch, 1), ("page_size", page_size, 1),
-                                 ("prefill_tokens", prefill_tokens, 1),
-                                 *([("sequence_tokens", sequence_tokens, 1)] if sequence_tokens is not None else [])):
+        for name, value, low in (
+            ("max_batch", max_batch, 1),
+            ("page_size", page_size, 1),
+            ("prefill_tokens", prefill_tokens, 1),
+            *([("sequence_tokens", sequence_tokens, 1)] if sequence_tokens is not None else []),
+        ):
             if not isinstance(value, int) or value < low:
                 raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
         self.max_seq_len = max_seq_len or max(32768, getattr(model.config, "max_position_embeddings", 0) or 0)
         budget = parse_bytes(kv_budget if kv_budget is not None else (0.8 if cuda else "1GiB"), self.device)
         dtype = next(model.parameters()).dtype
         self.kernel = cuda if kernel is None else kernel
-        runtime = runtime_for(method, Setup(self.layout, budget, max_batch, page_size, self.max_seq_len,
-                                            sequence_tokens, self.device, dtype, self.kernel))
+        runtime = runtime_for(
+            method,
+            Setup(
+                self.layout,
+                budget,
+                max_batch,
+                page_size,
+                self.max_seq_len,
+                sequence_tokens,
+                self.device,
+                dtype,
+                self.kernel,
+            ),
+        )
         self.store, self.state = runtime.store, runtime.state
         self.cuda_graphs = runtime.graphs if cuda_graphs is None else cuda_graphs
         if self.cuda_graphs and not runtime.graphs:
-            raise ValueError("cuda_graphs needs a CUDA model and, for head-split methods, the Triton kernel (kernel=True)")
+            raise ValueError(
+                "cuda_graphs needs a CUDA model and, for head-split methods, the Triton kernel (kernel=True)"
+            )
         self.max_batch = max_batch
         paged = self.store.pages_for(1) > 0
-        self.limits = RequestLimits(model.config.get_text_config().vocab_size, self.max_seq_len,
-                                    self.store.page_size if paged else 0, self.store.capacity_pages)
+        self.limits = RequestLimits(
+            model.config.get_text_config().vocab_size,
+            self.max_seq_len,
+            self.store.page_size if paged else 0,
+            self.store.capacity_pages,
+        )
         self.scheduler = Scheduler(self.store, max_batch, admission, watermark)
-        self.runner = Runner(model, self.state, self.store, self.device, max_batch, prefill_tokens, self.cuda_graphs,
-                             runtime.whole_prompts)
+        self.runner = Runner(
+            model,
+            self.state,
+            self.store,
+            self.device,
+            max_batch,
+            prefill_tokens,
+            self.cuda_graphs,
+            runtime.whole_prompts,
+        )
         self.stats = EngineStats()
         self._model_eos: frozenset[int] | None = None
         self._requests: dict[str, Request] = {}  # unfinished, by id
@@ -176,10 +223,16 @@ class Engine:
         s = self.store
         total = s.capacity_pages if s.capacity_pages else s.num_slots - 1
         free = s.free_pages if s.capacity_pages else s.free_slots
-        return EngineMetrics(running=len(self.scheduler.admitted), waiting=len(self.scheduler.waiting),
-                             pages_total=total, pages_used=total - free, preemptions=self.scheduler.preemptions,
-                             generated_tokens=self._totals["generated"], prompt_tokens=self._totals["prompt"],
-                             finished_requests=self._totals["finished"])
+        return EngineMetrics(
+            running=len(self.scheduler.admitted),
+            waiting=len(self.scheduler.waiting),
+            pages_total=total,
+            pages_used=total - free,
+            preemptions=self.scheduler.preemptions,
+            generated_tokens=self._totals["generated"],
+            prompt_tokens=self._totals["prompt"],
+            finished_requests=self._totals["finished"],
+        )
 
     # ------------------------------------------------------------------ the loop
     def step(self) -> list[RequestOutput]:
@@ -228,7 +281,9 @@ class Engine:
                 self._prefilling = [r for r in self._prefilling if r.slot >= 0]
                 self._running = [r for r in self._running if r.slot >= 0]
             # everything is read back: the next inputs are on the host
-            self._feed = upload([r.tokens[-1] for r in self._running], torch.long, self.device) if self._running else None
+            self._feed = (
+                upload([r.tokens[-1] for r in self._running], torch.long, self.device) if self._running else None
+            )
         self.scheduler.grow(self._running)
         self.stats.preemptions += self.scheduler.preemptions - before
         return self.scheduler.preemptions > before
@@ -249,8 +304,13 @@ class Engine:
             req.sampled += 1
         if self.device.type != "cuda":
             return _Step(requests, tokens, tokens, logprobs, None)
-        step = _Step(requests, tokens, tokens.to("cpu", non_blocking=True), logprobs.to("cpu", non_blocking=True),
-                     torch.cuda.Event())
+        step = _Step(
+            requests,
+            tokens,
+            tokens.to("cpu", non_blocking=True),
+            logprobs.to("cpu", non_blocking=True),
+            torch.cuda.Event(),
+        )
         step.ready.record()
         return step
 
@@ -275,7 +335,9 @@ class Engine:
     def _report(self, req: Request, completion: Completion | None = None) -> None:
         new = req.tokens[req.reported :]
         req.reported = len(req.tokens)
-        self._outputs.append(RequestOutput(req.id, new, completion is not None, req.finish, completion, len(req.prompt)))
+        self._outputs.append(
+            RequestOutput(req.id, new, completion is not None, req.finish, completion, len(req.prompt))
+        )
 
     def _finish(self, req: Request, reason: str) -> None:
         req.finish = reason
@@ -288,8 +350,15 @@ class Engine:
         if req.finish == "stop":
             text = before_stop(text, req.params.stop)
         n = max(len(req.prompt) + len(req.tokens) - 1, 0)  # the last token is sampled, never stored
-        return Completion(len(req.prompt), list(req.tokens), text, req.finish, list(req.logprobs),
-                          kv_bytes=int(self.store.sequence_nbytes(n)), kv_bytes_full=n * self.layout.kv_bytes_per_token())
+        return Completion(
+            len(req.prompt),
+            list(req.tokens),
+            text,
+            req.finish,
+            list(req.logprobs),
+            kv_bytes=int(self.store.sequence_nbytes(n)),
+            kv_bytes_full=n * self.layout.kv_bytes_per_token(),
+        )
 
     def _take_outputs(self) -> list[RequestOutput]:
         outputs, self._outputs = self._outputs, []
@@ -312,10 +381,21 @@ class Engine:
             session.close()
 
     # ------------------------------------------------------------------ batch convenience
-    def generate(self, prompts, max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
-                 top_k: int = 0, seed: int | list[int] = 0, stop: list[str] | None = None,
-                 eos_token_ids: list[int] | None = None, repetition_window: int = 0, repetition_min_distinct: int = 40,
-                 progress: bool = False, on_complete=None) -> list[Completion]:
+    def generate(
+        self,
+        prompts,
+        max_new_tokens: int = 256,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        seed: int | list[int] = 0,
+        stop: list[str] | None = None,
+        eos_token_ids: list[int] | None = None,
+        repetition_window: int = 0,
+        repetition_min_distinct: int = 40,
+        progress: bool = False,
+        on_complete=None,
+    ) -> list[Completion]:
         """Complete every prompt (strings, used as is with no special tokens added, or lists of token ids).
 
         Request i samples with seed `seed + i` (or `seed[i]`): its output does not depend on the
@@ -329,10 +409,21 @@ class Engine:
         seeds = list(seed) if isinstance(seed, (list, tuple)) else [int(seed) + i for i in range(len(prompts))]
         if len(seeds) != len(prompts):
             raise ValueError(f"got {len(seeds)} seeds for {len(prompts)} prompts")
-        params = [SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                                 seed=s, stop=tuple(stop or ()), ignore_eos=eos_token_ids is not None,
-                                 stop_token_ids=tuple(eos_token_ids or ()), repetition_window=repetition_window,
-                                 repetition_min_distinct=repetition_min_distinct) for s in seeds]
+        params = [
+            SamplingParams(
+                max_tokens=max_new_tokens,
+                temperature=temperature,
+                top_p=top_p,
+                top_k=top_k,
+                seed=s,
+                stop=tuple(stop or ()),
+                ignore_eos=eos_token_ids is not None,
+                stop_token_ids=tuple(eos_token_ids or ()),
+                repetition_window=repetition_window,
+                repetition_min_distinct=repetition_min_distinct,
+            )
+            for s in seeds
+        ]
         ids = self._checked_prompts(prompts, params)
         keys = [f"generate-{self._arrivals}-{i}" for i in range(len(ids))]
         index = {key: i for i, key in enumerate(keys)}
@@ -359,8 +450,10 @@ class Engine:
 
     def _checked_prompts(self, prompts, params: list[SamplingParams]) -> list[list[int]]:
         """Every prompt's token ids, each checked (`check_request`) before any is queued."""
-        ids = [self.tokenizer(p, add_special_tokens=False).input_ids if isinstance(p, str) else [int(t) for t in p]
-               for p in prompts]
+        ids = [
+            self.tokenizer(p, add_special_tokens=False).input_ids if isinstance(p, str) else [int(t) for t in p]
+            for p in prompts
+        ]
         for i, (p, sp) in enumerate(zip(ids, params)):
             if not p:
                 raise RequestError(f"prompt {i} is empty")
@@ -372,8 +465,12 @@ class Engine:
 
     def _begin_stats(self, ids: list[list[int]]) -> float:
         """Fresh `stats` for a generate call over `ids`; returns its start time."""
-        self.stats = EngineStats(requests=len(ids), prompt_tokens=sum(map(len, ids)), pool_bytes=self.store.nbytes(),
-                                 pages=self.store.capacity_pages)
+        self.stats = EngineStats(
+            requests=len(ids),
+            prompt_tokens=sum(map(len, ids)),
+            pool_bytes=self.store.nbytes(),
+            pages=self.store.capacity_pages,
+        )
         self.runner.decode_steps = self.runner.prefill_forwards = 0
         self.store.peak_pages_used = 0
         if self.device.type == "cuda":

@@ -30,16 +30,53 @@ from rlkv.engine.kv import KVStore
 
 @triton.jit
 def _decode_kernel(
-    Q, KP, VP, KR, VR, KIND, INDEX, PT, LENS, SLOTS, ACC, M, L, O, ALPHA,
-    stride_qb, stride_qh, stride_ob, stride_oh,
-    stride_pp, stride_pt, stride_ph,
-    stride_rs, stride_rt, stride_rh,
+    Q,
+    KP,
+    VP,
+    KR,
+    VR,
+    KIND,
+    INDEX,
+    PT,
+    LENS,
+    SLOTS,
+    ACC,
+    M,
+    L,
+    O,
+    ALPHA,
+    stride_qb,
+    stride_qh,
+    stride_ob,
+    stride_oh,
+    stride_pp,
+    stride_pt,
+    stride_ph,
+    stride_rs,
+    stride_rt,
+    stride_rh,
     stride_table,
-    stride_an, stride_ab, stride_ah, stride_as,
-    stride_mn, stride_mb, stride_mh,
-    scale, sink, recent, window,
-    G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr, BLOCK: tl.constexpr,
-    RING: tl.constexpr, RING_PAD: tl.constexpr, SPLITS: tl.constexpr, GATED: tl.constexpr, PRECISION: tl.constexpr,
+    stride_an,
+    stride_ab,
+    stride_ah,
+    stride_as,
+    stride_mn,
+    stride_mb,
+    stride_mh,
+    scale,
+    sink,
+    recent,
+    window,
+    G: tl.constexpr,
+    G_PAD: tl.constexpr,
+    D: tl.constexpr,
+    PAGE: tl.constexpr,
+    BLOCK: tl.constexpr,
+    RING: tl.constexpr,
+    RING_PAD: tl.constexpr,
+    SPLITS: tl.constexpr,
+    GATED: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     b = tl.program_id(0)
     h = tl.program_id(1)
@@ -80,7 +117,9 @@ def _decode_kernel(
             m_i, l_i, acc = online_softmax(tl.where(valid[None, :], sc, float("-inf")), v, m_i, l_i, acc, PRECISION)
             if GATED:
                 stream = valid & ((t < sink) | (t > last - recent))
-                m_s, l_s, acc_s = online_softmax(tl.where(stream[None, :], sc, float("-inf")), v, m_s, l_s, acc_s, PRECISION)
+                m_s, l_s, acc_s = online_softmax(
+                    tl.where(stream[None, :], sc, float("-inf")), v, m_s, l_s, acc_s, PRECISION
+                )
     else:
         if split == 0:
             j = tl.arange(0, RING_PAD)
@@ -115,11 +154,31 @@ def _decode_kernel(
 
 
 @triton.jit
-def _store_kernel(K, V, KP, VP, KR, VR, KIND, INDEX, PAGE, OFFSET, SLOT, RING,
-                  stride_kb, stride_kh, stride_vb, stride_vh,
-                  stride_pp, stride_pt, stride_ph,
-                  stride_rs, stride_rt, stride_rh,
-                  D: tl.constexpr):
+def _store_kernel(
+    K,
+    V,
+    KP,
+    VP,
+    KR,
+    VR,
+    KIND,
+    INDEX,
+    PAGE,
+    OFFSET,
+    SLOT,
+    RING,
+    stride_kb,
+    stride_kh,
+    stride_vb,
+    stride_vh,
+    stride_pp,
+    stride_pt,
+    stride_ph,
+    stride_rs,
+    stride_rt,
+    stride_rh,
+    D: tl.constexpr,
+):
     """One (row, KV head): its new token's K/V into its page (kept head) or its ring slot (compressed head)."""
     b = tl.program_id(0)
     h = tl.program_id(1)
@@ -145,8 +204,22 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, store: KVStore, layer: int, batch
     v = v if v.stride(-1) == 1 else v.contiguous()
     pk, pv, rk, rv = store.pages_k[layer], store.pages_v[layer], store.ring_k[layer], store.ring_v[layer]
     _store_kernel[(k.shape[0], k.shape[1])](
-        k, v, pk, pv, rk, rv, store.kind[layer], store.index[layer], batch.page, batch.offset, batch.slots, batch.ring,
-        k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        k,
+        v,
+        pk,
+        pv,
+        rk,
+        rv,
+        store.kind[layer],
+        store.index[layer],
+        batch.page,
+        batch.offset,
+        batch.slots,
+        batch.ring,
+        k.stride(0),
+        k.stride(1),
+        v.stride(0),
+        v.stride(1),
         *(pk.stride()[:3] if pk.ndim == 4 else (0, 0, 0)),
         *(rk.stride()[:3] if rk.ndim == 4 else (0, 0, 0)),
         D=k.shape[-1],
@@ -162,10 +235,20 @@ def num_splits(batch: int, kv_heads: int, device: torch.device) -> int:
     return max(1, min(16, sms // (batch * kv_heads)))
 
 
-def decode_attention(q: torch.Tensor, store: KVStore, layer: int, slots: torch.Tensor, lengths: torch.Tensor,
-                     scaling: float, window: int | None, alpha: torch.Tensor | None = None,
-                     splits: int | None = None, block: int | None = None, num_warps: int = 8,
-                     num_stages: int | None = None) -> torch.Tensor:
+def decode_attention(
+    q: torch.Tensor,
+    store: KVStore,
+    layer: int,
+    slots: torch.Tensor,
+    lengths: torch.Tensor,
+    scaling: float,
+    window: int | None,
+    alpha: torch.Tensor | None = None,
+    splits: int | None = None,
+    block: int | None = None,
+    num_warps: int = 8,
+    num_stages: int | None = None,
+) -> torch.Tensor:
     """Decode attention of q [B, Hq, D] over the store's pages and rings of `layer` -> [B, Hq, D].
 
     Launch defaults: a tile of BLOCK x D = 16384 elements (256 tokens at D = 64, 128 at D = 128), 8
@@ -195,18 +278,46 @@ def decode_attention(q: torch.Tensor, store: KVStore, layer: int, slots: torch.T
     page = store.page_size
     block = max(block, page)
     _decode_kernel[(bsz, kv_heads, splits)](
-        q, pk, pv, rk, rv, store.kind[layer], store.index[layer], store.page_table, lengths.to(torch.int32),
-        slots.to(torch.int32), acc, m, denom, out, alpha_f,
-        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
-        *page_strides, *ring_strides,
+        q,
+        pk,
+        pv,
+        rk,
+        rv,
+        store.kind[layer],
+        store.index[layer],
+        store.page_table,
+        lengths.to(torch.int32),
+        slots.to(torch.int32),
+        acc,
+        m,
+        denom,
+        out,
+        alpha_f,
+        q.stride(0),
+        q.stride(1),
+        out.stride(0),
+        out.stride(1),
+        *page_strides,
+        *ring_strides,
         store.page_table.stride(0),
         *acc_strides,
         *m_strides,
-        scaling, store.sink, store.recent, window or 0,
-        G=group, G_PAD=max(16, triton.next_power_of_2(group)), D=d, PAGE=page, BLOCK=block,
-        RING=store.ring, RING_PAD=max(16, triton.next_power_of_2(store.ring)), SPLITS=splits, GATED=alpha is not None,
+        scaling,
+        store.sink,
+        store.recent,
+        window or 0,
+        G=group,
+        G_PAD=max(16, triton.next_power_of_2(group)),
+        D=d,
+        PAGE=page,
+        BLOCK=block,
+        RING=store.ring,
+        RING_PAD=max(16, triton.next_power_of_2(store.ring)),
+        SPLITS=splits,
+        GATED=alpha is not None,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        num_warps=num_warps, num_stages=num_stages,
+        num_warps=num_warps,
+        num_stages=num_stages,
     )
     if splits == 1:
         return out

@@ -23,14 +23,25 @@ from __future__ import annotations
 
 import math
 import re
+
 import torch
 
 from rlkv.attention.ring import query_heads
 from rlkv.engine.store import Slots, free_list
 from rlkv.models import Layout
 
-_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
 
 
 def parse_bytes(budget, device: torch.device) -> int:
@@ -50,7 +61,9 @@ def parse_bytes(budget, device: torch.device) -> int:
         return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
     if isinstance(budget, int) and budget > 0:
         return budget
-    raise ValueError(f"kv_budget must be bytes, a size string like '20GiB' or a share of free GPU memory, got {budget!r}")
+    raise ValueError(
+        f"kv_budget must be bytes, a size string like '20GiB' or a share of free GPU memory, got {budget!r}"
+    )
 
 
 def upload(data, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -67,8 +80,20 @@ class KVStore(Slots):
     """Pages and rings for every layer, sized from a byte budget; allocates pages and slots to sequences
     (`rlkv.engine.store.Store`)."""
 
-    def __init__(self, layout: Layout, keep: torch.Tensor, sink: int, recent: int, page_size: int, budget: int,
-                 max_batch: int, max_seq_len: int, device, dtype: torch.dtype, sequence_tokens: int | None = None):
+    def __init__(
+        self,
+        layout: Layout,
+        keep: torch.Tensor,
+        sink: int,
+        recent: int,
+        page_size: int,
+        budget: int,
+        max_batch: int,
+        max_seq_len: int,
+        device,
+        dtype: torch.dtype,
+        sequence_tokens: int | None = None,
+    ):
         if tuple(keep.shape) != layout.shape:
             raise ValueError(f"keep-mask is {tuple(keep.shape)} but the model has {layout.shape} (layers x kv_heads)")
         self.keep = keep.bool().cpu()
@@ -177,7 +202,9 @@ class KVStore(Slots):
     # ------------------------------------------------------------------ accounting
     def nbytes(self) -> int:
         """Bytes allocated for K/V (pages and rings of every layer)."""
-        return sum(t.numel() * t.element_size() for ts in (self.pages_k, self.pages_v, self.ring_k, self.ring_v) for t in ts)
+        return sum(
+            t.numel() * t.element_size() for ts in (self.pages_k, self.pages_v, self.ring_k, self.ring_v) for t in ts
+        )
 
     def sequence_nbytes(self, tokens: int) -> int:
         """Bytes of K/V a sequence of `tokens` tokens holds: its kept heads' tokens and its ring."""

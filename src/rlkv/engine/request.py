@@ -45,13 +45,17 @@ class RequestLimits:
             raise RequestError(f"prompt token {bad!r} is not a token id: expected integers in [0, {vocab})")
         need = len(prompt_ids) + params.max_tokens
         if need > self.max_seq_len:
-            raise RequestError(f"the prompt has {len(prompt_ids)} tokens; with max_tokens={params.max_tokens} it needs "
-                               f"{need} > max_seq_len={self.max_seq_len}")
+            raise RequestError(
+                f"the prompt has {len(prompt_ids)} tokens; with max_tokens={params.max_tokens} it needs "
+                f"{need} > max_seq_len={self.max_seq_len}"
+            )
         pages = self.pages_for(need)
         if pages > self.capacity_pages:
-            raise RequestError(f"the prompt has {len(prompt_ids)} tokens; with max_tokens={params.max_tokens} it needs "
-                               f"{pages} pages of {self.page_size} tokens but the KV pool holds {self.capacity_pages}: "
-                               "raise kv_budget or lower max_tokens")
+            raise RequestError(
+                f"the prompt has {len(prompt_ids)} tokens; with max_tokens={params.max_tokens} it needs "
+                f"{pages} pages of {self.page_size} tokens but the KV pool holds {self.capacity_pages}: "
+                "raise kv_budget or lower max_tokens"
+            )
 
 
 @dataclass(frozen=True)
@@ -87,8 +91,11 @@ class SamplingParams:
             ("stop", all(isinstance(s, str) and s for s in self.stop), "non-empty strings"),
             ("stop_token_ids", all(_is_int(t) and t >= 0 for t in self.stop_token_ids), "integers >= 0"),
             ("repetition_window", _is_int(self.repetition_window) and self.repetition_window >= 0, "an integer >= 0"),
-            ("repetition_min_distinct", _is_int(self.repetition_min_distinct) and self.repetition_min_distinct >= 1,
-             "an integer >= 1"),
+            (
+                "repetition_min_distinct",
+                _is_int(self.repetition_min_distinct) and self.repetition_min_distinct >= 1,
+                "an integer >= 1",
+            ),
         )
         for name, ok, expected in checks:
             if not ok:

@@ -53,8 +53,9 @@ def pick(logits, seeds, steps, top_k, temperature, top_p, mode: str) -> tuple[to
 class Runner:
     """Forwards of one model with the engine's attention `state` over its KV `store`."""
 
-    def __init__(self, model, state, store, device, max_batch: int, prefill_tokens: int, cuda_graphs: bool,
-                 whole_prompts: bool):
+    def __init__(
+        self, model, state, store, device, max_batch: int, prefill_tokens: int, cuda_graphs: bool, whole_prompts: bool
+    ):
         self.model, self.state, self.store, self.device = model, state, store, device
         self.prefill_tokens = prefill_tokens
         self.cuda_graphs, self.whole_prompts = cuda_graphs, whole_prompts
@@ -105,8 +106,9 @@ class Runner:
             tokens, logprobs = tokens[:n], logprobs[:n]
         else:
             inputs = torch.cat([feed[None], upload(host, torch.long, self.device)])
-            tokens, logprobs = self._decode_step(inputs, upload(floats, torch.float32, self.device), mode,
-                                                 max_len=max(host[0]) + 1)
+            tokens, logprobs = self._decode_step(
+                inputs, upload(floats, torch.float32, self.device), mode, max_len=max(host[0]) + 1
+            )
         self.decode_steps += 1
         return tokens, logprobs
 
@@ -209,8 +211,9 @@ class Runner:
         if key not in self._graphs:
             if not any(getattr(m, "_rlkv_state", None) is self.state for m in self.model.modules()):
                 # outside `Engine.step` the model has its own attention: the graph would store and read no K/V
-                raise RuntimeError("a step's CUDA graph must be captured with the engine's attention installed "
-                                   "(inside Engine.step)")
+                raise RuntimeError(
+                    "a step's CUDA graph must be captured with the engine's attention installed (inside Engine.step)"
+                )
             if shape[0] == "decode":
                 self._static.zero_()
                 static, static_f = self._static[:, : shape[1]], self._static_f[:, : shape[1]]

@@ -71,8 +71,19 @@ def runtime_for(method, setup: Setup) -> Runtime:
 
 
 def _paged(setup: Setup, keep: torch.Tensor, sink: int, recent: int, alpha=None, full_prefill: bool = False) -> Runtime:
-    store = KVStore(setup.layout, keep, sink, recent, setup.page_size, setup.budget, setup.max_batch,
-                    setup.max_seq_len, setup.device, setup.dtype, setup.sequence_tokens)
+    store = KVStore(
+        setup.layout,
+        keep,
+        sink,
+        recent,
+        setup.page_size,
+        setup.budget,
+        setup.max_batch,
+        setup.max_seq_len,
+        setup.device,
+        setup.dtype,
+        setup.sequence_tokens,
+    )
     state = EngineAttention(store, setup.layout.group_size, alpha, setup.kernel, full_prefill)
     # the torch decode path reads the longest length on the host, so only the kernel's step is graphed
     return Runtime(store, state, graphs=setup.device.type == "cuda" and setup.kernel, whole_prompts=False)
@@ -94,13 +105,16 @@ def _gated(method: Gated, setup: Setup) -> Runtime:
     if not isinstance(alpha, torch.Tensor) or tuple(alpha.shape) != shape:
         raise ValueError(f"Gated alpha must be a tensor of shape {shape} (layers x kv_heads)")
     if alpha.device != setup.device:
-        raise ValueError(f"Gated alpha is on {alpha.device} but the model on {setup.device}: the engine reads "
-                         "alpha in place, so keep it on the model's device")
+        raise ValueError(
+            f"Gated alpha is on {alpha.device} but the model on {setup.device}: the engine reads "
+            "alpha in place, so keep it on the model's device"
+        )
     return _paged(setup, torch.ones(shape, dtype=torch.bool), method.sink, method.recent, alpha=alpha.detach())
 
 
 @runtime_for.register(TokenDrop)
 def _token_drop(method: TokenDrop, setup: Setup) -> Runtime:
     store = TokenDropStore(setup.layout, method.policy, setup.budget, setup.max_batch, setup.device, setup.dtype)
-    return Runtime(store, TokenDropAttention(store, setup.kernel), graphs=setup.device.type == "cuda",
-                   whole_prompts=True)
+    return Runtime(
+        store, TokenDropAttention(store, setup.kernel), graphs=setup.device.type == "cuda", whole_prompts=True
+    )

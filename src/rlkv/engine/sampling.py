@@ -63,8 +63,9 @@ def filter_logits(logits: torch.Tensor, top_k, top_p) -> torch.Tensor:
     return logits.scatter(-1, order, ordered.masked_fill(drop, float("-inf")))
 
 
-def sample(logits: torch.Tensor, temperature, top_k, top_p, seeds: torch.Tensor, steps: torch.Tensor,
-           filtered: bool = True) -> torch.Tensor:
+def sample(
+    logits: torch.Tensor, temperature, top_k, top_p, seeds: torch.Tensor, steps: torch.Tensor, filtered: bool = True
+) -> torch.Tensor:
     """Next token ids [B] from logits [B, V]: greedy where the temperature is 0, else seeded sampling.
 
     `temperature`, `top_k`, `top_p` are numbers (one setting for the batch) or per-row tensors [B];

@@ -30,10 +30,10 @@ from __future__ import annotations
 
 import torch
 
+from rlkv.attention.tokendrop import Candidates, Policy, candidate_attention, compact, select_tokens
 from rlkv.engine.attention import Decode, EngineState, Prefill
 from rlkv.engine.kv import upload
 from rlkv.engine.store import Slots
-from rlkv.attention.tokendrop import Candidates, Policy, candidate_attention, compact, select_tokens
 from rlkv.models import Layout
 
 PAD_TOKENS = 8192  # prompts x longest prompt of one padded prefill group: bounds its attention's memory
@@ -51,9 +51,11 @@ class TokenDropStore(Slots):
         self.slot_bytes = int(policy.sequence_bytes(layout, torch.tensor(self.capacity)))
         fits = budget // self.slot_bytes - 1  # slot 0 is scratch
         if fits < 1:
-            raise ValueError(f"kv_budget of {budget / 2**20:.1f} MiB cannot hold one {policy.name} sequence "
-                             f"({self.slot_bytes / 2**20:.2f} MiB with scratch: {2 * self.slot_bytes / 2**20:.2f} MiB): "
-                             "raise kv_budget or lower the budget of tokens")
+            raise ValueError(
+                f"kv_budget of {budget / 2**20:.1f} MiB cannot hold one {policy.name} sequence "
+                f"({self.slot_bytes / 2**20:.2f} MiB with scratch: {2 * self.slot_bytes / 2**20:.2f} MiB): "
+                "raise kv_budget or lower the budget of tokens"
+            )
         self._init_slots(min(max_batch, fits) + 1)
         shape = (self.num_slots, layout.num_kv_heads, self.capacity)
         d = layout.head_dim
@@ -61,8 +63,9 @@ class TokenDropStore(Slots):
         self.values = [torch.zeros_like(k) for k in self.keys]
         self.pos = [torch.full(shape, -1, dtype=torch.int32, device=device) for _ in range(layout.num_layers)]
         self.score = [torch.zeros(shape, device=device) for _ in range(layout.num_layers)] if policy.scored else None
-        self.extra = [policy.empty_state(self.num_slots, layout.num_q_heads, d, dtype, device)
-                      for _ in range(layout.num_layers)]  # e.g. R-KV's last queries
+        self.extra = [
+            policy.empty_state(self.num_slots, layout.num_q_heads, d, dtype, device) for _ in range(layout.num_layers)
+        ]  # e.g. R-KV's last queries
         self.peak_pages_used = 0
 
     # ------------------------------------------------------------------ allocation (KVStore's interface)
@@ -82,7 +85,13 @@ class TokenDropStore(Slots):
 
     # ------------------------------------------------------------------ accounting
     def nbytes(self) -> int:
-        tensors = [*self.keys, *self.values, *self.pos, *(self.score or []), *(t for e in self.extra for t in e.values())]
+        tensors = [
+            *self.keys,
+            *self.values,
+            *self.pos,
+            *(self.score or []),
+            *(t for e in self.extra for t in e.values()),
+        ]
         return sum(t.numel() * t.element_size() for t in tensors)
 
     def sequence_nbytes(self, tokens):
@@ -90,12 +99,23 @@ class TokenDropStore(Slots):
         return self.policy.sequence_bytes(self.layout, torch.as_tensor(tokens))
 
     # ------------------------------------------------------------------ a decode step, in place
-    def candidates(self, layer: int, slots: torch.Tensor, k: torch.Tensor, q_pos: torch.Tensor, attn, scaling: float,
-                   needs_keys: bool) -> Candidates:
+    def candidates(
+        self,
+        layer: int,
+        slots: torch.Tensor,
+        k: torch.Tensor,
+        q_pos: torch.Tensor,
+        attn,
+        scaling: float,
+        needs_keys: bool,
+    ) -> Candidates:
         """The rows' slot places of `layer`, then their new tokens (k [B, Hkv, D] at q_pos [B]), as `Candidates`."""
         pos = then_new(self.pos[layer], slots, new_positions(q_pos, k))
-        score = then_new(self.score[layer], slots, k.new_zeros(*k.shape[:2], 1, dtype=torch.float32)) \
-            if self.score is not None else None
+        score = (
+            then_new(self.score[layer], slots, k.new_zeros(*k.shape[:2], 1, dtype=torch.float32))
+            if self.score is not None
+            else None
+        )
         keys = then_new(self.keys[layer], slots, k[:, :, None]) if needs_keys else None
         return Candidates(keys, None, pos, score, attn, False, scaling)
 
@@ -149,7 +169,9 @@ class TokenDropAttention(EngineState):
             attend = slot_attention_torch
         self._attend = attend
         self.batch = None
-        self._groups: tuple[Prefill, list[PaddedPrompts]] | None = None  # the current prefill's, built once for all layers
+        self._groups: tuple[Prefill, list[PaddedPrompts]] | None = (
+            None  # the current prefill's, built once for all layers
+        )
 
     def decode_batch(self, slots: torch.Tensor, pos: torch.Tensor, max_len: int | None = None) -> Decode:
         return Decode(slots, pos, None, None, None, max_len)  # no pages, no ring
@@ -157,8 +179,19 @@ class TokenDropAttention(EngineState):
     def decode(self, layer: int, q, k, v, scaling: float, window: int | None) -> torch.Tensor:
         """q [B, Hq, D], k/v [B, Hkv, D] of the new tokens -> attention output [B, Hq, D]; the slots keep what the policy keeps."""
         b, store, policy = self.batch, self.store, self.policy
-        out, attn = self._attend(q, k, v, store.keys[layer], store.values[layer], store.pos[layer], b.slots, b.pos,
-                                 scaling, window, policy.observed(False, 1) > 0)
+        out, attn = self._attend(
+            q,
+            k,
+            v,
+            store.keys[layer],
+            store.values[layer],
+            store.pos[layer],
+            b.slots,
+            b.pos,
+            scaling,
+            window,
+            policy.observed(False, 1) > 0,
+        )
         c = store.candidates(layer, b.slots, k, b.pos, attn, scaling, policy.needs_keys)
         state = store.state(layer, b.slots)
         keep = policy.select(state, c, q[:, :, None], b.pos[:, None])
@@ -199,7 +232,8 @@ class PaddedPrompts:
             dest += range(seg.offset, seg.offset + seg.length)
             src += range(i * width + pad, (i + 1) * width)
         self.cols, self.q_pos, self.dest, self.src, self.slots = (
-            upload(x, torch.long, device) for x in (cols, q_pos, dest, src, [seg.slot for seg in segments]))
+            upload(x, torch.long, device) for x in (cols, q_pos, dest, src, [seg.slot for seg in segments])
+        )
 
     @classmethod
     def groups(cls, batch: Prefill, device: torch.device) -> list[PaddedPrompts]:
@@ -217,8 +251,16 @@ def slot_attention_torch(q, k, v, keys, values, pos, slots, q_pos, scaling: floa
     """`rlkv.attention.slot_kernel.slot_attention` in plain torch: gather the rows' slots, append the new tokens, and
     attend with `candidate_attention` (the transformers path's own attention)."""
     cand_keys, cand_values = then_new(keys, slots, k[:, :, None]), then_new(values, slots, v[:, :, None])
-    out, attn = candidate_attention(q[:, :, None], cand_keys, cand_values, then_new(pos, slots, new_positions(q_pos, k)),
-                                    q_pos[:, None], scaling, window, int(observe))
+    out, attn = candidate_attention(
+        q[:, :, None],
+        cand_keys,
+        cand_values,
+        then_new(pos, slots, new_positions(q_pos, k)),
+        q_pos[:, None],
+        scaling,
+        window,
+        int(observe),
+    )
     return out[:, 0], attn
 
 

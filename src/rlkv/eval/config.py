@@ -12,8 +12,19 @@ from rlkv.hf.splitcache import PREFILL_MODES
 # The settings a run directory keeps for good: a resumed run must share them (heads: per method, in rlkv.eval.run).
 # A run recorded before a setting existed ran with the default it has now, except for these:
 BEFORE_IT_EXISTED = {"prefill": "compressed"}  # full prefill became the default when the setting came in
-IDENTITY = ("model", "max_new_tokens", "temperature", "top_p", "seed", "sink", "recent", "budget",
-            "match_bytes", "keep_rule", "prefill")
+IDENTITY = (
+    "model",
+    "max_new_tokens",
+    "temperature",
+    "top_p",
+    "seed",
+    "sink",
+    "recent",
+    "budget",
+    "match_bytes",
+    "keep_rule",
+    "prefill",
+)
 
 
 @dataclass
@@ -26,8 +37,12 @@ class EvalConfig:
     heads: str | dict[str, str] | None = None  # one head-score file, or one per method: {"rlkv": a, "duo": b}
     limit: int | None = None
     max_new_tokens: int | None = None  # None: each task's own default
-    batch_size: int | None = None  # prompts per transformers generate call, finished samples recorded at once (None: 32)
-    max_running: int | None = None  # most sequences the engine runs at once (None: as many as kv_budget holds, up to 256)
+    batch_size: int | None = (
+        None  # prompts per transformers generate call, finished samples recorded at once (None: 32)
+    )
+    max_running: int | None = (
+        None  # most sequences the engine runs at once (None: as many as kv_budget holds, up to 256)
+    )
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int = 0
@@ -35,7 +50,9 @@ class EvalConfig:
     recent: int = 64
     budget: int | None = None  # tokens per KV head for h2o / snapkv / rkv
     keep_rule: str = "rank"  # how rlkv / duo / random scores become heads: "rank" or "authors" (rlkv.heads)
-    prefill: str = "full"  # head splits: "full" (every head attends over the whole prompt: the authors') or "compressed"
+    prefill: str = (
+        "full"  # head splits: "full" (every head attends over the whole prompt: the authors') or "compressed"
+    )
     match_bytes: bool = False  # instead: per task and sparsity, the budget matching a head-split method's mean bytes
     data_dir: str | None = None
     repetition_window: int = 400  # 0 turns the degenerate-repetition stop off
@@ -51,13 +68,24 @@ class EvalConfig:
         if self.keep_rule not in KEEP_RULES:
             raise ValueError(f"keep_rule must be one of {', '.join(KEEP_RULES)}, got {self.keep_rule!r}")
         if isinstance(self.heads, dict) and set(self.heads) - set(self.methods):
-            raise ValueError(f"heads are given for {sorted(set(self.heads) - set(self.methods))}, "
-                             f"which are not among the evaluated methods {self.methods}")
+            raise ValueError(
+                f"heads are given for {sorted(set(self.heads) - set(self.methods))}, "
+                f"which are not among the evaluated methods {self.methods}"
+            )
 
 
 # The least value of each whole-number setting; those that may be None (the default) are in OPTIONAL.
-MINIMUM = {"batch_size": 1, "max_running": 1, "limit": 1, "max_new_tokens": 1, "sink": 0, "recent": 1, "budget": 1,
-           "repetition_window": 0, "repetition_min_distinct": 1}
+MINIMUM = {
+    "batch_size": 1,
+    "max_running": 1,
+    "limit": 1,
+    "max_new_tokens": 1,
+    "sink": 0,
+    "recent": 1,
+    "budget": 1,
+    "repetition_window": 0,
+    "repetition_min_distinct": 1,
+}
 OPTIONAL = ("batch_size", "max_running", "limit", "max_new_tokens", "budget")
 BATCH_SIZE = 32  # batch_size when None
 
@@ -70,8 +98,10 @@ def _check_settings(config: EvalConfig) -> None:
             raise ValueError(f"EvalConfig {name} must be a non-empty list, got {values!r}")
     for sparsity in config.sparsities:
         if not _is_number(sparsity) or not 0 <= sparsity <= 1:
-            raise ValueError(f"sparsity must be a number in [0, 1] (fraction of KV heads compressed; full and "
-                             f"streaming take one too), got {sparsity!r}")
+            raise ValueError(
+                f"sparsity must be a number in [0, 1] (fraction of KV heads compressed; full and "
+                f"streaming take one too), got {sparsity!r}"
+            )
     for name, least in MINIMUM.items():
         value = getattr(config, name)
         if value is None and name in OPTIONAL:

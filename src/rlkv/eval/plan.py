@@ -34,8 +34,17 @@ def method_plan(config: EvalConfig, layout: Layout) -> list[tuple[str, float, ob
             options = {"keep_rule": config.keep_rule} if name in method_registry.HEAD_RANKED else {}
             if name not in method_registry.TOKEN_DROPPING:
                 options["prefill"] = config.prefill
-            method = method_registry.build(name, layout, sparsity, heads=_heads_for(config, name), sink=config.sink,
-                                           recent=config.recent, seed=config.seed, budget=config.budget, **options)
+            method = method_registry.build(
+                name,
+                layout,
+                sparsity,
+                heads=_heads_for(config, name),
+                sink=config.sink,
+                recent=config.recent,
+                seed=config.seed,
+                budget=config.budget,
+                **options,
+            )
             key = (name, method.sparsity)
             if key not in seen:
                 seen.add(key)
@@ -59,8 +68,11 @@ def matched(name: str, task: str, sparsity: float, ids: set[str], config: EvalCo
     shard may find it still running in the shard that owns it.
     """
     ref = bytes_reference(config.methods)  # method_plan checked there is one
-    reference = [s for s in run_records(out, "samples")
-                 if (s["task"], s["method"], float(s["sparsity"])) == (task, ref, sparsity)]
+    reference = [
+        s
+        for s in run_records(out, "samples")
+        if (s["task"], s["method"], float(s["sparsity"])) == (task, ref, sparsity)
+    ]
     have = len(ids & {str(s["id"]) for s in reference})
     if have < len(ids):
         raise ValueError(
@@ -77,7 +89,9 @@ def matched(name: str, task: str, sparsity: float, ids: set[str], config: EvalCo
         warnings.warn(
             f"--match-bytes: {name} cannot hold as little KV as {ref} on {task} at sparsity {sparsity:g}: its budget "
             f"of {match.budget} tokens is predicted to hold {100 * match.excess:.0f}% more; it runs there and the "
-            "report marks it as not at equal memory", stacklevel=2)
+            "report marks it as not at equal memory",
+            stacklevel=2,
+        )
     return build(match.budget)
 
 

@@ -45,9 +45,12 @@ def markdown_table(rows: list[dict]) -> str:
     for (method, sparsity), by_task in cells.items():
         lines.append(f"| {method} | {sparsity:g} | " + " | ".join(by_task.get(t, "") for t in tasks) + " |")
     if any(_over_reference(r) for r in rows):
-        lines += ["", f"† not at equal memory: held more than {1 + OVER_REFERENCE:g}x the mean KV bytes of the "
-                      "head-split method it was matched to (the multiple shown), e.g. where its smallest budget "
-                      "cannot go lower."]
+        lines += [
+            "",
+            f"† not at equal memory: held more than {1 + OVER_REFERENCE:g}x the mean KV bytes of the "
+            "head-split method it was matched to (the multiple shown), e.g. where its smallest budget "
+            "cannot go lower.",
+        ]
     return "\n".join(lines)
 
 
@@ -68,7 +71,9 @@ def details_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _plot(rows: list[dict], x: str, y: str, xlabel: str, ylabel: str, path: Path, title: str, xlim=(-0.03, 1.03)) -> Path:
+def _plot(
+    rows: list[dict], x: str, y: str, xlabel: str, ylabel: str, path: Path, title: str, xlim=(-0.03, 1.03)
+) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -111,20 +116,43 @@ def report(run_dir: str | Path) -> Path:
     run_dir = Path(run_dir)
     samples, rows = summarize_run(run_dir)  # samples.jsonl and every shard's
     if not samples:
-        raise FileNotFoundError(f"{run_dir} holds no results (expected samples.jsonl or samples.shard-*.jsonl "
-                                f"from `rlkv eval --out {run_dir}`)")
+        raise FileNotFoundError(
+            f"{run_dir} holds no results (expected samples.jsonl or samples.shard-*.jsonl "
+            f"from `rlkv eval --out {run_dir}`)"
+        )
     model = ""
     config = read_config(run_dir)
     if config is not None:
         model = Path(config.get("model") or "").name
         write_summary(run_dir, {k: v for k, v in config.items() if k != "invocations"}, rows)
     plots = [
-        _plot(rows, "sparsity", "accuracy", "sparsity (fraction of KV heads compressed)", "accuracy (%)",
-              run_dir / "accuracy_vs_sparsity.png", f"accuracy vs sparsity {model}"),
-        _plot(rows, "kv_mean_ratio", "accuracy", "mean KV bytes held / full cache", "accuracy (%)",
-              run_dir / "accuracy_vs_kv.png", f"accuracy vs KV memory {model}"),
-        _plot(rows, "sparsity", "mean_tokens", "sparsity", "mean output tokens",
-              run_dir / "length_vs_sparsity.png", f"output length {model}"),
+        _plot(
+            rows,
+            "sparsity",
+            "accuracy",
+            "sparsity (fraction of KV heads compressed)",
+            "accuracy (%)",
+            run_dir / "accuracy_vs_sparsity.png",
+            f"accuracy vs sparsity {model}",
+        ),
+        _plot(
+            rows,
+            "kv_mean_ratio",
+            "accuracy",
+            "mean KV bytes held / full cache",
+            "accuracy (%)",
+            run_dir / "accuracy_vs_kv.png",
+            f"accuracy vs KV memory {model}",
+        ),
+        _plot(
+            rows,
+            "sparsity",
+            "mean_tokens",
+            "sparsity",
+            "mean output tokens",
+            run_dir / "length_vs_sparsity.png",
+            f"output length {model}",
+        ),
     ]
     text = [
         f"# Evaluation report: {model}",

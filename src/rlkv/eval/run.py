@@ -33,7 +33,16 @@ from rlkv.engine.sampling import stable_seed
 from rlkv.eval.config import BEFORE_IT_EXISTED, IDENTITY, EvalConfig
 from rlkv.eval.plan import bytes_reference, matched, method_plan
 from rlkv.eval.report import markdown_table
-from rlkv.eval.rundir import Shard, drop_torn_tail, own_file, read_config, run_records, sample_key, sole_writer, write_whole
+from rlkv.eval.rundir import (
+    Shard,
+    drop_torn_tail,
+    own_file,
+    read_config,
+    run_records,
+    sample_key,
+    sole_writer,
+    write_whole,
+)
 from rlkv.eval.samples import generate_samples
 from rlkv.eval.summary import summarize_run, write_summary
 from rlkv.models import Layout
@@ -62,7 +71,12 @@ class _Group:
 
 
 def evaluate(
-    model, tokenizer, config: EvalConfig, out: str | Path, progress: bool = True, examples: dict | None = None,
+    model,
+    tokenizer,
+    config: EvalConfig,
+    out: str | Path,
+    progress: bool = True,
+    examples: dict | None = None,
     shard: Shard | None = None,
 ) -> EvalResults:
     """Generate, grade and record every (task, method, sparsity) group of `config` under `out`.
@@ -115,7 +129,9 @@ def _identity(model, config: EvalConfig, layout: Layout, plan: list, shard: Shar
         "command": " ".join(shlex.quote(a) for a in sys.argv),
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         **settings,
-        "method_params": [m.describe() if m else {"method": n, "sparsity": sp, "budget": "matched"} for n, sp, m in plan],
+        "method_params": [
+            m.describe() if m else {"method": n, "sparsity": sp, "budget": "matched"} for n, sp, m in plan
+        ],
         "environment": _environment(model),
         "shard": str(shard) if shard else None,
     }
@@ -131,16 +147,22 @@ def _todo(tasks: dict, examples: dict, plan: list, done: dict, shard: Shard | No
     """
     groups = [(task, name, sparsity, method) for task in tasks.values() for name, sparsity, method in plan]
     todo = [
-        _Group(task, name, sparsity, method,
-               [e for e in examples[task.name] if (task.name, name, sparsity, e.id) not in done])
+        _Group(
+            task,
+            name,
+            sparsity,
+            method,
+            [e for e in examples[task.name] if (task.name, name, sparsity, e.id) not in done],
+        )
         for g, (task, name, sparsity, method) in enumerate(groups)
         if shard is None or shard.owns(g)
     ]
     return sorted(todo, key=lambda group: group.method is None)
 
 
-def _run_group(model, tokenizer, config: EvalConfig, group: _Group, examples: list, done: dict, out: Path,
-               shard: Shard | None, bar) -> None:
+def _run_group(
+    model, tokenizer, config: EvalConfig, group: _Group, examples: list, done: dict, out: Path, shard: Shard | None, bar
+) -> None:
     """Generate, grade and append the group's pending examples, batch by batch."""
     task, name, sparsity, method = group.task, group.name, group.sparsity, group.method
     matched_to = None
@@ -177,7 +199,9 @@ def _run_group(model, tokenizer, config: EvalConfig, group: _Group, examples: li
 def _environment(model) -> dict:
     device = model.device
     return {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()})",
+        "device": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"cpu ({platform.processor() or platform.machine()})",
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "rlkv": __version__,
@@ -206,7 +230,9 @@ def _open_run(out: Path, record: dict, invocation: dict, shard: Shard | None) ->
             changes = [f"{k}: {before[k]!r} -> {record.get(k)!r}" for k in IDENTITY if before[k] != record.get(k)]
             changes += [f"heads_sha256[{m}]: {was!r} -> {now!r}" for m, was, now in heads_diff]
             if changes:
-                raise ValueError(f"{out} holds a run with a different configuration ({', '.join(changes)}); use a new --out")
+                raise ValueError(
+                    f"{out} holds a run with a different configuration ({', '.join(changes)}); use a new --out"
+                )
             record = {**record, "heads_sha256": heads, "invocations": old.get("invocations", []) + [invocation]}
         else:
             record = {**record, "invocations": [invocation]}

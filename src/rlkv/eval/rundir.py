@@ -48,7 +48,7 @@ class Shard:
 
     @classmethod
     def parse(cls, text: str) -> Shard:
-        """"2/8" -> Shard(2, 8)."""
+        """ "2/8" -> Shard(2, 8)."""
         match = re.fullmatch(r"\s*([0-9]+)\s*/\s*([0-9]+)\s*", text)
         if not match or not 1 <= int(match[1]) <= int(match[2]):
             raise ValueError(f"--shard expects K/N with 1 <= K <= N, got {text!r}")
@@ -108,7 +108,8 @@ def _refuse(out: Path, shard: Shard | None, other: Shard | None, path: Path):
     raise ValueError(
         f"another process is running {_holder_name(other)} into {out} (pid {pid}, appending to "
         f"{own_file(out, 'samples', other).name}), which would append the same samples as "
-        f"{_holder_name(shard)}; let it finish or stop it, then run this command again to resume")
+        f"{_holder_name(shard)}; let it finish or stop it, then run this command again to resume"
+    )
 
 
 @contextmanager
@@ -228,17 +229,22 @@ def _distinct_samples(out: Path, records: list[tuple[Path, int, dict]]) -> list[
     for path, number, record in records:
         missing = [k for k in KEY_FIELDS if k not in record]
         if missing:
-            raise ValueError(f"{path}: record {number} has no {', '.join(missing)}: expected a sample written by "
-                             "rlkv eval (task, method, sparsity, id, completion, score, ...)")
+            raise ValueError(
+                f"{path}: record {number} has no {', '.join(missing)}: expected a sample written by "
+                "rlkv eval (task, method, sparsity, id, completion, score, ...)"
+            )
         key = sample_key(record)
         if key in seen:
             repeats += 1
         else:
             seen[key] = record
     if repeats:
-        warnings.warn(f"{out} holds {repeats} repeated samples (the same task, method, sparsity and id more than "
-                      "once, as two processes running the same groups at once leave): each is counted once, "
-                      "as first read", stacklevel=3)
+        warnings.warn(
+            f"{out} holds {repeats} repeated samples (the same task, method, sparsity and id more than "
+            "once, as two processes running the same groups at once leave): each is counted once, "
+            "as first read",
+            stacklevel=3,
+        )
     return list(seen.values())
 
 

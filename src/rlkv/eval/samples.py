@@ -21,16 +21,31 @@ from rlkv.methods.matching import bytes_over_decoding
 from rlkv.models import Layout, eos_ids
 
 
-def generate_samples(model, tokenizer, method, prompts: list[str], seeds: list[int], max_new_tokens: int,
-                     config: EvalConfig, save_batch: Callable[[list[int], list[dict], dict], None]) -> None:
+def generate_samples(
+    model,
+    tokenizer,
+    method,
+    prompts: list[str],
+    seeds: list[int],
+    max_new_tokens: int,
+    config: EvalConfig,
+    save_batch: Callable[[list[int], list[dict], dict], None],
+) -> None:
     """Generate every prompt under `method`; `save_batch(indices, samples, timing)` gets each batch as it finishes.
 
     Seeds come from the caller (per example): the engine samples each example as before on a resume.
     The transformers path draws from the torch RNG, seeded with the run's seed.
     """
     rows = config.batch_size or BATCH_SIZE
-    runner = generator(model, tokenizer, method, engine=config.engine, kv_budget=config.kv_budget,
-                       max_batch=config.max_running, batch_size=rows)  # max_running None: the engine's own cap
+    runner = generator(
+        model,
+        tokenizer,
+        method,
+        engine=config.engine,
+        kv_budget=config.kv_budget,
+        max_batch=config.max_running,
+        batch_size=rows,
+    )  # max_running None: the engine's own cap
     full_per_token = Layout.of(model).kv_bytes_per_token()
     buffer: list[tuple[int, object]] = []
     clock = {"last": time.perf_counter(), "grading": 0.0}
@@ -39,11 +54,17 @@ def generate_samples(model, tokenizer, method, prompts: list[str], seeds: list[i
         if not buffer:
             return
         now = time.perf_counter()
-        samples = [{"completion": c.text, "tokens": len(c.tokens), "prompt_tokens": c.prompt_tokens,
-                    "finish": c.finish} for _, c in buffer]
+        samples = [
+            {"completion": c.text, "tokens": len(c.tokens), "prompt_tokens": c.prompt_tokens, "finish": c.finish}
+            for _, c in buffer
+        ]
         _record_kv_bytes(samples, runner.store, full_per_token)
-        timing = {"seconds": now - clock["last"] - clock["grading"], "tokens": sum(s["tokens"] for s in samples),
-                  "batch": len(samples), **({"engine": True} if isinstance(runner, Engine) else {})}
+        timing = {
+            "seconds": now - clock["last"] - clock["grading"],
+            "tokens": sum(s["tokens"] for s in samples),
+            "batch": len(samples),
+            **({"engine": True} if isinstance(runner, Engine) else {}),
+        }
         indices = [i for i, _ in buffer]
         buffer.clear()
         save_batch(indices, samples, timing)
@@ -56,9 +77,17 @@ def generate_samples(model, tokenizer, method, prompts: list[str], seeds: list[i
             flush()
 
     torch.manual_seed(config.seed)
-    runner.generate(prompts, max_new_tokens=max_new_tokens, temperature=config.temperature, top_p=config.top_p,
-                    seed=seeds, eos_token_ids=eos_ids(model, tokenizer), repetition_window=config.repetition_window,
-                    repetition_min_distinct=config.repetition_min_distinct, on_complete=on_complete)
+    runner.generate(
+        prompts,
+        max_new_tokens=max_new_tokens,
+        temperature=config.temperature,
+        top_p=config.top_p,
+        seed=seeds,
+        eos_token_ids=eos_ids(model, tokenizer),
+        repetition_window=config.repetition_window,
+        repetition_min_distinct=config.repetition_min_distinct,
+        on_complete=on_complete,
+    )
     flush()
 
 
@@ -69,5 +98,9 @@ def _record_kv_bytes(samples: list[dict], cache, full_per_token: int) -> None:
     every length the sequence went through (prompt + 1 ... prompt + tokens).
     """
     for s, (t, b) in zip(samples, bytes_over_decoding(cache.sequence_nbytes, samples)):
-        s.update(kv_bytes=int(b[-1]), kv_bytes_full=int(t[-1]) * full_per_token,
-                 kv_bytes_mean=float(b.mean()), kv_bytes_full_mean=float(t.double().mean()) * full_per_token)
+        s.update(
+            kv_bytes=int(b[-1]),
+            kv_bytes_full=int(t[-1]) * full_per_token,
+            kv_bytes_mean=float(b.mean()),
+            kv_bytes_full_mean=float(t.double().mean()) * full_per_token,
+        )

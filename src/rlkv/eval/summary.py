@@ -36,23 +36,27 @@ def summarize(samples: list[dict], batches: list[dict] = (), reference: str | No
         budget = items[0].get("budget")  # token-dropping methods: tokens per KV head
         matched_to = items[0].get("matched_to", reference) if budget is not None else None
         seconds, tokens = timing.get((task, method, sparsity), (0.0, 0))
-        rows.append({
-            "task": task,
-            "method": method,
-            "sparsity": sparsity,
-            "n": n,
-            "accuracy": sum(s["score"] for s in items) / n,
-            "mean_tokens": sum(s["tokens"] for s in items) / n,
-            "pct_length": 100.0 * sum(s["finish"] == "length" for s in items) / n,
-            "pct_repetition": 100.0 * sum(s["finish"] == "repetition" for s in items) / n,
-            "kv_mean_ratio": sum(s["kv_bytes_mean"] for s in items) / sum(s["kv_bytes_full_mean"] for s in items),
-            "kv_peak_ratio": sum(s["kv_bytes"] for s in items) / sum(s["kv_bytes_full"] for s in items),
-            "budget": budget,
-            "matched_to": matched_to,
-            "kv_vs_reference": _vs_reference(items, groups.get((task, matched_to, sparsity))) if matched_to else None,
-            "seconds": seconds,
-            "tok_per_s": tokens / seconds if seconds else None,
-        })
+        rows.append(
+            {
+                "task": task,
+                "method": method,
+                "sparsity": sparsity,
+                "n": n,
+                "accuracy": sum(s["score"] for s in items) / n,
+                "mean_tokens": sum(s["tokens"] for s in items) / n,
+                "pct_length": 100.0 * sum(s["finish"] == "length" for s in items) / n,
+                "pct_repetition": 100.0 * sum(s["finish"] == "repetition" for s in items) / n,
+                "kv_mean_ratio": sum(s["kv_bytes_mean"] for s in items) / sum(s["kv_bytes_full_mean"] for s in items),
+                "kv_peak_ratio": sum(s["kv_bytes"] for s in items) / sum(s["kv_bytes_full"] for s in items),
+                "budget": budget,
+                "matched_to": matched_to,
+                "kv_vs_reference": _vs_reference(items, groups.get((task, matched_to, sparsity)))
+                if matched_to
+                else None,
+                "seconds": seconds,
+                "tok_per_s": tokens / seconds if seconds else None,
+            }
+        )
     return sorted(rows, key=lambda r: (r["task"], r["method"] != "full", r["method"], r["sparsity"]))
 
 

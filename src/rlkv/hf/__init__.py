@@ -14,5 +14,16 @@ from rlkv.hf.headsplit import FullCache, cache_nbytes, compress, resolve_keep
 from rlkv.hf.splitcache import HeadSplitCache, HeadSplitLayer
 from rlkv.hf.tokendrop import TokenDropCache, TokenDropLayer, token_drop
 
-__all__ = ["FullCache", "HeadSplitCache", "HeadSplitLayer", "TokenDropCache", "TokenDropLayer", "cache_nbytes",
-           "compress", "gated", "init_gates", "resolve_keep", "token_drop"]
+__all__ = [
+    "FullCache",
+    "HeadSplitCache",
+    "HeadSplitLayer",
+    "TokenDropCache",
+    "TokenDropLayer",
+    "cache_nbytes",
+    "compress",
+    "gated",
+    "init_gates",
+    "resolve_keep",
+    "token_drop",
+]

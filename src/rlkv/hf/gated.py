@@ -30,13 +30,14 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from rlkv.hf.plumbing import Step, patched, state_of
 from rlkv.attention.reference import gate_mix, keep_keys_mask
+from rlkv.hf.plumbing import Step, patched, state_of
 from rlkv.models import Layout
 
 # cuDNN attention is left out: on an H100 (torch 2.11, bf16) its backward gave NaN gradients to
 # alpha for some sequence lengths (448 and 576 tokens, say); flash, memory-efficient and math agree.
 TRAINING_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
 
 def init_gates(model, value: float = 1.0) -> torch.nn.Parameter:
     """A (layers x kv_heads) float32 gate Parameter for `model`, every entry `value` (RLKV: 1)."""

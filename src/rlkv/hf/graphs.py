@@ -91,8 +91,17 @@ def planned_columns(generation_config, max_cache_length: int | None) -> int | No
 
 
 # What `generate` passes to a decoding forward; anything else (outputs asked for, embeddings) runs eagerly.
-GENERATE_INPUTS = {"input_ids", "attention_mask", "position_ids", "use_cache", "logits_to_keep", "return_dict",
-                   "output_attentions", "output_hidden_states", *CACHE_KWARGS}
+GENERATE_INPUTS = {
+    "input_ids",
+    "attention_mask",
+    "position_ids",
+    "use_cache",
+    "logits_to_keep",
+    "return_dict",
+    "output_attentions",
+    "output_hidden_states",
+    *CACHE_KWARGS,
+}
 
 
 class CapturedStep:
@@ -117,8 +126,15 @@ class CapturedStep:
     def _step(self):
         kwargs = {} if self.logits_to_keep is None else {"logits_to_keep": self.logits_to_keep}
         with self.cache.fixed_step(self.q_pos, self.column):
-            return self.forward(input_ids=self.ids, position_ids=self.position_ids, attention_mask=None,
-                                use_cache=True, return_dict=True, **{CACHE_KWARG: self.cache}, **kwargs)
+            return self.forward(
+                input_ids=self.ids,
+                position_ids=self.position_ids,
+                attention_mask=None,
+                use_cache=True,
+                return_dict=True,
+                **{CACHE_KWARG: self.cache},
+                **kwargs,
+            )
 
     def record(self, warm_up: bool):
         """This step's output, run for real (with `warm_up`, on a side stream, as a capture after it needs:
@@ -140,7 +156,11 @@ class CapturedStep:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):  # recorded, not run: the cache stays as the real run left it
             recorded = self._step()
-        self.graph, self.output_type, self.logits = graph, type(recorded), recorded.logits  # (not the output: it holds the cache)
+        self.graph, self.output_type, self.logits = (
+            graph,
+            type(recorded),
+            recorded.logits,
+        )  # (not the output: it holds the cache)
 
     def matches(self, input_ids, logits_to_keep) -> bool:
         return input_ids.shape == self.ids.shape and logits_to_keep == self.logits_to_keep
@@ -187,8 +207,12 @@ class DecodeGraphs:
             try:
                 captured.capture()
             except RuntimeError as error:  # e.g. a host synchronization in the model's own code (a dynamic RoPE)
-                warnings.warn(f"rlkv: this model's decoding step cannot be captured in a CUDA graph ({error}); "
-                              "it decodes eagerly", RuntimeWarning, stacklevel=2)
+                warnings.warn(
+                    f"rlkv: this model's decoding step cannot be captured in a CUDA graph ({error}); "
+                    "it decodes eagerly",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
                 self.failed.add(cache)
                 return output
         cache.graph = captured
@@ -198,9 +222,16 @@ class DecodeGraphs:
         """The cache of a forward that is a replayable decoding step (module docstring), else None."""
         cache = forward_cache(kwargs)
         ids = kwargs.get("input_ids")
-        if (args or not isinstance(cache, ReplayableCache) or cache in self.failed or not set(kwargs) <= GENERATE_INPUTS
-                or kwargs.get("output_attentions") or kwargs.get("output_hidden_states")
-                or kwargs.get("return_dict") is False or kwargs.get("use_cache") is False):
+        if (
+            args
+            or not isinstance(cache, ReplayableCache)
+            or cache in self.failed
+            or not set(kwargs) <= GENERATE_INPUTS
+            or kwargs.get("output_attentions")
+            or kwargs.get("output_hidden_states")
+            or kwargs.get("return_dict") is False
+            or kwargs.get("use_cache") is False
+        ):
             return None
         if ids is None or ids.ndim != 2 or ids.shape[1] != 1 or not cache.replayable() or ids.shape[0] != cache.batch:
             return None

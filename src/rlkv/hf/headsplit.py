@@ -71,7 +71,9 @@ class FullCache(DynamicCache):
         for layer in self.layers:
             if getattr(layer, "keys", None) is None or layer.keys.numel() == 0:
                 continue
-            per_token = layer.keys.shape[1] * (layer.keys.shape[-1] + layer.values.shape[-1]) * layer.keys.element_size()
+            per_token = (
+                layer.keys.shape[1] * (layer.keys.shape[-1] + layer.values.shape[-1]) * layer.keys.element_size()
+            )
             window = getattr(layer, "sliding_window", None)
             total = total + (num_tokens if window is None else num_tokens.clamp(max=window)) * per_token
         return total
@@ -89,11 +91,15 @@ class _Session:
         self.prompt_len = None  # prefill="full": real prompt tokens per row of the current cache
         self._generate_prompt = None  # the prompt `generate` is about to feed
         self._prompt_cache = None
-        self._planned = None  # the most columns the cache `generate` is about to build will store (None: not replayable)
+        self._planned = (
+            None  # the most columns the cache `generate` is about to build will store (None: not replayable)
+        )
 
     def before_generate(self, generation_config, model_kwargs: dict, max_cache_length: int | None) -> None:
         mask = model_kwargs.get("attention_mask")
-        self._generate_prompt = mask.sum(dim=-1) if mask is not None else getattr(generation_config, "_mask_length", None)
+        self._generate_prompt = (
+            mask.sum(dim=-1) if mask is not None else getattr(generation_config, "_mask_length", None)
+        )
         fits_window = self.window is None or (max_cache_length or 0) <= self.window
         self._planned = planned_columns(generation_config, max_cache_length) if fits_window else None
 
@@ -132,11 +138,19 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
     if session.all_full[layer]:
         return session.base(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
     if not isinstance(cache, HeadSplitCache):
-        mask = keep_keys_mask(step.q_pos, step.k_pos[:, -key.shape[2] :], session.keep[layer], session.sink,
-                              session.recent, window, session.prompt_len)
+        mask = keep_keys_mask(
+            step.q_pos,
+            step.k_pos[:, -key.shape[2] :],
+            session.keep[layer],
+            session.sink,
+            session.recent,
+            window,
+            session.prompt_len,
+        )
         return masked_attention(query, key, value, mask, scaling), None
-    out = cache.layers[layer].attend(module, query, key, value, attention_mask, scaling, window, session.base,
-                                     dict(kwargs, dropout=dropout))
+    out = cache.layers[layer].attend(
+        module, query, key, value, attention_mask, scaling, window, session.base, dict(kwargs, dropout=dropout)
+    )
     return out, None
 
 
@@ -157,11 +171,18 @@ def sliding_window(config) -> int | None:
 def resolve_keep(layout: Layout, heads, sparsity: float | None) -> torch.Tensor:
     """The (layers x kv_heads) keep-mask from a HeadScores (or file path) and a sparsity, or a bool mask."""
     if not isinstance(heads, (HeadScores, str, os.PathLike, type(None))) and not (
-            isinstance(heads, torch.Tensor) and heads.dtype == torch.bool):
-        got = f"a {str(heads.dtype).removeprefix('torch.')} tensor" if isinstance(heads, torch.Tensor) else type(heads).__name__
-        raise TypeError(f"heads must be a HeadScores, a head-score file path, a bool torch tensor keep-mask "
-                        f"(layers x kv_heads) or None, got {got} (a mask: torch.tensor(mask, dtype=torch.bool); "
-                        "scores: rlkv.HeadScores(scores) with sparsity=)")
+        isinstance(heads, torch.Tensor) and heads.dtype == torch.bool
+    ):
+        got = (
+            f"a {str(heads.dtype).removeprefix('torch.')} tensor"
+            if isinstance(heads, torch.Tensor)
+            else type(heads).__name__
+        )
+        raise TypeError(
+            f"heads must be a HeadScores, a head-score file path, a bool torch tensor keep-mask "
+            f"(layers x kv_heads) or None, got {got} (a mask: torch.tensor(mask, dtype=torch.bool); "
+            "scores: rlkv.HeadScores(scores) with sparsity=)"
+        )
     if isinstance(heads, torch.Tensor):
         if sparsity is not None:
             raise ValueError("pass either a boolean keep-mask or head scores with a sparsity, not both")
@@ -181,8 +202,15 @@ def resolve_keep(layout: Layout, heads, sparsity: float | None) -> torch.Tensor:
     return heads.keep_mask(sparsity)
 
 
-def compress(model, heads=None, sparsity: float | None = None, sink: int = 16, recent: int = 64,
-             prefill: str = "full", cuda_graphs: bool | None = None):
+def compress(
+    model,
+    heads=None,
+    sparsity: float | None = None,
+    sink: int = 16,
+    recent: int = 64,
+    prefill: str = "full",
+    cuda_graphs: bool | None = None,
+):
     """Make `model`'s KV cache per head inside a `with` block.
 
     Kept heads (the top `1 - sparsity` fraction by `heads` scores) store every token; the
@@ -204,5 +232,6 @@ def compress(model, heads=None, sparsity: float | None = None, sink: int = 16, r
     session = _Session(keep, sink, recent, model.config._attn_implementation, prefill, sliding_window(model.config))
     if keep.all():
         return _every_head_kept(model, session)
-    return with_graphs(model, session, patched(model, "rlkv_headsplit", _attention, session,
-                                               make_cache=session.new_cache), graphs)
+    return with_graphs(
+        model, session, patched(model, "rlkv_headsplit", _attention, session, make_cache=session.new_cache), graphs
+    )

@@ -33,8 +33,11 @@ BASE_IMPLEMENTATIONS = ("sdpa", "eager")
 # The cache's keyword in model forwards, `generate` and its model_kwargs: `past_key_values` up to
 # transformers 5.2x, `cache` since its rename (where the old name still works, with a warning).
 CACHE_KWARGS = ("cache", "past_key_values")
-CACHE_KWARG = "cache" if "cache" in inspect.signature(GenerationMixin.prepare_inputs_for_generation).parameters \
+CACHE_KWARG = (
+    "cache"
+    if "cache" in inspect.signature(GenerationMixin.prepare_inputs_for_generation).parameters
     else "past_key_values"
+)
 
 
 def output_cache(output) -> Cache | None:
@@ -162,6 +165,7 @@ def own_cache(model, state, make_cache):
 @contextmanager
 def recorded_cache(model, state):
     """Inside the block, `state.cache` is the cache of the decoder's latest forward (None without one)."""
+
     def record(_, args, kwargs):
         state.cache = forward_cache(kwargs)
 
@@ -188,8 +192,9 @@ def patched(model, name: str, attention, state, make_cache=None, bases=BASE_IMPL
         AttentionMaskInterface.register(registered, ALL_MASK_ATTENTION_FUNCTIONS[base])
     decoder = getattr(model, "model", model)
     modules = [m for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "o_proj")]
-    hook = decoder.register_forward_pre_hook(lambda _, args, kwargs: state.before_forward(read_step(args, kwargs)),
-                                             with_kwargs=True)
+    hook = decoder.register_forward_pre_hook(
+        lambda _, args, kwargs: state.before_forward(read_step(args, kwargs)), with_kwargs=True
+    )
     for module in modules:
         module._rlkv_state = state
     with ExitStack() as stack:

@@ -44,10 +44,10 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers.cache_utils import CacheLayerMixin
 
-from rlkv.hf.graphs import ReplayableCache
-from rlkv.hf.plumbing import CompressedLayer, Step
 from rlkv.attention.reference import keep_keys_mask
 from rlkv.attention.ring import query_heads, ring_slot
+from rlkv.hf.graphs import ReplayableCache
+from rlkv.hf.plumbing import CompressedLayer, Step
 
 GROW = 256  # columns added per kept head when a layer's buffer is full
 GRAPH_GROW = 1024  # columns a cache whose steps are replayed makes room for at once (each growth re-records the step)
@@ -105,20 +105,24 @@ class Plan(Parts):
 
     def candidates(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """(positions of stored + new tokens [b, n], ring src, ring hit); src/hit None while the prompt stays open."""
+
         def build():
             pos = torch.cat([self.stored_pos, self.q_pos], dim=-1)
             if self.cache.prompt_open_after(self):
                 return pos, None, None
             return (pos, *ring_plan(pos, self.cache.sink, self.cache.recent))
+
         return self.part("candidates", build)
 
     def candidate_mask(self, window: int | None) -> torch.Tensor:
         """[b, 1, q, n]: which candidates each new query of a compressed head attends (padding queries: any)."""
+
         def build():
             pos = self.candidates()[0]
             none = torch.zeros(1, dtype=torch.bool, device=pos.device)
             mask = keep_keys_mask(self.q_pos, pos, none, self.cache.sink, self.cache.recent, window, self.prompt_len)
             return mask | (self.q_pos < 0)[:, None, :, None]
+
         return self.part(("mask", window), build)
 
 
@@ -138,34 +142,42 @@ class DecodeStep(Parts):
     def slot(self) -> torch.Tensor:
         """Each row's ring slot [b, 1]; on first use, writes the new positions into the ring positions
         and marks the new column valid (once per step, before any layer attends)."""
+
         def build():
             cache = self.cache
             slot = ring_slot(self.q_pos, cache.sink, cache.recent)
             cache.ring_pos.scatter_(1, slot, self.q_pos)
             cache.col_valid.index_fill_(1, self.column, True)
             return slot
+
         return self.part("slot", build)
 
     def ring_mask(self, dtype) -> torch.Tensor:
         """Additive mask [b, 1, 1, sink + recent] of the ring slots that hold a token."""
+
         def build():
             self.slot()
             empty = (self.cache.ring_pos < 0)[:, None, None, :]
             return torch.zeros(empty.shape, dtype=dtype, device=empty.device).masked_fill_(empty, float("-inf"))
+
         return self.part(("ring_mask", dtype), build)
 
     def layout(self, keep: tuple[bool, ...], group: int, dtype, dim: int):
         """(write index [b, h, dim], additive mask [b, 1, hq, slots]) of a layer with keep pattern `keep`:
         where each head's new token goes, and which slots of the whole buffer each query head attends."""
+
         def build():
             cache, slot = self.cache, self.slot()
             kept, offset, match = cache.flat_layout(keep, group, slot.device)
             nf, nc = sum(keep), len(keep) - sum(keep)
             index = offset + torch.where(kept, self.column * nf, slot)  # [b, h]
-            valid = torch.cat([(cache.ring_pos >= 0).repeat(1, nc), cache.col_valid.repeat_interleave(nf, dim=1)], dim=1)
+            valid = torch.cat(
+                [(cache.ring_pos >= 0).repeat(1, nc), cache.col_valid.repeat_interleave(nf, dim=1)], dim=1
+            )
             valid = valid[:, None, None, :] & match
             mask = torch.zeros(valid.shape, dtype=dtype, device=valid.device).masked_fill_(~valid, float("-inf"))
             return index[:, :, None].expand(-1, -1, dim), mask
+
         return self.part(("layout", keep), build)
 
 
@@ -255,8 +267,15 @@ class HeadSplitLayer(CompressedLayer, CacheLayerMixin):
             keys, values = self._kept_views
             keys[:, :, plan.start : plan.length] = key[:, self.full_idx]
             values[:, :, plan.start : plan.length] = value[:, self.full_idx]
-            out[:, :, q_full] = base(module, query[:, q_full], keys[:, :, : plan.length], values[:, :, : plan.length],
-                                     attention_mask, scaling=scaling, **kwargs)[0]
+            out[:, :, q_full] = base(
+                module,
+                query[:, q_full],
+                keys[:, :, : plan.length],
+                values[:, :, : plan.length],
+                attention_mask,
+                scaling=scaling,
+                **kwargs,
+            )[0]
             key, value = key[:, self.comp_idx], value[:, self.comp_idx]
         out[:, :, q_comp] = self._attend_compressed(query[:, q_comp], key, value, plan, scaling, window, group)
         return out
@@ -270,16 +289,24 @@ class HeadSplitLayer(CompressedLayer, CacheLayerMixin):
         self.keys.scatter_(1, index[..., : self.keys.shape[-1]], key[:, :, 0])
         self.values.scatter_(1, index[..., : self.values.shape[-1]], value[:, :, 0])
         if self.nf == 0:  # rings only: each KV head's query heads form its query axis
-            out = attention(query.reshape(b, self.nc, group, d), self.ring(self.keys), self.ring(self.values),
-                            step.ring_mask(query.dtype), scaling)
+            out = attention(
+                query.reshape(b, self.nc, group, d),
+                self.ring(self.keys),
+                self.ring(self.values),
+                step.ring_mask(query.dtype),
+                scaling,
+            )
             return out.reshape(b, 1, hq, -1)
         return attention(query.reshape(b, 1, hq, d), self.keys[:, None], self.values[:, None], mask, scaling)
 
     def _attend_compressed(self, query, new_k, new_v, plan: Plan, scaling: float, window, group: int) -> torch.Tensor:
         """Compressed heads over stored (ring or prompt) + new tokens [b, q, hq_c, d]; then store the new tokens."""
         _, src, hit = plan.candidates()
-        stored_k, stored_v = (self.prompt_keys, self.prompt_values) if plan.from_prompt else \
-            (self.ring(self.keys), self.ring(self.values))
+        stored_k, stored_v = (
+            (self.prompt_keys, self.prompt_values)
+            if plan.from_prompt
+            else (self.ring(self.keys), self.ring(self.values))
+        )
         if stored_k is None:
             stored_k, stored_v = new_k[:, :, :0], new_v[:, :, :0]
         keys, values = torch.cat([stored_k, new_k], dim=-2), torch.cat([stored_v, new_v], dim=-2)
@@ -338,12 +365,15 @@ class HeadSplitCache(ReplayableCache):
 
     FRESH = ("plan", "graph", "graph_step")  # a deep copy's next forward makes its own
 
-    def __init__(self, keep: torch.Tensor, sink: int, recent: int, prefill: str = "compressed",
-                 planned: int | None = None):
+    def __init__(
+        self, keep: torch.Tensor, sink: int, recent: int, prefill: str = "compressed", planned: int | None = None
+    ):
         if prefill not in PREFILL_MODES:
             raise ValueError(f"prefill must be one of {PREFILL_MODES}, got {prefill!r}")
         if bool(keep.all()):
-            raise ValueError("a HeadSplitCache needs at least one compressed head (with every head kept, use a DynamicCache)")
+            raise ValueError(
+                "a HeadSplitCache needs at least one compressed head (with every head kept, use a DynamicCache)"
+            )
         super().__init__(layers=[HeadSplitLayer(keep[i], self) for i in range(keep.shape[0])])
         self.keep, self.sink, self.recent, self.prefill = keep, sink, recent, prefill
         self.planned = planned  # the most columns it will store, where known (`generate`'s max_cache_length)
@@ -400,8 +430,12 @@ class HeadSplitCache(ReplayableCache):
     def replayable(self) -> bool:
         """Whether the next single-token forward can be a fixed step (`rlkv.hf.graphs`): the prompt done, in a
         cache `generate` planned (its columns known)."""
-        return self.ring_pos is not None and self.prompt_pos is None and self.planned is not None \
+        return (
+            self.ring_pos is not None
+            and self.prompt_pos is None
+            and self.planned is not None
             and self.length < self.planned
+        )
 
     def prepare_step(self) -> None:
         """Room for the next fixed step: when the buffers are full they grow by `GRAPH_GROW` columns (never
@@ -438,8 +472,12 @@ class HeadSplitCache(ReplayableCache):
             size, nc = self.sink + self.recent, len(keep) - sum(keep)
             before = torch.cumsum(kept.long(), 0) - kept.long()  # kept heads before each head
             offset = torch.where(kept, nc * size + before, (torch.arange(len(keep), device=device) - before) * size)
-            owner = torch.cat([torch.nonzero(~kept).flatten().repeat_interleave(size),
-                               torch.nonzero(kept).flatten().repeat(self.capacity)])
+            owner = torch.cat(
+                [
+                    torch.nonzero(~kept).flatten().repeat_interleave(size),
+                    torch.nonzero(kept).flatten().repeat(self.capacity),
+                ]
+            )
             match = owner[None, :] == torch.arange(len(keep) * group, device=device)[:, None] // group
             self._layouts = {k: v for k, v in self._layouts.items() if k[2] == self.capacity}
             self._layouts[key] = (kept, offset, match)

@@ -69,8 +69,9 @@ class TokenDropLayer(CompressedLayer, CacheLayerMixin):
         self.cumulative_length += key_states.shape[-2] * self.counts
         return key_states, value_states
 
-    def attend(self, query, key, value, q_pos, scaling: float, window: int | None, policy: Policy,
-               fused=None) -> torch.Tensor:
+    def attend(
+        self, query, key, value, q_pos, scaling: float, window: int | None, policy: Policy, fused=None
+    ) -> torch.Tensor:
         """Attention [b, q, hq, d] of the new queries over stored + new tokens; then keep what `policy` selects.
         `fused`: a decoding step's attention, `rlkv.attention.slot_kernel.slot_attention` (None: torch)."""
         b, h, q, _ = key.shape
@@ -91,8 +92,9 @@ class TokenDropLayer(CompressedLayer, CacheLayerMixin):
         self.is_initialized = True
         return out
 
-    def _decode(self, query, key, value, q_pos, scaling: float, window: int | None, policy: Policy,
-                fused) -> torch.Tensor:
+    def _decode(
+        self, query, key, value, q_pos, scaling: float, window: int | None, policy: Policy, fused
+    ) -> torch.Tensor:
         """One new token per row, in place: the slots (`capacity` + a spare one, which takes the new token) are
         the candidates; then evicted slots are emptied and a kept new token moves into the first empty slot."""
         cap = policy.capacity
@@ -107,8 +109,19 @@ class TokenDropLayer(CompressedLayer, CacheLayerMixin):
         if fused is not None:  # the slots where they lie, the new token apart: no float32 copies, one fused pass
             if self._rows is None or self._rows.numel() != query.shape[0]:  # row b reads slot b: made once
                 self._rows = torch.arange(query.shape[0], device=query.device)
-            out, attn = fused(query[:, :, 0], key[:, :, 0], value[:, :, 0], self.keys[:, :, :cap], self.values[:, :, :cap],
-                              self.pos[:, :, :cap], self._rows, q_pos[:, 0], scaling, window, observe > 0)
+            out, attn = fused(
+                query[:, :, 0],
+                key[:, :, 0],
+                value[:, :, 0],
+                self.keys[:, :, :cap],
+                self.values[:, :, :cap],
+                self.pos[:, :, :cap],
+                self._rows,
+                q_pos[:, 0],
+                scaling,
+                window,
+                observe > 0,
+            )
             out = out[:, None]
         elif observe:
             out, attn = candidate_attention(query, self.keys, self.values, self.pos, q_pos, scaling, window, observe)
@@ -118,11 +131,16 @@ class TokenDropLayer(CompressedLayer, CacheLayerMixin):
         state = dict(self.extra)
         keep = policy.select(self.extra, c, query, q_pos)
         pos = torch.where(keep, self.pos, -1)
-        free = (pos[..., :cap] < 0).to(torch.int8).argmax(dim=-1, keepdim=True)  # [b, h, 1]; one exists if the new token is kept
+        free = (
+            (pos[..., :cap] < 0).to(torch.int8).argmax(dim=-1, keepdim=True)
+        )  # [b, h, 1]; one exists if the new token is kept
         source = torch.where(keep[..., cap:], cap, free)  # the slot `free` takes: the new token if kept, else itself
         for t in (self.keys, self.values):
-            t.scatter_(2, free[..., None].expand(-1, -1, -1, t.shape[-1]),
-                       t.gather(2, source[..., None].expand(-1, -1, -1, t.shape[-1])))
+            t.scatter_(
+                2,
+                free[..., None].expand(-1, -1, -1, t.shape[-1]),
+                t.gather(2, source[..., None].expand(-1, -1, -1, t.shape[-1])),
+            )
         # every piece of state is written where it lies, so a CUDA graph's replay finds it there (rlkv.hf.graphs)
         self.pos.copy_(pos.scatter(-1, free, pos.gather(-1, source)))
         self.pos[..., cap] = -1
@@ -163,7 +181,11 @@ class TokenDropLayer(CompressedLayer, CacheLayerMixin):
         """Bytes one sequence of `num_tokens` occupies: min(num_tokens, capacity) slots plus its policy state."""
         if not self.is_initialized:
             return torch.zeros_like(num_tokens)
-        per_slot = sum(t[0, :, 0].numel() * t.element_size() for t in (self.keys, self.values, self.pos, self.score) if t is not None)
+        per_slot = sum(
+            t[0, :, 0].numel() * t.element_size()
+            for t in (self.keys, self.values, self.pos, self.score)
+            if t is not None
+        )
         state = sum(t[0].numel() * t.element_size() for t in self.extra.values())
         return num_tokens.clamp(max=capacity) * per_slot + state
 
@@ -262,6 +284,9 @@ def token_drop(model, policy: Policy, kernel: bool | None = None, cuda_graphs: b
     fused = None
     if kernel:  # Triton: imported only when used
         from rlkv.attention.slot_kernel import slot_attention as fused
-    session = _Session(policy, model.config._attn_implementation, fused, model.config.get_text_config().num_hidden_layers)
-    return with_graphs(model, session, patched(model, "rlkv_tokendrop", _attention, session, make_cache=session.new_cache),
-                       graphs)
+    session = _Session(
+        policy, model.config._attn_implementation, fused, model.config.get_text_config().num_hidden_layers
+    )
+    return with_graphs(
+        model, session, patched(model, "rlkv_tokendrop", _attention, session, make_cache=session.new_cache), graphs
+    )

@@ -15,15 +15,29 @@ curriculum, torchrun, training, sanity check) in one call.
 synthetic passkey retrieval instead of by reward.
 """
 
+from rlkv.hf.gated import gated, init_gates
 from rlkv.identify.check import sanity_check
 from rlkv.identify.curriculum import select_problems
 from rlkv.identify.duo import DuoConfig, identify_duo, passkey_document
-from rlkv.hf.gated import gated, init_gates
 from rlkv.identify.grpo import identify
 from rlkv.identify.objective import batch_advantages, group_advantages, penalty_weight
 from rlkv.identify.pipeline import IdentifyRun, identify_pipeline
 from rlkv.identify.recipe import RECIPES, IdentifyConfig
 
-__all__ = ["RECIPES", "DuoConfig", "IdentifyConfig", "IdentifyRun", "identify_duo", "passkey_document", "gated",
-           "batch_advantages", "group_advantages", "identify", "identify_pipeline", "init_gates", "penalty_weight",
-           "sanity_check", "select_problems"]
+__all__ = [
+    "RECIPES",
+    "DuoConfig",
+    "IdentifyConfig",
+    "IdentifyRun",
+    "identify_duo",
+    "passkey_document",
+    "gated",
+    "batch_advantages",
+    "group_advantages",
+    "identify",
+    "identify_pipeline",
+    "init_gates",
+    "penalty_weight",
+    "sanity_check",
+    "select_problems",
+]

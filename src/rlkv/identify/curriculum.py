@@ -28,20 +28,49 @@ from rlkv.models import Layout
 from rlkv.tasks import Example, Task
 
 
-def cache_key(model, task: Task, samples_per_problem: int, max_new_tokens: int, temperature: float, seed: int,
-              top_p: float = 1.0, top_k: int = 0) -> str:
+def cache_key(
+    model,
+    task: Task,
+    samples_per_problem: int,
+    max_new_tokens: int,
+    temperature: float,
+    seed: int,
+    top_p: float = 1.0,
+    top_k: int = 0,
+) -> str:
     layout = Layout.of(model)
-    return json.dumps({
-        "model": layout.name, "layout": layout.to_dict(), "task": task.name, "samples": samples_per_problem,
-        "max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "top_k": top_k, "seed": seed,
-    }, sort_keys=True)
+    return json.dumps(
+        {
+            "model": layout.name,
+            "layout": layout.to_dict(),
+            "task": task.name,
+            "samples": samples_per_problem,
+            "max_new_tokens": max_new_tokens,
+            "temperature": temperature,
+            "top_p": top_p,
+            "top_k": top_k,
+            "seed": seed,
+        },
+        sort_keys=True,
+    )
 
 
 def select_problems(
-    model, tokenizer, task: Task, examples: list[Example], samples_per_problem: int = 8,
-    band: tuple[float, float] = (0.0, 1.0), max_new_tokens: int = 4096, cache_path: str | os.PathLike | None = None,
-    batch_size: int = 64, temperature: float = 1.0, seed: int = 0, engine=None, keep: str = "band",
-    top_p: float = 1.0, top_k: int = 0,
+    model,
+    tokenizer,
+    task: Task,
+    examples: list[Example],
+    samples_per_problem: int = 8,
+    band: tuple[float, float] = (0.0, 1.0),
+    max_new_tokens: int = 4096,
+    cache_path: str | os.PathLike | None = None,
+    batch_size: int = 64,
+    temperature: float = 1.0,
+    seed: int = 0,
+    engine=None,
+    keep: str = "band",
+    top_p: float = 1.0,
+    top_k: int = 0,
 ) -> list[Example]:
     """The examples whose full-model pass rate p is > 0 (keep="solved") or in band[0] < p < band[1] (keep="band").
 
@@ -68,9 +97,18 @@ def select_problems(
         chunk = todo[start : start + per_batch]
         prompts = [task.prompt(ex, tokenizer) for ex in chunk for _ in range(samples_per_problem)]
         seeds = [stable_seed(seed, ex.id, j) for ex in chunk for j in range(samples_per_problem)]
-        outs = generate(model, tokenizer, prompts, engine=engine if engine is not None else "off",
-                        max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seeds,
-                        batch_size=batch_size)
+        outs = generate(
+            model,
+            tokenizer,
+            prompts,
+            engine=engine if engine is not None else "off",
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            seed=seeds,
+            batch_size=batch_size,
+        )
         texts = [o.text for o in outs]
         graded = task.grade_many([ex for ex in chunk for _ in range(samples_per_problem)], texts)
         for i, ex in enumerate(chunk):

@@ -41,8 +41,14 @@ class DuoConfig:
     seed: int = 0
 
     def __post_init__(self):
-        for name, ok in (("steps", self.steps >= 1), ("lr", self.lr > 0), ("l1", self.l1 >= 0),
-                         ("length", self.length >= 1), ("num_keys", self.num_keys >= 1), ("batch", self.batch >= 1)):
+        for name, ok in (
+            ("steps", self.steps >= 1),
+            ("lr", self.lr > 0),
+            ("l1", self.l1 >= 0),
+            ("length", self.length >= 1),
+            ("num_keys", self.num_keys >= 1),
+            ("batch", self.batch >= 1),
+        ):
             if not ok:
                 raise ValueError(f"DuoConfig.{name} has an invalid value: {getattr(self, name)!r}")
 
@@ -57,14 +63,18 @@ def passkey_document(tokenizer, text: str, length: int, num_keys: int, rng: rand
     depths = sorted(rng.randrange(length + 1) for _ in range(num_keys))
     ids, last = [], 0
     for i, (key, depth) in enumerate(zip(keys, depths)):
-        ids += hay[last:depth] + tokenizer(f" The pass key number {i + 1} is {key}. ", add_special_tokens=False).input_ids
+        ids += (
+            hay[last:depth] + tokenizer(f" The pass key number {i + 1} is {key}. ", add_special_tokens=False).input_ids
+        )
         last = depth
     ids += hay[last:] + tokenizer(" What are the pass keys, in order?", add_special_tokens=False).input_ids
     answer = tokenizer(" The pass keys are " + ", ".join(keys) + ".", add_special_tokens=False).input_ids
     return ids + answer, len(answer)
 
 
-def identify_duo(model, tokenizer, text: str, config: DuoConfig | None = None, out_dir: str | Path = "duo") -> HeadScores:
+def identify_duo(
+    model, tokenizer, text: str, config: DuoConfig | None = None, out_dir: str | Path = "duo"
+) -> HeadScores:
     """Train DuoAttention-style gates on passkey documents made from `text`; writes out_dir/heads.json."""
     config = config or DuoConfig()
     out_dir = Path(out_dir)
@@ -87,7 +97,9 @@ def identify_duo(model, tokenizer, text: str, config: DuoConfig | None = None, o
             mask = torch.tensor([[0] * (width - len(d)) + [1] * len(d) for d, _ in docs], device=alpha.device)
             n_answer = min(n for _, n in docs)
             with torch.no_grad():
-                target = model(ids, attention_mask=mask, output_hidden_states=True).hidden_states[-1][:, -n_answer:].float()
+                target = (
+                    model(ids, attention_mask=mask, output_hidden_states=True).hidden_states[-1][:, -n_answer:].float()
+                )
             with gated(model, alpha, config.sink, config.recent):
                 hidden = model(ids, attention_mask=mask, output_hidden_states=True).hidden_states[-1][:, -n_answer:]
             hidden = hidden.float()
@@ -98,15 +110,25 @@ def identify_duo(model, tokenizer, text: str, config: DuoConfig | None = None, o
             opt.step()
             with torch.no_grad():
                 alpha.clamp_(0.0, 1.0)
-            record = {"step": step + 1, "mse": mse.item(), "loss": loss.item(), "alpha_mean": alpha.mean().item(),
-                      "alpha_below_half": (alpha < 0.5).float().mean().item()}
+            record = {
+                "step": step + 1,
+                "mse": mse.item(),
+                "loss": loss.item(),
+                "alpha_mean": alpha.mean().item(),
+                "alpha_below_half": (alpha < 0.5).float().mean().item(),
+            }
             log.write(json.dumps(record) + "\n")
             log.flush()
     finally:
         log.close()
         for p in frozen:
             p.requires_grad_(True)
-    heads = HeadScores(alpha.detach(), model=layout.name, layout=layout.to_dict(), method="duo",
-                       provenance={"config": asdict(config), "steps": config.steps, "command": command_line()})
+    heads = HeadScores(
+        alpha.detach(),
+        model=layout.name,
+        layout=layout.to_dict(),
+        method="duo",
+        provenance={"config": asdict(config), "steps": config.steps, "command": command_line()},
+    )
     heads.save(out_dir / "heads.json")
     return heads

@@ -57,8 +57,14 @@ from rlkv.models import Layout, eos_ids
 def rollout_engine(model, tokenizer, method, config: IdentifyConfig):
     """The rlkv.Engine for rollouts (curriculum sampling: method None) when config.rollout_engine asks, else None."""
     cuda = next(model.parameters()).device.type == "cuda"
-    return engine_for(config.rollout_engine, model, tokenizer, method, max_batch=config.rollout_batch_size,
-                      kv_budget=config.rollout_kv_budget if cuda else "256MiB")  # a share of free memory needs CUDA
+    return engine_for(
+        config.rollout_engine,
+        model,
+        tokenizer,
+        method,
+        max_batch=config.rollout_batch_size,
+        kv_budget=config.rollout_kv_budget if cuda else "256MiB",
+    )  # a share of free memory needs CUDA
 
 
 def completion_logprobs(model, rollouts, temperature: float, pad_id: int):
@@ -127,7 +133,12 @@ def _save(state: dict, path: Path) -> None:
 
 
 def identify(
-    model, tokenizer, task, examples, config: IdentifyConfig | None = None, out_dir: str | os.PathLike = "identify",
+    model,
+    tokenizer,
+    task,
+    examples,
+    config: IdentifyConfig | None = None,
+    out_dir: str | os.PathLike = "identify",
     on_step: Callable[[dict], None] | None = None,
 ) -> HeadScores:
     """Learn per-KV-head gates for `model` on `examples` of `task`; returns (and writes) HeadScores.
@@ -198,9 +209,14 @@ def _train(model, tokenizer, task, examples, config, out_dir, layout, on_step) -
         step += 1
         a = alpha.detach()
         record = {
-            "step": step, **record, "alpha_mean": float(a.mean()), "alpha_min": float(a.min()),
-            "alpha_max": float(a.max()), "frac_alpha_below_half": float((a < 0.5).float().mean()),
-            "rollout_s": t1 - t0, "update_s": time.perf_counter() - t1,
+            "step": step,
+            **record,
+            "alpha_mean": float(a.mean()),
+            "alpha_min": float(a.min()),
+            "alpha_max": float(a.max()),
+            "frac_alpha_below_half": float((a < 0.5).float().mean()),
+            "rollout_s": t1 - t0,
+            "update_s": time.perf_counter() - t1,
         }
         _log_and_checkpoint(record, alpha, opt, config, log_path, ckpt_path, rank, world)
         bar.update(1)
@@ -226,7 +242,9 @@ def _resume(ckpt_path: Path, log_path: Path, alpha, opt, config, rank: int, worl
         opt.load_state_dict(state["optimizer"])
         step = state["step"]
         if len(state["rank_rngs"]) != world:
-            raise ValueError(f"{ckpt_path} was written by {len(state['rank_rngs'])} ranks; resume it with as many, not {world}")
+            raise ValueError(
+                f"{ckpt_path} was written by {len(state['rank_rngs'])} ranks; resume it with as many, not {world}"
+            )
         python_rng, torch_rng, cuda_rng = state["rank_rngs"][rank]
         random.setstate(python_rng)
         torch.set_rng_state(torch_rng)
@@ -238,8 +256,9 @@ def _resume(ckpt_path: Path, log_path: Path, alpha, opt, config, rank: int, worl
     return step
 
 
-def _log_and_checkpoint(record: dict, alpha, opt, config, log_path: Path, ckpt_path: Path, rank: int,
-                        world: int) -> None:
+def _log_and_checkpoint(
+    record: dict, alpha, opt, config, log_path: Path, ckpt_path: Path, rank: int, world: int
+) -> None:
     """Append the step's log line (rank 0) and, every `checkpoint_every` steps and at the end, save the
     checkpoint with every rank's RNG states."""
     step = record["step"]
@@ -247,23 +266,44 @@ def _log_and_checkpoint(record: dict, alpha, opt, config, log_path: Path, ckpt_p
         with log_path.open("a") as f:
             f.write(json.dumps(record) + "\n")
     if step % config.checkpoint_every == 0 or step == config.steps:
-        rngs = _gather((random.getstate(), torch.get_rng_state(),
-                        torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None), world)
+        rngs = _gather(
+            (
+                random.getstate(),
+                torch.get_rng_state(),
+                torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            ),
+            world,
+        )
         if rank == 0:
-            _save({
-                "alpha": alpha.detach().cpu(), "optimizer": opt.state_dict(), "step": step,
-                "data_position": step * config.batch_problems, "rank_rngs": rngs, "config": asdict(config),
-            }, ckpt_path)
+            _save(
+                {
+                    "alpha": alpha.detach().cpu(),
+                    "optimizer": opt.state_dict(),
+                    "step": step,
+                    "data_position": step * config.batch_problems,
+                    "rank_rngs": rngs,
+                    "config": asdict(config),
+                },
+                ckpt_path,
+            )
 
 
 def _heads(alpha, layout, task, examples, config, steps: int, out_dir: Path, rank: int) -> HeadScores:
     """The learned gates as HeadScores with their provenance; rank 0 writes out_dir/heads.json."""
-    provenance = {"config": asdict(config), "steps": steps, "task": task.name, "problems": len(examples),
-                  "command": command_line(), "keep_rule": KEEP_RULES[config.recipe]}
+    provenance = {
+        "config": asdict(config),
+        "steps": steps,
+        "task": task.name,
+        "problems": len(examples),
+        "command": command_line(),
+        "keep_rule": KEEP_RULES[config.recipe],
+    }
     if rank == 0:  # the log (all steps, resumed ones too) is rank 0's
         records = [json.loads(line) for line in (out_dir / "log.jsonl").read_text().splitlines() if line]
         provenance["penalty_steps"] = sum(r["penalty_weight"] > 0 for r in records)  # steps whose reward cleared tau
-    scores = HeadScores(alpha.detach(), model=layout.name, layout=layout.to_dict(), method="rlkv", provenance=provenance)
+    scores = HeadScores(
+        alpha.detach(), model=layout.name, layout=layout.to_dict(), method="rlkv", provenance=provenance
+    )
     if rank == 0:
         scores.save(out_dir / "heads.json")
     return scores
@@ -277,9 +317,19 @@ def _rollouts(model, tokenizer, task, problems, gates: Gated, engine, config, st
     """
     prompts = prompt_ids(tokenizer, [task.prompt(ex, tokenizer) for ex in problems for _ in range(config.group)])
     seeds = [(config.seed * 1_000_003 + step) * 65_537 + rank * 4_099 + i for i in range(len(prompts))]
-    outs = generate(model, tokenizer, prompts, gates, engine=engine or "off", max_new_tokens=config.max_new_tokens,
-                    temperature=config.temperature, top_p=config.top_p, top_k=config.top_k, seed=seeds,
-                    batch_size=config.rollout_batch_size)
+    outs = generate(
+        model,
+        tokenizer,
+        prompts,
+        gates,
+        engine=engine or "off",
+        max_new_tokens=config.max_new_tokens,
+        temperature=config.temperature,
+        top_p=config.top_p,
+        top_k=config.top_k,
+        seed=seeds,
+        batch_size=config.rollout_batch_size,
+    )
     rollouts = [(ids, o.tokens, o.text) for ids, o in zip(prompts, outs)]
     graded = [ex for ex in problems for _ in range(config.group)]
     rewards = torch.tensor(task.grade_many(graded, [text for _, _, text in rollouts]), dtype=torch.float32)
@@ -294,10 +344,14 @@ def _update(model, alpha, opt, rollouts, rewards, config, pad_id, step: int) -> 
     gradient is this policy gradient: the rollouts come from the very gates being updated.
     """
     lengths = torch.tensor([len(c) for _, c, _ in rollouts], dtype=torch.float64)
-    adv = advantages(config.advantages, rewards.to(alpha.device), config.group, lengths.to(alpha.device), config.eps,
-                     _all_sum).cpu()
-    totals = _all_sum(torch.tensor([float(lengths.sum()), float(rewards.sum()), len(rewards)],
-                                   dtype=torch.float64, device=alpha.device))
+    adv = advantages(
+        config.advantages, rewards.to(alpha.device), config.group, lengths.to(alpha.device), config.eps, _all_sum
+    ).cpu()
+    totals = _all_sum(
+        torch.tensor(
+            [float(lengths.sum()), float(rewards.sum()), len(rewards)], dtype=torch.float64, device=alpha.device
+        )
+    )
     n_tokens = max(1, int(totals[0]))
     mean_reward = float(totals[1] / totals[2])  # the whole batch's, over every rank
     weight = penalty_weight(mean_reward, config.beta, config.tau)
@@ -326,5 +380,11 @@ def _update(model, alpha, opt, rollouts, rewards, config, pad_id, step: int) -> 
     opt.step()
     with torch.no_grad():
         alpha.clamp_(0.0, 1.0)  # the gates every forward sees (the authors clamp before each one)
-    return {"mean_reward": mean_reward, "penalty_weight": weight, "loss": pg_loss + float(penalty.detach()),
-            "pg_loss": pg_loss, "grad_norm": grad_norm, "mean_response_tokens": float(totals[0] / totals[2])}
+    return {
+        "mean_reward": mean_reward,
+        "penalty_weight": weight,
+        "loss": pg_loss + float(penalty.detach()),
+        "pg_loss": pg_loss,
+        "grad_norm": grad_norm,
+        "mean_response_tokens": float(totals[0] / totals[2]),
+    }

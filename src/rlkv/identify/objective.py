@@ -30,8 +30,12 @@ def group_advantages(rewards: torch.Tensor, eps: float) -> torch.Tensor:
     return (rewards - rewards.mean(dim=1, keepdim=True)) / (rewards.std(dim=1, keepdim=True) + eps)
 
 
-def batch_advantages(rewards: torch.Tensor, n_tokens: torch.Tensor, eps: float = 1e-5,
-                     all_sum: Callable[[torch.Tensor], torch.Tensor] = lambda t: t) -> torch.Tensor:
+def batch_advantages(
+    rewards: torch.Tensor,
+    n_tokens: torch.Tensor,
+    eps: float = 1e-5,
+    all_sum: Callable[[torch.Tensor], torch.Tensor] = lambda t: t,
+) -> torch.Tensor:
     """Token-weighted batch-normalised shaped advantages of rewards [n] with n_tokens [n] completion tokens.
 
     `all_sum` sums a tensor over ranks (torch.distributed), so the statistics are the whole batch's.
@@ -46,8 +50,14 @@ def batch_advantages(rewards: torch.Tensor, n_tokens: torch.Tensor, eps: float =
     return ((s - mean) / (std + eps)).float()
 
 
-def advantages(rule: str, rewards: torch.Tensor, group: int, n_tokens: torch.Tensor, eps: float,
-               all_sum: Callable[[torch.Tensor], torch.Tensor] = lambda t: t) -> torch.Tensor:
+def advantages(
+    rule: str,
+    rewards: torch.Tensor,
+    group: int,
+    n_tokens: torch.Tensor,
+    eps: float,
+    all_sum: Callable[[torch.Tensor], torch.Tensor] = lambda t: t,
+) -> torch.Tensor:
     """Per-rollout advantages [n] of rewards [n] (consecutive runs of `group` rollouts per problem)."""
     if rule == "batch":
         return batch_advantages(rewards, n_tokens, eps, all_sum)

@@ -44,10 +44,19 @@ class IdentifyRun:
 
 
 def identify_pipeline(
-    model, task: str, config: IdentifyConfig | None = None, out: str | os.PathLike = "identify", *, tokenizer=None,
-    data_dir: str | None = None, limit: int | None = None, check_limit: int = 64,
-    check_sparsities: tuple[float, ...] = (0.5, 0.8), check_max_new_tokens: int | None = None,
-    say: Callable[[str], None] | None = None, warn: Callable[[str], None] | None = None,
+    model,
+    task: str,
+    config: IdentifyConfig | None = None,
+    out: str | os.PathLike = "identify",
+    *,
+    tokenizer=None,
+    data_dir: str | None = None,
+    limit: int | None = None,
+    check_limit: int = 64,
+    check_sparsities: tuple[float, ...] = (0.5, 0.8),
+    check_max_new_tokens: int | None = None,
+    say: Callable[[str], None] | None = None,
+    warn: Callable[[str], None] | None = None,
 ) -> IdentifyRun:
     """Identify the heads of `model` (a hub id, local directory or .gguf, loaded here; or a loaded model with
     its `tokenizer`) on `task`; writes `out`/heads.json, and the sanity check's run under `out`/check."""
@@ -73,13 +82,24 @@ def identify_pipeline(
     say(f"wrote {out / 'heads.json'}")
     acted = heads.provenance["penalty_steps"]
     if acted < config.steps / 2:
-        warn(f"the sparsity penalty acted in {acted} of {config.steps} steps (the batch reward stayed at or below "
-             f"--tau {config.tau:g} in the others), so the gates moved mostly under the policy gradient; easier "
-             "problems (--problems solved, an easier --task) or a lower --tau let it act")
+        warn(
+            f"the sparsity penalty acted in {acted} of {config.steps} steps (the batch reward stayed at or below "
+            f"--tau {config.tau:g} in the others), so the gates moved mostly under the policy gradient; easier "
+            "problems (--problems solved, an easier --task) or a lower --tau let it act"
+        )
     if check_limit:
-        run.check = sanity_check(model, tokenizer, training, heldout, out / "heads.json", out,
-                                 sparsities=tuple(check_sparsities), max_new_tokens=check_max_new_tokens,
-                                 batch_size=config.rollout_batch_size, seed=config.seed)
+        run.check = sanity_check(
+            model,
+            tokenizer,
+            training,
+            heldout,
+            out / "heads.json",
+            out,
+            sparsities=tuple(check_sparsities),
+            max_new_tokens=check_max_new_tokens,
+            batch_size=config.rollout_batch_size,
+            seed=config.seed,
+        )
         say(f"sanity check on {check_limit} held-out problems (rlkv should beat random):")
         say(run.check.table())
     return run
@@ -118,7 +138,19 @@ def _curriculum(model, tokenizer, task, examples: list, config: IdentifyConfig, 
     """The training problems the full model's own samples keep, cached in out/curriculum.json."""
     engine = rollout_engine(model, tokenizer, None, config)
     return select_problems(
-        model, tokenizer, task, examples, config.samples_per_problem, config.band, config.max_new_tokens,
-        cache_path=out / "curriculum.json", batch_size=config.rollout_batch_size, seed=config.seed, engine=engine,
-        keep=config.problems, temperature=config.temperature, top_p=config.top_p, top_k=config.top_k,
+        model,
+        tokenizer,
+        task,
+        examples,
+        config.samples_per_problem,
+        config.band,
+        config.max_new_tokens,
+        cache_path=out / "curriculum.json",
+        batch_size=config.rollout_batch_size,
+        seed=config.seed,
+        engine=engine,
+        keep=config.problems,
+        temperature=config.temperature,
+        top_p=config.top_p,
+        top_k=config.top_k,
     )

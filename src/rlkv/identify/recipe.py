@@ -20,11 +20,19 @@ from rlkv.identify.objective import ADVANTAGES
 
 RECIPES = {
     # the authors' code (Kurt232/RLKV's AReaL fork: examples/rlkv/deepseek_grpo.yaml, scripts/run_*.sh)
-    "paper": dict(advantages="batch", problems="solved", weight_decay=0.017, grad_clip=1.0, steps=186,
-                  max_new_tokens=7168, eps=1e-5),
+    "paper": dict(
+        advantages="batch",
+        problems="solved",
+        weight_decay=0.017,
+        grad_clip=1.0,
+        steps=186,
+        max_new_tokens=7168,
+        eps=1e-5,
+    ),
     # rlkv's first recipe: GRPO advantages per group, problems inside the pass band, plain AdamW
-    "rlkv-v0": dict(advantages="group", problems="band", weight_decay=0.0, grad_clip=0.0, steps=100,
-                    max_new_tokens=4096, eps=1e-6),
+    "rlkv-v0": dict(
+        advantages="group", problems="band", weight_decay=0.0, grad_clip=0.0, steps=100, max_new_tokens=4096, eps=1e-6
+    ),
 }
 PROBLEM_FILTERS = ("solved", "band")
 KEEP_RULES = {"paper": "authors", "rlkv-v0": "rank"}  # the keep rule recorded in each recipe's heads
@@ -75,21 +83,33 @@ class IdentifyConfig:
                 setattr(self, name, value)
         self.band = tuple(self.band)
         checks = {  # name: (whether its value is valid, what is expected)
-            "group": (self.group >= 2, ">= 2"), "batch_problems": (self.batch_problems >= 1, ">= 1"),
-            "steps": (self.steps >= 1, ">= 1"), "max_new_tokens": (self.max_new_tokens >= 1, ">= 1"),
-            "checkpoint_every": (self.checkpoint_every >= 1, ">= 1"), "temperature": (self.temperature > 0, "> 0"),
-            "top_p": (0 < self.top_p <= 1, "in (0, 1]"), "top_k": (self.top_k >= 0, ">= 0 (0: off)"),
-            "lr": (self.lr > 0, "> 0"), "beta": (self.beta >= 0, ">= 0"),
-            "weight_decay": (self.weight_decay >= 0, ">= 0"), "grad_clip": (self.grad_clip >= 0, ">= 0 (0: off)"),
-            "eps": (self.eps > 0, "> 0"), "advantages": (self.advantages in ADVANTAGES, " or ".join(ADVANTAGES)),
+            "group": (self.group >= 2, ">= 2"),
+            "batch_problems": (self.batch_problems >= 1, ">= 1"),
+            "steps": (self.steps >= 1, ">= 1"),
+            "max_new_tokens": (self.max_new_tokens >= 1, ">= 1"),
+            "checkpoint_every": (self.checkpoint_every >= 1, ">= 1"),
+            "temperature": (self.temperature > 0, "> 0"),
+            "top_p": (0 < self.top_p <= 1, "in (0, 1]"),
+            "top_k": (self.top_k >= 0, ">= 0 (0: off)"),
+            "lr": (self.lr > 0, "> 0"),
+            "beta": (self.beta >= 0, ">= 0"),
+            "weight_decay": (self.weight_decay >= 0, ">= 0"),
+            "grad_clip": (self.grad_clip >= 0, ">= 0 (0: off)"),
+            "eps": (self.eps > 0, "> 0"),
+            "advantages": (self.advantages in ADVANTAGES, " or ".join(ADVANTAGES)),
             "problems": (self.problems in PROBLEM_FILTERS, " or ".join(PROBLEM_FILTERS)),
             "rollout_batch_size": (self.rollout_batch_size >= 1, ">= 1"),
             "train_batch_size": (self.train_batch_size >= 1, ">= 1"),
             "samples_per_problem": (self.samples_per_problem >= 1, ">= 1"),
-            "band": (len(self.band) == 2 and 0 <= self.band[0] < self.band[1] <= 1, "low, high with 0 <= low < high <= 1"),
+            "band": (
+                len(self.band) == 2 and 0 <= self.band[0] < self.band[1] <= 1,
+                "low, high with 0 <= low < high <= 1",
+            ),
             "rollout_engine": (self.rollout_engine in ENGINE_SETTINGS, ", ".join(ENGINE_SETTINGS)),
             "init": (0 <= self.init <= 1, "in [0, 1]"),
         }
         for name, (ok, expected) in checks.items():
             if not ok:
-                raise ValueError(f"IdentifyConfig.{name} has an invalid value: {getattr(self, name)!r} (expected {expected})")
+                raise ValueError(
+                    f"IdentifyConfig.{name} has an invalid value: {getattr(self, name)!r} (expected {expected})"
+                )

@@ -46,8 +46,9 @@ class H2O(Policy):
         return {**super().params(), "recent": self.recent}
 
 
-def build_h2o(name: str, layout, sparsity: float, budget: int | None = None, h2o_recent: int | None = None,
-              **options) -> TokenDrop:
+def build_h2o(
+    name: str, layout, sparsity: float, budget: int | None = None, h2o_recent: int | None = None, **options
+) -> TokenDrop:
     """H2O with `budget` tokens per KV head; its recent window is `h2o_recent`, else half the budget.
 
     The harness-wide `recent` (the head-split window) is not used: H2O splits its budget evenly

@@ -42,12 +42,26 @@ class HeadSplit:
             raise ValueError(f"prefill must be one of {', '.join(PREFILL_MODES)}, got {self.prefill!r}")
 
     @classmethod
-    def from_scores(cls, heads: HeadScores | str | Path, sparsity: float, sink: int = 16, recent: int = 64,
-                    keep_rule: str | None = None, prefill: str = "full") -> HeadSplit:
+    def from_scores(
+        cls,
+        heads: HeadScores | str | Path,
+        sparsity: float,
+        sink: int = 16,
+        recent: int = 64,
+        keep_rule: str | None = None,
+        prefill: str = "full",
+    ) -> HeadSplit:
         heads = heads if isinstance(heads, HeadScores) else HeadScores.load(heads)
         rule = keep_rule or heads.keep_rule
-        return cls(heads.keep_mask(sparsity, rule=rule), sink, recent, name=heads.method, sparsity=sparsity,
-                   params={"keep_rule": rule}, prefill=prefill)
+        return cls(
+            heads.keep_mask(sparsity, rule=rule),
+            sink,
+            recent,
+            name=heads.method,
+            sparsity=sparsity,
+            params={"keep_rule": rule},
+            prefill=prefill,
+        )
 
     def apply(self, model):
         """Context manager: the model generates with this method's per-head cache."""

@@ -23,7 +23,13 @@ import torch
 import torch.nn.functional as F
 
 from rlkv.attention.tokendrop import (
-    Candidates, Policy, allowed_keys, grouped_probs, last_position, pool_by_position, top_k_mask,
+    Candidates,
+    Policy,
+    allowed_keys,
+    grouped_probs,
+    last_position,
+    pool_by_position,
+    top_k_mask,
 )
 from rlkv.methods.tokendrop import TokenDrop, check_build
 
@@ -89,16 +95,32 @@ class RKV(Policy):
 
     def empty_state(self, batch: int, q_heads: int, head_dim: int, dtype, device) -> dict[str, torch.Tensor]:
         """`window` query places, empty (position -1): an empty query attends to nothing and is not counted."""
-        return {"queries": torch.zeros(batch, q_heads, self.window, head_dim, dtype=dtype, device=device),
-                "query_pos": torch.full((batch, self.window), -1, dtype=torch.long, device=device)}
+        return {
+            "queries": torch.zeros(batch, q_heads, self.window, head_dim, dtype=dtype, device=device),
+            "query_pos": torch.full((batch, self.window), -1, dtype=torch.long, device=device),
+        }
 
     def params(self) -> dict:
-        return {**super().params(), "window": self.window, "interval": self.interval, "lam": self.lam,
-                "kernel": self.kernel}
+        return {
+            **super().params(),
+            "window": self.window,
+            "interval": self.interval,
+            "lam": self.lam,
+            "kernel": self.kernel,
+        }
 
 
-def build_rkv(name: str, layout, sparsity: float, budget: int | None = None, window: int = 8, interval: int = 128,
-              lam: float = 0.1, kernel: int = 7, **options) -> TokenDrop:
+def build_rkv(
+    name: str,
+    layout,
+    sparsity: float,
+    budget: int | None = None,
+    window: int = 8,
+    interval: int = 128,
+    lam: float = 0.1,
+    kernel: int = 7,
+    **options,
+) -> TokenDrop:
     """R-KV with `budget` tokens per KV head, compressing every `interval` new tokens."""
     budget = check_build(name, budget, options)
     return TokenDrop(RKV(budget, window, interval, lam, kernel), name=name, sparsity=float(sparsity))

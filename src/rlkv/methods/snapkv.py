@@ -56,8 +56,9 @@ class SnapKV(Policy):
         return {**super().params(), "window": self.window, "kernel": self.kernel}
 
 
-def build_snapkv(name: str, layout, sparsity: float, budget: int | None = None, window: int = 32, kernel: int = 7,
-                 **options) -> TokenDrop:
+def build_snapkv(
+    name: str, layout, sparsity: float, budget: int | None = None, window: int = 32, kernel: int = 7, **options
+) -> TokenDrop:
     """SnapKV with `budget` tokens per KV head and an observation window of `window` prompt queries."""
     budget = check_build(name, budget, options)
     return TokenDrop(SnapKV(budget, window, kernel), name=name, sparsity=float(sparsity))

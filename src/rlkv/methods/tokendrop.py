@@ -24,7 +24,12 @@ class TokenDrop:
         return {"method": self.name, "sparsity": self.sparsity, **self.policy.params(), **self.params}
 
 
-HARNESS_OPTIONS = ("heads", "sink", "recent", "seed")  # passed to every builder by rlkv.eval; token dropping ignores them
+HARNESS_OPTIONS = (
+    "heads",
+    "sink",
+    "recent",
+    "seed",
+)  # passed to every builder by rlkv.eval; token dropping ignores them
 
 
 def check_build(name: str, budget, options: dict) -> int:
@@ -33,6 +38,8 @@ def check_build(name: str, budget, options: dict) -> int:
     if unknown:
         raise ValueError(f"method {name!r} got unknown options {unknown}")
     if not isinstance(budget, int) or budget < 1:
-        raise ValueError(f"method {name!r} needs budget= an integer >= 1 (tokens kept per layer and KV head; on the "
-                         f"command line --budget N, or --match-bytes in rlkv eval), got {budget!r}")
+        raise ValueError(
+            f"method {name!r} needs budget= an integer >= 1 (tokens kept per layer and KV head; on the "
+            f"command line --budget N, or --match-bytes in rlkv eval), got {budget!r}"
+        )
     return budget

@@ -67,8 +67,9 @@ class _Handlers:
         return await self._answer(raw, req, self._plain_prompt(req.prompt), chat=False)
 
     async def models(self, raw: Request) -> p.ModelList:
-        return p.ModelList(data=[p.ModelCard(id=self.model_name, created=self.created,
-                                             max_model_len=self.runner.max_seq_len)])
+        return p.ModelList(
+            data=[p.ModelCard(id=self.model_name, created=self.created, max_model_len=self.runner.max_seq_len)]
+        )
 
     async def health(self, raw: Request) -> Response:
         if not self.runner.healthy:
@@ -81,8 +82,12 @@ class _Handlers:
     # ------------------------------------------------------------------ requests
     def _check_model(self, name: str | None) -> None:
         if name is not None and name != self.model_name:
-            raise ApiError(404, f"the model {name!r} does not exist: this server serves {self.model_name!r}",
-                           param="model", code="model_not_found")
+            raise ApiError(
+                404,
+                f"the model {name!r} does not exist: this server serves {self.model_name!r}",
+                param="model",
+                code="model_not_found",
+            )
 
     def _chat_prompt(self, req: p.ChatCompletionRequest) -> list[int]:
         if not getattr(self.tokenizer, "chat_template", None):
@@ -102,9 +107,15 @@ class _Handlers:
         limit = req.token_limit or max(1, min(self.default_max_tokens, self.runner.max_seq_len - prompt_tokens))
         try:
             return SamplingParams(
-                max_tokens=limit, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
-                seed=req.seed if req.seed is not None else random.getrandbits(31), stop=tuple(req.stop),
-                stop_token_ids=tuple(req.stop_token_ids), ignore_eos=req.ignore_eos)
+                max_tokens=limit,
+                temperature=req.temperature,
+                top_p=req.top_p,
+                top_k=req.top_k,
+                seed=req.seed if req.seed is not None else random.getrandbits(31),
+                stop=tuple(req.stop),
+                stop_token_ids=tuple(req.stop_token_ids),
+                ignore_eos=req.ignore_eos,
+            )
         except ValueError as err:
             raise ApiError(400, str(err)) from None
 
@@ -126,11 +137,19 @@ class _Handlers:
             return StreamingResponse(_sse(events), media_type="text/event-stream")
         text, last = await _unless_disconnected(raw, _join(pieces))
         usage.completion_tokens = last.completion_tokens
-        body = (p.ChatCompletionResponse(**head, choices=[p.ChatCompletionChoice(
-                    message=p.AssistantMessage(content=text), finish_reason=last.finish_reason)], usage=usage.info)
-                if chat else
-                p.CompletionResponse(**head, choices=[p.CompletionChoice(text=text, finish_reason=last.finish_reason)],
-                                     usage=usage.info))
+        body = (
+            p.ChatCompletionResponse(
+                **head,
+                choices=[
+                    p.ChatCompletionChoice(message=p.AssistantMessage(content=text), finish_reason=last.finish_reason)
+                ],
+                usage=usage.info,
+            )
+            if chat
+            else p.CompletionResponse(
+                **head, choices=[p.CompletionChoice(text=text, finish_reason=last.finish_reason)], usage=usage.info
+            )
+        )
         self.metrics.count(raw, 200)
         return JSONResponse(body.model_dump(mode="json"))
 
@@ -171,6 +190,7 @@ async def _join(pieces: AsyncIterator[_Piece]) -> tuple[str, _Piece]:
 
 async def _unless_disconnected(raw: Request, work):
     """Await `work`, cancelling it (which aborts its request) if the client disconnects first."""
+
     async def disconnected():
         while (await raw.receive())["type"] != "http.disconnect":
             pass
@@ -243,8 +263,9 @@ def create_app(engine: Engine | Streams, tokenizer, model_name: str, default_max
     `EngineProcess`; it runs while the app's lifespan does.
 
     `default_max_tokens`: a request's token limit when it names none (cut to the context left)."""
-    server = _Handlers(AsyncEngine(engine) if isinstance(engine, Engine) else engine, tokenizer, model_name,
-                       default_max_tokens)
+    server = _Handlers(
+        AsyncEngine(engine) if isinstance(engine, Engine) else engine, tokenizer, model_name, default_max_tokens
+    )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

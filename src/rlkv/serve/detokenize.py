@@ -69,8 +69,9 @@ class Detokenizer:
     def _held(self) -> int:
         """Length of the longest unemitted tail of `text` that is a proper prefix of a stop string."""
         tail = self.text[self.emitted :]
-        return max((k for s in self.stop for k in range(min(len(s) - 1, len(tail)), 0, -1)
-                    if tail.endswith(s[:k])), default=0)
+        return max(
+            (k for s in self.stop for k in range(min(len(s) - 1, len(tail)), 0, -1) if tail.endswith(s[:k])), default=0
+        )
 
     def _release(self, end: int) -> str:
         delta = self.text[self.emitted : end]

@@ -53,10 +53,19 @@ class EngineSpec:
 
         model, tokenizer = rlkv.load_model(self.model)
         options = {} if self.method in rlkv.methods.TOKEN_DROPPING else {"prefill": self.prefill}
-        method = rlkv.methods.build(self.method, rlkv.Layout.of(model), self.sparsity, heads=self.heads,
-                                    sink=self.sink, recent=self.recent, budget=self.budget, **options)
-        engine = rlkv.Engine(model, tokenizer, method, kv_budget=self.kv_budget, max_batch=self.max_batch,
-                             max_seq_len=self.max_seq_len)
+        method = rlkv.methods.build(
+            self.method,
+            rlkv.Layout.of(model),
+            self.sparsity,
+            heads=self.heads,
+            sink=self.sink,
+            recent=self.recent,
+            budget=self.budget,
+            **options,
+        )
+        engine = rlkv.Engine(
+            model, tokenizer, method, kv_budget=self.kv_budget, max_batch=self.max_batch, max_seq_len=self.max_seq_len
+        )
         return engine, tokenizer
 
 
@@ -69,8 +78,9 @@ class EngineProcess(Streams):
         context = mp.get_context("spawn")
         child_in, self._to_child = context.Pipe(duplex=False)  # (reading end, writing end)
         self._from_child, child_out = context.Pipe(duplex=False)
-        self._process = context.Process(target=_child_main, args=(spec, child_in, child_out), name="rlkv-engine",
-                                        daemon=True)
+        self._process = context.Process(
+            target=_child_main, args=(spec, child_in, child_out), name="rlkv-engine", daemon=True
+        )
         self._process.start()
         child_in.close()
         child_out.close()
@@ -165,7 +175,9 @@ def _child_main(spec: EngineSpec, inbox, outbox) -> None:
         return messages
 
     try:
-        run_engine(engine, receive, lambda outputs, refused: outbox.send(("outputs", outputs, refused, engine.metrics())))
+        run_engine(
+            engine, receive, lambda outputs, refused: outbox.send(("outputs", outputs, refused, engine.metrics()))
+        )
     except (EOFError, BrokenPipeError, OSError):
         return  # the server is gone
     except BaseException as err:  # a bug or a device failure: every open request fails

@@ -14,8 +14,14 @@ _UNION_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
 class ApiError(Exception):
     """An error answered as `{"error": {"message", "type", "param", "code"}}` with HTTP `status`."""
 
-    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+    ):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
 
@@ -26,8 +32,11 @@ class ApiError(Exception):
 
 def _field_path(loc: tuple) -> list:
     """The field path of an error location, without pydantic's union-member tags ('str', 'list[int]', ...)."""
-    return [part for part in loc if not (isinstance(part, str) and
-                                         ("[" in part or part.lower() in _UNION_TAGS or part[:1].isupper()))]
+    return [
+        part
+        for part in loc
+        if not (isinstance(part, str) and ("[" in part or part.lower() in _UNION_TAGS or part[:1].isupper()))
+    ]
 
 
 def describe_validation(err: ValidationError) -> tuple[str, str | None]:
@@ -41,6 +50,8 @@ def describe_validation(err: ValidationError) -> tuple[str, str | None]:
         return f"{name}: unsupported field", name
     if first["type"] == "model_type" and not path:
         return "the request body must be a JSON object", None
-    causes = {e["msg"].removeprefix("Value error, ") for e in err.errors() if _field_path(e["loc"])[: len(path)] == path}
+    causes = {
+        e["msg"].removeprefix("Value error, ") for e in err.errors() if _field_path(e["loc"])[: len(path)] == path
+    }
     message = "; ".join(sorted(causes)) if len(causes) <= 3 else first["msg"]
     return f"{name}: {message}", name if path else None

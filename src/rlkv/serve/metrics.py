@@ -27,17 +27,21 @@ class _EngineCollector:
 
     def collect(self):
         m = self.engine.metrics()
-        gauges = (("running_requests", "requests being generated", m.running),
-                  ("waiting_requests", "requests queued (new or preempted)", m.waiting),
-                  ("kv_pages_used", "KV pages held by running requests", m.pages_used),
-                  ("kv_pages_free", "KV pages free", m.pages_total - m.pages_used),
-                  ("kv_pages_total", "KV pages in the pool", m.pages_total))
+        gauges = (
+            ("running_requests", "requests being generated", m.running),
+            ("waiting_requests", "requests queued (new or preempted)", m.waiting),
+            ("kv_pages_used", "KV pages held by running requests", m.pages_used),
+            ("kv_pages_free", "KV pages free", m.pages_total - m.pages_used),
+            ("kv_pages_total", "KV pages in the pool", m.pages_total),
+        )
         for name, doc, value in gauges:
             yield GaugeMetricFamily(f"rlkv_{name}", doc, value=value)
-        counters = (("preemptions", "running requests preempted for memory (re-prefilled later)", m.preemptions),
-                    ("generation_tokens", "tokens generated", m.generated_tokens),
-                    ("prompt_tokens", "prompt tokens prefilled", m.prompt_tokens),
-                    ("finished_requests", "requests finished", m.finished_requests))
+        counters = (
+            ("preemptions", "running requests preempted for memory (re-prefilled later)", m.preemptions),
+            ("generation_tokens", "tokens generated", m.generated_tokens),
+            ("prompt_tokens", "prompt tokens prefilled", m.prompt_tokens),
+            ("finished_requests", "requests finished", m.finished_requests),
+        )
         for name, doc, value in counters:
             yield CounterMetricFamily(f"rlkv_{name}", doc, value=value)
 
@@ -46,12 +50,18 @@ class ServerMetrics:
     def __init__(self, engine):
         self.registry = CollectorRegistry()
         self.registry.register(_EngineCollector(engine))
-        self.http = Counter("rlkv_http_requests", "HTTP requests answered", ["endpoint", "status"],
-                            registry=self.registry)
-        self.ttft = Histogram("rlkv_time_to_first_token_seconds", "from arrival to the first generated token",
-                              buckets=SECONDS, registry=self.registry)
-        self.latency = Histogram("rlkv_request_seconds", "from arrival to the last generated token",
-                                 buckets=SECONDS, registry=self.registry)
+        self.http = Counter(
+            "rlkv_http_requests", "HTTP requests answered", ["endpoint", "status"], registry=self.registry
+        )
+        self.ttft = Histogram(
+            "rlkv_time_to_first_token_seconds",
+            "from arrival to the first generated token",
+            buckets=SECONDS,
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "rlkv_request_seconds", "from arrival to the last generated token", buckets=SECONDS, registry=self.registry
+        )
 
     def count(self, request, status: int) -> None:
         """Count an answer to `request` (a Starlette Request) under its route; unknown paths are "other"."""

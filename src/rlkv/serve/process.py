@@ -1,9 +1,9 @@
 """`rlkv serve` as a child process on a free local port: what the serving benchmark and the tests start.
 
-    server = ServerProcess(["--model", "DIR", "--kv-budget", "4GiB"], "serve.log")
-    server.wait_ready(120)       # polls /health; raises with the log's tail if it exits or never answers
-    server.metrics()             # /metrics as {series: value}
-    server.close()               # SIGTERM, then SIGKILL after `grace` seconds
+server = ServerProcess(["--model", "DIR", "--kv-budget", "4GiB"], "serve.log")
+server.wait_ready(120)       # polls /health; raises with the log's tail if it exits or never answers
+server.metrics()             # /metrics as {series: value}
+server.close()               # SIGTERM, then SIGKILL after `grace` seconds
 """
 
 from __future__ import annotations
@@ -43,8 +43,12 @@ class ServerProcess:
         path = os.pathsep.join(filter(None, [src, os.environ.get("PYTHONPATH")]))
         self.log_path = Path(log)
         self.log = self.log_path.open("w+")
-        self.proc = subprocess.Popen(self.command, stdout=self.log, stderr=subprocess.STDOUT,
-                                     env={**os.environ, "PYTHONPATH": path, **(env or {})})
+        self.proc = subprocess.Popen(
+            self.command,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONPATH": path, **(env or {})},
+        )
 
     def wait_ready(self, timeout: float) -> None:
         """Return once /health answers 200; raise if the process exits first or `timeout` seconds pass."""

@@ -23,6 +23,7 @@ class _Server(uvicorn.Server):
 
 def serve(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
     """Serve `app` (from `rlkv.serve.create_app`) on host:port; returns after a clean shutdown."""
-    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=10,
-                            timeout_keep_alive=30)
+    config = uvicorn.Config(
+        app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=10, timeout_keep_alive=30
+    )
     _Server(config, app).run()

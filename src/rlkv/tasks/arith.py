@@ -86,7 +86,10 @@ def generate(seed: int, difficulty: int, index: int) -> Example:
         + f"\nHow many {item}s does {target} have at the end?"
     )
     solution = (
-        "Start: " + ", ".join(f"{name} {n}" for name, n in start.items()) + ".\n" + "\n".join(work)
+        "Start: "
+        + ", ".join(f"{name} {n}" for name, n in start.items())
+        + ".\n"
+        + "\n".join(work)
         + f"\nAt the end {target} has {_some(final[target], item)}, so the answer is \\boxed{{{final[target]}}}."
     )
     return Example(

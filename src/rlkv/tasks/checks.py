@@ -79,9 +79,7 @@ class _Splitter:
 
     def needs_code(self, node: ast.AST) -> bool:
         return any(
-            isinstance(n, ast.Name)
-            and n.id not in self.local
-            and (n.id in self.theirs or n.id not in GRADER_NAMES)
+            isinstance(n, ast.Name) and n.id not in self.local and (n.id in self.theirs or n.id not in GRADER_NAMES)
             for n in ast.walk(node)
         )
 

@@ -41,4 +41,3 @@ class GSM8KTrain(GSM8K):
     name = "gsm8k_train"
     files = ("gsm8k_train.jsonl",)
     split = "train"
-

@@ -28,7 +28,17 @@ UNSAFE_ENV = "RLKV_SANDBOX_UNSAFE"
 UID_BASE = 3_000_000_000
 """Jobs run as uid = gid = UID_BASE + (grader pid % 10^5) * 10^4 + (job count % 10^4): a uid
 per job, so RLIMIT_NPROC counts only that job's processes and jobs cannot signal each other."""
-_NAMESPACES = ("--pid", "--fork", "--kill-child", "--net", "--ipc", "--uts", "--mount", "--cgroup", "--propagation=private")
+_NAMESPACES = (
+    "--pid",
+    "--fork",
+    "--kill-child",
+    "--net",
+    "--ipc",
+    "--uts",
+    "--mount",
+    "--cgroup",
+    "--propagation=private",
+)
 _SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
 _jobs = itertools.count()
 

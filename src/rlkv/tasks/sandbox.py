@@ -214,7 +214,9 @@ def _verdict(lines: list[str], plan: checks.Plan, tests: Sequence[str]) -> tuple
     line = next(lines, None)
     if line is None:
         return None
-    return ("passed", f"all {len(tests)} tests passed") if line == "end" else ("error", f"unexpected line {line[:200]!r}")
+    return (
+        ("passed", f"all {len(tests)} tests passed") if line == "end" else ("error", f"unexpected line {line[:200]!r}")
+    )
 
 
 def _run(code: str, tests: Sequence[str], plan: checks.Plan, limits: Limits, mode: str) -> SandboxResult:
@@ -287,9 +289,7 @@ def _mode(limits: Limits) -> str:
     return isolation.probed_mode(_try_mode) if mode == "auto" else mode
 
 
-def run_code(
-    code: str, tests: Sequence[str], limits: Limits = Limits(), tested: Collection[str] = ()
-) -> SandboxResult:
+def run_code(code: str, tests: Sequence[str], limits: Limits = Limits(), tested: Collection[str] = ()) -> SandboxResult:
     """Run ``code`` then ``tests`` in a sandbox; never raises for bad code (ValueError for a test
     the grader cannot split, :class:`SandboxUnavailable` where the machine cannot isolate)."""
     plan = checks.plan(tuple(tests), frozenset(tested))
