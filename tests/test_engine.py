@@ -82,6 +82,15 @@ def test_gated_rollouts_equal_gated_generate():
         check_equal(outs, reference(model, ids, mask))
 
 
+def test_block_streaming_rollouts_equal_gated_generate():
+    model = tiny_model("llama")
+    alpha = torch.rand(rlkv.Layout.of(model).shape, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    ps, ids, mask = prompts()
+    outs = engine(model, rlkv.Gated(alpha, 2, 4, block=4)).generate(ps, max_new_tokens=NEW, eos_token_ids=[])
+    with gated(model, alpha, 2, 4, block=4):
+        check_equal(outs, reference(model, ids, mask))
+
+
 def test_gated_engine_reads_alpha_in_place():
     model = tiny_model("llama")
     alpha = torch.ones(rlkv.Layout.of(model).shape, device=DEVICE)
@@ -307,7 +316,7 @@ def test_top_p_keeps_the_smallest_nucleus():
 
 
 # ---------------------------------------------------------------------- the Triton kernel
-@pytest.mark.parametrize("gated_mode", [False, True], ids=["headsplit", "gated"])
+@pytest.mark.parametrize("gated_mode", [False, True, 4], ids=["headsplit", "gated", "gated-block4"])
 def test_kernel_equals_the_torch_path(gated_mode):
     """Compiled on CUDA; on a CPU, Triton's interpreter runs it (conftest sets TRITON_INTERPRET)."""
     pytest.importorskip("triton")
@@ -325,11 +334,24 @@ def test_kernel_equals_the_torch_path(gated_mode):
         store.page_table[slot, : len(pages)] = pages.int().to(DEVICE)
     q = torch.randn(3, 6, 16, device=DEVICE)
     alpha = torch.rand(2, device=DEVICE) if gated_mode else None
+    stream_block = gated_mode if gated_mode > 1 else 1
     for layer in (0, 1):
         for window in (None, 7):
-            ref = decode_torch(q, store, layer, slots, lengths, None, 0.25, window, alpha)
+            ref = decode_torch(q, store, layer, slots, lengths, None, 0.25, window, alpha, stream_block)
             for splits in (1, 3):
-                got = decode_attention(q, store, layer, slots, lengths, 0.25, window, alpha, splits=splits, block=16)
+                got = decode_attention(
+                    q,
+                    store,
+                    layer,
+                    slots,
+                    lengths,
+                    0.25,
+                    window,
+                    alpha,
+                    splits=splits,
+                    block=16,
+                    stream_block=stream_block,
+                )
                 torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
 
 

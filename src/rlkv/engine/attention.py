@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from rlkv.attention.reference import gate_mix, keep_keys_mask, masked_attention
+from rlkv.attention.reference import gate_mix, keep_keys_mask, masked_attention, recent_start
 from rlkv.attention.ring import ring_positions, ring_slot
 from rlkv.engine.kv import KVStore, upload
 from rlkv.hf.plumbing import state_of
@@ -71,6 +71,7 @@ class Prompts:
     sink: int
     recent: int
     full_rows: torch.Tensor | None = None  # [T] bool: queries that attend like a kept head's (full prefill)
+    block: int = 1  # the streaming rule's granularity (gated mode)
     masks: dict = field(default_factory=dict)
 
     @classmethod
@@ -82,6 +83,7 @@ class Prompts:
         seq: torch.Tensor,
         lengths: torch.Tensor,
         prompt_lengths: torch.Tensor | None = None,
+        block: int = 1,
     ) -> Prompts:
         """`slots`, `pos`, `seq`, `lengths` (its context's length) and, for a full prefill, `prompt_lengths`
         (its prompt's: a preempted request's context also holds its generated tokens) of every token [T]."""
@@ -89,7 +91,16 @@ class Prompts:
         stays = (pos < store.sink) | (pos >= lengths - store.recent)
         full_rows = pos < prompt_lengths if prompt_lengths is not None else None
         return cls(
-            pos, seq, at.page, at.offset, torch.where(stays, slots, 0), at.ring, store.sink, store.recent, full_rows
+            pos,
+            seq,
+            at.page,
+            at.offset,
+            torch.where(stays, slots, 0),
+            at.ring,
+            store.sink,
+            store.recent,
+            full_rows,
+            block,
         )
 
     def attend(self, state, layer: int, query, key, value, scaling: float, window: int | None) -> torch.Tensor:
@@ -102,7 +113,7 @@ class Prompts:
             rule = torch.full((1,), full, dtype=torch.bool, device=self.pos.device)
             own = (self.seq[:, None] == self.seq[None, :])[None, None]
             pos = self.pos[None]
-            mask = keep_keys_mask(pos, pos, rule, self.sink, self.recent, window)
+            mask = keep_keys_mask(pos, pos, rule, self.sink, self.recent, window, block=self.block)
             if not full and self.full_rows is not None:
                 mask = mask | (
                     keep_keys_mask(pos, pos, ~rule, self.sink, self.recent, window)
@@ -151,10 +162,16 @@ class EngineAttention(EngineState):
     """Head-split and gated mode: the store, the mode and the current batch."""
 
     def __init__(
-        self, store: KVStore, group: int, alpha: torch.Tensor | None, use_kernel: bool, full_prefill: bool = False
+        self,
+        store: KVStore,
+        group: int,
+        alpha: torch.Tensor | None,
+        use_kernel: bool,
+        full_prefill: bool = False,
+        block: int = 1,
     ):
         self.store, self.group, self.alpha, self.use_kernel = store, group, alpha, use_kernel
-        self.full_prefill = full_prefill
+        self.full_prefill, self.block = full_prefill, block  # block: the gated streaming branch's granularity
         self.batch: Decode | Prompts | Prefill | None = None
         # full prefill in chunks: each compressed head's K/V of the prompt so far, per (layer, slot), until
         # the prompt is done (a kept head has them in its pages; a compressed head's ring keeps only 80)
@@ -171,7 +188,8 @@ class EngineAttention(EngineState):
         lengths: torch.Tensor,
         prompt_lengths: torch.Tensor,
     ) -> Prompts:
-        return Prompts.of(self.store, slots, pos, seq, lengths, prompt_lengths if self.full_prefill else None)
+        full_rows = prompt_lengths if self.full_prefill else None
+        return Prompts.of(self.store, slots, pos, seq, lengths, full_rows, self.block)
 
     def _store(self, k, v, layer: int) -> None:
         """New K/V [B, Hkv, D] into pages and rings where the batch says (`Decode` or `Prompts`)."""
@@ -190,8 +208,12 @@ class EngineAttention(EngineState):
         if self.use_kernel:
             from rlkv.engine.kernel import decode_attention
 
-            return decode_attention(q, s, layer, b.slots, b.pos + 1, scaling, window, self._alpha(layer))
-        return decode_torch(q, s, layer, b.slots, b.pos + 1, b.max_len, scaling, window, self._alpha(layer))
+            return decode_attention(
+                q, s, layer, b.slots, b.pos + 1, scaling, window, self._alpha(layer), stream_block=self.block
+            )
+        return decode_torch(
+            q, s, layer, b.slots, b.pos + 1, b.max_len, scaling, window, self._alpha(layer), stream_block=self.block
+        )
 
     def _alpha(self, layer: int) -> torch.Tensor | None:
         return None if self.alpha is None else self.alpha[layer]
@@ -282,7 +304,7 @@ class EngineAttention(EngineState):
             m["read"] = (pages[k_pos // s.page_size], k_pos % s.page_size)
             m["full"] = keep_keys_mask(q_pos, k_pos[None], ~never, s.sink, s.recent, window)
             if self.alpha is not None:  # gated mode: the streaming branch over the same keys
-                m["stream"] = keep_keys_mask(q_pos, k_pos[None], never, s.sink, s.recent, window)
+                m["stream"] = keep_keys_mask(q_pos, k_pos[None], never, s.sink, s.recent, window, block=self.block)
         if s.compressed_heads:
             if self.full_prefill and seg.start < seg.prompt_len:  # over the whole prompt so far (_prompt_keys)
                 k_pos = torch.arange(seg.end, device=device)[None]
@@ -328,8 +350,12 @@ def decode_torch(
     scaling: float,
     window: int | None,
     alpha: torch.Tensor | None,
+    stream_block: int = 1,
 ) -> torch.Tensor:
-    """Decode attention in plain torch: gather pages and rings, mask, softmax. q [B, Hq, D] -> [B, Hq, D]."""
+    """Decode attention in plain torch: gather pages and rings, mask, softmax. q [B, Hq, D] -> [B, Hq, D].
+
+    In gated mode (`alpha`) the streaming branch keeps the store's sink and recent keys at `stream_block`
+    granularity (the store's sizes are already whole blocks)."""
     s = store
     bsz, hq, d = q.shape
     group = hq // s.keep.shape[1]
@@ -347,7 +373,7 @@ def decode_torch(
         q_kept = q[:, qf][:, :, None]
         full = masked_attention(q_kept, keys, values, mask, scaling)[:, 0]
         if alpha is not None:
-            stream = valid & ((t < s.sink) | (t > lengths[:, None] - 1 - s.recent))
+            stream = valid & ((t < s.sink) | (t >= recent_start(lengths[:, None] - 1, s.recent, stream_block)))
             mask = stream[:, None, None, :].expand(-1, keys.shape[1], 1, -1)
             full = gate_mix(full, masked_attention(q_kept, keys, values, mask, scaling)[:, 0], alpha, group)
         out[:, qf] = full

@@ -8,7 +8,8 @@ GQA group (padded to 16 rows for `tl.dot`):
 - a compressed head reads its sink + recent ring once (split 0 only), each slot's token
   position worked out from the sequence length;
 - in gated mode every head is kept and the same pass also accumulates a second softmax over
-  the keys the streaming rule allows (first `sink`, last `recent`); the two outputs are mixed
+  the keys the streaming rule allows (first `sink`, last `recent`, at `stream_block` granularity:
+  `rlkv.attention.reference.keep_keys_mask`); the two outputs are mixed
   with alpha after the splits are combined.
 Splits ("split-K") give short batches of long sequences enough programs to fill the GPU; their
 partial (max, sum, acc) are combined in torch. With one split (large batches) the kernel writes the
@@ -67,6 +68,7 @@ def _decode_kernel(
     sink,
     recent,
     window,
+    stream_block,
     G: tl.constexpr,
     G_PAD: tl.constexpr,
     D: tl.constexpr,
@@ -116,7 +118,7 @@ def _decode_kernel(
             valid = inside & (t >= low)
             m_i, l_i, acc = online_softmax(tl.where(valid[None, :], sc, float("-inf")), v, m_i, l_i, acc, PRECISION)
             if GATED:
-                stream = valid & ((t < sink) | (t > last - recent))
+                stream = valid & ((t < sink) | (t >= (last // stream_block + 1) * stream_block - recent))
                 m_s, l_s, acc_s = online_softmax(
                     tl.where(stream[None, :], sc, float("-inf")), v, m_s, l_s, acc_s, PRECISION
                 )
@@ -248,8 +250,11 @@ def decode_attention(
     block: int | None = None,
     num_warps: int = 8,
     num_stages: int | None = None,
+    stream_block: int = 1,
 ) -> torch.Tensor:
     """Decode attention of q [B, Hq, D] over the store's pages and rings of `layer` -> [B, Hq, D].
+
+    `alpha` [kv_heads]: gated mode, with the streaming branch at `stream_block` granularity.
 
     Launch defaults: a tile of BLOCK x D = 16384 elements (256 tokens at D = 64, 128 at D = 128), 8
     warps, 3 pipeline stages at D <= 64 and 2 above: with about one (sequence, KV head) program per
@@ -306,6 +311,7 @@ def decode_attention(
         store.sink,
         store.recent,
         window or 0,
+        stream_block,
         G=group,
         G_PAD=max(16, triton.next_power_of_2(group)),
         D=d,
