@@ -50,7 +50,7 @@ class TaskMix(Task):
         if len(examples) != len(completions):
             raise ValueError(f"got {len(examples)} examples but {len(completions)} completions")
         scores: list[float] = [0.0] * len(examples)
-        for name, part in self.parts.items():
+        for part in self.parts.values():
             rows = [i for i, example in enumerate(examples) if self.part(example) is part]
             for i, score in zip(rows, part.grade_many([examples[i] for i in rows], [completions[i] for i in rows])):
                 scores[i] = score
