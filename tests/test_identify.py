@@ -544,3 +544,29 @@ def test_identify_pipeline_runs_what_the_cli_runs_from_python(tmp_path, monkeypa
         identify_pipeline(model, "arith", config, tmp_path, limit=4)
     with pytest.raises(ValueError, match="--check-limit 9999 leaves no training problems"):
         identify_pipeline(model, "arith", config, tmp_path, tokenizer=tok, check_limit=9999)
+
+
+def test_report_of_an_identification_run_says_whether_the_penalty_acted(tmp_path):
+    """`rlkv report` on an identify run directory: training.md and training.png from log.jsonl."""
+    from typer.testing import CliRunner
+
+    from rlkv.cli import app
+
+    records = [
+        dict(step=s, mean_reward=r, penalty_weight=w, tau=0.55, mean_response_tokens=300.0, max_response_tokens=900,
+             capped_rollouts=c, alpha_mean=0.9, alpha_std=0.05, alpha_min=0.7, alpha_max=1.0,
+             frac_alpha_below_half=0.0, rollout_s=10.0, update_s=5.0, peak_gib=40.0)
+        for s, r, w, c in ((1, 0.5, 0.0, 1), (2, 0.7, 1e-3, 0), (3, 0.6, 1e-3, 2), (4, 0.4, 0.0, 0))
+    ]  # fmt: skip
+    (tmp_path / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    result = CliRunner().invoke(app, ["report", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    text = (tmp_path / "training.md").read_text()
+    assert "penalty acted in **2 of 4 steps (50%)** (tau 0.55)" in text
+    assert "3 rollouts hit the length cap; the longest was 900 tokens" in text and "peak GPU memory 40.0 GiB" in text
+    assert (tmp_path / "training.png").stat().st_size > 10_000
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "log.jsonl").write_text("")
+    result = CliRunner().invoke(app, ["report", str(empty)])
+    assert result.exit_code != 0 and "holds no steps yet" in result.output
