@@ -255,25 +255,35 @@ def test_curriculum_cache_is_reused(tmp_path, monkeypatch):
     assert calls == []  # all answered from the cache
 
 
-def test_curriculum_samples_in_chunks_and_resumes_after_each(tmp_path, monkeypatch):
-    """One generate call per chunk of problems; a run stopped after a chunk keeps its scores and samples only
-    the rest when called again."""
+def test_curriculum_samples_in_one_call_and_keeps_finished_problems_when_interrupted(tmp_path, monkeypatch):
+    """Every sample in one generate call; problems are saved as they finish, so a run that breaks off keeps
+    them and samples only the rest when called again."""
     from rlkv.identify.curriculum import pass_rates
 
     model, tok, task, examples, _ = _setup()
     args = _solved_per_problem(monkeypatch, task, examples, (1, 3, 0, 2), tmp_path)
+    args["batch_size"] = 6  # transformers generate: two problems x 3 samples per model.generate
     calls = []
     real_generate = model.generate
+
+    def breaks_on_the_second_call(*a, **k):
+        calls.append(k["input_ids"].shape[0])
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_generate(*a, **k)
+
+    monkeypatch.setattr(model, "generate", breaks_on_the_second_call)
+    with pytest.raises(KeyboardInterrupt):
+        pass_rates(model, tok, task, examples, save_every=0.0, **args)
+    saved = next(iter(json.loads((tmp_path / "c.json").read_text()).values()))
+    assert sorted(saved) == sorted(ex.id for ex in examples[:2])  # the first call's two problems
+    calls.clear()
     monkeypatch.setattr(
         model, "generate", lambda *a, **k: calls.append(k["input_ids"].shape[0]) or real_generate(*a, **k)
     )
-    args["batch_size"] = 64
-    first = pass_rates(model, tok, task, examples[:3], chunk=2, **args)
-    assert calls == [6, 3]  # 2 problems x 3 samples, then 1 x 3
-    calls.clear()
-    rates = pass_rates(model, tok, task, examples, chunk=2, **args)
-    assert calls == [3]  # only the fourth problem was left
-    assert rates == {**first, examples[3].id: 2 / 3}
+    rates = pass_rates(model, tok, task, examples, **args)
+    assert calls == [6]  # only the last two problems were sampled
+    assert [rates[ex.id] for ex in examples] == [1 / 3, 1.0, 0.0, 2 / 3]
 
 
 def test_torch_distributed_world_of_one_takes_the_same_steps(tmp_path, monkeypatch):

@@ -74,7 +74,6 @@ def identify(
     ),
     samples_per_problem: Optional[int] = typer.Option(None, min=1, help="curriculum: samples per problem (paper: 4)"),
     band: str = typer.Option("0,1", help="curriculum with --problems band: keep low < pass rate < high"),
-    curriculum_chunk: int = typer.Option(256, min=1, help="curriculum: problems per generate call and cache write"),
     rollout_batch_size: int = typer.Option(128, min=1, help="sequences decoded at once"),
     train_tokens: int = typer.Option(7680, min=1, help="padded tokens per training micro-batch"),
     checkpoint_every: int = typer.Option(10, min=1),

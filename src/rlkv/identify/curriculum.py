@@ -10,18 +10,19 @@ Which problems are kept, by their pass rate p:
 - "band": p strictly inside `band` (default (0, 1): at least one but not all correct), so that
   every group gives GRPO's per-group advantage a signal.
 
-Sampling is the expensive part. The problems go to the model `chunk` at a time (one generate
-call each: with the engine's continuous batching a long straggler costs once per chunk, not
-once per few problems), and the per-problem scores are cached in a JSON file under a key made of
-the model (name and layout), the task, the answer rule and the sampling settings, rewritten
-atomically after every chunk: an interrupted run resumes, problems already scored are never
-sampled again, and changing the keep rule costs nothing.
+Sampling is the expensive part. Every sample goes to the model in one generate call (with the
+engine's continuous batching a long straggler then costs once, not once per few problems); each
+problem is graded as its last sample ends, and the per-problem scores are cached in a JSON file
+under a key made of the model (name and layout), the task, the answer rule and the sampling
+settings, rewritten atomically every 30 s: an interrupted run resumes, problems already scored are
+never sampled again, and changing the keep rule costs nothing.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 import torch
@@ -71,55 +72,73 @@ def pass_rates(
     samples_per_problem: int = 4,
     max_new_tokens: int = 4096,
     cache_path: str | os.PathLike | None = None,
-    chunk: int = 256,
     temperature: float = 1.0,
     top_p: float = 1.0,
     top_k: int = 0,
     seed: int = 0,
     engine=None,
     batch_size: int = 64,
+    save_every: float = 30.0,
 ) -> dict[str, float]:
-    """The full model's pass rate on every example (by id), sampled `chunk` problems per generate call.
+    """The full model's pass rate on every example (by id), all samples in one generate call.
 
-    Scores are read from and written to `cache_path` (JSON) when given. With an `rlkv.Engine` (full
-    attention) the samples go through it, seeded per (seed, problem, sample); `batch_size` is the
-    prompts per transformers `generate` call without one.
+    Scores are read from and written to `cache_path` (JSON) when given: a problem is graded as soon
+    as its last sample is done, and the file is rewritten at most every `save_every` seconds and at
+    the end, so an interruption loses at most that much. With an `rlkv.Engine` (full attention) the
+    samples go through it, seeded per (seed, problem, sample), continuously batched; `batch_size` is
+    the prompts per transformers `generate` call without one.
     """
     if samples_per_problem < 1:
         raise ValueError(f"samples_per_problem must be >= 1, got {samples_per_problem}")
-    if chunk < 1:
-        raise ValueError(f"chunk must be >= 1 problem, got {chunk}")
     key = cache_key(model, task, samples_per_problem, max_new_tokens, temperature, seed, top_p, top_k)
     path = Path(cache_path) if cache_path is not None else None
     cache = json.loads(path.read_text()) if path is not None and path.exists() else {}
     scores: dict[str, list[float]] = cache.setdefault(key, {})
     todo = [ex for ex in examples if ex.id not in scores]
-    torch.manual_seed(seed)
+    samples = [ex for ex in todo for _ in range(samples_per_problem)]
     bar = tqdm(total=len(examples), initial=len(examples) - len(todo), desc="curriculum", unit="problem")
-    for start in range(0, len(todo), chunk):
-        part = todo[start : start + chunk]
-        graded = [ex for ex in part for _ in range(samples_per_problem)]
-        outs = generate(
-            model,
-            tokenizer,
-            [task.prompt(ex, tokenizer) for ex in graded],
-            engine=engine if engine is not None else "off",
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            top_p=top_p,
-            top_k=top_k,
-            seed=[stable_seed(seed, ex.id, j) for ex in part for j in range(samples_per_problem)],
-            batch_size=batch_size,
-        )
-        results = task.grade_many(graded, [o.text for o in outs])
-        for i, ex in enumerate(part):
-            scores[ex.id] = results[i * samples_per_problem : (i + 1) * samples_per_problem]
+    texts: dict[int, str] = {}
+    ready: list[int] = []  # problems (indices into todo) whose samples are all done, not yet graded
+    saved = [time.monotonic()]
+
+    def save() -> None:
+        rows = [p * samples_per_problem + j for p in ready for j in range(samples_per_problem)]
+        results = task.grade_many([samples[r] for r in rows], [texts.pop(r) for r in rows])
+        for n, p in enumerate(ready):
+            scores[todo[p].id] = results[n * samples_per_problem : (n + 1) * samples_per_problem]
+        bar.update(len(ready))
+        ready.clear()
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(path.name + ".tmp")
             tmp.write_text(json.dumps(cache))
             os.replace(tmp, path)
-        bar.update(len(part))
+        saved[0] = time.monotonic()
+
+    def on_complete(i: int, completion) -> None:
+        texts[i] = completion.text
+        p = i // samples_per_problem
+        if all(p * samples_per_problem + j in texts for j in range(samples_per_problem)):
+            ready.append(p)
+        if ready and time.monotonic() - saved[0] >= save_every:
+            save()
+
+    if samples:
+        torch.manual_seed(seed)
+        generate(
+            model,
+            tokenizer,
+            [task.prompt(ex, tokenizer) for ex in samples],
+            engine=engine if engine is not None else "off",
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            seed=[stable_seed(seed, ex.id, j) for ex in todo for j in range(samples_per_problem)],
+            batch_size=batch_size,
+            on_complete=on_complete,
+        )
+        save()
     bar.close()
     return {ex.id: sum(scores[ex.id]) / len(scores[ex.id]) for ex in examples}
 

@@ -171,7 +171,6 @@ def _resumable(config: dict) -> dict:
         "rollout_batch_size",
         "train_tokens",
         "gradient_checkpointing",
-        "curriculum_chunk",
     )  # how the run executes, not what it computes
     return {k: v for k, v in config.items() if k not in how}
 

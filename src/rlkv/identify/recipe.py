@@ -93,7 +93,6 @@ class IdentifyConfig:
     min_pass: float = 0.75  # curriculum (problems="reliable"): keep pass rate >= min_pass
     band: tuple[float, float] = (0.0, 1.0)  # curriculum (problems="band"): keep low < pass rate < high
     samples_per_problem: int | None = None  # curriculum: full-model samples per problem
-    curriculum_chunk: int = 256  # curriculum: problems per generate call (and per cache write)
     answer_rule: str | None = None  # how rewards find the answer: "authors" or "rlkv" (rlkv.tasks.grading)
     weight_decay: float | None = None  # AdamW decay on the gates
     grad_clip: float | None = None  # max L2 norm of the gate gradient (0: no clipping)
@@ -139,7 +138,6 @@ class IdentifyConfig:
             "rollout_batch_size": (self.rollout_batch_size >= 1, ">= 1"),
             "train_tokens": (self.train_tokens >= 1, ">= 1"),
             "samples_per_problem": (self.samples_per_problem >= 1, ">= 1"),
-            "curriculum_chunk": (self.curriculum_chunk >= 1, ">= 1"),
             "band": (
                 len(self.band) == 2 and 0 <= self.band[0] < self.band[1] <= 1,
                 "low, high with 0 <= low < high <= 1",
