@@ -29,7 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from rlkv.engine.sampling import stable_seed
-from rlkv.generation import generate
+from rlkv.generation import generate, prompt_ids
 from rlkv.models import Layout
 from rlkv.tasks import Example, Task
 
@@ -128,7 +128,11 @@ def pass_rates(
         generate(
             model,
             tokenizer,
-            [task.prompt(ex, tokenizer) for ex in samples],
+            [
+                ids
+                for ids in prompt_ids(tokenizer, [task.prompt(ex, tokenizer) for ex in todo])
+                for _ in range(samples_per_problem)
+            ],
             engine=engine if engine is not None else "off",
             max_new_tokens=max_new_tokens,
             temperature=temperature,
