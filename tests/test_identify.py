@@ -253,6 +253,8 @@ def test_curriculum_cache_is_reused(tmp_path, monkeypatch):
     assert select_problems(model, tok, task, examples, **args) == [examples[1]]  # reliable: 3 of 3 >= 0.75
     assert select_problems(model, tok, task, examples, min_pass=0.6, **args) == [examples[1], examples[3]]
     assert calls == []  # all answered from the cache
+    key = json.loads(next(iter(json.loads((tmp_path / "c.json").read_text()))))
+    assert key["answer_rule"] == "rlkv" and key["samples"] == 3  # the grading is part of what a score means
 
 
 def test_curriculum_samples_in_one_call_and_keeps_finished_problems_when_interrupted(tmp_path, monkeypatch):
