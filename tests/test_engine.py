@@ -309,13 +309,16 @@ def test_top_p_keeps_the_smallest_nucleus():
 # ---------------------------------------------------------------------- the Triton kernel
 @pytest.mark.parametrize("gated_mode", [False, True], ids=["headsplit", "gated"])
 def test_kernel_equals_the_torch_path(gated_mode):
-    """Compiled on CUDA; on a CPU, Triton's interpreter runs it (conftest sets TRITON_INTERPRET)."""
+    """Compiled on CUDA; on a CPU, Triton's interpreter runs it (conftest sets TRITON_INTERPRET). Layers with
+    kept and compressed heads, compressed heads only, kept heads only; one split per kept head (each program
+    writes its output) and three (the combine kernel merges them, gated mix included)."""
     pytest.importorskip("triton")
     from rlkv.engine.kernel import decode_attention
 
     torch.manual_seed(0)
-    layout = rlkv.Layout("qwen2", 2, 6, 2, 16, "float32", "x")
-    keep = torch.ones(2, 2, dtype=torch.bool) if gated_mode else torch.tensor([[True, False], [False, False]])
+    layout = rlkv.Layout("qwen2", 3, 6, 2, 16, "float32", "x")
+    keep = torch.tensor([[True, False], [False, False], [True, True]])
+    keep = torch.ones_like(keep) if gated_mode else keep
     store = KVStore(layout, keep, 4, 8, 4, 2**22, 3, 128, DEVICE, torch.float32)
     for t in store.pages_k + store.pages_v + store.ring_k + store.ring_v:
         t.normal_()
@@ -325,7 +328,7 @@ def test_kernel_equals_the_torch_path(gated_mode):
         store.page_table[slot, : len(pages)] = pages.int().to(DEVICE)
     q = torch.randn(3, 6, 16, device=DEVICE)
     alpha = torch.rand(2, device=DEVICE) if gated_mode else None
-    for layer in (0, 1):
+    for layer in (0, 1, 2):
         for window in (None, 7):
             ref = decode_torch(q, store, layer, slots, lengths, None, 0.25, window, alpha)
             for splits in (1, 3):
