@@ -123,6 +123,12 @@ def test_outputs_do_not_depend_on_batching_budget_or_chunking():
     )
     assert alone[0].tokens == wide[2].tokens  # request 2 samples with seed 7 + 2 wherever it runs
     assert squeezed.stats.preemptions > 0 and squeezed.stats.max_running > 1
+    # each preemption gives up a context (prompt + tokens so far) that is prefilled again
+    recomputed = squeezed.stats.recomputed_tokens
+    assert (
+        recomputed >= squeezed.stats.preemptions * min(map(len, ps))
+        and squeezed.metrics().recomputed_tokens == recomputed
+    )
     assert reserving.stats.max_running == 1 < reserving.max_batch and reserving.stats.preemptions == 0
     assert len({tuple(o.tokens) for o in wide}) == len(ps)
 

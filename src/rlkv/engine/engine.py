@@ -246,6 +246,7 @@ class Engine:
             generated_tokens=self._totals["generated"],
             prompt_tokens=self._totals["prompt"],
             finished_requests=self._totals["finished"],
+            recomputed_tokens=self.scheduler.recomputed_tokens,
         )
 
     # ------------------------------------------------------------------ the loop
@@ -286,7 +287,7 @@ class Engine:
 
     def _make_room(self) -> bool:
         """Pages for every running request's next token; True if requests had to be preempted for them."""
-        before = self.scheduler.preemptions
+        before, recomputed = self.scheduler.preemptions, self.scheduler.recomputed_tokens
         if self.scheduler.shortfall(self._running):
             while self._pending:  # read back what is in flight: finished requests give their pages back
                 self._collect(self._pending.popleft())
@@ -300,6 +301,7 @@ class Engine:
             )
         self.scheduler.grow(self._running)
         self.stats.preemptions += self.scheduler.preemptions - before
+        self.stats.recomputed_tokens += self.scheduler.recomputed_tokens - recomputed
         return self.scheduler.preemptions > before
 
     def _prefill(self) -> None:
