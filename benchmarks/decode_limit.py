@@ -23,6 +23,7 @@ import argparse
 
 import torch
 from common import (
+    copy_bandwidth,
     gpu_seconds,
     load_model,
     print_table,
@@ -157,8 +158,7 @@ def main():
     layout = rlkv.Layout.of(model)
     device = next(model.parameters()).device
     heads = rlkv.HeadScores.random(layout, seed=0)  # head choice does not change cost
-    src = torch.empty(2**28, dtype=torch.uint8, device=device)
-    copy = 2 * src.numel() / gpu_seconds(lambda: torch.empty_like(src).copy_(src), reps=20)
+    copy = copy_bandwidth(device)
     flops = matmul_rate(device) if device.type == "cuda" else None
     weights = weight_bytes(model)
     params = sum(p.numel() for p in model.parameters())
