@@ -370,3 +370,20 @@ def test_long_generation_benchmark_sets_each_step_against_its_floor(saved, tmp_p
     )
     (row,) = json.loads(graded.read_text())["rows"]
     assert 0 <= row["accuracy"] <= 1 and row["completed"] == 3 and 1 <= row["max_output_tokens"] <= 6
+
+
+def test_serving_benchmark_serves_fixed_length_random_prompts(saved, tmp_path):
+    """Long-generation shape over HTTP: random prompts as plain completions, exactly --max-tokens tokens each
+    (--ignore-eos), at most 2 in flight."""
+    out = tmp_path / "serving.json"
+    run(
+        "serving.py",
+        *("--model", str(saved), "--input-len", "12", "--max-tokens", "5", "--ignore-eos", "--max-concurrency", "2"),
+        *("--num-requests", "4", "--rates", "inf", "--kv-budget", "8MiB", "--max-batch", "4", "--warmup", "2"),
+        *("--sparsities", "0", "--engines", "thread", "--out", str(out)),
+        OMP_NUM_THREADS="1",
+    )
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["completed"] == 4 and row["failed"] == 0 and row["output_tokens"] == 4 * 5
+    assert row["max_running"] <= 2  # the client's cap
+    assert 0 < row["itl_p50_ms"] <= row["itl_p90_ms"] <= row["itl_p99_ms"] and row["tpot_p90_ms"] > 0
