@@ -9,11 +9,11 @@ fewer, fused kernels, around the engine's attention, which stays one opaque oper
 kernels or the batch's host-side description, as vLLM compiles its models around its attention op.
 The engine's CUDA graphs then replay the compiled step.
 
-The batch dimension is unbacked (symbolic, never specialised, not even at 1), so one compilation
-serves every batch size; sampling is compiled apart, a small graph per mode, so that a new mode
-does not trace the model again. torch keeps the compiled code per function and guards, so
-engines on a model of the same class reuse it within a process (and inductor's disk cache across
-processes).
+The batch dimension is symbolic, so one compilation serves every batch size; torch specialises a
+dimension of 1, so the runner pads a single row with a scratch row (`Runner.min_rows`). Sampling
+is compiled apart, a small graph per mode, so that a new mode does not trace the model again.
+torch keeps the compiled code per function and guards, so engines on a model of the same class
+reuse it within a process (and inductor's disk cache across processes).
 """
 
 from __future__ import annotations
@@ -26,13 +26,13 @@ BACKEND = "inductor"  # the tests trace with "aot_eager" (same graph, no code ge
 
 def compiled(fn):
     """`fn` compiled whole (fullgraph: a graph break would be a silent slow path), every tensor argument's first
-    dimension (the batch) left symbolic."""
+    dimension (the batch, at least 2) symbolic."""
     step = torch.compile(fn, backend=BACKEND, fullgraph=True)
 
     def call(*args):
         for arg in args:
             if isinstance(arg, torch.Tensor) and arg.ndim:
-                torch._dynamo.decorators.mark_unbacked(arg, 0, min=1)
+                torch._dynamo.mark_dynamic(arg, 0)
         return step(*args)
 
     return call

@@ -76,12 +76,14 @@ class Runner:
         # the decode step's forward and sampling (the prefills run the model as it is)
         self._decode_forward = compiled(self.forward) if compile else self.forward
         self._pick = compiled(pick) if compile else pick
+        self.min_rows = 2 if compile else 1  # a compiled step's batch is symbolic from 2 rows on: 1 row is padded
         self._graphs: dict[tuple, tuple] = {}
         # decode batch sizes that get a CUDA graph; a step pads up to the smallest that fits
-        self.buckets = sorted({s for s in [1, 2, 4, 8, 16, *range(32, max_batch, 32)] if s < max_batch} | {max_batch})
+        sizes = [s for s in [1, 2, 4, 8, 16, *range(32, max_batch, 32)] if s < max_batch] + [max_batch]
+        self.buckets = sorted({max(s, self.min_rows) for s in sizes})
         # a decode step's ids, pos, slots, seeds, steps, top_k; and its temperatures, top_p
-        self._static = torch.zeros(6, max_batch, dtype=torch.long, device=device)
-        self._static_f = torch.ones(2, max_batch, device=device)
+        self._static = torch.zeros(6, self.buckets[-1], dtype=torch.long, device=device)
+        self._static_f = torch.ones(2, self.buckets[-1], device=device)
         # packed new contexts: per token ids, pos, slots, context lengths, seq, prompt lengths; per context its last
         # token, seed, step, top_k; and its temperature, top_p
         self._static_prompts = torch.zeros(6, PROMPT_TOKENS, dtype=torch.long, device=device)
@@ -123,9 +125,12 @@ class Runner:
             tokens, logprobs = tokens[:n], logprobs[:n]
         else:
             inputs = torch.cat([feed[None], upload(host, torch.long, self.device)])
-            tokens, logprobs = self._decode_step(
-                inputs, upload(floats, torch.float32, self.device), mode, max_len=max(host[0]) + 1
-            )
+            floats = upload(floats, torch.float32, self.device)
+            if n < self.min_rows:  # padding rows: scratch slot 0 at position 0, as a graph's
+                inputs = torch.cat([inputs, inputs.new_zeros(6, self.min_rows - n)], 1)
+                floats = torch.cat([floats, floats.new_ones(2, self.min_rows - n)], 1)
+            tokens, logprobs = self._decode_step(inputs, floats, mode, max_len=max(host[0]) + 1)
+            tokens, logprobs = tokens[:n], logprobs[:n]
         self.decode_steps += 1
         return tokens, logprobs
 
@@ -137,14 +142,14 @@ class Runner:
         return self._pick(logits, seeds, steps, top_k, floats[0], floats[1], mode)
 
     def warm_up(self) -> None:
-        """Compile the decode step (a step of the scratch row in each sampling mode) and, with CUDA graphs, capture
-        it for every greedy batch size, with a progress bar: before the first request, not in the middle of
+        """Compile the decode step (a step of scratch rows in each sampling mode) and, with CUDA graphs, capture it
+        for every greedy batch size, with a progress bar: before the first request, not in the middle of
         serving. Needs the engine's attention installed."""
         shapes = [(mode, None) for mode in MODES] + [("greedy", b) for b in self.buckets if self.cuda_graphs]
-        scratch = torch.zeros(6, 1, dtype=torch.long, device=self.device)  # slot 0, position 0
+        scratch = torch.zeros(6, self.min_rows, dtype=torch.long, device=self.device)  # slot 0, position 0
         for mode, bucket in tqdm(shapes, desc="rlkv: compiling the decode step", dynamic_ncols=True):
             if bucket is None:
-                self._decode_step(scratch, torch.ones(2, 1, device=self.device), mode, max_len=1)
+                self._decode_step(scratch, torch.ones(2, self.min_rows, device=self.device), mode, max_len=1)
             else:
                 self._graph(("decode", bucket), mode)
 
