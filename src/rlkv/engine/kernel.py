@@ -317,6 +317,7 @@ def decode_attention(
     SM, a longer block keeps more bytes in flight, and the K and V tiles in flight stay within an
     SM's shared memory (measurements: benchmarks/README.md). `splits`: per kept head (default `num_splits`)."""
     bsz, hq, d = q.shape
+    q = q if q.stride(-1) == 1 else q.contiguous()  # the kernel reads a head's D values in a row
     block = block or max(16, 16384 // d)
     num_stages = num_stages or (3 if d <= 64 else 2)
     full, comp = store.full_idx[layer], store.comp_idx[layer]
