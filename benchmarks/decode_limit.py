@@ -2,16 +2,16 @@
 
 At each `--compile` setting (the engine's compiled step or not), `--batches` size and `--sparsities`,
 `batch` sequences of `--context` tokens (mid-generation) sit in the engine; one decode step must read
-every weight once (the tied embedding too: the logits read it whole) and the K/V of every sequence
-(kept heads: every token; compressed heads: their sink + recent ring). The floor is those bytes over this GPU's device-to-device copy bandwidth
-(bytes read + written per second of a 256 MiB copy). Reported: the step's GPU time (its CUDA graph
-replayed, as the engine runs it), the floor, their ratio (`of_limit`), the FLOP-bound floor at the
-measured bf16 matrix rate, the decode attention kernel alone over every layer of the same sequences
-(`attention_ms`, captured in one CUDA graph, and its K/V bytes per second), the distinct pages the
-sequences' page tables point to (a step that reads every sequence's own K/V needs batch x pages), and
-where the GPU time goes: the kernels of the replayed graph under torch.profiler, grouped (matrix
-products, attention, sampling and logits, the rest); without graphs (a CPU), or where the profiler sees
-no kernel inside a graph, those of eager steps (`profiled`).
+every weight once (the tied embedding too: the logits read it whole) and the K/V of every sequence (kept
+heads: every token; compressed heads: their sink + recent ring). The floor is those bytes over this
+GPU's device-to-device copy bandwidth (bytes read + written per second of a 256 MiB copy). Reported: the
+step's GPU time (its CUDA graph replayed, as the engine runs it), the floor, their ratio (`of_limit`),
+the FLOP-bound floor at the measured bf16 matrix rate, the decode attention kernel alone over every
+layer of the same sequences (`attention_ms`, captured in one CUDA graph, and its K/V bytes per second),
+the distinct pages the sequences' page tables point to (a step that reads every sequence's own K/V needs
+batch x pages), and where the GPU time goes: the kernels of the replayed graph under torch.profiler,
+grouped (matrix products, attention, sampling and logits, the rest); without graphs (a CPU), or where
+the profiler sees no kernel inside a graph, those of eager steps (`profiled`).
 
     python benchmarks/decode_limit.py --model DIR --batches 64,128,256 --sparsities 0,0.5 --context 1024 \
         --compile on,off --out results/decode_limit.json
