@@ -1,8 +1,9 @@
 """The engine's attention: store each forward's new K/V in the KV store, then attend over it.
 
 The engine registers `attention` (below) as the model's attention implementation, so the
-model's own modules project, normalise and rotate q/k/v; this module only stores and attends.
-A forward is either
+model's own modules project, normalise and rotate q/k/v; this module only stores and attends, as
+one custom operator, `rlkv::attention` (`engine_attention`), which torch.compile keeps opaque
+(`rlkv.engine.compiled`). A forward is either
 - a decode step (`Decode`): one new token for each of B sequences. Its K/V go to the pages of
   kept heads and the rings of compressed ones, then kept heads attend over their pages,
   compressed heads over their ring: two Triton kernels on CUDA (`rlkv.engine.kernel`) or the
@@ -21,6 +22,7 @@ alpha * full + (1 - alpha) * streaming attention, both over the same keys.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -29,7 +31,6 @@ import torch.nn.functional as F
 from rlkv.attention.reference import gate_mix, keep_keys_mask, masked_attention, recent_start
 from rlkv.attention.ring import ring_positions, ring_slot
 from rlkv.engine.kv import KVStore, upload
-from rlkv.hf.plumbing import state_of
 
 
 @dataclass
@@ -387,11 +388,44 @@ def decode_torch(
     return out
 
 
+_forward_state: EngineState | None = None  # the state of the engine forward running now (`attending`)
+
+
+@contextmanager
+def attending(state: EngineState):
+    """Inside the block, the engine's attention operator works on `state` (its store and current batch): set
+    around each of the engine's forwards, as vLLM sets its forward context."""
+    global _forward_state
+    previous, _forward_state = _forward_state, state
+    try:
+        yield
+    finally:
+        _forward_state = previous
+
+
+@torch.library.custom_op("rlkv::attention", mutates_args=())
+def engine_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layer: int, scaling: float, window: int | None
+) -> torch.Tensor:
+    """Store the new K/V of `layer` and attend over the store: query [B, Hq, T, D], key/value [B, Hkv, T, D] ->
+    [B, T, Hq, D], as the current batch says (`Decode`, `Prompts`, `Prefill`).
+
+    One operator, opaque to torch.compile (`rlkv.engine.compiled`): the compiler fuses the model's own
+    operators around it and never traces the store, the kernels or the batch's host-side description. It
+    writes the KV store, which is no argument of it: nothing in a compiled graph reads the store but it."""
+    state = _forward_state
+    if state is None or state.batch is None:
+        raise RuntimeError("rlkv.Engine's attention ran outside an engine step")
+    return state.batch.attend(state, layer, query, key, value, scaling, window).contiguous()
+
+
+@engine_attention.register_fake
+def _(query, key, value, layer, scaling, window):
+    b, h, t, d = query.shape
+    return query.new_empty(b, t, h, d)
+
+
 def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """The attention implementation the engine registers (transformers' AttentionInterface signature)."""
-    state: EngineAttention = state_of(module, "rlkv.Engine")
     scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
-    if state.batch is None:
-        raise RuntimeError("rlkv.Engine's attention ran outside an engine step")
-    out = state.batch.attend(state, module.layer_idx, query, key, value, scaling, kwargs.get("sliding_window"))
-    return out, None
+    return engine_attention(query, key, value, module.layer_idx, scaling, kwargs.get("sliding_window")), None
