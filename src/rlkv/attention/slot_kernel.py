@@ -5,8 +5,9 @@ run for one new token per row.
 `_slot_decode_kernel`: a program handles one (sequence, KV head): the new token, then the
 sequence's slot read in place (no gather, no float32 copy), with an online softmax; for policies
 that score tokens by attention it also writes the raw scores, from which torch forms each
-candidate's attention. Reference: `rlkv.engine.tokendrop.slot_attention_torch` (gather, float32
-softmax), which it is tested against (in Triton's interpreter on a CPU).
+candidate's attention. FP8 slots (`rlkv.precision`) are dequantised in registers, each head by its own
+scales. Reference: `rlkv.engine.tokendrop.slot_attention_torch` (gather, float32 softmax), which it is
+tested against (in Triton's interpreter on a CPU).
 """
 
 from __future__ import annotations
@@ -14,6 +15,18 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+
+@triton.jit
+def e4m3(x):
+    """fp32 `x` rounded to the nearest e4m3 value (ties to even), saturating at +-448, still in fp32: the value
+    `torch.Tensor.to(torch.float8_e4m3fn)` gives after a clamp. Rounded here in integer arithmetic, so the cast
+    to e4m3 that follows is exact on every backend (Triton's interpreter rounds some values wrongly)."""
+    x = tl.clamp(x, -448.0, 448.0)
+    bits = x.to(tl.int32, bitcast=True)
+    normal = ((bits + 0x7FFFF + ((bits >> 20) & 1)) & -0x100000).to(tl.float32, bitcast=True)  # 3 mantissa bits
+    tiny = (tl.abs(x) + 24576.0) - 24576.0  # below 2^-6, multiples of 2^-9 (e4m3's subnormals): fp32's own rounding
+    return tl.where(tl.abs(x) < 0.015625, tl.where(x < 0, -tiny, tiny), normal)
 
 
 @triton.jit
@@ -42,6 +55,8 @@ def _slot_decode_kernel(
     SC,
     M,
     L,
+    KS,
+    VS,
     stride_qb,
     stride_qh,
     stride_nb,
@@ -67,6 +82,7 @@ def _slot_decode_kernel(
     BLOCK: tl.constexpr,
     SCORES: tl.constexpr,
     PRECISION: tl.constexpr,
+    FP8: tl.constexpr,
 ):
     b = tl.program_id(0)
     h = tl.program_id(1)
@@ -85,6 +101,9 @@ def _slot_decode_kernel(
     l_i = tl.full([G_PAD], 1.0, tl.float32)
     acc = tl.zeros([G_PAD, D], tl.float32) + v_new[None, :]
     kv = slot * stride_ks + h * stride_kh
+    k_scale, v_scale = 1.0, 1.0
+    if FP8:
+        k_scale, v_scale = tl.load(KS + h), tl.load(VS + h)
     for start in range(0, CAP, BLOCK):
         t = start + tl.arange(0, BLOCK)
         inside = t < CAP
@@ -92,6 +111,8 @@ def _slot_decode_kernel(
         valid = (pos >= 0) & (pos <= q_pos) & ((window == 0) | (pos > q_pos - window))
         k = tl.load(K + kv + t[:, None] * stride_kt + d[None, :], mask=inside[:, None], other=0.0)
         v = tl.load(V + kv + t[:, None] * stride_kt + d[None, :], mask=inside[:, None], other=0.0)
+        if FP8:  # exact in the query's dtype: a scale is a power of two
+            k, v = (k.to(tl.float32) * k_scale).to(q.dtype), (v.to(tl.float32) * v_scale).to(q.dtype)
         sc = tl.dot(q, tl.trans(k), input_precision=PRECISION).to(tl.float32) * scale
         sc = tl.where(valid[None, :], sc, float("-inf"))
         if SCORES:
@@ -119,6 +140,7 @@ def slot_attention(
     scaling: float,
     window: int | None,
     observe: bool,
+    scales: tuple[torch.Tensor, torch.Tensor] | None = None,
     block: int = 64,
     num_warps: int = 4,
     num_stages: int = 2,
@@ -126,7 +148,8 @@ def slot_attention(
     """Decode attention of q [B, Hq, D] over row b's slot `slots[b]` of one layer's keys/values [S, Hkv,
     capacity, D] at pos [S, Hkv, capacity] plus its new k/v [B, Hkv, D] at q_pos [B] (the candidates:
     slot places, then the new token) -> (output [B, Hq, D], attention [B, Hkv, capacity + 1] each
-    candidate gets, averaged over the GQA group, if `observe`, else None)."""
+    candidate gets, averaged over the GQA group, if `observe`, else None). `scales`: the layer's K and V
+    scales [Hkv] of FP8 slots (the new k/v come as attention reads them: rounded already)."""
     bsz, hq, d = q.shape
     kv_heads, cap = keys.shape[1], keys.shape[2]
     group = hq // kv_heads
@@ -149,6 +172,7 @@ def slot_attention(
         scores,
         m,
         denom,
+        *(scales if scales is not None else (out, out)),
         q.stride(0),
         q.stride(1),
         k.stride(0),
@@ -174,6 +198,7 @@ def slot_attention(
         BLOCK=block,
         SCORES=observe,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        FP8=scales is not None,
         num_warps=num_warps,
         num_stages=num_stages,
     )

@@ -66,11 +66,13 @@ class Policy:
     def params(self) -> dict:
         return {"budget": self.budget, "capacity": self.capacity}
 
-    def sequence_bytes(self, layout, num_tokens: torch.Tensor) -> torch.Tensor:
+    def sequence_bytes(self, layout, num_tokens: torch.Tensor, kv_itemsize: int | None = None) -> torch.Tensor:
         """Bytes a sequence of `num_tokens` holds under this policy, from the model layout alone:
-        what `TokenDropCache.sequence_nbytes` measures on a live cache (tested equal), for planning."""
+        what `TokenDropCache.sequence_nbytes` measures on a live cache (tested equal), for planning.
+        `kv_itemsize`: bytes of a stored K/V element (1: FP8; None: the model's dtype)."""
         itemsize = torch.empty((), dtype=getattr(torch, layout.dtype)).element_size()
-        per_slot = layout.num_kv_heads * (2 * layout.head_dim * itemsize + 4 + (4 if self.scored else 0))
+        kv = kv_itemsize or itemsize
+        per_slot = layout.num_kv_heads * (2 * layout.head_dim * kv + 4 + (4 if self.scored else 0))
         state = self.state_bytes(layout, itemsize)
         return layout.num_layers * (num_tokens.clamp(max=self.capacity) * per_slot + state)
 

@@ -18,6 +18,8 @@ one custom operator, `rlkv::attention` (`engine_attention`), which torch.compile
   `keep_keys_mask`; compressed heads see their ring plus the chunk.
 In gated mode (RL rollouts) every head is paged and its output is
 alpha * full + (1 - alpha) * streaming attention, both over the same keys.
+With FP8 pages or rings (`rlkv.precision`) every new key and value is rounded to its head's precision
+before anything attends to it (`KVStore.round_trip`), so a prefill reads what a later decode step reads.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import torch.nn.functional as F
 from rlkv.attention.reference import gate_mix, keep_keys_mask, masked_attention, recent_start
 from rlkv.attention.ring import ring_positions, ring_slot
 from rlkv.engine.kv import KVStore, upload
+from rlkv.precision import KEYS, VALUES
 
 
 @dataclass
@@ -230,6 +233,7 @@ class EngineAttention(EngineState):
     def prompts(self, layer: int, query, key, value, scaling: float, window: int | None) -> torch.Tensor:
         """query [1, Hq, T, D], key/value [1, Hkv, T, D] of packed new prompts -> output [1, T, Hq, D]."""
         s, b = self.store, self.batch
+        key, value = s.round_trip(layer, key, value, dim=1)
         out = query.new_empty(1, query.shape[2], query.shape[1], query.shape[3])
         fi, ci = s.full_idx[layer], s.comp_idx[layer]
         qf, qc = s.q_full[layer], s.q_comp[layer]
@@ -247,8 +251,10 @@ class EngineAttention(EngineState):
     def prefill(self, layer: int, query, key, value, scaling: float, window: int | None) -> torch.Tensor:
         """query [1, Hq, T, D], key/value [1, Hkv, T, D] of packed chunks -> output [1, T, Hq, D]."""
         s = self.store
+        key, value = s.round_trip(layer, key, value, dim=1)
         out = query.new_empty(1, query.shape[2], query.shape[1], query.shape[3])
         fi, ci = s.full_idx[layer], s.comp_idx[layer]
+        kept, ring = s.kept_precision, s.ring_precision
         qf, qc = s.q_full[layer], s.q_comp[layer]
         for seg in self.batch.segments:
             cols = slice(seg.offset, seg.offset + seg.length)
@@ -256,11 +262,11 @@ class EngineAttention(EngineState):
             masks = self._masks(seg, window, query.device)
             if len(fi):
                 page, row = masks["write"]
-                s.pages_k[layer][page, row] = k[0, fi].transpose(0, 1)
-                s.pages_v[layer][page, row] = v[0, fi].transpose(0, 1)
+                s.pages_k[layer][page, row] = kept.store(k[0, fi].transpose(0, 1), KEYS, layer, fi, 1)
+                s.pages_v[layer][page, row] = kept.store(v[0, fi].transpose(0, 1), VALUES, layer, fi, 1)
                 page, row = masks["read"]
-                keys = s.pages_k[layer][page, row].transpose(0, 1)[None]
-                values = s.pages_v[layer][page, row].transpose(0, 1)[None]
+                keys = kept.load(s.pages_k[layer][page, row], KEYS, layer, fi, 1, q.dtype).transpose(0, 1)[None]
+                values = kept.load(s.pages_v[layer][page, row], VALUES, layer, fi, 1, q.dtype).transpose(0, 1)[None]
                 full = self._kept(layer, q[:, qf], keys, values, masks["full"], masks.get("stream"), scaling)
                 out[:, cols, qf] = full.transpose(1, 2)
             if len(ci):
@@ -268,13 +274,15 @@ class EngineAttention(EngineState):
                     keys, values = self._prompt_keys(layer, seg, k[0, ci], v[0, ci])
                     mask = masks["prompt"]
                 else:
-                    keys = torch.cat([s.ring_k[layer][seg.slot].transpose(0, 1), k[0, ci]], dim=1)[None]
-                    values = torch.cat([s.ring_v[layer][seg.slot].transpose(0, 1), v[0, ci]], dim=1)[None]
+                    stored_k = ring.load(s.ring_k[layer][seg.slot], KEYS, layer, ci, 1, q.dtype)
+                    stored_v = ring.load(s.ring_v[layer][seg.slot], VALUES, layer, ci, 1, q.dtype)
+                    keys = torch.cat([stored_k.transpose(0, 1), k[0, ci]], dim=1)[None]
+                    values = torch.cat([stored_v.transpose(0, 1), v[0, ci]], dim=1)[None]
                     mask = masks["ring"]
                 out[:, cols, qc] = _sdpa(q[:, qc], keys, values, mask, scaling).transpose(1, 2)
                 src, dst = masks["ring_write"]
-                s.ring_k[layer][seg.slot, dst] = k[0, ci][:, src].transpose(0, 1)
-                s.ring_v[layer][seg.slot, dst] = v[0, ci][:, src].transpose(0, 1)
+                s.ring_k[layer][seg.slot, dst] = ring.store(k[0, ci][:, src].transpose(0, 1), KEYS, layer, ci, 1)
+                s.ring_v[layer][seg.slot, dst] = ring.store(v[0, ci][:, src].transpose(0, 1), VALUES, layer, ci, 1)
         return out
 
     def _prompt_keys(self, layer: int, seg: Segment, k, v) -> tuple[torch.Tensor, torch.Tensor]:
@@ -333,12 +341,13 @@ def store_torch(k, v, store: KVStore, layer: int, b: Decode | Prompts) -> None:
     """New K/V [B, Hkv, D] (a decode step's, or packed prompts') into the pages of kept heads and the rings of
     compressed ones."""
     fi, ci = store.full_idx[layer], store.comp_idx[layer]
+    kept, ring = store.kept_precision, store.ring_precision
     if len(fi):
-        store.pages_k[layer][b.page, b.offset] = k[:, fi]
-        store.pages_v[layer][b.page, b.offset] = v[:, fi]
+        store.pages_k[layer][b.page, b.offset] = kept.store(k[:, fi], KEYS, layer, fi, 1)
+        store.pages_v[layer][b.page, b.offset] = kept.store(v[:, fi], VALUES, layer, fi, 1)
     if len(ci):
-        store.ring_k[layer][b.slots, b.ring] = k[:, ci]
-        store.ring_v[layer][b.slots, b.ring] = v[:, ci]
+        store.ring_k[layer][b.slots, b.ring] = ring.store(k[:, ci], KEYS, layer, ci, 1)
+        store.ring_v[layer][b.slots, b.ring] = ring.store(v[:, ci], VALUES, layer, ci, 1)
 
 
 def decode_torch(
@@ -363,11 +372,13 @@ def decode_torch(
     out = q.new_empty(bsz, hq, d)
     low = lengths - window if window else torch.zeros_like(lengths)
     qf, qc = s.q_full[layer], s.q_comp[layer]
-    if len(s.full_idx[layer]):
+    fi, ci = s.full_idx[layer], s.comp_idx[layer]
+    if len(fi):
         n_pages = -(-(max_len if max_len is not None else int(lengths.max())) // s.page_size)
         table = s.page_table[slots, :n_pages].long()  # [B, P]
-        keys = s.pages_k[layer][table].flatten(1, 2).transpose(1, 2)  # [B, F, T, D]
-        values = s.pages_v[layer][table].flatten(1, 2).transpose(1, 2)
+        keys = s.kept_precision.load(s.pages_k[layer][table], KEYS, layer, fi, 3, q.dtype)
+        values = s.kept_precision.load(s.pages_v[layer][table], VALUES, layer, fi, 3, q.dtype)
+        keys, values = keys.flatten(1, 2).transpose(1, 2), values.flatten(1, 2).transpose(1, 2)  # [B, F, T, D]
         t = torch.arange(keys.shape[2], device=q.device)[None]
         valid = (t < lengths[:, None]) & (t >= low[:, None])
         mask = valid[:, None, None, :].expand(-1, keys.shape[1], 1, -1)
@@ -378,9 +389,11 @@ def decode_torch(
             mask = stream[:, None, None, :].expand(-1, keys.shape[1], 1, -1)
             full = gate_mix(full, masked_attention(q_kept, keys, values, mask, scaling)[:, 0], alpha, group)
         out[:, qf] = full
-    if len(s.comp_idx[layer]):
-        keys = s.ring_k[layer][slots].transpose(1, 2)  # [B, C, ring, D]
-        values = s.ring_v[layer][slots].transpose(1, 2)
+    if len(ci):
+        keys = s.ring_precision.load(s.ring_k[layer][slots], KEYS, layer, ci, 2, q.dtype).transpose(
+            1, 2
+        )  # [B, C, R, D]
+        values = s.ring_precision.load(s.ring_v[layer][slots], VALUES, layer, ci, 2, q.dtype).transpose(1, 2)
         pos = ring_positions(lengths, s.sink, s.recent)
         valid = (pos >= 0) & (pos >= low[:, None])
         mask = valid[:, None, None, :].expand(-1, keys.shape[1], 1, -1)

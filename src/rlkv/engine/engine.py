@@ -54,6 +54,7 @@ from rlkv.hf.plumbing import patched
 from rlkv.methods.headsplit import HeadSplit
 from rlkv.methods.tokendrop import TokenDrop
 from rlkv.models import Layout, eos_ids
+from rlkv.precision import check_kv_dtype, precisions
 
 ENGINE_SETTINGS = ("auto", "on", "off")
 STOP_TAIL = 64  # tokens decoded to look for stop strings
@@ -72,6 +73,16 @@ def engine_for(setting: str, model, tokenizer, method=None, **engine_kwargs) -> 
     if check_setting(setting) == "off" or (setting == "auto" and next(model.parameters()).device.type != "cuda"):
         return None
     return Engine(model, tokenizer, method, **engine_kwargs)
+
+
+def engine_kv_dtype(method, kv_dtype: str | None) -> str:
+    """The engine's KV precision policy: `kv_dtype`, the method's, or bf16; refused where the two differ."""
+    own = getattr(method, "kv_dtype", None)
+    if kv_dtype is not None and own is not None and check_kv_dtype(kv_dtype) != own:
+        raise ValueError(
+            f"the method stores K/V at kv_dtype {own!r} but the engine was given {kv_dtype!r}: give it in one place"
+        )
+    return check_kv_dtype(kv_dtype or own or "bf16")
 
 
 @dataclass
@@ -104,6 +115,7 @@ class Engine:
         sequence_tokens: int | None = None,
         admission: str = "demand",
         watermark: float = 0.01,
+        kv_dtype: str | None = None,
     ):
         """`kv_budget`: bytes, a size string ("20GiB") or a share of free GPU memory (default 0.8 on CUDA).
         `sequence_tokens`: prompt + new tokens of a typical request. With a head-split method, each
@@ -114,7 +126,10 @@ class Engine:
         "reserve" (every page a request could need, up front: the former policy, for comparison).
         `compile` (default: on CUDA): the decode step's forward and sampling compiled with torch.compile
         around the engine's attention (`rlkv.engine.compiled`), here, once, with a progress bar; the CUDA
-        graphs then replay the compiled step. `cuda_graphs` and `kernel` default to on CUDA too."""
+        graphs then replay the compiled step. `cuda_graphs` and `kernel` default to on CUDA too.
+        `kv_dtype`: how K/V are stored ("bf16": the model's dtype, "fp8", "fp8-kept": `rlkv.precision`);
+        None: the method's (`HeadSplit.kv_dtype`, `TokenDrop.kv_dtype`), else bf16. FP8 halves a token's
+        bytes, so the same `kv_budget` holds twice the tokens."""
         self.model, self.tokenizer = model, tokenizer
         self.layout = Layout.of(model)
         self.device = next(model.parameters()).device
@@ -131,6 +146,7 @@ class Engine:
         self.max_seq_len = max_seq_len or max(32768, getattr(model.config, "max_position_embeddings", 0) or 0)
         budget = parse_bytes(kv_budget if kv_budget is not None else (0.8 if cuda else "1GiB"), self.device)
         dtype = next(model.parameters()).dtype
+        self.kv_dtype = engine_kv_dtype(method, kv_dtype)
         self.kernel = cuda if kernel is None else kernel
         runtime = runtime_for(
             method,
@@ -144,6 +160,7 @@ class Engine:
                 self.device,
                 dtype,
                 self.kernel,
+                precisions(model, self.kv_dtype),
             ),
         )
         self.store, self.state = runtime.store, runtime.state

@@ -17,6 +17,10 @@ a compressed head would leave idle go to kept heads' splits. Programs start in o
 fastest, so the long kept work is issued first and the short rings fill the tail (longest first).
 With one split (large batches) a kept head's program writes its output itself, gated mix included;
 with more, `_combine_kernel` merges the splits' partial (max, sum, acc) and mixes, one launch per layer.
+FP8 pages or rings (`rlkv.precision`) are read as they lie and dequantised in registers: a tile's e4m3
+values convert exactly to the query's dtype, the head's K scale (a power of two) multiplies the softmax
+scale and its V scale the output, so the partial softmaxes the combine kernel merges are already in the
+model's units. The store kernel rounds new K/V to e4m3 (`e4m3`, saturating) before it writes them.
 `rlkv.engine.attention.decode_torch` is the plain reference these kernels are tested against. (The
 token droppers' slot kernel, which both runtimes use, is `rlkv.attention.slot_kernel`.)
 """
@@ -27,8 +31,9 @@ import torch
 import triton
 import triton.language as tl
 
-from rlkv.attention.slot_kernel import online_softmax
+from rlkv.attention.slot_kernel import e4m3, online_softmax
 from rlkv.engine.kv import KVStore
+from rlkv.precision import KEYS, VALUES, KVPrecision
 
 
 @triton.jit
@@ -48,6 +53,10 @@ def _decode_kernel(
     L,
     OUT,
     ALPHA,
+    KSP,
+    VSP,
+    KSR,
+    VSR,
     n_kept,
     stride_qb,
     stride_qh,
@@ -82,6 +91,8 @@ def _decode_kernel(
     SPLITS: tl.constexpr,
     GATED: tl.constexpr,
     PRECISION: tl.constexpr,
+    PAGE_FP8: tl.constexpr,
+    RING_FP8: tl.constexpr,
 ):
     b = tl.program_id(0)
     item = tl.program_id(1)
@@ -109,6 +120,9 @@ def _decode_kernel(
     l_i = tl.zeros([G_PAD], tl.float32)
     acc = tl.zeros([G_PAD, D], tl.float32)
     if kept:
+        k_scale, v_scale = scale, 1.0  # FP8: the head's K scale joins the softmax scale, its V scale the output
+        if PAGE_FP8:
+            k_scale, v_scale = scale * tl.load(KSP + h), tl.load(VSP + h)
         m_s = tl.full([G_PAD], float("-inf"), tl.float32)
         l_s = tl.zeros([G_PAD], tl.float32)
         acc_s = tl.zeros([G_PAD, D], tl.float32)
@@ -121,9 +135,9 @@ def _decode_kernel(
             inside = t < length
             page = tl.load(PT + slot * stride_table + t // PAGE, mask=inside, other=0)
             base = page.to(tl.int64) * stride_pp + (t % PAGE) * stride_pt + idx * stride_ph
-            k = tl.load(KP + base[:, None] + d[None, :], mask=inside[:, None], other=0.0)
-            v = tl.load(VP + base[:, None] + d[None, :], mask=inside[:, None], other=0.0)
-            sc = tl.dot(q, tl.trans(k), input_precision=PRECISION).to(tl.float32) * scale
+            k = tl.load(KP + base[:, None] + d[None, :], mask=inside[:, None], other=0.0).to(q.dtype)
+            v = tl.load(VP + base[:, None] + d[None, :], mask=inside[:, None], other=0.0).to(q.dtype)
+            sc = tl.dot(q, tl.trans(k), input_precision=PRECISION).to(tl.float32) * k_scale
             valid = inside & (t >= low)
             m_i, l_i, acc = online_softmax(tl.where(valid[None, :], sc, float("-inf")), v, m_i, l_i, acc, PRECISION)
             if GATED:
@@ -131,6 +145,7 @@ def _decode_kernel(
                 m_s, l_s, acc_s = online_softmax(
                     tl.where(stream[None, :], sc, float("-inf")), v, m_s, l_s, acc_s, PRECISION
                 )
+        acc, acc_s = acc * v_scale, acc_s * v_scale
         if SPLITS == 1:  # the whole sequence is in this program: write the final output, no combine step
             out = acc / l_i[:, None]
             if GATED:
@@ -153,12 +168,15 @@ def _decode_kernel(
         back = ((last - j) % recent + recent) % recent  # rlkv.attention.ring.ring_positions, inline
         pos = tl.where(j < sink, j, last - back)
         valid = in_ring & tl.where(j < sink, j <= last, pos >= sink) & (pos >= low)
+        k_scale, v_scale = scale, 1.0
+        if RING_FP8:
+            k_scale, v_scale = scale * tl.load(KSR + h), tl.load(VSR + h)
         base = slot.to(tl.int64) * stride_rs + j * stride_rt + idx * stride_rh
-        k = tl.load(KR + base[:, None] + d[None, :], mask=in_ring[:, None], other=0.0)
-        v = tl.load(VR + base[:, None] + d[None, :], mask=in_ring[:, None], other=0.0)
-        sc = tl.dot(q, tl.trans(k), input_precision=PRECISION).to(tl.float32) * scale
+        k = tl.load(KR + base[:, None] + d[None, :], mask=in_ring[:, None], other=0.0).to(q.dtype)
+        v = tl.load(VR + base[:, None] + d[None, :], mask=in_ring[:, None], other=0.0).to(q.dtype)
+        sc = tl.dot(q, tl.trans(k), input_precision=PRECISION).to(tl.float32) * k_scale
         m_i, l_i, acc = online_softmax(tl.where(valid[None, :], sc, float("-inf")), v, m_i, l_i, acc, PRECISION)
-        tl.store(o_ptr, (acc / l_i[:, None]).to(OUT.dtype.element_ty), mask=out_rows[:, None])
+        tl.store(o_ptr, (acc * v_scale / l_i[:, None]).to(OUT.dtype.element_ty), mask=out_rows[:, None])
 
 
 @triton.jit
@@ -229,6 +247,10 @@ def _store_kernel(
     OFFSET,
     SLOT,
     RING,
+    KSP,
+    VSP,
+    KSR,
+    VSR,
     stride_kb,
     stride_kh,
     stride_vb,
@@ -240,8 +262,11 @@ def _store_kernel(
     stride_rt,
     stride_rh,
     D: tl.constexpr,
+    PAGE_FP8: tl.constexpr,
+    RING_FP8: tl.constexpr,
 ):
-    """One (row, KV head): its new token's K/V into its page (kept head) or its ring slot (compressed head)."""
+    """One (row, KV head): its new token's K/V into its page (kept head) or its ring slot (compressed head),
+    rounded to e4m3 at the head's scales where that store is FP8."""
     b = tl.program_id(0)
     h = tl.program_id(1)
     d = tl.arange(0, D)
@@ -250,12 +275,16 @@ def _store_kernel(
     idx = tl.load(INDEX + h)
     if tl.load(KIND + h) == 0:
         base = tl.load(PAGE + b).to(tl.int64) * stride_pp + tl.load(OFFSET + b) * stride_pt + idx * stride_ph
-        tl.store(KP + base + d, k)
-        tl.store(VP + base + d, v)
+        if PAGE_FP8:
+            k, v = e4m3(k.to(tl.float32) / tl.load(KSP + h)), e4m3(v.to(tl.float32) / tl.load(VSP + h))
+        tl.store(KP + base + d, k.to(KP.dtype.element_ty))
+        tl.store(VP + base + d, v.to(VP.dtype.element_ty))
     else:
         base = tl.load(SLOT + b).to(tl.int64) * stride_rs + tl.load(RING + b) * stride_rt + idx * stride_rh
-        tl.store(KR + base + d, k)
-        tl.store(VR + base + d, v)
+        if RING_FP8:
+            k, v = e4m3(k.to(tl.float32) / tl.load(KSR + h)), e4m3(v.to(tl.float32) / tl.load(VSR + h))
+        tl.store(KR + base + d, k.to(KR.dtype.element_ty))
+        tl.store(VR + base + d, v.to(VR.dtype.element_ty))
 
 
 def store_kv(k: torch.Tensor, v: torch.Tensor, store: KVStore, layer: int, batch) -> None:
@@ -265,6 +294,7 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, store: KVStore, layer: int, batch
     k = k if k.stride(-1) == 1 else k.contiguous()
     v = v if v.stride(-1) == 1 else v.contiguous()
     pk, pv, rk, rv = store.pages_k[layer], store.pages_v[layer], store.ring_k[layer], store.ring_v[layer]
+    page_scales, ring_scales = _scales(store.kept_precision, layer, k), _scales(store.ring_precision, layer, k)
     _store_kernel[(k.shape[0], k.shape[1])](
         k,
         v,
@@ -278,6 +308,8 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, store: KVStore, layer: int, batch
         batch.offset,
         batch.slots,
         batch.ring,
+        *page_scales,
+        *ring_scales,
         k.stride(0),
         k.stride(1),
         v.stride(0),
@@ -285,7 +317,16 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, store: KVStore, layer: int, batch
         *(pk.stride()[:3] if pk.ndim == 4 else (0, 0, 0)),
         *(rk.stride()[:3] if rk.ndim == 4 else (0, 0, 0)),
         D=k.shape[-1],
+        PAGE_FP8=store.kept_precision.quantized,
+        RING_FP8=store.ring_precision.quantized,
     )
+
+
+def _scales(precision: KVPrecision, layer: int, other: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(K scales, V scales) [kv_heads] of `layer` at `precision`; unquantised, `other` stands in (never read)."""
+    if not precision.quantized:
+        return other, other
+    return precision.scale(KEYS, layer), precision.scale(VALUES, layer)
 
 
 def num_splits(batch: int, kept_heads: int, device: torch.device) -> int:
@@ -362,6 +403,8 @@ def decode_attention(
         denom,
         out,
         alpha_f,
+        *_scales(store.kept_precision, layer, q),
+        *_scales(store.ring_precision, layer, q),
         n_kept,
         q.stride(0),
         q.stride(1),
@@ -387,6 +430,8 @@ def decode_attention(
         SPLITS=splits,
         GATED=alpha is not None,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        PAGE_FP8=store.kept_precision.quantized,
+        RING_FP8=store.ring_precision.quantized,
         num_warps=num_warps,
         num_stages=num_stages,
     )

@@ -8,6 +8,9 @@ Per layer l, with F_l kept and C_l compressed KV heads (a head-split keep-mask d
   rebalancing": the bytes freed by compression buy more concurrent sequences).
 - ring_k[l], ring_v[l]: [num_slots, sink + recent, C_l, head_dim]; a running sequence owns one
   slot. Token p lives in ring slot p while p < sink, else in sink + (p - sink) mod recent.
+Pages hold the kept heads at `kept`'s precision and rings the compressed heads at `compressed`'s
+(`rlkv.precision`: the model's dtype, or FP8 with per-KV-head scales), and every byte count above is
+in the bytes those precisions store: FP8 halves the price of a page against bf16.
 
 Page 0 and slot 0 are scratch space that padding rows of a decode batch write into.
 A sequence holds pages for the tokens it has (`grow` as it goes); the scheduler
@@ -29,6 +32,7 @@ import torch
 from rlkv.attention.ring import query_heads
 from rlkv.engine.store import Slots, free_list
 from rlkv.models import Layout
+from rlkv.precision import KEYS, VALUES, KVPrecision, KVPrecisions
 
 _UNITS = {
     "": 1,
@@ -91,28 +95,32 @@ class KVStore(Slots):
         max_batch: int,
         max_seq_len: int,
         device,
-        dtype: torch.dtype,
+        precision: torch.dtype | KVPrecisions,
         sequence_tokens: int | None = None,
     ):
+        """`precision`: the pages' and rings' (a dtype: both unquantised at that dtype)."""
         if tuple(keep.shape) != layout.shape:
             raise ValueError(f"keep-mask is {tuple(keep.shape)} but the model has {layout.shape} (layers x kv_heads)")
         self.keep = keep.bool().cpu()
         self.sink, self.recent, self.page_size = sink, recent, page_size
         self.ring = sink + recent
         self.max_pages_per_seq = math.ceil(max_seq_len / page_size)
-        d, elt = layout.head_dim, torch.empty(0, dtype=dtype).element_size()
+        if isinstance(precision, torch.dtype):
+            precision = KVPrecisions(KVPrecision(precision), KVPrecision(precision))
+        self.kept_precision, self.ring_precision = precision.kept.to(device), precision.compressed.to(device)
+        d = layout.head_dim
         self.kept_heads = int(self.keep.sum())
         self.compressed_heads = self.keep.numel() - self.kept_heads
-        self.token_bytes = 2 * self.kept_heads * d * elt  # what one more token costs a sequence
+        self.token_bytes = 2 * self.kept_heads * d * self.kept_precision.itemsize  # one more token of a sequence
         self.page_bytes = page_size * self.token_bytes
-        self.slot_bytes = 2 * self.ring * self.compressed_heads * d * elt  # a sequence's ring, all layers
+        self.slot_bytes = 2 * self.ring * self.compressed_heads * d * self.ring_precision.itemsize  # its ring
         if sequence_tokens is not None:  # scratch page and slot, then (pages + ring) per sequence
             room = budget - self.slot_bytes - self.page_bytes * bool(self.kept_heads)
             per_sequence = self.pages_for(sequence_tokens) * self.page_bytes + self.slot_bytes
             max_batch = max(1, min(max_batch, room // per_sequence))
         num_slots = max_batch + 1
         self.num_pages = self._pages_left(budget, max_batch)
-        self._allocate(layout, num_slots, device, dtype)
+        self._allocate(layout, num_slots, device)
         self.page_table = torch.zeros(num_slots, self.max_pages_per_seq, dtype=torch.int32, device=device)
         self._free_pages = free_list(self.num_pages)
         self._init_slots(num_slots)
@@ -137,7 +145,7 @@ class KVStore(Slots):
             )
         return int((budget - ring_bytes) // self.page_bytes)
 
-    def _allocate(self, layout: Layout, num_slots: int, device, dtype: torch.dtype) -> None:
+    def _allocate(self, layout: Layout, num_slots: int, device) -> None:
         """Every layer's pages and rings, and what the kernels read of the head split."""
         d, page_size = layout.head_dim, self.page_size
         self.full_idx = [torch.nonzero(row).flatten().to(device) for row in self.keep]
@@ -149,10 +157,11 @@ class KVStore(Slots):
             nf, nc = len(self.full_idx[layer]), len(self.comp_idx[layer])
             page_shape = (self.num_pages, page_size, nf, d) if nf else (0,)
             ring_shape = (num_slots, self.ring, nc, d) if nc else (0,)
-            self.pages_k.append(torch.zeros(page_shape, dtype=dtype, device=device))
-            self.pages_v.append(torch.zeros(page_shape, dtype=dtype, device=device))
-            self.ring_k.append(torch.zeros(ring_shape, dtype=dtype, device=device))
-            self.ring_v.append(torch.zeros(ring_shape, dtype=dtype, device=device))
+            page, ring = self.kept_precision.dtype, self.ring_precision.dtype
+            self.pages_k.append(torch.zeros(page_shape, dtype=page, device=device))
+            self.pages_v.append(torch.zeros(page_shape, dtype=page, device=device))
+            self.ring_k.append(torch.zeros(ring_shape, dtype=ring, device=device))
+            self.ring_v.append(torch.zeros(ring_shape, dtype=ring, device=device))
         # head kind (0 paged, 1 ring) and index within its store, per layer: what the decode kernel reads
         self.kind = [(~self.keep[i]).int().to(device) for i in range(layout.num_layers)]
         index = torch.zeros_like(self.keep, dtype=torch.int32)
@@ -160,6 +169,24 @@ class KVStore(Slots):
             index[i, self.keep[i]] = torch.arange(int(self.keep[i].sum()), dtype=torch.int32)
             index[i, ~self.keep[i]] = torch.arange(int((~self.keep[i]).sum()), dtype=torch.int32)
         self.index = [index[i].to(device) for i in range(layout.num_layers)]
+
+    # ------------------------------------------------------------------ precision
+    def round_trip(self, layer: int, key: torch.Tensor, value: torch.Tensor, dim: int) -> tuple:
+        """New K/V of `layer` (every KV head along `dim`) as attention reads them once stored: kept heads at the
+        pages' precision, compressed heads at the rings' (the same tensors when nothing is quantised)."""
+        if not (self.kept_precision.quantized or self.ring_precision.quantized):
+            return key, value
+        out = []
+        for which, x in ((KEYS, key), (VALUES, value)):
+            x = x.clone()
+            for heads, precision in (
+                (self.full_idx[layer], self.kept_precision),
+                (self.comp_idx[layer], self.ring_precision),
+            ):
+                at = (slice(None),) * dim + (heads,)
+                x[at] = precision.round_trip(x[at], which, layer, heads, dim)
+            out.append(x)
+        return tuple(out)
 
     # ------------------------------------------------------------------ allocation
     def pages_for(self, tokens: int) -> int:
@@ -201,7 +228,7 @@ class KVStore(Slots):
 
     # ------------------------------------------------------------------ accounting
     def nbytes(self) -> int:
-        """Bytes allocated for K/V (pages and rings of every layer)."""
+        """Bytes allocated for K/V (pages and rings of every layer, in the bytes they store)."""
         return sum(
             t.numel() * t.element_size() for ts in (self.pages_k, self.pages_v, self.ring_k, self.ring_v) for t in ts
         )

@@ -3,7 +3,8 @@
 One builder per method type, registered with `functools.singledispatch` (a new kind of method
 registers its own): head splits and a full cache run on pages + rings (`rlkv.engine.kv`), token
 droppers on fixed slots (`rlkv.engine.tokendrop`), `Gated` rollouts on pages with every head's
-full cache and its alpha read in place.
+full cache and its alpha read in place. Each store holds K/V at the precisions `Setup.kv` gives
+(`rlkv.precision`: pages the kept heads', rings the compressed heads').
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from rlkv.hf.gated import gated
 from rlkv.methods.headsplit import HeadSplit
 from rlkv.methods.tokendrop import TokenDrop
 from rlkv.models import Layout
+from rlkv.precision import KVPrecisions
 
 
 @dataclass
@@ -53,8 +55,9 @@ class Setup:
     max_seq_len: int
     sequence_tokens: int | None
     device: torch.device
-    dtype: torch.dtype
+    dtype: torch.dtype  # the model's
     kernel: bool  # the Triton kernels (else the torch paths)
+    kv: KVPrecisions  # how kept heads (pages, a token dropper's slots) and compressed heads (rings) hold K/V
 
 
 @dataclass
@@ -86,7 +89,7 @@ def _paged(
         setup.max_batch,
         setup.max_seq_len,
         setup.device,
-        setup.dtype,
+        setup.kv,
         setup.sequence_tokens,
     )
     state = EngineAttention(store, setup.layout.group_size, alpha, setup.kernel, full_prefill, block)
@@ -106,6 +109,8 @@ def _head_split(method: HeadSplit, setup: Setup) -> Runtime:
 
 @runtime_for.register(Gated)
 def _gated(method: Gated, setup: Setup) -> Runtime:
+    if setup.kv.kept.quantized:
+        raise ValueError("Gated rollouts keep K/V at the model's dtype: kv_dtype must be 'bf16'")
     alpha, shape = method.alpha, setup.layout.shape
     if not isinstance(alpha, torch.Tensor) or tuple(alpha.shape) != shape:
         raise ValueError(f"Gated alpha must be a tensor of shape {shape} (layers x kv_heads)")
@@ -120,7 +125,9 @@ def _gated(method: Gated, setup: Setup) -> Runtime:
 
 @runtime_for.register(TokenDrop)
 def _token_drop(method: TokenDrop, setup: Setup) -> Runtime:
-    store = TokenDropStore(setup.layout, method.policy, setup.budget, setup.max_batch, setup.device, setup.dtype)
+    store = TokenDropStore(
+        setup.layout, method.policy, setup.budget, setup.max_batch, setup.device, setup.dtype, setup.kv.kept
+    )
     return Runtime(
         store, TokenDropAttention(store, setup.kernel), graphs=setup.device.type == "cuda", whole_prompts=True
     )

@@ -23,6 +23,8 @@ over the prompt, then the policy's first cut (SnapKV's observation window sees t
 The prompts of one prefill forward attend as a left-padded batch, the way `generate` pads them
 (padding: position -1, never attended to, never kept), in groups of at most `PAD_TOKENS` padded
 tokens: one `select_tokens` per group and layer, not one per prompt.
+Slots hold K/V at one precision (`rlkv.precision`: the model's dtype or FP8 with per-KV-head scales);
+a new token's K/V are rounded to it before anything attends to them, as `TokenDropCache`'s are.
 Outputs equal `with method.apply(model): model.generate(...)` (tested token for token).
 """
 
@@ -35,6 +37,7 @@ from rlkv.engine.attention import Decode, EngineState, Prefill
 from rlkv.engine.kv import upload
 from rlkv.engine.store import Slots
 from rlkv.models import Layout
+from rlkv.precision import KEYS, VALUES, KVPrecision
 
 PAD_TOKENS = 8192  # prompts x longest prompt of one padded prefill group: bounds its attention's memory
 
@@ -45,10 +48,21 @@ class TokenDropStore(Slots):
     Slot 0 is scratch space that padding rows of a decode batch write into. It implements
     `rlkv.engine.store.Store` (a sequence needs a slot and no pages)."""
 
-    def __init__(self, layout: Layout, policy: Policy, budget: int, max_batch: int, device, dtype: torch.dtype):
+    def __init__(
+        self,
+        layout: Layout,
+        policy: Policy,
+        budget: int,
+        max_batch: int,
+        device,
+        dtype: torch.dtype,
+        precision: KVPrecision | None = None,
+    ):
+        """`dtype`: the model's (the policy's state); `precision`: the slots' K/V (None: unquantised, `dtype`)."""
         self.layout, self.policy = layout, policy
+        self.precision = (precision or KVPrecision(dtype)).to(device)
         self.capacity = policy.capacity
-        self.slot_bytes = int(policy.sequence_bytes(layout, torch.tensor(self.capacity)))
+        self.slot_bytes = int(policy.sequence_bytes(layout, torch.tensor(self.capacity), self.precision.itemsize))
         fits = budget // self.slot_bytes - 1  # slot 0 is scratch
         if fits < 1:
             raise ValueError(
@@ -59,7 +73,9 @@ class TokenDropStore(Slots):
         self._init_slots(min(max_batch, fits) + 1)
         shape = (self.num_slots, layout.num_kv_heads, self.capacity)
         d = layout.head_dim
-        self.keys = [torch.zeros(*shape, d, dtype=dtype, device=device) for _ in range(layout.num_layers)]
+        self.keys = [
+            torch.zeros(*shape, d, dtype=self.precision.dtype, device=device) for _ in range(layout.num_layers)
+        ]
         self.values = [torch.zeros_like(k) for k in self.keys]
         self.pos = [torch.full(shape, -1, dtype=torch.int32, device=device) for _ in range(layout.num_layers)]
         self.score = [torch.zeros(shape, device=device) for _ in range(layout.num_layers)] if policy.scored else None
@@ -96,7 +112,12 @@ class TokenDropStore(Slots):
 
     def sequence_nbytes(self, tokens):
         """Bytes a sequence of `tokens` tokens holds: what transformers' `TokenDropCache.sequence_nbytes` reports."""
-        return self.policy.sequence_bytes(self.layout, torch.as_tensor(tokens))
+        return self.policy.sequence_bytes(self.layout, torch.as_tensor(tokens), self.precision.itemsize)
+
+    def scales(self, layer: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The slots' K and V scales [Hkv] of `layer` (FP8), else None."""
+        p = self.precision
+        return (p.scale(KEYS, layer), p.scale(VALUES, layer)) if p.quantized else None
 
     # ------------------------------------------------------------------ a decode step, in place
     def candidates(
@@ -116,7 +137,10 @@ class TokenDropStore(Slots):
             if self.score is not None
             else None
         )
-        keys = then_new(self.keys[layer], slots, k[:, :, None]) if needs_keys else None
+        stored = (
+            self.precision.load(self.keys[layer][slots], KEYS, layer, slice(None), 1, k.dtype) if needs_keys else None
+        )
+        keys = torch.cat([stored, k[:, :, None]], dim=2) if needs_keys else None
         return Candidates(keys, None, pos, score, attn, False, scaling)
 
     def state(self, layer: int, slots: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -135,7 +159,8 @@ class TokenDropStore(Slots):
             return rows.scatter(-1, free, torch.where(kept_new[..., None], new, rows.gather(-1, free)))
 
         index = (slots[:, None], torch.arange(k.shape[1], device=k.device)[None], free[..., 0])
-        for store, new in ((self.keys[layer], k), (self.values[layer], v)):
+        for which, store, new in ((KEYS, self.keys[layer], k), (VALUES, self.values[layer], v)):
+            new = self.precision.store(new, which, layer, slice(None), 1)
             store[index] = torch.where(kept_new[..., None], new, store[index])
         self.pos[layer][slots] = put(pos, c.pos[..., cap:])
         if self.score is not None:
@@ -149,8 +174,8 @@ class TokenDropStore(Slots):
         width = pos.shape[-1]
         if width < self.capacity:  # a prompt shorter than the capacity
             self.pos[layer][slots] = -1
-        self.keys[layer][slots, :, :width] = keys
-        self.values[layer][slots, :, :width] = values
+        self.keys[layer][slots, :, :width] = self.precision.store(keys, KEYS, layer, slice(None), 1)
+        self.values[layer][slots, :, :width] = self.precision.store(values, VALUES, layer, slice(None), 1)
         self.pos[layer][slots, :, :width] = pos
         if self.score is not None:
             self.score[layer][slots, :, :width] = score
@@ -179,6 +204,8 @@ class TokenDropAttention(EngineState):
     def decode(self, layer: int, q, k, v, scaling: float, window: int | None) -> torch.Tensor:
         """q [B, Hq, D], k/v [B, Hkv, D] of the new tokens -> attention output [B, Hq, D]; the slots keep what the policy keeps."""
         b, store, policy = self.batch, self.store, self.policy
+        k = store.precision.round_trip(k, KEYS, layer, slice(None), 1)  # as attention reads it once stored
+        v = store.precision.round_trip(v, VALUES, layer, slice(None), 1)
         out, attn = self._attend(
             q,
             k,
@@ -191,6 +218,7 @@ class TokenDropAttention(EngineState):
             scaling,
             window,
             policy.observed(False, 1) > 0,
+            store.scales(layer),
         )
         c = store.candidates(layer, b.slots, k, b.pos, attn, scaling, policy.needs_keys)
         state = store.state(layer, b.slots)
@@ -203,7 +231,9 @@ class TokenDropAttention(EngineState):
         if self._groups is None or self._groups[0] is not self.batch:
             self._groups = (self.batch, PaddedPrompts.groups(self.batch, query.device))
         out = query.new_empty(query.shape[2], query.shape[1], query.shape[3])  # [T, Hq, D]
-        policy = self.policy
+        policy, precision = self.policy, self.store.precision
+        key = precision.round_trip(key, KEYS, layer, slice(None), 1)
+        value = precision.round_trip(value, VALUES, layer, slice(None), 1)
         for g in self._groups[1]:
             q, k, v = (t[0][:, g.cols].transpose(0, 1) for t in (query, key, value))  # [n, H, W, D]
             pos = g.q_pos.to(torch.int32)[:, None, :].expand(k.shape[0], k.shape[1], -1)
@@ -247,10 +277,17 @@ class PaddedPrompts:
         return [cls(g, device) for g in groups + [group] if g]
 
 
-def slot_attention_torch(q, k, v, keys, values, pos, slots, q_pos, scaling: float, window: int | None, observe: bool):
-    """`rlkv.attention.slot_kernel.slot_attention` in plain torch: gather the rows' slots, append the new tokens, and
-    attend with `candidate_attention` (the transformers path's own attention)."""
-    cand_keys, cand_values = then_new(keys, slots, k[:, :, None]), then_new(values, slots, v[:, :, None])
+def slot_attention_torch(
+    q, k, v, keys, values, pos, slots, q_pos, scaling: float, window: int | None, observe: bool, scales=None
+):
+    """`rlkv.attention.slot_kernel.slot_attention` in plain torch: gather the rows' slots (FP8 ones dequantised by
+    `scales`), append the new tokens, and attend with `candidate_attention` (the transformers path's own attention)."""
+    stored_k, stored_v = keys[slots], values[slots]
+    if scales is not None:
+        stored_k, stored_v = (
+            (t.float() * s.view(1, -1, 1, 1)).to(q.dtype) for t, s in zip((stored_k, stored_v), scales)
+        )
+    cand_keys, cand_values = torch.cat([stored_k, k[:, :, None]], dim=2), torch.cat([stored_v, v[:, :, None]], dim=2)
     out, attn = candidate_attention(
         q[:, :, None],
         cand_keys,

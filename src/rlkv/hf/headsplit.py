@@ -26,6 +26,10 @@ compressed heads' rule inside the prompt too.
 With a cache that is not a `HeadSplitCache` (a `DynamicCache` the caller passed, or none), the
 attention function falls back to the masked reference on the full keys: same outputs, no
 savings. That path is what tests compare the cache against.
+
+`kv_dtype` ("bf16", "fp8", "fp8-kept": `rlkv.precision`) stores the kept heads' columns and the rings at
+their precisions inside the `HeadSplitCache` (every head kept at FP8 too: no DynamicCache then); the
+reference path rounds keys and values the same way before it attends.
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ from rlkv.hf.graphs import check_cuda_graphs, planned_columns, with_graphs
 from rlkv.hf.plumbing import Step, base_attention, own_cache, patched, recorded_cache, state_of
 from rlkv.hf.splitcache import PREFILL_MODES, DecodeStep, HeadSplitCache, HeadSplitLayer
 from rlkv.models import Layout
+from rlkv.precision import KEYS, VALUES, KVPrecisions, check_kv_dtype, precisions
 
 __all__ = ["FullCache", "HeadSplitCache", "HeadSplitLayer", "cache_nbytes", "compress", "resolve_keep"]
 
@@ -82,8 +87,18 @@ class FullCache(DynamicCache):
 class _Session:
     """What the attention function needs for one `compress` block."""
 
-    def __init__(self, keep: torch.Tensor, sink: int, recent: int, base: str, prefill: str, window: int | None):
+    def __init__(
+        self,
+        keep: torch.Tensor,
+        sink: int,
+        recent: int,
+        base: str,
+        prefill: str,
+        window: int | None,
+        kv: KVPrecisions | None = None,
+    ):
         self.keep, self.sink, self.recent, self.prefill, self.window = keep, sink, recent, prefill, window
+        self.kv = kv  # None: the model's dtype
         self.base = base_attention(base)
         self.all_full = keep.all(dim=1).tolist()
         self.step: Step | None = None
@@ -105,7 +120,9 @@ class _Session:
 
     def new_cache(self) -> HeadSplitCache:
         """The cache of a `generate` call, told how many columns it will store."""
-        return HeadSplitCache(self.keep, self.sink, self.recent, self.prefill, planned=self._planned)
+        return HeadSplitCache(
+            self.keep, self.sink, self.recent, self.prefill, planned=self._planned, precisions=self.kv
+        )
 
     def before_forward(self, step: Step) -> None:
         self.step, self.cache = step, step.cache
@@ -135,9 +152,10 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
         window = None  # no token is old enough to leave the model's sliding window yet
     if isinstance(cache, HeadSplitCache) and isinstance(cache.plan, DecodeStep):
         return cache.layers[layer].decode(query, key, value, scaling), None
-    if session.all_full[layer]:
+    if session.all_full[layer] and (isinstance(cache, HeadSplitCache) or session.kv is None):
         return session.base(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
     if not isinstance(cache, HeadSplitCache):
+        key, value = rounded(session.kv, layer, session.keep[layer], key, value)
         mask = keep_keys_mask(
             step.q_pos,
             step.k_pos[:, -key.shape[2] :],
@@ -152,6 +170,24 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
         module, query, key, value, attention_mask, scaling, window, session.base, dict(kwargs, dropout=dropout)
     )
     return out, None
+
+
+def rounded(kv: KVPrecisions | None, layer: int, keep: torch.Tensor, key, value) -> tuple:
+    """Keys and values [b, h, k, d] of `layer` as its stored precisions give them back (kept heads at `kv.kept`,
+    the others at `kv.compressed`): what the masked reference attends over."""
+    if kv is None:
+        return key, value
+    out = []
+    for which, x in ((KEYS, key), (VALUES, value)):
+        x = x.clone()
+        for heads, precision in (
+            (torch.nonzero(keep).flatten(), kv.kept),
+            (torch.nonzero(~keep).flatten(), kv.compressed),
+        ):
+            heads = heads.to(x.device)
+            x[:, heads] = precision.round_trip(x[:, heads], which, layer, heads, 1)
+        out.append(x)
+    return tuple(out)
 
 
 @contextmanager
@@ -210,6 +246,7 @@ def compress(
     recent: int = 64,
     prefill: str = "full",
     cuda_graphs: bool | None = None,
+    kv_dtype: str = "bf16",
 ):
     """Make `model`'s KV cache per head inside a `with` block.
 
@@ -219,6 +256,8 @@ def compress(
     `prefill`: "compressed" (compressed heads keep their rule inside the prompt) or "full"
     (every head attends over the whole prompt; compressed heads are cut to sink + recent after it).
     `cuda_graphs`: replay `generate`'s decoding steps from a CUDA graph (`rlkv.hf.graphs`); None: on a GPU.
+    `kv_dtype`: how K/V are stored (`rlkv.precision`): "bf16" (the model's dtype), "fp8" (every head, e4m3 at
+    per-KV-head scales calibrated once per model), "fp8-kept" (kept heads in FP8, rings in the model's dtype).
     Yields a handle whose `.cache` is the cache of the latest forward (`.cache.nbytes()`).
     """
     layout = Layout.of(model)
@@ -229,8 +268,9 @@ def compress(
         raise ValueError(f"prefill must be one of {PREFILL_MODES}, got {prefill!r}")
     graphs = check_cuda_graphs(cuda_graphs, model.device.type == "cuda")
     keep = resolve_keep(layout, heads, sparsity)
-    session = _Session(keep, sink, recent, model.config._attn_implementation, prefill, sliding_window(model.config))
-    if keep.all():
+    kv = precisions(model, kv_dtype) if check_kv_dtype(kv_dtype) != "bf16" else None
+    session = _Session(keep, sink, recent, model.config._attn_implementation, prefill, sliding_window(model.config), kv)
+    if keep.all() and kv is None:
         return _every_head_kept(model, session)
     return with_graphs(
         model, session, patched(model, "rlkv_headsplit", _attention, session, make_cache=session.new_cache), graphs

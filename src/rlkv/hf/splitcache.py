@@ -32,6 +32,13 @@ transformers' DynamicCache then).
 prefill="full" (the RLKV authors' rule): while the prompt is being fed, compressed heads keep
 every prompt token and prompt queries attend to all of them; when the last prompt token has
 been fed, the compressed heads are cut to sink + recent.
+
+Precision (`rlkv.precision`). Kept heads' columns and rings are stored at their own precisions
+(`KVPrecisions`: the model's dtype, or FP8 with per-KV-head scales). When either is FP8 a layer keeps
+two buffers per K and V, the rings' and the kept columns', each in its own dtype (same layout, rings
+first), rounds every new key and value before anything attends to it, and reads what it stored back
+dequantised: a decoding step attends over the two buffers read back and joined in the layout above.
+`nbytes()` counts what is stored.
 """
 
 from __future__ import annotations
@@ -48,6 +55,7 @@ from rlkv.attention.reference import keep_keys_mask
 from rlkv.attention.ring import query_heads, ring_slot
 from rlkv.hf.graphs import ReplayableCache
 from rlkv.hf.plumbing import CompressedLayer, Step
+from rlkv.precision import KEYS, VALUES, KVPrecisions, as_bytes
 
 GROW = 256  # columns added per kept head when a layer's buffer is full
 GRAPH_GROW = 1024  # columns a cache whose steps are replayed makes room for at once (each growth re-records the step)
@@ -186,8 +194,13 @@ class HeadSplitLayer(CompressedLayer, CacheLayerMixin):
 
     is_sliding = False
 
-    def __init__(self, keep: torch.Tensor, owner: HeadSplitCache):
+    def __init__(
+        self, keep: torch.Tensor, owner: HeadSplitCache, layer: int = 0, precisions: KVPrecisions | None = None
+    ):
         super().__init__()
+        self.layer, self.precisions = layer, precisions  # None: the model's dtype, one buffer
+        self.split = precisions is not None and (precisions.kept.quantized or precisions.compressed.quantized)
+        self.kept_keys = self.kept_values = None  # `split`: the kept heads' columns, apart from the rings
         self.keep = keep.bool().cpu()
         self.pattern = tuple(self.keep.tolist())
         self.nf, self.nc = int(self.keep.sum()), int((~self.keep).sum())
@@ -201,10 +214,49 @@ class HeadSplitLayer(CompressedLayer, CacheLayerMixin):
         return self.owner.sink + self.owner.recent
 
     def kept(self, t: torch.Tensor, capacity: int | None = None) -> torch.Tensor:
-        """[b, nf, capacity, d] view of the kept heads' columns of buffer `t`."""
+        """[b, nf, capacity, d] view of the kept heads' columns of buffer `t` (`split`: of the kept buffer `t`)."""
         capacity = self.capacity if capacity is None else capacity
-        start = self.nc * self.ring_size
+        start = 0 if self.split else self.nc * self.ring_size
         return t[:, start : start + capacity * self.nf].view(t.shape[0], capacity, self.nf, t.shape[-1]).transpose(1, 2)
+
+    # ------------------------------------------------------------------ precision (`split` layers)
+    def _kept_buffers(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return (self.kept_keys, self.kept_values) if self.split else (self.keys, self.values)
+
+    def _store(self, x: torch.Tensor, which: int, kept: bool) -> torch.Tensor:
+        """`x` (this layer's kept or compressed heads along dimension 1) as their buffer holds it."""
+        if not self.split:
+            return x
+        precision, heads = (
+            (self.precisions.kept, self.full_idx) if kept else (self.precisions.compressed, self.comp_idx)
+        )
+        return precision.store(x, which, self.layer, heads, 1)
+
+    def _read(self, x: torch.Tensor, which: int, kept: bool) -> torch.Tensor:
+        """Stored `x` (kept or compressed heads along dimension 1) in the model's dtype."""
+        if not self.split:
+            return x
+        precision, heads = (
+            (self.precisions.kept, self.full_idx) if kept else (self.precisions.compressed, self.comp_idx)
+        )
+        return precision.load(x, which, self.layer, heads, 1, self.dtype)
+
+    def _round_trip(self, x: torch.Tensor, which: int) -> torch.Tensor:
+        """New K or V [b, h, q, d] of every head as attention reads them once stored."""
+        if not self.split:
+            return x
+        x = x.clone()
+        x[:, self.full_idx] = self._read(self._store(x[:, self.full_idx], which, True), which, True)
+        x[:, self.comp_idx] = self._read(self._store(x[:, self.comp_idx], which, False), which, False)
+        return x
+
+    def _joined(self, which: int) -> torch.Tensor:
+        """[b, slots, d] in the model's dtype: rings then kept columns, read back (`split` decoding steps)."""
+        ring, kept = (self.keys, self.kept_keys) if which == KEYS else (self.values, self.kept_values)
+        b, d = ring.shape[0], ring.shape[-1]
+        rings = self._read(self.ring(ring), which, False).reshape(b, -1, d)
+        columns = self._read(self.kept(kept), which, True).transpose(1, 2).reshape(b, -1, d)
+        return torch.cat([rings, columns], dim=1)
 
     def ring(self, t: torch.Tensor) -> torch.Tensor:
         """[b, nc, sink + recent, d] view of the compressed heads' rings of buffer `t`."""
@@ -216,19 +268,30 @@ class HeadSplitLayer(CompressedLayer, CacheLayerMixin):
         self.full_idx = torch.nonzero(self.keep).flatten().to(self.device)
         self.comp_idx = torch.nonzero(~self.keep).flatten().to(self.device)
         slots = self.nc * self.ring_size
-        self.keys = key_states.new_zeros(b, slots, key_states.shape[-1])
-        self.values = value_states.new_zeros(b, slots, value_states.shape[-1])
+        if self.split:
+            self.precisions = KVPrecisions(
+                self.precisions.kept.to(self.device), self.precisions.compressed.to(self.device)
+            )
+            ring, kept = self.precisions.compressed.dtype, self.precisions.kept.dtype
+            self.keys = key_states.new_zeros(b, slots, key_states.shape[-1], dtype=ring)
+            self.values = value_states.new_zeros(b, slots, value_states.shape[-1], dtype=ring)
+            self.kept_keys = key_states.new_zeros(b, 0, key_states.shape[-1], dtype=kept)
+            self.kept_values = value_states.new_zeros(b, 0, value_states.shape[-1], dtype=kept)
+        else:
+            self.keys = key_states.new_zeros(b, slots, key_states.shape[-1])
+            self.values = value_states.new_zeros(b, slots, value_states.shape[-1])
         self.is_initialized = True
 
     def _grow(self, capacity: int) -> None:
         """Re-allocate the buffers with `capacity` columns per kept head (contents kept)."""
-        for name in ("keys", "values"):
+        rings = 0 if self.split else self.nc * self.ring_size
+        for name in ("kept_keys", "kept_values") if self.split else ("keys", "values"):
             old = getattr(self, name)
-            new = old.new_zeros(old.shape[0], self.nc * self.ring_size + self.nf * capacity, old.shape[-1])
+            new = old.new_zeros(old.shape[0], rings + self.nf * capacity, old.shape[-1])
             new[:, : old.shape[1]] = old
             setattr(self, name, new)
         self.capacity = capacity
-        self._kept_views = (self.kept(self.keys), self.kept(self.values))
+        self._kept_views = tuple(self.kept(t) for t in self._kept_buffers())
 
     def update(self, key_states, value_states, *args, **kwargs):
         """Count the new tokens. In a decoding step every layer stores them in `decode`; otherwise an all-kept
@@ -246,9 +309,10 @@ class HeadSplitLayer(CompressedLayer, CacheLayerMixin):
         if self.nc:
             return key_states, value_states
         keys, values = self._kept_views
-        keys[:, :, start : self.cumulative_length] = key_states
-        values[:, :, start : self.cumulative_length] = value_states
-        return keys[:, :, : self.cumulative_length], values[:, :, : self.cumulative_length]
+        keys[:, :, start : self.cumulative_length] = self._store(key_states, KEYS, True)
+        values[:, :, start : self.cumulative_length] = self._store(value_states, VALUES, True)
+        end = self.cumulative_length
+        return self._read(keys[:, :, :end], KEYS, True), self._read(values[:, :, :end], VALUES, True)
 
     def reserve(self, capacity: int) -> None:
         """Make room for `capacity` columns per kept head (the buffers move only when they grow)."""
@@ -263,15 +327,16 @@ class HeadSplitLayer(CompressedLayer, CacheLayerMixin):
         group = hq // self.keep.numel()
         out = query.new_empty(b, q, hq, value.shape[-1])
         q_full, q_comp = self.owner.query_heads(self, group, query.device)
+        key, value = self._round_trip(key, KEYS), self._round_trip(value, VALUES)
         if self.nf:
             keys, values = self._kept_views
-            keys[:, :, plan.start : plan.length] = key[:, self.full_idx]
-            values[:, :, plan.start : plan.length] = value[:, self.full_idx]
+            keys[:, :, plan.start : plan.length] = self._store(key[:, self.full_idx], KEYS, True)
+            values[:, :, plan.start : plan.length] = self._store(value[:, self.full_idx], VALUES, True)
             out[:, :, q_full] = base(
                 module,
                 query[:, q_full],
-                keys[:, :, : plan.length],
-                values[:, :, : plan.length],
+                self._read(keys[:, :, : plan.length], KEYS, True),
+                self._read(values[:, :, : plan.length], VALUES, True),
                 attention_mask,
                 scaling=scaling,
                 **kwargs,
@@ -286,18 +351,39 @@ class HeadSplitLayer(CompressedLayer, CacheLayerMixin):
         b, hq, _, d = query.shape
         group = hq // self.keep.numel()
         index, mask = step.layout(self.pattern, group, query.dtype, max(self.keys.shape[-1], self.values.shape[-1]))
-        self.keys.scatter_(1, index[..., : self.keys.shape[-1]], key[:, :, 0])
-        self.values.scatter_(1, index[..., : self.values.shape[-1]], value[:, :, 0])
+        if self.split:
+            keys, values = self._decode_split(index, key[:, :, 0], value[:, :, 0])
+        else:
+            self.keys.scatter_(1, index[..., : self.keys.shape[-1]], key[:, :, 0])
+            self.values.scatter_(1, index[..., : self.values.shape[-1]], value[:, :, 0])
+            keys, values = self.keys, self.values
         if self.nf == 0:  # rings only: each KV head's query heads form its query axis
             out = attention(
                 query.reshape(b, self.nc, group, d),
-                self.ring(self.keys),
-                self.ring(self.values),
+                self.ring(keys),
+                self.ring(values),
                 step.ring_mask(query.dtype),
                 scaling,
             )
             return out.reshape(b, 1, hq, -1)
-        return attention(query.reshape(b, 1, hq, d), self.keys[:, None], self.values[:, None], mask, scaling)
+        return attention(query.reshape(b, 1, hq, d), keys[:, None], values[:, None], mask, scaling)
+
+    def _decode_split(self, index: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> tuple:
+        """A decoding step's new K/V [b, h, d] into the rings' and the kept columns' buffers (`index` as into one
+        buffer, rings first), then both read back joined: (keys, values) [b, slots, d]."""
+        rings = self.nc * self.ring_size
+        for which, new, ring, kept in (
+            (KEYS, key, self.keys, self.kept_keys),
+            (VALUES, value, self.values, self.kept_values),
+        ):
+            at = index[..., : new.shape[-1]]
+            if self.nc:
+                stored = self._store(new[:, self.comp_idx], which, False)
+                as_bytes(ring).scatter_(1, at[:, self.comp_idx], as_bytes(stored))
+            if self.nf:
+                stored = self._store(new[:, self.full_idx], which, True)
+                as_bytes(kept).scatter_(1, at[:, self.full_idx] - rings, as_bytes(stored))
+        return self._joined(KEYS), self._joined(VALUES)
 
     def _attend_compressed(self, query, new_k, new_v, plan: Plan, scaling: float, window, group: int) -> torch.Tensor:
         """Compressed heads over stored (ring or prompt) + new tokens [b, q, hq_c, d]; then store the new tokens."""
@@ -305,7 +391,7 @@ class HeadSplitLayer(CompressedLayer, CacheLayerMixin):
         stored_k, stored_v = (
             (self.prompt_keys, self.prompt_values)
             if plan.from_prompt
-            else (self.ring(self.keys), self.ring(self.values))
+            else (self._read(self.ring(self.keys), KEYS, False), self._read(self.ring(self.values), VALUES, False))
         )
         if stored_k is None:
             stored_k, stored_v = new_k[:, :, :0], new_v[:, :, :0]
@@ -316,9 +402,11 @@ class HeadSplitLayer(CompressedLayer, CacheLayerMixin):
             self.prompt_keys, self.prompt_values = keys, values
         else:
             self.prompt_keys = self.prompt_values = None
-            for ring, cand in ((self.ring(self.keys), keys), (self.ring(self.values), values)):
+            for which, ring, cand in ((KEYS, self.ring(self.keys), keys), (VALUES, self.ring(self.values), values)):
                 taken = cand.gather(2, src[:, None, :, None].expand(-1, cand.shape[1], -1, cand.shape[-1]))
-                ring.copy_(torch.where(hit[:, None, :, None], taken, ring))
+                ring.copy_(
+                    self._store(torch.where(hit[:, None, :, None], taken, self._read(ring, which, False)), which, False)
+                )
         return out.transpose(1, 2)
 
     # ------------------------------------------------------------------ bookkeeping
@@ -335,20 +423,23 @@ class HeadSplitLayer(CompressedLayer, CacheLayerMixin):
         """Bytes one sequence of `num_tokens` occupies here: kept heads per token, plus its rings and positions."""
         if not self.is_initialized:
             return torch.zeros_like(num_tokens)
-        per_slot = (self.keys.shape[-1] + self.values.shape[-1]) * self.keys.element_size()
-        ring = self.nc * self.ring_size * per_slot + (self.ring_size * 8 if self.nc else 0)
-        return num_tokens * self.nf * per_slot + ring
+        width = self.keys.shape[-1] + self.values.shape[-1]
+        ring_slot, kept_slot = (t.element_size() * width for t in (self.keys, self._kept_buffers()[0]))
+        ring = self.nc * self.ring_size * ring_slot + (self.ring_size * 8 if self.nc else 0)
+        return num_tokens * self.nf * kept_slot + ring
+
+    BUFFERS = ("keys", "values", "kept_keys", "kept_values", "prompt_keys", "prompt_values")
 
     def tensors(self) -> list[torch.Tensor]:
-        return [t for t in (self.keys, self.values, self.prompt_keys, self.prompt_values) if t is not None]
+        return [t for t in (getattr(self, name) for name in self.BUFFERS) if t is not None]
 
     def _map(self, fn) -> None:
-        for name in ("keys", "values", "prompt_keys", "prompt_values"):
+        for name in self.BUFFERS:
             t = getattr(self, name)
             if t is not None:
                 setattr(self, name, fn(t))
         if self.nf:
-            self._kept_views = (self.kept(self.keys), self.kept(self.values))
+            self._kept_views = tuple(self.kept(t) for t in self._kept_buffers())
 
     def crop(self, tokens_to_remove: int) -> None:
         raise NotImplementedError(
@@ -366,15 +457,24 @@ class HeadSplitCache(ReplayableCache):
     FRESH = ("plan", "graph", "graph_step")  # a deep copy's next forward makes its own
 
     def __init__(
-        self, keep: torch.Tensor, sink: int, recent: int, prefill: str = "compressed", planned: int | None = None
+        self,
+        keep: torch.Tensor,
+        sink: int,
+        recent: int,
+        prefill: str = "compressed",
+        planned: int | None = None,
+        precisions: KVPrecisions | None = None,
     ):
+        """`precisions`: the kept heads' and the rings' (None: the model's dtype)."""
         if prefill not in PREFILL_MODES:
             raise ValueError(f"prefill must be one of {PREFILL_MODES}, got {prefill!r}")
-        if bool(keep.all()):
+        quantized = precisions is not None and (precisions.kept.quantized or precisions.compressed.quantized)
+        if bool(keep.all()) and not quantized:
             raise ValueError(
-                "a HeadSplitCache needs at least one compressed head (with every head kept, use a DynamicCache)"
+                "a HeadSplitCache at the model's dtype needs at least one compressed head (with every head kept, "
+                "use a DynamicCache)"
             )
-        super().__init__(layers=[HeadSplitLayer(keep[i], self) for i in range(keep.shape[0])])
+        super().__init__(layers=[HeadSplitLayer(keep[i], self, i, precisions) for i in range(keep.shape[0])])
         self.keep, self.sink, self.recent, self.prefill = keep, sink, recent, prefill
         self.planned = planned  # the most columns it will store, where known (`generate`'s max_cache_length)
         self.length = 0  # columns fed so far

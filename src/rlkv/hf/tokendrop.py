@@ -29,7 +29,9 @@ policy keeps it, it moves into the first empty slot (evicted slots are emptied),
 concatenated or compacted. `nbytes()` counts the slots in use (min(tokens, capacity) per head,
 not the spare) and the policy state; `sequence_nbytes(n)` what one sequence of n tokens occupies.
 Without a `TokenDropCache` (use_cache=False, or a cache the caller passed) attention is the base
-implementation's: exact, nothing dropped.
+implementation's: exact, nothing dropped. With `kv_dtype="fp8"` the slots hold e4m3 K/V at per-KV-head
+scales (`rlkv.precision`): new K/V are rounded before anything attends to them, and what is stored
+is read back dequantised; bytes are counted as stored.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from rlkv.attention.tokendrop import Candidates, Policy, candidate_attention, compact, select_tokens, slot_attention
 from rlkv.hf.graphs import ReplayableCache, check_cuda_graphs, planned_columns, with_graphs
 from rlkv.hf.plumbing import CompressedLayer, Step, base_attention, patched, state_of
+from rlkv.precision import KEYS, VALUES, KVPrecision, as_bytes, precisions
 
 
 class TokenDropLayer(CompressedLayer, CacheLayerMixin):
@@ -50,8 +53,9 @@ class TokenDropLayer(CompressedLayer, CacheLayerMixin):
 
     is_sliding = False
 
-    def __init__(self):
+    def __init__(self, layer: int = 0, precision: KVPrecision | None = None):
         super().__init__()
+        self.layer, self.precision = layer, precision  # precision None: the model's dtype, unquantised
         self.cumulative_length = 0
         self.pos = self.score = None
         self.extra: dict[str, torch.Tensor] = {}  # policy state that must follow the batch (R-KV's query window)
@@ -60,6 +64,13 @@ class TokenDropLayer(CompressedLayer, CacheLayerMixin):
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
+        self.precision = (self.precision or KVPrecision(self.dtype)).to(self.device)
+
+    def _stored(self, x: torch.Tensor, which: int) -> torch.Tensor:
+        return self.precision.store(x, which, self.layer, slice(None), 1)
+
+    def _read(self, x: torch.Tensor, which: int) -> torch.Tensor:
+        return self.precision.load(x, which, self.layer, slice(None), 1, self.dtype)
 
     def update(self, key_states, value_states, *args, **kwargs):
         """Count the new tokens (not inside a fixed step: `TokenDropCache.fixed_step`); they are stored (or
@@ -77,18 +88,21 @@ class TokenDropLayer(CompressedLayer, CacheLayerMixin):
         b, h, q, _ = key.shape
         if q == 1 and self.is_initialized:
             return self._decode(query, key, value, q_pos, scaling, window, policy, fused)
+        key = self.precision.round_trip(key, KEYS, self.layer, slice(None), 1)
+        value = self.precision.round_trip(value, VALUES, self.layer, slice(None), 1)
         new_pos = q_pos.to(torch.int32)[:, None, :].expand(b, h, q)
         first = not self.is_initialized
         if first:
             keys, values, pos = key, value, new_pos
             score = key.new_zeros(b, h, q, dtype=torch.float32) if policy.scored else None
         else:
-            keys = torch.cat([self.keys, key], dim=-2)
-            values = torch.cat([self.values, value], dim=-2)
+            keys = torch.cat([self._read(self.keys, KEYS), key], dim=-2)
+            values = torch.cat([self._read(self.values, VALUES), value], dim=-2)
             pos = torch.cat([self.pos, new_pos], dim=-1)
             score = torch.cat([self.score, self.score.new_zeros(b, h, q)], dim=-1) if policy.scored else None
         out, c, keep = select_tokens(query, keys, values, pos, score, q_pos, scaling, window, policy, self.extra, first)
-        self.keys, self.values, self.pos, self.score = compact(c, keep, policy.capacity)
+        keys, values, self.pos, self.score = compact(c, keep, policy.capacity)
+        self.keys, self.values = self._stored(keys, KEYS), self._stored(values, VALUES)
         self.is_initialized = True
         return out
 
@@ -100,8 +114,8 @@ class TokenDropLayer(CompressedLayer, CacheLayerMixin):
         cap = policy.capacity
         if self.pos.shape[-1] != cap + 1:
             self._to_slots(cap + 1)
-        self.keys[:, :, cap] = key[:, :, 0]
-        self.values[:, :, cap] = value[:, :, 0]
+        self.keys[:, :, cap] = self._stored(key[:, :, 0], KEYS)
+        self.values[:, :, cap] = self._stored(value[:, :, 0], VALUES)
         self.pos[:, :, cap] = q_pos.to(torch.int32)
         if self.score is not None:
             self.score[:, :, cap] = 0.0
@@ -109,10 +123,11 @@ class TokenDropLayer(CompressedLayer, CacheLayerMixin):
         if fused is not None:  # the slots where they lie, the new token apart: no float32 copies, one fused pass
             if self._rows is None or self._rows.numel() != query.shape[0]:  # row b reads slot b: made once
                 self._rows = torch.arange(query.shape[0], device=query.device)
+            p = self.precision
             out, attn = fused(
                 query[:, :, 0],
-                key[:, :, 0],
-                value[:, :, 0],
+                self._read(self.keys[:, :, cap], KEYS),  # the new token as stored
+                self._read(self.values[:, :, cap], VALUES),
                 self.keys[:, :, :cap],
                 self.values[:, :, :cap],
                 self.pos[:, :, :cap],
@@ -121,13 +136,17 @@ class TokenDropLayer(CompressedLayer, CacheLayerMixin):
                 scaling,
                 window,
                 observe > 0,
+                (p.scale(KEYS, self.layer), p.scale(VALUES, self.layer)) if p.quantized else None,
             )
             out = out[:, None]
-        elif observe:
-            out, attn = candidate_attention(query, self.keys, self.values, self.pos, q_pos, scaling, window, observe)
+            keys = self._read(self.keys, KEYS) if policy.needs_keys else None
         else:
-            out, attn = slot_attention(query, self.keys, self.values, self.pos, q_pos, scaling, window), None
-        c = Candidates(self.keys, self.values, self.pos, self.score, attn, False, scaling)
+            keys, values = self._read(self.keys, KEYS), self._read(self.values, VALUES)
+            if observe:
+                out, attn = candidate_attention(query, keys, values, self.pos, q_pos, scaling, window, observe)
+            else:
+                out, attn = slot_attention(query, keys, values, self.pos, q_pos, scaling, window), None
+        c = Candidates(keys, None, self.pos, self.score, attn, False, scaling)
         state = dict(self.extra)
         keep = policy.select(self.extra, c, query, q_pos)
         pos = torch.where(keep, self.pos, -1)
@@ -135,7 +154,7 @@ class TokenDropLayer(CompressedLayer, CacheLayerMixin):
             (pos[..., :cap] < 0).to(torch.int8).argmax(dim=-1, keepdim=True)
         )  # [b, h, 1]; one exists if the new token is kept
         source = torch.where(keep[..., cap:], cap, free)  # the slot `free` takes: the new token if kept, else itself
-        for t in (self.keys, self.values):
+        for t in (as_bytes(self.keys), as_bytes(self.values)):  # FP8 moved as its bytes (no float8 gather on a CPU)
             t.scatter_(
                 2,
                 free[..., None].expand(-1, -1, -1, t.shape[-1]),
@@ -206,8 +225,10 @@ class TokenDropLayer(CompressedLayer, CacheLayerMixin):
 class TokenDropCache(ReplayableCache):
     """A transformers Cache holding at most `policy.capacity` tokens per layer and KV head."""
 
-    def __init__(self, policy: Policy, num_layers: int, planned: int | None = None):
-        super().__init__(layers=[TokenDropLayer() for _ in range(num_layers)])
+    def __init__(
+        self, policy: Policy, num_layers: int, planned: int | None = None, precision: KVPrecision | None = None
+    ):
+        super().__init__(layers=[TokenDropLayer(i, precision) for i in range(num_layers)])
         self.policy = policy
         self.planned = planned  # the most tokens it will store, where known (a one-beam `generate`'s max_cache_length)
         self.fixed_pos: torch.Tensor | None = None  # inside `fixed_step`: the new tokens' positions
@@ -247,8 +268,9 @@ class TokenDropCache(ReplayableCache):
 class _Session:
     """Per `token_drop` block: the latest forward's cache and new-token positions."""
 
-    def __init__(self, policy: Policy, base: str, fused, num_layers: int):
+    def __init__(self, policy: Policy, base: str, fused, num_layers: int, precision: KVPrecision | None = None):
         self.policy, self.base, self.fused, self.num_layers = policy, base_attention(base), fused, num_layers
+        self.precision = precision
         self.cache: Cache | None = None
         self.q_pos: torch.Tensor | None = None
         self._planned = None  # the most tokens the cache `generate` is about to build will store (None: not replayable)
@@ -257,7 +279,7 @@ class _Session:
         self._planned = planned_columns(generation_config, max_cache_length)
 
     def new_cache(self) -> TokenDropCache:
-        return TokenDropCache(self.policy, self.num_layers, planned=self._planned)
+        return TokenDropCache(self.policy, self.num_layers, planned=self._planned, precision=self.precision)
 
     def before_forward(self, step: Step) -> None:
         self.q_pos, self.cache = step.q_pos, step.cache
@@ -274,18 +296,27 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
     return out, None
 
 
-def token_drop(model, policy: Policy, kernel: bool | None = None, cuda_graphs: bool | None = None):
+def token_drop(
+    model, policy: Policy, kernel: bool | None = None, cuda_graphs: bool | None = None, kv_dtype: str = "bf16"
+):
     """Inside the block, `model.generate` uses a `TokenDropCache` run by `policy`; yields a handle with `.cache`.
     `kernel`: decoding steps attend in the Triton slot kernel (None: with the model on CUDA). `cuda_graphs`:
-    `generate`'s decoding steps are replayed from a CUDA graph (`rlkv.hf.graphs`; None: on CUDA)."""
+    `generate`'s decoding steps are replayed from a CUDA graph (`rlkv.hf.graphs`; None: on CUDA).
+    `kv_dtype`: "bf16" (the model's dtype) or "fp8" (`rlkv.precision`)."""
     cuda = next(model.parameters()).device.type == "cuda"
     kernel = cuda if kernel is None else kernel
     graphs = check_cuda_graphs(cuda_graphs, cuda)
     fused = None
     if kernel:  # Triton: imported only when used
         from rlkv.attention.slot_kernel import slot_attention as fused
+    if kv_dtype not in ("bf16", "fp8"):
+        raise ValueError(f"a token-dropping cache holds K/V at kv_dtype 'bf16' or 'fp8', got {kv_dtype!r}")
     session = _Session(
-        policy, model.config._attn_implementation, fused, model.config.get_text_config().num_hidden_layers
+        policy,
+        model.config._attn_implementation,
+        fused,
+        model.config.get_text_config().num_hidden_layers,
+        precisions(model, kv_dtype).kept,
     )
     return with_graphs(
         model, session, patched(model, "rlkv_tokendrop", _attention, session, make_cache=session.new_cache), graphs

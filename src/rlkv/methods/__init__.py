@@ -7,10 +7,13 @@
 Head-split methods (full, streaming, rlkv, duo, random) decide per KV head: keep every token or
 only sink + recent. They share `HeadSplit`; they differ only in where the head ranking comes from.
 Token-dropping methods (h2o, snapkv, rkv) keep a per-head budget of tokens chosen by attention
-scores; they share the `tokendrop` runtime and need `budget=`.
+scores; they share the `tokendrop` runtime and need `budget=`. Every method takes `kv_dtype=` (the
+precision its K/V are stored at, `rlkv.precision`: "bf16", "fp8", or for head splits "fp8-kept").
 """
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 from rlkv.methods.h2o import build_h2o
 from rlkv.methods.headsplit import HeadSplit, build_headsplit
@@ -44,9 +47,10 @@ def check_name(name: str) -> str:
     return name
 
 
-def build(name: str, layout, sparsity: float, **kwargs):
-    """The method `name` for a model of `layout` at `sparsity` (see each builder for kwargs)."""
-    return BUILDERS[check_name(name)](name, layout, sparsity, **kwargs)
+def build(name: str, layout, sparsity: float, kv_dtype: str | None = None, **kwargs):
+    """The method `name` for a model of `layout` at `sparsity`, its K/V at `kv_dtype` (see each builder for kwargs)."""
+    method = BUILDERS[check_name(name)](name, layout, sparsity, **kwargs)
+    return method if kv_dtype is None else replace(method, kv_dtype=kv_dtype)
 
 
 __all__ = ["HEAD_RANKED", "TOKEN_DROPPING", "HeadSplit", "build", "check_name", "names"]

@@ -8,6 +8,8 @@ methods apart:
 - random: the same count of heads, chosen by seeded random scores (the floor to beat).
 `keep_rule` picks how scores become heads ("rank" or "authors", see `rlkv.heads`; None: the
 file's own); give every head-ranked method of a comparison the same rule, so they keep as many heads.
+`kv_dtype` is the precision policy beside the keep-mask (`rlkv.precision`): "bf16" (the model's dtype),
+"fp8" (every head), "fp8-kept" (kept heads in FP8, the compressed heads' rings in the model's dtype).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from rlkv.heads import HeadScores
 from rlkv.hf.headsplit import compress
 from rlkv.hf.splitcache import PREFILL_MODES
 from rlkv.models import Layout
+from rlkv.precision import check_kv_dtype
 
 
 @dataclass
@@ -36,10 +39,13 @@ class HeadSplit:
     sparsity: float = 0.0
     params: dict = field(default_factory=dict)
     prefill: str = "full"  # the authors' rule (every head attends over the whole prompt), or "compressed"
+    kv_dtype: str | None = None  # which heads hold K/V at which precision (rlkv.precision); None: the runtime's, bf16
 
     def __post_init__(self):
         if self.prefill not in PREFILL_MODES:
             raise ValueError(f"prefill must be one of {', '.join(PREFILL_MODES)}, got {self.prefill!r}")
+        if self.kv_dtype is not None:
+            check_kv_dtype(self.kv_dtype)
 
     @classmethod
     def from_scores(
@@ -65,7 +71,9 @@ class HeadSplit:
 
     def apply(self, model):
         """Context manager: the model generates with this method's per-head cache."""
-        return compress(model, self.keep, sink=self.sink, recent=self.recent, prefill=self.prefill)
+        return compress(
+            model, self.keep, sink=self.sink, recent=self.recent, prefill=self.prefill, kv_dtype=self.kv_dtype or "bf16"
+        )
 
     def describe(self) -> dict:
         return {
@@ -74,6 +82,7 @@ class HeadSplit:
             "sink": self.sink,
             "recent": self.recent,
             "prefill": self.prefill,
+            "kv_dtype": self.kv_dtype or "bf16",
             "kept_heads": int(self.keep.sum()),
             "heads": int(self.keep.numel()),
             **self.params,

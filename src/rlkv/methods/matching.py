@@ -61,7 +61,7 @@ def match_budget(build: Callable[[int], object], layout, samples: list[dict]) ->
             method = build(budget)
         except ValueError:
             return None  # below the method's smallest valid budget
-        return mean_bytes(lambda t: method.policy.sequence_bytes(layout, t), samples)
+        return mean_bytes(lambda t: method.sequence_bytes(layout, t), samples)
 
     lo = 1
     while predicted(lo) is None:

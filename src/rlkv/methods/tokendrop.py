@@ -1,11 +1,15 @@
-"""The token-dropping methods' registry entry: `TokenDrop` (a `Policy` applied through `rlkv.hf.tokendrop`)."""
+"""The token-dropping methods' registry entry: `TokenDrop` (a `Policy` applied through `rlkv.hf.tokendrop`, with its
+slots at a precision: the model's dtype or FP8, `rlkv.precision`)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
+
 from rlkv.attention.tokendrop import Policy
 from rlkv.hf.tokendrop import token_drop
+from rlkv.precision import check_kv_dtype
 
 
 @dataclass
@@ -16,12 +20,30 @@ class TokenDrop:
     name: str
     sparsity: float = 0.0
     params: dict = field(default_factory=dict)
+    kv_dtype: str | None = None  # "bf16" (the model's dtype) or "fp8"; None: the runtime's, bf16
+
+    def __post_init__(self):
+        if self.kv_dtype is not None and check_kv_dtype(self.kv_dtype) == "fp8-kept":
+            raise ValueError(
+                f"{self.name} keeps no head whole, so kv_dtype 'fp8-kept' means nothing for it: give 'bf16' or 'fp8'"
+            )
 
     def apply(self, model):
-        return token_drop(model, self.policy)
+        return token_drop(model, self.policy, kv_dtype=self.kv_dtype or "bf16")
+
+    def sequence_bytes(self, layout, num_tokens: torch.Tensor) -> torch.Tensor:
+        """`Policy.sequence_bytes` with the slots at this method's precision."""
+        kv_itemsize = 1 if self.kv_dtype == "fp8" else None
+        return self.policy.sequence_bytes(layout, num_tokens, kv_itemsize)
 
     def describe(self) -> dict:
-        return {"method": self.name, "sparsity": self.sparsity, **self.policy.params(), **self.params}
+        return {
+            "method": self.name,
+            "sparsity": self.sparsity,
+            "kv_dtype": self.kv_dtype or "bf16",
+            **self.policy.params(),
+            **self.params,
+        }
 
 
 HARNESS_OPTIONS = (

@@ -1,0 +1,171 @@
+"""KV precision: how a store holds K/V (the model's dtype, or FP8 with per-KV-head scales), and which heads hold which.
+
+A `KVPrecision` is a property of a store, not of a method: the engine's pages and rings, the token droppers'
+slots and `compress`'s cache each carry one, the kernels read it, and every byte count is computed from
+its `itemsize`. FP8 is e4m3 (`torch.float8_e4m3fn`, +-448, 3 mantissa bits), as vLLM's `kv_cache_dtype="fp8"`.
+
+Scaling. Each (layer, KV head) has one scale for K and one for V, fixed for the model: what is stored is
+e4m3(clamp(x / scale, -448, 448)) and what attention reads back is that times the scale. The scales are
+calibrated once per model (`calibrate`) on one forward of `CALIBRATION_TOKENS` seeded random token ids,
+as vLLM's `calculate_kv_scales` computes its scales from a forward (amax / 200 for K, / 100 for V, per
+layer), with three differences:
+- per KV head, not per layer: heads differ by an order of magnitude in K amax (RoPE'd K with a bias,
+  Qwen's), and a head's own scale keeps its small values out of e4m3's subnormals;
+- a power of two: amax x `HEADROOM` maps to at most 448 (so values up to 2 to 4 times the calibration's
+  amax are represented, as vLLM's 448 / 200 and 448 / 100), and scaling is exact, so the kernels
+  dequantise in registers by one exact multiply per head (K's folded into the softmax scale, V's into
+  the output) and every runtime reads bit-identical values whatever its compute dtype;
+- saturating: a value beyond 448 x scale is stored as +-448 x scale (an overflowing `float8_e4m3fn`
+  cast would give NaN), as vLLM's CUDA conversion (`__NV_SATFINITE`) does.
+The scales do not depend on which runtime asks (the engine and `compress` read the same ones), nor on
+the prompts served, so results are reproducible across batches and runtimes.
+
+Semantics, for every runtime and the masked reference alike: a key or value is rounded to its head's
+precision when it is produced (`round_trip`), before any attention reads it, the token's own included;
+stored and read back it stays the same value.
+
+Policies (`KV_DTYPES`), per head, decided beside which heads a `HeadSplit` keeps (`split`): "bf16" (the
+model's own dtype: bf16 on a GPU, whatever the model runs in), "fp8" (every head), "fp8-kept" (the heads
+a head split keeps in FP8, the compressed heads' sink + recent rings in the model's dtype: rings are
+small, and the recent tokens they hold matter most).
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+
+import torch
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = 448.0
+HEADROOM = 2.0  # the calibration's amax times this maps to at most FP8_MAX
+CALIBRATION_TOKENS = 512
+KV_DTYPES = ("bf16", "fp8", "fp8-kept")
+KEYS, VALUES = 0, 1
+
+
+@dataclass(frozen=True)
+class KVPrecision:
+    """How a store holds K/V: `dtype` (the model's, or FP8), and for FP8 the `scales` [2 (K, V), layers,
+    kv_heads] (float32 powers of two) that map a head's values into e4m3's range."""
+
+    dtype: torch.dtype
+    scales: torch.Tensor | None = None
+
+    @property
+    def quantized(self) -> bool:
+        return self.scales is not None
+
+    @property
+    def itemsize(self) -> int:
+        """Bytes of one stored element."""
+        return torch.empty((), dtype=self.dtype).element_size()
+
+    def scale(self, which: int, layer: int) -> torch.Tensor:
+        """[kv_heads] scales of K (`which` 0) or V (1) of `layer`."""
+        return self.scales[which, layer]
+
+    def store(self, x: torch.Tensor, which: int, layer: int, heads, dim: int) -> torch.Tensor:
+        """`x` as stored: its KV heads `heads` (indices, or a slice) lie along dimension `dim`."""
+        if not self.quantized:
+            return x.to(self.dtype)
+        scaled = x.float() / _along(self.scale(which, layer)[heads], x.ndim, dim)
+        return scaled.clamp(-FP8_MAX, FP8_MAX).to(FP8)
+
+    def load(self, x: torch.Tensor, which: int, layer: int, heads, dim: int, dtype: torch.dtype) -> torch.Tensor:
+        """Stored `x` read back in `dtype` (exact: a scale is a power of two)."""
+        if not self.quantized:
+            return x.to(dtype)
+        return (x.float() * _along(self.scale(which, layer)[heads], x.ndim, dim)).to(dtype)
+
+    def round_trip(self, x: torch.Tensor, which: int, layer: int, heads, dim: int) -> torch.Tensor:
+        """What attention reads of `x` once stored (`x` itself at the model's dtype)."""
+        if not self.quantized:
+            return x
+        return self.load(self.store(x, which, layer, heads, dim), which, layer, heads, dim, x.dtype)
+
+    def to(self, device) -> KVPrecision:
+        return self if self.scales is None else KVPrecision(self.dtype, self.scales.to(device))
+
+
+def _along(scale: torch.Tensor, ndim: int, dim: int) -> torch.Tensor:
+    """`scale` [h] shaped to broadcast along dimension `dim` of an `ndim`-dimensional tensor."""
+    shape = [1] * ndim
+    shape[dim] = -1
+    return scale.view(shape)
+
+
+def as_bytes(t: torch.Tensor) -> torch.Tensor:
+    """An FP8 tensor viewed as uint8, for the operations torch lacks for float8 on a CPU (gather, scatter)."""
+    return t.view(torch.uint8) if t.dtype == FP8 else t
+
+
+def check_kv_dtype(kv_dtype: str) -> str:
+    """`kv_dtype` if it is a KV precision policy, else a one-line error naming them."""
+    if kv_dtype not in KV_DTYPES:
+        raise ValueError(f"kv_dtype must be one of {', '.join(KV_DTYPES)}, got {kv_dtype!r}")
+    return kv_dtype
+
+
+@dataclass(frozen=True)
+class KVPrecisions:
+    """A policy made concrete for one model: the precision of the heads a head split keeps, and of its rings."""
+
+    kept: KVPrecision
+    compressed: KVPrecision
+
+    @property
+    def uniform(self) -> bool:
+        return self.kept == self.compressed
+
+
+def precisions(model, kv_dtype: str) -> KVPrecisions:
+    """`kv_dtype`'s precisions for `model` (FP8 scales from `calibrate`, on the model's device)."""
+    native = KVPrecision(next(model.parameters()).dtype)
+    if check_kv_dtype(kv_dtype) == "bf16":
+        return KVPrecisions(native, native)
+    fp8 = KVPrecision(FP8, calibrate(model))
+    return KVPrecisions(fp8, native if kv_dtype == "fp8-kept" else fp8)
+
+
+_CALIBRATED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def calibrate(model) -> torch.Tensor:
+    """Per-(layer, KV head) FP8 scales [2 (K, V), layers, kv_heads] of `model` (see the module docstring): one
+    forward of `CALIBRATION_TOKENS` random ids (seed 0), the amax of every head's K (after RoPE) and V, each
+    scale the least power of two with amax x HEADROOM / scale <= FP8_MAX. Computed once per model object."""
+    if model in _CALIBRATED:
+        return _CALIBRATED[model]
+    from rlkv.hf.plumbing import base_attention, patched  # transformers: only when a model is calibrated
+
+    config = model.config.get_text_config()
+    device = next(model.parameters()).device
+    layers, heads = config.num_hidden_layers, config.num_key_value_heads
+    amax = torch.zeros(2, layers, heads, device=device)
+
+    class Record:
+        def before_forward(self, step) -> None:
+            pass
+
+    def record(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        amax[KEYS, module.layer_idx] = key.detach().abs().amax(dim=(0, 2, 3)).float()
+        amax[VALUES, module.layer_idx] = value.detach().abs().amax(dim=(0, 2, 3)).float()
+        return base(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+
+    base = base_attention(model.config._attn_implementation)
+    length = min(CALIBRATION_TOKENS, getattr(config, "max_position_embeddings", None) or CALIBRATION_TOKENS)
+    ids = torch.randint(0, config.vocab_size, (1, length), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode(), patched(model, "rlkv_calibrate", record, Record()):
+        model(input_ids=ids.to(device), use_cache=False)
+    scales = scale_for(amax)
+    _CALIBRATED[model] = scales
+    return scales
+
+
+def scale_for(amax: torch.Tensor) -> torch.Tensor:
+    """The least power of two `s` with amax x HEADROOM / s <= FP8_MAX (1 where amax is 0)."""
+    need = (amax.double() * HEADROOM / FP8_MAX).clamp(min=2.0**-100)
+    exponent = torch.ceil(torch.log2(need))
+    return torch.where(amax > 0, torch.exp2(exponent), 1.0).float()
