@@ -1,9 +1,11 @@
 """The engine's decode step against the physical limit: bytes it must read over the measured copy bandwidth.
 
-At each `--compile` setting (the engine's compiled step or not), `--batches` size and `--sparsities`,
+At each `--compile` setting (the engine's compiled step or not), KV precision (`--kv-dtypes`), `--batches` size
+and `--sparsities`,
 `batch` sequences of `--context` tokens (mid-generation) sit in the engine; one decode step must read
 every weight once (the tied embedding too: the logits read it whole) and the K/V of every sequence (kept
-heads: every token; compressed heads: their sink + recent ring). The floor is those bytes over this
+heads: every token; compressed heads: their sink + recent ring; in the bytes stored, so FP8 halves them). The
+floor is those bytes over this
 GPU's device-to-device copy bandwidth (bytes read + written per second of a 256 MiB copy). Reported: the
 step's GPU time (its CUDA graph replayed, as the engine runs it), the floor, their ratio (`of_limit`),
 the FLOP-bound floor at the measured bf16 matrix rate, the decode attention kernel alone over every
@@ -14,7 +16,7 @@ grouped (matrix products, attention, sampling and logits, the rest); without gra
 the profiler sees no kernel inside a graph, those of eager steps (`profiled`).
 
     python benchmarks/decode_limit.py --model DIR --batches 64,128,256 --sparsities 0,0.5 --context 1024 \
-        --compile on,off --out results/decode_limit.json
+        --compile on,off --kv-dtypes bf16,fp8 --out results/decode_limit.json
 """
 
 from __future__ import annotations
@@ -101,7 +103,7 @@ def attention_alone(engine, batch: int, context: int) -> float:
     device = store.page_table.device
     slots = torch.arange(1, batch + 1, device=device)
     lengths = torch.full((batch,), context, device=device)
-    q = torch.randn(batch, layout.num_q_heads, layout.head_dim, device=device, dtype=store.pages_k[0].dtype)
+    q = torch.randn(batch, layout.num_q_heads, layout.head_dim, device=device, dtype=engine.model.dtype)
     window = sliding_window(engine.model.config)
 
     def every_layer():
@@ -154,6 +156,7 @@ def main():
         "--profile-tokens", type=int, default=4, help="decode steps profiled: graph replays, else eager steps (0: none)"
     )
     ap.add_argument("--compile", default="auto", help="comma-separated engine settings: auto (on CUDA), on, off")
+    ap.add_argument("--kv-dtypes", default="bf16", help="comma-separated KV precisions: bf16, fp8, fp8-kept")
     ap.add_argument("--sink", type=int, default=16)
     ap.add_argument("--recent", type=int, default=64)
     weights_arguments(ap)
@@ -180,9 +183,10 @@ def main():
     print(f"copy bandwidth {copy / 1e9:.0f} GB/s, weights {weights / 2**30:.2f} GiB", flush=True)
     rows = []
     settings = [{"auto": None, "on": True, "off": False}[c] for c in args.compile.split(",")]
-    for compile, s in itertools.product(settings, (float(v) for v in args.sparsities.split(","))):
+    sparsities = [float(v) for v in args.sparsities.split(",")]
+    for compile, kv_dtype, s in itertools.product(settings, args.kv_dtypes.split(","), sparsities):
         for batch in (int(b) for b in args.batches.split(",")):
-            method = HeadSplit(heads.keep_mask(s), args.sink, args.recent)
+            method = HeadSplit(heads.keep_mask(s), args.sink, args.recent, kv_dtype=kv_dtype)
             budget = batch * (args.context + 64) * layout.kv_bytes_per_token() + 2**28
             engine, _ = resident_engine(model, tok, method, budget, batch, args.context, compile=compile)
             store = engine.store
@@ -190,6 +194,7 @@ def main():
             floor = (weights + kv) / copy
             row = {
                 "compile": engine.compile,
+                "kv_dtype": kv_dtype,
                 "sparsity": s,
                 "batch": batch,
                 "context": args.context,
@@ -217,7 +222,7 @@ def main():
             row["profiled"], row["profiled_gpu_ms"], row["groups_ms"] = profiled, sum(groups.values()) or None, groups
             rows.append(row)
             print(
-                f"compile {engine.compile}, sparsity {s:g}, {batch} x {args.context}: step "
+                f"compile {engine.compile}, {kv_dtype}, sparsity {s:g}, {batch} x {args.context}: step "
                 f"{row['graph_ms'] or 0:.2f} ms of GPU time, floor {row['floor_ms']:.2f} ms "
                 f"({row.get('of_limit') or 0:.0%} of the limit); attention alone "
                 f"{row.get('attention_ms') or 0:.2f} ms; {profiled} kernels: "
@@ -232,6 +237,7 @@ def main():
         rows,
         [
             "compile",
+            "kv_dtype",
             "sparsity",
             "batch",
             "context",

@@ -15,7 +15,8 @@
                 1 / ((1 - s) + s * (sink + recent) / L), L = prompt + new tokens; `--requests` must
                 exceed what runs at once at the highest sparsity, or nothing waits there; sparsity 0
                 runs first and again last (`--repeat-baseline`), speedups use the mean;
---parts kernel  the decode kernel alone at `--kernel-batch` x `--kernel-context`, every head kept:
+--parts kernel  the decode kernel alone at `--kernel-batch` x `--kernel-context`, every head kept, at each
+                `--kernel-kv-dtypes` precision (FP8: e4m3 pages, dequantised in registers; bytes as stored):
                 K/V bytes read per second of GPU time (calls replayed from a CUDA graph, as in the
                 engine) vs this GPU's measured device-to-device copy bandwidth;
 --parts tune    the same call over the kernel's launch grid (`--tune-splits/-blocks/-warps/-stages`),
@@ -58,6 +59,7 @@ from rlkv.engine.kernel import decode_attention, num_splits
 from rlkv.engine.kv import KVStore
 from rlkv.engine.tokendrop import TokenDropStore
 from rlkv.methods.headsplit import HeadSplit
+from rlkv.precision import FP8, KVPrecision, KVPrecisions
 
 
 def run_engine(model, tok, texts, method, new_tokens, kv_budget, max_batch) -> dict:
@@ -179,12 +181,15 @@ def _split(heads, sparsity: float, args) -> HeadSplit:
     return HeadSplit(heads.keep_mask(sparsity), args.sink, args.recent)
 
 
-def kernel_setup(model, args):
-    """A store of `--kernel-batch` sequences of `--kernel-context` random tokens, every head kept, and a query."""
+def kernel_setup(model, args, kv_dtype: str = "bf16"):
+    """A store of `--kernel-batch` sequences of `--kernel-context` random tokens, every head kept, and a query;
+    `kv_dtype` "fp8": e4m3 pages at scale 1 (the kernel's work does not depend on the scales' values)."""
     layout = rlkv.Layout.of(model)
     device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
     batch, context = args.kernel_batch, args.kernel_context
     keep = torch.ones(layout.shape, dtype=torch.bool)
+    fp8 = KVPrecision(FP8, torch.ones(2, *layout.shape, device=device))
+    precision = KVPrecisions(fp8, fp8) if kv_dtype == "fp8" else dtype
     store = KVStore(
         layout,
         keep,
@@ -195,10 +200,10 @@ def kernel_setup(model, args):
         batch,
         context,
         device,
-        dtype,
+        precision,
     )
-    store.pages_k[0].normal_()
-    store.pages_v[0].normal_()
+    for pages in (store.pages_k[0], store.pages_v[0]):
+        pages.copy_(torch.randn(pages.shape, device=device).to(pages.dtype))
     slots = torch.arange(1, batch + 1, device=device)
     per_seq = store.pages_for(context)
     for i, slot in enumerate(slots.tolist()):
@@ -212,22 +217,32 @@ def kernel_setup(model, args):
 
 
 def part_kernel(model, args) -> list[dict]:
-    """The decode kernel with its default launch: K/V bytes read per second of GPU time vs copy bandwidth."""
-    call, read, copy, layout = kernel_setup(model, args)
+    """The decode kernel with its default launch: K/V bytes read (as stored) per second of GPU time vs copy
+    bandwidth, and tokens' K/V per second, at each `--kernel-kv-dtypes` precision."""
+    return [kernel_row(model, args, kv_dtype) for kv_dtype in args.kernel_kv_dtypes.split(",")]
+
+
+def kernel_row(model, args, kv_dtype: str) -> dict:
+    call, read, copy, layout = kernel_setup(model, args, kv_dtype)
     seconds = gpu_seconds(call)
     row = {
         "part": "kernel",
+        "kv_dtype": kv_dtype,
         "batch": args.kernel_batch,
         "context": args.kernel_context,
         "kv_heads": layout.num_kv_heads,
         "splits": num_splits(args.kernel_batch, layout.num_kv_heads, next(model.parameters()).device),
         "microseconds": seconds * 1e6,
         "kv_gb_per_s": read / seconds / 1e9,
+        "mtokens_per_s": args.kernel_batch * args.kernel_context / seconds / 1e6,
         "copy_gb_per_s": copy / 1e9,
         "of_copy_bandwidth": read / seconds / copy,
     }
-    print(f"kernel: {row['kv_gb_per_s']:.0f} GB/s of K/V vs copy {row['copy_gb_per_s']:.0f} GB/s", flush=True)
-    return [row]
+    print(
+        f"kernel ({kv_dtype}): {row['kv_gb_per_s']:.0f} GB/s of K/V vs copy {row['copy_gb_per_s']:.0f} GB/s",
+        flush=True,
+    )
+    return row
 
 
 def part_tune(model, args) -> list[dict]:
@@ -398,6 +413,7 @@ def main():
     ap.add_argument("--profile-droppers", default="", help="token droppers to profile too, e.g. h2o,rkv")
     ap.add_argument("--kernel-batch", type=int, default=64)
     ap.add_argument("--kernel-context", type=int, default=4096)
+    ap.add_argument("--kernel-kv-dtypes", default="bf16", help="the kernel part's KV precisions: bf16, fp8")
     ap.add_argument("--tune-splits", default="1,2,4,8")
     ap.add_argument("--tune-blocks", default="64,128,256")
     ap.add_argument("--tune-warps", default="4,8")
@@ -459,7 +475,20 @@ def main():
                 "seconds",
             ],
         ),
-        ("kernel", ["batch", "context", "splits", "microseconds", "kv_gb_per_s", "copy_gb_per_s", "of_copy_bandwidth"]),
+        (
+            "kernel",
+            [
+                "kv_dtype",
+                "batch",
+                "context",
+                "splits",
+                "microseconds",
+                "kv_gb_per_s",
+                "mtokens_per_s",
+                "copy_gb_per_s",
+                "of_copy_bandwidth",
+            ],
+        ),
         (
             "tune",
             [

@@ -1,6 +1,7 @@
 """Long generations served by the engine: fixed-length outputs or natural EOS, each decode step against its floor.
 
-For each `--compile` setting and sparsity (one KV budget, at most `--max-batch` running), a fresh engine
+For each `--compile` setting, KV precision (`--kv-dtypes`: bf16, fp8, fp8-kept, `rlkv.precision`) and sparsity
+(one KV budget, at most `--max-batch` running), a fresh engine
 serves `--num-requests` prompts through its online API (`add_request` / `step`: the loop `rlkv serve`'s
 engine process runs, without HTTP): random token ids of `--input-len` tokens, or the task's prompts
 (MATH-500 by default) when `--input-len` is 0. All arrive at once; at most `--max-concurrency` are in
@@ -8,12 +9,12 @@ the engine at a time (the next is added as one finishes). `--output-len N --igno
 exactly N tokens per request (the shape of vLLM's and SGLang's random serving benchmarks); without
 `--ignore-eos` N caps answers that end at EOS, and rows of task prompts are graded (accuracy beside
 output lengths: a compressed cache can write longer answers). Reported per row:
-- output tok/s (first request added to its last token read back), its ratio to sparsity 0 with the
-  same `--compile` and to `--compile off` at the same sparsity; TTFT, TPOT and ITL p50 / p90 / p99 (when
-  tokens reach the host: the engine reads a step's tokens back while the next one runs); preemptions
-  and the most requests running at once;
+- output tok/s (first request added to its last token read back), its ratio to sparsity 0 at bf16 (the full
+  bf16 cache) with the same `--compile`, and to `--compile off` at the same sparsity and precision; TTFT,
+  TPOT and ITL p50 / p90 / p99 (when tokens reach the host: the engine reads a step's tokens back while the
+  next one runs); preemptions and the most requests running at once;
 - each decode step's wall time against its floor: the bytes it must read (every weight once, and each
-  running sequence's K/V: kept heads every token, compressed heads their ring) over this device's
+  running sequence's K/V as stored: kept heads every token, compressed heads their ring) over this device's
   measured copy bandwidth. Over the steps that prefilled nothing: the median step and floor, and
   `of_floor`, the floor's share of their total time;
 - recompute: the context tokens preempted requests prefill again, and what that costs at this
@@ -24,13 +25,14 @@ pool has every page back; a failed check is recorded in the row and the script e
 Head choice does not change speed: without `--heads`, seeded random head scores (no accuracy then).
 
     python benchmarks/long_generation.py --model DIR --heads heads.json --sparsities 0,0.5 \
-        --num-requests 64 --output-len 8192 --ignore-eos --kv-budget 4GiB --compile on,off \
+        --num-requests 64 --output-len 8192 --ignore-eos --kv-budget 4GiB --compile on,off --kv-dtypes bf16,fp8 \
         --data-dir DATA --out results/long_generation.json
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
@@ -43,6 +45,7 @@ from decode_limit import weight_bytes
 import rlkv
 from rlkv.engine import Completion, SamplingParams
 from rlkv.methods.headsplit import HeadSplit
+from rlkv.precision import KV_DTYPES
 
 COMPILE = {"auto": None, "on": True, "off": False}
 
@@ -221,6 +224,7 @@ def main():
     ap.add_argument("--heads", default=None, help="head scores (default: seeded random ones: speed only)")
     ap.add_argument("--sparsities", default="0,0.2,0.4,0.5,0.6,0.8")
     ap.add_argument("--compile", default="auto", help="comma-separated engine settings: auto (on CUDA), on, off")
+    ap.add_argument("--kv-dtypes", default="bf16", help="comma-separated KV precisions: bf16, fp8, fp8-kept")
     ap.add_argument("--num-requests", type=int, default=64)
     ap.add_argument("--input-len", type=int, default=0, help="random prompts of this many tokens (0: the task's)")
     ap.add_argument("--output-len", type=int, default=8192, help="tokens per request (a cap without --ignore-eos)")
@@ -241,6 +245,9 @@ def main():
     settings = args.compile.split(",")
     if any(c not in COMPILE for c in settings):
         ap.error(f"--compile takes auto, on and/or off, got {args.compile!r}")
+    kv_dtypes = args.kv_dtypes.split(",")
+    if any(k not in KV_DTYPES for k in kv_dtypes):
+        ap.error(f"--kv-dtypes takes {', '.join(KV_DTYPES)}, got {args.kv_dtypes!r}")
 
     model, tok = load_model(args.model, args.random_weights)
     layout = rlkv.Layout.of(model)
@@ -272,17 +279,18 @@ def main():
     }
     print(f"copy bandwidth {copy / 1e9:.0f} GB/s, weights {weights / 2**30:.2f} GiB", flush=True)
     rows, failed = [], []
-    for setting in settings:
+    for setting, kv_dtype in itertools.product(settings, kv_dtypes):
         for s in (float(v) for v in args.sparsities.split(",")):
-            method = HeadSplit(heads.keep_mask(s), args.sink, args.recent)
+            method = HeadSplit(heads.keep_mask(s), args.sink, args.recent, kv_dtype=kv_dtype)
             row = {
+                "kv_dtype": kv_dtype,
                 "sparsity": s,
                 **run(model, tok, method, COMPILE[setting], prompts, params, task, examples, args, weights, copy),
             }
             rows.append(row)
             failed += row["problems"]
             print(
-                f"compile {row['compile']}, sparsity {s:g}: {row['output_tok_s']:.0f} tok/s, TPOT p50 "
+                f"compile {row['compile']}, {kv_dtype}, sparsity {s:g}: {row['output_tok_s']:.0f} tok/s, TPOT p50 "
                 f"{row['tpot_ms_p50'] or 0:.2f} ms, step {row.get('step_ms_p50') or 0:.2f} ms against a floor of "
                 f"{row.get('floor_ms_p50') or 0:.2f} ms, {row['preemptions']} preemptions "
                 f"(recompute {row['recompute_share']:.1%} of the run), {row['max_running']} running at most",
@@ -290,14 +298,24 @@ def main():
             )
             write_result(args.out, {**meta, "complete": False, "rows": rows})  # partial results survive a kill
     for r in rows:
-        base = next((b for b in rows if b["sparsity"] == 0 and b["compile"] == r["compile"]), None)
-        eager = next((b for b in rows if b["sparsity"] == r["sparsity"] and b["compile"] is False), None)
+        base = next(
+            (b for b in rows if b["sparsity"] == 0 and b["kv_dtype"] == "bf16" and b["compile"] == r["compile"]), None
+        )
+        eager = next(
+            (
+                b
+                for b in rows
+                if b["sparsity"] == r["sparsity"] and b["kv_dtype"] == r["kv_dtype"] and b["compile"] is False
+            ),
+            None,
+        )
         r["throughput_ratio"] = r["output_tok_s"] / base["output_tok_s"] if base else None
         r["vs_uncompiled"] = r["output_tok_s"] / eager["output_tok_s"] if eager else None
     print_table(
         rows,
         [
             "compile",
+            "kv_dtype",
             "sparsity",
             "output_tok_s",
             "throughput_ratio",

@@ -1,7 +1,7 @@
 """Serving through `rlkv serve`: MATH-500 requests arriving as a Poisson process, streamed.
 
 For each sparsity (and each `--engines` transport: the engine in its own process, rlkv serve's
-default, or in a thread of the server's) a server process is started (`python -m rlkv serve`, the
+default, or in a thread of the server's; and each `--kv-dtypes` KV precision) a server process is started (`python -m rlkv serve`, the
 same KV budget and batch cap) and warmed up; then for each arrival rate `--num-requests` chat requests (a MATH-500
 question with the task's instruction, greedy, `--max-tokens` cap) are sent at exponentially
 distributed intervals (`inf`: all at once), each streamed; `--max-concurrency` caps the requests in
@@ -13,7 +13,7 @@ output token (TPOT: the rest of the answer's time over its remaining tokens), th
 streamed chunks (ITL) and end-to-end latency. Per (sparsity, rate): output tokens/s over the run
 (first arrival to last answer), requests/s, TTFT / TPOT / ITL / latency p50, p90 and p99,
 preemptions and the most requests running at once (from /metrics), and the throughput ratio to
-sparsity 0 at the same rate and transport (same script, one machine). The step time against its
+sparsity 0 at bf16 at the same rate and transport (same script, one machine). The step time against its
 floor and what preemption's recompute costs are measured in-process by `long_generation.py`.
 
     python benchmarks/serving.py --model DIR --heads heads.json --sparsities 0,0.5 --rates 2,8,32,inf \
@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import math
 import random
@@ -221,6 +222,9 @@ def main():
     ap.add_argument("--model", help="served model (required unless --url)")
     ap.add_argument("--heads", help="head scores for sparsity > 0")
     ap.add_argument("--sparsities", default="0,0.5")
+    ap.add_argument(
+        "--kv-dtypes", default="bf16", help="comma-separated KV precisions of the servers: bf16, fp8, fp8-kept"
+    )
     ap.add_argument("--rates", default="2,8,32,inf", help="request arrivals per second (inf: all at once)")
     ap.add_argument("--num-requests", type=int, default=200)
     ap.add_argument("--max-tokens", type=int, default=4096, help="tokens per answer (exactly, with --ignore-eos)")
@@ -258,7 +262,7 @@ def main():
     engines = [e for e in args.engines.split(",") if e]
     if any(e not in ("process", "thread") for e in engines):
         ap.error(f"--engines takes process and/or thread, got {args.engines!r}")
-    for engine in [] if args.url else engines:
+    for engine, kv_dtype in itertools.product([] if args.url else engines, args.kv_dtypes.split(",")):
         for s in [float(v) for v in args.sparsities.split(",")]:
             serve_args = [
                 "--model",
@@ -272,28 +276,30 @@ def main():
                 "--recent",
                 str(args.recent),
                 f"--engine-{engine}",
+                "--kv-dtype",
+                kv_dtype,
                 *(["--heads", args.heads] if args.heads and s > 0 else []),
                 *(["--kv-budget", args.kv_budget] if args.kv_budget else []),
             ]
-            log = Path(args.out).with_suffix(f".server-{engine}-s{s:g}.log")
+            log = Path(args.out).with_suffix(f".server-{engine}-{kv_dtype}-s{s:g}.log")
             log.parent.mkdir(parents=True, exist_ok=True)
             server = ServerProcess([*serve_args, "--log-level", "warning"], log)
             try:
                 server.wait_ready(args.startup_timeout)
-                meta[f"server_command_{engine}_s{s:g}"] = " ".join(server.command)
-                label = {"engine": engine, "sparsity": s}
+                meta[f"server_command_{engine}_{kv_dtype}_s{s:g}"] = " ".join(server.command)
+                label = {"engine": engine, "kv_dtype": kv_dtype, "sparsity": s}
                 rows += measure(server.url, bodies, rates, args.seed, warmup, args.max_concurrency, label)
             finally:
                 server.close()
             write_result(args.out, {**meta, "complete": False, "rows": rows})  # partial results survive a kill
-    base = {(r.get("engine"), r["rate"]): r for r in rows if r.get("sparsity") == 0}
+    base = {(r.get("engine"), r["rate"]): r for r in rows if r.get("sparsity") == 0 and r.get("kv_dtype") == "bf16"}
     for r in rows:
         ref = base.get((r.get("engine"), r["rate"]))
         r["throughput_ratio"] = r["output_tok_s"] / ref["output_tok_s"] if ref and r.get("output_tok_s") else None
     print_table(
         rows,
         [
-            *(["engine", "sparsity"] if not args.url else ["server"]),
+            *(["engine", "kv_dtype", "sparsity"] if not args.url else ["server"]),
             "rate",
             "completed",
             "output_tok_s",

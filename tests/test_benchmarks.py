@@ -57,6 +57,8 @@ def test_engine_benchmark_writes_every_part(saved, tmp_path):
         "2",
         "--kernel-context",
         "32",
+        "--kernel-kv-dtypes",
+        "bf16,fp8",
         "--profile-tokens",
         "12",
         "--tune-splits",
@@ -77,6 +79,10 @@ def test_engine_benchmark_writes_every_part(saved, tmp_path):
     result = json.loads(out.read_text())
     assert result["complete"] and "command" in result["environment"]
     assert {r["part"] for r in result["rows"]} == {"hf", "sweep", "kernel", "tune", "profile", "droppers"}
+    kernel = {r["kv_dtype"]: r for r in result["rows"] if r["part"] == "kernel"}
+    assert set(kernel) == {"bf16", "fp8"} and all(
+        r["kv_gb_per_s"] > 0 and r["mtokens_per_s"] > 0 for r in kernel.values()
+    )
     droppers = [r for r in result["rows"] if r["part"] == "droppers"]
     assert [r["method"] for r in droppers] == ["full", "h2o", "snapkv", "rkv"] and droppers[0]["speedup"] == 1.0
     assert all(r["tokens"] == 3 * 4 for r in droppers)
@@ -230,15 +236,20 @@ def test_decode_limit_benchmark_sets_each_step_against_its_bytes(saved, tmp_path
         "120",
         "--profile-tokens",
         "2",
+        "--kv-dtypes",
+        "bf16,fp8",
         "--out",
         str(out),
     )
     result = json.loads(out.read_text())
     rows = result["rows"]
     assert result["complete"] and result["weight_bytes"] > 0 and result["copy_gb_per_s"] > 0
-    assert [(r["compile"], r["sparsity"], r["batch"]) for r in rows] == [
-        (False, s, b) for s in (0.0, 0.5) for b in (2, 3)
+    assert [(r["compile"], r["kv_dtype"], r["sparsity"], r["batch"]) for r in rows] == [
+        (False, k, s, b) for k in ("bf16", "fp8") for s in (0.0, 0.5) for b in (2, 3)
     ]  # --compile auto: the engine's default, off on a CPU
+    fp8 = rows[4:]
+    assert [4 * r["kv_bytes"] for r in fp8[:2]] == [r["kv_bytes"] for r in rows[:2]]  # e4m3 against float32
+    rows = rows[:4]
     assert rows[1]["kv_bytes"] == 3 * rows[0]["kv_bytes"] // 2 and rows[2]["kv_bytes"] < rows[0]["kv_bytes"]
     assert all(r["floor_ms"] > 0 for r in rows)
     pages = -(-120 // 16)  # the engine's 16-token pages
@@ -368,10 +379,13 @@ def test_long_generation_benchmark_sets_each_step_against_its_floor(saved, tmp_p
         "long_generation.py",
         *common,
         *("--kv-budget", "2MiB", "--sparsities", "0", "--num-requests", "3", "--task", "arith", "--output-len", "6"),
-        *("--out", str(graded)),
+        *("--kv-dtypes", "bf16,fp8", "--out", str(graded)),
     )
-    (row,) = json.loads(graded.read_text())["rows"]
-    assert 0 <= row["accuracy"] <= 1 and row["completed"] == 3 and 1 <= row["max_output_tokens"] <= 6
+    rows = json.loads(graded.read_text())["rows"]
+    assert [r["kv_dtype"] for r in rows] == ["bf16", "fp8"] and rows[1]["throughput_ratio"] > 0
+    for row in rows:
+        assert 0 <= row["accuracy"] <= 1 and row["completed"] == 3 and 1 <= row["max_output_tokens"] <= 6
+    assert rows[1]["kv_ratio"] == pytest.approx(rows[0]["kv_ratio"] / 4)  # e4m3 against the float32 full cache
 
 
 def test_serving_benchmark_serves_fixed_length_random_prompts(saved, tmp_path):

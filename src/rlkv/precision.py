@@ -142,26 +142,36 @@ def calibrate(model) -> torch.Tensor:
 
     config = model.config.get_text_config()
     device = next(model.parameters()).device
-    layers, heads = config.num_hidden_layers, config.num_key_value_heads
-    amax = torch.zeros(2, layers, heads, device=device)
-
-    class Record:
-        def before_forward(self, step) -> None:
-            pass
-
-    def record(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-        amax[KEYS, module.layer_idx] = key.detach().abs().amax(dim=(0, 2, 3)).float()
-        amax[VALUES, module.layer_idx] = value.detach().abs().amax(dim=(0, 2, 3)).float()
-        return base(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
-
-    base = base_attention(model.config._attn_implementation)
+    amax = torch.zeros(2, config.num_hidden_layers, config.num_key_value_heads, device=device)
+    state = _Amax(amax, base_attention(model.config._attn_implementation))
     length = min(CALIBRATION_TOKENS, getattr(config, "max_position_embeddings", None) or CALIBRATION_TOKENS)
     ids = torch.randint(0, config.vocab_size, (1, length), generator=torch.Generator().manual_seed(0))
-    with torch.inference_mode(), patched(model, "rlkv_calibrate", record, Record()):
+    with torch.inference_mode(), patched(model, "rlkv_calibrate", _record_amax, state):
         model(input_ids=ids.to(device), use_cache=False)
     scales = scale_for(amax)
     _CALIBRATED[model] = scales
     return scales
+
+
+@dataclass
+class _Amax:
+    """What `calibrate`'s attention function records: every layer's K and V amax per KV head."""
+
+    amax: torch.Tensor
+    base: object  # the model's own attention function
+
+    def before_forward(self, step) -> None:
+        pass
+
+
+def _record_amax(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """The model's own attention, recording the amax of K and V per KV head on the way."""
+    from rlkv.hf.plumbing import state_of
+
+    state = state_of(module, "rlkv.precision.calibrate")
+    state.amax[KEYS, module.layer_idx] = key.detach().abs().amax(dim=(0, 2, 3)).float()
+    state.amax[VALUES, module.layer_idx] = value.detach().abs().amax(dim=(0, 2, 3)).float()
+    return state.base(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
 
 
 def scale_for(amax: torch.Tensor) -> torch.Tensor:

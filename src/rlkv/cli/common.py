@@ -22,6 +22,10 @@ MODEL_HELP = "hub id, local model directory or .gguf file"
 SPARSITY_HELP = "fraction of KV heads that keep only sink + recent tokens"
 BUDGET_HELP = "tokens kept per KV head by h2o / snapkv / rkv"
 DATA_DIR_HELP = "task data directory (default $RLKV_DATA_DIR or ../shared/data)"
+KV_DTYPE_HELP = (
+    "how K/V are stored: bf16 (the model's dtype), fp8 (e4m3 at per-KV-head scales: half the bytes), "
+    "fp8-kept (head splits: kept heads fp8, the compressed heads' rings bf16)"
+)
 PREFILL_HELP = (
     "head splits: full (every head attends over the whole prompt, then is cut: the authors') "
     "or compressed (the compressed heads' rule inside the prompt too)"

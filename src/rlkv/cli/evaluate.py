@@ -11,6 +11,7 @@ import typer
 from rlkv.cli.common import (
     BUDGET_HELP,
     DATA_DIR_HELP,
+    KV_DTYPE_HELP,
     MODEL_HELP,
     PREFILL_HELP,
     USER_ERRORS,
@@ -57,6 +58,7 @@ def evaluate(
         "index) or authors (clip, seeded tie noise, quantile: the authors' code)",
     ),
     prefill: str = typer.Option("full", help=PREFILL_HELP),
+    kv_dtype: str = typer.Option("bf16", help=KV_DTYPE_HELP),
     match_bytes: bool = typer.Option(
         False,
         help="token-dropping budgets matched to the mean KV bytes of the first head-ranked method in --method (same task and sparsity)",
@@ -122,6 +124,7 @@ def _check_before_load(config, out: Path, part) -> None:
         rlkv.tasks.get(name)
     for name in config.methods:
         rlkv.methods.check_name(name)
+        rlkv.methods.check_kv_dtype_for(name, config.kv_dtype)
     check_budget(config.methods, config.budget, config.match_bytes)
     check_run_dir(out, part)
 

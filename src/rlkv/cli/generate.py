@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from rlkv.cli.common import MODEL_HELP, PREFILL_HELP, SPARSITY_HELP, USER_ERRORS, console, fail, finite
+from rlkv.cli.common import KV_DTYPE_HELP, MODEL_HELP, PREFILL_HELP, SPARSITY_HELP, USER_ERRORS, console, fail, finite
 
 
 def generate(
@@ -19,6 +19,7 @@ def generate(
     sink: int = typer.Option(16, min=0, help="first tokens every compressed head keeps"),
     recent: int = typer.Option(64, min=1, help="last tokens every compressed head keeps"),
     prefill: str = typer.Option("full", help=PREFILL_HELP),
+    kv_dtype: str = typer.Option("bf16", help=KV_DTYPE_HELP),
     max_new_tokens: int = typer.Option(256, min=1),
     temperature: float = typer.Option(0.0, min=0.0, callback=finite, help="0 = greedy"),
     top_p: float = typer.Option(1.0, min=0.0, max=1.0),
@@ -31,13 +32,15 @@ def generate(
     from rlkv.engine import check_setting
     from rlkv.generation import generator
     from rlkv.hf import resolve_keep
+    from rlkv.precision import check_kv_dtype
 
     try:
         check_setting(engine)  # before the (slow) model load
+        check_kv_dtype(kv_dtype)
         lm, tok = rlkv.load_model(model)
         ids = _prompt_ids(tok, prompt, chat)
         keep = resolve_keep(rlkv.Layout.of(lm), heads, sparsity)
-        method = rlkv.methods.HeadSplit(keep, sink, recent, prefill=prefill)
+        method = rlkv.methods.HeadSplit(keep, sink, recent, prefill=prefill, kv_dtype=kv_dtype)
         runner = generator(lm, tok, method, engine=engine, max_batch=len(ids), batch_size=len(ids))
         start = time.perf_counter()
         outs = runner.generate(ids, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)

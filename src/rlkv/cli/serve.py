@@ -10,6 +10,7 @@ from rich.markup import escape
 
 from rlkv.cli.common import (
     BUDGET_HELP,
+    KV_DTYPE_HELP,
     MODEL_HELP,
     PREFILL_HELP,
     SPARSITY_HELP,
@@ -35,6 +36,7 @@ def serve(
     recent: int = typer.Option(64, min=1),
     budget: Optional[int] = typer.Option(None, min=1, help=BUDGET_HELP),
     prefill: str = typer.Option("full", help=PREFILL_HELP),
+    kv_dtype: str = typer.Option("bf16", help=KV_DTYPE_HELP),
     kv_budget: Optional[str] = typer.Option(
         None, help="the KV pool: a size (20GiB) or a share of free GPU memory (0.8)"
     ),
@@ -69,12 +71,14 @@ def serve(
     protect_metrics: bool = typer.Option(False, help="require the API key on /metrics too"),
 ):
     """Serve the model over an OpenAI-compatible HTTP API (chat and plain completions, streaming, /metrics)."""
+    from rlkv.methods import check_kv_dtype_for
     from rlkv.serve import EngineSpec, create_app
     from rlkv.serve import serve as run_server
 
     try:
         name = _method_name(method, heads, sparsity)
         check_budget([name], budget)
+        check_kv_dtype_for(name, kv_dtype)
         spec = EngineSpec(
             model,
             name,
@@ -84,6 +88,7 @@ def serve(
             recent=recent,
             budget=budget,
             prefill=prefill,
+            kv_dtype=kv_dtype,
             kv_budget=parse_kv_budget(kv_budget, "--kv-budget"),
             max_batch=max_batch,
             max_seq_len=max_model_len,
@@ -101,7 +106,8 @@ def serve(
     except USER_ERRORS as err:
         fail(err)
     console.print(
-        f"serving {served_model_name or model} ({name}, sparsity {sparsity:g}) on http://{host}:{port}/v1",
+        f"serving {served_model_name or model} ({name}, sparsity {sparsity:g}, KV {kv_dtype}) "
+        f"on http://{host}:{port}/v1",
         highlight=False,
         soft_wrap=True,
     )

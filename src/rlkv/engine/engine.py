@@ -264,6 +264,10 @@ class Engine:
             prompt_tokens=self._totals["prompt"],
             finished_requests=self._totals["finished"],
             recomputed_tokens=self.scheduler.recomputed_tokens,
+            kv_pool_bytes=s.nbytes(),
+            kv_bytes_used=int(
+                sum(s.sequence_nbytes(r.length if r.prefilled else r.stored) for r in list(self.scheduler.admitted))
+            ),
         )
 
     # ------------------------------------------------------------------ the loop

@@ -50,3 +50,5 @@ class EngineMetrics:
     prompt_tokens: int
     finished_requests: int
     recomputed_tokens: int = 0  # context tokens of preempted requests, prefilled again when they resume
+    kv_pool_bytes: int = 0  # the KV store's allocation, in the bytes its precision stores (rlkv.precision)
+    kv_bytes_used: int = 0  # what the admitted requests' K/V take of it (their tokens, rings, slots)

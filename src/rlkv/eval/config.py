@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from rlkv.engine import check_setting
 from rlkv.heads import KEEP_RULES
 from rlkv.hf.splitcache import PREFILL_MODES
+from rlkv.precision import check_kv_dtype
 
 # The settings a run directory keeps for good: a resumed run must share them (heads: per method, in rlkv.eval.run).
 # A run recorded before a setting existed ran with the default it has now, except for these:
@@ -24,6 +25,7 @@ IDENTITY = (
     "match_bytes",
     "keep_rule",
     "prefill",
+    "kv_dtype",
 )
 
 
@@ -53,6 +55,9 @@ class EvalConfig:
     prefill: str = (
         "full"  # head splits: "full" (every head attends over the whole prompt: the authors') or "compressed"
     )
+    kv_dtype: str = (
+        "bf16"  # how every method stores K/V (rlkv.precision): "bf16" (the model's dtype), "fp8", "fp8-kept"
+    )
     match_bytes: bool = False  # instead: per task and sparsity, the budget matching a head-split method's mean bytes
     data_dir: str | None = None
     repetition_window: int = 400  # 0 turns the degenerate-repetition stop off
@@ -65,6 +70,7 @@ class EvalConfig:
         _check_settings(self)
         if self.prefill not in PREFILL_MODES:
             raise ValueError(f"prefill must be one of {', '.join(PREFILL_MODES)}, got {self.prefill!r}")
+        check_kv_dtype(self.kv_dtype)
         if self.keep_rule not in KEEP_RULES:
             raise ValueError(f"keep_rule must be one of {', '.join(KEEP_RULES)}, got {self.keep_rule!r}")
         if isinstance(self.heads, dict) and set(self.heads) - set(self.methods):

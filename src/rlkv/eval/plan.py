@@ -43,6 +43,7 @@ def method_plan(config: EvalConfig, layout: Layout) -> list[tuple[str, float, ob
                 recent=config.recent,
                 seed=config.seed,
                 budget=config.budget,
+                kv_dtype=config.kv_dtype,
                 **options,
             )
             key = (name, method.sparsity)
@@ -82,7 +83,7 @@ def matched(name: str, task: str, sparsity: float, ids: set[str], config: EvalCo
         )
 
     def build(budget: int):
-        return method_registry.build(name, layout, sparsity, budget=budget)
+        return method_registry.build(name, layout, sparsity, budget=budget, kv_dtype=config.kv_dtype)
 
     match = match_budget(build, layout, reference)
     if match.excess > TOLERANCE:

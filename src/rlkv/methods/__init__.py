@@ -19,6 +19,7 @@ from rlkv.methods.h2o import build_h2o
 from rlkv.methods.headsplit import HeadSplit, build_headsplit
 from rlkv.methods.rkv import build_rkv
 from rlkv.methods.snapkv import build_snapkv
+from rlkv.precision import check_kv_dtype
 
 BUILDERS = {
     "full": build_headsplit,
@@ -47,10 +48,17 @@ def check_name(name: str) -> str:
     return name
 
 
+def check_kv_dtype_for(name: str, kv_dtype: str) -> str:
+    """`kv_dtype` if method `name` can store K/V so (a token dropper keeps no head whole: no "fp8-kept")."""
+    if check_kv_dtype(kv_dtype) == "fp8-kept" and name in TOKEN_DROPPING:
+        raise ValueError(f"--kv-dtype fp8-kept keeps a head split's kept heads in FP8; {name} keeps no head whole")
+    return kv_dtype
+
+
 def build(name: str, layout, sparsity: float, kv_dtype: str | None = None, **kwargs):
     """The method `name` for a model of `layout` at `sparsity`, its K/V at `kv_dtype` (see each builder for kwargs)."""
     method = BUILDERS[check_name(name)](name, layout, sparsity, **kwargs)
     return method if kv_dtype is None else replace(method, kv_dtype=kv_dtype)
 
 
-__all__ = ["HEAD_RANKED", "TOKEN_DROPPING", "HeadSplit", "build", "check_name", "names"]
+__all__ = ["HEAD_RANKED", "TOKEN_DROPPING", "HeadSplit", "build", "check_kv_dtype_for", "check_name", "names"]

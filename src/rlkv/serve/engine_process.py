@@ -48,6 +48,7 @@ class EngineSpec:
     recent: int = 64
     budget: int | None = None  # token droppers: tokens per KV head
     prefill: str = "full"
+    kv_dtype: str = "bf16"  # rlkv.precision: bf16, fp8, fp8-kept
     kv_budget: str | float | None = None
     max_batch: int = 256
     max_seq_len: int | None = None
@@ -66,6 +67,7 @@ class EngineSpec:
             sink=self.sink,
             recent=self.recent,
             budget=self.budget,
+            kv_dtype=self.kv_dtype,
             **options,
         )
         engine = rlkv.Engine(

@@ -2,6 +2,8 @@
 
     rlkv_running_requests, rlkv_waiting_requests            gauges
     rlkv_kv_pages_used, rlkv_kv_pages_free, rlkv_kv_pages_total   gauges (token droppers: slots)
+    rlkv_kv_pool_bytes, rlkv_kv_used_bytes                  gauges: the KV pool and what requests hold of it,
+                                                            in the bytes stored (FP8: one per element)
     rlkv_open_streams                                       gauge: requests the server awaits outputs for
     rlkv_engine_up                                          gauge: 1 while the engine takes requests
     rlkv_preemptions_total, rlkv_generation_tokens_total,
@@ -36,6 +38,8 @@ class _EngineCollector:
             ("kv_pages_used", "KV pages held by running requests", m.pages_used),
             ("kv_pages_free", "KV pages free", m.pages_total - m.pages_used),
             ("kv_pages_total", "KV pages in the pool", m.pages_total),
+            ("kv_pool_bytes", "bytes of the KV pool, as stored (FP8: one per element)", m.kv_pool_bytes),
+            ("kv_used_bytes", "bytes of the KV pool the admitted requests hold, as stored", m.kv_bytes_used),
             ("open_streams", "requests the server awaits outputs for", self.engine.open_streams),
             ("engine_up", "1 while the engine takes requests, else 0", int(self.engine.healthy)),
         )
