@@ -357,6 +357,28 @@ def test_match_bytes_gives_token_droppers_the_head_split_memory(lm, tmp_path):
         evaluate(*lm, config(tasks=["arith"], methods=["h2o"], match_bytes=True), tmp_path / "bad", progress=False)
 
 
+def test_an_fp8_run_holds_and_matches_fp8_bytes(lm, tmp_path):
+    """kv_dtype is a run's setting: its samples' bytes are e4m3 bytes (a quarter of these float32 models'), token
+    droppers are matched to them at FP8, and a resume at another precision is refused."""
+    from rlkv.methods.matching import mean_bytes
+
+    cfg = config(tasks=["arith"], methods=["h2o", "random"], match_bytes=True, max_new_tokens=16, kv_dtype="fp8")
+    res = evaluate(*lm, cfg, tmp_path / "run", progress=False)
+    rows = {r["method"]: r for r in res.rows}
+    reference = [s for s in res.samples if s["method"] == "random"]
+    layout = rlkv.Layout.of(lm[0])
+    h2o = rlkv.methods.build("h2o", layout, 0.5, budget=rows["h2o"]["budget"], kv_dtype="fp8")
+    predicted = mean_bytes(lambda t: h2o.sequence_bytes(layout, t), reference)
+    assert abs(predicted / sum(s["kv_bytes_mean"] for s in reference) - 1) < 0.02
+    keep = rlkv.methods.build("random", layout, 0.5, sink=2, recent=4).keep  # the run's heads
+    kept, ring_layers = int(keep.sum()), int((~keep).any(dim=1).sum())
+    for s in reference:  # kept heads' tokens, the rings (6 slots) and their positions; K/V one byte per element
+        n = s["prompt_tokens"] + s["tokens"]
+        assert s["kv_bytes"] == n * kept * 2 * 16 + (keep.numel() - kept) * 6 * 2 * 16 + ring_layers * 6 * 8
+    with pytest.raises(ValueError, match="different configuration \\(kv_dtype: 'fp8' -> 'bf16'\\)"):
+        evaluate(*lm, config(**{**vars(cfg), "kv_dtype": "bf16"}), tmp_path / "run", progress=False)
+
+
 def test_match_budget_says_when_the_target_is_below_the_methods_floor():
     """A cache that holds its budget plus up to 100 tokens (like R-KV's buffer) cannot match a small target."""
     from types import SimpleNamespace

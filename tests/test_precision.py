@@ -276,6 +276,13 @@ def test_fp8_bytes_are_the_bytes_stored():
         assert store.nbytes() <= 2**21 and store.num_pages > native.num_pages * 3  # the same budget, 4x the pages
         out = eng.generate([list(range(3, 40))], max_new_tokens=10, eos_token_ids=[])[0]
         stored = 37 + 10 - 1
+        eng.add_request("r", list(range(3, 40)), rlkv.SamplingParams(max_tokens=10, ignore_eos=True))
+        eng.step()  # its first prompt chunk's K/V and its ring, as /metrics reports them
+        (req,) = eng.scheduler.admitted
+        assert 0 < req.stored < 37 and eng.metrics().kv_bytes_used == store.sequence_nbytes(req.stored)
+        assert eng.metrics().kv_pool_bytes == store.nbytes()
+        eng.abort_request("r")
+        assert eng.metrics().kv_bytes_used == 0
         assert out.kv_bytes == stored * layout.kv_bytes_per_token() // 2 // 4 + ring_bytes * ring_item
         assert out.kv_bytes_full == stored * layout.kv_bytes_per_token()  # the reference stays the model's dtype
         with rlkv.compress(model, keep, sink=SINK, recent=RECENT, kv_dtype=kv_dtype) as handle:

@@ -235,6 +235,7 @@ def test_a_tiny_pool_preempts_and_still_answers_as_each_alone(small):
     metrics = small.metrics()
     assert together == alone and metrics["rlkv_preemptions_total"] > 0
     assert metrics["rlkv_kv_pages_used"] == 0 and metrics["rlkv_running_requests"] == 0
+    assert metrics["rlkv_kv_used_bytes"] == 0 < metrics["rlkv_kv_pool_bytes"]
 
 
 def _wait_idle(server, deadline_s=15):

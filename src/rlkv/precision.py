@@ -24,7 +24,7 @@ Semantics, for every runtime and the masked reference alike: a key or value is r
 precision when it is produced (`round_trip`), before any attention reads it, the token's own included;
 stored and read back it stays the same value.
 
-Policies (`KV_DTYPES`), per head, decided beside which heads a `HeadSplit` keeps (`split`): "bf16" (the
+Policies (`KV_DTYPES`), per head, decided beside which heads a `HeadSplit` keeps: "bf16" (the
 model's own dtype: bf16 on a GPU, whatever the model runs in), "fp8" (every head), "fp8-kept" (the heads
 a head split keeps in FP8, the compressed heads' sink + recent rings in the model's dtype: rings are
 small, and the recent tokens they hold matter most).
@@ -116,8 +116,25 @@ class KVPrecisions:
     compressed: KVPrecision
 
     @property
-    def uniform(self) -> bool:
-        return self.kept == self.compressed
+    def quantized(self) -> bool:
+        return self.kept.quantized or self.compressed.quantized
+
+    def round_trip(self, layer: int, kept_heads, compressed_heads, key, value, dim: int) -> tuple:
+        """New K and V of `layer`, every KV head along `dim`, as attention reads them once stored: `kept_heads`
+        (indices) at `kept`'s precision, `compressed_heads` at `compressed`'s (the same tensors if unquantised)."""
+        if not self.quantized:
+            return key, value
+        out = []
+        for which, x in ((KEYS, key), (VALUES, value)):
+            x = x.clone()
+            for heads, precision in ((kept_heads, self.kept), (compressed_heads, self.compressed)):
+                at = (slice(None),) * dim + (heads,)
+                x[at] = precision.round_trip(x[at], which, layer, heads, dim)
+            out.append(x)
+        return tuple(out)
+
+    def to(self, device) -> KVPrecisions:
+        return KVPrecisions(self.kept.to(device), self.compressed.to(device))
 
 
 def precisions(model, kv_dtype: str) -> KVPrecisions:

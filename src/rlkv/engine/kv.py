@@ -32,7 +32,7 @@ import torch
 from rlkv.attention.ring import query_heads
 from rlkv.engine.store import Slots, free_list
 from rlkv.models import Layout
-from rlkv.precision import KEYS, VALUES, KVPrecision, KVPrecisions
+from rlkv.precision import KVPrecision, KVPrecisions
 
 _UNITS = {
     "": 1,
@@ -174,19 +174,8 @@ class KVStore(Slots):
     def round_trip(self, layer: int, key: torch.Tensor, value: torch.Tensor, dim: int) -> tuple:
         """New K/V of `layer` (every KV head along `dim`) as attention reads them once stored: kept heads at the
         pages' precision, compressed heads at the rings' (the same tensors when nothing is quantised)."""
-        if not (self.kept_precision.quantized or self.ring_precision.quantized):
-            return key, value
-        out = []
-        for which, x in ((KEYS, key), (VALUES, value)):
-            x = x.clone()
-            for heads, precision in (
-                (self.full_idx[layer], self.kept_precision),
-                (self.comp_idx[layer], self.ring_precision),
-            ):
-                at = (slice(None),) * dim + (heads,)
-                x[at] = precision.round_trip(x[at], which, layer, heads, dim)
-            out.append(x)
-        return tuple(out)
+        kv = KVPrecisions(self.kept_precision, self.ring_precision)
+        return kv.round_trip(layer, self.full_idx[layer], self.comp_idx[layer], key, value, dim)
 
     # ------------------------------------------------------------------ allocation
     def pages_for(self, tokens: int) -> int:

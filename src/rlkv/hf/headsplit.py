@@ -46,7 +46,7 @@ from rlkv.hf.graphs import check_cuda_graphs, planned_columns, with_graphs
 from rlkv.hf.plumbing import Step, base_attention, own_cache, patched, recorded_cache, state_of
 from rlkv.hf.splitcache import PREFILL_MODES, DecodeStep, HeadSplitCache, HeadSplitLayer
 from rlkv.models import Layout
-from rlkv.precision import KEYS, VALUES, KVPrecisions, check_kv_dtype, precisions
+from rlkv.precision import KVPrecisions, check_kv_dtype, precisions
 
 __all__ = ["FullCache", "HeadSplitCache", "HeadSplitLayer", "cache_nbytes", "compress", "resolve_keep"]
 
@@ -177,17 +177,8 @@ def rounded(kv: KVPrecisions | None, layer: int, keep: torch.Tensor, key, value)
     the others at `kv.compressed`): what the masked reference attends over."""
     if kv is None:
         return key, value
-    out = []
-    for which, x in ((KEYS, key), (VALUES, value)):
-        x = x.clone()
-        for heads, precision in (
-            (torch.nonzero(keep).flatten(), kv.kept),
-            (torch.nonzero(~keep).flatten(), kv.compressed),
-        ):
-            heads = heads.to(x.device)
-            x[:, heads] = precision.round_trip(x[:, heads], which, layer, heads, 1)
-        out.append(x)
-    return tuple(out)
+    kept, compressed = (torch.nonzero(k).flatten().to(key.device) for k in (keep, ~keep))
+    return kv.round_trip(layer, kept, compressed, key, value, dim=1)
 
 
 @contextmanager

@@ -241,15 +241,6 @@ class HeadSplitLayer(CompressedLayer, CacheLayerMixin):
         )
         return precision.load(x, which, self.layer, heads, 1, self.dtype)
 
-    def _round_trip(self, x: torch.Tensor, which: int) -> torch.Tensor:
-        """New K or V [b, h, q, d] of every head as attention reads them once stored."""
-        if not self.split:
-            return x
-        x = x.clone()
-        x[:, self.full_idx] = self._read(self._store(x[:, self.full_idx], which, True), which, True)
-        x[:, self.comp_idx] = self._read(self._store(x[:, self.comp_idx], which, False), which, False)
-        return x
-
     def _joined(self, which: int) -> torch.Tensor:
         """[b, slots, d] in the model's dtype: rings then kept columns, read back (`split` decoding steps)."""
         ring, kept = (self.keys, self.kept_keys) if which == KEYS else (self.values, self.kept_values)
@@ -269,9 +260,7 @@ class HeadSplitLayer(CompressedLayer, CacheLayerMixin):
         self.comp_idx = torch.nonzero(~self.keep).flatten().to(self.device)
         slots = self.nc * self.ring_size
         if self.split:
-            self.precisions = KVPrecisions(
-                self.precisions.kept.to(self.device), self.precisions.compressed.to(self.device)
-            )
+            self.precisions = self.precisions.to(self.device)
             ring, kept = self.precisions.compressed.dtype, self.precisions.kept.dtype
             self.keys = key_states.new_zeros(b, slots, key_states.shape[-1], dtype=ring)
             self.values = value_states.new_zeros(b, slots, value_states.shape[-1], dtype=ring)
@@ -327,7 +316,8 @@ class HeadSplitLayer(CompressedLayer, CacheLayerMixin):
         group = hq // self.keep.numel()
         out = query.new_empty(b, q, hq, value.shape[-1])
         q_full, q_comp = self.owner.query_heads(self, group, query.device)
-        key, value = self._round_trip(key, KEYS), self._round_trip(value, VALUES)
+        if self.split:  # as attention reads them once stored
+            key, value = self.precisions.round_trip(self.layer, self.full_idx, self.comp_idx, key, value, dim=1)
         if self.nf:
             keys, values = self._kept_views
             keys[:, :, plan.start : plan.length] = self._store(key[:, self.full_idx], KEYS, True)
