@@ -310,6 +310,7 @@ def test_harness_options_are_accepted_and_described():
     assert method.describe() == {
         "method": "rkv",
         "sparsity": 0.5,
+        "kv_dtype": "bf16",
         "budget": 64,
         "capacity": 192,
         "window": 8,
