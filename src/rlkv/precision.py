@@ -9,12 +9,15 @@ e4m3(clamp(x / scale, -448, 448)) and what attention reads back is that times th
 calibrated once per model (`calibrate`) on one forward of `CALIBRATION_TOKENS` seeded random token ids,
 as vLLM's `calculate_kv_scales` computes its scales from a forward (amax / 200 for K, / 100 for V, per
 layer), with three differences:
-- per KV head, not per layer: heads differ by an order of magnitude in K amax (RoPE'd K with a bias,
-  Qwen's), and a head's own scale keeps its small values out of e4m3's subnormals;
-- a power of two: amax x `HEADROOM` maps to at most 448 (so values up to 2 to 4 times the calibration's
-  amax are represented, as vLLM's 448 / 200 and 448 / 100), and scaling is exact, so the kernels
-  dequantise in registers by one exact multiply per head (K's folded into the softmax scale, V's into
-  the output) and every runtime reads bit-identical values whatever its compute dtype;
+- per KV head, not per layer: heads of one layer can differ widely in range (Qwen's keys carry a bias),
+  and a head's own scale keeps its small values out of e4m3's subnormals (vLLM's per-head scales exist
+  only through offline calibration with llm-compressor);
+- a power of two: amax x `HEADROOM` (2 for K, 4 for V, as vLLM's 448 / 200 and 448 / 100) maps to at most
+  448, so K values up to 2 to 4 times the calibration's amax are represented and V values up to 4 to 8
+  times (on SmolLM2-135M and Qwen2.5-0.5B, GSM8K prompts reached at most 0.69 and 0.92 of the calibrated
+  range at a headroom of 2, V the closer: hence V's 4), and scaling is exact, so the kernels
+  dequantise in registers by exact multiplies (the decode kernel folds K's scale into the softmax scale
+  and V's into the output) and every runtime reads bit-identical values whatever its compute dtype;
 - saturating: a value beyond 448 x scale is stored as +-448 x scale (an overflowing `float8_e4m3fn`
   cast would give NaN), as vLLM's CUDA conversion (`__NV_SATFINITE`) does.
 The scales do not depend on which runtime asks (the engine and `compress` read the same ones), nor on
@@ -39,7 +42,7 @@ import torch
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0
-HEADROOM = 2.0  # the calibration's amax times this maps to at most FP8_MAX
+HEADROOM = (2.0, 4.0)  # K's and V's: the calibration's amax times this maps to at most FP8_MAX
 CALIBRATION_TOKENS = 512
 KV_DTYPES = ("bf16", "fp8", "fp8-kept")
 KEYS, VALUES = 0, 1
@@ -192,7 +195,8 @@ def _record_amax(module, query, key, value, attention_mask, scaling=None, dropou
 
 
 def scale_for(amax: torch.Tensor) -> torch.Tensor:
-    """The least power of two `s` with amax x HEADROOM / s <= FP8_MAX (1 where amax is 0)."""
-    need = (amax.double() * HEADROOM / FP8_MAX).clamp(min=2.0**-100)
+    """The least power of two `s` with amax x HEADROOM / s <= FP8_MAX (1 where amax is 0); amax [2 (K, V), ...]."""
+    headroom = torch.tensor(HEADROOM, dtype=torch.float64, device=amax.device).view(2, *[1] * (amax.ndim - 1))
+    need = (amax.double() * headroom / FP8_MAX).clamp(min=2.0**-100)
     exponent = torch.ceil(torch.log2(need))
     return torch.where(amax > 0, torch.exp2(exponent), 1.0).float()
