@@ -83,16 +83,27 @@ class TokenDropStore(Slots):
     def release(self, slot: int, pages: list[int]) -> None:
         self._release_slot(slot)
 
+    def shared_pages(self, tokens: int) -> int:
+        return 0
+
+    def share(self, slot: int, pages: list[int], tokens: int) -> list[int]:
+        return []
+
+    def fork(self, src_slot: int, src_pages: list[int], dst_slot: int, dst_pages: list[int], tokens: int) -> None:
+        """A fork's slot is a copy of its origin's: kept tokens, their positions, scores and policy state."""
+        for t in self._tensors():
+            t[dst_slot] = t[src_slot]
+
+    def name_pages(self, pages: list[int], tokens: list[int]) -> None:
+        pass  # no pages
+
     # ------------------------------------------------------------------ accounting
+    def _tensors(self) -> list[torch.Tensor]:
+        """Every per-slot tensor of every layer (slot first)."""
+        return [*self.keys, *self.values, *self.pos, *(self.score or []), *(t for e in self.extra for t in e.values())]
+
     def nbytes(self) -> int:
-        tensors = [
-            *self.keys,
-            *self.values,
-            *self.pos,
-            *(self.score or []),
-            *(t for e in self.extra for t in e.values()),
-        ]
-        return sum(t.numel() * t.element_size() for t in tensors)
+        return sum(t.numel() * t.element_size() for t in self._tensors())
 
     def sequence_nbytes(self, tokens):
         """Bytes a sequence of `tokens` tokens holds: what transformers' `TokenDropCache.sequence_nbytes` reports."""
