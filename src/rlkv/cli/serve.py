@@ -67,12 +67,20 @@ def serve(
         None, envvar="RLKV_API_KEY", help="require 'Authorization: Bearer KEY' on /v1/... (/health stays open)"
     ),
     protect_metrics: bool = typer.Option(False, help="require the API key on /metrics too"),
+    reasoning_parser: Optional[str] = typer.Option(
+        None,
+        help="deepseek-r1 or qwen3: chat answers' <think> ... </think> as message.reasoning_content "
+        "(delta.reasoning_content when streaming), the rest as content",
+    ),
 ):
     """Serve the model over an OpenAI-compatible HTTP API (chat and plain completions, streaming, /metrics)."""
     from rlkv.serve import EngineSpec, create_app
     from rlkv.serve import serve as run_server
+    from rlkv.serve.reasoning import PARSERS
 
     try:
+        if reasoning_parser is not None and reasoning_parser not in PARSERS:
+            raise ValueError(f"--reasoning-parser must be one of {', '.join(PARSERS)}, got {reasoning_parser!r}")
         name = _method_name(method, heads, sparsity)
         check_budget([name], budget)
         spec = EngineSpec(
@@ -97,6 +105,7 @@ def serve(
             max_body_bytes=max_body_bytes,
             api_key=api_key,
             protect_metrics=protect_metrics,
+            reasoning_parser=reasoning_parser,
         )
     except USER_ERRORS as err:
         fail(err)

@@ -25,6 +25,7 @@ MAX_STOP_CHARS = 4096  # all of a request's stop strings together: what a stream
 MAX_STOP_TOKEN_IDS = 64
 MAX_LOGPROBS = 20  # OpenAI's limit on top log-probs per token
 MAX_SAMPLES = 128  # OpenAI's limit on n
+MAX_CHOICES = 256  # prompts x n of one request to the HTTP server (each prompt is an engine request)
 
 
 @dataclass(frozen=True)
