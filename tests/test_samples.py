@@ -129,3 +129,8 @@ def test_aborting_one_sample_or_all_frees_their_pages():
     eng.add_request("gone", ps[0], params)
     eng.step()
     assert eng.abort_request("gone") and not eng.has_unfinished() and eng.metrics().pages_used == 0
+    eng.add_request("one by one", ps[0], params)
+    eng.step()  # admitted, its prefill under way
+    for index in (0, 2, 1):
+        assert eng.abort_request("one by one", index)
+    assert not eng.has_unfinished() and eng.metrics().pages_used == 0 and eng.metrics().running == 0

@@ -218,18 +218,25 @@ class Engine:
         unknown or finished. A sample whose forks wait for its prefill gives its slot back once they are forked."""
         samples = [r for r in self._requests.get(request_id, []) if index is None or r.index == index]
         for req in reversed(samples):  # forks before the sample they wait for
-            if req.parent is not None:
-                req.parent.forks.remove(req)
-                req.parent = None
+            if req.parent is not None:  # waiting to be forked: it holds a slot and pages, nothing stored
+                parent, req.parent = req.parent, None
+                parent.forks.remove(req)
                 self.scheduler.release(req)
-            elif not req.forks and not self.scheduler.remove_waiting(req):
-                self.scheduler.release(req)
-            if req in self._prefilling and not req.forks:
-                self._prefilling.remove(req)
+                if parent.finish is not None and not parent.forks:  # aborted before, kept for its forks alone
+                    self._drop(parent)
+            elif not req.forks:
+                self._drop(req)
             self._finish(req, "abort")  # a running row leaves at the next step; its token in flight is dropped
         if not self._requests:
             self._close()
         return bool(samples)
+
+    def _drop(self, req: Request) -> None:
+        """An aborted sequence gives back its slot and pages, wherever it is."""
+        if not self.scheduler.remove_waiting(req):
+            self.scheduler.release(req)
+        if req in self._prefilling:
+            self._prefilling.remove(req)
 
     def has_unfinished(self) -> bool:
         return bool(self._requests)
