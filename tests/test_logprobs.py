@@ -1,9 +1,11 @@
 """The engine's log-probs and logits processors against a plain reference: a transformers forward's log-softmax on
 the same tokens (inside `compress` for a compressed cache), and transformers `generate` with its own processors."""
 
+from pathlib import Path
+
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import SMOLLM2, tiny_model
 from test_engine import RECENT, SINK, engine, prompts
 from transformers import LogitsProcessor, LogitsProcessorList
 
@@ -47,18 +49,19 @@ def forward_logprobs(model, tokens):
     return torch.log_softmax(logits, -1)
 
 
-def check_against_forward(model, completion, prompt, k):
+def check_against_forward(model, completion, prompt, k, tolerance=1e-4):
     """Every prompt and generated token's log-prob and top-k equal the forward's (the position before it)."""
     tokens = prompt + completion.tokens
     ref = forward_logprobs(model, tokens)
     want = ref[torch.arange(len(tokens) - 1), torch.tensor(tokens[1:])]
     got = completion.prompt_logprobs.values[1:] + completion.logprobs
     assert completion.prompt_logprobs.values[0] is None and len(got) == len(tokens) - 1
-    torch.testing.assert_close(torch.tensor(got), want.cpu(), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(torch.tensor(got), want.cpu(), rtol=tolerance, atol=tolerance)
     tops = completion.prompt_logprobs.top[1:] + completion.top_logprobs
     values, ids = ref[:-1].topk(k, dim=-1)
     assert [[i for i, _ in top] for top in tops] == ids.tolist()
-    torch.testing.assert_close(torch.tensor([[v for _, v in top] for top in tops]), values.cpu(), rtol=1e-4, atol=1e-4)
+    got_values = torch.tensor([[v for _, v in top] for top in tops])
+    torch.testing.assert_close(got_values, values.cpu(), rtol=tolerance, atol=tolerance)
 
 
 @pytest.mark.parametrize("sparsity", [0.0, 0.5])
@@ -75,6 +78,26 @@ def test_prompt_and_token_logprobs_equal_a_forward_log_softmax(sparsity):
     with rlkv.compress(model, keep, sink=SINK, recent=RECENT, prefill="compressed"):
         for i, p in enumerate(ps):
             check_against_forward(model, done[f"r{i}"][0], p, TOP)
+
+
+@pytest.mark.real_model
+@pytest.mark.parametrize("sparsity", [0.0, 0.5])
+def test_smollm2_logprobs_equal_a_forward_log_softmax(sparsity):
+    """The same on SmolLM2-135M with its shipped heads (a small sink and window, so the compressed heads' rule
+    applies within the prompt)."""
+    if not SMOLLM2.is_file():
+        pytest.skip(f"real weights absent: run ../shared/tools/get-model smollm2-135m-instruct (expected {SMOLLM2})")
+    model, tok = rlkv.load_model(SMOLLM2, device="cpu")
+    heads = Path(rlkv.__file__).parent / "data" / "smollm2-135m-instruct.heads.json"
+    keep = rlkv.HeadScores.load(heads).keep_mask(sparsity)
+    method = HeadSplit(keep, 4, 8, prefill="compressed")
+    text = tok.apply_chat_template([{"role": "user", "content": "What is 12 times 7?"}], tokenize=False)
+    prompt = tok(text, add_special_tokens=False).input_ids
+    params = SamplingParams(max_tokens=8, top_logprobs=TOP, prompt_logprobs=TOP)
+    eng = rlkv.Engine(model, tok, method, kv_budget="64MiB", max_batch=2)
+    done = run(eng, [("r", prompt, params)])["r"][0]
+    with rlkv.compress(model, keep, sink=4, recent=8, prefill="compressed"):
+        check_against_forward(model, done, prompt, TOP, tolerance=1e-3)
 
 
 def test_top_logprobs_and_prompt_logprobs_leave_the_tokens_alone():

@@ -227,7 +227,7 @@ class _Handlers:
             ready.prompts,
             req.n,
             self.texts,
-            logprobs=(req.top_logprobs or 0 if req.logprobs else None) if chat else req.logprobs,
+            logprobs=((req.top_logprobs or 0) if req.logprobs else None) if chat else req.logprobs,
             echo=ready.echo,
             reasoning=self.reasoning if chat else None,
             include_usage=req.include_usage,
