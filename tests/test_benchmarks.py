@@ -1,4 +1,5 @@
-"""The GPU benchmark scripts run end to end on a tiny saved model on the CPU (so they cannot rot between GPU sessions)."""
+"""The GPU benchmark scripts run end to end on a tiny saved model on the CPU (so they cannot rot between GPU
+sessions)."""
 
 import json
 import os

@@ -204,7 +204,8 @@ def test_errors_go_to_stderr(heads_file):
     [
         (
             ["--sparsity", "1.5"],
-            "sparsity must be a number in [0, 1] (fraction of KV heads compressed; full and streaming take one too), got 1.5",
+            "sparsity must be a number in [0, 1] (fraction of KV heads compressed; full and streaming take one too), "
+            "got 1.5",
         ),
         (
             ["--sparsity", "nan", "--method", "streaming"],

@@ -1,4 +1,5 @@
-"""The engine against `compress` + generate (itself pinned to the masked reference), and its kernel against the torch path."""
+"""The engine against `compress` + generate (itself pinned to the masked reference), and its kernel against the
+torch path."""
 
 import pytest
 import torch

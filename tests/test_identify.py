@@ -88,7 +88,7 @@ def test_gradient_to_alpha_matches_finite_differences():
 
     numeric = torch.zeros_like(alpha)
     with torch.no_grad():
-        for idx in [(l, h) for l in range(3) for h in range(2)]:
+        for idx in [(layer, h) for layer in range(3) for h in range(2)]:
             plus, minus = alpha.detach().clone(), alpha.detach().clone()
             plus[idx] += eps
             minus[idx] -= eps

@@ -61,9 +61,8 @@ class HeadScores:
             )
         if not torch.isfinite(scores).all():
             bad = torch.nonzero(~torch.isfinite(scores))[0].tolist()
-            raise ValueError(
-                f"head scores must be finite numbers, found {scores[bad[0], bad[1]].item()} at layer {bad[0]}, head {bad[1]}"
-            )
+            value = scores[bad[0], bad[1]].item()
+            raise ValueError(f"head scores must be finite numbers, found {value} at layer {bad[0]}, head {bad[1]}")
         self.scores = scores
 
     @property

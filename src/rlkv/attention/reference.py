@@ -8,8 +8,9 @@ count, so a padded row behaves exactly like the same prompt alone. With a prompt
 key with every head; the compressed heads' rule holds from the first query after it.
 
 `keep_keys_mask` is that rule, written once; `masked_attention` applies any boolean mask to a
-full cache with a plain softmax; `gate_mix` is the gated (RLKV training) mix of the two. Every compressed runtime (the transformers cache in
-`rlkv.hf`, the engine) must reproduce `masked_attention(q, k, v, keep_keys_mask(...))`.
+full cache with a plain softmax; `gate_mix` is the gated (RLKV training) mix of the two. Every compressed
+runtime (the transformers cache in `rlkv.hf`, the engine) must reproduce
+`masked_attention(q, k, v, keep_keys_mask(...))`.
 """
 
 from __future__ import annotations

@@ -45,7 +45,8 @@ def warn(line: str) -> None:
 
 
 def finite(value: float | None) -> float | None:
-    """A float option must be a finite number: a range with both ends refuses nan and inf, one with a minimum only inf."""
+    """A float option must be a finite number: a range with both ends refuses nan and inf, one with a minimum
+    only inf."""
     if value is not None and not math.isfinite(value):
         raise typer.BadParameter(f"expected a finite number, got {value}")
     return value

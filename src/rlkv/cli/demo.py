@@ -24,7 +24,7 @@ def demo(
     recent: int = typer.Option(12, min=1),
     out: Path = typer.Option(Path("runs/demo"), help="where the head map (heads.png) is written"),
 ):
-    """Full KV cache vs the shipped heads at 50% sparsity on SmolLM2-135M: KV memory, speed, the answers side by side."""
+    """Full KV cache vs the shipped heads at 50% sparsity on SmolLM2-135M: KV memory, speed, the answers."""
     import rlkv
     from rlkv.demo import run_demo, shipped_heads, smollm2_path
 

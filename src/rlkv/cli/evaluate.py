@@ -59,7 +59,8 @@ def evaluate(
     prefill: str = typer.Option("full", help=PREFILL_HELP),
     match_bytes: bool = typer.Option(
         False,
-        help="token-dropping budgets matched to the mean KV bytes of the first head-ranked method in --method (same task and sparsity)",
+        help="token-dropping budgets matched to the mean KV bytes of the first head-ranked method in --method "
+        "(same task and sparsity)",
     ),
     data_dir: Optional[str] = typer.Option(None, help=DATA_DIR_HELP),
     report: bool = typer.Option(True, help="write report.md and plots when done (not with --shard)"),
@@ -114,7 +115,8 @@ def _eval_config(options: dict):
 
 
 def _check_before_load(config, out: Path, part) -> None:
-    """What can be refused before the (slow) model load: tasks, methods, token budgets, the run directory and its lock."""
+    """What can be refused before the (slow) model load: tasks, methods, token budgets, the run directory and
+    its lock."""
     import rlkv
     from rlkv.eval.rundir import check_run_dir
 

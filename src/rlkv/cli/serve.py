@@ -99,7 +99,8 @@ def _start(spec, own_process: bool):
 
 
 def _method_name(method: str | None, heads: Path | None, sparsity: float) -> str:
-    """--method, else rlkv with --heads, else full / streaming at sparsity 0 / 1; checked before the (slow) model load."""
+    """--method, else rlkv with --heads, else full / streaming at sparsity 0 / 1; checked before the (slow) model
+    load."""
     from rlkv.methods import check_name
 
     name = method or ("rlkv" if heads is not None else {0.0: "full", 1.0: "streaming"}.get(sparsity))

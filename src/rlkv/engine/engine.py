@@ -325,7 +325,7 @@ class Engine:
             req.logprobs.append(lp)
             self.stats.generated_tokens += 1
             self._totals["generated"] += 1
-            finish = req.finished_by(lambda: self.tokenizer.decode(req.tokens[-STOP_TAIL:]))
+            finish = req.finished_by(lambda: self.tokenizer.decode(req.tokens[-STOP_TAIL:]))  # noqa: B023 (called at once)
             if finish is not None:
                 self.scheduler.release(req)
                 self._finish(req, finish)

@@ -43,7 +43,7 @@ def _decode_kernel(
     ACC,
     M,
     L,
-    O,
+    O,  # noqa: E741 (Triton pointer arguments are named in capitals, as ACC, M, L)
     ALPHA,
     stride_qb,
     stride_qh,

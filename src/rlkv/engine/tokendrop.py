@@ -177,7 +177,8 @@ class TokenDropAttention(EngineState):
         return Decode(slots, pos, None, None, None, max_len)  # no pages, no ring
 
     def decode(self, layer: int, q, k, v, scaling: float, window: int | None) -> torch.Tensor:
-        """q [B, Hq, D], k/v [B, Hkv, D] of the new tokens -> attention output [B, Hq, D]; the slots keep what the policy keeps."""
+        """q [B, Hq, D], k/v [B, Hkv, D] of the new tokens -> attention output [B, Hq, D]; the slots keep what the
+        policy keeps."""
         b, store, policy = self.batch, self.store, self.policy
         out, attn = self._attend(
             q,
@@ -199,7 +200,8 @@ class TokenDropAttention(EngineState):
         return out
 
     def prefill(self, layer: int, query, key, value, scaling: float, window: int | None) -> torch.Tensor:
-        """Whole prompts packed in one row [1, H, T, D]: each attends exactly over itself, then is cut to the policy's choice."""
+        """Whole prompts packed in one row [1, H, T, D]: each attends exactly over itself, then is cut to the
+        policy's choice."""
         if self._groups is None or self._groups[0] is not self.batch:
             self._groups = (self.batch, PaddedPrompts.groups(self.batch, query.device))
         out = query.new_empty(query.shape[2], query.shape[1], query.shape[3])  # [T, Hq, D]
@@ -237,7 +239,8 @@ class PaddedPrompts:
 
     @classmethod
     def groups(cls, batch: Prefill, device: torch.device) -> list[PaddedPrompts]:
-        """The batch's prompts, shortest first, in groups of at most PAD_TOKENS padded tokens (a longer prompt alone)."""
+        """The batch's prompts, shortest first, in groups of at most PAD_TOKENS padded tokens (a longer prompt
+        alone)."""
         groups, group = [], []
         for seg in sorted(batch.segments, key=lambda seg: seg.length):
             if group and (len(group) + 1) * seg.length > PAD_TOKENS:

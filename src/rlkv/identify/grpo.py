@@ -78,7 +78,7 @@ def completion_logprobs(model, rollouts, temperature: float, pad_id: int):
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
     attn = torch.zeros_like(ids)
     comp = torch.zeros_like(ids, dtype=torch.bool)
-    for row, ((prompt, completion, _), seq) in enumerate(zip(rollouts, seqs)):
+    for row, ((prompt, _, _), seq) in enumerate(zip(rollouts, seqs)):
         ids[row, : len(seq)] = torch.tensor(seq)
         attn[row, : len(seq)] = 1
         comp[row, len(prompt) : len(seq)] = True

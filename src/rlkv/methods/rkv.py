@@ -1,4 +1,5 @@
-"""R-KV, redundancy-aware KV compression for reasoning models (Cai et al. 2025, arXiv:2505.24133), as a `tokendrop` policy.
+"""R-KV, redundancy-aware KV compression for reasoning models (Cai et al. 2025, arXiv:2505.24133), as a
+`tokendrop` policy.
 
 Tokens accumulate until a KV head holds `budget + interval` of them (the prefill compresses at
 once if the prompt is that long); then the head is cut back to `budget` tokens, so in steady
@@ -51,7 +52,8 @@ def rkv_redundancy(keys: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
 
 
 def rkv_keep(importance, redundancy, pos, budget: int, window: int, lam: float) -> torch.Tensor:
-    """Bool [b, h, K]: the last `window` tokens plus the best `budget - window` by lam*importance - (1-lam)*redundancy."""
+    """Bool [b, h, K]: the last `window` tokens plus the best `budget - window` by
+    lam*importance - (1-lam)*redundancy."""
     score = lam * importance - (1 - lam) * redundancy
     priority = torch.where(pos > last_position(pos) - window, float("inf"), score).masked_fill(pos < 0, float("-inf"))
     return top_k_mask(priority, budget, pos)

@@ -232,7 +232,8 @@ def _run(code: str, tests: Sequence[str], plan: checks.Plan, limits: Limits, mod
         work = root / "work" if mode == "none" else root / "root"
         work.mkdir()
         job = {
-            "code": code, "steps": list(plan.steps), "limits": child_limits, "uid": isolation.next_uid() if mode == "root" else 0,
+            "code": code, "steps": list(plan.steps), "limits": child_limits,
+            "uid": isolation.next_uid() if mode == "root" else 0,
             "read_only": isolation.read_only_paths(limits.site_packages),
         }  # fmt: skip
         (root / "job.marshal").write_bytes(marshal.dumps(job))
