@@ -41,6 +41,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from rlkv.excerpt import excerpt
 from rlkv.tasks import checks, isolation
 from rlkv.tasks.isolation import SandboxUnavailable
 
@@ -214,9 +215,9 @@ def _verdict(lines: list[str], plan: checks.Plan, tests: Sequence[str]) -> tuple
     line = next(lines, None)
     if line is None:
         return None
-    return (
-        ("passed", f"all {len(tests)} tests passed") if line == "end" else ("error", f"unexpected line {line[:200]!r}")
-    )
+    if line == "end":
+        return "passed", f"all {len(tests)} tests passed"
+    return "error", f"unexpected line {excerpt(line, 200)!r}"
 
 
 def _run(code: str, tests: Sequence[str], plan: checks.Plan, limits: Limits, mode: str) -> SandboxResult:
