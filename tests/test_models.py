@@ -97,16 +97,20 @@ def _same_model(a, b):
     assert model_a.generation_config.eos_token_id == model_b.generation_config.eos_token_id
 
 
-def test_a_gguf_is_converted_once_then_loaded_from_the_cache(tmp_path, monkeypatch):
+def test_a_gguf_is_converted_once_then_loaded_from_the_cache(tmp_path, monkeypatch, capfd):
     monkeypatch.setenv("RLKV_CACHE", str(tmp_path / "cache"))
     path = tiny_gguf(tmp_path / "tiny.gguf")
-    first = rlkv.load_model(path, device="cpu")
+    said = []
+    first = rlkv.load_model(path, device="cpu", say=said.append)
     (converted,) = (tmp_path / "cache" / "gguf").iterdir()
+    assert said == [f"converting tiny.gguf to float32, once (a minute or more; kept in {converted})"]
+    assert capfd.readouterr() == ("", "")  # no progress bars: the conversion, the load, the shards written
     assert converted.name.startswith("tiny-float32-") and (converted / "model.safetensors").is_file()
     stat = path.stat()  # same size and time, unreadable content: only the cache can serve this load
     path.write_bytes(b"GGUF" + b"\0" * (stat.st_size - 4))
     os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
-    second = rlkv.load_model(path, device="cpu")
+    second = rlkv.load_model(path, device="cpu", say=said.append)
+    assert len(said) == 1  # nothing converted, nothing said
     _same_model(first, second)
     assert second[0].config._name_or_path == str(path) == rlkv.Layout.of(second[0]).name
 

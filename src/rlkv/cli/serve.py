@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Optional
 
 import typer
 
 from rlkv.cli.common import (
     BUDGET_HELP,
+    HEADS_HELP,
     MODEL_HELP,
     PREFILL_HELP,
     SPARSITY_HELP,
     USER_ERRORS,
     check_budget,
+    check_heads,
+    check_model,
     console,
     fail,
     parse_kv_budget,
@@ -22,7 +24,7 @@ from rlkv.cli.common import (
 
 def serve(
     model: str = typer.Option(..., help=MODEL_HELP),
-    heads: Optional[Path] = typer.Option(None, help="head scores (.json/.tsv) for rlkv/duo"),
+    heads: Optional[str] = typer.Option(None, help=HEADS_HELP + " (for rlkv / duo)"),
     sparsity: float = typer.Option(0.0, min=0.0, max=1.0, help=SPARSITY_HELP),
     method: Optional[str] = typer.Option(
         None,
@@ -54,17 +56,20 @@ def serve(
     ),
 ):
     """Serve the model over an OpenAI-compatible HTTP API (chat and plain completions, streaming, /metrics)."""
-    from rlkv.serve import EngineSpec, create_app
-    from rlkv.serve import serve as run_server
-
     try:
+        check_model(model)  # before the (slow) imports, the engine process and the model load
+        if heads is not None:
+            check_heads(heads)
+        from rlkv.serve import EngineSpec, create_app
+        from rlkv.serve import serve as run_server
+
         name = _method_name(method, heads, sparsity)
         check_budget([name], budget)
         spec = EngineSpec(
             model,
             name,
             sparsity,
-            heads=str(heads) if heads is not None else None,
+            heads=heads,
             sink=sink,
             recent=recent,
             budget=budget,
@@ -98,7 +103,7 @@ def _start(spec, own_process: bool):
     return spec.build()
 
 
-def _method_name(method: str | None, heads: Path | None, sparsity: float) -> str:
+def _method_name(method: str | None, heads: str | None, sparsity: float) -> str:
     """--method, else rlkv with --heads, else full / streaming at sparsity 0 / 1; checked before the (slow) model
     load."""
     from rlkv.methods import check_name
