@@ -250,6 +250,7 @@ class Engine:
             if self._running:
                 self.stats.max_running = max(self.stats.max_running, len(self._running))
                 self.store.flush()
+                assert self._feed is not None, "running requests have their next inputs"
                 self._pending.append(self._launched(self._running, *self.runner.decode(self._running, self._feed)))
                 self._feed = self._pending[-1].tokens
             while len(self._pending) > bool(self._running):  # read back all but the step just launched
@@ -268,6 +269,7 @@ class Engine:
         keep = [i for i, r in enumerate(self._running) if r.finish is None and not r.exhausted]
         if len(keep) < len(self._running):
             self._running = [self._running[i] for i in keep]
+            assert self._feed is not None, "running requests have their next inputs"
             self._feed = self._feed[upload(keep, torch.long, self.device)] if keep else None
 
     def _make_room(self) -> bool:
@@ -304,15 +306,10 @@ class Engine:
             req.sampled += 1
         if self.device.type != "cuda":
             return _Step(requests, tokens, tokens, logprobs, None)
-        step = _Step(
-            requests,
-            tokens,
-            tokens.to("cpu", non_blocking=True),
-            logprobs.to("cpu", non_blocking=True),
-            torch.cuda.Event(),
-        )
-        step.ready.record()
-        return step
+        host_tokens, host_logprobs = tokens.to("cpu", non_blocking=True), logprobs.to("cpu", non_blocking=True)
+        ready = torch.cuda.Event()
+        ready.record()  # after the copies
+        return _Step(requests, tokens, host_tokens, host_logprobs, ready)
 
     def _collect(self, step: _Step) -> None:
         """Read a step's tokens back (waiting for the device), append them, and retire finished requests."""
@@ -346,6 +343,7 @@ class Engine:
         self._report(req, self._completion(req))
 
     def _completion(self, req: Request) -> Completion:
+        assert req.finish is not None, "a completion is made once its request finished"
         text = self.tokenizer.decode(req.tokens, skip_special_tokens=True)
         if req.finish == "stop":
             text = before_stop(text, req.params.stop)
@@ -436,6 +434,7 @@ class Engine:
             while len(done) < len(keys):
                 for out in self.step():
                     if out.finished and out.request_id in index:
+                        assert out.completion is not None, "a finished request's output carries its completion"
                         done[out.request_id] = out.completion
                         bar.update(1)
                         if on_complete is not None:

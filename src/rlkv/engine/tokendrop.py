@@ -69,7 +69,7 @@ class TokenDropStore(Slots):
         self.peak_pages_used = 0
 
     # ------------------------------------------------------------------ allocation (KVStore's interface)
-    capacity_pages = free_pages = 0  # a sequence needs a slot and no pages
+    capacity_pages = free_pages = page_size = 0  # a sequence needs a slot and no pages
 
     def pages_for(self, tokens: int) -> int:
         return 0
@@ -139,6 +139,7 @@ class TokenDropStore(Slots):
             store[index] = torch.where(kept_new[..., None], new, store[index])
         self.pos[layer][slots] = put(pos, c.pos[..., cap:])
         if self.score is not None:
+            assert c.score is not None, "a scored policy's candidates carry their scores"
             self.score[layer][slots] = put(torch.where(keep[..., :cap], c.score[..., :cap], 0.0), c.score[..., cap:])
         for name, t in state.items():
             self.extra[layer][name][slots] = t
@@ -168,7 +169,7 @@ class TokenDropAttention(EngineState):
         else:
             attend = slot_attention_torch
         self._attend = attend
-        self.batch = None
+        self.batch: Decode | Prefill | None = None
         self._groups: tuple[Prefill, list[PaddedPrompts]] | None = (
             None  # the current prefill's, built once for all layers
         )
@@ -180,6 +181,7 @@ class TokenDropAttention(EngineState):
         """q [B, Hq, D], k/v [B, Hkv, D] of the new tokens -> attention output [B, Hq, D]; the slots keep what the
         policy keeps."""
         b, store, policy = self.batch, self.store, self.policy
+        assert isinstance(b, Decode), "the engine sets the batch before each forward"
         out, attn = self._attend(
             q,
             k,
@@ -202,8 +204,10 @@ class TokenDropAttention(EngineState):
     def prefill(self, layer: int, query, key, value, scaling: float, window: int | None) -> torch.Tensor:
         """Whole prompts packed in one row [1, H, T, D]: each attends exactly over itself, then is cut to the
         policy's choice."""
-        if self._groups is None or self._groups[0] is not self.batch:
-            self._groups = (self.batch, PaddedPrompts.groups(self.batch, query.device))
+        batch = self.batch
+        assert isinstance(batch, Prefill), "the engine sets the batch before each forward"
+        if self._groups is None or self._groups[0] is not batch:
+            self._groups = (batch, PaddedPrompts.groups(batch, query.device))
         out = query.new_empty(query.shape[2], query.shape[1], query.shape[3])  # [T, Hq, D]
         policy = self.policy
         for g in self._groups[1]:

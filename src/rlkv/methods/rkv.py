@@ -87,6 +87,7 @@ class RKV(Policy):
         capturing = full.is_cuda and torch.cuda.is_current_stream_capturing()
         if not capturing and not bool(full.any()):
             return valid
+        assert c.keys is not None, "R-KV needs the candidates' keys (needs_keys)"
         importance = rkv_importance(queries, query_pos, c.keys, c.pos, c.scaling, self.kernel)
         keep = rkv_keep(importance, rkv_redundancy(c.keys, c.pos), c.pos, self.budget, self.window, self.lam)
         return torch.where(full[:, None, None], keep, valid)

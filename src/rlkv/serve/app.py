@@ -18,9 +18,10 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass
+from typing import Any, TypeVar, cast
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -34,7 +35,8 @@ from rlkv.serve.detokenize import Detokenizer
 from rlkv.serve.errors import ApiError, describe_validation
 from rlkv.serve.metrics import CONTENT_TYPE, ServerMetrics
 
-FINISH = {"eos": "stop", "stop": "stop", "repetition": "stop", "length": "length"}
+FINISH: dict[str, p.FinishReason] = {"eos": "stop", "stop": "stop", "repetition": "stop", "length": "length"}
+Body = TypeVar("Body", bound=BaseModel)
 
 
 @dataclass
@@ -42,7 +44,7 @@ class _Piece:
     """New text of one request; the last piece carries the finish reason."""
 
     text: str
-    finish_reason: str | None
+    finish_reason: p.FinishReason
     completion_tokens: int
 
 
@@ -64,7 +66,8 @@ class _Handlers:
     async def completions(self, raw: Request) -> Response:
         req = _parse(p.CompletionRequest, await raw.body())
         self._check_model(req.model)
-        return await self._answer(raw, req, self._plain_prompt(req.prompt), chat=False)
+        prompt = cast("str | list[int]", req.prompt)  # its validator unwrapped a batch of one
+        return await self._answer(raw, req, self._plain_prompt(prompt), chat=False)
 
     async def models(self, raw: Request) -> p.ModelList:
         return p.ModelList(
@@ -129,7 +132,7 @@ class _Handlers:
         except EngineStopped as err:
             raise ApiError(503, str(err), type="service_unavailable_error") from None
         pieces = self._pieces(outputs, Detokenizer(self.tokenizer, params.stop), time.perf_counter())
-        head = dict(id=rid, created=p.now(), model=self.model_name)
+        head: dict[str, Any] = dict(id=rid, created=p.now(), model=self.model_name)
         usage = _Usage(len(prompt_ids))
         if req.stream:
             events = (_chat_events if chat else _completion_events)(pieces, head, usage, req.include_usage)
@@ -153,7 +156,9 @@ class _Handlers:
         self.metrics.count(raw, 200)
         return JSONResponse(body.model_dump(mode="json"))
 
-    async def _pieces(self, outputs: AsyncIterator, detok: Detokenizer, arrival: float) -> AsyncIterator[_Piece]:
+    async def _pieces(
+        self, outputs: AsyncGenerator, detok: Detokenizer, arrival: float
+    ) -> AsyncGenerator[_Piece, None]:
         """The request's text, piece by piece; ends early (aborting the request) at a stop string."""
         tokens = 0
         async with aclosing(outputs):
@@ -185,6 +190,8 @@ async def _join(pieces: AsyncIterator[_Piece]) -> tuple[str, _Piece]:
     texts, last = [], None
     async for last in pieces:
         texts.append(last.text)
+    if last is None:  # `_pieces` ends with a piece carrying the finish reason
+        raise RuntimeError("a request's output ended without its last piece")
     return "".join(texts), last
 
 
@@ -213,7 +220,7 @@ async def _unless_disconnected(raw: Request, work):
 
 
 async def _chat_events(pieces, head: dict, usage: _Usage, include_usage: bool):
-    def chunk(delta: p.DeltaMessage, finish: str | None = None) -> p.ChatCompletionChunk:
+    def chunk(delta: p.DeltaMessage, finish: p.FinishReason = None) -> p.ChatCompletionChunk:
         return p.ChatCompletionChunk(**head, choices=[p.ChatChunkChoice(delta=delta, finish_reason=finish)])
 
     yield chunk(p.DeltaMessage(role="assistant", content=""))
@@ -238,7 +245,7 @@ async def _completion_events(pieces, head: dict, usage: _Usage, include_usage: b
         yield p.CompletionResponse(**head, choices=[], usage=usage.info)
 
 
-async def _sse(events: AsyncIterator[BaseModel]) -> AsyncIterator[str]:
+async def _sse(events: AsyncGenerator[BaseModel, None]) -> AsyncIterator[str]:
     """Server-sent events: `data: <json>` per chunk, an error event if the request fails midway, `data: [DONE]`."""
     async with aclosing(events):
         try:
@@ -250,7 +257,7 @@ async def _sse(events: AsyncIterator[BaseModel]) -> AsyncIterator[str]:
     yield "data: [DONE]\n\n"
 
 
-def _parse(model: type[BaseModel], body: bytes):
+def _parse(model: type[Body], body: bytes) -> Body:
     try:
         return model.model_validate_json(body)
     except ValidationError as err:
@@ -293,7 +300,8 @@ def create_app(engine: Engine | Streams, tokenizer, model_name: str, default_max
         server.metrics.count(raw, 500)
         return ApiError(500, f"internal error: {type(err).__name__}: {err}", type="internal_error").response()
 
-    app.add_exception_handler(ApiError, api_error)
-    app.add_exception_handler(HTTPException, http_error)
+    # Starlette types a handler as taking any Exception; it calls each with the class it is registered for
+    app.add_exception_handler(ApiError, api_error)  # pyright: ignore[reportArgumentType]
+    app.add_exception_handler(HTTPException, http_error)  # pyright: ignore[reportArgumentType]
     app.add_exception_handler(Exception, internal_error)  # logged with its traceback by Starlette
     return app

@@ -22,7 +22,7 @@ import logging
 import queue
 import threading
 from collections import defaultdict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, Sequence
 from contextlib import suppress
 from dataclasses import dataclass, replace
 
@@ -76,6 +76,12 @@ class Streams:
     def _alive(self) -> bool:
         raise NotImplementedError
 
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def join(self, timeout: float | None = None) -> None:
+        raise NotImplementedError
+
     @property
     def healthy(self) -> bool:
         return self._alive() and not self._stopping and self.error is None
@@ -86,7 +92,9 @@ class Streams:
             self._stopping = True
             self._messages.put(("stop",))
 
-    def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[RequestOutput]:
+    def generate(
+        self, request_id: str, prompt_ids: list[int], params: SamplingParams
+    ) -> AsyncGenerator[RequestOutput, None]:
         """Check the request now (RequestError: it can never run), then stream its outputs.
 
         The request is submitted when iteration starts and aborted if iteration stops before its
@@ -117,9 +125,9 @@ class Streams:
                     self._sinks.pop(request_id, None)
                 self._messages.put(("abort", request_id))
 
-    def _route(self, outputs: list[RequestOutput], errors: list[tuple[str, BaseException]] = ()) -> None:
+    def _route(self, outputs: list[RequestOutput], errors: Sequence[tuple[str, BaseException]] = ()) -> None:
         """Hand a step's outputs (and requests refused on arrival) to their streams: one callback per event loop."""
-        ready = []
+        ready: list[tuple[_Sink, RequestOutput | BaseException]] = []
         with self._lock:
             for out in outputs:
                 sink = self._sinks.pop(out.request_id, None) if out.finished else self._sinks.get(out.request_id)
@@ -134,7 +142,7 @@ class Streams:
         """End every open stream with `err`, and any stream opened later."""
         with self._lock:
             self._ended = err
-            ready = [(sink, err) for sink in self._sinks.values()]
+            ready: list[tuple[_Sink, RequestOutput | BaseException]] = [(sink, err) for sink in self._sinks.values()]
             self._sinks.clear()
         _deliver(ready)
 

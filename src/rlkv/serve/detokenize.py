@@ -12,13 +12,15 @@ long generation costs O(tokens) in total. Text is held back while it
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 REPLACEMENT = "\ufffd"
 
 
 class Detokenizer:
     """Text of one request's generated tokens, delta by delta."""
 
-    def __init__(self, tokenizer, stop: list[str] = ()):
+    def __init__(self, tokenizer, stop: Sequence[str] = ()):
         self.tokenizer = tokenizer
         self.stop = list(stop)
         self.tokens: list[int] = []
