@@ -13,8 +13,8 @@ RESULT_NAME = re.compile(r"(?:decode_limit|efficiency|engine|hf_cache|serving|sa
 
 
 def references(document: Path) -> list[tuple[str, Path]]:
-    """(as written, the path it names) for the document's relative links, the `results/...` paths it
-    quotes (from the repository's root) and the bare results file names it quotes (in results/)."""
+    """(as written, the path it names) for the document's relative links, the repository paths it quotes
+    (`results/...`, `src/...`, `benchmarks/...`, `tests/...`) and the bare results file names it quotes."""
     text = document.read_text()
     found = []
     for target in LINK.findall(text):
@@ -24,7 +24,7 @@ def references(document: Path) -> list[tuple[str, Path]]:
                 found.append((target, document.parent / path))
     for quoted in CODE.findall(text):
         quoted = quoted.rstrip(".,;:)")
-        if quoted.startswith("results/") and "*" not in quoted:
+        if quoted.startswith(("results/", "src/", "benchmarks/", "tests/")) and "*" not in quoted:
             found.append((quoted, REPO / quoted))
         elif RESULT_NAME.fullmatch(quoted):
             found.append((quoted, REPO / "results" / quoted))
