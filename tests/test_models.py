@@ -115,6 +115,14 @@ def test_a_gguf_is_converted_once_then_loaded_from_the_cache(tmp_path, monkeypat
     assert second[0].config._name_or_path == str(path) == rlkv.Layout.of(second[0]).name
 
 
+def test_a_gguf_loads_unpacked_and_quietly_in_any_dtype(tmp_path, monkeypatch, capfd):
+    """transformers may keep GGUF weights packed (and warns about anything but float32): rlkv unpacks them."""
+    monkeypatch.setenv("RLKV_CACHE", "off")
+    model, _ = rlkv.load_model(tiny_gguf(tmp_path / "tiny.gguf"), device="cpu", dtype="bfloat16")
+    assert type(model.model.layers[0].self_attn.q_proj) is torch.nn.Linear and model.dtype == torch.bfloat16
+    assert capfd.readouterr().err == ""
+
+
 def test_a_changed_gguf_is_converted_again_and_the_cache_can_be_off(tmp_path, monkeypatch):
     monkeypatch.setenv("RLKV_CACHE", str(tmp_path / "cache"))
     path = tiny_gguf(tmp_path / "tiny.gguf")

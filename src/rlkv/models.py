@@ -209,8 +209,22 @@ def _from_pretrained(spec, source: str, extra: dict, dtype: torch.dtype, attn_im
             f"otherwise pass a local directory or .gguf file ({err.__class__.__name__})"
         ) from None
     check_supported(config.get_text_config(decoder=True))
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation=attn_implementation, **extra)
+    unpack = _dequantized() if "gguf_file" in extra else {}
+    model = AutoModelForCausalLM.from_pretrained(
+        source, dtype=dtype, attn_implementation=attn_implementation, **extra, **unpack
+    )
     return model, AutoTokenizer.from_pretrained(source, **extra)
+
+
+def _dequantized() -> dict:
+    """from_pretrained's option that unpacks a GGUF into dense weights: transformers >= 5.25 keeps them in
+    their blocks where it has a kernel (and warns that anything but float32 is slow even where it has none);
+    rlkv's attention and the cached conversion need plain weights. Older versions always unpack."""
+    try:
+        from transformers import GgufConfig
+    except ImportError:
+        return {}
+    return {"quantization_config": GgufConfig(dequantize=True)}
 
 
 def cache_root() -> Path | None:
