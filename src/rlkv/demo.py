@@ -11,7 +11,7 @@ memory a sequence held.
 The problems (`data/demo_gsm8k.json`) are the first of GSM8K's test split that the full cache
 answered correctly in at most 180 tokens in rlkv's GPU evaluation of this model: chosen by the
 full cache's answers alone, so what the table shows is what each method loses. The window is the
-paper's 16 + 64 tokens, the one the heads were identified with. These sequences are about 300
+paper's 16 + 64 tokens, the one the heads were identified with. These sequences are about 260
 tokens long, so a compressed head still holds 80 of them and sparsity 0.5 saves about a quarter
 of the bytes; the savings grow with length, and the table projects them to 8,192 tokens.
 """
