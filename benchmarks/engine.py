@@ -42,7 +42,16 @@ import itertools
 import time
 
 import torch
-from common import event_seconds, gpu_seconds, print_table, profiled, speedup_theory, synchronize, write_result
+from common import (
+    copy_bandwidth,
+    event_seconds,
+    gpu_seconds,
+    print_table,
+    profiled,
+    speedup_theory,
+    synchronize,
+    write_result,
+)
 from hf_cache import prompts
 
 import rlkv
@@ -198,9 +207,7 @@ def kernel_setup(model, args):
     lengths = torch.full((batch,), context, device=device)
     q = torch.randn(batch, layout.num_q_heads, layout.head_dim, device=device, dtype=dtype)
     read = 2 * batch * context * layout.num_kv_heads * layout.head_dim * store.pages_k[0].element_size()
-    src = torch.empty(2**28, dtype=torch.uint8, device=device)
-    dst = torch.empty_like(src)
-    copy = 2 * src.numel() / gpu_seconds(lambda: dst.copy_(src), reps=20)  # bytes read + written per second
+    copy = copy_bandwidth(device)
     call = lambda **launch: decode_attention(q, store, 0, slots, lengths, layout.head_dim**-0.5, None, **launch)  # noqa: E731
     return call, read, copy, layout
 

@@ -2,6 +2,7 @@
 and never contain half a UTF-8 character or the start of a stop string before it is resolved."""
 
 import random
+import time
 
 import pytest
 from conftest import tiny_tokenizer
@@ -89,3 +90,22 @@ def test_smollm2_tokenizer_streams_exactly():
         stop = rng.choice([[], ["12"], ["日本", "café"], ["```\n"]])
         deltas, _ = stream(tok, tokens, stop, rng)
         assert "".join(deltas) == cut(tok.decode(tokens, skip_special_tokens=True), stop), (tokens, stop)
+
+
+def test_stop_strings_cost_time_linear_in_the_new_text():
+    """Four stop strings of 1,024 characters (4,096 in all, the most a request may send) with a long tail
+    held back at every token: each delta costs about what it costs without stop strings (the old matcher
+    compared every prefix of every stop string with the held text at every token: quadratic)."""
+    tok = byte_tokenizer()
+    stops = ["a" * 1023 + end for end in "bcde"]
+    tokens = tok("a" * 3000 + "d", add_special_tokens=False).input_ids
+
+    def run(stop):
+        detok, start = Detokenizer(tok, stop), time.perf_counter()
+        deltas = [detok.add([t]) for t in tokens] + [detok.finish()]
+        return "".join(deltas), time.perf_counter() - start
+
+    plain, plain_s = run([])
+    cut, stops_s = run(stops)
+    assert plain == "a" * 3000 + "d" and cut == "a" * (3000 - 1023)
+    assert stops_s < 3 * plain_s + 0.5, (stops_s, plain_s)

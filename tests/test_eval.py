@@ -273,7 +273,7 @@ def test_cli_identify_writes_heads(lm, tmp_path, monkeypatch):
 
     from rlkv.cli import app
 
-    arith = rlkv.tasks.get("arith")  # a random model solves nothing: alternate rewards so the pass band is met
+    arith = rlkv.tasks.get("arith")  # a random model solves nothing: alternate rewards, half of the samples pass
     monkeypatch.setattr(arith, "grade_many", lambda examples, completions: [float(i % 2) for i in range(len(examples))])
     model, tok = lm
     model.save_pretrained(tmp_path / "m")
@@ -298,8 +298,8 @@ def test_cli_identify_writes_heads(lm, tmp_path, monkeypatch):
             "4",
             "--samples-per-problem",
             "2",
-            "--band",
-            "0,1",
+            "--min-pass",
+            "0.5",
             "--sink",
             "1",
             "--recent",

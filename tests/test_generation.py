@@ -113,7 +113,9 @@ def test_bad_calls_say_what_was_expected(lm):
             rlkv.generate(model, tok, ["a", ""], engine=engine)
         with pytest.raises(ValueError, match="prompts must be a non-empty list"):
             rlkv.generate(model, tok, "a", engine=engine)
-        with pytest.raises(ValueError, match=r"top_k must be an integer >= 0 \(0 = off\), got -1"):
+        with pytest.raises(
+            ValueError, match=r"top_k must be an integer in \[0, 9223372036854775807\] \(0 = off.*\), got -1"
+        ):
             rlkv.generate(model, tok, PROMPTS, top_k=-1, engine=engine)
     with pytest.raises(ValueError, match="batch_size must be an integer >= 1, got 0"):
         rlkv.generate(model, tok, PROMPTS, batch_size=0, engine="off")

@@ -52,6 +52,38 @@ def test_closed_gates_equal_the_streaming_reference(arch):
     torch.testing.assert_close(out[real], ref[real], rtol=1e-5, atol=1e-5)
 
 
+def test_block_streaming_gates_equal_the_masked_reference():
+    """Gated attention at block granularity against masked_attention with the block rule, padded rows too."""
+    from rlkv.attention.reference import gate_mix, keep_keys_mask, masked_attention, token_positions
+
+    model = tiny_model("qwen2")
+    alpha = torch.rand(3, 2, generator=torch.Generator().manual_seed(5))
+    ids, mask = batch((20, 13, 7), 20)
+    pos, _ = token_positions(mask, 3, 20, "cpu")
+
+    def reference(module, query, key, value, attention_mask, scaling=None, **kwargs):
+        alpha_l, none = alpha[module.layer_idx], torch.zeros(2, dtype=torch.bool)
+        full = masked_attention(query, key, value, keep_keys_mask(pos, pos, ~none, 0, 1), scaling)
+        stream = masked_attention(query, key, value, keep_keys_mask(pos, pos, none, 2, 4, block=4), scaling)
+        return gate_mix(full, stream, alpha_l, query.shape[1] // key.shape[1], head_dim=2), None
+
+    with gated(model, alpha, 2, 4, block=4):
+        out = model(input_ids=ids, attention_mask=mask).logits
+    from transformers import AttentionInterface
+
+    AttentionInterface.register("test_block_reference", reference)
+    model.set_attn_implementation("test_block_reference")
+    try:
+        ref = model(input_ids=ids, attention_mask=mask).logits
+    finally:
+        model.set_attn_implementation("sdpa")
+    real = mask.bool()
+    torch.testing.assert_close(out[real], ref[real], rtol=1e-5, atol=1e-5)
+    with gated(model, alpha, 2, 4):  # token-exact streaming differs here: the test can tell them apart
+        token = model(input_ids=ids, attention_mask=mask).logits
+    assert not torch.allclose(token[real], ref[real], atol=1e-4)
+
+
 def test_gated_generate_with_cache_equals_a_full_forward():
     """Decoding with a DynamicCache under the gates gives the logits of one gated pass."""
     model = tiny_model("qwen2")
@@ -130,7 +162,9 @@ def _setup(**overrides):
         max_new_tokens=6,
         checkpoint_every=1,
         rollout_batch_size=4,
-        train_batch_size=2,
+        train_tokens=64,  # several micro-batches per step
+        block=4,  # block-sparse streaming (the paper recipe's rule) at the tiny model's scale
+        gate_dtype="float32",  # exact arithmetic in the tests; bf16 gates: test_bf16_gates_train_in_bf16
     )
     config = IdentifyConfig(**{**settings, **overrides})
     return model, tiny_tokenizer(), task, examples, config
@@ -211,12 +245,47 @@ def test_curriculum_cache_is_reused(tmp_path, monkeypatch):
     real_generate = model.generate
     monkeypatch.setattr(model, "generate", lambda *a, **k: calls.append(1) or real_generate(*a, **k))
     args = _solved_per_problem(monkeypatch, task, examples, (1, 3, 0, 2), tmp_path)
-    first = select_problems(model, tok, task, examples, **args)
+    first = select_problems(model, tok, task, examples, keep="band", **args)
     assert calls and first == [examples[0], examples[3]]  # default band: some but not all correct
     calls.clear()
-    assert select_problems(model, tok, task, examples, **args) == first
-    assert select_problems(model, tok, task, examples, band=(0.5, 1.0), **args) == [examples[3]]
-    assert calls == []  # both answered from the cache
+    assert select_problems(model, tok, task, examples, keep="band", **args) == first
+    assert select_problems(model, tok, task, examples, keep="band", band=(0.5, 1.0), **args) == [examples[3]]
+    assert select_problems(model, tok, task, examples, **args) == [examples[1]]  # reliable: 3 of 3 >= 0.75
+    assert select_problems(model, tok, task, examples, min_pass=0.6, **args) == [examples[1], examples[3]]
+    assert calls == []  # all answered from the cache
+    key = json.loads(next(iter(json.loads((tmp_path / "c.json").read_text()))))
+    assert key["answer_rule"] == "rlkv" and key["samples"] == 3  # the grading is part of what a score means
+
+
+def test_curriculum_samples_in_one_call_and_keeps_finished_problems_when_interrupted(tmp_path, monkeypatch):
+    """Every sample in one generate call; problems are saved as they finish, so a run that breaks off keeps
+    them and samples only the rest when called again."""
+    from rlkv.identify.curriculum import pass_rates
+
+    model, tok, task, examples, _ = _setup()
+    args = _solved_per_problem(monkeypatch, task, examples, (1, 3, 0, 2), tmp_path)
+    args["batch_size"] = 6  # transformers generate: two problems x 3 samples per model.generate
+    calls = []
+    real_generate = model.generate
+
+    def breaks_on_the_second_call(*a, **k):
+        calls.append(k["input_ids"].shape[0])
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_generate(*a, **k)
+
+    monkeypatch.setattr(model, "generate", breaks_on_the_second_call)
+    with pytest.raises(KeyboardInterrupt):
+        pass_rates(model, tok, task, examples, save_every=0.0, **args)
+    saved = next(iter(json.loads((tmp_path / "c.json").read_text()).values()))
+    assert sorted(saved) == sorted(ex.id for ex in examples[:2])  # the first call's two problems
+    calls.clear()
+    monkeypatch.setattr(
+        model, "generate", lambda *a, **k: calls.append(k["input_ids"].shape[0]) or real_generate(*a, **k)
+    )
+    rates = pass_rates(model, tok, task, examples, **args)
+    assert calls == [6]  # only the last two problems were sampled
+    assert [rates[ex.id] for ex in examples] == [1 / 3, 1.0, 0.0, 2 / 3]
 
 
 def test_torch_distributed_world_of_one_takes_the_same_steps(tmp_path, monkeypatch):
@@ -238,6 +307,50 @@ def test_torch_distributed_world_of_one_takes_the_same_steps(tmp_path, monkeypat
         identify(model, tok, task, examples, config, tmp_path / "plain")
 
 
+def _rewards_by_sampled_text(examples, texts) -> list[float]:
+    """0/1 by the characters sampled (the tiny model's 6-token texts all have odd lengths)."""
+    return [float(sum(map(ord, t)) % 2) for t in texts]
+
+
+def _rank_of_two(rank: int, out: str) -> None:
+    """One of two gloo ranks on 127.0.0.1 (as `torchrun --nnodes` would start them), engine rollouts."""
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ["RLKV_TEST_PORT"])
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        model, tok, task, examples, config = _setup(rollout_engine="on")
+        task.grade_many = _rewards_by_sampled_text
+        identify(model, tok, task, examples, config, out)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_ranks_take_the_steps_of_one_process(tmp_path, monkeypatch):
+    """`torchrun --nproc-per-node 2` on a CPU (gloo): rollouts split over ranks, seeded by their place in the step,
+    rewards and gradients summed, give the gates of a single process."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    model, tok, task, examples, config = _setup(rollout_engine="on")
+    monkeypatch.setattr(task, "grade_many", _rewards_by_sampled_text)
+    single = identify(model, tok, task, examples, config, tmp_path / "one")
+    rewards = [r["mean_reward"] for r in map(json.loads, (tmp_path / "one" / "log.jsonl").read_text().splitlines())]
+    assert 0 < min(rewards) < 1 or 0 < max(rewards) < 1  # the rollouts decide the gradient
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        monkeypatch.setenv("RLKV_TEST_PORT", str(s.getsockname()[1]))
+    mp.start_processes(_rank_of_two, args=(str(tmp_path / "two"),), nprocs=2, start_method="spawn")
+    two = rlkv.HeadScores.load(tmp_path / "two" / "heads.json")
+    torch.testing.assert_close(two.scores, single.scores, rtol=0, atol=1e-5)
+    assert not torch.equal(single.scores, torch.ones(2, 2))  # the gates moved
+    state = torch.load(tmp_path / "two" / "checkpoint.pt", weights_only=False)
+    assert len(state["rank_rngs"]) == 2
+
+
 def test_gradient_checkpointing_gives_the_same_gates(tmp_path, monkeypatch):
     model, tok, task, examples, config = _setup()
     _coin_rewards(monkeypatch, task)
@@ -249,24 +362,67 @@ def test_gradient_checkpointing_gives_the_same_gates(tmp_path, monkeypatch):
 
 
 def test_batched_completion_logprobs_equal_each_rollout_alone():
-    """Right-padded micro-batches: every completion token's log p is the one it has alone."""
+    """Right-padded micro-batches: every completion token's log p is the one it has alone, and the one
+    log_softmax of the model's own full logits gives."""
     completion_logprobs = grpo.completion_logprobs
     model = tiny_model("qwen2", layers=2)
     rollouts = [([5, 6, 7], [8, 9, 10, 11], ""), ([12] * 9, [13, 14], ""), ([15, 16], [17], "")]
     alpha = torch.full(rlkv.Layout.of(model).shape, 0.5, device=DEVICE)
     with gated(model, alpha, 1, 2):
-        logp, comp = completion_logprobs(model, rollouts, 0.7, pad_id=0)
-        assert comp.sum(1).tolist() == [4, 2, 1]
-        for row, r in enumerate(rollouts):
-            alone, alone_comp = completion_logprobs(model, [r], 0.7, pad_id=0)
-            torch.testing.assert_close(logp[row][comp[row]], alone[0][alone_comp[0]], rtol=1e-5, atol=1e-5)
+        logp = completion_logprobs(model, rollouts, 0.7, pad_id=0)
+        assert logp.shape == (7,)
+        alone = torch.cat([completion_logprobs(model, [r], 0.7, pad_id=0) for r in rollouts])
+        torch.testing.assert_close(logp, alone, rtol=1e-5, atol=1e-5)
+        prompt, completion, _ = rollouts[0]
+        ids = torch.tensor([prompt + completion], device=DEVICE)
+        logits = model(input_ids=ids).logits[0, len(prompt) - 1 : -1].float() / 0.7
+        expected = torch.log_softmax(logits, -1).gather(-1, ids[0, len(prompt) :, None])[:, 0]
+        torch.testing.assert_close(logp[:4], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_logprobs_are_chunked_without_changing_them_or_their_gradient(monkeypatch):
+    """Chunks of LOGPROB_CHUNK completion tokens through the head, recomputed in backward: the same values
+    and the same gradient to alpha as one chunk."""
+    model = tiny_model("llama", layers=2)
+    rollouts = [([5, 6, 7], [8, 9, 10, 11, 12], ""), ([12] * 9, [13, 14, 15], "")]
+    results = []
+    for chunk in (1000, 3):
+        monkeypatch.setattr(grpo, "LOGPROB_CHUNK", chunk)
+        alpha = torch.full(rlkv.Layout.of(model).shape, 0.5, device=DEVICE, requires_grad=True)
+        with gated(model, alpha, 1, 2):
+            logp = grpo.completion_logprobs(model, rollouts, 1.0, pad_id=0)
+        logp.sum().backward()
+        results.append((logp.detach(), alpha.grad))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-5, atol=1e-6)
+    assert results[0][1].abs().sum() > 0  # the gates got a gradient
+
+
+def test_micro_batches_stay_within_the_token_budget():
+    lengths = [10, 3, 7, 12, 5, 30]
+    groups = grpo.micro_batches(lengths, 24)
+    assert sorted(i for g in groups for i in g) == list(range(6))  # each sequence once
+    assert groups[0] == [5]  # longer than the budget: alone
+    assert all(len(g) * max(lengths[i] for i in g) <= 24 for g in groups[1:])
+    assert groups[1:] == [[3, 0], [2, 4, 1]]  # longest first, packed while rows x longest fits
+
+
+def test_bf16_gates_train_in_bf16(tmp_path, monkeypatch):
+    """The paper recipe keeps the gates and AdamW's state in bf16, as the authors' AReaL run does."""
+    model, tok, task, examples, config = _setup(gate_dtype="bfloat16", steps=1)
+    _coin_rewards(monkeypatch, task)
+    heads = identify(model, tok, task, examples, config, tmp_path)
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    assert state["alpha"].dtype == torch.bfloat16
+    assert all(t.dtype == torch.bfloat16 for t in state["optimizer"]["state"][0].values() if t.ndim)
+    assert heads.scores.dtype == torch.float32 and not torch.equal(heads.scores, torch.ones(2, 2))
 
 
 def test_a_non_finite_gate_gradient_stops_training(tmp_path, monkeypatch):
     model, tok, task, examples, config = _setup()
     monkeypatch.setattr(task, "grade_many", lambda exs, texts: [float(i % 2) for i in range(len(texts))])
     real = grpo.completion_logprobs
-    monkeypatch.setattr(grpo, "completion_logprobs", lambda *a: (lambda lp, c: (lp * float("nan"), c))(*real(*a)))
+    monkeypatch.setattr(grpo, "completion_logprobs", lambda *a: real(*a) * float("nan"))
     with pytest.raises(FloatingPointError, match="step 1: the gate gradient is not finite"):
         identify(model, tok, task, examples, config, tmp_path)
 
@@ -301,18 +457,24 @@ def test_recipes_fill_unset_options_and_keep_explicit_ones():
         paper.grad_clip,
         paper.steps,
         paper.max_new_tokens,
-    ) == ("batch", "solved", 0.017, 1.0, 186, 7168)
+    ) == ("batch", "reliable", 0.017, 1.0, 186, 7168)
+    assert (paper.samples_per_problem, paper.temperature, paper.top_p, paper.top_k) == (4, 0.6, 0.95, 20)
+    assert (paper.block, paper.gate_dtype, paper.answer_rule, paper.train_tokens) == (128, "bfloat16", "authors", 7680)
     assert (paper.sink, paper.recent, paper.batch_problems, paper.group, paper.lr, paper.beta, paper.tau) == (
         128,
         256,
         32,
         4,
         1e-2,
-        1e-3,
-        0.5,
-    )
+        None,
+        None,
+    )  # beta and tau: the authors' per-model values (for_model)
+    qwen2, llama, qwen3 = (paper.for_model(rlkv.Layout(arch, 2, 4, 2, 8)) for arch in ("qwen2", "llama", "qwen3"))
+    assert (qwen2.tau, qwen2.beta, llama.tau, llama.beta, qwen3.tau, qwen3.beta) == (0.55, 1e-3, 0.5, 1e-3, 0.5, 2.5e-3)
+    assert IdentifyConfig(tau=0.3).for_model(rlkv.Layout("qwen2", 2, 4, 2, 8)).tau == 0.3  # explicit wins
     assert (v0.advantages, v0.problems, v0.weight_decay, v0.grad_clip) == ("group", "band", 0.0, 0.0)
-    assert IdentifyConfig(advantages="group").problems == "solved"  # one ablation switch, the rest paper
+    assert (v0.block, v0.gate_dtype, v0.answer_rule, v0.temperature) == (1, "float32", "rlkv", 1.0)
+    assert IdentifyConfig(advantages="group").problems == "reliable"  # one ablation switch, the rest paper
     for bad in (
         dict(recipe="duo"),
         dict(advantages="token"),
@@ -320,6 +482,11 @@ def test_recipes_fill_unset_options_and_keep_explicit_ones():
         dict(top_p=0.0),
         dict(top_k=-1),
         dict(grad_clip=-1.0),
+        dict(block=0),
+        dict(gate_dtype="float16"),
+        dict(answer_rule="any"),
+        dict(min_pass=0.0),
+        dict(tau=1.5),
     ):
         with pytest.raises(ValueError, match=next(iter(bad))):
             IdentifyConfig(**bad)
@@ -395,7 +562,7 @@ def test_curriculum_solved_keeps_always_solved_problems(tmp_path, monkeypatch):
     args = _solved_per_problem(monkeypatch, task, examples, (1, 3, 0, 2), tmp_path)
     assert select_problems(model, tok, task, examples, keep="solved", **args) == [examples[0], examples[1], examples[3]]
     assert select_problems(model, tok, task, examples, keep="band", **args) == [examples[0], examples[3]]
-    with pytest.raises(ValueError, match="keep must be 'solved'"):
+    with pytest.raises(ValueError, match="keep must be one of reliable, solved, band"):
         select_problems(model, tok, task, examples, keep="all", **args)
 
 
@@ -403,7 +570,7 @@ def test_identify_pipeline_runs_what_the_cli_runs_from_python(tmp_path, monkeypa
     """Held-out split, curriculum, training and sanity check in one call; progress lines to `say`, advice to `warn`."""
     from rlkv.identify import identify_pipeline
 
-    model, tok, task, _, config = _setup(steps=1, samples_per_problem=2)
+    model, tok, task, _, config = _setup(steps=1, samples_per_problem=2, min_pass=0.5)
     monkeypatch.setattr(task, "grade_many", lambda exs, texts: [float(i % 2) for i in range(len(exs))])
     lines, advice = [], []
     run = identify_pipeline(
@@ -420,7 +587,11 @@ def test_identify_pipeline_runs_what_the_cli_runs_from_python(tmp_path, monkeypa
         warn=advice.append,
     )
     assert run.heads.shape == (2, 2) and run.candidates == 4 and len(run.problems) == 4 and run.rank == 0
-    assert lines[0] == "curriculum: 4/4 problems solved at least once" and f"wrote {tmp_path / 'heads.json'}" in lines
+    assert lines[0] == "tau 0.55, beta 0.001 (qwen2); rewards by the authors rule"
+    assert (
+        lines[1] == "curriculum: 4/4 problems solved in at least 50% of 2 samples"
+        and f"wrote {tmp_path / 'heads.json'}" in lines
+    )
     assert "| rlkv | 0.5 |" in lines[-1] and {r["n"] for r in run.check.rows} == {2}
     trained = {e.id for e in task.load(seed=0)[:-2]}
     assert not {s["id"] for s in run.check.samples} & trained  # held out: never trained on
@@ -429,3 +600,29 @@ def test_identify_pipeline_runs_what_the_cli_runs_from_python(tmp_path, monkeypa
         identify_pipeline(model, "arith", config, tmp_path, limit=4)
     with pytest.raises(ValueError, match="--check-limit 9999 leaves no training problems"):
         identify_pipeline(model, "arith", config, tmp_path, tokenizer=tok, check_limit=9999)
+
+
+def test_report_of_an_identification_run_says_whether_the_penalty_acted(tmp_path):
+    """`rlkv report` on an identify run directory: training.md and training.png from log.jsonl."""
+    from typer.testing import CliRunner
+
+    from rlkv.cli import app
+
+    records = [
+        dict(step=s, mean_reward=r, penalty_weight=w, tau=0.55, mean_response_tokens=300.0, max_response_tokens=900,
+             capped_rollouts=c, alpha_mean=0.9, alpha_std=0.05, alpha_min=0.7, alpha_max=1.0,
+             frac_alpha_below_half=0.0, rollout_s=10.0, update_s=5.0, peak_gib=40.0)
+        for s, r, w, c in ((1, 0.5, 0.0, 1), (2, 0.7, 1e-3, 0), (3, 0.6, 1e-3, 2), (4, 0.4, 0.0, 0))
+    ]  # fmt: skip
+    (tmp_path / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    result = CliRunner().invoke(app, ["report", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    text = (tmp_path / "training.md").read_text()
+    assert "penalty acted in **2 of 4 steps (50%)** (tau 0.55)" in text
+    assert "3 rollouts hit the length cap; the longest was 900 tokens" in text and "peak GPU memory 40.0 GiB" in text
+    assert (tmp_path / "training.png").stat().st_size > 10_000
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "log.jsonl").write_text("")
+    result = CliRunner().invoke(app, ["report", str(empty)])
+    assert result.exit_code != 0 and "holds no steps yet" in result.output

@@ -152,12 +152,16 @@ def test_requests_that_can_never_run_are_refused_with_what_is_wrong():
     ok = SamplingParams(max_tokens=4)
     with pytest.raises(RequestError, match="the prompt is empty"):
         eng.add_request("a", [], ok)
-    with pytest.raises(RequestError, match="needs 254 > max_seq_len=256|needs 300 > max_seq_len=256"):
+    with pytest.raises(RequestError, match="the prompt has 296 tokens: at most max_seq_len - 1 = 255 fit"):
         eng.add_request("a", [5] * 296, ok)
     with pytest.raises(RequestError, match="pages of 4 tokens but the KV pool holds"):
         eng.add_request("a", [5] * 200, SamplingParams(max_tokens=50))
     with pytest.raises(RequestError, match=r"prompt token 96 is not a token id: expected integers in \[0, 96\)"):
         eng.add_request("a", [5, 96], ok)
+    with pytest.raises(RequestError, match=r"top_k must be in \[0, 96\] \(0 = off; 96: the vocabulary\), got 97"):
+        eng.add_request("a", [5], SamplingParams(max_tokens=4, temperature=1, top_k=97))
+    with pytest.raises(RequestError, match=r"stop token 96 is not a token id: expected integers in \[0, 96\)"):
+        eng.add_request("a", [5], SamplingParams(max_tokens=4, stop_token_ids=(3, 96)))
     eng.add_request("a", [5, 6], ok)
     with pytest.raises(RequestError, match="already running"):
         eng.add_request("a", [5, 6], ok)
@@ -167,15 +171,20 @@ def test_requests_that_can_never_run_are_refused_with_what_is_wrong():
 @pytest.mark.parametrize(
     "field, value, expected",
     [
-        ("max_tokens", 0, "max_tokens must be an integer >= 1"),
+        ("max_tokens", 0, r"max_tokens must be an integer in \[1, 9223372036854775807\]"),
         ("temperature", -0.5, "temperature must be a number >= 0"),
         ("temperature", float("nan"), "temperature must be a number >= 0"),
         ("top_p", 0.0, r"top_p must be a number in \(0, 1\]"),
         ("top_p", 1.5, r"top_p must be a number in \(0, 1\]"),
-        ("top_k", -1, "top_k must be an integer >= 0"),
+        ("top_k", -1, r"top_k must be an integer in \[0, 9223372036854775807\]"),
+        ("top_k", 10**19, r"top_k must be an integer in \[0, 9223372036854775807\]"),  # issue #33
         ("seed", 1.5, "seed must be an integer"),
-        ("stop", [""], "stop must be non-empty strings"),
-        ("stop_token_ids", [-3], "stop_token_ids must be integers >= 0"),
+        ("seed", 2**63, r"seed must be an integer in \[0, 9223372036854775807\]"),
+        ("stop", [""], "stop: stop strings must be non-empty strings"),
+        ("stop", ["a"] * 5, "stop: at most 4 stop strings are allowed, got 5"),
+        ("stop", ["a" * 4000, "b" * 97], "stop: the stop strings may hold 4096 characters in all, got 4097"),
+        ("stop_token_ids", [-3], r"stop_token_ids must be at most 64 token ids \(an integer in \[0, "),
+        ("stop_token_ids", [1] * 65, "stop_token_ids must be at most 64 token ids"),
     ],
 )
 def test_sampling_params_refuse_bad_values(field, value, expected):
@@ -242,3 +251,82 @@ def test_async_engine_streams_in_process_equal_each_request_alone():
     finally:
         runner.join(10)
     assert not runner.healthy
+
+
+def _async_engine_run(runner, requests):
+    """Stream `requests` ((id, prompt, params)) at once; each one's tokens, or the error it ended with."""
+    import asyncio
+
+    async def stream(request_id, prompt, params):
+        tokens = []
+        try:
+            async for out in runner.generate(request_id, prompt, params):
+                tokens += out.new_token_ids
+        except Exception as err:
+            return err
+        return tokens
+
+    async def all_at_once():
+        return await asyncio.wait_for(asyncio.gather(*(stream(*r) for r in requests)), timeout=60)
+
+    return asyncio.run(all_at_once())
+
+
+def test_a_request_the_engine_fails_to_take_fails_alone():
+    """An exception that belongs to one request (here: raised adding it) fails that request; the rest go on."""
+    from rlkv.serve import AsyncEngine
+    from rlkv.serve.async_engine import RequestFailed
+
+    model = tiny_model("qwen2")
+    ps, _, _ = prompts()
+    params = SamplingParams(max_tokens=NEW, ignore_eos=True)
+    eng = engine(model, half(model), max_batch=4)
+    add = eng.add_request
+
+    def add_request(request_id, prompt, params):
+        if request_id == "bad":
+            raise OverflowError("a bug this request alone meets")
+        add(request_id, prompt, params)
+
+    eng.add_request = add_request
+    runner = AsyncEngine(eng)
+    runner.start()
+    try:
+        good, bad = _async_engine_run(runner, [("good", ps[0], params), ("bad", ps[1], params)])
+        assert good == run_alone(model, half(model), ps[0], params).tokens
+        assert isinstance(bad, RequestFailed) and "a bug this request alone meets" in str(bad)
+        assert runner.healthy and runner.metrics().running == 0
+    finally:
+        runner.join(10)
+
+
+def test_a_failing_step_ends_every_stream_and_reports_the_engine_failed_for_good():
+    """An Engine given in Python cannot be rebuilt: its streams end with EngineStopped and `on_fatal` runs
+    (`rlkv serve --engine-thread` then exits non-zero)."""
+    from rlkv.serve import AsyncEngine, EngineStopped
+
+    model = tiny_model("qwen2")
+    ps, _, _ = prompts()
+    eng = engine(model, half(model), max_batch=4)
+    step, calls = eng.step, []
+
+    def step_then_fail():
+        if len(calls) == 3:
+            raise RuntimeError("a device failure")
+        calls.append(1)
+        return step()
+
+    eng.step = step_then_fail
+    runner = AsyncEngine(eng)
+    fatal = []
+    runner.on_fatal = lambda: fatal.append(True)
+    runner.start()
+    try:
+        params = SamplingParams(max_tokens=50, ignore_eos=True)
+        ends = _async_engine_run(runner, [(f"r{i}", ps[i], params) for i in range(3)])
+        assert all(isinstance(e, EngineStopped) and "a device failure" in str(e) for e in ends), ends
+        assert fatal == [True] and not runner.healthy and "a device failure" in str(runner.status())
+        with pytest.raises(EngineStopped):
+            runner.generate("later", ps[0], params)
+    finally:
+        runner.join(10)

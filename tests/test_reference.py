@@ -23,6 +23,22 @@ def test_keep_keys_mask_matches_the_rule_literally():
             assert mask[0, 1, t, j] == (j <= t and (j < sink or t - recent < j))
 
 
+def test_block_rule_is_the_authors_block_streaming():
+    """Block 4, sink 4, recent 8 (1 sink block, 2 recent blocks): a query in block b sees block 0 and
+    blocks b-1 and b up to itself, so 5 to 8 recent keys (the authors' block_streaming_attn_func)."""
+    pos = torch.arange(20)[None]
+    mask = keep_keys_mask(pos, pos, torch.tensor([False]), sink=4, recent=8, block=4)
+    for t in range(20):
+        blocks = {0, t // 4 - 1, t // 4}
+        assert mask[0, 0, t].tolist() == [j <= t and j // 4 in blocks for j in range(20)], t
+    rounded = keep_keys_mask(pos, pos, torch.tensor([False]), sink=3, recent=6, block=4)  # sizes round up
+    assert torch.equal(rounded, mask)
+    assert torch.equal(  # block 1 is the token-exact rule
+        keep_keys_mask(pos, pos, torch.tensor([False]), 2, 3, block=1),
+        keep_keys_mask(pos, pos, torch.tensor([False]), 2, 3),
+    )
+
+
 def test_keep_keys_mask_full_prefill_rule_per_row():
     """prompt_len [batch]: prompt queries of a compressed head attend causally to every key, later ones stream."""
     sink, recent, n = 1, 2, 9

@@ -113,3 +113,30 @@ def test_math_train_reference_answers_grade(data_dir):
     examples = task.load(data_dir, limit=300, seed=0)
     failing = [(e.id, e.answer) for e in examples if task.grade(e, rf"\boxed{{{e.answer}}}") != 1.0]
     assert not failing
+
+
+def test_authors_rule_takes_only_the_boxed_answer_or_the_answer_is():
+    """The RLKV authors' reward (AReaL's extract_answer with use_last_number=False): no #### line and no
+    last-number fallback, so a bare number at the end earns nothing."""
+    from rlkv.tasks.grading import extract_answer, grade_math
+
+    assert extract_answer("so \\boxed{12} then 13", "authors") == "12"
+    assert extract_answer("Thus the final answer is 7.", "authors") == "7"
+    assert extract_answer("... 3 + 4 = 7", "authors") is None and extract_answer("... 3 + 4 = 7") == "7"
+    assert extract_answer("#### 42", "authors") is None and extract_answer("#### 42") == "42"
+    assert grade_math("3 + 4 = 7", "7", "authors") == 0.0 and grade_math("3 + 4 = 7", "7") == 1.0
+    with pytest.raises(ValueError, match="unknown answer rule 'loose'"):
+        extract_answer("7", "loose")
+
+
+def test_a_math_task_graded_by_another_rule_is_a_copy():
+    from rlkv import tasks
+
+    gsm8k = tasks.get("gsm8k")
+    strict = gsm8k.with_answer_rule("authors")
+    example = gsm8k.load(limit=1)[0]
+    bare = f"The total is {example.answer}"
+    assert gsm8k.grade(example, bare) == 1.0 and strict.grade(example, bare) == 0.0
+    assert tasks.get("gsm8k").answer_rule == "rlkv"  # the registered task is unchanged
+    with pytest.raises(ValueError, match="unknown answer rule"):
+        gsm8k.with_answer_rule("loose")

@@ -1,6 +1,8 @@
 """The grader's side of a verdict: how asserts are split, and what counts as plain data."""
 
+import ast
 import math
+import time
 
 import pytest
 
@@ -60,6 +62,28 @@ def test_decode_takes_plain_data_only():
     ]:
         with pytest.raises(ValueError, match="not plain data"):
             checks.decode(text)
+
+
+def test_decode_refuses_values_built_to_collide_in_hash_tables_in_linear_time():
+    """Numbers and tuples hash without salt: 41k integers with one hash made a set take the grader 10 s."""
+    P = 2**61 - 1  # hash(k * P) == 0 for every k
+    hostile = [
+        "{" + ", ".join(str(k * P) for k in range(1, 41_001)) + "}",
+        "[" + ", ".join(str(k * P) for k in range(1, 41_001)) + "]",  # a test may take set() of a list
+        "[" + ", ".join(f"complex({1000003.0 * k}, {-float(k)})" for k in range(2, 20_000)) + "]",
+        "[" + ", ".join(f"({k * P},)" for k in range(1, 20_000)) + "]",
+    ]
+    for text in hostile:
+        start = time.process_time()
+        ast.parse(text, mode="eval")
+        parsing = time.process_time() - start  # the floor, which scales with the machine's load as decoding does
+        start = time.process_time()
+        with pytest.raises(ValueError, match="more than 8 distinct values share one hash"):
+            checks.decode(text)
+        assert time.process_time() - start < 4 * parsing + 0.5  # a set of the colliding values took 80x parsing
+    honest = "[" + ", ".join(map(str, range(100_000))) + ", -1, -2, [0, 0, 0]]"  # hash(-1) == hash(-2)
+    assert checks.decode(honest)[-3:] == [-1, -2, [0, 0, 0]]
+    assert checks.decode("{" + ", ".join(f"{k}: ({k}, {k * P})" for k in range(8)) + "}")[7] == (7, 7 * P)
 
 
 def test_values_round_trip_from_the_child():

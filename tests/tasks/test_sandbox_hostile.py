@@ -101,6 +101,19 @@ def test_forged_passes_score_zero(mbpp, name):
     assert task.grade(examples[0], examples[0].answer) == 1.0  # the same task passes when solved
 
 
+def test_a_result_line_built_to_collide_costs_the_grader_no_time(mbpp):
+    """Issue #33: a candidate wrote to its results descriptor a set of 41k integers that share one hash;
+    decoding it took the grader (this process) 10 s of CPU. Now it is refused in linear time."""
+    task, examples = mbpp
+    attack = (
+        "import os\nline = 'ok\\nvalue {' + ', '.join(str(k * (2**61 - 1)) for k in range(1, 41001)) + '}\\n'\n"
+        "for fd in range(3, 64):\n    try: os.write(fd, line.encode())\n    except OSError: pass\nos._exit(0)"
+    )
+    start = time.process_time()
+    assert task.grade(examples[0], f"```python\n{attack}\n```") == 0.0
+    assert time.process_time() - start < 1.0
+
+
 def test_the_expected_values_never_reach_the_child(mbpp):
     task, examples = mbpp
     assert examples[0].meta["tests"][0].endswith('"heo"')  # remove_Occ("hello","l")=="heo"

@@ -133,3 +133,25 @@ def test_invalid_record_content_is_reported_with_its_line(tmp_path):
     (tmp_path / "gsm8k_test.jsonl").write_text(json.dumps({"question": "1+1?", "answer": "it is 2"}) + "\n")
     with pytest.raises(ValueError, match=r"gsm8k_test.jsonl: line 1 is not a valid gsm8k record: .*'#### <answer>'"):
         tasks.get("gsm8k").load(tmp_path)
+
+
+def test_a_task_mix_loads_prompts_and_grades_each_example_by_its_own_task():
+    from rlkv import tasks
+
+    mix = tasks.get("gsm8k_train+math_train")
+    examples = mix.load()
+    assert mix.name == "gsm8k_train+math_train" and mix.split == "train"
+    assert len(examples) == len(tasks.get("gsm8k_train").load()) + len(tasks.get("math_train").load())
+    gsm, math = examples[0], examples[-1]
+    assert (gsm.meta["task"], math.meta["task"]) == ("gsm8k_train", "math_train")
+    assert mix.grade_many([gsm, math], [f"\\boxed{{{gsm.answer}}}", "\\boxed{nope}"]) == [1.0, 0.0]
+    assert mix.user_message(gsm) == tasks.get("gsm8k_train").user_message(gsm)
+    shuffled = mix.load(seed=3, limit=50)
+    assert len(shuffled) == 50 and {e.meta["task"] for e in shuffled} == {"gsm8k_train", "math_train"}
+    strict = mix.with_answer_rule("authors")
+    assert (mix.answer_rule, strict.answer_rule) == ("rlkv", "authors")  # in the curriculum cache's key
+    assert strict.grade(gsm, f"so {gsm.answer}") == 0.0 and mix.grade(gsm, f"so {gsm.answer}") == 1.0
+    with pytest.raises(ValueError, match="at least two distinct tasks"):
+        tasks.get("gsm8k+gsm8k")
+    with pytest.raises(ValueError, match="are not"):
+        tasks.get("gsm8k+mbpp").with_answer_rule("authors")

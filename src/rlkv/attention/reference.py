@@ -2,10 +2,14 @@
 
 A kept ("full") KV head attends causally to every earlier token. A compressed head at query
 position t attends only to keys j with j < sink (attention sinks) or t - recent < j <= t
-(the recent window). Positions are a sequence's own token indices: left padding does not
-count, so a padded row behaves exactly like the same prompt alone. With a prompt length
-(prefill="full", the RLKV authors' rule), queries inside the prompt attend causally to every
-key with every head; the compressed heads' rule holds from the first query after it.
+(the recent window). With `block` > 1 (the RLKV authors' block-sparse training attention, in
+128-token blocks) the rule holds at block granularity: the first ceil(sink / block) blocks, and the
+ceil(recent / block) most recent blocks counting the query's own (so the recent window holds
+between recent - block + 1 and recent keys, recent rounded up to blocks). Positions are a
+sequence's own token indices: left padding does not count, so a padded row behaves exactly like
+the same prompt alone. With a prompt length (prefill="full", the RLKV authors' rule), queries
+inside the prompt attend causally to every key with every head; the compressed heads' rule holds
+from the first query after it.
 
 `keep_keys_mask` is that rule, written once; `masked_attention` applies any boolean mask to a
 full cache with a plain softmax; `gate_mix` is the gated (RLKV training) mix of the two. Every compressed
@@ -34,6 +38,19 @@ def token_positions(
     return pos.masked_fill(~valid, -1), valid
 
 
+def block_window(sink: int, recent: int, block: int = 1) -> tuple[int, int]:
+    """(sink, recent) rounded up to whole blocks: the streaming rule's sizes at `block` granularity."""
+    if not isinstance(block, int) or block < 1:
+        raise ValueError(f"block must be an integer >= 1 (1: token-exact streaming), got {block!r}")
+    return -(-sink // block) * block, -(-recent // block) * block
+
+
+def recent_start(q_pos, recent: int, block: int = 1):
+    """The first recent key a query at `q_pos` sees: q - recent + 1, or at block granularity the start of
+    the `recent // block`-th most recent block counting the query's own (`recent` already rounded)."""
+    return (q_pos // block + 1) * block - recent
+
+
 def keep_keys_mask(
     q_pos: torch.Tensor,
     k_pos: torch.Tensor,
@@ -42,20 +59,22 @@ def keep_keys_mask(
     recent: int,
     window: int | None = None,
     prompt_len: torch.Tensor | int | None = None,
+    block: int = 1,
 ) -> torch.Tensor:
     """Bool [batch, kv_heads, q, k]: which keys each query may attend to.
 
     q_pos [batch, q] and k_pos [batch, k] are token positions (-1 marks padding, which is never
     attended); `full` [kv_heads] says which heads keep every token. `window` is the model's own
     sliding window, if it has one, applied to every head. `prompt_len` ([batch] or one number):
-    queries at positions < prompt_len attend like full heads.
+    queries at positions < prompt_len attend like full heads. `block`: the streaming rule's granularity.
     """
     q = q_pos[:, None, :, None]
     k = k_pos[:, None, None, :]
     allowed = (k >= 0) & (k <= q)
     if window is not None:
         allowed &= k > q - window
-    streaming = (k < sink) | (k > q - recent)
+    sink, recent = block_window(sink, recent, block)
+    streaming = (k < sink) | (k >= recent_start(q, recent, block))
     if prompt_len is not None:
         streaming = streaming | (q < torch.as_tensor(prompt_len, device=q.device).reshape(-1, 1, 1, 1))
     return allowed & (full.to(q.device)[None, :, None, None] | streaming)

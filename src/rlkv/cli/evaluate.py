@@ -136,14 +136,17 @@ def _check_before_load(config, out: Path, part) -> None:
 
 
 def report(run_dir: Path):
-    """Write report.md (tables) and PNG plots for a run directory."""
+    """Write report.md (tables) and PNG plots for an eval run directory, or training.md and training.png for an
+    `rlkv identify` run directory (reward against tau, the gates, lengths, time per step)."""
     from rlkv.eval import report as write_report
+    from rlkv.identify.progress import write_report as write_training
 
+    identification = (run_dir / "log.jsonl").is_file() and not (run_dir / "config.json").is_file()
     try:
-        path = write_report(run_dir)
+        path = write_training(run_dir) if identification else write_report(run_dir)
     except USER_ERRORS as err:
         fail(err)
-    console.print(path.read_text().split("## Details")[0], highlight=False)
+    console.print(path.read_text().split("## Details")[0].split("![")[0], highlight=False)
     console.print(f"report: {path}")
 
 

@@ -42,31 +42,44 @@ def identify(
     batch_problems: int = typer.Option(32, min=1),
     group: int = typer.Option(4, min=2, help="rollouts per problem"),
     max_new_tokens: Optional[int] = typer.Option(None, min=1, help="paper: 7168"),
-    temperature: float = typer.Option(
-        1.0, min=0.0, callback=finite, help="rollout (and curriculum) sampling; Qwen3 in the paper: 0.6"
+    temperature: Optional[float] = typer.Option(
+        None, min=0.0, callback=finite, help="rollout and curriculum sampling (paper: 0.6, the authors' Qwen3 value)"
     ),
-    top_p: float = typer.Option(1.0, min=0.0, max=1.0, help="Qwen3 in the paper: 0.95"),
-    top_k: int = typer.Option(0, min=0, help="0: off; Qwen3 in the paper: 20"),
+    top_p: Optional[float] = typer.Option(None, min=0.0, max=1.0, help="paper: 0.95"),
+    top_k: Optional[int] = typer.Option(None, min=0, help="0: off (paper: 20)"),
     advantages: Optional[str] = typer.Option(
         None, help="batch (paper: shaped, normalised over the batch) or group (per problem)"
     ),
-    problems: Optional[str] = typer.Option(None, help="curriculum: solved (paper: pass rate > 0) or band (see --band)"),
+    problems: Optional[str] = typer.Option(
+        None,
+        help="curriculum: reliable (paper: pass rate >= --min-pass), solved (pass rate > 0) or band (see --band)",
+    ),
+    min_pass: float = typer.Option(0.75, min=0.0, max=1.0, help="curriculum with --problems reliable"),
+    answer_rule: Optional[str] = typer.Option(
+        None, help="how rewards find the answer: authors (paper: boxed or 'the answer is') or rlkv (+ last number)"
+    ),
     lr: float = typer.Option(1e-2, min=0.0, callback=finite),
     weight_decay: Optional[float] = typer.Option(None, min=0.0, help="AdamW decay on the gates (paper: 0.017)"),
     grad_clip: Optional[float] = typer.Option(None, min=0.0, help="max gate-gradient norm, 0 = off (paper: 1.0)"),
-    beta: float = typer.Option(1e-3, min=0.0, callback=finite, help="L1 sparsity coefficient"),
-    tau: float = typer.Option(
-        0.5, callback=finite, help="the penalty acts only above this mean reward (paper: 0.5; 0.55 for Qwen2.5)"
+    gate_dtype: Optional[str] = typer.Option(None, help="gates and optimizer state: bfloat16 (paper) or float32"),
+    beta: Optional[float] = typer.Option(
+        None, min=0.0, callback=finite, help="L1 sparsity coefficient (the authors': 1e-3; 2.5e-3 on Qwen3)"
+    ),
+    tau: Optional[float] = typer.Option(
+        None, callback=finite, help="the penalty acts only above this mean reward (the authors': 0.5; 0.55 on Qwen2.5)"
     ),
     init: float = typer.Option(1.0, min=0.0, max=1.0, help="every gate's starting value"),
     sink: int = typer.Option(128, min=0),
     recent: int = typer.Option(256, min=1),
-    samples_per_problem: int = typer.Option(8, min=1, help="curriculum: full-model samples per problem"),
+    block: Optional[int] = typer.Option(
+        None, min=1, help="the streaming branch's granularity in tokens (paper: 128, block-sparse; 1: exact)"
+    ),
+    samples_per_problem: Optional[int] = typer.Option(None, min=1, help="curriculum: samples per problem (paper: 4)"),
     band: str = typer.Option("0,1", help="curriculum with --problems band: keep low < pass rate < high"),
-    rollout_batch_size: int = typer.Option(128, min=1),
-    train_batch_size: int = typer.Option(8, min=1),
+    rollout_batch_size: int = typer.Option(128, min=1, help="sequences decoded at once"),
+    train_tokens: int = typer.Option(7680, min=1, help="padded tokens per training micro-batch"),
     checkpoint_every: int = typer.Option(10, min=1),
-    gradient_checkpointing: bool = typer.Option(False, help="recompute activations in backward (long rollouts)"),
+    gradient_checkpointing: bool = typer.Option(False, help="recompute activations in backward (less memory)"),
     rollout_engine: str = typer.Option("auto", help="rollouts through rlkv.Engine: auto (on a GPU), on, off"),
     rollout_kv_budget: str = typer.Option(
         "0.4", help="the rollout engine's KV pool: a share of free GPU memory or a size (8GiB)"

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Optional
 
 import typer
+from rich.markup import escape
 
 from rlkv.cli.common import (
     BUDGET_HELP,
@@ -17,6 +18,7 @@ from rlkv.cli.common import (
     check_heads,
     check_model,
     console,
+    errors,
     fail,
     parse_kv_budget,
 )
@@ -54,6 +56,19 @@ def serve(
         "--engine-process/--engine-thread",
         help="run the engine in a process of its own, or in a thread of the server's",
     ),
+    engine_restarts: int = typer.Option(
+        3,
+        min=0,
+        help="restart a failed engine process; after this many failures in a row, each within a minute of "
+        "its start, exit with status 1 (0: exit at the first failure)",
+    ),
+    max_body_bytes: Optional[int] = typer.Option(
+        None, min=1, help="largest request body read, else 413 (default: 64 bytes per token of context, >= 1 MiB)"
+    ),
+    api_key: Optional[str] = typer.Option(
+        None, envvar="RLKV_API_KEY", help="require 'Authorization: Bearer KEY' on /v1/... (/health stays open)"
+    ),
+    protect_metrics: bool = typer.Option(False, help="require the API key on /metrics too"),
 ):
     """Serve the model over an OpenAI-compatible HTTP API (chat and plain completions, streaming, /metrics)."""
     try:
@@ -78,8 +93,16 @@ def serve(
             max_batch=max_batch,
             max_seq_len=max_model_len,
         )
-        engine, tokenizer = _start(spec, engine_process)
-        app_ = create_app(engine, tokenizer, served_model_name or model, default_max_tokens=default_max_tokens)
+        engine, tokenizer = _start(spec, engine_process, engine_restarts)
+        app_ = create_app(
+            engine,
+            tokenizer,
+            served_model_name or model,
+            default_max_tokens=default_max_tokens,
+            max_body_bytes=max_body_bytes,
+            api_key=api_key,
+            protect_metrics=protect_metrics,
+        )
     except USER_ERRORS as err:
         fail(err)
     console.print(
@@ -88,17 +111,21 @@ def serve(
         soft_wrap=True,
     )
     try:
-        run_server(app_, host=host, port=port, log_level=log_level)
+        clean = run_server(app_, host=host, port=port, log_level=log_level)
     except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C once it has shut down cleanly
         console.print("stopped", highlight=False)
+        return
+    if not clean:
+        errors.print(f"[red]error:[/red] {escape(str(app_.state.runner.error))}", soft_wrap=True, highlight=False)
+        raise typer.Exit(1)
 
 
-def _start(spec, own_process: bool):
+def _start(spec, own_process: bool, restarts: int):
     """(the engine, its tokenizer): an EngineProcess (the model loaded in it), or an Engine built here."""
     from rlkv.serve import EngineProcess
 
     if own_process:
-        engine = EngineProcess(spec)
+        engine = EngineProcess(spec, restarts=restarts)
         return engine, engine.tokenizer
     return spec.build()
 

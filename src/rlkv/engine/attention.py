@@ -1,8 +1,9 @@
 """The engine's attention: store each forward's new K/V in the KV store, then attend over it.
 
 The engine registers `attention` (below) as the model's attention implementation, so the
-model's own modules project, normalise and rotate q/k/v; this module only stores and attends.
-A forward is either
+model's own modules project, normalise and rotate q/k/v; this module only stores and attends, as
+one custom operator, `rlkv::attention` (`engine_attention`), which torch.compile keeps opaque
+(`rlkv.engine.compiled`). A forward is either
 - a decode step (`Decode`): one new token for each of B sequences. Its K/V go to the pages of
   kept heads and the rings of compressed ones, then kept heads attend over their pages,
   compressed heads over their ring: two Triton kernels on CUDA (`rlkv.engine.kernel`) or the
@@ -21,15 +22,15 @@ alpha * full + (1 - alpha) * streaming attention, both over the same keys.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
-from rlkv.attention.reference import gate_mix, keep_keys_mask, masked_attention
+from rlkv.attention.reference import gate_mix, keep_keys_mask, masked_attention, recent_start
 from rlkv.attention.ring import ring_positions, ring_slot
 from rlkv.engine.kv import KVStore, upload
-from rlkv.hf.plumbing import state_of
 
 
 @dataclass
@@ -76,6 +77,7 @@ class Prompts:
     sink: int
     recent: int
     full_rows: torch.Tensor | None = None  # [T] bool: queries that attend like a kept head's (full prefill)
+    block: int = 1  # the streaming rule's granularity (gated mode)
     masks: dict = field(default_factory=dict)
 
     @classmethod
@@ -87,13 +89,16 @@ class Prompts:
         seq: torch.Tensor,
         lengths: torch.Tensor,
         prompt_lengths: torch.Tensor | None = None,
+        block: int = 1,
     ) -> Prompts:
         """`slots`, `pos`, `seq`, `lengths` (its context's length) and, for a full prefill, `prompt_lengths`
         (its prompt's: a preempted request's context also holds its generated tokens) of every token [T]."""
         page, offset, ring = places(store, slots, pos)  # as a decode step's token would have
         stays = (pos < store.sink) | (pos >= lengths - store.recent)
         full_rows = pos < prompt_lengths if prompt_lengths is not None else None
-        return cls(pos, seq, page, offset, torch.where(stays, slots, 0), ring, store.sink, store.recent, full_rows)
+        return cls(
+            pos, seq, page, offset, torch.where(stays, slots, 0), ring, store.sink, store.recent, full_rows, block
+        )
 
     def attend(self, state, layer: int, query, key, value, scaling: float, window: int | None) -> torch.Tensor:
         return state.prompts(layer, query, key, value, scaling, window)
@@ -105,7 +110,7 @@ class Prompts:
             rule = torch.full((1,), full, dtype=torch.bool, device=self.pos.device)
             own = (self.seq[:, None] == self.seq[None, :])[None, None]
             pos = self.pos[None]
-            mask = keep_keys_mask(pos, pos, rule, self.sink, self.recent, window)
+            mask = keep_keys_mask(pos, pos, rule, self.sink, self.recent, window, block=self.block)
             if not full and self.full_rows is not None:
                 mask = mask | (
                     keep_keys_mask(pos, pos, ~rule, self.sink, self.recent, window)
@@ -154,10 +159,16 @@ class EngineAttention(EngineState):
     """Head-split and gated mode: the store, the mode and the current batch."""
 
     def __init__(
-        self, store: KVStore, group: int, alpha: torch.Tensor | None, use_kernel: bool, full_prefill: bool = False
+        self,
+        store: KVStore,
+        group: int,
+        alpha: torch.Tensor | None,
+        use_kernel: bool,
+        full_prefill: bool = False,
+        block: int = 1,
     ):
         self.store, self.group, self.alpha, self.use_kernel = store, group, alpha, use_kernel
-        self.full_prefill = full_prefill
+        self.full_prefill, self.block = full_prefill, block  # block: the gated streaming branch's granularity
         self.batch: Decode | Prompts | Prefill | None = None
         # full prefill in chunks: each compressed head's K/V of the prompt so far, per (layer, slot), until
         # the prompt is done (a kept head has them in its pages; a compressed head's ring keeps only 80)
@@ -174,7 +185,8 @@ class EngineAttention(EngineState):
         lengths: torch.Tensor,
         prompt_lengths: torch.Tensor,
     ) -> Prompts:
-        return Prompts.of(self.store, slots, pos, seq, lengths, prompt_lengths if self.full_prefill else None)
+        full_rows = prompt_lengths if self.full_prefill else None
+        return Prompts.of(self.store, slots, pos, seq, lengths, full_rows, self.block)
 
     def _store(self, k, v, layer: int) -> None:
         """New K/V [B, Hkv, D] into pages and rings where the batch says (`Decode` or `Prompts`)."""
@@ -196,8 +208,12 @@ class EngineAttention(EngineState):
         if self.use_kernel:
             from rlkv.engine.kernel import decode_attention
 
-            return decode_attention(q, s, layer, b.slots, b.pos + 1, scaling, window, self._alpha(layer))
-        return decode_torch(q, s, layer, b.slots, b.pos + 1, b.max_len, scaling, window, self._alpha(layer))
+            return decode_attention(
+                q, s, layer, b.slots, b.pos + 1, scaling, window, self._alpha(layer), stream_block=self.block
+            )
+        return decode_torch(
+            q, s, layer, b.slots, b.pos + 1, b.max_len, scaling, window, self._alpha(layer), stream_block=self.block
+        )
 
     def _alpha(self, layer: int) -> torch.Tensor | None:
         return None if self.alpha is None else self.alpha[layer]
@@ -290,7 +306,7 @@ class EngineAttention(EngineState):
             m["read"] = (pages[k_pos // s.page_size], k_pos % s.page_size)
             m["full"] = keep_keys_mask(q_pos, k_pos[None], ~never, s.sink, s.recent, window)
             if self.alpha is not None:  # gated mode: the streaming branch over the same keys
-                m["stream"] = keep_keys_mask(q_pos, k_pos[None], never, s.sink, s.recent, window)
+                m["stream"] = keep_keys_mask(q_pos, k_pos[None], never, s.sink, s.recent, window, block=self.block)
         if s.compressed_heads:
             if self.full_prefill and seg.start < seg.prompt_len:  # over the whole prompt so far (_prompt_keys)
                 k_pos = torch.arange(seg.end, device=device)[None]
@@ -336,8 +352,12 @@ def decode_torch(
     scaling: float,
     window: int | None,
     alpha: torch.Tensor | None,
+    stream_block: int = 1,
 ) -> torch.Tensor:
-    """Decode attention in plain torch: gather pages and rings, mask, softmax. q [B, Hq, D] -> [B, Hq, D]."""
+    """Decode attention in plain torch: gather pages and rings, mask, softmax. q [B, Hq, D] -> [B, Hq, D].
+
+    In gated mode (`alpha`) the streaming branch keeps the store's sink and recent keys at `stream_block`
+    granularity (the store's sizes are already whole blocks)."""
     s = store
     bsz, hq, d = q.shape
     group = hq // s.keep.shape[1]
@@ -355,7 +375,7 @@ def decode_torch(
         q_kept = q[:, qf][:, :, None]
         full = masked_attention(q_kept, keys, values, mask, scaling)[:, 0]
         if alpha is not None:
-            stream = valid & ((t < s.sink) | (t > lengths[:, None] - 1 - s.recent))
+            stream = valid & ((t < s.sink) | (t >= recent_start(lengths[:, None] - 1, s.recent, stream_block)))
             mask = stream[:, None, None, :].expand(-1, keys.shape[1], 1, -1)
             full = gate_mix(full, masked_attention(q_kept, keys, values, mask, scaling)[:, 0], alpha, group)
         out[:, qf] = full
@@ -369,11 +389,44 @@ def decode_torch(
     return out
 
 
+_forward_state: EngineState | None = None  # the state of the engine forward running now (`attending`)
+
+
+@contextmanager
+def attending(state: EngineState):
+    """Inside the block, the engine's attention operator works on `state` (its store and current batch): set
+    around each of the engine's forwards, as vLLM sets its forward context."""
+    global _forward_state
+    previous, _forward_state = _forward_state, state
+    try:
+        yield
+    finally:
+        _forward_state = previous
+
+
+@torch.library.custom_op("rlkv::attention", mutates_args=())
+def engine_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layer: int, scaling: float, window: int | None
+) -> torch.Tensor:
+    """Store the new K/V of `layer` and attend over the store: query [B, Hq, T, D], key/value [B, Hkv, T, D] ->
+    [B, T, Hq, D], as the current batch says (`Decode`, `Prompts`, `Prefill`).
+
+    One operator, opaque to torch.compile (`rlkv.engine.compiled`): the compiler fuses the model's own
+    operators around it and never traces the store, the kernels or the batch's host-side description. It
+    writes the KV store, which is no argument of it: nothing in a compiled graph reads the store but it."""
+    state = _forward_state
+    if state is None or state.batch is None:
+        raise RuntimeError("rlkv.Engine's attention ran outside an engine step")
+    return state.batch.attend(state, layer, query, key, value, scaling, window).contiguous()
+
+
+@engine_attention.register_fake
+def _(query, key, value, layer, scaling, window):
+    b, h, t, d = query.shape
+    return query.new_empty(b, t, h, d)
+
+
 def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """The attention implementation the engine registers (transformers' AttentionInterface signature)."""
-    state: EngineAttention = state_of(module, "rlkv.Engine")
     scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
-    if state.batch is None:
-        raise RuntimeError("rlkv.Engine's attention ran outside an engine step")
-    out = state.batch.attend(state, module.layer_idx, query, key, value, scaling, kwargs.get("sliding_window"))
-    return out, None
+    return engine_attention(query, key, value, module.layer_idx, scaling, kwargs.get("sliding_window")), None

@@ -12,7 +12,8 @@ back for every request, finished ones with their `Completion`:
    admitted requests are preempted (`rlkv.engine.scheduler`);
 2. admit waiting requests while the pool keeps a watermark free (not in a step that preempted);
 3. decode: launch one step for every running request (forward, sampling and log-probs, on CUDA one
-   graph replay); its input tokens are the previous step's outputs, still on the device;
+   graph replay of the step compiled when the engine was built: `rlkv.engine.compiled`); its input
+   tokens are the previous step's outputs, still on the device;
 4. read back the steps before it, while it runs: append their tokens; finished requests (EOS, stop
    string or id, max tokens, degenerate repetition) leave, and their slot and pages go back;
 5. prefill: admitted requests' contexts, packed whole in one row or in chunks (`rlkv.engine.runner`);
@@ -99,6 +100,7 @@ class Engine:
         prefill_tokens: int = 4096,
         cuda_graphs: bool | None = None,
         kernel: bool | None = None,
+        compile: bool | None = None,
         sequence_tokens: int | None = None,
         admission: str = "demand",
         watermark: float = 0.01,
@@ -109,7 +111,10 @@ class Engine:
         many rings as the budget holds sequences of that length (at most `max_batch`), so the memory
         of rings that could never be used goes to pages. `admission`: "demand" (pages as sequences
         grow, preemption when the pool runs dry; admitted while `watermark` of the pool stays free) or
-        "reserve" (every page a request could need, up front: the former policy, for comparison)."""
+        "reserve" (every page a request could need, up front: the former policy, for comparison).
+        `compile` (default: on CUDA): the decode step's forward and sampling compiled with torch.compile
+        around the engine's attention (`rlkv.engine.compiled`), here, once, with a progress bar; the CUDA
+        graphs then replay the compiled step. `cuda_graphs` and `kernel` default to on CUDA too."""
         self.model, self.tokenizer = model, tokenizer
         self.layout = Layout.of(model)
         self.device = next(model.parameters()).device
@@ -148,6 +153,7 @@ class Engine:
                 "cuda_graphs needs a CUDA model and, for head-split methods, the Triton kernel (kernel=True)"
             )
         self.max_batch = max_batch
+        self.compile = cuda if compile is None else compile
         paged = self.store.pages_for(1) > 0
         self.limits = RequestLimits(
             model.config.get_text_config().vocab_size,
@@ -165,6 +171,7 @@ class Engine:
             prefill_tokens,
             self.cuda_graphs,
             runtime.whole_prompts,
+            self.compile,
         )
         self.stats = EngineStats()
         self._model_eos: frozenset[int] | None = None
@@ -177,6 +184,13 @@ class Engine:
         self._outputs: list[RequestOutput] = []
         self._totals = {"generated": 0, "prompt": 0, "finished": 0}
         self._session: ExitStack | None = None  # the model's attention is the engine's while it has work
+        if self.compile:
+            self._open()
+            try:
+                with torch.inference_mode():
+                    self.runner.warm_up()
+            finally:
+                self._close()
 
     # ------------------------------------------------------------------ requests
     @property
@@ -232,6 +246,7 @@ class Engine:
             generated_tokens=self._totals["generated"],
             prompt_tokens=self._totals["prompt"],
             finished_requests=self._totals["finished"],
+            recomputed_tokens=self.scheduler.recomputed_tokens,
         )
 
     # ------------------------------------------------------------------ the loop
@@ -274,7 +289,7 @@ class Engine:
 
     def _make_room(self) -> bool:
         """Pages for every running request's next token; True if requests had to be preempted for them."""
-        before = self.scheduler.preemptions
+        before, recomputed = self.scheduler.preemptions, self.scheduler.recomputed_tokens
         if self.scheduler.shortfall(self._running):
             while self._pending:  # read back what is in flight: finished requests give their pages back
                 self._collect(self._pending.popleft())
@@ -288,6 +303,7 @@ class Engine:
             )
         self.scheduler.grow(self._running)
         self.stats.preemptions += self.scheduler.preemptions - before
+        self.stats.recomputed_tokens += self.scheduler.recomputed_tokens - recomputed
         return self.scheduler.preemptions > before
 
     def _prefill(self) -> None:

@@ -1,6 +1,7 @@
 """A request's life in the engine: what it asks for, the state it carries, and when it is done.
 
-`SamplingParams` is what a caller sets per request (validated up front, one line per mistake);
+`SamplingParams` is what a caller sets per request (validated up front, one line per mistake, against
+`BOUNDS` and the stop-string limits, which the HTTP server's schema declares too);
 `Request` is the engine's record of it (slot, pages, how much of its context is stored, the
 tokens read back so far); `RequestOutput` is what one engine step reports; `Completion` is the
 finished result. A request preempted for memory keeps its tokens: its context to prefill again is
@@ -16,8 +17,72 @@ from dataclasses import dataclass, field
 FINISH_REASONS = ("eos", "stop", "length", "repetition", "abort")
 
 
+INT64_MAX = 2**63 - 1
+MAX_STOP_STRINGS = 4  # OpenAI's limit
+MAX_STOP_CHARS = 4096  # all of a request's stop strings together: what a stream may hold back
+MAX_STOP_TOKEN_IDS = 64
+
+
+@dataclass(frozen=True)
+class Bound:
+    """The allowed values of one numeric request field: checked by `SamplingParams`, declared by the HTTP schema."""
+
+    low: float
+    high: float | None = None
+    low_open: bool = False  # `low` itself is excluded
+    integer: bool = True
+    note: str = ""
+
+    def holds(self, value) -> bool:
+        if not (_is_int(value) if self.integer else _is_number(value)):
+            return False
+        return (value > self.low if self.low_open else value >= self.low) and (self.high is None or value <= self.high)
+
+    def describe(self) -> str:
+        kind = "an integer" if self.integer else "a number"
+        if self.high is None:
+            text = f"{kind} {'>' if self.low_open else '>='} {self.low}"
+        else:
+            text = f"{kind} in {'(' if self.low_open else '['}{self.low}, {self.high}]"
+        return f"{text} ({self.note})" if self.note else text
+
+    def schema(self) -> dict:
+        """pydantic's `Field` bounds."""
+        return {"gt" if self.low_open else "ge": self.low, **({} if self.high is None else {"le": self.high})}
+
+
+BOUNDS = {
+    "max_tokens": Bound(1, INT64_MAX),
+    "temperature": Bound(0, integer=False, note="0 = greedy"),
+    "top_p": Bound(0, 1, low_open=True, integer=False),
+    "top_k": Bound(0, INT64_MAX, note="0 = off; at most the vocabulary size"),
+    "seed": Bound(0, INT64_MAX),
+    "repetition_window": Bound(0, INT64_MAX),
+    "repetition_min_distinct": Bound(1, INT64_MAX),
+}
+"""The numeric fields of `SamplingParams` (an engine's own limits, `RequestLimits`, are checked on top)."""
+TOKEN_ID = Bound(0, INT64_MAX)
+
+
+def stop_problem(stop) -> str | None:
+    """What is wrong with a request's stop strings (None: nothing): at most `MAX_STOP_STRINGS` non-empty
+    strings of `MAX_STOP_CHARS` characters in all, so matching them stays cheap."""
+    if len(stop) > MAX_STOP_STRINGS:
+        return f"at most {MAX_STOP_STRINGS} stop strings are allowed, got {len(stop)}"
+    if not all(isinstance(s, str) and s for s in stop):
+        return "stop strings must be non-empty strings"
+    if sum(map(len, stop)) > MAX_STOP_CHARS:
+        return f"the stop strings may hold {MAX_STOP_CHARS} characters in all, got {sum(map(len, stop))}"
+    return None
+
+
 class RequestError(ValueError):
-    """A request the engine can never run (empty, too long for the context or the KV pool, bad ids)."""
+    """A request the engine can never run (empty, too long for the context or the KV pool, bad ids);
+    `param`: the request field to blame, if one is."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
 
 
 @dataclass(frozen=True)
@@ -40,21 +105,39 @@ class RequestLimits:
         if not prompt_ids:
             raise RequestError("the prompt is empty: expected at least one token")
         vocab = self.vocab_size
-        bad = next((t for t in prompt_ids if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab), None)
+        if not all(type(t) is int for t in prompt_ids) or min(prompt_ids) < 0 or max(prompt_ids) >= vocab:
+            bad = next(t for t in prompt_ids if type(t) is not int or not 0 <= t < vocab)
+            raise RequestError(
+                f"prompt token {bad!r} is not a token id: expected integers in [0, {vocab})", param="prompt"
+            )
+        if params.top_k > vocab:
+            raise RequestError(
+                f"top_k must be in [0, {vocab}] (0 = off; {vocab}: the vocabulary), got {params.top_k}", "top_k"
+            )
+        bad = next((t for t in params.stop_token_ids if t >= vocab), None)
         if bad is not None:
-            raise RequestError(f"prompt token {bad!r} is not a token id: expected integers in [0, {vocab})")
+            raise RequestError(
+                f"stop token {bad} is not a token id: expected integers in [0, {vocab})", "stop_token_ids"
+            )
+        if len(prompt_ids) >= self.max_seq_len:
+            raise RequestError(
+                f"the prompt has {len(prompt_ids)} tokens: at most max_seq_len - 1 = {self.max_seq_len - 1} fit",
+                param="prompt",
+            )
         need = len(prompt_ids) + params.max_tokens
         if need > self.max_seq_len:
             raise RequestError(
                 f"the prompt has {len(prompt_ids)} tokens; with max_tokens={params.max_tokens} it needs "
-                f"{need} > max_seq_len={self.max_seq_len}"
+                f"{need} > max_seq_len={self.max_seq_len}: at most max_tokens={self.max_seq_len - len(prompt_ids)}",
+                param="max_tokens",
             )
         pages = self.pages_for(need)
         if pages > self.capacity_pages:
             raise RequestError(
                 f"the prompt has {len(prompt_ids)} tokens; with max_tokens={params.max_tokens} it needs "
                 f"{pages} pages of {self.page_size} tokens but the KV pool holds {self.capacity_pages}: "
-                "raise kv_budget or lower max_tokens"
+                "raise kv_budget or lower max_tokens",
+                param="max_tokens" if self.pages_for(len(prompt_ids) + 1) <= self.capacity_pages else "prompt",
             )
 
 
@@ -82,24 +165,16 @@ class SamplingParams:
     def __post_init__(self):
         object.__setattr__(self, "stop", tuple(self.stop))
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
-        checks = (
-            ("max_tokens", _is_int(self.max_tokens) and self.max_tokens >= 1, "an integer >= 1"),
-            ("temperature", _is_number(self.temperature) and self.temperature >= 0, "a number >= 0 (0 = greedy)"),
-            ("top_p", _is_number(self.top_p) and 0 < self.top_p <= 1, "a number in (0, 1]"),
-            ("top_k", _is_int(self.top_k) and self.top_k >= 0, "an integer >= 0 (0 = off)"),
-            ("seed", _is_int(self.seed), "an integer"),
-            ("stop", all(isinstance(s, str) and s for s in self.stop), "non-empty strings"),
-            ("stop_token_ids", all(_is_int(t) and t >= 0 for t in self.stop_token_ids), "integers >= 0"),
-            ("repetition_window", _is_int(self.repetition_window) and self.repetition_window >= 0, "an integer >= 0"),
-            (
-                "repetition_min_distinct",
-                _is_int(self.repetition_min_distinct) and self.repetition_min_distinct >= 1,
-                "an integer >= 1",
-            ),
-        )
-        for name, ok, expected in checks:
-            if not ok:
-                raise ValueError(f"{name} must be {expected}, got {getattr(self, name)!r}")
+        for name, bound in BOUNDS.items():
+            if not bound.holds(getattr(self, name)):
+                raise ValueError(f"{name} must be {bound.describe()}, got {getattr(self, name)!r}")
+        if (problem := stop_problem(self.stop)) is not None:
+            raise ValueError(f"stop: {problem}")
+        if len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS or not all(map(TOKEN_ID.holds, self.stop_token_ids)):
+            raise ValueError(
+                f"stop_token_ids must be at most {MAX_STOP_TOKEN_IDS} token ids ({TOKEN_ID.describe()}), "
+                f"got {self.stop_token_ids!r}"[:300]
+            )
 
     @property
     def greedy(self) -> bool:
@@ -142,7 +217,8 @@ class Completion:
 
 @dataclass
 class RequestOutput:
-    """What one engine step reports for one request: its new tokens, and its completion once finished."""
+    """What one engine step reports for one request: its new tokens, and its completion once finished.
+    `text`: the new text, where a server's stream decoded it (`rlkv.serve`); the engine leaves it empty."""
 
     request_id: str
     new_token_ids: list[int]
@@ -150,6 +226,7 @@ class RequestOutput:
     finish_reason: str | None
     completion: Completion | None
     prompt_tokens: int
+    text: str = ""
 
 
 def before_stop(text: str, stop) -> str:

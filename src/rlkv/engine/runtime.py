@@ -13,6 +13,7 @@ from functools import singledispatch
 
 import torch
 
+from rlkv.attention.reference import block_window
 from rlkv.engine.attention import EngineAttention, EngineState
 from rlkv.engine.kv import KVStore
 from rlkv.engine.store import Store
@@ -28,15 +29,17 @@ class Gated:
     """RL-rollout mode: every head keeps its full cache; output = alpha * full + (1 - alpha) * streaming.
 
     `alpha` [layers, kv_heads] is read in place at every step, so training can update it between calls.
+    `block` is the streaming branch's granularity (`rlkv.attention.reference.keep_keys_mask`).
     """
 
     alpha: torch.Tensor
     sink: int = 128
     recent: int = 256
+    block: int = 1
 
     def apply(self, model):
         """The same mix on transformers `generate` (`rlkv.hf.gated`)."""
-        return gated(model, self.alpha, self.sink, self.recent)
+        return gated(model, self.alpha, self.sink, self.recent, self.block)
 
 
 @dataclass(frozen=True)
@@ -70,7 +73,9 @@ def runtime_for(method, setup: Setup) -> Runtime:
     )
 
 
-def _paged(setup: Setup, keep: torch.Tensor, sink: int, recent: int, alpha=None, full_prefill: bool = False) -> Runtime:
+def _paged(
+    setup: Setup, keep: torch.Tensor, sink: int, recent: int, alpha=None, full_prefill: bool = False, block: int = 1
+) -> Runtime:
     store = KVStore(
         setup.layout,
         keep,
@@ -84,7 +89,7 @@ def _paged(setup: Setup, keep: torch.Tensor, sink: int, recent: int, alpha=None,
         setup.dtype,
         setup.sequence_tokens,
     )
-    state = EngineAttention(store, setup.layout.group_size, alpha, setup.kernel, full_prefill)
+    state = EngineAttention(store, setup.layout.group_size, alpha, setup.kernel, full_prefill, block)
     # the torch decode path reads the longest length on the host, so only the kernel's step is graphed
     return Runtime(store, state, graphs=setup.device.type == "cuda" and setup.kernel, whole_prompts=False)
 
@@ -109,7 +114,8 @@ def _gated(method: Gated, setup: Setup) -> Runtime:
             f"Gated alpha is on {alpha.device} but the model on {setup.device}: the engine reads "
             "alpha in place, so keep it on the model's device"
         )
-    return _paged(setup, torch.ones(shape, dtype=torch.bool), method.sink, method.recent, alpha=alpha.detach())
+    sink, recent = block_window(method.sink, method.recent, method.block)
+    return _paged(setup, torch.ones(shape, dtype=torch.bool), sink, recent, alpha=alpha.detach(), block=method.block)
 
 
 @runtime_for.register(TokenDrop)

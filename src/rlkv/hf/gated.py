@@ -6,7 +6,8 @@ it). Inside `with gated(model, alpha, sink, recent):` each query head's attentio
     alpha * full_attention + (1 - alpha) * streaming_attention
 
 where streaming attention sees only the first `sink` and the last `recent` keys (the rule of
-`rlkv.attention.reference.keep_keys_mask`). Both branches run through PyTorch SDPA: the full
+`rlkv.attention.reference.keep_keys_mask`; with `block` > 1, at the block granularity of the RLKV
+authors' block-sparse training attention). Both branches run through PyTorch SDPA: the full
 branch is transformers' own sdpa attention with transformers' own mask; the streaming branch
 uses one boolean [b, 1, q, k] mask shared by all heads, built once per forward from token
 positions (a forward pre-hook reads the 2-D padding mask, as in `rlkv.hf`). Autograd runs
@@ -30,7 +31,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from rlkv.attention.reference import gate_mix, keep_keys_mask
+from rlkv.attention.reference import block_window, gate_mix, keep_keys_mask
 from rlkv.hf.plumbing import Step, patched, state_of
 from rlkv.models import Layout
 
@@ -39,18 +40,18 @@ from rlkv.models import Layout
 TRAINING_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
-def init_gates(model, value: float = 1.0) -> torch.nn.Parameter:
-    """A (layers x kv_heads) float32 gate Parameter for `model`, every entry `value` (RLKV: 1)."""
+def init_gates(model, value: float = 1.0, dtype: torch.dtype = torch.float32) -> torch.nn.Parameter:
+    """A (layers x kv_heads) gate Parameter for `model`, every entry `value` (RLKV: 1)."""
     layout = Layout.of(model)
     device = next(model.parameters()).device
-    return torch.nn.Parameter(torch.full(layout.shape, float(value), dtype=torch.float32, device=device))
+    return torch.nn.Parameter(torch.full(layout.shape, float(value), dtype=dtype, device=device))
 
 
 class _Gates:
     """What the attention function needs during one `gated` block."""
 
-    def __init__(self, alpha: torch.Tensor, group: int, sink: int, recent: int):
-        self.alpha, self.group, self.sink, self.recent = alpha, group, sink, recent
+    def __init__(self, alpha: torch.Tensor, group: int, sink: int, recent: int, block: int):
+        self.alpha, self.group, self.sink, self.recent, self.block = alpha, group, sink, recent, block
         self.q_pos = self.k_pos = None
         self.masks: dict[int | None, torch.Tensor] = {}
 
@@ -60,11 +61,11 @@ class _Gates:
     def streaming_mask(self, window: int | None) -> torch.Tensor | None:
         """Bool [b, 1, q, k] for the streaming branch, or None if it would equal full attention."""
         if window not in self.masks:
-            if window is None and int(self.q_pos.max()) < self.sink + self.recent:
+            if window is None and int(self.q_pos.max()) < sum(block_window(self.sink, self.recent, self.block)):
                 self.masks[window] = None  # no key has left the sink + recent window yet
             else:
                 full = torch.zeros(1, dtype=torch.bool)
-                mask = keep_keys_mask(self.q_pos, self.k_pos, full, self.sink, self.recent, window)
+                mask = keep_keys_mask(self.q_pos, self.k_pos, full, self.sink, self.recent, window, block=self.block)
                 self.masks[window] = mask | (self.q_pos < 0)[:, None, :, None]  # padding queries: keep finite
         return self.masks[window]
 
@@ -90,11 +91,12 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
     return gate_mix(full, stream, gates.alpha[module.layer_idx], gates.group, head_dim=2), None
 
 
-def gated(model, alpha: torch.Tensor, sink: int = 128, recent: int = 256):
+def gated(model, alpha: torch.Tensor, sink: int = 128, recent: int = 256, block: int = 1):
     """Run `model` with attention gated per KV head by `alpha` [layers, kv_heads] inside the block.
 
-    `alpha` is used as is (no clamping, no copy): make it a Parameter to train it. The model
-    must use sdpa or eager attention; its implementation is restored on exit.
+    `alpha` is used as is (no clamping, no copy): make it a Parameter to train it. `block`: the
+    streaming branch's granularity (1: token-exact; the authors train with 128). The model must use
+    sdpa or eager attention; its implementation is restored on exit.
     """
     layout = Layout.of(model)
     if not isinstance(alpha, torch.Tensor) or tuple(alpha.shape) != layout.shape or not alpha.is_floating_point():
@@ -103,5 +105,6 @@ def gated(model, alpha: torch.Tensor, sink: int = 128, recent: int = 256):
     for name, value, low in (("sink", sink, 0), ("recent", recent, 1)):
         if not isinstance(value, int) or value < low:
             raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-    gates = _Gates(alpha, layout.group_size, sink, recent)
+    block_window(sink, recent, block)  # checks block
+    gates = _Gates(alpha, layout.group_size, sink, recent, block)
     return patched(model, "rlkv_gated", _attention, gates)

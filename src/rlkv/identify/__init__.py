@@ -3,13 +3,14 @@
     from rlkv.identify import IdentifyConfig, identify, select_problems
     task = rlkv.tasks.get("math_train")
     config = IdentifyConfig()                       # recipe="paper" (the authors'); "rlkv-v0": rlkv's first
-    problems = select_problems(model, tok, task, task.load(), config.samples_per_problem, config.band,
-                               config.max_new_tokens, cache_path="runs/id/curriculum.json", keep=config.problems)
+    problems = select_problems(model, tok, task, task.load(), keep=config.problems, min_pass=config.min_pass,
+                               samples_per_problem=config.samples_per_problem, max_new_tokens=config.max_new_tokens,
+                               cache_path="runs/id/curriculum.json")
     heads = identify(model, tok, task, problems, config, out_dir="runs/id")   # -> HeadScores
 
 `identify_pipeline(model, task, config, out)` is the whole of `rlkv identify` (held-out split,
 curriculum, torchrun, training, sanity check) in one call.
-`gated(model, alpha, sink, recent)` is the mixed full/streaming attention the gates train through;
+`gated(model, alpha, sink, recent, block)` is the mixed full/streaming attention the gates train through;
 `sanity_check(...)` evaluates the learned heads against full and random heads on held-out problems.
 `identify_duo(...)` is the DuoAttention-style baseline: the same gates, trained by distillation on
 synthetic passkey retrieval instead of by reward.

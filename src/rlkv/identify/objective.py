@@ -69,8 +69,8 @@ def advantages(
 def penalty_weight(mean_reward: float, beta: float, tau: float) -> float:
     """beta * (exp(mean_reward) - 1) when mean_reward > tau, else 0.
 
-    rlkv applies it to the whole batch's mean reward, as the paper writes it; the authors' code
-    (AReaL fork, fsdp_engine.train_batch) applies it to each training micro-batch of up to 7,680
-    tokens with that micro-batch's mean reward, weighted by its share of the tokens.
+    `mean_reward` is the whole batch's (every rank's) raw 0/1 reward, as in the authors' code: AReaL's
+    micro-batch split (`split_padded_tensor_dict_into_mb_list`) divides only batch x sequence tensors,
+    so the 1-D rewards reach every micro-batch whole and `reg_loss_fn` compares their mean with tau.
     """
     return beta * (math.exp(mean_reward) - 1.0) if mean_reward > tau else 0.0

@@ -26,10 +26,10 @@ import rlkv.tasks as task_registry
 from rlkv.eval import EvalResults
 from rlkv.heads import HeadScores
 from rlkv.identify.check import sanity_check
-from rlkv.identify.curriculum import select_problems
-from rlkv.identify.grpo import identify, rollout_engine
+from rlkv.identify.curriculum import keep_problems, pass_rates
+from rlkv.identify.grpo import identify, rewarded, rollout_engine
 from rlkv.identify.recipe import IdentifyConfig
-from rlkv.models import load_model
+from rlkv.models import Layout, load_model
 
 
 @dataclass
@@ -60,20 +60,21 @@ def identify_pipeline(
 ) -> IdentifyRun:
     """Identify the heads of `model` (a hub id, local directory or .gguf, loaded here; or a loaded model with
     its `tokenizer`) on `task`; writes `out`/heads.json, and the sanity check's run under `out`/check."""
-    config = config or IdentifyConfig()
     say = say or (lambda line: None)
     warn = warn or (lambda line: warnings.warn(line, stacklevel=3))
     out = Path(out)
-    training = task_registry.get(task)
+    config = config or IdentifyConfig()
+    training = rewarded(task_registry.get(task), config.answer_rule)  # fails before the model loads if it can't apply
     examples, heldout = split_heldout(training.load(data_dir=data_dir, seed=config.seed), check_limit, limit)
     rank, device = join_torchrun()
     if isinstance(model, (str, os.PathLike)):
         model, tokenizer = load_model(model, device=device, say=say)
     elif tokenizer is None:
         raise ValueError("a loaded model needs its tokenizer (tokenizer=...)")
+    config = config.for_model(Layout.of(model))
+    say(f"tau {config.tau:g}, beta {config.beta:g} ({Layout.of(model).arch}); rewards by the {config.answer_rule} rule")
     problems = rank0_first(lambda: _curriculum(model, tokenizer, training, examples, config, out))
-    kept = "solved at least once" if config.problems == "solved" else f"in the pass band {config.band}"
-    say(f"curriculum: {len(problems)}/{len(examples)} problems {kept}")
+    say(f"curriculum: {len(problems)}/{len(examples)} problems {_kept(config)}{_per_task(problems, examples)}")
     heads = identify(model, tokenizer, training, problems, config, out)
     run = IdentifyRun(heads, problems, len(examples), None, rank)
     if rank != 0:
@@ -85,7 +86,7 @@ def identify_pipeline(
         warn(
             f"the sparsity penalty acted in {acted} of {config.steps} steps (the batch reward stayed at or below "
             f"--tau {config.tau:g} in the others), so the gates moved mostly under the policy gradient; easier "
-            "problems (--problems solved, an easier --task) or a lower --tau let it act"
+            "problems (--problems reliable, an easier --task) or a lower --tau let it act"
         )
     if check_limit:
         run.check = sanity_check(
@@ -134,23 +135,43 @@ def rank0_first(work: Callable):
     return result if dist.get_rank() == 0 else work()
 
 
+def _kept(config: IdentifyConfig) -> str:
+    if config.problems == "reliable":
+        return f"solved in at least {config.min_pass:.0%} of {config.samples_per_problem} samples"
+    if config.problems == "solved":
+        return "solved at least once"
+    return f"in the pass band {config.band}"
+
+
+def _per_task(problems: list, examples: list) -> str:
+    """' (math_train 1,020/8,400, gsm8k_train ...)' for a mix of tasks, else ''."""
+    names = list(dict.fromkeys(ex.meta.get("task") for ex in examples))
+    if len(names) < 2:
+        return ""
+    counts = [
+        f"{name} {sum(ex.meta.get('task') == name for ex in problems):,}/"
+        f"{sum(ex.meta.get('task') == name for ex in examples):,}"
+        for name in names
+    ]
+    return f" ({', '.join(counts)})"
+
+
 def _curriculum(model, tokenizer, task, examples: list, config: IdentifyConfig, out: Path) -> list:
     """The training problems the full model's own samples keep, cached in out/curriculum.json."""
     engine = rollout_engine(model, tokenizer, None, config)
-    return select_problems(
+    rates = pass_rates(
         model,
         tokenizer,
         task,
         examples,
         config.samples_per_problem,
-        config.band,
         config.max_new_tokens,
         cache_path=out / "curriculum.json",
-        batch_size=config.rollout_batch_size,
-        seed=config.seed,
-        engine=engine,
-        keep=config.problems,
         temperature=config.temperature,
         top_p=config.top_p,
         top_k=config.top_k,
+        seed=config.seed,
+        engine=engine,
+        batch_size=config.rollout_batch_size,
     )
+    return keep_problems(examples, rates, config.problems, config.min_pass, config.band)

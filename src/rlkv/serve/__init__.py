@@ -5,11 +5,12 @@
     engine = rlkv.serve.EngineProcess(rlkv.serve.EngineSpec("DIR", "rlkv", 0.5, heads="heads.json"))
     app = rlkv.serve.create_app(engine, engine.tokenizer, "my-model")   # the engine in its own process
 
-Modules, in the order a request meets them: `app` (routes, streaming, errors), `protocol` (the
-OpenAI request / response models), `async_engine` (per-request streams; the engine in a thread),
-`engine_process` (the engine in a process of its own, as `rlkv serve` runs it), `detokenize`
-(incremental text for streaming), `metrics` (Prometheus), `server` (uvicorn, signals), `process`
-(`rlkv serve` as a child process, for tests and benchmarks).
+Modules, in the order a request meets them: `auth` (the API key), `app` (routes, body limit, the
+work off the event loop, streaming, errors), `protocol` (the OpenAI request / response models, their
+bounds), `async_engine` (per-request streams; the engine in a thread), `engine_process` (the engine in
+a process of its own, restarted when it dies, as `rlkv serve` runs it), `detokenize` (incremental
+text and stop strings for streaming), `metrics` (Prometheus), `server` (uvicorn, signals, exit on a
+failed engine), `process` (`rlkv serve` as a child process, for tests and benchmarks).
 """
 
 from rlkv.serve.app import create_app

@@ -6,22 +6,31 @@
 
 `"stream": true` answers with server-sent events: `data: {chunk}` per text delta, a chunk with the
 finish reason, a usage chunk when `stream_options.include_usage` (off by default, as with OpenAI),
-then `data: [DONE]`. Streamed and whole answers come out of one path (engine outputs through one
-`Detokenizer`), so the deltas concatenate to exactly the non-streamed text. A client that
+then `data: [DONE]`. Streamed and whole answers come out of one path (the engine's outputs, decoded
+by one `Detokenizer` each), so the deltas concatenate to exactly the non-streamed text. A client that
 disconnects (streaming or not) aborts its request. Errors are OpenAI's JSON body
 `{"error": {"message", "type", "param", "code"}}`: 400 for a bad body or a request that can never
-run, 404 for an unknown model, 503 while shutting down.
+run, 401 without the API key (`rlkv.serve.auth`), 404 for an unknown model, 413 for a body over
+`max_body_bytes`, 500 for a request the engine failed on, 503 while the engine restarts or the server
+shuts down.
+
+The event loop never waits on work: a body is read up to its size limit, then parsed, templated,
+tokenized and checked in a small thread pool; each request's text is decoded in the engine
+transport's thread (`rlkv.serve.async_engine`); the objects alive at start-up (the model's
+tokenizer, the libraries) are frozen out of the garbage collector's full passes.
 """
 
 from __future__ import annotations
 
 import asyncio
+import gc
 import random
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass
-from typing import Any, TypeVar, cast
+from typing import TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -30,13 +39,21 @@ from starlette.exceptions import HTTPException
 
 from rlkv.engine import Engine, RequestError, SamplingParams
 from rlkv.serve import protocol as p
-from rlkv.serve.async_engine import AsyncEngine, EngineStopped, Streams
+from rlkv.serve.async_engine import AsyncEngine, EngineStopped, RequestFailed, Streams
+from rlkv.serve.auth import ApiKeyMiddleware
 from rlkv.serve.detokenize import Detokenizer
 from rlkv.serve.errors import ApiError, describe_validation
 from rlkv.serve.metrics import CONTENT_TYPE, ServerMetrics
 
 FINISH: dict[str, p.FinishReason] = {"eos": "stop", "stop": "stop", "repetition": "stop", "length": "length"}
 Body = TypeVar("Body", bound=BaseModel)
+MIN_BODY_BYTES = 1 << 20
+BODY_BYTES_PER_TOKEN = 64  # a prompt of max_seq_len tokens as JSON text or ids, escapes and all, fits
+
+
+def default_max_body_bytes(max_seq_len: int) -> int:
+    """The body limit unless one is given: room for a prompt of the whole context, at least 1 MiB."""
+    return max(MIN_BODY_BYTES, BODY_BYTES_PER_TOKEN * max_seq_len)
 
 
 @dataclass
@@ -48,26 +65,32 @@ class _Piece:
     completion_tokens: int
 
 
-class _Handlers:
-    """The handlers' shared state: the engine's online layer, the tokenizer, the served name, metrics."""
+@dataclass
+class _Prepared:
+    """A request made ready off the event loop: parsed, its prompt tokenized, checked against the engine."""
 
-    def __init__(self, runner: Streams, tokenizer, model_name: str, default_max_tokens: int):
+    req: p.ChatCompletionRequest | p.CompletionRequest
+    prompt_ids: list[int]
+    params: SamplingParams
+    detokenizer: Detokenizer
+
+
+class _Handlers:
+    """The handlers' shared state: the engine's online layer, the tokenizer, the served name, limits, metrics."""
+
+    def __init__(self, runner: Streams, tokenizer, model_name: str, default_max_tokens: int, max_body_bytes: int):
         self.runner, self.tokenizer, self.model_name = runner, tokenizer, model_name
-        self.default_max_tokens = default_max_tokens
+        self.default_max_tokens, self.max_body_bytes = default_max_tokens, max_body_bytes
         self.metrics = ServerMetrics(runner)
         self.created = p.now()
+        self.pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="rlkv-prepare")
 
     # ------------------------------------------------------------------ endpoints
     async def chat(self, raw: Request) -> Response:
-        req = _parse(p.ChatCompletionRequest, await raw.body())
-        self._check_model(req.model)
-        return await self._answer(raw, req, self._chat_prompt(req), chat=True)
+        return await self._serve(raw, chat=True)
 
     async def completions(self, raw: Request) -> Response:
-        req = _parse(p.CompletionRequest, await raw.body())
-        self._check_model(req.model)
-        prompt = cast("str | list[int]", req.prompt)  # its validator unwrapped a batch of one
-        return await self._answer(raw, req, self._plain_prompt(prompt), chat=False)
+        return await self._serve(raw, chat=False)
 
     async def models(self, raw: Request) -> p.ModelList:
         return p.ModelList(
@@ -75,14 +98,53 @@ class _Handlers:
         )
 
     async def health(self, raw: Request) -> Response:
-        if not self.runner.healthy:
-            raise ApiError(503, "the engine is not running", type="service_unavailable_error")
+        if (why := self.runner.status()) is not None:
+            code = "engine_restarting" if self.runner.restarting is not None else "engine_unavailable"
+            raise ApiError(503, str(why), type="service_unavailable_error", code=code)
         return JSONResponse({"status": "ok"})
 
     async def metrics_text(self, raw: Request) -> Response:
         return Response(self.metrics.render(), media_type=CONTENT_TYPE)
 
     # ------------------------------------------------------------------ requests
+    async def _serve(self, raw: Request, chat: bool) -> Response:
+        arrival = time.perf_counter()
+        body = await self._body(raw)
+        ready = await asyncio.get_running_loop().run_in_executor(self.pool, self._prepare, body, chat)
+        return await self._answer(raw, ready, chat, arrival)
+
+    async def _body(self, raw: Request) -> bytes:
+        """The request body, refused (413) as soon as it is known to exceed the limit: by its declared length
+        before reading, else while reading."""
+        declared = raw.headers.get("content-length", "")
+        size, chunks = int(declared) if declared.isdigit() else 0, []
+        if size <= self.max_body_bytes:
+            size = 0
+            async for chunk in raw.stream():
+                size += len(chunk)
+                if size > self.max_body_bytes:
+                    break
+                chunks.append(chunk)
+        if size > self.max_body_bytes:
+            raise ApiError(
+                413,
+                f"the request body exceeds {self.max_body_bytes} bytes (the server's --max-body-bytes)",
+                code="request_too_large",
+            )
+        return b"".join(chunks)
+
+    def _prepare(self, body: bytes, chat: bool) -> _Prepared:
+        """Parse, template, tokenize and check a request (in the pool: this is the work a request brings)."""
+        req = _parse(p.ChatCompletionRequest if chat else p.CompletionRequest, body)
+        self._check_model(req.model)
+        prompt_ids = self._chat_prompt(req) if chat else self._plain_prompt(req.prompt)
+        params = self._params(req, len(prompt_ids))
+        try:
+            self.runner.check_request(prompt_ids, params)
+        except RequestError as err:
+            raise _api_error(err, chat) from None
+        return _Prepared(req, prompt_ids, params, Detokenizer(self.tokenizer, params.stop))
+
     def _check_model(self, name: str | None) -> None:
         if name is not None and name != self.model_name:
             raise ApiError(
@@ -103,7 +165,7 @@ class _Handlers:
         return self.tokenizer(text, add_special_tokens=False).input_ids
 
     def _plain_prompt(self, prompt: str | list[int]) -> list[int]:
-        """A string gets the tokenizer's special tokens; token ids go as they are (the engine checks them)."""
+        """A string gets the tokenizer's special tokens; token ids go as they are (checked against the vocabulary)."""
         return self.tokenizer(prompt).input_ids if isinstance(prompt, str) else prompt
 
     def _params(self, req, prompt_tokens: int) -> SamplingParams:
@@ -119,26 +181,24 @@ class _Handlers:
                 stop_token_ids=tuple(req.stop_token_ids),
                 ignore_eos=req.ignore_eos,
             )
-        except ValueError as err:
+        except ValueError as err:  # the schema holds every bound SamplingParams checks: a safety net
             raise ApiError(400, str(err)) from None
 
-    async def _answer(self, raw: Request, req, prompt_ids: list[int], chat: bool) -> Response:
-        params = self._params(req, len(prompt_ids))
+    async def _answer(self, raw: Request, ready: _Prepared, chat: bool, arrival: float) -> Response:
+        req = ready.req
         rid = p.request_id("chatcmpl" if chat else "cmpl")
         try:
-            outputs = self.runner.generate(rid, prompt_ids, params)
-        except RequestError as err:
-            raise ApiError(400, str(err), param="messages" if chat else "prompt") from None
-        except EngineStopped as err:
-            raise ApiError(503, str(err), type="service_unavailable_error") from None
-        pieces = self._pieces(outputs, Detokenizer(self.tokenizer, params.stop), time.perf_counter())
-        head: dict[str, Any] = dict(id=rid, created=p.now(), model=self.model_name)
-        usage = _Usage(len(prompt_ids))
+            outputs = self.runner.generate(rid, ready.prompt_ids, ready.params, ready.detokenizer)
+        except (RequestError, EngineStopped) as err:
+            raise _api_error(err, chat) from None
+        pieces = self._pieces(outputs, arrival)
+        head = dict(id=rid, created=p.now(), model=self.model_name)
+        usage = _Usage(len(ready.prompt_ids))
         if req.stream:
             events = (_chat_events if chat else _completion_events)(pieces, head, usage, req.include_usage)
             self.metrics.count(raw, 200)
             return StreamingResponse(_sse(events), media_type="text/event-stream")
-        text, last = await _unless_disconnected(raw, _join(pieces))
+        text, last = await _unless_disconnected(raw, _join(pieces), chat)
         usage.completion_tokens = last.completion_tokens
         body = (
             p.ChatCompletionResponse(
@@ -156,23 +216,20 @@ class _Handlers:
         self.metrics.count(raw, 200)
         return JSONResponse(body.model_dump(mode="json"))
 
-    async def _pieces(
-        self, outputs: AsyncGenerator, detok: Detokenizer, arrival: float
-    ) -> AsyncGenerator[_Piece, None]:
-        """The request's text, piece by piece; ends early (aborting the request) at a stop string."""
+    async def _pieces(self, outputs: AsyncIterator, arrival: float) -> AsyncIterator[_Piece]:
+        """The request's text (decoded by its stream), piece by piece; the last one has the finish reason."""
         tokens = 0
         async with aclosing(outputs):
             async for out in outputs:
                 if not tokens and out.new_token_ids:
                     self.metrics.ttft.observe(time.perf_counter() - arrival)
                 tokens += len(out.new_token_ids)
-                text = detok.add(out.new_token_ids)
-                if out.finished or detok.stopped:
+                if out.finished:
                     self.metrics.latency.observe(time.perf_counter() - arrival)
-                    yield _Piece(text + detok.finish(), FINISH.get(out.finish_reason, "stop"), tokens)
+                    yield _Piece(out.text, FINISH.get(out.finish_reason, "stop"), tokens)
                     return
-                if text:
-                    yield _Piece(text, None, tokens)
+                if out.text:
+                    yield _Piece(out.text, None, tokens)
 
 
 class _Usage:
@@ -186,6 +243,16 @@ class _Usage:
         return p.UsageInfo.of(self.prompt_tokens, self.completion_tokens)
 
 
+def _api_error(err: Exception, chat: bool) -> ApiError:
+    """The HTTP answer to a request the engine refused, failed on, or could not take."""
+    if isinstance(err, EngineStopped):
+        return ApiError(503, str(err), type="service_unavailable_error")
+    if isinstance(err, RequestFailed):
+        return ApiError(500, str(err), type="internal_error")
+    param = getattr(err, "param", None)
+    return ApiError(400, str(err), param="messages" if chat and param == "prompt" else param)
+
+
 async def _join(pieces: AsyncIterator[_Piece]) -> tuple[str, _Piece]:
     texts, last = [], None
     async for last in pieces:
@@ -195,7 +262,7 @@ async def _join(pieces: AsyncIterator[_Piece]) -> tuple[str, _Piece]:
     return "".join(texts), last
 
 
-async def _unless_disconnected(raw: Request, work):
+async def _unless_disconnected(raw: Request, work, chat: bool):
     """Await `work`, cancelling it (which aborts its request) if the client disconnects first."""
 
     async def disconnected():
@@ -213,10 +280,8 @@ async def _unless_disconnected(raw: Request, work):
         raise ApiError(499, "the client disconnected", type="client_disconnected")
     try:
         return task.result()
-    except EngineStopped as err:
-        raise ApiError(503, str(err), type="service_unavailable_error") from None
-    except RequestError as err:
-        raise ApiError(400, str(err)) from None
+    except (EngineStopped, RequestFailed, RequestError) as err:
+        raise _api_error(err, chat) from None
 
 
 async def _chat_events(pieces, head: dict, usage: _Usage, include_usage: bool):
@@ -251,9 +316,10 @@ async def _sse(events: AsyncGenerator[BaseModel, None]) -> AsyncIterator[str]:
         try:
             async for event in events:
                 yield f"data: {event.model_dump_json()}\n\n"
-        except (EngineStopped, RequestError) as err:
-            kind = "service_unavailable_error" if isinstance(err, EngineStopped) else "invalid_request_error"
-            yield f"data: {p.ErrorResponse(error=p.ErrorInfo(message=str(err), type=kind)).model_dump_json()}\n\n"
+        except (EngineStopped, RequestFailed, RequestError) as err:
+            error = _api_error(err, chat=False)
+            info = p.ErrorInfo(message=error.message, type=error.type, code=error.code)
+            yield f"data: {p.ErrorResponse(error=info).model_dump_json()}\n\n"
     yield "data: [DONE]\n\n"
 
 
@@ -265,28 +331,67 @@ def _parse(model: type[Body], body: bytes) -> Body:
         raise ApiError(400, message, param=param) from None
 
 
-def create_app(engine: Engine | Streams, tokenizer, model_name: str, default_max_tokens: int = 1024) -> FastAPI:
+def _openapi(app: FastAPI) -> dict:
+    """FastAPI's schema plus the request bodies, which the handlers parse themselves (off the event loop)."""
+    if app.openapi_schema is not None:
+        return app.openapi_schema
+    schema = FastAPI.openapi(app)  # cached in app.openapi_schema, completed here
+    components = schema.setdefault("components", {}).setdefault("schemas", {})
+    for model in (p.ChatCompletionRequest, p.CompletionRequest):
+        body = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        components.update(body.pop("$defs", {}))
+        components[model.__name__] = body
+    return schema
+
+
+def _body_of(model: type[BaseModel]) -> dict:
+    ref = {"$ref": f"#/components/schemas/{model.__name__}"}
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": ref}}}}
+
+
+def create_app(
+    engine: Engine | Streams,
+    tokenizer,
+    model_name: str,
+    default_max_tokens: int = 1024,
+    max_body_bytes: int | None = None,
+    api_key: str | None = None,
+    protect_metrics: bool = False,
+) -> FastAPI:
     """The app serving `engine` as `model_name`: an Engine (run in a thread of this process) or an
     `EngineProcess`; it runs while the app's lifespan does.
 
-    `default_max_tokens`: a request's token limit when it names none (cut to the context left)."""
+    `default_max_tokens`: a request's token limit when it names none (cut to the context left).
+    `max_body_bytes`: the largest request body read (default: `default_max_body_bytes`). `api_key`: the
+    bearer token /v1/... (and /metrics if `protect_metrics`) require; /health never does."""
+    runner = AsyncEngine(engine) if isinstance(engine, Engine) else engine
     server = _Handlers(
-        AsyncEngine(engine) if isinstance(engine, Engine) else engine, tokenizer, model_name, default_max_tokens
+        runner, tokenizer, model_name, default_max_tokens, max_body_bytes or default_max_body_bytes(runner.max_seq_len)
     )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         server.runner.start()
+        gc.collect()
+        gc.freeze()  # what lives now is never garbage: full collections need not walk it (as vLLM does)
         yield
         server.runner.join(timeout=30)
+        server.pool.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="rlkv", summary="OpenAI-compatible API over rlkv's engine", lifespan=lifespan)
     app.state.runner = server.runner  # the signal hook shuts it down (rlkv.serve.server)
-    app.add_api_route("/v1/chat/completions", server.chat, methods=["POST"])
-    app.add_api_route("/v1/completions", server.completions, methods=["POST"])
+    app.add_api_route(
+        "/v1/chat/completions", server.chat, methods=["POST"], openapi_extra=_body_of(p.ChatCompletionRequest)
+    )
+    app.add_api_route(
+        "/v1/completions", server.completions, methods=["POST"], openapi_extra=_body_of(p.CompletionRequest)
+    )
     app.add_api_route("/v1/models", server.models, methods=["GET"], response_model=p.ModelList)
     app.add_api_route("/health", server.health, methods=["GET"])
     app.add_api_route("/metrics", server.metrics_text, methods=["GET"])
+    app.openapi = lambda: _openapi(app)
+    if api_key:
+        app.add_middleware(ApiKeyMiddleware, key=api_key, protect_metrics=protect_metrics)
 
     async def api_error(raw: Request, err: ApiError) -> JSONResponse:
         server.metrics.count(raw, err.status)

@@ -1,18 +1,20 @@
 """The online layer between asyncio request handlers and the (synchronous) Engine.
 
-`Streams` is what handlers see, whatever runs the engine: `generate(id, prompt ids, params)`
-checks the request at once (`RequestError`: it can never run) and returns an async iterator of
-its outputs. Each request's outputs go to its own asyncio queue, all of a step's outputs in one
-`loop.call_soon_threadsafe` (one wake-up of the event loop per step, not per request); a reader
-that fell behind gets the outputs queued for it merged into one (fewer, larger deltas under
-load). Leaving the iterator early (the client disconnected, a stop string ended the text, the
-task was cancelled) aborts the request, which frees its KV pages before the next step.
-`shutdown()` (safe from a signal handler) aborts every request and ends every stream with
-`EngineStopped`, so the server can close in-flight streams at once on Ctrl-C.
+`Streams` is what handlers see, whatever runs the engine: `generate(id, prompt ids, params,
+detokenizer)` checks the request at once (`RequestError`: it can never run) and returns an async
+iterator of its outputs. Each request's outputs go to its own asyncio queue, all of a step's outputs
+in one `loop.call_soon_threadsafe` (one wake-up of the event loop per step, not per request); a
+reader that fell behind gets the outputs queued for it merged into one (fewer, larger deltas under
+load). With a `Detokenizer`, the transport's thread decodes each output's text (`RequestOutput.text`)
+before it reaches the event loop, and finishes the request at its first stop string. Leaving the
+iterator early (the client disconnected, the task was cancelled) aborts the request, which frees its
+KV pages before the next step. `shutdown()` (safe from a signal handler) aborts every request and
+ends every stream with `EngineStopped`, so the server can close in-flight streams at once on Ctrl-C.
 
 Two transports implement it: `AsyncEngine` runs a given Engine in a thread of this process (for
 an Engine built in Python); `rlkv.serve.engine_process.EngineProcess` runs it in a child process
-(what `rlkv serve` uses: the HTTP side then never competes with the step loop for the GIL).
+(what `rlkv serve` uses: the HTTP side then never competes with the step loop for the GIL) and
+restarts it when it dies. An engine that failed for good calls `on_fatal` (the server then exits).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import logging
 import queue
 import threading
 from collections import defaultdict
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncIterator, Sequence
 from contextlib import suppress
 from dataclasses import dataclass, replace
 
@@ -30,38 +32,47 @@ import torch
 
 from rlkv.engine import Engine, RequestError, RequestLimits, RequestOutput, SamplingParams
 from rlkv.engine.stats import EngineMetrics
+from rlkv.serve.detokenize import Detokenizer
 
 log = logging.getLogger("rlkv.serve")
 
 
 class EngineStopped(RuntimeError):
-    """The engine is shutting down (or failed): the request cannot finish."""
+    """The engine is shutting down, restarting or failed: the request cannot finish (HTTP 503)."""
+
+
+class RequestFailed(RuntimeError):
+    """The engine failed on this request alone (a bug it met taking it); the others go on (HTTP 500)."""
 
 
 @dataclass
 class _Sink:
-    """Where a request's outputs go: its asyncio queue, filled on its event loop."""
+    """Where a request's outputs go: its asyncio queue, filled on its event loop; its text's decoder."""
 
     loop: asyncio.AbstractEventLoop
     outputs: asyncio.Queue
+    detokenizer: Detokenizer | None
 
 
 class Streams:
     """Per-request output streams over some transport to an engine (see module doc). Messages for the engine
-    (("add", id, prompt ids, params), ("abort", id), ("stop",)) go to `_messages`, which the transport
-    carries to `run_engine`; it calls `_route` with what each step reported and `_end_all` when the engine
-    stops. Subclasses set `limits` (the engine's `RequestLimits`) and provide `metrics()`, `_alive()`,
-    `start` and `join`."""
+    (("add", id, prompt ids, params), ("abort", id), ("stop",)) go through `_post`, which the transport
+    carries to `run_engine`; it calls `_route` with what each step reported, `_fail_open` when its engine died
+    and `_end_all` when the engine stops for good. Subclasses set `limits` (the engine's `RequestLimits`) and
+    provide `metrics()`, `_alive()`, `start` and `join`."""
 
     limits: RequestLimits
 
     def __init__(self):
         self._messages: queue.SimpleQueue = queue.SimpleQueue()  # put from any thread, a signal handler too
         self._sinks: dict[str, _Sink] = {}
-        self._lock = threading.Lock()  # _sinks: added and removed by the event loop, popped by the transport
+        self._lock = threading.Lock()  # _sinks and `restarting`: the event loop and the transport's thread
         self._stopping = False
         self._ended: EngineStopped | None = None  # set once every stream was ended: later ones end at once
-        self.error: BaseException | None = None  # why the engine failed, if it did
+        self.error: BaseException | None = None  # why the engine failed for good, if it did
+        self.restarting: EngineStopped | None = None  # while a failed engine restarts: what new requests get
+        self.restarts = 0
+        self.on_fatal = lambda: None  # called once the engine failed for good (from the transport's thread)
 
     @property
     def max_seq_len(self) -> int:
@@ -83,34 +94,56 @@ class Streams:
         raise NotImplementedError
 
     @property
+    def open_streams(self) -> int:
+        return len(self._sinks)
+
+    @property
     def healthy(self) -> bool:
-        return self._alive() and not self._stopping and self.error is None
+        return self._alive() and not self._stopping and self.error is None and self.restarting is None
+
+    def status(self) -> EngineStopped | None:
+        """Why a new request cannot run now (None: it can)."""
+        if self._stopping:
+            return EngineStopped("the server is shutting down")
+        if self.error is not None:
+            return EngineStopped(f"the engine failed: {self.error}")
+        if self.restarting is not None:
+            return self.restarting
+        return None if self._alive() else EngineStopped("the engine is not running")
 
     def shutdown(self) -> None:
         """Abort everything and stop the engine soon; returns at once (callable from a signal handler)."""
         if not self._stopping:
             self._stopping = True
-            self._messages.put(("stop",))
+            self._post(("stop",))
 
     def generate(
-        self, request_id: str, prompt_ids: list[int], params: SamplingParams
-    ) -> AsyncGenerator[RequestOutput, None]:
-        """Check the request now (RequestError: it can never run), then stream its outputs.
+        self,
+        request_id: str,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        detokenizer: Detokenizer | None = None,
+    ) -> AsyncIterator[RequestOutput]:
+        """Check the request now (RequestError: it can never run), then stream its outputs (with their
+        text, if a `detokenizer` is given; it must have been made with `params.stop`).
 
         The request is submitted when iteration starts and aborted if iteration stops before its
         last output (the iterator closed, or the awaiting task cancelled)."""
         self.check_request(prompt_ids, params)
-        if not self.healthy:
-            raise EngineStopped("the server is shutting down" if self._stopping else f"the engine failed: {self.error}")
-        return self._stream(request_id, prompt_ids, params)
+        if (why := self.status()) is not None:
+            raise why
+        return self._stream(request_id, prompt_ids, params, detokenizer)
 
-    async def _stream(self, request_id: str, prompt_ids: list[int], params: SamplingParams):
-        sink = _Sink(asyncio.get_running_loop(), asyncio.Queue())
+    def _post(self, message: tuple) -> None:
+        self._messages.put(message)
+
+    async def _stream(self, request_id: str, prompt_ids: list[int], params: SamplingParams, detokenizer):
+        sink = _Sink(asyncio.get_running_loop(), asyncio.Queue(), detokenizer)
         with self._lock:
-            if self._ended is not None:  # the engine stopped after `generate` checked it
-                raise self._ended
+            if (why := self._ended or self.restarting) is not None:  # the engine stopped after `generate` checked
+                raise why
             self._sinks[request_id] = sink
-        self._messages.put(("add", request_id, prompt_ids, params))
+            self._post(("add", request_id, prompt_ids, params))
         finished = False
         try:
             while not finished:
@@ -123,7 +156,7 @@ class Streams:
             if not finished:
                 with self._lock:
                     self._sinks.pop(request_id, None)
-                self._messages.put(("abort", request_id))
+                self._post(("abort", request_id))
 
     def _route(self, outputs: list[RequestOutput], errors: Sequence[tuple[str, BaseException]] = ()) -> None:
         """Hand a step's outputs (and requests refused on arrival) to their streams: one callback per event loop."""
@@ -136,15 +169,35 @@ class Streams:
             for request_id, err in errors:
                 if (sink := self._sinks.pop(request_id, None)) is not None:
                     ready.append((sink, err))
+        _deliver([(sink, self._with_text(sink, item)) for sink, item in ready])
+
+    def _with_text(self, sink: _Sink, out):
+        """`out` with its new text, finished (and its request aborted) if the text reached a stop string."""
+        detok = sink.detokenizer
+        if detok is None or not isinstance(out, RequestOutput):
+            return out
+        text = detok.add(out.new_token_ids)
+        if out.finished or detok.stopped:
+            text += detok.finish()
+        if detok.stopped and not out.finished:
+            with self._lock:
+                self._sinks.pop(out.request_id, None)
+            self._post(("abort", out.request_id))
+            return replace(out, text=text, finished=True, finish_reason="stop")
+        return replace(out, text=text)
+
+    def _fail_open(self, err: EngineStopped) -> None:
+        """End every open stream with `err` (its engine died); later streams go to the next engine."""
+        with self._lock:
+            ready = [(sink, err) for sink in self._sinks.values()]
+            self._sinks.clear()
         _deliver(ready)
 
     def _end_all(self, err: EngineStopped) -> None:
         """End every open stream with `err`, and any stream opened later."""
         with self._lock:
             self._ended = err
-            ready: list[tuple[_Sink, RequestOutput | BaseException]] = [(sink, err) for sink in self._sinks.values()]
-            self._sinks.clear()
-        _deliver(ready)
+        self._fail_open(err)
 
 
 class AsyncEngine(Streams):
@@ -183,22 +236,25 @@ class AsyncEngine(Streams):
             if self.engine.device.type == "cuda":  # a new thread starts on the default device
                 torch.cuda.set_device(self.engine.device)
             run_engine(self.engine, self._receive, self._route)
-        except BaseException as err:  # a bug or a device failure: fail every open request, keep serving errors
+        except BaseException as err:  # a bug or a device failure: an Engine given in Python cannot be rebuilt
             log.exception("the engine thread failed")
             self.error = err
             reason = EngineStopped(f"the engine failed: {err}")
+        if self.error is not None:
+            self.on_fatal()
         self._end_all(reason)
 
 
 def run_engine(engine: Engine, receive, emit) -> None:
     """The engine's loop, in whichever thread or process owns the engine: apply the messages `receive(block)`
     returns (("add", id, prompt ids, params), ("abort", id), ("stop",); it waits for one if `block`), step
-    while requests are unfinished, and `emit(outputs, refused)` after every round. Returns at "stop"; open
-    requests are aborted however it ends."""
+    while requests are unfinished, and `emit(outputs, refused)` after every round. A request whose adding
+    raises is refused alone; an exception in a step ends the loop (the engine's state is unknown). Returns
+    at "stop"; open requests are aborted however it ends."""
     open_ids: set[str] = set()
     try:
         while True:
-            refused: list[tuple[str, RequestError]] = []
+            refused: list[tuple[str, Exception]] = []
             for kind, *args in receive(not engine.has_unfinished()):
                 if kind == "stop":
                     return
@@ -208,6 +264,9 @@ def run_engine(engine: Engine, receive, emit) -> None:
                         open_ids.add(args[0])
                     except RequestError as err:
                         refused.append((args[0], err))
+                    except Exception as err:  # a bug that this request alone meets: it fails, the rest go on
+                        log.exception("adding request %s failed", args[0])
+                        refused.append((args[0], RequestFailed(f"the engine failed on this request: {err!r}")))
                 elif args[0] in open_ids:
                     open_ids.discard(args[0])
                     engine.abort_request(args[0])
@@ -240,5 +299,5 @@ def _merged(first, outputs: asyncio.Queue):
         nxt = outputs.get_nowait()
         if isinstance(nxt, BaseException):
             return nxt
-        first = replace(nxt, new_token_ids=first.new_token_ids + nxt.new_token_ids)
+        first = replace(nxt, new_token_ids=first.new_token_ids + nxt.new_token_ids, text=first.text + nxt.text)
     return first

@@ -8,12 +8,16 @@ sides tokenize alike) and the engine's `RequestLimits`, so a request that could 
 refused before anything is sent. Two pipes connect them:
 - to the child: ("add", id, prompt ids, SamplingParams), ("abort", id), ("stop",), written by one
   sender thread (so `shutdown` is safe from a signal handler);
-- from the child: ("outputs", [RequestOutput], EngineMetrics) after every step or batch of
+- from the child: ("outputs", [RequestOutput], refused, EngineMetrics) after every step or batch of
   messages, read by one reader thread that hands each request's outputs to its asyncio queue
   (`rlkv.serve.async_engine`'s streams: the same iterator, merging, abort-on-exit).
 The child ignores Ctrl-C (the server orchestrates the shutdown) and exits when its pipe closes, so
-it never outlives the server. As with any "spawn" child, a script that starts one must do so under
-`if __name__ == "__main__":`.
+it never outlives the server. When it dies (a bug, a device failure, the OOM killer), the reader
+thread ends its open streams with `EngineStopped` (HTTP 503: "restarting"), starts a new child and
+serves again; messages meant for the dead child never reach the new one. After `restarts` failures
+in a row, each soon after its engine started, it gives up: every stream ends and `on_fatal` runs
+(`rlkv serve` then exits with status 1, for a supervisor such as systemd or Kubernetes to act).
+As with any "spawn" child, a script that starts one must do so under `if __name__ == "__main__":`.
 """
 
 from __future__ import annotations
@@ -22,8 +26,9 @@ import logging
 import multiprocessing as mp
 import signal
 import threading
+import time
 from contextlib import suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from rlkv.engine.stats import EngineMetrics
 from rlkv.serve.async_engine import EngineStopped, Streams, run_engine
@@ -69,38 +74,70 @@ class EngineSpec:
         return engine, tokenizer
 
 
-class EngineProcess(Streams):
-    """The engine of `spec` in a child process; `generate` streams one request's outputs (see module doc)."""
+class _Child:
+    """One engine process and its two pipes."""
 
-    def __init__(self, spec: EngineSpec, startup_timeout: float = 3600):
-        """Start the child and wait until its engine is built (the model loaded); a failure raises its error."""
-        super().__init__()
+    def __init__(self, spec: EngineSpec, stopping):
         context = mp.get_context("spawn")
-        child_in, self._to_child = context.Pipe(duplex=False)  # (reading end, writing end)
-        self._from_child, child_out = context.Pipe(duplex=False)
-        self._process = context.Process(
+        child_in, self.inbox = context.Pipe(duplex=False)  # (reading end, writing end)
+        self.outbox, child_out = context.Pipe(duplex=False)
+        self.process = context.Process(
             target=_child_main, args=(spec, child_in, child_out), name="rlkv-engine", daemon=True
         )
-        self._process.start()
+        self.process.start()
         child_in.close()
         child_out.close()
-        if not self._from_child.poll(startup_timeout):
-            self._process.kill()
-            raise RuntimeError(f"the engine process did not start within {startup_timeout:g} s")
+        self.started = time.monotonic()
+        self._stopping = stopping
+
+    def wait_ready(self, timeout: float) -> tuple:
+        """(limits, tokenizer, metrics) once the engine is built; raises if it fails, exits or takes too long."""
+        deadline = time.monotonic() + timeout
+        while not self.outbox.poll(0.2):
+            if time.monotonic() > deadline or self._stopping():
+                self.kill()
+                raise RuntimeError(f"the engine process did not start within {timeout:g} s")
         try:
-            kind, *payload = self._from_child.recv()
+            kind, *payload = self.outbox.recv()
         except EOFError:
-            raise RuntimeError(f"the engine process exited with {self._process.exitcode} while starting") from None
+            self.process.join(5)
+            raise RuntimeError(f"the engine process exited with {self.process.exitcode} while starting") from None
         if kind == "failed":
             raise payload[0]
-        self.limits, self.tokenizer, self._metrics = payload
-        self._reader = threading.Thread(target=self._read, name="rlkv-engine-reader", daemon=True)
+        self.started = time.monotonic()
+        return tuple(payload)
+
+    def kill(self) -> None:
+        if self.process.is_alive():
+            self.process.kill()
+        self.process.join(5)
+
+
+class EngineProcess(Streams):
+    """The engine of `spec` in a child process, restarted when it dies; `generate` streams one request's
+    outputs (see module doc).
+
+    `restarts`: how many failures in a row the server survives, counting only those that came within
+    `quick_s` seconds of the engine's start (a failure after a longer life starts the count again); the
+    next one ends the server (`on_fatal`). 0: the first failure does, as vLLM's server exits when its
+    engine dies."""
+
+    def __init__(self, spec: EngineSpec, startup_timeout: float = 3600, restarts: int = 3, quick_s: float = 60):
+        """Start the child and wait until its engine is built (the model loaded); a failure raises its error."""
+        super().__init__()
+        self.spec, self.startup_timeout, self.max_restarts, self.quick_s = spec, startup_timeout, restarts, quick_s
+        self._child = _Child(spec, lambda: self._stopping)
+        self.limits, self.tokenizer, self._metrics = self._child.wait_ready(startup_timeout)
+        self._earlier = _Totals()  # what engines before this one counted
+        self._quick_failures = 0
+        self._send_lock = threading.Lock()  # `_child` is replaced only while no message is being sent
+        self._reader = threading.Thread(target=self._supervise, name="rlkv-engine-reader", daemon=True)
         self._sender = threading.Thread(target=self._send, name="rlkv-engine-sender", daemon=True)
         self._started = False
 
     def metrics(self) -> EngineMetrics:
-        """The engine's state after its latest step (or batch of messages)."""
-        return self._metrics
+        """The engine's state after its latest step (or batch of messages); counters include earlier engines'."""
+        return self._earlier.added_to(self._metrics)
 
     def start(self) -> None:
         if not self._started:
@@ -110,47 +147,111 @@ class EngineProcess(Streams):
 
     def join(self, timeout: float | None = None) -> None:
         self.shutdown()
-        self._process.join(timeout)
-        if self._process.is_alive():
-            self._process.kill()
-            self._process.join(5)
         if self._reader.is_alive():
-            self._reader.join(5)
+            self._reader.join(timeout)
+        self._child.process.join(timeout)
+        self._child.kill()
+        self._messages.put((None, None))  # ends the sender
 
     def _alive(self) -> bool:
-        return self._process.is_alive()
+        return self._child.process.is_alive()
 
     # ------------------------------------------------------------------ the transport
+    def _post(self, message: tuple) -> None:
+        self._messages.put((self._child, message))  # for this engine only: a restarted one never sees it
+
     def _send(self) -> None:
         while True:
-            msg = self._messages.get()
-            try:
-                self._to_child.send(msg)
-            except (BrokenPipeError, EOFError, OSError):
+            child, message = self._messages.get()
+            if child is None:
                 return
-            if msg[0] == "stop":
-                return
+            with self._send_lock:
+                if child is self._child:
+                    with suppress(BrokenPipeError, EOFError, OSError):  # a dead child: `_supervise` sees it too
+                        child.inbox.send(message)
 
-    def _read(self) -> None:
-        """Route the child's outputs to their streams until it exits; then end every open stream."""
-        reason = EngineStopped("the server is shutting down")
+    def _supervise(self) -> None:
+        """Route each engine's outputs until it ends; restart it after a failure, give up after too many."""
+        while True:
+            failure = self._read(self._child)
+            if failure is None or self._stopping:
+                self._end_all(EngineStopped("the server is shutting down"))
+                return
+            log.error("the engine failed: %s", failure)
+            self._earlier.add(self._metrics)
+            self._metrics = _nothing_held(self._metrics)
+            quick = time.monotonic() - self._child.started < self.quick_s
+            self._quick_failures = self._quick_failures + 1 if quick else 1
+            if self._quick_failures > self.max_restarts:
+                self._give_up(
+                    RuntimeError(
+                        f"{failure} ({self._quick_failures} failures in a row, each within {self.quick_s:g} s)"
+                    )
+                )
+                return
+            with self._lock:
+                self.restarting = EngineStopped(f"the engine failed ({failure}) and is restarting: retry shortly")
+            self._fail_open(self.restarting)
+            self._child.kill()
+            try:
+                child = _Child(self.spec, lambda: self._stopping)
+                self._metrics = child.wait_ready(self.startup_timeout)[2]
+            except BaseException as err:
+                if self._stopping:
+                    self._end_all(EngineStopped("the server is shutting down"))
+                else:
+                    self._give_up(RuntimeError(f"{failure}; restarting it failed: {err}"))
+                return
+            with self._send_lock:
+                self._child = child
+            self.restarts += 1
+            log.warning("the engine restarted (%d restarts)", self.restarts)
+            with self._lock:
+                self.restarting = None
+
+    def _read(self, child: _Child) -> str | None:
+        """Route `child`'s outputs to their streams until it ends; what went wrong (None: it was told to stop)."""
         try:
             while True:
-                kind, *payload = self._from_child.recv()
+                kind, *payload = child.outbox.recv()
                 if kind == "failed":
-                    self.error = payload[0]
-                    reason = EngineStopped(f"the engine failed: {payload[0]}")
-                    break
+                    return f"{type(payload[0]).__name__}: {payload[0]}"
                 outputs, errors, self._metrics = payload
                 self._route(outputs, errors)
         except (EOFError, OSError):
-            if not self._stopping:
-                self._process.join(2)
-                self.error = RuntimeError(f"the engine process exited with {self._process.exitcode}")
-                reason = EngineStopped(f"the engine failed: {self.error}")
-        if self.error is not None:
-            log.error("%s", reason)
-        self._end_all(reason)
+            if self._stopping:
+                return None
+            child.process.join(2)
+            return f"the engine process exited with code {child.process.exitcode}"
+
+    def _give_up(self, error: BaseException) -> None:
+        log.error("the engine failed for good: %s", error)
+        self.error = error
+        self.on_fatal()
+        self._end_all(EngineStopped(f"the engine failed: {error}; the server is exiting"))
+        self._child.kill()
+
+
+@dataclass
+class _Totals:
+    """Counters of engines that have died, so /metrics counts on across restarts."""
+
+    preemptions: int = 0
+    generated_tokens: int = 0
+    prompt_tokens: int = 0
+    finished_requests: int = 0
+
+    def add(self, m: EngineMetrics) -> None:
+        for name in vars(self):
+            setattr(self, name, getattr(self, name) + getattr(m, name))
+
+    def added_to(self, m: EngineMetrics) -> EngineMetrics:
+        return replace(m, **{name: getattr(self, name) + getattr(m, name) for name in vars(self)})
+
+
+def _nothing_held(m: EngineMetrics) -> EngineMetrics:
+    """A dead engine's metrics: no request, no page used, its counters moved to `_Totals`."""
+    return replace(m, running=0, waiting=0, pages_used=0, **{name: 0 for name in vars(_Totals())})
 
 
 def _child_main(spec: EngineSpec, inbox, outbox) -> None:

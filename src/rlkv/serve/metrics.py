@@ -2,8 +2,11 @@
 
     rlkv_running_requests, rlkv_waiting_requests            gauges
     rlkv_kv_pages_used, rlkv_kv_pages_free, rlkv_kv_pages_total   gauges (token droppers: slots)
+    rlkv_open_streams                                       gauge: requests the server awaits outputs for
+    rlkv_engine_up                                          gauge: 1 while the engine takes requests
     rlkv_preemptions_total, rlkv_generation_tokens_total,
-    rlkv_prompt_tokens_total, rlkv_finished_requests_total  counters since the engine was built
+    rlkv_prompt_tokens_total, rlkv_finished_requests_total  counters since the server started
+    rlkv_engine_restarts_total                              counter: engines started again after failing
     rlkv_http_requests_total{endpoint, status}              answered HTTP requests
     rlkv_time_to_first_token_seconds, rlkv_request_seconds  histograms of completed generations
 
@@ -20,7 +23,7 @@ SECONDS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 60, 120, 300, 6
 
 
 class _EngineCollector:
-    """Reads `engine.metrics()` (an Engine's, or the streams' over one: safe from any thread) at every scrape."""
+    """Reads the streams' `metrics()` (safe from any thread) and their state at every scrape."""
 
     def __init__(self, engine):
         self.engine = engine
@@ -33,6 +36,8 @@ class _EngineCollector:
             ("kv_pages_used", "KV pages held by running requests", m.pages_used),
             ("kv_pages_free", "KV pages free", m.pages_total - m.pages_used),
             ("kv_pages_total", "KV pages in the pool", m.pages_total),
+            ("open_streams", "requests the server awaits outputs for", self.engine.open_streams),
+            ("engine_up", "1 while the engine takes requests, else 0", int(self.engine.healthy)),
         )
         for name, doc, value in gauges:
             yield GaugeMetricFamily(f"rlkv_{name}", doc, value=value)
@@ -41,6 +46,7 @@ class _EngineCollector:
             ("generation_tokens", "tokens generated", m.generated_tokens),
             ("prompt_tokens", "prompt tokens prefilled", m.prompt_tokens),
             ("finished_requests", "requests finished", m.finished_requests),
+            ("engine_restarts", "engines started again after failing", self.engine.restarts),
         )
         for name, doc, value in counters:
             yield CounterMetricFamily(f"rlkv_{name}", doc, value=value)

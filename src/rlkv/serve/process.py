@@ -21,9 +21,12 @@ import httpx
 _SERIES = re.compile(r"^(rlkv_[a-z_]+(?:\{[^}]*\})?) (\S+)$", re.M)
 
 
-def read_metrics(url: str) -> dict[str, float]:
+def read_metrics(url: str, api_key: str | None = None) -> dict[str, float]:
     """Every rlkv series of a server's /metrics (labelled ones with their labels) and its value."""
-    return {m[1]: float(m[2]) for m in _SERIES.finditer(httpx.get(f"{url}/metrics", timeout=10).text)}
+    headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
+    answer = httpx.get(f"{url}/metrics", timeout=10, headers=headers)
+    answer.raise_for_status()
+    return {m[1]: float(m[2]) for m in _SERIES.finditer(answer.text)}
 
 
 def free_port() -> int:
@@ -33,9 +36,13 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    """`python -m rlkv serve *args` on 127.0.0.1 and a free port, its output in `log`."""
+    """`python -m rlkv serve *args` on 127.0.0.1 and a free port, its output in `log`; `api_key`: the key it
+    was given (with --api-key or RLKV_API_KEY), for `metrics()`."""
 
-    def __init__(self, args: list[str], log: str | os.PathLike, env: dict[str, str] | None = None):
+    def __init__(
+        self, args: list[str], log: str | os.PathLike, env: dict[str, str] | None = None, api_key: str | None = None
+    ):
+        self.api_key = api_key
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.command = [sys.executable, "-m", "rlkv", "serve", *args, "--host", "127.0.0.1", "--port", str(self.port)]
@@ -66,7 +73,7 @@ class ServerProcess:
         raise TimeoutError(f"the server did not answer /health within {timeout:g} s:\n{self.output()}")
 
     def metrics(self) -> dict[str, float]:
-        return read_metrics(self.url)
+        return read_metrics(self.url, self.api_key)
 
     def output(self, chars: int = 4000) -> str:
         """The end of what the server printed."""

@@ -4,7 +4,10 @@ Requests are strict (JSON types are not coerced: "5" is not a number) and closed
 is an error, as with OpenAI's API), so a client never gets a silently ignored option. Fields the
 server accepts but cannot honour except at their neutral value (`n`, `logprobs`, penalties, `echo`,
 `best_of`, `suffix`) are refused with a message naming them. Extensions beyond OpenAI's fields,
-as in vLLM: `top_k`, `stop_token_ids`, `ignore_eos`.
+as in vLLM: `top_k`, `stop_token_ids`, `ignore_eos`. Every bound comes from `rlkv.engine.request`
+(`BOUNDS`, the stop-string limits), the one place `SamplingParams` checks them too; what depends on
+the served engine (top_k and token ids against the vocabulary, lengths against the context) is its
+`RequestLimits`' to check, after tokenizing.
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ import uuid
 from typing import Annotated, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer
+
+from rlkv.engine.request import BOUNDS, MAX_STOP_TOKEN_IDS, TOKEN_ID, stop_problem
 
 
 class _Request(BaseModel):
@@ -32,13 +37,15 @@ class _Sampling(_Request):
     """The fields chat and plain completions share."""
 
     model: Optional[str] = None  # None: the served model
-    max_tokens: Optional[int] = Field(None, ge=1)  # None: the server's default, cut to the context left
-    temperature: float = Field(1.0, ge=0)  # OpenAI's default; 0 = greedy
-    top_p: float = Field(1.0, gt=0, le=1)
-    top_k: int = Field(0, ge=0)  # extension; 0 = off
-    seed: Optional[int] = Field(None, ge=0, le=2**63 - 1)  # None: a random seed
+    max_tokens: Optional[int] = Field(None, **BOUNDS["max_tokens"].schema())  # None: the default, cut to the context
+    temperature: float = Field(1.0, allow_inf_nan=False, **BOUNDS["temperature"].schema())  # OpenAI's; 0 = greedy
+    top_p: float = Field(1.0, allow_inf_nan=False, **BOUNDS["top_p"].schema())
+    top_k: int = Field(0, **BOUNDS["top_k"].schema())  # extension; 0 = off
+    seed: Optional[int] = Field(None, **BOUNDS["seed"].schema())  # None: a random seed
     stop: Union[str, list[str], None] = Field(None, validate_default=True)  # validated into a list
-    stop_token_ids: list[Annotated[int, Field(ge=0)]] = Field(default_factory=list)  # extension
+    stop_token_ids: list[Annotated[int, Field(**TOKEN_ID.schema())]] = Field(
+        default_factory=list, max_length=MAX_STOP_TOKEN_IDS
+    )  # extension
     ignore_eos: bool = False  # extension: generate max_tokens tokens
     n: int = 1
     stream: bool = False
@@ -65,8 +72,8 @@ class _Sampling(_Request):
     @classmethod
     def _stop_strings(cls, v):
         stops = [v] if isinstance(v, str) else v or []
-        if any(not s for s in stops):
-            raise ValueError("stop strings must be non-empty")
+        if (problem := stop_problem(stops)) is not None:
+            raise ValueError(problem)
         return stops
 
     @property
@@ -90,7 +97,7 @@ class ChatMessage(_Request):
 
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: Optional[int] = Field(None, ge=1)  # OpenAI's newer name for max_tokens
+    max_completion_tokens: Optional[int] = Field(None, **BOUNDS["max_tokens"].schema())  # OpenAI's newer max_tokens
     logprobs: bool = False
     top_logprobs: Optional[int] = None
 

@@ -5,6 +5,7 @@
     examples = task.load(limit=100)                 # data_dir=None: $RLKV_DATA_DIR or ../shared/data
     prompt = task.prompt(examples[0], tokenizer)    # the model's chat template, R1 instruction
     score = task.grade(examples[0], completion)     # 1.0 / 0.0 on the final answer
+    pool = tasks.get("math_train+gsm8k_train")      # several tasks as one (rlkv.tasks.mix)
 
 Each task is one module holding one :class:`~rlkv.tasks.base.Task` subclass; this registry
 maps names to instances. :func:`register` adds a task (e.g. a custom one) under its ``name``.
@@ -14,13 +15,14 @@ from __future__ import annotations
 
 from rlkv.tasks.aime24 import AIME24
 from rlkv.tasks.arith import Arith
-from rlkv.tasks.base import Example, Task
+from rlkv.tasks.base import Example, MathTask, Task
 from rlkv.tasks.gsm8k import GSM8K, GSM8KTrain
 from rlkv.tasks.math500 import MATH500
 from rlkv.tasks.math_train import MathTrain
 from rlkv.tasks.mbpp import MBPP
+from rlkv.tasks.mix import TaskMix
 
-__all__ = ["Example", "Task", "get", "names", "register"]
+__all__ = ["Example", "MathTask", "Task", "TaskMix", "get", "names", "register"]
 
 _REGISTRY: dict[str, Task] = {}
 
@@ -41,7 +43,9 @@ def names() -> list[str]:
 
 
 def get(name: str) -> Task:
-    """The task registered as ``name``."""
+    """The task registered as ``name``, or a mix of registered tasks named ``"a+b"`` (`TaskMix`)."""
+    if "+" in name:
+        return TaskMix([get(part) for part in name.split("+")])
     if name not in _REGISTRY:
         raise ValueError(f"unknown task {name!r}: expected one of {', '.join(_REGISTRY)}")
     return _REGISTRY[name]

@@ -5,11 +5,10 @@ Records: ``id``, ``problem``, ``solution``, ``answer``, ``url``.
 
 from __future__ import annotations
 
-from rlkv.tasks.base import Example, Task
-from rlkv.tasks.grading import grade_math
+from rlkv.tasks.base import Example, MathTask
 
 
-class AIME24(Task):
+class AIME24(MathTask):
     name = "aime24"
     files = ("aime24_test.jsonl",)
     fields = ("id", "problem", "answer")
@@ -22,6 +21,3 @@ class AIME24(Task):
             answer=str(record["answer"]).strip(),
             meta={key: record[key] for key in ("solution", "url") if key in record},
         )
-
-    def grade(self, example: Example, completion: str) -> float:
-        return grade_math(completion, example.answer)

@@ -19,8 +19,7 @@ from __future__ import annotations
 import os
 import random
 
-from rlkv.tasks.base import Example, Task
-from rlkv.tasks.grading import grade_math
+from rlkv.tasks.base import Example, MathTask
 
 NAMES = ("Ava", "Ben", "Cleo", "Dev", "Eli", "Fay", "Gus", "Hana", "Ivo", "Jade", "Kai", "Lena")
 ITEMS = ("marble", "coin", "sticker", "card", "shell", "stamp")
@@ -100,7 +99,7 @@ def generate(seed: int, difficulty: int, index: int) -> Example:
     )
 
 
-class Arith(Task):
+class Arith(MathTask):
     name = "arith"
     default_max_new_tokens = 4096
 
@@ -121,6 +120,3 @@ class Arith(Task):
             raise ValueError(f"limit must be >= 0 or None, got {limit}")
         seed = 0 if seed is None else seed
         return [generate(seed, difficulty, index) for index in range(DEFAULT_SIZE if limit is None else limit)]
-
-    def grade(self, example: Example, completion: str) -> float:
-        return grade_math(completion, example.answer)

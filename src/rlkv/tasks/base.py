@@ -16,6 +16,7 @@ fields as the files.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import random
@@ -23,6 +24,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from rlkv.tasks.grading import ANSWER_RULES, grade_math
 
 MATH_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 """The R1-style instruction appended to every math question."""
@@ -181,3 +184,21 @@ class Task:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r})"
+
+
+class MathTask(Task):
+    """A task graded on its final answer against ``example.answer`` (``rlkv.tasks.grading.grade_math``),
+    by the extraction rule ``answer_rule`` ("rlkv", or the RLKV authors' stricter "authors")."""
+
+    answer_rule: str = "rlkv"
+
+    def grade(self, example: Example, completion: str) -> float:
+        return grade_math(completion, example.answer, self.answer_rule)
+
+    def with_answer_rule(self, rule: str) -> MathTask:
+        """This task graded by answer rule ``rule`` (a copy; the registered task is left as it is)."""
+        if rule not in ANSWER_RULES:
+            raise ValueError(f"unknown answer rule {rule!r}: expected one of {', '.join(ANSWER_RULES)}")
+        task = copy.copy(self)
+        task.answer_rule = rule
+        return task

@@ -155,27 +155,56 @@ def passes(check: Check, values: Sequence[object]) -> bool:
 
 
 _LITERAL_NAMES = {"inf": math.inf, "nan": math.nan}
+MAX_SHARED_HASH = 8
+"""Distinct values of one decoded value that may share a hash. Python's hashes of numbers and tuples are
+not salted, so a candidate can choose thousands of values with one hash, which make every set or dict
+built of them (by :func:`decode`, or by a test's ``set(...)``) take quadratic time in the grader; no
+honest value comes near this many (``hash(-1) == hash(-2)`` is the one pair among small integers)."""
 
 
-def _literal(node: ast.AST) -> object:
+class _Hashes:
+    """Every hashable part of a value being decoded, by hash; refuses a value built to collide."""
+
+    def __init__(self):
+        self._by_hash: dict[int, list] = {}
+
+    def add(self, value: object) -> object:
+        try:
+            key = hash(value)
+        except TypeError:  # a list, dict or set: its parts were added one by one
+            return value
+        same = self._by_hash.setdefault(key, [])
+        if not any(other == value for other in same):
+            if len(same) == MAX_SHARED_HASH:
+                raise ValueError(f"not plain data (more than {MAX_SHARED_HASH} distinct values share one hash)")
+            same.append(value)
+        return value
+
+
+def _literal(node: ast.AST, hashes: _Hashes) -> object:
+    """The value of a literal node; each part goes through ``hashes`` before any set or dict holds it."""
+    return hashes.add(_parts(node, hashes))
+
+
+def _parts(node: ast.AST, hashes: _Hashes) -> object:
     if isinstance(node, ast.Constant) and not isinstance(node.value, type(...)):
         return node.value
     if isinstance(node, ast.Name) and node.id in _LITERAL_NAMES:
         return _LITERAL_NAMES[node.id]
     if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
-        value = _literal(node.operand)
+        value = _literal(node.operand, hashes)
         if type(value) in (int, float):
             return -value
     if isinstance(node, (ast.List, ast.Tuple)):
-        items = [_literal(item) for item in node.elts]
+        items = [_literal(item, hashes) for item in node.elts]
         return items if isinstance(node, ast.List) else tuple(items)
     if isinstance(node, ast.Set):
-        return {_literal(item) for item in node.elts}
+        return {_literal(item, hashes) for item in node.elts}
     if isinstance(node, ast.Dict) and None not in node.keys:
-        return {_literal(k): _literal(v) for k, v in zip(node.keys, node.values)}
+        return {_literal(k, hashes): _literal(v, hashes) for k, v in zip(node.keys, node.values)}
     if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and not node.keywords:
         kind = {"set": set, "frozenset": frozenset, "complex": complex}.get(node.func.id)
-        args = [_literal(arg) for arg in node.args]
+        args = [_literal(arg, hashes) for arg in node.args]
         if kind is complex and len(args) == 2 and all(type(a) is float for a in args):
             return complex(*args)
         if kind in (set, frozenset) and len(args) == 1 and isinstance(args[0], list):
@@ -184,8 +213,9 @@ def _literal(node: ast.AST) -> object:
 
 
 def decode(text: str) -> object:
-    """A value the child encoded (see ``_sandbox_child._encode``); ValueError if it is anything else."""
+    """A value the child encoded (see ``_sandbox_child._encode``); ValueError if it is anything else, or if
+    its parts are built to collide in hash tables (see :data:`MAX_SHARED_HASH`). Linear in ``text``."""
     try:
-        return _literal(ast.parse(text, mode="eval").body)
+        return _literal(ast.parse(text, mode="eval").body, _Hashes())
     except (SyntaxError, RecursionError, MemoryError, TypeError) as e:
         raise ValueError(f"not plain data ({type(e).__name__})") from None

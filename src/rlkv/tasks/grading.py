@@ -8,6 +8,8 @@ Grading happens in two deliberately separate stages:
    ``\\boxed{}`` is passed over, and one cut off by the token limit means no answer), else the
    last GSM8K-style ``#### N`` line, else the last "answer is X", else the last number in the
    text. Only this string is ever graded: a right number earlier in the reasoning earns nothing.
+   The "authors" rule (the RLKV authors' reward, AReaL's ``extract_answer(..., use_last_number=False)``)
+   stops after the boxed answer and "answer is": no ``####`` line and no last-number fallback.
 2. **Comparison** (:func:`is_equivalent`) wraps the reference and the extracted answer in
    ``\\boxed{}`` and lets math-verify parse both to SymPy and compare them. It knows LaTeX
    fractions against decimals, ``\\text{ cm}`` units, ``\\$``, ``1,000``, percent and degrees.
@@ -53,11 +55,17 @@ def last_boxed(text: str) -> str | None:
     return None
 
 
-def extract_answer(completion: str) -> str | None:
-    """The final answer of ``completion`` (see the module docstring), or None if it has none."""
+ANSWER_RULES = {"rlkv": (_HASHES, _ANSWER_IS, _NUMBER), "authors": (_ANSWER_IS,)}
+"""Where an answer is looked for after the last boxed one, by rule (see the module docstring)."""
+
+
+def extract_answer(completion: str, rule: str = "rlkv") -> str | None:
+    """The final answer of ``completion`` by ``rule`` (see the module docstring), or None if it has none."""
+    if rule not in ANSWER_RULES:
+        raise ValueError(f"unknown answer rule {rule!r}: expected one of {', '.join(ANSWER_RULES)}")
     if _BOXED.search(completion):
         return last_boxed(completion)
-    for pattern in (_HASHES, _ANSWER_IS, _NUMBER):
+    for pattern in ANSWER_RULES[rule]:
         matches = pattern.findall(completion)
         if matches:
             return matches[-1].strip()
@@ -81,7 +89,7 @@ def is_equivalent(reference: str, answer: str) -> bool:
     return bool(gold and pred) and verify(list(gold), list(pred), timeout_seconds=timeout)
 
 
-def grade_math(completion: str, reference: str) -> float:
-    """1.0 if the final answer of ``completion`` equals ``reference``, else 0.0."""
-    answer = extract_answer(completion)
+def grade_math(completion: str, reference: str, rule: str = "rlkv") -> float:
+    """1.0 if the final answer of ``completion`` (extracted by ``rule``) equals ``reference``, else 0.0."""
+    answer = extract_answer(completion, rule)
     return float(answer is not None and is_equivalent(reference, answer))

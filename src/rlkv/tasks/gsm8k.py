@@ -10,8 +10,7 @@ the reference final answer is N without thousands commas, and the full solution 
 from __future__ import annotations
 
 from rlkv.excerpt import excerpt
-from rlkv.tasks.base import Example, Task
-from rlkv.tasks.grading import grade_math
+from rlkv.tasks.base import Example, MathTask
 
 
 def final_answer(solution: str) -> str:
@@ -22,7 +21,7 @@ def final_answer(solution: str) -> str:
     return solution.rsplit("####", 1)[1].strip().replace(",", "")
 
 
-class GSM8K(Task):
+class GSM8K(MathTask):
     name = "gsm8k"
     files = ("gsm8k_test.jsonl",)
     fields = ("question", "answer")
@@ -34,9 +33,6 @@ class GSM8K(Task):
             answer=final_answer(record["answer"]),
             meta={"solution": record["answer"]},
         )
-
-    def grade(self, example: Example, completion: str) -> float:
-        return grade_math(completion, example.answer)
 
 
 class GSM8KTrain(GSM8K):

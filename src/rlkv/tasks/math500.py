@@ -6,11 +6,10 @@ is MATH's ``unique_id`` (e.g. ``test/algebra/1.json``).
 
 from __future__ import annotations
 
-from rlkv.tasks.base import Example, Task
-from rlkv.tasks.grading import grade_math
+from rlkv.tasks.base import Example, MathTask
 
 
-class MATH500(Task):
+class MATH500(MathTask):
     name = "math500"
     files = ("math500_test.jsonl",)
     fields = ("problem", "solution", "answer", "unique_id")
@@ -22,6 +21,3 @@ class MATH500(Task):
             answer=record["answer"],
             meta={key: record[key] for key in ("solution", "subject", "level") if key in record},
         )
-
-    def grade(self, example: Example, completion: str) -> float:
-        return grade_math(completion, example.answer)

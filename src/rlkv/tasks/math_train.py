@@ -9,11 +9,10 @@ rewarded; filtering to problems the policy can solve is left to sampling, later.
 
 from __future__ import annotations
 
-from rlkv.tasks.base import Example, Task
-from rlkv.tasks.grading import grade_math
+from rlkv.tasks.base import Example, MathTask
 
 
-class MathTrain(Task):
+class MathTrain(MathTask):
     name = "math_train"
     files = ("math_train.json", "aime_1983_2023_train.json")
     fields = ("problem", "answer")
@@ -29,6 +28,3 @@ class MathTrain(Task):
             answer=answer,
             meta={key: value for key, value in record.items() if key not in self.fields},
         )
-
-    def grade(self, example: Example, completion: str) -> float:
-        return grade_math(completion, example.answer)

@@ -52,7 +52,8 @@ _FENCE = re.compile(r"```([^\n`]*)\n(.*?)```", re.DOTALL)
 _PYTHON_TAGS = {"python", "python3", "py"}
 _TIMEOUT_SIGNALS = {-signal.SIGPROF, -signal.SIGXCPU}
 MAX_VALUE_CHARS = 1 << 20
-"""Longest encoded value the grader decodes (bounds its own memory)."""
+"""Longest encoded value the grader decodes (bounds its own memory and time); the results channel is read
+only as far as the plan's lines of this size reach."""
 
 
 @dataclass(frozen=True)
@@ -174,36 +175,51 @@ def _without_results(
     return "error", f"the process exited with code {code} before all tests ran"
 
 
+def _result(line: str) -> tuple[str, str]:
+    """A result line's (kind, rest): "ok", "end", "raise <message>" or "value <literal>"; ("bad", line) else."""
+    kind, _, rest = line.partition(" ")
+    if (kind in ("ok", "end") and not rest) or (kind in ("raise", "value") and rest):
+        return kind, rest
+    return "bad", line
+
+
+def _results_cap(plan: checks.Plan) -> int:
+    """The most bytes of result lines `plan` can use: one line per step or hole, the first and the last."""
+    lines = 2 + sum(len(payload) if kind == "eval" else 1 for kind, payload in plan.steps)
+    return lines * (MAX_VALUE_CHARS + len("value \n"))
+
+
 def _verdict(lines: list[str], plan: checks.Plan, tests: Sequence[str]) -> tuple[str, str] | None:
-    """Status and details from the child's result lines, comparing values here; None if the
-    lines stop before the end (the child died)."""
-    lines = iter(lines)
-    first = next(lines, None)
+    """Status and details from the child's result lines (see `_result`), comparing values here; None if the
+    lines stop before the end (the child died). Whatever the candidate wrote, this costs time linear in
+    the lines the plan reads (`checks.decode`)."""
+    results = (_result(line) for line in lines)
+    first = next(results, None)
     if first is None:
         return None
-    if first != "ok":
-        return "error", f"the solution raised {first.removeprefix('raise ')}"
+    if first[0] != "ok":
+        return "error", f"the solution raised {first[1][:2000]}" if first[0] == "raise" else _unexpected(first)
     check_of = iter(plan.checks)
     for (kind, payload), index in zip(plan.steps, plan.step_tests):
         shown = tests[index][:2000]
         if kind == "exec":
-            line = next(lines, None)
-            if line is None:
+            result = next(results, None)
+            if result is None:
                 return None
-            if line != "ok":
-                return "error", f"test {index} raised {line.removeprefix('raise ')[:2000]}: {shown}"
+            if result[0] != "ok":
+                return "error", f"test {index} raised {result[1][:2000]}: {shown}"
             continue
         values = []
         for _ in payload:
-            line = next(lines, None)
-            if line is None:
+            result = next(results, None)
+            if result is None:
                 return None
-            if not line.startswith("value "):
-                return "error", f"test {index} raised {line.removeprefix('raise ')[:2000]}: {shown}"
-            if len(line) > MAX_VALUE_CHARS:
+            if result[0] != "value":
+                return "error", f"test {index} raised {result[1][:2000]}: {shown}"
+            if len(result[1]) > MAX_VALUE_CHARS:
                 return "error", f"test {index}: the code returned a value over {MAX_VALUE_CHARS} characters: {shown}"
             try:
-                values.append(checks.decode(line[6:]))
+                values.append(checks.decode(result[1]))
             except ValueError as e:
                 return "error", f"test {index}: the code returned a value that is {e}: {shown}"
         check = next(check_of)
@@ -212,12 +228,14 @@ def _verdict(lines: list[str], plan: checks.Plan, tests: Sequence[str]) -> tuple
                 return "failed", f"test {index} failed: {shown}"
         except Exception as e:  # the expected side could not take the values (a TypeError ...)
             return "error", f"test {index} raised {type(e).__name__}: {e}"[:2000] + f": {shown}"
-    line = next(lines, None)
-    if line is None:
+    result = next(results, None)
+    if result is None:
         return None
-    if line == "end":
-        return "passed", f"all {len(tests)} tests passed"
-    return "error", f"unexpected line {excerpt(line, 200)!r}"
+    return ("passed", f"all {len(tests)} tests passed") if result[0] == "end" else _unexpected(result)
+
+
+def _unexpected(result: tuple[str, str]) -> tuple[str, str]:
+    return "error", f"unexpected result line {excerpt((result[0] + ' ' + result[1]).strip(), 200)!r}"
 
 
 def _run(code: str, tests: Sequence[str], plan: checks.Plan, limits: Limits, mode: str) -> SandboxResult:
@@ -263,7 +281,7 @@ def _run(code: str, tests: Sequence[str], plan: checks.Plan, limits: Limits, mod
             for f in files.values():
                 f.close()
         report = _read_truncated(root / "report", 200)
-        lines = _read_truncated(root / "results", limits.file_bytes).split("\n")[:-1]
+        lines = _read_truncated(root / "results", min(limits.file_bytes, _results_cap(plan))).split("\n")[:-1]
         stderr = _read_truncated(root / "stderr", limits.max_output_chars)
         verdict = _verdict(lines, plan, tests) or _without_results(
             report, process.returncode, timed_out, wall, limits, stderr
