@@ -126,6 +126,13 @@ def gpu_seconds(fn, reps: int = 50) -> float:
     return event_seconds(graph.replay, reps=1) / reps
 
 
+def copy_bandwidth(device) -> float:
+    """Bytes per second of a 256 MiB device-to-device copy, read and written (a decode step's floor divides by it)."""
+    src = torch.empty(2**28, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    return 2 * src.numel() / gpu_seconds(lambda: dst.copy_(src), reps=20)
+
+
 def event_seconds(fn, reps: int = 20) -> float:
     """Seconds per `fn()` between CUDA events, after one warm-up call (e.g. a captured graph's `replay`)."""
     fn()

@@ -1,28 +1,30 @@
 """The engine's decode step against the physical limit: bytes it must read over the measured copy bandwidth.
 
-At each `--batches` size and `--sparsities`, `batch` sequences of `--context` tokens (mid-generation)
-sit in the engine; one decode step must read every weight once (the tied embedding too: the logits
-read it whole) and the K/V of every sequence (kept heads: every token; compressed heads: their
-sink + recent ring). The floor is those bytes over this GPU's device-to-device copy bandwidth
-(bytes read + written per second of a 256 MiB copy). Reported: the step's GPU time (its CUDA graph
-replayed, as the engine runs it), the floor, their ratio (`of_limit`), the FLOP-bound floor at the
-measured bf16 matrix rate, the decode attention kernel alone over every layer of the same sequences
-(`attention_ms`, captured in one CUDA graph, and its K/V bytes per second), the distinct pages the
-sequences' page tables point to (a step that reads every sequence's own K/V needs batch x pages), and
-where the GPU time goes: the kernels of the replayed graph under torch.profiler, grouped (matrix
-products, attention, sampling and logits, the rest); without graphs (a CPU), or where the profiler sees
-no kernel inside a graph, those of eager steps (`profiled`).
+At each `--compile` setting (the engine's compiled step or not), `--batches` size and `--sparsities`,
+`batch` sequences of `--context` tokens (mid-generation) sit in the engine; one decode step must read
+every weight once (the tied embedding too: the logits read it whole) and the K/V of every sequence (kept
+heads: every token; compressed heads: their sink + recent ring). The floor is those bytes over this
+GPU's device-to-device copy bandwidth (bytes read + written per second of a 256 MiB copy). Reported: the
+step's GPU time (its CUDA graph replayed, as the engine runs it), the floor, their ratio (`of_limit`),
+the FLOP-bound floor at the measured bf16 matrix rate, the decode attention kernel alone over every
+layer of the same sequences (`attention_ms`, captured in one CUDA graph, and its K/V bytes per second),
+the distinct pages the sequences' page tables point to (a step that reads every sequence's own K/V needs
+batch x pages), and where the GPU time goes: the kernels of the replayed graph under torch.profiler,
+grouped (matrix products, attention, sampling and logits, the rest); without graphs (a CPU), or where
+the profiler sees no kernel inside a graph, those of eager steps (`profiled`).
 
     python benchmarks/decode_limit.py --model DIR --batches 64,128,256 --sparsities 0,0.5 --context 1024 \
-        --out results/decode_limit.json
+        --compile on,off --out results/decode_limit.json
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 
 import torch
 from common import (
+    copy_bandwidth,
     gpu_seconds,
     load_model,
     print_table,
@@ -73,11 +75,15 @@ def grouped(kernels: dict[str, float], steps: int) -> dict[str, float]:
     return groups
 
 
-def resident_engine(model, tok, method, budget: int, batch: int, context: int, cuda_graphs: bool | None = None):
+def resident_engine(
+    model, tok, method, budget: int, batch: int, context: int, cuda_graphs: bool | None = None, compile=None
+):
     """(an engine, its prompts) after decoding `batch` random prompts of `context` tokens together (kernels and
     graphs warmed); exits if they were not all resident at once, as the timed step assumes."""
     # no admission watermark: the pool holds just the batch
-    engine = rlkv.Engine(model, tok, method, kv_budget=budget, max_batch=batch, cuda_graphs=cuda_graphs, watermark=0)
+    engine = rlkv.Engine(
+        model, tok, method, kv_budget=budget, max_batch=batch, cuda_graphs=cuda_graphs, compile=compile, watermark=0
+    )
     ids = torch.randint(0, len(tok), (batch, context), generator=torch.Generator().manual_seed(0)).tolist()
     engine.generate(ids, max_new_tokens=8, eos_token_ids=[])
     if engine.stats.max_running < batch:
@@ -132,9 +138,9 @@ def graph_groups(engine, batch: int, context: int, replays: int) -> dict[str, fl
     return grouped(kernels, replays)
 
 
-def eager_groups(model, tok, method, budget: int, batch: int, context: int, steps: int) -> dict[str, float]:
+def eager_groups(model, tok, method, budget: int, batch: int, context: int, steps: int, compile) -> dict[str, float]:
     """GPU ms per decode step by kernel group, from `steps` eager (ungraphed) steps under torch.profiler."""
-    eager, ids = resident_engine(model, tok, method, budget, batch, context, cuda_graphs=False)
+    eager, ids = resident_engine(model, tok, method, budget, batch, context, cuda_graphs=False, compile=compile)
     return grouped({name: us for name, (_, us) in kernels_per_step(eager, ids, steps).items()}, 1)
 
 
@@ -147,6 +153,7 @@ def main():
     ap.add_argument(
         "--profile-tokens", type=int, default=4, help="decode steps profiled: graph replays, else eager steps (0: none)"
     )
+    ap.add_argument("--compile", default="auto", help="comma-separated engine settings: auto (on CUDA), on, off")
     ap.add_argument("--sink", type=int, default=16)
     ap.add_argument("--recent", type=int, default=64)
     weights_arguments(ap)
@@ -157,8 +164,7 @@ def main():
     layout = rlkv.Layout.of(model)
     device = next(model.parameters()).device
     heads = rlkv.HeadScores.random(layout, seed=0)  # head choice does not change cost
-    src = torch.empty(2**28, dtype=torch.uint8, device=device)
-    copy = 2 * src.numel() / gpu_seconds(lambda: torch.empty_like(src).copy_(src), reps=20)
+    copy = copy_bandwidth(device)
     flops = matmul_rate(device) if device.type == "cuda" else None
     weights = weight_bytes(model)
     params = sum(p.numel() for p in model.parameters())
@@ -173,15 +179,17 @@ def main():
     }
     print(f"copy bandwidth {copy / 1e9:.0f} GB/s, weights {weights / 2**30:.2f} GiB", flush=True)
     rows = []
-    for s in (float(v) for v in args.sparsities.split(",")):
+    settings = [{"auto": None, "on": True, "off": False}[c] for c in args.compile.split(",")]
+    for compile, s in itertools.product(settings, (float(v) for v in args.sparsities.split(","))):
         for batch in (int(b) for b in args.batches.split(",")):
             method = HeadSplit(heads.keep_mask(s), args.sink, args.recent)
             budget = batch * (args.context + 64) * layout.kv_bytes_per_token() + 2**28
-            engine, _ = resident_engine(model, tok, method, budget, batch, args.context)
+            engine, _ = resident_engine(model, tok, method, budget, batch, args.context, compile=compile)
             store = engine.store
             kv = batch * (args.context * store.token_bytes + store.slot_bytes)
             floor = (weights + kv) / copy
             row = {
+                "compile": engine.compile,
                 "sparsity": s,
                 "batch": batch,
                 "context": args.context,
@@ -203,14 +211,15 @@ def main():
                 groups, profiled = graph_groups(engine, batch, args.context, args.profile_tokens), "graph"
             if args.profile_tokens and not groups:
                 groups, profiled = (
-                    eager_groups(model, tok, method, budget, batch, args.context, args.profile_tokens),
+                    eager_groups(model, tok, method, budget, batch, args.context, args.profile_tokens, compile),
                     "eager",
                 )
             row["profiled"], row["profiled_gpu_ms"], row["groups_ms"] = profiled, sum(groups.values()) or None, groups
             rows.append(row)
             print(
-                f"sparsity {s:g}, {batch} x {args.context}: step {row['graph_ms'] or 0:.2f} ms of GPU time, floor "
-                f"{row['floor_ms']:.2f} ms ({row.get('of_limit') or 0:.0%} of the limit); attention alone "
+                f"compile {engine.compile}, sparsity {s:g}, {batch} x {args.context}: step "
+                f"{row['graph_ms'] or 0:.2f} ms of GPU time, floor {row['floor_ms']:.2f} ms "
+                f"({row.get('of_limit') or 0:.0%} of the limit); attention alone "
                 f"{row.get('attention_ms') or 0:.2f} ms; {profiled} kernels: "
                 + ", ".join(f"{g} {ms:.2f} ms" for g, ms in sorted(groups.items(), key=lambda e: -e[1])),
                 flush=True,
@@ -222,6 +231,7 @@ def main():
     print_table(
         rows,
         [
+            "compile",
             "sparsity",
             "batch",
             "context",

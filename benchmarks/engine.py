@@ -37,11 +37,21 @@ Head choice does not change cost: seeded random head scores are used.
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import time
 
 import torch
-from common import event_seconds, gpu_seconds, print_table, profiled, speedup_theory, synchronize, write_result
+from common import (
+    copy_bandwidth,
+    event_seconds,
+    gpu_seconds,
+    print_table,
+    profiled,
+    speedup_theory,
+    synchronize,
+    write_result,
+)
 from hf_cache import prompts
 
 import rlkv
@@ -197,9 +207,7 @@ def kernel_setup(model, args):
     lengths = torch.full((batch,), context, device=device)
     q = torch.randn(batch, layout.num_q_heads, layout.head_dim, device=device, dtype=dtype)
     read = 2 * batch * context * layout.num_kv_heads * layout.head_dim * store.pages_k[0].element_size()
-    src = torch.empty(2**28, dtype=torch.uint8, device=device)
-    dst = torch.empty_like(src)
-    copy = 2 * src.numel() / gpu_seconds(lambda: dst.copy_(src), reps=20)  # bytes read + written per second
+    copy = copy_bandwidth(device)
     call = lambda **launch: decode_attention(q, store, 0, slots, lengths, layout.head_dim**-0.5, None, **launch)  # noqa: E731
     return call, read, copy, layout
 
@@ -224,7 +232,8 @@ def part_kernel(model, args) -> list[dict]:
 
 
 def part_tune(model, args) -> list[dict]:
-    """The kernel's launch grid (splits x BLOCK x warps x stages) at the kernel part's size; the defaults come from here."""
+    """The kernel's launch grid (splits x BLOCK x warps x stages) at the kernel part's size; the defaults come
+    from here."""
     call, read, copy, layout = kernel_setup(model, args)
     reference = call(splits=1)
     ints = lambda text: [int(v) for v in text.split(",")]  # noqa: E731
@@ -234,7 +243,7 @@ def part_tune(model, args) -> list[dict]:
     ):
         launch = {"splits": splits, "block": block, "num_warps": warps, "num_stages": stages}
         error = (call(**launch).float() - reference.float()).abs().max().item()
-        seconds = gpu_seconds(lambda: call(**launch))
+        seconds = gpu_seconds(functools.partial(call, **launch))
         rows.append(
             {
                 "part": "tune",

@@ -4,12 +4,17 @@ For each sparsity (and each `--engines` transport: the engine in its own process
 default, or in a thread of the server's) a server process is started (`python -m rlkv serve`, the
 same KV budget and batch cap) and warmed up; then for each arrival rate `--num-requests` chat requests (a MATH-500
 question with the task's instruction, greedy, `--max-tokens` cap) are sent at exponentially
-distributed intervals (`inf`: all at once), each streamed. Per request: time to first token (TTFT:
-arrival to the first content delta), time per output token (TPOT: the rest of the answer's time
-over its remaining tokens) and end-to-end latency. Per (sparsity, rate): output tokens/s over the
-run (first arrival to last answer), requests/s, TTFT / TPOT / latency p50 and p99, preemptions
-and the most requests running at once (from /metrics), and the throughput ratio to sparsity 0 at
-the same rate and transport (same script, one machine).
+distributed intervals (`inf`: all at once), each streamed; `--max-concurrency` caps the requests in
+flight (a request's clock starts when it is sent). Long generations: `--ignore-eos` makes every
+answer exactly `--max-tokens` tokens, and `--input-len N` sends random prompts of N token ids as
+plain completions instead of the task's chat requests (vLLM's and SGLang's random serving
+benchmarks). Per request: time to first token (TTFT: sent to the first content delta), time per
+output token (TPOT: the rest of the answer's time over its remaining tokens), the gaps between its
+streamed chunks (ITL) and end-to-end latency. Per (sparsity, rate): output tokens/s over the run
+(first arrival to last answer), requests/s, TTFT / TPOT / ITL / latency p50, p90 and p99,
+preemptions and the most requests running at once (from /metrics), and the throughput ratio to
+sparsity 0 at the same rate and transport (same script, one machine). The step time against its
+floor and what preemption's recompute costs are measured in-process by `long_generation.py`.
 
     python benchmarks/serving.py --model DIR --heads heads.json --sparsities 0,0.5 --rates 2,8,32,inf \
         --num-requests 200 --max-tokens 4096 --kv-budget 4GiB --data-dir DATA --out results/serving.json
@@ -25,12 +30,14 @@ import json
 import math
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
 import numpy as np
+import torch
 from common import print_table, write_result
+from transformers import AutoTokenizer
 
 import rlkv
 from rlkv.serve.process import ServerProcess, read_metrics
@@ -38,18 +45,22 @@ from rlkv.serve.process import ServerProcess, read_metrics
 
 @dataclass
 class Sample:
-    sent: float  # arrival time (perf_counter)
+    sent: float | None = None  # when it was sent (perf_counter)
     first: float | None = None  # first content delta
     end: float | None = None
     tokens: int = 0
     error: str | None = None
+    chunks: list[float] = field(default_factory=list)  # arrival of each streamed chunk from the first content on
 
 
 # ---------------------------------------------------------------------- the load
 async def one_request(client: httpx.AsyncClient, url: str, body: dict, sample: Sample) -> None:
-    """Stream one chat completion, timing its first content delta and its end."""
+    """Stream one completion (chat, or plain when the body has a `prompt`), timing its first content, each
+    later chunk and its end."""
+    endpoint = "completions" if "prompt" in body else "chat/completions"
+    sample.sent = time.perf_counter()
     try:
-        async with client.stream("POST", f"{url}/v1/chat/completions", json=body) as answer:
+        async with client.stream("POST", f"{url}/v1/{endpoint}", json=body) as answer:
             if answer.status_code != 200:
                 sample.error = f"{answer.status_code}: {(await answer.aread()).decode()[:200]}"
                 return
@@ -57,13 +68,17 @@ async def one_request(client: httpx.AsyncClient, url: str, body: dict, sample: S
                 if not line.startswith("data: ") or line == "data: [DONE]":
                     continue
                 if sample.first is not None and '"usage":{' not in line and '"error"' not in line:
-                    continue  # a later delta: nothing to read (parsing every chunk would load the client)
+                    sample.chunks.append(time.perf_counter())
+                    continue  # a later delta: nothing else to read (parsing every chunk would load the client)
                 chunk = json.loads(line[6:])
                 if "error" in chunk:
                     sample.error = chunk["error"]["message"]
                     return
-                if chunk["choices"] and chunk["choices"][0]["delta"].get("content") and sample.first is None:
+                choice = chunk["choices"][0] if chunk["choices"] else {}
+                text = choice.get("text") or choice.get("delta", {}).get("content")
+                if text and sample.first is None:
                     sample.first = time.perf_counter()
+                    sample.chunks.append(sample.first)
                 if chunk.get("usage"):
                     sample.tokens = chunk["usage"]["completion_tokens"]
         sample.end = time.perf_counter()
@@ -72,9 +87,10 @@ async def one_request(client: httpx.AsyncClient, url: str, body: dict, sample: S
 
 
 async def run_load(
-    url: str, bodies: list[dict], rate: float, seed: int, poll_s: float = 0.2
+    url: str, bodies: list[dict], rate: float, seed: int, concurrency: int = 0, poll_s: float = 0.2
 ) -> tuple[list[Sample], int]:
-    """Send `bodies` at Poisson arrivals of `rate` per second; (samples, most requests running at once)."""
+    """Send `bodies` at Poisson arrivals of `rate` per second, at most `concurrency` in flight (0: no cap);
+    (samples, most requests running at once)."""
     rng = random.Random(seed)
     gaps = [0.0 if math.isinf(rate) else rng.expovariate(rate) for _ in bodies]
     peak = 0
@@ -92,11 +108,17 @@ async def run_load(
                 await asyncio.sleep(poll_s)
 
         watcher = asyncio.create_task(watch())
+        slots = asyncio.Semaphore(concurrency or len(bodies))
+
+        async def limited(body: dict, sample: Sample) -> None:
+            async with slots:
+                await one_request(client, url, body, sample)
+
         tasks, samples = [], []
         for gap, body in zip(gaps, bodies):
             await asyncio.sleep(gap)
-            samples.append(Sample(time.perf_counter()))
-            tasks.append(asyncio.create_task(one_request(client, url, body, samples[-1])))
+            samples.append(Sample())
+            tasks.append(asyncio.create_task(limited(body, samples[-1])))
         await asyncio.gather(*tasks)
         watcher.cancel()
     return samples, peak
@@ -107,13 +129,14 @@ def summarize(samples: list[Sample]) -> dict:
     if not done:
         return {"completed": 0, "failed": len(samples), "first_error": samples[0].error if samples else None}
     ttft = [s.first - s.sent for s in done if s.first is not None]
-    tpot = [(s.end - s.first) / (s.tokens - 1) for s in done if s.first is not None and s.tokens > 1]
+    tpot = [1e3 * (s.end - s.first) / (s.tokens - 1) for s in done if s.first is not None and s.tokens > 1]
+    itl = [1e3 * (b - a) for s in done for a, b in zip(s.chunks, s.chunks[1:])]
     latency = [s.end - s.sent for s in done]
-    duration = max(s.end for s in done) - min(s.sent for s in samples)
+    duration = max(s.end for s in done) - min(s.sent for s in samples if s.sent is not None)
     tokens = sum(s.tokens for s in done)
 
-    def pct(values, q):
-        return float(np.percentile(values, q)) if values else None
+    def pct(name, values):
+        return {f"{name.format(q)}": float(np.percentile(values, q)) if values else None for q in (50, 90, 99)}
 
     failed = [s for s in samples if s.error is not None or s.end is None]
     return {
@@ -125,26 +148,35 @@ def summarize(samples: list[Sample]) -> dict:
         "mean_output_tokens": tokens / len(done),
         "output_tok_s": tokens / duration,
         "requests_s": len(done) / duration,
-        "ttft_p50_s": pct(ttft, 50),
-        "ttft_p99_s": pct(ttft, 99),
-        "tpot_p50_ms": pct([1e3 * t for t in tpot], 50),
-        "tpot_p99_ms": pct([1e3 * t for t in tpot], 99),
-        "latency_p50_s": pct(latency, 50),
-        "latency_p99_s": pct(latency, 99),
+        **pct("ttft_p{}_s", ttft),
+        **pct("tpot_p{}_ms", tpot),
+        **pct("itl_p{}_ms", itl),
+        **pct("latency_p{}_s", latency),
     }
 
 
-def chat_bodies(task, examples, max_tokens: int, temperature: float) -> list[dict]:
+def request_bodies(args, vocab: int) -> list[dict]:
+    """Streamed request bodies: the task's chat requests, or with `--input-len` plain completions of random
+    token ids; exactly `--max-tokens` tokens each with `--ignore-eos`."""
+    if args.input_len:
+        generator = torch.Generator().manual_seed(args.seed)
+        ids = torch.randint(0, vocab, (args.num_requests, args.input_len), generator=generator).tolist()
+        inputs = [{"prompt": p} for p in ids]
+    else:
+        task = rlkv.tasks.get(args.task)
+        examples = task.load(args.data_dir, limit=args.num_requests)
+        inputs = [{"messages": [{"role": "user", "content": task.user_message(e)}]} for e in examples]
     return [
         {
-            "messages": [{"role": "user", "content": task.user_message(e)}],
-            "max_tokens": max_tokens,
-            "temperature": temperature,
+            **body,
+            "max_tokens": args.max_tokens,
+            "temperature": args.temperature,
             "seed": i,
+            "ignore_eos": args.ignore_eos,
             "stream": True,
             "stream_options": {"include_usage": True},
         }
-        for i, e in enumerate(examples)
+        for i, body in enumerate(inputs)
     ]
 
 
@@ -158,12 +190,14 @@ def warm_up(url: str, bodies: list[dict], count: int) -> None:
         raise RuntimeError(f"warm-up requests failed: {failed[0]}")
 
 
-def measure(url: str, bodies: list[dict], rates: list[float], seed: int, warmup: int, label: dict) -> list[dict]:
+def measure(
+    url: str, bodies: list[dict], rates: list[float], seed: int, warmup: int, concurrency: int, label: dict
+) -> list[dict]:
     rows = []
     warm_up(url, bodies, warmup)
     for rate in rates:
         before = read_metrics(url)
-        samples, peak = asyncio.run(run_load(url, bodies, rate, seed))
+        samples, peak = asyncio.run(run_load(url, bodies, rate, seed, concurrency))
         after = read_metrics(url)
         row = {
             **label,
@@ -189,7 +223,10 @@ def main():
     ap.add_argument("--sparsities", default="0,0.5")
     ap.add_argument("--rates", default="2,8,32,inf", help="request arrivals per second (inf: all at once)")
     ap.add_argument("--num-requests", type=int, default=200)
-    ap.add_argument("--max-tokens", type=int, default=4096)
+    ap.add_argument("--max-tokens", type=int, default=4096, help="tokens per answer (exactly, with --ignore-eos)")
+    ap.add_argument("--ignore-eos", action="store_true", help="every answer runs to --max-tokens")
+    ap.add_argument("--input-len", type=int, default=0, help="random prompts of this many token ids (0: the task's)")
+    ap.add_argument("--max-concurrency", type=int, default=0, help="requests in flight at once (0: no cap)")
     ap.add_argument("--temperature", type=float, default=0.0)
     ap.add_argument("--kv-budget", default=None, help="the servers' KV pool (a size like 4GiB, or a GPU share)")
     ap.add_argument("--max-batch", type=int, default=256)
@@ -209,15 +246,15 @@ def main():
     if not args.url and not args.heads and any(float(v) > 0 for v in args.sparsities.split(",")):
         ap.error("a sparsity above 0 needs --heads")
 
-    task = rlkv.tasks.get(args.task)
-    examples = task.load(args.data_dir, limit=args.num_requests)
-    bodies = chat_bodies(task, examples, args.max_tokens, args.temperature)
+    if args.input_len and not args.model:
+        ap.error("--input-len draws token ids from the tokenizer of --model (a model directory)")
+    bodies = request_bodies(args, len(AutoTokenizer.from_pretrained(args.model)) if args.input_len else 0)
     rates = [float(r) for r in args.rates.split(",")]
     warmup = args.warmup if args.warmup is not None else args.max_batch
     meta = {"benchmark": "serving", **vars(args), "requests": len(bodies)}
     rows = []
     if args.url:
-        rows = measure(args.url, bodies, rates, args.seed, warmup, {"server": args.url})
+        rows = measure(args.url, bodies, rates, args.seed, warmup, args.max_concurrency, {"server": args.url})
     engines = [e for e in args.engines.split(",") if e]
     if any(e not in ("process", "thread") for e in engines):
         ap.error(f"--engines takes process and/or thread, got {args.engines!r}")
@@ -244,7 +281,8 @@ def main():
             try:
                 server.wait_ready(args.startup_timeout)
                 meta[f"server_command_{engine}_s{s:g}"] = " ".join(server.command)
-                rows += measure(server.url, bodies, rates, args.seed, warmup, {"engine": engine, "sparsity": s})
+                label = {"engine": engine, "sparsity": s}
+                rows += measure(server.url, bodies, rates, args.seed, warmup, args.max_concurrency, label)
             finally:
                 server.close()
             write_result(args.out, {**meta, "complete": False, "rows": rows})  # partial results survive a kill
@@ -265,6 +303,8 @@ def main():
             "ttft_p99_s",
             "tpot_p50_ms",
             "tpot_p99_ms",
+            "itl_p50_ms",
+            "itl_p99_ms",
             "latency_p99_s",
             "preemptions",
             "max_running",

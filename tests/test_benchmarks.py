@@ -1,4 +1,5 @@
-"""The GPU benchmark scripts run end to end on a tiny saved model on the CPU (so they cannot rot between GPU sessions)."""
+"""The GPU benchmark scripts run end to end on a tiny saved model on the CPU (so they cannot rot between GPU
+sessions)."""
 
 import json
 import os
@@ -236,7 +237,9 @@ def test_decode_limit_benchmark_sets_each_step_against_its_bytes(saved, tmp_path
     result = json.loads(out.read_text())
     rows = result["rows"]
     assert result["complete"] and result["weight_bytes"] > 0 and result["copy_gb_per_s"] > 0
-    assert [(r["sparsity"], r["batch"]) for r in rows] == [(0.0, 2), (0.0, 3), (0.5, 2), (0.5, 3)]
+    assert [(r["compile"], r["sparsity"], r["batch"]) for r in rows] == [
+        (False, s, b) for s in (0.0, 0.5) for b in (2, 3)
+    ]  # --compile auto: the engine's default, off on a CPU
     assert rows[1]["kv_bytes"] == 3 * rows[0]["kv_bytes"] // 2 and rows[2]["kv_bytes"] < rows[0]["kv_bytes"]
     assert all(r["floor_ms"] > 0 for r in rows)
     pages = -(-120 // 16)  # the engine's 16-token pages
@@ -328,6 +331,65 @@ def test_a_decode_graph_the_engine_never_ran_is_captured_with_its_attention():
     torch.cuda.synchronize()
     assert store.pages_k[0][page, 40 % store.page_size].abs().sum() > 0  # the step stored the new token's K
     assert model.config._attn_implementation == "sdpa"  # the engine's session closed again
+
+
+def test_long_generation_benchmark_sets_each_step_against_its_floor(saved, tmp_path):
+    """Fixed-length outputs at two sparsities under a pool too small for every sequence at sparsity 0 (preemptions
+    and their recompute), then a natural-EOS row on task prompts, graded."""
+    out = tmp_path / "long.json"
+    common = ["--model", str(saved), "--max-batch", "4", "--sink", "4", "--recent", "8", "--compile", "off"]
+    run(
+        "long_generation.py",
+        *common,
+        "--kv-budget",
+        "150KiB",
+        *("--sparsities", "0,0.5", "--num-requests", "5", "--input-len", "20", "--output-len", "30", "--ignore-eos"),
+        *("--max-concurrency", "4", "--out", str(out)),
+    )
+    result = json.loads(out.read_text())
+    rows = result["rows"]
+    assert result["complete"] and "command" in result["environment"] and "device" in result["environment"]
+    assert result["copy_gb_per_s"] > 0 and result["weight_bytes"] > 0 and result["mean_prompt_tokens"] == 20
+    assert [(r["compile"], r["sparsity"]) for r in rows] == [(False, 0.0), (False, 0.5)]
+    for r in rows:
+        assert r["completed"] == 5 and r["output_tokens"] == 5 * 30 and r["finish"] == {"length": 5}
+        assert r["problems"] == [] and r["max_running"] <= 4 and r["decode_steps"] > 0
+        assert (
+            0 < r["ttft_s_p50"] <= r["ttft_s_p99"] and 0 < r["tpot_ms_p50"] and 0 < r["itl_ms_p50"] <= r["itl_ms_p99"]
+        )
+        assert 0 < r["floor_ms_p50"] and 0 < r["of_floor"] and r["mean_kv_gb_per_step"] > 0
+    full, half = rows
+    assert full["throughput_ratio"] == 1.0 and full["vs_uncompiled"] == 1.0
+    assert full["preemptions"] > 0 and full["recomputed_tokens"] >= 20 * full["preemptions"]
+    assert full["recompute_s_est"] > 0 and 0 < full["recompute_share"] and full["prefill_tok_s"] > 0
+    assert half["kv_ratio"] < full["kv_ratio"] == 1.0 and half["pool_pages"] > full["pool_pages"]
+
+    graded = tmp_path / "graded.json"
+    run(
+        "long_generation.py",
+        *common,
+        *("--kv-budget", "2MiB", "--sparsities", "0", "--num-requests", "3", "--task", "arith", "--output-len", "6"),
+        *("--out", str(graded)),
+    )
+    (row,) = json.loads(graded.read_text())["rows"]
+    assert 0 <= row["accuracy"] <= 1 and row["completed"] == 3 and 1 <= row["max_output_tokens"] <= 6
+
+
+def test_serving_benchmark_serves_fixed_length_random_prompts(saved, tmp_path):
+    """Long-generation shape over HTTP: random prompts as plain completions, exactly --max-tokens tokens each
+    (--ignore-eos), at most 2 in flight."""
+    out = tmp_path / "serving.json"
+    run(
+        "serving.py",
+        *("--model", str(saved), "--input-len", "12", "--max-tokens", "5", "--ignore-eos", "--max-concurrency", "2"),
+        *("--num-requests", "4", "--rates", "inf", "--kv-budget", "8MiB", "--max-batch", "4", "--warmup", "2"),
+        *("--sparsities", "0", "--engines", "thread", "--out", str(out)),
+        OMP_NUM_THREADS="1",
+    )
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["completed"] == 4 and row["failed"] == 0 and row["output_tokens"] == 4 * 5
+    assert row["max_running"] <= 2  # the client's cap
+    assert 0 < row["itl_p50_ms"] <= row["itl_p90_ms"] <= row["itl_p99_ms"] and row["tpot_p90_ms"] > 0
 
 
 def test_lm_eval_harness_through_the_server_equals_a_forward(saved, tmp_path):

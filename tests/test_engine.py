@@ -1,4 +1,5 @@
-"""The engine against `compress` + generate (itself pinned to the masked reference), and its kernel against the torch path."""
+"""The engine against `compress` + generate (itself pinned to the masked reference), and its kernel against the
+torch path."""
 
 import pytest
 import torch
@@ -132,6 +133,12 @@ def test_outputs_do_not_depend_on_batching_budget_or_chunking():
     )
     assert alone[0].tokens == wide[2].tokens  # request 2 samples with seed 7 + 2 wherever it runs
     assert squeezed.stats.preemptions > 0 and squeezed.stats.max_running > 1
+    # each preemption gives up a context (prompt + tokens so far) that is prefilled again
+    recomputed = squeezed.stats.recomputed_tokens
+    assert (
+        recomputed >= squeezed.stats.preemptions * min(map(len, ps))
+        and squeezed.metrics().recomputed_tokens == recomputed
+    )
     assert reserving.stats.max_running == 1 < reserving.max_batch and reserving.stats.preemptions == 0
     assert len({tuple(o.tokens) for o in wide}) == len(ps)
 
@@ -318,13 +325,16 @@ def test_top_p_keeps_the_smallest_nucleus():
 # ---------------------------------------------------------------------- the Triton kernel
 @pytest.mark.parametrize("gated_mode", [False, True, 4], ids=["headsplit", "gated", "gated-block4"])
 def test_kernel_equals_the_torch_path(gated_mode):
-    """Compiled on CUDA; on a CPU, Triton's interpreter runs it (conftest sets TRITON_INTERPRET)."""
+    """Compiled on CUDA; on a CPU, Triton's interpreter runs it (conftest sets TRITON_INTERPRET). Layers with
+    kept and compressed heads, compressed heads only, kept heads only; one split per kept head (each program
+    writes its output) and three (the combine kernel merges them, gated mix included)."""
     pytest.importorskip("triton")
     from rlkv.engine.kernel import decode_attention
 
     torch.manual_seed(0)
-    layout = rlkv.Layout("qwen2", 2, 6, 2, 16, "float32", "x")
-    keep = torch.ones(2, 2, dtype=torch.bool) if gated_mode else torch.tensor([[True, False], [False, False]])
+    layout = rlkv.Layout("qwen2", 3, 6, 2, 16, "float32", "x")
+    keep = torch.tensor([[True, False], [False, False], [True, True]])
+    keep = torch.ones_like(keep) if gated_mode else keep
     store = KVStore(layout, keep, 4, 8, 4, 2**22, 3, 128, DEVICE, torch.float32)
     for t in store.pages_k + store.pages_v + store.ring_k + store.ring_v:
         t.normal_()
@@ -335,7 +345,7 @@ def test_kernel_equals_the_torch_path(gated_mode):
     q = torch.randn(3, 6, 16, device=DEVICE)
     alpha = torch.rand(2, device=DEVICE) if gated_mode else None
     stream_block = gated_mode if gated_mode > 1 else 1
-    for layer in (0, 1):
+    for layer in (0, 1, 2):
         for window in (None, 7):
             ref = decode_torch(q, store, layer, slots, lengths, None, 0.25, window, alpha, stream_block)
             for splits in (1, 3):
@@ -506,7 +516,85 @@ def test_full_prefill_equals_compressed_generate_with_full_prefill(arch, prefill
 def test_a_step_graph_is_not_captured_without_the_engines_attention():
     """Outside `Engine.step` the model runs its own attention: a graph captured there would store and read no K/V."""
     model = tiny_model("qwen2")
-    eng = engine(model)
+    eng = engine(model, compile=False)  # compiling captures every greedy decode graph up front
     eng.generate([[5, 6, 7]], max_new_tokens=2)
     with pytest.raises(RuntimeError, match="engine's attention installed"):
         eng.runner._graph(("decode", 3), "greedy")  # a bucket the generate never decoded
+
+
+# ---------------------------------------------------------------------- the compiled decode step
+@pytest.fixture(scope="module")
+def traced():
+    """Engines built inside compile with a backend that records the graphs dynamo hands it and runs them as
+    inductor would get them (aot_eager: the same graphs, functionalized, no code generation). One backend for
+    the module: a model class traced once serves every later engine on it, as in a real process."""
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs)
+
+    torch._dynamo.reset()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(rlkv.engine.compiled, "BACKEND", backend)
+        yield graphs
+    torch._dynamo.reset()
+
+
+def attention_calls(graph) -> int:
+    return sum(node.target is torch.ops.rlkv.attention.default for node in graph.graph.nodes)
+
+
+def test_compiled_engine_equals_the_eager_engine_and_compressed_generate(arch, traced):
+    """compile=True: the decode step's forward is one graph around `rlkv::attention` (one call per layer, the
+    store never traced) and sampling a small graph per mode, all compiled when the engine is built; greedy
+    tokens and log-probs equal compress + generate's, sampled tokens the eager engine's."""
+    model = tiny_model(arch)
+    keep = rlkv.HeadScores.random(rlkv.Layout.of(model), seed=1).keep_mask(0.5)
+    method = HeadSplit(keep, SINK, RECENT)
+    ps, ids, mask = prompts()
+    before = len(traced)
+    compiled = engine(model, method, compile=True)
+    new = sorted(attention_calls(g) for g in traced[before:])
+    assert new[-1] == 3 and new[:-1] in ([], [0, 0, 0])  # this class's forward; the modes' sampling, if first
+    outs = compiled.generate(ps, max_new_tokens=NEW, eos_token_ids=[])
+    with rlkv.compress(model, keep, sink=SINK, recent=RECENT):
+        check_equal(outs, reference(model, ids, mask))
+    kw = dict(max_new_tokens=NEW, temperature=1.0, top_p=0.9, top_k=50, seed=7, eos_token_ids=[])
+    sampled, eager = compiled.generate(ps, **kw), engine(model, method, compile=False).generate(ps, **kw)
+    assert [o.tokens for o in sampled] == [o.tokens for o in eager]
+    assert len(traced) == before + len(new)  # every batch size and mode ran on what was compiled at the start
+
+
+def test_compiled_engine_runs_every_runtime(traced):
+    """The operator hides which store and attention run: gated rollouts and token droppers compile the same way."""
+    model = tiny_model("qwen2")
+    layout = rlkv.Layout.of(model)
+    alpha = torch.rand(layout.shape, generator=torch.Generator().manual_seed(0)).to(DEVICE)
+    ps, ids, mask = prompts()
+    for method in (rlkv.Gated(alpha, SINK, RECENT), rlkv.methods.build("h2o", layout, 0.5, budget=8)):
+        outs = engine(model, method, compile=True).generate(ps, max_new_tokens=NEW, eos_token_ids=[])
+        with gated(model, alpha, SINK, RECENT) if isinstance(method, rlkv.Gated) else method.apply(model):
+            check_equal(outs, reference(model, ids, mask))
+    assert max(map(attention_calls, traced)) == 3
+
+
+def test_inductor_compiled_engine_with_the_kernels_equals_compressed_generate(monkeypatch):
+    """The engine as it runs on CUDA (Triton kernels, the step compiled by inductor; no CUDA graphs on a CPU),
+    on a CPU: inductor generates C++ for the fused operators, Triton's interpreter runs the attention kernels."""
+    pytest.importorskip("triton")
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setattr(rlkv.engine.compiled, "BACKEND", "inductor")  # whatever `traced` set for the module
+    torch._dynamo.reset()
+    counters.clear()
+    model = tiny_model("llama", layers=2)
+    keep = rlkv.HeadScores.random(rlkv.Layout.of(model), seed=1).keep_mask(0.5)
+    ps, ids, mask = prompts()
+    outs = engine(model, HeadSplit(keep, SINK, RECENT), compile=True, kernel=True).generate(
+        ps, max_new_tokens=NEW, eos_token_ids=[]
+    )
+    assert sum(counters["inductor"][k] for k in ("fxgraph_cache_miss", "fxgraph_cache_hit")) >= 4  # inductor's code
+    with rlkv.compress(model, keep, sink=SINK, recent=RECENT):
+        check_equal(outs, reference(model, ids, mask))
+    torch._dynamo.reset()

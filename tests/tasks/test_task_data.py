@@ -149,6 +149,7 @@ def test_a_task_mix_loads_prompts_and_grades_each_example_by_its_own_task():
     shuffled = mix.load(seed=3, limit=50)
     assert len(shuffled) == 50 and {e.meta["task"] for e in shuffled} == {"gsm8k_train", "math_train"}
     strict = mix.with_answer_rule("authors")
+    assert (mix.answer_rule, strict.answer_rule) == ("rlkv", "authors")  # in the curriculum cache's key
     assert strict.grade(gsm, f"so {gsm.answer}") == 0.0 and mix.grade(gsm, f"so {gsm.answer}") == 1.0
     with pytest.raises(ValueError, match="at least two distinct tasks"):
         tasks.get("gsm8k+gsm8k")

@@ -1,8 +1,9 @@
 """The engine's attention: store each forward's new K/V in the KV store, then attend over it.
 
 The engine registers `attention` (below) as the model's attention implementation, so the
-model's own modules project, normalise and rotate q/k/v; this module only stores and attends.
-A forward is either
+model's own modules project, normalise and rotate q/k/v; this module only stores and attends, as
+one custom operator, `rlkv::attention` (`engine_attention`), which torch.compile keeps opaque
+(`rlkv.engine.compiled`). A forward is either
 - a decode step (`Decode`): one new token for each of B sequences. Its K/V go to the pages of
   kept heads and the rings of compressed ones, then kept heads attend over their pages,
   compressed heads over their ring: two Triton kernels on CUDA (`rlkv.engine.kernel`) or the
@@ -21,6 +22,7 @@ alpha * full + (1 - alpha) * streaming attention, both over the same keys.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -29,7 +31,6 @@ import torch.nn.functional as F
 from rlkv.attention.reference import gate_mix, keep_keys_mask, masked_attention, recent_start
 from rlkv.attention.ring import ring_positions, ring_slot
 from rlkv.engine.kv import KVStore, upload
-from rlkv.hf.plumbing import state_of
 
 
 @dataclass
@@ -45,11 +46,16 @@ class Decode:
 
     @classmethod
     def of(cls, store: KVStore, slots: torch.Tensor, pos: torch.Tensor, max_len: int | None = None) -> Decode:
-        page = store.page_table[slots, pos // store.page_size].long()
-        return cls(slots, pos, page, pos % store.page_size, ring_slot(pos, store.sink, store.recent), max_len)
+        return cls(slots, pos, *places(store, slots, pos), max_len)
 
     def attend(self, state, layer: int, query, key, value, scaling: float, window: int | None) -> torch.Tensor:
         return state.decode(layer, query[:, :, 0], key[:, :, 0], value[:, :, 0], scaling, window)[:, None]
+
+
+def places(store: KVStore, slots: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Where the K/V of the token at `pos` of the sequence in `slots` go: (page, row within it, ring slot)."""
+    page = store.page_table[slots, pos // store.page_size].long()
+    return page, pos % store.page_size, ring_slot(pos, store.sink, store.recent)
 
 
 @dataclass
@@ -87,20 +93,11 @@ class Prompts:
     ) -> Prompts:
         """`slots`, `pos`, `seq`, `lengths` (its context's length) and, for a full prefill, `prompt_lengths`
         (its prompt's: a preempted request's context also holds its generated tokens) of every token [T]."""
-        at = Decode.of(store, slots, pos)  # page, offset and ring place, as a decode step's token would have
+        page, offset, ring = places(store, slots, pos)  # as a decode step's token would have
         stays = (pos < store.sink) | (pos >= lengths - store.recent)
         full_rows = pos < prompt_lengths if prompt_lengths is not None else None
         return cls(
-            pos,
-            seq,
-            at.page,
-            at.offset,
-            torch.where(stays, slots, 0),
-            at.ring,
-            store.sink,
-            store.recent,
-            full_rows,
-            block,
+            pos, seq, page, offset, torch.where(stays, slots, 0), ring, store.sink, store.recent, full_rows, block
         )
 
     def attend(self, state, layer: int, query, key, value, scaling: float, window: int | None) -> torch.Tensor:
@@ -193,17 +190,20 @@ class EngineAttention(EngineState):
 
     def _store(self, k, v, layer: int) -> None:
         """New K/V [B, Hkv, D] into pages and rings where the batch says (`Decode` or `Prompts`)."""
+        batch = self.batch
+        assert isinstance(batch, (Decode, Prompts)), "the engine sets the batch before each forward"
         if self.use_kernel:
             from rlkv.engine.kernel import store_kv
 
-            store_kv(k, v, self.store, layer, self.batch)
+            store_kv(k, v, self.store, layer, batch)
         else:
-            store_torch(k, v, self.store, layer, self.batch)
+            store_torch(k, v, self.store, layer, batch)
 
     # ------------------------------------------------------------------ decode
     def decode(self, layer: int, q, k, v, scaling: float, window: int | None) -> torch.Tensor:
         """q [B, Hq, D], k/v [B, Hkv, D] of the new tokens -> attention output [B, Hq, D]."""
         s, b = self.store, self.batch
+        assert isinstance(b, Decode), "the engine sets the batch before each forward"
         self._store(k, v, layer)
         if self.use_kernel:
             from rlkv.engine.kernel import decode_attention
@@ -229,6 +229,7 @@ class EngineAttention(EngineState):
     def prompts(self, layer: int, query, key, value, scaling: float, window: int | None) -> torch.Tensor:
         """query [1, Hq, T, D], key/value [1, Hkv, T, D] of packed new prompts -> output [1, T, Hq, D]."""
         s, b = self.store, self.batch
+        assert isinstance(b, Prompts), "the engine sets the batch before each forward"
         out = query.new_empty(1, query.shape[2], query.shape[1], query.shape[3])
         fi, ci = s.full_idx[layer], s.comp_idx[layer]
         qf, qc = s.q_full[layer], s.q_comp[layer]
@@ -249,6 +250,7 @@ class EngineAttention(EngineState):
         out = query.new_empty(1, query.shape[2], query.shape[1], query.shape[3])
         fi, ci = s.full_idx[layer], s.comp_idx[layer]
         qf, qc = s.q_full[layer], s.q_comp[layer]
+        assert isinstance(self.batch, Prefill), "the engine sets the batch before each forward"
         for seg in self.batch.segments:
             cols = slice(seg.offset, seg.offset + seg.length)
             q, k, v = query[:, :, cols], key[:, :, cols], value[:, :, cols]
@@ -387,11 +389,44 @@ def decode_torch(
     return out
 
 
+_forward_state: EngineState | None = None  # the state of the engine forward running now (`attending`)
+
+
+@contextmanager
+def attending(state: EngineState):
+    """Inside the block, the engine's attention operator works on `state` (its store and current batch): set
+    around each of the engine's forwards, as vLLM sets its forward context."""
+    global _forward_state
+    previous, _forward_state = _forward_state, state
+    try:
+        yield
+    finally:
+        _forward_state = previous
+
+
+@torch.library.custom_op("rlkv::attention", mutates_args=())
+def engine_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layer: int, scaling: float, window: int | None
+) -> torch.Tensor:
+    """Store the new K/V of `layer` and attend over the store: query [B, Hq, T, D], key/value [B, Hkv, T, D] ->
+    [B, T, Hq, D], as the current batch says (`Decode`, `Prompts`, `Prefill`).
+
+    One operator, opaque to torch.compile (`rlkv.engine.compiled`): the compiler fuses the model's own
+    operators around it and never traces the store, the kernels or the batch's host-side description. It
+    writes the KV store, which is no argument of it: nothing in a compiled graph reads the store but it."""
+    state = _forward_state
+    if state is None or state.batch is None:
+        raise RuntimeError("rlkv.Engine's attention ran outside an engine step")
+    return state.batch.attend(state, layer, query, key, value, scaling, window).contiguous()
+
+
+@engine_attention.register_fake
+def _(query, key, value, layer, scaling, window):
+    b, h, t, d = query.shape
+    return query.new_empty(b, t, h, d)
+
+
 def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """The attention implementation the engine registers (transformers' AttentionInterface signature)."""
-    state: EngineAttention = state_of(module, "rlkv.Engine")
     scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
-    if state.batch is None:
-        raise RuntimeError("rlkv.Engine's attention ran outside an engine step")
-    out = state.batch.attend(state, module.layer_idx, query, key, value, scaling, kwargs.get("sliding_window"))
-    return out, None
+    return engine_attention(query, key, value, module.layer_idx, scaling, kwargs.get("sliding_window")), None

@@ -12,7 +12,8 @@ back for every request, finished ones with their `Completion`:
    admitted requests are preempted (`rlkv.engine.scheduler`);
 2. admit waiting requests while the pool keeps a watermark free (not in a step that preempted);
 3. decode: launch one step for every running request (forward, sampling and log-probs, on CUDA one
-   graph replay); its input tokens are the previous step's outputs, still on the device;
+   graph replay of the step compiled when the engine was built: `rlkv.engine.compiled`); its input
+   tokens are the previous step's outputs, still on the device;
 4. read back the steps before it, while it runs: append their tokens; finished requests (EOS, stop
    string or id, max tokens, degenerate repetition) leave, and their slot and pages go back;
 5. prefill: admitted requests' contexts, packed whole in one row or in chunks (`rlkv.engine.runner`);
@@ -104,6 +105,7 @@ class Engine:
         prefill_tokens: int = 4096,
         cuda_graphs: bool | None = None,
         kernel: bool | None = None,
+        compile: bool | None = None,
         sequence_tokens: int | None = None,
         admission: str = "demand",
         watermark: float = 0.01,
@@ -114,7 +116,10 @@ class Engine:
         many rings as the budget holds sequences of that length (at most `max_batch`), so the memory
         of rings that could never be used goes to pages. `admission`: "demand" (pages as sequences
         grow, preemption when the pool runs dry; admitted while `watermark` of the pool stays free) or
-        "reserve" (every page a request could need, up front: the former policy, for comparison)."""
+        "reserve" (every page a request could need, up front: the former policy, for comparison).
+        `compile` (default: on CUDA): the decode step's forward and sampling compiled with torch.compile
+        around the engine's attention (`rlkv.engine.compiled`), here, once, with a progress bar; the CUDA
+        graphs then replay the compiled step. `cuda_graphs` and `kernel` default to on CUDA too."""
         self.model, self.tokenizer = model, tokenizer
         self.layout = Layout.of(model)
         self.device = next(model.parameters()).device
@@ -153,6 +158,7 @@ class Engine:
                 "cuda_graphs needs a CUDA model and, for head-split methods, the Triton kernel (kernel=True)"
             )
         self.max_batch = max_batch
+        self.compile = cuda if compile is None else compile
         paged = self.store.pages_for(1) > 0
         self.limits = RequestLimits(
             model.config.get_text_config().vocab_size,
@@ -171,6 +177,7 @@ class Engine:
             prefill_tokens,
             self.cuda_graphs,
             runtime.whole_prompts,
+            self.compile,
         )
         self.stats = EngineStats()
         self._model_eos: frozenset[int] | None = None
@@ -183,6 +190,13 @@ class Engine:
         self._outputs: list[RequestOutput] = []
         self._totals = {"generated": 0, "prompt": 0, "finished": 0}
         self._session: ExitStack | None = None  # the model's attention is the engine's while it has work
+        if self.compile:
+            self._open()
+            try:
+                with torch.inference_mode():
+                    self.runner.warm_up()
+            finally:
+                self._close()
 
     # ------------------------------------------------------------------ requests
     @property
@@ -254,6 +268,7 @@ class Engine:
             generated_tokens=self._totals["generated"],
             prompt_tokens=self._totals["prompt"],
             finished_requests=self._totals["finished"],
+            recomputed_tokens=self.scheduler.recomputed_tokens,
         )
 
     # ------------------------------------------------------------------ the loop
@@ -272,6 +287,7 @@ class Engine:
             if self._running:
                 self.stats.max_running = max(self.stats.max_running, len(self._running))
                 self.store.flush()
+                assert self._feed is not None, "running requests have their next inputs"
                 self._pending.append(self._launched(self._running, *self.runner.decode(self._running, self._feed)))
                 self._feed = self._pending[-1].tokens
             while len(self._pending) > bool(self._running):  # read back all but the step just launched
@@ -290,11 +306,12 @@ class Engine:
         keep = [i for i, r in enumerate(self._running) if r.finish is None and not r.exhausted]
         if len(keep) < len(self._running):
             self._running = [self._running[i] for i in keep]
+            assert self._feed is not None, "running requests have their next inputs"
             self._feed = self._feed[upload(keep, torch.long, self.device)] if keep else None
 
     def _make_room(self) -> bool:
         """Pages for every running request's next token; True if requests had to be preempted for them."""
-        before = self.scheduler.preemptions
+        before, recomputed = self.scheduler.preemptions, self.scheduler.recomputed_tokens
         if self.scheduler.shortfall(self._running):
             while self._pending:  # read back what is in flight: finished requests give their pages back
                 self._collect(self._pending.popleft())
@@ -308,6 +325,7 @@ class Engine:
             )
         self.scheduler.grow(self._running)
         self.stats.preemptions += self.scheduler.preemptions - before
+        self.stats.recomputed_tokens += self.scheduler.recomputed_tokens - recomputed
         return self.scheduler.preemptions > before
 
     def _prefill(self) -> None:
@@ -377,7 +395,7 @@ class Engine:
                 req.top_logprobs.append(list(zip(*(row[: req.params.top_logprobs] for row in top))))
             self.stats.generated_tokens += 1
             self._totals["generated"] += 1
-            finish = req.finished_by(lambda: self.tokenizer.decode(req.tokens[-STOP_TAIL:]))
+            finish = req.finished_by(lambda: self.tokenizer.decode(req.tokens[-STOP_TAIL:]))  # noqa: B023 (called at once)
             if finish is not None:
                 self.scheduler.release(req)
                 self._finish(req, finish)
@@ -423,6 +441,7 @@ class Engine:
         self._report(req, self._completion(req))
 
     def _completion(self, req: Request) -> Completion:
+        assert req.finish is not None, "a completion is made once its request finished"
         text = self.tokenizer.decode(req.tokens, skip_special_tokens=True)
         if req.finish == "stop":
             text = before_stop(text, req.params.stop)
@@ -515,6 +534,7 @@ class Engine:
             while len(done) < len(keys):
                 for out in self.step():
                     if out.finished and out.request_id in index:
+                        assert out.completion is not None, "a finished request's output carries its completion"
                         done[out.request_id] = out.completion
                         bar.update(1)
                         if on_complete is not None:

@@ -1,21 +1,24 @@
 """The engine's Triton kernels: fused decode attention for both kinds of KV head, and the store of new
 K/V into pages and rings.
 
-`_decode_kernel`: a program handles one (sequence, KV head, split) and all the query heads of that KV head's
-GQA group (padded to 16 rows for `tl.dot`):
-- a kept head walks its split of the sequence's pages (BLOCK tokens at a time, gathered
+`_decode_kernel`: a program handles one (sequence, work item) and all the query heads of that item's KV
+head's GQA group (padded to 16 rows for `tl.dot`). A layer's work items are its kept heads' splits
+first, then one per compressed head:
+- a kept head's split walks its share of the sequence's pages (BLOCK tokens at a time, gathered
   through the page table) with an online softmax;
-- a compressed head reads its sink + recent ring once (split 0 only), each slot's token
-  position worked out from the sequence length;
+- a compressed head reads its sink + recent ring once, in one program, and writes its output;
 - in gated mode every head is kept and the same pass also accumulates a second softmax over
   the keys the streaming rule allows (first `sink`, last `recent`, at `stream_block` granularity:
-  `rlkv.attention.reference.keep_keys_mask`); the two outputs are mixed
-  with alpha after the splits are combined.
-Splits ("split-K") give short batches of long sequences enough programs to fill the GPU; their
-partial (max, sum, acc) are combined in torch. With one split (large batches) the kernel writes the
-final output itself, gated mix included, and no combine step runs. `rlkv.engine.attention.decode_torch` is the
-plain reference this kernel is tested against. (The token droppers' slot kernel, which both
-runtimes use, is `rlkv.attention.slot_kernel`.)
+  `rlkv.attention.reference.keep_keys_mask`); the two outputs are mixed with alpha once the splits
+  are combined.
+Splits ("split-K") give short batches of long sequences enough programs to fill the GPU; only kept
+heads are split (a ring is short), so their number counts the kept heads alone (`num_splits`): the SMs
+a compressed head would leave idle go to kept heads' splits. Programs start in order, sequences
+fastest, so the long kept work is issued first and the short rings fill the tail (longest first).
+With one split (large batches) a kept head's program writes its output itself, gated mix included;
+with more, `_combine_kernel` merges the splits' partial (max, sum, acc) and mixes, one launch per layer.
+`rlkv.engine.attention.decode_torch` is the plain reference these kernels are tested against. (The
+token droppers' slot kernel, which both runtimes use, is `rlkv.attention.slot_kernel`.)
 """
 
 from __future__ import annotations
@@ -24,7 +27,6 @@ import torch
 import triton
 import triton.language as tl
 
-from rlkv.attention.reference import gate_mix
 from rlkv.attention.slot_kernel import online_softmax
 from rlkv.engine.kv import KVStore
 
@@ -36,16 +38,17 @@ def _decode_kernel(
     VP,
     KR,
     VR,
-    KIND,
-    INDEX,
+    FULL,
+    COMP,
     PT,
     LENS,
     SLOTS,
     ACC,
     M,
     L,
-    O,
+    OUT,
     ALPHA,
+    n_kept,
     stride_qb,
     stride_qh,
     stride_ob,
@@ -81,28 +84,34 @@ def _decode_kernel(
     PRECISION: tl.constexpr,
 ):
     b = tl.program_id(0)
-    h = tl.program_id(1)
-    split = tl.program_id(2)
+    item = tl.program_id(1)
+    kept = item < n_kept * SPLITS
+    split = item % SPLITS
+    if kept:  # the head's place in its store, and its KV head
+        idx = item // SPLITS
+        h = tl.load(FULL + idx)
+    else:
+        idx = item - n_kept * SPLITS
+        h = tl.load(COMP + idx)
     length = tl.load(LENS + b)
     last = length - 1
     slot = tl.load(SLOTS + b)
-    kind = tl.load(KIND + h)
-    idx = tl.load(INDEX + h)
     low = tl.where(window > 0, tl.maximum(length - window, 0), 0)
 
     g = tl.arange(0, G_PAD)
     d = tl.arange(0, D)
     rows = h * G + g
-    q = tl.load(Q + b * stride_qb + rows[:, None] * stride_qh + d[None, :], mask=(g < G)[:, None], other=0.0)
+    out_rows = g < G
+    q = tl.load(Q + b * stride_qb + rows[:, None] * stride_qh + d[None, :], mask=out_rows[:, None], other=0.0)
+    o_ptr = OUT + b * stride_ob + rows[:, None] * stride_oh + d[None, :]
 
     m_i = tl.full([G_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([G_PAD], tl.float32)
     acc = tl.zeros([G_PAD, D], tl.float32)
-    m_s = tl.full([G_PAD], float("-inf"), tl.float32)
-    l_s = tl.zeros([G_PAD], tl.float32)
-    acc_s = tl.zeros([G_PAD, D], tl.float32)
-
-    if kind == 0:
+    if kept:
+        m_s = tl.full([G_PAD], float("-inf"), tl.float32)
+        l_s = tl.zeros([G_PAD], tl.float32)
+        acc_s = tl.zeros([G_PAD, D], tl.float32)
         n_blocks = tl.cdiv(length, BLOCK)
         per = tl.cdiv(n_blocks, SPLITS)
         first = tl.maximum(split * per, low // BLOCK)
@@ -122,37 +131,88 @@ def _decode_kernel(
                 m_s, l_s, acc_s = online_softmax(
                     tl.where(stream[None, :], sc, float("-inf")), v, m_s, l_s, acc_s, PRECISION
                 )
-    else:
-        if split == 0:
-            j = tl.arange(0, RING_PAD)
-            in_ring = j < RING
-            back = ((last - j) % recent + recent) % recent  # rlkv.attention.ring.ring_positions, inline
-            pos = tl.where(j < sink, j, last - back)
-            valid = in_ring & tl.where(j < sink, j <= last, pos >= sink) & (pos >= low)
-            base = slot.to(tl.int64) * stride_rs + j * stride_rt + idx * stride_rh
-            k = tl.load(KR + base[:, None] + d[None, :], mask=in_ring[:, None], other=0.0)
-            v = tl.load(VR + base[:, None] + d[None, :], mask=in_ring[:, None], other=0.0)
-            sc = tl.dot(q, tl.trans(k), input_precision=PRECISION).to(tl.float32) * scale
-            m_i, l_i, acc = online_softmax(tl.where(valid[None, :], sc, float("-inf")), v, m_i, l_i, acc, PRECISION)
+        if SPLITS == 1:  # the whole sequence is in this program: write the final output, no combine step
+            out = acc / l_i[:, None]
+            if GATED:
+                a = tl.load(ALPHA + h)
+                out = a * out + (1 - a) * (acc_s / l_s[:, None])
+            tl.store(o_ptr, out.to(OUT.dtype.element_ty), mask=out_rows[:, None])
+        else:
+            a_ptr = ACC + b * stride_ab + rows[:, None] * stride_ah + split * stride_as + d[None, :]
+            tl.store(a_ptr, acc, mask=out_rows[:, None])
+            m_ptr = M + b * stride_mb + rows * stride_mh + split
+            tl.store(m_ptr, m_i, mask=out_rows)
+            tl.store(L + b * stride_mb + rows * stride_mh + split, l_i, mask=out_rows)
+            if GATED:
+                tl.store(a_ptr + stride_an, acc_s, mask=out_rows[:, None])
+                tl.store(m_ptr + stride_mn, m_s, mask=out_rows)
+                tl.store(L + stride_mn + b * stride_mb + rows * stride_mh + split, l_s, mask=out_rows)
+    else:  # a compressed head: its ring, one program, the output written here
+        j = tl.arange(0, RING_PAD)
+        in_ring = j < RING
+        back = ((last - j) % recent + recent) % recent  # rlkv.attention.ring.ring_positions, inline
+        pos = tl.where(j < sink, j, last - back)
+        valid = in_ring & tl.where(j < sink, j <= last, pos >= sink) & (pos >= low)
+        base = slot.to(tl.int64) * stride_rs + j * stride_rt + idx * stride_rh
+        k = tl.load(KR + base[:, None] + d[None, :], mask=in_ring[:, None], other=0.0)
+        v = tl.load(VR + base[:, None] + d[None, :], mask=in_ring[:, None], other=0.0)
+        sc = tl.dot(q, tl.trans(k), input_precision=PRECISION).to(tl.float32) * scale
+        m_i, l_i, acc = online_softmax(tl.where(valid[None, :], sc, float("-inf")), v, m_i, l_i, acc, PRECISION)
+        tl.store(o_ptr, (acc / l_i[:, None]).to(OUT.dtype.element_ty), mask=out_rows[:, None])
 
-    out_rows = g < G
-    if SPLITS == 1:  # the whole sequence is in this program: write the final output, no combine step
-        out = acc / l_i[:, None]
-        if GATED:
-            a = tl.load(ALPHA + h)
-            out = a * out + (1 - a) * (acc_s / l_s[:, None])
-        o_ptr = O + b * stride_ob + rows[:, None] * stride_oh + d[None, :]
-        tl.store(o_ptr, out.to(O.dtype.element_ty), mask=out_rows[:, None])
-    else:
-        a_ptr = ACC + b * stride_ab + rows[:, None] * stride_ah + split * stride_as + d[None, :]
-        tl.store(a_ptr, acc, mask=out_rows[:, None])
-        m_ptr = M + b * stride_mb + rows * stride_mh + split
-        tl.store(m_ptr, m_i, mask=out_rows)
-        tl.store(L + b * stride_mb + rows * stride_mh + split, l_i, mask=out_rows)
-        if GATED:
-            tl.store(a_ptr + stride_an, acc_s, mask=out_rows[:, None])
-            tl.store(m_ptr + stride_mn, m_s, mask=out_rows)
-            tl.store(L + stride_mn + b * stride_mb + rows * stride_mh + split, l_s, mask=out_rows)
+
+@triton.jit
+def _merged(acc_ptr, m_ptr, l_ptr, live):
+    """Partial softmaxes [G, S] (max, sum) and [G, S, D] (acc) merged over their splits -> [G, D]."""
+    m = tl.load(m_ptr, mask=live, other=float("-inf"))
+    top = tl.max(m, 1)
+    weight = tl.exp(m - tl.where(top == float("-inf"), 0.0, top)[:, None])  # padding rows: all -inf, weight 0
+    denom = tl.sum(tl.load(l_ptr, mask=live, other=0.0) * weight, 1)
+    acc = tl.load(acc_ptr, mask=live[:, :, None], other=0.0)
+    return tl.sum(acc * weight[:, :, None], 1) / tl.where(denom == 0, 1.0, denom)[:, None]
+
+
+@triton.jit
+def _combine_kernel(
+    ACC,
+    M,
+    L,
+    OUT,
+    FULL,
+    ALPHA,
+    stride_an,
+    stride_ab,
+    stride_ah,
+    stride_as,
+    stride_mn,
+    stride_mb,
+    stride_mh,
+    stride_ob,
+    stride_oh,
+    G: tl.constexpr,
+    G_PAD: tl.constexpr,
+    D: tl.constexpr,
+    SPLITS: tl.constexpr,
+    SPLITS_PAD: tl.constexpr,
+    GATED: tl.constexpr,
+):
+    """One (sequence, kept head): merge its splits' partial softmaxes (max, sum, acc) into the output, gated mix
+    included. An empty split (m = -inf) weighs 0."""
+    b = tl.program_id(0)
+    h = tl.load(FULL + tl.program_id(1))
+    g = tl.arange(0, G_PAD)
+    s = tl.arange(0, SPLITS_PAD)
+    d = tl.arange(0, D)
+    rows = h * G + g
+    live = (g < G)[:, None] & (s < SPLITS)[None, :]  # [G, S]
+    m_ptr = b * stride_mb + rows[:, None] * stride_mh + s[None, :]
+    a_ptr = b * stride_ab + rows[:, None, None] * stride_ah + s[None, :, None] * stride_as + d[None, None, :]
+    out = _merged(ACC + a_ptr, M + m_ptr, L + m_ptr, live)
+    if GATED:
+        a = tl.load(ALPHA + h)
+        out = a * out + (1 - a) * _merged(ACC + stride_an + a_ptr, M + stride_mn + m_ptr, L + stride_mn + m_ptr, live)
+    o_ptr = OUT + b * stride_ob + rows[:, None] * stride_oh + d[None, :]
+    tl.store(o_ptr, out.to(OUT.dtype.element_ty), mask=(g < G)[:, None])
 
 
 @triton.jit
@@ -228,13 +288,14 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, store: KVStore, layer: int, batch
     )
 
 
-def num_splits(batch: int, kv_heads: int, device: torch.device) -> int:
-    """Splits per sequence: only as many as fill one wave of SMs.
+def num_splits(batch: int, kept_heads: int, device: torch.device) -> int:
+    """Splits per kept head of a sequence: only as many as fill one wave of SMs with kept heads' programs.
 
-    A split pays for a combine step (several small kernels per layer), so from one (sequence, KV
-    head) per SM on, one split is fastest (`benchmarks/engine.py --parts tune`)."""
+    Compressed heads are never split (their ring is one program). A split pays for the combine (one more
+    launch per layer), so from one (sequence, kept head) per SM on, one split is fastest
+    (`benchmarks/engine.py --parts tune`)."""
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
-    return max(1, min(16, sms // (batch * kv_heads)))
+    return max(1, min(16, sms // (batch * max(kept_heads, 1))))
 
 
 def decode_attention(
@@ -259,15 +320,17 @@ def decode_attention(
     Launch defaults: a tile of BLOCK x D = 16384 elements (256 tokens at D = 64, 128 at D = 128), 8
     warps, 3 pipeline stages at D <= 64 and 2 above: with about one (sequence, KV head) program per
     SM, a longer block keeps more bytes in flight, and the K and V tiles in flight stay within an
-    SM's shared memory (measurements: benchmarks/README.md)."""
+    SM's shared memory (measurements: benchmarks/README.md). `splits`: per kept head (default `num_splits`)."""
     bsz, hq, d = q.shape
+    q = q if q.stride(-1) == 1 else q.contiguous()  # the kernel reads a head's D values in a row
     block = block or max(16, 16384 // d)
     num_stages = num_stages or (3 if d <= 64 else 2)
-    kv_heads = store.keep.shape[1]
-    group = hq // kv_heads
-    splits = splits or num_splits(bsz, kv_heads, q.device)
+    full, comp = store.full_idx[layer], store.comp_idx[layer]
+    n_kept, n_comp = len(full), len(comp)
+    group = hq // store.keep.shape[1]
+    splits = (splits or num_splits(bsz, n_kept, q.device)) if n_kept else 1
     out = torch.empty_like(q)
-    if splits == 1:  # the kernel writes `out` itself
+    if splits == 1:  # every program writes its output itself
         acc = m = denom = out
         acc_strides, m_strides = (0, 0, 0, 0), (0, 0, 0)
     else:
@@ -282,14 +345,15 @@ def decode_attention(
     ring_strides = rk.stride()[:3] if rk.ndim == 4 else (0, 0, 0)
     page = store.page_size
     block = max(block, page)
-    _decode_kernel[(bsz, kv_heads, splits)](
+    g_pad = max(16, triton.next_power_of_2(group))
+    _decode_kernel[(bsz, n_kept * splits + n_comp)](
         q,
         pk,
         pv,
         rk,
         rv,
-        store.kind[layer],
-        store.index[layer],
+        full if n_kept else comp,  # an empty list is never read: the other one stands in
+        comp if n_comp else full,
         store.page_table,
         lengths.to(torch.int32),
         slots.to(torch.int32),
@@ -298,6 +362,7 @@ def decode_attention(
         denom,
         out,
         alpha_f,
+        n_kept,
         q.stride(0),
         q.stride(1),
         out.stride(0),
@@ -313,7 +378,7 @@ def decode_attention(
         window or 0,
         stream_block,
         G=group,
-        G_PAD=max(16, triton.next_power_of_2(group)),
+        G_PAD=g_pad,
         D=d,
         PAGE=page,
         BLOCK=block,
@@ -325,11 +390,24 @@ def decode_attention(
         num_warps=num_warps,
         num_stages=num_stages,
     )
-    if splits == 1:
-        return out
-    top = m.amax(-1, keepdim=True)
-    weight = torch.exp(m - top)  # empty splits: m = -inf -> weight 0
-    out = (acc * weight[..., None]).sum(-2) / (denom * weight).sum(-1)[..., None]
-    if alpha is not None:
-        return gate_mix(out[0], out[1], alpha, group).to(q.dtype)
-    return out[0].to(q.dtype)
+    if splits > 1:
+        _combine_kernel[(bsz, n_kept)](
+            acc,
+            m,
+            denom,
+            out,
+            full,
+            alpha_f,
+            *acc_strides,
+            *m_strides,
+            out.stride(0),
+            out.stride(1),
+            G=group,
+            G_PAD=triton.next_power_of_2(group),
+            D=d,
+            SPLITS=splits,
+            SPLITS_PAD=triton.next_power_of_2(splits),
+            GATED=alpha is not None,
+            num_warps=4,
+        )
+    return out

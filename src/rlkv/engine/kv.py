@@ -123,7 +123,8 @@ class KVStore(Slots):
         self.peak_pages_used = 0
 
     def _pages_left(self, budget: int, max_batch: int) -> int:
-        """Pages the budget holds beside the rings of `max_batch` sequences and the scratch slot (1: no pages needed)."""
+        """Pages the budget holds beside the rings of `max_batch` sequences and the scratch slot (1: no pages
+        needed)."""
         ring_bytes = (max_batch + 1) * self.slot_bytes
         if not self.kept_heads:
             if budget < ring_bytes:

@@ -274,7 +274,15 @@ class TokenLogprobs:
 
 @dataclass
 class Completion:
-    """One generated sequence."""
+    """One generated sequence.
+
+    `kv_bytes` is the K/V it held at its end under its method: a kept head holds every token, a
+    compressed head a ring of sink + recent slots allocated whole from the first token (plus the
+    ring's positions), a token dropper at most its budget per head. `kv_bytes_full` is what an
+    uncompressed cache holds for the same tokens. So a sequence shorter than sink + recent tokens
+    (80 by default) holds more than a full cache, `kv_bytes > kv_bytes_full`: its rings are not full
+    yet. The savings start past that length and approach the sparsity as the sequence grows.
+    """
 
     prompt_tokens: int
     tokens: list[int]

@@ -3,12 +3,13 @@ with sampling and log-probs, and on CUDA replayed from a CUDA graph.
 
 The model's own modules run the forward (embeddings, norms, projections, RoPE, MLP); only
 attention is the engine's (`rlkv.engine.attention`), reading where to store and what to attend
-from `state.batch`, which each forward sets first. Sampling is per row (each request's own
-temperature, top-k, top-p, seed); a batch runs in one of three modes, chosen on the host from
-its requests: all greedy (argmax), sampling without a filter, or with the top-k / top-p filter
-(a sort of the vocabulary), so the common cases pay nothing for the general one. A CUDA graph is
-captured per (shape, mode) and reads its inputs from static buffers; zero slots and pages are
-scratch space for padding rows.
+from `state.batch`, which each forward sets first. With `compile`, the decode step's forward and
+its sampling run compiled (`rlkv.engine.compiled`), compiled and captured before the first request
+(`warm_up`). Sampling is per row (each request's own temperature, top-k, top-p, seed); a batch runs
+in one of three modes, chosen on the host from its requests: all greedy (argmax), sampling without
+a filter, or with the top-k / top-p filter (a sort of the vocabulary), so the common cases pay
+nothing for the general one. A CUDA graph is captured per (shape, mode) and reads its inputs from
+static buffers; zero slots and pages are scratch space for padding rows.
 """
 
 from __future__ import annotations
@@ -16,9 +17,11 @@ from __future__ import annotations
 from itertools import accumulate
 
 import torch
+from tqdm.auto import tqdm
 
 from rlkv.engine import logits as processed
-from rlkv.engine.attention import Prefill, Segment
+from rlkv.engine.attention import Prefill, Segment, attending
+from rlkv.engine.compiled import compiled
 from rlkv.engine.kv import upload
 from rlkv.engine.request import Request
 from rlkv.engine.sampling import sample
@@ -48,7 +51,7 @@ def sampling_rows(requests: list[Request]) -> tuple[list[list[int]], list[list[f
 
 def pick(logits, seeds, steps, top_k, temperature, top_p, mode: str) -> tuple[torch.Tensor, ...]:
     """Next tokens [B] from logits [B, V] in `mode`, and their log-probs under the raw logits (the token's logit
-    less the log-sum-exp); in "logits" mode, the logits themselves."""
+    less the log-sum-exp: no [B, V] log-softmax is written); in "logits" mode, the logits themselves."""
     if mode == "logits":
         return (logits,)
     if mode == "greedy":
@@ -70,17 +73,31 @@ class Runner:
     """Forwards of one model with the engine's attention `state` over its KV `store`."""
 
     def __init__(
-        self, model, state, store, device, max_batch: int, prefill_tokens: int, cuda_graphs: bool, whole_prompts: bool
+        self,
+        model,
+        state,
+        store,
+        device,
+        max_batch: int,
+        prefill_tokens: int,
+        cuda_graphs: bool,
+        whole_prompts: bool,
+        compile: bool = False,
     ):
         self.model, self.state, self.store, self.device = model, state, store, device
         self.prefill_tokens = prefill_tokens
         self.cuda_graphs, self.whole_prompts = cuda_graphs, whole_prompts
+        # the decode step's forward and sampling (the prefills run the model as it is)
+        self._decode_forward = compiled(self.forward) if compile else self.forward
+        self._pick = compiled(pick) if compile else pick
+        self.min_rows = 2 if compile else 1  # a compiled step's batch is symbolic from 2 rows on: 1 row is padded
         self._graphs: dict[tuple, tuple] = {}
         # decode batch sizes that get a CUDA graph; a step pads up to the smallest that fits
-        self.buckets = sorted({s for s in [1, 2, 4, 8, 16, *range(32, max_batch, 32)] if s < max_batch} | {max_batch})
+        sizes = [s for s in [1, 2, 4, 8, 16, *range(32, max_batch, 32)] if s < max_batch] + [max_batch]
+        self.buckets = sorted({max(s, self.min_rows) for s in sizes})
         # a decode step's ids, pos, slots, seeds, steps, top_k; and its temperatures, top_p
-        self._static = torch.zeros(6, max_batch, dtype=torch.long, device=device)
-        self._static_f = torch.ones(2, max_batch, device=device)
+        self._static = torch.zeros(6, self.buckets[-1], dtype=torch.long, device=device)
+        self._static_f = torch.ones(2, self.buckets[-1], device=device)
         # packed new contexts: per token ids, pos, slots, context lengths, seq, prompt lengths; per context its last
         # token, seed, step, top_k; and its temperature, top_p
         self._static_prompts = torch.zeros(6, PROMPT_TOKENS, dtype=torch.long, device=device)
@@ -124,16 +141,32 @@ class Runner:
         else:
             inputs = torch.cat([feed[None], upload(host, torch.long, self.device)])
             floats = upload(floats, torch.float32, self.device)
+            if n < self.min_rows:  # padding rows: scratch slot 0 at position 0, as a graph's
+                inputs = torch.cat([inputs, inputs.new_zeros(6, self.min_rows - n)], 1)
+                floats = torch.cat([floats, floats.new_ones(2, self.min_rows - n)], 1)
             outputs = self._decode_step(inputs, floats, mode, max_len=max(host[0]) + 1)
-            longs = inputs[3:]
+            outputs, longs, floats = [o[:n] for o in outputs], inputs[3:, :n], floats[:, :n]
         self.decode_steps += 1
         return finish_pick(tuple(outputs), requests, feed, longs, floats)
 
     def _decode_step(self, inputs: torch.Tensor, floats: torch.Tensor, mode: str, max_len: int | None = None):
         ids, pos, slots, seeds, steps, top_k = inputs
         self.state.batch = self.state.decode_batch(slots, pos, max_len)
-        logits = self.forward(ids[:, None], pos[:, None])[:, 0]
-        return pick(logits, seeds, steps, top_k, floats[0], floats[1], mode)
+        with attending(self.state):
+            logits = self._decode_forward(ids[:, None], pos[:, None])[:, 0]
+        return self._pick(logits, seeds, steps, top_k, floats[0], floats[1], mode)
+
+    def warm_up(self) -> None:
+        """Compile the decode step (a step of scratch rows in each sampling mode) and, with CUDA graphs, capture it
+        for every greedy batch size, with a progress bar: before the first request, not in the middle of
+        serving. Needs the engine's attention installed."""
+        shapes = [(mode, None) for mode in MODES] + [("greedy", b) for b in self.buckets if self.cuda_graphs]
+        scratch = torch.zeros(6, self.min_rows, dtype=torch.long, device=self.device)  # slot 0, position 0
+        for mode, bucket in tqdm(shapes, desc="rlkv: compiling the decode step", dynamic_ncols=True):
+            if bucket is None:
+                self._decode_step(scratch, torch.ones(2, self.min_rows, device=self.device), mode, max_len=1)
+            else:
+                self._graph(("decode", bucket), mode)
 
     # ------------------------------------------------------------------ prefill
     def prefill(self, prefilling: list[Request]):
@@ -165,11 +198,12 @@ class Runner:
         scored = [(req, req.unscored(seg.start, seg.end), seg) for req, seg in zip(owners, segments)]
         rows = [seg.offset + seg.length - 1 for _, seg in complete]
         rows += [seg.offset + p - seg.start for _, positions, seg in scored for p in positions]
-        logits = self.forward(
-            upload([ids], torch.long, self.device),
-            upload([pos], torch.long, self.device),
-            upload(rows, torch.long, self.device),
-        )[0]
+        with attending(self.state):
+            logits = self.forward(
+                upload([ids], torch.long, self.device),
+                upload([pos], torch.long, self.device),
+                upload(rows, torch.long, self.device),
+            )[0]
         self.prefill_forwards += 1
         self._score_prompts(logits[len(complete) :], scored)
         for req, seg in zip(owners, segments):
@@ -248,7 +282,8 @@ class Runner:
     def _prompts_step(self, tokens_in: torch.Tensor, rows_in: torch.Tensor, floats_in: torch.Tensor, mode: str):
         ids, pos, slots, lens, seq, prompt = tokens_in
         self.state.batch = self.state.prompts_batch(slots, pos, seq, lens, prompt)
-        logits = self.forward(ids[None], pos[None], rows_in[0])[0]
+        with attending(self.state):
+            logits = self.forward(ids[None], pos[None], rows_in[0])[0]
         return pick(logits, rows_in[1], rows_in[2], rows_in[3], floats_in[0], floats_in[1], mode)
 
     # ------------------------------------------------------------------ CUDA graphs

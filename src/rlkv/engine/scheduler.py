@@ -40,6 +40,7 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.admitted: list[Request] = []
         self.preemptions = 0
+        self.recomputed_tokens = 0  # context tokens of preempted requests, to be prefilled again
 
     def add(self, req: Request) -> None:
         self.waiting.append(req)
@@ -87,6 +88,7 @@ class Scheduler:
             victim.preempted()
             victims.append(victim)
             self.preemptions += 1
+            self.recomputed_tokens += len(victim.context)
         self.waiting.extendleft(victims)  # the newest first, so the oldest victim leads the queue
         return victims
 

@@ -18,6 +18,7 @@ class EngineStats:
     prefill_forwards: int = 0
     max_running: int = 0
     preemptions: int = 0
+    recomputed_tokens: int = 0  # context tokens preempted requests prefilled again (their K/V was given up)
     pool_bytes: int = 0
     pages: int = 0
     peak_pages_used: int = 0
@@ -48,3 +49,4 @@ class EngineMetrics:
     generated_tokens: int
     prompt_tokens: int
     finished_requests: int
+    recomputed_tokens: int = 0  # context tokens of preempted requests, prefilled again when they resume

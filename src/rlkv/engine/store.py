@@ -10,7 +10,7 @@ full pages, by reference) then `fork` (a copy of the rest) after it.
 
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
+from typing import Protocol, SupportsInt, runtime_checkable
 
 
 def free_list(n: int) -> list[int]:
@@ -46,11 +46,13 @@ class Slots:
 @runtime_checkable
 class Store(Protocol):
     num_slots: int  # sequence slots, the scratch slot included
+    page_size: int  # tokens per page (a store without pages: 0)
     peak_pages_used: int
 
     @property
     def capacity_pages(self) -> int:
         """Pages sequences can hold (0: a store without pages)."""
+        ...
 
     @property
     def free_pages(self) -> int: ...
@@ -60,6 +62,7 @@ class Store(Protocol):
 
     def pages_for(self, tokens: int) -> int:
         """Pages a sequence of `tokens` tokens holds."""
+        ...
 
     def has_slot(self) -> bool: ...
 
@@ -67,9 +70,11 @@ class Store(Protocol):
 
     def grow(self, slot: int, pages: list[int], tokens: int) -> bool:
         """Extend `pages` to hold `tokens` tokens; False, taking nothing, if the pool is short."""
+        ...
 
     def flush(self) -> None:
         """Make the pages handed out since the last flush visible to the device (page tables)."""
+        ...
 
     def release(self, slot: int, pages: list[int]) -> None:
         """Give back the slot, and `pages` (each goes back to the pool once nobody holds it)."""
@@ -88,6 +93,8 @@ class Store(Protocol):
 
     def nbytes(self) -> int:
         """Bytes allocated for K/V (and the policy state a store keeps)."""
+        ...
 
-    def sequence_nbytes(self, tokens):
+    def sequence_nbytes(self, tokens) -> SupportsInt:
         """Bytes a sequence of `tokens` tokens holds."""
+        ...

@@ -69,7 +69,7 @@ class TokenDropStore(Slots):
         self.peak_pages_used = 0
 
     # ------------------------------------------------------------------ allocation (KVStore's interface)
-    capacity_pages = free_pages = 0  # a sequence needs a slot and no pages
+    capacity_pages = free_pages = page_size = 0  # a sequence needs a slot and no pages
 
     def pages_for(self, tokens: int) -> int:
         return 0
@@ -150,6 +150,7 @@ class TokenDropStore(Slots):
             store[index] = torch.where(kept_new[..., None], new, store[index])
         self.pos[layer][slots] = put(pos, c.pos[..., cap:])
         if self.score is not None:
+            assert c.score is not None, "a scored policy's candidates carry their scores"
             self.score[layer][slots] = put(torch.where(keep[..., :cap], c.score[..., :cap], 0.0), c.score[..., cap:])
         for name, t in state.items():
             self.extra[layer][name][slots] = t
@@ -179,7 +180,7 @@ class TokenDropAttention(EngineState):
         else:
             attend = slot_attention_torch
         self._attend = attend
-        self.batch = None
+        self.batch: Decode | Prefill | None = None
         self._groups: tuple[Prefill, list[PaddedPrompts]] | None = (
             None  # the current prefill's, built once for all layers
         )
@@ -188,8 +189,10 @@ class TokenDropAttention(EngineState):
         return Decode(slots, pos, None, None, None, max_len)  # no pages, no ring
 
     def decode(self, layer: int, q, k, v, scaling: float, window: int | None) -> torch.Tensor:
-        """q [B, Hq, D], k/v [B, Hkv, D] of the new tokens -> attention output [B, Hq, D]; the slots keep what the policy keeps."""
+        """q [B, Hq, D], k/v [B, Hkv, D] of the new tokens -> attention output [B, Hq, D]; the slots keep what the
+        policy keeps."""
         b, store, policy = self.batch, self.store, self.policy
+        assert isinstance(b, Decode), "the engine sets the batch before each forward"
         out, attn = self._attend(
             q,
             k,
@@ -210,9 +213,12 @@ class TokenDropAttention(EngineState):
         return out
 
     def prefill(self, layer: int, query, key, value, scaling: float, window: int | None) -> torch.Tensor:
-        """Whole prompts packed in one row [1, H, T, D]: each attends exactly over itself, then is cut to the policy's choice."""
-        if self._groups is None or self._groups[0] is not self.batch:
-            self._groups = (self.batch, PaddedPrompts.groups(self.batch, query.device))
+        """Whole prompts packed in one row [1, H, T, D]: each attends exactly over itself, then is cut to the
+        policy's choice."""
+        batch = self.batch
+        assert isinstance(batch, Prefill), "the engine sets the batch before each forward"
+        if self._groups is None or self._groups[0] is not batch:
+            self._groups = (batch, PaddedPrompts.groups(batch, query.device))
         out = query.new_empty(query.shape[2], query.shape[1], query.shape[3])  # [T, Hq, D]
         policy = self.policy
         for g in self._groups[1]:
@@ -248,7 +254,8 @@ class PaddedPrompts:
 
     @classmethod
     def groups(cls, batch: Prefill, device: torch.device) -> list[PaddedPrompts]:
-        """The batch's prompts, shortest first, in groups of at most PAD_TOKENS padded tokens (a longer prompt alone)."""
+        """The batch's prompts, shortest first, in groups of at most PAD_TOKENS padded tokens (a longer prompt
+        alone)."""
         groups, group = [], []
         for seg in sorted(batch.segments, key=lambda seg: seg.length):
             if group and (len(group) + 1) * seg.length > PAD_TOKENS:

@@ -33,6 +33,7 @@ from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass
+from typing import TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -57,6 +58,9 @@ BODY_BYTES_PER_TOKEN = 64  # a prompt of max_seq_len tokens as JSON text or ids,
 def default_max_body_bytes(max_seq_len: int) -> int:
     """The body limit unless one is given: room for a prompt of the whole context, at least 1 MiB."""
     return max(MIN_BODY_BYTES, BODY_BYTES_PER_TOKEN * max_seq_len)
+
+
+Body = TypeVar("Body", bound=BaseModel)
 
 
 @dataclass
@@ -337,7 +341,7 @@ async def _sse(events: AsyncIterator[BaseModel]) -> AsyncIterator[str]:
     yield "data: [DONE]\n\n"
 
 
-def _parse(model: type[BaseModel], body: bytes):
+def _parse(model: type[Body], body: bytes) -> Body:
     try:
         return model.model_validate_json(body)
     except ValidationError as err:
@@ -428,7 +432,8 @@ def create_app(
         server.metrics.count(raw, 500)
         return ApiError(500, f"internal error: {type(err).__name__}: {err}", type="internal_error").response()
 
-    app.add_exception_handler(ApiError, api_error)
-    app.add_exception_handler(HTTPException, http_error)
+    # Starlette types a handler as taking any Exception; it calls each with the class it is registered for
+    app.add_exception_handler(ApiError, api_error)  # pyright: ignore[reportArgumentType]
+    app.add_exception_handler(HTTPException, http_error)  # pyright: ignore[reportArgumentType]
     app.add_exception_handler(Exception, internal_error)  # logged with its traceback by Starlette
     return app

@@ -26,7 +26,7 @@ import logging
 import queue
 import threading
 from collections import defaultdict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import suppress
 from dataclasses import dataclass, field, replace
 
@@ -90,6 +90,12 @@ class Streams:
         raise NotImplementedError
 
     def _alive(self) -> bool:
+        raise NotImplementedError
+
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def join(self, timeout: float | None = None) -> None:
         raise NotImplementedError
 
     @property
@@ -159,10 +165,10 @@ class Streams:
                     self._sinks.pop(request_id, None)
                 self._post(("abort", request_id))
 
-    def _route(self, outputs: list[RequestOutput], errors: list[tuple[str, BaseException]] = ()) -> None:
+    def _route(self, outputs: list[RequestOutput], errors: Sequence[tuple[str, BaseException]] = ()) -> None:
         """Hand a step's outputs (and requests refused on arrival) to their streams: one callback per event loop.
         Outputs of samples a stop string already ended here are dropped."""
-        ready = []
+        ready: list[tuple[_Sink, RequestOutput | BaseException]] = []
         with self._lock:
             for out in outputs:
                 sink = self._sinks.get(out.request_id)

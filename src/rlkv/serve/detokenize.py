@@ -15,6 +15,8 @@ and what is held is exactly the longest tail that could still grow into a stop s
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 REPLACEMENT = "\ufffd"
 
 
@@ -52,7 +54,7 @@ class StopMatcher:
 class Detokenizer:
     """Text of one request's generated tokens, delta by delta."""
 
-    def __init__(self, tokenizer, stop: list[str] = (), skip_special_tokens: bool = True):
+    def __init__(self, tokenizer, stop: Sequence[str] = (), skip_special_tokens: bool = True):
         self.tokenizer, self.skip_special_tokens = tokenizer, skip_special_tokens
         self.matchers = [StopMatcher(s) for s in stop]
         self.tokens: list[int] = []

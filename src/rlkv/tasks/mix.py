@@ -32,6 +32,12 @@ class TaskMix(Task):
             for example in part.load(data_dir):
                 yield replace(example, meta={**example.meta, "task": name})
 
+    @property
+    def answer_rule(self) -> str | None:
+        """The answer rule every part grades by (None if they differ or are not graded on a final answer)."""
+        rules = {getattr(part, "answer_rule", None) for part in self.parts.values()}
+        return rules.pop() if len(rules) == 1 else None
+
     def part(self, example: Example) -> Task:
         """The task `example` came from."""
         name = example.meta.get("task")

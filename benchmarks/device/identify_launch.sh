@@ -1,0 +1,17 @@
+#!/bin/bash
+# Assemble the staged 1.5B, install the wheels, freeze the code, start (or resume) the identification run.
+mkdir -p /tmp/models /tmp/data /tmp/run
+if [ ! -f /tmp/models/q15.gguf ]; then
+  cat /tmp/stage/qwen2.5-coder-1.5b-instruct.Q4_K_M.gguf.part* > /tmp/models/q15.gguf
+  echo 'cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046  /tmp/models/q15.gguf' | sha256sum -c || exit 1
+fi
+python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
+rm -rf /tmp/src && cp -r src /tmp/src && cp .data/data/* /tmp/data/
+if [ -d .data/run ]; then cp -r .data/run/* /tmp/run/; fi  # the committed run directory
+export PYTHONPATH=/tmp/site:/tmp/src RLKV_DATA_DIR=/tmp/data HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+python3 -c "import torch, transformers, triton; print(torch.__version__, transformers.__version__, triton.__version__)"
+cd /tmp && setsid nohup python3 -m rlkv identify --model /tmp/models/q15.gguf --task math_train+gsm8k_train \
+  --out /tmp/run --check-limit 0 --checkpoint-every 1 --rollout-batch-size 256 > /tmp/run.log 2>&1 < /dev/null &
+sleep 60
+tr '\r' '\n' < /tmp/run.log | grep -v '^\s*$' | tail -20

@@ -1,0 +1,10 @@
+#!/bin/bash
+# Wait up to $1 seconds while the run goes on, then show its tail and copy its run directory to $OUT/run.
+for i in $(seq 1 $(( ${1:-500} / 10 ))); do sleep 10; pgrep -f "rlkv identify" > /dev/null || break; done
+pgrep -f "rlkv identify" > /dev/null && echo RUNNING || echo STOPPED
+tr '\r' '\n' < /tmp/run.log | grep -v '^\s*$' | tail -25
+nvidia-smi --query-gpu=memory.used,utilization.gpu --format=csv
+mkdir -p $OUT/run
+for f in curriculum.json log.jsonl checkpoint.pt heads.json; do [ -f /tmp/run/$f ] && cp /tmp/run/$f $OUT/run/; done
+tr '\r' '\n' < /tmp/run.log | grep -v '^\s*$' | tail -c 4000000 > $OUT/run/run.log
+ls -la $OUT/run
