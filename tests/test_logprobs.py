@@ -1,7 +1,6 @@
 """The engine's log-probs and logits processors against a plain reference: a transformers forward's log-softmax on
 the same tokens (inside `compress` for a compressed cache), and transformers `generate` with its own processors."""
 
-from pathlib import Path
 
 import pytest
 import torch
@@ -88,8 +87,7 @@ def test_smollm2_logprobs_equal_a_forward_log_softmax(sparsity):
     if not SMOLLM2.is_file():
         pytest.skip(f"real weights absent: run ../shared/tools/get-model smollm2-135m-instruct (expected {SMOLLM2})")
     model, tok = rlkv.load_model(SMOLLM2, device="cpu")
-    heads = Path(rlkv.__file__).parent / "data" / "smollm2-135m-instruct.heads.json"
-    keep = rlkv.HeadScores.load(heads).keep_mask(sparsity)
+    keep = rlkv.HeadScores.load("duo:smollm2-135m-instruct").keep_mask(sparsity)
     method = HeadSplit(keep, 4, 8, prefill="compressed")
     text = tok.apply_chat_template([{"role": "user", "content": "What is 12 times 7?"}], tokenize=False)
     prompt = tok(text, add_special_tokens=False).input_ids
