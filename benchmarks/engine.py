@@ -38,6 +38,7 @@ Head choice does not change cost: seeded random head scores are used.
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import time
 
@@ -246,7 +247,8 @@ def kernel_row(model, args, kv_dtype: str) -> dict:
 
 
 def part_tune(model, args) -> list[dict]:
-    """The kernel's launch grid (splits x BLOCK x warps x stages) at the kernel part's size; the defaults come from here."""
+    """The kernel's launch grid (splits x BLOCK x warps x stages) at the kernel part's size; the defaults come
+    from here."""
     call, read, copy, layout = kernel_setup(model, args)
     reference = call(splits=1)
     ints = lambda text: [int(v) for v in text.split(",")]  # noqa: E731
@@ -256,7 +258,7 @@ def part_tune(model, args) -> list[dict]:
     ):
         launch = {"splits": splits, "block": block, "num_warps": warps, "num_stages": stages}
         error = (call(**launch).float() - reference.float()).abs().max().item()
-        seconds = gpu_seconds(lambda: call(**launch))
+        seconds = gpu_seconds(functools.partial(call, **launch))
         rows.append(
             {
                 "part": "tune",

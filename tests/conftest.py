@@ -47,10 +47,11 @@ def tiny_model(arch: str, layers: int = 3, q_heads: int = 4, kv_heads: int = 2, 
     return model.eval().to(DEVICE)
 
 
-def saved_tiny_model(path, arch: str = "qwen2"):
-    """`tiny_model(arch)` and `tiny_tokenizer()` saved with save_pretrained into `path` (a model directory)."""
+def saved_tiny_model(path, arch: str = "qwen2", tokenizer=None):
+    """`tiny_model(arch)` and `tiny_tokenizer()` (or `tokenizer`) saved with save_pretrained into `path` (a model
+    directory)."""
     tiny_model(arch).save_pretrained(path)
-    tiny_tokenizer().save_pretrained(path)
+    (tokenizer or tiny_tokenizer()).save_pretrained(path)
     return path
 
 
@@ -90,6 +91,14 @@ def tiny_tokenizer(vocab_size: int = 96, chat_template: str | None = CHAT_TEMPLA
     )
     tok.chat_template = chat_template
     tok.padding_side = "left"
+    return tok
+
+
+def thinking_tokenizer():
+    """`tiny_tokenizer` with `<think>` and `</think>` as tokens of their own (ids 94 and 95, in the tiny vocabulary),
+    plain added tokens as in R1's and Qwen3's tokenizers, so decoding keeps them."""
+    tok = tiny_tokenizer(vocab_size=94)
+    tok.add_tokens(["<think>", "</think>"])
     return tok
 
 

@@ -1,4 +1,5 @@
-"""The GPU benchmark scripts run end to end on a tiny saved model on the CPU (so they cannot rot between GPU sessions)."""
+"""The GPU benchmark scripts run end to end on a tiny saved model on the CPU (so they cannot rot between GPU
+sessions)."""
 
 import json
 import os
@@ -403,3 +404,62 @@ def test_serving_benchmark_serves_fixed_length_random_prompts(saved, tmp_path):
     assert row["completed"] == 4 and row["failed"] == 0 and row["output_tokens"] == 4 * 5
     assert row["max_running"] <= 2  # the client's cap
     assert 0 < row["itl_p50_ms"] <= row["itl_p90_ms"] <= row["itl_p99_ms"] and row["tpot_p90_ms"] > 0
+
+
+def test_lm_eval_harness_through_the_server_equals_a_forward(saved, tmp_path):
+    """lm-evaluation-harness's local-completions model runs a multiple-choice (loglikelihood) and a GSM8K
+    (generate_until) task through `rlkv serve`, full cache and sparsity 0.5 with a compressed prefill: every
+    log-likelihood and is-greedy flag equals a forward's (inside `compress`), every generation `rlkv.generate`'s."""
+    out = tmp_path / "lm_eval.json"
+    run(
+        "lm_eval_harness.py",
+        "--model",
+        str(saved),
+        "--mc-items",
+        "3",
+        "--gen-items",
+        "2",
+        "--max-gen-toks",
+        "6",
+        "--sink",
+        "2",
+        "--recent",
+        "4",
+        "--kv-budget",
+        "4MiB",
+        "--out",
+        str(out),
+        OMP_NUM_THREADS="1",
+    )
+    full, half = json.loads(out.read_text())["rows"]
+    for row in (full, half):
+        assert row["mc_choices"] == 12 and row["max_loglikelihood_diff"] < 1e-4
+        assert row["is_greedy_equal"] == 12 and row["generations_equal"] == row["generations"] == 2
+    assert half["mean_loglikelihood"] != full["mean_loglikelihood"]  # the compressed prompt scores differently
+
+
+def test_shared_prompt_benchmark_holds_fewer_bytes_with_identical_samples(saved, tmp_path):
+    out = tmp_path / "shared.json"
+    run(
+        "shared_prompt.py",
+        "--model",
+        str(saved),
+        "--n",
+        "4",
+        "--prompt-tokens",
+        "40",
+        "--max-tokens",
+        "12",
+        "--sink",
+        "2",
+        "--recent",
+        "4",
+        "--kv-budget",
+        "4MiB",
+        "--out",
+        str(out),
+    )
+    for row in json.loads(out.read_text())["rows"]:
+        assert row["identical"] and row["kv_bytes_shared"] < row["kv_bytes_separate"]
+        assert row["peak_pages_separate"] - row["peak_pages_shared"] == 3 * (40 // 16)  # 3 forks share 2 full pages
+        assert row["prefill_forwards_shared"] == 1

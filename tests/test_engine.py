@@ -1,4 +1,5 @@
-"""The engine against `compress` + generate (itself pinned to the masked reference), and its kernel against the torch path."""
+"""The engine against `compress` + generate (itself pinned to the masked reference), and its kernel against the
+torch path."""
 
 import pytest
 import torch
@@ -149,7 +150,7 @@ def test_twenty_prompts_under_a_cap_of_four_equal_each_prompt_alone():
     eng = engine(model, HeadSplit(keep, SINK, RECENT), max_batch=4)
     together = eng.generate(ps, max_new_tokens=6, eos_token_ids=[])
     assert eng.stats.max_running == 4 and eng.stats.peak_pages_used <= eng.stats.pages
-    assert len(eng.store._free_pages) == eng.store.capacity_pages  # every page came back
+    assert eng.store.free_pages == eng.store.capacity_pages  # every page came back
     # under load while prompts waited: more than one wave of tokens, not the last (the queue was empty by then)
     assert 4 * 6 < eng.stats.loaded_tokens < eng.stats.generated_tokens and eng.stats.loaded_tokens_per_s > 0
     assert [o.tokens for o in together] == [eng.generate([p], max_new_tokens=6, eos_token_ids=[])[0].tokens for p in ps]
@@ -206,7 +207,7 @@ def test_finish_reasons_and_stop_strings():
     one = eng.generate(ps, max_new_tokens=1, eos_token_ids=[])
     assert [o.tokens for o in one] == [[o.tokens[0]] for o in eng.generate(ps, max_new_tokens=2, eos_token_ids=[])]
     assert eng.generate(ps[:1], max_new_tokens=NEW, eos_token_ids=[free.tokens[0]])[0].tokens == free.tokens[:1]
-    assert eng.stats.generated_tokens == 1 and len(eng.store._free_pages) == eng.store.capacity_pages
+    assert eng.stats.generated_tokens == 1 and eng.store.free_pages == eng.store.capacity_pages
     text = tok.decode(free.tokens, skip_special_tokens=True)
     stop = text[3:5]
     by_string = eng.generate(ps[:1], max_new_tokens=NEW, eos_token_ids=[], stop=[stop])[0]
@@ -489,7 +490,7 @@ def test_an_interrupted_generate_gives_its_memory_back():
     with pytest.raises(KeyboardInterrupt):
         eng.generate(ps, max_new_tokens=NEW, eos_token_ids=[])
     eng.runner.decode = decode
-    assert len(eng.store._free_pages) == eng.store.capacity_pages and len(eng.store._free_slots) == eng.max_batch
+    assert eng.store.free_pages == eng.store.capacity_pages and len(eng.store._free_slots) == eng.max_batch
     assert not eng.has_unfinished() and model.config._attn_implementation == "sdpa"
     assert len(eng.generate(ps, max_new_tokens=3, eos_token_ids=[])) == len(ps)
 

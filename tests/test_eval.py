@@ -1,5 +1,6 @@
 """The evaluation harness and report on a tiny random model (mechanics, not accuracy)."""
 
+import functools
 import json
 import os
 import re
@@ -348,7 +349,7 @@ def test_match_bytes_gives_token_droppers_the_head_split_memory(lm, tmp_path):
     for name in ("h2o", "snapkv"):
         budget = rows[name]["budget"]
         method = rlkv.methods.build(name, layout, 0.5, budget=budget)
-        predicted = mean_bytes(lambda t: method.policy.sequence_bytes(layout, t), reference)
+        predicted = mean_bytes(functools.partial(method.policy.sequence_bytes, layout), reference)
         assert abs(predicted / target - 1) < 0.02, (name, budget, predicted / target)
         assert (
             abs(rows[name]["kv_mean_ratio"] / rows["random"]["kv_mean_ratio"] - 1) < 0.1
@@ -449,7 +450,8 @@ def test_report_marks_matched_groups_that_held_more_than_their_reference():
 
 
 def test_the_engine_grades_like_the_transformers_path(lm, tmp_path):
-    """Head-split methods through rlkv.Engine: the same completions, scores and bytes (up to the ring's position index)."""
+    """Head-split methods through rlkv.Engine: the same completions, scores and bytes (up to the ring's position
+    index)."""
     hf = evaluate(*lm, config(engine="off"), tmp_path / "hf", progress=False)
     eng = evaluate(*lm, config(engine="on"), tmp_path / "engine", progress=False)
     key = lambda s: (s["task"], s["method"], s["id"])  # noqa: E731

@@ -89,18 +89,10 @@ def test_a_list_of_token_ids_and_on_complete(lm):
 
 
 def test_sampling_on_the_transformers_path_is_seeded(lm):
-    draw = lambda seed: [
-        c.tokens
-        for c in rlkv.generate(
-            *lm,
-            PROMPTS,
-            max_new_tokens=8,
-            temperature=1.0,
-            top_k=5,  # noqa: E731
-            seed=seed,
-            engine="off",
-        )
-    ]
+    def draw(seed):
+        outs = rlkv.generate(*lm, PROMPTS, max_new_tokens=8, temperature=1.0, top_k=5, seed=seed, engine="off")
+        return [c.tokens for c in outs]
+
     assert draw(3) == draw(3) != draw(4)
 
 

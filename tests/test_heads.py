@@ -180,10 +180,12 @@ def test_authors_adapter_weight_pt_is_read(tmp_path):
     torch.save({"something": 1}, tmp_path / "other.pt")
     torch.save({"adapter_weight_dict": {"model.layers.1.self_attn.adapter.weight": gates[1]}}, tmp_path / "gap.pt")
     (tmp_path / "broken.pt").write_bytes(b"\x80\x04not really a pickle")
+    (tmp_path / "garbage.bin").write_bytes(b"not a torch file at all")
     for name, message in (
         ("other.pt", "expected the authors' adapter_weight.pt"),
         ("gap.pt", "layers \\[1\\]"),
-        ("broken.pt", "broken.pt: not a torch file of gates"),
+        ("broken.pt", "broken.pt: not a torch file of gates \\(UnpicklingError: .*[.…]\\)$"),
+        ("garbage.bin", "garbage.bin: not a torch file of gates \\(a torch file is a zip or a pickle; this one"),
     ):
         with pytest.raises(ValueError, match=message) as err:
             HeadScores.load(tmp_path / name)

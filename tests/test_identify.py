@@ -120,7 +120,7 @@ def test_gradient_to_alpha_matches_finite_differences():
 
     numeric = torch.zeros_like(alpha)
     with torch.no_grad():
-        for idx in [(l, h) for l in range(3) for h in range(2)]:
+        for idx in [(layer, h) for layer in range(3) for h in range(2)]:
             plus, minus = alpha.detach().clone(), alpha.detach().clone()
             plus[idx] += eps
             minus[idx] -= eps
@@ -305,6 +305,50 @@ def test_torch_distributed_world_of_one_takes_the_same_steps(tmp_path, monkeypat
     monkeypatch.setattr(grpo, "_world", lambda: (0, 2))
     with pytest.raises(ValueError, match="written by 1 ranks; resume it with as many, not 2"):
         identify(model, tok, task, examples, config, tmp_path / "plain")
+
+
+def _rewards_by_sampled_text(examples, texts) -> list[float]:
+    """0/1 by the characters sampled (the tiny model's 6-token texts all have odd lengths)."""
+    return [float(sum(map(ord, t)) % 2) for t in texts]
+
+
+def _rank_of_two(rank: int, out: str) -> None:
+    """One of two gloo ranks on 127.0.0.1 (as `torchrun --nnodes` would start them), engine rollouts."""
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ["RLKV_TEST_PORT"])
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        model, tok, task, examples, config = _setup(rollout_engine="on")
+        task.grade_many = _rewards_by_sampled_text
+        identify(model, tok, task, examples, config, out)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_ranks_take_the_steps_of_one_process(tmp_path, monkeypatch):
+    """`torchrun --nproc-per-node 2` on a CPU (gloo): rollouts split over ranks, seeded by their place in the step,
+    rewards and gradients summed, give the gates of a single process."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    model, tok, task, examples, config = _setup(rollout_engine="on")
+    monkeypatch.setattr(task, "grade_many", _rewards_by_sampled_text)
+    single = identify(model, tok, task, examples, config, tmp_path / "one")
+    rewards = [r["mean_reward"] for r in map(json.loads, (tmp_path / "one" / "log.jsonl").read_text().splitlines())]
+    assert 0 < min(rewards) < 1 or 0 < max(rewards) < 1  # the rollouts decide the gradient
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        monkeypatch.setenv("RLKV_TEST_PORT", str(s.getsockname()[1]))
+    mp.start_processes(_rank_of_two, args=(str(tmp_path / "two"),), nprocs=2, start_method="spawn")
+    two = rlkv.HeadScores.load(tmp_path / "two" / "heads.json")
+    torch.testing.assert_close(two.scores, single.scores, rtol=0, atol=1e-5)
+    assert not torch.equal(single.scores, torch.ones(2, 2))  # the gates moved
+    state = torch.load(tmp_path / "two" / "checkpoint.pt", weights_only=False)
+    assert len(state["rank_rngs"]) == 2
 
 
 def test_gradient_checkpointing_gives_the_same_gates(tmp_path, monkeypatch):

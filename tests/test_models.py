@@ -97,18 +97,30 @@ def _same_model(a, b):
     assert model_a.generation_config.eos_token_id == model_b.generation_config.eos_token_id
 
 
-def test_a_gguf_is_converted_once_then_loaded_from_the_cache(tmp_path, monkeypatch):
+def test_a_gguf_is_converted_once_then_loaded_from_the_cache(tmp_path, monkeypatch, capfd):
     monkeypatch.setenv("RLKV_CACHE", str(tmp_path / "cache"))
     path = tiny_gguf(tmp_path / "tiny.gguf")
-    first = rlkv.load_model(path, device="cpu")
+    said = []
+    first = rlkv.load_model(path, device="cpu", say=said.append)
     (converted,) = (tmp_path / "cache" / "gguf").iterdir()
+    assert said == [f"converting tiny.gguf to float32, once (a minute or more; kept in {converted})"]
+    assert capfd.readouterr() == ("", "")  # no progress bars: the conversion, the load, the shards written
     assert converted.name.startswith("tiny-float32-") and (converted / "model.safetensors").is_file()
     stat = path.stat()  # same size and time, unreadable content: only the cache can serve this load
     path.write_bytes(b"GGUF" + b"\0" * (stat.st_size - 4))
     os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
-    second = rlkv.load_model(path, device="cpu")
+    second = rlkv.load_model(path, device="cpu", say=said.append)
+    assert len(said) == 1  # nothing converted, nothing said
     _same_model(first, second)
     assert second[0].config._name_or_path == str(path) == rlkv.Layout.of(second[0]).name
+
+
+def test_a_gguf_loads_unpacked_and_quietly_in_any_dtype(tmp_path, monkeypatch, capfd):
+    """transformers may keep GGUF weights packed (and warns about anything but float32): rlkv unpacks them."""
+    monkeypatch.setenv("RLKV_CACHE", "off")
+    model, _ = rlkv.load_model(tiny_gguf(tmp_path / "tiny.gguf"), device="cpu", dtype="bfloat16")
+    assert type(model.model.layers[0].self_attn.q_proj) is torch.nn.Linear and model.dtype == torch.bfloat16
+    assert capfd.readouterr().err == ""
 
 
 def test_a_changed_gguf_is_converted_again_and_the_cache_can_be_off(tmp_path, monkeypatch):

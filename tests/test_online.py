@@ -79,7 +79,7 @@ def test_abort_frees_its_pages_at_once_and_the_others_are_unchanged():
     streamed = {}
     drain(eng, steps=3, streamed=streamed)
     before = eng.metrics()
-    held = len(eng._requests["r3"].pages)
+    held = len(eng._requests["r3"][0].pages)
     assert before.running == 4 and held > 0
     assert eng.abort_request("r3") and not eng.abort_request("r3") and not eng.abort_request("nope")
     after = eng.metrics()
@@ -171,7 +171,8 @@ def test_requests_that_can_never_run_are_refused_with_what_is_wrong():
 @pytest.mark.parametrize(
     "field, value, expected",
     [
-        ("max_tokens", 0, r"max_tokens must be an integer in \[1, 9223372036854775807\]"),
+        ("max_tokens", 0, r"max_tokens must be >= 1 \(0 only with prompt_logprobs"),
+        ("max_tokens", -1, r"max_tokens must be an integer in \[0, 9223372036854775807\]"),
         ("temperature", -0.5, "temperature must be a number >= 0"),
         ("temperature", float("nan"), "temperature must be a number >= 0"),
         ("top_p", 0.0, r"top_p must be a number in \(0, 1\]"),

@@ -176,7 +176,10 @@ def test_an_unreadable_config_is_named_with_what_was_expected(tmp_path, text, wh
     run.mkdir(parents=True)
     write(run / "samples.jsonl", [sample()])
     (run / "config.json").write_text(text)
-    expected = f"{run / 'config.json'} {why}: expected the run's config written by rlkv eval; remove the directory or fix the file"
+    expected = (
+        f"{run / 'config.json'} {why}: expected the run's config written by rlkv eval; "
+        "remove the directory or fix the file"
+    )
     for call in (lambda: report(run), lambda: _open_run(run, {}, {}, None)):
         with pytest.raises(ValueError) as err:
             call()

@@ -18,6 +18,7 @@ import sys
 import types
 from importlib import import_module
 from importlib.util import find_spec
+from typing import Any
 
 # Where each public name lives. They are imported on first use, so `import rlkv` (and `rlkv --help`)
 # does not pay for torch and transformers until something needs them.
@@ -46,7 +47,7 @@ _EXPORTS = {
 __all__ = [*_EXPORTS, "methods", "tasks"]
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> Any:
     """A public name from its module, or a submodule (`rlkv.methods`, `rlkv.hf`), imported on first use."""
     if name in _EXPORTS:
         value = getattr(import_module(_EXPORTS[name]), name)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
 
 import torch
 from tqdm.auto import tqdm
@@ -104,6 +105,13 @@ def generator(
     return runner if runner is not None else Transformers(model, tokenizer, method, batch_size)
 
 
+@runtime_checkable
+class HeldBytes(Protocol):
+    """What a cache tells of its bytes: those one sequence of `num_tokens` tokens holds (per sequence)."""
+
+    def sequence_nbytes(self, num_tokens: torch.Tensor) -> torch.Tensor: ...
+
+
 @dataclass
 class Uncompressed:
     """The bytes law of transformers' own cache, which holds every token of every head."""
@@ -124,7 +132,7 @@ class Transformers:
             raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
         self.model, self.tokenizer, self.method, self.batch_size = model, tokenizer, method, batch_size
         self.layout = Layout.of(model)
-        self.store = Uncompressed(self.layout.kv_bytes_per_token())
+        self.store: HeldBytes = Uncompressed(self.layout.kv_bytes_per_token())
 
     def generate(
         self,
@@ -197,8 +205,9 @@ class Transformers:
                 stopping_criteria=StoppingCriteriaList([stops]),
                 **sampling,
             )
-        if hasattr(getattr(runtime, "cache", None), "sequence_nbytes"):
-            self.store = runtime.cache
+        cache = getattr(runtime, "cache", None)
+        if isinstance(cache, HeldBytes):
+            self.store = cache
         generated = seqs[:, width:].cpu()
         ends = [stops.end(row, generated[row], eos) for row in range(len(ids))]
         held = torch.tensor([max(len(p) + n - 1, 0) for p, (n, _) in zip(ids, ends)])  # the last token is never stored
@@ -262,7 +271,7 @@ class RepetitionStop(StoppingCriteria):
         self.prompt_len, self.window, self.min_distinct = prompt_len, window, min_distinct
         self.flagged: dict[int, int] = {}
 
-    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
+    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.Tensor:
         generated = input_ids.shape[1] - self.prompt_len
         if not self.window or generated == 0 or generated % self.window:  # between checks: no copy to the host
             return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
@@ -287,7 +296,7 @@ class Stops(StoppingCriteria):
         self.logits: dict = {}
         self.logprobs: list[torch.Tensor] = []
 
-    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
+    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.Tensor:
         logits = self.logits["logits"].float()
         token = input_ids[:, -1:]
         self.logprobs.append((logits.gather(-1, token) - logits.logsumexp(-1, keepdim=True))[:, 0])
@@ -296,7 +305,7 @@ class Stops(StoppingCriteria):
             done = done | self._stop_strings(input_ids)
         return done
 
-    def _stop_strings(self, input_ids: torch.LongTensor) -> torch.BoolTensor:
+    def _stop_strings(self, input_ids: torch.LongTensor) -> torch.Tensor:
         generated = input_ids.shape[1] - self.prompt_len
         tails = input_ids[:, max(self.prompt_len, input_ids.shape[1] - STOP_TAIL) :].tolist()
         for row, tail in enumerate(tails):
@@ -319,4 +328,4 @@ class Stops(StoppingCriteria):
         ]
         first = min(flags, key=lambda f: (f[0], FINISH_ORDER.index(f[1])), default=None)
         n, finish = generated_end(tokens, torch.tensor(eos, dtype=torch.long), first[0] if first else None)
-        return n, first[1] if finish == "repetition" else finish
+        return n, first[1] if first is not None and finish == "repetition" else finish

@@ -18,8 +18,9 @@ Files (`HeadScores.load`):
 - JSON (native): {"scores": [[...]], "model": ..., "layout": {...}, "method": ..., "provenance": {...}}
 - TSV (as published with RLKV `adapter_weights.tsv` and DuoAttention `full_attention_heads.tsv`):
   one row per layer, one tab-separated value per KV head.
-- the authors' adapter_weight.pt gates, a directory in the authors' layout, or a published name
-  ("duo:meta-llama-3.1-8b-instruct"; `rlkv heads list`), see `rlkv.patterns`.
+- the authors' adapter_weight.pt gates, a directory in the authors' layout, or a name from
+  `rlkv heads list`: heads rlkv identified and ships ("rlkv:qwen2.5-coder-0.5b-instruct") or a
+  published pattern ("duo:meta-llama-3.1-8b-instruct"), see `rlkv.patterns`.
 """
 
 from __future__ import annotations
@@ -35,7 +36,9 @@ import numpy as np
 import torch
 
 from rlkv import patterns
+from rlkv.excerpt import excerpt
 from rlkv.models import Layout
+from rlkv.sources import TORCH_FILES, heads_file, is_torch_file
 
 KEEP_RULES = ("rank", "authors")
 
@@ -61,14 +64,14 @@ class HeadScores:
             )
         if not torch.isfinite(scores).all():
             bad = torch.nonzero(~torch.isfinite(scores))[0].tolist()
-            raise ValueError(
-                f"head scores must be finite numbers, found {scores[bad[0], bad[1]].item()} at layer {bad[0]}, head {bad[1]}"
-            )
+            value = scores[bad[0], bad[1]].item()
+            raise ValueError(f"head scores must be finite numbers, found {value} at layer {bad[0]}, head {bad[1]}")
         self.scores = scores
 
     @property
     def shape(self) -> tuple[int, int]:
-        return tuple(self.scores.shape)
+        layers, kv_heads = self.scores.shape
+        return layers, kv_heads
 
     @property
     def num_heads(self) -> int:
@@ -97,6 +100,7 @@ class HeadScores:
                 )
             scores = self._noised(seed) if rule == "authors" else self.scores.double().numpy()
             return torch.from_numpy(scores >= float(threshold))
+        assert sparsity is not None  # exactly one of the two, checked above
         n_keep = num_kept(sparsity, self.num_heads)
         if rule == "authors":
             return self._authors_keep(float(sparsity), seed)
@@ -176,20 +180,18 @@ class HeadScores:
 
     @classmethod
     def load(cls, path: str | Path, method: str | None = None) -> HeadScores:
-        """Read a published name, a directory in the authors' layout, a .pt of gates, JSON or TSV."""
+        """Read a name from `rlkv heads list`, a directory in the authors' layout, a .pt of gates, JSON or TSV."""
         if patterns.is_name(path):
             file, name = patterns.resolve(str(path)), str(path).lower()
             scores = cls.load(file, method=method or name.split(":")[0])
-            scores.provenance = {"published": name, "keep_rule": "authors", **scores.provenance}
+            if name in patterns.shipped():  # rlkv's own: its file's provenance says how it was made
+                scores.provenance = {"shipped": name, **scores.provenance}
+            else:
+                scores.provenance = {"published": name, "keep_rule": "authors", **scores.provenance}
             return scores
-        path = patterns.locate(path)
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"head scores file not found: {path} (expected a .json, .tsv or .pt file, a pattern "
-                "directory, or a published name from `rlkv heads list`)"
-            )
+        path = heads_file(path)
         raw = path.read_bytes()
-        if path.suffix in (".pt", ".pth", ".bin") or raw[:2] == b"PK" or raw[:1] == b"\x80":  # zip or pickle: torch
+        if path.suffix in TORCH_FILES or is_torch_file(raw):
             gates, model = patterns.read_adapter_pt(path)
             return cls(gates, model=model, method=method or "rlkv", provenance={"source": str(path)})
         try:
@@ -221,16 +223,19 @@ class HeadScores:
                 rows.append([float(v) for v in line.replace(",", "\t").split()])
             except ValueError:
                 raise ValueError(
-                    f"{path}:{lineno}: expected tab-separated numbers (one per KV head), got {line[:60]!r}"
+                    f"{path}:{lineno}: expected tab-separated numbers (one per KV head), got {excerpt(line, 60)!r}"
                 ) from None
         guess = "duo" if "full_attention" in path.name else "rlkv" if "adapter" in path.name else "unknown"
         return cls(_matrix(rows, path), method=method or guess, provenance={"source": str(path)})
 
     @classmethod
     def published(cls, name: str) -> HeadScores:
-        """A pattern shipped with rlkv, by name (`rlkv.patterns.published()`)."""
+        """Heads shipped with rlkv, by name (`rlkv.patterns.names()`, `rlkv heads list`)."""
         if not patterns.is_name(name):
-            raise ValueError(f"{name!r} is not a published pattern name (expected duo:<model>; see `rlkv heads list`)")
+            raise ValueError(
+                f"{name!r} is not the name of shipped heads (expected rlkv:<model> or duo:<model>; "
+                "see `rlkv heads list`)"
+            )
         return cls.load(name)
 
     # ------------------------------------------------------------------ pictures

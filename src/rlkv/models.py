@@ -18,15 +18,20 @@ up front with a message naming them, before any weights are read.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import shutil
 import warnings
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
+
+from rlkv.sources import GGUF_FIX, model_source
 
 SUPPORTED_ARCHS = ("llama", "mistral", "qwen2", "qwen3")
 
@@ -88,41 +93,16 @@ def check_supported(config) -> None:
         )
 
 
+def torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype called `name` ("bfloat16", "float32", ...), or a one-line error."""
+    value = getattr(torch, name, None)
+    if not isinstance(value, torch.dtype):
+        raise ValueError(f"unknown dtype {name!r}: expected a torch dtype name such as bfloat16 or float32")
+    return value
+
+
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def _resolve(spec: str | Path) -> tuple[str, dict]:
-    """Turn a model spec into (path_or_id, extra from_pretrained kwargs)."""
-    path = Path(spec).expanduser()
-    if path.suffix == ".gguf":
-        if not path.is_file():
-            raise FileNotFoundError(f"GGUF file not found: {path} (expected an existing .gguf file)")
-        _check_gguf(path)
-        return str(path.parent), {"gguf_file": path.name}
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise FileNotFoundError(
-                f"{path} is a directory without config.json: expected a model saved with save_pretrained"
-            )
-        return str(path), {}
-    if path.exists():
-        raise ValueError(f"{path} is a file but not a .gguf: expected a hub id, a model directory or a .gguf file")
-    if str(spec).count("/") > 1 or str(spec).startswith((".", "/", "~")):
-        raise FileNotFoundError(f"model path not found: {spec} (expected a hub id, a model directory or a .gguf file)")
-    return str(spec), {}
-
-
-GGUF_FIX = "expected a complete GGUF model file (a truncated download? fetch it again)"
-
-
-def _check_gguf(path: Path) -> None:
-    """Refuse a .gguf that is empty or does not start with the GGUF magic, naming it, before transformers reads it."""
-    with path.open("rb") as f:
-        head = f.read(4)
-    if head != b"GGUF":
-        what = "is empty" if not head else f"does not start with the GGUF magic bytes (it starts with {head!r})"
-        raise ValueError(f"{path} {what}: {GGUF_FIX}")
 
 
 @contextmanager
@@ -154,6 +134,7 @@ def load_model(
     dtype: torch.dtype | str | None = None,
     device: torch.device | str | None = None,
     attn_implementation: str = "sdpa",
+    say: Callable[[str], None] | None = None,
 ):
     """Load a supported causal LM and its tokenizer.
 
@@ -161,33 +142,61 @@ def load_model(
     (converted once into the cache, see the module doc). `dtype` defaults to bfloat16 on a GPU
     and float32 on the CPU. The tokenizer pads on the left (for batched generation) and has a
     pad token. Returns `(model, tokenizer)`; `rlkv.Layout.of(model)` describes its heads.
+    transformers' progress bars stay off; `say(line)`, if given, hears one line before a GGUF
+    conversion, the one step that takes long (a minute or more on a CPU).
     """
-    source, extra = _resolve(spec)
+    source, extra = model_source(spec)
     device = torch.device(device) if device is not None else default_device()
     if dtype is None:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    elif isinstance(dtype, str):
+        dtype = torch_dtype(dtype)
     gguf = Path(spec).expanduser() if extra else None
     converted = gguf_cache_dir(gguf, dtype) if gguf else None
     if converted is not None and (converted / "config.json").is_file():
         source, extra = str(converted), {}  # converted by an earlier load
-    with _gguf_read_errors(gguf if extra else None):
-        model, tokenizer = _from_pretrained(spec, source, extra, dtype, attn_implementation)
-    if gguf:  # name it after its file, wherever the weights came from
-        model.config._name_or_path = str(gguf)
-    if extra:  # de-quantized from the .gguf: let save_pretrained work, and keep the conversion
-        model.hf_quantizer = None
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-        if converted is not None:
-            _store_converted(model, tokenizer, converted)
+    elif gguf is not None and say is not None:
+        kept = f"kept in {converted}" if converted is not None else "RLKV_CACHE=off: every load converts it"
+        say(f"converting {gguf.name} to {str(dtype).removeprefix('torch.')}, once (a minute or more; {kept})")
+    with _quiet_progress():
+        with _gguf_read_errors(gguf if extra else None):
+            model, tokenizer = _from_pretrained(spec, source, extra, dtype, attn_implementation)
+        if gguf:  # name it after its file, wherever the weights came from
+            model.config._name_or_path = str(gguf)
+        if extra:  # de-quantized from the .gguf: let save_pretrained work, and keep the conversion
+            model.hf_quantizer = None
+            if hasattr(model.config, "quantization_config"):
+                del model.config.quantization_config
+            if converted is not None:
+                _store_converted(model, tokenizer, converted)
     model = model.to(device)
     model.eval()
     configure_tokenizer(tokenizer, model)
     return model, tokenizer
 
 
-def _from_pretrained(spec, source: str, extra: dict, dtype: torch.dtype, attn_implementation: str):
+@contextmanager
+def _quiet_progress():
+    """transformers' progress bars off inside the block: its loading and shard-writing bars follow its own
+    switch; the GGUF converter's comes straight from tqdm, so a silent tqdm stands in for it meanwhile."""
+    from transformers import modeling_gguf_pytorch_utils as gguf_conversion
+    from transformers.utils import logging
+
+    was_on = logging.is_progress_bar_enabled()
+    bar = getattr(gguf_conversion, "tqdm", None)
+    logging.disable_progress_bar()
+    if bar is not None:
+        setattr(gguf_conversion, "tqdm", functools.partial(bar, disable=True))  # noqa: B010 (not its export)
+    try:
+        yield
+    finally:
+        if bar is not None:
+            setattr(gguf_conversion, "tqdm", bar)  # noqa: B010
+        if was_on:
+            logging.enable_progress_bar()
+
+
+def _from_pretrained(spec, source: str, extra: dict, dtype: torch.dtype, attn_implementation: str) -> tuple[Any, Any]:
     """(model, tokenizer) from a hub id or directory, or a .gguf (`extra` names the file); the config first,
     so an unsupported architecture is refused before any weights are read."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -200,8 +209,22 @@ def _from_pretrained(spec, source: str, extra: dict, dtype: torch.dtype, attn_im
             f"otherwise pass a local directory or .gguf file ({err.__class__.__name__})"
         ) from None
     check_supported(config.get_text_config(decoder=True))
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation=attn_implementation, **extra)
+    unpack = _dequantized() if "gguf_file" in extra else {}
+    model = AutoModelForCausalLM.from_pretrained(
+        source, dtype=dtype, attn_implementation=attn_implementation, **extra, **unpack
+    )
     return model, AutoTokenizer.from_pretrained(source, **extra)
+
+
+def _dequantized() -> dict:
+    """from_pretrained's option that unpacks a GGUF into dense weights: transformers >= 5.25 keeps them in
+    their blocks where it has a kernel (and warns that anything but float32 is slow even where it has none);
+    rlkv's attention and the cached conversion need plain weights. Older versions always unpack."""
+    try:
+        from transformers import GgufConfig
+    except ImportError:
+        return {}
+    return {"quantization_config": GgufConfig(dequantize=True)}
 
 
 def cache_root() -> Path | None:

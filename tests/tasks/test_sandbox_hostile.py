@@ -79,12 +79,14 @@ FORGERIES = {
         "collections.Counter = C\ndef remove_Occ(*a): return C(a=1)"
     ),
     "fake result lines": (
-        "import os\nfor fd in range(3, 64):\n    try: os.write(fd, b'ok\\nvalue True\\nvalue True\\nvalue True\\nend\\n')\n"
+        "import os\nfor fd in range(3, 64):\n"
+        "    try: os.write(fd, b'ok\\nvalue True\\nvalue True\\nvalue True\\nend\\n')\n"
         "    except OSError: pass\nos._exit(0)"
     ),
     "frames and gc": (
         "import gc, sys\nfor o in gc.get_objects():\n    if isinstance(o, dict) and 'steps' in o: o['steps'] = []\n"
-        "f = sys._getframe()\nwhile f:\n    f.f_globals.update(exec=lambda *a: None, eval=lambda *a: True)\n    f = f.f_back"
+        "f = sys._getframe()\nwhile f:\n"
+        "    f.f_globals.update(exec=lambda *a: None, eval=lambda *a: True)\n    f = f.f_back"
     ),
     "exit before the tests": "import os\nos._exit(0)",
 }
@@ -117,7 +119,8 @@ def test_the_expected_values_never_reach_the_child(mbpp):
     assert examples[0].meta["tests"][0].endswith('"heo"')  # remove_Occ("hello","l")=="heo"
     code = (
         "import gc, types\nneedles = {''.join(['h', 'eo']), ''.join(['b', 'cd'])}\n"
-        "def scan(o):\n    return (o in needles) if type(o) is str else type(o) is types.CodeType and any(map(scan, o.co_consts))\n"
+        "def scan(o):\n"
+        "    return (o in needles) if type(o) is str else type(o) is types.CodeType and any(map(scan, o.co_consts))\n"
         "found = [o for o in gc.get_objects() if type(o) in (tuple, list, dict) and any("
         "scan(x) for x in (o.values() if isinstance(o, dict) else o))]\n"
         "print('found' if found else 'absent')\ndef remove_Occ(s, ch): return s.replace(ch, '')"
@@ -145,7 +148,8 @@ def spawn():
     return _posixsubprocess.fork_exec(args, [args[0]], True, (1, 2), None, None, -1, -1, -1, -1, -1, -1,
                                       r, w, True, True, -1, None, None, None, -1, None, True)
 attempt('fork_exec', spawn)
-attempt('system', lambda: ctypes.CDLL(None).system(f"setsid sh -c 'sleep 1.5; echo late > {{target}}.system # {{marker}}' &".encode()))
+daemon = f"setsid sh -c 'sleep 1.5; echo late > {{target}}.system # {{marker}}' &"
+attempt('system', lambda: ctypes.CDLL(None).system(daemon.encode()))
 attempt('kill_grader', lambda: os.kill({grader}, 9))
 attempt('kill_canary', lambda: os.kill({canary}, 9))
 attempt('pidfd_init', lambda: signal.pidfd_send_signal(os.pidfd_open(1), 9))

@@ -12,8 +12,8 @@ inside the prompt attend causally to every key with every head; the compressed h
 from the first query after it.
 
 `keep_keys_mask` is that rule, written once; `masked_attention` applies any boolean mask to a
-full cache with a plain softmax; `gate_mix` is the gated (RLKV training) mix of the two. Every
-compressed runtime (the transformers cache in `rlkv.hf`, the engine) must reproduce
+full cache with a plain softmax; `gate_mix` is the gated (RLKV training) mix of the two. Every compressed
+runtime (the transformers cache in `rlkv.hf`, the engine) must reproduce
 `masked_attention(q, k, v, keep_keys_mask(...))`.
 """
 

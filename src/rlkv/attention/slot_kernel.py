@@ -51,7 +51,7 @@ def _slot_decode_kernel(
     POS,
     SLOTS,
     QPOS,
-    O,
+    O,  # noqa: E741 (Triton pointer arguments are named in capitals, as POS, SLOTS, QPOS)
     SC,
     M,
     L,

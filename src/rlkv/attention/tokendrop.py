@@ -163,7 +163,7 @@ def candidate_attention(query, keys, values, pos, q_pos, scaling: float, window:
         probs = grouped_probs(query[:, :, start:stop], keys, mask[:, :, start:stop], scaling)
         chunk = torch.matmul(probs, values.float()[:, :, None])  # [b, h, g, cq, d]
         out[:, start:stop] = chunk.reshape(b, -1, stop - start, chunk.shape[-1]).transpose(1, 2).to(out.dtype)
-        if observe and stop > q - observe:
+        if attn is not None and stop > q - observe:
             attn += probs[:, :, :, max(start, q - observe) - start :].sum(dim=-2).mean(dim=2)
     return out, attn
 
@@ -198,6 +198,7 @@ def compact(c: Candidates, keep: torch.Tensor, capacity: int):
     order = torch.sort(keep.to(torch.int8), dim=-1, descending=True, stable=True).indices[..., :width]
     slot_kept = keep.gather(-1, order)
     idx = order[..., None]
+    assert c.keys is not None and c.values is not None, "compacting needs the candidates' keys and values"
     keys = c.keys.gather(2, idx.expand(-1, -1, -1, c.keys.shape[-1]))
     values = c.values.gather(2, idx.expand(-1, -1, -1, c.values.shape[-1]))
     pos = torch.where(slot_kept, c.pos.gather(-1, order), -1)

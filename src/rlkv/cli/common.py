@@ -1,6 +1,8 @@
 """What every `rlkv` command shares: the consoles, the one-line error exit, option parsing and checks.
 
 Errors the user can fix (bad paths, shapes, values) print one line on stderr and exit with status 2.
+Paths are checked first (`check_model`, `check_heads`: no torch, no transformers), so a wrong one
+is reported in well under a second instead of after the imports and the model load.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ errors = Console(stderr=True)
 USER_ERRORS = (ValueError, FileNotFoundError, OSError, KeyError)
 
 MODEL_HELP = "hub id, local model directory or .gguf file"
+HEADS_HELP = "head scores: a name from `rlkv heads list`, a .json/.tsv/.pt file or a pattern directory"
 SPARSITY_HELP = "fraction of KV heads that keep only sink + recent tokens"
 BUDGET_HELP = "tokens kept per KV head by h2o / snapkv / rkv"
 DATA_DIR_HELP = "task data directory (default $RLKV_DATA_DIR or ../shared/data)"
@@ -43,13 +46,40 @@ def say(line: str) -> None:
     console.print(line, soft_wrap=True, highlight=False)
 
 
+def note(line: str) -> None:
+    """One line of progress on stderr (stdout keeps only the command's results)."""
+    errors.print(escape(line), soft_wrap=True, highlight=False)
+
+
+def check_model(spec: str) -> None:
+    """Refuse a model path that cannot load (missing, a directory without config.json, not a GGUF) at once."""
+    from rlkv.sources import model_source
+
+    model_source(spec)
+
+
+def check_heads(source) -> None:
+    """Refuse head scores that cannot load (an unknown name, a missing file, a torch file that is none) at once."""
+    from rlkv.sources import heads_file
+
+    heads_file(source)
+
+
+def load_model(spec, **options):
+    """`rlkv.load_model(spec, **options)`, saying on stderr when a GGUF is being converted (the slow first load)."""
+    import rlkv
+
+    return rlkv.load_model(spec, say=note, **options)
+
+
 def warn(line: str) -> None:
     """One yellow warning line on stderr."""
     errors.print(f"[yellow]warning:[/] {escape(line)}", soft_wrap=True, highlight=False)
 
 
 def finite(value: float | None) -> float | None:
-    """A float option must be a finite number: a range with both ends refuses nan and inf, one with a minimum only inf."""
+    """A float option must be a finite number: a range with both ends refuses nan and inf, one with a minimum
+    only inf."""
     if value is not None and not math.isfinite(value):
         raise typer.BadParameter(f"expected a finite number, got {value}")
     return value

@@ -16,10 +16,13 @@ from rlkv.cli.common import (
     PREFILL_HELP,
     USER_ERRORS,
     check_budget,
+    check_heads,
+    check_model,
     config_from_options,
     console,
     fail,
     finite,
+    load_model,
     parse_floats,
     parse_heads,
     parse_kv_budget,
@@ -36,7 +39,7 @@ def evaluate(
     ),
     sparsity: str = typer.Option("0", help="comma-separated sparsities in [0, 1]"),
     heads: Optional[list[str]] = typer.Option(
-        None, help="head scores for rlkv/duo: one file, or METHOD=FILE per method (repeat)"
+        None, help="head scores for rlkv/duo (a name from `rlkv heads list` or a file): one, or METHOD=NAME per method"
     ),
     limit: Optional[int] = typer.Option(None, min=1, help="first N examples of each task"),
     max_new_tokens: Optional[int] = typer.Option(None, min=1, help="default: each task's own"),
@@ -61,7 +64,8 @@ def evaluate(
     kv_dtype: str = typer.Option("bf16", help=KV_DTYPE_HELP),
     match_bytes: bool = typer.Option(
         False,
-        help="token-dropping budgets matched to the mean KV bytes of the first head-ranked method in --method (same task and sparsity)",
+        help="token-dropping budgets matched to the mean KV bytes of the first head-ranked method in --method "
+        "(same task and sparsity)",
     ),
     data_dir: Optional[str] = typer.Option(None, help=DATA_DIR_HELP),
     report: bool = typer.Option(True, help="write report.md and plots when done (not with --shard)"),
@@ -79,15 +83,19 @@ def evaluate(
 ):
     """Evaluate methods x sparsities on tasks; results stream to OUT and resume after interruption."""
     options = dict(locals())
-    import rlkv
-    from rlkv.eval import Shard
-    from rlkv.eval import report as write_report
-
     try:
+        check_model(model)  # before the (slow) imports and model load
+        given = parse_heads(heads)
+        for source in [given] if isinstance(given, str) else (given or {}).values():
+            check_heads(source)
+        import rlkv
+        from rlkv.eval import Shard
+        from rlkv.eval import report as write_report
+
         part = Shard.parse(shard) if shard is not None else None
         config = _eval_config(options)
         _check_before_load(config, out, part)
-        lm, tok = rlkv.load_model(model)
+        lm, tok = load_model(model)
         results = rlkv.evaluate(lm, tok, config, out, shard=part)
         path = write_report(out) if report and not part else None  # shards finishing together would race on the PNGs
     except USER_ERRORS as err:
@@ -116,7 +124,8 @@ def _eval_config(options: dict):
 
 
 def _check_before_load(config, out: Path, part) -> None:
-    """What can be refused before the (slow) model load: tasks, methods, token budgets, the run directory and its lock."""
+    """What can be refused before the (slow) model load: tasks, methods, token budgets, the run directory and
+    its lock."""
     import rlkv
     from rlkv.eval.rundir import check_run_dir
 

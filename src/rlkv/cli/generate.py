@@ -3,18 +3,30 @@
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from typing import Optional
 
 import typer
 
-from rlkv.cli.common import KV_DTYPE_HELP, MODEL_HELP, PREFILL_HELP, SPARSITY_HELP, USER_ERRORS, console, fail, finite
+from rlkv.cli.common import (
+    HEADS_HELP,
+    KV_DTYPE_HELP,
+    MODEL_HELP,
+    PREFILL_HELP,
+    SPARSITY_HELP,
+    USER_ERRORS,
+    check_heads,
+    check_model,
+    console,
+    fail,
+    finite,
+    load_model,
+)
 
 
 def generate(
     model: str = typer.Option(..., help=MODEL_HELP),
     prompt: list[str] = typer.Option(..., help="a prompt; repeat for a batch"),
-    heads: Optional[Path] = typer.Option(None, help="head scores (.json/.tsv); omit for sparsity 0 or 1"),
+    heads: Optional[str] = typer.Option(None, help=HEADS_HELP + "; omit for sparsity 0 or 1"),
     sparsity: float = typer.Option(0.0, min=0.0, max=1.0, help=SPARSITY_HELP),
     sink: int = typer.Option(16, min=0, help="first tokens every compressed head keeps"),
     recent: int = typer.Option(64, min=1, help="last tokens every compressed head keeps"),
@@ -28,16 +40,19 @@ def generate(
     engine: str = typer.Option("auto", help="rlkv.Engine (auto: on a GPU), on, or off (transformers generate)"),
 ):
     """Generate with a per-head compressed KV cache and report the bytes it held."""
-    import rlkv
-    from rlkv.engine import check_setting
-    from rlkv.generation import generator
-    from rlkv.hf import resolve_keep
-    from rlkv.precision import check_kv_dtype
-
     try:
-        check_setting(engine)  # before the (slow) model load
+        check_model(model)  # before the (slow) imports and model load
+        if heads is not None:
+            check_heads(heads)
+        import rlkv
+        from rlkv.engine import check_setting
+        from rlkv.generation import generator
+        from rlkv.hf import resolve_keep
+        from rlkv.precision import check_kv_dtype
+
+        check_setting(engine)
         check_kv_dtype(kv_dtype)
-        lm, tok = rlkv.load_model(model)
+        lm, tok = load_model(model)
         ids = _prompt_ids(tok, prompt, chat)
         keep = resolve_keep(rlkv.Layout.of(lm), heads, sparsity)
         method = rlkv.methods.HeadSplit(keep, sink, recent, prefill=prefill, kv_dtype=kv_dtype)

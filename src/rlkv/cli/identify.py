@@ -12,10 +12,12 @@ from rlkv.cli.common import (
     DATA_DIR_HELP,
     MODEL_HELP,
     USER_ERRORS,
+    check_model,
     config_from_options,
     console,
     fail,
     finite,
+    load_model,
     parse_floats,
     parse_kv_budget,
     say,
@@ -93,9 +95,10 @@ def identify(
     Several GPUs: `torchrun --nproc-per-node N -m rlkv identify ...` splits the rollouts over ranks.
     """
     options = dict(locals())
-    from rlkv.identify import identify_pipeline
-
     try:
+        check_model(model)  # before the (slow) imports and model load
+        from rlkv.identify import identify_pipeline
+
         config = _identify_config(options)
         identify_pipeline(
             model,
@@ -141,13 +144,13 @@ def identify_duo(
     seed: int = typer.Option(0),
 ):
     """DuoAttention-style baseline: the same gates trained by distillation on passkey retrieval."""
-    import rlkv
-    from rlkv.identify import DuoConfig
-    from rlkv.identify import identify_duo as train_duo
-
     try:
+        check_model(model)  # before the (slow) imports and model load
         if not text.is_file():
             raise FileNotFoundError(f"text file not found: {text} (expected any plain-text file for the haystack)")
+        from rlkv.identify import DuoConfig
+        from rlkv.identify import identify_duo as train_duo
+
         config = DuoConfig(
             sink=sink,
             recent=recent,
@@ -159,7 +162,7 @@ def identify_duo(
             batch=batch,
             seed=seed,
         )
-        lm, tok = rlkv.load_model(model)
+        lm, tok = load_model(model)
         heads = train_duo(lm, tok, text.read_text(), config, out)
     except USER_ERRORS as err:
         fail(err)

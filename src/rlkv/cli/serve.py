@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Optional
 
 import typer
@@ -10,12 +9,15 @@ from rich.markup import escape
 
 from rlkv.cli.common import (
     BUDGET_HELP,
+    HEADS_HELP,
     KV_DTYPE_HELP,
     MODEL_HELP,
     PREFILL_HELP,
     SPARSITY_HELP,
     USER_ERRORS,
     check_budget,
+    check_heads,
+    check_model,
     console,
     errors,
     fail,
@@ -25,7 +27,7 @@ from rlkv.cli.common import (
 
 def serve(
     model: str = typer.Option(..., help=MODEL_HELP),
-    heads: Optional[Path] = typer.Option(None, help="head scores (.json/.tsv) for rlkv/duo"),
+    heads: Optional[str] = typer.Option(None, help=HEADS_HELP + " (for rlkv / duo)"),
     sparsity: float = typer.Option(0.0, min=0.0, max=1.0, help=SPARSITY_HELP),
     method: Optional[str] = typer.Option(
         None,
@@ -69,13 +71,24 @@ def serve(
         None, envvar="RLKV_API_KEY", help="require 'Authorization: Bearer KEY' on /v1/... (/health stays open)"
     ),
     protect_metrics: bool = typer.Option(False, help="require the API key on /metrics too"),
+    reasoning_parser: Optional[str] = typer.Option(
+        None,
+        help="deepseek-r1 or qwen3: chat answers' <think> ... </think> as message.reasoning_content "
+        "(delta.reasoning_content when streaming), the rest as content",
+    ),
 ):
     """Serve the model over an OpenAI-compatible HTTP API (chat and plain completions, streaming, /metrics)."""
-    from rlkv.methods import check_kv_dtype_for
-    from rlkv.serve import EngineSpec, create_app
-    from rlkv.serve import serve as run_server
-
     try:
+        check_model(model)  # before the (slow) imports, the engine process and the model load
+        if heads is not None:
+            check_heads(heads)
+        from rlkv.methods import check_kv_dtype_for
+        from rlkv.serve import EngineSpec, create_app
+        from rlkv.serve import serve as run_server
+        from rlkv.serve.reasoning import PARSERS
+
+        if reasoning_parser is not None and reasoning_parser not in PARSERS:
+            raise ValueError(f"--reasoning-parser must be one of {', '.join(PARSERS)}, got {reasoning_parser!r}")
         name = _method_name(method, heads, sparsity)
         check_budget([name], budget)
         check_kv_dtype_for(name, kv_dtype)
@@ -83,7 +96,7 @@ def serve(
             model,
             name,
             sparsity,
-            heads=str(heads) if heads is not None else None,
+            heads=heads,
             sink=sink,
             recent=recent,
             budget=budget,
@@ -102,6 +115,7 @@ def serve(
             max_body_bytes=max_body_bytes,
             api_key=api_key,
             protect_metrics=protect_metrics,
+            reasoning_parser=reasoning_parser,
         )
     except USER_ERRORS as err:
         fail(err)
@@ -131,8 +145,9 @@ def _start(spec, own_process: bool, restarts: int):
     return spec.build()
 
 
-def _method_name(method: str | None, heads: Path | None, sparsity: float) -> str:
-    """--method, else rlkv with --heads, else full / streaming at sparsity 0 / 1; checked before the (slow) model load."""
+def _method_name(method: str | None, heads: str | None, sparsity: float) -> str:
+    """--method, else rlkv with --heads, else full / streaming at sparsity 0 / 1; checked before the (slow) model
+    load."""
     from rlkv.methods import check_name
 
     name = method or ("rlkv" if heads is not None else {0.0: "full", 1.0: "streaming"}.get(sparsity))

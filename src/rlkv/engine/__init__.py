@@ -6,15 +6,24 @@
 
 Modules, in the order a request meets them: `request` (sampling parameters, a request's state,
 outputs), `scheduler` (admission, pages on demand, preemption), `engine` (the step loop and its
-API), `runner` (forwards, sampling, CUDA graphs), `compiled` (the decode step compiled around
-attention), `stats` (what it reports), `runtime` (which store and attention a method runs on), `store`
-(their interface), `kv` (pages and rings), `attention` (store + attend as one operator, torch reference
-paths), `kernel` (the Triton decode kernels),
-`tokendrop` (slots for H2O / SnapKV / R-KV), `sampling` (seeded, batch-independent sampling).
+API, n samples forked from one prefill), `runner` (forwards, sampling, CUDA graphs), `compiled` (the
+decode step compiled around attention), `stats` (what it reports), `runtime` (which store and attention
+a method runs on), `store` (their interface), `kv` (pages and rings), `pages` (reference counts and
+content hashes of pages), `attention` (store + attend as one operator, torch reference paths), `kernel`
+(the Triton decode kernels), `tokendrop` (slots for H2O / SnapKV / R-KV), `sampling` (seeded,
+batch-independent sampling), `logits` (penalties, min_tokens, top log-probs).
 """
 
 from rlkv.engine.engine import ENGINE_SETTINGS, Engine, EngineMetrics, EngineStats, check_setting, engine_for
-from rlkv.engine.request import Completion, RequestError, RequestLimits, RequestOutput, SamplingParams, degenerate
+from rlkv.engine.request import (
+    Completion,
+    RequestError,
+    RequestLimits,
+    RequestOutput,
+    SamplingParams,
+    TokenLogprobs,
+    degenerate,
+)
 from rlkv.engine.runtime import Gated
 
 __all__ = [
@@ -28,6 +37,7 @@ __all__ = [
     "RequestLimits",
     "RequestOutput",
     "SamplingParams",
+    "TokenLogprobs",
     "check_setting",
     "degenerate",
     "engine_for",

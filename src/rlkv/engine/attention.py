@@ -49,11 +49,16 @@ class Decode:
 
     @classmethod
     def of(cls, store: KVStore, slots: torch.Tensor, pos: torch.Tensor, max_len: int | None = None) -> Decode:
-        page = store.page_table[slots, pos // store.page_size].long()
-        return cls(slots, pos, page, pos % store.page_size, ring_slot(pos, store.sink, store.recent), max_len)
+        return cls(slots, pos, *places(store, slots, pos), max_len)
 
     def attend(self, state, layer: int, query, key, value, scaling: float, window: int | None) -> torch.Tensor:
         return state.decode(layer, query[:, :, 0], key[:, :, 0], value[:, :, 0], scaling, window)[:, None]
+
+
+def places(store: KVStore, slots: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Where the K/V of the token at `pos` of the sequence in `slots` go: (page, row within it, ring slot)."""
+    page = store.page_table[slots, pos // store.page_size].long()
+    return page, pos % store.page_size, ring_slot(pos, store.sink, store.recent)
 
 
 @dataclass
@@ -91,20 +96,11 @@ class Prompts:
     ) -> Prompts:
         """`slots`, `pos`, `seq`, `lengths` (its context's length) and, for a full prefill, `prompt_lengths`
         (its prompt's: a preempted request's context also holds its generated tokens) of every token [T]."""
-        at = Decode.of(store, slots, pos)  # page, offset and ring place, as a decode step's token would have
+        page, offset, ring = places(store, slots, pos)  # as a decode step's token would have
         stays = (pos < store.sink) | (pos >= lengths - store.recent)
         full_rows = pos < prompt_lengths if prompt_lengths is not None else None
         return cls(
-            pos,
-            seq,
-            at.page,
-            at.offset,
-            torch.where(stays, slots, 0),
-            at.ring,
-            store.sink,
-            store.recent,
-            full_rows,
-            block,
+            pos, seq, page, offset, torch.where(stays, slots, 0), ring, store.sink, store.recent, full_rows, block
         )
 
     def attend(self, state, layer: int, query, key, value, scaling: float, window: int | None) -> torch.Tensor:
@@ -197,17 +193,20 @@ class EngineAttention(EngineState):
 
     def _store(self, k, v, layer: int) -> None:
         """New K/V [B, Hkv, D] into pages and rings where the batch says (`Decode` or `Prompts`)."""
+        batch = self.batch
+        assert isinstance(batch, (Decode, Prompts)), "the engine sets the batch before each forward"
         if self.use_kernel:
             from rlkv.engine.kernel import store_kv
 
-            store_kv(k, v, self.store, layer, self.batch)
+            store_kv(k, v, self.store, layer, batch)
         else:
-            store_torch(k, v, self.store, layer, self.batch)
+            store_torch(k, v, self.store, layer, batch)
 
     # ------------------------------------------------------------------ decode
     def decode(self, layer: int, q, k, v, scaling: float, window: int | None) -> torch.Tensor:
         """q [B, Hq, D], k/v [B, Hkv, D] of the new tokens -> attention output [B, Hq, D]."""
         s, b = self.store, self.batch
+        assert isinstance(b, Decode), "the engine sets the batch before each forward"
         self._store(k, v, layer)
         if self.use_kernel:
             from rlkv.engine.kernel import decode_attention
@@ -233,6 +232,7 @@ class EngineAttention(EngineState):
     def prompts(self, layer: int, query, key, value, scaling: float, window: int | None) -> torch.Tensor:
         """query [1, Hq, T, D], key/value [1, Hkv, T, D] of packed new prompts -> output [1, T, Hq, D]."""
         s, b = self.store, self.batch
+        assert isinstance(b, Prompts), "the engine sets the batch before each forward"
         key, value = s.round_trip(layer, key, value, dim=1)
         out = query.new_empty(1, query.shape[2], query.shape[1], query.shape[3])
         fi, ci = s.full_idx[layer], s.comp_idx[layer]
@@ -256,6 +256,7 @@ class EngineAttention(EngineState):
         fi, ci = s.full_idx[layer], s.comp_idx[layer]
         kept, ring = s.kept_precision, s.ring_precision
         qf, qc = s.q_full[layer], s.q_comp[layer]
+        assert isinstance(self.batch, Prefill), "the engine sets the batch before each forward"
         for seg in self.batch.segments:
             cols = slice(seg.offset, seg.offset + seg.length)
             q, k, v = query[:, :, cols], key[:, :, cols], value[:, :, cols]

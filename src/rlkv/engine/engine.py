@@ -17,7 +17,10 @@ back for every request, finished ones with their `Completion`:
 4. read back the steps before it, while it runs: append their tokens; finished requests (EOS, stop
    string or id, max tokens, degenerate repetition) leave, and their slot and pages go back;
 5. prefill: admitted requests' contexts, packed whole in one row or in chunks (`rlkv.engine.runner`);
-   a request whose context is done samples its first token and joins the next decode step.
+   a request whose context is done samples its first token and joins the next decode step. A request
+   for n samples is prefilled once: the other n - 1 are forked from it there (each shares its full
+   pages, copies its last page and ring: `Store.share` / `Store.fork`) and sample their first tokens
+   from the same logits, each with its own seed.
 So the host's work for step k overlaps the device's for step k + 1, and nothing waits for the device
 but that read-back. A request is known to be finished one step late: the step launched meanwhile
 computes one token for it that is dropped. Sampling depends only on (seed, token index, the
@@ -44,6 +47,7 @@ from rlkv.engine.request import (
     RequestLimits,
     RequestOutput,
     SamplingParams,
+    TokenLogprobs,
     before_stop,
 )
 from rlkv.engine.runner import Runner
@@ -93,6 +97,7 @@ class _Step:
     tokens: torch.Tensor  # device [n]: each row's next input
     host_tokens: torch.Tensor  # the same and the log-probs, copied to the host asynchronously
     host_logprobs: torch.Tensor
+    host_top: tuple[torch.Tensor, torch.Tensor] | None  # the top log-probs' ids and values [n, k], if asked for
     ready: torch.cuda.Event | None  # recorded after the copies (None on a CPU: nothing is asynchronous)
 
 
@@ -177,6 +182,7 @@ class Engine:
             self.max_seq_len,
             self.store.page_size if paged else 0,
             self.store.capacity_pages,
+            min(max_batch, self.store.num_slots - 1),
         )
         self.scheduler = Scheduler(self.store, max_batch, admission, watermark)
         self.runner = Runner(
@@ -192,7 +198,7 @@ class Engine:
         )
         self.stats = EngineStats()
         self._model_eos: frozenset[int] | None = None
-        self._requests: dict[str, Request] = {}  # unfinished, by id
+        self._requests: dict[str, list[Request]] = {}  # unfinished samples, by request id
         self._arrivals = 0
         self._prefilling: list[Request] = []
         self._running: list[Request] = []  # the rows of the next decode step, in the order of `_feed`
@@ -221,31 +227,47 @@ class Engine:
         self.limits.check(prompt_ids, params)
 
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
-        """Queue a request; `step()` reports its tokens. Raises `RequestError` if it could never run."""
+        """Queue a request (its `params.n` samples); `step()` reports their tokens. Raises `RequestError` if it
+        could never run."""
         if request_id in self._requests:
             raise RequestError(f"a request with id {request_id!r} is already running")
         prompt_ids = [int(t) if hasattr(t, "__index__") and not isinstance(t, bool) else t for t in prompt_ids]
         self.check_request(prompt_ids, params)
         eos = (frozenset() if params.ignore_eos else self.model_eos) | frozenset(params.stop_token_ids)
-        req = Request(request_id, prompt_ids, params, eos, self._arrivals)
+        samples = [Request(request_id, prompt_ids, params.sample(i), eos, self._arrivals, i) for i in range(params.n)]
+        first = samples[0]
+        first.forks = samples[1:]
+        for fork in first.forks:
+            fork.parent = first
         self._arrivals += 1
-        self._requests[request_id] = req
+        self._requests[request_id] = samples
         self._totals["prompt"] += len(prompt_ids)
-        self.scheduler.add(req)
+        self.scheduler.add(first)
 
-    def abort_request(self, request_id: str) -> bool:
-        """Stop a request now: its slot and pages go back at once; False if it is unknown or finished."""
-        req = self._requests.get(request_id)
-        if req is None:
-            return False
+    def abort_request(self, request_id: str, index: int | None = None) -> bool:
+        """Stop a request (every sample, or sample `index`) now: slots and pages go back at once; False if it is
+        unknown or finished. A sample whose forks wait for its prefill gives its slot back once they are forked."""
+        samples = [r for r in self._requests.get(request_id, []) if index is None or r.index == index]
+        for req in reversed(samples):  # forks before the sample they wait for
+            if req.parent is not None:  # waiting to be forked: it holds a slot and pages, nothing stored
+                parent, req.parent = req.parent, None
+                parent.forks.remove(req)
+                self.scheduler.release(req)
+                if parent.finish is not None and not parent.forks:  # aborted before, kept for its forks alone
+                    self._drop(parent)
+            elif not req.forks:
+                self._drop(req)
+            self._finish(req, "abort")  # a running row leaves at the next step; its token in flight is dropped
+        if not self._requests:
+            self._close()
+        return bool(samples)
+
+    def _drop(self, req: Request) -> None:
+        """An aborted sequence gives back its slot and pages, wherever it is."""
         if not self.scheduler.remove_waiting(req):
             self.scheduler.release(req)
         if req in self._prefilling:
             self._prefilling.remove(req)
-        self._finish(req, "abort")  # a running row leaves at the next step; its token in flight is dropped
-        if not self._requests:
-            self._close()
-        return True
 
     def has_unfinished(self) -> bool:
         return bool(self._requests)
@@ -286,6 +308,7 @@ class Engine:
             if self._running:
                 self.stats.max_running = max(self.stats.max_running, len(self._running))
                 self.store.flush()
+                assert self._feed is not None, "running requests have their next inputs"
                 self._pending.append(self._launched(self._running, *self.runner.decode(self._running, self._feed)))
                 self._feed = self._pending[-1].tokens
             while len(self._pending) > bool(self._running):  # read back all but the step just launched
@@ -304,6 +327,7 @@ class Engine:
         keep = [i for i, r in enumerate(self._running) if r.finish is None and not r.exhausted]
         if len(keep) < len(self._running):
             self._running = [self._running[i] for i in keep]
+            assert self._feed is not None, "running requests have their next inputs"
             self._feed = self._feed[upload(keep, torch.long, self.device)] if keep else None
 
     def _make_room(self) -> bool:
@@ -329,23 +353,49 @@ class Engine:
         self.store.flush()
         done = self.runner.prefill(self._prefilling)
         self._prefilling = [r for r in self._prefilling if not r.prefilled]
-        if done is not None:
-            requests, tokens, logprobs = done
-            self._pending.append(self._launched(requests, tokens, logprobs))
-            self._running += requests
+        if done is None:
+            return
+        samplers, tokens, logprobs, top = done
+        for req in [r for r in samplers if r.parent is None]:  # the prefilled contexts (forks wait for them)
+            self.store.name_pages(req.pages, req.context)
+            self._fork(req)
+        going = [i for i, req in enumerate(samplers) if req.finish is None and req.params.max_tokens]
+        for req in samplers:
+            if req.finish is not None:  # aborted while its forks waited for this prefill
+                self.scheduler.release(req)
+            elif not req.params.max_tokens:  # it asked for its prompt's log-probs alone
+                self.scheduler.release(req)
+                self._finish(req, "length")
+        if len(going) < len(samplers):
+            rows = upload(going, torch.long, self.device)
+            samplers, tokens, logprobs = [samplers[i] for i in going], tokens[rows], logprobs[rows]
+            top = None if top is None else (top[0][rows], top[1][rows])
+        if samplers:
+            self._pending.append(self._launched(samplers, tokens, logprobs, top))
+            self._running += samplers
             self._feed = tokens if self._feed is None or not len(self._feed) else torch.cat([self._feed, tokens])
 
-    def _launched(self, requests: list[Request], tokens: torch.Tensor, logprobs: torch.Tensor) -> _Step:
+    def _fork(self, req: Request) -> None:
+        """Its forks (if any) take copies of what they do not share of its prefilled prompt, and its prompt's
+        log-probs."""
+        for fork in req.forks:
+            self.store.fork(req.slot, req.pages, fork.slot, fork.pages, len(req.context))
+            fork.stored, fork.parent = len(fork.context), None
+            fork.scored, fork.prompt_parts = req.scored, req.prompt_parts
+        req.forks = []
+
+    def _launched(self, requests: list[Request], tokens: torch.Tensor, logprobs: torch.Tensor, top=None) -> _Step:
         """The step that sampled `tokens` for `requests`, with their copy to the host started."""
         for req in requests:
             req.sampled += 1
         if self.device.type != "cuda":
-            return _Step(requests, tokens, tokens, logprobs, None)
+            return _Step(requests, tokens, tokens, logprobs, top, None)
         step = _Step(
             requests,
             tokens,
             tokens.to("cpu", non_blocking=True),
             logprobs.to("cpu", non_blocking=True),
+            None if top is None else tuple(t.to("cpu", non_blocking=True) for t in top),
             torch.cuda.Event(),
         )
         step.ready.record()
@@ -355,14 +405,18 @@ class Engine:
         """Read a step's tokens back (waiting for the device), append them, and retire finished requests."""
         if step.ready is not None:
             step.ready.synchronize()
+        tops = zip(*(t.tolist() for t in step.host_top)) if step.host_top is not None else None
         for req, token, lp in zip(step.requests, step.host_tokens.tolist(), step.host_logprobs.tolist()):
+            top = next(tops) if tops is not None else None
             if req.finish is not None:  # finished a step earlier (or aborted): computed meanwhile, dropped
                 continue
             req.tokens.append(token)
             req.logprobs.append(lp)
+            if req.params.top_logprobs:
+                req.top_logprobs.append(list(zip(*(row[: req.params.top_logprobs] for row in top))))
             self.stats.generated_tokens += 1
             self._totals["generated"] += 1
-            finish = req.finished_by(lambda: self.tokenizer.decode(req.tokens[-STOP_TAIL:]))
+            finish = req.finished_by(lambda: self.tokenizer.decode(req.tokens[-STOP_TAIL:]))  # noqa: B023 (called at once)
             if finish is not None:
                 self.scheduler.release(req)
                 self._finish(req, finish)
@@ -370,19 +424,45 @@ class Engine:
                 self._report(req)
 
     def _report(self, req: Request, completion: Completion | None = None) -> None:
-        new = req.tokens[req.reported :]
-        req.reported = len(req.tokens)
+        start, req.reported = req.reported, len(req.tokens)
+        top = req.top_logprobs[start:] if req.params.top_logprobs else None
         self._outputs.append(
-            RequestOutput(req.id, new, completion is not None, req.finish, completion, len(req.prompt))
+            RequestOutput(
+                req.id,
+                req.tokens[start:],
+                completion is not None,
+                req.finish,
+                completion,
+                len(req.prompt),
+                index=req.index,
+                logprobs=TokenLogprobs(req.logprobs[start:], top),
+                prompt_logprobs=self._prompt_logprobs(req) if not start else None,
+                request_finished=req.id not in self._requests,
+            )
         )
+
+    def _prompt_logprobs(self, req: Request) -> TokenLogprobs | None:
+        """The log-probs of its prompt, read back from where its prefill left them (once)."""
+        k = req.params.prompt_logprobs
+        if k is None or req.prompt_logprobs is not None:
+            return req.prompt_logprobs
+        req.prompt_logprobs = TokenLogprobs([None], [[]] if k else None)
+        for values, top in req.prompt_parts:
+            top = [list(zip(*pair)) for pair in zip(*(t.tolist() for t in top))] if k else None
+            req.prompt_logprobs += TokenLogprobs(values.tolist(), top)
+        return req.prompt_logprobs
 
     def _finish(self, req: Request, reason: str) -> None:
         req.finish = reason
-        self._requests.pop(req.id, None)
-        self._totals["finished"] += 1
+        samples = self._requests.get(req.id, [])
+        if req in samples:
+            samples.remove(req)
+        if not samples and self._requests.pop(req.id, None) is not None:
+            self._totals["finished"] += 1
         self._report(req, self._completion(req))
 
     def _completion(self, req: Request) -> Completion:
+        assert req.finish is not None, "a completion is made once its request finished"
         text = self.tokenizer.decode(req.tokens, skip_special_tokens=True)
         if req.finish == "stop":
             text = before_stop(text, req.params.stop)
@@ -395,6 +475,8 @@ class Engine:
             list(req.logprobs),
             kv_bytes=int(self.store.sequence_nbytes(n)),
             kv_bytes_full=n * self.layout.kv_bytes_per_token(),
+            top_logprobs=list(req.top_logprobs) if req.params.top_logprobs else None,
+            prompt_logprobs=self._prompt_logprobs(req),
         )
 
     def _take_outputs(self) -> list[RequestOutput]:
@@ -473,6 +555,7 @@ class Engine:
             while len(done) < len(keys):
                 for out in self.step():
                     if out.finished and out.request_id in index:
+                        assert out.completion is not None, "a finished request's output carries its completion"
                         done[out.request_id] = out.completion
                         bar.update(1)
                         if on_complete is not None:

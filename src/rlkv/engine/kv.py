@@ -14,7 +14,9 @@ in the bytes those precisions store: FP8 halves the price of a page against bf16
 
 Page 0 and slot 0 are scratch space that padding rows of a decode batch write into.
 A sequence holds pages for the tokens it has (`grow` as it goes); the scheduler
-(`rlkv.engine.scheduler`) decides who gets them, and preempts when the pool runs dry.
+(`rlkv.engine.scheduler`) decides who gets them, and preempts when the pool runs dry. Pages are
+reference counted (`rlkv.engine.pages`): a sample forked from another (`share`, then `fork`) lists
+the other's full pages in its own page table and copies only the partly filled last page and the ring.
 
 Rings are allocated up front, one per slot, and the pages get the rest of the budget. There are
 `max_batch` slots, or, given `sequence_tokens` (prompt + new tokens of a typical request), only
@@ -30,7 +32,8 @@ import re
 import torch
 
 from rlkv.attention.ring import query_heads
-from rlkv.engine.store import Slots, free_list
+from rlkv.engine.pages import PagePool
+from rlkv.engine.store import Slots
 from rlkv.models import Layout
 from rlkv.precision import KVPrecision, KVPrecisions
 
@@ -122,13 +125,14 @@ class KVStore(Slots):
         self.num_pages = self._pages_left(budget, max_batch)
         self._allocate(layout, num_slots, device)
         self.page_table = torch.zeros(num_slots, self.max_pages_per_seq, dtype=torch.int32, device=device)
-        self._free_pages = free_list(self.num_pages)
+        self.pool = PagePool(self.num_pages)
         self._init_slots(num_slots)
         self._table_writes: list[tuple[int, int, int]] = []
         self.peak_pages_used = 0
 
     def _pages_left(self, budget: int, max_batch: int) -> int:
-        """Pages the budget holds beside the rings of `max_batch` sequences and the scratch slot (1: no pages needed)."""
+        """Pages the budget holds beside the rings of `max_batch` sequences and the scratch slot (1: no pages
+        needed)."""
         ring_bytes = (max_batch + 1) * self.slot_bytes
         if not self.kept_heads:
             if budget < ring_bytes:
@@ -188,7 +192,7 @@ class KVStore(Slots):
 
     @property
     def free_pages(self) -> int:
-        return len(self._free_pages)
+        return self.pool.free
 
     def grow(self, slot: int, pages: list[int], tokens: int) -> bool:
         """Extend `pages` (the sequence in `slot`) to hold `tokens` tokens; False, taking nothing, if the pool
@@ -196,13 +200,43 @@ class KVStore(Slots):
         need = self.pages_for(tokens) - len(pages)
         if need <= 0:
             return True
-        if need > len(self._free_pages):
+        if need > self.pool.free:
             return False
-        new = [self._free_pages.pop() for _ in range(need)]
+        new = self.pool.take(need)
         self._table_writes += [(slot, len(pages) + i, page) for i, page in enumerate(new)]
         pages.extend(new)
-        self.peak_pages_used = max(self.peak_pages_used, self.capacity_pages - len(self._free_pages))
+        self.peak_pages_used = max(self.peak_pages_used, self.capacity_pages - self.pool.free)
         return True
+
+    def shared_pages(self, tokens: int) -> int:
+        """Pages a sample forked after `tokens` tokens shares with its origin: the full ones."""
+        return tokens // self.page_size if self.kept_heads else 0
+
+    def share(self, slot: int, pages: list[int], tokens: int) -> list[int]:
+        """The page list of a new sequence in `slot` forked from one holding `pages` after `tokens` tokens: their
+        full pages, held once more (it then `grow`s its own)."""
+        shared = pages[: self.shared_pages(tokens)]
+        self.pool.share(shared)
+        self._table_writes += [(slot, i, page) for i, page in enumerate(shared)]
+        return list(shared)
+
+    def fork(self, src_slot: int, src_pages: list[int], dst_slot: int, dst_pages: list[int], tokens: int) -> None:
+        """Copy what a sequence of `tokens` tokens holds that a fork of it does not share: its partly filled
+        last page (kept heads) and its ring (compressed heads)."""
+        partial = self.kept_heads and tokens % self.page_size
+        last = tokens // self.page_size
+        for layer in range(len(self.pages_k)):
+            if partial and self.pages_k[layer].numel():
+                self.pages_k[layer][dst_pages[last]] = self.pages_k[layer][src_pages[last]]
+                self.pages_v[layer][dst_pages[last]] = self.pages_v[layer][src_pages[last]]
+            if self.ring_k[layer].numel():
+                self.ring_k[layer][dst_slot] = self.ring_k[layer][src_slot]
+                self.ring_v[layer][dst_slot] = self.ring_v[layer][src_slot]
+
+    def name_pages(self, pages: list[int], tokens: list[int]) -> None:
+        """Record the content hashes of the full pages holding `tokens` (`rlkv.engine.pages`)."""
+        if self.kept_heads:
+            self.pool.name(pages, tokens, self.page_size)
 
     def flush(self) -> None:
         """Write the page-table entries of pages handed out since the last flush (one upload for all)."""
@@ -213,7 +247,7 @@ class KVStore(Slots):
 
     def release(self, slot: int, pages: list[int]) -> None:
         self._release_slot(slot)
-        self._free_pages.extend(reversed(pages))
+        self.pool.release(pages)
 
     # ------------------------------------------------------------------ accounting
     def nbytes(self) -> int:

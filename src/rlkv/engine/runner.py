@@ -19,6 +19,7 @@ from itertools import accumulate
 import torch
 from tqdm.auto import tqdm
 
+from rlkv.engine import logits as processed
 from rlkv.engine.attention import Prefill, Segment, attending
 from rlkv.engine.compiled import compiled
 from rlkv.engine.kv import upload
@@ -26,12 +27,16 @@ from rlkv.engine.request import Request
 from rlkv.engine.sampling import sample
 
 PROMPT_TOKENS = 512  # longest row of whole new prompts prefilled in one packed forward (a CUDA graph per power of two)
-PROMPT_ROWS = 32  # most prompts in that row
-MODES = ("greedy", "sample", "filter")
+PROMPT_ROWS = 32  # most samplers of that row's prompts
+SCORED_TOKENS = 512  # most prompt tokens whose log-probs one prefill forward computes per request (logits [T, V])
+MODES = ("greedy", "sample", "filter", "logits")
 
 
 def sampling_mode(requests: list[Request]) -> str:
-    """The cheapest mode that serves every request of a batch."""
+    """The cheapest mode that serves every request of a batch; "logits": the forward returns the logits, which
+    `rlkv.engine.logits` processes (penalties, min_tokens, top log-probs) and samples from."""
+    if any(processed.needs_logits(r) for r in requests):
+        return "logits"
     if all(r.params.greedy for r in requests):
         return "greedy"
     return "filter" if any(r.params.filtered for r in requests) else "sample"
@@ -44,15 +49,24 @@ def sampling_rows(requests: list[Request]) -> tuple[list[list[int]], list[list[f
     return longs, floats
 
 
-def pick(logits, seeds, steps, top_k, temperature, top_p, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+def pick(logits, seeds, steps, top_k, temperature, top_p, mode: str) -> tuple[torch.Tensor, ...]:
     """Next tokens [B] from logits [B, V] in `mode`, and their log-probs under the raw logits (the token's logit
-    less the log-sum-exp: no [B, V] log-softmax is written)."""
+    less the log-sum-exp: no [B, V] log-softmax is written); in "logits" mode, the logits themselves."""
+    if mode == "logits":
+        return (logits,)
     if mode == "greedy":
         tokens = logits.argmax(-1)
     else:
         tokens = sample(logits, temperature, top_k, top_p, seeds, steps, filtered=mode == "filter")
     logits = logits.float()
     return tokens, logits.gather(1, tokens[:, None])[:, 0] - torch.logsumexp(logits, dim=-1)
+
+
+def finish_pick(outputs: tuple, requests: list[Request], feed, longs, floats):
+    """(tokens, log-probs, top log-probs or None) from what `pick` returned: in "logits" mode, sampled here."""
+    if len(outputs) == 2:
+        return (*outputs, None)
+    return processed.pick(outputs[0], requests, feed, *longs, *floats)
 
 
 class Runner:
@@ -109,30 +123,31 @@ class Runner:
         return self.model.lm_head(hidden)
 
     # ------------------------------------------------------------------ decode
-    def decode(self, requests: list[Request], feed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """One decode step: feed every request its latest token (`feed`, on the device) -> (tokens, log-probs)."""
+    def decode(self, requests: list[Request], feed: torch.Tensor):
+        """One decode step: feed every request its latest token (`feed`, on the device) -> (tokens, log-probs,
+        top log-probs or None)."""
         n, mode = len(requests), sampling_mode(requests)
         longs, floats = sampling_rows(requests)
         host = [[r.length - 1 for r in requests], [r.slot for r in requests], *longs]  # position, slot, ...
         if self.cuda_graphs:
             bucket = next(b for b in self.buckets if b >= n)
-            graph, (tokens, logprobs) = self._graph(("decode", bucket), mode)
+            graph, outputs = self._graph(("decode", bucket), mode)
             self._static[:, n:bucket].zero_()
             self._static[0, :n].copy_(feed)
             self._static[1:, :n].copy_(upload(host, torch.long, self.device))
             self._static_f[:, :n].copy_(upload(floats, torch.float32, self.device))
             graph.replay()
-            tokens, logprobs = tokens[:n], logprobs[:n]
+            outputs, longs, floats = [o[:n] for o in outputs], self._static[3:, :n], self._static_f[:, :n]
         else:
             inputs = torch.cat([feed[None], upload(host, torch.long, self.device)])
             floats = upload(floats, torch.float32, self.device)
             if n < self.min_rows:  # padding rows: scratch slot 0 at position 0, as a graph's
                 inputs = torch.cat([inputs, inputs.new_zeros(6, self.min_rows - n)], 1)
                 floats = torch.cat([floats, floats.new_ones(2, self.min_rows - n)], 1)
-            tokens, logprobs = self._decode_step(inputs, floats, mode, max_len=max(host[0]) + 1)
-            tokens, logprobs = tokens[:n], logprobs[:n]
+            outputs = self._decode_step(inputs, floats, mode, max_len=max(host[0]) + 1)
+            outputs, longs, floats = [o[:n] for o in outputs], inputs[3:, :n], floats[:, :n]
         self.decode_steps += 1
-        return tokens, logprobs
+        return finish_pick(tuple(outputs), requests, feed, longs, floats)
 
     def _decode_step(self, inputs: torch.Tensor, floats: torch.Tensor, mode: str, max_len: int | None = None):
         ids, pos, slots, seeds, steps, top_k = inputs
@@ -155,20 +170,22 @@ class Runner:
 
     # ------------------------------------------------------------------ prefill
     def prefill(self, prefilling: list[Request]):
-        """One prefill forward; returns (requests whose context it completes, their first tokens, log-probs),
-        or None if it completes none.
+        """One prefill forward; returns (the samplers of the contexts it completes: each request and its forks,
+        their first tokens, log-probs, top log-probs or None), or None if it completes none.
 
         Whole new contexts go together in a row of fixed shape (`prefill_prompts`); otherwise the
-        forward takes up to `prefill_tokens` context tokens in chunks (token droppers: whole contexts)."""
+        forward takes up to `prefill_tokens` context tokens in chunks (token droppers: whole contexts),
+        and computes the log-probs of the prompt tokens it covers for requests asking for them."""
         new = [] if self.whole_prompts else self._new_prompts(prefilling)
         if new:
-            return new, *self.prefill_prompts(new)
+            samplers = [s for req in new for s in req.samplers]
+            return samplers, *self.prefill_prompts(new)
         segments, ids, pos, owners, used = [], [], [], [], 0
         for req in prefilling:
             n, room = len(req.context) - req.stored, self.prefill_tokens - used
             if self.whole_prompts and used and n > room:  # a whole context, alone if longer than prefill_tokens
                 break
-            n = n if self.whole_prompts else min(n, room)
+            n = n if self.whole_prompts else min(n, room, SCORED_TOKENS if req.unscored(0, len(req.prompt)) else n)
             if n <= 0:
                 break
             segments.append(Segment(req.slot, req.pages, req.stored, n, used, len(req.prompt)))
@@ -178,60 +195,89 @@ class Runner:
             used += n
         self.state.batch = Prefill(segments)
         complete = [(req, seg) for req, seg in zip(owners, segments) if req.stored + seg.length == len(req.context)]
-        rows = upload([seg.offset + seg.length - 1 for _, seg in complete], torch.long, self.device)
+        scored = [(req, req.unscored(seg.start, seg.end), seg) for req, seg in zip(owners, segments)]
+        rows = [seg.offset + seg.length - 1 for _, seg in complete]
+        rows += [seg.offset + p - seg.start for _, positions, seg in scored for p in positions]
         with attending(self.state):
-            logits = self.forward(upload([ids], torch.long, self.device), upload([pos], torch.long, self.device), rows)
-        logits = logits[0]
+            logits = self.forward(
+                upload([ids], torch.long, self.device),
+                upload([pos], torch.long, self.device),
+                upload(rows, torch.long, self.device),
+            )[0]
         self.prefill_forwards += 1
+        self._score_prompts(logits[len(complete) :], scored)
         for req, seg in zip(owners, segments):
             req.stored += seg.length
         if not complete:
             return None
-        requests = [req for req, _ in complete]
-        longs, floats = sampling_rows(requests)
+        samplers = [s for req, _ in complete for s in req.samplers]
+        logits = logits[
+            upload([i for i, (req, _) in enumerate(complete) for _ in req.samplers], torch.long, self.device)
+        ]
+        longs, floats = sampling_rows(samplers)
         longs, floats = upload(longs, torch.long, self.device), upload(floats, torch.float32, self.device)
-        return requests, *pick(logits, longs[0], longs[1], longs[2], floats[0], floats[1], sampling_mode(requests))
+        outputs = pick(logits, longs[0], longs[1], longs[2], floats[0], floats[1], sampling_mode(samplers))
+        return samplers, *finish_pick(outputs, samplers, None, longs, floats)
+
+    def _score_prompts(self, logits: torch.Tensor, scored: list[tuple[Request, range, Segment]]) -> None:
+        """Log-probs of prompt tokens from the logits of the positions before them (the rows after the complete
+        contexts'), kept on the device in each request's `prompt_parts` until they are reported."""
+        start = 0
+        for req, positions, _ in scored:
+            if positions:
+                targets = upload(req.prompt[positions.start + 1 : positions.stop + 1], torch.long, self.device)
+                rows = logits[start : start + len(positions)]
+                req.prompt_parts.append(processed.score(rows, targets, req.params.prompt_logprobs))
+                req.scored += len(positions)
+                start += len(positions)
 
     def _new_prompts(self, prefilling: list[Request]) -> list[Request]:
-        """The leading requests whose whole contexts fit one packed row (none stored yet)."""
-        limit, new, used = min(PROMPT_TOKENS, self.prefill_tokens), [], 0
+        """The leading requests whose whole contexts fit one packed row (none stored yet, their samplers within
+        the row's, no prompt log-probs asked)."""
+        limit, new, used, samplers = min(PROMPT_TOKENS, self.prefill_tokens), [], 0, 0
         for req in prefilling:
-            if req.stored or used + len(req.context) > limit or len(new) == PROMPT_ROWS:
+            if req.stored or used + len(req.context) > limit or samplers + len(req.samplers) > PROMPT_ROWS:
+                break
+            if req.unscored(0, len(req.prompt)):
                 break
             new.append(req)
             used += len(req.context)
+            samplers += len(req.samplers)
         return new
 
-    def prefill_prompts(self, requests: list[Request]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Prefill whole contexts packed into one row padded to a power of two (a CUDA graph's shape)."""
+    def prefill_prompts(self, requests: list[Request]):
+        """Prefill whole contexts packed into one row padded to a power of two (a CUDA graph's shape); the
+        samplers of each context (itself and its forks) sample from its last token's logits."""
         lengths = [len(r.context) for r in requests]
-        used, n = sum(lengths), len(requests)
+        samplers = [s for r in requests for s in r.samplers]
+        used, n = sum(lengths), len(samplers)
         width = max(16, 1 << (used - 1).bit_length())
-        rows, pad = min(PROMPT_ROWS, width), width - used
+        rows, pad = min(PROMPT_ROWS, max(width, 1 << (n - 1).bit_length())), width - used
         ids = [t for r in requests for t in r.context] + [0] * pad
         pos = [p for m in lengths for p in range(m)] + [0] * pad
         slots = [r.slot for r, m in zip(requests, lengths) for _ in range(m)] + [0] * pad
         lens = [m for m in lengths for _ in range(m)] + [1] * pad
         seq = [i for i, m in enumerate(lengths) for _ in range(m)] + list(range(-1, -pad - 1, -1))
         prompt = [len(r.prompt) for r, m in zip(requests, lengths) for _ in range(m)] + [0] * pad
-        last = [end - 1 for end in accumulate(lengths)]
-        longs, floats = sampling_rows(requests)
+        last = [end - 1 for r, end in zip(requests, accumulate(lengths)) for _ in r.samplers]
+        longs, floats = sampling_rows(samplers)
         tokens_in = upload([ids, pos, slots, lens, seq, prompt], torch.long, self.device)
         rows_in = upload([row + [0] * (rows - n) for row in [last, *longs]], torch.long, self.device)
         floats_in = upload([row + [1.0] * (rows - n) for row in floats], torch.float32, self.device)
-        mode = sampling_mode(requests)
+        mode = sampling_mode(samplers)
         if self.cuda_graphs:
-            graph, (tokens, logprobs) = self._graph(("prompts", width, rows), mode)
+            graph, outputs = self._graph(("prompts", width, rows), mode)
             self._static_prompts[:, :width].copy_(tokens_in)
             self._static_rows[:, :rows].copy_(rows_in)
             self._static_rows_f[:, :rows].copy_(floats_in)
             graph.replay()
         else:
-            tokens, logprobs = self._prompts_step(tokens_in, rows_in, floats_in, mode)
+            outputs = self._prompts_step(tokens_in, rows_in, floats_in, mode)
         for req in requests:
             req.stored = len(req.context)
         self.prefill_forwards += 1
-        return tokens[:n], logprobs[:n]
+        outputs = tuple(o[:n] for o in outputs)
+        return finish_pick(outputs, samplers, None, rows_in[1:, :n], floats_in[:, :n])
 
     def _prompts_step(self, tokens_in: torch.Tensor, rows_in: torch.Tensor, floats_in: torch.Tensor, mode: str):
         ids, pos, slots, lens, seq, prompt = tokens_in

@@ -10,6 +10,10 @@ Two admission policies (`ADMISSION`):
 - "reserve" (the engine's former policy, kept as the baseline): a request is admitted only with
   every page its prompt + max_tokens could need; it never grows, never preempts.
 Token droppers' stores hold a fixed slot per sequence and no pages: admission is a free slot.
+A request's n samples are admitted together: the first with its pages, each other one with a slot,
+a reference to the prompt's full pages (`Store.share`) and pages of its own for the rest; only the
+first is prefilled, the others are forked from it (`rlkv.engine.engine`). A sample preempted before
+that is on its own from then on (prefilled alone, its output unchanged).
 Host-side bookkeeping only: the engine launches the forwards.
 """
 
@@ -47,18 +51,26 @@ class Scheduler:
         return len(req.context) + 1  # its context, and the token its prefill samples (fed by the next decode step)
 
     def admit(self) -> list[Request]:
-        """Admit waiting requests in order while a slot is free and the pool has room; returns them."""
+        """Admit waiting requests in order while they have slots and the pool has room; returns those to prefill
+        (a request's forks are admitted with it, to be forked after its prefill)."""
         new = []
-        while self.waiting and len(self.admitted) < self.max_batch and self.store.has_slot():
+        while self.waiting:
             req = self.waiting[0]
-            need = self.store.pages_for(self._tokens_at_admission(req))
+            tokens, group = self._tokens_at_admission(req), req.samplers
+            own = self.store.pages_for(tokens) - self.store.shared_pages(len(req.context))
+            need = self.store.pages_for(tokens) + len(req.forks) * own
             spare = self.watermark if self.admitted else 0  # alone, a request may take the whole pool
-            if need + spare > self.store.free_pages:
+            room = min(self.max_batch - len(self.admitted), self.store.free_slots)
+            if len(group) > room or need + spare > self.store.free_pages:
                 break
             self.waiting.popleft()
             req.slot = self.store.take_slot()
-            self.store.grow(req.slot, req.pages, self._tokens_at_admission(req))
-            self.admitted.append(req)
+            self.store.grow(req.slot, req.pages, tokens)
+            for fork in req.forks:
+                fork.slot = self.store.take_slot()
+                fork.pages = self.store.share(fork.slot, req.pages, len(req.context))
+                self.store.grow(fork.slot, fork.pages, tokens)
+            self.admitted += group
             new.append(req)
         return new
 
@@ -87,7 +99,7 @@ class Scheduler:
                 raise RuntimeError("the KV pool ran dry after preemption: Scheduler.preempt_for first")
 
     def release(self, req: Request) -> None:
-        """A finished or aborted request gives back its slot and pages."""
+        """A finished or aborted sequence gives back its slot and pages (shared ones once nobody holds them)."""
         if req.slot >= 0:
             self.store.release(req.slot, req.pages)
             req.slot, req.pages = -1, []

@@ -85,7 +85,7 @@ class TokenDropStore(Slots):
         self.peak_pages_used = 0
 
     # ------------------------------------------------------------------ allocation (KVStore's interface)
-    capacity_pages = free_pages = 0  # a sequence needs a slot and no pages
+    capacity_pages = free_pages = page_size = 0  # a sequence needs a slot and no pages
 
     def pages_for(self, tokens: int) -> int:
         return 0
@@ -99,16 +99,27 @@ class TokenDropStore(Slots):
     def release(self, slot: int, pages: list[int]) -> None:
         self._release_slot(slot)
 
+    def shared_pages(self, tokens: int) -> int:
+        return 0
+
+    def share(self, slot: int, pages: list[int], tokens: int) -> list[int]:
+        return []
+
+    def fork(self, src_slot: int, src_pages: list[int], dst_slot: int, dst_pages: list[int], tokens: int) -> None:
+        """A fork's slot is a copy of its origin's: kept tokens, their positions, scores and policy state."""
+        for t in self._tensors():
+            t[dst_slot] = t[src_slot]
+
+    def name_pages(self, pages: list[int], tokens: list[int]) -> None:
+        pass  # no pages
+
     # ------------------------------------------------------------------ accounting
+    def _tensors(self) -> list[torch.Tensor]:
+        """Every per-slot tensor of every layer (slot first)."""
+        return [*self.keys, *self.values, *self.pos, *(self.score or []), *(t for e in self.extra for t in e.values())]
+
     def nbytes(self) -> int:
-        tensors = [
-            *self.keys,
-            *self.values,
-            *self.pos,
-            *(self.score or []),
-            *(t for e in self.extra for t in e.values()),
-        ]
-        return sum(t.numel() * t.element_size() for t in tensors)
+        return sum(t.numel() * t.element_size() for t in self._tensors())
 
     def sequence_nbytes(self, tokens):
         """Bytes a sequence of `tokens` tokens holds: what transformers' `TokenDropCache.sequence_nbytes` reports."""
@@ -164,6 +175,7 @@ class TokenDropStore(Slots):
             store[index] = torch.where(kept_new[..., None], new, store[index])
         self.pos[layer][slots] = put(pos, c.pos[..., cap:])
         if self.score is not None:
+            assert c.score is not None, "a scored policy's candidates carry their scores"
             self.score[layer][slots] = put(torch.where(keep[..., :cap], c.score[..., :cap], 0.0), c.score[..., cap:])
         for name, t in state.items():
             self.extra[layer][name][slots] = t
@@ -193,7 +205,7 @@ class TokenDropAttention(EngineState):
         else:
             attend = slot_attention_torch
         self._attend = attend
-        self.batch = None
+        self.batch: Decode | Prefill | None = None
         self._groups: tuple[Prefill, list[PaddedPrompts]] | None = (
             None  # the current prefill's, built once for all layers
         )
@@ -202,8 +214,10 @@ class TokenDropAttention(EngineState):
         return Decode(slots, pos, None, None, None, max_len)  # no pages, no ring
 
     def decode(self, layer: int, q, k, v, scaling: float, window: int | None) -> torch.Tensor:
-        """q [B, Hq, D], k/v [B, Hkv, D] of the new tokens -> attention output [B, Hq, D]; the slots keep what the policy keeps."""
+        """q [B, Hq, D], k/v [B, Hkv, D] of the new tokens -> attention output [B, Hq, D]; the slots keep what the
+        policy keeps."""
         b, store, policy = self.batch, self.store, self.policy
+        assert isinstance(b, Decode), "the engine sets the batch before each forward"
         k = store.precision.round_trip(k, KEYS, layer, slice(None), 1)  # as attention reads it once stored
         v = store.precision.round_trip(v, VALUES, layer, slice(None), 1)
         out, attn = self._attend(
@@ -227,9 +241,12 @@ class TokenDropAttention(EngineState):
         return out
 
     def prefill(self, layer: int, query, key, value, scaling: float, window: int | None) -> torch.Tensor:
-        """Whole prompts packed in one row [1, H, T, D]: each attends exactly over itself, then is cut to the policy's choice."""
-        if self._groups is None or self._groups[0] is not self.batch:
-            self._groups = (self.batch, PaddedPrompts.groups(self.batch, query.device))
+        """Whole prompts packed in one row [1, H, T, D]: each attends exactly over itself, then is cut to the
+        policy's choice."""
+        batch = self.batch
+        assert isinstance(batch, Prefill), "the engine sets the batch before each forward"
+        if self._groups is None or self._groups[0] is not batch:
+            self._groups = (batch, PaddedPrompts.groups(batch, query.device))
         out = query.new_empty(query.shape[2], query.shape[1], query.shape[3])  # [T, Hq, D]
         policy, precision = self.policy, self.store.precision
         key = precision.round_trip(key, KEYS, layer, slice(None), 1)
@@ -267,7 +284,8 @@ class PaddedPrompts:
 
     @classmethod
     def groups(cls, batch: Prefill, device: torch.device) -> list[PaddedPrompts]:
-        """The batch's prompts, shortest first, in groups of at most PAD_TOKENS padded tokens (a longer prompt alone)."""
+        """The batch's prompts, shortest first, in groups of at most PAD_TOKENS padded tokens (a longer prompt
+        alone)."""
         groups, group = [], []
         for seg in sorted(batch.segments, key=lambda seg: seg.length):
             if group and (len(group) + 1) * seg.length > PAD_TOKENS:

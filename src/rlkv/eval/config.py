@@ -1,4 +1,5 @@
-"""What an evaluation runs (`EvalConfig`), checked whole before anything runs, and which settings are a run's identity."""
+"""What an evaluation runs (`EvalConfig`), checked whole before anything runs, and which settings are a run's
+identity."""
 
 from __future__ import annotations
 

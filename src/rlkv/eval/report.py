@@ -56,8 +56,8 @@ def markdown_table(rows: list[dict]) -> str:
 
 def details_table(rows: list[dict]) -> str:
     lines = [
-        "| task | method | sparsity | n | accuracy | mean tokens | % length | % repetition | KV mean / full | KV peak / full "
-        "| budget | KV mean / matched | tok/s |",
+        "| task | method | sparsity | n | accuracy | mean tokens | % length | % repetition | KV mean / full "
+        "| KV peak / full | budget | KV mean / matched | tok/s |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:

@@ -23,6 +23,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import Any
 
 import torch
 import transformers
@@ -46,6 +47,7 @@ from rlkv.eval.rundir import (
 from rlkv.eval.samples import generate_samples
 from rlkv.eval.summary import summarize_run, write_summary
 from rlkv.models import Layout
+from rlkv.tasks.base import Task
 from rlkv.version import __version__
 
 
@@ -63,10 +65,10 @@ class EvalResults:
 class _Group:
     """One (task, method, sparsity) of the run, with its examples still to generate."""
 
-    task: object  # an rlkv.tasks Task
+    task: Task
     name: str
     sparsity: float
-    method: object | None  # None: a token-dropping method whose budget is matched first
+    method: Any  # a built method; None: a token-dropping method whose budget is matched first
     pending: list
 
 

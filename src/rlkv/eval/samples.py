@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 import torch
 
-from rlkv.engine import Engine
+from rlkv.engine import Completion, Engine
 from rlkv.eval.config import BATCH_SIZE, EvalConfig
 from rlkv.generation import generator
 from rlkv.methods.matching import bytes_over_decoding
@@ -47,7 +47,7 @@ def generate_samples(
         batch_size=rows,
     )  # max_running None: the engine's own cap
     full_per_token = Layout.of(model).kv_bytes_per_token()
-    buffer: list[tuple[int, object]] = []
+    buffer: list[tuple[int, Completion]] = []
     clock = {"last": time.perf_counter(), "grading": 0.0}
 
     def flush() -> None:

@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
 
 from rlkv.eval.plan import bytes_reference
 from rlkv.eval.rundir import read_config, run_records, write_whole
 
 
-def summarize(samples: list[dict], batches: list[dict] = (), reference: str | None = None) -> list[dict]:
+def summarize(samples: list[dict], batches: Sequence[dict] = (), reference: str | None = None) -> list[dict]:
     """One row per (task, method, sparsity). A token-dropping group's budget was matched to the bytes of
     the head-split method its samples name (`matched_to`), or else to `reference`'s."""
     groups: dict[tuple, list[dict]] = defaultdict(list)

@@ -8,8 +8,8 @@ One step (the "paper" recipe follows the authors' AReaL code; "rlkv-v0" is rlkv'
    gated policy (`rlkv.generate` with `Gated` gates, the streaming branch at the config's `block`
    granularity): with `rlkv.Engine` in gated mode (one fused
    pass per step for both branches, CUDA graphs, continuous batching; the default on a GPU) or with
-   `model.generate` inside `gated(model, alpha)`. Engine rollouts are seeded per (step, rank,
-   rollout), so a resumed run draws the same ones.
+   `model.generate` inside `gated(model, alpha)`. Engine rollouts are seeded per (step, rollout of
+   the step), so a resumed run, or one split over any number of ranks, draws the same ones.
 3. Grade them (reward 1 / 0, the answer found by the config's `answer_rule`) and turn the rewards
    into advantages (`rlkv.identify.objective`):
    "batch" (paper: shaped, normalised over the whole batch's completion tokens) or "group"
@@ -276,7 +276,7 @@ def _train(model, tokenizer, task, examples, config, out_dir, layout, on_step) -
         if cuda:
             torch.cuda.reset_peak_memory_stats(alpha.device)
         problems = _batch(examples, step, config.batch_problems, config.seed)[rank::world]  # this rank's share
-        rollouts, rewards = _rollouts(model, tokenizer, task, problems, gates, engine, config, step, rank)
+        rollouts, rewards = _rollouts(model, tokenizer, task, problems, gates, engine, config, step, rank, world)
         t1 = time.perf_counter()
         record = _update(model, alpha, opt, rollouts, rewards, config, pad_id, step)
         step += 1
@@ -384,14 +384,17 @@ def _heads(alpha, layout, task, examples, config, steps: int, out_dir: Path, ran
     return scores
 
 
-def _rollouts(model, tokenizer, task, problems, gates: Gated, engine, config, step: int, rank: int):
+def _rollouts(model, tokenizer, task, problems, gates: Gated, engine, config, step: int, rank: int, world: int):
     """`config.group` completions per problem from the current gated policy, and their rewards.
 
     A rollout is (prompt ids, completion ids up to and with EOS, text). The engine reads alpha in
     place, so its rollouts use the current gates; transformers `generate` draws from the torch RNG.
     """
     prompts = prompt_ids(tokenizer, [task.prompt(ex, tokenizer) for ex in problems for _ in range(config.group)])
-    seeds = [(config.seed * 1_000_003 + step) * 65_537 + rank * 4_099 + i for i in range(len(prompts))]
+    base = (config.seed * 1_000_003 + step) * 65_537
+    # seeded by the rollout's place in the whole step (this rank holds problems rank, rank + world, ...), so
+    # engine rollouts are the same whatever the number of ranks
+    seeds = [base + (rank + k * world) * config.group + j for k in range(len(problems)) for j in range(config.group)]
     outs = generate(
         model,
         tokenizer,

@@ -68,7 +68,7 @@ def identify_pipeline(
     examples, heldout = split_heldout(training.load(data_dir=data_dir, seed=config.seed), check_limit, limit)
     rank, device = join_torchrun()
     if isinstance(model, (str, os.PathLike)):
-        model, tokenizer = load_model(model, device=device)
+        model, tokenizer = load_model(model, device=device, say=say)
     elif tokenizer is None:
         raise ValueError("a loaded model needs its tokenizer (tokenizer=...)")
     config = config.for_model(Layout.of(model))

@@ -39,6 +39,7 @@ class H2O(Policy):
         return q_len  # every query adds to the accumulated attention
 
     def select(self, state, c: Candidates, query, q_pos) -> torch.Tensor:
+        assert c.score is not None and c.attn is not None, "H2O is scored and observes every query"
         c.score = c.score + c.attn
         return h2o_keep(c.score, c.pos, self.budget, self.recent)
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -50,7 +51,7 @@ def mean_bytes(bytes_of: Callable[[torch.Tensor], torch.Tensor], samples: list[d
     return float(sum(held.mean() for _, held in bytes_over_decoding(bytes_of, samples)))
 
 
-def match_budget(build: Callable[[int], object], layout, samples: list[dict]) -> Match:
+def match_budget(build: Callable[[int], Any], layout, samples: list[dict]) -> Match:
     """The budget at which `build(budget)`'s method holds the mean KV bytes the `samples` held."""
     if not samples:
         raise ValueError("no reference samples to match bytes against")
@@ -66,16 +67,23 @@ def match_budget(build: Callable[[int], object], layout, samples: list[dict]) ->
     lo = 1
     while predicted(lo) is None:
         lo += 1
+
+    def held(budget: int) -> float:
+        """The prediction of a budget from `lo` up, all of them valid."""
+        value = predicted(budget)
+        assert value is not None, f"budget {budget} is above the smallest valid one, {lo}"
+        return value
+
     hi = max(s["prompt_tokens"] + s["tokens"] for s in samples)
-    if predicted(hi) < target:
-        return Match(hi, predicted(hi), target)  # holding every token still costs less than the reference
+    if held(hi) < target:
+        return Match(hi, held(hi), target)  # holding every token still costs less than the reference
     while lo < hi:  # smallest budget whose prediction reaches the target (bytes grow with the budget)
         mid = (lo + hi) // 2
-        if predicted(mid) >= target:
+        if held(mid) >= target:
             hi = mid
         else:
             lo = mid + 1
     below = predicted(lo - 1) if lo > 1 else None
-    if below is not None and target - below < predicted(lo) - target:
+    if below is not None and target - below < held(lo) - target:
         return Match(lo - 1, below, target)
-    return Match(lo, predicted(lo), target)
+    return Match(lo, held(lo), target)

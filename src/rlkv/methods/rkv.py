@@ -1,4 +1,5 @@
-"""R-KV, redundancy-aware KV compression for reasoning models (Cai et al. 2025, arXiv:2505.24133), as a `tokendrop` policy.
+"""R-KV, redundancy-aware KV compression for reasoning models (Cai et al. 2025, arXiv:2505.24133), as a
+`tokendrop` policy.
 
 Tokens accumulate until a KV head holds `budget + interval` of them (the prefill compresses at
 once if the prompt is that long); then the head is cut back to `budget` tokens, so in steady
@@ -51,7 +52,8 @@ def rkv_redundancy(keys: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
 
 
 def rkv_keep(importance, redundancy, pos, budget: int, window: int, lam: float) -> torch.Tensor:
-    """Bool [b, h, K]: the last `window` tokens plus the best `budget - window` by lam*importance - (1-lam)*redundancy."""
+    """Bool [b, h, K]: the last `window` tokens plus the best `budget - window` by
+    lam*importance - (1-lam)*redundancy."""
     score = lam * importance - (1 - lam) * redundancy
     priority = torch.where(pos > last_position(pos) - window, float("inf"), score).masked_fill(pos < 0, float("-inf"))
     return top_k_mask(priority, budget, pos)
@@ -85,6 +87,7 @@ class RKV(Policy):
         capturing = full.is_cuda and torch.cuda.is_current_stream_capturing()
         if not capturing and not bool(full.any()):
             return valid
+        assert c.keys is not None, "R-KV needs the candidates' keys (needs_keys)"
         importance = rkv_importance(queries, query_pos, c.keys, c.pos, c.scaling, self.kernel)
         keep = rkv_keep(importance, rkv_redundancy(c.keys, c.pos), c.pos, self.budget, self.window, self.lam)
         return torch.where(full[:, None, None], keep, valid)

@@ -49,7 +49,9 @@ class SnapKV(Policy):
 
     def select(self, state, c: Candidates, query, q_pos) -> torch.Tensor:
         if c.first:
+            assert c.attn is not None, "SnapKV observes its window's queries in the prefill"
             c.score = snapkv_pins(c.attn, c.pos, self.window, self.kernel, self.budget - self.window).float()
+        assert c.score is not None, "SnapKV is scored"
         return snapkv_keep(c.score > 0, c.pos, self.budget)
 
     def params(self) -> dict:

@@ -55,7 +55,8 @@ HARNESS_OPTIONS = (
 
 
 def check_build(name: str, budget, options: dict) -> int:
-    """The budget of a builder call; refuses a missing budget and kwargs that are neither the method's nor the harness's."""
+    """The budget of a builder call; refuses a missing budget and kwargs that are neither the method's nor the
+    harness's."""
     unknown = sorted(set(options) - set(HARNESS_OPTIONS))
     if unknown:
         raise ValueError(f"method {name!r} got unknown options {unknown}")

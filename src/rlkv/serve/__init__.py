@@ -9,8 +9,10 @@ Modules, in the order a request meets them: `auth` (the API key), `app` (routes,
 work off the event loop, streaming, errors), `protocol` (the OpenAI request / response models, their
 bounds), `async_engine` (per-request streams; the engine in a thread), `engine_process` (the engine in
 a process of its own, restarted when it dies, as `rlkv serve` runs it), `detokenize` (incremental
-text and stop strings for streaming), `metrics` (Prometheus), `server` (uvicorn, signals, exit on a
-failed engine), `process` (`rlkv serve` as a child process, for tests and benchmarks).
+text and stop strings for streaming), `responses` (choices, stream chunks and usage from the engine's
+outputs), `logprobs` (OpenAI's log-prob shapes), `reasoning` (<think> ... </think> as
+reasoning_content), `metrics` (Prometheus), `server` (uvicorn, signals, exit on a failed engine),
+`process` (`rlkv serve` as a child process, for tests and benchmarks).
 """
 
 from rlkv.serve.app import create_app

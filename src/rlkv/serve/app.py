@@ -1,14 +1,17 @@
 """`create_app`: the OpenAI-compatible HTTP API over the engine's streams (FastAPI).
 
     POST /v1/chat/completions   messages in the tokenizer's chat template
-    POST /v1/completions        a prompt string (special tokens added) or a list of token ids
+    POST /v1/completions        prompt strings (special tokens added) or lists of token ids, one or a batch
     GET  /v1/models  /health  /metrics
 
 `"stream": true` answers with server-sent events: `data: {chunk}` per text delta, a chunk with the
-finish reason, a usage chunk when `stream_options.include_usage` (off by default, as with OpenAI),
-then `data: [DONE]`. Streamed and whole answers come out of one path (the engine's outputs, decoded
-by one `Detokenizer` each), so the deltas concatenate to exactly the non-streamed text. A client that
-disconnects (streaming or not) aborts its request. Errors are OpenAI's JSON body
+finish reason, a usage chunk when `stream_options.include_usage` (off by default, as with OpenAI;
+`continuous_usage_stats` puts the usage so far on every chunk, as vLLM does), then `data: [DONE]`.
+Each prompt of a batch is one engine request of `n` samples (one prefill, the samples forked from it);
+choice p * n + i is sample i of prompt p. Streamed and whole answers come out of one path
+(`rlkv.serve.responses`: the engine's outputs, decoded by one `Detokenizer` per sample), so the
+deltas concatenate to exactly the non-streamed text. A client that disconnects (streaming or not)
+aborts its requests. Errors are OpenAI's JSON body
 `{"error": {"message", "type", "param", "code"}}`: 400 for a bad body or a request that can never
 run, 401 without the API key (`rlkv.serve.auth`), 404 for an unknown model, 413 for a body over
 `max_body_bytes`, 500 for a request the engine failed on, 503 while the engine restarts or the server
@@ -30,21 +33,24 @@ from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass
+from typing import TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException
 
-from rlkv.engine import Engine, RequestError, SamplingParams
+from rlkv.engine import Engine, RequestError, RequestOutput, SamplingParams
 from rlkv.serve import protocol as p
 from rlkv.serve.async_engine import AsyncEngine, EngineStopped, RequestFailed, Streams
 from rlkv.serve.auth import ApiKeyMiddleware
 from rlkv.serve.detokenize import Detokenizer
 from rlkv.serve.errors import ApiError, describe_validation
+from rlkv.serve.logprobs import LogprobTexts
 from rlkv.serve.metrics import CONTENT_TYPE, ServerMetrics
+from rlkv.serve.reasoning import ReasoningParser
+from rlkv.serve.responses import Answer
 
-FINISH = {"eos": "stop", "stop": "stop", "repetition": "stop", "length": "length"}
 MIN_BODY_BYTES = 1 << 20
 BODY_BYTES_PER_TOKEN = 64  # a prompt of max_seq_len tokens as JSON text or ids, escapes and all, fits
 
@@ -54,31 +60,35 @@ def default_max_body_bytes(max_seq_len: int) -> int:
     return max(MIN_BODY_BYTES, BODY_BYTES_PER_TOKEN * max_seq_len)
 
 
-@dataclass
-class _Piece:
-    """New text of one request; the last piece carries the finish reason."""
-
-    text: str
-    finish_reason: str | None
-    completion_tokens: int
+Body = TypeVar("Body", bound=BaseModel)
 
 
 @dataclass
 class _Prepared:
-    """A request made ready off the event loop: parsed, its prompt tokenized, checked against the engine."""
+    """A request made ready off the event loop: parsed, its prompts tokenized and checked against the engine."""
 
     req: p.ChatCompletionRequest | p.CompletionRequest
-    prompt_ids: list[int]
+    prompts: list[list[int]]
     params: SamplingParams
-    detokenizer: Detokenizer
+    echo: list[str] | None  # the prompts' texts, for a completion that echoes them
 
 
 class _Handlers:
     """The handlers' shared state: the engine's online layer, the tokenizer, the served name, limits, metrics."""
 
-    def __init__(self, runner: Streams, tokenizer, model_name: str, default_max_tokens: int, max_body_bytes: int):
+    def __init__(
+        self,
+        runner: Streams,
+        tokenizer,
+        model_name: str,
+        default_max_tokens: int,
+        max_body_bytes: int,
+        reasoning: ReasoningParser | None = None,
+    ):
         self.runner, self.tokenizer, self.model_name = runner, tokenizer, model_name
         self.default_max_tokens, self.max_body_bytes = default_max_tokens, max_body_bytes
+        self.reasoning = reasoning
+        self.texts = LogprobTexts(tokenizer)
         self.metrics = ServerMetrics(runner)
         self.created = p.now()
         self.pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="rlkv-prepare")
@@ -135,13 +145,22 @@ class _Handlers:
         """Parse, template, tokenize and check a request (in the pool: this is the work a request brings)."""
         req = _parse(p.ChatCompletionRequest if chat else p.CompletionRequest, body)
         self._check_model(req.model)
-        prompt_ids = self._chat_prompt(req) if chat else self._plain_prompt(req.prompt)
-        params = self._params(req, len(prompt_ids))
-        try:
-            self.runner.check_request(prompt_ids, params)
-        except RequestError as err:
-            raise _api_error(err, chat) from None
-        return _Prepared(req, prompt_ids, params, Detokenizer(self.tokenizer, params.stop))
+        prompts = [self._chat_prompt(req)] if chat else [self._plain_prompt(x) for x in req.prompts]
+        params = self._params(req, max(map(len, prompts)))
+        for i, prompt_ids in enumerate(prompts):
+            try:
+                self.runner.check_request(prompt_ids, params)
+            except RequestError as err:
+                if len(prompts) > 1:
+                    err = RequestError(f"prompt {i}: {err}", err.param)
+                raise _api_error(err, chat) from None
+        echo = None
+        if not chat and req.echo:
+            skip = req.skip_special_tokens
+            echo = [
+                x if isinstance(x, str) else self.tokenizer.decode(x, skip_special_tokens=skip) for x in req.prompts
+            ]
+        return _Prepared(req, prompts, params, echo)
 
     def _check_model(self, name: str | None) -> None:
         if name is not None and name != self.model_name:
@@ -166,11 +185,19 @@ class _Handlers:
         """A string gets the tokenizer's special tokens; token ids go as they are (checked against the vocabulary)."""
         return self.tokenizer(prompt).input_ids if isinstance(prompt, str) else prompt
 
-    def _params(self, req, prompt_tokens: int) -> SamplingParams:
-        limit = req.token_limit or max(1, min(self.default_max_tokens, self.runner.max_seq_len - prompt_tokens))
+    def _params(self, req, longest_prompt: int) -> SamplingParams:
+        limit = req.token_limit
+        if limit is None:
+            limit = max(1, min(self.default_max_tokens, self.runner.max_seq_len - longest_prompt))
+        if isinstance(req, p.ChatCompletionRequest):
+            top, prompt = (req.top_logprobs or 0) if req.logprobs else 0, None
+        else:
+            top = req.logprobs or 0
+            prompt = req.logprobs if req.echo and req.logprobs is not None else (0 if limit == 0 else None)
         try:
             return SamplingParams(
                 max_tokens=limit,
+                n=req.n,
                 temperature=req.temperature,
                 top_p=req.top_p,
                 top_k=req.top_k,
@@ -178,67 +205,95 @@ class _Handlers:
                 stop=tuple(req.stop),
                 stop_token_ids=tuple(req.stop_token_ids),
                 ignore_eos=req.ignore_eos,
+                min_tokens=req.min_tokens,
+                repetition_penalty=req.repetition_penalty,
+                frequency_penalty=req.frequency_penalty,
+                presence_penalty=req.presence_penalty,
+                top_logprobs=top,
+                prompt_logprobs=prompt,
             )
         except ValueError as err:  # the schema holds every bound SamplingParams checks: a safety net
             raise ApiError(400, str(err)) from None
 
     async def _answer(self, raw: Request, ready: _Prepared, chat: bool, arrival: float) -> Response:
-        req = ready.req
+        req, params = ready.req, ready.params
         rid = p.request_id("chatcmpl" if chat else "cmpl")
+        streams = []
         try:
-            outputs = self.runner.generate(rid, ready.prompt_ids, ready.params, ready.detokenizer)
+            for i, prompt_ids in enumerate(ready.prompts):
+                decoders = [Detokenizer(self.tokenizer, params.stop, req.skip_special_tokens) for _ in range(req.n)]
+                key = rid if len(ready.prompts) == 1 else f"{rid}-{i}"
+                streams.append(self.runner.generate(key, prompt_ids, params, decoders))
         except (RequestError, EngineStopped) as err:
             raise _api_error(err, chat) from None
-        pieces = self._pieces(outputs, arrival)
-        head = dict(id=rid, created=p.now(), model=self.model_name)
-        usage = _Usage(len(ready.prompt_ids))
+        response = Answer(
+            dict(id=rid, created=p.now(), model=self.model_name),
+            ready.prompts,
+            req.n,
+            self.texts,
+            logprobs=((req.top_logprobs or 0) if req.logprobs else None) if chat else req.logprobs,
+            echo=ready.echo,
+            reasoning=self.reasoning if chat else None,
+            include_usage=req.include_usage,
+            continuous_usage=req.continuous_usage,
+        )
+        outputs = self._observed(_merged(streams), arrival)
         if req.stream:
-            events = (_chat_events if chat else _completion_events)(pieces, head, usage, req.include_usage)
+            events = response.chat_chunks(outputs) if chat else response.completion_chunks(outputs)
             self.metrics.count(raw, 200)
             return StreamingResponse(_sse(events), media_type="text/event-stream")
-        text, last = await _unless_disconnected(raw, _join(pieces), chat)
-        usage.completion_tokens = last.completion_tokens
-        body = (
-            p.ChatCompletionResponse(
-                **head,
-                choices=[
-                    p.ChatCompletionChoice(message=p.AssistantMessage(content=text), finish_reason=last.finish_reason)
-                ],
-                usage=usage.info,
-            )
-            if chat
-            else p.CompletionResponse(
-                **head, choices=[p.CompletionChoice(text=text, finish_reason=last.finish_reason)], usage=usage.info
-            )
-        )
+        whole = response.chat_response(outputs) if chat else response.completion_response(outputs)
+        body = await _unless_disconnected(raw, whole, chat)
         self.metrics.count(raw, 200)
         return JSONResponse(body.model_dump(mode="json"))
 
-    async def _pieces(self, outputs: AsyncIterator, arrival: float) -> AsyncIterator[_Piece]:
-        """The request's text (decoded by its stream), piece by piece; the last one has the finish reason."""
-        tokens = 0
+    async def _observed(self, outputs: AsyncIterator, arrival: float) -> AsyncIterator[tuple[int, RequestOutput]]:
+        """The outputs, timed: the first token's arrival and the last output's."""
+        first = True
         async with aclosing(outputs):
-            async for out in outputs:
-                if not tokens and out.new_token_ids:
+            async for item in outputs:
+                if first and item[1].new_token_ids:
                     self.metrics.ttft.observe(time.perf_counter() - arrival)
-                tokens += len(out.new_token_ids)
-                if out.finished:
-                    self.metrics.latency.observe(time.perf_counter() - arrival)
-                    yield _Piece(out.text, FINISH.get(out.finish_reason, "stop"), tokens)
-                    return
-                if out.text:
-                    yield _Piece(out.text, None, tokens)
+                    first = False
+                yield item
+        self.metrics.latency.observe(time.perf_counter() - arrival)
 
 
-class _Usage:
-    """Token counts of one request, filled in as its pieces arrive."""
+async def _merged(streams: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """The outputs of the streams of a batch's prompts as (prompt index, output), as they come; leaving early (or
+    an error in one) closes them all, which aborts their requests."""
+    if len(streams) == 1:
+        async with aclosing(streams[0]) as stream:
+            async for out in stream:
+                yield 0, out
+        return
+    queue: asyncio.Queue = asyncio.Queue()
 
-    def __init__(self, prompt_tokens: int):
-        self.prompt_tokens, self.completion_tokens = prompt_tokens, 0
+    async def pump(i: int, stream):
+        try:
+            async for out in stream:
+                queue.put_nowait((i, out))
+        except Exception as err:  # the engine refused, failed on or lost the request: the whole batch fails
+            queue.put_nowait((i, err))
+        queue.put_nowait((i, None))
 
-    @property
-    def info(self) -> p.UsageInfo:
-        return p.UsageInfo.of(self.prompt_tokens, self.completion_tokens)
+    tasks = [asyncio.ensure_future(pump(i, stream)) for i, stream in enumerate(streams)]
+    try:
+        live = len(streams)
+        while live:
+            i, item = await queue.get()
+            if isinstance(item, Exception):
+                raise item
+            if item is None:
+                live -= 1
+            else:
+                yield i, item
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for stream in streams:
+            await stream.aclose()
 
 
 def _api_error(err: Exception, chat: bool) -> ApiError:
@@ -249,13 +304,6 @@ def _api_error(err: Exception, chat: bool) -> ApiError:
         return ApiError(500, str(err), type="internal_error")
     param = getattr(err, "param", None)
     return ApiError(400, str(err), param="messages" if chat and param == "prompt" else param)
-
-
-async def _join(pieces: AsyncIterator[_Piece]) -> tuple[str, _Piece]:
-    texts, last = [], None
-    async for last in pieces:
-        texts.append(last.text)
-    return "".join(texts), last
 
 
 async def _unless_disconnected(raw: Request, work, chat: bool):
@@ -280,32 +328,6 @@ async def _unless_disconnected(raw: Request, work, chat: bool):
         raise _api_error(err, chat) from None
 
 
-async def _chat_events(pieces, head: dict, usage: _Usage, include_usage: bool):
-    def chunk(delta: p.DeltaMessage, finish: str | None = None) -> p.ChatCompletionChunk:
-        return p.ChatCompletionChunk(**head, choices=[p.ChatChunkChoice(delta=delta, finish_reason=finish)])
-
-    yield chunk(p.DeltaMessage(role="assistant", content=""))
-    async for piece in pieces:
-        usage.completion_tokens = piece.completion_tokens
-        if piece.text:
-            yield chunk(p.DeltaMessage(content=piece.text))
-        if piece.finish_reason:
-            yield chunk(p.DeltaMessage(), piece.finish_reason)
-    if include_usage:
-        yield p.ChatCompletionChunk(**head, choices=[], usage=usage.info)
-
-
-async def _completion_events(pieces, head: dict, usage: _Usage, include_usage: bool):
-    async for piece in pieces:
-        usage.completion_tokens = piece.completion_tokens
-        if piece.text:
-            yield p.CompletionResponse(**head, choices=[p.CompletionChoice(text=piece.text, finish_reason=None)])
-        if piece.finish_reason:
-            yield p.CompletionResponse(**head, choices=[p.CompletionChoice(text="", finish_reason=piece.finish_reason)])
-    if include_usage:
-        yield p.CompletionResponse(**head, choices=[], usage=usage.info)
-
-
 async def _sse(events: AsyncIterator[BaseModel]) -> AsyncIterator[str]:
     """Server-sent events: `data: <json>` per chunk, an error event if the request fails midway, `data: [DONE]`."""
     async with aclosing(events):
@@ -319,7 +341,7 @@ async def _sse(events: AsyncIterator[BaseModel]) -> AsyncIterator[str]:
     yield "data: [DONE]\n\n"
 
 
-def _parse(model: type[BaseModel], body: bytes):
+def _parse(model: type[Body], body: bytes) -> Body:
     try:
         return model.model_validate_json(body)
     except ValidationError as err:
@@ -353,16 +375,25 @@ def create_app(
     max_body_bytes: int | None = None,
     api_key: str | None = None,
     protect_metrics: bool = False,
+    reasoning_parser: str | None = None,
 ) -> FastAPI:
     """The app serving `engine` as `model_name`: an Engine (run in a thread of this process) or an
     `EngineProcess`; it runs while the app's lifespan does.
 
     `default_max_tokens`: a request's token limit when it names none (cut to the context left).
     `max_body_bytes`: the largest request body read (default: `default_max_body_bytes`). `api_key`: the
-    bearer token /v1/... (and /metrics if `protect_metrics`) require; /health never does."""
+    bearer token /v1/... (and /metrics if `protect_metrics`) require; /health never does.
+    `reasoning_parser`: "deepseek-r1" or "qwen3" splits chat answers' <think> ... </think> into
+    `reasoning_content` (`rlkv.serve.reasoning`)."""
     runner = AsyncEngine(engine) if isinstance(engine, Engine) else engine
+    reasoning = ReasoningParser(reasoning_parser, tokenizer) if reasoning_parser else None
     server = _Handlers(
-        runner, tokenizer, model_name, default_max_tokens, max_body_bytes or default_max_body_bytes(runner.max_seq_len)
+        runner,
+        tokenizer,
+        model_name,
+        default_max_tokens,
+        max_body_bytes or default_max_body_bytes(runner.max_seq_len),
+        reasoning,
     )
 
     @asynccontextmanager
@@ -401,7 +432,8 @@ def create_app(
         server.metrics.count(raw, 500)
         return ApiError(500, f"internal error: {type(err).__name__}: {err}", type="internal_error").response()
 
-    app.add_exception_handler(ApiError, api_error)
-    app.add_exception_handler(HTTPException, http_error)
+    # Starlette types a handler as taking any Exception; it calls each with the class it is registered for
+    app.add_exception_handler(ApiError, api_error)  # pyright: ignore[reportArgumentType]
+    app.add_exception_handler(HTTPException, http_error)  # pyright: ignore[reportArgumentType]
     app.add_exception_handler(Exception, internal_error)  # logged with its traceback by Starlette
     return app

@@ -1,15 +1,17 @@
 """The online layer between asyncio request handlers and the (synchronous) Engine.
 
 `Streams` is what handlers see, whatever runs the engine: `generate(id, prompt ids, params,
-detokenizer)` checks the request at once (`RequestError`: it can never run) and returns an async
-iterator of its outputs. Each request's outputs go to its own asyncio queue, all of a step's outputs
-in one `loop.call_soon_threadsafe` (one wake-up of the event loop per step, not per request); a
-reader that fell behind gets the outputs queued for it merged into one (fewer, larger deltas under
-load). With a `Detokenizer`, the transport's thread decodes each output's text (`RequestOutput.text`)
-before it reaches the event loop, and finishes the request at its first stop string. Leaving the
-iterator early (the client disconnected, the task was cancelled) aborts the request, which frees its
-KV pages before the next step. `shutdown()` (safe from a signal handler) aborts every request and
-ends every stream with `EngineStopped`, so the server can close in-flight streams at once on Ctrl-C.
+detokenizers)` checks the request at once (`RequestError`: it can never run) and returns an async
+iterator of its outputs, those of its `params.n` samples interleaved (`RequestOutput.index`). Each
+request's outputs go to its own asyncio queue, all of a step's outputs in one
+`loop.call_soon_threadsafe` (one wake-up of the event loop per step, not per request); a reader that
+fell behind gets the outputs queued for it merged into one per sample (fewer, larger deltas under
+load). With a `Detokenizer` per sample, the transport's thread decodes each output's text
+(`RequestOutput.text`) before it reaches the event loop (the EOS or stop id that ends a sample is
+no text), and finishes a sample at its first stop string. Leaving the iterator early (the client
+disconnected, the task was cancelled) aborts the request, which frees its KV pages before the next
+step. `shutdown()` (safe from a signal handler) aborts every request and ends every stream with
+`EngineStopped`, so the server can close in-flight streams at once on Ctrl-C.
 
 Two transports implement it: `AsyncEngine` runs a given Engine in a thread of this process (for
 an Engine built in Python); `rlkv.serve.engine_process.EngineProcess` runs it in a child process
@@ -24,9 +26,9 @@ import logging
 import queue
 import threading
 from collections import defaultdict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import suppress
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -47,16 +49,19 @@ class RequestFailed(RuntimeError):
 
 @dataclass
 class _Sink:
-    """Where a request's outputs go: its asyncio queue, filled on its event loop; its text's decoder."""
+    """Where a request's outputs go: its asyncio queue, filled on its event loop; its samples' text decoders, and
+    which samples have had their last output (the transport's thread alone reads and writes `ended`)."""
 
     loop: asyncio.AbstractEventLoop
     outputs: asyncio.Queue
-    detokenizer: Detokenizer | None
+    detokenizers: list[Detokenizer] | None
+    samples: int
+    ended: set[int] = field(default_factory=set)
 
 
 class Streams:
     """Per-request output streams over some transport to an engine (see module doc). Messages for the engine
-    (("add", id, prompt ids, params), ("abort", id), ("stop",)) go through `_post`, which the transport
+    (("add", id, prompt ids, params), ("abort", id[, sample index]), ("stop",)) go through `_post`, which the transport
     carries to `run_engine`; it calls `_route` with what each step reported, `_fail_open` when its engine died
     and `_end_all` when the engine stops for good. Subclasses set `limits` (the engine's `RequestLimits`) and
     provide `metrics()`, `_alive()`, `start` and `join`."""
@@ -85,6 +90,12 @@ class Streams:
         raise NotImplementedError
 
     def _alive(self) -> bool:
+        raise NotImplementedError
+
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def join(self, timeout: float | None = None) -> None:
         raise NotImplementedError
 
     @property
@@ -116,49 +127,54 @@ class Streams:
         request_id: str,
         prompt_ids: list[int],
         params: SamplingParams,
-        detokenizer: Detokenizer | None = None,
+        detokenizers: list[Detokenizer] | None = None,
     ) -> AsyncIterator[RequestOutput]:
-        """Check the request now (RequestError: it can never run), then stream its outputs (with their
-        text, if a `detokenizer` is given; it must have been made with `params.stop`).
+        """Check the request now (RequestError: it can never run), then stream its samples' outputs (with their
+        text, if `detokenizers` are given: one per sample, made with `params.stop`).
 
         The request is submitted when iteration starts and aborted if iteration stops before its
         last output (the iterator closed, or the awaiting task cancelled)."""
         self.check_request(prompt_ids, params)
         if (why := self.status()) is not None:
             raise why
-        return self._stream(request_id, prompt_ids, params, detokenizer)
+        return self._stream(request_id, prompt_ids, params, detokenizers)
 
     def _post(self, message: tuple) -> None:
         self._messages.put(message)
 
-    async def _stream(self, request_id: str, prompt_ids: list[int], params: SamplingParams, detokenizer):
-        sink = _Sink(asyncio.get_running_loop(), asyncio.Queue(), detokenizer)
+    async def _stream(self, request_id: str, prompt_ids: list[int], params: SamplingParams, detokenizers):
+        sink = _Sink(asyncio.get_running_loop(), asyncio.Queue(), detokenizers, params.n)
         with self._lock:
             if (why := self._ended or self.restarting) is not None:  # the engine stopped after `generate` checked
                 raise why
             self._sinks[request_id] = sink
             self._post(("add", request_id, prompt_ids, params))
-        finished = False
+        running = set(range(params.n))
         try:
-            while not finished:
-                out = _merged(await sink.outputs.get(), sink.outputs)
-                finished = isinstance(out, BaseException) or out.finished
-                if isinstance(out, BaseException):
-                    raise out
-                yield out
+            while running:
+                queued = [await sink.outputs.get()]
+                while not sink.outputs.empty():
+                    queued.append(sink.outputs.get_nowait())
+                for out in _merged(queued):
+                    if out.finished:
+                        running.discard(out.index)
+                    yield out
         finally:
-            if not finished:
+            if running:
                 with self._lock:
                     self._sinks.pop(request_id, None)
                 self._post(("abort", request_id))
 
-    def _route(self, outputs: list[RequestOutput], errors: list[tuple[str, BaseException]] = ()) -> None:
-        """Hand a step's outputs (and requests refused on arrival) to their streams: one callback per event loop."""
-        ready = []
+    def _route(self, outputs: list[RequestOutput], errors: Sequence[tuple[str, BaseException]] = ()) -> None:
+        """Hand a step's outputs (and requests refused on arrival) to their streams: one callback per event loop.
+        Outputs of samples a stop string already ended here are dropped."""
+        ready: list[tuple[_Sink, RequestOutput | BaseException]] = []
         with self._lock:
             for out in outputs:
-                sink = self._sinks.pop(out.request_id, None) if out.finished else self._sinks.get(out.request_id)
-                if sink is not None:  # None: aborted meanwhile
+                sink = self._sinks.get(out.request_id)
+                if sink is not None and out.request_finished:
+                    self._sinks.pop(out.request_id)
+                if sink is not None and out.index not in sink.ended:  # None: aborted meanwhile
                     ready.append((sink, out))
             for request_id, err in errors:
                 if (sink := self._sinks.pop(request_id, None)) is not None:
@@ -166,18 +182,26 @@ class Streams:
         _deliver([(sink, self._with_text(sink, item)) for sink, item in ready])
 
     def _with_text(self, sink: _Sink, out):
-        """`out` with its new text, finished (and its request aborted) if the text reached a stop string."""
-        detok = sink.detokenizer
-        if detok is None or not isinstance(out, RequestOutput):
+        """`out` with its new text, finished (and its sample aborted) if the text reached a stop string."""
+        if not isinstance(out, RequestOutput):
             return out
-        text = detok.add(out.new_token_ids)
+        if out.finished:
+            sink.ended.add(out.index)
+        if sink.detokenizers is None:
+            return out
+        detok = sink.detokenizers[out.index]
+        ended_by_id = out.finished and out.finish_reason == "eos"  # EOS or a stop id: not text, as in vLLM
+        text = detok.add(out.new_token_ids[:-1] if ended_by_id else out.new_token_ids)
         if out.finished or detok.stopped:
             text += detok.finish()
         if detok.stopped and not out.finished:
-            with self._lock:
-                self._sinks.pop(out.request_id, None)
-            self._post(("abort", out.request_id))
-            return replace(out, text=text, finished=True, finish_reason="stop")
+            sink.ended.add(out.index)
+            last = len(sink.ended) == sink.samples
+            if last:
+                with self._lock:
+                    self._sinks.pop(out.request_id, None)
+            self._post(("abort", out.request_id, out.index))
+            return replace(out, text=text, finished=True, finish_reason="stop", request_finished=last)
         return replace(out, text=text)
 
     def _fail_open(self, err: EngineStopped) -> None:
@@ -241,7 +265,7 @@ class AsyncEngine(Streams):
 
 def run_engine(engine: Engine, receive, emit) -> None:
     """The engine's loop, in whichever thread or process owns the engine: apply the messages `receive(block)`
-    returns (("add", id, prompt ids, params), ("abort", id), ("stop",); it waits for one if `block`), step
+    returns (("add", id, prompt ids, params), ("abort", id[, index]), ("stop",); it waits for one if `block`), step
     while requests are unfinished, and `emit(outputs, refused)` after every round. A request whose adding
     raises is refused alone; an exception in a step ends the loop (the engine's state is unknown). Returns
     at "stop"; open requests are aborted however it ends."""
@@ -262,10 +286,11 @@ def run_engine(engine: Engine, receive, emit) -> None:
                         log.exception("adding request %s failed", args[0])
                         refused.append((args[0], RequestFailed(f"the engine failed on this request: {err!r}")))
                 elif args[0] in open_ids:
-                    open_ids.discard(args[0])
-                    engine.abort_request(args[0])
+                    if len(args) == 1:  # the whole request (else one sample)
+                        open_ids.discard(args[0])
+                    engine.abort_request(*args)
             outputs = engine.step() if engine.has_unfinished() else []
-            open_ids.difference_update(out.request_id for out in outputs if out.finished)
+            open_ids.difference_update(out.request_id for out in outputs if out.request_finished)
             emit(outputs, refused)
     finally:
         for request_id in open_ids:
@@ -287,11 +312,24 @@ def _put_all(items) -> None:
         outputs.put_nowait(item)
 
 
-def _merged(first, outputs: asyncio.Queue):
-    """`first` and the outputs queued behind it as one (their tokens joined); an error ends the merge."""
-    while not isinstance(first, BaseException) and not first.finished and not outputs.empty():
-        nxt = outputs.get_nowait()
-        if isinstance(nxt, BaseException):
-            return nxt
-        first = replace(nxt, new_token_ids=first.new_token_ids + nxt.new_token_ids, text=first.text + nxt.text)
-    return first
+def _merged(queued: list) -> list[RequestOutput]:
+    """The queued outputs as one per sample (their tokens, text and log-probs joined), in the order the samples
+    first come; a queued error is raised instead."""
+    if (err := next((item for item in queued if isinstance(item, BaseException)), None)) is not None:
+        raise err
+    merged: dict[int, RequestOutput] = {}
+    for out in queued:
+        first = merged.get(out.index)
+        merged[out.index] = out if first is None else joined(first, out)
+    return list(merged.values())
+
+
+def joined(first: RequestOutput, later: RequestOutput) -> RequestOutput:
+    """Two consecutive outputs of one sample as one."""
+    return replace(
+        later,
+        new_token_ids=first.new_token_ids + later.new_token_ids,
+        text=first.text + later.text,
+        logprobs=first.logprobs + later.logprobs,
+        prompt_logprobs=first.prompt_logprobs or later.prompt_logprobs,
+    )

@@ -15,6 +15,8 @@ and what is held is exactly the longest tail that could still grow into a stop s
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 REPLACEMENT = "\ufffd"
 
 
@@ -52,8 +54,8 @@ class StopMatcher:
 class Detokenizer:
     """Text of one request's generated tokens, delta by delta."""
 
-    def __init__(self, tokenizer, stop: list[str] = ()):
-        self.tokenizer = tokenizer
+    def __init__(self, tokenizer, stop: Sequence[str] = (), skip_special_tokens: bool = True):
+        self.tokenizer, self.skip_special_tokens = tokenizer, skip_special_tokens
         self.matchers = [StopMatcher(s) for s in stop]
         self.tokens: list[int] = []
         self.text = ""  # decoded so far: emitted + held back (cut at a stop string once one is seen)
@@ -80,9 +82,9 @@ class Detokenizer:
 
     def _window_text(self, start: int, end: int) -> str:
         """Text that tokens[_read:end] add after the text of tokens[start:_read]."""
-        decode = self.tokenizer.decode
-        before = decode(self.tokens[start : self._read], skip_special_tokens=True)
-        after = decode(self.tokens[start:end], skip_special_tokens=True)
+        decode, skip = self.tokenizer.decode, self.skip_special_tokens
+        before = decode(self.tokens[start : self._read], skip_special_tokens=skip)
+        after = decode(self.tokens[start:end], skip_special_tokens=skip)
         return after[len(before) :]
 
     def _decode(self) -> None:

@@ -45,6 +45,9 @@ def describe_validation(err: ValidationError) -> tuple[str, str | None]:
     if first["type"] == "json_invalid":
         return f"the request body is not valid JSON: {first['msg'].removeprefix('Invalid JSON: ')}", None
     path = _field_path(first["loc"])
+    cause = first.get("ctx", {}).get("error")
+    if not path and getattr(cause, "param", None):  # found across fields, blamed on one
+        return str(cause), cause.param
     name = ".".join(str(part) for part in path) or "body"
     if first["type"] == "extra_forbidden":
         return f"{name}: unsupported field", name

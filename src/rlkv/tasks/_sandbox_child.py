@@ -21,8 +21,9 @@ Run by :mod:`rlkv.tasks.sandbox` as ``[unshare ...] python -I -B [-S] _sandbox_c
    and the steps. It writes one line per result to the results fd: ``ok`` after an executed step,
    ``value <literal>`` for each call the parent checks, ``raise <message>`` when something
    raised (it stops there), and ``end``. Values are encoded by :func:`_encode`, which accepts
-   only plain data of exact builtin types (and reads ``collections`` dicts as dicts); the parent decodes and compares them, so nothing
-   here decides a verdict and nothing the candidate writes can claim a pass it did not compute.
+   only plain data of exact builtin types (and reads ``collections`` dicts as dicts); the parent decodes and
+   compares them, so nothing here decides a verdict and nothing the candidate writes can claim a pass it
+   did not compute.
 
 It imports only builtin modules (plus ``ctypes`` to jail itself, dropped from ``sys.modules``
 before the candidate runs) and ends with ``os._exit``.
@@ -85,7 +86,9 @@ def _libc():
 
 
 def _mount(call, source, target, fstype, flags, data=None) -> None:
-    enc = lambda s: None if s is None else os.fsencode(s)
+    def enc(s):
+        return None if s is None else os.fsencode(s)
+
     call("mount", enc(source), enc(target), enc(fstype), flags, enc(data))
 
 
@@ -280,7 +283,10 @@ def _describe(error: BaseException) -> str:
 
 def _run(code: str, steps: list, results_fd: int) -> None:
     """Run the code, then each step, writing the result lines (see step 3) to ``results_fd``."""
-    write = lambda line: os.write(results_fd, (line.replace("\n", " ") + "\n").encode())
+
+    def write(line: str) -> None:
+        os.write(results_fd, (line.replace("\n", " ") + "\n").encode())
+
     namespace = {"__name__": "__main__"}
     try:
         exec(compile(code, "<solution>", "exec"), namespace)

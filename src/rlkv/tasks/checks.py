@@ -22,6 +22,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from types import CodeType
 
+from rlkv.excerpt import excerpt
+
 _PURE_BUILTINS = (
     "abs", "all", "any", "ascii", "bin", "bool", "bytes", "chr", "complex", "dict", "divmod",
     "enumerate", "filter", "float", "format", "frozenset", "hex", "int", "isinstance", "len",
@@ -123,7 +125,7 @@ def plan(tests: tuple[str, ...], tested: frozenset[str] = frozenset()) -> Plan:
         try:
             parsed.append(ast.parse(test, f"<test {index}>"))
         except SyntaxError as e:
-            raise ValueError(f"test {index} is not valid Python ({e.msg}): {test[:200]!r}") from None
+            raise ValueError(f"test {index} is not valid Python ({e.msg}): {excerpt(test, 200)!r}") from None
     theirs = set(tested) | _bound_names([s for module in parsed for s in module.body if not isinstance(s, ast.Assert)])
     steps, step_tests, checks = [], [], []
     for index, (module, test) in enumerate(zip(parsed, tests)):
@@ -141,7 +143,7 @@ def plan(tests: tuple[str, ...], tested: frozenset[str] = frozenset()) -> Plan:
                 checks.append(check)
             elif statement is not None:
                 if any(isinstance(node, ast.Assert) for node in ast.walk(statement)):
-                    raise ValueError(f"test {index}: asserts must be top-level statements: {test[:200]!r}")
+                    raise ValueError(f"test {index}: asserts must be top-level statements: {excerpt(test, 200)!r}")
                 pending.append(statement)
     return Plan(steps=tuple(steps), step_tests=tuple(step_tests), checks=tuple(checks))
 
@@ -207,7 +209,7 @@ def _parts(node: ast.AST, hashes: _Hashes) -> object:
             return complex(*args)
         if kind in (set, frozenset) and len(args) == 1 and isinstance(args[0], list):
             return kind(args[0])
-    raise ValueError(f"not plain data: {ast.dump(node)[:100]}")
+    raise ValueError(f"not plain data: {excerpt(ast.dump(node), 100)}")
 
 
 def decode(text: str) -> object:

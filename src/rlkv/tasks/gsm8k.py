@@ -9,13 +9,15 @@ the reference final answer is N without thousands commas, and the full solution 
 
 from __future__ import annotations
 
+from rlkv.excerpt import excerpt
 from rlkv.tasks.base import Example, MathTask
 
 
 def final_answer(solution: str) -> str:
     """The number after ``####`` in a GSM8K reference solution, commas stripped."""
     if "####" not in solution:
-        raise ValueError(f"GSM8K solution has no '#### <answer>' line: {solution[-80:]!r}")
+        last = solution.strip().splitlines()[-1] if solution.strip() else ""
+        raise ValueError(f"GSM8K solution has no '#### <answer>' line; its last line: {excerpt(last, 80)!r}")
     return solution.rsplit("####", 1)[1].strip().replace(",", "")
 
 

@@ -41,6 +41,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from rlkv.excerpt import excerpt
 from rlkv.tasks import checks, isolation
 from rlkv.tasks.isolation import SandboxUnavailable
 
@@ -234,7 +235,7 @@ def _verdict(lines: list[str], plan: checks.Plan, tests: Sequence[str]) -> tuple
 
 
 def _unexpected(result: tuple[str, str]) -> tuple[str, str]:
-    return "error", f"unexpected result line {(result[0] + ' ' + result[1]).strip()[:200]!r}"
+    return "error", f"unexpected result line {excerpt((result[0] + ' ' + result[1]).strip(), 200)!r}"
 
 
 def _run(code: str, tests: Sequence[str], plan: checks.Plan, limits: Limits, mode: str) -> SandboxResult:
@@ -250,7 +251,8 @@ def _run(code: str, tests: Sequence[str], plan: checks.Plan, limits: Limits, mod
         work = root / "work" if mode == "none" else root / "root"
         work.mkdir()
         job = {
-            "code": code, "steps": list(plan.steps), "limits": child_limits, "uid": isolation.next_uid() if mode == "root" else 0,
+            "code": code, "steps": list(plan.steps), "limits": child_limits,
+            "uid": isolation.next_uid() if mode == "root" else 0,
             "read_only": isolation.read_only_paths(limits.site_packages),
         }  # fmt: skip
         (root / "job.marshal").write_bytes(marshal.dumps(job))
