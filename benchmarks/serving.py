@@ -2,8 +2,8 @@
 
 For each sparsity (and each `--engines` transport: the engine in its own process, rlkv serve's
 default, or in a thread of the server's; and each `--kv-dtypes` KV precision) a server process is
-started (`python -m rlkv serve`, the same KV budget and batch cap) and warmed up; then for each arrival rate `--num-requests` chat requests (a MATH-500
-question with the task's instruction, greedy, `--max-tokens` cap) are sent at exponentially
+started (`python -m rlkv serve`, the same KV budget and batch cap) and warmed up; then for each
+arrival rate `--num-requests` chat requests (a MATH-500 question with the task's instruction, greedy, `--max-tokens` cap) are sent at exponentially
 distributed intervals (`inf`: all at once), each streamed; `--max-concurrency` caps the requests in
 flight (a request's clock starts when it is sent). Long generations: `--ignore-eos` makes every
 answer exactly `--max-tokens` tokens, and `--input-len N` sends random prompts of N token ids as
