@@ -1,20 +1,19 @@
 """Serving through `rlkv serve`: MATH-500 requests arriving as a Poisson process, streamed.
 
-For each sparsity (and each `--engines` transport: the engine in its own process, rlkv serve's
-default, or in a thread of the server's; and each `--kv-dtypes` KV precision) a server process is
-started (`python -m rlkv serve`, the same KV budget and batch cap) and warmed up; then for each
-arrival rate `--num-requests` chat requests (a MATH-500 question with the task's instruction, greedy, `--max-tokens` cap) are sent at exponentially
-distributed intervals (`inf`: all at once), each streamed; `--max-concurrency` caps the requests in
-flight (a request's clock starts when it is sent). Long generations: `--ignore-eos` makes every
-answer exactly `--max-tokens` tokens, and `--input-len N` sends random prompts of N token ids as
-plain completions instead of the task's chat requests (vLLM's and SGLang's random serving
-benchmarks). Per request: time to first token (TTFT: sent to the first content delta), time per
-output token (TPOT: the rest of the answer's time over its remaining tokens), the gaps between its
-streamed chunks (ITL) and end-to-end latency. Per (sparsity, rate): output tokens/s over the run
-(first arrival to last answer), requests/s, TTFT / TPOT / ITL / latency p50, p90 and p99,
-preemptions and the most requests running at once (from /metrics), and the throughput ratio to
-sparsity 0 at bf16 at the same rate and transport (same script, one machine). The step time against its
-floor and what preemption's recompute costs are measured in-process by `long_generation.py`.
+For each sparsity (and each `--engines` transport: the engine in its own process, rlkv serve's default, or in
+a thread of the server's; and each `--kv-dtypes` KV precision) a server process is started (`python -m rlkv
+serve`, the same KV budget and batch cap) and warmed up; then for each arrival rate `--num-requests` chat
+requests (a MATH-500 question with the task's instruction, greedy, `--max-tokens` cap) are sent at
+exponentially distributed intervals (`inf`: all at once), each streamed; `--max-concurrency` caps the requests
+in flight (a request's clock starts when it is sent). Long generations: `--ignore-eos` makes every answer
+exactly `--max-tokens` tokens, and `--input-len N` sends random prompts of N token ids as plain completions
+instead of the task's chat requests (vLLM's and SGLang's random serving benchmarks). Per request: time to
+first token (TTFT: sent to the first content delta), time per output token (TPOT: the rest of the answer's
+time over its remaining tokens), the gaps between its streamed chunks (ITL) and end-to-end latency. Per
+(sparsity, rate): output tokens/s over the run (first arrival to last answer), requests/s, TTFT / TPOT / ITL /
+latency p50, p90 and p99, preemptions and the most requests running at once (from /metrics), and the
+throughput ratio to sparsity 0 at bf16 at the same rate and transport (same script, one machine). The step
+time against its floor and what preemption's recompute costs are measured in-process by `long_generation.py`.
 
     python benchmarks/serving.py --model DIR --heads heads.json --sparsities 0,0.5 --rates 2,8,32,inf \
         --num-requests 200 --max-tokens 4096 --kv-budget 4GiB --data-dir DATA --out results/serving.json
