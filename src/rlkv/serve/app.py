@@ -15,7 +15,8 @@ aborts its requests. Errors are OpenAI's JSON body
 `{"error": {"message", "type", "param", "code"}}`: 400 for a bad body or a request that can never
 run, 401 without the API key (`rlkv.serve.auth`), 404 for an unknown model, 413 for a body over
 `max_body_bytes`, 500 for a request the engine failed on, 503 while the engine restarts or the server
-shuts down.
+shuts down. /health answers 200 `{"status": "ok"}` while requests can run (behind `Replicas`: "degraded"
+while some replicas are down, with each one's state), else 503 with why.
 
 The event loop never waits on work: a body is read up to its size limit, then parsed, templated,
 tokenized and checked in a small thread pool; each request's text is decoded in the engine
@@ -49,6 +50,7 @@ from rlkv.serve.errors import ApiError, describe_validation
 from rlkv.serve.logprobs import LogprobTexts
 from rlkv.serve.metrics import CONTENT_TYPE, ServerMetrics
 from rlkv.serve.reasoning import ReasoningParser
+from rlkv.serve.replicas import Replicas
 from rlkv.serve.responses import Answer
 
 MIN_BODY_BYTES = 1 << 20
@@ -78,7 +80,7 @@ class _Handlers:
 
     def __init__(
         self,
-        runner: Streams,
+        runner: Streams | Replicas,
         tokenizer,
         model_name: str,
         default_max_tokens: int,
@@ -109,7 +111,7 @@ class _Handlers:
         if (why := self.runner.status()) is not None:
             code = "engine_restarting" if self.runner.restarting is not None else "engine_unavailable"
             raise ApiError(503, str(why), type="service_unavailable_error", code=code)
-        return JSONResponse({"status": "ok"})
+        return JSONResponse(self.runner.health())
 
     async def metrics_text(self, raw: Request) -> Response:
         return Response(self.metrics.render(), media_type=CONTENT_TYPE)
@@ -368,7 +370,7 @@ def _body_of(model: type[BaseModel]) -> dict:
 
 
 def create_app(
-    engine: Engine | Streams,
+    engine: Engine | Streams | Replicas,
     tokenizer,
     model_name: str,
     default_max_tokens: int = 1024,
@@ -377,8 +379,8 @@ def create_app(
     protect_metrics: bool = False,
     reasoning_parser: str | None = None,
 ) -> FastAPI:
-    """The app serving `engine` as `model_name`: an Engine (run in a thread of this process) or an
-    `EngineProcess`; it runs while the app's lifespan does.
+    """The app serving `engine` as `model_name`: an Engine (run in a thread of this process), an
+    `EngineProcess` or `Replicas` of them; it runs while the app's lifespan does.
 
     `default_max_tokens`: a request's token limit when it names none (cut to the context left).
     `max_body_bytes`: the largest request body read (default: `default_max_body_bytes`). `api_key`: the
