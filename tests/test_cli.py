@@ -71,6 +71,12 @@ def test_heads_convert_and_plot(heads_file, tmp_path):
             ["serve", "--model", "{model}", "--kv-budget", "nan"],
             "--kv-budget expects a share of free GPU memory",
         ),
+        (["serve", "--model", "{model}", "--data-parallel", "0"], "--data-parallel must be at least 1"),
+        (["serve", "--model", "{model}", "--data-parallel", "-2"], "--data-parallel must be at least 1"),
+        (
+            ["serve", "--model", "{model}", "--data-parallel", "2", "--engine-thread"],
+            "--data-parallel runs engine processes: it cannot be combined with --engine-thread",
+        ),
     ],
 )
 def test_errors_are_one_line_with_exit_code_2(heads_file, tmp_path, args, message):
