@@ -26,7 +26,7 @@ import logging
 import queue
 import threading
 from collections import defaultdict
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from contextlib import suppress
 from dataclasses import dataclass, field, replace
 
@@ -128,7 +128,7 @@ class Streams:
         prompt_ids: list[int],
         params: SamplingParams,
         detokenizers: list[Detokenizer] | None = None,
-    ) -> AsyncIterator[RequestOutput]:
+    ) -> AsyncGenerator[RequestOutput, None]:
         """Check the request now (RequestError: it can never run), then stream its samples' outputs (with their
         text, if `detokenizers` are given: one per sample, made with `params.stop`).
 
@@ -142,7 +142,9 @@ class Streams:
     def _post(self, message: tuple) -> None:
         self._messages.put(message)
 
-    async def _stream(self, request_id: str, prompt_ids: list[int], params: SamplingParams, detokenizers):
+    async def _stream(
+        self, request_id: str, prompt_ids: list[int], params: SamplingParams, detokenizers: list[Detokenizer] | None
+    ) -> AsyncGenerator[RequestOutput, None]:
         sink = _Sink(asyncio.get_running_loop(), asyncio.Queue(), detokenizers, params.n)
         with self._lock:
             if (why := self._ended or self.restarting) is not None:  # the engine stopped after `generate` checked
@@ -298,7 +300,7 @@ def run_engine(engine: Engine, receive, emit) -> None:
                 engine.abort_request(request_id)
 
 
-def _deliver(ready: list[tuple[_Sink, RequestOutput | BaseException]]) -> None:
+def _deliver(ready: Sequence[tuple[_Sink, RequestOutput | BaseException]]) -> None:
     by_loop = defaultdict(list)
     for sink, item in ready:
         by_loop[sink.loop].append((sink.outputs, item))
