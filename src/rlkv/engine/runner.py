@@ -6,10 +6,13 @@ attention is the engine's (`rlkv.engine.attention`), reading where to store and 
 from `state.batch`, which each forward sets first. With `compile`, the decode step's forward and
 its sampling run compiled (`rlkv.engine.compiled`), compiled and captured before the first request
 (`warm_up`). Sampling is per row (each request's own temperature, top-k, top-p, seed); a batch runs
-in one of three modes, chosen on the host from its requests: all greedy (argmax), sampling without
+in one of four modes, chosen on the host from its requests: all greedy (argmax), sampling without
 a filter, or with the top-k / top-p filter (a sort of the vocabulary), so the common cases pay
-nothing for the general one. A CUDA graph is captured per (shape, mode) and reads its inputs from
-static buffers; zero slots and pages are scratch space for padding rows.
+nothing for the general one; or "logits", where some request asks for penalties, a minimum length
+or top log-probs: the forward (compiled and captured like the others) returns the logits of its
+rows, padding sliced off, and `rlkv.engine.logits` samples from them. A CUDA graph is captured per
+(shape, mode) and reads its inputs from static buffers; zero slots and pages are scratch space for
+padding rows.
 """
 
 from __future__ import annotations
