@@ -30,7 +30,7 @@ import asyncio
 import gc
 import random
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass
@@ -147,7 +147,10 @@ class _Handlers:
         """Parse, template, tokenize and check a request (in the pool: this is the work a request brings)."""
         req = _parse(p.ChatCompletionRequest if chat else p.CompletionRequest, body)
         self._check_model(req.model)
-        prompts = [self._chat_prompt(req)] if chat else [self._plain_prompt(x) for x in req.prompts]
+        if isinstance(req, p.ChatCompletionRequest):
+            prompts = [self._chat_prompt(req)]
+        else:
+            prompts = [self._plain_prompt(x) for x in req.prompts]
         params = self._params(req, max(map(len, prompts)))
         for i, prompt_ids in enumerate(prompts):
             try:
@@ -157,7 +160,7 @@ class _Handlers:
                     err = RequestError(f"prompt {i}: {err}", err.param)
                 raise _api_error(err, chat) from None
         echo = None
-        if not chat and req.echo:
+        if isinstance(req, p.CompletionRequest) and req.echo:
             skip = req.skip_special_tokens
             echo = [
                 x if isinstance(x, str) else self.tokenizer.decode(x, skip_special_tokens=skip) for x in req.prompts
@@ -204,7 +207,7 @@ class _Handlers:
                 top_p=req.top_p,
                 top_k=req.top_k,
                 seed=req.seed if req.seed is not None else random.getrandbits(31),
-                stop=tuple(req.stop),
+                stop=tuple(req.stops),
                 stop_token_ids=tuple(req.stop_token_ids),
                 ignore_eos=req.ignore_eos,
                 min_tokens=req.min_tokens,
@@ -233,7 +236,7 @@ class _Handlers:
             ready.prompts,
             req.n,
             self.texts,
-            logprobs=((req.top_logprobs or 0) if req.logprobs else None) if chat else req.logprobs,
+            logprobs=_logprobs(req),
             echo=ready.echo,
             reasoning=self.reasoning if chat else None,
             include_usage=req.include_usage,
@@ -249,7 +252,9 @@ class _Handlers:
         self.metrics.count(raw, 200)
         return JSONResponse(body.model_dump(mode="json"))
 
-    async def _observed(self, outputs: AsyncIterator, arrival: float) -> AsyncIterator[tuple[int, RequestOutput]]:
+    async def _observed(
+        self, outputs: AsyncGenerator[tuple[int, RequestOutput], None], arrival: float
+    ) -> AsyncGenerator[tuple[int, RequestOutput], None]:
         """The outputs, timed: the first token's arrival and the last output's."""
         first = True
         async with aclosing(outputs):
@@ -261,7 +266,9 @@ class _Handlers:
         self.metrics.latency.observe(time.perf_counter() - arrival)
 
 
-async def _merged(streams: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[tuple[int, RequestOutput]]:
+async def _merged(
+    streams: list[AsyncGenerator[RequestOutput, None]],
+) -> AsyncGenerator[tuple[int, RequestOutput], None]:
     """The outputs of the streams of a batch's prompts as (prompt index, output), as they come; leaving early (or
     an error in one) closes them all, which aborts their requests."""
     if len(streams) == 1:
@@ -298,6 +305,13 @@ async def _merged(streams: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[
             await stream.aclose()
 
 
+def _logprobs(req: p.ChatCompletionRequest | p.CompletionRequest) -> int | None:
+    """How many top log-probs an answer gives per token (0: the token's own alone), None for no log-probs."""
+    if isinstance(req, p.ChatCompletionRequest):
+        return (req.top_logprobs or 0) if req.logprobs else None
+    return req.logprobs
+
+
 def _api_error(err: Exception, chat: bool) -> ApiError:
     """The HTTP answer to a request the engine refused, failed on, or could not take."""
     if isinstance(err, EngineStopped):
@@ -330,7 +344,7 @@ async def _unless_disconnected(raw: Request, work, chat: bool):
         raise _api_error(err, chat) from None
 
 
-async def _sse(events: AsyncIterator[BaseModel]) -> AsyncIterator[str]:
+async def _sse(events: AsyncGenerator[BaseModel, None]) -> AsyncGenerator[str, None]:
     """Server-sent events: `data: <json>` per chunk, an error event if the request fails midway, `data: [DONE]`."""
     async with aclosing(events):
         try:

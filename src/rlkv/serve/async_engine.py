@@ -147,7 +147,9 @@ class Streams:
     def _post(self, message: tuple) -> None:
         self._messages.put(message)
 
-    async def _stream(self, request_id: str, prompt_ids: list[int], params: SamplingParams, detokenizers):
+    async def _stream(
+        self, request_id: str, prompt_ids: list[int], params: SamplingParams, detokenizers: list[Detokenizer] | None
+    ) -> AsyncGenerator[RequestOutput, None]:
         sink = _Sink(asyncio.get_running_loop(), asyncio.Queue(), detokenizers, params.n)
         with self._lock:
             if (why := self._ended or self.restarting) is not None:  # the engine stopped after `generate` checked
@@ -303,7 +305,7 @@ def run_engine(engine: Engine, receive, emit) -> None:
                 engine.abort_request(request_id)
 
 
-def _deliver(ready: list[tuple[_Sink, RequestOutput | BaseException]]) -> None:
+def _deliver(ready: Sequence[tuple[_Sink, RequestOutput | BaseException]]) -> None:
     by_loop = defaultdict(list)
     for sink, item in ready:
         by_loop[sink.loop].append((sink.outputs, item))
