@@ -72,17 +72,23 @@ def test_heads_convert_and_plot(heads_file, tmp_path):
             "--kv-budget expects a share of free GPU memory",
         ),
         (
-            ["serve", "--model", "/nowhere/m.gguf", "--kv-dtype", "int4"],
+            ["serve", "--model", "{model}", "--kv-dtype", "int4"],
             "kv_dtype must be one of bf16, fp8, fp8-kept, got 'int4'",
         ),
         (
-            ["eval", "--model", "/nowhere/m.gguf", "--task", "arith", "--out", "/tmp/x", "--kv-dtype", "fp16"],
+            ["eval", "--model", "{model}", "--task", "arith", "--out", "/tmp/x", "--kv-dtype", "fp16"],
             "--kv-dtype must be one of bf16, fp8, fp8-kept, got 'fp16'",
         ),
         (
-            ["eval", "--model", "/nowhere/m.gguf", "--task", "arith", "--out", "/tmp/x"]
+            ["eval", "--model", "{model}", "--task", "arith", "--out", "/tmp/x"]
             + ["--method", "rlkv,h2o", "--budget", "8", "--kv-dtype", "fp8-kept"],
             "--kv-dtype fp8-kept keeps a head split's kept heads in FP8; h2o keeps no head whole",
+        ),
+        (["serve", "--model", "{model}", "--data-parallel", "0"], "--data-parallel must be at least 1"),
+        (["serve", "--model", "{model}", "--data-parallel", "-2"], "--data-parallel must be at least 1"),
+        (
+            ["serve", "--model", "{model}", "--data-parallel", "2", "--engine-thread"],
+            "--data-parallel runs engine processes: it cannot be combined with --engine-thread",
         ),
     ],
 )

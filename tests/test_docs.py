@@ -44,3 +44,15 @@ def test_the_checker_sees_links_and_quoted_paths(tmp_path):
     doc.write_text("[a](here.md) [b](gone.md#part) [c](https://x.org) `results/nothing.json` `engine_none.json`.")
     written = [w for w, path in references(doc) if not path.exists()]
     assert written == ["gone.md#part", "results/nothing.json", "engine_none.json"]
+
+
+def test_every_result_has_its_line_in_the_index():
+    """results/README.md names every JSON and run directory under results/ (archive/ has its own rows)."""
+    index = (REPO / "results" / "README.md").read_text()
+    entries = [p for p in (REPO / "results").iterdir() if p.name not in ("README.md", "archive")]
+    entries += list((REPO / "results" / "archive").iterdir())
+    linked = set(re.findall(r"\]\(([^)#\s]+?)/?\)", index))
+    unlisted = [
+        str(p.relative_to(REPO / "results")) for p in entries if str(p.relative_to(REPO / "results")) not in linked
+    ]
+    assert not unlisted, f"results/README.md has no line for {unlisted}"

@@ -172,3 +172,47 @@ def test_penalties_and_min_tokens_equal_transformers_generate(asked, hf):
         assert done[f"r{i}"][0].tokens == want, (i, asked)
     if "min_tokens" in asked:
         assert all(len(done[f"r{i}"][0].tokens) >= 12 for i in range(len(ps)))
+
+
+def test_compiled_engine_with_logprobs_and_penalties_equals_the_eager_engine(monkeypatch):
+    """compile=True: batches asking for top log-probs, penalties or min_tokens run the compiled step in "logits"
+    mode (its forward compiled, `rlkv.engine.logits` on the rows left once the padding row is sliced off, the
+    newest token still on the device counted); tokens and log-probs equal the eager engine's, down to the last
+    request decoding alone (one row padded to the compiled step's two)."""
+    monkeypatch.setattr(rlkv.engine.compiled, "BACKEND", "aot_eager")  # the same graphs, no code generation
+    torch._dynamo.reset()
+    model = tiny_model("llama")
+    keep = rlkv.HeadScores.random(rlkv.Layout.of(model), seed=1).keep_mask(0.5)
+    ps, _, _ = prompts()
+    asked = [
+        SamplingParams(max_tokens=NEW, top_logprobs=3, prompt_logprobs=2),
+        SamplingParams(max_tokens=NEW, temperature=1.1, top_p=0.9, seed=3, repetition_penalty=1.6),
+        SamplingParams(
+            max_tokens=NEW + 2,
+            n=2,
+            temperature=0.8,
+            top_k=20,
+            seed=5,
+            frequency_penalty=1.5,
+            presence_penalty=0.5,
+            top_logprobs=1,
+        ),
+        SamplingParams(max_tokens=NEW + 6, min_tokens=NEW + 6, stop_token_ids=(7, 9)),
+    ]
+    requests = [(f"r{i}", p, params) for i, (p, params) in enumerate(zip(ps, asked))]
+    runs = []
+    for compile in (True, False):
+        eng = engine(model, HeadSplit(keep, SINK, RECENT), max_batch=4, compile=compile)
+        runs.append(run(eng, requests))
+        assert eng.runner.min_rows == (2 if compile else 1)
+    torch._dynamo.reset()
+    compiled, eager = runs
+    assert compiled.keys() == eager.keys() and len(compiled["r2"]) == 2
+    for got, want in ((g, w) for rid in eager for g, w in zip(compiled[rid], eager[rid])):
+        assert got.tokens == want.tokens
+        torch.testing.assert_close(torch.tensor(got.logprobs), torch.tensor(want.logprobs))
+        assert (got.top_logprobs is None) == (want.top_logprobs is None)
+        if want.top_logprobs is not None:
+            assert [[i for i, _ in t] for t in got.top_logprobs] == [[i for i, _ in t] for t in want.top_logprobs]
+        assert got.prompt_logprobs == want.prompt_logprobs  # the prefill is not compiled
+    assert len(compiled["r3"][0].tokens) == NEW + 6

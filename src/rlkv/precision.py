@@ -67,6 +67,7 @@ class KVPrecision:
 
     def scale(self, which: int, layer: int) -> torch.Tensor:
         """[kv_heads] scales of K (`which` 0) or V (1) of `layer`."""
+        assert self.scales is not None, "only a quantized precision has scales"
         return self.scales[which, layer]
 
     def store(self, x: torch.Tensor, which: int, layer: int, heads, dim: int) -> torch.Tensor:

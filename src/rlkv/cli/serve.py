@@ -40,7 +40,8 @@ def serve(
     prefill: str = typer.Option("full", help=PREFILL_HELP),
     kv_dtype: str = typer.Option("bf16", help=KV_DTYPE_HELP),
     kv_budget: Optional[str] = typer.Option(
-        None, help="the KV pool: a size (20GiB) or a share of free GPU memory (0.8)"
+        None,
+        help="the KV pool (of each replica with --data-parallel): a size (20GiB) or a share of free GPU memory (0.8)",
     ),
     max_batch: int = typer.Option(256, min=1, help="most requests running at once"),
     max_model_len: Optional[int] = typer.Option(
@@ -62,7 +63,13 @@ def serve(
         3,
         min=0,
         help="restart a failed engine process; after this many failures in a row, each within a minute of "
-        "its start, exit with status 1 (0: exit at the first failure)",
+        "its start, exit with status 1 (0: exit at the first failure; with --data-parallel, that replica stops "
+        "and the server exits once none is left)",
+    ),
+    data_parallel: int = typer.Option(
+        1,
+        help="engine processes behind this one server, one per visible GPU (on a CPU: N processes), each with its "
+        "own --kv-budget; a request goes to the one with the least work outstanding",
     ),
     max_body_bytes: Optional[int] = typer.Option(
         None, min=1, help="largest request body read, else 413 (default: 64 bytes per token of context, >= 1 MiB)"
@@ -80,6 +87,7 @@ def serve(
     """Serve the model over an OpenAI-compatible HTTP API (chat and plain completions, streaming, /metrics)."""
     try:
         check_model(model)  # before the (slow) imports, the engine process and the model load
+        _check_data_parallel(data_parallel, engine_process)
         if heads is not None:
             check_heads(heads)
         from rlkv.methods import check_kv_dtype_for
@@ -106,7 +114,7 @@ def serve(
             max_batch=max_batch,
             max_seq_len=max_model_len,
         )
-        engine, tokenizer = _start(spec, engine_process, engine_restarts)
+        engine, tokenizer = _start(spec, engine_process, engine_restarts, data_parallel)
         app_ = create_app(
             engine,
             tokenizer,
@@ -119,8 +127,9 @@ def serve(
         )
     except USER_ERRORS as err:
         fail(err)
+    replicas = f", {data_parallel} replicas" if data_parallel > 1 else ""
     console.print(
-        f"serving {served_model_name or model} ({name}, sparsity {sparsity:g}, KV {kv_dtype}) "
+        f"serving {served_model_name or model} ({name}, sparsity {sparsity:g}, KV {kv_dtype}{replicas}) "
         f"on http://{host}:{port}/v1",
         highlight=False,
         soft_wrap=True,
@@ -135,10 +144,20 @@ def serve(
         raise typer.Exit(1)
 
 
-def _start(spec, own_process: bool, restarts: int):
-    """(the engine, its tokenizer): an EngineProcess (the model loaded in it), or an Engine built here."""
-    from rlkv.serve import EngineProcess
+def _check_data_parallel(replicas: int, own_process: bool) -> None:
+    if replicas < 1:
+        raise ValueError(f"--data-parallel must be at least 1 (engine processes, one per GPU), got {replicas}")
+    if replicas > 1 and not own_process:
+        raise ValueError("--data-parallel runs engine processes: it cannot be combined with --engine-thread")
 
+
+def _start(spec, own_process: bool, restarts: int, replicas: int):
+    """(the engine, its tokenizer): `Replicas` of engine processes, an EngineProcess (the model loaded in it), or
+    an Engine built here."""
+    from rlkv.serve import EngineProcess, start_replicas
+
+    if replicas > 1:
+        return start_replicas(spec, replicas, restarts=restarts)
     if own_process:
         engine = EngineProcess(spec, restarts=restarts)
         return engine, engine.tokenizer

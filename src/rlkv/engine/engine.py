@@ -40,6 +40,7 @@ from tqdm.auto import tqdm
 
 from rlkv.engine.attention import attention
 from rlkv.engine.kv import parse_bytes, upload
+from rlkv.engine.logits import Top
 from rlkv.engine.request import (
     Completion,
     Request,
@@ -97,7 +98,7 @@ class _Step:
     tokens: torch.Tensor  # device [n]: each row's next input
     host_tokens: torch.Tensor  # the same and the log-probs, copied to the host asynchronously
     host_logprobs: torch.Tensor
-    host_top: tuple[torch.Tensor, torch.Tensor] | None  # the top log-probs' ids and values [n, k], if asked for
+    host_top: Top  # the top log-probs' ids and values [n, k], if asked for
     ready: torch.cuda.Event | None  # recorded after the copies (None on a CPU: nothing is asynchronous)
 
 
@@ -288,7 +289,9 @@ class Engine:
             recomputed_tokens=self.scheduler.recomputed_tokens,
             kv_pool_bytes=s.nbytes(),
             kv_bytes_used=int(
-                sum(s.sequence_nbytes(r.length if r.prefilled else r.stored) for r in list(self.scheduler.admitted))
+                sum(
+                    int(s.sequence_nbytes(r.length if r.prefilled else r.stored)) for r in list(self.scheduler.admitted)
+                )
             ),
         )
 
@@ -384,21 +387,24 @@ class Engine:
             fork.scored, fork.prompt_parts = req.scored, req.prompt_parts
         req.forks = []
 
-    def _launched(self, requests: list[Request], tokens: torch.Tensor, logprobs: torch.Tensor, top=None) -> _Step:
+    def _launched(
+        self, requests: list[Request], tokens: torch.Tensor, logprobs: torch.Tensor, top: Top = None
+    ) -> _Step:
         """The step that sampled `tokens` for `requests`, with their copy to the host started."""
         for req in requests:
             req.sampled += 1
         if self.device.type != "cuda":
             return _Step(requests, tokens, tokens, logprobs, top, None)
+        ready = torch.cuda.Event()
         step = _Step(
             requests,
             tokens,
             tokens.to("cpu", non_blocking=True),
             logprobs.to("cpu", non_blocking=True),
-            None if top is None else tuple(t.to("cpu", non_blocking=True) for t in top),
-            torch.cuda.Event(),
+            None if top is None else (top[0].to("cpu", non_blocking=True), top[1].to("cpu", non_blocking=True)),
+            ready,
         )
-        step.ready.record()
+        ready.record()
         return step
 
     def _collect(self, step: _Step) -> None:
@@ -413,6 +419,7 @@ class Engine:
             req.tokens.append(token)
             req.logprobs.append(lp)
             if req.params.top_logprobs:
+                assert top is not None, "a step with a request asking for top log-probs computed them"
                 req.top_logprobs.append(list(zip(*(row[: req.params.top_logprobs] for row in top))))
             self.stats.generated_tokens += 1
             self._totals["generated"] += 1
@@ -435,7 +442,7 @@ class Engine:
                 completion,
                 len(req.prompt),
                 index=req.index,
-                logprobs=TokenLogprobs(req.logprobs[start:], top),
+                logprobs=TokenLogprobs([*req.logprobs[start:]], top),
                 prompt_logprobs=self._prompt_logprobs(req) if not start else None,
                 request_finished=req.id not in self._requests,
             )

@@ -25,6 +25,9 @@ from rlkv.engine.kv import upload
 from rlkv.engine.request import Request
 from rlkv.engine.sampling import sample
 
+Top = tuple[torch.Tensor, torch.Tensor] | None  # the top log-probs' (ids, log-probs) [B, k], or None if none asked
+Picked = tuple[torch.Tensor, torch.Tensor, Top]  # next tokens [B], their log-probs [B], the top log-probs
+
 
 def needs_logits(req: Request) -> bool:
     """Whether its next token needs this module: a penalty, a minimum length not reached, or top log-probs."""
@@ -41,7 +44,7 @@ def pick(
     top_k: torch.Tensor,
     temperature: torch.Tensor,
     top_p: torch.Tensor,
-):
+) -> Picked:
     """Next tokens [B] of `requests` from their logits [B, V], their log-probs, and the top log-probs
     (ids, log-probs) [B, k] for the largest k any of them asks for (None if none does)."""
     raw = logits.float()
@@ -51,7 +54,7 @@ def pick(
     return tokens, *score(raw, tokens, max(r.params.top_logprobs for r in requests))
 
 
-def score(logits: torch.Tensor, tokens: torch.Tensor, k: int | None):
+def score(logits: torch.Tensor, tokens: torch.Tensor, k: int | None) -> tuple[torch.Tensor, Top]:
     """The log-probs [B] of `tokens` under `logits` [B, V] (raw: the token's logit less the log-sum-exp), and
     the top `k` (ids, log-probs) [B, k], or None if k is 0 or None."""
     raw = logits.float()
@@ -95,6 +98,7 @@ def _penalized(logits: torch.Tensor, requests: list[Request], feed: torch.Tensor
         counts.index_put_((at[0], at[1]), upload([c for *_, c in counted], torch.float32, device), accumulate=True)
     pending = [row for row, i in enumerate(rows) if requests[i].sampled > len(requests[i].tokens)]
     if pending:  # the newest token is the decode step's input, not on the host yet
+        assert feed is not None, "only a decode step has tokens in flight, and it passes its input"
         at = upload(pending, torch.long, device)
         newest = feed[upload([rows[row] for row in pending], torch.long, device)]
         is_seen[at, newest] = True

@@ -6,10 +6,13 @@ attention is the engine's (`rlkv.engine.attention`), reading where to store and 
 from `state.batch`, which each forward sets first. With `compile`, the decode step's forward and
 its sampling run compiled (`rlkv.engine.compiled`), compiled and captured before the first request
 (`warm_up`). Sampling is per row (each request's own temperature, top-k, top-p, seed); a batch runs
-in one of three modes, chosen on the host from its requests: all greedy (argmax), sampling without
+in one of four modes, chosen on the host from its requests: all greedy (argmax), sampling without
 a filter, or with the top-k / top-p filter (a sort of the vocabulary), so the common cases pay
-nothing for the general one. A CUDA graph is captured per (shape, mode) and reads its inputs from
-static buffers; zero slots and pages are scratch space for padding rows.
+nothing for the general one; or "logits", where some request asks for penalties, a minimum length
+or top log-probs: the forward (compiled and captured like the others) returns the logits of its
+rows, padding sliced off, and `rlkv.engine.logits` samples from them. A CUDA graph is captured per
+(shape, mode) and reads its inputs from static buffers; zero slots and pages are scratch space for
+padding rows.
 """
 
 from __future__ import annotations
@@ -62,10 +65,16 @@ def pick(logits, seeds, steps, top_k, temperature, top_p, mode: str) -> tuple[to
     return tokens, logits.gather(1, tokens[:, None])[:, 0] - torch.logsumexp(logits, dim=-1)
 
 
-def finish_pick(outputs: tuple, requests: list[Request], feed, longs, floats):
+def finish_pick(
+    outputs: tuple[torch.Tensor, ...],
+    requests: list[Request],
+    feed: torch.Tensor | None,
+    longs: torch.Tensor,
+    floats: torch.Tensor,
+) -> processed.Picked:
     """(tokens, log-probs, top log-probs or None) from what `pick` returned: in "logits" mode, sampled here."""
     if len(outputs) == 2:
-        return (*outputs, None)
+        return outputs[0], outputs[1], None
     return processed.pick(outputs[0], requests, feed, *longs, *floats)
 
 
@@ -91,7 +100,7 @@ class Runner:
         self._decode_forward = compiled(self.forward) if compile else self.forward
         self._pick = compiled(pick) if compile else pick
         self.min_rows = 2 if compile else 1  # a compiled step's batch is symbolic from 2 rows on: 1 row is padded
-        self._graphs: dict[tuple, tuple] = {}
+        self._graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, ...]]] = {}
         # decode batch sizes that get a CUDA graph; a step pads up to the smallest that fits
         sizes = [s for s in [1, 2, 4, 8, 16, *range(32, max_batch, 32)] if s < max_batch] + [max_batch]
         self.buckets = sorted({max(s, self.min_rows) for s in sizes})
@@ -123,7 +132,7 @@ class Runner:
         return self.model.lm_head(hidden)
 
     # ------------------------------------------------------------------ decode
-    def decode(self, requests: list[Request], feed: torch.Tensor):
+    def decode(self, requests: list[Request], feed: torch.Tensor) -> processed.Picked:
         """One decode step: feed every request its latest token (`feed`, on the device) -> (tokens, log-probs,
         top log-probs or None)."""
         n, mode = len(requests), sampling_mode(requests)
@@ -149,7 +158,9 @@ class Runner:
         self.decode_steps += 1
         return finish_pick(tuple(outputs), requests, feed, longs, floats)
 
-    def _decode_step(self, inputs: torch.Tensor, floats: torch.Tensor, mode: str, max_len: int | None = None):
+    def _decode_step(
+        self, inputs: torch.Tensor, floats: torch.Tensor, mode: str, max_len: int | None = None
+    ) -> tuple[torch.Tensor, ...]:
         ids, pos, slots, seeds, steps, top_k = inputs
         self.state.batch = self.state.decode_batch(slots, pos, max_len)
         with attending(self.state):
@@ -169,7 +180,9 @@ class Runner:
                 self._graph(("decode", bucket), mode)
 
     # ------------------------------------------------------------------ prefill
-    def prefill(self, prefilling: list[Request]):
+    def prefill(
+        self, prefilling: list[Request]
+    ) -> tuple[list[Request], torch.Tensor, torch.Tensor, processed.Top] | None:
         """One prefill forward; returns (the samplers of the contexts it completes: each request and its forks,
         their first tokens, log-probs, top log-probs or None), or None if it completes none.
 
@@ -245,7 +258,7 @@ class Runner:
             samplers += len(req.samplers)
         return new
 
-    def prefill_prompts(self, requests: list[Request]):
+    def prefill_prompts(self, requests: list[Request]) -> processed.Picked:
         """Prefill whole contexts packed into one row padded to a power of two (a CUDA graph's shape); the
         samplers of each context (itself and its forks) sample from its last token's logits."""
         lengths = [len(r.context) for r in requests]
@@ -279,7 +292,9 @@ class Runner:
         outputs = tuple(o[:n] for o in outputs)
         return finish_pick(outputs, samplers, None, rows_in[1:, :n], floats_in[:, :n])
 
-    def _prompts_step(self, tokens_in: torch.Tensor, rows_in: torch.Tensor, floats_in: torch.Tensor, mode: str):
+    def _prompts_step(
+        self, tokens_in: torch.Tensor, rows_in: torch.Tensor, floats_in: torch.Tensor, mode: str
+    ) -> tuple[torch.Tensor, ...]:
         ids, pos, slots, lens, seq, prompt = tokens_in
         self.state.batch = self.state.prompts_batch(slots, pos, seq, lens, prompt)
         with attending(self.state):
@@ -287,7 +302,7 @@ class Runner:
         return pick(logits, rows_in[1], rows_in[2], rows_in[3], floats_in[0], floats_in[1], mode)
 
     # ------------------------------------------------------------------ CUDA graphs
-    def _graph(self, shape: tuple, mode: str):
+    def _graph(self, shape: tuple, mode: str) -> tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, ...]]:
         """The CUDA graph of a forward with sampling and log-probs in `mode`, captured on first use: a decode
         step of ("decode", rows) or a prefill of ("prompts", tokens, rows). It reads its inputs from the static
         buffers, zeroed for the capture: zero slots and pages are scratch space."""
@@ -302,7 +317,7 @@ class Runner:
                 self._static.zero_()
                 static, static_f = self._static[:, : shape[1]], self._static_f[:, : shape[1]]
 
-                def step():
+                def step() -> tuple[torch.Tensor, ...]:
                     return self._decode_step(static, static_f, mode)
             else:
                 self._static_prompts.zero_()
@@ -310,7 +325,7 @@ class Runner:
                 tokens_in, rows_in = self._static_prompts[:, : shape[1]], self._static_rows[:, : shape[2]]
                 floats_in = self._static_rows_f[:, : shape[2]]
 
-                def step():
+                def step() -> tuple[torch.Tensor, ...]:
                     return self._prompts_step(tokens_in, rows_in, floats_in, mode)
 
             side = torch.cuda.Stream(self.device)

@@ -78,18 +78,23 @@ class Store(Protocol):
 
     def release(self, slot: int, pages: list[int]) -> None:
         """Give back the slot, and `pages` (each goes back to the pool once nobody holds it)."""
+        ...
 
     def shared_pages(self, tokens: int) -> int:
         """Pages a sequence forked after `tokens` tokens shares with its origin."""
+        ...
 
     def share(self, slot: int, pages: list[int], tokens: int) -> list[int]:
         """The pages a new sequence in `slot`, forked after `tokens` tokens from one holding `pages`, shares."""
+        ...
 
     def fork(self, src_slot: int, src_pages: list[int], dst_slot: int, dst_pages: list[int], tokens: int) -> None:
         """Copy into the forked sequence what it does not share of the origin's first `tokens` tokens."""
+        ...
 
     def name_pages(self, pages: list[int], tokens: list[int]) -> None:
         """Record the content hashes of the full pages holding `tokens` (for a prefix cache)."""
+        ...
 
     def nbytes(self) -> int:
         """Bytes allocated for K/V (and the policy state a store keeps)."""

@@ -148,10 +148,10 @@ class TokenDropStore(Slots):
             if self.score is not None
             else None
         )
-        stored = (
-            self.precision.load(self.keys[layer][slots], KEYS, layer, slice(None), 1, k.dtype) if needs_keys else None
-        )
-        keys = torch.cat([stored, k[:, :, None]], dim=2) if needs_keys else None
+        keys = None
+        if needs_keys:
+            stored = self.precision.load(self.keys[layer][slots], KEYS, layer, slice(None), 1, k.dtype)
+            keys = torch.cat([stored, k[:, :, None]], dim=2)
         return Candidates(keys, None, pos, score, attn, False, scaling)
 
     def state(self, layer: int, slots: torch.Tensor) -> dict[str, torch.Tensor]:

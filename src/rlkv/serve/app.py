@@ -15,7 +15,8 @@ aborts its requests. Errors are OpenAI's JSON body
 `{"error": {"message", "type", "param", "code"}}`: 400 for a bad body or a request that can never
 run, 401 without the API key (`rlkv.serve.auth`), 404 for an unknown model, 413 for a body over
 `max_body_bytes`, 500 for a request the engine failed on, 503 while the engine restarts or the server
-shuts down.
+shuts down. /health answers 200 `{"status": "ok"}` while requests can run (behind `Replicas`: "degraded"
+while some replicas are down, with each one's state), else 503 with why.
 
 The event loop never waits on work: a body is read up to its size limit, then parsed, templated,
 tokenized and checked in a small thread pool; each request's text is decoded in the engine
@@ -29,7 +30,7 @@ import asyncio
 import gc
 import random
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass
@@ -49,6 +50,7 @@ from rlkv.serve.errors import ApiError, describe_validation
 from rlkv.serve.logprobs import LogprobTexts
 from rlkv.serve.metrics import CONTENT_TYPE, ServerMetrics
 from rlkv.serve.reasoning import ReasoningParser
+from rlkv.serve.replicas import Replicas
 from rlkv.serve.responses import Answer
 
 MIN_BODY_BYTES = 1 << 20
@@ -78,7 +80,7 @@ class _Handlers:
 
     def __init__(
         self,
-        runner: Streams,
+        runner: Streams | Replicas,
         tokenizer,
         model_name: str,
         default_max_tokens: int,
@@ -109,7 +111,7 @@ class _Handlers:
         if (why := self.runner.status()) is not None:
             code = "engine_restarting" if self.runner.restarting is not None else "engine_unavailable"
             raise ApiError(503, str(why), type="service_unavailable_error", code=code)
-        return JSONResponse({"status": "ok"})
+        return JSONResponse(self.runner.health())
 
     async def metrics_text(self, raw: Request) -> Response:
         return Response(self.metrics.render(), media_type=CONTENT_TYPE)
@@ -145,7 +147,10 @@ class _Handlers:
         """Parse, template, tokenize and check a request (in the pool: this is the work a request brings)."""
         req = _parse(p.ChatCompletionRequest if chat else p.CompletionRequest, body)
         self._check_model(req.model)
-        prompts = [self._chat_prompt(req)] if chat else [self._plain_prompt(x) for x in req.prompts]
+        if isinstance(req, p.ChatCompletionRequest):
+            prompts = [self._chat_prompt(req)]
+        else:
+            prompts = [self._plain_prompt(x) for x in req.prompts]
         params = self._params(req, max(map(len, prompts)))
         for i, prompt_ids in enumerate(prompts):
             try:
@@ -155,7 +160,7 @@ class _Handlers:
                     err = RequestError(f"prompt {i}: {err}", err.param)
                 raise _api_error(err, chat) from None
         echo = None
-        if not chat and req.echo:
+        if isinstance(req, p.CompletionRequest) and req.echo:
             skip = req.skip_special_tokens
             echo = [
                 x if isinstance(x, str) else self.tokenizer.decode(x, skip_special_tokens=skip) for x in req.prompts
@@ -202,7 +207,7 @@ class _Handlers:
                 top_p=req.top_p,
                 top_k=req.top_k,
                 seed=req.seed if req.seed is not None else random.getrandbits(31),
-                stop=tuple(req.stop),
+                stop=tuple(req.stops),
                 stop_token_ids=tuple(req.stop_token_ids),
                 ignore_eos=req.ignore_eos,
                 min_tokens=req.min_tokens,
@@ -231,7 +236,7 @@ class _Handlers:
             ready.prompts,
             req.n,
             self.texts,
-            logprobs=((req.top_logprobs or 0) if req.logprobs else None) if chat else req.logprobs,
+            logprobs=_logprobs(req),
             echo=ready.echo,
             reasoning=self.reasoning if chat else None,
             include_usage=req.include_usage,
@@ -247,7 +252,9 @@ class _Handlers:
         self.metrics.count(raw, 200)
         return JSONResponse(body.model_dump(mode="json"))
 
-    async def _observed(self, outputs: AsyncIterator, arrival: float) -> AsyncIterator[tuple[int, RequestOutput]]:
+    async def _observed(
+        self, outputs: AsyncGenerator[tuple[int, RequestOutput], None], arrival: float
+    ) -> AsyncGenerator[tuple[int, RequestOutput], None]:
         """The outputs, timed: the first token's arrival and the last output's."""
         first = True
         async with aclosing(outputs):
@@ -259,7 +266,9 @@ class _Handlers:
         self.metrics.latency.observe(time.perf_counter() - arrival)
 
 
-async def _merged(streams: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[tuple[int, RequestOutput]]:
+async def _merged(
+    streams: list[AsyncGenerator[RequestOutput, None]],
+) -> AsyncGenerator[tuple[int, RequestOutput], None]:
     """The outputs of the streams of a batch's prompts as (prompt index, output), as they come; leaving early (or
     an error in one) closes them all, which aborts their requests."""
     if len(streams) == 1:
@@ -296,6 +305,13 @@ async def _merged(streams: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[
             await stream.aclose()
 
 
+def _logprobs(req: p.ChatCompletionRequest | p.CompletionRequest) -> int | None:
+    """How many top log-probs an answer gives per token (0: the token's own alone), None for no log-probs."""
+    if isinstance(req, p.ChatCompletionRequest):
+        return (req.top_logprobs or 0) if req.logprobs else None
+    return req.logprobs
+
+
 def _api_error(err: Exception, chat: bool) -> ApiError:
     """The HTTP answer to a request the engine refused, failed on, or could not take."""
     if isinstance(err, EngineStopped):
@@ -328,7 +344,7 @@ async def _unless_disconnected(raw: Request, work, chat: bool):
         raise _api_error(err, chat) from None
 
 
-async def _sse(events: AsyncIterator[BaseModel]) -> AsyncIterator[str]:
+async def _sse(events: AsyncGenerator[BaseModel, None]) -> AsyncGenerator[str, None]:
     """Server-sent events: `data: <json>` per chunk, an error event if the request fails midway, `data: [DONE]`."""
     async with aclosing(events):
         try:
@@ -368,7 +384,7 @@ def _body_of(model: type[BaseModel]) -> dict:
 
 
 def create_app(
-    engine: Engine | Streams,
+    engine: Engine | Streams | Replicas,
     tokenizer,
     model_name: str,
     default_max_tokens: int = 1024,
@@ -377,8 +393,8 @@ def create_app(
     protect_metrics: bool = False,
     reasoning_parser: str | None = None,
 ) -> FastAPI:
-    """The app serving `engine` as `model_name`: an Engine (run in a thread of this process) or an
-    `EngineProcess`; it runs while the app's lifespan does.
+    """The app serving `engine` as `model_name`: an Engine (run in a thread of this process), an
+    `EngineProcess` or `Replicas` of them; it runs while the app's lifespan does.
 
     `default_max_tokens`: a request's token limit when it names none (cut to the context left).
     `max_body_bytes`: the largest request body read (default: `default_max_body_bytes`). `api_key`: the

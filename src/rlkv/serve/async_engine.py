@@ -17,6 +17,7 @@ Two transports implement it: `AsyncEngine` runs a given Engine in a thread of th
 an Engine built in Python); `rlkv.serve.engine_process.EngineProcess` runs it in a child process
 (what `rlkv serve` uses: the HTTP side then never competes with the step loop for the GIL) and
 restarts it when it dies. An engine that failed for good calls `on_fatal` (the server then exits).
+`rlkv.serve.replicas.Replicas` routes requests over several of them (`rlkv serve --data-parallel N`).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import logging
 import queue
 import threading
 from collections import defaultdict
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from contextlib import suppress
 from dataclasses import dataclass, field, replace
 
@@ -116,6 +117,10 @@ class Streams:
             return self.restarting
         return None if self._alive() else EngineStopped("the engine is not running")
 
+    def health(self) -> dict:
+        """/health's body while it serves."""
+        return {"status": "ok"}
+
     def shutdown(self) -> None:
         """Abort everything and stop the engine soon; returns at once (callable from a signal handler)."""
         if not self._stopping:
@@ -128,7 +133,7 @@ class Streams:
         prompt_ids: list[int],
         params: SamplingParams,
         detokenizers: list[Detokenizer] | None = None,
-    ) -> AsyncIterator[RequestOutput]:
+    ) -> AsyncGenerator[RequestOutput, None]:
         """Check the request now (RequestError: it can never run), then stream its samples' outputs (with their
         text, if `detokenizers` are given: one per sample, made with `params.stop`).
 
@@ -142,7 +147,9 @@ class Streams:
     def _post(self, message: tuple) -> None:
         self._messages.put(message)
 
-    async def _stream(self, request_id: str, prompt_ids: list[int], params: SamplingParams, detokenizers):
+    async def _stream(
+        self, request_id: str, prompt_ids: list[int], params: SamplingParams, detokenizers: list[Detokenizer] | None
+    ) -> AsyncGenerator[RequestOutput, None]:
         sink = _Sink(asyncio.get_running_loop(), asyncio.Queue(), detokenizers, params.n)
         with self._lock:
             if (why := self._ended or self.restarting) is not None:  # the engine stopped after `generate` checked
@@ -298,7 +305,7 @@ def run_engine(engine: Engine, receive, emit) -> None:
                 engine.abort_request(request_id)
 
 
-def _deliver(ready: list[tuple[_Sink, RequestOutput | BaseException]]) -> None:
+def _deliver(ready: Sequence[tuple[_Sink, RequestOutput | BaseException]]) -> None:
     by_loop = defaultdict(list)
     for sink, item in ready:
         by_loop[sink.loop].append((sink.outputs, item))

@@ -17,6 +17,8 @@ thread ends its open streams with `EngineStopped` (HTTP 503: "restarting"), star
 serves again; messages meant for the dead child never reach the new one. After `restarts` failures
 in a row, each soon after its engine started, it gives up: every stream ends and `on_fatal` runs
 (`rlkv serve` then exits with status 1, for a supervisor such as systemd or Kubernetes to act).
+`EngineSpec.gpu` gives the child one GPU of its own (its CUDA_VISIBLE_DEVICES, set while it starts, as vLLM
+starts its data-parallel engines): `rlkv.serve.replicas` runs one engine per GPU that way.
 As with any "spawn" child, a script that starts one must do so under `if __name__ == "__main__":`.
 """
 
@@ -24,10 +26,12 @@ from __future__ import annotations
 
 import logging
 import multiprocessing as mp
+import os
 import signal
 import threading
 import time
-from contextlib import suppress
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, replace
 
 from rlkv.engine.stats import EngineMetrics
@@ -52,6 +56,7 @@ class EngineSpec:
     kv_budget: str | float | None = None
     max_batch: int = 256
     max_seq_len: int | None = None
+    gpu: str | None = None  # the one GPU the engine's process sees (its CUDA_VISIBLE_DEVICES); None: the server's
 
     def build(self):
         """(engine, tokenizer)."""
@@ -86,7 +91,8 @@ class _Child:
         self.process = context.Process(
             target=_child_main, args=(spec, child_in, child_out), name="rlkv-engine", daemon=True
         )
-        self.process.start()
+        with _sees_only(spec.gpu):
+            self.process.start()
         child_in.close()
         child_out.close()
         self.started = time.monotonic()
@@ -254,6 +260,27 @@ class _Totals:
 def _nothing_held(m: EngineMetrics) -> EngineMetrics:
     """A dead engine's metrics: no request, no page used, its counters moved to `_Totals`."""
     return replace(m, running=0, waiting=0, pages_used=0, **{name: 0 for name in vars(_Totals())})
+
+
+_ENVIRONMENT = threading.Lock()  # replicas restarting at once each start their child with its own GPU
+
+
+@contextmanager
+def _sees_only(gpu: str | None) -> Iterator[None]:
+    """While a child starts: CUDA_VISIBLE_DEVICES=`gpu` in the environment it inherits (None: left as it is)."""
+    if gpu is None:
+        yield
+        return
+    with _ENVIRONMENT:
+        before = os.environ.get("CUDA_VISIBLE_DEVICES")
+        os.environ["CUDA_VISIBLE_DEVICES"] = gpu
+        try:
+            yield
+        finally:
+            if before is None:
+                del os.environ["CUDA_VISIBLE_DEVICES"]
+            else:
+                os.environ["CUDA_VISIBLE_DEVICES"] = before
 
 
 def _child_main(spec: EngineSpec, inbox, outbox) -> None:

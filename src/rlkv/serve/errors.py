@@ -6,7 +6,7 @@ from __future__ import annotations
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
-from rlkv.serve.protocol import ErrorInfo, ErrorResponse
+from rlkv.serve.protocol import ErrorInfo, ErrorResponse, FieldError
 
 _UNION_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
 
@@ -46,7 +46,7 @@ def describe_validation(err: ValidationError) -> tuple[str, str | None]:
         return f"the request body is not valid JSON: {first['msg'].removeprefix('Invalid JSON: ')}", None
     path = _field_path(first["loc"])
     cause = first.get("ctx", {}).get("error")
-    if not path and getattr(cause, "param", None):  # found across fields, blamed on one
+    if not path and isinstance(cause, FieldError):  # found across fields, blamed on one
         return str(cause), cause.param
     name = ".".join(str(part) for part in path) or "body"
     if first["type"] == "extra_forbidden":

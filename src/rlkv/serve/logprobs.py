@@ -34,10 +34,13 @@ class LogprobTexts:
     def chat(self, ids: list[int], logprobs: TokenLogprobs) -> list[TokenLogprob]:
         """Chat's entries for the tokens `ids` (generated tokens: none is a prompt's first)."""
         tops = logprobs.top or [[]] * len(ids)
-        return [
-            TokenLogprob(**dict(self._top(token, value)), top_logprobs=[self._top(t, v) for t, v in top])
-            for token, value, top in zip(ids, logprobs.values, tops)
-        ]
+        entries = []
+        for token, value, top in zip(ids, logprobs.values, tops):
+            assert value is not None, "a generated token has a log-prob (only a prompt's first has none)"
+            entries.append(
+                TokenLogprob(**dict(self._top(token, value)), top_logprobs=[self._top(t, v) for t, v in top])
+            )
+        return entries
 
     def completion(self, ids: list[int], logprobs: TokenLogprobs, offset: int) -> CompletionLogprobs:
         """The legacy object for the tokens `ids` whose text starts `offset` characters into the choice's text."""

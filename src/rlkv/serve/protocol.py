@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Annotated, Literal, Optional, Union
+from typing import Annotated, Literal, Optional, Union, cast
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
 
@@ -96,7 +96,12 @@ class _Sampling(_Request):
 
     @property
     def continuous_usage(self) -> bool:
-        return self.include_usage and self.stream_options.continuous_usage_stats
+        return self.include_usage and bool(self.stream_options and self.stream_options.continuous_usage_stats)
+
+    @property
+    def stops(self) -> list[str]:
+        """The stop strings (`stop` as validated: a list)."""
+        return [self.stop] if isinstance(self.stop, str) else self.stop or []
 
     @model_validator(mode="after")
     def _lengths(self):
@@ -115,6 +120,11 @@ class _Sampling(_Request):
     @property
     def limit_field(self) -> str:
         return "max_tokens"
+
+    @property
+    def token_limit(self) -> int | None:
+        """The most tokens to generate, as the request asks (None: the server's default)."""
+        return self.max_tokens
 
 
 class TextPart(_Request):
@@ -187,16 +197,17 @@ class CompletionRequest(_Sampling):
     @property
     def prompts(self) -> list[str | list[int]]:
         """The batch: one prompt (a string or token ids) each."""
-        one = isinstance(self.prompt, str) or isinstance(self.prompt[0], int)
-        return [self.prompt] if one else list(self.prompt)
+        prompt = self.prompt
+        if isinstance(prompt, str):
+            return [prompt]
+        if isinstance(prompt[0], int):
+            # the validated lists are of one kind: ints here (pyright cannot narrow a union of lists by an item)
+            return [cast("list[int]", prompt)]
+        return [*cast("list[str] | list[list[int]]", prompt)]
 
     @property
     def scores_prompt(self) -> bool:
         return self.echo
-
-    @property
-    def token_limit(self) -> int | None:
-        return self.max_tokens
 
 
 # ---------------------------------------------------------------------- responses

@@ -12,6 +12,8 @@ including `</think>` (all of them if it never came), what `usage.completion_toke
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 START, END = "<think>", "</think>"
 PARSERS = ("deepseek-r1", "qwen3")
 
@@ -45,7 +47,7 @@ class ReasoningSplit:
         self.tokens = 0  # generated tokens seen
         self.reasoning_tokens = 0
 
-    def add(self, text: str, token_ids: list[int] = ()) -> tuple[str, str]:
+    def add(self, text: str, token_ids: Sequence[int] = ()) -> tuple[str, str]:
         """(reasoning, content) released by the next text delta and the tokens it came from."""
         if self.reasoning:
             end = token_ids.index(self.end_id) + 1 if self.end_id in token_ids else len(token_ids)

@@ -11,7 +11,7 @@ once each and every choice's tokens (and, with a reasoning parser, its reasoning
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
 
 from rlkv.engine.request import RequestOutput, TokenLogprobs
@@ -19,7 +19,7 @@ from rlkv.serve import protocol as p
 from rlkv.serve.logprobs import LogprobTexts
 from rlkv.serve.reasoning import ReasoningParser, ReasoningSplit
 
-FINISH = {"eos": "stop", "stop": "stop", "repetition": "stop", "length": "length"}
+FINISH: dict[str, p.FinishReason] = {"eos": "stop", "stop": "stop", "repetition": "stop", "length": "length"}
 
 
 @dataclass
@@ -30,7 +30,7 @@ class Piece:
     reasoning: str = ""
     token_ids: list[int] = field(default_factory=list)  # the tokens the log-probs are of
     logprobs: TokenLogprobs = field(default_factory=TokenLogprobs)
-    finish_reason: str | None = None
+    finish_reason: p.FinishReason = None
 
 
 class Choice:
@@ -54,6 +54,7 @@ class Choice:
                 piece.token_ids = self.prompt_ids + piece.token_ids
                 piece.logprobs = out.prompt_logprobs + piece.logprobs
         if out.finished:
+            assert out.finish_reason is not None, "a finished output says why"
             piece.finish_reason = FINISH.get(out.finish_reason, "stop")
         self.pieces.append(piece)
         return piece
@@ -67,7 +68,7 @@ class Choice:
         return "".join(piece.reasoning for piece in self.pieces) if self.split is not None else None
 
     @property
-    def finish_reason(self) -> str | None:
+    def finish_reason(self) -> p.FinishReason:
         return self.pieces[-1].finish_reason if self.pieces else None
 
 
@@ -80,7 +81,8 @@ class Usage:
 
     @property
     def info(self) -> p.UsageInfo:
-        reasoning = sum(c.split.reasoning_tokens for c in self.choices) if self.reasoning else None
+        splits = [c.split for c in self.choices if c.split is not None]  # every choice's, with a parser
+        reasoning = sum(s.reasoning_tokens for s in splits) if self.reasoning else None
         return p.UsageInfo.of(self.prompt_tokens, self.completion_tokens, reasoning)
 
 
@@ -123,7 +125,7 @@ class Answer:
             return None
         return p.ChatLogprobs(content=[e for piece in pieces for e in self.texts.chat(piece.token_ids, piece.logprobs)])
 
-    async def chat_chunks(self, outputs: AsyncIterator) -> AsyncIterator[p.ChatCompletionChunk]:
+    async def chat_chunks(self, outputs: AsyncIterator) -> AsyncGenerator[p.ChatCompletionChunk, None]:
         def chunk(choice: Choice, delta: p.DeltaMessage, finish=None, logprobs=None) -> p.ChatCompletionChunk:
             choices = [p.ChatChunkChoice(index=choice.index, delta=delta, finish_reason=finish, logprobs=logprobs)]
             usage = self.usage.info if self.continuous_usage else None
@@ -170,7 +172,7 @@ class Answer:
                 getattr(merged, name).extend(getattr(part, name))
         return merged
 
-    async def completion_chunks(self, outputs: AsyncIterator) -> AsyncIterator[p.CompletionResponse]:
+    async def completion_chunks(self, outputs: AsyncIterator) -> AsyncGenerator[p.CompletionResponse, None]:
         def chunk(choice: Choice, text: str, finish=None, logprobs=None) -> p.CompletionResponse:
             choices = [p.CompletionChoice(index=choice.index, text=text, finish_reason=finish, logprobs=logprobs)]
             usage = self.usage.info if self.continuous_usage else None
