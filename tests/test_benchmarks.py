@@ -310,8 +310,8 @@ def test_serving_benchmark_measures_each_sparsity_and_rate(saved, tmp_path):
     )
     result = json.loads(out.read_text())
     assert result["complete"] and "command" in result["environment"]
-    assert "--sparsity 0.5" in result["server_command_process_s0.5"]
-    assert "--engine-thread" in result["server_command_thread_s0"]
+    assert "--sparsity 0.5" in result["server_command_process_bf16_s0.5"]
+    assert "--engine-thread" in result["server_command_thread_bf16_s0"]
     rows = result["rows"]
     assert [(r["engine"], r["sparsity"], r["rate"]) for r in rows] == [
         (e, s, r) for e in ("process", "thread") for s in (0.0, 0.5) for r in (8.0, 32.0, "inf")

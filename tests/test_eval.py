@@ -389,7 +389,7 @@ def test_match_budget_says_when_the_target_is_below_the_methods_floor():
     def build(budget):
         if budget < 4:
             raise ValueError("budget below the method's window")
-        return SimpleNamespace(policy=SimpleNamespace(sequence_bytes=lambda layout, t: t.clamp(max=budget + 100) * 10))
+        return SimpleNamespace(sequence_bytes=lambda layout, t: t.clamp(max=budget + 100) * 10)
 
     sample = {"prompt_tokens": 50, "tokens": 200}
     reachable = mean_bytes(lambda t: t.clamp(max=160) * 10, [sample])  # what budget 60 holds

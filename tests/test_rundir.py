@@ -215,8 +215,10 @@ def test_rlkv_eval_is_refused_before_loading_its_model(tmp_path):
 
     from rlkv.cli import app
 
-    run = tmp_path / "run"
-    args = ["eval", "--model", "/nowhere/m.gguf", "--task", "arith", "--out", str(run)]  # loading it would fail
+    run, model = tmp_path / "run", tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")  # passes the path check; loading it would fail
+    args = ["eval", "--model", str(model), "--task", "arith", "--out", str(run)]
     with held_by_another_process(run, "-") as proc:
         result = CliRunner().invoke(app, args + ["--shard", "2/2"])
         assert result.exit_code == 2 and result.stdout == ""
@@ -227,4 +229,4 @@ def test_rlkv_eval_is_refused_before_loading_its_model(tmp_path):
         )
     with held_by_another_process(run, "1/2"):
         result = CliRunner().invoke(app, args + ["--shard", "2/2"])
-        assert "GGUF file not found" in result.stderr  # shard 2/2 may run beside 1/2: it went on to the model
+        assert "Unrecognized model" in result.stderr  # shard 2/2 may run beside 1/2: it went on to load the model
