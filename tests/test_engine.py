@@ -598,3 +598,17 @@ def test_inductor_compiled_engine_with_the_kernels_equals_compressed_generate(mo
     with rlkv.compress(model, keep, sink=SINK, recent=RECENT):
         check_equal(outs, reference(model, ids, mask))
     torch._dynamo.reset()
+
+
+def test_rlkv_compile_says_whether_engines_compile_when_not_told(monkeypatch):
+    """RLKV_COMPILE=0 is the eager escape hatch for every engine a command builds; a wrong value is an error."""
+    from rlkv.engine.compiled import compile_by_default
+
+    monkeypatch.delenv("RLKV_COMPILE", raising=False)
+    assert compile_by_default()
+    for value, expected in [("0", False), ("off", False), ("1", True), ("ON", True)]:
+        monkeypatch.setenv("RLKV_COMPILE", value)
+        assert compile_by_default() is expected
+    monkeypatch.setenv("RLKV_COMPILE", "maybe")
+    with pytest.raises(ValueError, match="RLKV_COMPILE must be 0 or 1"):
+        compile_by_default()

@@ -9,6 +9,7 @@ python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .
 rm -rf /tmp/src && cp -r src /tmp/src && cp .data/data/* /tmp/data/
 if [ -d .data/run ]; then cp -r .data/run/* /tmp/run/; fi  # the committed run directory
 export PYTHONPATH=/tmp/site:/tmp/src RLKV_DATA_DIR=/tmp/data HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+export RLKV_COMPILE=${RLKV_COMPILE:-1}  # RLKV_COMPILE=0 bash identify_launch.sh: rollouts without the compiled step
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 python3 -c "import torch, transformers, triton; print(torch.__version__, transformers.__version__, triton.__version__)"
 cd /tmp && setsid nohup python3 -m rlkv identify --model /tmp/models/q15.gguf --task math_train+gsm8k_train \

@@ -18,10 +18,21 @@ reuse it within a process (and inductor's disk cache across processes).
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch._dynamo
 
 BACKEND = "inductor"  # the tests trace with "aot_eager" (same graph, no code generation) where inductor is too slow
+
+
+def compile_by_default() -> bool:
+    """Whether engines on CUDA compile when not told: yes, unless the environment says RLKV_COMPILE=0 (vLLM's
+    --enforce-eager, for every engine a command builds: rlkv serve, eval, identify's rollouts)."""
+    value = os.environ.get("RLKV_COMPILE", "1").strip().lower()
+    if value not in ("0", "1", "off", "on", "false", "true", ""):
+        raise ValueError(f"RLKV_COMPILE must be 0 or 1 (off / on), got {value!r}")
+    return value not in ("0", "off", "false")
 
 
 def compiled(fn):

@@ -39,6 +39,7 @@ import torch
 from tqdm.auto import tqdm
 
 from rlkv.engine.attention import attention
+from rlkv.engine.compiled import compile_by_default
 from rlkv.engine.kv import parse_bytes, upload
 from rlkv.engine.logits import Top
 from rlkv.engine.request import (
@@ -130,9 +131,9 @@ class Engine:
         of rings that could never be used goes to pages. `admission`: "demand" (pages as sequences
         grow, preemption when the pool runs dry; admitted while `watermark` of the pool stays free) or
         "reserve" (every page a request could need, up front: the former policy, for comparison).
-        `compile` (default: on CUDA): the decode step's forward and sampling compiled with torch.compile
-        around the engine's attention (`rlkv.engine.compiled`), here, once, with a progress bar; the CUDA
-        graphs then replay the compiled step. `cuda_graphs` and `kernel` default to on CUDA too.
+        `compile` (default: on CUDA unless RLKV_COMPILE=0): the decode step's forward and sampling compiled
+        with torch.compile around the engine's attention (`rlkv.engine.compiled`), here, once, with a progress
+        bar; the CUDA graphs then replay the compiled step. `cuda_graphs` and `kernel` default to on CUDA too.
         `kv_dtype`: how K/V are stored ("bf16": the model's dtype, "fp8", "fp8-kept": `rlkv.precision`);
         None: the method's (`HeadSplit.kv_dtype`, `TokenDrop.kv_dtype`), else bf16. FP8 halves a token's
         bytes, so the same `kv_budget` holds twice the tokens."""
@@ -176,7 +177,7 @@ class Engine:
                 "cuda_graphs needs a CUDA model and, for head-split methods, the Triton kernel (kernel=True)"
             )
         self.max_batch = max_batch
-        self.compile = cuda if compile is None else compile
+        self.compile = (cuda and compile_by_default()) if compile is None else compile
         paged = self.store.pages_for(1) > 0
         self.limits = RequestLimits(
             model.config.get_text_config().vocab_size,
