@@ -8,6 +8,7 @@ with ctypes and ``_posixsubprocess`` at hand, i.e. as native code as the candida
 so they test the operating system's fence, not the audit hook.
 """
 
+import ast
 import os
 import secrets
 import subprocess
@@ -110,8 +111,11 @@ def test_a_result_line_built_to_collide_costs_the_grader_no_time(mbpp):
         "for fd in range(3, 64):\n    try: os.write(fd, line.encode())\n    except OSError: pass\nos._exit(0)"
     )
     start = time.process_time()
+    ast.parse("{" + ", ".join(str(k * (2**61 - 1)) for k in range(1, 41001)) + "}", mode="eval")
+    parsing = time.process_time() - start  # the floor of reading the line, which scales with the machine's load
+    start = time.process_time()
     assert task.grade(examples[0], f"```python\n{attack}\n```") == 0.0
-    assert time.process_time() - start < 1.0
+    assert time.process_time() - start < 4 * parsing + 0.5  # a set of the colliding values took 80x parsing
 
 
 def test_the_expected_values_never_reach_the_child(mbpp):
