@@ -8,7 +8,7 @@ mkdir -p $OUT/run
 for f in curriculum.json log.jsonl checkpoint.pt heads.json; do [ -f /tmp/run/$f ] && cp /tmp/run/$f $OUT/run/; done
 tr '\r' '\n' < /tmp/run.log | grep -v '^\s*$' | tail -c 4000000 > $OUT/run/run.log
 ls -la $OUT/run
-if [ -d /tmp/alongside ]; then  # alongside.sh's queue, if it was started
-  mkdir -p $OUT/alongside && cp -r /tmp/alongside/* $OUT/alongside/ 2>/dev/null
-  tail -3 /tmp/alongside/tests.log 2>/dev/null; ls $OUT/alongside
+if [ -d /tmp/alongside ]; then  # alongside.sh's queue, if it was started: one archive (a call returns at most 8 files)
+  tail -3 /tmp/alongside/tests.log 2>/dev/null; ls /tmp/alongside
+  tar czf $OUT/alongside.tgz -C /tmp alongside && ls -la $OUT/alongside.tgz
 fi
