@@ -98,3 +98,16 @@ def test_values_round_trip_from_the_child():
 def test_a_failing_assert_is_reported_before_a_later_error():
     result = run_code("def f(x): return x", ["assert f(1) == 2", "assert f(1) / 0"], FAST)
     assert result.status == "failed" and "test 0 failed" in result.details
+
+
+def test_a_first_result_line_of_no_known_kind_is_an_error_naming_it():
+    """The child's first line is "ok" or "raise ...": anything else (a candidate writing to the results
+    descriptor) is one error verdict quoting the line, not a verdict nested in a verdict."""
+    from rlkv.tasks.sandbox import _verdict
+
+    plan = checks.plan(("assert f(1) == 2",), frozenset({"f"}))
+    assert _verdict(["forged line"], plan, ["assert f(1) == 2"]) == ("error", "unexpected result line 'forged line'")
+    assert _verdict(["raise ValueError: x"], plan, ["assert f(1) == 2"]) == (
+        "error",
+        "the solution raised ValueError: x",
+    )

@@ -198,7 +198,7 @@ def _verdict(lines: list[str], plan: checks.Plan, tests: Sequence[str]) -> tuple
     if first is None:
         return None
     if first[0] != "ok":
-        return "error", f"the solution raised {first[1][:2000]}" if first[0] == "raise" else _unexpected(first)
+        return ("error", f"the solution raised {first[1][:2000]}") if first[0] == "raise" else _unexpected(first)
     check_of = iter(plan.checks)
     for (kind, payload), index in zip(plan.steps, plan.step_tests):
         shown = tests[index][:2000]
@@ -235,7 +235,10 @@ def _verdict(lines: list[str], plan: checks.Plan, tests: Sequence[str]) -> tuple
 
 
 def _unexpected(result: tuple[str, str]) -> tuple[str, str]:
-    return "error", f"unexpected result line {excerpt((result[0] + ' ' + result[1]).strip(), 200)!r}"
+    """The error verdict of a result line out of place, quoting it as the child wrote it."""
+    kind, rest = result
+    line = rest if kind == "bad" else f"{kind} {rest}".strip()
+    return "error", f"unexpected result line {excerpt(line, 200)!r}"
 
 
 def _run(code: str, tests: Sequence[str], plan: checks.Plan, limits: Limits, mode: str) -> SandboxResult:
