@@ -48,6 +48,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
+import torch.utils.checkpoint
 from tqdm.auto import tqdm
 
 from rlkv.engine import Gated, engine_for
