@@ -51,7 +51,7 @@ class Plan:
     """What the child runs (``("exec", code)`` or ``("eval", holes)`` steps) and the checks of
     the ``"eval"`` steps, in order; ``steps[i]`` is test ``step_tests[i]``."""
 
-    steps: tuple[tuple[str, object], ...]
+    steps: tuple[tuple[str, CodeType | tuple[CodeType, ...]], ...]  # ("exec", code) or ("eval", holes)
     step_tests: tuple[int, ...]
     checks: tuple[Check, ...]
 
@@ -85,6 +85,12 @@ class _Splitter:
             for n in ast.walk(node)
         )
 
+    def split_expr(self, node: ast.expr) -> ast.expr:
+        """`split` of an expression, which is an expression again (itself, or the name of its hole)."""
+        split = self.split(node)
+        assert isinstance(split, ast.expr)
+        return split
+
     def split(self, node: ast.AST) -> ast.AST:
         if not self.needs_code(node):
             return node
@@ -102,8 +108,10 @@ class _Splitter:
                     setattr(node, field, self.split(value))
             return node
         if isinstance(node, ast.keyword):
-            node.value = self.split(node.value)
+            node.value = self.split_expr(node.value)
             return node
+        if not isinstance(node, ast.expr):
+            raise ValueError(f"{self.label}: the grader cannot check a {type(node).__name__} outside the sandbox")
         hole = ast.Name(id=f"_rlkv_hole_{len(self.holes)}", ctx=ast.Load())
         self.holes.append(compile(ast.Expression(body=node), self.label, "eval"))
         return ast.copy_location(hole, node)
@@ -112,7 +120,7 @@ class _Splitter:
 def _check(statement: ast.Assert, index: int, source: str, theirs: set[str]) -> Check:
     label = f"<test {index}>"
     splitter = _Splitter(theirs, _local_names(statement.test), label)
-    tree = ast.fix_missing_locations(ast.Expression(body=splitter.split(statement.test)))
+    tree = ast.fix_missing_locations(ast.Expression(body=splitter.split_expr(statement.test)))
     return Check(index=index, source=source, holes=tuple(splitter.holes), test=compile(tree, label, "eval"))
 
 
@@ -193,20 +201,24 @@ def _parts(node: ast.AST, hashes: _Hashes) -> object:
         return _LITERAL_NAMES[node.id]
     if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
         value = _literal(node.operand, hashes)
-        if type(value) in (int, float):
+        if type(value) is int or type(value) is float:  # not bool, not a subclass
             return -value
     if isinstance(node, (ast.List, ast.Tuple)):
         items = [_literal(item, hashes) for item in node.elts]
         return items if isinstance(node, ast.List) else tuple(items)
     if isinstance(node, ast.Set):
         return {_literal(item, hashes) for item in node.elts}
-    if isinstance(node, ast.Dict) and None not in node.keys:
-        return {_literal(k, hashes): _literal(v, hashes) for k, v in zip(node.keys, node.values)}
+    if isinstance(node, ast.Dict):
+        keys = [k for k in node.keys if k is not None]  # a None key is a ** unpacking
+        if len(keys) == len(node.keys):
+            return {_literal(k, hashes): _literal(v, hashes) for k, v in zip(keys, node.values)}
     if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and not node.keywords:
         kind = {"set": set, "frozenset": frozenset, "complex": complex}.get(node.func.id)
         args = [_literal(arg, hashes) for arg in node.args]
-        if kind is complex and len(args) == 2 and all(type(a) is float for a in args):
-            return complex(*args)
+        if kind is complex and len(args) == 2:
+            real, imag = args
+            if type(real) is float and type(imag) is float:
+                return complex(real, imag)
         if kind in (set, frozenset) and len(args) == 1 and isinstance(args[0], list):
             return kind(args[0])
     raise ValueError(f"not plain data: {excerpt(ast.dump(node), 100)}")

@@ -72,12 +72,13 @@ def extract_answer(completion: str, rule: str = "rlkv") -> str | None:
     return None
 
 
-def _timeout() -> int | None:
-    return TIMEOUT_SECONDS if threading.current_thread() is threading.main_thread() else None
+def _timeout() -> int:
+    """math-verify's parsing timeout: its alarm signal works in the main thread only (0: none)."""
+    return TIMEOUT_SECONDS if threading.current_thread() is threading.main_thread() else 0
 
 
 @lru_cache(maxsize=8192)
-def _parse(answer: str, timeout: int | None) -> tuple:
+def _parse(answer: str, timeout: int) -> tuple:
     text = _DOLLAR.sub("", answer).strip().rstrip(".").strip()
     return tuple(parse("\\boxed{" + text + "}", extraction_config=_EXTRACTION, parsing_timeout=timeout))
 

@@ -64,7 +64,8 @@ class TaskMix(Task):
 
     def with_answer_rule(self, rule: str) -> TaskMix:
         """The mix with every part graded by answer rule `rule` (each must be a MathTask)."""
-        others = [name for name, part in self.parts.items() if not isinstance(part, MathTask)]
-        if others:
+        parts = [part for part in self.parts.values() if isinstance(part, MathTask)]
+        if len(parts) < len(self.parts):
+            others = [name for name, part in self.parts.items() if not isinstance(part, MathTask)]
             raise ValueError(f"answer rule {rule!r} applies to tasks graded on a final answer; {others} are not")
-        return TaskMix([part.with_answer_rule(rule) for part in self.parts.values()])
+        return TaskMix([part.with_answer_rule(rule) for part in parts])

@@ -185,7 +185,7 @@ def _result(line: str) -> tuple[str, str]:
 
 def _results_cap(plan: checks.Plan) -> int:
     """The most bytes of result lines `plan` can use: one line per step or hole, the first and the last."""
-    lines = 2 + sum(len(payload) if kind == "eval" else 1 for kind, payload in plan.steps)
+    lines = 2 + sum(len(payload) if isinstance(payload, tuple) else 1 for _, payload in plan.steps)
     return lines * (MAX_VALUE_CHARS + len("value \n"))
 
 
@@ -209,6 +209,7 @@ def _verdict(lines: list[str], plan: checks.Plan, tests: Sequence[str]) -> tuple
             if result[0] != "ok":
                 return "error", f"test {index} raised {result[1][:2000]}: {shown}"
             continue
+        assert isinstance(payload, tuple), "an eval step's payload is its holes"
         values = []
         for _ in payload:
             result = next(results, None)
