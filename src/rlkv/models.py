@@ -130,7 +130,7 @@ def _gguf_problem(path: Path) -> str | None:
 
 
 def load_model(
-    spec: str | Path,
+    spec: str | os.PathLike,
     dtype: torch.dtype | str | None = None,
     device: torch.device | str | None = None,
     attn_implementation: str = "sdpa",

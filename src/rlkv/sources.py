@@ -9,6 +9,7 @@ checks, so a message is worded once.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from rlkv import patterns
@@ -17,7 +18,7 @@ GGUF_FIX = "expected a complete GGUF model file (a truncated download? fetch it 
 TORCH_FILES = (".pt", ".pth", ".bin")
 
 
-def model_source(spec: str | Path) -> tuple[str, dict]:
+def model_source(spec: str | os.PathLike) -> tuple[str, dict]:
     """(what transformers loads: a hub id or a directory, extra from_pretrained kwargs: the GGUF file's name)
     for a hub id, a model directory or a .gguf file; a missing or malformed path raises, naming it."""
     path = Path(spec).expanduser()

@@ -19,6 +19,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 
@@ -30,6 +31,8 @@ from rlkv.identify.curriculum import keep_problems, pass_rates
 from rlkv.identify.grpo import identify, rewarded, rollout_engine
 from rlkv.identify.recipe import IdentifyConfig
 from rlkv.models import Layout, load_model
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -125,14 +128,17 @@ def join_torchrun() -> tuple[int, str | None]:
     return torch.distributed.get_rank(), "cpu"
 
 
-def rank0_first(work: Callable):
+def rank0_first(work: Callable[[], T]) -> T:
     """Run `work` on rank 0, then on the others (which find its cached result), without races."""
     dist = torch.distributed
     if not (dist.is_available() and dist.is_initialized()):
         return work()
-    result = work() if dist.get_rank() == 0 else None
+    if dist.get_rank() == 0:
+        result = work()
+        dist.barrier()
+        return result
     dist.barrier()
-    return result if dist.get_rank() == 0 else work()
+    return work()
 
 
 def _kept(config: IdentifyConfig) -> str:

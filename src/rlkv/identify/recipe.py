@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import Any
 
 from rlkv.engine import ENGINE_SETTINGS
 from rlkv.identify.curriculum import PROBLEM_FILTERS
@@ -67,37 +68,38 @@ KEEP_RULES = {"paper": "authors", "rlkv-v0": "rank"}  # the keep rule recorded i
 AUTHORS_PER_ARCH = {"qwen2": {"tau": 0.55}, "qwen3": {"beta": 2.5e-3}}
 PER_MODEL_DEFAULTS = {"tau": 0.5, "beta": 1e-3}
 GATE_DTYPES = ("float32", "bfloat16")
+UNSET: Any = None  # the default of a field the recipe (or `for_model`) fills in: set on every config in use
 
 
 @dataclass
 class IdentifyConfig:
-    """Settings of one identification run; fields left None take the value of `recipe` (see RECIPES),
+    """Settings of one identification run; fields left unset (None) take the value of `recipe` (see RECIPES),
     `tau` and `beta` the authors' value for the model's architecture (`for_model`)."""
 
     recipe: str = "paper"
     sink: int = 128
     recent: int = 256
-    block: int | None = None  # the streaming branch's granularity in tokens (1: exact; the authors': 128)
+    block: int = UNSET  # the streaming branch's granularity in tokens (1: exact; the authors': 128)
     group: int = 4  # rollouts per problem
-    temperature: float | None = None  # rollout and curriculum sampling
-    top_p: float | None = None
-    top_k: int | None = None  # 0: no top-k filter
+    temperature: float = UNSET  # rollout and curriculum sampling
+    top_p: float = UNSET
+    top_k: int = UNSET  # 0: no top-k filter
     lr: float = 1e-2  # constant
-    beta: float | None = None  # L1 sparsity coefficient
-    tau: float | None = None  # the penalty acts only when the batch's mean reward exceeds tau
+    beta: float = UNSET  # L1 sparsity coefficient
+    tau: float = UNSET  # the penalty acts only when the batch's mean reward exceeds tau
     batch_problems: int = 32
-    steps: int | None = None  # paper: 186 (2 epochs of 3,000 problems at 32 per step)
-    max_new_tokens: int | None = None
-    advantages: str | None = None  # "batch" or "group" (rlkv.identify.objective)
-    problems: str | None = None  # curriculum: "reliable", "solved" or "band" (rlkv.identify.curriculum)
+    steps: int = UNSET  # paper: 186 (2 epochs of 3,000 problems at 32 per step)
+    max_new_tokens: int = UNSET
+    advantages: str = UNSET  # "batch" or "group" (rlkv.identify.objective)
+    problems: str = UNSET  # curriculum: "reliable", "solved" or "band" (rlkv.identify.curriculum)
     min_pass: float = 0.75  # curriculum (problems="reliable"): keep pass rate >= min_pass
     band: tuple[float, float] = (0.0, 1.0)  # curriculum (problems="band"): keep low < pass rate < high
-    samples_per_problem: int | None = None  # curriculum: full-model samples per problem
-    answer_rule: str | None = None  # how rewards find the answer: "authors" or "rlkv" (rlkv.tasks.grading)
-    weight_decay: float | None = None  # AdamW decay on the gates
-    grad_clip: float | None = None  # max L2 norm of the gate gradient (0: no clipping)
-    eps: float | None = None  # in the advantage denominator
-    gate_dtype: str | None = None  # the gates' and their optimizer state's dtype
+    samples_per_problem: int = UNSET  # curriculum: full-model samples per problem
+    answer_rule: str = UNSET  # how rewards find the answer: "authors" or "rlkv" (rlkv.tasks.grading)
+    weight_decay: float = UNSET  # AdamW decay on the gates
+    grad_clip: float = UNSET  # max L2 norm of the gate gradient (0: no clipping)
+    eps: float = UNSET  # in the advantage denominator
+    gate_dtype: str = UNSET  # the gates' and their optimizer state's dtype
     seed: int = 0
     checkpoint_every: int = 10
     rollout_batch_size: int = 128  # sequences decoded at once (the engine's batch; generate's without it)
@@ -113,45 +115,44 @@ class IdentifyConfig:
         for name, value in RECIPES[self.recipe].items():
             if getattr(self, name) is None:
                 setattr(self, name, value)
-        self.band = tuple(self.band)
-        checks = {  # name: (whether its value is valid, what is expected); None: set later by for_model
-            "group": (self.group >= 2, ">= 2"),
-            "batch_problems": (self.batch_problems >= 1, ">= 1"),
-            "steps": (self.steps >= 1, ">= 1"),
-            "max_new_tokens": (self.max_new_tokens >= 1, ">= 1"),
-            "checkpoint_every": (self.checkpoint_every >= 1, ">= 1"),
-            "temperature": (self.temperature > 0, "> 0"),
-            "top_p": (0 < self.top_p <= 1, "in (0, 1]"),
-            "top_k": (self.top_k >= 0, ">= 0 (0: off)"),
-            "lr": (self.lr > 0, "> 0"),
-            "beta": (self.beta is None or self.beta >= 0, ">= 0"),
-            "tau": (self.tau is None or 0 <= self.tau <= 1, "in [0, 1] (a mean 0/1 reward)"),
-            "weight_decay": (self.weight_decay >= 0, ">= 0"),
-            "grad_clip": (self.grad_clip >= 0, ">= 0 (0: off)"),
-            "eps": (self.eps > 0, "> 0"),
-            "advantages": (self.advantages in ADVANTAGES, " or ".join(ADVANTAGES)),
-            "problems": (self.problems in PROBLEM_FILTERS, " or ".join(PROBLEM_FILTERS)),
-            "min_pass": (0 < self.min_pass <= 1, "in (0, 1]"),
-            "answer_rule": (self.answer_rule in ANSWER_RULES, " or ".join(ANSWER_RULES)),
-            "gate_dtype": (self.gate_dtype in GATE_DTYPES, " or ".join(GATE_DTYPES)),
-            "block": (isinstance(self.block, int) and self.block >= 1, "an integer >= 1 (1: token-exact)"),
-            "rollout_batch_size": (self.rollout_batch_size >= 1, ">= 1"),
-            "train_tokens": (self.train_tokens >= 1, ">= 1"),
-            "samples_per_problem": (self.samples_per_problem >= 1, ">= 1"),
-            "band": (
-                len(self.band) == 2 and 0 <= self.band[0] < self.band[1] <= 1,
-                "low, high with 0 <= low < high <= 1",
-            ),
-            "rollout_engine": (self.rollout_engine in ENGINE_SETTINGS, ", ".join(ENGINE_SETTINGS)),
-            "init": (0 <= self.init <= 1, "in [0, 1]"),
-        }
-        for name, (ok, expected) in checks.items():
-            if not ok:
+        for name, (valid, expected) in _CHECKS.items():
+            if not valid(getattr(self, name)):
                 raise ValueError(
                     f"IdentifyConfig.{name} has an invalid value: {getattr(self, name)!r} (expected {expected})"
                 )
+        self.band = (self.band[0], self.band[1])  # a list given (JSON, the CLI) kept as the tuple it is
 
     def for_model(self, layout: Layout) -> IdentifyConfig:
         """This config with `tau` and `beta` left unset filled in with the authors' values for `layout.arch`."""
         values = {**PER_MODEL_DEFAULTS, **AUTHORS_PER_ARCH.get(layout.arch, {})}
         return dataclasses.replace(self, **{k: v for k, v in values.items() if getattr(self, k) is None})
+
+
+_CHECKS = {  # field: (whether a value is valid, what is expected); tau and beta may wait for `for_model`
+    "group": (lambda v: v >= 2, ">= 2"),
+    "batch_problems": (lambda v: v >= 1, ">= 1"),
+    "steps": (lambda v: v >= 1, ">= 1"),
+    "max_new_tokens": (lambda v: v >= 1, ">= 1"),
+    "checkpoint_every": (lambda v: v >= 1, ">= 1"),
+    "temperature": (lambda v: v > 0, "> 0"),
+    "top_p": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "top_k": (lambda v: v >= 0, ">= 0 (0: off)"),
+    "lr": (lambda v: v > 0, "> 0"),
+    "beta": (lambda v: v is None or v >= 0, ">= 0"),
+    "tau": (lambda v: v is None or 0 <= v <= 1, "in [0, 1] (a mean 0/1 reward)"),
+    "weight_decay": (lambda v: v >= 0, ">= 0"),
+    "grad_clip": (lambda v: v >= 0, ">= 0 (0: off)"),
+    "eps": (lambda v: v > 0, "> 0"),
+    "advantages": (lambda v: v in ADVANTAGES, " or ".join(ADVANTAGES)),
+    "problems": (lambda v: v in PROBLEM_FILTERS, " or ".join(PROBLEM_FILTERS)),
+    "min_pass": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "answer_rule": (lambda v: v in ANSWER_RULES, " or ".join(ANSWER_RULES)),
+    "gate_dtype": (lambda v: v in GATE_DTYPES, " or ".join(GATE_DTYPES)),
+    "block": (lambda v: isinstance(v, int) and v >= 1, "an integer >= 1 (1: token-exact)"),
+    "rollout_batch_size": (lambda v: v >= 1, ">= 1"),
+    "train_tokens": (lambda v: v >= 1, ">= 1"),
+    "samples_per_problem": (lambda v: v >= 1, ">= 1"),
+    "band": (lambda v: len(v) == 2 and 0 <= v[0] < v[1] <= 1, "low, high with 0 <= low < high <= 1"),
+    "rollout_engine": (lambda v: v in ENGINE_SETTINGS, ", ".join(ENGINE_SETTINGS)),
+    "init": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+}
