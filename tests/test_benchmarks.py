@@ -19,6 +19,14 @@ def saved(tmp_path_factory):
     return saved_tiny_model(tmp_path_factory.mktemp("tiny"), "qwen2")
 
 
+@pytest.fixture
+def random_heads(tmp_path):
+    """Random head scores for the tiny qwen2 model, as a heads file."""
+    heads = tmp_path / "heads.json"
+    rlkv.HeadScores.random(rlkv.Layout.of(tiny_model("qwen2")), seed=0).save(heads)
+    return heads
+
+
 def run(script: str, *args: str, **env_extra: str) -> None:
     env = {**os.environ, "PYTHONPATH": str(REPO / "src"), **env_extra}
     done = subprocess.run(
@@ -101,11 +109,8 @@ def test_engine_benchmark_writes_every_part(saved, tmp_path):
     ] == []  # the cap; CPU: no GPU kernels
 
 
-def test_efficiency_benchmark_grades_each_sparsity(saved, tmp_path):
-    heads = tmp_path / "heads.json"
-    import rlkv
-
-    rlkv.HeadScores.random(rlkv.Layout.of(tiny_model("qwen2")), seed=0).save(heads)
+def test_efficiency_benchmark_grades_each_sparsity(saved, random_heads, tmp_path):
+    heads = random_heads
     out = tmp_path / "eff.json"
     run(
         "efficiency.py",
@@ -274,11 +279,8 @@ def test_decode_limit_refuses_a_pool_that_cannot_hold_the_whole_batch_at_once():
         resident_engine(model, tiny_tokenizer(), method, (1 + 3 * 18 - 1) * page, 3, 280)
 
 
-def test_serving_benchmark_measures_each_sparsity_and_rate(saved, tmp_path):
-    heads = tmp_path / "heads.json"
-    import rlkv
-
-    rlkv.HeadScores.random(rlkv.Layout.of(tiny_model("qwen2")), seed=0).save(heads)
+def test_serving_benchmark_measures_each_sparsity_and_rate(saved, random_heads, tmp_path):
+    heads = random_heads
     out = tmp_path / "serving.json"
     run(
         "serving.py",
