@@ -12,7 +12,9 @@ first token (TTFT: sent to the first content delta), time per output token (TPOT
 time over its remaining tokens), the gaps between its streamed chunks (ITL) and end-to-end latency. Per
 (sparsity, rate): output tokens/s over the run (first arrival to last answer), requests/s, TTFT / TPOT / ITL /
 latency p50, p90 and p99, preemptions and the most requests running at once (from /metrics), and the
-throughput ratio to sparsity 0 at bf16 at the same rate and transport (same script, one machine). The step
+throughput ratio to sparsity 0 at bf16 at the same rate, transport and replica count (same script, one
+machine). `--data-parallel 1,2,4` serves each configuration with that many engine processes behind one server
+(`rlkv serve --data-parallel N`, one GPU each): `scaling` is a row's tok/s over one replica's. The step
 time against its floor and what preemption's recompute costs are measured in-process by `long_generation.py`.
 
     python benchmarks/serving.py --model DIR --heads heads.json --sparsities 0,0.5 --rates 2,8,32,inf \
@@ -240,6 +242,12 @@ def main():
     ap.add_argument("--seed", type=int, default=0, help="of the arrival times")
     ap.add_argument("--warmup", type=int, default=None, help="warm-up requests (default: --max-batch)")
     ap.add_argument("--engines", default="process", help="comma-separated: process (rlkv serve's default), thread")
+    ap.add_argument(
+        "--data-parallel",
+        default="1",
+        help="comma-separated replica counts of the servers (rlkv serve --data-parallel N: one engine process per "
+        "GPU, --kv-budget each); scaling is each row's tok/s against one replica's",
+    )
     ap.add_argument("--url", default=None, help="measure this running server instead of starting one per sparsity")
     ap.add_argument("--startup-timeout", type=float, default=900)
     ap.add_argument("--out", default="results/serving.json")
@@ -261,7 +269,11 @@ def main():
     engines = [e for e in args.engines.split(",") if e]
     if any(e not in ("process", "thread") for e in engines):
         ap.error(f"--engines takes process and/or thread, got {args.engines!r}")
-    for engine, kv_dtype in itertools.product([] if args.url else engines, args.kv_dtypes.split(",")):
+    replica_counts = [int(v) for v in args.data_parallel.split(",")]
+    if any(n < 1 for n in replica_counts) or ("thread" in engines and max(replica_counts) > 1):
+        ap.error("--data-parallel takes counts >= 1, and replicas are engine processes (not with --engines thread)")
+    servers = itertools.product([] if args.url else engines, args.kv_dtypes.split(","), replica_counts)
+    for engine, kv_dtype, replicas in servers:
         for s in [float(v) for v in args.sparsities.split(",")]:
             serve_args = [
                 "--model",
@@ -277,32 +289,44 @@ def main():
                 f"--engine-{engine}",
                 "--kv-dtype",
                 kv_dtype,
+                *(["--data-parallel", str(replicas)] if replicas > 1 else []),
                 *(["--heads", args.heads] if args.heads and s > 0 else []),
                 *(["--kv-budget", args.kv_budget] if args.kv_budget else []),
             ]
-            log = Path(args.out).with_suffix(f".server-{engine}-{kv_dtype}-s{s:g}.log")
+            name = f"{engine}_{kv_dtype}_s{s:g}" + (f"_dp{replicas}" if replicas > 1 else "")
+            log = Path(args.out).with_suffix(f".server-{name.replace('_', '-')}.log")
             log.parent.mkdir(parents=True, exist_ok=True)
             server = ServerProcess([*serve_args, "--log-level", "warning"], log)
             try:
                 server.wait_ready(args.startup_timeout)
-                meta[f"server_command_{engine}_{kv_dtype}_s{s:g}"] = " ".join(server.command)
-                label = {"engine": engine, "kv_dtype": kv_dtype, "sparsity": s}
+                meta[f"server_command_{name}"] = " ".join(server.command)
+                label = {"engine": engine, "kv_dtype": kv_dtype, "replicas": replicas, "sparsity": s}
                 rows += measure(server.url, bodies, rates, args.seed, warmup, args.max_concurrency, label)
             finally:
                 server.close()
             write_result(args.out, {**meta, "complete": False, "rows": rows})  # partial results survive a kill
-    base = {(r.get("engine"), r["rate"]): r for r in rows if r.get("sparsity") == 0 and r.get("kv_dtype") == "bf16"}
+    base = {
+        (r.get("engine"), r.get("replicas"), r["rate"]): r
+        for r in rows
+        if r.get("sparsity") == 0 and r.get("kv_dtype") == "bf16"
+    }
+    single = {
+        (r.get("engine"), r.get("kv_dtype"), r.get("sparsity"), r["rate"]): r for r in rows if r.get("replicas") == 1
+    }
     for r in rows:
-        ref = base.get((r.get("engine"), r["rate"]))
+        ref = base.get((r.get("engine"), r.get("replicas"), r["rate"]))
         r["throughput_ratio"] = r["output_tok_s"] / ref["output_tok_s"] if ref and r.get("output_tok_s") else None
+        one = single.get((r.get("engine"), r.get("kv_dtype"), r.get("sparsity"), r["rate"]))
+        r["scaling"] = r["output_tok_s"] / one["output_tok_s"] if one and r.get("output_tok_s") else None
     print_table(
         rows,
         [
-            *(["engine", "kv_dtype", "sparsity"] if not args.url else ["server"]),
+            *(["engine", "kv_dtype", "replicas", "sparsity"] if not args.url else ["server"]),
             "rate",
             "completed",
             "output_tok_s",
             "throughput_ratio",
+            "scaling",
             "requests_s",
             "ttft_p50_s",
             "ttft_p99_s",

@@ -408,6 +408,25 @@ def test_serving_benchmark_serves_fixed_length_random_prompts(saved, tmp_path):
     assert 0 < row["itl_p50_ms"] <= row["itl_p90_ms"] <= row["itl_p99_ms"] and row["tpot_p90_ms"] > 0
 
 
+def test_serving_benchmark_scales_over_replicas(saved, tmp_path):
+    """--data-parallel 1,2: the same requests against one engine process and against two behind one server,
+    each row's scaling against the one-replica row (on a CPU the two share its cores: only the shape is tested)."""
+    out = tmp_path / "replicas.json"
+    run(
+        "serving.py",
+        *("--model", str(saved), "--input-len", "12", "--max-tokens", "4", "--ignore-eos", "--data-parallel", "1,2"),
+        *("--num-requests", "4", "--rates", "inf", "--kv-budget", "8MiB", "--max-batch", "4", "--warmup", "2"),
+        *("--sparsities", "0", "--out", str(out)),
+        OMP_NUM_THREADS="1",
+    )
+    result = json.loads(out.read_text())
+    one, two = result["rows"]
+    assert (one["replicas"], two["replicas"]) == (1, 2) and one["scaling"] == 1.0 and two["scaling"] > 0
+    assert all(r["completed"] == 4 and r["failed"] == 0 and r["output_tokens"] == 16 for r in (one, two))
+    assert "--data-parallel 2" in result["server_command_process_bf16_s0_dp2"]
+    assert "--data-parallel" not in result["server_command_process_bf16_s0"]
+
+
 def test_lm_eval_harness_through_the_server_equals_a_forward(saved, tmp_path):
     """lm-evaluation-harness's local-completions model runs a multiple-choice (loglikelihood) and a GSM8K
     (generate_until) task through `rlkv serve`, full cache and sparsity 0.5 with a compressed prefill: every
