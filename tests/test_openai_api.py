@@ -13,9 +13,8 @@ import httpx
 import pytest
 import torch
 from conftest import saved_tiny_model, thinking_tokenizer, tiny_model
-from test_serve import NAME, Server
+from test_serve import NAME, Server, running
 
-STARTUP_S = 120
 PROMPTS = ["the quick brown fox", "hello there, general", "a b c d e f g"]
 
 
@@ -24,17 +23,12 @@ def servers(tmp_path_factory):
     model_dir = saved_tiny_model(tmp_path_factory.mktemp("tiny-api"), "llama", thinking_tokenizer())
     logs = tmp_path_factory.mktemp("logs")
     common = ["--kv-budget", "1536KiB", "--max-model-len", "1024", "--max-batch", "16"]
-    started = [
+    started = (
         Server(model_dir, logs / "plain.log", *common),
         Server(model_dir, logs / "thinking.log", *common, "--reasoning-parser", "deepseek-r1"),
-    ]
-    try:
-        for s in started:
-            s.wait_ready(STARTUP_S)
-        yield started
-    finally:
-        for s in started:
-            s.close(15)
+    )
+    with running(*started) as ready:
+        yield ready
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ import torch
 from conftest import saved_tiny_model, tiny_model
 from test_engine import engine, prompts
 from test_online import run_alone
-from test_serve import NAME, PROMPTS, STARTUP_S, Server, _many, _requests, engine_processes, greedy, wait_gone
+from test_serve import NAME, PROMPTS, Server, _many, _requests, engine_processes, greedy, running, wait_gone
 
 from rlkv import SamplingParams
 from rlkv.serve import AsyncEngine, EngineStopped, Replicas
@@ -185,12 +185,10 @@ def server(tmp_path_factory):
     """Two replicas, none restarted (--engine-restarts 0: a replica that dies is gone for good)."""
     model_dir = saved_tiny_model(tmp_path_factory.mktemp("tiny-replicas"), "llama")
     log = tmp_path_factory.mktemp("logs") / "replicas.log"
-    started = Server(model_dir, log, "--data-parallel", "2", "--engine-restarts", "0", "--kv-budget", "1536KiB")
-    try:
-        started.wait_ready(STARTUP_S)
+    with running(
+        Server(model_dir, log, "--data-parallel", "2", "--engine-restarts", "0", "--kv-budget", "1536KiB")
+    ) as (started,):
         yield started
-    finally:
-        started.close(15)
 
 
 def per_replica(server, name: str) -> list[float]:

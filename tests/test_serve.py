@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -42,6 +43,18 @@ class Server(ServerProcess):
             api_key=api_key,
         )
         self.client = openai.OpenAI(base_url=f"{self.url}/v1", api_key=api_key or "none", max_retries=0, timeout=60)
+
+
+@contextmanager
+def running(*servers: Server):
+    """The servers, each ready (started together, their start-ups overlap); closed on leaving."""
+    try:
+        for s in servers:
+            s.wait_ready(STARTUP_S)
+        yield servers
+    finally:
+        for s in servers:
+            s.close(15)
 
 
 @pytest.fixture(scope="module")
@@ -77,13 +90,8 @@ def servers(model_dir, tmp_path_factory):
         ),
         Server(model_dir, logs / "doomed.log", "--kv-budget", "512KiB", "--engine-restarts", "1"),
     ]
-    try:
-        for s in started:
-            s.wait_ready(STARTUP_S)
-        yield started
-    finally:
-        for s in started:
-            s.close(15)
+    with running(*started) as ready:
+        yield ready
 
 
 @pytest.fixture(scope="module")
