@@ -18,7 +18,18 @@ import torch
 from conftest import saved_tiny_model, tiny_model
 from test_engine import engine, prompts
 from test_online import run_alone
-from test_serve import NAME, PROMPTS, Server, _many, _requests, engine_processes, greedy, running, wait_gone
+from test_serve import (
+    NAME,
+    PROMPTS,
+    Server,
+    _many,
+    _requests,
+    engine_processes,
+    greedy,
+    interrupt_with_a_stream_open,
+    running,
+    wait_gone,
+)
 
 from rlkv import SamplingParams
 from rlkv.serve import AsyncEngine, EngineStopped, Replicas
@@ -243,14 +254,7 @@ def test_a_killed_replica_is_reported_and_the_other_serves(server):
 def test_sigint_stops_every_replica(server):  # the last test: it stops the server
     """The replica left holds a stream: SIGINT ends it with an error event, and the server and its engines exit."""
     engines = engine_processes(server.proc.pid)
-    stream = server.client.completions.create(
-        model=NAME, prompt=PROMPTS[0], max_tokens=1500, temperature=0, stream=True, extra_body={"ignore_eos": True}
-    )
-    next(iter(stream))
-    server.proc.send_signal(signal.SIGINT)
-    with pytest.raises(openai.APIError, match="shutting down"):
-        for _ in stream:
-            pass
+    interrupt_with_a_stream_open(server)
     assert server.proc.wait(20) == 0
     assert engines and all(wait_gone(pid, 10) for pid in engines)
     assert "Traceback" not in server.output()

@@ -493,8 +493,8 @@ def test_a_lost_engine_process_is_restarted_and_a_second_quick_loss_ends_the_ser
     assert "2 failures in a row" in doomed.output()
 
 
-def test_sigint_closes_open_streams_and_exits_cleanly(server):  # the last test: it stops the server
-    (engine,) = engine_processes(server.proc.pid)
+def interrupt_with_a_stream_open(server) -> None:
+    """SIGINT the server while a long stream is open: the stream ends with the shutdown's error event."""
     stream = server.client.completions.create(
         model=NAME, prompt=PROMPTS[0], max_tokens=1500, temperature=0, stream=True, extra_body={"ignore_eos": True}
     )
@@ -503,6 +503,11 @@ def test_sigint_closes_open_streams_and_exits_cleanly(server):  # the last test:
     with pytest.raises(openai.APIError, match="shutting down"):
         for _ in stream:
             pass
+
+
+def test_sigint_closes_open_streams_and_exits_cleanly(server):  # the last test: it stops the server
+    (engine,) = engine_processes(server.proc.pid)
+    interrupt_with_a_stream_open(server)
     assert server.proc.wait(20) is not None
     assert "Traceback" not in server.output()
     assert wait_gone(engine, 10)  # the engine process does not outlive the server
