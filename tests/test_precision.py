@@ -6,6 +6,7 @@ import pytest
 import torch
 from conftest import DEVICE, left_padded_batch, tiny_model
 from test_engine import NEW, RECENT, SINK, TOKEN_DROP, engine, prompts, reference
+from test_hf import run
 from transformers import DynamicCache
 
 import rlkv
@@ -102,18 +103,6 @@ def test_bad_kv_dtypes_are_refused():
 
 
 # ---------------------------------------------------------------------- runtimes against their references
-def generate(model, ids, mask, new=NEW, **kw):
-    return model.generate(
-        input_ids=ids,
-        attention_mask=mask,
-        max_new_tokens=new,
-        do_sample=False,
-        output_logits=True,
-        return_dict_in_generate=True,
-        **kw,
-    )
-
-
 @pytest.mark.parametrize("kv_dtype,sparsity", [("fp8", 0.0), ("fp8", 0.5), ("fp8-kept", 0.5)])
 def test_compress_at_fp8_equals_the_quantising_masked_reference(arch, kv_dtype, sparsity):
     """The cache stores e4m3 bytes (kept columns and rings apart when their precisions differ) and reads them back;
@@ -122,15 +111,15 @@ def test_compress_at_fp8_equals_the_quantising_masked_reference(arch, kv_dtype, 
     keep = rlkv.HeadScores.random(rlkv.Layout.of(model), seed=1).keep_mask(sparsity)
     ids, mask = left_padded_batch((20, 13, 7), 20)
     with rlkv.compress(model, keep, sink=SINK, recent=RECENT, kv_dtype=kv_dtype) as handle:
-        fast = generate(model, ids, mask)
+        fast = run(model, ids, mask, new=NEW)
         layer = handle.cache.layers[0]
         assert isinstance(handle.cache, rlkv.HeadSplitCache) and layer.kept_keys.dtype == FP8
         assert layer.keys.dtype == (torch.float32 if kv_dtype == "fp8-kept" else FP8)  # the rings
-        ref = generate(model, ids, mask, **{CACHE_KWARG: DynamicCache()})
+        ref = run(model, ids, mask, new=NEW, **{CACHE_KWARG: DynamicCache()})
     torch.testing.assert_close(torch.stack(fast.logits), torch.stack(ref.logits), rtol=0, atol=FP8_TOL)
     assert torch.equal(fast.sequences, ref.sequences)
     with rlkv.compress(model, keep, sink=SINK, recent=RECENT):
-        assert not torch.equal(torch.stack(generate(model, ids, mask).logits), torch.stack(fast.logits))
+        assert not torch.equal(torch.stack(run(model, ids, mask, new=NEW).logits), torch.stack(fast.logits))
 
 
 @pytest.mark.parametrize("kv_dtype,sparsity", [("fp8", 0.0), ("fp8", 0.5), ("fp8-kept", 0.5)])
