@@ -4,6 +4,7 @@ gradients to the gates, the penalty schedule, resumable training and the curricu
 import importlib
 import json
 import math
+import zlib
 
 import pytest
 import torch
@@ -286,6 +287,39 @@ def test_curriculum_samples_in_one_call_and_keeps_finished_problems_when_interru
     rates = pass_rates(model, tok, task, examples, **args)
     assert calls == [6]  # only the last two problems were sampled
     assert [rates[ex.id] for ex in examples] == [1 / 3, 1.0, 0.0, 2 / 3]
+
+
+def test_reliable_curriculum_skips_the_samples_that_cannot_change_its_verdict(tmp_path, monkeypatch):
+    """reject_below=0.75 of 4: every problem draws 2 samples and only those with one right draw 2 more. The
+    engine seeds each (problem, sample), so the problems kept and the kept problems' scores are those of all
+    4 samples; a later call without reject_below draws just the samples a ruled-out problem lacks."""
+    from rlkv.identify.curriculum import keep_problems, pass_rates
+    from rlkv.identify.grpo import rollout_engine
+
+    model, tok, task, _, config = _setup(rollout_engine="on")
+    examples = task.load(seed=0, limit=16, difficulty=1)
+    graded = []
+    monkeypatch.setattr(
+        task,
+        "grade_many",
+        lambda exs, texts: graded.extend(texts) or [float(zlib.crc32(t.encode()) % 2) for t in texts],
+    )
+    engine = rollout_engine(model, tok, None, config)
+    args = dict(samples_per_problem=4, max_new_tokens=6, temperature=1.0, engine=engine)
+    full = pass_rates(model, tok, task, examples, cache_path=tmp_path / "full.json", **args)
+    assert len(graded) == 64
+    graded.clear()
+    early = pass_rates(model, tok, task, examples, cache_path=tmp_path / "early.json", reject_below=0.75, **args)
+    kept = keep_problems(examples, full)
+    assert keep_problems(examples, early) == kept and 0 < len(kept) < len(examples)
+    cached = next(iter(json.loads((tmp_path / "early.json").read_text()).values()))
+    ruled_out = [ex.id for ex in examples if len(cached[ex.id]) == 2]
+    assert ruled_out and all(cached[i] == [0, 0] and early[i] == 0.0 for i in ruled_out)
+    assert len(graded) == 64 - 2 * len(ruled_out)
+    assert all(early[ex.id] == full[ex.id] for ex in examples if ex.id not in ruled_out)
+    graded.clear()
+    assert pass_rates(model, tok, task, examples, cache_path=tmp_path / "early.json", **args) == full
+    assert len(graded) == 2 * len(ruled_out)
 
 
 def test_torch_distributed_world_of_one_takes_the_same_steps(tmp_path, monkeypatch):

@@ -179,5 +179,6 @@ def _curriculum(model, tokenizer, task, examples: list, config: IdentifyConfig, 
         seed=config.seed,
         engine=engine,
         batch_size=config.rollout_batch_size,
+        reject_below=config.min_pass if config.problems == "reliable" else None,
     )
     return keep_problems(examples, rates, config.problems, config.min_pass, config.band)
