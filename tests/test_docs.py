@@ -6,7 +6,15 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-DOCUMENTS = ("README.md", "RESULTS.md", "benchmarks/README.md", "results/README.md")
+DOCUMENTS = (
+    "README.md",
+    "RESULTS.md",
+    "benchmarks/README.md",
+    "results/README.md",
+    "docs/server.md",
+    "docs/architecture.md",
+    "docs/python-api.md",
+)
 LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
 CODE = re.compile(r"`([^`\s]+)`")
 RESULT_NAME = re.compile(r"(?:decode_limit|efficiency|engine|hf_cache|serving|sandbox)[\w.-]*\.json")
