@@ -166,9 +166,10 @@ def pass_rates(
 
     first = n if reject_below is None else min(n, math.floor(n * (1 - reject_below) + 1e-9) + 1)
     torch.manual_seed(seed)
-    for upto in sorted({first, n}):
+    for start, upto in ((0, first), (first, n)) if first < n else ((0, n),):
         todo = [(ex, j) for ex in examples if not settled(ex) for j in range(len(scores.get(ex.id, [])), upto)]
         if todo:
+            bar.set_description(f"curriculum, samples {start + 1}-{upto} of {n}" if first < n else "curriculum")
             sample(todo)
     bar.close()
     return {ex.id: sum(scores[ex.id]) / len(scores[ex.id]) for ex in examples}
