@@ -1,6 +1,8 @@
 """The engine against `compress` + generate (itself pinned to the masked reference), and its kernel against the
 torch path."""
 
+import operator
+
 import pytest
 import torch
 from conftest import DEVICE, left_padded_batch, tiny_model, tiny_tokenizer
@@ -9,7 +11,7 @@ import rlkv
 from rlkv.attention.ring import ring_positions
 from rlkv.engine.attention import Decode, decode_torch, store_torch
 from rlkv.engine.kv import KVStore, parse_bytes
-from rlkv.engine.sampling import filter_logits, sample, uniform
+from rlkv.engine.sampling import filter_logits, sample, uniform, vocab_keys
 from rlkv.hf.gated import gated
 from rlkv.methods.headsplit import HeadSplit
 
@@ -299,8 +301,9 @@ def test_bad_engine_arguments_are_refused():
 # ---------------------------------------------------------------------- sampling
 def test_uniform_noise_is_a_pure_function_of_seed_step_and_token():
     seeds, steps = torch.tensor([1, 2, 1]), torch.tensor([0, 0, 1])
-    u = uniform(seeds, steps, 50_000)
-    assert torch.equal(u, uniform(seeds, steps, 50_000)) and torch.equal(u[0], uniform(seeds[:1], steps[:1], 50_000)[0])
+    keys = vocab_keys(50_000)
+    u = uniform(seeds, steps, keys)
+    assert torch.equal(u, uniform(seeds, steps, keys)) and torch.equal(u[0], uniform(seeds[:1], steps[:1], keys)[0])
     assert 0 < u.min() and u.max() < 1 and abs(u.mean() - 0.5) < 0.01
     assert (u[0] != u[1]).float().mean() > 0.99 and (u[0] != u[2]).float().mean() > 0.99
 
@@ -545,6 +548,13 @@ def attention_calls(graph) -> int:
     return sum(node.target is torch.ops.rlkv.attention.default for node in graph.graph.nodes)
 
 
+def scaled_aranges(graph) -> list:
+    """The graph's products of an arange: inductor folds them into int32 index arithmetic, which overflows
+    (pytorch/pytorch#175966; the sampling noise's vocabulary hash failed to compile on CUDA that way)."""
+    ranges = [node for node in graph.graph.nodes if node.target is torch.arange]
+    return [user for node in ranges for user in node.users if user.target in (operator.mul, torch.mul)]
+
+
 def test_compiled_engine_equals_the_eager_engine_and_compressed_generate(arch, traced):
     """compile=True: the decode step's forward is one graph around `rlkv::attention` (one call per layer, the
     store never traced) and sampling a small graph per mode, all compiled when the engine is built; greedy
@@ -557,6 +567,7 @@ def test_compiled_engine_equals_the_eager_engine_and_compressed_generate(arch, t
     compiled = engine(model, method, compile=True)
     new = sorted(attention_calls(g) for g in traced[before:])
     assert new[-1] == 3 and new[:-1] in ([], [0, 0, 0])  # this class's forward; the modes' sampling, if first
+    assert not [user for graph in traced for user in scaled_aranges(graph)]
     outs = compiled.generate(ps, max_new_tokens=NEW, eos_token_ids=[])
     with rlkv.compress(model, keep, sink=SINK, recent=RECENT):
         check_equal(outs, reference(model, ids, mask))

@@ -17,6 +17,7 @@ padding rows.
 
 from __future__ import annotations
 
+from functools import partial
 from itertools import accumulate
 
 import torch
@@ -27,7 +28,7 @@ from rlkv.engine.attention import Prefill, Segment, attending
 from rlkv.engine.compiled import compiled
 from rlkv.engine.kv import upload
 from rlkv.engine.request import Request
-from rlkv.engine.sampling import sample
+from rlkv.engine.sampling import sample, vocab_keys
 
 PROMPT_TOKENS = 512  # longest row of whole new prompts prefilled in one packed forward (a CUDA graph per power of two)
 PROMPT_ROWS = 32  # most samplers of that row's prompts
@@ -52,15 +53,16 @@ def sampling_rows(requests: list[Request]) -> tuple[list[list[int]], list[list[f
     return longs, floats
 
 
-def pick(logits, seeds, steps, top_k, temperature, top_p, mode: str) -> tuple[torch.Tensor, ...]:
+def pick(logits, seeds, steps, top_k, temperature, top_p, mode: str, keys=None) -> tuple[torch.Tensor, ...]:
     """Next tokens [B] from logits [B, V] in `mode`, and their log-probs under the raw logits (the token's logit
-    less the log-sum-exp: no [B, V] log-softmax is written); in "logits" mode, the logits themselves."""
+    less the log-sum-exp: no [B, V] log-softmax is written); in "logits" mode, the logits themselves. `keys`: the
+    sampling noise's `vocab_keys`."""
     if mode == "logits":
         return (logits,)
     if mode == "greedy":
         tokens = logits.argmax(-1)
     else:
-        tokens = sample(logits, temperature, top_k, top_p, seeds, steps, filtered=mode == "filter")
+        tokens = sample(logits, temperature, top_k, top_p, seeds, steps, filtered=mode == "filter", keys=keys)
     logits = logits.float()
     return tokens, logits.gather(1, tokens[:, None])[:, 0] - torch.logsumexp(logits, dim=-1)
 
@@ -98,7 +100,9 @@ class Runner:
         self.cuda_graphs, self.whole_prompts = cuda_graphs, whole_prompts
         # the decode step's forward and sampling (the prefills run the model as it is)
         self._decode_forward = compiled(self.forward) if compile else self.forward
-        self._pick = compiled(pick) if compile else pick
+        # the sampling noise's vocabulary keys: a constant of the compiled graph, computed eagerly (see vocab_keys)
+        keyed = partial(pick, keys=vocab_keys(model.lm_head.weight.shape[0], device))
+        self._pick = compiled(keyed) if compile else keyed
         self.min_rows = 2 if compile else 1  # a compiled step's batch is symbolic from 2 rows on: 1 row is padded
         self._graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, ...]]] = {}
         # decode batch sizes that get a CUDA graph; a step pads up to the smallest that fits

@@ -34,11 +34,19 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
-def uniform(seeds: torch.Tensor, steps: torch.Tensor, vocab: int) -> torch.Tensor:
-    """Uniform noise in (0, 1), float32 [B, vocab], a pure function of (seed, step, vocabulary id)."""
+def vocab_keys(vocab: int, device=None) -> torch.Tensor:
+    """The hashed vocabulary ids [vocab] (int64) that `uniform` mixes with each row's key.
+
+    A compiled decode step takes them as a constant computed here, eagerly: inductor folds `arange * constant`
+    into int32 index arithmetic, which overflows on the golden-ratio constant (a Triton compile error, or
+    silently wrong values for smaller constants: pytorch/pytorch#175966)."""
+    return _mix32(torch.arange(vocab, device=device, dtype=torch.int64) * 0x9E3779B1 & _M32)
+
+
+def uniform(seeds: torch.Tensor, steps: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """Uniform noise in (0, 1), float32 [B, V], a pure function of (seed, step, vocabulary id); `keys`: `vocab_keys`."""
     key = _mix32(_mix32(seeds & _M32) ^ _mix32((seeds >> 32) & _M32) ^ _mix32(steps & _M32))
-    ids = _mix32(torch.arange(vocab, device=seeds.device, dtype=torch.int64) * 0x9E3779B1 & _M32)
-    bits = _mix32(key[:, None] ^ ids[None, :])
+    bits = _mix32(key[:, None] ^ keys[None, :])
     return ((bits >> 8).float() + 0.5) / 2.0**24
 
 
@@ -64,19 +72,27 @@ def filter_logits(logits: torch.Tensor, top_k, top_p) -> torch.Tensor:
 
 
 def sample(
-    logits: torch.Tensor, temperature, top_k, top_p, seeds: torch.Tensor, steps: torch.Tensor, filtered: bool = True
+    logits: torch.Tensor,
+    temperature,
+    top_k,
+    top_p,
+    seeds: torch.Tensor,
+    steps: torch.Tensor,
+    filtered: bool = True,
+    keys: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Next token ids [B] from logits [B, V]: greedy where the temperature is 0, else seeded sampling.
 
     `temperature`, `top_k`, `top_p` are numbers (one setting for the batch) or per-row tensors [B];
-    `filtered=False` skips the top-k / top-p filter (the caller knows no row uses it). A temperature
-    of exactly 0 as a number is plain argmax."""
+    `filtered=False` skips the top-k / top-p filter (the caller knows no row uses it); `keys`: `vocab_keys(V)`, made
+    here when not given (a compiled caller passes them). A temperature of exactly 0 as a number is plain argmax."""
     if not isinstance(temperature, torch.Tensor) and temperature == 0:
         return logits.argmax(-1)
     temp = _per_row(temperature, logits.shape[0], torch.float32, logits.device)
     scaled = logits.float() / temp.clamp(min=1e-6)[:, None]
     if filtered:
         scaled = filter_logits(scaled, top_k, top_p)
-    gumbel = -torch.log(-torch.log(uniform(seeds, steps, logits.shape[-1])))
+    keys = vocab_keys(logits.shape[-1], logits.device) if keys is None else keys
+    gumbel = -torch.log(-torch.log(uniform(seeds, steps, keys)))
     drawn = (scaled + gumbel).argmax(-1)
     return torch.where(temp == 0, logits.argmax(-1), drawn)
