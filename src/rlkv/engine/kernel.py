@@ -275,16 +275,20 @@ def _store_kernel(
     idx = tl.load(INDEX + h)
     if tl.load(KIND + h) == 0:
         base = tl.load(PAGE + b).to(tl.int64) * stride_pp + tl.load(OFFSET + b) * stride_pt + idx * stride_ph
-        if PAGE_FP8:
-            k, v = e4m3(k.to(tl.float32) / tl.load(KSP + h)), e4m3(v.to(tl.float32) / tl.load(VSP + h))
-        tl.store(KP + base + d, k.to(KP.dtype.element_ty))
-        tl.store(VP + base + d, v.to(VP.dtype.element_ty))
+        _put(KP + base + d, VP + base + d, k, v, KSP + h, VSP + h, PAGE_FP8)
     else:
         base = tl.load(SLOT + b).to(tl.int64) * stride_rs + tl.load(RING + b) * stride_rt + idx * stride_rh
-        if RING_FP8:
-            k, v = e4m3(k.to(tl.float32) / tl.load(KSR + h)), e4m3(v.to(tl.float32) / tl.load(VSR + h))
-        tl.store(KR + base + d, k.to(KR.dtype.element_ty))
-        tl.store(VR + base + d, v.to(VR.dtype.element_ty))
+        _put(KR + base + d, VR + base + d, k, v, KSR + h, VSR + h, RING_FP8)
+
+
+@triton.jit
+def _put(k_at, v_at, k, v, K_SCALE, V_SCALE, FP8: tl.constexpr):
+    """Store a token's K/V, rounded to e4m3 at the head's scales where the store is FP8 (a function of its own:
+    Triton refuses a runtime branch that changes a variable's type, as the rounding does)."""
+    if FP8:
+        k, v = e4m3(k.to(tl.float32) / tl.load(K_SCALE)), e4m3(v.to(tl.float32) / tl.load(V_SCALE))
+    tl.store(k_at, k.to(k_at.dtype.element_ty))
+    tl.store(v_at, v.to(v_at.dtype.element_ty))
 
 
 def store_kv(k: torch.Tensor, v: torch.Tensor, store: KVStore, layer: int, batch) -> None:
