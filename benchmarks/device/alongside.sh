@@ -1,25 +1,28 @@
 #!/bin/bash
 # Beside the identification run (after identify_launch.sh, same machine): start, detached, the GPU work whose
 # results do not depend on having the GPU alone (correctness and accuracy, not timings), one after the other:
-# the engine's and FP8's tests on CUDA (issues 34, 37), n samples on one prompt (issue 35), and the FP8 accuracy
-# rows (issue 37) at a 10 GiB KV budget, which leaves the identification run (its pool: 0.4 of the free memory
-# when it starts; then its training step) the rest of an 80 GB GPU. Logs and JSON go to
-# /tmp/alongside; identify_poll.sh brings them back as $OUT/alongside.tgz.
+# the engine's and FP8's tests on CUDA (issues 34, 37), then issue 37's accuracy rows at a 10 GiB KV budget,
+# which leaves the identification run (its pool: 0.4 of the free memory when it starts; then its training
+# step) the rest of an 80 GB GPU: rlkv 0.75 bf16 added to the committed bf16 run directory (carried as
+# .data/eval_qwen15_kv_bf16; its finished rows are skipped), then full and rlkv 0.5 at FP8, and rlkv 0.5
+# fp8-kept. Logs and run directories go to /tmp/alongside; identify_poll.sh brings them back as
+# $OUT/alongside.tgz.
 mkdir -p /tmp/alongside
-mkdir -p /tmp/data && cp .data/heads_qwen15.json .data/data/* /tmp/data/ || exit 1
+mkdir -p /tmp/data && cp -r .data/heads_qwen15.json .data/data/* .data/eval_qwen15_kv_bf16 /tmp/data/ || exit 1
 cat > /tmp/alongside/queue.sh <<'QUEUE'
 export PYTHONPATH=/tmp/site:/tmp/src RLKV_DATA_DIR=/tmp/data HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 cd /tmp/repo
 RLKV_TEST_DEVICE=cuda python3 -m pytest -q -x tests/test_engine.py tests/test_precision.py tests/test_logprobs.py \
   > /tmp/alongside/tests.log 2>&1 || { echo "tests failed: the rest runs eagerly (RLKV_COMPILE=0)" >> /tmp/alongside/tests.log; export RLKV_COMPILE=0; }
-python3 benchmarks/shared_prompt.py --model /tmp/models/q15.gguf --heads /tmp/data/heads_qwen15.json \
-  --sparsities 0,0.5 --n 8 --prompt-tokens 1024 --max-tokens 8192 --kv-budget 10GiB \
-  --out /tmp/alongside/shared_prompt_qwen15_n8x8192.json > /tmp/alongside/shared_prompt.log 2>&1
-for dtype in bf16 fp8; do
-  python3 -m rlkv eval --model /tmp/models/q15.gguf --task gsm8k,math500 --method full,rlkv --sparsity 0.5 \
+[ -d /tmp/alongside/eval_qwen15_kv_bf16 ] || cp -r /tmp/data/eval_qwen15_kv_bf16 /tmp/alongside/
+accuracy() {  # $1: kv dtype, $2: methods, $3: sparsities, $4: run directory under /tmp/alongside
+  python3 -m rlkv eval --model /tmp/models/q15.gguf --task gsm8k,math500 --method $2 --sparsity $3 \
     --heads rlkv=/tmp/data/heads_qwen15.json --max-new-tokens 1024 --prefill compressed --kv-budget 10GiB \
-    --kv-dtype $dtype --data-dir /tmp/data --out /tmp/alongside/eval_qwen15_kv_$dtype > /tmp/alongside/eval_$dtype.log 2>&1
-done
+    --kv-dtype $1 --data-dir /tmp/data --out /tmp/alongside/$4 > /tmp/alongside/$4.log 2>&1
+}
+accuracy bf16 full,rlkv 0.5,0.75 eval_qwen15_kv_bf16
+accuracy fp8 full,rlkv 0.5 eval_qwen15_kv_fp8
+accuracy fp8-kept rlkv 0.5 eval_qwen15_kv_fp8_kept
 echo QUEUE DONE > /tmp/alongside/done
 QUEUE
 rm -rf /tmp/repo && mkdir -p /tmp/repo && cp -r tests benchmarks pyproject.toml /tmp/repo/ && ln -sfn /tmp/src /tmp/repo/src

@@ -9,10 +9,25 @@ python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .
 rm -rf /tmp/src && cp -r src /tmp/src && cp .data/data/* /tmp/data/
 if [ -d .data/run ]; then cp -r .data/run/* /tmp/run/; fi  # the committed run directory
 export PYTHONPATH=/tmp/site:/tmp/src RLKV_DATA_DIR=/tmp/data HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
-export RLKV_COMPILE=${RLKV_COMPILE:-1}  # RLKV_COMPILE=0 bash identify_launch.sh: rollouts without the compiled step
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 python3 -c "import torch, transformers, triton; print(torch.__version__, transformers.__version__, triton.__version__)"
-cd /tmp && setsid nohup python3 -m rlkv identify --model /tmp/models/q15.gguf --task math_train+gsm8k_train \
-  --out /tmp/run --check-limit 0 --checkpoint-every 1 --rollout-batch-size 256 > /tmp/run.log 2>&1 < /dev/null &
-sleep 60
+start() {  # $1: RLKV_COMPILE for the rollouts' engine
+  cd /tmp && RLKV_COMPILE=$1 setsid nohup python3 -m rlkv identify --model /tmp/models/q15.gguf \
+    --task math_train+gsm8k_train --out /tmp/run --check-limit 0 --checkpoint-every 1 --rollout-batch-size 256 \
+    > /tmp/run.log 2>&1 < /dev/null &
+}
+# until the rollouts' engine is built (the decode step compiled), or the run stops: if it stops compiled,
+# it starts again eagerly (it resumes; no sample is lost)
+compile=${RLKV_COMPILE:-1}
+start $compile
+for i in $(seq 1 45); do
+  sleep 10
+  grep -q "samples 1-\|samples 3-\|rlkv identify:" /tmp/run.log && break
+  if ! pgrep -f "rlkv identify" > /dev/null; then
+    [ "$compile" = 0 ] && break
+    echo "the run stopped with the compiled step: starting it eagerly (RLKV_COMPILE=0)"
+    tr '\r' '\n' < /tmp/run.log | grep -E "Error|error" | tail -3
+    compile=0 && start 0
+  fi
+done
 tr '\r' '\n' < /tmp/run.log | grep -v '^\s*$' | tail -20
