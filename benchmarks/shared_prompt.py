@@ -2,9 +2,11 @@
 separate requests of the same prompt with seeds seed + i, through `rlkv.Engine`.
 
 Per sparsity: the KV bytes each way holds at its peak (pages in use x bytes per page, plus the n rings of
-compressed heads), what sharing saves, the seconds and prefill forwards each takes, and whether every sample
-equals its separate request token for token (it must: sample i draws with seed + i). Every sample generates
-exactly `--max-tokens` tokens (EOS ignored), so both ways hold the same tokens.
+compressed heads), what sharing saves, the seconds and prefill forwards each takes, and where each sample first
+differs from its separate request (sample i draws with seed + i: in float32 on a CPU they are equal token for
+token; in bf16 on a GPU one prefill and a packed prefill of n copies round differently, so a sample parts from
+its twin somewhere along a long answer, while a fork that copied the wrong state would part at once). Every
+sample generates exactly `--max-tokens` tokens (EOS ignored), so both ways hold the same tokens.
 
     python benchmarks/shared_prompt.py --model DIR --heads heads.json --sparsities 0,0.5 --n 8 \
         --prompt-tokens 1024 --max-tokens 8192 --kv-budget 20GiB --out results/shared_prompt.json
@@ -20,6 +22,11 @@ from common import load_model, print_table, weights_arguments, write_result
 
 import rlkv
 from rlkv import SamplingParams
+
+
+def first_difference(a: list[int], b: list[int]) -> int | None:
+    """The index of the first token where `a` and `b` differ (one ending early counts), None if equal."""
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None if len(a) == len(b) else min(len(a), len(b)))
 
 
 def run(engine: rlkv.Engine, requests: list[tuple[str, list[int], SamplingParams]]) -> tuple[dict, dict]:
@@ -75,7 +82,7 @@ def main() -> None:
         engine = rlkv.Engine(model, tokenizer, method, kv_budget=args.kv_budget, max_batch=max(args.n, 8))
         shared, one = run(engine, [("shared", prompt, params)])
         apart, many = run(engine, [(f"r{i}", prompt, params.sample(i)) for i in range(args.n)])
-        identical = all(shared["shared", i] == apart[f"r{i}", 0] for i in range(args.n))
+        parted = [first_difference(shared["shared", i], apart[f"r{i}", 0]) for i in range(args.n)]
         rows.append(
             {
                 "sparsity": sparsity,
@@ -91,7 +98,8 @@ def main() -> None:
                 "seconds_separate": many["seconds"],
                 "prefill_forwards_shared": one["prefill_forwards"],
                 "prefill_forwards_separate": many["prefill_forwards"],
-                "identical": identical,
+                "identical": all(t is None for t in parted),
+                "first_difference": parted,  # per sample: the first token it and its twin differ at (None: never)
             }
         )
         print_table(rows, ["sparsity", "kv_bytes_shared", "kv_bytes_separate", "kv_saved", "identical"])

@@ -482,5 +482,6 @@ def test_shared_prompt_benchmark_holds_fewer_bytes_with_identical_samples(saved,
     )
     for row in json.loads(out.read_text())["rows"]:
         assert row["identical"] and row["kv_bytes_shared"] < row["kv_bytes_separate"]
+        assert row["first_difference"] == [None] * row["n"]
         assert row["peak_pages_separate"] - row["peak_pages_shared"] == 3 * (40 // 16)  # 3 forks share 2 full pages
         assert row["prefill_forwards_shared"] == 1
