@@ -552,7 +552,7 @@ def scaled_aranges(graph) -> list:
     """The graph's products of an arange: inductor folds them into int32 index arithmetic, which overflows
     (pytorch/pytorch#175966; the sampling noise's vocabulary hash failed to compile on CUDA that way)."""
     ranges = [node for node in graph.graph.nodes if node.target is torch.arange]
-    return [user for node in ranges for user in node.users if user.target in (operator.mul, torch.mul)]
+    return [user for node in ranges for user in node.users if user.target in (operator.mul, torch.mul, "mul")]
 
 
 def test_compiled_engine_equals_the_eager_engine_and_compressed_generate(arch, traced):
