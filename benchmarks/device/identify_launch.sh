@@ -7,7 +7,7 @@ if [ ! -f /tmp/models/q15.gguf ]; then
 fi
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
 rm -rf /tmp/src && cp -r src /tmp/src && cp .data/data/* /tmp/data/
-if [ -d .data/run ]; then cp -r .data/run/* /tmp/run/; fi  # the committed run directory
+if [ -d .data/run ]; then cp -rn .data/run/* /tmp/run/; fi  # the committed run directory; a relaunch keeps what ran here
 export PYTHONPATH=/tmp/site:/tmp/src RLKV_DATA_DIR=/tmp/data HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 python3 -c "import torch, transformers, triton; print(torch.__version__, transformers.__version__, triton.__version__)"
