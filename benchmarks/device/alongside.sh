@@ -9,7 +9,8 @@
 # fp8-kept. Logs and run directories go to /tmp/alongside; identify_poll.sh brings them back as
 # $OUT/alongside.tgz.
 mkdir -p /tmp/alongside
-mkdir -p /tmp/data && cp -r .data/heads_qwen15.json .data/data/* .data/eval_qwen15_kv_bf16 /tmp/data/ || exit 1
+mkdir -p /tmp/data && cp .data/heads_qwen15.json .data/data/* /tmp/data/ || exit 1
+cp -rn .data/eval_qwen15_kv_bf16 /tmp/alongside/ || exit 1  # the committed run directory, which the queue adds to
 cat > /tmp/alongside/queue.sh <<'QUEUE'
 export PYTHONPATH=/tmp/site:/tmp/src RLKV_DATA_DIR=/tmp/data HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 cd /tmp/repo
@@ -18,7 +19,6 @@ RLKV_TEST_DEVICE=cuda python3 -m pytest -q -x tests/test_engine.py tests/test_pr
 python3 benchmarks/shared_prompt.py --model /tmp/models/q15.gguf --heads /tmp/data/heads_qwen15.json \
   --sparsities 0,0.5 --n 8 --prompt-tokens 1024 --max-tokens 8192 --kv-budget 10GiB \
   --out /tmp/alongside/shared_prompt_qwen15_n8x8192.json > /tmp/alongside/shared_prompt.log 2>&1
-[ -d /tmp/alongside/eval_qwen15_kv_bf16 ] || cp -r /tmp/data/eval_qwen15_kv_bf16 /tmp/alongside/
 accuracy() {  # $1: kv dtype, $2: methods, $3: sparsities, $4: run directory under /tmp/alongside
   python3 -m rlkv eval --model /tmp/models/q15.gguf --task gsm8k,math500 --method $2 --sparsity $3 \
     --heads rlkv=/tmp/data/heads_qwen15.json --max-new-tokens 1024 --prefill compressed --kv-budget 10GiB \
