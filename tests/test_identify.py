@@ -388,6 +388,7 @@ def test_two_ranks_take_the_steps_of_one_process(tmp_path, monkeypatch):
 def test_gradient_checkpointing_gives_the_same_gates(tmp_path, monkeypatch):
     model, tok, task, examples, config = _setup()
     _coin_rewards(monkeypatch, task)
+    config.gradient_checkpointing = False
     plain = identify(model, tok, task, examples, config, tmp_path / "plain")
     config.gradient_checkpointing = True
     checkpointed = identify(model, tok, task, examples, config, tmp_path / "ckpt")

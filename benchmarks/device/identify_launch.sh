@@ -9,6 +9,7 @@ python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .
 rm -rf /tmp/src && cp -r src /tmp/src && cp .data/data/* /tmp/data/
 if [ -d .data/run ]; then cp -rn .data/run/* /tmp/run/; fi  # the committed run directory; a relaunch keeps what ran here
 export PYTHONPATH=/tmp/site:/tmp/src RLKV_DATA_DIR=/tmp/data HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True  # the training step beside the rollout engine's pool
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 python3 -c "import torch, transformers, triton; print(torch.__version__, transformers.__version__, triton.__version__)"
 start() {  # $1: RLKV_COMPILE for the rollouts' engine

@@ -79,7 +79,9 @@ def identify(
     rollout_batch_size: int = typer.Option(128, min=1, help="sequences decoded at once"),
     train_tokens: int = typer.Option(7680, min=1, help="padded tokens per training micro-batch"),
     checkpoint_every: int = typer.Option(10, min=1),
-    gradient_checkpointing: bool = typer.Option(False, help="recompute activations in backward (less memory)"),
+    gradient_checkpointing: bool = typer.Option(
+        True, help="recompute activations in backward: less memory, a slower update (off: when memory allows)"
+    ),
     rollout_engine: str = typer.Option("auto", help="rollouts through rlkv.Engine: auto (on a GPU), on, off"),
     rollout_kv_budget: str = typer.Option(
         "0.4", help="the rollout engine's KV pool: a share of free GPU memory or a size (8GiB)"

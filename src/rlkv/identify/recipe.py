@@ -104,7 +104,9 @@ class IdentifyConfig:
     checkpoint_every: int = 10
     rollout_batch_size: int = 128  # sequences decoded at once (the engine's batch; generate's without it)
     train_tokens: int = 7680  # padded tokens per forward/backward micro-batch (the authors' max_tokens_per_mb)
-    gradient_checkpointing: bool = False  # recompute layer activations in the backward pass
+    # recompute layer activations in the backward pass: on by default, since one 80 GB GPU holding the rollout
+    # engine's KV pool runs out of memory at the first step without it (the authors shard over 8 GPUs with FSDP)
+    gradient_checkpointing: bool = True
     rollout_engine: str = "auto"  # rollouts through rlkv.Engine: "auto" (on CUDA), "on", "off" (transformers generate)
     rollout_kv_budget: float | str = 0.4  # the engine's KV pool: a share of free GPU memory, or bytes ("8GiB")
     init: float = 1.0  # every gate's starting value (below 1 leaves gates room to rise before the clamp at 1)
