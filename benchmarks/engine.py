@@ -356,13 +356,13 @@ def _decode_graph(engine, batch: int, context: int):
     bucket = next(b for b in runner.buckets if b >= batch)
     engine._open()  # a graph not captured yet is captured with the engine's attention in the model
     try:
-        with torch.inference_mode():
+        with torch.inference_mode():  # the graph's input buffers are inference tensors
             graph, _ = runner._graph(("decode", bucket), "greedy")
+            runner._static.zero_()
+            runner._static[1, :batch] = context
+            runner._static[2, :batch] = torch.arange(1, batch + 1)  # slots still hold the last call's page tables
     finally:
         engine._close()
-    runner._static.zero_()
-    runner._static[1, :batch] = context
-    runner._static[2, :batch] = torch.arange(1, batch + 1)  # slots still hold the last call's page tables (or tokens)
     return graph
 
 

@@ -336,7 +336,8 @@ def test_a_decode_graph_the_engine_never_ran_is_captured_with_its_attention():
     engine = rlkv.Engine(model, tiny_tokenizer(), HeadSplit(keep, 4, 8), kv_budget=2**24, max_batch=8)
     engine.generate([[5, 6, 7] * 20] * 2, max_new_tokens=3, eos_token_ids=[])  # decodes 2 at once: bucket 2
     graph = _decode_graph(engine, 8, 40)  # bucket 8, never decoded
-    engine.runner._static[0, :8] = 5  # token 0 embeds to zeros (the padding row): its K would be zero too
+    with torch.inference_mode():  # the graph's input buffers are inference tensors
+        engine.runner._static[0, :8] = 5  # token 0 embeds to zeros (the padding row): its K would be zero too
     store = engine.store
     page = int(store.page_table[1, 40 // store.page_size])
     store.pages_k[0][page, 40 % store.page_size].zero_()

@@ -577,6 +577,18 @@ def test_compiled_engine_equals_the_eager_engine_and_compressed_generate(arch, t
     assert len(traced) == before + len(new)  # every batch size and mode ran on what was compiled at the start
 
 
+def test_engines_compile_on_more_models_than_dynamos_default_limit(traced):
+    """Every model configuration is an entry of the same compiled functions' caches: engines on more configurations
+    than dynamo's limit (8 by default, 2 here) still compile, under fullgraph, where the limit is an error."""
+    ps, ids, mask = prompts()
+    with torch._dynamo.config.patch(recompile_limit=2):
+        for layers in (1, 2, 3):
+            model = tiny_model("llama", layers=layers)
+            outs = engine(model, compile=True).generate(ps, max_new_tokens=NEW, eos_token_ids=[])
+            check_equal(outs, reference(model, ids, mask))
+    assert sum(attention_calls(g) > 0 for g in traced) >= 3  # a forward compiled per configuration
+
+
 def test_compiled_engine_runs_every_runtime(traced):
     """The operator hides which store and attention run: gated rollouts and token droppers compile the same way."""
     model = tiny_model("qwen2")

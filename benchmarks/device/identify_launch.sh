@@ -28,6 +28,7 @@ for i in $(seq 1 45); do
     [ "$compile" = 0 ] && break
     echo "the run stopped with the compiled step: starting it eagerly (RLKV_COMPILE=0)"
     tr '\r' '\n' < /tmp/run.log | grep -E "Error|error" | tail -3
+    cp /tmp/run.log /tmp/compile_failure.log  # the whole traceback: identify_poll.sh returns it
     compile=0 && start 0
   fi
 done

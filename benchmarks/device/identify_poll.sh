@@ -7,6 +7,7 @@ nvidia-smi --query-gpu=memory.used,utilization.gpu --format=csv
 mkdir -p $OUT/run
 for f in curriculum.json log.jsonl checkpoint.pt heads.json; do [ -f /tmp/run/$f ] && cp /tmp/run/$f $OUT/run/; done
 tr '\r' '\n' < /tmp/run.log | grep -v '^\s*$' | tail -c 4000000 > $OUT/run/run.log
+[ -f /tmp/compile_failure.log ] && tr '\r' '\n' < /tmp/compile_failure.log | tail -c 2000000 > $OUT/compile_failure.log
 ls -la $OUT/run
 if [ -d /tmp/alongside ]; then  # alongside.sh's queue, if it was started: one archive (a call returns at most 8 files)
   tail -3 /tmp/alongside/tests.log 2>/dev/null; ls /tmp/alongside

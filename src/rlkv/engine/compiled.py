@@ -24,6 +24,10 @@ import torch
 import torch._dynamo
 
 BACKEND = "inductor"  # the tests trace with "aot_eager" (same graph, no code generation) where inductor is too slow
+# torch keeps one cache per function: every model configuration and sampling mode an engine compiles is an entry of
+# the same ones (`Runner.forward`; the wrapper dynamo puts around `pick`'s partial), and a process with engines
+# on several models (the tests, a notebook) would reach dynamo's default of 8, an error under fullgraph
+RECOMPILE_LIMIT = 64
 
 
 def compile_by_default() -> bool:
@@ -38,6 +42,7 @@ def compile_by_default() -> bool:
 def compiled(fn):
     """`fn` compiled whole (fullgraph: a graph break would be a silent slow path), every tensor argument's first
     dimension (the batch, at least 2) symbolic."""
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
     step = torch.compile(fn, backend=BACKEND, fullgraph=True)
 
     def call(*args):

@@ -108,14 +108,17 @@ class Runner:
         # decode batch sizes that get a CUDA graph; a step pads up to the smallest that fits
         sizes = [s for s in [1, 2, 4, 8, 16, *range(32, max_batch, 32)] if s < max_batch] + [max_batch]
         self.buckets = sorted({max(s, self.min_rows) for s in sizes})
-        # a decode step's ids, pos, slots, seeds, steps, top_k; and its temperatures, top_p
-        self._static = torch.zeros(6, self.buckets[-1], dtype=torch.long, device=device)
-        self._static_f = torch.ones(2, self.buckets[-1], device=device)
-        # packed new contexts: per token ids, pos, slots, context lengths, seq, prompt lengths; per context its last
-        # token, seed, step, top_k; and its temperature, top_p
-        self._static_prompts = torch.zeros(6, PROMPT_TOKENS, dtype=torch.long, device=device)
-        self._static_rows = torch.zeros(4, PROMPT_ROWS, dtype=torch.long, device=device)
-        self._static_rows_f = torch.ones(2, PROMPT_ROWS, device=device)
+        # the graphs' input buffers are inference tensors, as every input of an eager step is (the engine runs in
+        # inference mode): a compiled step guards on that, and would compile the model twice otherwise
+        with torch.inference_mode():
+            # a decode step's ids, pos, slots, seeds, steps, top_k; and its temperatures, top_p
+            self._static = torch.zeros(6, self.buckets[-1], dtype=torch.long, device=device)
+            self._static_f = torch.ones(2, self.buckets[-1], device=device)
+            # packed new contexts: per token ids, pos, slots, context lengths, seq, prompt lengths; per context its
+            # last token, seed, step, top_k; and its temperature, top_p
+            self._static_prompts = torch.zeros(6, PROMPT_TOKENS, dtype=torch.long, device=device)
+            self._static_rows = torch.zeros(4, PROMPT_ROWS, dtype=torch.long, device=device)
+            self._static_rows_f = torch.ones(2, PROMPT_ROWS, device=device)
         # one memory pool per kind of graph. Graphs of one pool may reuse each other's intermediate memory, so
         # a replay may overwrite the outputs of the pool's other graphs: a decode step's tokens are read (into
         # the next step's inputs) before the next decode replay, but a prefill replays in between
