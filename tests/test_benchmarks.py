@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from conftest import DEVICE, REPO, saved_tiny_model, tiny_model, tiny_tokenizer
+from conftest import DATA_DIR, DEVICE, REPO, saved_tiny_model, tiny_model, tiny_tokenizer
 
 import rlkv
 from rlkv.methods.headsplit import HeadSplit
@@ -486,3 +486,28 @@ def test_shared_prompt_benchmark_holds_fewer_bytes_with_identical_samples(saved,
         assert row["first_difference"] == [None] * row["n"]
         assert row["peak_pages_separate"] - row["peak_pages_shared"] == 3 * (40 // 16)  # 3 forks share 2 full pages
         assert row["prefill_forwards_shared"] == 1
+
+
+def test_kv_fidelity_benchmark_shows_what_centred_keys_save(tmp_path):
+    """Teacher-forced on a model whose keys sit on a large offset (as Qwen2's do): FP8 with centred keys moves
+    its predictions far less than FP8 without centres, whose damage is the keys' (values alone move them little)."""
+    model = tiny_model("qwen2", rope_theta=1e6)
+    with torch.no_grad():
+        for layer in model.model.layers:  # each head's slowest RoPE pair far off zero, as Qwen2.5's key bias
+            layer.self_attn.k_proj.bias.view(2, 16)[:, [7, 15]] += 300.0
+            layer.self_attn.q_proj.bias.view(4, 16)[:, [7, 15]] += 3.0
+    model.save_pretrained(tmp_path / "model")
+    tiny_tokenizer().save_pretrained(tmp_path / "model")
+    examples = rlkv.tasks.get("gsm8k").load(data_dir=DATA_DIR, limit=3)
+    samples = tmp_path / "samples.jsonl"
+    rows = [
+        {"task": "gsm8k", "method": "full", "id": e.id, "completion": f"{e.answer} is the answer."} for e in examples
+    ]
+    samples.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "fidelity.json"
+    run("kv_fidelity.py", "--model", str(tmp_path / "model"), "--samples", str(samples), "--data-dir", str(DATA_DIR),
+        "--out", str(out))  # fmt: skip
+    result = {r["precision"]: r for r in json.loads(out.read_text())["rows"]}
+    assert result["fp8"]["tokens"] == result["fp8-uncentred"]["tokens"] > 3 * 5  # every answer's tokens, each row
+    assert 3 * result["fp8"]["mean_kl"] < result["fp8-uncentred"]["mean_kl"]
+    assert 3 * result["fp8-values"]["mean_kl"] < result["fp8-uncentred"]["mean_kl"]  # the damage is the keys'

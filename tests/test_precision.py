@@ -14,7 +14,17 @@ from rlkv.engine.attention import Decode, decode_torch, store_torch
 from rlkv.engine.kv import KVStore
 from rlkv.hf.plumbing import CACHE_KWARG
 from rlkv.methods.headsplit import HeadSplit
-from rlkv.precision import CALIBRATION_TOKENS, FP8, FP8_MAX, HEADROOM, KVPrecision, KVPrecisions, calibrate, precisions
+from rlkv.precision import (
+    CALIBRATION_TOKENS,
+    FP8,
+    FP8_MAX,
+    HEADROOM,
+    KVPrecision,
+    KVPrecisions,
+    calibrate,
+    precisions,
+    scale_for,
+)
 
 # Two runtimes sum their attention in different orders, so a layer's K or V can differ in its last float32 bit; where
 # that value lies on the edge between two e4m3 values the two round it one step (1/16 to 1/8) apart. Such a flip in
@@ -67,24 +77,56 @@ def test_fp8_rounds_as_torch_saturates_and_reads_back_exactly():
     assert native.round_trip(x, 0, 0, slice(None), 1) is x and native.itemsize == 4
 
 
-def test_calibrated_scales_are_powers_of_two_per_kv_head():
+def test_calibration_centres_keys_and_scales_each_kv_head_by_a_power_of_two():
     model = tiny_model("qwen2")
-    scales = calibrate(model)
-    assert scales.shape == (2, 3, 2) and calibrate(model) is scales  # once per model
+    fp8 = calibrate(model)
+    scales, centres = fp8.scales, fp8.centres
+    assert scales.shape == (2, 3, 2) and centres.shape == (3, 2, 16) and calibrate(model) is fp8  # once per model
     assert torch.equal(torch.exp2(torch.log2(scales).round()), scales)
     kv = precisions(model, "fp8-kept")
     assert kv.kept.quantized and not kv.compressed.quantized and kv.compressed.dtype == torch.float32
-    # each scale is the least power of two with amax x HEADROOM / scale <= 448, amax over the calibration's K and V
+    # the centres: the calibration's mean key per channel; each scale the least power of two with
+    # amax x HEADROOM / scale <= 448, amax over the calibration's centred K and its V
     ids = torch.randint(0, 96, (1, CALIBRATION_TOKENS), generator=torch.Generator().manual_seed(0)).to(DEVICE)
     cache = model(input_ids=ids, use_cache=True).past_key_values
+    keys, values = (torch.stack([getattr(layer, name)[0] for layer in cache.layers]) for name in ("keys", "values"))
+    torch.testing.assert_close(centres, keys.mean(dim=2))
+    amax = torch.stack([(keys - centres[:, :, None]).abs().amax(dim=(2, 3)), values.abs().amax(dim=(2, 3))])
+    reach = amax * torch.tensor(HEADROOM, device=amax.device).view(2, 1, 1) / scales
+    assert (reach <= FP8_MAX).all() and (reach > FP8_MAX / 2).all()
+    keep = torch.tensor([True, False], device=DEVICE)
+    mixed = kv.key_centres(1, *(torch.nonzero(k).flatten() for k in (keep, ~keep)))  # fp8-kept: kept heads only
+    assert torch.equal(mixed[0], centres[1, 0]) and not mixed[1].any()
+
+
+def test_fp8_keys_on_a_large_offset_keep_their_scores(monkeypatch):
+    """Qwen2's key bias puts some channels hundreds of units off zero, where e4m3 rounds in steps of 32 and the
+    scores move with the query's own bias there: stored less their centres, FP8 keys keep the next-token logits
+    as near the unquantised model's as without the offset, uncentred four times further off on this model."""
+    model = tiny_model("qwen2", rope_theta=1e6)  # Qwen2.5's: its slowest channels barely turn
+    with torch.no_grad():
+        for layer in model.model.layers:  # on each head's slowest RoPE pair, as Qwen2.5's biases
+            layer.self_attn.k_proj.bias.view(2, 16)[:, [7, 15]] += 300.0
+            layer.self_attn.q_proj.bias.view(4, 16)[:, [7, 15]] += 3.0
+    ids, mask = left_padded_batch((20, 13, 7), 20)
+    plain = run(model, ids, mask, new=1).logits[0]
+    keep = torch.ones(rlkv.Layout.of(model).shape, dtype=torch.bool)
+
+    def error() -> float:
+        with rlkv.compress(model, keep, sink=SINK, recent=RECENT, kv_dtype="fp8"):
+            return (run(model, ids, mask, new=1).logits[0] - plain).abs().max().item()
+
+    centred_error = error()
+    calibration = torch.randint(0, 96, (1, CALIBRATION_TOKENS), generator=torch.Generator().manual_seed(0))
+    cache = model(input_ids=calibration.to(DEVICE), use_cache=True).past_key_values
     amax = torch.stack(
         [
             torch.stack([getattr(layer, name).abs().amax(dim=(0, 2, 3)) for layer in cache.layers])
             for name in ("keys", "values")
         ]
     )
-    reach = amax * torch.tensor(HEADROOM, device=amax.device).view(2, 1, 1) / scales
-    assert (reach <= FP8_MAX).all() and (reach > FP8_MAX / 2).all()
+    monkeypatch.setattr(rlkv.precision, "calibrate", lambda m: KVPrecision(FP8, scale_for(amax)))  # no centres
+    assert centred_error < 0.03 < 3 * centred_error < error()
 
 
 def test_bad_kv_dtypes_are_refused():

@@ -1,30 +1,23 @@
 #!/bin/bash
 # Beside the identification run (after identify_launch.sh, same machine): start, detached, the GPU work whose
 # results do not depend on having the GPU alone (correctness and accuracy, not timings), one after the other:
-# the engine's and FP8's tests on CUDA (issues 34, 37), issue 35's n samples on shared pages again (now with
-# where each sample parts from its separate twin), then issue 37's accuracy rows at a 10 GiB KV budget,
-# which leaves the identification run (its pool: 0.4 of the free memory when it starts; then its training
-# step) the rest of an 80 GB GPU: rlkv 0.75 bf16 added to the committed bf16 run directory (carried as
-# .data/eval_qwen15_kv_bf16; its finished rows are skipped), then full and rlkv 0.5 at FP8, and rlkv 0.5
-# fp8-kept. Logs and run directories go to /tmp/alongside; identify_poll.sh brings them back as
-# $OUT/alongside.tgz.
+# the engine's and FP8's tests on CUDA (issues 34, 37), then issue 37's FP8 accuracy rows at a 10 GiB KV budget
+# with centred keys (session 21's rows, without centres, are in results/archive/), which leaves the
+# identification run (its pool: 0.4 of the free memory when it starts; then its training step) the rest of an
+# 80 GB GPU: full and rlkv 0.5 at FP8, and rlkv 0.5 fp8-kept. Logs and run directories go to /tmp/alongside;
+# identify_poll.sh brings them back as $OUT/alongside.tgz.
 mkdir -p /tmp/alongside
 mkdir -p /tmp/data && cp .data/heads_qwen15.json .data/data/* /tmp/data/ || exit 1
-cp -rn .data/eval_qwen15_kv_bf16 /tmp/alongside/ || exit 1  # the committed run directory, which the queue adds to
 cat > /tmp/alongside/queue.sh <<'QUEUE'
 export PYTHONPATH=/tmp/site:/tmp/src RLKV_DATA_DIR=/tmp/data HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 cd /tmp/repo
 RLKV_TEST_DEVICE=cuda python3 -m pytest -q -x tests/test_engine.py tests/test_precision.py tests/test_logprobs.py \
   > /tmp/alongside/tests.log 2>&1 || { echo "tests failed: the rest runs eagerly (RLKV_COMPILE=0)" >> /tmp/alongside/tests.log; export RLKV_COMPILE=0; }
-python3 benchmarks/shared_prompt.py --model /tmp/models/q15.gguf --heads /tmp/data/heads_qwen15.json \
-  --sparsities 0,0.5 --n 8 --prompt-tokens 1024 --max-tokens 8192 --kv-budget 10GiB \
-  --out /tmp/alongside/shared_prompt_qwen15_n8x8192.json > /tmp/alongside/shared_prompt.log 2>&1
 accuracy() {  # $1: kv dtype, $2: methods, $3: sparsities, $4: run directory under /tmp/alongside
   python3 -m rlkv eval --model /tmp/models/q15.gguf --task gsm8k,math500 --method $2 --sparsity $3 \
     --heads rlkv=/tmp/data/heads_qwen15.json --max-new-tokens 1024 --prefill compressed --kv-budget 10GiB \
     --kv-dtype $1 --data-dir /tmp/data --out /tmp/alongside/$4 > /tmp/alongside/$4.log 2>&1
 }
-accuracy bf16 full,rlkv 0.5,0.75 eval_qwen15_kv_bf16
 accuracy fp8 full,rlkv 0.5 eval_qwen15_kv_fp8
 accuracy fp8-kept rlkv 0.5 eval_qwen15_kv_fp8_kept
 echo QUEUE DONE > /tmp/alongside/done

@@ -20,6 +20,16 @@ layer), with three differences:
   and V's into the output) and every runtime reads bit-identical values whatever its compute dtype;
 - saturating: a value beyond 448 x scale is stored as +-448 x scale (an overflowing `float8_e4m3fn`
   cast would give NaN), as vLLM's CUDA conversion (`__NV_SATFINITE`) does.
+
+Centred keys. A head's keys can sit on a large offset per channel (Qwen2's key bias: channels near 300
+whose tokens differ by a few units), which e4m3's 3 mantissa bits round in steps of 32 there: the scores
+q.k move by tens, and a Qwen2.5 fails (vLLM and SGLang users report Qwen2.5 with FP8 KV collapsing; RESULTS.md
+has the 1.5B's GSM8K at 62.1 -> 40.8). So an FP8 head stores k - c, `c` the calibration's mean key per
+channel (`centres`): exact for attention, since q.c is the same for every key a query sees and softmax
+ignores it. Every runtime subtracts `c` where a new key arrives (`centred`), so everything downstream, the
+stores, the kernels and the masked reference, holds and reads centred keys; values need no centre (their
+rounding moved the 1.5B's predictions 300 times less than the keys'). A token dropper that compares keys
+(R-KV's cosine redundancy) compares centred keys at FP8.
 The scales do not depend on which runtime asks (the engine and `compress` read the same ones), nor on
 the prompts served, so results are reproducible across batches and runtimes.
 
@@ -51,10 +61,12 @@ KEYS, VALUES = 0, 1
 @dataclass(frozen=True)
 class KVPrecision:
     """How a store holds K/V: `dtype` (the model's, or FP8), and for FP8 the `scales` [2 (K, V), layers,
-    kv_heads] (float32 powers of two) that map a head's values into e4m3's range."""
+    kv_heads] (float32 powers of two) that map a head's values into e4m3's range, and the `centres`
+    [layers, kv_heads, head_dim] (float32) its keys are stored less (None: no centring)."""
 
     dtype: torch.dtype
     scales: torch.Tensor | None = None
+    centres: torch.Tensor | None = None
 
     @property
     def quantized(self) -> bool:
@@ -89,8 +101,16 @@ class KVPrecision:
             return x
         return self.load(self.store(x, which, layer, heads, dim), which, layer, heads, dim, x.dtype)
 
+    def key_centres(self, layer: int) -> torch.Tensor | None:
+        """[kv_heads, head_dim] centres of `layer`'s keys, or None."""
+        return None if self.centres is None else self.centres[layer]
+
     def to(self, device) -> KVPrecision:
-        return self if self.scales is None else KVPrecision(self.dtype, self.scales.to(device))
+        if self.scales is None:
+            return self
+        return KVPrecision(
+            self.dtype, self.scales.to(device), None if self.centres is None else self.centres.to(device)
+        )
 
 
 def _along(scale: torch.Tensor, ndim: int, dim: int) -> torch.Tensor:
@@ -98,6 +118,16 @@ def _along(scale: torch.Tensor, ndim: int, dim: int) -> torch.Tensor:
     shape = [1] * ndim
     shape[dim] = -1
     return scale.view(shape)
+
+
+def centred(key: torch.Tensor, centres: torch.Tensor | None, dim: int = 1) -> torch.Tensor:
+    """`key` (KV heads along `dim`, channels last) less its heads' `centres` [kv_heads, head_dim], in its dtype;
+    `key` itself when there are none. Where a runtime's new keys arrive, before anything stores or reads them."""
+    if centres is None:
+        return key
+    shape = [1] * key.ndim
+    shape[dim], shape[-1] = centres.shape
+    return (key.float() - centres.view(shape)).to(key.dtype)
 
 
 def as_bytes(t: torch.Tensor) -> torch.Tensor:
@@ -137,6 +167,19 @@ class KVPrecisions:
             out.append(x)
         return tuple(out)
 
+    def key_centres(self, layer: int, kept_heads: torch.Tensor, compressed_heads: torch.Tensor) -> torch.Tensor | None:
+        """[kv_heads, head_dim] centres of `layer`'s keys: the kept heads' (indices) from `kept`, the compressed
+        heads' from `compressed`, zero at a precision without centres; None if neither has any."""
+        kept, compressed = self.kept.key_centres(layer), self.compressed.key_centres(layer)
+        like = kept if kept is not None else compressed
+        if like is None:
+            return None
+        out = torch.zeros_like(like)
+        for heads, centres in ((kept_heads, kept), (compressed_heads, compressed)):
+            if centres is not None:
+                out[heads] = centres[heads]
+        return out
+
     def to(self, device) -> KVPrecisions:
         return KVPrecisions(self.kept.to(device), self.compressed.to(device))
 
@@ -146,52 +189,60 @@ def precisions(model, kv_dtype: str) -> KVPrecisions:
     native = KVPrecision(next(model.parameters()).dtype)
     if check_kv_dtype(kv_dtype) == "bf16":
         return KVPrecisions(native, native)
-    fp8 = KVPrecision(FP8, calibrate(model))
+    fp8 = calibrate(model)
     return KVPrecisions(fp8, native if kv_dtype == "fp8-kept" else fp8)
 
 
 _CALIBRATED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def calibrate(model) -> torch.Tensor:
-    """Per-(layer, KV head) FP8 scales [2 (K, V), layers, kv_heads] of `model` (see the module docstring): one
-    forward of `CALIBRATION_TOKENS` random ids (seed 0), the amax of every head's K (after RoPE) and V, each
-    scale the least power of two with amax x HEADROOM / scale <= FP8_MAX. Computed once per model object."""
+def calibrate(model) -> KVPrecision:
+    """`model`'s FP8 precision (see the module docstring): one forward of `CALIBRATION_TOKENS` random ids (seed 0)
+    gives every KV head's mean key per channel (after RoPE: the `centres`) and the amax of its centred K and of
+    its V, and each scale is the least power of two with amax x HEADROOM / scale <= FP8_MAX. Computed once per
+    model object."""
     if model in _CALIBRATED:
         return _CALIBRATED[model]
     from rlkv.hf.plumbing import base_attention, patched  # transformers: only when a model is calibrated
 
     config = model.config.get_text_config()
     device = next(model.parameters()).device
-    amax = torch.zeros(2, config.num_hidden_layers, config.num_key_value_heads, device=device)
-    state = _Amax(amax, base_attention(model.config._attn_implementation))
+    layers, heads = config.num_hidden_layers, config.num_key_value_heads
+    state = _Observed(
+        torch.zeros(2, layers, heads, device=device), [None] * layers, base_attention(model.config._attn_implementation)
+    )
     length = min(CALIBRATION_TOKENS, getattr(config, "max_position_embeddings", None) or CALIBRATION_TOKENS)
     ids = torch.randint(0, config.vocab_size, (1, length), generator=torch.Generator().manual_seed(0))
-    with torch.inference_mode(), patched(model, "rlkv_calibrate", _record_amax, state):
+    with torch.inference_mode(), patched(model, "rlkv_calibrate", _observe, state):
         model(input_ids=ids.to(device), use_cache=False)
-    scales = scale_for(amax)
-    _CALIBRATED[model] = scales
-    return scales
+    fp8 = KVPrecision(FP8, scale_for(state.amax), torch.stack(state.centres))
+    _CALIBRATED[model] = fp8
+    return fp8
 
 
 @dataclass
-class _Amax:
-    """What `calibrate`'s attention function records: every layer's K and V amax per KV head."""
+class _Observed:
+    """What `calibrate`'s attention function records: per layer and KV head, the amax of the centred K and of V,
+    and the mean key per channel."""
 
-    amax: torch.Tensor
+    amax: torch.Tensor  # [2 (K, V), layers, kv_heads]
+    centres: list  # per layer: [kv_heads, head_dim]
     base: object  # the model's own attention function
 
     def before_forward(self, step) -> None:
         pass
 
 
-def _record_amax(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """The model's own attention, recording the amax of K and V per KV head on the way."""
+def _observe(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """The model's own attention, observing its K and V on the way."""
     from rlkv.hf.plumbing import state_of
 
-    state = state_of(module, "rlkv.precision.calibrate")
-    state.amax[KEYS, module.layer_idx] = key.detach().abs().amax(dim=(0, 2, 3)).float()
-    state.amax[VALUES, module.layer_idx] = value.detach().abs().amax(dim=(0, 2, 3)).float()
+    state, layer = state_of(module, "rlkv.precision.calibrate"), module.layer_idx
+    keys = key.detach().float()
+    centres = keys.mean(dim=(0, 2))  # [kv_heads, head_dim]
+    state.centres[layer] = centres
+    state.amax[KEYS, layer] = centred(keys, centres).abs().amax(dim=(0, 2, 3))
+    state.amax[VALUES, layer] = value.detach().abs().amax(dim=(0, 2, 3)).float()
     return state.base(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
 
 

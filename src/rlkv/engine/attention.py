@@ -18,8 +18,9 @@ one custom operator, `rlkv::attention` (`engine_attention`), which torch.compile
   `keep_keys_mask`; compressed heads see their ring plus the chunk.
 In gated mode (RL rollouts) every head is paged and its output is
 alpha * full + (1 - alpha) * streaming attention, both over the same keys.
-With FP8 pages or rings (`rlkv.precision`) every new key and value is rounded to its head's precision
-before anything attends to it (`KVStore.round_trip`), so a prefill reads what a later decode step reads.
+With FP8 pages or rings (`rlkv.precision`) every new key is centred first, and every new key and value is
+rounded to its head's precision before anything attends to it (`KVStore.round_trip`), so a prefill reads
+what a later decode step reads.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ import torch.nn.functional as F
 from rlkv.attention.reference import gate_mix, keep_keys_mask, masked_attention, recent_start
 from rlkv.attention.ring import ring_positions, ring_slot
 from rlkv.engine.kv import KVStore, upload
-from rlkv.precision import KEYS, VALUES
+from rlkv.precision import KEYS, VALUES, centred
 
 
 @dataclass
@@ -157,6 +158,10 @@ class EngineState:
     def before_forward(self, step) -> None:
         raise RuntimeError("a model driven by rlkv.Engine cannot be called directly while the engine runs")
 
+    def centred(self, layer: int, key: torch.Tensor) -> torch.Tensor:
+        """`layer`'s new keys as the store holds them: less their centres where it is FP8 (`rlkv.precision`)."""
+        raise NotImplementedError
+
 
 class EngineAttention(EngineState):
     """Head-split and gated mode: the store, the mode and the current batch."""
@@ -179,6 +184,9 @@ class EngineAttention(EngineState):
 
     def decode_batch(self, slots: torch.Tensor, pos: torch.Tensor, max_len: int | None = None) -> Decode:
         return Decode.of(self.store, slots, pos, max_len)
+
+    def centred(self, layer: int, key: torch.Tensor) -> torch.Tensor:
+        return centred(key, self.store.key_centres[layer])
 
     def prompts_batch(
         self,
@@ -430,6 +438,7 @@ def engine_attention(
     state = _forward_state
     if state is None or state.batch is None:
         raise RuntimeError("rlkv.Engine's attention ran outside an engine step")
+    key = state.centred(layer, key)
     return state.batch.attend(state, layer, query, key, value, scaling, window).contiguous()
 
 

@@ -166,6 +166,9 @@ class KVStore(Slots):
             self.pages_v.append(torch.zeros(page_shape, dtype=page, device=device))
             self.ring_k.append(torch.zeros(ring_shape, dtype=ring, device=device))
             self.ring_v.append(torch.zeros(ring_shape, dtype=ring, device=device))
+        # what each layer's new keys are stored less (`rlkv.precision.centred`): None unless a store is FP8
+        kv = KVPrecisions(self.kept_precision, self.ring_precision)
+        self.key_centres = [kv.key_centres(i, self.full_idx[i], self.comp_idx[i]) for i in range(layout.num_layers)]
         # head kind (0 paged, 1 ring) and index within its store, per layer: what the decode kernel reads
         self.kind = [(~self.keep[i]).int().to(device) for i in range(layout.num_layers)]
         index = torch.zeros_like(self.keep, dtype=torch.int32)

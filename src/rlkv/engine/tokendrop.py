@@ -37,7 +37,7 @@ from rlkv.engine.attention import Decode, EngineState, Prefill
 from rlkv.engine.kv import upload
 from rlkv.engine.store import Slots
 from rlkv.models import Layout
-from rlkv.precision import KEYS, VALUES, KVPrecision
+from rlkv.precision import KEYS, VALUES, KVPrecision, centred
 
 PAD_TOKENS = 8192  # prompts x longest prompt of one padded prefill group: bounds its attention's memory
 
@@ -61,6 +61,7 @@ class TokenDropStore(Slots):
         """`dtype`: the model's (the policy's state); `precision`: the slots' K/V (None: unquantised, `dtype`)."""
         self.layout, self.policy = layout, policy
         self.precision = (precision or KVPrecision(dtype)).to(device)
+        self.key_centres = [self.precision.key_centres(i) for i in range(layout.num_layers)]  # `centred`'s
         self.capacity = policy.capacity
         self.slot_bytes = int(policy.sequence_bytes(layout, torch.tensor(self.capacity), self.precision.itemsize))
         fits = budget // self.slot_bytes - 1  # slot 0 is scratch
@@ -212,6 +213,9 @@ class TokenDropAttention(EngineState):
 
     def decode_batch(self, slots: torch.Tensor, pos: torch.Tensor, max_len: int | None = None) -> Decode:
         return Decode(slots, pos, None, None, None, max_len)  # no pages, no ring
+
+    def centred(self, layer: int, key: torch.Tensor) -> torch.Tensor:
+        return centred(key, self.store.key_centres[layer])
 
     def decode(self, layer: int, q, k, v, scaling: float, window: int | None) -> torch.Tensor:
         """q [B, Hq, D], k/v [B, Hkv, D] of the new tokens -> attention output [B, Hq, D]; the slots keep what the

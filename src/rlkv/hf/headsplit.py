@@ -46,7 +46,7 @@ from rlkv.hf.graphs import check_cuda_graphs, planned_columns, with_graphs
 from rlkv.hf.plumbing import Step, base_attention, own_cache, patched, recorded_cache, state_of
 from rlkv.hf.splitcache import PREFILL_MODES, DecodeStep, HeadSplitCache, HeadSplitLayer
 from rlkv.models import Layout
-from rlkv.precision import KVPrecisions, check_kv_dtype, precisions
+from rlkv.precision import KVPrecisions, centred, check_kv_dtype, precisions
 
 __all__ = ["FullCache", "HeadSplitCache", "HeadSplitLayer", "cache_nbytes", "compress", "resolve_keep"]
 
@@ -174,10 +174,11 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
 
 def rounded(kv: KVPrecisions | None, layer: int, keep: torch.Tensor, key, value) -> tuple:
     """Keys and values [b, h, k, d] of `layer` as its stored precisions give them back (kept heads at `kv.kept`,
-    the others at `kv.compressed`): what the masked reference attends over."""
+    the others at `kv.compressed`, keys centred first): what the masked reference attends over."""
     if kv is None:
         return key, value
     kept, compressed = (torch.nonzero(k).flatten().to(key.device) for k in (keep, ~keep))
+    key = centred(key, kv.to(key.device).key_centres(layer, kept, compressed))
     return kv.round_trip(layer, kept, compressed, key, value, dim=1)
 
 

@@ -55,7 +55,7 @@ from rlkv.attention.reference import keep_keys_mask
 from rlkv.attention.ring import query_heads, ring_slot
 from rlkv.hf.graphs import ReplayableCache
 from rlkv.hf.plumbing import CompressedLayer, Step
-from rlkv.precision import KEYS, VALUES, KVPrecisions, as_bytes
+from rlkv.precision import KEYS, VALUES, KVPrecisions, as_bytes, centred
 
 GROW = 256  # columns added per kept head when a layer's buffer is full
 GRAPH_GROW = 1024  # columns a cache whose steps are replayed makes room for at once (each growth re-records the step)
@@ -259,8 +259,10 @@ class HeadSplitLayer(CompressedLayer, CacheLayerMixin):
         self.full_idx = torch.nonzero(self.keep).flatten().to(self.device)
         self.comp_idx = torch.nonzero(~self.keep).flatten().to(self.device)
         slots = self.nc * self.ring_size
+        self.key_centres = None  # what new keys are stored less (`rlkv.precision.centred`)
         if self.split:
             self.precisions = self.precisions.to(self.device)
+            self.key_centres = self.precisions.key_centres(self.layer, self.full_idx, self.comp_idx)
             ring, kept = self.precisions.compressed.dtype, self.precisions.kept.dtype
             self.keys = key_states.new_zeros(b, slots, key_states.shape[-1], dtype=ring)
             self.values = value_states.new_zeros(b, slots, value_states.shape[-1], dtype=ring)
@@ -298,6 +300,7 @@ class HeadSplitLayer(CompressedLayer, CacheLayerMixin):
         if self.nc:
             return key_states, value_states
         keys, values = self._kept_views
+        key_states = centred(key_states, self.key_centres)
         keys[:, :, start : self.cumulative_length] = self._store(key_states, KEYS, True)
         values[:, :, start : self.cumulative_length] = self._store(value_states, VALUES, True)
         end = self.cumulative_length
@@ -317,6 +320,7 @@ class HeadSplitLayer(CompressedLayer, CacheLayerMixin):
         out = query.new_empty(b, q, hq, value.shape[-1])
         q_full, q_comp = self.owner.query_heads(self, group, query.device)
         if self.split:  # as attention reads them once stored
+            key = centred(key, self.key_centres)
             key, value = self.precisions.round_trip(self.layer, self.full_idx, self.comp_idx, key, value, dim=1)
         if self.nf:
             keys, values = self._kept_views
@@ -342,7 +346,7 @@ class HeadSplitLayer(CompressedLayer, CacheLayerMixin):
         group = hq // self.keep.numel()
         index, mask = step.layout(self.pattern, group, query.dtype, max(self.keys.shape[-1], self.values.shape[-1]))
         if self.split:
-            keys, values = self._decode_split(index, key[:, :, 0], value[:, :, 0])
+            keys, values = self._decode_split(index, centred(key[:, :, 0], self.key_centres), value[:, :, 0])
         else:
             self.keys.scatter_(1, index[..., : self.keys.shape[-1]], key[:, :, 0])
             self.values.scatter_(1, index[..., : self.values.shape[-1]], value[:, :, 0])

@@ -45,7 +45,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from rlkv.attention.tokendrop import Candidates, Policy, candidate_attention, compact, select_tokens, slot_attention
 from rlkv.hf.graphs import ReplayableCache, check_cuda_graphs, planned_columns, with_graphs
 from rlkv.hf.plumbing import CompressedLayer, Step, base_attention, patched, state_of
-from rlkv.precision import KEYS, VALUES, KVPrecision, as_bytes, precisions
+from rlkv.precision import KEYS, VALUES, KVPrecision, as_bytes, centred, precisions
 
 
 class TokenDropLayer(CompressedLayer, CacheLayerMixin):
@@ -86,6 +86,7 @@ class TokenDropLayer(CompressedLayer, CacheLayerMixin):
         """Attention [b, q, hq, d] of the new queries over stored + new tokens; then keep what `policy` selects.
         `fused`: a decoding step's attention, `rlkv.attention.slot_kernel.slot_attention` (None: torch)."""
         b, h, q, _ = key.shape
+        key = centred(key, self.precision.key_centres(self.layer))  # FP8: what the slots hold of a key
         if q == 1 and self.is_initialized:
             return self._decode(query, key, value, q_pos, scaling, window, policy, fused)
         key = self.precision.round_trip(key, KEYS, self.layer, slice(None), 1)
