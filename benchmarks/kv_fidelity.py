@@ -9,7 +9,10 @@ and nothing sampled, so the rows differ only by the rounding. Precisions:
   KV head for K and for V);
 - fp8-uncentred: per-head scales computed on the raw keys, no centres (what the calibration did before the
   centres, and what per-tensor or per-head FP8 scales do in other engines);
+- fp8-channels: a power-of-two scale per key channel (and per head for values), no centres;
 - fp8-values: values at FP8, keys as they are (how much of the damage is the keys').
+Beside them, per layer, how far the keys' channels sit off zero: the largest channel amax over the median one
+(over the answers, unquantised), the offset centring removes.
 
     python benchmarks/kv_fidelity.py --model qwen2.5-coder-1.5b-instruct.Q4_K_M.gguf --task gsm8k \
         --samples results/eval_qwen15_kv_bf16/samples.jsonl --limit 6 --out results/kv_fidelity_qwen15.json
@@ -19,7 +22,8 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +34,8 @@ from rlkv.hf.plumbing import base_attention, patched, state_of
 from rlkv.precision import (
     CALIBRATION_TOKENS,
     FP8,
+    FP8_MAX,
+    HEADROOM,
     KEYS,
     VALUES,
     KVPrecision,
@@ -38,45 +44,83 @@ from rlkv.precision import (
     scale_for,
 )
 
-VARIANTS = ("fp8", "fp8-uncentred", "fp8-values")
+VARIANTS = ("fp8", "fp8-uncentred", "fp8-channels", "fp8-values")
+KV = ("keys", "values")
+Rounding = Callable[[int, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]  # (layer, K, V) -> K, V
 
 
 @dataclass
-class Rounding:
-    """What the patched attention applies: `precision` to the keys (if `keys`) and values of every layer."""
+class Patch:
+    """What the patched attention does to every layer's K and V: `rounding` (None: nothing), and with `observe`
+    it records each layer's per-channel key amax [kv_heads, head_dim]."""
 
-    precision: KVPrecision | None
-    keys: bool
     base: object
+    rounding: Rounding | None = None
+    observe: bool = False
+    key_amax: dict = field(default_factory=dict)
 
     def before_forward(self, step) -> None:
         pass
 
 
-def _rounded_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    state: Rounding = state_of(module, "kv_fidelity")
-    p, layer = state.precision, module.layer_idx
-    if p is not None:
-        if state.keys:
-            key = p.round_trip(centred(key, p.key_centres(layer)), KEYS, layer, slice(None), 1)
-        value = p.round_trip(value, VALUES, layer, slice(None), 1)
+def _attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    state: Patch = state_of(module, "kv_fidelity")
+    layer = module.layer_idx
+    if state.observe:
+        amax = key.detach().float().abs().amax(dim=(0, 2))
+        state.key_amax[layer] = torch.maximum(state.key_amax.get(layer, amax), amax)
+    if state.rounding is not None:
+        key, value = state.rounding(layer, key, value)
     return state.base(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
 
 
-def uncentred(model) -> KVPrecision:
-    """FP8 scales per KV head from the raw keys and values of `calibrate`'s forward (the same random ids), no
-    centres."""
+def calibration_cache(model):
+    """The DynamicCache of `calibrate`'s forward (the same 512 random ids): raw K and V per layer."""
     config = model.config.get_text_config()
     ids = torch.randint(0, config.vocab_size, (1, CALIBRATION_TOKENS), generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
-        cache = model(input_ids=ids.to(model.device), use_cache=True).past_key_values
-    amax = torch.stack(
+        return model(input_ids=ids.to(model.device), use_cache=True).past_key_values
+
+
+def roundings(model) -> dict[str, Rounding]:
+    """Every variant's rounding of one layer's K and V [b, kv_heads, t, d]."""
+    fp8 = calibrate(model)
+    cache = calibration_cache(model)
+    raw_amax = torch.stack(
         [
-            torch.stack([getattr(layer, name).abs().amax(dim=(0, 2, 3)) for layer in cache.layers])
-            for name in ("keys", "values")
+            torch.stack([getattr(layer, n).float().abs().amax(dim=(0, 2, 3)) for layer in cache.layers])
+            for n in ("keys", "values")
         ]
     )
-    return KVPrecision(FP8, scale_for(amax.float()))
+    uncentred = KVPrecision(FP8, scale_for(raw_amax))
+    channel_scales = [  # [kv_heads, head_dim] per layer: the least power of two with amax x HEADROOM <= 448 x scale
+        torch.exp2(
+            torch.ceil(
+                torch.log2((layer.keys.float().abs().amax(dim=(0, 2)) * HEADROOM[KEYS] / FP8_MAX).clamp(min=2.0**-100))
+            )
+        )
+        for layer in cache.layers
+    ]
+
+    def per_channel(layer: int, key: torch.Tensor) -> torch.Tensor:
+        s = channel_scales[layer][None, :, None, :]
+        return ((key.float() / s).clamp(-FP8_MAX, FP8_MAX).to(FP8).float() * s).to(key.dtype)
+
+    def both(p: KVPrecision) -> Rounding:
+        return lambda layer, k, v: (
+            p.round_trip(centred(k, p.key_centres(layer)), KEYS, layer, slice(None), 1),
+            p.round_trip(v, VALUES, layer, slice(None), 1),
+        )
+
+    return {
+        "fp8": both(fp8),
+        "fp8-uncentred": both(uncentred),
+        "fp8-channels": lambda layer, k, v: (
+            per_channel(layer, k),
+            uncentred.round_trip(v, VALUES, layer, slice(None), 1),
+        ),
+        "fp8-values": lambda layer, k, v: (k, fp8.round_trip(v, VALUES, layer, slice(None), 1)),
+    }
 
 
 def answers(tokenizer, samples: str, task_name: str, limit: int, data_dir) -> list[tuple[list[int], list[int]]]:
@@ -107,20 +151,27 @@ def main() -> None:
 
     model, tokenizer = load_model(args.model)
     sequences = answers(tokenizer, args.samples, args.task, args.limit, args.data_dir)
-    precisions = {"fp8": (calibrate(model), True), "fp8-uncentred": (uncentred(model), True)}
-    precisions["fp8-values"] = (precisions["fp8"][0], False)
-    state = Rounding(None, True, base_attention(model.config._attn_implementation))
+    rounding = roundings(model)
+    state = Patch(base_attention(model.config._attn_implementation))
 
     def logits(prompt: list[int], completion: list[int]) -> torch.Tensor:
         ids = torch.tensor([prompt + completion], device=model.device)
-        with torch.inference_mode(), patched(model, "kv_fidelity", _rounded_attention, state):
+        with torch.inference_mode(), patched(model, "kv_fidelity", _attention, state):
             out = model(input_ids=ids, use_cache=False).logits[0]
         return out[len(prompt) - 1 : len(prompt) + len(completion) - 1].float()
 
+    state.observe = True
     reference = [logits(p, c) for p, c in sequences]
+    state.observe = False
+    offsets = []
+    for layer, amax in sorted(state.key_amax.items()):
+        spread = amax.amax(dim=-1) / amax.median(dim=-1).values  # per head: largest channel over the median one
+        offsets.append(
+            {"layer": layer, "key_channel_amax_max": amax.max().item(), "max_over_median": spread.max().item()}
+        )
     rows = []
     for name in variants:
-        state.precision, state.keys = precisions[name]
+        state.rounding = rounding[name]
         agree, kl, tokens = 0, 0.0, 0
         for (prompt, completion), ref in zip(sequences, reference):
             out = logits(prompt, completion)
@@ -129,10 +180,16 @@ def main() -> None:
             tokens += len(completion)
         rows.append({"precision": name, "top1_agreement": agree / tokens, "mean_kl": kl / tokens, "tokens": tokens})
         print_table(rows[-1:], ["precision", "top1_agreement", "mean_kl", "tokens"])
-    state.precision = None
     write_result(
         args.out,
-        {"model": args.model, "samples": args.samples, "task": args.task, "answers": len(sequences), "rows": rows},
+        {
+            "model": args.model,
+            "samples": args.samples,
+            "task": args.task,
+            "answers": len(sequences),
+            "rows": rows,
+            "key_offsets": offsets,
+        },  # fmt: skip
     )
 
 
