@@ -623,6 +623,29 @@ def test_inductor_compiled_engine_with_the_kernels_equals_compressed_generate(mo
     torch._dynamo.reset()
 
 
+def test_a_decode_step_that_fails_to_compile_runs_eagerly(monkeypatch, caplog):
+    """A compiler failure (inductor's and Triton's have stopped GPU runs here) costs speed, not the job: the
+    engine logs why, with its traceback, and decodes eagerly, equal to compress + generate."""
+
+    def broken(gm, example_inputs):
+        raise RuntimeError("list indices must be integers or slices, not NoneType")
+
+    monkeypatch.setattr(rlkv.engine.compiled, "BACKEND", broken)
+    torch._dynamo.reset()
+    model = tiny_model("qwen2")
+    keep = rlkv.HeadScores.random(rlkv.Layout.of(model), seed=1).keep_mask(0.5)
+    ps, ids, mask = prompts()
+    with caplog.at_level("WARNING", logger="rlkv.engine"):
+        eng = engine(model, HeadSplit(keep, SINK, RECENT), compile=True)
+    assert not eng.compile and eng.runner.min_rows == 1
+    assert "compiling the decode step failed" in caplog.text and "list indices must be integers" in caplog.text
+    assert caplog.records[-1].exc_info is not None  # the whole traceback
+    outs = eng.generate(ps, max_new_tokens=NEW, eos_token_ids=[])
+    with rlkv.compress(model, keep, sink=SINK, recent=RECENT):
+        check_equal(outs, reference(model, ids, mask))
+    torch._dynamo.reset()
+
+
 def test_rlkv_compile_says_whether_engines_compile_when_not_told(monkeypatch):
     """RLKV_COMPILE=0 is the eager escape hatch for every engine a command builds; a wrong value is an error."""
     from rlkv.engine.compiled import compile_by_default

@@ -30,6 +30,7 @@ preempted and prefilled again. The engine keeps the model's attention only while
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import deque
 from contextlib import ExitStack
@@ -64,6 +65,7 @@ from rlkv.precision import check_kv_dtype, precisions
 
 ENGINE_SETTINGS = ("auto", "on", "off")
 STOP_TAIL = 64  # tokens decoded to look for stop strings
+log = logging.getLogger("rlkv.engine")
 
 
 def check_setting(setting: str) -> str:
@@ -133,7 +135,8 @@ class Engine:
         "reserve" (every page a request could need, up front: the former policy, for comparison).
         `compile` (default: on CUDA unless RLKV_COMPILE=0): the decode step's forward and sampling compiled
         with torch.compile around the engine's attention (`rlkv.engine.compiled`), here, once, with a progress
-        bar; the CUDA graphs then replay the compiled step. `cuda_graphs` and `kernel` default to on CUDA too.
+        bar; the CUDA graphs then replay the compiled step (should the compiler fail, the engine says why and runs
+        eagerly: `Engine.compile` is then False). `cuda_graphs` and `kernel` default to on CUDA too.
         `kv_dtype`: how K/V are stored ("bf16": the model's dtype, "fp8", "fp8-kept": `rlkv.precision`);
         None: the method's (`HeadSplit.kv_dtype`, `TokenDrop.kv_dtype`), else bf16. FP8 halves a token's
         bytes, so the same `kv_budget` holds twice the tokens."""
@@ -187,17 +190,9 @@ class Engine:
             min(max_batch, self.store.num_slots - 1),
         )
         self.scheduler = Scheduler(self.store, max_batch, admission, watermark)
-        self.runner = Runner(
-            model,
-            self.state,
-            self.store,
-            self.device,
-            max_batch,
-            prefill_tokens,
-            self.cuda_graphs,
-            runtime.whole_prompts,
-            self.compile,
-        )
+        self._runner_args = (model, self.state, self.store, self.device, max_batch, prefill_tokens)
+        self._runner_args += (self.cuda_graphs, runtime.whole_prompts)
+        self.runner = Runner(*self._runner_args, self.compile)
         self.stats = EngineStats()
         self._model_eos: frozenset[int] | None = None
         self._requests: dict[str, list[Request]] = {}  # unfinished samples, by request id
@@ -210,12 +205,28 @@ class Engine:
         self._totals = {"generated": 0, "prompt": 0, "finished": 0}
         self._session: ExitStack | None = None  # the model's attention is the engine's while it has work
         if self.compile:
-            self._open()
-            try:
-                with torch.inference_mode():
-                    self.runner.warm_up()
-            finally:
-                self._close()
+            self._compile_step()
+
+    def _compile_step(self) -> None:
+        """Compile the decode step (and capture its graphs) now. Should the compiler fail, say why (the whole
+        traceback, to stderr) and run eagerly, as RLKV_COMPILE=0 would: a long job goes on at the eager step's
+        speed rather than dying before its first request."""
+        self._open()
+        try:
+            with torch.inference_mode():
+                self.runner.warm_up()
+        except Exception as err:  # inductor, Triton and dynamo raise many types
+            first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+            log.warning(
+                "rlkv: compiling the decode step failed (%s: %s); running it eagerly (RLKV_COMPILE=0 skips compiling)",
+                type(err).__name__,
+                first[:200],
+                exc_info=err,
+            )
+            self.compile = False
+            self.runner = Runner(*self._runner_args, False)
+        finally:
+            self._close()
 
     # ------------------------------------------------------------------ requests
     @property
