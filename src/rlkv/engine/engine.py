@@ -35,6 +35,7 @@ import time
 from collections import deque
 from contextlib import ExitStack
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from tqdm.auto import tqdm
@@ -190,9 +191,9 @@ class Engine:
             min(max_batch, self.store.num_slots - 1),
         )
         self.scheduler = Scheduler(self.store, max_batch, admission, watermark)
-        self._runner_args = (model, self.state, self.store, self.device, max_batch, prefill_tokens)
-        self._runner_args += (self.cuda_graphs, runtime.whole_prompts)
-        self.runner = Runner(*self._runner_args, self.compile)
+        args = (model, self.state, self.store, self.device, max_batch, prefill_tokens, self.cuda_graphs)
+        self._new_runner = partial(Runner, *args, runtime.whole_prompts)
+        self.runner = self._new_runner(compile=self.compile)
         self.stats = EngineStats()
         self._model_eos: frozenset[int] | None = None
         self._requests: dict[str, list[Request]] = {}  # unfinished samples, by request id
@@ -224,7 +225,7 @@ class Engine:
                 exc_info=err,
             )
             self.compile = False
-            self.runner = Runner(*self._runner_args, False)
+            self.runner = self._new_runner(compile=False)
         finally:
             self._close()
 
