@@ -26,7 +26,7 @@ SPARSITY_HELP = "fraction of KV heads that keep only sink + recent tokens"
 BUDGET_HELP = "tokens kept per KV head by h2o / snapkv / rkv"
 DATA_DIR_HELP = "task data directory (default $RLKV_DATA_DIR or ../shared/data)"
 KV_DTYPE_HELP = (
-    "how K/V are stored: bf16 (the model's dtype), fp8 (e4m3 at per-KV-head scales: half the bytes), "
+    "how K/V are stored: bf16 (the model's dtype), fp8 (e4m3 at per-KV-head scales, keys centred: half the bytes), "
     "fp8-kept (head splits: kept heads fp8, the compressed heads' rings bf16)"
 )
 PREFILL_HELP = (
