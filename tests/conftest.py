@@ -47,6 +47,18 @@ def tiny_model(arch: str, layers: int = 3, q_heads: int = 4, kv_heads: int = 2, 
     return model.eval().to(DEVICE)
 
 
+def offset_keys_model():
+    """`tiny_model("qwen2")` whose keys sit far off zero on some channels, as Qwen2.5's key bias puts them (what
+    FP8 must round): each head's slowest RoPE pair (theta 1e6, Qwen2.5's: it barely turns) biased by 300 in K
+    and by 3 in Q, so the scores feel it."""
+    model = tiny_model("qwen2", rope_theta=1e6)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.k_proj.bias.view(2, 16)[:, [7, 15]] += 300.0
+            layer.self_attn.q_proj.bias.view(4, 16)[:, [7, 15]] += 3.0
+    return model
+
+
 def saved_tiny_model(path, arch: str = "qwen2", tokenizer=None):
     """`tiny_model(arch)` and `tiny_tokenizer()` (or `tokenizer`) saved with save_pretrained into `path` (a model
     directory)."""

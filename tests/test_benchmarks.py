@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from conftest import DATA_DIR, DEVICE, REPO, saved_tiny_model, tiny_model, tiny_tokenizer
+from conftest import DATA_DIR, DEVICE, REPO, offset_keys_model, saved_tiny_model, tiny_model, tiny_tokenizer
 
 import rlkv
 from rlkv.methods.headsplit import HeadSplit
@@ -491,11 +491,7 @@ def test_shared_prompt_benchmark_holds_fewer_bytes_with_identical_samples(saved,
 def test_kv_fidelity_benchmark_shows_what_centred_keys_save(tmp_path):
     """Teacher-forced on a model whose keys sit on a large offset (as Qwen2's do): FP8 with centred keys moves
     its predictions far less than FP8 without centres, whose damage is the keys' (values alone move them little)."""
-    model = tiny_model("qwen2", rope_theta=1e6)
-    with torch.no_grad():
-        for layer in model.model.layers:  # each head's slowest RoPE pair far off zero, as Qwen2.5's key bias
-            layer.self_attn.k_proj.bias.view(2, 16)[:, [7, 15]] += 300.0
-            layer.self_attn.q_proj.bias.view(4, 16)[:, [7, 15]] += 3.0
+    model = offset_keys_model()
     model.save_pretrained(tmp_path / "model")
     tiny_tokenizer().save_pretrained(tmp_path / "model")
     examples = rlkv.tasks.get("gsm8k").load(data_dir=DATA_DIR, limit=3)

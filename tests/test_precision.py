@@ -4,7 +4,7 @@ and byte counts in the bytes stored."""
 
 import pytest
 import torch
-from conftest import DEVICE, left_padded_batch, tiny_model
+from conftest import DEVICE, left_padded_batch, offset_keys_model, tiny_model
 from test_engine import NEW, RECENT, SINK, TOKEN_DROP, engine, prompts, reference
 from test_hf import run
 from transformers import DynamicCache
@@ -103,11 +103,7 @@ def test_fp8_keys_on_a_large_offset_keep_their_scores(monkeypatch):
     """Qwen2's key bias puts some channels hundreds of units off zero, where e4m3 rounds in steps of 32 and the
     scores move with the query's own bias there: stored less their centres, FP8 keys keep the next-token logits
     as near the unquantised model's as without the offset, uncentred four times further off on this model."""
-    model = tiny_model("qwen2", rope_theta=1e6)  # Qwen2.5's: its slowest channels barely turn
-    with torch.no_grad():
-        for layer in model.model.layers:  # on each head's slowest RoPE pair, as Qwen2.5's biases
-            layer.self_attn.k_proj.bias.view(2, 16)[:, [7, 15]] += 300.0
-            layer.self_attn.q_proj.bias.view(4, 16)[:, [7, 15]] += 3.0
+    model = offset_keys_model()
     ids, mask = left_padded_batch((20, 13, 7), 20)
     plain = run(model, ids, mask, new=1).logits[0]
     keep = torch.ones(rlkv.Layout.of(model).shape, dtype=torch.bool)
