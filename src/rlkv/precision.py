@@ -23,13 +23,15 @@ layer), with three differences:
 
 Centred keys. A head's keys can sit on a large offset per channel (Qwen2's key bias: channels near 300
 whose tokens differ by a few units), which e4m3's 3 mantissa bits round in steps of 32 there: the scores
-q.k move by tens, and a Qwen2.5 fails (vLLM and SGLang users report Qwen2.5 with FP8 KV collapsing; RESULTS.md
-has the 1.5B's GSM8K at 62.1 -> 40.8). So an FP8 head stores k - c, `c` the calibration's mean key per
-channel (`centres`): exact for attention, since q.c is the same for every key a query sees and softmax
-ignores it. Every runtime subtracts `c` where a new key arrives (`centred`), so everything downstream, the
-stores, the kernels and the masked reference, holds and reads centred keys; values need no centre (their
-rounding moved the 1.5B's predictions 300 times less than the keys'). A token dropper that compares keys
-(R-KV's cosine redundancy) compares centred keys at FP8.
+q.k move by tens, and a Qwen2.5 fails (users of vLLM-based stacks report Qwen2.5 collapsing at FP8 KV;
+RESULTS.md has the 1.5B's GSM8K at 62.1 -> 40.8). So an FP8 head stores k - c, `c` the calibration's mean
+key per channel (`centres`): exact for attention, since q.c is the same for every key a query sees and
+softmax ignores it. Every runtime subtracts `c` where a new key arrives (`centred`), so everything
+downstream, the stores, the kernels and the masked reference, holds and reads centred keys. Values need no
+centre: their rounding moved the 1.5B's predictions over a thousand times less than the keys'
+(`benchmarks/kv_fidelity.py`). A token dropper that compares keys (R-KV's cosine redundancy) compares
+centred keys at FP8.
+
 The scales do not depend on which runtime asks (the engine and `compress` read the same ones), nor on
 the prompts served, so results are reproducible across batches and runtimes.
 
