@@ -32,20 +32,18 @@ from common import load_model, print_table, write_result
 import rlkv.tasks
 from rlkv.hf.plumbing import base_attention, patched, state_of
 from rlkv.precision import (
-    CALIBRATION_TOKENS,
     FP8,
     FP8_MAX,
-    HEADROOM,
     KEYS,
     VALUES,
     KVPrecision,
     calibrate,
+    calibration_ids,
     centred,
     scale_for,
 )
 
 VARIANTS = ("fp8", "fp8-uncentred", "fp8-channels", "fp8-values")
-KV = ("keys", "values")
 Rounding = Callable[[int, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]  # (layer, K, V) -> K, V
 
 
@@ -75,9 +73,8 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
 
 
 def calibration_cache(model):
-    """The DynamicCache of `calibrate`'s forward (the same 512 random ids): raw K and V per layer."""
-    config = model.config.get_text_config()
-    ids = torch.randint(0, config.vocab_size, (1, CALIBRATION_TOKENS), generator=torch.Generator().manual_seed(0))
+    """The DynamicCache of `calibrate`'s forward (the same random ids): raw K and V per layer."""
+    ids = calibration_ids(model.config.get_text_config())
     with torch.inference_mode():
         return model(input_ids=ids.to(model.device), use_cache=True).past_key_values
 
@@ -93,14 +90,9 @@ def roundings(model) -> dict[str, Rounding]:
         ]
     )
     uncentred = KVPrecision(FP8, scale_for(raw_amax))
-    channel_scales = [  # [kv_heads, head_dim] per layer: the least power of two with amax x HEADROOM <= 448 x scale
-        torch.exp2(
-            torch.ceil(
-                torch.log2((layer.keys.float().abs().amax(dim=(0, 2)) * HEADROOM[KEYS] / FP8_MAX).clamp(min=2.0**-100))
-            )
-        )
-        for layer in cache.layers
-    ]
+    # [kv_heads, head_dim] per layer: `scale_for`'s rule (K's headroom) per key channel
+    channel_amax = torch.stack([layer.keys.float().abs().amax(dim=(0, 2)) for layer in cache.layers])
+    channel_scales = scale_for(torch.stack([channel_amax, channel_amax]))[KEYS]
 
     def per_channel(layer: int, key: torch.Tensor) -> torch.Tensor:
         s = channel_scales[layer][None, :, None, :]

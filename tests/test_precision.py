@@ -22,6 +22,7 @@ from rlkv.precision import (
     KVPrecision,
     KVPrecisions,
     calibrate,
+    calibration_ids,
     precisions,
     scale_for,
 )
@@ -87,8 +88,9 @@ def test_calibration_centres_keys_and_scales_each_kv_head_by_a_power_of_two():
     assert kv.kept.quantized and not kv.compressed.quantized and kv.compressed.dtype == torch.float32
     # the centres: the calibration's mean key per channel; each scale the least power of two with
     # amax x HEADROOM / scale <= 448, amax over the calibration's centred K and its V
-    ids = torch.randint(0, 96, (1, CALIBRATION_TOKENS), generator=torch.Generator().manual_seed(0)).to(DEVICE)
-    cache = model(input_ids=ids, use_cache=True).past_key_values
+    ids = calibration_ids(model.config)
+    assert ids.shape == (1, CALIBRATION_TOKENS) and calibration_ids(model.config).equal(ids)  # seeded
+    cache = model(input_ids=ids.to(DEVICE), use_cache=True).past_key_values
     keys, values = (torch.stack([getattr(layer, name)[0] for layer in cache.layers]) for name in ("keys", "values"))
     torch.testing.assert_close(centres, keys.mean(dim=2))
     amax = torch.stack([(keys - centres[:, :, None]).abs().amax(dim=(2, 3)), values.abs().amax(dim=(2, 3))])
@@ -113,8 +115,7 @@ def test_fp8_keys_on_a_large_offset_keep_their_scores(monkeypatch):
             return (run(model, ids, mask, new=1).logits[0] - plain).abs().max().item()
 
     centred_error = error()
-    calibration = torch.randint(0, 96, (1, CALIBRATION_TOKENS), generator=torch.Generator().manual_seed(0))
-    cache = model(input_ids=calibration.to(DEVICE), use_cache=True).past_key_values
+    cache = model(input_ids=calibration_ids(model.config).to(DEVICE), use_cache=True).past_key_values
     amax = torch.stack(
         [
             torch.stack([getattr(layer, name).abs().amax(dim=(0, 2, 3)) for layer in cache.layers])

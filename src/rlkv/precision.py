@@ -213,13 +213,18 @@ def calibrate(model) -> KVPrecision:
     state = _Observed(
         torch.zeros(2, layers, heads, device=device), [None] * layers, base_attention(model.config._attn_implementation)
     )
-    length = min(CALIBRATION_TOKENS, getattr(config, "max_position_embeddings", None) or CALIBRATION_TOKENS)
-    ids = torch.randint(0, config.vocab_size, (1, length), generator=torch.Generator().manual_seed(0))
     with torch.inference_mode(), patched(model, "rlkv_calibrate", _observe, state):
-        model(input_ids=ids.to(device), use_cache=False)
+        model(input_ids=calibration_ids(config).to(device), use_cache=False)
     fp8 = KVPrecision(FP8, scale_for(state.amax), torch.stack(state.centres))
     _CALIBRATED[model] = fp8
     return fp8
+
+
+def calibration_ids(config) -> torch.Tensor:
+    """The token ids [1, length] `calibrate` feeds a model of text `config`: `CALIBRATION_TOKENS` (at most its
+    positions) uniform random ids, seed 0, on the CPU."""
+    length = min(CALIBRATION_TOKENS, getattr(config, "max_position_embeddings", None) or CALIBRATION_TOKENS)
+    return torch.randint(0, config.vocab_size, (1, length), generator=torch.Generator().manual_seed(0))
 
 
 @dataclass

@@ -217,7 +217,7 @@ class Engine:
             with torch.inference_mode():
                 self.runner.warm_up()
         except Exception as err:  # inductor, Triton and dynamo raise many types
-            first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+            first = (str(err).strip().splitlines() or [""])[0]
             log.warning(
                 "rlkv: compiling the decode step failed (%s: %s); running it eagerly (RLKV_COMPILE=0 skips compiling)",
                 type(err).__name__,

@@ -178,7 +178,7 @@ def rounded(kv: KVPrecisions | None, layer: int, keep: torch.Tensor, key, value)
     if kv is None:
         return key, value
     kept, compressed = (torch.nonzero(k).flatten().to(key.device) for k in (keep, ~keep))
-    key = centred(key, kv.to(key.device).key_centres(layer, kept, compressed))
+    key = centred(key, kv.key_centres(layer, kept, compressed))
     return kv.round_trip(layer, kept, compressed, key, value, dim=1)
 
 
