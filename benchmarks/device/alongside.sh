@@ -5,7 +5,8 @@
 # in results/archive/), which leaves the identification run (its pool: 0.4 of the free memory when it starts;
 # then its training step) the rest of an 80 GB GPU: full and rlkv 0.5 at FP8, and rlkv 0.5 fp8-kept (compiled;
 # an engine whose step fails to compile logs why and runs eagerly); then FP8's and the engine's tests on CUDA
-# (issues 34, 37: every test model compiles with inductor, so they take long). Logs and run directories go to
+# (issues 34, 37: every test model compiles with inductor, so they take long); then, once the identification ends
+# with its heads, issue 32's accuracy table (the paper heads at results/eval_qwen15/'s settings). Logs and run directories go to
 # /tmp/alongside; identify_poll.sh brings them back as $OUT/alongside.tgz.
 mkdir -p /tmp/alongside
 mkdir -p /tmp/data && cp .data/heads_qwen15.json .data/data/* /tmp/data/ || exit 1
@@ -21,6 +22,14 @@ accuracy fp8 full,rlkv 0.5 eval_qwen15_kv_fp8
 accuracy fp8-kept rlkv 0.5 eval_qwen15_kv_fp8_kept
 RLKV_TEST_DEVICE=cuda python3 -m pytest -q -x tests/test_precision.py tests/test_engine.py tests/test_logprobs.py \
   > /tmp/alongside/tests.log 2>&1
+# issue 32's table, as soon as the identification writes its heads (the session it ends in): the paper recipe's
+# heads beside the full cache at results/eval_qwen15/'s settings (its baselines' rows stand); resumable
+while pgrep -f "rlkv identify" > /dev/null; do sleep 10; done
+if [ -f /tmp/run/heads.json ]; then
+  python3 -m rlkv eval --model /tmp/models/q15.gguf --task gsm8k,math500,aime24,mbpp --method full,rlkv \
+    --sparsity 0.2,0.4,0.5,0.6,0.8 --heads rlkv=/tmp/run/heads.json --max-new-tokens 1024 --batch-size 512 \
+    --match-bytes --data-dir /tmp/data --out /tmp/alongside/eval_qwen15_paper > /tmp/alongside/eval_qwen15_paper.log 2>&1
+fi
 echo QUEUE DONE > /tmp/alongside/done
 QUEUE
 rm -rf /tmp/repo && mkdir -p /tmp/repo && cp -r tests benchmarks pyproject.toml /tmp/repo/ && ln -sfn /tmp/src /tmp/repo/src
