@@ -30,6 +30,11 @@
                 time per step with CUDA graphs (no profiler attached), of it the GPU time of the
                 step's graph (the rest is host work the device waited for), and the GPU kernels per
                 step of eager runs (torch.profiler), top 15: what grows with the batch.
+--parts sampling a decode step's sampling and log-probs alone, per mode (`rlkv.engine.runner.MODES`: argmax, noise
+                only, top-k by selection, the top-k / top-p filter that sorts the vocabulary) at each
+                `--sampling-batches` size over the model's vocabulary, compiled on CUDA as the engine runs it
+                (`--sampling-top-k` 20 and top-p 0.95, Qwen's settings): GPU time per call, CUDA graphs;
+                against one read of the logits at copy bandwidth.
 Head choice does not change cost: seeded random head scores are used.
 
     python benchmarks/engine.py --model DIR --parts hf,sweep,kernel --out results/engine.json
@@ -246,6 +251,44 @@ def kernel_row(model, args, kv_dtype: str) -> dict:
     return row
 
 
+def part_sampling(model, args) -> list[dict]:
+    """`pick` in each sampling mode (compiled, replayed) on random logits [B, V] of the model's vocabulary."""
+    from functools import partial
+
+    from rlkv.engine.compiled import compiled
+    from rlkv.engine.runner import MODES, pick
+    from rlkv.engine.sampling import vocab_keys
+
+    device = next(model.parameters()).device
+    vocab = model.lm_head.weight.shape[0]
+    step = partial(pick, keys=vocab_keys(vocab, device))
+    step = compiled(step) if device.type == "cuda" else step  # as engines compile: on CUDA
+    copy = copy_bandwidth(device)
+    rows = []
+    for batch in (int(b) for b in args.sampling_batches.split(",")):
+        logits = torch.randn(batch, vocab, device=device, dtype=model.dtype) * 4
+        seeds, steps = torch.arange(batch, device=device), torch.zeros(batch, dtype=torch.long, device=device)
+        top_k = torch.full((batch,), args.sampling_top_k, device=device)
+        temperature, top_p = torch.full((batch,), 0.6, device=device), torch.full((batch,), 0.95, device=device)
+        floor = logits.numel() * logits.element_size() / copy
+        for mode in (m for m in MODES if m != "logits"):
+            call = lambda: step(logits, seeds, steps, top_k, temperature, top_p, mode)  # noqa: E731
+            seconds = gpu_seconds(call, reps=20)
+            rows.append(
+                {
+                    "part": "sampling",
+                    "mode": mode,
+                    "batch": batch,
+                    "vocab": vocab,
+                    "microseconds": seconds * 1e6,
+                    "logits_read_us": floor * 1e6,
+                    "of_one_read": floor / seconds,
+                }
+            )
+            print(f"sampling {mode} x {batch}: {seconds * 1e6:.0f} us", flush=True)
+    return rows
+
+
 def part_tune(model, args) -> list[dict]:
     """The kernel's launch grid (splits x BLOCK x warps x stages) at the kernel part's size; the defaults come
     from here."""
@@ -416,6 +459,8 @@ def main():
     ap.add_argument("--kernel-batch", type=int, default=64)
     ap.add_argument("--kernel-context", type=int, default=4096)
     ap.add_argument("--kernel-kv-dtypes", default="bf16", help="the kernel part's KV precisions: bf16, fp8")
+    ap.add_argument("--sampling-batches", default="1,32,256")
+    ap.add_argument("--sampling-top-k", type=int, default=20)
     ap.add_argument("--tune-splits", default="1,2,4,8")
     ap.add_argument("--tune-blocks", default="64,128,256")
     ap.add_argument("--tune-warps", default="4,8")
@@ -455,8 +500,10 @@ def main():
             rows += part_profile(model, tok, heads, args, mean_prompt)
         elif part == "droppers":
             rows += part_droppers(model, tok, heads, args)
+        elif part == "sampling":
+            rows += part_sampling(model, args)
         else:
-            raise SystemExit(f"unknown part {part!r}: expected hf, sweep, kernel, tune, profile or droppers")
+            raise SystemExit(f"unknown part {part!r}: expected hf, sweep, kernel, tune, profile, droppers or sampling")
         write_result(args.out, {**meta, "complete": False, "rows": rows})  # partial results survive a kill
     for part, cols in (
         ("hf", ["batch", "hf_tok_per_s", "engine_tok_per_s", "engine_vs_hf"]),
@@ -517,6 +564,7 @@ def main():
                 "gpu_ms_per_step",
             ],
         ),
+        ("sampling", ["mode", "batch", "vocab", "microseconds", "logits_read_us", "of_one_read"]),
         (
             "droppers",
             [

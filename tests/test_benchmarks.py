@@ -47,7 +47,9 @@ def test_engine_benchmark_writes_every_part(saved, tmp_path):
         "--model",
         str(saved),
         "--parts",
-        "hf,sweep,kernel,tune,profile,droppers",
+        "hf,sweep,kernel,tune,profile,droppers,sampling",
+        "--sampling-batches",
+        "2",
         "--hf-batches",
         "2",
         "--hf-new-tokens",
@@ -87,7 +89,10 @@ def test_engine_benchmark_writes_every_part(saved, tmp_path):
     )
     result = json.loads(out.read_text())
     assert result["complete"] and "command" in result["environment"]
-    assert {r["part"] for r in result["rows"]} == {"hf", "sweep", "kernel", "tune", "profile", "droppers"}
+    assert {r["part"] for r in result["rows"]} == {"hf", "sweep", "kernel", "tune", "profile", "droppers", "sampling"}
+    sampling = [r for r in result["rows"] if r["part"] == "sampling"]
+    assert [r["mode"] for r in sampling] == ["greedy", "sample", "top_k", "filter"]
+    assert all(r["batch"] == 2 and r["vocab"] == 96 and r["microseconds"] > 0 for r in sampling)
     kernel = {r["kv_dtype"]: r for r in result["rows"] if r["part"] == "kernel"}
     assert set(kernel) == {"bf16", "fp8"} and all(
         r["kv_gb_per_s"] > 0 and r["mtokens_per_s"] > 0 for r in kernel.values()

@@ -2,6 +2,7 @@
 torch path."""
 
 import operator
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ import rlkv
 from rlkv.attention.ring import ring_positions
 from rlkv.engine.attention import Decode, decode_torch, store_torch
 from rlkv.engine.kv import KVStore, parse_bytes
-from rlkv.engine.sampling import filter_logits, sample, uniform, vocab_keys
+from rlkv.engine.sampling import TOP_K_CANDIDATES, filter_logits, sample, uniform, vocab_keys
 from rlkv.hf.gated import gated
 from rlkv.methods.headsplit import HeadSplit
 
@@ -325,6 +326,53 @@ def test_top_p_keeps_the_smallest_nucleus():
     assert filter_logits(logits, 3, 1.0).isfinite().tolist() == [[True, True, True, False]]
 
 
+def test_top_k_candidates_draw_the_tokens_of_the_sorted_filter():
+    """A top-k of at most TOP_K_CANDIDATES on every sampled row: one top-k selection, the noise of the selected
+    tokens only, and the same tokens as the filter that sorts the vocabulary (greedy rows stay argmax)."""
+    gen = torch.Generator().manual_seed(0)
+    rows, vocab = 64, 1000
+    logits = torch.randn(rows, vocab, generator=gen) * 3
+    top_k = torch.randint(1, TOP_K_CANDIDATES + 1, (rows,), generator=gen)
+    top_p = torch.rand(rows, generator=gen) * 0.5 + 0.5
+    temperature = torch.rand(rows, generator=gen) + 0.3
+    temperature[::7] = 0
+    seeds, steps = torch.arange(rows) * 977, torch.arange(rows) % 5
+    for k, p in ((top_k, top_p), (top_k, 1.0), (20, top_p)):
+        sorted_ = sample(logits, temperature, k, p, seeds, steps)
+        selected = sample(logits, temperature, k, p, seeds, steps, candidates=TOP_K_CANDIDATES)
+        assert torch.equal(selected, sorted_)
+    assert len(set(sorted_.tolist())) > 20  # sampled, not a constant
+
+
+def test_batches_whose_top_k_is_small_run_the_selection_mode():
+    """The engine picks the mode from its requests: every sampled row with 0 < top_k <= TOP_K_CANDIDATES selects;
+    any row without top-k (or a larger one) sorts. Either way the same tokens."""
+    from rlkv.engine import runner
+    from rlkv.engine.request import SamplingParams
+
+    def mode(*params):
+        return runner.sampling_mode(
+            [SimpleNamespace(params=SamplingParams(max_tokens=4, **p), sampled=0) for p in params]
+        )
+
+    small, greedy = dict(temperature=1.0, top_k=20, top_p=0.9), dict(temperature=0.0)
+    assert mode(small, greedy) == "top_k" and mode(greedy) == "greedy"
+    assert mode(small, dict(temperature=1.0, top_p=0.9)) == "filter"
+    assert mode(dict(temperature=1.0, top_k=TOP_K_CANDIDATES + 1)) == "filter"
+    assert mode(dict(temperature=1.0)) == "sample"
+    model = tiny_model("qwen2")
+    ps, _, _ = prompts()
+    kw = dict(max_new_tokens=NEW, temperature=1.0, top_p=0.9, top_k=20, seed=7, eos_token_ids=[])
+    selected = engine(model).generate(ps, **kw)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(runner, "TOP_K_CANDIDATES", 0)  # every batch sorts
+        sorted_ = engine(model).generate(ps, **kw)
+    assert [o.tokens for o in selected] == [o.tokens for o in sorted_]
+    torch.testing.assert_close(
+        torch.tensor([o.logprobs for o in selected]), torch.tensor([o.logprobs for o in sorted_])
+    )
+
+
 # ---------------------------------------------------------------------- the Triton kernel
 @pytest.mark.parametrize("gated_mode", [False, True, 4], ids=["headsplit", "gated", "gated-block4"])
 def test_kernel_equals_the_torch_path(gated_mode):
@@ -566,7 +614,7 @@ def test_compiled_engine_equals_the_eager_engine_and_compressed_generate(arch, t
     before = len(traced)
     compiled = engine(model, method, compile=True)
     new = sorted(attention_calls(g) for g in traced[before:])
-    assert new[-1] == 3 and new[:-1] in ([], [0, 0, 0])  # this class's forward; the modes' sampling, if first
+    assert new[-1] == 3 and new[:-1] in ([], [0, 0, 0, 0])  # this class's forward; the modes' sampling, if first
     assert not [user for graph in traced for user in scaled_aranges(graph)]
     outs = compiled.generate(ps, max_new_tokens=NEW, eos_token_ids=[])
     with rlkv.compress(model, keep, sink=SINK, recent=RECENT):

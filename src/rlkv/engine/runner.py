@@ -6,9 +6,10 @@ attention is the engine's (`rlkv.engine.attention`), reading where to store and 
 from `state.batch`, which each forward sets first. With `compile`, the decode step's forward and
 its sampling run compiled (`rlkv.engine.compiled`), compiled and captured before the first request
 (`warm_up`). Sampling is per row (each request's own temperature, top-k, top-p, seed); a batch runs
-in one of four modes, chosen on the host from its requests: all greedy (argmax), sampling without
-a filter, or with the top-k / top-p filter (a sort of the vocabulary), so the common cases pay
-nothing for the general one; or "logits", where some request asks for penalties, a minimum length
+in one of five modes, chosen on the host from its requests: all greedy (argmax), sampling without
+a filter, with a top-k of at most `TOP_K_CANDIDATES` on every sampled row (and top-p within it: a
+top-k selection), or with the general top-k / top-p filter (a sort of the vocabulary), so the
+common cases pay nothing for the general one; or "logits", where some request asks for penalties, a minimum length
 or top log-probs: the forward (compiled and captured like the others) returns the logits of its
 rows, padding sliced off, and `rlkv.engine.logits` samples from them. A CUDA graph is captured per
 (shape, mode) and reads its inputs from static buffers; zero slots and pages are scratch space for
@@ -28,12 +29,12 @@ from rlkv.engine.attention import Prefill, Segment, attending
 from rlkv.engine.compiled import compiled
 from rlkv.engine.kv import upload
 from rlkv.engine.request import Request
-from rlkv.engine.sampling import sample, vocab_keys
+from rlkv.engine.sampling import TOP_K_CANDIDATES, sample, vocab_keys
 
 PROMPT_TOKENS = 512  # longest row of whole new prompts prefilled in one packed forward (a CUDA graph per power of two)
 PROMPT_ROWS = 32  # most samplers of that row's prompts
 SCORED_TOKENS = 512  # most prompt tokens whose log-probs one prefill forward computes per request (logits [T, V])
-MODES = ("greedy", "sample", "filter", "logits")
+MODES = ("greedy", "sample", "top_k", "filter", "logits")
 
 
 def sampling_mode(requests: list[Request]) -> str:
@@ -41,9 +42,12 @@ def sampling_mode(requests: list[Request]) -> str:
     `rlkv.engine.logits` processes (penalties, min_tokens, top log-probs) and samples from."""
     if any(processed.needs_logits(r) for r in requests):
         return "logits"
-    if all(r.params.greedy for r in requests):
+    sampled = [r.params for r in requests if not r.params.greedy]
+    if not sampled:
         return "greedy"
-    return "filter" if any(r.params.filtered for r in requests) else "sample"
+    if not any(p.filtered for p in sampled):
+        return "sample"
+    return "top_k" if all(0 < p.top_k <= TOP_K_CANDIDATES for p in sampled) else "filter"
 
 
 def sampling_rows(requests: list[Request]) -> tuple[list[list[int]], list[list[float]]]:
@@ -62,7 +66,8 @@ def pick(logits, seeds, steps, top_k, temperature, top_p, mode: str, keys=None) 
     if mode == "greedy":
         tokens = logits.argmax(-1)
     else:
-        tokens = sample(logits, temperature, top_k, top_p, seeds, steps, filtered=mode == "filter", keys=keys)
+        candidates = TOP_K_CANDIDATES if mode == "top_k" else None
+        tokens = sample(logits, temperature, top_k, top_p, seeds, steps, mode == "filter", keys, candidates)
     logits = logits.float()
     return tokens, logits.gather(1, tokens[:, None])[:, 0] - torch.logsumexp(logits, dim=-1)
 

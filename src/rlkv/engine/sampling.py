@@ -13,6 +13,9 @@ import hashlib
 import torch
 
 _M32 = 0xFFFFFFFF
+# the most tokens a top-k filter selects without sorting the vocabulary (`top_k_candidates`): covers the usual
+# settings (Qwen's 20, transformers' default 50, 100)
+TOP_K_CANDIDATES = 128
 
 
 def stable_seed(*parts) -> int:
@@ -44,9 +47,10 @@ def vocab_keys(vocab: int, device=None) -> torch.Tensor:
 
 
 def uniform(seeds: torch.Tensor, steps: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-    """Uniform noise in (0, 1), float32 [B, V], a pure function of (seed, step, vocabulary id); `keys`: `vocab_keys`."""
+    """Uniform noise in (0, 1), float32 [B, V], a pure function of (seed, step, vocabulary id); `keys`: `vocab_keys`
+    [V], or per row [B, N] (the keys of each row's candidate tokens: the noise [B, N] those tokens get in [B, V])."""
     key = _mix32(_mix32(seeds & _M32) ^ _mix32((seeds >> 32) & _M32) ^ _mix32(steps & _M32))
-    bits = _mix32(key[:, None] ^ keys[None, :])
+    bits = _mix32(key[:, None] ^ (keys if keys.ndim == 2 else keys[None, :]))
     return ((bits >> 8).float() + 0.5) / 2.0**24
 
 
@@ -71,6 +75,23 @@ def filter_logits(logits: torch.Tensor, top_k, top_p) -> torch.Tensor:
     return logits.scatter(-1, order, ordered.masked_fill(drop, float("-inf")))
 
 
+def top_k_candidates(logits: torch.Tensor, top_k, top_p, candidates: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`filter_logits` for rows whose top-k is on and at most `candidates`, without sorting the vocabulary: each row's
+    `candidates` best logits [B, N] (descending; those outside its top-k and top-p nucleus set to -inf) and their
+    token ids [B, N]. One top-k selection instead of a sort of [B, V]; the nucleus is the same, since top-p is
+    taken within the top-k tokens either way."""
+    rows, vocab = logits.shape
+    n = min(candidates, vocab)
+    top_k = _per_row(top_k, rows, torch.long, logits.device)
+    top_p = _per_row(top_p, rows, torch.float32, logits.device)
+    ordered, order = logits.topk(n, dim=-1)
+    k = torch.where(top_k > 0, top_k.clamp(max=n), n)
+    drop = torch.arange(n, device=logits.device)[None, :] >= k[:, None]
+    probs = torch.softmax(ordered.float().masked_fill(drop, float("-inf")), dim=-1)
+    drop |= probs.cumsum(-1) - probs > top_p[:, None]
+    return ordered.masked_fill(drop, float("-inf")), order
+
+
 def sample(
     logits: torch.Tensor,
     temperature,
@@ -80,19 +101,28 @@ def sample(
     steps: torch.Tensor,
     filtered: bool = True,
     keys: torch.Tensor | None = None,
+    candidates: int | None = None,
 ) -> torch.Tensor:
     """Next token ids [B] from logits [B, V]: greedy where the temperature is 0, else seeded sampling.
 
     `temperature`, `top_k`, `top_p` are numbers (one setting for the batch) or per-row tensors [B];
-    `filtered=False` skips the top-k / top-p filter (the caller knows no row uses it); `keys`: `vocab_keys(V)`, made
-    here when not given (a compiled caller passes them). A temperature of exactly 0 as a number is plain argmax."""
+    `filtered=False` skips the top-k / top-p filter (the caller knows no row uses it); `candidates`: the caller
+    knows every sampled row's top-k is on and at most this, so the filter selects that many tokens per row
+    (`top_k_candidates`) instead of sorting the vocabulary, and draws among them: the same tokens. `keys`:
+    `vocab_keys(V)`, made here when not given (a compiled caller passes them). A temperature of exactly 0 as a
+    number is plain argmax."""
     if not isinstance(temperature, torch.Tensor) and temperature == 0:
         return logits.argmax(-1)
     temp = _per_row(temperature, logits.shape[0], torch.float32, logits.device)
     scaled = logits.float() / temp.clamp(min=1e-6)[:, None]
-    if filtered:
-        scaled = filter_logits(scaled, top_k, top_p)
     keys = vocab_keys(logits.shape[-1], logits.device) if keys is None else keys
-    gumbel = -torch.log(-torch.log(uniform(seeds, steps, keys)))
-    drawn = (scaled + gumbel).argmax(-1)
+    if candidates is not None:
+        scaled, order = top_k_candidates(scaled, top_k, top_p, candidates)
+        gumbel = -torch.log(-torch.log(uniform(seeds, steps, keys[order])))
+        drawn = order.gather(1, (scaled + gumbel).argmax(-1, keepdim=True))[:, 0]
+    else:
+        if filtered:
+            scaled = filter_logits(scaled, top_k, top_p)
+        gumbel = -torch.log(-torch.log(uniform(seeds, steps, keys)))
+        drawn = (scaled + gumbel).argmax(-1)
     return torch.where(temp == 0, logits.argmax(-1), drawn)
