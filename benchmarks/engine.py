@@ -272,8 +272,7 @@ def part_sampling(model, args) -> list[dict]:
         temperature, top_p = torch.full((batch,), 0.6, device=device), torch.full((batch,), 0.95, device=device)
         floor = logits.numel() * logits.element_size() / copy
         for mode in (m for m in MODES if m != "logits"):
-            call = lambda: step(logits, seeds, steps, top_k, temperature, top_p, mode)  # noqa: E731
-            seconds = gpu_seconds(call, reps=20)
+            seconds = gpu_seconds(partial(step, logits, seeds, steps, top_k, temperature, top_p, mode), reps=20)
             rows.append(
                 {
                     "part": "sampling",
