@@ -52,10 +52,12 @@ from common import (
     copy_bandwidth,
     event_seconds,
     gpu_seconds,
+    load_model,
     print_table,
     profiled,
     speedup_theory,
     synchronize,
+    weights_arguments,
     write_result,
 )
 from hf_cache import prompts
@@ -443,6 +445,7 @@ def _kernels(engine, ids, new: int) -> tuple[dict[str, tuple[int, float]], int]:
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True)
+    weights_arguments(ap)
     ap.add_argument("--parts", default="hf,sweep,kernel")
     ap.add_argument("--hf-batches", default="1,32,128")
     ap.add_argument("--hf-new-tokens", type=int, default=512)
@@ -471,7 +474,7 @@ def main():
     ap.add_argument("--out", default="results/engine.json")
     args = ap.parse_args()
 
-    model, tok = rlkv.load_model(args.model)
+    model, tok = load_model(args.model, args.random_weights)
     layout = rlkv.Layout.of(model)
     heads = rlkv.HeadScores.random(layout, seed=0)
     mean_prompt = (

@@ -234,7 +234,7 @@ class SamplingParams:
 
     @property
     def filtered(self) -> bool:
-        """Whether sampling needs the top-k / top-p filter (a sort of the vocabulary)."""
+        """Whether sampling needs the top-k / top-p filter (a top-k selection, or a sort of the vocabulary)."""
         return not self.greedy and (self.top_k > 0 or self.top_p < 1)
 
     @property
