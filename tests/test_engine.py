@@ -365,7 +365,7 @@ def test_batches_whose_top_k_is_small_run_the_selection_mode():
     kw = dict(max_new_tokens=NEW, temperature=1.0, top_p=0.9, top_k=20, seed=7, eos_token_ids=[])
     selected = engine(model).generate(ps, **kw)
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(runner, "TOP_K_CANDIDATES", 0)  # every batch sorts
+        patch.setattr(rlkv.engine.sampling, "TOP_K_CANDIDATES", 0)  # every batch sorts
         sorted_ = engine(model).generate(ps, **kw)
     assert [o.tokens for o in selected] == [o.tokens for o in sorted_]
     torch.testing.assert_close(

@@ -216,3 +216,22 @@ def test_compiled_engine_with_logprobs_and_penalties_equals_the_eager_engine(mon
             assert [[i for i, _ in t] for t in got.top_logprobs] == [[i for i, _ in t] for t in want.top_logprobs]
         assert got.prompt_logprobs == want.prompt_logprobs  # the prefill is not compiled
     assert len(compiled["r3"][0].tokens) == NEW + 6
+
+
+def test_logits_mode_selects_top_k_candidates_as_the_sort_would(monkeypatch):
+    """Penalties and top log-probs beside a small top-k: the logits mode selects each row's candidates instead of
+    sorting the vocabulary, with the same tokens, log-probs and top log-probs as the sort."""
+    model = tiny_model("qwen2")
+    ps, _, _ = prompts()
+    params = SamplingParams(
+        max_tokens=NEW, temperature=0.9, top_k=20, top_p=0.8, seed=3, top_logprobs=2, presence_penalty=0.7
+    )
+    requests = [(f"r{i}", p, params) for i, p in enumerate(ps)]
+    selected = run(engine(model, max_batch=4), requests)
+    monkeypatch.setattr(rlkv.engine.sampling, "TOP_K_CANDIDATES", 0)  # every batch sorts
+    sorted_ = run(engine(model, max_batch=4), requests)
+    for rid in sorted_:
+        (got,), (want,) = selected[rid], sorted_[rid]
+        assert got.tokens == want.tokens and got.top_logprobs == want.top_logprobs
+        torch.testing.assert_close(torch.tensor(got.logprobs), torch.tensor(want.logprobs))
+    assert len({tuple(c.tokens) for (c,) in sorted_.values()}) > 1

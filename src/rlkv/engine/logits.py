@@ -23,7 +23,7 @@ import torch
 
 from rlkv.engine.kv import upload
 from rlkv.engine.request import Request
-from rlkv.engine.sampling import sample
+from rlkv.engine.sampling import TOP_K_CANDIDATES, sample, selects
 
 Top = tuple[torch.Tensor, torch.Tensor] | None  # the top log-probs' (ids, log-probs) [B, k], or None if none asked
 Picked = tuple[torch.Tensor, torch.Tensor, Top]  # next tokens [B], their log-probs [B], the top log-probs
@@ -49,8 +49,10 @@ def pick(
     (ids, log-probs) [B, k] for the largest k any of them asks for (None if none does)."""
     raw = logits.float()
     scored = _penalized(_min_length(raw, requests), requests, feed)
-    filtered = any(r.params.filtered for r in requests)
-    tokens = sample(scored, temperature, top_k, top_p, seeds, steps, filtered=filtered)
+    sampled = [r.params for r in requests if not r.params.greedy]
+    filtered = any(p.filtered for p in sampled)
+    candidates = TOP_K_CANDIDATES if filtered and selects(p.top_k for p in sampled) else None
+    tokens = sample(scored, temperature, top_k, top_p, seeds, steps, filtered, candidates=candidates)
     return tokens, *score(raw, tokens, max(r.params.top_logprobs for r in requests))
 
 

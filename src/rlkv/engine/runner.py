@@ -29,7 +29,7 @@ from rlkv.engine.attention import Prefill, Segment, attending
 from rlkv.engine.compiled import compiled
 from rlkv.engine.kv import upload
 from rlkv.engine.request import Request
-from rlkv.engine.sampling import TOP_K_CANDIDATES, sample, vocab_keys
+from rlkv.engine.sampling import TOP_K_CANDIDATES, sample, selects, vocab_keys
 
 PROMPT_TOKENS = 512  # longest row of whole new prompts prefilled in one packed forward (a CUDA graph per power of two)
 PROMPT_ROWS = 32  # most samplers of that row's prompts
@@ -47,7 +47,7 @@ def sampling_mode(requests: list[Request]) -> str:
         return "greedy"
     if not any(p.filtered for p in sampled):
         return "sample"
-    return "top_k" if all(0 < p.top_k <= TOP_K_CANDIDATES for p in sampled) else "filter"
+    return "top_k" if selects(p.top_k for p in sampled) else "filter"
 
 
 def sampling_rows(requests: list[Request]) -> tuple[list[list[int]], list[list[float]]]:

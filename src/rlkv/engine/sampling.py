@@ -75,6 +75,12 @@ def filter_logits(logits: torch.Tensor, top_k, top_p) -> torch.Tensor:
     return logits.scatter(-1, order, ordered.masked_fill(drop, float("-inf")))
 
 
+def selects(top_ks) -> bool:
+    """Whether a batch whose sampled rows ask for these top-k settings can select candidates (`top_k_candidates`)
+    instead of sorting the vocabulary: every one on and at most TOP_K_CANDIDATES."""
+    return all(0 < k <= TOP_K_CANDIDATES for k in top_ks)
+
+
 def top_k_candidates(logits: torch.Tensor, top_k, top_p, candidates: int) -> tuple[torch.Tensor, torch.Tensor]:
     """`filter_logits` for rows whose top-k is on and at most `candidates`, without sorting the vocabulary: each row's
     `candidates` best logits [B, N] (descending; those outside its top-k and top-p nucleus set to -inf) and their
