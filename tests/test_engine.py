@@ -694,6 +694,32 @@ def test_a_decode_step_that_fails_to_compile_runs_eagerly(monkeypatch, caplog):
     torch._dynamo.reset()
 
 
+def test_a_sampling_mode_that_fails_to_compile_samples_eagerly(monkeypatch, caplog):
+    """A compiler failure on one sampling mode's graph (here the filter's, which sorts the vocabulary) costs only
+    that mode: it samples eagerly, logged; the forward and the other modes stay compiled; tokens unchanged."""
+
+    def sorts(gm) -> bool:
+        return any(node.target in (torch.sort, "sort") for node in gm.graph.nodes)
+
+    def backend(gm, example_inputs):
+        if sorts(gm):
+            raise RuntimeError("list indices must be integers or slices, not NoneType")
+        return torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs)
+
+    monkeypatch.setattr(rlkv.engine.compiled, "BACKEND", backend)
+    torch._dynamo.reset()
+    model = tiny_model("qwen2")
+    ps, _, _ = prompts()
+    with caplog.at_level("WARNING", logger="rlkv.engine"):
+        eng = engine(model, compile=True)
+    assert eng.compile and eng.runner.eager_modes == {"filter"}
+    assert "compiling 'filter' sampling failed" in caplog.text and caplog.records[-1].exc_info is not None
+    kw = dict(max_new_tokens=NEW, temperature=1.0, top_p=0.9, seed=7, eos_token_ids=[])  # the filter mode
+    outs = eng.generate(ps, **kw)
+    assert [o.tokens for o in outs] == [o.tokens for o in engine(model, compile=False).generate(ps, **kw)]
+    torch._dynamo.reset()
+
+
 def test_rlkv_compile_says_whether_engines_compile_when_not_told(monkeypatch):
     """RLKV_COMPILE=0 is the eager escape hatch for every engine a command builds; a wrong value is an error."""
     from rlkv.engine.compiled import compile_by_default

@@ -137,7 +137,8 @@ class Engine:
         `compile` (default: on CUDA unless RLKV_COMPILE=0): the decode step's forward and sampling compiled
         with torch.compile around the engine's attention (`rlkv.engine.compiled`), here, once, with a progress
         bar; the CUDA graphs then replay the compiled step (should the compiler fail, the engine says why and runs
-        eagerly: `Engine.compile` is then False). `cuda_graphs` and `kernel` default to on CUDA too.
+        eagerly: `Engine.compile` is then False; or, if only a sampling mode's graph failed, that mode samples
+        eagerly: `Engine.runner.eager_modes`). `cuda_graphs` and `kernel` default to on CUDA too.
         `kv_dtype`: how K/V are stored ("bf16": the model's dtype, "fp8", "fp8-kept": `rlkv.precision`);
         None: the method's (`HeadSplit.kv_dtype`, `TokenDrop.kv_dtype`), else bf16. FP8 halves a token's
         bytes, so the same `kv_budget` holds twice the tokens."""

@@ -18,6 +18,7 @@ padding rows.
 
 from __future__ import annotations
 
+import logging
 from functools import partial
 from itertools import accumulate
 
@@ -35,6 +36,7 @@ PROMPT_TOKENS = 512  # longest row of whole new prompts prefilled in one packed 
 PROMPT_ROWS = 32  # most samplers of that row's prompts
 SCORED_TOKENS = 512  # most prompt tokens whose log-probs one prefill forward computes per request (logits [T, V])
 MODES = ("greedy", "sample", "top_k", "filter", "logits")
+log = logging.getLogger("rlkv.engine")
 
 
 def sampling_mode(requests: list[Request]) -> str:
@@ -107,7 +109,8 @@ class Runner:
         self._decode_forward = compiled(self.forward) if compile else self.forward
         # the sampling noise's vocabulary keys: a constant of the compiled graph, computed eagerly (see vocab_keys)
         keyed = partial(pick, keys=vocab_keys(model.lm_head.weight.shape[0], device))
-        self._pick = compiled(keyed) if compile else keyed
+        self._pick, self._eager_pick = (compiled(keyed) if compile else keyed), keyed
+        self.eager_modes: set[str] = set()  # sampling modes whose compiled graph failed to build (`warm_up`)
         self.min_rows = 2 if compile else 1  # a compiled step's batch is symbolic from 2 rows on: 1 row is padded
         self._graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, ...]]] = {}
         # decode batch sizes that get a CUDA graph; a step pads up to the smallest that fits
@@ -177,19 +180,28 @@ class Runner:
         self.state.batch = self.state.decode_batch(slots, pos, max_len)
         with attending(self.state):
             logits = self._decode_forward(ids[:, None], pos[:, None])[:, 0]
-        return self._pick(logits, seeds, steps, top_k, floats[0], floats[1], mode)
+        pick_ = self._eager_pick if mode in self.eager_modes else self._pick
+        return pick_(logits, seeds, steps, top_k, floats[0], floats[1], mode)
 
     def warm_up(self) -> None:
         """Compile the decode step (a step of scratch rows in each sampling mode) and, with CUDA graphs, capture it
         for every greedy batch size, with a progress bar: before the first request, not in the middle of
-        serving. Needs the engine's attention installed."""
+        serving. Needs the engine's attention installed. Should the compiler fail on the forward or on greedy
+        sampling (the first mode), this raises; on another mode's sampling, that mode samples eagerly (logged
+        with the traceback) and the rest stays compiled."""
         shapes = [(mode, None) for mode in MODES] + [("greedy", b) for b in self.buckets if self.cuda_graphs]
         scratch = torch.zeros(6, self.min_rows, dtype=torch.long, device=self.device)  # slot 0, position 0
         for mode, bucket in tqdm(shapes, desc="rlkv: compiling the decode step", dynamic_ncols=True):
-            if bucket is None:
-                self._decode_step(scratch, torch.ones(2, self.min_rows, device=self.device), mode, max_len=1)
-            else:
+            if bucket is not None:
                 self._graph(("decode", bucket), mode)
+                continue
+            try:
+                self._decode_step(scratch, torch.ones(2, self.min_rows, device=self.device), mode, max_len=1)
+            except Exception as err:  # inductor, Triton and dynamo raise many types
+                if mode == MODES[0]:
+                    raise
+                log.warning("rlkv: compiling %r sampling failed (%s); it runs eagerly", mode, err, exc_info=err)
+                self.eager_modes.add(mode)
 
     # ------------------------------------------------------------------ prefill
     def prefill(
