@@ -44,15 +44,17 @@ def pick(
     top_k: torch.Tensor,
     temperature: torch.Tensor,
     top_p: torch.Tensor,
+    keys: torch.Tensor | None = None,
 ) -> Picked:
     """Next tokens [B] of `requests` from their logits [B, V], their log-probs, and the top log-probs
-    (ids, log-probs) [B, k] for the largest k any of them asks for (None if none does)."""
+    (ids, log-probs) [B, k] for the largest k any of them asks for (None if none does). `keys`: the sampling
+    noise's `vocab_keys`, made here when not given."""
     raw = logits.float()
     scored = _penalized(_min_length(raw, requests), requests, feed)
     sampled = [r.params for r in requests if not r.params.greedy]
     filtered = any(p.filtered for p in sampled)
     candidates = TOP_K_CANDIDATES if filtered and selects(p.top_k for p in sampled) else None
-    tokens = sample(scored, temperature, top_k, top_p, seeds, steps, filtered, candidates=candidates)
+    tokens = sample(scored, temperature, top_k, top_p, seeds, steps, filtered, keys, candidates)
     return tokens, *score(raw, tokens, max(r.params.top_logprobs for r in requests))
 
 

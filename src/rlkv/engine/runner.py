@@ -74,19 +74,6 @@ def pick(logits, seeds, steps, top_k, temperature, top_p, mode: str, keys=None) 
     return tokens, logits.gather(1, tokens[:, None])[:, 0] - torch.logsumexp(logits, dim=-1)
 
 
-def finish_pick(
-    outputs: tuple[torch.Tensor, ...],
-    requests: list[Request],
-    feed: torch.Tensor | None,
-    longs: torch.Tensor,
-    floats: torch.Tensor,
-) -> processed.Picked:
-    """(tokens, log-probs, top log-probs or None) from what `pick` returned: in "logits" mode, sampled here."""
-    if len(outputs) == 2:
-        return outputs[0], outputs[1], None
-    return processed.pick(outputs[0], requests, feed, *longs, *floats)
-
-
 class Runner:
     """Forwards of one model with the engine's attention `state` over its KV `store`."""
 
@@ -108,7 +95,8 @@ class Runner:
         # the decode step's forward and sampling (the prefills run the model as it is)
         self._decode_forward = compiled(self.forward) if compile else self.forward
         # the sampling noise's vocabulary keys: a constant of the compiled graph, computed eagerly (see vocab_keys)
-        keyed = partial(pick, keys=vocab_keys(model.lm_head.weight.shape[0], device))
+        self.vocab_keys = vocab_keys(model.lm_head.weight.shape[0], device)
+        keyed = partial(pick, keys=self.vocab_keys)
         self._pick, self._eager_pick = (compiled(keyed) if compile else keyed), keyed
         self.eager_modes: set[str] = set()  # sampling modes whose compiled graph failed to build (`warm_up`)
         self.min_rows = 2 if compile else 1  # a compiled step's batch is symbolic from 2 rows on: 1 row is padded
@@ -132,6 +120,19 @@ class Runner:
         # the next step's inputs) before the next decode replay, but a prefill replays in between
         self._pools = {kind: torch.cuda.graph_pool_handle() for kind in ("decode", "prompts")} if cuda_graphs else {}
         self.decode_steps = self.prefill_forwards = 0
+
+    def _finish_pick(
+        self,
+        outputs: tuple[torch.Tensor, ...],
+        requests: list[Request],
+        feed: torch.Tensor | None,
+        longs: torch.Tensor,
+        floats: torch.Tensor,
+    ) -> processed.Picked:
+        """(tokens, log-probs, top log-probs or None) from what `pick` returned: in "logits" mode, sampled here."""
+        if len(outputs) == 2:
+            return outputs[0], outputs[1], None
+        return processed.pick(outputs[0], requests, feed, *longs, *floats, keys=self.vocab_keys)
 
     # ------------------------------------------------------------------ the model
     def forward(self, ids: torch.Tensor, pos: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
@@ -171,7 +172,7 @@ class Runner:
             outputs = self._decode_step(inputs, floats, mode, max_len=max(host[0]) + 1)
             outputs, longs, floats = [o[:n] for o in outputs], inputs[3:, :n], floats[:, :n]
         self.decode_steps += 1
-        return finish_pick(tuple(outputs), requests, feed, longs, floats)
+        return self._finish_pick(tuple(outputs), requests, feed, longs, floats)
 
     def _decode_step(
         self, inputs: torch.Tensor, floats: torch.Tensor, mode: str, max_len: int | None = None
@@ -253,8 +254,8 @@ class Runner:
         ]
         longs, floats = sampling_rows(samplers)
         longs, floats = upload(longs, torch.long, self.device), upload(floats, torch.float32, self.device)
-        outputs = pick(logits, longs[0], longs[1], longs[2], floats[0], floats[1], sampling_mode(samplers))
-        return samplers, *finish_pick(outputs, samplers, None, longs, floats)
+        outputs = self._eager_pick(logits, longs[0], longs[1], longs[2], floats[0], floats[1], sampling_mode(samplers))
+        return samplers, *self._finish_pick(outputs, samplers, None, longs, floats)
 
     def _score_prompts(self, logits: torch.Tensor, scored: list[tuple[Request, range, Segment]]) -> None:
         """Log-probs of prompt tokens from the logits of the positions before them (the rows after the complete
@@ -314,7 +315,7 @@ class Runner:
             req.stored = len(req.context)
         self.prefill_forwards += 1
         outputs = tuple(o[:n] for o in outputs)
-        return finish_pick(outputs, samplers, None, rows_in[1:, :n], floats_in[:, :n])
+        return self._finish_pick(outputs, samplers, None, rows_in[1:, :n], floats_in[:, :n])
 
     def _prompts_step(
         self, tokens_in: torch.Tensor, rows_in: torch.Tensor, floats_in: torch.Tensor, mode: str
@@ -323,7 +324,7 @@ class Runner:
         self.state.batch = self.state.prompts_batch(slots, pos, seq, lens, prompt)
         with attending(self.state):
             logits = self.forward(ids[None], pos[None], rows_in[0])[0]
-        return pick(logits, rows_in[1], rows_in[2], rows_in[3], floats_in[0], floats_in[1], mode)
+        return self._eager_pick(logits, rows_in[1], rows_in[2], rows_in[3], floats_in[0], floats_in[1], mode)
 
     # ------------------------------------------------------------------ CUDA graphs
     def _graph(self, shape: tuple, mode: str) -> tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, ...]]:
