@@ -8,7 +8,7 @@ its sampling run compiled (`rlkv.engine.compiled`), compiled and captured before
 (`warm_up`). Sampling is per row (each request's own temperature, top-k, top-p, seed); a batch runs
 in one of five modes, chosen on the host from its requests: all greedy (argmax), sampling without
 a filter, with a top-k of at most `TOP_K_CANDIDATES` on every sampled row (and top-p within it: a
-top-k selection), or with the general top-k / top-p filter (a sort of the vocabulary), so the
+top-k selection), or with the general top-k / top-p filter (a sort of the vocabulary; never compiled), so the
 common cases pay nothing for the general one; or "logits", where some request asks for penalties, a minimum length
 or top log-probs: the forward (compiled and captured like the others) returns the logits of its
 rows, padding sliced off, and `rlkv.engine.logits` samples from them. A CUDA graph is captured per
@@ -36,6 +36,9 @@ PROMPT_TOKENS = 512  # longest row of whole new prompts prefilled in one packed 
 PROMPT_ROWS = 32  # most samplers of that row's prompts
 SCORED_TOKENS = 512  # most prompt tokens whose log-probs one prefill forward computes per request (logits [T, V])
 MODES = ("greedy", "sample", "top_k", "filter", "logits")
+# never compiled: the filter's cumsum over the sorted vocabulary (inductor on CUDA, torch 2.11, fails to generate its
+# split scan with a symbolic batch: "list indices must be integers or slices, not NoneType")
+EAGER_MODES = ("filter",)
 log = logging.getLogger("rlkv.engine")
 
 
@@ -98,7 +101,8 @@ class Runner:
         self.vocab_keys = vocab_keys(model.lm_head.weight.shape[0], device)
         keyed = partial(pick, keys=self.vocab_keys)
         self._pick, self._eager_pick = (compiled(keyed) if compile else keyed), keyed
-        self.eager_modes: set[str] = set()  # sampling modes whose compiled graph failed to build (`warm_up`)
+        # sampling modes run eagerly: EAGER_MODES, and any whose graph fails to build (`warm_up`)
+        self.eager_modes: set[str] = set(EAGER_MODES) if compile else set()
         self.min_rows = 2 if compile else 1  # a compiled step's batch is symbolic from 2 rows on: 1 row is padded
         self._graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, ...]]] = {}
         # decode batch sizes that get a CUDA graph; a step pads up to the smallest that fits
@@ -199,7 +203,7 @@ class Runner:
             try:
                 self._decode_step(scratch, torch.ones(2, self.min_rows, device=self.device), mode, max_len=1)
             except Exception as err:  # inductor, Triton and dynamo raise many types
-                if mode == MODES[0]:
+                if mode == MODES[0] or mode in self.eager_modes:
                     raise
                 log.warning("rlkv: compiling %r sampling failed (%s); it runs eagerly", mode, err, exc_info=err)
                 self.eager_modes.add(mode)
