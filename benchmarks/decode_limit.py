@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import math
 
 import torch
 from common import (
@@ -41,6 +42,7 @@ from rlkv.engine.kernel import decode_attention
 from rlkv.hf.headsplit import sliding_window
 from rlkv.methods.headsplit import HeadSplit
 
+PREFILL_TOKENS = 4096  # the engine's default
 GROUPS = {  # kernel name fragments -> group (first match wins)
     "attention": ("_decode_kernel", "_store_kernel", "attention", "flash"),
     "matmul": ("gemm", "cutlass", "xmma", "nvjet", "matmul", "sm90", "splitk"),
@@ -77,17 +79,32 @@ def grouped(kernels: dict[str, float], steps: int) -> dict[str, float]:
     return groups
 
 
+def warm_tokens(batch: int, context: int) -> int:
+    """Tokens each sequence decodes in `resident_engine`: enough that the last prompt is prefilled before the first
+    sequence ends. The engine decodes between prefill forwards of `PREFILL_TOKENS` (a prompt of `context` tokens
+    takes ceil(context / PREFILL_TOKENS) of them), so with 8 new tokens only the first few prompts ran at once."""
+    return 8 + batch * math.ceil(context / PREFILL_TOKENS)
+
+
 def resident_engine(
     model, tok, method, budget: int, batch: int, context: int, cuda_graphs: bool | None = None, compile=None
 ):
     """(an engine, its prompts) after decoding `batch` random prompts of `context` tokens together (kernels and
-    graphs warmed); exits if they were not all resident at once, as the timed step assumes."""
+    graphs warmed; `warm_tokens` each); exits if they were not all resident at once, as the timed step assumes."""
     # no admission watermark: the pool holds just the batch
     engine = rlkv.Engine(
-        model, tok, method, kv_budget=budget, max_batch=batch, cuda_graphs=cuda_graphs, compile=compile, watermark=0
+        model,
+        tok,
+        method,
+        kv_budget=budget,
+        max_batch=batch,
+        prefill_tokens=PREFILL_TOKENS,
+        cuda_graphs=cuda_graphs,
+        compile=compile,
+        watermark=0,
     )
     ids = torch.randint(0, len(tok), (batch, context), generator=torch.Generator().manual_seed(0)).tolist()
-    engine.generate(ids, max_new_tokens=8, eos_token_ids=[])
+    engine.generate(ids, max_new_tokens=warm_tokens(batch, context), eos_token_ids=[])
     if engine.stats.max_running < batch:
         raise SystemExit(
             f"only {engine.stats.max_running} of {batch} sequences of {context} tokens were decoded at "
@@ -187,7 +204,9 @@ def main():
     for compile, kv_dtype, s in itertools.product(settings, args.kv_dtypes.split(","), sparsities):
         for batch in (int(b) for b in args.batches.split(",")):
             method = HeadSplit(heads.keep_mask(s), args.sink, args.recent, kv_dtype=kv_dtype)
-            budget = batch * (args.context + 64) * layout.kv_bytes_per_token() + 2**28
+            budget = (
+                batch * (args.context + warm_tokens(batch, args.context) + 64) * layout.kv_bytes_per_token() + 2**28
+            )
             engine, _ = resident_engine(model, tok, method, budget, batch, args.context, compile=compile)
             store = engine.store
             kv = batch * (args.context * store.token_bytes + store.slot_bytes)

@@ -271,17 +271,34 @@ def test_decode_limit_benchmark_sets_each_step_against_its_bytes(saved, tmp_path
 def test_decode_limit_refuses_a_pool_that_cannot_hold_the_whole_batch_at_once():
     """A step timed with fewer sequences resident than it reports would read less K/V than its floor counts."""
     sys.path.insert(0, str(REPO / "benchmarks"))
-    from decode_limit import resident_engine
+    from decode_limit import resident_engine, warm_tokens
 
     model = tiny_model("qwen2")
     layout = rlkv.Layout.of(model)
     method = HeadSplit(torch.ones(layout.shape, dtype=torch.bool), 4, 8)
     page = 16 * layout.kv_bytes_per_token()  # the engine's 16-token pages; page 0 is scratch
-    # 280 + 8 tokens: 18 pages each; a pool of exactly 54 would keep its 1% admission watermark from the third
-    engine, ids = resident_engine(model, tiny_tokenizer(), method, (1 + 3 * 18) * page, 3, 280)
+    assert warm_tokens(3, 280) == 11  # 280 + 11 tokens: 19 pages each
+    engine, ids = resident_engine(model, tiny_tokenizer(), method, (1 + 3 * 19) * page, 3, 280)
     assert engine.stats.max_running == 3 and len(ids) == 3
-    with pytest.raises(SystemExit, match="only 2 of 3 sequences of 280 tokens"):
+    with pytest.raises(SystemExit, match="only 2 of 3 sequences of 280 tokens"):  # not even 3 prompts (18 pages)
         resident_engine(model, tiny_tokenizer(), method, (1 + 3 * 18 - 1) * page, 3, 280)
+
+
+def test_decode_limit_holds_every_prompt_of_a_batch_prefilled_one_forward_at_a_time():
+    """The engine decodes between prefill forwards: 16 prompts of a forward each (as 256 of 4,096 tokens are on a
+    GPU) were not all resident at once with 8 new tokens (7 of 256 were, on an H100); `warm_tokens` are."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import decode_limit
+
+    model = tiny_model("qwen2")
+    layout = rlkv.Layout.of(model)
+    method = HeadSplit(torch.ones(layout.shape, dtype=torch.bool), 4, 8)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(decode_limit, "PREFILL_TOKENS", 200)  # one prompt per prefill forward
+        batch, context = 16, 200
+        budget = batch * (context + decode_limit.warm_tokens(batch, context) + 64) * layout.kv_bytes_per_token()
+        engine, _ = decode_limit.resident_engine(model, tiny_tokenizer(), method, budget, batch, context)
+    assert engine.stats.max_running == batch and engine.stats.prefill_forwards >= batch
 
 
 def test_serving_benchmark_measures_each_sparsity_and_rate(saved, random_heads, tmp_path):
