@@ -32,7 +32,7 @@
                 step of eager runs (torch.profiler), top 15: what grows with the batch.
 --parts sampling a decode step's sampling and log-probs alone, per mode (`rlkv.engine.runner.MODES`: argmax, noise
                 only, top-k by selection, the top-k / top-p filter that sorts the vocabulary) at each
-                `--sampling-batches` size over the model's vocabulary, compiled on CUDA where the engine compiles it
+                `--sampling-batches` size over the model's vocabulary, compiled on CUDA as the engine runs it
                 (`--sampling-top-k` 20 and top-p 0.95, Qwen's settings): GPU time per call, CUDA graphs;
                 against one read of the logits at copy bandwidth.
 Head choice does not change cost: seeded random head scores are used.
@@ -258,13 +258,13 @@ def part_sampling(model, args) -> list[dict]:
     from functools import partial
 
     from rlkv.engine.compiled import compiled
-    from rlkv.engine.runner import EAGER_MODES, MODES, pick
+    from rlkv.engine.runner import MODES, filtered_pick, pick
     from rlkv.engine.sampling import vocab_keys
 
     device = next(model.parameters()).device
     vocab = model.lm_head.weight.shape[0]
-    eager = partial(pick, keys=vocab_keys(vocab, device))
-    step = compiled(eager) if device.type == "cuda" else eager  # as engines compile: on CUDA, not EAGER_MODES
+    step = partial(pick, keys=vocab_keys(vocab, device))
+    step = compiled(step) if device.type == "cuda" else step  # as engines compile: on CUDA
     copy = copy_bandwidth(device)
     rows = []
     for batch in (int(b) for b in args.sampling_batches.split(",")):
@@ -274,8 +274,8 @@ def part_sampling(model, args) -> list[dict]:
         temperature, top_p = torch.full((batch,), 0.6, device=device), torch.full((batch,), 0.95, device=device)
         floor = logits.numel() * logits.element_size() / copy
         for mode in (m for m in MODES if m != "logits"):
-            fn = eager if mode in EAGER_MODES else step
-            seconds = gpu_seconds(partial(fn, logits, seeds, steps, top_k, temperature, top_p, mode), reps=20)
+            call = partial(filtered_pick, step, logits, seeds, steps, top_k, temperature, top_p, mode)
+            seconds = gpu_seconds(call, reps=20)
             rows.append(
                 {
                     "part": "sampling",

@@ -342,6 +342,12 @@ def test_top_k_candidates_draw_the_tokens_of_the_sorted_filter():
         selected = sample(logits, temperature, k, p, seeds, steps, candidates=TOP_K_CANDIDATES)
         assert torch.equal(selected, sorted_)
     assert len(set(sorted_.tolist())) > 20  # sampled, not a constant
+    # the filter run apart (its sort eager, what compiled steps do) and inside the sampling: the same picks
+    from rlkv.engine.runner import filtered_pick, pick
+
+    apart = filtered_pick(pick, logits, seeds, steps, top_k, temperature, top_p, "filter")
+    inside = pick(logits, seeds, steps, top_k, temperature, top_p, "filter")
+    assert torch.equal(apart[0], inside[0]) and torch.equal(apart[1], inside[1])
 
 
 def test_batches_whose_top_k_is_small_run_the_selection_mode():
@@ -614,7 +620,7 @@ def test_compiled_engine_equals_the_eager_engine_and_compressed_generate(arch, t
     before = len(traced)
     compiled = engine(model, method, compile=True)
     new = sorted(attention_calls(g) for g in traced[before:])
-    assert new[-1] == 3 and new[:-1] in ([], [0, 0, 0])  # this class's forward; the compiled modes' sampling, if first
+    assert new[-1] == 3 and new[:-1] in ([], [0, 0, 0, 0])  # this class's forward; the modes' sampling, if first
     assert not [user for graph in traced for user in scaled_aranges(graph)]
     outs = compiled.generate(ps, max_new_tokens=NEW, eos_token_ids=[])
     with rlkv.compress(model, keep, sink=SINK, recent=RECENT):
@@ -696,8 +702,7 @@ def test_a_decode_step_that_fails_to_compile_runs_eagerly(monkeypatch, caplog):
 
 def test_a_sampling_mode_that_fails_to_compile_samples_eagerly(monkeypatch, caplog):
     """A compiler failure on one sampling mode's graph (here the top-k selection's) costs only that mode: it
-    samples eagerly, logged; the forward and the other modes stay compiled (the filter, which sorts the
-    vocabulary, always samples eagerly); tokens unchanged."""
+    samples eagerly, logged; the forward and the other modes stay compiled; tokens unchanged."""
 
     def selects(gm) -> bool:
         return any(node.target in (torch.topk, "topk") for node in gm.graph.nodes)
@@ -713,7 +718,7 @@ def test_a_sampling_mode_that_fails_to_compile_samples_eagerly(monkeypatch, capl
     ps, _, _ = prompts()
     with caplog.at_level("WARNING", logger="rlkv.engine"):
         eng = engine(model, compile=True)
-    assert eng.compile and eng.runner.eager_modes == {"top_k", "filter"}
+    assert eng.compile and eng.runner.eager_modes == {"top_k"}
     assert "compiling 'top_k' sampling failed" in caplog.text and caplog.records[-1].exc_info is not None
     kw = dict(max_new_tokens=NEW, temperature=1.0, top_k=20, seed=7, eos_token_ids=[])  # the top_k mode
     outs = eng.generate(ps, **kw)

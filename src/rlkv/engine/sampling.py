@@ -75,6 +75,15 @@ def filter_logits(logits: torch.Tensor, top_k, top_p) -> torch.Tensor:
     return logits.scatter(-1, order, ordered.masked_fill(drop, float("-inf")))
 
 
+def filtered_out(logits: torch.Tensor, temperature, top_k, top_p) -> torch.Tensor:
+    """`logits` [B, V] with -inf outside each row's top-k / top-p filter, taken on the temperature-scaled logits as
+    `sample` takes it: sampling these unfiltered draws what `sample` draws from `logits` filtered. Apart so that a
+    compiled step leaves the filter's sort and cumsum over the vocabulary to run eagerly (`rlkv.engine.runner`)."""
+    temp = _per_row(temperature, logits.shape[0], torch.float32, logits.device)
+    kept = filter_logits(logits.float() / temp.clamp(min=1e-6)[:, None], top_k, top_p).isfinite()
+    return logits.masked_fill(~kept, float("-inf"))
+
+
 def selects(top_ks) -> bool:
     """Whether a batch whose sampled rows ask for these top-k settings can select candidates (`top_k_candidates`)
     instead of sorting the vocabulary: every one on and at most TOP_K_CANDIDATES."""
