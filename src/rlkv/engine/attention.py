@@ -27,6 +27,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +36,9 @@ from rlkv.attention.reference import gate_mix, keep_keys_mask, masked_attention,
 from rlkv.attention.ring import ring_positions, ring_slot
 from rlkv.engine.kv import KVStore, upload
 from rlkv.precision import KEYS, VALUES, centred
+
+if TYPE_CHECKING:
+    from rlkv.engine.tokendrop import TokenDropStore
 
 
 @dataclass
@@ -154,17 +158,20 @@ class EngineState:
     sets `batch` before each forward, so a forward from outside (transformers' hook) is refused."""
 
     batch = None
+    store: KVStore | TokenDropStore  # each holds its layers' `key_centres`
 
     def before_forward(self, step) -> None:
         raise RuntimeError("a model driven by rlkv.Engine cannot be called directly while the engine runs")
 
     def centred(self, layer: int, key: torch.Tensor) -> torch.Tensor:
         """`layer`'s new keys as the store holds them: less their centres where it is FP8 (`rlkv.precision`)."""
-        raise NotImplementedError
+        return centred(key, self.store.key_centres[layer])
 
 
 class EngineAttention(EngineState):
     """Head-split and gated mode: the store, the mode and the current batch."""
+
+    store: KVStore
 
     def __init__(
         self,
@@ -184,9 +191,6 @@ class EngineAttention(EngineState):
 
     def decode_batch(self, slots: torch.Tensor, pos: torch.Tensor, max_len: int | None = None) -> Decode:
         return Decode.of(self.store, slots, pos, max_len)
-
-    def centred(self, layer: int, key: torch.Tensor) -> torch.Tensor:
-        return centred(key, self.store.key_centres[layer])
 
     def prompts_batch(
         self,

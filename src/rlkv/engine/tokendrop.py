@@ -37,7 +37,7 @@ from rlkv.engine.attention import Decode, EngineState, Prefill
 from rlkv.engine.kv import upload
 from rlkv.engine.store import Slots
 from rlkv.models import Layout
-from rlkv.precision import KEYS, VALUES, KVPrecision, centred
+from rlkv.precision import KEYS, VALUES, KVPrecision
 
 PAD_TOKENS = 8192  # prompts x longest prompt of one padded prefill group: bounds its attention's memory
 
@@ -199,6 +199,8 @@ class TokenDropStore(Slots):
 class TokenDropAttention(EngineState):
     """Token-dropping mode: the slots and the current batch."""
 
+    store: TokenDropStore
+
     def __init__(self, store: TokenDropStore, use_kernel: bool):
         self.store, self.policy = store, store.policy
         if use_kernel:  # Triton: imported only when used
@@ -213,9 +215,6 @@ class TokenDropAttention(EngineState):
 
     def decode_batch(self, slots: torch.Tensor, pos: torch.Tensor, max_len: int | None = None) -> Decode:
         return Decode(slots, pos, None, None, None, max_len)  # no pages, no ring
-
-    def centred(self, layer: int, key: torch.Tensor) -> torch.Tensor:
-        return centred(key, self.store.key_centres[layer])
 
     def decode(self, layer: int, q, k, v, scaling: float, window: int | None) -> torch.Tensor:
         """q [B, Hq, D], k/v [B, Hkv, D] of the new tokens -> attention output [B, Hq, D]; the slots keep what the
