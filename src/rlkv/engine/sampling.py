@@ -61,18 +61,24 @@ def _per_row(value, rows: int, dtype, device) -> torch.Tensor:
     return torch.full((rows,), value, dtype=dtype, device=device)
 
 
+def _nucleus(ordered: torch.Tensor, top_k, top_p) -> torch.Tensor:
+    """Each row of `ordered` (logits [B, N], descending) with everything outside its top-k and top-p nucleus set
+    to -inf (the best token always stays). `top_k` (0 = off) and `top_p` are numbers or per-row tensors [B]."""
+    rows, n = ordered.shape
+    top_k = _per_row(top_k, rows, torch.long, ordered.device)
+    top_p = _per_row(top_p, rows, torch.float32, ordered.device)
+    k = torch.where(top_k > 0, top_k.clamp(max=n), n)
+    drop = torch.arange(n, device=ordered.device)[None, :] >= k[:, None]
+    probs = torch.softmax(ordered.float().masked_fill(drop, float("-inf")), dim=-1)
+    drop |= probs.cumsum(-1) - probs > top_p[:, None]  # tokens whose predecessors already cover top_p
+    return ordered.masked_fill(drop, float("-inf"))
+
+
 def filter_logits(logits: torch.Tensor, top_k, top_p) -> torch.Tensor:
     """Logits with everything outside each row's top-k and top-p nucleus set to -inf (the best token
     always stays). `top_k` (0 = off) and `top_p` are numbers or per-row tensors [B]: one sort serves both."""
-    rows, vocab = logits.shape
-    top_k = _per_row(top_k, rows, torch.long, logits.device)
-    top_p = _per_row(top_p, rows, torch.float32, logits.device)
     ordered, order = torch.sort(logits, dim=-1, descending=True)
-    k = torch.where(top_k > 0, top_k.clamp(max=vocab), vocab)
-    drop = torch.arange(vocab, device=logits.device)[None, :] >= k[:, None]
-    probs = torch.softmax(ordered.float().masked_fill(drop, float("-inf")), dim=-1)
-    drop |= probs.cumsum(-1) - probs > top_p[:, None]  # tokens whose predecessors already cover top_p
-    return logits.scatter(-1, order, ordered.masked_fill(drop, float("-inf")))
+    return logits.scatter(-1, order, _nucleus(ordered, top_k, top_p))
 
 
 def filtered_out(logits: torch.Tensor, temperature, top_k, top_p) -> torch.Tensor:
@@ -95,16 +101,8 @@ def top_k_candidates(logits: torch.Tensor, top_k, top_p, candidates: int) -> tup
     `candidates` best logits [B, N] (descending; those outside its top-k and top-p nucleus set to -inf) and their
     token ids [B, N]. One top-k selection instead of a sort of [B, V]; the nucleus is the same, since top-p is
     taken within the top-k tokens either way."""
-    rows, vocab = logits.shape
-    n = min(candidates, vocab)
-    top_k = _per_row(top_k, rows, torch.long, logits.device)
-    top_p = _per_row(top_p, rows, torch.float32, logits.device)
-    ordered, order = logits.topk(n, dim=-1)
-    k = torch.where(top_k > 0, top_k.clamp(max=n), n)
-    drop = torch.arange(n, device=logits.device)[None, :] >= k[:, None]
-    probs = torch.softmax(ordered.float().masked_fill(drop, float("-inf")), dim=-1)
-    drop |= probs.cumsum(-1) - probs > top_p[:, None]
-    return ordered.masked_fill(drop, float("-inf")), order
+    ordered, order = logits.topk(min(candidates, logits.shape[-1]), dim=-1)
+    return _nucleus(ordered, top_k, top_p), order
 
 
 def sample(
