@@ -39,6 +39,12 @@ def compile_by_default() -> bool:
     return value not in ("0", "off", "false")
 
 
+def failure(err: Exception) -> str:
+    """A compiler error in one line for a log (inductor's run to pages; the traceback goes with the record)."""
+    first = (str(err).strip().splitlines() or [""])[0]
+    return f"{type(err).__name__}: {first[:200]}"
+
+
 def compiled(fn):
     """`fn` compiled whole (fullgraph: a graph break would be a silent slow path), every tensor argument's first
     dimension (the batch, at least 2) symbolic."""

@@ -41,7 +41,7 @@ import torch
 from tqdm.auto import tqdm
 
 from rlkv.engine.attention import attention
-from rlkv.engine.compiled import compile_by_default
+from rlkv.engine.compiled import compile_by_default, failure
 from rlkv.engine.kv import parse_bytes, upload
 from rlkv.engine.logits import Top
 from rlkv.engine.request import (
@@ -218,11 +218,9 @@ class Engine:
             with torch.inference_mode():
                 self.runner.warm_up()
         except Exception as err:  # inductor, Triton and dynamo raise many types
-            first = (str(err).strip().splitlines() or [""])[0]
             log.warning(
-                "rlkv: compiling the decode step failed (%s: %s); running it eagerly (RLKV_COMPILE=0 skips compiling)",
-                type(err).__name__,
-                first[:200],
+                "rlkv: compiling the decode step failed (%s); running it eagerly (RLKV_COMPILE=0 skips compiling)",
+                failure(err),
                 exc_info=err,
             )
             self.compile = False

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from rlkv.engine import logits as processed
 from rlkv.engine.attention import Prefill, Segment, attending
-from rlkv.engine.compiled import compiled
+from rlkv.engine.compiled import compiled, failure
 from rlkv.engine.kv import upload
 from rlkv.engine.request import Request
 from rlkv.engine.sampling import TOP_K_CANDIDATES, filtered_out, sample, selects, vocab_keys
@@ -215,7 +215,8 @@ class Runner:
             except Exception as err:  # inductor, Triton and dynamo raise many types
                 if mode == MODES[0]:
                     raise
-                log.warning("rlkv: compiling %r sampling failed (%s); it runs eagerly", mode, err, exc_info=err)
+                why = failure(err)
+                log.warning("rlkv: compiling %r sampling failed (%s); it runs eagerly", mode, why, exc_info=err)
                 self.eager_modes.add(mode)
 
     # ------------------------------------------------------------------ prefill
