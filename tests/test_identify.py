@@ -1,6 +1,7 @@
 """RLKV identification: gated attention against the plain and streaming references, exact
 gradients to the gates, the penalty schedule, resumable training and the curriculum cache."""
 
+import dataclasses
 import importlib
 import json
 import math
@@ -548,6 +549,24 @@ def test_resume_two_plus_two_steps_equals_four(tmp_path, monkeypatch):
     assert [r["step"] for r in logs[1]] == [1, 2, 3, 4]
     assert [r["grad_norm"] for r in logs[0]] == [r["grad_norm"] for r in logs[1]]
     assert resumed.provenance["keep_rule"] == "authors"
+
+
+def test_heads_every_keeps_the_gates_of_earlier_steps(tmp_path, monkeypatch):
+    """heads_every=2 over 4 steps: heads_step0002.json holds the gates a 2-step run ends with, and the last step's
+    are heads.json alone; a run resumed with heads_every from a checkpoint written without it keeps its later
+    steps' gates (how it runs, not what it computes)."""
+    model, tok, task, examples, config = _paper(heads_every=2)
+    _coin_rewards(monkeypatch, task)
+    identify(model, tok, task, examples, config, tmp_path / "four")
+    two = identify(model, tok, task, examples, dataclasses.replace(config, steps=2, heads_every=0), tmp_path / "two")
+    kept = rlkv.HeadScores.load(tmp_path / "four" / "heads_step0002.json")
+    assert torch.equal(kept.scores, two.scores) and not torch.equal(two.scores, torch.ones(2, 2))
+    assert kept.provenance["steps"] == 2 and kept.provenance["penalty_steps"] == two.provenance["penalty_steps"]
+    assert sorted(p.name for p in (tmp_path / "four").glob("heads*.json")) == ["heads.json", "heads_step0002.json"]
+    identify(model, tok, task, examples, dataclasses.replace(config, heads_every=1), tmp_path / "two")
+    assert sorted(p.name for p in (tmp_path / "two").glob("heads*.json")) == ["heads.json", "heads_step0003.json"]
+    with pytest.raises(ValueError, match="heads_every"):
+        IdentifyConfig(heads_every=-1)
 
 
 def test_penalty_switches_on_above_tau_only(tmp_path, monkeypatch):

@@ -30,6 +30,13 @@ if [ -f /tmp/run/heads.json ]; then
     --sparsity 0.2,0.4,0.5,0.6,0.8 --heads rlkv=/tmp/run/heads.json --max-new-tokens 1024 --batch-size 512 \
     --match-bytes --data-dir /tmp/data --out /tmp/alongside/eval_qwen15_paper > /tmp/alongside/eval_qwen15_paper.log 2>&1
 fi
+# the ablation's first row: the same run's heads after one epoch (93 of 186 steps, kept by --heads-every 31) at 0.4 and
+# 0.5 on GSM8K and MATH-500, in the session that reaches step 93 or any later one (resumable)
+if [ -f /tmp/run/heads_step0093.json ]; then
+  python3 -m rlkv eval --model /tmp/models/q15.gguf --task gsm8k,math500 --method rlkv --sparsity 0.4,0.5 \
+    --heads rlkv=/tmp/run/heads_step0093.json --max-new-tokens 1024 --batch-size 512 --match-bytes \
+    --data-dir /tmp/data --out /tmp/alongside/eval_qwen15_paper_step93 > /tmp/alongside/eval_qwen15_paper_step93.log 2>&1
+fi
 echo QUEUE DONE > /tmp/alongside/done
 QUEUE
 rm -rf /tmp/repo && mkdir -p /tmp/repo && cp -r tests benchmarks pyproject.toml /tmp/repo/ && ln -sfn /tmp/src /tmp/repo/src

@@ -14,7 +14,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 python3 -c "import torch, transformers, triton; print(torch.__version__, transformers.__version__, triton.__version__)"
 start() {  # $1: RLKV_COMPILE for the rollouts' engine
   cd /tmp && RLKV_COMPILE=$1 setsid nohup python3 -m rlkv identify --model /tmp/models/q15.gguf \
-    --task math_train+gsm8k_train --out /tmp/run --check-limit 0 --checkpoint-every 1 --rollout-batch-size 256 \
+    --task math_train+gsm8k_train --out /tmp/run --check-limit 0 --checkpoint-every 1 --heads-every 31 --rollout-batch-size 256 \
     > /tmp/run.log 2>&1 < /dev/null &
 }
 # until the rollouts' engine is built (the decode step compiled), or the run stops: if it stops compiled,

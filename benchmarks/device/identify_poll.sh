@@ -6,6 +6,8 @@ tr '\r' '\n' < /tmp/run.log | grep -v '^\s*$' | tail -25
 nvidia-smi --query-gpu=memory.used,utilization.gpu --format=csv
 mkdir -p $OUT/run
 for f in curriculum.json log.jsonl checkpoint.pt heads.json; do [ -f /tmp/run/$f ] && cp /tmp/run/$f $OUT/run/; done
+# the earlier steps' heads (--heads-every) in one archive: a call returns at most 8 files
+ls /tmp/run/heads_step*.json > /dev/null 2>&1 && tar czf $OUT/run/heads_steps.tgz -C /tmp/run $(cd /tmp/run && ls heads_step*.json)
 tr '\r' '\n' < /tmp/run.log | grep -v '^\s*$' | tail -c 4000000 > $OUT/run/run.log
 [ -f /tmp/compile_failure.log ] && tr '\r' '\n' < /tmp/compile_failure.log | tail -c 2000000 > $OUT/compile_failure.log
 ls -la $OUT/run

@@ -79,6 +79,9 @@ def identify(
     rollout_batch_size: int = typer.Option(128, min=1, help="sequences decoded at once"),
     train_tokens: int = typer.Option(7680, min=1, help="padded tokens per training micro-batch"),
     checkpoint_every: int = typer.Option(10, min=1),
+    heads_every: int = typer.Option(
+        0, min=0, help="also keep every N-th step's heads as OUT/heads_stepNNNN.json (0: only the last)"
+    ),
     gradient_checkpointing: bool = typer.Option(
         True, help="recompute activations in backward: less memory, a slower update (off: when memory allows)"
     ),

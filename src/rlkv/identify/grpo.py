@@ -28,7 +28,8 @@ penalty acted, response lengths and how many hit the cap, the gates' spread, tim
 memory; `rlkv.identify.progress` plots it). Every `checkpoint_every` steps (and at the end)
 alpha, the optimizer, every rank's Python/torch/CUDA RNG states and the step are saved atomically to
 out_dir/checkpoint.pt; a new call with the same out_dir resumes from there and continues exactly
-as the uninterrupted run would. The result is a HeadScores (method "rlkv") in out_dir/heads.json.
+as the uninterrupted run would. The result is a HeadScores (method "rlkv") in out_dir/heads.json;
+with `heads_every`, every heads_every-th step's gates are kept too, as out_dir/heads_step{N:04d}.json.
 
 Under torchrun (torch.distributed initialised) each rank samples and grades its share of the
 step's problems; token counts and rewards are summed over ranks, and so are the policy-gradient
@@ -168,6 +169,7 @@ def _resumable(config: dict) -> dict:
     how = (
         "steps",
         "checkpoint_every",
+        "heads_every",
         "rollout_kv_budget",
         "rollout_batch_size",
         "train_tokens",
@@ -295,12 +297,14 @@ def _train(model, tokenizer, task, examples, config, out_dir, layout, on_step) -
             "peak_gib": torch.cuda.max_memory_allocated(alpha.device) / 2**30 if cuda else None,
         }
         _log_and_checkpoint(record, alpha, opt, config, log_path, ckpt_path, rank, world)
+        if config.heads_every and step % config.heads_every == 0 and step < config.steps:
+            _heads(alpha, layout, task, examples, config, step, out_dir / f"heads_step{step:04d}.json", rank)
         bar.update(1)
         bar.set_postfix(reward=f"{record['mean_reward']:.2f}", alpha=f"{record['alpha_mean']:.3f}")
         if on_step is not None:
             on_step(record)
     bar.close()
-    return _heads(alpha, layout, task, examples, config, step, out_dir, rank)
+    return _heads(alpha, layout, task, examples, config, step, out_dir / "heads.json", rank)
 
 
 def _resume(ckpt_path: Path, log_path: Path, alpha, opt, config, rank: int, world: int) -> int:
@@ -364,8 +368,8 @@ def _log_and_checkpoint(
             )
 
 
-def _heads(alpha, layout, task, examples, config, steps: int, out_dir: Path, rank: int) -> HeadScores:
-    """The learned gates as HeadScores with their provenance; rank 0 writes out_dir/heads.json."""
+def _heads(alpha, layout, task, examples, config, steps: int, path: Path, rank: int) -> HeadScores:
+    """The gates after `steps` steps as HeadScores with their provenance; rank 0 writes them to `path`."""
     provenance = {
         "config": asdict(config),
         "steps": steps,
@@ -375,13 +379,14 @@ def _heads(alpha, layout, task, examples, config, steps: int, out_dir: Path, ran
         "keep_rule": KEEP_RULES[config.recipe],
     }
     if rank == 0:  # the log (all steps, resumed ones too) is rank 0's
-        records = [json.loads(line) for line in (out_dir / "log.jsonl").read_text().splitlines() if line]
+        records = [json.loads(line) for line in (path.parent / "log.jsonl").read_text().splitlines() if line]
+        records = [r for r in records if r["step"] <= steps]
         provenance["penalty_steps"] = sum(r["penalty_weight"] > 0 for r in records)  # steps whose reward cleared tau
     scores = HeadScores(
         alpha.detach().float(), model=layout.name, layout=layout.to_dict(), method="rlkv", provenance=provenance
     )
     if rank == 0:
-        scores.save(out_dir / "heads.json")
+        scores.save(path)
     return scores
 
 

@@ -102,6 +102,9 @@ class IdentifyConfig:
     gate_dtype: str = UNSET  # the gates' and their optimizer state's dtype
     seed: int = 0
     checkpoint_every: int = 10
+    # also keep the gates of every heads_every-th step as heads_step{N:04d}.json (0: only the last step's heads.json):
+    # one run then gives the heads of its earlier epochs too (issue 32's one-epoch ablation)
+    heads_every: int = 0
     rollout_batch_size: int = 128  # sequences decoded at once (the engine's batch; generate's without it)
     train_tokens: int = 7680  # padded tokens per forward/backward micro-batch (the authors' max_tokens_per_mb)
     # recompute layer activations in the backward pass: on by default, since one 80 GB GPU holding the rollout
@@ -136,6 +139,7 @@ _CHECKS = {  # field: (whether a value is valid, what is expected); tau and beta
     "steps": (lambda v: v >= 1, ">= 1"),
     "max_new_tokens": (lambda v: v >= 1, ">= 1"),
     "checkpoint_every": (lambda v: v >= 1, ">= 1"),
+    "heads_every": (lambda v: v >= 0, ">= 0 (0: off)"),
     "temperature": (lambda v: v > 0, "> 0"),
     "top_p": (lambda v: 0 < v <= 1, "in (0, 1]"),
     "top_k": (lambda v: v >= 0, ">= 0 (0: off)"),
