@@ -8,7 +8,7 @@ from transformers import AttentionInterface
 
 import rlkv
 from rlkv.attention.reference import masked_attention, token_positions
-from rlkv.attention.tokendrop import top_k_mask
+from rlkv.attention.tokendrop import Candidates, top_k_mask
 from rlkv.hf.plumbing import output_cache
 from rlkv.hf.tokendrop import TokenDropCache, TokenDropLayer
 from rlkv.methods.h2o import H2O, build_h2o, h2o_keep
@@ -106,6 +106,26 @@ def test_rkv_scores_by_hand():
     # lam = 0: the least redundant key wins over the recent window's neighbours
     keep = rkv_keep(torch.zeros(1, 1, 4), rkv_redundancy(torch.cat([keys, keys[:, :, :1]], 2), pos), pos, 2, 1, 0.0)
     assert keep[0, 0].tolist() == [False, False, True, True]
+
+
+def test_rkv_compares_the_model_keys_when_fp8_centres_them():
+    """FP8 stores keys less a per-channel centre (`rlkv.precision`): R-KV's redundancy (the keys' cosines to each
+    other) adds it back (`Candidates.model_keys`), so R-KV keeps at FP8 what it keeps on the model's keys. Small
+    integers keep the arithmetic exact; attention does not see the shift (the same for every key of a query)."""
+    gen = torch.Generator().manual_seed(0)
+    b, h, k, d = 2, 2, 12, 4
+    centres = torch.tensor([[8.0, 0.0, -6.0, 0.0], [0.0, 5.0, 0.0, 0.0]])  # an offset shared by a head's keys
+    raw = torch.randint(-3, 4, (b, h, k, d), generator=gen).float() + centres[:, None, :]
+    query = torch.randint(-2, 3, (b, h, 1, d), generator=gen).float()
+    pos, q_pos = torch.arange(k, dtype=torch.int32).expand(b, h, k), torch.full((b, 1), k - 1)
+
+    def keep(keys, key_centres=None):
+        c = Candidates(keys, None, pos, None, None, True, 1.0, key_centres)
+        return RKV(budget=4, window=2, interval=4, kernel=1).select({}, c, query, q_pos)
+
+    model = keep(raw)
+    assert torch.equal(keep(raw - centres[:, None, :], centres), model) and int(model.sum()) == b * h * 4
+    assert not torch.equal(keep(raw - centres[:, None, :]), model)  # the centred keys' cosines choose otherwise
 
 
 def test_rkv_compresses_every_interval():

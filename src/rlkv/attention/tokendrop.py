@@ -28,7 +28,8 @@ class Candidates:
     policy `needs_keys`); pos [b, h, K] (-1 = empty or padding); score [b, h, K] the policy's
     stored per-slot score (0 for new tokens; None for unscored policies); attn [b, h, K] summed
     attention probabilities of the observed queries (None when the policy observed none);
-    first: the layer held nothing before this forward (the prefill); scaling: the model's softmax scale.
+    first: the layer held nothing before this forward (the prefill); scaling: the model's softmax scale;
+    key_centres [h, d]: what was taken off every key (FP8's centred keys, `rlkv.precision`), or None.
     """
 
     keys: torch.Tensor | None
@@ -38,6 +39,16 @@ class Candidates:
     attn: torch.Tensor | None
     first: bool
     scaling: float
+    key_centres: torch.Tensor | None = None
+
+    def model_keys(self) -> torch.Tensor:
+        """The keys as the model computed them (centres added back): what a policy comparing keys with each other
+        reads, so that it chooses the same at every precision. Attention needs no such step (a shift common to
+        every key of a head leaves each query's softmax unchanged)."""
+        assert self.keys is not None, "the candidates carry keys (the policy's needs_keys)"
+        if self.key_centres is None:
+            return self.keys
+        return (self.keys.float() + self.key_centres[:, None, :].float()).to(self.keys.dtype)
 
 
 class Policy:
@@ -180,14 +191,25 @@ def slot_attention(query, keys, values, pos, q_pos, scaling: float, window: int 
 
 
 def select_tokens(
-    query, keys, values, pos, score, q_pos, scaling: float, window: int | None, policy: Policy, state: dict, first: bool
+    query,
+    keys,
+    values,
+    pos,
+    score,
+    q_pos,
+    scaling: float,
+    window: int | None,
+    policy: Policy,
+    state: dict,
+    first: bool,
+    key_centres: torch.Tensor | None = None,
 ):
     """Attend the new queries [b, hq, q, d] at q_pos [b, q] over candidates keys/values [b, h, K, d] at pos
-    [b, h, K] (score: the policy's stored scores, new tokens 0), then let `policy` choose
-    -> (output [b, q, hq, d], Candidates, keep mask [b, h, K])."""
+    [b, h, K] (score: the policy's stored scores, new tokens 0; key_centres: `Candidates`'), then let `policy`
+    choose -> (output [b, q, hq, d], Candidates, keep mask [b, h, K])."""
     observe = min(policy.observed(first, query.shape[2]), query.shape[2])
     out, attn = candidate_attention(query, keys, values, pos, q_pos, scaling, window, observe)
-    c = Candidates(keys, values, pos, score, attn, first, scaling)
+    c = Candidates(keys, values, pos, score, attn, first, scaling, key_centres)
     return out, c, policy.select(state, c, query, q_pos)
 
 

@@ -153,7 +153,7 @@ class TokenDropStore(Slots):
         if needs_keys:
             stored = self.precision.load(self.keys[layer][slots], KEYS, layer, slice(None), 1, k.dtype)
             keys = torch.cat([stored, k[:, :, None]], dim=2)
-        return Candidates(keys, None, pos, score, attn, False, scaling)
+        return Candidates(keys, None, pos, score, attn, False, scaling, self.key_centres[layer])
 
     def state(self, layer: int, slots: torch.Tensor) -> dict[str, torch.Tensor]:
         """The rows' policy state (e.g. R-KV's last queries), for `Policy.select` to update."""
@@ -259,7 +259,10 @@ class TokenDropAttention(EngineState):
             pos = g.q_pos.to(torch.int32)[:, None, :].expand(k.shape[0], k.shape[1], -1)
             score = k.new_zeros(pos.shape, dtype=torch.float32) if policy.scored else None
             state: dict = {}
-            padded, c, keep = select_tokens(q, k, v, pos, score, g.q_pos, scaling, window, policy, state, first=True)
+            centres = self.store.key_centres[layer]
+            padded, c, keep = select_tokens(
+                q, k, v, pos, score, g.q_pos, scaling, window, policy, state, first=True, key_centres=centres
+            )
             out[g.dest] = padded.flatten(0, 1)[g.src]  # padded: [n, W, Hq, D]
             self.store.scatter(layer, g.slots, *compact(c, keep, policy.capacity), state)
         return out[None]

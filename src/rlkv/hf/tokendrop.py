@@ -101,7 +101,10 @@ class TokenDropLayer(CompressedLayer, CacheLayerMixin):
             values = torch.cat([self._read(self.values, VALUES), value], dim=-2)
             pos = torch.cat([self.pos, new_pos], dim=-1)
             score = torch.cat([self.score, self.score.new_zeros(b, h, q)], dim=-1) if policy.scored else None
-        out, c, keep = select_tokens(query, keys, values, pos, score, q_pos, scaling, window, policy, self.extra, first)
+        centres = self.precision.key_centres(self.layer)
+        out, c, keep = select_tokens(
+            query, keys, values, pos, score, q_pos, scaling, window, policy, self.extra, first, centres
+        )
         keys, values, self.pos, self.score = compact(c, keep, policy.capacity)
         self.keys, self.values = self._stored(keys, KEYS), self._stored(values, VALUES)
         self.is_initialized = True
@@ -147,7 +150,7 @@ class TokenDropLayer(CompressedLayer, CacheLayerMixin):
                 out, attn = candidate_attention(query, keys, values, self.pos, q_pos, scaling, window, observe)
             else:
                 out, attn = slot_attention(query, keys, values, self.pos, q_pos, scaling, window), None
-        c = Candidates(keys, None, self.pos, self.score, attn, False, scaling)
+        c = Candidates(keys, None, self.pos, self.score, attn, False, scaling, self.precision.key_centres(self.layer))
         state = dict(self.extra)
         keep = policy.select(self.extra, c, query, q_pos)
         pos = torch.where(keep, self.pos, -1)

@@ -89,7 +89,8 @@ class RKV(Policy):
             return valid
         assert c.keys is not None, "R-KV needs the candidates' keys (needs_keys)"
         importance = rkv_importance(queries, query_pos, c.keys, c.pos, c.scaling, self.kernel)
-        keep = rkv_keep(importance, rkv_redundancy(c.keys, c.pos), c.pos, self.budget, self.window, self.lam)
+        # redundancy compares keys with each other: the model's keys, not FP8's centred ones (c.model_keys)
+        keep = rkv_keep(importance, rkv_redundancy(c.model_keys(), c.pos), c.pos, self.budget, self.window, self.lam)
         return torch.where(full[:, None, None], keep, valid)
 
     def state_bytes(self, layout, itemsize: int) -> int:
