@@ -31,10 +31,11 @@
                 step's graph (the rest is host work the device waited for), and the GPU kernels per
                 step of eager runs (torch.profiler), top 15: what grows with the batch.
 --parts sampling a decode step's sampling and log-probs alone, per mode (`rlkv.engine.runner.MODES`: argmax, noise
-                only, top-k by selection, the top-k / top-p filter that sorts the vocabulary) at each
+                only, top-k by selection, the general top-k / top-p filter) at each
                 `--sampling-batches` size over the model's vocabulary, compiled on CUDA as the engine runs it
                 (`--sampling-top-k` 20 and top-p 0.95, Qwen's settings): GPU time per call, CUDA graphs;
-                against one read of the logits at copy bandwidth.
+                against one read of the logits at copy bandwidth. Then the filter's thresholds alone (top-p
+                0.95, no top-k) by the search kernel and by a sort (`rlkv.engine.sampling.KERNEL_ROWS`).
 Head choice does not change cost: seeded random head scores are used.
 
     python benchmarks/engine.py --model DIR --parts hf,sweep,kernel --out results/engine.json
@@ -258,8 +259,12 @@ def part_sampling(model, args) -> list[dict]:
     from functools import partial
 
     from rlkv.engine.compiled import compiled
-    from rlkv.engine.runner import MODES, filtered_pick, pick
-    from rlkv.engine.sampling import vocab_keys
+    from rlkv.engine.nucleus import nucleus_threshold_kernel
+    from rlkv.engine.runner import MODES, pick
+    from rlkv.engine.sampling import _sorted_threshold, vocab_keys
+
+    def sorted_threshold(scaled, top_k, top_p):
+        return _sorted_threshold(scaled.sort(dim=-1, descending=True).values, top_k, top_p)
 
     device = next(model.parameters()).device
     vocab = model.lm_head.weight.shape[0]
@@ -274,7 +279,7 @@ def part_sampling(model, args) -> list[dict]:
         temperature, top_p = torch.full((batch,), 0.6, device=device), torch.full((batch,), 0.95, device=device)
         floor = logits.numel() * logits.element_size() / copy
         for mode in (m for m in MODES if m != "logits"):
-            call = partial(filtered_pick, step, logits, seeds, steps, top_k, temperature, top_p, mode)
+            call = partial(step, logits, seeds, steps, top_k, temperature, top_p, mode)
             seconds = gpu_seconds(call, reps=20)
             rows.append(
                 {
@@ -286,6 +291,15 @@ def part_sampling(model, args) -> list[dict]:
                     "logits_read_us": floor * 1e6,
                     "of_one_read": floor / seconds,
                 }
+            )
+            print(f"sampling {mode} x {batch}: {seconds * 1e6:.0f} us", flush=True)
+        # the filter's thresholds alone, top-p only (R1's 0.6 / 0.95), by the search kernel and by the sort:
+        # where the kernel starts to win sets rlkv.engine.sampling.KERNEL_ROWS
+        scaled, no_top_k = logits.float() / 0.6, torch.zeros_like(top_k)
+        for mode, find in (("threshold_kernel", nucleus_threshold_kernel), ("threshold_sort", sorted_threshold)):
+            seconds = gpu_seconds(partial(find, scaled, no_top_k, top_p), reps=20)
+            rows.append(
+                {"part": "sampling", "mode": mode, "batch": batch, "vocab": vocab, "microseconds": seconds * 1e6}
             )
             print(f"sampling {mode} x {batch}: {seconds * 1e6:.0f} us", flush=True)
     return rows
@@ -462,7 +476,7 @@ def main():
     ap.add_argument("--kernel-batch", type=int, default=64)
     ap.add_argument("--kernel-context", type=int, default=4096)
     ap.add_argument("--kernel-kv-dtypes", default="bf16", help="the kernel part's KV precisions: bf16, fp8")
-    ap.add_argument("--sampling-batches", default="1,32,256")
+    ap.add_argument("--sampling-batches", default="1,8,32,64,128,256")
     ap.add_argument("--sampling-top-k", type=int, default=20)
     ap.add_argument("--tune-splits", default="1,2,4,8")
     ap.add_argument("--tune-blocks", default="64,128,256")

@@ -91,7 +91,8 @@ def test_engine_benchmark_writes_every_part(saved, tmp_path):
     assert result["complete"] and "command" in result["environment"]
     assert {r["part"] for r in result["rows"]} == {"hf", "sweep", "kernel", "tune", "profile", "droppers", "sampling"}
     sampling = [r for r in result["rows"] if r["part"] == "sampling"]
-    assert [r["mode"] for r in sampling] == ["greedy", "sample", "top_k", "filter"]
+    modes = ["greedy", "sample", "top_k", "filter", "threshold_kernel", "threshold_sort"]
+    assert [r["mode"] for r in sampling] == modes
     assert all(r["batch"] == 2 and r["vocab"] == 96 and r["microseconds"] > 0 for r in sampling)
     kernel = {r["kv_dtype"]: r for r in result["rows"] if r["part"] == "kernel"}
     assert set(kernel) == {"bf16", "fp8"} and all(

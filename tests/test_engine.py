@@ -326,6 +326,38 @@ def test_top_p_keeps_the_smallest_nucleus():
     assert filter_logits(logits, 3, 1.0).isfinite().tolist() == [[True, True, True, False]]
 
 
+def test_top_k_and_top_p_keep_the_tokens_tied_with_the_last_one_kept():
+    logits = torch.tensor([[3.0, 2.0, 2.0, 2.0, 1.0, -0.0, 0.0]])
+    assert filter_logits(logits, 2, 1.0).isfinite().tolist() == [[True, True, True, True, False, False, False]]
+    probs = torch.softmax(logits[0], -1)
+    just_past_first = float(probs[0]) + 1e-3  # the first tied token's predecessors cover less than this: all stay
+    assert filter_logits(logits, 0, just_past_first).isfinite().sum() == 4
+    assert filter_logits(logits, 6, 1.0).isfinite().all()  # -0.0 ties with 0.0
+
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_the_threshold_kernel_keeps_what_the_sort_keeps(ties):
+    """`rlkv.engine.nucleus` (here in Triton's interpreter) finds each row's threshold by a search over the logits'
+    bits, not a sort: the same threshold as the sort's, to the bit, for any top-k (off, within, beyond the
+    vocabulary) and top-p (off, tiny, large), with ties and signed zeros."""
+    from rlkv.engine.nucleus import nucleus_threshold_kernel
+    from rlkv.engine.sampling import nucleus_threshold
+
+    gen = torch.Generator().manual_seed(1)
+    rows, vocab = 24, 1500
+    logits = torch.randn(rows, vocab, generator=gen) * 4
+    if ties:
+        logits = logits.round() * -1.0  # a few dozen values, each many times; -0.0 beside 0.0
+    top_k = torch.randint(1, 40, (rows,), generator=gen)
+    top_k[::4], top_k[1::6] = 0, vocab + 3
+    top_p = torch.rand(rows, generator=gen) * 0.95 + 0.04
+    top_p[::5], top_p[2::7] = 1.0, 1e-4
+    searched = nucleus_threshold_kernel(logits, top_k, top_p)
+    assert torch.equal(searched, nucleus_threshold(logits, top_k, top_p))  # the sort, on the CPU
+    kept = (logits >= searched[:, None]).sum(-1)
+    assert kept.min() >= 1 and kept.max() == vocab and len(set(kept.tolist())) > 10
+
+
 def test_top_k_candidates_draw_the_tokens_of_the_sorted_filter():
     """A top-k of at most TOP_K_CANDIDATES on every sampled row: one top-k selection, the noise of the selected
     tokens only, and the same tokens as the filter that sorts the vocabulary (greedy rows stay argmax)."""
@@ -342,12 +374,6 @@ def test_top_k_candidates_draw_the_tokens_of_the_sorted_filter():
         selected = sample(logits, temperature, k, p, seeds, steps, candidates=TOP_K_CANDIDATES)
         assert torch.equal(selected, sorted_)
     assert len(set(sorted_.tolist())) > 20  # sampled, not a constant
-    # the filter run apart (its sort eager, what compiled steps do) and inside the sampling: the same picks
-    from rlkv.engine.runner import filtered_pick, pick
-
-    apart = filtered_pick(pick, logits, seeds, steps, top_k, temperature, top_p, "filter")
-    inside = pick(logits, seeds, steps, top_k, temperature, top_p, "filter")
-    assert torch.equal(apart[0], inside[0]) and torch.equal(apart[1], inside[1])
 
 
 def test_batches_whose_top_k_is_small_run_the_selection_mode():

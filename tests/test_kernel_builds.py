@@ -101,10 +101,12 @@ def build(specs: list[dict]) -> list[str]:
 
 
 def launch_everything(head_dim: int) -> None:
-    """The engine's kernels (store, decode, combine) at every KV dtype, gated or not, one split or several, and the
-    token droppers' slot kernel, observing or not: the model's activations in bf16 as on the GPU."""
+    """The engine's kernels (store, decode, combine) at every KV dtype, gated or not, one split or several, the
+    token droppers' slot kernel, observing or not, and sampling's threshold search: the model's activations in bf16
+    as on the GPU."""
     from rlkv.attention.slot_kernel import slot_attention
     from rlkv.engine.kernel import decode_attention, store_kv
+    from rlkv.engine.nucleus import nucleus_threshold_kernel
 
     bf16, gen = torch.bfloat16, torch.Generator().manual_seed(0)
     layout = rlkv.Layout("qwen2", 1, 12, 2, head_dim, "bfloat16", "x")  # Qwen2.5-1.5B's heads
@@ -128,6 +130,7 @@ def launch_everything(head_dim: int) -> None:
                 q, k, v, keys, values, places, slots, pos, head_dim**-0.5, None, observe,
                 scales=(scales[0, 0], scales[1, 0]) if ring.quantized else None,
             )  # fmt: skip
+    nucleus_threshold_kernel(torch.randn(3, 151_936), torch.tensor([0, 20, 500]), torch.tensor([0.95, 1.0, 0.5]))
 
 
 @pytest.mark.parametrize("head_dim", [64, 128])
@@ -135,14 +138,17 @@ def test_every_kernel_builds_for_an_h100(monkeypatch, tmp_path, head_dim):
     pytest.importorskip("triton")
     import rlkv.attention.slot_kernel
     import rlkv.engine.kernel
+    import rlkv.engine.nucleus
 
     launches: dict[str, dict] = {}
     kernels = [(rlkv.engine.kernel, n) for n in ("_decode_kernel", "_combine_kernel", "_store_kernel")]
-    for module, name in [*kernels, (rlkv.attention.slot_kernel, "_slot_decode_kernel")]:
+    kernels += [(rlkv.attention.slot_kernel, "_slot_decode_kernel"), (rlkv.engine.nucleus, "_nucleus_kernel")]
+    for module, name in kernels:
         monkeypatch.setattr(module, name, Recorder(module, name, launches))
     launch_everything(head_dim)
     specs = list(launches.values())
-    assert {s["kernel"] for s in specs} == {"_decode_kernel", "_combine_kernel", "_store_kernel", "_slot_decode_kernel"}
+    names = {"_decode_kernel", "_combine_kernel", "_store_kernel", "_slot_decode_kernel", "_nucleus_kernel"}
+    assert {s["kernel"] for s in specs} == names
     assert {s["constants"]["PAGE_FP8"] for s in specs if s["kernel"] == "_store_kernel"} == {False, True}
     path = tmp_path / "launches.json"
     path.write_text(json.dumps(specs))

@@ -8,12 +8,12 @@ its sampling run compiled (`rlkv.engine.compiled`), compiled and captured before
 (`warm_up`). Sampling is per row (each request's own temperature, top-k, top-p, seed); a batch runs
 in one of five modes, chosen on the host from its requests: all greedy (argmax), sampling without
 a filter, with a top-k of at most `TOP_K_CANDIDATES` on every sampled row (and top-p within it: a
-top-k selection), or with the general top-k / top-p filter (a sort of the vocabulary, eager), so the
-common cases pay nothing for the general one; or "logits", where some request asks for penalties, a minimum length
-or top log-probs: the forward (compiled and captured like the others) returns the logits of its
-rows, padding sliced off, and `rlkv.engine.logits` samples from them. A CUDA graph is captured per
-(shape, mode) and reads its inputs from static buffers; zero slots and pages are scratch space for
-padding rows.
+top-k selection), or with the general top-k / top-p filter (on CUDA a kernel that searches each
+row's threshold: `rlkv.engine.nucleus`), so the common cases pay nothing for the general one; or
+"logits", where some request asks for penalties, a minimum length or top log-probs: the forward
+(compiled and captured like the others) returns the logits of its rows, padding sliced off, and
+`rlkv.engine.logits` samples from them. A CUDA graph is captured per (shape, mode) and reads its
+inputs from static buffers; zero slots and pages are scratch space for padding rows.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from rlkv.engine.attention import Prefill, Segment, attending
 from rlkv.engine.compiled import compiled, failure
 from rlkv.engine.kv import upload
 from rlkv.engine.request import Request
-from rlkv.engine.sampling import TOP_K_CANDIDATES, filtered_out, sample, selects, vocab_keys
+from rlkv.engine.sampling import TOP_K_CANDIDATES, sample, selects, vocab_keys
 
 PROMPT_TOKENS = 512  # longest row of whole new prompts prefilled in one packed forward (a CUDA graph per power of two)
 PROMPT_ROWS = 32  # most samplers of that row's prompts
@@ -59,33 +59,19 @@ def sampling_rows(requests: list[Request]) -> tuple[list[list[int]], list[list[f
     return longs, floats
 
 
-def pick(
-    logits, seeds, steps, top_k, temperature, top_p, mode: str, masked=None, keys=None
-) -> tuple[torch.Tensor, ...]:
+def pick(logits, seeds, steps, top_k, temperature, top_p, mode: str, keys=None) -> tuple[torch.Tensor, ...]:
     """Next tokens [B] from logits [B, V] in `mode`, and their log-probs under the raw logits (the token's logit
-    less the log-sum-exp: no [B, V] log-softmax is written); in "logits" mode, the logits themselves. `masked`:
-    the logits already filtered (`filtered_out`), sampled from instead of filtering here. `keys`: the sampling
-    noise's `vocab_keys`."""
+    less the log-sum-exp: no [B, V] log-softmax is written); in "logits" mode, the logits themselves. `keys`: the
+    sampling noise's `vocab_keys`."""
     if mode == "logits":
         return (logits,)
     if mode == "greedy":
         tokens = logits.argmax(-1)
     else:
         candidates = TOP_K_CANDIDATES if mode == "top_k" else None
-        filtered = mode == "filter" and masked is None
-        drawn_from = logits if masked is None else masked
-        tokens = sample(drawn_from, temperature, top_k, top_p, seeds, steps, filtered, keys, candidates)
+        tokens = sample(logits, temperature, top_k, top_p, seeds, steps, mode == "filter", keys, candidates)
     logits = logits.float()
     return tokens, logits.gather(1, tokens[:, None])[:, 0] - torch.logsumexp(logits, dim=-1)
-
-
-def filtered_pick(pick_fn, logits, seeds, steps, top_k, temperature, top_p, mode: str) -> tuple[torch.Tensor, ...]:
-    """`pick_fn` (`pick`, compiled or not) in `mode`; in "filter" mode the filter's sort and cumsum of the vocabulary
-    run first, eagerly (`filtered_out`), and `pick_fn` samples what they leave: inductor on CUDA (torch 2.11) fails
-    to generate that cumsum with a symbolic batch (its split scan: "list indices must be integers or slices, not
-    NoneType"), and a sort is ATen's either way."""
-    masked = filtered_out(logits, temperature, top_k, top_p) if mode == "filter" else None
-    return pick_fn(logits, seeds, steps, top_k, temperature, top_p, mode, masked)
 
 
 class Runner:
@@ -196,7 +182,7 @@ class Runner:
         with attending(self.state):
             logits = self._decode_forward(ids[:, None], pos[:, None])[:, 0]
         pick_ = self._eager_pick if mode in self.eager_modes else self._pick
-        return filtered_pick(pick_, logits, seeds, steps, top_k, floats[0], floats[1], mode)
+        return pick_(logits, seeds, steps, top_k, floats[0], floats[1], mode)
 
     def warm_up(self) -> None:
         """Compile the decode step (a step of scratch rows in each sampling mode) and, with CUDA graphs, capture it
@@ -270,7 +256,7 @@ class Runner:
         longs, floats = sampling_rows(samplers)
         longs, floats = upload(longs, torch.long, self.device), upload(floats, torch.float32, self.device)
         mode = sampling_mode(samplers)
-        outputs = filtered_pick(self._eager_pick, logits, longs[0], longs[1], longs[2], floats[0], floats[1], mode)
+        outputs = self._eager_pick(logits, longs[0], longs[1], longs[2], floats[0], floats[1], mode)
         return samplers, *self._finish_pick(outputs, samplers, None, longs, floats)
 
     def _score_prompts(self, logits: torch.Tensor, scored: list[tuple[Request, range, Segment]]) -> None:
@@ -341,7 +327,7 @@ class Runner:
         with attending(self.state):
             logits = self.forward(ids[None], pos[None], rows_in[0])[0]
         seeds, steps, top_k = rows_in[1], rows_in[2], rows_in[3]
-        return filtered_pick(self._eager_pick, logits, seeds, steps, top_k, floats_in[0], floats_in[1], mode)
+        return self._eager_pick(logits, seeds, steps, top_k, floats_in[0], floats_in[1], mode)
 
     # ------------------------------------------------------------------ CUDA graphs
     def _graph(self, shape: tuple, mode: str) -> tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, ...]]:

@@ -16,6 +16,9 @@ _M32 = 0xFFFFFFFF
 # the most tokens a top-k filter selects without sorting the vocabulary (`top_k_candidates`): covers the usual
 # settings (Qwen's 20, transformers' default 50, 100)
 TOP_K_CANDIDATES = 128
+# from this many rows on, CUDA finds a filter's thresholds with `rlkv.engine.nucleus`'s kernel (a program per row,
+# its passes one after another: slower than a sort for a few rows); `benchmarks/engine.py --parts sampling` times both
+KERNEL_ROWS = 64
 
 
 def stable_seed(*parts) -> int:
@@ -61,33 +64,47 @@ def _per_row(value, rows: int, dtype, device) -> torch.Tensor:
     return torch.full((rows,), value, dtype=dtype, device=device)
 
 
-def _nucleus(ordered: torch.Tensor, top_k, top_p) -> torch.Tensor:
-    """Each row of `ordered` (logits [B, N], descending) with everything outside its top-k and top-p nucleus set
-    to -inf (the best token always stays). `top_k` (0 = off) and `top_p` are numbers or per-row tensors [B]."""
+def _sorted_threshold(ordered: torch.Tensor, top_k, top_p) -> torch.Tensor:
+    """Each row's smallest kept logit [B] (`filter_logits`' rule) from its logits in descending order [B, N]. `top_k`
+    (0 = off) and `top_p` (1 = off) are numbers or per-row tensors [B]."""
     rows, n = ordered.shape
     top_k = _per_row(top_k, rows, torch.long, ordered.device)
     top_p = _per_row(top_p, rows, torch.float32, ordered.device)
     k = torch.where(top_k > 0, top_k.clamp(max=n), n)
-    drop = torch.arange(n, device=ordered.device)[None, :] >= k[:, None]
+    drop = ordered < ordered.gather(1, (k - 1)[:, None])  # outside the top-k (those tied with the k-th stay)
     probs = torch.softmax(ordered.float().masked_fill(drop, float("-inf")), dim=-1)
-    drop |= probs.cumsum(-1) - probs > top_p[:, None]  # tokens whose predecessors already cover top_p
-    return ordered.masked_fill(drop, float("-inf"))
+    drop |= (probs.cumsum(-1) - probs > top_p[:, None]) & (top_p < 1)[:, None]  # predecessors cover top_p
+    return ordered.masked_fill(drop, float("inf")).amin(-1)
+
+
+@torch.library.custom_op("rlkv::nucleus_threshold", mutates_args=())
+def nucleus_threshold(scaled: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Each row's smallest kept logit [B] (float32) of `scaled` [B, V] (float32) under its `top_k` [B] and `top_p`
+    [B]: on CUDA for KERNEL_ROWS rows or more a Triton kernel that searches for it (`rlkv.engine.nucleus`), else
+    from a sort of the rows. The two agree but where float32 sums of the nucleus's mass round differently. An
+    operator of its own, so that a compiled step runs it as it is (inductor cannot compile the sort's cumsum over a
+    large vocabulary: its split scan fails on CUDA, torch 2.11)."""
+    if scaled.is_cuda and scaled.shape[0] >= KERNEL_ROWS:
+        from rlkv.engine.nucleus import nucleus_threshold_kernel
+
+        return nucleus_threshold_kernel(scaled, top_k, top_p)
+    return _sorted_threshold(scaled.sort(dim=-1, descending=True).values, top_k, top_p).float()
+
+
+@nucleus_threshold.register_fake
+def _(scaled: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    return scaled.new_empty(scaled.shape[0], dtype=torch.float32)
 
 
 def filter_logits(logits: torch.Tensor, top_k, top_p) -> torch.Tensor:
-    """Logits with everything outside each row's top-k and top-p nucleus set to -inf (the best token
-    always stays). `top_k` (0 = off) and `top_p` are numbers or per-row tensors [B]: one sort serves both."""
-    ordered, order = torch.sort(logits, dim=-1, descending=True)
-    return logits.scatter(-1, order, _nucleus(ordered, top_k, top_p))
-
-
-def filtered_out(logits: torch.Tensor, temperature, top_k, top_p) -> torch.Tensor:
-    """`logits` [B, V] with -inf outside each row's top-k / top-p filter, taken on the temperature-scaled logits as
-    `sample` takes it: sampling these unfiltered draws what `sample` draws from `logits` filtered. Apart so that a
-    compiled step leaves the filter's sort and cumsum over the vocabulary to run eagerly (`rlkv.engine.runner`)."""
-    temp = _per_row(temperature, logits.shape[0], torch.float32, logits.device)
-    kept = filter_logits(logits.float() / temp.clamp(min=1e-6)[:, None], top_k, top_p).isfinite()
-    return logits.masked_fill(~kept, float("-inf"))
+    """Logits with everything outside each row's top-k and top-p nucleus set to -inf: the best token always stays,
+    and so do the tokens tied with the last one kept. `top_k` (0 = off) and `top_p` (1 = off) are numbers or per-row
+    tensors [B]."""
+    rows = logits.shape[0]
+    top_k = _per_row(top_k, rows, torch.long, logits.device)
+    top_p = _per_row(top_p, rows, torch.float32, logits.device)
+    threshold = nucleus_threshold(logits.float().contiguous(), top_k, top_p)
+    return logits.masked_fill(logits.float() < threshold[:, None], float("-inf"))
 
 
 def selects(top_ks) -> bool:
@@ -100,9 +117,9 @@ def top_k_candidates(logits: torch.Tensor, top_k, top_p, candidates: int) -> tup
     """`filter_logits` for rows whose top-k is on and at most `candidates`, without sorting the vocabulary: each row's
     `candidates` best logits [B, N] (descending; those outside its top-k and top-p nucleus set to -inf) and their
     token ids [B, N]. One top-k selection instead of a sort of [B, V]; the nucleus is the same, since top-p is
-    taken within the top-k tokens either way."""
+    taken within the top-k tokens either way (but for tokens tied with the k-th best beyond the candidates)."""
     ordered, order = logits.topk(min(candidates, logits.shape[-1]), dim=-1)
-    return _nucleus(ordered, top_k, top_p), order
+    return ordered.masked_fill(ordered < _sorted_threshold(ordered, top_k, top_p)[:, None], float("-inf")), order
 
 
 def sample(
