@@ -89,16 +89,16 @@ def _nucleus_kernel(X, stride, V, TOP_K, TOP_P, OUT, RADIX: tl.constexpr, PASSES
     hi += 1
     floor = lo  # the top-k threshold: every key when top-k is off
     if (k > 0) & (k < V):
-        floor = _search(row, V, lo, hi, (k - 1).to(tl.float32), lo, m, tl.constexpr(False), RADIX, PASSES, BLOCK)
+        floor = _search(row, V, lo, hi, (k - 1).to(tl.float32), lo, m, False, RADIX, PASSES, BLOCK)
     threshold = floor
     if p < 1.0:
-        total = tl.full((), 0.0, tl.float32)  # the top-k tokens' mass
+        total = 0.0  # the top-k tokens' mass
         for start in range(0, V, BLOCK):
             offs = start + tl.arange(0, BLOCK)
             valid = offs < V
             x = tl.load(row + offs, mask=valid, other=float("-inf"))
             total += tl.sum(tl.where(valid & (_order_keys(x) >= floor), tl.exp(x - m), 0.0))
-        threshold = _search(row, V, floor, hi, p * total, floor, m, tl.constexpr(True), RADIX, PASSES, BLOCK)
+        threshold = _search(row, V, floor, hi, p * total, floor, m, True, RADIX, PASSES, BLOCK)
     bits = tl.where(threshold > 0, threshold, (threshold - 1) ^ 0x7FFFFFFF).to(tl.int32)  # the key's float
     tl.store(OUT + r, bits.to(tl.float32, bitcast=True))
 
@@ -119,6 +119,6 @@ def nucleus_threshold_kernel(scaled: torch.Tensor, top_k: torch.Tensor, top_p: t
             RADIX=RADIX,
             PASSES=PASSES,
             BLOCK=BLOCK,
-            num_warps=8,  # pyright: ignore[reportCallIssue] (a launch option, not a kernel parameter)
+            num_warps=8,
         )
     return out
