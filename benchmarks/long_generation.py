@@ -231,6 +231,8 @@ def main():
     ap.add_argument("--ignore-eos", action="store_true", help="generate exactly --output-len tokens per request")
     ap.add_argument("--max-concurrency", type=int, default=0, help="requests in the engine at once (0: all)")
     ap.add_argument("--temperature", type=float, default=0.0)
+    ap.add_argument("--top-p", type=float, default=1.0, help="with --temperature: R1's settings are 0.6 and 0.95")
+    ap.add_argument("--top-k", type=int, default=0, help="0: off")
     ap.add_argument("--repetition-window", type=int, default=400, help="the paper's stop, at natural EOS only")
     ap.add_argument("--kv-budget", default="4GiB")
     ap.add_argument("--max-batch", type=int, default=256)
@@ -259,6 +261,8 @@ def main():
         SamplingParams(
             max_tokens=args.output_len,
             temperature=args.temperature,
+            top_p=args.top_p,
+            top_k=args.top_k,
             seed=i,
             ignore_eos=args.ignore_eos,
             repetition_window=0 if args.ignore_eos else args.repetition_window,

@@ -173,6 +173,8 @@ def request_bodies(args, vocab: int) -> list[dict]:
             **body,
             "max_tokens": args.max_tokens,
             "temperature": args.temperature,
+            "top_p": args.top_p,
+            **({"top_k": args.top_k} if args.top_k else {}),
             "seed": i,
             "ignore_eos": args.ignore_eos,
             "stream": True,
@@ -233,6 +235,8 @@ def main():
     ap.add_argument("--input-len", type=int, default=0, help="random prompts of this many token ids (0: the task's)")
     ap.add_argument("--max-concurrency", type=int, default=0, help="requests in flight at once (0: no cap)")
     ap.add_argument("--temperature", type=float, default=0.0)
+    ap.add_argument("--top-p", type=float, default=1.0, help="with --temperature: R1's settings are 0.6 and 0.95")
+    ap.add_argument("--top-k", type=int, default=0, help="0: off (sent as vLLM's extension top_k)")
     ap.add_argument("--kv-budget", default=None, help="the servers' KV pool (a size like 4GiB, or a GPU share)")
     ap.add_argument("--max-batch", type=int, default=256)
     ap.add_argument("--sink", type=int, default=16)

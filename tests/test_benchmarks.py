@@ -406,9 +406,11 @@ def test_long_generation_benchmark_sets_each_step_against_its_floor(saved, tmp_p
         "long_generation.py",
         *common,
         *("--kv-budget", "2MiB", "--sparsities", "0", "--num-requests", "3", "--task", "arith", "--output-len", "6"),
-        *("--kv-dtypes", "bf16,fp8", "--out", str(graded)),
-    )
-    rows = json.loads(graded.read_text())["rows"]
+        *("--kv-dtypes", "bf16,fp8", "--temperature", "0.6", "--top-p", "0.95", "--out", str(graded)),
+    )  # R1's sampling settings: top-p without top-k, the filter's threshold
+    result = json.loads(graded.read_text())
+    assert (result["temperature"], result["top_p"], result["top_k"]) == (0.6, 0.95, 0)
+    rows = result["rows"]
     assert [r["kv_dtype"] for r in rows] == ["bf16", "fp8"] and rows[1]["throughput_ratio"] > 0
     for row in rows:
         assert 0 <= row["accuracy"] <= 1 and row["completed"] == 3 and 1 <= row["max_output_tokens"] <= 6
@@ -423,10 +425,13 @@ def test_serving_benchmark_serves_fixed_length_random_prompts(saved, tmp_path):
         "serving.py",
         *("--model", str(saved), "--input-len", "12", "--max-tokens", "5", "--ignore-eos", "--max-concurrency", "2"),
         *("--num-requests", "4", "--rates", "inf", "--kv-budget", "8MiB", "--max-batch", "4", "--warmup", "2"),
-        *("--sparsities", "0", "--engines", "thread", "--out", str(out)),
+        *("--sparsities", "0", "--engines", "thread", "--temperature", "0.6", "--top-p", "0.95", "--top-k", "20"),
+        *("--out", str(out)),
         OMP_NUM_THREADS="1",
     )
-    (row,) = json.loads(out.read_text())["rows"]
+    result = json.loads(out.read_text())
+    assert (result["temperature"], result["top_p"], result["top_k"]) == (0.6, 0.95, 20)
+    (row,) = result["rows"]
     assert row["completed"] == 4 and row["failed"] == 0 and row["output_tokens"] == 4 * 5
     assert row["max_running"] <= 2  # the client's cap
     assert 0 < row["itl_p50_ms"] <= row["itl_p90_ms"] <= row["itl_p99_ms"] and row["tpot_p90_ms"] > 0
