@@ -352,8 +352,11 @@ def test_the_threshold_kernel_keeps_what_the_sort_keeps(ties):
     top_k[::4], top_k[1::6] = 0, vocab + 3
     top_p = torch.rand(rows, generator=gen) * 0.95 + 0.04
     top_p[::5], top_p[2::7] = 1.0, 1e-4
+    logits, top_k, top_p = logits.to(DEVICE), top_k.to(DEVICE), top_p.to(DEVICE)
     searched = nucleus_threshold_kernel(logits, top_k, top_p)
-    assert torch.equal(searched, nucleus_threshold(logits, top_k, top_p))  # the sort, on the CPU
+    sorted_ = nucleus_threshold(logits, top_k, top_p)  # a sort below KERNEL_ROWS rows
+    # the same to the bit on a CPU; on a GPU the kernel's exp may round a nucleus's mass differently at its edge
+    assert int((searched != sorted_).sum()) <= (0 if DEVICE == "cpu" else 1)
     kept = (logits >= searched[:, None]).sum(-1)
     assert kept.min() >= 1 and kept.max() == vocab and len(set(kept.tolist())) > 10
 
