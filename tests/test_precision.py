@@ -164,11 +164,14 @@ def test_compress_at_fp8_equals_the_quantising_masked_reference(arch, kv_dtype, 
 @pytest.mark.parametrize("kv_dtype,sparsity", [("fp8", 0.0), ("fp8", 0.5), ("fp8-kept", 0.5)])
 def test_engine_at_fp8_equals_compress_at_fp8(arch, kv_dtype, sparsity):
     """Greedy tokens equal, log-probs within FP8_TOL: both store e4m3 bytes and read them back exactly (power-of-two
-    scales), so what is left is the order of float32 sums in their attention, and the roundings it may tip."""
+    scales), so what is left is the order of float32 sums in their attention, and the roundings it may tip. The
+    engine runs eagerly: on a GPU its compiled step computes K a rounding apart from transformers' (Qwen3's k-norm
+    fused), e4m3 turns that into a byte apart, and a tiny random model's near-even logits flip a greedy token on it
+    (seen on an H100); the compiled step is pinned at full precision in test_engine."""
     model = tiny_model(arch)
     keep = rlkv.HeadScores.random(rlkv.Layout.of(model), seed=1).keep_mask(sparsity)
     ps, ids, mask = prompts()
-    eng = engine(model, HeadSplit(keep, SINK, RECENT, kv_dtype=kv_dtype))
+    eng = engine(model, HeadSplit(keep, SINK, RECENT, kv_dtype=kv_dtype), compile=False)
     assert eng.kv_dtype == kv_dtype and eng.store.pages_k[0].dtype == FP8
     outs = eng.generate(ps, max_new_tokens=NEW, eos_token_ids=[])
     with rlkv.compress(model, keep, sink=SINK, recent=RECENT, kv_dtype=kv_dtype):
