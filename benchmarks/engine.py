@@ -261,10 +261,7 @@ def part_sampling(model, args) -> list[dict]:
     from rlkv.engine.compiled import compiled
     from rlkv.engine.nucleus import nucleus_threshold_kernel
     from rlkv.engine.runner import MODES, pick
-    from rlkv.engine.sampling import _sorted_threshold, vocab_keys
-
-    def sorted_threshold(scaled, top_k, top_p):
-        return _sorted_threshold(scaled.sort(dim=-1, descending=True).values, top_k, top_p)
+    from rlkv.engine.sampling import threshold_by_sort, vocab_keys
 
     device = next(model.parameters()).device
     vocab = model.lm_head.weight.shape[0]
@@ -279,8 +276,7 @@ def part_sampling(model, args) -> list[dict]:
         temperature, top_p = torch.full((batch,), 0.6, device=device), torch.full((batch,), 0.95, device=device)
         floor = logits.numel() * logits.element_size() / copy
         for mode in (m for m in MODES if m != "logits"):
-            call = partial(step, logits, seeds, steps, top_k, temperature, top_p, mode)
-            seconds = gpu_seconds(call, reps=20)
+            seconds = gpu_seconds(partial(step, logits, seeds, steps, top_k, temperature, top_p, mode), reps=20)
             rows.append(
                 {
                     "part": "sampling",
@@ -296,7 +292,7 @@ def part_sampling(model, args) -> list[dict]:
         # the filter's thresholds alone, top-p only (R1's 0.6 / 0.95), by the search kernel and by the sort:
         # where the kernel starts to win sets rlkv.engine.sampling.KERNEL_ROWS
         scaled, no_top_k = logits.float() / 0.6, torch.zeros_like(top_k)
-        for mode, find in (("threshold_kernel", nucleus_threshold_kernel), ("threshold_sort", sorted_threshold)):
+        for mode, find in (("threshold_kernel", nucleus_threshold_kernel), ("threshold_sort", threshold_by_sort)):
             seconds = gpu_seconds(partial(find, scaled, no_top_k, top_p), reps=20)
             rows.append(
                 {"part": "sampling", "mode": mode, "batch": batch, "vocab": vocab, "microseconds": seconds * 1e6}

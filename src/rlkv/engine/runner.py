@@ -255,8 +255,7 @@ class Runner:
         ]
         longs, floats = sampling_rows(samplers)
         longs, floats = upload(longs, torch.long, self.device), upload(floats, torch.float32, self.device)
-        mode = sampling_mode(samplers)
-        outputs = self._eager_pick(logits, longs[0], longs[1], longs[2], floats[0], floats[1], mode)
+        outputs = self._eager_pick(logits, longs[0], longs[1], longs[2], floats[0], floats[1], sampling_mode(samplers))
         return samplers, *self._finish_pick(outputs, samplers, None, longs, floats)
 
     def _score_prompts(self, logits: torch.Tensor, scored: list[tuple[Request, range, Segment]]) -> None:
@@ -326,8 +325,7 @@ class Runner:
         self.state.batch = self.state.prompts_batch(slots, pos, seq, lens, prompt)
         with attending(self.state):
             logits = self.forward(ids[None], pos[None], rows_in[0])[0]
-        seeds, steps, top_k = rows_in[1], rows_in[2], rows_in[3]
-        return self._eager_pick(logits, seeds, steps, top_k, floats_in[0], floats_in[1], mode)
+        return self._eager_pick(logits, rows_in[1], rows_in[2], rows_in[3], floats_in[0], floats_in[1], mode)
 
     # ------------------------------------------------------------------ CUDA graphs
     def _graph(self, shape: tuple, mode: str) -> tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, ...]]:

@@ -77,6 +77,11 @@ def _sorted_threshold(ordered: torch.Tensor, top_k, top_p) -> torch.Tensor:
     return ordered.masked_fill(drop, float("inf")).amin(-1)
 
 
+def threshold_by_sort(scaled: torch.Tensor, top_k, top_p) -> torch.Tensor:
+    """`nucleus_threshold` by a sort of each row (what it runs on a CPU and for a few rows)."""
+    return _sorted_threshold(scaled.sort(dim=-1, descending=True).values, top_k, top_p)
+
+
 @torch.library.custom_op("rlkv::nucleus_threshold", mutates_args=())
 def nucleus_threshold(scaled: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     """Each row's smallest kept logit [B] (float32) of `scaled` [B, V] (float32) under its `top_k` [B] and `top_p`
@@ -88,7 +93,7 @@ def nucleus_threshold(scaled: torch.Tensor, top_k: torch.Tensor, top_p: torch.Te
         from rlkv.engine.nucleus import nucleus_threshold_kernel
 
         return nucleus_threshold_kernel(scaled, top_k, top_p)
-    return _sorted_threshold(scaled.sort(dim=-1, descending=True).values, top_k, top_p).float()
+    return threshold_by_sort(scaled, top_k, top_p)
 
 
 @nucleus_threshold.register_fake
@@ -103,8 +108,8 @@ def filter_logits(logits: torch.Tensor, top_k, top_p) -> torch.Tensor:
     rows = logits.shape[0]
     top_k = _per_row(top_k, rows, torch.long, logits.device)
     top_p = _per_row(top_p, rows, torch.float32, logits.device)
-    threshold = nucleus_threshold(logits.float().contiguous(), top_k, top_p)
-    return logits.masked_fill(logits.float() < threshold[:, None], float("-inf"))
+    scaled = logits.float().contiguous()
+    return logits.masked_fill(scaled < nucleus_threshold(scaled, top_k, top_p)[:, None], float("-inf"))
 
 
 def selects(top_ks) -> bool:

@@ -86,7 +86,8 @@ class TokenDropLayer(CompressedLayer, CacheLayerMixin):
         """Attention [b, q, hq, d] of the new queries over stored + new tokens; then keep what `policy` selects.
         `fused`: a decoding step's attention, `rlkv.attention.slot_kernel.slot_attention` (None: torch)."""
         b, h, q, _ = key.shape
-        key = centred(key, self.precision.key_centres(self.layer))  # FP8: what the slots hold of a key
+        centres = self.precision.key_centres(self.layer)
+        key = centred(key, centres)  # FP8: what the slots hold of a key
         if q == 1 and self.is_initialized:
             return self._decode(query, key, value, q_pos, scaling, window, policy, fused)
         key = self.precision.round_trip(key, KEYS, self.layer, slice(None), 1)
@@ -101,7 +102,6 @@ class TokenDropLayer(CompressedLayer, CacheLayerMixin):
             values = torch.cat([self._read(self.values, VALUES), value], dim=-2)
             pos = torch.cat([self.pos, new_pos], dim=-1)
             score = torch.cat([self.score, self.score.new_zeros(b, h, q)], dim=-1) if policy.scored else None
-        centres = self.precision.key_centres(self.layer)
         out, c, keep = select_tokens(
             query, keys, values, pos, score, q_pos, scaling, window, policy, self.extra, first, centres
         )
