@@ -5,8 +5,9 @@
 # then, once the identification ends with its heads, issue 32's accuracy table (the paper heads at
 # results/eval_qwen15/'s settings) and the one-epoch heads' rows. (Issue 37's FP8 accuracy rows ran here in
 # session 23: results/eval_qwen15_kv_fp8*/.) Logs and run directories go to /tmp/alongside; identify_poll.sh
-# brings them back as $OUT/alongside.tgz.
+# brings them back as $OUT/alongside.tgz; a session's unfinished evaluations, carried in .data/alongside/, resume.
 mkdir -p /tmp/alongside
+[ -d .data/alongside ] && cp -rn .data/alongside/eval_* /tmp/alongside/  # an earlier call's evaluations resume
 mkdir -p /tmp/data && cp .data/heads_qwen15.json .data/data/* /tmp/data/ || exit 1
 cat > /tmp/alongside/queue.sh <<'QUEUE'
 export PYTHONPATH=/tmp/site:/tmp/src RLKV_DATA_DIR=/tmp/data HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
