@@ -248,7 +248,7 @@ def main():
                 + ", ".join(f"{g} {ms:.2f} ms" for g, ms in sorted(groups.items(), key=lambda e: -e[1])),
                 flush=True,
             )
-            del engine
+            del engine, store  # the pool goes before the next engine allocates its own
             if device.type == "cuda":
                 torch.cuda.empty_cache()
             write_result(args.out, {**meta, "complete": False, "rows": rows})

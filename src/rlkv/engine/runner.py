@@ -92,8 +92,10 @@ class Runner:
         self.model, self.state, self.store, self.device = model, state, store, device
         self.prefill_tokens = prefill_tokens
         self.cuda_graphs, self.whole_prompts = cuda_graphs, whole_prompts
-        # the decode step's forward and sampling (the prefills run the model as it is)
-        self._decode_forward = compiled(self.forward) if compile else self.forward
+        # the decode step's forward and sampling (the prefills run the model as it is); the forward unbound, so that
+        # the runner holds no reference to itself: its KV store is freed as soon as the engine is dropped, not at
+        # Python's next cycle collection (a GPU's pool of tens of GiB would outlive its engine until then)
+        self._decode_forward = compiled(Runner.forward) if compile else Runner.forward
         # the sampling noise's vocabulary keys: a constant of the compiled graph, computed eagerly (see vocab_keys)
         self.vocab_keys = vocab_keys(model.lm_head.weight.shape[0], device)
         keyed = partial(pick, keys=self.vocab_keys)
@@ -180,7 +182,7 @@ class Runner:
         ids, pos, slots, seeds, steps, top_k = inputs
         self.state.batch = self.state.decode_batch(slots, pos, max_len)
         with attending(self.state):
-            logits = self._decode_forward(ids[:, None], pos[:, None])[:, 0]
+            logits = self._decode_forward(self, ids[:, None], pos[:, None])[:, 0]
         pick_ = self._eager_pick if mode in self.eager_modes else self._pick
         return pick_(logits, seeds, steps, top_k, floats[0], floats[1], mode)
 
