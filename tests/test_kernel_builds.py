@@ -142,13 +142,16 @@ def test_every_kernel_builds_for_an_h100(monkeypatch, tmp_path, head_dim):
 
     launches: dict[str, dict] = {}
     kernels = [(rlkv.engine.kernel, n) for n in ("_decode_kernel", "_combine_kernel", "_store_kernel")]
-    kernels += [(rlkv.attention.slot_kernel, "_slot_decode_kernel"), (rlkv.engine.nucleus, "_nucleus_kernel")]
+    kernels += [(rlkv.attention.slot_kernel, "_slot_decode_kernel")]
+    kernels += [(rlkv.engine.nucleus, n) for n in ("_keys_kernel", "_pass_kernel", "_threshold_kernel")]
     for module, name in kernels:
         monkeypatch.setattr(module, name, Recorder(module, name, launches))
     launch_everything(head_dim)
     specs = list(launches.values())
-    names = {"_decode_kernel", "_combine_kernel", "_store_kernel", "_slot_decode_kernel", "_nucleus_kernel"}
+    names = {"_decode_kernel", "_combine_kernel", "_store_kernel", "_slot_decode_kernel"}
+    names |= {"_keys_kernel", "_pass_kernel", "_threshold_kernel"}
     assert {s["kernel"] for s in specs} == names
+    assert {s["constants"]["NUCLEUS"] for s in specs if s["kernel"] == "_pass_kernel"} == {False, True}
     assert {s["constants"]["PAGE_FP8"] for s in specs if s["kernel"] == "_store_kernel"} == {False, True}
     path = tmp_path / "launches.json"
     path.write_text(json.dumps(specs))

@@ -5,12 +5,18 @@ logit is at least a threshold: that of its k-th best token (top-k), and within t
 token whose better tokens' probability is at most top_p (top-p); tokens tied with it stay. Sorting a
 vocabulary of 151,936 logits per row to find it cost 11.9 ms at 256 rows on an H100, twice a decode step
 (`results/engine_qwen15_sampling_eager_h100.json`), and inductor cannot compile the sort's cumsum
-(`filter_logits`). `_nucleus_kernel` finds both thresholds without a sort, one program per row: a radix
-search over the logits' order-preserving int32 keys, `PASSES` passes over the row, each weighing
-`RADIX - 1` thresholds at once (counts for top-k, probability mass for top-p: the largest key whose keys
-at or above it weigh more than k - 1, or than top_p of the top-k mass), exact to the bit after 8 passes.
-Sums run in a fixed order, so a row's threshold does not depend on the batch or the run. The compiled
-decode step calls it as one opaque operator (`rlkv::nucleus_threshold`), as it calls the attention.
+(`filter_logits`). Here a radix search over the logits' order-preserving int32 keys finds both thresholds:
+`PASSES` passes per threshold, each weighing `RADIX - 1` candidate thresholds at once (counts for top-k,
+probability mass for top-p: the largest key whose keys at or above it weigh more than k - 1, or than top_p
+of the top-k mass), exact to the bit after 8 passes.
+
+Each pass is one launch over (row, chunk of `CHUNK` logits): a row is spread over many programs, since one
+program walking a whole row is bound by its latency (1.45 ms for one row on an H100,
+`results/engine_qwen15_sampling_kernel_h100.json`). Programs add their chunk's weights into the pass's
+histogram with integer atomics, the masses in fixed point, so the sums do not depend on the order the
+programs run in: a row's threshold is the same in every run and batch. Each program replays the earlier
+passes' choices from their histograms. The compiled decode step calls it as one opaque operator
+(`rlkv::nucleus_threshold`), as it calls the attention.
 """
 
 from __future__ import annotations
@@ -22,6 +28,11 @@ import triton.language as tl
 RADIX = 16  # thresholds weighed per pass (the last one, at the span's end, weighs nothing)
 PASSES = 8  # RADIX ** PASSES = 2 ** 32: every int32 key
 BLOCK = 1024  # logits a program reads at a time
+CHUNK = 4096  # logits a program weighs per pass: 38 programs for a row of 151,936
+# a token's weight exp(x - max) <= 1 in fixed point: a row's sum (at most V * 2**32) is exact in int64 and, for
+# vocabularies below 2**21, in the float64 it is compared in
+FIXED_POINT = 2.0**32
+KEY_MAX, KEY_MIN = 2**31 - 1, -(2**31)
 
 
 @triton.jit
@@ -32,93 +43,176 @@ def _order_keys(x):
 
 
 @triton.jit
-def _search(
-    row,
-    V,
-    lo,
-    hi,
-    target,
-    floor,
-    m,
-    WEIGHTED: tl.constexpr,
-    RADIX: tl.constexpr,
-    PASSES: tl.constexpr,
-    BLOCK: tl.constexpr,
-):
-    """The largest key T in [lo, hi) whose keys >= T (counting only keys >= floor) weigh more than `target`: each
-    key 1, or exp(x - m) if WEIGHTED. The keys >= lo must weigh more than `target`, the keys >= hi not."""
-    j = tl.arange(0, RADIX) + 1
-    for _ in range(PASSES):
-        step = (hi - lo + RADIX - 1) // RADIX
-        tried = tl.minimum(lo + step * j, 2**31 - 1).to(tl.int32)  # [RADIX] ascending; the last one >= hi
-        weight = tl.zeros([RADIX], dtype=tl.float32)
-        for start in range(0, V, BLOCK):
-            offs = start + tl.arange(0, BLOCK)
-            valid = offs < V
-            x = tl.load(row + offs, mask=valid, other=float("-inf"))
-            key = _order_keys(x)
-            if WEIGHTED:
-                w = tl.where(valid & (key >= floor), tl.exp(x - m), 0.0)
-            else:
-                w = tl.where(valid & (key >= floor), 1.0, 0.0)
-            weight += tl.sum(tl.where(key[:, None] >= tried[None, :], w[:, None], 0.0), axis=0)
-        n = tl.sum((weight > target).to(tl.int64))  # how many tried thresholds still weigh more than target
-        hi = tl.minimum(hi, lo + step * (n + 1))
-        lo = lo + step * n
-    return lo
+def _key_value(key):
+    """The float32 value of an int64 key (`_order_keys`' inverse)."""
+    bits = tl.where(key > 0, key, (key - 1) ^ 0x7FFFFFFF).to(tl.int32)
+    return bits.to(tl.float32, bitcast=True)
 
 
 @triton.jit
-def _nucleus_kernel(X, stride, V, TOP_K, TOP_P, OUT, RADIX: tl.constexpr, PASSES: tl.constexpr, BLOCK: tl.constexpr):
-    """Row program_id's threshold: its smallest kept logit (float32), from its logits X [B, V] (float32)."""
-    r = tl.program_id(0).to(tl.int64)
-    row = X + r * stride
+def _narrow(HIST, r, rows, lo, hi, target, passes, RADIX: tl.constexpr):
+    """The span [lo, hi) of a search after its first `passes` passes, from their histograms HIST [PASSES, rows,
+    RADIX]: each pass keeps the sub-span of its last candidate that weighs more than `target` (float64)."""
+    j = tl.arange(0, RADIX)
+    for i in range(passes):
+        step = (hi - lo + RADIX - 1) // RADIX
+        weight = tl.load(HIST + (i * rows + r) * RADIX + j)
+        n = tl.sum((weight.to(tl.float64) > target).to(tl.int64))
+        hi = tl.minimum(hi, lo + step * (n + 1))
+        lo = lo + step * n
+    return lo, hi
+
+
+@triton.jit
+def _row_span(KEYS, r):
+    """A row's smallest key and one past its largest (`_keys_kernel`)."""
+    return tl.load(KEYS + 2 * r).to(tl.int64), tl.load(KEYS + 2 * r + 1).to(tl.int64) + 1
+
+
+@triton.jit
+def _floor(HIST_K, KEYS, TOP_K, r, rows, V, PASSES: tl.constexpr, RADIX: tl.constexpr):
+    """The row's top-k threshold key after every top-k pass (its smallest key when top-k is off)."""
+    lo, hi = _row_span(KEYS, r)
     k = tl.load(TOP_K + r).to(tl.int64)
-    p = tl.load(TOP_P + r)
-    m = float("-inf")
-    lo = tl.full((), 2**31 - 1, tl.int64)
-    hi = tl.full((), -(2**31), tl.int64)
-    for start in range(0, V, BLOCK):  # the row's largest logit, smallest and largest keys
-        offs = start + tl.arange(0, BLOCK)
+    found, _ = _narrow(HIST_K, r, rows, lo, hi, (k - 1).to(tl.float64), PASSES, RADIX)
+    return tl.where((k > 0) & (k < V), found, lo)
+
+
+@triton.jit
+def _keys_kernel(X, stride, V, KEYS, BLOCK: tl.constexpr, CHUNK: tl.constexpr):
+    """Each row's smallest and largest keys into KEYS [rows, 2] (int32, set to KEY_MAX, KEY_MIN beforehand)."""
+    r = tl.program_id(0).to(tl.int64)
+    start = tl.program_id(1) * CHUNK
+    lo = tl.full((), 2**31 - 1, tl.int32)
+    hi = tl.full((), -(2**31), tl.int32)
+    for off in range(0, CHUNK, BLOCK):
+        offs = start + off + tl.arange(0, BLOCK)
         valid = offs < V
-        x = tl.load(row + offs, mask=valid, other=float("-inf"))
-        key = _order_keys(x).to(tl.int64)
-        m = tl.maximum(m, tl.max(x))
+        key = _order_keys(tl.load(X + r * stride + offs, mask=valid, other=0.0))
         lo = tl.minimum(lo, tl.min(tl.where(valid, key, 2**31 - 1)))
         hi = tl.maximum(hi, tl.max(tl.where(valid, key, -(2**31))))
-    hi += 1
-    floor = lo  # the top-k threshold: every key when top-k is off
-    if (k > 0) & (k < V):
-        floor = _search(row, V, lo, hi, (k - 1).to(tl.float32), lo, m, False, RADIX, PASSES, BLOCK)
-    threshold = floor
-    if p < 1.0:
-        total = 0.0  # the top-k tokens' mass
-        for start in range(0, V, BLOCK):
-            offs = start + tl.arange(0, BLOCK)
+    tl.atomic_min(KEYS + 2 * r, lo)
+    tl.atomic_max(KEYS + 2 * r + 1, hi)
+
+
+@triton.jit(do_not_specialize=["done"])
+def _pass_kernel(
+    X,
+    stride,
+    V,
+    TOP_K,
+    TOP_P,
+    KEYS,
+    HIST_K,
+    HIST_P,
+    TOTAL,
+    rows,
+    done,
+    NUCLEUS: tl.constexpr,
+    FIXED_POINT: tl.constexpr,
+    RADIX: tl.constexpr,
+    PASSES: tl.constexpr,
+    BLOCK: tl.constexpr,
+    CHUNK: tl.constexpr,
+):
+    """Pass `done` of the top-k search (NUCLEUS false) or the top-p one: this chunk's weight at or above each of
+    the pass's candidate thresholds, added into its histogram; the first top-p pass also adds the chunk's top-k
+    mass into TOTAL."""
+    r = tl.program_id(0).to(tl.int64)
+    start = tl.program_id(1) * CHUNK
+    lo, hi = _row_span(KEYS, r)
+    m = _key_value(hi - 1)  # the row's largest logit
+    if NUCLEUS:
+        floor = _floor(HIST_K, KEYS, TOP_K, r, rows, V, PASSES, RADIX)
+        target = tl.load(TOP_P + r).to(tl.float64) * tl.load(TOTAL + r).to(tl.float64)
+        lo, hi = _narrow(HIST_P, r, rows, floor, hi, target, done, RADIX)
+        hist = HIST_P
+        active = tl.load(TOP_P + r) < 1.0
+    else:
+        floor = lo
+        k = tl.load(TOP_K + r).to(tl.int64)
+        lo, hi = _narrow(HIST_K, r, rows, lo, hi, (k - 1).to(tl.float64), done, RADIX)
+        hist = HIST_K
+        active = (k > 0) & (k < V)
+    if active:
+        j = tl.arange(0, RADIX)
+        step = (hi - lo + RADIX - 1) // RADIX
+        tried = tl.minimum(lo + step * (j + 1), 2**31 - 1)  # [RADIX] ascending; the last one >= hi
+        weight = tl.zeros([RADIX], dtype=tl.int64)
+        total = tl.full((), 0, tl.int64)
+        for off in range(0, CHUNK, BLOCK):
+            offs = start + off + tl.arange(0, BLOCK)
             valid = offs < V
-            x = tl.load(row + offs, mask=valid, other=float("-inf"))
-            total += tl.sum(tl.where(valid & (_order_keys(x) >= floor), tl.exp(x - m), 0.0))
-        threshold = _search(row, V, floor, hi, p * total, floor, m, True, RADIX, PASSES, BLOCK)
-    bits = tl.where(threshold > 0, threshold, (threshold - 1) ^ 0x7FFFFFFF).to(tl.int32)  # the key's float
-    tl.store(OUT + r, bits.to(tl.float32, bitcast=True))
+            x = tl.load(X + r * stride + offs, mask=valid, other=float("-inf"))
+            key = _order_keys(x).to(tl.int64)
+            counted = valid & (key >= floor)
+            if NUCLEUS:
+                w = tl.where(counted, (tl.exp(x - m) * FIXED_POINT).to(tl.int64), 0)
+            else:
+                w = counted.to(tl.int64)
+            weight += tl.sum(tl.where(key[:, None] >= tried[None, :], w[:, None], 0), axis=0)
+            total += tl.sum(w)
+        tl.atomic_add(hist + (done * rows + r) * RADIX + j, weight)
+        if NUCLEUS:
+            if done == 0:
+                tl.atomic_add(TOTAL + r, total)
+
+
+@triton.jit
+def _threshold_kernel(
+    TOP_K, TOP_P, V, KEYS, HIST_K, HIST_P, TOTAL, OUT, rows, RADIX: tl.constexpr, PASSES: tl.constexpr
+):
+    """Row program_id's threshold, its smallest kept logit (float32), from every pass's histogram."""
+    r = tl.program_id(0).to(tl.int64)
+    floor = _floor(HIST_K, KEYS, TOP_K, r, rows, V, PASSES, RADIX)
+    _, hi = _row_span(KEYS, r)
+    p = tl.load(TOP_P + r)
+    target = p.to(tl.float64) * tl.load(TOTAL + r).to(tl.float64)
+    found, _ = _narrow(HIST_P, r, rows, floor, hi, target, PASSES, RADIX)
+    tl.store(OUT + r, _key_value(tl.where(p < 1.0, found, floor)))
 
 
 def nucleus_threshold_kernel(scaled: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     """Each row's smallest kept logit [B] (float32) of `scaled` [B, V] (float32, the temperature-scaled logits) under
-    its `top_k` [B] (0: off) and `top_p` [B] (1: off): the Triton kernel (on CUDA, or in Triton's interpreter)."""
+    its `top_k` [B] (0: off) and `top_p` [B] (1: off): the Triton kernels (on CUDA, or in Triton's interpreter), a
+    fixed number of launches whatever the logits (a CUDA graph can hold them)."""
     scaled = scaled.contiguous()
-    out = torch.empty(scaled.shape[0], dtype=torch.float32, device=scaled.device)
-    if scaled.shape[0]:
-        _nucleus_kernel[(scaled.shape[0],)](
-            scaled,
-            scaled.stride(0),
-            scaled.shape[1],
-            top_k.to(torch.int64).contiguous(),
-            top_p.to(torch.float32).contiguous(),
-            out,
-            RADIX=RADIX,
-            PASSES=PASSES,
-            BLOCK=BLOCK,
-            num_warps=8,
-        )
+    rows, vocab = scaled.shape
+    device = scaled.device
+    out = torch.empty(rows, dtype=torch.float32, device=device)
+    if not rows:
+        return out
+    top_k = top_k.to(torch.int64).contiguous()
+    top_p = top_p.to(torch.float32).contiguous()
+    keys = torch.empty(rows, 2, dtype=torch.int32, device=device)  # filled on the device: a CUDA graph may capture it
+    keys[:, 0], keys[:, 1] = KEY_MAX, KEY_MIN
+    hist = torch.zeros(2, PASSES, rows, RADIX, dtype=torch.int64, device=device)  # top-k's passes, top-p's
+    total = torch.zeros(rows, dtype=torch.int64, device=device)
+    grid = (rows, triton.cdiv(vocab, CHUNK))
+    _keys_kernel[grid](scaled, scaled.stride(0), vocab, keys, BLOCK=BLOCK, CHUNK=CHUNK)
+    for nucleus in (False, True):
+        for done in range(PASSES):
+            _pass_kernel[grid](
+                scaled,
+                scaled.stride(0),
+                vocab,
+                top_k,
+                top_p,
+                keys,
+                hist[0],
+                hist[1],
+                total,
+                rows,
+                done,
+                NUCLEUS=nucleus,
+                FIXED_POINT=FIXED_POINT,
+                RADIX=RADIX,
+                PASSES=PASSES,
+                BLOCK=BLOCK,
+                CHUNK=CHUNK,
+                num_warps=8,
+            )
+    _threshold_kernel[(rows,)](
+        top_k, top_p, vocab, keys, hist[0], hist[1], total, out, rows, RADIX=RADIX, PASSES=PASSES
+    )
     return out

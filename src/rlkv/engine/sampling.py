@@ -16,10 +16,10 @@ _M32 = 0xFFFFFFFF
 # the most tokens a top-k filter selects without sorting the vocabulary (`top_k_candidates`): covers the usual
 # settings (Qwen's 20, transformers' default 50, 100)
 TOP_K_CANDIDATES = 128
-# from this many rows on, CUDA finds a filter's thresholds with `rlkv.engine.nucleus`'s kernel (a program per row,
-# its passes one after another: slower than a sort for a few rows). `benchmarks/engine.py --parts sampling` times both:
-# on an H100, top-p 0.95 over 151,936 logits, 1.6 against 1.3 ms at 64 rows, 1.9 against 3.0 ms at 128
-# (results/engine_qwen15_sampling_kernel_h100.json)
+# from this many rows on, CUDA finds a filter's thresholds with `rlkv.engine.nucleus`'s kernels, below by a sort:
+# where the kernels overtake the sort, as `benchmarks/engine.py --parts sampling` times them (top-p 0.95 over 151,936
+# logits on an H100: 128 rows for a program per row, results/engine_qwen15_sampling_kernel_h100.json; the kernels
+# that spread each row over many programs are not timed yet)
 KERNEL_ROWS = 128
 
 
