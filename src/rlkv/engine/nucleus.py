@@ -29,8 +29,8 @@ RADIX = 16  # thresholds weighed per pass (the last one, at the span's end, weig
 PASSES = 8  # RADIX ** PASSES = 2 ** 32: every int32 key
 BLOCK = 1024  # logits a program reads at a time
 CHUNK = 4096  # logits a program weighs per pass: 38 programs for a row of 151,936
-# a token's weight exp(x - max) <= 1 in fixed point: a row's sum (at most V * 2**32) is exact in int64 and, for
-# vocabularies below 2**21, in the float64 it is compared in
+# masses in fixed point where programs add them up (a token weighs exp(x - max) <= 1, a chunk's float32 sum at
+# most CHUNK): a row's sum, at most V * 2**32, is exact in int64 and, below 2**21 tokens, in the float64 compared
 FIXED_POINT = 2.0**32
 KEY_MAX, KEY_MIN = 2**31 - 1, -(2**31)
 
@@ -137,25 +137,30 @@ def _pass_kernel(
     if active:
         j = tl.arange(0, RADIX)
         step = (hi - lo + RADIX - 1) // RADIX
-        tried = tl.minimum(lo + step * (j + 1), 2**31 - 1)  # [RADIX] ascending; the last one >= hi
-        weight = tl.zeros([RADIX], dtype=tl.int64)
-        total = tl.full((), 0, tl.int64)
+        tried = tl.minimum(lo + step * (j + 1), 2**31 - 1).to(tl.int32)  # [RADIX] ascending; the last one >= hi
+        floor32 = floor.to(tl.int32)
+        weight = tl.zeros([RADIX], dtype=tl.float32)
+        total = tl.full((), 0.0, tl.float32)
         for off in range(0, CHUNK, BLOCK):
             offs = start + off + tl.arange(0, BLOCK)
             valid = offs < V
             x = tl.load(X + r * stride + offs, mask=valid, other=float("-inf"))
-            key = _order_keys(x).to(tl.int64)
-            counted = valid & (key >= floor)
+            key = _order_keys(x)
+            counted = valid & (key >= floor32)
             if NUCLEUS:
-                w = tl.where(counted, (tl.exp(x - m) * FIXED_POINT).to(tl.int64), 0)
+                w = tl.where(counted, tl.exp(x - m), 0.0)
             else:
-                w = counted.to(tl.int64)
-            weight += tl.sum(tl.where(key[:, None] >= tried[None, :], w[:, None], 0), axis=0)
+                w = counted.to(tl.float32)
+            weight += tl.sum(tl.where(key[:, None] >= tried[None, :], w[:, None], 0.0), axis=0)
             total += tl.sum(w)
-        tl.atomic_add(hist + (done * rows + r) * RADIX + j, weight)
+        # the chunk's sums (float32, in the program's fixed order) to int64, where the programs' sums meet: counts as
+        # they are (at most CHUNK), masses in fixed point
+        if NUCLEUS:
+            weight, total = weight * FIXED_POINT, total * FIXED_POINT
+        tl.atomic_add(hist + (done * rows + r) * RADIX + j, weight.to(tl.int64))
         if NUCLEUS:
             if done == 0:
-                tl.atomic_add(TOTAL + r, total)
+                tl.atomic_add(TOTAL + r, total.to(tl.int64))
 
 
 @triton.jit
