@@ -340,15 +340,16 @@ def test_top_k_and_top_p_keep_the_tokens_tied_with_the_last_one_kept():
 @pytest.mark.parametrize("ties", [False, True])
 def test_the_threshold_kernel_keeps_what_the_sort_keeps(ties, monkeypatch):
     """`rlkv.engine.nucleus` (here in Triton's interpreter) finds each row's threshold by a search over the logits'
-    bits, not a sort, each row spread over several programs (here 3 chunks of one block): the same threshold as the
-    sort's, to the bit, for any top-k (off, within, beyond the vocabulary) and top-p (off, tiny, large), with ties
-    and signed zeros."""
+    bits, not a sort, each row spread over several programs (here 3 chunks of one 512-logit block): the same
+    threshold as the sort's, to the bit, for any top-k (off, within, beyond the vocabulary) and top-p (off, tiny,
+    large), with ties and signed zeros."""
     from rlkv.engine import nucleus
     from rlkv.engine.sampling import nucleus_threshold
 
-    monkeypatch.setattr(nucleus, "CHUNK", nucleus.BLOCK)
+    monkeypatch.setattr(nucleus, "BLOCK", 512)
+    monkeypatch.setattr(nucleus, "CHUNK", 512)
     gen = torch.Generator().manual_seed(1)
-    rows, vocab = 24, 2 * nucleus.BLOCK + 500
+    rows, vocab = 24, 1500
     logits = torch.randn(rows, vocab, generator=gen) * 4
     if ties:
         logits = logits.round() * -1.0  # a few dozen values, each many times; -0.0 beside 0.0
@@ -362,7 +363,7 @@ def test_the_threshold_kernel_keeps_what_the_sort_keeps(ties, monkeypatch):
     # the same to the bit on a CPU; on a GPU the kernel's exp may round a nucleus's mass differently at its edge
     assert int((searched != sorted_).sum()) <= (0 if DEVICE == "cpu" else 1)
     kept = (logits >= searched[:, None]).sum(-1)
-    assert kept.min() >= 1 and kept.max() == vocab and len(set(kept.tolist())) >= 8
+    assert kept.min() >= 1 and kept.max() == vocab and len(set(kept.tolist())) > 10
 
 
 def test_top_k_candidates_draw_the_tokens_of_the_sorted_filter():

@@ -152,7 +152,8 @@ def _pass_kernel(
             else:
                 w = counted.to(tl.float32)
             weight += tl.sum(tl.where(key[:, None] >= tried[None, :], w[:, None], 0.0), axis=0)
-            total += tl.sum(w)
+            if NUCLEUS:  # the top-k mass, which only the top-p search weighs against
+                total += tl.sum(w)
         # the chunk's sums (float32, in the program's fixed order) to int64, where the programs' sums meet: counts as
         # they are (at most CHUNK), masses in fixed point
         if NUCLEUS:
